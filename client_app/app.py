@@ -1,0 +1,49 @@
+"""The ClientApp: decode the message, call mosaic_flwr, encode the reply. Thin."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from mosaic_flwr.config import Config, build_config, resolve_device
+from mosaic_flwr.mosaic.training import train_local
+from mosaic_flwr.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, record_to_state, state_to_record
+from mosaic_flwr.task import client_data, make_model
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _config(items: tuple) -> Config:
+    return build_config(dict(items))
+
+
+def client_setup(context: Context) -> tuple[Config, int, int]:
+    cfg = _config(tuple(sorted(context.run_config.items())))
+    torch.set_num_threads(cfg.client_threads)
+    return cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def round_seed(cfg: Config, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible seed per (run seed, round, client)."""
+    return (cfg.seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, pid, num_partitions = client_setup(context)
+    x, y = client_data(cfg, pid, num_partitions)
+    model = make_model(cfg)
+    model.load_state_dict(record_to_state(msg.content[ARRAYS]))
+    c = msg.content[CONFIG]
+    stats = train_local(
+        model, x, y, epochs=int(c["local-epochs"]), steps=int(c["local-steps"]),
+        batch_size=int(c["batch-size"]), lr=float(c["lr"]), momentum=float(c["momentum"]),
+        weight_decay=float(c["weight-decay"]), proximal_mu=float(c.get("proximal-mu", 0.0)),
+        seed=round_seed(cfg, int(c.get("server-round", 0)), pid), device=resolve_device(cfg.device))
+    metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"]})
+    content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
+    return Message(content=content, reply_to=msg)

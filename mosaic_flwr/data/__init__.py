@@ -1,0 +1,9 @@
+"""Data sets (in-memory uint8 tensors) and deterministic partitioners."""
+
+from .datasets import (DATASETS, DatasetInfo, DatasetNotFoundError, ImageData, dataset_info,
+                       load_dataset, normalize)
+from .partition import PARTITIONS, PartitionError, label_count_table, partition
+
+__all__ = ["DATASETS", "DatasetInfo", "DatasetNotFoundError", "ImageData", "dataset_info",
+           "load_dataset", "normalize", "PARTITIONS", "PartitionError", "label_count_table",
+           "partition"]

@@ -1,0 +1,70 @@
+"""An in-process Grid: drives a ClientApp's handlers directly, without Ray or a SuperLink.
+
+For tests and benchmarks of the strategies and apps together. Payloads are deep-copied in
+both directions so no tensor is shared between "server" and "clients", and a handler that
+raises becomes an error reply, as on a real SuperNode.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+SERVER_NODE_ID = 1
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app: ClientApp, run_config: dict, num_nodes: int, *,
+                 node_config: Callable[[int], dict] | None = None, run_id: int = 1):
+        self.client_app = client_app
+        self.run_config = dict(run_config)
+        self.node_ids = [100 + i for i in range(num_nodes)]
+        make_cfg = node_config or (lambda i: {"partition-id": i, "num-partitions": num_nodes})
+        self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config=make_cfg(i),
+                                      state=RecordDict(), run_config=self.run_config)
+                         for i, nid in enumerate(self.node_ids)}
+        self._run_id = run_id
+        # Messages built on the "server" side read their identity from here.
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 0, SERVER_NODE_ID
+        self.sent: list[Message] = []
+
+    # -- Grid API ---------------------------------------------------------------------
+    def set_run(self, run) -> None:  # pragma: no cover - not used in-process
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - not used in-process
+        raise NotImplementedError
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("use send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            incoming = Message(content=copy.deepcopy(msg.content), dst_node_id=msg.metadata.dst_node_id,
+                               message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
+            try:
+                reply = self.client_app(incoming, self.contexts[msg.metadata.dst_node_id])
+                reply = Message(content=copy.deepcopy(reply.content), reply_to=incoming)
+            except Exception as exc:  # a crashing client becomes an error reply
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=incoming)
+            replies.append(reply)
+        return replies

@@ -1,0 +1,93 @@
+"""Local training and evaluation of classifiers on in-memory tensors (no DataLoader).
+
+Shared by every strategy: FedAvg/FedProx clients, Mosaic's warm-up and fine-tune rounds,
+the server's evaluation, and the centralised reference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNG and return a dedicated generator for sampling."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, *, epochs: int = 1,
+            steps: int = 0) -> Iterator[torch.Tensor]:
+    """Shuffled index batches: ``steps`` batches when > 0 (cycling through epochs), else
+    ``epochs`` full passes."""
+    total = steps if steps > 0 else epochs * math.ceil(n / batch_size)
+    done = 0
+    while done < total:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            if done == total:
+                return
+            yield perm[start:start + batch_size]
+            done += 1
+
+
+def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 1,
+                steps: int = 0, batch_size: int = 32, lr: float = 0.01, momentum: float = 0.9,
+                weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0,
+                device: torch.device | str = "cpu") -> dict[str, float]:
+    """SGD on (x, y); with ``proximal_mu > 0`` adds FedProx's (mu/2)||w - w_global||^2,
+    w_global being the weights the model holds on entry. Returns mean loss, steps, seconds."""
+    if len(y) == 0:
+        raise ValueError("train_local: no training samples")
+    device = torch.device(device)
+    model.to(device).train()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    t0, total, count = time.perf_counter(), 0.0, 0
+    for idx in batches(len(y), batch_size, gen, epochs=epochs, steps=steps):
+        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        loss = F.cross_entropy(model(xb), yb)
+        if anchor is not None:
+            prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+            loss = loss + 0.5 * proximal_mu * prox
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+        count += 1
+    return {"train-loss": total / max(count, 1), "steps": count,
+            "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    model.to(device).eval()
+    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def logits_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of logits against labels."""
+    return {"accuracy": (logits.argmax(1) == y).float().mean().item(),
+            "loss": F.cross_entropy(logits, y).item()}
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    return logits_metrics(predict_logits(model, x, batch_size=batch_size, device=device), y)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Penultimate features ``model.features(x)`` in eval mode, on the CPU."""
+    model.to(device).eval()
+    return torch.cat([model.features(x[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(x), batch_size)])

@@ -1,0 +1,152 @@
+"""Run results: config.json, metrics.json/.csv, summary.json and plots, written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a torn one."""
+    path = Path(path)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` and prove it is writable; raise ``ValueError`` naming it if not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"output-dir: cannot write to {directory}: {exc.strerror or exc}") from None
+
+
+class RunResults:
+    """Collects per-round metrics and writes the results contract into ``out_dir``."""
+
+    def __init__(self, out_dir: Path, config: dict[str, Any]):
+        self.out_dir = Path(out_dir)
+        check_writable(self.out_dir)
+        self.rounds: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+        write_json(self.out_dir / "config.json", config)
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        """Record one round (keys at least round, accuracy, loss, seconds) and rewrite files."""
+        self.rounds.append(row)
+        write_json(self.out_dir / "metrics.json", self.rounds)
+        atomic_write(self.out_dir / "metrics.csv", rows_to_csv(self.rounds))
+
+    def finish(self, summary: dict[str, Any], title: str = "") -> dict[str, Any]:
+        scored = [r for r in self.rounds if r.get("accuracy") is not None]
+        summary = {
+            "final_accuracy": scored[-1]["accuracy"] if scored else None,
+            "best_accuracy": max((r["accuracy"] for r in scored), default=None),
+            "best_round": max(scored, key=lambda r: r["accuracy"])["round"] if scored else None,
+            "rounds": len([r for r in self.rounds if r["round"] > 0]),
+            **self.extra,
+            **summary,
+        }
+        write_json(self.out_dir / "summary.json", summary)
+        plot_accuracy(self.rounds, self.out_dir / "accuracy.png", title=title)
+        return summary
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in columns})
+    return buf.getvalue()
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", ms=3)
+    for r in rows:  # phase changes (e.g. Mosaic's distillation) as vertical markers
+        if r.get("phase") == "distill":
+            ax.axvline(r["round"], color="grey", ls="--", lw=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def save_partition(out_dir: Path, table: np.ndarray, class_names: Sequence[str] = (), title: str = "") -> None:
+    """The partition's label-count table as CSV and as a heatmap PNG."""
+    num_clients, num_classes = table.shape
+    names = list(class_names) if len(class_names) == num_classes else [str(c) for c in range(num_classes)]
+    header = ["client"] + names + ["total"]
+    lines = [",".join(header)]
+    lines += [",".join(map(str, [i, *row.tolist(), int(row.sum())])) for i, row in enumerate(table)]
+    atomic_write(out_dir / "partition.csv", "\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * num_classes, 1.0 + 0.4 * num_clients), dpi=110)
+    im = ax.imshow(table, cmap="viridis", aspect="auto")
+    if num_clients * num_classes <= 400:
+        for i in range(num_clients):
+            for j in range(num_classes):
+                v = int(table[i, j])
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=6,
+                        color="white" if v < table.max() / 2 else "black")
+    ax.set_xticks(range(num_classes), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(num_clients), [str(i) for i in range(num_clients)], fontsize=7)
+    ax.set_xlabel("class")
+    ax.set_ylabel("client (partition id)")
+    ax.set_title(title or "label counts per client", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(out_dir / "partition.png", buf.getvalue())

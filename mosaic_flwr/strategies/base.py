@@ -1,0 +1,86 @@
+"""What every strategy runner receives, and the server-side evaluation/progress shared by all."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from ..config import Config
+from ..mosaic.training import evaluate
+from ..models import Classifier
+from ..records import record_to_state, reply_problem
+from ..results import RunResults
+
+
+@dataclass
+class ServerContext:
+    """Everything a strategy runner needs; built once by the ServerApp."""
+
+    cfg: Config
+    grid: Grid
+    device: torch.device
+    model: Classifier                      # the global model (initial weights loaded)
+    test_x: torch.Tensor                   # reporting only: never used for selection
+    test_y: torch.Tensor
+    results: RunResults
+    num_nodes: int
+    train_metrics: dict[str, float] = field(default_factory=dict)  # last round's, for the log
+    _t_last: float = field(default_factory=time.perf_counter)
+
+    def train_config(self, **overrides: Any) -> ConfigRecord:
+        """The client-side training hyper-parameters for a round."""
+        c = self.cfg
+        values = {"lr": c.lr, "local-epochs": c.local_epochs, "local-steps": c.local_steps,
+                  "batch-size": c.batch_size, "momentum": c.momentum,
+                  "weight-decay": c.weight_decay}
+        values.update(overrides)
+        return ConfigRecord(values)
+
+    def evaluate_state(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.model.load_state_dict(state)
+        return evaluate(self.model, self.test_x, self.test_y,
+                        batch_size=self.cfg.eval_batch_size, device=self.device)
+
+    def record_round(self, server_round: int, metrics: dict[str, float], **extra: Any) -> None:
+        """Append a round to the results and print the one-line progress report."""
+        now = time.perf_counter()
+        seconds, self._t_last = now - self._t_last, now
+        row = {"round": server_round, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+               "seconds": round(seconds, 3), **self.train_metrics, **extra}
+        self.train_metrics = {}
+        self.results.log_round(row)
+        total = self.cfg.num_server_rounds
+        train = f"  train-loss {row['train-loss']:.4f}" if "train-loss" in row else ""
+        phase = f"  [{extra['phase']}]" if "phase" in extra else ""
+        log(INFO, "[progress] round %d/%d  accuracy %.4f  loss %.4f%s  %.1f s%s",
+            server_round, total, row["accuracy"], row["loss"], train, seconds, phase)
+
+    def evaluate_fn(self) -> Callable[[int, ArrayRecord], MetricRecord]:
+        """Server-side evaluation hook for Flower strategies: evaluates and records a round."""
+
+        def fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            metrics = self.evaluate_state(record_to_state(arrays))
+            self.record_round(server_round, metrics)
+            return MetricRecord(metrics)
+
+        return fn
+
+
+def filter_replies(replies: list[Message], template: dict[str, torch.Tensor]) -> tuple[list[Message], int]:
+    """Keep replies whose payload validates against ``template``; log and count the rest."""
+    valid, rejected = [], 0
+    for msg in replies:
+        problem = reply_problem(msg, template)
+        if problem is None:
+            valid.append(msg)
+        else:
+            rejected += 1
+            log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, problem)
+    return valid, rejected

@@ -1,0 +1,97 @@
+"""The ServerApp: build config, data, model and strategy; run it; save results. Thin."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from logging import ERROR, INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from mosaic_flwr.config import Config, ConfigError, build_config, resolve_device
+from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
+from mosaic_flwr.results import RunResults, save_partition
+from mosaic_flwr.strategies import ServerContext, get_strategy
+from mosaic_flwr.task import initial_model, partition_table, test_data
+
+app = ServerApp()
+
+
+def run_dir(cfg: Config) -> Path:
+    """``<output-dir>/<run-name>``; an automatic name never reuses an existing directory."""
+    base = Path(cfg.output_dir).expanduser().resolve()
+    if cfg.run_name:
+        return base / cfg.run_name
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    split = cfg.partition + (f"{cfg.alpha:g}" if cfg.partition == "dirichlet" else "")
+    name = f"{cfg.strategy}-{cfg.dataset}-{split}-{cfg.model}-s{cfg.seed}-{stamp}"
+    candidate, n = base / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{name}-{n}"
+    return candidate
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 120.0) -> list[int]:
+    """Node ids once at least ``minimum`` nodes (and a stable count) are connected."""
+    deadline = time.monotonic() + timeout
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            time.sleep(1.0)
+            again = sorted(grid.get_node_ids())
+            if again == nodes:
+                return nodes
+        time.sleep(1.0)
+    raise ValueError(f"min-train-clients: only {len(nodes)} nodes connected after {timeout:.0f} s, "
+                     f"need {minimum}")
+
+
+def setup(grid: Grid, context: Context) -> ServerContext:
+    """Everything that can fail on bad input, done before any training starts."""
+    cfg = build_config(context.run_config)
+    strategy = get_strategy(cfg.strategy)  # noqa: F841  (validates availability early)
+    device = resolve_device(cfg.device)
+    out = run_dir(cfg)
+    results = RunResults(out, cfg.to_dict())  # checks the directory is writable
+    test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
+    nodes = wait_for_nodes(grid, min(cfg.min_train_clients, 2))
+    table = partition_table(cfg, len(nodes))   # raises PartitionError (too many clients, ...)
+    info = dataset_info(cfg.dataset)
+    save_partition(out, table, info.class_names,
+                   title=f"{cfg.dataset} {cfg.partition} (alpha={cfg.alpha:g}), {len(nodes)} clients")
+    results.extra["partition_label_counts"] = table.tolist()
+    model = initial_model(cfg).to(device)
+    log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
+        "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
+        len(nodes), cfg.num_server_rounds, device)
+    log(INFO, "[mosaic-flwr] results -> %s", out)
+    return ServerContext(cfg=cfg, grid=grid, device=device, model=model, test_x=test_x,
+                         test_y=test_y, results=results, num_nodes=len(nodes))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    t0 = time.perf_counter()
+    try:
+        sc = setup(grid, context)
+    except (ConfigError, DatasetNotFoundError, PartitionError, ValueError) as exc:
+        log(ERROR, "[mosaic-flwr] configuration error: %s", exc)
+        raise SystemExit(1) from None
+    get_strategy(sc.cfg.strategy)(sc)
+    cfg = sc.cfg
+    summary = sc.results.finish(
+        {"strategy": cfg.strategy, "dataset": cfg.dataset, "model": cfg.model,
+         "partition": cfg.partition, "alpha": cfg.alpha, "num_clients": sc.num_nodes,
+         "seed": cfg.seed, "device": str(sc.device),
+         "wall_seconds": round(time.perf_counter() - t0, 2)},
+        title=f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, alpha={cfg.alpha:g}, "
+              f"{sc.num_nodes} clients)")
+    log(INFO, "[mosaic-flwr] done: final accuracy %.4f, best %.4f (round %s), %.1f s",
+        summary["final_accuracy"], summary["best_accuracy"], summary["best_round"],
+        summary["wall_seconds"])
+    log(INFO, "[mosaic-flwr] results written to %s", sc.results.out_dir)
