@@ -81,7 +81,8 @@ def main(grid: Grid, context: Context) -> None:
         sc = setup(grid, context)
     except (ConfigError, DatasetNotFoundError, PartitionError, ValueError) as exc:
         log(ERROR, "[mosaic-flwr] configuration error: %s", exc)
-        raise SystemExit(1) from None
+        # An Exception (not SystemExit) so that Flower marks the run as failed.
+        raise RuntimeError(f"configuration error: {exc}") from None
     get_strategy(sc.cfg.strategy)(sc)
     cfg = sc.cfg
     summary = sc.results.finish(
