@@ -1,0 +1,63 @@
+"""A client's work in a Mosaic round, as one pure function (the ClientApp only adapts it)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..data import DatasetInfo
+from ..models import Classifier
+from ..models.generators import build_discriminator, build_generator
+from .generator import train_generator
+from .prototypes import class_prototypes
+from .training import extract_features, train_local
+
+
+@dataclass
+class MosaicClientResult:
+    state: dict[str, Tensor]
+    label_counts: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    prototypes: tuple[Tensor, Tensor] | None = None
+    generator: dict[str, Tensor] | None = None
+
+
+def label_counts(y: Tensor, num_classes: int) -> Tensor:
+    return torch.bincount(y, minlength=num_classes)
+
+
+def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
+                        train: dict, seed: int, device: torch.device, distill_round: bool = False,
+                        proto_k: int = 0, gen: dict | None = None) -> MosaicClientResult:
+    """Local training; at the distillation round also prototypes and the generator.
+
+    Prototypes are k-means centres of the penultimate features of the model as received
+    (the round's global model, the backbone the server's experts start from), computed before
+    local training. The generator is trained after local training, guided by the client's
+    freshly trained model, on the client's own classes; it is uploaded once.
+    """
+    counts = label_counts(y, info.num_classes)
+    metrics: dict[str, float] = {}
+    protos = None
+    if distill_round and proto_k > 0:
+        t0 = time.perf_counter()
+        feats = extract_features(model, x, device=device)
+        protos = class_prototypes(feats, y, proto_k, seed=seed)
+        metrics["proto-seconds"] = time.perf_counter() - t0
+    stats = train_local(model, x, y, seed=seed, device=device, **train)
+    metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})
+    generator_state = None
+    if distill_round and gen is not None:
+        torch.manual_seed(seed)
+        g = build_generator(info.in_channels, info.image_size, info.num_classes, info.mean, info.std)
+        d = build_discriminator(info.in_channels, info.image_size, info.num_classes)
+        gstats = train_generator(g, d, model, x, y, steps=gen["steps"], batch_size=gen["batch-size"],
+                                 lr=gen["lr"], ce_weight=gen["ce-weight"], div_weight=gen["div-weight"],
+                                 device=device, seed=seed)
+        generator_state = {k: v.detach().cpu() for k, v in g.state_dict().items()}
+        metrics.update({"gen-seconds": gstats["seconds"], "gen-fidelity": gstats["fidelity"]})
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return MosaicClientResult(state, counts, metrics, protos, generator_state)

@@ -1,0 +1,137 @@
+"""Per-class prototypes: k-means centres of penultimate features.
+
+A client summarises each of its classes by ``k`` k-means centres of the features its
+(global) backbone computes, or by the class mean when it holds fewer than ``k`` samples of
+that class. Unlike the authors' code (which kept only the first 10 centres whatever ``k``
+was), every one of the ``k`` centres is returned.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _squared_distances(x: Tensor, centres: Tensor) -> Tensor:
+    """``[N, k]`` squared Euclidean distances between rows of ``x`` and ``centres``."""
+    return torch.cdist(x, centres).pow(2)
+
+
+def _kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding: each new centre is a point drawn with probability proportional to
+    its squared distance from the nearest centre chosen so far."""
+    n = x.shape[0]
+    first = torch.randint(n, (1,), generator=generator).item()
+    centres = [x[first]]
+    nearest = _squared_distances(x, x[first : first + 1]).squeeze(1)
+    for _ in range(1, k):
+        total = nearest.sum()
+        if total > 0:
+            probs = (nearest / total).cpu()
+            index = torch.multinomial(probs, 1, generator=generator).item()
+        else:  # every point coincides with a centre already: any choice is as good
+            index = torch.randint(n, (1,), generator=generator).item()
+        centres.append(x[index])
+        nearest = torch.minimum(nearest, _squared_distances(x, x[index : index + 1]).squeeze(1))
+    return torch.stack(centres)
+
+
+def _lloyd(x: Tensor, centres: Tensor, iters: int) -> tuple[Tensor, float]:
+    """Lloyd iterations from ``centres``; returns the final centres and their inertia.
+
+    A cluster left empty is re-seeded with the point farthest from its own centre (distinct
+    points for several empty clusters). Stops early once the assignment is stable.
+    """
+    k = centres.shape[0]
+    previous = None
+    for _ in range(iters):
+        distance, assignment = _squared_distances(x, centres).min(dim=1)
+        counts = torch.bincount(assignment, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assignment, x)
+        centres = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
+        empty = torch.nonzero(counts == 0).squeeze(1)
+        if empty.numel() > 0:
+            farthest = distance.topk(empty.numel()).indices
+            centres[empty] = x[farthest]
+        elif previous is not None and torch.equal(assignment, previous):
+            break
+        previous = assignment
+    inertia = _squared_distances(x, centres).min(dim=1).values.sum().item()
+    return centres, inertia
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, *, iters: int = 50, seed: int = 0, n_init: int = 3) -> Tensor:
+    """k-means clustering of the rows of ``x`` (``[N, d]``); returns ``[k, d]`` centres.
+
+    k-means++ seeding followed by at most ``iters`` Lloyd iterations, repeated ``n_init``
+    times; the run with the lowest inertia (sum of squared distances to the nearest centre)
+    wins. Deterministic for a given ``seed`` (its own ``torch.Generator``; the global RNG
+    is untouched). Computed in float32 at least, returned in ``x``'s floating dtype.
+
+    Raises ``ValueError`` unless ``1 <= k <= N``: the caller decides what to do with
+    classes that have fewer than ``k`` samples (see ``class_prototypes``).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"kmeans: expected a [N, d] tensor, got shape {tuple(x.shape)}")
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"kmeans: need 1 <= k <= N, got k={k}, N={x.shape[0]}")
+    if iters < 1 or n_init < 1:
+        raise ValueError(f"kmeans: iters and n_init must be >= 1, got {iters}, {n_init}")
+    out_dtype = x.dtype if x.is_floating_point() else torch.float32
+    points = x.detach().to(torch.promote_types(out_dtype, torch.float32))
+    generator = torch.Generator().manual_seed(seed)
+    best_centres, best_inertia = None, float("inf")
+    for _ in range(n_init):
+        centres, inertia = _lloyd(points, _kmeans_plus_plus(points, k, generator), iters)
+        if inertia < best_inertia:
+            best_centres, best_inertia = centres, inertia
+    return best_centres.to(out_dtype)
+
+
+@torch.no_grad()
+def class_prototypes(
+    features: Tensor,
+    labels: Tensor,
+    k: int,
+    *,
+    seed: int = 0,
+    iters: int = 50,
+    n_init: int = 3,
+) -> tuple[Tensor, Tensor]:
+    """Prototypes of every class present in ``labels``.
+
+    For each class, in increasing label order: all ``k`` k-means centres of its features
+    when it has at least ``k`` samples, otherwise its mean feature (one prototype).
+
+    Args:
+        features: ``[N, d]`` features (e.g. ``model.features(x)``).
+        labels: ``[N]`` integer labels.
+        k: centres per class.
+        seed, iters, n_init: passed to ``kmeans`` (the same seed for every class).
+
+    Returns:
+        ``(prototypes [M, d], prototype_labels [M] long)``; ``M = 0`` when ``N = 0``.
+    """
+    if features.dim() != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(
+            "class_prototypes: expected features [N, d] and labels [N], got "
+            f"{tuple(features.shape)} and {tuple(labels.shape)}"
+        )
+    if k < 1:
+        raise ValueError(f"class_prototypes: k must be >= 1, got {k}")
+    labels = labels.long()
+    dtype = features.dtype if features.is_floating_point() else torch.float32
+    prototypes, prototype_labels = [], []
+    for label in torch.unique(labels).tolist():
+        members = features[labels == label].to(dtype)
+        if members.shape[0] >= k:
+            centres = kmeans(members, k, iters=iters, seed=seed, n_init=n_init)
+        else:
+            centres = members.mean(dim=0, keepdim=True)
+        prototypes.append(centres)
+        prototype_labels.append(torch.full((centres.shape[0],), label, dtype=torch.long))
+    if not prototypes:
+        empty = features.new_zeros((0, features.shape[1]), dtype=dtype)
+        return empty, torch.zeros(0, dtype=torch.long, device=features.device)
+    return torch.cat(prototypes), torch.cat(prototype_labels).to(features.device)

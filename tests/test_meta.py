@@ -1,0 +1,137 @@
+"""The meta model and its training on prototype expert logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_flwr.mosaic.meta import MetaModel, _holdout_split, default_width, train_meta
+
+
+def _expert_toy(m: int, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert logits ``[m, c, c]`` where only the true class's expert votes for its own
+    class; every other expert votes, just as loudly, for some class other than its own.
+
+    Reading each expert's own-class logit separates the classes almost perfectly, while
+    the plain ensemble (mean over experts) is right only about half of the time: a fuser
+    must know which expert is which.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(c, (m,), generator=g)
+    logits = torch.randn(m, c, c, generator=g)
+    votes = (torch.arange(c) + torch.randint(1, c, (m, c), generator=g)) % c
+    votes[torch.arange(m), labels] = labels
+    logits.scatter_add_(2, votes.unsqueeze(-1), torch.full((m, c, 1), 4.0))
+    return logits, labels
+
+
+@pytest.mark.parametrize("arch", ["transformer", "gating"])
+def test_meta_model_shapes_and_starts_at_the_ensemble(arch):
+    torch.manual_seed(0)
+    meta = MetaModel(7, 3, arch=arch).eval()
+    logits = torch.randn(4, 7, 3)
+    out = meta(logits)
+    assert out.shape == (4, 3)
+    torch.testing.assert_close(out, logits.mean(dim=1))
+
+
+def test_default_width_derived_from_classes():
+    assert [default_width(c) for c in (2, 10, 50, 100, 200)] == [32, 40, 200, 256, 256]
+    assert MetaModel(10, 10).embed.out_features == 40
+
+
+def test_meta_model_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="arch"):
+        MetaModel(3, 3, arch="mlp")
+    with pytest.raises(ValueError, match="nhead"):
+        MetaModel(3, 3, d_model=30, nhead=4)
+    with pytest.raises(ValueError, match=r"\[B, 3, 4\]"):
+        MetaModel(3, 4)(torch.zeros(2, 4, 3))
+
+
+def test_holdout_split_is_stratified():
+    labels = torch.tensor([0] * 10 + [1] * 2 + [2])
+    train, holdout = _holdout_split(labels, 0.2, torch.Generator().manual_seed(0))
+    assert sorted(train.tolist() + holdout.tolist()) == list(range(13))
+    assert labels[holdout].tolist() == [0, 0, 1]  # 2 of 10, 1 of 2, none of 1
+    assert set(labels[train].tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("arch", ["transformer", "gating"])
+def test_train_meta_learns_which_expert_to_trust(arch):
+    logits, labels = _expert_toy(400)
+    torch.manual_seed(0)
+    ema, stats = train_meta(
+        MetaModel(5, 5, arch=arch), logits, labels, epochs=40, lr=1e-2, batch_size=32, seed=0
+    )
+    assert not ema.training
+    assert stats["n_train"] + stats["n_holdout"] == 400 and stats["n_holdout"] == 80
+    assert stats["initial_holdout_accuracy"] < 0.7
+    assert stats["holdout_accuracy"] >= 0.9
+    assert 1 <= stats["best_epoch"] <= stats["epochs_run"] <= 40
+
+
+def test_train_meta_restores_best_ema_state():
+    # Random labels: nothing generalises, so the hold-out loss soon rises and training stops.
+    logits = torch.randn(200, 4, 4, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(4, (200,), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    ema, stats = train_meta(MetaModel(4, 4), logits, labels, epochs=200, lr=1e-2, patience=5)
+
+    assert stats["epochs_run"] == stats["best_epoch"] + 5 < 200
+    _, holdout = _holdout_split(labels, 0.2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = F.cross_entropy(ema(logits[holdout]), labels[holdout]).item()
+    assert loss == pytest.approx(stats["holdout_loss"])
+
+
+def test_train_meta_falls_back_to_the_ensemble_when_training_only_hurts():
+    logits = 5 * torch.randn(100, 3, 3, generator=torch.Generator().manual_seed(1))
+    labels = logits.mean(dim=1).argmax(dim=1)  # the plain ensemble is already perfect
+    torch.manual_seed(0)
+    # An absurd learning rate wrecks the model from the first step on.
+    ema, stats = train_meta(MetaModel(3, 3), logits, labels, epochs=30, lr=10.0, patience=3)
+    assert stats["best_epoch"] == 0 and stats["epochs_run"] == 3
+    assert stats["holdout_accuracy"] == stats["initial_holdout_accuracy"] == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(ema(logits), logits.mean(dim=1))
+
+
+def test_train_meta_tiny_set_without_holdout():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(10, 10, 10), torch.arange(10)  # one prototype per class
+    ema, stats = train_meta(MetaModel(10, 10), logits, labels, epochs=7, patience=2)
+    assert stats["n_holdout"] == 0 and stats["n_train"] == 10
+    assert stats["early_stopping"] is False
+    assert stats["epochs_run"] == stats["best_epoch"] == 7
+    assert stats["holdout_accuracy"] is None and stats["holdout_loss"] is None
+    assert ema(logits).shape == (10, 10)
+
+
+def test_train_meta_tiny_set_with_pairs():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(10, 5, 5), torch.arange(5).repeat(2)
+    _, stats = train_meta(MetaModel(5, 5, arch="gating"), logits, labels, epochs=5)
+    assert stats["n_holdout"] == 5 and stats["n_train"] == 5
+
+
+def test_train_meta_is_deterministic_and_leaves_global_rng_alone():
+    logits, labels = _expert_toy(60)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        meta = MetaModel(5, 5, dropout=0.5)
+        state = torch.random.get_rng_state()
+        ema, stats = train_meta(meta, logits, labels, epochs=3, seed=4)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        outputs.append(ema(logits))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["transformer", "gating"])
+def test_train_meta_on_cuda(arch):
+    logits, labels = _expert_toy(100)
+    torch.manual_seed(0)
+    ema, stats = train_meta(MetaModel(5, 5, arch=arch), logits, labels, epochs=3, device="cuda")
+    assert next(ema.parameters()).device.type == "cuda" and stats["epochs_run"] == 3
+    assert ema(logits.cuda()).shape == (100, 5)
