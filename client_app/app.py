@@ -9,8 +9,11 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from mosaic_flwr.config import Config, build_config, resolve_device
+from mosaic_flwr.data import dataset_info
+from mosaic_flwr.mosaic.client import mosaic_client_round
 from mosaic_flwr.mosaic.training import train_local
-from mosaic_flwr.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, record_to_state, state_to_record
+from mosaic_flwr.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, mosaic_payload, record_to_state,
+                                 state_to_record)
 from mosaic_flwr.task import client_data, make_model
 
 app = ClientApp()
@@ -32,18 +35,46 @@ def round_seed(cfg: Config, server_round: int, partition_id: int) -> int:
     return (cfg.seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
 
 
+def sgd_settings(c) -> dict:
+    """Client SGD hyper-parameters from a message's ConfigRecord."""
+    return {"epochs": int(c["local-epochs"]), "steps": int(c["local-steps"]),
+            "batch_size": int(c["batch-size"]), "lr": float(c["lr"]),
+            "momentum": float(c["momentum"]), "weight_decay": float(c["weight-decay"])}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Baseline round (FedAvg, FedProx, Mosaic's fine-tune rounds): train, return weights."""
     cfg, pid, num_partitions = client_setup(context)
     x, y = client_data(cfg, pid, num_partitions)
     model = make_model(cfg)
     model.load_state_dict(record_to_state(msg.content[ARRAYS]))
     c = msg.content[CONFIG]
-    stats = train_local(
-        model, x, y, epochs=int(c["local-epochs"]), steps=int(c["local-steps"]),
-        batch_size=int(c["batch-size"]), lr=float(c["lr"]), momentum=float(c["momentum"]),
-        weight_decay=float(c["weight-decay"]), proximal_mu=float(c.get("proximal-mu", 0.0)),
-        seed=round_seed(cfg, int(c.get("server-round", 0)), pid), device=resolve_device(cfg.device))
+    stats = train_local(model, x, y, **sgd_settings(c), proximal_mu=float(c.get("proximal-mu", 0.0)),
+                        seed=round_seed(cfg, int(c.get("server-round", 0)), pid),
+                        device=resolve_device(cfg.device))
     metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"]})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
     return Message(content=content, reply_to=msg)
+
+
+@app.train("mosaic")
+def train_mosaic(msg: Message, context: Context) -> Message:
+    """Mosaic warm-up round (weights + label counts); at the distillation round also the
+    prototypes and the once-trained conditional generator."""
+    cfg, pid, num_partitions = client_setup(context)
+    x, y = client_data(cfg, pid, num_partitions)
+    model = make_model(cfg)
+    model.load_state_dict(record_to_state(msg.content[ARRAYS]))
+    c = msg.content[CONFIG]
+    distill = bool(c.get("distill", False))
+    gen = None
+    if distill:
+        gen = {"steps": int(c["gen-steps"]), "batch-size": int(c["gen-batch-size"]),
+               "lr": float(c["gen-lr"]), "ce-weight": float(c["gen-ce-weight"]),
+               "div-weight": float(c["gen-div-weight"])}
+    result = mosaic_client_round(
+        model, x, y, dataset_info(cfg.dataset), train=sgd_settings(c),
+        seed=round_seed(cfg, int(c.get("server-round", 0)), pid), device=resolve_device(cfg.device),
+        distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen)
+    return Message(content=mosaic_payload(result), reply_to=msg)

@@ -99,6 +99,30 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "device": (str, _choice(*DEVICES)),
     "eval-batch-size": (int, _positive),
     "client-threads": (int, _positive),
+    # --- Mosaic / FedDF (schedule: warm-up rounds, distillation at the end of the last
+    # warm-up round, then fine-tune rounds up to num-server-rounds)
+    "warmup-rounds": (int, _positive),
+    "finetune-lr": (float, _positive),
+    "mosaic-meta": (bool, None),
+    "proto-k": (int, _positive),
+    "gen-steps": (int, _positive),
+    "gen-batch-size": (int, _positive),
+    "gen-lr": (float, _positive),
+    "gen-ce-weight": (float, _non_negative),
+    "gen-div-weight": (float, _non_negative),
+    "meta-arch": (str, _choice("transformer", "gating")),
+    "meta-epochs": (int, _positive),
+    "meta-lr": (float, _positive),
+    "meta-patience": (int, _positive),
+    "meta-holdout": (float, _closed_unit),
+    "meta-ema": (float, _closed_unit),
+    "kd-steps": (int, _non_negative),
+    "kd-batch-size": (int, _positive),
+    "kd-lr": (float, _positive),
+    "kd-a": (float, _closed_unit),
+    "kd-b": (float, _non_negative),
+    "kd-temperature": (float, _positive),
+    "kd-student-bn": (str, _choice("eval", "train")),
 }
 
 
@@ -214,6 +238,10 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
         problem = check(values[key]) if check else None
         if problem:
             raise ConfigError(f"{key}: {problem}")
+    if values["strategy"] in ("mosaic", "feddf") and values["warmup-rounds"] > values["num-server-rounds"]:
+        raise ConfigError(f"warmup-rounds: {values['warmup-rounds']} exceeds num-server-rounds "
+                          f"{values['num-server-rounds']} (distillation happens after the last "
+                          "warm-up round)")
     return Config(values)
 
 

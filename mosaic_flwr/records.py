@@ -5,11 +5,12 @@ This and the strategies/apps are the only modules that import flwr.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -64,3 +65,96 @@ def reply_problem(msg: Message, template: Mapping[str, torch.Tensor]) -> str | N
     except Exception as exc:  # undecodable arrays
         return f"arrays do not decode: {exc}"
     return state_problem(state, template)
+
+
+# ----------------------------------------------------------------------------- Mosaic
+LABEL_COUNTS = "label-counts"
+PROTOTYPES = "prototypes"
+GENERATOR = "generator"
+
+
+@dataclass
+class MosaicReply:
+    node_id: int
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    label_counts: torch.Tensor
+    metrics: dict[str, float]
+    prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
+    generator: dict[str, torch.Tensor] | None = None
+
+
+def mosaic_payload(result) -> RecordDict:
+    """Encode a ``MosaicClientResult`` as the reply's records."""
+    content = RecordDict({
+        ARRAYS: state_to_record(result.state),
+        METRICS: MetricRecord({NUM_EXAMPLES: int(result.label_counts.sum()),
+                               **{k: float(v) for k, v in result.metrics.items()}}),
+        LABEL_COUNTS: MetricRecord({"counts": [int(c) for c in result.label_counts.tolist()]}),
+    })
+    if result.prototypes is not None:
+        feats, labels = result.prototypes
+        content[PROTOTYPES] = ArrayRecord({"features": feats.float(), "labels": labels.long()})
+    if result.generator is not None:
+        content[GENERATOR] = state_to_record(result.generator)
+    return content
+
+
+def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, num_classes: int,
+                        feature_dim: int, generator_template: Mapping[str, torch.Tensor] | None = None,
+                        expect_prototypes: bool = False) -> tuple[MosaicReply | None, str | None]:
+    """Validate and decode a Mosaic reply: ``(reply, None)`` or ``(None, problem)``.
+
+    Checks the classifier arrays against the template, the label counts (C non-negative
+    integers summing to ``num-examples``), and where expected the prototypes (finite,
+    ``[M, feature_dim]`` with labels of classes the client declares) and the generator
+    (the declared architecture, finite).
+    """
+    problem = reply_problem(msg, template)
+    if problem:
+        return None, problem
+    content = msg.content
+    metrics = dict(content.metric_records[METRICS])
+    if LABEL_COUNTS not in content.metric_records:
+        return None, "no 'label-counts' record"
+    counts = content.metric_records[LABEL_COUNTS].get("counts")
+    if not isinstance(counts, list) or len(counts) != num_classes:
+        return None, f"label counts: expected a list of {num_classes} integers"
+    if any((not isinstance(c, int)) or c < 0 for c in counts):
+        return None, "label counts: negative or non-integer entries"
+    if sum(counts) != int(metrics[NUM_EXAMPLES]):
+        return None, f"label counts sum to {sum(counts)}, but num-examples is {metrics[NUM_EXAMPLES]}"
+    counts_t = torch.tensor(counts, dtype=torch.long)
+    reply = MosaicReply(msg.metadata.src_node_id, record_to_state(content.array_records[ARRAYS]),
+                        int(metrics[NUM_EXAMPLES]), counts_t,
+                        {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    if expect_prototypes:
+        if PROTOTYPES not in content.array_records:
+            return None, "no 'prototypes' record"
+        try:
+            rec = record_to_state(content.array_records[PROTOTYPES])
+            feats, labels = rec["features"], rec["labels"]
+        except Exception as exc:
+            return None, f"prototypes do not decode: {exc}"
+        if feats.ndim != 2 or feats.shape[1] != feature_dim or not feats.is_floating_point():
+            return None, f"prototypes: shape {tuple(feats.shape)}, expected [M, {feature_dim}]"
+        if labels.shape != (feats.shape[0],) or labels.is_floating_point():
+            return None, "prototypes: labels must be M integers"
+        if not torch.isfinite(feats).all():
+            return None, "prototypes: non-finite values"
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes
+                            or (counts_t[labels] == 0).any()):
+            return None, "prototypes: labels of classes the client does not hold"
+        reply.prototypes = (feats.float(), labels.long())
+    if generator_template is not None:
+        if GENERATOR not in content.array_records:
+            return None, "no 'generator' record"
+        try:
+            gen = record_to_state(content.array_records[GENERATOR])
+        except Exception as exc:
+            return None, f"generator does not decode: {exc}"
+        problem = state_problem(gen, generator_template)
+        if problem:
+            return None, f"generator: {problem}"
+        reply.generator = gen
+    return reply, None

@@ -7,10 +7,13 @@ from typing import Callable
 from ..config import STRATEGY_NAMES
 from .base import ServerContext
 from .baselines import run_fedavg, run_fedprox
+from .mosaic import run_feddf, run_mosaic
 
 STRATEGIES: dict[str, Callable[[ServerContext], None]] = {
     "fedavg": run_fedavg,
     "fedprox": run_fedprox,
+    "mosaic": run_mosaic,
+    "feddf": run_feddf,
 }
 
 

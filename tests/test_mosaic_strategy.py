@@ -1,0 +1,124 @@
+"""The Mosaic strategy fed hand-made replies: validation, expert formation, schedule."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client_app.app import app as client_app
+from mosaic_flwr.config import build_config
+from mosaic_flwr.data import dataset_info
+from mosaic_flwr.inprocess import InProcessGrid
+from mosaic_flwr.models.generators import build_generator
+from mosaic_flwr.mosaic.client import MosaicClientResult
+from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
+from mosaic_flwr.strategies.mosaic import MosaicStrategy
+from mosaic_flwr.task import initial_model
+
+C = 10
+
+
+class _SC:
+    """The parts of a ServerContext the strategy uses before distillation."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.model = initial_model(cfg)
+        self.num_nodes = 4
+        self.train_metrics = {}
+
+
+@pytest.fixture
+def strategy():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1
+    cfg = build_config({"strategy": "mosaic", "dataset": "synthetic", "warmup-rounds": 3,
+                        "num-server-rounds": 5})
+    return MosaicStrategy(_SC(cfg))
+
+
+def _state(strategy, value: float) -> dict:
+    return {k: torch.full_like(v, value) if v.is_floating_point() else v.clone()
+            for k, v in strategy.template.items()}
+
+
+def _reply(strategy, value: float, counts, node: int, *, protos=None, generator=None, **metrics) -> Message:
+    counts = torch.tensor(counts)
+    result = MosaicClientResult(_state(strategy, value), counts, {"train-loss": 0.1, **metrics},
+                                protos, generator)
+    out = Message(RecordDict({}), dst_node_id=node, message_type="train.mosaic")
+    return Message(mosaic_payload(result), reply_to=out)
+
+
+def test_schedule(strategy):
+    assert [strategy.phase(r) for r in range(1, 6)] == ["warmup", "warmup", "distill", "finetune", "finetune"]
+
+
+def test_experts_are_class_count_weighted_and_bad_replies_dropped(strategy):
+    a = [6, 0, 0, 0, 0, 0, 0, 0, 0, 2]    # client A: classes 0 and 9
+    b = [2, 4, 0, 0, 0, 0, 0, 0, 0, 6]    # client B: classes 0, 1 and 9
+    replies = [_reply(strategy, 1.0, a, 101), _reply(strategy, 5.0, b, 102)]
+    # malformed: NaN weights; counts that do not sum to num-examples; wrong number of classes
+    bad_nan = _reply(strategy, float("nan"), a, 103)
+    bad_counts = _reply(strategy, 2.0, a, 104)
+    bad_counts.content["label-counts"] = MetricRecord({"counts": [1] * C})
+    bad_len = _reply(strategy, 2.0, a, 105)
+    bad_len.content["label-counts"] = MetricRecord({"counts": [8] + [0] * 3})
+    arrays, _ = strategy.aggregate_train(1, [replies[0], bad_nan, replies[1], bad_counts, bad_len])
+    assert strategy.rejected == 3
+    w = next(k for k, v in strategy.template.items() if v.is_floating_point())
+    # global: weighted by num-examples (8 and 12): (8*1 + 12*5) / 20 = 3.4
+    assert torch.allclose(arrays.to_torch_state_dict()[w], torch.tensor(3.4))
+    experts = strategy.experts
+    assert len(experts) == C
+    assert torch.allclose(experts[0][w], torch.tensor((6 * 1 + 2 * 5) / 8))   # 2.0
+    assert torch.allclose(experts[1][w], torch.tensor(5.0))                   # only B holds 1
+    assert torch.allclose(experts[9][w], torch.tensor((2 * 1 + 6 * 5) / 8))   # 4.0
+    # a class no client holds: no previous expert yet -> the sample-weighted average
+    assert torch.allclose(experts[4][w], torch.tensor(3.4))
+    # next round: class 1's holder is absent -> class 1 keeps its previous expert
+    strategy.aggregate_train(2, [_reply(strategy, 9.0, a, 101)])
+    assert torch.allclose(strategy.experts[1][w], torch.tensor(5.0))
+    assert torch.allclose(strategy.experts[0][w], torch.tensor(9.0))
+
+
+def test_distill_round_requires_valid_prototypes_and_generator(strategy):
+    info = dataset_info("synthetic")
+    gen = build_generator(info.in_channels, info.image_size, C, info.mean, info.std).state_dict()
+    d = strategy.sc.model.feature_dim
+    counts = [5, 5, 0, 0, 0, 0, 0, 0, 0, 0]
+    good = (torch.randn(3, d), torch.tensor([0, 1, 1]))
+    cases = {
+        "no prototypes": _reply(strategy, 1.0, counts, 101, generator=gen),
+        "wrong dimension": _reply(strategy, 1.0, counts, 102, protos=(torch.randn(3, d + 1), good[1]), generator=gen),
+        "class not held": _reply(strategy, 1.0, counts, 103, protos=(good[0], torch.tensor([0, 1, 7])), generator=gen),
+        "non-finite": _reply(strategy, 1.0, counts, 104, protos=(torch.full((3, d), float("inf")), good[1]), generator=gen),
+        "no generator": _reply(strategy, 1.0, counts, 105, protos=good),
+        "generator of another architecture": _reply(
+            strategy, 1.0, counts, 106, protos=good,
+            generator={k: torch.zeros(2) for k in list(gen)[:3]}),
+    }
+    for name, msg in cases.items():
+        reply, problem = decode_mosaic_reply(msg, strategy.template, num_classes=C, feature_dim=d,
+                                             generator_template=strategy.gen_template,
+                                             expect_prototypes=True)
+        assert reply is None and problem, name
+    ok, problem = decode_mosaic_reply(_reply(strategy, 1.0, counts, 107, protos=good, generator=gen),
+                                      strategy.template, num_classes=C, feature_dim=d,
+                                      generator_template=strategy.gen_template, expect_prototypes=True)
+    assert problem is None and ok.prototypes[0].shape == (3, d) and ok.generator is not None
+
+
+def test_configure_train_phases(strategy):
+    grid = InProcessGrid(client_app, {}, 4)
+    cfgrec = strategy.sc.cfg
+    base = ConfigRecord({"lr": cfgrec.lr})
+    arrays = ArrayRecord(strategy.template)
+    warm = list(strategy.configure_train(1, arrays, base, grid))
+    dist = list(strategy.configure_train(3, arrays, base, grid))
+    fine = list(strategy.configure_train(4, arrays, base, grid))
+    assert {m.metadata.message_type for m in warm} == {"train.mosaic"}
+    assert all(m.content["config"]["distill"] is False for m in warm)
+    assert all(m.content["config"]["distill"] is True and m.content["config"]["proto-k"] == cfgrec.proto_k
+               for m in dist)
+    assert {m.metadata.message_type for m in fine} == {"train"}
+    assert all(m.content["config"]["lr"] == cfgrec.finetune_lr for m in fine)
