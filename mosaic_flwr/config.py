@@ -111,6 +111,8 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "gen-ce-weight": (float, _non_negative),
     "gen-div-weight": (float, _non_negative),
     "meta-arch": (str, _choice("transformer", "gating")),
+    "meta-data": (str, _choice("prototypes", "generated", "both")),
+    "meta-samples-per-class": (int, _positive),
     "meta-epochs": (int, _positive),
     "meta-lr": (float, _positive),
     "meta-patience": (int, _positive),
@@ -155,7 +157,9 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         merged = dict(self.values)
         merged.update({k.replace("_", "-"): v for k, v in changes.items()})
-        return build_config(merged, defaults=merged)
+        preset = merged.pop("preset")
+        resolved = build_config(merged, defaults={**merged, "preset": ""})  # preset already applied
+        return Config({**resolved.values, "preset": preset})
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

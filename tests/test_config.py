@@ -71,3 +71,16 @@ def test_server_rejects_unwritable_output_dir(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(RuntimeError, match="output-dir: cannot write"):
         _run_server({"output-dir": str(blocker / "sub"), "dataset": "synthetic"})
+
+
+def test_replace_keeps_preset_values_and_applies_changes():
+    cfg = build_config({**load_defaults(), "preset": "fmnist-dir0.1"})
+    changed = cfg.replace(lr=0.5)
+    assert changed.lr == 0.5 and changed.alpha == 0.1 and changed.preset == "fmnist-dir0.1"
+    with pytest.raises(ConfigError, match="^lr: must be > 0"):
+        cfg.replace(lr=-1.0)
+
+
+def test_warmup_cannot_exceed_rounds():
+    with pytest.raises(ConfigError, match="^warmup-rounds: 9 exceeds num-server-rounds 5"):
+        build_config({"strategy": "mosaic", "warmup-rounds": 9, "num-server-rounds": 5})

@@ -21,7 +21,7 @@ def launch(tmp_path, run_config: str, nodes: int = 3, timeout: int = 300) -> sub
 @pytest.mark.slow
 @requires_fmnist
 def test_real_flwr_run_writes_results(tmp_path):
-    proc = launch(tmp_path, "num-server-rounds=2 local-steps=20")
+    proc = launch(tmp_path, "strategy='fedavg' num-server-rounds=2 local-steps=20")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "[progress] round 2/2" in proc.stdout
     assert "results written to" in proc.stdout

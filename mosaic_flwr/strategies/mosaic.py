@@ -57,6 +57,7 @@ class MosaicStrategy(FedAvg):
         self.experts: list[dict] | None = None
         self.rejected = 0
         self.distill_report: dict[str, float] = {}
+        self.uses_prototypes = teacher == "meta" and sc.cfg.meta_data != "generated"
 
     # ------------------------------------------------------------------ schedule
     def phase(self, server_round: int) -> str:
@@ -84,7 +85,7 @@ class MosaicStrategy(FedAvg):
             message_type = "train.mosaic"
             values["distill"] = phase == "distill"
             if phase == "distill":
-                values.update({"proto-k": c.proto_k if self.teacher == "meta" else 0,
+                values.update({"proto-k": c.proto_k if self.uses_prototypes else 0,
                                "gen-steps": c.gen_steps, "gen-batch-size": c.gen_batch_size,
                                "gen-lr": c.gen_lr, "gen-ce-weight": c.gen_ce_weight,
                                "gen-div-weight": c.gen_div_weight})
@@ -110,7 +111,7 @@ class MosaicStrategy(FedAvg):
                     msg, self.template, num_classes=self.info.num_classes,
                     feature_dim=self.sc.model.feature_dim,
                     generator_template=self.gen_template if phase == "distill" else None,
-                    expect_prototypes=phase == "distill" and self.teacher == "meta")
+                    expect_prototypes=phase == "distill" and self.uses_prototypes)
                 if reply is not None:
                     decoded.append(reply)
                     states.append(reply.state)
@@ -137,6 +138,28 @@ class MosaicStrategy(FedAvg):
     # ------------------------------------------------------------------ distillation
     def _accuracy(self, logits: torch.Tensor) -> float:
         return logits_metrics(logits, self.sc.test_y)["accuracy"]
+
+    def meta_inputs(self, experts: StackedExperts, replies: list[MosaicReply], generators,
+                    counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta model's training set: expert logits ``[M, E, C]`` and labels ``[M]``.
+
+        ``prototypes`` (the authors'): the clients' prototypes through each expert's head.
+        ``generated``: labelled generator samples through each expert's full forward, the
+        same inputs the teacher reads during distillation. ``both``: the union.
+        """
+        dev, parts = self.sc.device, []
+        if self.cfg.meta_data in ("prototypes", "both"):
+            feats = torch.cat([r.prototypes[0] for r in replies if r.prototypes is not None])
+            labels = torch.cat([r.prototypes[1] for r in replies if r.prototypes is not None])
+            parts.append((experts.head_logits(feats.to(dev)).cpu(), labels))
+        if self.cfg.meta_data in ("generated", "both"):
+            n_classes = int((counts.sum(0) > 0).sum())
+            sampler = GeneratorSampler(generators, counts, seed=self.cfg.seed + 1,
+                                       batch_size=self.cfg.meta_samples_per_class * n_classes)
+            x, y = sampler()
+            z = torch.cat([experts.logits(x[i:i + 256]).cpu() for i in range(0, len(x), 256)], dim=1)
+            parts.append((z.permute(1, 0, 2), y))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def distillation(self, global_state: dict, replies: list[MosaicReply]) -> dict:
         """Meta model + data-free distillation; returns the distilled global state.
@@ -175,14 +198,12 @@ class MosaicStrategy(FedAvg):
             report["acc-teacher"] = report["acc-ensemble"]
         if self.teacher == "meta":
             t0 = time.perf_counter()
-            feats = torch.cat([r.prototypes[0] for r in replies if r.prototypes is not None])
-            labels = torch.cat([r.prototypes[1] for r in replies if r.prototypes is not None])
-            z = experts.head_logits(feats.to(dev)).cpu()  # [M, E, C]
+            z, labels = self.meta_inputs(experts, replies, generators, counts)
             meta = MetaModel(len(experts), self.info.num_classes, arch=cfg.meta_arch)
             meta, mstats = train_meta(meta, z, labels, epochs=cfg.meta_epochs, lr=cfg.meta_lr,
                                       ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout,
                                       patience=cfg.meta_patience, seed=cfg.seed, device=dev)
-            report.update({"meta-seconds": time.perf_counter() - t0, "prototypes": len(labels),
+            report.update({"meta-seconds": time.perf_counter() - t0, "meta-inputs": len(labels),
                            "meta-holdout-accuracy": mstats["holdout_accuracy"],
                            "meta-holdout-accuracy-at-init": mstats["initial_holdout_accuracy"],
                            "meta-epochs-run": mstats["epochs_run"]})

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Run several strategies on the same data, partition, models, seed and schedule through the
+real Flower simulation (scripts/flwr_sim.py), then print and save a markdown table.
+
+    .venv/bin/python bench/compare.py --name dir0.1 --strategies fedavg feddf mosaic \\
+        --run-config "alpha=0.1"
+
+A finished run (its summary.json exists) is not run again, so an interrupted comparison resumes.
+Results: bench/results/<name>.md and .json, with the git commit they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DISTILL_KEYS = ("acc-before-distill", "acc-ensemble", "acc-teacher", "acc-after-distill",
+                "gen-seconds-mean", "meta-seconds", "kd-seconds", "distill-seconds")
+
+
+def variant_config(variant: str) -> tuple[str, str]:
+    """``mosaic-nometa`` -> (mosaic, mosaic-meta=false); others are plain strategy names."""
+    if variant == "mosaic-nometa":
+        return "mosaic", "mosaic-meta=false"
+    return variant, ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--strategies", nargs="+", default=["fedavg", "feddf", "mosaic"])
+    ap.add_argument("--run-config", default="", help="shared run-config overrides (TOML)")
+    ap.add_argument("--num-supernodes", type=int, default=10)
+    args = ap.parse_args()
+
+    runs_dir = ROOT / "bench" / "runs" / args.name
+    results = {}
+    for variant in args.strategies:
+        strategy, extra = variant_config(variant)
+        out = runs_dir / variant
+        if not (out / "summary.json").is_file():
+            rc = f"strategy='{strategy}' output-dir='{runs_dir}' run-name='{variant}' {extra} {args.run_config}"
+            log = runs_dir / f"{variant}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[compare] running {variant} (log: {log})", flush=True)
+            with open(log, "w") as f:
+                code = subprocess.call([sys.executable, str(ROOT / "scripts" / "flwr_sim.py"),
+                                        "--num-supernodes", str(args.num_supernodes),
+                                        "--run-config", rc], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            if code != 0:
+                print(f"[compare] {variant} failed (exit {code}); see {log}", flush=True)
+                continue
+        results[variant] = json.loads((out / "summary.json").read_text())
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    lines = [f"# {args.name}", "",
+             f"commit `{commit}`, {platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores), "
+             f"{args.num_supernodes} clients, shared run config: `{args.run_config or '(defaults)'}`", "",
+             "| strategy | final acc | best acc | wall s | " + " | ".join(DISTILL_KEYS) + " |",
+             "|---|---|---|---|" + "---|" * len(DISTILL_KEYS)]
+    for variant, s in results.items():
+        d = s.get("distillation") or {}
+        cells = [f"{d[k]:.4f}" if k in d and k.startswith("acc") else f"{d[k]:.1f}" if k in d else "-"
+                 for k in DISTILL_KEYS]
+        lines.append(f"| {variant} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
+                     f"{s['wall_seconds']:.0f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{args.name}.md").write_text(table)
+    (out_dir / f"{args.name}.json").write_text(json.dumps({"commit": commit, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""One Mosaic run, in-process (ClientApp + strategy, no Ray), on real Fashion-MNIST."""
+
+import json
+
+import pytest
+
+from tests.conftest import requires_fmnist
+from tests.test_e2e_inprocess import run_inprocess
+
+
+@pytest.mark.slow
+@requires_fmnist
+def test_mosaic_distillation_improves_its_own_pre_distillation_model(tmp_path):
+    out = run_inprocess(tmp_path, num_nodes=5, strategy="mosaic", alpha=0.1,
+                        **{"num-server-rounds": 7, "warmup-rounds": 6, "local-steps": 30,
+                           "gen-steps": 300, "kd-steps": 60})["dir"]
+    rounds = json.loads((out / "metrics.json").read_text())
+    distill = next(r for r in rounds if r.get("phase") == "distill")
+    assert distill["round"] == 6 and rounds[-1]["phase"] == "finetune"
+    for key in ("acc-before-distill", "acc-ensemble", "acc-teacher", "acc-after-distill",
+                "meta-holdout-accuracy", "gen-fidelity-mean", "kd-seconds", "meta-seconds"):
+        assert key in distill, key
+    # the distilled model is the round's global model and beats the model it started from
+    assert distill["accuracy"] == distill["acc-after-distill"]
+    assert distill["acc-after-distill"] > distill["acc-before-distill"] + 0.02
+    # the meta teacher beats the plain expert ensemble it starts from
+    assert distill["acc-teacher"] > distill["acc-ensemble"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distillation"]["acc-after-distill"] == distill["acc-after-distill"]
+    assert (out / "generator_samples.png").stat().st_size > 2000
+
+
+@pytest.mark.slow
+@requires_fmnist
+@pytest.mark.parametrize("overrides,teacher_keys", [
+    ({"strategy": "feddf"}, {"acc-teacher"}),
+    ({"strategy": "mosaic", "mosaic-meta": False}, {"acc-ensemble", "acc-teacher"}),
+])
+def test_feddf_and_no_meta_ablation_run_and_report(tmp_path, overrides, teacher_keys):
+    out = run_inprocess(tmp_path, num_nodes=3, **{"num-server-rounds": 3, "warmup-rounds": 2,
+                                                  "local-steps": 10, "gen-steps": 20, "kd-steps": 5,
+                                                  **overrides})["dir"]
+    rounds = json.loads((out / "metrics.json").read_text())
+    assert [r.get("phase") for r in rounds[1:]] == ["warmup", "distill", "finetune"]
+    distill = rounds[2]
+    assert teacher_keys <= set(distill) and "acc-after-distill" in distill
+    assert "meta-holdout-accuracy" not in distill  # no meta model in either
+    if overrides.get("mosaic-meta") is False:
+        assert distill["acc-teacher"] == distill["acc-ensemble"]
