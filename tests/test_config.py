@@ -14,7 +14,8 @@ def test_defaults_cover_spec_exactly():
 
 
 def test_casts_untyped_values():
-    cfg = build_config({"alpha": 1, "num-server-rounds": 3.0, "download": "true", "seed": "7"})
+    cfg = build_config({"strategy": "fedavg", "alpha": 1, "num-server-rounds": 3.0, "download": "true",
+                        "seed": "7"})
     assert cfg.alpha == 1.0 and isinstance(cfg.alpha, float)
     assert cfg.num_server_rounds == 3 and cfg.download is True and cfg.seed == 7
 
