@@ -21,7 +21,7 @@ def test_mosaic_distillation_improves_its_own_pre_distillation_model(tmp_path):
                 "meta-holdout-accuracy", "gen-fidelity-mean", "kd-seconds", "meta-seconds"):
         assert key in distill, key
     # the distilled model is the round's global model and beats the model it started from
-    assert distill["accuracy"] == distill["acc-after-distill"]
+    assert distill["accuracy"] == pytest.approx(distill["acc-after-distill"], abs=1e-4)
     assert distill["acc-after-distill"] > distill["acc-before-distill"] + 0.02
     # the meta teacher beats the plain expert ensemble it starts from
     assert distill["acc-teacher"] > distill["acc-ensemble"]
