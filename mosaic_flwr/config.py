@@ -10,7 +10,6 @@ without that key, or set it in your own preset.)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import tomllib
