@@ -42,6 +42,7 @@ def test_feddf_and_no_meta_ablation_run_and_report(tmp_path, overrides, teacher_
                                                   **overrides})["dir"]
     rounds = json.loads((out / "metrics.json").read_text())
     assert [r.get("phase") for r in rounds[1:]] == ["warmup", "distill", "finetune"]
+    assert all("train-loss" in r for r in rounds[1:])  # warm-up, distill and fine-tune rounds
     distill = rounds[2]
     assert teacher_keys <= set(distill) and "acc-after-distill" in distill
     assert "meta-holdout-accuracy" not in distill  # no meta model in either

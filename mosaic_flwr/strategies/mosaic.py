@@ -33,10 +33,10 @@ from ..mosaic.meta import MetaModel, train_meta
 from ..mosaic.moe import (GeneratorSampler, average_teacher, ensemble_teacher, meta_teacher,
                           teacher_logits)
 from ..mosaic.training import logits_metrics
-from ..records import (MosaicReply, decode_mosaic_reply, record_to_state, reply_problem,
-                       state_to_record)
+from ..records import (ARRAYS, METRICS, NUM_EXAMPLES, MosaicReply, decode_mosaic_reply,
+                       record_to_state, state_to_record)
 from ..results import save_generator_grid
-from .base import ServerContext
+from .base import ServerContext, filter_replies
 
 TEACHERS = ("meta", "ensemble", "average")
 
@@ -98,35 +98,34 @@ class MosaicStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         phase = self.phase(server_round)
         decoded: list[MosaicReply] = []
-        states, weights, rejected = [], [], 0
-        for msg in replies:
-            if phase == "finetune":
-                problem = reply_problem(msg, self.template)
-                if problem is None:
-                    content = msg.content
-                    states.append(record_to_state(content.array_records["arrays"]))
-                    weights.append(float(content.metric_records["metrics"]["num-examples"]))
-            else:
+        if phase == "finetune":  # plain FedAvg replies
+            valid, rejected = filter_replies(list(replies), self.template)
+            states = [record_to_state(m.content.array_records[ARRAYS]) for m in valid]
+            weights = [float(m.content.metric_records[METRICS][NUM_EXAMPLES]) for m in valid]
+            losses = [float(m.content.metric_records[METRICS].get("train-loss", 0.0)) for m in valid]
+        else:
+            states, weights, losses, rejected = [], [], [], 0
+            for msg in replies:
                 reply, problem = decode_mosaic_reply(
                     msg, self.template, num_classes=self.info.num_classes,
                     feature_dim=self.sc.model.feature_dim,
                     generator_template=self.gen_template if phase == "distill" else None,
                     expect_prototypes=phase == "distill" and self.uses_prototypes)
-                if reply is not None:
-                    decoded.append(reply)
-                    states.append(reply.state)
-                    weights.append(float(reply.num_examples))
-            if problem is not None:
-                rejected += 1
-                log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, problem)
+                if reply is None:
+                    rejected += 1
+                    log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, problem)
+                    continue
+                decoded.append(reply)
+                states.append(reply.state)
+                weights.append(float(reply.num_examples))
+                losses.append(reply.metrics.get("train-loss", 0.0))
         self.rejected += rejected
         self.sc.train_metrics = {"clients": len(states), "rejected": rejected, "phase": phase}
         if not states:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
-        if decoded:
-            self.sc.train_metrics["train-loss"] = sum(
-                r.metrics.get("train-loss", 0.0) * r.num_examples for r in decoded) / sum(weights)
+        self.sc.train_metrics["train-loss"] = sum(
+            loss * w for loss, w in zip(losses, weights, strict=True)) / sum(weights)
         global_state = weighted_average_states(states, weights)
         if phase != "finetune":
             counts = torch.stack([r.label_counts for r in decoded])
