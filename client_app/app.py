@@ -42,17 +42,23 @@ def sgd_settings(c) -> dict:
             "momentum": float(c["momentum"]), "weight_decay": float(c["weight-decay"])}
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Baseline round (FedAvg, FedProx, Mosaic's fine-tune rounds): train, return weights."""
+def _received(msg: Message, context: Context):
+    """What every train handler starts from: config, this client's data, the received model
+    (weights loaded), the message's ConfigRecord, and this round's seed."""
     cfg, pid, num_partitions = client_setup(context)
     x, y = client_data(cfg, pid, num_partitions)
     model = make_model(cfg)
     model.load_state_dict(record_to_state(msg.content[ARRAYS]))
     c = msg.content[CONFIG]
+    return cfg, x, y, model, c, round_seed(cfg, int(c.get("server-round", 0)), pid)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Baseline round (FedAvg, FedProx, Mosaic's fine-tune rounds): train, return weights."""
+    cfg, x, y, model, c, seed = _received(msg, context)
     stats = train_local(model, x, y, **sgd_settings(c), proximal_mu=float(c.get("proximal-mu", 0.0)),
-                        seed=round_seed(cfg, int(c.get("server-round", 0)), pid),
-                        device=resolve_device(cfg.device))
+                        seed=seed, device=resolve_device(cfg.device))
     metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"]})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
     return Message(content=content, reply_to=msg)
@@ -62,11 +68,7 @@ def train(msg: Message, context: Context) -> Message:
 def train_mosaic(msg: Message, context: Context) -> Message:
     """Mosaic warm-up round (weights + label counts); at the distillation round also the
     prototypes and the once-trained conditional generator."""
-    cfg, pid, num_partitions = client_setup(context)
-    x, y = client_data(cfg, pid, num_partitions)
-    model = make_model(cfg)
-    model.load_state_dict(record_to_state(msg.content[ARRAYS]))
-    c = msg.content[CONFIG]
+    cfg, x, y, model, c, seed = _received(msg, context)
     distill = bool(c.get("distill", False))
     gen = None
     if distill:
@@ -75,6 +77,5 @@ def train_mosaic(msg: Message, context: Context) -> Message:
                "div-weight": float(c["gen-div-weight"])}
     result = mosaic_client_round(
         model, x, y, dataset_info(cfg.dataset), train=sgd_settings(c),
-        seed=round_seed(cfg, int(c.get("server-round", 0)), pid), device=resolve_device(cfg.device),
-        distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen)
+        seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen)
     return Message(content=mosaic_payload(result), reply_to=msg)

@@ -209,6 +209,12 @@ def build_generator(
     )
 
 
+def generator_for(info) -> ConditionalGenerator:
+    """The generator for a data set (``DatasetInfo``): the one construction client and server
+    share, so the server can load the weights a client uploads."""
+    return build_generator(info.in_channels, info.image_size, info.num_classes, info.mean, info.std)
+
+
 def build_discriminator(
     in_channels: int, image_size: int, num_classes: int, *, base: int | None = None
 ) -> ConditionalDiscriminator:

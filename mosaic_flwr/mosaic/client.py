@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..data import DatasetInfo
 from ..models import Classifier
-from ..models.generators import build_discriminator, build_generator
+from ..models.generators import build_discriminator, generator_for
 from .generator import train_generator
 from .prototypes import class_prototypes
 from .training import extract_features, train_local
@@ -52,7 +52,7 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     generator_state = None
     if distill_round and gen is not None:
         torch.manual_seed(seed)
-        g = build_generator(info.in_channels, info.image_size, info.num_classes, info.mean, info.std)
+        g = generator_for(info)
         d = build_discriminator(info.in_channels, info.image_size, info.num_classes)
         gstats = train_generator(g, d, model, x, y, steps=gen["steps"], batch_size=gen["batch-size"],
                                  lr=gen["lr"], ce_weight=gen["ce-weight"], div_weight=gen["div-weight"],

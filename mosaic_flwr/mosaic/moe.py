@@ -50,6 +50,13 @@ class GeneratorSampler:
         return x, y
 
 
+@torch.no_grad()
+def expert_logits(experts: StackedExperts, x: Tensor, *, batch_size: int = 256) -> Tensor:
+    """Every expert's logits on a large tensor, batched: ``[E, N, C]`` on the CPU."""
+    return torch.cat([experts.logits(x[i:i + batch_size].to(experts.device)).cpu()
+                      for i in range(0, len(x), batch_size)], dim=1)
+
+
 def ensemble_teacher(experts: StackedExperts) -> Callable[[Tensor], Tensor]:
     """The plain mixture: the sum of the experts' logits."""
     return lambda x: experts.logits(x).sum(0)

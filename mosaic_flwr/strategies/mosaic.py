@@ -26,12 +26,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..data import dataset_info
-from ..models.generators import build_generator
+from ..models.generators import generator_for
 from ..mosaic.distill import distill
 from ..mosaic.experts import StackedExperts, build_class_experts, weighted_average_states
 from ..mosaic.meta import MetaModel, train_meta
-from ..mosaic.moe import (GeneratorSampler, average_teacher, ensemble_teacher, meta_teacher,
-                          teacher_logits)
+from ..mosaic.moe import (GeneratorSampler, average_teacher, ensemble_teacher, expert_logits,
+                          meta_teacher, teacher_logits)
 from ..mosaic.training import logits_metrics
 from ..records import (ARRAYS, METRICS, NUM_EXAMPLES, MosaicReply, decode_mosaic_reply,
                        record_to_state, state_to_record)
@@ -52,8 +52,7 @@ class MosaicStrategy(FedAvg):
         self.sc, self.cfg, self.teacher = sc, cfg, teacher
         self.info = dataset_info(cfg.dataset)
         self.template = {k: v.detach().cpu() for k, v in sc.model.state_dict().items()}
-        self.gen_template = build_generator(self.info.in_channels, self.info.image_size,
-                                            self.info.num_classes, self.info.mean, self.info.std).state_dict()
+        self.gen_template = generator_for(self.info).state_dict()
         self.experts: list[dict] | None = None
         self.rejected = 0
         self.distill_report: dict[str, float] = {}
@@ -156,8 +155,7 @@ class MosaicStrategy(FedAvg):
             sampler = GeneratorSampler(generators, counts, seed=self.cfg.seed + 1,
                                        batch_size=self.cfg.meta_samples_per_class * n_classes)
             x, y = sampler()
-            z = torch.cat([experts.logits(x[i:i + 256]).cpu() for i in range(0, len(x), 256)], dim=1)
-            parts.append((z.permute(1, 0, 2), y))
+            parts.append((expert_logits(experts, x).permute(1, 0, 2), y))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def distillation(self, global_state: dict, replies: list[MosaicReply]) -> dict:
@@ -173,8 +171,7 @@ class MosaicStrategy(FedAvg):
         counts = torch.stack([r.label_counts for r in gen_replies])
         generators = []
         for r in gen_replies:
-            g = build_generator(self.info.in_channels, self.info.image_size, self.info.num_classes,
-                                self.info.mean, self.info.std)
+            g = generator_for(self.info)
             g.load_state_dict(r.generator)
             generators.append(g.to(dev).eval())
         for key in ("gen-seconds", "gen-fidelity"):
@@ -190,8 +187,7 @@ class MosaicStrategy(FedAvg):
         else:
             experts = StackedExperts(template, self.experts, device=dev)
             # Reporting only: the experts' test logits, computed once for every teacher's score.
-            test_z = torch.cat([experts.logits(sc.test_x[i:i + 256].to(dev)).cpu()
-                                for i in range(0, len(sc.test_x), 256)], dim=1)  # [E, N, C]
+            test_z = expert_logits(experts, sc.test_x)  # [E, N, C]
             teacher = ensemble_teacher(experts)
             report["acc-ensemble"] = self._accuracy(test_z.sum(0))
             report["acc-teacher"] = report["acc-ensemble"]
