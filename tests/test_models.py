@@ -24,3 +24,16 @@ def test_resnet18_size_matches_reference():
 def test_unknown_model():
     with pytest.raises(ValueError, match=r"model: unknown value 'vgg'.*allowed"):
         build_model("vgg", 1, 10, 28)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_width_scales_every_hidden_layer_but_not_input_or_classes(name):
+    full = build_model(name, 1, 10, 28)
+    half = build_model(name, 1, 10, 28, width=0.5)
+    assert half.feature_dim == full.feature_dim // 2
+    for key, value in full.state_dict().items():
+        sub = half.state_dict()[key]
+        assert sub.ndim == value.ndim and all(s <= f for s, f in zip(sub.shape, value.shape)), key
+    assert half.head.out_features == 10
+    with pytest.raises(ValueError, match="width"):
+        build_model(name, 1, 10, 28, width=1.5)

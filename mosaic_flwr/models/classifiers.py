@@ -12,11 +12,16 @@ from torch import nn
 
 
 class Classifier(nn.Module):
-    """Base class: subclasses build ``self.body`` (input -> [B, feature_dim]) and call
-    ``_make_head``."""
+    """Base class: subclasses build their layers and call ``_make_head``.
+
+    ``channel_blocks`` tells width slicing (``mosaic_flwr.mosaic.submodels``) where one
+    channel spans several entries of a dimension: ``{"fc.weight": (1, 49)}`` means dim 1 of
+    ``fc.weight`` is the flattened ``[channels, 7, 7]`` output of the last conv layer.
+    """
 
     feature_dim: int
     head: nn.Linear
+    channel_blocks: dict[str, tuple[int, int]] = {}
 
     def _make_head(self, feature_dim: int, num_classes: int) -> None:
         self.feature_dim = feature_dim
@@ -44,6 +49,7 @@ class SmallCNN(Classifier):
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         spatial = image_size // 4
         self.fc = nn.Linear(c2 * spatial * spatial, hidden)
+        self.channel_blocks = {"fc.weight": (1, spatial * spatial)}
         self._make_head(hidden, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,49 +79,76 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet18(Classifier):
-    """CIFAR-style ResNet-18: 3x3 stem, no max-pool, global average pool, 512-d features.
+class _CifarResNet(Classifier):
+    """CIFAR-style ResNet of basic blocks: 3x3 stem, no max-pool, global average pool.
 
-    11.17 M parameters for 10 classes (as in the authors' code). ``width`` scales channels.
+    ``planes`` are the stage widths (each stage after the first halves the resolution),
+    ``blocks`` the basic blocks per stage; ``width`` scales every channel count.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: float = 1.0):
+    def __init__(self, in_channels: int, num_classes: int, planes: tuple[int, ...],
+                 blocks: int, width: float = 1.0):
         super().__init__()
-        planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]
+        planes = [max(1, int(round(p * width))) for p in planes]
         self.conv1 = nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0])
-        layers, in_planes = [], planes[0]
+        stages, in_planes = [], planes[0]
         for i, p in enumerate(planes):
             stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(_BasicBlock(in_planes, p, stride), _BasicBlock(p, p, 1)))
+            stages.append(nn.Sequential(_BasicBlock(in_planes, p, stride),
+                                        *[_BasicBlock(p, p, 1) for _ in range(blocks - 1)]))
             in_planes = p
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.stages = nn.ModuleList(stages)
         self._make_head(planes[-1], num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        for stage in self.stages:
+            out = stage(out)
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
 
 
-def _small_cnn(width: float):
-    return lambda c, n, s: SmallCNN(c, n, s, width=width)
+class ResNet18(_CifarResNet):
+    """CIFAR-style ResNet-18: stages of 64/128/256/512 channels, two blocks each, 512-d
+    features. 11.17 M parameters for 10 classes (as in the authors' code)."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: float = 1.0):
+        super().__init__(in_channels, num_classes, (64, 128, 256, 512), blocks=2, width=width)
 
 
-# name -> factory(in_channels, num_classes, image_size)
+class ResNet8(_CifarResNet):
+    """A small CIFAR-style ResNet (as in the KD literature's resnet8): stages of 16/32/64
+    channels, one block each, 64-d features; about 78 k parameters. A third architecture
+    family (BatchNorm, residual connections, global pooling) cheap enough for CPU runs."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: float = 1.0):
+        super().__init__(in_channels, num_classes, (16, 32, 64), blocks=1, width=width)
+
+
+def _small_cnn(base: float):
+    return lambda c, n, s, width=1.0: SmallCNN(c, n, s, width=base * width)
+
+
+# name -> factory(in_channels, num_classes, image_size, width=1.0); ``width`` scales the
+# channels of the named model (width-scaled sub-models, HeteroFL/FedRolex).
 MODELS = {
     "cnn_small": _small_cnn(1.0),
     "cnn_wide": _small_cnn(2.0),
-    "resnet18": lambda c, n, s: ResNet18(c, n, s),
+    "resnet8": ResNet8,
+    "resnet18": ResNet18,
 }
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> Classifier:
-    """Build a classifier by registry name; raises ``ValueError`` naming the allowed values."""
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int,
+                width: float = 1.0) -> Classifier:
+    """Build a classifier by registry name (``width`` scales its channels); raises
+    ``ValueError`` naming the allowed values."""
     try:
         factory = MODELS[name]
     except KeyError:
         raise ValueError(f"model: unknown value {name!r}; allowed: {sorted(MODELS)}") from None
     if image_size % 4 != 0:
         raise ValueError(f"model: image size {image_size} must be a multiple of 4")
-    return factory(in_channels, num_classes, image_size)
+    if not 0 < width <= 1:
+        raise ValueError(f"model: width {width} must be in (0, 1]")
+    return factory(in_channels, num_classes, image_size, width=width)
