@@ -5,16 +5,16 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from mosaic_flwr.config import Config, build_config, resolve_device
 from mosaic_flwr.data import dataset_info
-from mosaic_flwr.mosaic.client import mosaic_client_round
+from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.training import train_local
 from mosaic_flwr.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, mosaic_payload, record_to_state,
                                  state_to_record)
-from mosaic_flwr.task import client_data, make_model
+from mosaic_flwr.task import build_arch, client_arch, client_data
 
 app = ClientApp()
 
@@ -42,15 +42,37 @@ def sgd_settings(c) -> dict:
             "momentum": float(c["momentum"]), "weight_decay": float(c["weight-decay"])}
 
 
-def _received(msg: Message, context: Context):
-    """What every train handler starts from: config, this client's data, the received model
-    (weights loaded), the message's ConfigRecord, and this round's seed."""
+def _local_data(context: Context):
+    """Config, partition id and this client's data (normalised images, labels)."""
     cfg, pid, num_partitions = client_setup(context)
     x, y = client_data(cfg, pid, num_partitions)
-    model = make_model(cfg)
+    return cfg, pid, x, y
+
+
+def _received(msg: Message, context: Context):
+    """What every train handler starts from: config, this client's data, the received model
+    (this client's architecture, weights loaded), the message's ConfigRecord, and this
+    round's seed."""
+    cfg, pid, x, y = _local_data(context)
+    model = build_arch(cfg, client_arch(cfg, context.node_config))
     model.load_state_dict(record_to_state(msg.content[ARRAYS]))
     c = msg.content[CONFIG]
     return cfg, x, y, model, c, round_seed(cfg, int(c.get("server-round", 0)), pid)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """What the server learns about a client before training: its partition id, label counts
+    (never data) and the architecture it trains (see ``mosaic_flwr.task.client_arch``)."""
+    cfg, pid, x, y = _local_data(context)
+    arch = client_arch(cfg, context.node_config)
+    counts = label_counts(y, dataset_info(cfg.dataset).num_classes)
+    content = RecordDict({
+        METRICS: MetricRecord({"partition-id": pid, NUM_EXAMPLES: len(y),
+                               "counts": [int(c) for c in counts.tolist()]}),
+        "arch": ConfigRecord({"model": arch.model, "capacity": arch.capacity}),
+    })
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()

@@ -64,6 +64,26 @@ def _models():
     return tuple(MODELS)
 
 
+def _model_list(v: str) -> str | None:
+    names = split_list(v)
+    unknown = [n for n in names if n not in _models()]
+    return f"unknown model {unknown[0]!r}; allowed: {sorted(_models())}" if unknown else None
+
+
+def _capacity_list(v: str) -> str | None:
+    try:
+        caps = [float(c) for c in split_list(v)]
+    except ValueError:
+        return f"expected comma-separated numbers in (0, 1], got {v!r}"
+    bad = [c for c in caps if not 0 < c <= 1]
+    return f"capacity {bad[0]:g} not in (0, 1]" if bad else None
+
+
+def split_list(value: str) -> list[str]:
+    """``'a, b,c'`` -> ``['a', 'b', 'c']``; the empty string -> ``[]``."""
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
 def _partitions():
     from .data import PARTITIONS
     return PARTITIONS
@@ -82,6 +102,10 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "partition-cap": (bool, None),
     "shards-per-client": (int, _positive),
     "model": (str, _lazy_choice(_models)),
+    # --- model heterogeneity: per-client assignments, round-robin over partition ids
+    "client-models": (str, _model_list),
+    "client-capacities": (str, _capacity_list),
+    "submodel": (str, _choice("fixed", "rolling")),
     "num-server-rounds": (int, _positive),
     "fraction-train": (float, _unit_interval),
     "min-train-clients": (int, _positive),
@@ -110,7 +134,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "gen-ce-weight": (float, _non_negative),
     "gen-div-weight": (float, _non_negative),
     "meta-arch": (str, _choice("transformer", "gating")),
-    "meta-data": (str, _choice("prototypes", "generated", "both")),
+    "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened")),
     "meta-samples-per-class": (int, _positive),
     "meta-epochs": (int, _positive),
     "meta-lr": (float, _positive),
@@ -245,6 +269,12 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
         raise ConfigError(f"warmup-rounds: {values['warmup-rounds']} exceeds num-server-rounds "
                           f"{values['num-server-rounds']} (distillation happens after the last "
                           "warm-up round)")
+    hetero = len(set(split_list(values["client-models"]))) > 1 or any(
+        float(c) != 1.0 for c in split_list(values["client-capacities"]))
+    if hetero and values["meta-data"] in ("prototypes", "both"):
+        raise ConfigError(f"meta-data: {values['meta-data']!r} passes prototypes through every "
+                          "expert's head, which needs one architecture at full width; with "
+                          "client-models/client-capacities use 'auto', 'generated' or 'screened'")
     return Config(values)
 
 

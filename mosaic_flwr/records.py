@@ -6,7 +6,7 @@ This and the strategies/apps are the only modules that import flwr.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import torch
@@ -158,3 +158,46 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
             return None, f"generator: {problem}"
         reply.generator = gen
     return reply, None
+
+
+# ----------------------------------------------------------------------------- discovery
+ARCH = "arch"
+
+
+@dataclass
+class ClientInfo:
+    """What a client reports before training (``query`` message): no data, only counts."""
+
+    node_id: int
+    partition_id: int
+    label_counts: torch.Tensor
+    model: str
+    capacity: float
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.label_counts.sum())
+
+
+def decode_client_info(msg: Message, num_classes: int, models: Collection[str]
+                       ) -> tuple[ClientInfo | None, str | None]:
+    """Validate a ``query`` reply: ``(info, None)`` or ``(None, problem)``."""
+    if msg.has_error():
+        return None, f"error reply: {msg.error.reason}"
+    content = msg.content
+    if METRICS not in content.metric_records or ARCH not in content.config_records:
+        return None, "no 'metrics' or 'arch' record"
+    metrics, arch = content.metric_records[METRICS], content.config_records[ARCH]
+    counts = metrics.get("counts")
+    if not isinstance(counts, list) or len(counts) != num_classes or any(
+            not isinstance(c, int) or c < 0 for c in counts):
+        return None, f"label counts: expected {num_classes} non-negative integers"
+    if sum(counts) != metrics.get(NUM_EXAMPLES) or sum(counts) == 0:
+        return None, f"label counts sum to {sum(counts)}, but num-examples is {metrics.get(NUM_EXAMPLES)!r}"
+    model, capacity = arch.get("model"), arch.get("capacity")
+    if model not in models:
+        return None, f"unknown architecture {model!r}; the server knows {sorted(models)}"
+    if not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:
+        return None, f"capacity {capacity!r} not in (0, 1]"
+    return ClientInfo(msg.metadata.src_node_id, int(metrics.get("partition-id", -1)),
+                      torch.tensor(counts, dtype=torch.long), str(model), float(capacity)), None

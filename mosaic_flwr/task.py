@@ -6,19 +6,63 @@ same wherever it is computed, and the server can publish the partition table.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, split_list
 from .data import ImageData, dataset_info, label_count_table, load_dataset, partition
-from .models import Classifier, build_model
+from .models import MODELS, Classifier, build_model
 
 
-def make_model(cfg: Config, model_name: str | None = None) -> Classifier:
+@dataclass(frozen=True, order=True)
+class Arch:
+    """A client's architecture: a model family (registry name) at a width ``capacity``."""
+
+    model: str
+    capacity: float = 1.0
+
+    def __str__(self) -> str:
+        return self.model if self.capacity == 1.0 else f"{self.model}@{self.capacity:g}"
+
+
+def make_model(cfg: Config, model_name: str | None = None, capacity: float = 1.0) -> Classifier:
     info = dataset_info(cfg.dataset)
-    return build_model(model_name or cfg.model, info.in_channels, info.num_classes, info.image_size)
+    return build_model(model_name or cfg.model, info.in_channels, info.num_classes,
+                       info.image_size, width=capacity)
+
+
+def build_arch(cfg: Config, arch: Arch) -> Classifier:
+    return make_model(cfg, arch.model, arch.capacity)
+
+
+def is_heterogeneous(cfg: Config) -> bool:
+    """Whether clients may hold different architectures (several families or widths)."""
+    return (len(set(split_list(cfg.client_models))) > 1
+            or any(float(c) != 1.0 for c in split_list(cfg.client_capacities)))
+
+
+def client_arch(cfg: Config, node_config: Mapping[str, Any]) -> Arch:
+    """The architecture a client trains.
+
+    Rule: ``client-models`` and ``client-capacities`` (comma-separated) are assigned
+    round-robin by partition id (client ``i`` gets entry ``i mod len``); an empty list means
+    ``model`` at full width. A SuperNode may override both with its own ``--node-config``
+    keys ``model`` and ``capacity`` (e.g. a phone that can only hold a quarter-width model).
+    """
+    pid = int(node_config.get("partition-id", 0))
+    models = split_list(cfg.client_models) or [cfg.model]
+    caps = [float(c) for c in split_list(cfg.client_capacities)] or [1.0]
+    model = str(node_config.get("model", models[pid % len(models)]))
+    capacity = float(node_config.get("capacity", caps[pid % len(caps)]))
+    if model not in MODELS:
+        raise ValueError(f"node-config model: unknown value {model!r}; allowed: {sorted(MODELS)}")
+    if not 0 < capacity <= 1:
+        raise ValueError(f"node-config capacity: {capacity:g} not in (0, 1]")
+    return Arch(model, capacity)
 
 
 def initial_model(cfg: Config) -> Classifier:

@@ -7,15 +7,19 @@ from datetime import datetime
 from logging import ERROR, INFO
 from pathlib import Path
 
+import numpy as np
+
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from mosaic_flwr.config import Config, ConfigError, build_config, resolve_device
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
-from mosaic_flwr.results import RunResults, save_partition
+from mosaic_flwr.records import ClientInfo
+from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
 from mosaic_flwr.strategies import ServerContext, get_strategy
-from mosaic_flwr.task import initial_model, partition_table, test_data
+from mosaic_flwr.strategies.base import discover_clients
+from mosaic_flwr.task import Arch, initial_model, test_data
 
 app = ServerApp()
 
@@ -60,18 +64,39 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable
     test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
     nodes = wait_for_nodes(grid, min(cfg.min_train_clients, 2))
-    table = partition_table(cfg, len(nodes))   # raises PartitionError (too many clients, ...)
     info = dataset_info(cfg.dataset)
+    # The clients report their label counts and architectures; the server never sees data.
+    clients = discover_clients(grid, nodes, info.num_classes)
+    save_assignment(out, results, clients)
+    table = np.stack([c.label_counts.numpy() for c in sorted(clients.values(), key=_by_partition)])
     save_partition(out, table, info.class_names,
-                   title=f"{cfg.dataset} {cfg.partition} (alpha={cfg.alpha:g}), {len(nodes)} clients")
+                   title=f"{cfg.dataset} {cfg.partition} (alpha={cfg.alpha:g}), {len(clients)} clients")
     results.extra["partition_label_counts"] = table.tolist()
     model = initial_model(cfg).to(device)
     log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
-        len(nodes), cfg.num_server_rounds, device)
+        len(clients), cfg.num_server_rounds, device)
     log(INFO, "[mosaic-flwr] results -> %s", out)
     return ServerContext(cfg=cfg, grid=grid, device=device, model=model, test_x=test_x,
-                         test_y=test_y, results=results, num_nodes=len(nodes))
+                         test_y=test_y, results=results, num_nodes=len(clients), clients=clients)
+
+
+def _by_partition(info: ClientInfo) -> tuple[int, int]:
+    return info.partition_id, info.node_id
+
+
+def save_assignment(out: Path, results: RunResults, clients: dict[int, ClientInfo]) -> None:
+    """Log which architecture each client trains and save it (assignment.csv, summary.json)."""
+    rows = [{"node-id": c.node_id, "partition-id": c.partition_id, "model": c.model,
+             "capacity": c.capacity, "num-examples": c.num_examples}
+            for c in sorted(clients.values(), key=_by_partition)]
+    atomic_write(out / "assignment.csv", rows_to_csv(rows))
+    results.extra["assignment"] = rows
+    groups: dict[str, list[int]] = {}
+    for c in sorted(clients.values(), key=_by_partition):
+        groups.setdefault(str(Arch(c.model, c.capacity)), []).append(c.partition_id)
+    log(INFO, "[mosaic-flwr] architectures (partition ids): %s",
+        "; ".join(f"{arch}: {pids}" for arch, pids in groups.items()))
 
 
 @app.main()

@@ -43,5 +43,5 @@ def test_baseline_learns_and_writes_results(tmp_path, strategy):
 @requires_fmnist
 def test_fedprox_sends_mu_and_clients_train(tmp_path):
     grid = run_inprocess(tmp_path, strategy="fedprox", **{"proximal-mu": 0.5, "num-server-rounds": 1})["grid"]
-    configs = [m.content["config"] for m in grid.sent]
+    configs = [m.content["config"] for m in grid.sent if m.metadata.message_type == "train"]
     assert configs and all(c["proximal-mu"] == 0.5 for c in configs)

@@ -8,15 +8,16 @@ from logging import INFO, WARNING
 from typing import Any, Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..config import Config
 from ..mosaic.training import evaluate
-from ..models import Classifier
-from ..records import record_to_state, reply_problem
+from ..models import MODELS, Classifier
+from ..records import ClientInfo, decode_client_info, record_to_state, reply_problem
 from ..results import RunResults
+from ..task import Arch
 
 
 @dataclass
@@ -31,8 +32,17 @@ class ServerContext:
     test_y: torch.Tensor
     results: RunResults
     num_nodes: int
+    clients: dict[int, ClientInfo] = field(default_factory=dict)   # node id -> what it reported
     train_metrics: dict[str, float] = field(default_factory=dict)  # last round's, for the log
     _t_last: float = field(default_factory=time.perf_counter)
+
+    def arch_of(self, node_id: int) -> Arch | None:
+        """The architecture a node reported at discovery (``None``: unknown node); without
+        discovery (unit tests) every node has ``model`` at full width."""
+        if not self.clients:
+            return Arch(self.cfg.model)
+        info = self.clients.get(node_id)
+        return None if info is None else Arch(info.model, info.capacity)
 
     def train_config(self, **overrides: Any) -> ConfigRecord:
         """The client-side training hyper-parameters for a round."""
@@ -84,3 +94,25 @@ def filter_replies(replies: list[Message], template: dict[str, torch.Tensor]) ->
             rejected += 1
             log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, problem)
     return valid, rejected
+
+
+def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
+                     timeout: float = 900.0) -> dict[int, ClientInfo]:
+    """Ask every node (``query`` message) for its partition id, label counts and
+    architecture. Nodes that fail or send garbage are logged and left out; raises
+    ``ValueError`` with the first client's problem when no node could start."""
+    messages = [Message(RecordDict({}), dst_node_id=nid, message_type="query") for nid in node_ids]
+    clients, problems = {}, []
+    for msg in grid.send_and_receive(messages, timeout=timeout):
+        info, problem = decode_client_info(msg, num_classes, MODELS)
+        if info is None:
+            problems.append(problem)
+            log(WARNING, "Leaving out node %s: %s", msg.metadata.src_node_id, problem)
+        else:
+            clients[info.node_id] = info
+    silent = sorted(set(node_ids) - set(clients)) if len(problems) < len(node_ids) - len(clients) else []
+    if silent:
+        log(WARNING, "No answer from nodes %s within %.0f s; they are left out", silent, timeout)
+    if not clients:
+        raise ValueError(f"no client could start: {problems[0] if problems else 'no answer'}")
+    return clients
