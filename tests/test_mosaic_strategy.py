@@ -12,20 +12,21 @@ from mosaic_flwr.inprocess import InProcessGrid
 from mosaic_flwr.models.generators import build_generator
 from mosaic_flwr.mosaic.client import MosaicClientResult
 from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
+from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
-from mosaic_flwr.task import initial_model
+from mosaic_flwr.task import Arch, initial_model
 
 C = 10
 
 
-class _SC:
-    """The parts of a ServerContext the strategy uses before distillation."""
+def _sc(cfg) -> ServerContext:
+    """A ServerContext with what the strategy uses before distillation (no grid, no data)."""
+    return ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), model=initial_model(cfg),
+                         test_x=None, test_y=None, results=None, num_nodes=4)
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.model = initial_model(cfg)
-        self.num_nodes = 4
-        self.train_metrics = {}
+
+def _template(strategy) -> dict:
+    return strategy.template(Arch(strategy.cfg.model))
 
 
 @pytest.fixture
@@ -33,12 +34,12 @@ def strategy():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1
     cfg = build_config({"strategy": "mosaic", "dataset": "synthetic", "warmup-rounds": 3,
                         "num-server-rounds": 5})
-    return MosaicStrategy(_SC(cfg))
+    return MosaicStrategy(_sc(cfg))
 
 
 def _state(strategy, value: float) -> dict:
     return {k: torch.full_like(v, value) if v.is_floating_point() else v.clone()
-            for k, v in strategy.template.items()}
+            for k, v in _template(strategy).items()}
 
 
 def _reply(strategy, value: float, counts, node: int, *, protos=None, generator=None, **metrics) -> Message:
@@ -65,10 +66,10 @@ def test_experts_are_class_count_weighted_and_bad_replies_dropped(strategy):
     bad_len.content["label-counts"] = MetricRecord({"counts": [8] + [0] * 3})
     arrays, _ = strategy.aggregate_train(1, [replies[0], bad_nan, replies[1], bad_counts, bad_len])
     assert strategy.rejected == 3
-    w = next(k for k, v in strategy.template.items() if v.is_floating_point())
+    w = next(k for k, v in _template(strategy).items() if v.is_floating_point())
     # global: weighted by num-examples (8 and 12): (8*1 + 12*5) / 20 = 3.4
     assert torch.allclose(arrays.to_torch_state_dict()[w], torch.tensor(3.4))
-    experts = strategy.experts
+    experts = strategy.experts["cnn_small"]
     assert len(experts) == C
     assert torch.allclose(experts[0][w], torch.tensor((6 * 1 + 2 * 5) / 8))   # 2.0
     assert torch.allclose(experts[1][w], torch.tensor(5.0))                   # only B holds 1
@@ -77,8 +78,8 @@ def test_experts_are_class_count_weighted_and_bad_replies_dropped(strategy):
     assert torch.allclose(experts[4][w], torch.tensor(3.4))
     # next round: class 1's holder is absent -> class 1 keeps its previous expert
     strategy.aggregate_train(2, [_reply(strategy, 9.0, a, 101)])
-    assert torch.allclose(strategy.experts[1][w], torch.tensor(5.0))
-    assert torch.allclose(strategy.experts[0][w], torch.tensor(9.0))
+    assert torch.allclose(strategy.experts["cnn_small"][1][w], torch.tensor(5.0))
+    assert torch.allclose(strategy.experts["cnn_small"][0][w], torch.tensor(9.0))
 
 
 def test_distill_round_requires_valid_prototypes_and_generator(strategy):
@@ -98,12 +99,12 @@ def test_distill_round_requires_valid_prototypes_and_generator(strategy):
             generator={k: torch.zeros(2) for k in list(gen)[:3]}),
     }
     for name, msg in cases.items():
-        reply, problem = decode_mosaic_reply(msg, strategy.template, num_classes=C, feature_dim=d,
+        reply, problem = decode_mosaic_reply(msg, _template(strategy), num_classes=C, feature_dim=d,
                                              generator_template=strategy.gen_template,
                                              expect_prototypes=True)
         assert reply is None and problem, name
     ok, problem = decode_mosaic_reply(_reply(strategy, 1.0, counts, 107, protos=good, generator=gen),
-                                      strategy.template, num_classes=C, feature_dim=d,
+                                      _template(strategy), num_classes=C, feature_dim=d,
                                       generator_template=strategy.gen_template, expect_prototypes=True)
     assert problem is None and ok.prototypes[0].shape == (3, d) and ok.generator is not None
 
@@ -112,7 +113,7 @@ def test_configure_train_phases(strategy):
     grid = InProcessGrid(client_app, {}, 4)
     cfgrec = strategy.sc.cfg
     base = ConfigRecord({"lr": cfgrec.lr})
-    arrays = ArrayRecord(strategy.template)
+    arrays = ArrayRecord(_template(strategy))
     warm = list(strategy.configure_train(1, arrays, base, grid))
     dist = list(strategy.configure_train(3, arrays, base, grid))
     fine = list(strategy.configure_train(4, arrays, base, grid))

@@ -103,6 +103,9 @@ def distill(
         teacher: ``x -> logits``, e.g. the EMA meta model over ``StackedExperts.logits``.
         sample: ``step -> (x, y_requested)``; ``y_requested`` are the labels the
             generators were asked for, used only for the ``teacher_label_agreement`` stat.
+            It may return ``(x, y_requested, teacher_logits)`` instead: the teacher's logits
+            computed beforehand (so several students can share one teacher pass); then
+            ``teacher`` is not called.
         steps: optimisation steps.
         lr: Adam learning rate. Default 1e-4, the authors' value for ResNet-18 on CIFAR-10:
             the student is warm-started from the federated model, and Adam moves every
@@ -138,10 +141,13 @@ def distill(
     sums = dict.fromkeys(keys, 0.0)  # window sums, kept on device (no per-step sync)
     history, label_hits, label_total = [], 0.0, 0
     for step in range(steps):
-        x, y_requested = sample(step)
-        x = x.to(device)
-        with torch.no_grad():
-            teacher_logits = teacher(x)
+        batch = sample(step)
+        x, y_requested = batch[0].to(device), batch[1]
+        if len(batch) == 3:  # precomputed teacher logits (one teacher, several students)
+            teacher_logits = batch[2].to(device)
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
         student_logits = student(x)
         parts = kd_loss_parts(student_logits, teacher_logits, a=a, b=b, T=T)
         optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ with a per-expert loop as the reference path.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +95,7 @@ def build_class_experts(
     client_states: Sequence[StateDict],
     label_counts: Tensor,
     previous: Sequence[StateDict] | None = None,
+    average: Callable[[Sequence[StateDict], Tensor], StateDict] = weighted_average_states,
 ) -> list[StateDict]:
     """One expert state dict per class.
 
@@ -102,6 +103,9 @@ def build_class_experts(
         client_states: the N clients' state dicts (same architecture).
         label_counts: ``[N, C]`` class counts of those clients.
         previous: the C experts of the previous round, or ``None``.
+        average: ``(states, weights) -> state``; the default averages whole state dicts. For
+            width-scaled sub-models pass a masked average
+            (``mosaic_flwr.mosaic.submodels.masked_average`` over the clients' slices).
 
     Returns:
         C state dicts. Class ``k`` is the ``label_counts[:, k]``-weighted average of the
@@ -131,7 +135,7 @@ def build_class_experts(
             row = counts.sum(dim=1).to(torch.float64)  # FedAvg fallback
         key = tuple(row.tolist())
         if key not in cache:
-            cache[key] = weighted_average_states(client_states, row)
+            cache[key] = average(client_states, row)
         experts.append(cache[key])
     return experts
 
@@ -251,3 +255,38 @@ class StackedExperts:
             ]
             return torch.stack(distinct, dim=1)[:, self.index]
         return (torch.einsum("md,ecd->mec", features, weight) + bias)[:, self.index]
+
+
+class ModelMixture:
+    """Linear mixtures of the outputs of groups of stacked models.
+
+    ``logits(x) = sum_g W_g @ group_g.logits(x)``: ``[E, B, C]`` from groups of
+    ``StackedExperts`` (one group per architecture) and mixing matrices ``W_g [E, E_g]``.
+    It stands in for ``StackedExperts`` (``logits``, ``len``, ``device``) where models of
+    different architectures must be combined in output space:
+
+    - class experts under model heterogeneity: group ``f`` holds family ``f``'s C class
+      experts and ``W_f = diag(w_f)`` with ``w_f[k]`` = family ``f``'s share of class ``k``;
+    - FedDF's teacher over clients of several architectures: ``W_g = 1 / N`` (a 1 x E_g row).
+    """
+
+    def __init__(self, groups: Sequence[tuple[StackedExperts, Tensor]]):
+        if not groups:
+            raise ValueError("ModelMixture: no groups")
+        rows = {w.shape[0] for _, w in groups}
+        if len(rows) != 1 or any(w.shape != (w.shape[0], len(g)) for g, w in groups):
+            raise ValueError("ModelMixture: every W_g must be [E, E_g] with the same E")
+        self.device = groups[0][0].device
+        self.groups = [(g, w.to(self.device, torch.float32)) for g, w in groups]
+        self._len = rows.pop()
+
+    def __len__(self) -> int:
+        return self._len
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        out = None
+        for group, w in self.groups:
+            z = torch.einsum("oe,ebc->obc", w, group.logits(x).to(self.device))
+            out = z if out is None else out + z
+        return out

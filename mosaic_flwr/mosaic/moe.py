@@ -3,13 +3,14 @@ sampler over the clients' generators, and the teachers (meta model, plain ensemb
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..models.generators import sample as generator_sample
 from .experts import StackedExperts
+from .prototypes import nearest_prototype_labels
 
 
 class GeneratorSampler:
@@ -37,6 +38,12 @@ class GeneratorSampler:
         self.rng = torch.Generator().manual_seed(seed)
 
     def __call__(self, step: int = 0) -> tuple[Tensor, Tensor]:
+        x, y, _ = self.draw()
+        return x, y
+
+    def draw(self) -> tuple[Tensor, Tensor, Tensor]:
+        """One batch ``(x, y, owners)``: ``owners[i]`` is the index of the generator that
+        made sample ``i``."""
         pick = torch.randint(len(self.classes), (self.batch_size,), generator=self.rng)
         y = self.classes[pick]
         owners = torch.multinomial(self.owner_probs[y], 1, generator=self.rng).flatten()
@@ -47,7 +54,7 @@ class GeneratorSampler:
             if x is None:
                 x = out.new_empty((self.batch_size, *out.shape[1:]))
             x[mask.to(out.device)] = out
-        return x, y
+        return x, y, owners
 
 
 @torch.no_grad()
@@ -85,3 +92,26 @@ def teacher_logits(teacher: Callable[[Tensor], Tensor], x: Tensor, *, batch_size
     """A teacher's logits on a (test) tensor, batched, on the CPU."""
     return torch.cat([teacher(x[i:i + batch_size].to(device)).float().cpu()
                       for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def screen_by_prototypes(x: Tensor, y: Tensor, owners: Tensor, models: Sequence[nn.Module],
+                         prototypes: Sequence[tuple[Tensor, Tensor] | None], *,
+                         batch_size: int = 256) -> Tensor:
+    """Keep-mask for labelled generator samples: sample ``i`` made by client ``o = owners[i]``
+    for class ``y[i]`` is kept when, in client ``o``'s feature space (``models[o].features``,
+    the model the client computed its prototypes with), its nearest prototype among
+    client ``o``'s prototypes has label ``y[i]``. Samples of clients without prototypes are
+    kept. This lets the meta model learn from samples in input space (any architecture)
+    while the clients' prototypes veto samples that do not look like their class."""
+    keep = torch.ones(len(y), dtype=torch.bool)
+    for o in owners.unique().tolist():
+        if prototypes[o] is None or len(prototypes[o][0]) == 0:
+            continue
+        mask = owners == o
+        model = models[o].eval()
+        device = next(model.parameters()).device
+        feats = torch.cat([model.features(chunk.to(device)).cpu()
+                           for chunk in x[mask.to(x.device)].split(batch_size)])
+        keep[mask] = nearest_prototype_labels(feats, *prototypes[o]) == y[mask]
+    return keep

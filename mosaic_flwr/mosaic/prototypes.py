@@ -135,3 +135,11 @@ def class_prototypes(
         empty = features.new_zeros((0, features.shape[1]), dtype=dtype)
         return empty, torch.zeros(0, dtype=torch.long, device=features.device)
     return torch.cat(prototypes), torch.cat(prototype_labels).to(features.device)
+
+
+def nearest_prototype_labels(features: Tensor, proto_features: Tensor, proto_labels: Tensor) -> Tensor:
+    """The label of each feature row's nearest prototype (Euclidean): ``[N]``."""
+    if proto_features.shape[0] == 0:
+        raise ValueError("nearest_prototype_labels: no prototypes")
+    nearest = _squared_distances(features.float(), proto_features.float()).argmin(dim=1)
+    return proto_labels[nearest]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -13,8 +14,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..config import Config
-from ..mosaic.training import evaluate
 from ..models import MODELS, Classifier
+from ..mosaic.training import evaluate
 from ..records import ClientInfo, decode_client_info, record_to_state, reply_problem
 from ..results import RunResults
 from ..task import Arch
@@ -43,6 +44,10 @@ class ServerContext:
             return Arch(self.cfg.model)
         info = self.clients.get(node_id)
         return None if info is None else Arch(info.model, info.capacity)
+
+    def needs_bank(self) -> bool:
+        """Whether clients hold anything but ``model`` at full width (model heterogeneity)."""
+        return bool(self.clients) and {self.arch_of(n) for n in self.clients} != {Arch(self.cfg.model)}
 
     def train_config(self, **overrides: Any) -> ConfigRecord:
         """The client-side training hyper-parameters for a round."""

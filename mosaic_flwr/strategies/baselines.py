@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from ..records import state_to_record
+from .bank import BankFedProx, BankStrategy
 from .base import ServerContext, filter_replies
 
 
@@ -59,9 +60,15 @@ def _common(sc: ServerContext) -> dict:
 
 
 def run_fedavg(sc: ServerContext) -> None:
+    if sc.needs_bank():  # FedAvg within each family, masked for sub-models
+        BankStrategy(sc).run()
+        return
     _run(sc, ValidatingFedAvg(**_common(sc)), sc.train_config())
 
 
 def run_fedprox(sc: ServerContext) -> None:
+    if sc.needs_bank():
+        BankFedProx(sc).run()
+        return
     # FedProx puts ``proximal-mu`` into every train config; the client adds the term.
     _run(sc, ValidatingFedProx(proximal_mu=sc.cfg.proximal_mu, **_common(sc)), sc.train_config())

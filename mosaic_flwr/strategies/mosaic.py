@@ -1,4 +1,4 @@
-"""Mosaic (and FedDF) as a Flower Strategy.
+"""Mosaic (and FedDF) as a Flower Strategy, over a bank of global models (see ``bank.py``).
 
 Schedule (all config): rounds 1..W are warm-up rounds of federated averaging whose replies
 also carry label counts (message ``train.mosaic``); the server keeps one expert per class,
@@ -10,53 +10,80 @@ fine-tune rounds of plain federated averaging at ``finetune-lr``.
 
 ``teacher``: ``meta`` (Mosaic), ``ensemble`` (Mosaic without meta model: the sum of the
 experts' logits) or ``average`` (FedDF: the mean of the client models' logits).
+
+Under model heterogeneity (``client-models`` / ``client-capacities``):
+
+- width-scaled sub-models: each family's class experts are masked averages of the clients'
+  slices, weighted by class counts (entries no holder of the class trained keep the global
+  model's value);
+- several families: each family has its own C class experts; expert ``k`` of the mixture
+  is the families' class-``k`` experts combined in output space, weighted by each family's
+  share of class ``k`` (``ModelMixture``). Prototypes of different families live in
+  different feature spaces, so the meta model learns from labelled generator samples
+  screened by the owners' prototypes (``meta-data='screened'``, the default there), and
+  the teacher is distilled into every family's global model.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from ..data import dataset_info
 from ..models.generators import generator_for
 from ..mosaic.distill import distill
-from ..mosaic.experts import StackedExperts, build_class_experts, weighted_average_states
+from ..mosaic.experts import (
+    ModelMixture,
+    StackedExperts,
+    build_class_experts,
+    weighted_average_states,
+)
 from ..mosaic.meta import MetaModel, train_meta
-from ..mosaic.moe import (GeneratorSampler, average_teacher, ensemble_teacher, expert_logits,
-                          meta_teacher, teacher_logits)
+from ..mosaic.moe import (
+    GeneratorSampler,
+    ensemble_teacher,
+    expert_logits,
+    meta_teacher,
+    screen_by_prototypes,
+    teacher_logits,
+)
+from ..mosaic.submodels import masked_average
 from ..mosaic.training import logits_metrics
-from ..records import (ARRAYS, METRICS, NUM_EXAMPLES, MosaicReply, decode_mosaic_reply,
-                       record_to_state, state_to_record)
+from ..records import MosaicReply, decode_mosaic_reply, state_to_record
 from ..results import save_generator_grid
-from .base import ServerContext, filter_replies
+from ..task import Arch, build_arch
+from .bank import BankStrategy, StateDict
+from .base import ServerContext
 
 TEACHERS = ("meta", "ensemble", "average")
 
 
-class MosaicStrategy(FedAvg):
+Replies = list[tuple[Arch, MosaicReply]]
+
+
+class MosaicStrategy(BankStrategy):
     def __init__(self, sc: ServerContext, teacher: str = "meta"):
-        cfg = sc.cfg
-        n = min(cfg.min_train_clients, sc.num_nodes)
-        super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
-                         min_train_nodes=n, min_available_nodes=n)
         if teacher not in TEACHERS:
             raise ValueError(f"teacher: unknown value {teacher!r}; allowed: {list(TEACHERS)}")
-        self.sc, self.cfg, self.teacher = sc, cfg, teacher
-        self.info = dataset_info(cfg.dataset)
-        self.template = {k: v.detach().cpu() for k, v in sc.model.state_dict().items()}
+        super().__init__(sc)
+        self.teacher = teacher
         self.gen_template = generator_for(self.info).state_dict()
-        self.experts: list[dict] | None = None
-        self.rejected = 0
+        self.experts: dict[str, list[StateDict]] = {}      # family -> C class experts
+        self.family_counts: dict[str, torch.Tensor] = {}   # family -> [C] label counts
         self.distill_report: dict[str, float] = {}
-        self.uses_prototypes = teacher == "meta" and sc.cfg.meta_data != "generated"
+        meta_data = self.cfg.meta_data
+        if meta_data == "auto":
+            meta_data = "screened" if self.heterogeneous else "both"
+        if self.heterogeneous and meta_data in ("prototypes", "both"):
+            raise ValueError(f"meta-data: {meta_data!r} needs one architecture at full width, but "
+                             f"clients hold {[str(a) for a in self.archs]}; use 'screened' or 'generated'")
+        self.meta_data = meta_data
+        self.uses_prototypes = teacher == "meta" and meta_data != "generated"
 
     # ------------------------------------------------------------------ schedule
     def phase(self, server_round: int) -> str:
@@ -65,127 +92,174 @@ class MosaicStrategy(FedAvg):
 
     def summary(self) -> None:
         log(INFO, "\t├── Mosaic schedule: %d warm-up rounds, distillation after round %d, "
-            "%d fine-tune rounds (lr %g); teacher: %s", self.cfg.warmup_rounds,
-            self.cfg.warmup_rounds, self.cfg.num_server_rounds - self.cfg.warmup_rounds,
-            self.cfg.finetune_lr, self.teacher)
+            "%d fine-tune rounds (lr %g); teacher: %s; meta-data: %s; models: %s",
+            self.cfg.warmup_rounds, self.cfg.warmup_rounds,
+            self.cfg.num_server_rounds - self.cfg.warmup_rounds, self.cfg.finetune_lr,
+            self.teacher, self.meta_data, ", ".join(map(str, self.archs)))
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        num = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, num)
+    def round_config(self, server_round: int, config: ConfigRecord) -> tuple[str, dict]:
         phase = self.phase(server_round)
         c = self.cfg
-        values = dict(config)
-        values["server-round"] = server_round
+        values = {**dict(config), "server-round": server_round}
         if phase == "finetune":
             values["lr"] = c.finetune_lr
-            message_type = "train"
-        else:
-            message_type = "train.mosaic"
-            values["distill"] = phase == "distill"
-            if phase == "distill":
-                values.update({"proto-k": c.proto_k if self.uses_prototypes else 0,
-                               "gen-steps": c.gen_steps, "gen-batch-size": c.gen_batch_size,
-                               "gen-lr": c.gen_lr, "gen-ce-weight": c.gen_ce_weight,
-                               "gen-div-weight": c.gen_div_weight})
-        log(INFO, "configure_train: round %d (%s), %d clients", server_round, phase, len(node_ids))
-        return [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(values)}),
-                        dst_node_id=nid, message_type=message_type) for nid in node_ids]
+            return "train", values
+        values["distill"] = phase == "distill"
+        if phase == "distill":
+            values.update({"proto-k": c.proto_k if self.uses_prototypes else 0,
+                           "gen-steps": c.gen_steps, "gen-batch-size": c.gen_batch_size,
+                           "gen-lr": c.gen_lr, "gen-ce-weight": c.gen_ce_weight,
+                           "gen-div-weight": c.gen_div_weight})
+        return "train.mosaic", values
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         phase = self.phase(server_round)
-        decoded: list[MosaicReply] = []
-        if phase == "finetune":  # plain FedAvg replies
-            valid, rejected = filter_replies(list(replies), self.template)
-            states = [record_to_state(m.content.array_records[ARRAYS]) for m in valid]
-            weights = [float(m.content.metric_records[METRICS][NUM_EXAMPLES]) for m in valid]
-            losses = [float(m.content.metric_records[METRICS].get("train-loss", 0.0)) for m in valid]
-        else:
-            states, weights, losses, rejected = [], [], [], 0
-            for msg in replies:
-                reply, problem = decode_mosaic_reply(
-                    msg, self.template, num_classes=self.info.num_classes,
-                    feature_dim=self.sc.model.feature_dim,
-                    generator_template=self.gen_template if phase == "distill" else None,
-                    expect_prototypes=phase == "distill" and self.uses_prototypes)
-                if reply is None:
-                    rejected += 1
-                    log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, problem)
-                    continue
-                decoded.append(reply)
-                states.append(reply.state)
-                weights.append(float(reply.num_examples))
-                losses.append(reply.metrics.get("train-loss", 0.0))
-        self.rejected += rejected
-        self.sc.train_metrics = {"clients": len(states), "rejected": rejected, "phase": phase}
-        if not states:
-            log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
-            return None, None
-        self.sc.train_metrics["train-loss"] = sum(
-            loss * w for loss, w in zip(losses, weights, strict=True)) / sum(weights)
-        global_state = weighted_average_states(states, weights)
-        if phase != "finetune":
-            counts = torch.stack([r.label_counts for r in decoded])
-            self.experts = build_class_experts([r.state for r in decoded], counts, previous=self.experts)
+        if phase == "finetune":  # plain federated averaging replies
+            out = super().aggregate_train(server_round, replies)
+            self.sc.train_metrics["phase"] = phase
+            return out
+        self.sc.train_metrics = {"clients": 0, "rejected": 0}
+        decoded: dict[str, Replies] = defaultdict(list)
+        for msg in replies:
+            arch = self.sc.arch_of(msg.metadata.src_node_id)
+            if arch is None:
+                self.reject(msg, arch, "unknown node")
+                continue
+            reply, problem = decode_mosaic_reply(
+                msg, self.template(arch), num_classes=self.info.num_classes,
+                feature_dim=self.module(arch).feature_dim,
+                generator_template=self.gen_template if phase == "distill" else None,
+                expect_prototypes=phase == "distill" and self.uses_prototypes)
+            if reply is None:
+                self.reject(msg, arch, problem)
+                continue
+            decoded[arch.model].append((arch, reply))
+        # What each client received this round (prototypes live in its feature space).
+        received = {r.node_id: self.state_for(a, server_round)
+                    for items in decoded.values() for a, r in items} if phase == "distill" else {}
+        by_family = {f: [(a, r.state, float(r.num_examples)) for a, r in items]
+                     for f, items in decoded.items()}
+        losses = [(r.metrics.get("train-loss", 0.0), float(r.num_examples))
+                  for items in decoded.values() for _, r in items]
+        arrays, metrics = self.finish_round(server_round, by_family, losses)
+        self.sc.train_metrics["phase"] = phase
+        if arrays is None:
+            return arrays, metrics
+        for family, items in decoded.items():
+            self.update_experts(server_round, family, items)
         if phase == "distill":
-            global_state = self.distillation(global_state, decoded)
-        return state_to_record(global_state), MetricRecord({"clients": len(states)})
+            self.distillation([item for items in decoded.values() for item in items], received)
+            arrays = state_to_record(self.globals[self.primary])
+        return arrays, metrics
+
+    def update_experts(self, server_round: int, family: str, items: Replies) -> None:
+        """Family ``family``'s C class experts from this round's replies (label-count
+        weighted; masked over the clients' slices for width-scaled sub-models)."""
+        counts = torch.stack([r.label_counts for _, r in items])
+        plans = [self.plan(a, server_round) for a, _ in items]
+        average = weighted_average_states
+        if any(p is not None for p in plans):
+            base = self.globals[family]
+
+            def average(states, weights):
+                return masked_average(base, states, plans, weights)
+
+        self.experts[family] = build_class_experts([r.state for _, r in items], counts,
+                                                   previous=self.experts.get(family), average=average)
+        self.family_counts[family] = counts.sum(0)
+
+    def expert_mixture(self) -> StackedExperts | ModelMixture:
+        """The C class experts as one model: the family's experts when there is one family;
+        otherwise expert k mixes the families' class-k experts in output space, weighted by
+        each family's share of class k (equal shares for a class nobody holds)."""
+        dev = self.sc.device
+        families = [f for f in self.families if f in self.experts]
+        stacks = [StackedExperts(self.module(Arch(f)), self.experts[f], device=dev) for f in families]
+        if len(stacks) == 1:
+            return stacks[0]
+        counts = torch.stack([self.family_counts[f] for f in families]).double()  # [F, C]
+        totals = counts.sum(0)
+        share = torch.where(totals > 0, counts / totals.clamp_min(1), 1.0 / len(families))
+        return ModelMixture([(st, torch.diag(share[i]).float()) for i, st in enumerate(stacks)])
+
+    def client_mixture(self, replies: Replies) -> ModelMixture:
+        """FedDF's teacher models: every client model in its own architecture, averaged."""
+        groups: dict[Arch, list[StateDict]] = defaultdict(list)
+        for arch, r in replies:
+            groups[arch].append(r.state)
+        n = len(replies)
+        return ModelMixture([(StackedExperts(self.module(a), states, device=self.sc.device),
+                              torch.full((1, len(states)), 1.0 / n)) for a, states in groups.items()])
 
     # ------------------------------------------------------------------ distillation
     def _accuracy(self, logits: torch.Tensor) -> float:
         return logits_metrics(logits, self.sc.test_y)["accuracy"]
 
-    def meta_inputs(self, experts: StackedExperts, replies: list[MosaicReply], generators,
-                    counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def meta_inputs(self, experts, gen_replies: Replies, generators, counts: torch.Tensor,
+                    received: dict[int, StateDict], report: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The meta model's training set: expert logits ``[M, E, C]`` and labels ``[M]``.
 
         ``prototypes`` (the authors'): the clients' prototypes through each expert's head.
         ``generated``: labelled generator samples through each expert's full forward, the
         same inputs the teacher reads during distillation. ``both``: the union.
+        ``screened``: generated samples kept only where the owner's prototypes agree with
+        the label (nearest prototype, in the feature space of the model the owner received).
         """
         dev, parts = self.sc.device, []
-        if self.cfg.meta_data in ("prototypes", "both"):
-            feats = torch.cat([r.prototypes[0] for r in replies if r.prototypes is not None])
-            labels = torch.cat([r.prototypes[1] for r in replies if r.prototypes is not None])
+        if self.meta_data in ("prototypes", "both"):
+            feats = torch.cat([r.prototypes[0] for _, r in gen_replies])
+            labels = torch.cat([r.prototypes[1] for _, r in gen_replies])
             parts.append((experts.head_logits(feats.to(dev)).cpu(), labels))
-        if self.cfg.meta_data in ("generated", "both"):
+        if self.meta_data in ("generated", "both", "screened"):
             n_classes = int((counts.sum(0) > 0).sum())
             sampler = GeneratorSampler(generators, counts, seed=self.cfg.seed + 1,
                                        batch_size=self.cfg.meta_samples_per_class * n_classes)
-            x, y = sampler()
+            x, y, owners = sampler.draw()
+            if self.meta_data == "screened":
+                models = []
+                for arch, r in gen_replies:
+                    model = build_arch(self.cfg, arch).to(dev)
+                    model.load_state_dict(received[r.node_id])
+                    models.append(model)
+                keep = screen_by_prototypes(x, y, owners, models, [r.prototypes for _, r in gen_replies])
+                report["meta-screen-kept"] = keep.float().mean().item()
+                if keep.any():
+                    x, y = x[keep.to(x.device)], y[keep]
+                else:
+                    log(WARNING, "[mosaic] prototype screening kept no sample; using all of them")
             parts.append((expert_logits(experts, x).permute(1, 0, 2), y))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def distillation(self, global_state: dict, replies: list[MosaicReply]) -> dict:
-        """Meta model + data-free distillation; returns the distilled global state.
+    def distillation(self, replies: Replies, received: dict[int, StateDict]) -> None:
+        """Meta model + data-free distillation into every family's global model.
 
         The test set is only scored for the report; nothing here selects on it.
         """
         sc, cfg, dev = self.sc, self.cfg, self.sc.device
         report: dict[str, float] = {}
         t_all = time.perf_counter()
-        report["acc-before-distill"] = sc.evaluate_state(global_state)["accuracy"]
-        gen_replies = [r for r in replies if r.generator is not None]
-        counts = torch.stack([r.label_counts for r in gen_replies])
+        families = [f for f in self.families if f in self.experts]
+        before = {f: self.evaluate_arch(Arch(f), self.globals[f])["accuracy"] for f in families}
+        gen_replies = [(a, r) for a, r in replies if r.generator is not None]
+        counts = torch.stack([r.label_counts for _, r in gen_replies])
         generators = []
-        for r in gen_replies:
+        for _, r in gen_replies:
             g = generator_for(self.info)
             g.load_state_dict(r.generator)
             generators.append(g.to(dev).eval())
         for key in ("gen-seconds", "gen-fidelity"):
-            vals = [r.metrics[key] for r in gen_replies if key in r.metrics]
+            vals = [r.metrics[key] for _, r in gen_replies if key in r.metrics]
             if vals:
                 report[f"{key}-mean"] = sum(vals) / len(vals)
 
-        template = sc.model
         if self.teacher == "average":
-            clients = StackedExperts(template, [r.state for r in replies], device=dev)
-            teacher = average_teacher(clients)
+            clients = self.client_mixture(replies)
+            teacher = lambda x: clients.logits(x)[0]
             report["acc-teacher"] = self._accuracy(teacher_logits(teacher, sc.test_x, device=dev))
         else:
-            experts = StackedExperts(template, self.experts, device=dev)
+            experts = self.expert_mixture()
             # Reporting only: the experts' test logits, computed once for every teacher's score.
             test_z = expert_logits(experts, sc.test_x)  # [E, N, C]
             teacher = ensemble_teacher(experts)
@@ -193,7 +267,7 @@ class MosaicStrategy(FedAvg):
             report["acc-teacher"] = report["acc-ensemble"]
         if self.teacher == "meta":
             t0 = time.perf_counter()
-            z, labels = self.meta_inputs(experts, replies, generators, counts)
+            z, labels = self.meta_inputs(experts, gen_replies, generators, counts, received, report)
             meta = MetaModel(len(experts), self.info.num_classes, arch=cfg.meta_arch)
             meta, mstats = train_meta(meta, z, labels, epochs=cfg.meta_epochs, lr=cfg.meta_lr,
                                       ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout,
@@ -211,38 +285,50 @@ class MosaicStrategy(FedAvg):
         sampler = GeneratorSampler(generators, counts, batch_size=cfg.kd_batch_size, seed=cfg.seed)
         save_generator_grid(sc.results.out_dir / "generator_samples.png", generators, counts,
                             self.info, seed=cfg.seed)
-        student = sc.model
-        student.load_state_dict(global_state)
-        kd = distill(student, teacher, sampler, steps=cfg.kd_steps, lr=cfg.kd_lr, a=cfg.kd_a,
-                     b=cfg.kd_b, T=cfg.kd_temperature, student_bn=cfg.kd_student_bn, device=dev,
-                     log_every=max(1, cfg.kd_steps // 5), log=lambda s: log(INFO, "[distill] %s", s))
-        distilled = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
-        report.update({"kd-seconds": kd["seconds"], "kd-final-loss": kd["final_loss"],
-                       "kd-agreement": kd["final_agreement"],
-                       "kd-teacher-label-agreement": kd["teacher_label_agreement"]})
-        report["acc-after-distill"] = sc.evaluate_state(distilled)["accuracy"]
+        if len(families) > 1:  # one teacher pass shared by every family's student
+            batches = []
+            with torch.no_grad():
+                for step in range(cfg.kd_steps):
+                    x, y = sampler(step)
+                    batches.append((x, y, teacher(x.to(dev))))
+            sampler = batches.__getitem__
+        after, kd_seconds = {}, 0.0
+        for f in families:
+            student = self.module(Arch(f))
+            student.load_state_dict(self.globals[f])
+            kd = distill(student, teacher, sampler, steps=cfg.kd_steps, lr=cfg.kd_lr, a=cfg.kd_a,
+                         b=cfg.kd_b, T=cfg.kd_temperature, student_bn=cfg.kd_student_bn, device=dev,
+                         log_every=max(1, cfg.kd_steps // 5),
+                         log=lambda s, f=f: log(INFO, "[distill %s] %s", f, s))
+            kd_seconds += kd["seconds"]
+            self.globals[f] = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+            after[f] = self.evaluate_arch(Arch(f), self.globals[f])["accuracy"]
+            if f == self.primary:
+                report.update({"kd-final-loss": kd["final_loss"], "kd-agreement": kd["final_agreement"],
+                               "kd-teacher-label-agreement": kd["teacher_label_agreement"]})
+        report["kd-seconds"] = kd_seconds
+        report["acc-before-distill"] = before[self.primary]
+        report["acc-after-distill"] = after[self.primary]
+        if len(families) > 1:
+            report.update({f"acc-before-distill/{f}": v for f, v in before.items()})
+            report.update({f"acc-after-distill/{f}": v for f, v in after.items()})
         report["distill-seconds"] = time.perf_counter() - t_all
-        log(INFO, "[mosaic] distillation round: before %.4f | ensemble %s | teacher %.4f | after %.4f",
+        log(INFO, "[mosaic] distillation round: before %.4f | ensemble %s | teacher %.4f | after %.4f%s",
             report["acc-before-distill"],
             f"{report['acc-ensemble']:.4f}" if "acc-ensemble" in report else "-",
-            report["acc-teacher"], report["acc-after-distill"])
+            report["acc-teacher"], report["acc-after-distill"],
+            "" if len(families) == 1 else f" ({self.primary}; all: {after})")
         self.distill_report = {k: round(float(v), 5) for k, v in report.items()}
         self.sc.train_metrics.update(self.distill_report)
-        return distilled
 
-
-def _run(sc: ServerContext, teacher: str) -> None:
-    strategy = MosaicStrategy(sc, teacher=teacher)
-    strategy.start(grid=sc.grid, initial_arrays=state_to_record(sc.model.state_dict()),
-                   num_rounds=sc.cfg.num_server_rounds, train_config=sc.train_config(),
-                   evaluate_fn=sc.evaluate_fn())
-    sc.results.extra["rejected_replies"] = strategy.rejected
-    sc.results.extra["distillation"] = strategy.distill_report
+    def run(self) -> None:
+        super().run()
+        self.sc.results.extra["distillation"] = self.distill_report
 
 
 def run_mosaic(sc: ServerContext) -> None:
-    _run(sc, "meta" if sc.cfg.mosaic_meta else "ensemble")
+    MosaicStrategy(sc, teacher="meta" if sc.cfg.mosaic_meta else "ensemble").run()
 
 
 def run_feddf(sc: ServerContext) -> None:
-    _run(sc, "average")
+    MosaicStrategy(sc, teacher="average").run()
