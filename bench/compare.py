@@ -70,6 +70,16 @@ def main() -> int:
                  for k in DISTILL_KEYS]
         lines.append(f"| {variant} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
                      f"{s['wall_seconds']:.0f} | " + " | ".join(cells) + " |")
+    by_model = {v: s["final_accuracy_by_model"] for v, s in results.items() if s.get("final_accuracy_by_model")}
+    if by_model:  # model heterogeneity: final accuracy of every family / width
+        archs = list(dict.fromkeys(a for accs in by_model.values() for a in accs))
+        lines += ["", "Final accuracy per model (family at full width, and every width clients hold); "
+                  "`clients`: mean over clients of the accuracy of the model they hold.", "",
+                  "| strategy | " + " | ".join(archs) + " | clients |", "|---|" + "---|" * (len(archs) + 1)]
+        for variant, accs in by_model.items():
+            cells = [f"{accs[a]:.4f}" if a in accs else "-" for a in archs]
+            lines.append(f"| {variant} | " + " | ".join(cells)
+                         + f" | {results[variant].get('final_accuracy_clients', float('nan')):.4f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     out_dir = ROOT / "bench" / "results"

@@ -1,0 +1,197 @@
+"""Model heterogeneity: assignment, the bank strategy fed hand-made replies, the output-space
+mixture, prototype screening, and mixed federations end to end on real Fashion-MNIST."""
+
+import json
+import logging
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from client_app.app import app as client_app
+from mosaic_flwr.config import ConfigError, build_config
+from mosaic_flwr.inprocess import InProcessGrid
+from mosaic_flwr.mosaic.distill import distill
+from mosaic_flwr.mosaic.experts import ModelMixture, StackedExperts
+from mosaic_flwr.mosaic.moe import screen_by_prototypes
+from mosaic_flwr.records import ClientInfo, state_to_record
+from mosaic_flwr.strategies.bank import BankStrategy
+from mosaic_flwr.strategies.base import ServerContext
+from mosaic_flwr.task import Arch, build_arch, client_arch, is_heterogeneous
+from tests.conftest import requires_fmnist
+from tests.test_e2e_inprocess import run_inprocess
+
+C = 10
+
+
+# ----------------------------------------------------------------------------- assignment
+def test_assignment_is_round_robin_by_partition_id_and_node_config_overrides():
+    cfg = build_config({"client-models": "cnn_small, cnn_wide,resnet8", "client-capacities": "1,0.5"})
+    assert is_heterogeneous(cfg)
+    got = [client_arch(cfg, {"partition-id": i}) for i in range(4)]
+    assert got == [Arch("cnn_small", 1.0), Arch("cnn_wide", 0.5), Arch("resnet8", 1.0), Arch("cnn_small", 0.5)]
+    assert client_arch(cfg, {"partition-id": 1, "model": "resnet18", "capacity": 0.25}) == Arch("resnet18", 0.25)
+    assert str(Arch("cnn_small", 0.25)) == "cnn_small@0.25" and str(Arch("resnet8")) == "resnet8"
+    plain = build_config({})
+    assert not is_heterogeneous(plain) and client_arch(plain, {"partition-id": 3}) == Arch(plain.model)
+    with pytest.raises(ValueError, match="capacity"):
+        client_arch(cfg, {"partition-id": 0, "capacity": 2.0})
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ({"client-models": "cnn_small,vgg"}, r"^client-models: unknown model 'vgg'"),
+    ({"client-capacities": "1,0"}, r"^client-capacities: capacity 0 not in \(0, 1\]"),
+    ({"client-capacities": "1,half"}, r"^client-capacities: expected comma-separated numbers"),
+    ({"client-capacities": "1,0.5", "meta-data": "both"}, r"^meta-data: 'both' passes prototypes"),
+])
+def test_bad_assignments_are_one_line_errors(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config(override)
+
+
+# ----------------------------------------------------------------------------- bank strategy
+def _bank(archs: dict[int, Arch], **cfg_over) -> BankStrategy:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1
+    cfg = build_config({"strategy": "fedavg", "dataset": "synthetic", **cfg_over})
+    clients = {n: ClientInfo(n, i, torch.ones(C, dtype=torch.long), a.model, a.capacity)
+               for i, (n, a) in enumerate(archs.items())}
+    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), model=None, test_x=None,
+                       test_y=None, results=None, num_nodes=len(clients), clients=clients)
+    return BankStrategy(sc)
+
+
+def _reply(strategy: BankStrategy, node: int, arch: Arch, value: float, n: int) -> Message:
+    state = {k: torch.full_like(v, value) if v.is_floating_point() else v.clone()
+             for k, v in strategy.template(arch).items()}
+    content = RecordDict({"arrays": state_to_record(state),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})})
+    return Message(content, reply_to=Message(RecordDict({}), dst_node_id=node, message_type="train"))
+
+
+def test_masked_fedavg_averages_each_entry_over_its_holders(caplog):
+    full, half = Arch("cnn_small"), Arch("cnn_small", 0.5)
+    bank = _bank({101: full, 102: half, 103: half}, submodel="fixed")
+    before = bank.globals["cnn_small"]["conv1.weight"].clone()
+    replies = [_reply(bank, 101, full, 1.0, 10), _reply(bank, 102, half, 5.0, 30),
+               _reply(bank, 103, full, 7.0, 10)]  # 103 should send the half-width model
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = bank.aggregate_train(1, replies)
+    assert bank.rejected == 1
+    assert "node 103 (expected architecture cnn_small@0.5)" in caplog.text and "shape" in caplog.text
+    w = arrays.to_torch_state_dict()["conv1.weight"]  # [32, 1, 3, 3]; the half model holds rows 0..15
+    assert torch.equal(w[:16], torch.full_like(w[:16], (1 * 10 + 5 * 30) / 40))  # 4.0
+    assert torch.equal(w[16:], torch.ones_like(w[16:]))                          # only 101 holds them
+    # Only half-width clients: entries no client holds keep the global model's values.
+    bank.aggregate_train(2, [_reply(bank, 102, half, 2.0, 30)])
+    w2 = bank.globals["cnn_small"]["conv1.weight"]
+    assert torch.equal(w2[:16], torch.full_like(w2[:16], 2.0)) and torch.equal(w2[16:], w[16:])
+    assert not torch.equal(before, w2)
+
+
+def test_each_client_receives_its_architecture_and_rolling_slices_move():
+    archs = {100: Arch("cnn_small"), 101: Arch("cnn_small", 0.25), 102: Arch("resnet8")}  # InProcessGrid ids
+    bank = _bank(archs, submodel="rolling", **{"client-models": "cnn_small,resnet8"})
+    assert bank.families == ["cnn_small", "resnet8"] and bank.primary == "cnn_small"
+    grid = InProcessGrid(client_app, {}, 3)
+    sent = {}
+    for rnd in (1, 2):
+        for m in bank.configure_train(rnd, ArrayRecord(), ConfigRecord({"lr": 0.1}), grid):
+            sent[(rnd, m.metadata.dst_node_id)] = m.content["arrays"].to_torch_state_dict()
+    for node, arch in archs.items():
+        model = build_arch(bank.cfg, arch)
+        model.load_state_dict(sent[(1, node)])  # strict: exactly this client's architecture
+    g = bank.globals["cnn_small"]["conv1.bias"]
+    assert torch.equal(sent[(1, 101)]["conv1.bias"], g[[(1 + j) % 32 for j in range(8)]])
+    assert torch.equal(sent[(2, 101)]["conv1.bias"], g[[(2 + j) % 32 for j in range(8)]])
+
+
+# ----------------------------------------------------------------------------- pure pieces
+class _Scale(nn.Module):
+    """A 'classifier' whose logits are ``s * x`` (x: [B, C]) and features are ``x``."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(s))
+
+    def features(self, x):
+        return x
+
+    def forward(self, x):
+        return self.s * x
+
+
+def test_model_mixture_combines_groups_with_the_given_weights():
+    a = StackedExperts(_Scale(0.0), [{"s": torch.tensor(1.0)}, {"s": torch.tensor(2.0)}])
+    b = StackedExperts(_Scale(0.0), [{"s": torch.tensor(10.0)}])
+    mix = ModelMixture([(a, torch.tensor([[0.5, 0.0], [0.0, 1.0]])), (b, torch.tensor([[0.5], [0.0]]))])
+    x = torch.tensor([[1.0, -1.0]])
+    out = mix.logits(x)
+    assert len(mix) == 2 and out.shape == (2, 1, 2)
+    assert torch.allclose(out[0], 0.5 * 1 * x + 0.5 * 10 * x) and torch.allclose(out[1], 2 * x)
+    with pytest.raises(ValueError, match="W_g"):
+        ModelMixture([(a, torch.ones(2, 3))])
+
+
+def test_screening_keeps_samples_whose_nearest_prototype_has_their_label():
+    protos = (torch.tensor([[0.0, 0.0], [10.0, 10.0]]), torch.tensor([0, 1]))
+    x = torch.tensor([[1.0, 1.0], [9.0, 9.0], [1.0, 0.0], [8.0, 9.0], [5.0, 5.0]])
+    y = torch.tensor([0, 0, 1, 1, 0])
+    owners = torch.tensor([0, 0, 0, 0, 1])  # owner 1 has no prototypes: kept
+    keep = screen_by_prototypes(x, y, owners, [_Scale(1.0), _Scale(1.0)], [protos, None])
+    assert keep.tolist() == [True, False, False, True, True]
+
+
+def test_distill_with_precomputed_teacher_logits_matches_calling_the_teacher():
+    teacher = nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randint(3, (8,))) for _ in range(5)]
+    students = [nn.Linear(4, 3) for _ in range(2)]
+    students[1].load_state_dict(students[0].state_dict())
+    with torch.no_grad():
+        cached = [(x, y, teacher(x)) for x, y in batches]
+    distill(students[0], teacher, lambda s: batches[s], steps=5, lr=0.01)
+    distill(students[1], None, cached.__getitem__, steps=5, lr=0.01)
+    assert torch.equal(students[0].weight, students[1].weight)
+
+
+# ----------------------------------------------------------------------------- end to end
+def _rounds(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+@requires_fmnist
+@pytest.mark.slow
+def test_width_scaled_fedavg_runs_end_to_end(tmp_path):
+    res = run_inprocess(tmp_path, strategy="fedavg", **{"client-capacities": "1,0.5,0.25", "local-steps": 40})
+    rounds = _rounds(res["dir"])
+    for key in ("acc/cnn_small", "acc/cnn_small@0.5", "acc/cnn_small@0.25", "acc-clients"):
+        assert all(key in r for r in rounds), key
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    assert rounds[-1]["acc/cnn_small@0.25"] > rounds[0]["acc/cnn_small@0.25"] + 0.1
+    sent = {m.metadata.dst_node_id: m.content["arrays"].to_torch_state_dict()["conv1.weight"].shape[0]
+            for m in res["grid"].sent if m.metadata.message_type == "train"}
+    assert sorted(sent.values()) == [8, 16, 32]
+    summary = json.loads((res["dir"] / "summary.json").read_text())
+    assert summary["headline_model"] == "cnn_small" and len(summary["final_accuracy_by_model"]) == 3
+    assert "cnn_small,0.25" in (res["dir"] / "assignment.csv").read_text()
+
+
+@requires_fmnist
+@pytest.mark.slow
+def test_mixed_families_run_mosaic_end_to_end(tmp_path):
+    res = run_inprocess(tmp_path, strategy="mosaic", num_nodes=3,
+                        **{"client-models": "cnn_small,cnn_wide,resnet8", "warmup-rounds": 1,
+                           "local-steps": 40, "gen-steps": 60, "meta-epochs": 30, "kd-steps": 20})
+    out = res["dir"]
+    rounds = _rounds(out)
+    families = ("cnn_small", "cnn_wide", "resnet8")
+    dist = next(r for r in rounds if r.get("phase") == "distill")
+    for f in families:
+        assert f"acc-after-distill/{f}" in dist and f"acc/{f}" in rounds[-1]
+        assert rounds[-1][f"acc/{f}"] > rounds[0][f"acc/{f}"] + 0.1, f
+    assert dist["meta-inputs"] > 0 and 0 < dist["meta-screen-kept"] <= 1
+    kinds = {m.metadata.dst_node_id: len(m.content["arrays"].to_torch_state_dict())
+             for m in res["grid"].sent if m.metadata.message_type.startswith("train")}
+    assert len(set(kinds.values())) >= 2  # the ResNet has more tensors than the CNNs
+    assert (out / "generator_samples.png").is_file()
