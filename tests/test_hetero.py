@@ -16,7 +16,8 @@ from mosaic_flwr.inprocess import InProcessGrid
 from mosaic_flwr.mosaic.distill import distill
 from mosaic_flwr.mosaic.experts import ModelMixture, StackedExperts
 from mosaic_flwr.mosaic.moe import screen_by_prototypes
-from mosaic_flwr.records import ClientInfo, state_to_record
+from mosaic_flwr.models import MODELS
+from mosaic_flwr.records import ClientInfo, decode_client_info, state_to_record
 from mosaic_flwr.strategies.bank import BankStrategy
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.task import Arch, build_arch, client_arch, is_heterogeneous
@@ -195,3 +196,25 @@ def test_mixed_families_run_mosaic_end_to_end(tmp_path):
              for m in res["grid"].sent if m.metadata.message_type.startswith("train")}
     assert len(set(kinds.values())) >= 2  # the ResNet has more tensors than the CNNs
     assert (out / "generator_samples.png").is_file()
+
+
+def _info_reply(counts, model="cnn_small", capacity=1.0, n=None) -> Message:
+    content = RecordDict({
+        "metrics": MetricRecord({"partition-id": 0, "num-examples": sum(counts) if n is None else n,
+                                 "counts": counts}),
+        "arch": ConfigRecord({"model": model, "capacity": capacity})})
+    return Message(content, reply_to=Message(RecordDict({}), dst_node_id=7, message_type="query"))
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"counts": [1] * C, "model": "alexnet"}, "unknown architecture 'alexnet'"),
+    ({"counts": [1] * C, "capacity": 0.0}, "capacity"),
+    ({"counts": [1] * (C - 1)}, "label counts"),
+    ({"counts": [-1] + [2] * (C - 1)}, "label counts"),
+    ({"counts": [1] * C, "n": 99}, "sum to 10"),
+])
+def test_discovery_replies_are_validated(kwargs, pattern):
+    info, problem = decode_client_info(_info_reply(**kwargs), C, MODELS)
+    assert info is None and pattern in problem
+    info, problem = decode_client_info(_info_reply([3] * C, capacity=0.5), C, MODELS)
+    assert problem is None and info.num_examples == 30 and (info.model, info.capacity) == ("cnn_small", 0.5)

@@ -107,15 +107,16 @@ def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
     architecture. Nodes that fail or send garbage are logged and left out; raises
     ``ValueError`` with the first client's problem when no node could start."""
     messages = [Message(RecordDict({}), dst_node_id=nid, message_type="query") for nid in node_ids]
-    clients, problems = {}, []
+    clients, problems, answered = {}, [], set()
     for msg in grid.send_and_receive(messages, timeout=timeout):
+        answered.add(msg.metadata.src_node_id)
         info, problem = decode_client_info(msg, num_classes, MODELS)
         if info is None:
             problems.append(problem)
             log(WARNING, "Leaving out node %s: %s", msg.metadata.src_node_id, problem)
         else:
             clients[info.node_id] = info
-    silent = sorted(set(node_ids) - set(clients)) if len(problems) < len(node_ids) - len(clients) else []
+    silent = sorted(set(node_ids) - answered)
     if silent:
         log(WARNING, "No answer from nodes %s within %.0f s; they are left out", silent, timeout)
     if not clients:
