@@ -23,11 +23,16 @@ DISTILL_KEYS = ("acc-before-distill", "acc-ensemble", "acc-teacher", "acc-after-
                 "gen-seconds-mean", "meta-seconds", "kd-seconds", "distill-seconds")
 
 
+VARIANTS = {  # name -> (strategy, extra run config)
+    "mosaic-nometa": ("mosaic", "mosaic-meta=false"),           # the plain expert ensemble teaches
+    "mosaic-generated": ("mosaic", "meta-data='generated'"),     # meta model on unscreened samples
+    "mosaic-screened": ("mosaic", "meta-data='screened'"),
+}
+
+
 def variant_config(variant: str) -> tuple[str, str]:
-    """``mosaic-nometa`` -> (mosaic, mosaic-meta=false); others are plain strategy names."""
-    if variant == "mosaic-nometa":
-        return "mosaic", "mosaic-meta=false"
-    return variant, ""
+    """A strategy name, or a named variant of one (``VARIANTS``)."""
+    return VARIANTS.get(variant, (variant, ""))
 
 
 def main() -> int:
