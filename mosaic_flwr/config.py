@@ -122,6 +122,14 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "device": (str, _choice(*DEVICES)),
     "eval-batch-size": (int, _positive),
     "client-threads": (int, _positive),
+    # --- reliability: checkpoints, resume, faults, robust aggregation
+    "resume": (str, None),
+    "checkpoint": (bool, None),
+    "round-timeout": (float, _positive),
+    "min-replies": (int, _positive),
+    "round-retries": (int, _non_negative),
+    "aggregation": (str, _choice("mean", "median", "trimmed-mean")),
+    "trim-fraction": (float, lambda v: None if 0 <= v < 0.5 else f"must be in [0, 0.5), got {v}"),
     # --- Mosaic / FedDF (schedule: warm-up rounds, distillation at the end of the last
     # warm-up round, then fine-tune rounds up to num-server-rounds)
     "warmup-rounds": (int, _positive),

@@ -3,6 +3,11 @@
 For tests and benchmarks of the strategies and apps together. Payloads are deep-copied in
 both directions so no tensor is shared between "server" and "clients", and a handler that
 raises becomes an error reply, as on a real SuperNode.
+
+Faults can be injected: ``hook(grid, node_id, incoming, reply)`` sees every reply and returns it,
+a replacement (a tampered payload) or ``None`` (the client never answers: the server's wait
+times out); an exception it raises becomes an error reply. Nodes in ``offline`` are not
+listed by ``get_node_ids`` and never answer (a SuperNode that disconnected).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ SERVER_NODE_ID = 1
 
 class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, run_config: dict, num_nodes: int, *,
-                 node_config: Callable[[int], dict] | None = None, run_id: int = 1):
+                 node_config: Callable[[int], dict] | None = None, run_id: int = 1,
+                 hook: Callable[["InProcessGrid", int, Message, Message], Message | None] | None = None,
+                 first_node_id: int = 100):
         self.client_app = client_app
         self.run_config = dict(run_config)
-        self.node_ids = [100 + i for i in range(num_nodes)]
+        self.node_ids = [first_node_id + i for i in range(num_nodes)]
         make_cfg = node_config or (lambda i: {"partition-id": i, "num-partitions": num_nodes})
         self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config=make_cfg(i),
                                       state=RecordDict(), run_config=self.run_config)
@@ -32,6 +39,8 @@ class InProcessGrid(Grid):
         # Messages built on the "server" side read their identity from here.
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 0, SERVER_NODE_ID
         self.sent: list[Message] = []
+        self.hook = hook
+        self.offline: set[int] = set()
 
     # -- Grid API ---------------------------------------------------------------------
     def set_run(self, run) -> None:  # pragma: no cover - not used in-process
@@ -47,7 +56,7 @@ class InProcessGrid(Grid):
                        group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
+        return [n for n in self.node_ids if n not in self.offline]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("use send_and_receive")
@@ -59,12 +68,18 @@ class InProcessGrid(Grid):
         replies = []
         for msg in messages:
             self.sent.append(msg)
-            incoming = Message(content=copy.deepcopy(msg.content), dst_node_id=msg.metadata.dst_node_id,
+            node = msg.metadata.dst_node_id
+            if node in self.offline:
+                continue
+            incoming = Message(content=copy.deepcopy(msg.content), dst_node_id=node,
                                message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
             try:
-                reply = self.client_app(incoming, self.contexts[msg.metadata.dst_node_id])
+                reply = self.client_app(incoming, self.contexts[node])
                 reply = Message(content=copy.deepcopy(reply.content), reply_to=incoming)
+                if self.hook is not None:
+                    reply = self.hook(self, node, incoming, reply)
             except Exception as exc:  # a crashing client becomes an error reply
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=incoming)
-            replies.append(reply)
+            if reply is not None:
+                replies.append(reply)
         return replies

@@ -29,7 +29,7 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 def state_problem(state: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> str | None:
     """Why ``state`` cannot be loaded in place of ``template`` (None when it can): same keys,
-    shapes and dtype kinds, finite floating values."""
+    shapes and dtypes, finite floating values."""
     missing = sorted(set(template) - set(state))
     extra = sorted(set(state) - set(template))
     if missing or extra:
@@ -40,19 +40,24 @@ def state_problem(state: Mapping[str, torch.Tensor], template: Mapping[str, torc
             return f"{key}: not a tensor"
         if tuple(value.shape) != tuple(ref.shape):
             return f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
-        if value.is_floating_point() != ref.is_floating_point():
+        if value.dtype != ref.dtype:
             return f"{key}: dtype {value.dtype}, expected {ref.dtype}"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"{key}: non-finite values"
     return None
 
 
-def reply_problem(msg: Message, template: Mapping[str, torch.Tensor]) -> str | None:
-    """Validate a baseline train reply: one ArrayRecord ``arrays`` matching the template and a
-    MetricRecord ``metrics`` with a positive ``num-examples``."""
+def reply_problem(msg: Message, template: Mapping[str, torch.Tensor],
+                  other_records: Collection[str] = ()) -> str | None:
+    """Validate a baseline train reply: one ArrayRecord ``arrays`` matching the template, a
+    MetricRecord ``metrics`` with a positive ``num-examples`` and finite values, and no
+    records but these (and ``other_records``)."""
     if msg.has_error():
         return f"error reply: {msg.error.reason}"
     content = msg.content
+    unexpected = sorted(set(content.keys()) - {ARRAYS, METRICS, *other_records})
+    if unexpected:
+        return f"unexpected records {unexpected[:3]}"
     if ARRAYS not in content.array_records:
         return "no 'arrays' record"
     if METRICS not in content.metric_records:
@@ -60,6 +65,10 @@ def reply_problem(msg: Message, template: Mapping[str, torch.Tensor]) -> str | N
     n = content.metric_records[METRICS].get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
         return f"bad {NUM_EXAMPLES}: {n!r}"
+    bad = [k for k, v in content.metric_records[METRICS].items()
+           if isinstance(v, (int, float)) and not np.isfinite(v)]
+    if bad:
+        return f"metric {bad[0]!r} is not finite"
     try:
         state = record_to_state(content.array_records[ARRAYS])
     except Exception as exc:  # undecodable arrays
@@ -102,7 +111,8 @@ def mosaic_payload(result) -> RecordDict:
 
 def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, num_classes: int,
                         feature_dim: int, generator_template: Mapping[str, torch.Tensor] | None = None,
-                        expect_prototypes: bool = False) -> tuple[MosaicReply | None, str | None]:
+                        expect_prototypes: bool = False, max_prototypes: int | None = None
+                        ) -> tuple[MosaicReply | None, str | None]:
     """Validate and decode a Mosaic reply: ``(reply, None)`` or ``(None, problem)``.
 
     Checks the classifier arrays against the template, the label counts (C non-negative
@@ -110,7 +120,7 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
     ``[M, feature_dim]`` with labels of classes the client declares) and the generator
     (the declared architecture, finite).
     """
-    problem = reply_problem(msg, template)
+    problem = reply_problem(msg, template, other_records=(LABEL_COUNTS, PROTOTYPES, GENERATOR))
     if problem:
         return None, problem
     content = msg.content
@@ -138,6 +148,8 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
             return None, f"prototypes do not decode: {exc}"
         if feats.ndim != 2 or feats.shape[1] != feature_dim or not feats.is_floating_point():
             return None, f"prototypes: shape {tuple(feats.shape)}, expected [M, {feature_dim}]"
+        if max_prototypes is not None and feats.shape[0] > max_prototypes:
+            return None, f"prototypes: {feats.shape[0]} of them, at most {max_prototypes} expected"
         if labels.shape != (feats.shape[0],) or labels.is_floating_point():
             return None, "prototypes: labels must be M integers"
         if not torch.isfinite(feats).all():

@@ -18,14 +18,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a torn one."""
+def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
+    """Write a file so that readers see the old or the new content, never a torn one
+    (``durable``: also flushed to the disk before it replaces the old one)."""
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -67,6 +71,12 @@ class RunResults:
         self.rounds: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
         write_json(self.out_dir / "config.json", config)
+
+    def restore(self, rounds: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        """Continue from a checkpoint's metrics (rewrites metrics.json/.csv to match it)."""
+        self.rounds, self.extra = list(rounds), dict(extra)
+        write_json(self.out_dir / "metrics.json", self.rounds)
+        atomic_write(self.out_dir / "metrics.csv", rows_to_csv(self.rounds))
 
     def log_round(self, row: dict[str, Any]) -> None:
         """Record one round (keys at least round, accuracy, loss, seconds) and rewrite files."""

@@ -13,11 +13,13 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from mosaic_flwr.checkpoint import config_changes, load_checkpoint
 from mosaic_flwr.config import Config, ConfigError, build_config, resolve_device
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
 from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
 from mosaic_flwr.strategies import ServerContext, get_strategy
+from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import discover_clients
 from mosaic_flwr.task import Arch, initial_model, test_data
 
@@ -60,7 +62,8 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     cfg = build_config(context.run_config)
     strategy = get_strategy(cfg.strategy)  # noqa: F841  (validates availability early)
     device = resolve_device(cfg.device)
-    out = run_dir(cfg)
+    resume_state = resume_checkpoint(cfg) if cfg.resume else None
+    out = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir(cfg)
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable
     test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
     nodes = wait_for_nodes(grid, min(cfg.min_train_clients, 2))
@@ -68,6 +71,8 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     # The clients report their label counts and architectures; the server never sees data.
     clients = discover_clients(grid, nodes, info.num_classes)
     save_assignment(out, results, clients)
+    if resume_state is not None:
+        check_same_clients(resume_state["assignment"], results.extra["assignment"])
     table = np.stack([c.label_counts.numpy() for c in sorted(clients.values(), key=_by_partition)])
     save_partition(out, table, info.class_names,
                    title=f"{cfg.dataset} {cfg.partition} (alpha={cfg.alpha:g}), {len(clients)} clients")
@@ -78,7 +83,31 @@ def setup(grid: Grid, context: Context) -> ServerContext:
         len(clients), cfg.num_server_rounds, device)
     log(INFO, "[mosaic-flwr] results -> %s", out)
     return ServerContext(cfg=cfg, grid=grid, device=device, model=model, test_x=test_x,
-                         test_y=test_y, results=results, num_nodes=len(clients), clients=clients)
+                         test_y=test_y, results=results, num_nodes=len(clients), clients=clients,
+                         resume_state=resume_state)
+
+
+def resume_checkpoint(cfg: Config) -> dict:
+    """The checkpoint of the run ``resume`` names, if this run's config may continue it."""
+    state = load_checkpoint(Path(cfg.resume))
+    changes = config_changes(state["config"], cfg.to_dict())
+    if changes:
+        raise ConfigError(f"resume: the run config differs from the checkpoint's ({'; '.join(changes)}); "
+                          "give the same settings to continue that run")
+    if state["round"] >= cfg.num_server_rounds:
+        log(INFO, "[mosaic-flwr] the checkpoint is after round %d: nothing left to train "
+            "(raise num-server-rounds to extend the run)", state["round"])
+    log(INFO, "[mosaic-flwr] resuming %s after round %d", cfg.resume, state["round"])
+    return state
+
+
+def check_same_clients(saved: list[dict], now: list[dict]) -> None:
+    """A run resumes on the clients it started with (partition ids, data sizes, architectures)."""
+    def key(rows):
+        return sorted((r["partition-id"], r["model"], float(r["capacity"]), r["num-examples"]) for r in rows)
+    if key(saved) != key(now):
+        raise ValueError(f"resume: the connected clients (partition, model, capacity, examples) "
+                         f"{key(now)} differ from the checkpoint's {key(saved)}")
 
 
 def _by_partition(info: ClientInfo) -> tuple[int, int]:
@@ -108,12 +137,17 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "[mosaic-flwr] configuration error: %s", exc)
         # An Exception (not SystemExit) so that Flower marks the run as failed.
         raise RuntimeError(f"configuration error: {exc}") from None
-    get_strategy(sc.cfg.strategy)(sc)
+    try:
+        get_strategy(sc.cfg.strategy)(sc)
+    except RoundFailed as exc:
+        log(ERROR, "[mosaic-flwr] %s", exc)
+        raise
     cfg = sc.cfg
     summary = sc.results.finish(
         {"strategy": cfg.strategy, "dataset": cfg.dataset, "model": cfg.model,
          "partition": cfg.partition, "alpha": cfg.alpha, "num_clients": sc.num_nodes,
          "seed": cfg.seed, "device": str(sc.device),
+         **({"resumed_after_round": sc.resume_state["round"]} if sc.resume_state else {}),
          "wall_seconds": round(time.perf_counter() - t0, 2)},
         title=f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, alpha={cfg.alpha:g}, "
               f"{sc.num_nodes} clients)")

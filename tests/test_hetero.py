@@ -53,10 +53,18 @@ def test_bad_assignments_are_one_line_errors(override, pattern):
 
 
 # ----------------------------------------------------------------------------- bank strategy
-def _bank(archs: dict[int, Arch], **cfg_over) -> BankStrategy:
+def _counts(examples: int) -> torch.Tensor:
+    """Declared label counts of a client with ``examples`` examples (at least C)."""
+    counts = torch.ones(C, dtype=torch.long)
+    counts[0] += examples - C
+    return counts
+
+
+def _bank(archs: dict[int, Arch], examples: dict[int, int] | None = None, **cfg_over) -> BankStrategy:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1
     cfg = build_config({"strategy": "fedavg", "dataset": "synthetic", **cfg_over})
-    clients = {n: ClientInfo(n, i, torch.ones(C, dtype=torch.long), a.model, a.capacity)
+    examples = examples or {}
+    clients = {n: ClientInfo(n, i, _counts(examples.get(n, C)), a.model, a.capacity)
                for i, (n, a) in enumerate(archs.items())}
     sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), model=None, test_x=None,
                        test_y=None, results=None, num_nodes=len(clients), clients=clients)
@@ -73,14 +81,14 @@ def _reply(strategy: BankStrategy, node: int, arch: Arch, value: float, n: int) 
 
 def test_masked_fedavg_averages_each_entry_over_its_holders(caplog):
     full, half = Arch("cnn_small"), Arch("cnn_small", 0.5)
-    bank = _bank({101: full, 102: half, 103: half}, submodel="fixed")
+    bank = _bank({101: full, 102: half, 103: half}, examples={102: 30}, submodel="fixed")
     before = bank.globals["cnn_small"]["conv1.weight"].clone()
     replies = [_reply(bank, 101, full, 1.0, 10), _reply(bank, 102, half, 5.0, 30),
                _reply(bank, 103, full, 7.0, 10)]  # 103 should send the half-width model
     with caplog.at_level(logging.WARNING):
         arrays, _ = bank.aggregate_train(1, replies)
     assert bank.rejected == 1
-    assert "node 103 (expected architecture cnn_small@0.5)" in caplog.text and "shape" in caplog.text
+    assert "node 103 (partition 2) (expected architecture cnn_small@0.5)" in caplog.text and "shape" in caplog.text
     w = arrays.to_torch_state_dict()["conv1.weight"]  # [32, 1, 3, 3]; the half model holds rows 0..15
     assert torch.equal(w[:16], torch.full_like(w[:16], (1 * 10 + 5 * 30) / 40))  # 4.0
     assert torch.equal(w[16:], torch.ones_like(w[16:]))                          # only 101 holds them

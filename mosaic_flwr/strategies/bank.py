@@ -17,6 +17,8 @@ term switched on in the clients' train config. ``MosaicStrategy`` builds on this
 
 from __future__ import annotations
 
+import random
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -26,11 +28,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from ..checkpoint import CheckpointError, rng_state, save_checkpoint, set_rng_state
 from ..config import split_list
 from ..data import dataset_info
 from ..models import Classifier
+from ..mosaic.robust import robust_average
 from ..mosaic.submodels import IndexPlan, masked_average, model_plan, slice_state
 from ..mosaic.training import evaluate
 from ..records import (
@@ -46,6 +49,10 @@ from ..task import Arch, build_arch
 from .base import ServerContext
 
 StateDict = dict[str, torch.Tensor]
+
+
+class RoundFailed(RuntimeError):
+    """A round could not gather enough valid replies; the run stops (resumable)."""
 
 
 class BankStrategy(FedAvg):
@@ -78,7 +85,8 @@ class BankStrategy(FedAvg):
     def module(self, arch: Arch) -> Classifier:
         """A (cached) module of ``arch`` on the server's device, for evaluation and as a template."""
         if arch not in self._modules:
-            self._modules[arch] = build_arch(self.cfg, arch).to(self.sc.device)
+            with torch.random.fork_rng():  # its weights are always overwritten: leave the RNG alone
+                self._modules[arch] = build_arch(self.cfg, arch).to(self.sc.device)
         return self._modules[arch]
 
     def template(self, arch: Arch) -> StateDict:
@@ -110,19 +118,43 @@ class BankStrategy(FedAvg):
         """Message type and train config of a round (subclasses add phases)."""
         return "train", {**dict(config), "server-round": server_round}
 
-    def sample(self, grid: Grid) -> list[int]:
-        """This round's clients: Flower's sampling, restricted to nodes known since discovery."""
-        num = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, num)
-        unknown = [n for n in node_ids if self.sc.arch_of(n) is None]
-        if unknown:
-            log(WARNING, "Nodes %s joined after discovery (architecture unknown); not sampled", unknown)
-        return [n for n in node_ids if n not in unknown]
+    def sample(self, server_round: int, attempt: int = 0, grid: Grid | None = None) -> list[int]:
+        """This round's clients, among the nodes known since discovery that are connected.
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        node_ids = self.sample(grid)
-        message_type, values = self.round_config(server_round, config)
+        The draw depends only on the run seed, the round, the attempt and the clients'
+        partition ids (not on node ids, which change when a run is resumed), so a resumed
+        run samples what the uninterrupted run would have. Waits up to ``round-timeout`` for
+        ``min-replies`` known nodes to be connected, then fails the round."""
+        sc, cfg = self.sc, self.cfg
+        grid = grid or sc.grid
+        known = sorted(sc.clients or grid.get_node_ids(), key=sc.partition_of)
+        deadline = time.monotonic() + cfg.round_timeout
+        while True:
+            connected = set(grid.get_node_ids())
+            available = [n for n in known if n in connected]
+            if len(available) >= cfg.min_replies:
+                break
+            if time.monotonic() >= deadline:
+                raise RoundFailed(f"round {server_round}: only {len(available)} of {len(known)} known "
+                                  f"clients connected after {cfg.round_timeout:g} s (round-timeout); "
+                                  f"min-replies is {cfg.min_replies}")
+            log(INFO, "Waiting for clients: %d of %d connected (min-replies %d)",
+                len(available), len(known), cfg.min_replies)
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        gone = [n for n in known if n not in connected]
+        if gone:
+            log(WARNING, "round %d: %s not connected; not sampled", server_round, sc.describe(gone))
+        joined = sorted(connected - set(known))
+        if joined and sc.clients:
+            log(WARNING, "Nodes %s joined after discovery (architecture unknown); not sampled", joined)
+        num = max(int(len(known) * self.fraction_train), min(self.min_train_nodes, len(known)))
+        rng = random.Random(cfg.seed * 1_000_003 + server_round * 1_009 + attempt)
+        return sorted(rng.sample(available, min(num, len(available))), key=sc.partition_of)
+
+    def messages_for(self, server_round: int, node_ids: list[int],
+                     config: ConfigRecord | None = None) -> list[Message]:
+        """One message per node: its architecture's model (or slice) and the round's config."""
+        message_type, values = self.round_config(server_round, config or self.train_config())
         records: dict[Arch, ArrayRecord] = {}
         messages = []
         for nid in node_ids:
@@ -134,36 +166,105 @@ class BankStrategy(FedAvg):
         log(INFO, "configure_train: round %d, %d clients (%s)", server_round, len(node_ids), message_type)
         return messages
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Flower's hook (the round loop is ``run``): this round's messages."""
+        return self.messages_for(server_round, self.sample(server_round, grid=grid), config)
+
+    def train_round(self, server_round: int) -> list:
+        """Send a round, collect the valid replies (sorted by partition id). A round with
+        fewer than ``min-replies`` valid replies is sent again (``round-retries`` times, to a
+        fresh sample) and then fails with ``RoundFailed``: never aggregated short."""
+        sc, cfg = self.sc, self.cfg
+        sc.train_metrics = {"clients": 0, "rejected": 0, "no-reply": 0}
+        for attempt in range(cfg.round_retries + 1):
+            node_ids = self.sample(server_round, attempt)
+            replies = list(sc.grid.send_and_receive(self.messages_for(server_round, node_ids),
+                                                    timeout=cfg.round_timeout))
+            silent = sorted(set(node_ids) - {m.metadata.src_node_id for m in replies})
+            if silent:
+                sc.train_metrics["no-reply"] += len(silent)
+                log(WARNING, "round %d: no reply from %s within %g s (round-timeout); left out",
+                    server_round, sc.describe(silent), cfg.round_timeout)
+            items = self.collect(server_round, replies)
+            if len(items) >= cfg.min_replies:
+                if attempt:
+                    sc.train_metrics["retries"] = attempt
+                return items
+            more = attempt < cfg.round_retries
+            log(WARNING, "round %d: %d valid replies, min-replies is %d; %s", server_round, len(items),
+                cfg.min_replies, f"sending the round again ({attempt + 1}/{cfg.round_retries})"
+                if more else "giving up")
+        raise RoundFailed(f"round {server_round}: fewer than min-replies={cfg.min_replies} valid replies "
+                          f"after {cfg.round_retries + 1} attempts; the run stops here (resume it from "
+                          f"the checkpoint of round {server_round - 1} once clients are back)")
+
     def reject(self, msg: Message, arch: Arch | None, problem: str) -> None:
         self.rejected += 1
         self.sc.train_metrics["rejected"] = self.sc.train_metrics.get("rejected", 0) + 1
-        log(WARNING, "Dropping reply from node %s (expected architecture %s): %s",
-            msg.metadata.src_node_id, arch, problem)
+        node = msg.metadata.src_node_id
+        log(WARNING, "Dropping reply from %s (expected architecture %s): %s",
+            self.sc.describe([node]), arch, problem)
 
-    def aggregate_states(self, server_round: int, by_family: dict[str, list[tuple[Arch, StateDict, float]]]
-                         ) -> None:
-        """Masked, weighted average of each family's replies into its global model."""
-        for family, items in by_family.items():
-            self.globals[family] = masked_average(
-                self.globals[family], [s for _, s, _ in items],
-                [self.plan(a, server_round) for a, _, _ in items], [w for _, _, w in items])
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self.sc.train_metrics = {"clients": 0, "rejected": 0}
-        by_family: dict[str, list[tuple[Arch, StateDict, float]]] = defaultdict(list)
-        losses = []
+    def collect(self, server_round: int, replies: Iterable[Message]) -> list:
+        """The valid replies' payloads as ``(arch, payload)``, sorted by partition id (so the
+        aggregate does not depend on arrival order); every other reply is logged and counted."""
+        kept: dict[int, tuple] = {}
         for msg in replies:
-            arch = self.sc.arch_of(msg.metadata.src_node_id)
-            problem = "unknown node" if arch is None else reply_problem(msg, self.template(arch))
+            node = msg.metadata.src_node_id
+            arch = self.sc.arch_of(node)
+            if arch is None:
+                self.reject(msg, arch, "unknown node")
+                continue
+            if node in kept:
+                self.reject(msg, arch, "a second reply in the same round")
+                continue
+            payload, problem = self.decode(server_round, msg, arch)
             if problem:
                 self.reject(msg, arch, problem)
                 continue
-            metrics = msg.content.metric_records[METRICS]
-            weight = float(metrics[NUM_EXAMPLES])
-            by_family[arch.model].append((arch, record_to_state(msg.content.array_records[ARRAYS]), weight))
-            losses.append((float(metrics.get("train-loss", 0.0)), weight))
+            kept[node] = (arch, payload)
+        return [kept[n] for n in sorted(kept, key=self.sc.partition_of)]
+
+    def decode(self, server_round: int, msg: Message, arch: Arch) -> tuple[object, str | None]:
+        """A baseline reply's payload ``(state, weight, train loss)``, or the problem."""
+        problem = reply_problem(msg, self.template(arch))
+        if problem:
+            return None, problem
+        metrics = msg.content.metric_records[METRICS]
+        weight = float(metrics[NUM_EXAMPLES])
+        problem = self.sc.declared_problem(msg.metadata.src_node_id, int(weight))
+        if problem:
+            return None, problem
+        return (record_to_state(msg.content.array_records[ARRAYS]), weight,
+                float(metrics.get("train-loss", 0.0))), None
+
+    def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        by_family: dict[str, list[tuple[Arch, StateDict, float]]] = defaultdict(list)
+        for arch, (state, weight, _) in items:
+            by_family[arch.model].append((arch, state, weight))
+        losses = [(loss, weight) for _, (_, weight, loss) in items]
         return self.finish_round(server_round, by_family, losses)
+
+    def aggregate_states(self, server_round: int, by_family: dict[str, list[tuple[Arch, StateDict, float]]]
+                         ) -> None:
+        """Masked, weighted average of each family's replies into its global model (or the
+        robust rule of ``aggregation`` where every client of the family is at full width)."""
+        for family, items in by_family.items():
+            states = [s for _, s, _ in items]
+            plans = [self.plan(a, server_round) for a, _, _ in items]
+            if self.cfg.aggregation != "mean" and all(p is None for p in plans):
+                self.globals[family] = robust_average(states, self.cfg.aggregation,
+                                                      trim=self.cfg.trim_fraction)
+            else:
+                self.globals[family] = masked_average(self.globals[family], states, plans,
+                                                      [w for _, _, w in items])
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's hook (used by tests): validate and aggregate one round's replies."""
+        self.sc.train_metrics = {"clients": 0, "rejected": 0}
+        return self.apply_round(server_round, self.collect(server_round, replies))
 
     def finish_round(self, server_round: int, by_family: dict, losses: list[tuple[float, float]]
                      ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -201,26 +302,78 @@ class BankStrategy(FedAvg):
         extra["acc-clients"] = round(sum(per[a] for a in held) / len(held), 5)
         return headline, extra
 
-    def evaluate_fn(self):
-        def fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            metrics, extra = self.evaluate_all()
-            self.sc.record_round(server_round, metrics, **extra)
-            return MetricRecord(metrics)
+    def evaluate_round(self, server_round: int) -> None:
+        metrics, extra = self.evaluate_all()
+        self.sc.record_round(server_round, metrics, **extra)
 
-        return fn
-
+    # ------------------------------------------------------------------ run, checkpoint
     def run(self) -> None:
-        sc = self.sc
+        """The round loop: evaluate round 0, then train, aggregate, evaluate and checkpoint
+        every round; a resumed run restores the checkpoint and goes on after its round."""
+        sc, cfg = self.sc, self.cfg
         sc.results.extra["headline_model"] = self.primary
-        self.start(grid=sc.grid, initial_arrays=state_to_record(self.globals[self.primary]),
-                   num_rounds=self.cfg.num_server_rounds, train_config=self.train_config(),
-                   evaluate_fn=self.evaluate_fn())
+        log(INFO, "Starting %s: %d rounds, %d clients", type(self).__name__, cfg.num_server_rounds,
+            len(sc.clients))
+        self.summary()
+        if sc.resume_state is not None:
+            start = self.restore(sc.resume_state)
+            log(INFO, "[mosaic-flwr] resumed after round %d of %d", start, cfg.num_server_rounds)
+        else:
+            start = 0
+            self.evaluate_round(0)
+            self.checkpoint(0)
+        for server_round in range(start + 1, cfg.num_server_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %d/%d]", server_round, cfg.num_server_rounds)
+            self.apply_round(server_round, self.train_round(server_round))
+            self.evaluate_round(server_round)
+            self.checkpoint(server_round)
+        self.finish()
+
+    def finish(self) -> None:
+        sc = self.sc
         sc.results.extra["rejected_replies"] = self.rejected
         last = sc.results.rounds[-1] if sc.results.rounds else {}
         by_arch = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
         if by_arch:
             sc.results.extra["final_accuracy_by_model"] = by_arch
             sc.results.extra["final_accuracy_clients"] = last.get("acc-clients")
+
+    def state_dict(self) -> dict:
+        """What the strategy carries from one round to the next (for the checkpoint)."""
+        return {"globals": self.globals, "rejected": self.rejected}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.globals) - set(state["globals"])
+        if missing:
+            raise CheckpointError(f"resume: the checkpoint has no global model for {sorted(missing)}")
+        self.globals = {f: state["globals"][f] for f in self.families}
+        self.rejected = int(state["rejected"])
+
+    def checkpoint(self, server_round: int) -> None:
+        """Save the whole server state after ``server_round`` (atomically; ``checkpoint``)."""
+        if not self.cfg.checkpoint:
+            return
+        sc = self.sc
+        t0 = time.perf_counter()
+        path = save_checkpoint(sc.results.out_dir, {
+            "round": server_round, "config": self.cfg.to_dict(),
+            "assignment": sc.results.extra.get("assignment", []), "strategy": self.state_dict(),
+            "rng": rng_state(), "rounds": sc.results.rounds, "extra": sc.results.extra})
+        seconds = time.perf_counter() - t0
+        stats = sc.results.extra.setdefault("checkpoint", {"seconds-total": 0.0, "writes": 0})
+        stats["seconds-total"] = round(stats["seconds-total"] + seconds, 4)
+        stats["writes"] += 1
+        stats["bytes"] = path.stat().st_size
+        log(INFO, "[checkpoint] round %d -> %s (%.1f MB, %.2f s)", server_round, path,
+            stats["bytes"] / 2**20, seconds)
+
+    def restore(self, state: dict) -> int:
+        """Load a checkpoint's strategy state, metrics and RNG states; its round."""
+        self.load_state_dict(state["strategy"])
+        self.sc.results.restore(state["rounds"], state["extra"])
+        set_rng_state(state["rng"])
+        return int(state["round"])
 
     def train_config(self) -> ConfigRecord:
         return self.sc.train_config()

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..config import Config
 from ..models import MODELS, Classifier
 from ..mosaic.training import evaluate
-from ..records import ClientInfo, decode_client_info, record_to_state, reply_problem
+from ..records import ClientInfo, decode_client_info
 from ..results import RunResults
 from ..task import Arch
 
@@ -35,6 +34,7 @@ class ServerContext:
     num_nodes: int
     clients: dict[int, ClientInfo] = field(default_factory=dict)   # node id -> what it reported
     train_metrics: dict[str, float] = field(default_factory=dict)  # last round's, for the log
+    resume_state: dict[str, Any] | None = None   # a checkpoint to continue from (``resume``)
     _t_last: float = field(default_factory=time.perf_counter)
 
     def arch_of(self, node_id: int) -> Arch | None:
@@ -44,6 +44,30 @@ class ServerContext:
             return Arch(self.cfg.model)
         info = self.clients.get(node_id)
         return None if info is None else Arch(info.model, info.capacity)
+
+    def partition_of(self, node_id: int) -> int:
+        """A node's partition id (its node id where discovery did not run: unit tests)."""
+        info = self.clients.get(node_id)
+        return node_id if info is None else info.partition_id
+
+    def describe(self, node_ids: list[int]) -> str:
+        """``node 12 (partition 3)``, for log lines that name clients."""
+        names = [f"node {n}" + (f" (partition {self.clients[n].partition_id})" if n in self.clients else "")
+                 for n in node_ids]
+        return ", ".join(names)
+
+    def declared_problem(self, node_id: int, num_examples: int,
+                         label_counts: torch.Tensor | None = None) -> str | None:
+        """Why a reply's ``num-examples`` (and label counts) contradict what the client
+        declared at discovery (None when they agree, or without discovery)."""
+        info = self.clients.get(node_id)
+        if info is None:
+            return None
+        if num_examples != info.num_examples:
+            return f"num-examples {num_examples}, but the client declared {info.num_examples} at discovery"
+        if label_counts is not None and not torch.equal(label_counts.long(), info.label_counts):
+            return "label counts differ from those the client declared at discovery"
+        return None
 
     def needs_bank(self) -> bool:
         """Whether clients hold anything but ``model`` at full width (model heterogeneity)."""
@@ -76,29 +100,6 @@ class ServerContext:
         phase = f"  [{extra['phase']}]" if "phase" in extra else ""
         log(INFO, "[progress] round %d/%d  accuracy %.4f  loss %.4f%s  %.1f s%s",
             server_round, total, row["accuracy"], row["loss"], train, seconds, phase)
-
-    def evaluate_fn(self) -> Callable[[int, ArrayRecord], MetricRecord]:
-        """Server-side evaluation hook for Flower strategies: evaluates and records a round."""
-
-        def fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            metrics = self.evaluate_state(record_to_state(arrays))
-            self.record_round(server_round, metrics)
-            return MetricRecord(metrics)
-
-        return fn
-
-
-def filter_replies(replies: list[Message], template: dict[str, torch.Tensor]) -> tuple[list[Message], int]:
-    """Keep replies whose payload validates against ``template``; log and count the rest."""
-    valid, rejected = [], 0
-    for msg in replies:
-        problem = reply_problem(msg, template)
-        if problem is None:
-            valid.append(msg)
-        else:
-            rejected += 1
-            log(WARNING, "Dropping reply from node %s: %s", msg.metadata.src_node_id, problem)
-    return valid, rejected
 
 
 def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,

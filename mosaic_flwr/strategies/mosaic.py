@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import torch
@@ -76,6 +75,7 @@ class MosaicStrategy(BankStrategy):
         self.experts: dict[str, list[StateDict]] = {}      # family -> C class experts
         self.family_counts: dict[str, torch.Tensor] = {}   # family -> [C] label counts
         self.distill_report: dict[str, float] = {}
+        self.artifacts: dict = {}   # the distillation round's meta model, generators, prototypes
         meta_data = self.cfg.meta_data
         if meta_data == "auto":
             meta_data = "screened" if self.heterogeneous else "both"
@@ -113,44 +113,50 @@ class MosaicStrategy(BankStrategy):
         return "train.mosaic", values
 
     # ------------------------------------------------------------------ aggregation
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def decode(self, server_round: int, msg: Message, arch: Arch) -> tuple[object, str | None]:
+        """Fine-tune rounds: a baseline payload; warm-up/distillation rounds: a ``MosaicReply``
+        (classifier, label counts equal to the client's declaration; prototypes and the
+        generator of the declared architecture at the distillation round)."""
+        phase = self.phase(server_round)
+        if phase == "finetune":
+            return super().decode(server_round, msg, arch)
+        reply, problem = decode_mosaic_reply(
+            msg, self.template(arch), num_classes=self.info.num_classes,
+            feature_dim=self.module(arch).feature_dim,
+            generator_template=self.gen_template if phase == "distill" else None,
+            expect_prototypes=phase == "distill" and self.uses_prototypes,
+            max_prototypes=self.cfg.proto_k * self.info.num_classes)
+        if reply is None:
+            return None, problem
+        problem = self.sc.declared_problem(reply.node_id, reply.num_examples, reply.label_counts)
+        return (None, problem) if problem else (reply, None)
+
+    def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
         phase = self.phase(server_round)
         if phase == "finetune":  # plain federated averaging replies
-            out = super().aggregate_train(server_round, replies)
+            out = super().apply_round(server_round, items)
             self.sc.train_metrics["phase"] = phase
             return out
-        self.sc.train_metrics = {"clients": 0, "rejected": 0}
         decoded: dict[str, Replies] = defaultdict(list)
-        for msg in replies:
-            arch = self.sc.arch_of(msg.metadata.src_node_id)
-            if arch is None:
-                self.reject(msg, arch, "unknown node")
-                continue
-            reply, problem = decode_mosaic_reply(
-                msg, self.template(arch), num_classes=self.info.num_classes,
-                feature_dim=self.module(arch).feature_dim,
-                generator_template=self.gen_template if phase == "distill" else None,
-                expect_prototypes=phase == "distill" and self.uses_prototypes)
-            if reply is None:
-                self.reject(msg, arch, problem)
-                continue
+        for arch, reply in items:
             decoded[arch.model].append((arch, reply))
         # What each client received this round (prototypes live in its feature space).
-        received = {r.node_id: self.state_for(a, server_round)
-                    for items in decoded.values() for a, r in items} if phase == "distill" else {}
-        by_family = {f: [(a, r.state, float(r.num_examples)) for a, r in items]
-                     for f, items in decoded.items()}
-        losses = [(r.metrics.get("train-loss", 0.0), float(r.num_examples))
-                  for items in decoded.values() for _, r in items]
+        received = {r.node_id: self.state_for(a, server_round) for a, r in items} if phase == "distill" else {}
+        by_family = {f: [(a, r.state, float(r.num_examples)) for a, r in group]
+                     for f, group in decoded.items()}
+        losses = [(r.metrics.get("train-loss", 0.0), float(r.num_examples)) for _, r in items]
         arrays, metrics = self.finish_round(server_round, by_family, losses)
         self.sc.train_metrics["phase"] = phase
         if arrays is None:
             return arrays, metrics
-        for family, items in decoded.items():
-            self.update_experts(server_round, family, items)
+        for family, group in decoded.items():
+            self.update_experts(server_round, family, group)
         if phase == "distill":
-            self.distillation([item for items in decoded.values() for item in items], received)
+            # The round's randomness (meta model init, dropout) is a function of seed and
+            # round alone, not of what the process did before: a resumed run repeats it.
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed * 7_919 + server_round)
+                self.distillation(list(items), received)
             arrays = state_to_record(self.globals[self.primary])
         return arrays, metrics
 
@@ -277,11 +283,17 @@ class MosaicStrategy(BankStrategy):
                            "meta-holdout-accuracy-at-init": mstats["initial_holdout_accuracy"],
                            "meta-epochs-run": mstats["epochs_run"]})
             teacher = meta_teacher(experts, meta)
+            self.artifacts["meta"] = {k: v.detach().cpu() for k, v in meta.state_dict().items()}
             with torch.no_grad():
                 meta_test = torch.cat([meta(test_z[:, i:i + 1024].permute(1, 0, 2).to(dev)).cpu()
                                        for i in range(0, test_z.shape[1], 1024)])
             report["acc-teacher"] = self._accuracy(meta_test)
 
+        self.artifacts.update({
+            "generators": [{"partition-id": sc.partition_of(r.node_id), "state": r.generator}
+                           for _, r in gen_replies],
+            "prototypes": [{"partition-id": sc.partition_of(r.node_id), "features": r.prototypes[0],
+                            "labels": r.prototypes[1]} for _, r in gen_replies if r.prototypes is not None]})
         sampler = GeneratorSampler(generators, counts, batch_size=cfg.kd_batch_size, seed=cfg.seed)
         save_generator_grid(sc.results.out_dir / "generator_samples.png", generators, counts,
                             self.info, seed=cfg.seed)
@@ -321,9 +333,21 @@ class MosaicStrategy(BankStrategy):
         self.distill_report = {k: round(float(v), 5) for k, v in report.items()}
         self.sc.train_metrics.update(self.distill_report)
 
-    def run(self) -> None:
-        super().run()
+    def finish(self) -> None:
+        super().finish()
         self.sc.results.extra["distillation"] = self.distill_report
+
+    def state_dict(self) -> dict:
+        """Besides the global models: the class experts (and the label counts they were
+        formed with), the distillation report and, once trained, the distillation round's
+        meta model, generators and prototypes."""
+        return {**super().state_dict(), "experts": self.experts, "family-counts": self.family_counts,
+                "distill-report": self.distill_report, "artifacts": self.artifacts}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.experts, self.family_counts = state["experts"], state["family-counts"]
+        self.distill_report, self.artifacts = state["distill-report"], state["artifacts"]
 
 
 def run_mosaic(sc: ServerContext) -> None:

@@ -1,0 +1,90 @@
+"""The server's checkpoint: everything needed to continue a run exactly, one file per run.
+
+``<run dir>/checkpoint.pt`` is rewritten atomically after every completed round (a reader,
+or a resumed run, sees the previous complete round or the new one, never a torn file). It is
+a plain ``torch.save`` of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(..., weights_only=True)``: no pickled code runs when a checkpoint is read.
+
+What a strategy keeps between rounds goes in ``strategy`` (its ``state_dict()``); the
+server's random number generators (Python, NumPy, torch) and the metrics so far are saved
+beside it. Clients hold no state between rounds (each round's seed is derived from the run
+seed, the round and the partition id), so the server's checkpoint is the whole run's.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .results import atomic_write
+
+FORMAT = "mosaic-flwr-checkpoint/1"
+FILENAME = "checkpoint.pt"
+
+# Keys that may differ between a run and its resumption: where results go, the hardware,
+# fault handling, and the number of rounds (a finished run can be extended).
+RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "run-name", "device", "client-threads",
+                               "eval-batch-size", "round-timeout", "round-retries", "min-replies",
+                               "checkpoint", "num-server-rounds"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says why."""
+
+
+def rng_state() -> dict[str, Any]:
+    """The server process's random number generator states (weights-only loadable)."""
+    np_state = np.random.get_state()
+    return {"python": _to_lists(random.getstate()), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (plus the format tag) to ``run_dir/checkpoint.pt`` atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    path = Path(run_dir) / FILENAME
+    atomic_write(path, buf.getvalue(), durable=True)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The checkpoint of ``run_dir`` (``weights_only`` load); ``CheckpointError`` naming the
+    file and the problem when there is none or it is unreadable."""
+    path = Path(run_dir).expanduser().resolve() / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"resume: no checkpoint at {path} (a run writes one after every "
+                              "round unless checkpoint=false)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (truncated zip, pickle errors, ...)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"resume: {path} is not a readable checkpoint "
+                              f"({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"resume: {path} is not a mosaic-flwr checkpoint ({FORMAT})")
+    return state
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The settings that differ between a checkpoint's run and the resuming run (other than
+    ``RESUMABLE_CHANGES``), as ``key: saved -> current`` lines."""
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
