@@ -14,7 +14,7 @@ from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.training import train_local
 from mosaic_flwr.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, mosaic_payload, record_to_state,
                                  state_to_record)
-from mosaic_flwr.task import build_arch, client_arch, client_data
+from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition
 
 app = ClientApp()
 
@@ -27,7 +27,7 @@ def _config(items: tuple) -> Config:
 def client_setup(context: Context) -> tuple[Config, int, int]:
     cfg = _config(tuple(sorted(context.run_config.items())))
     torch.set_num_threads(cfg.client_threads)
-    return cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    return cfg, *node_partition(context.node_config)
 
 
 def round_seed(cfg: Config, server_round: int, partition_id: int) -> int:
@@ -44,8 +44,8 @@ def sgd_settings(c) -> dict:
 
 def _local_data(context: Context):
     """Config, partition id and this client's data (normalised images, labels)."""
-    cfg, pid, num_partitions = client_setup(context)
-    x, y = client_data(cfg, pid, num_partitions)
+    cfg, pid, _ = client_setup(context)
+    x, y = node_data(cfg, context.node_config)
     return cfg, pid, x, y
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from .config import Config, split_list
-from .data import ImageData, dataset_info, label_count_table, load_dataset, partition
+from .data import (DatasetNotFoundError, ImageData, dataset_info, label_count_table, load_dataset, normalize,
+                   partition)
 from .models import MODELS, Classifier, build_model
 
 
@@ -121,3 +123,124 @@ def _test_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 def test_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The server's test set, for reporting only (never for selection)."""
     return _test_tensors(cfg)
+
+
+# ---------------------------------------------------------------------------- deployment data
+# A SuperNode reads its own data; the server never sees it. Either a partition file (written
+# by scripts/deploy/make_partitions.py, copied to the node) or a local copy of the data set.
+PARTITION_FILE_FORMAT = "mosaic-flwr-partition/1"
+MAKE_PARTITIONS = "scripts/deploy/make_partitions.py"
+
+
+def partition_file(cfg: Config, partition_id: int, num_partitions: int) -> dict[str, Any]:
+    """One client's partition as a partition file's content (``torch.save`` it): uint8
+    images, int64 labels, the data set's name and the settings that made the partition."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id: {partition_id} not in [0, {num_partitions})")
+    train, _ = data_for(cfg)
+    part = train.subset(partitions_for(cfg, num_partitions)[partition_id])
+    return {"format": PARTITION_FILE_FORMAT, "dataset": cfg.dataset,
+            "x": part.x.contiguous(), "y": part.y.contiguous(),
+            "partition-id": partition_id, "num-partitions": num_partitions,
+            "partition": cfg.partition, "alpha": float(cfg.alpha), "seed": cfg.seed,
+            "min-partition-size": cfg.min_partition_size, "partition-cap": cfg.partition_cap,
+            "shards-per-client": cfg.shards_per_client}
+
+
+def read_partition_file(path: str | Path) -> dict[str, Any]:
+    """A partition file's content, checked for its format and ids (not yet its tensors)."""
+    where = f"data-file {path}"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"{where} not found (copy this node's partition file there; "
+                                   f"write it with {MAKE_PARTITIONS})") from None
+    except Exception as exc:  # noqa: BLE001  (zip, pickle, EOF errors: all mean "unreadable")
+        first = (str(exc).splitlines() or [""])[0].split(". ")[0][:120]
+        raise ValueError(f"{where} is not a readable partition file ({type(exc).__name__}: "
+                         f"{first})") from None
+    if not isinstance(blob, dict) or blob.get("format") != PARTITION_FILE_FORMAT:
+        raise ValueError(f"{where} is not a mosaic-flwr partition file (format "
+                         f"{PARTITION_FILE_FORMAT!r}; write one with {MAKE_PARTITIONS})")
+    try:
+        pid, num = int(blob["partition-id"]), int(blob["num-partitions"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{where}: no valid 'partition-id'/'num-partitions'") from None
+    if not 0 <= pid < num:
+        raise ValueError(f"{where}: partition-id {pid} not in [0, {num})")
+    return blob
+
+
+def _checked_tensors(blob: dict[str, Any], dataset: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partition file's (uint8 images, int64 labels), checked against the run's data set."""
+    if blob.get("dataset") != dataset:
+        raise ValueError(f"{where} holds {blob.get('dataset')!r} data but the run's dataset is {dataset!r}")
+    info = dataset_info(dataset)
+    x, y = blob.get("x"), blob.get("y")
+    shape = (info.in_channels, info.image_size, info.image_size)
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4
+            and tuple(x.shape[1:]) == shape and len(x) > 0):
+        raise ValueError(f"{where}: 'x' must be a non-empty uint8 tensor [N, {', '.join(map(str, shape))}], "
+                         f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.ndim == 1 and len(y) == len(x)):
+        raise ValueError(f"{where}: 'y' must be an int64 tensor [{len(x)}], "
+                         f"got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    if int(y.min()) < 0 or int(y.max()) >= info.num_classes:
+        raise ValueError(f"{where}: labels outside [0, {info.num_classes})")
+    return x, y
+
+
+@lru_cache(maxsize=2)
+def _partition_file_tensors(path: str, mtime_ns: int, size: int,
+                            dataset: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(normalised images, labels, partition id, num partitions) of a checked partition file;
+    ``mtime_ns`` and ``size`` are part of the cache key so a replaced file is read again."""
+    blob = read_partition_file(path)
+    x, y = _checked_tensors(blob, dataset, f"data-file {path}")
+    return normalize(x, dataset_info(dataset)), y, int(blob["partition-id"]), int(blob["num-partitions"])
+
+
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """(partition id, number of partitions) from a node's config; both are required, in
+    deployment too (``start_supernode.sh`` copies them from the node's partition file)."""
+    missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
+    if missing:
+        raise ValueError(f"node-config {missing[0]}: missing; start the SuperNode with --node-config "
+                         "\"partition-id=N num-partitions=M\" (and data-file='/path/client-N.pt' or "
+                         "data-dir='/path'), e.g. with scripts/deploy/start_supernode.sh")
+    try:
+        return int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except (TypeError, ValueError):
+        raise ValueError(f"node-config partition-id/num-partitions: integers expected, got "
+                         f"{node_config['partition-id']!r}/{node_config['num-partitions']!r}") from None
+
+
+def node_data(cfg: Config, node_config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised images, labels) this node trains on; cached per process.
+
+    Where they come from, by the node's config (``flower-supernode --node-config``), which
+    always holds ``partition-id`` and ``num-partitions``:
+
+    - ``data-file='/path/client-0.pt'``: a partition file (:func:`partition_file`, written by
+      ``scripts/deploy/make_partitions.py``); its data set must be the run's and its ids the
+      node config's;
+    - otherwise the project's partition of the run's data set (as in simulation), read from
+      the node's own ``data-dir`` when its node config has one, else from the run config's.
+    """
+    pid, num = node_partition(node_config)
+    data_file = str(node_config.get("data-file", "") or "")
+    if not data_file:
+        data_dir = str(node_config.get("data-dir", "") or "")
+        if data_dir:
+            cfg = cfg.replace(data_dir=str(Path(data_dir).expanduser()))
+        return client_data(cfg, pid, num)
+    path = Path(data_file).expanduser().resolve()
+    if not path.is_file():
+        raise DatasetNotFoundError(f"node-config data-file: {path} not found (copy this node's "
+                                   f"partition file there; write it with {MAKE_PARTITIONS})")
+    stat = path.stat()
+    x, y, file_pid, file_num = _partition_file_tensors(str(path), stat.st_mtime_ns, stat.st_size, cfg.dataset)
+    if (pid, num) != (file_pid, file_num):
+        raise ValueError(f"node-config partition-id={pid} num-partitions={num} but data-file {path} "
+                         f"holds partition {file_pid} of {file_num}")
+    return x, y
