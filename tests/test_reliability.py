@@ -30,11 +30,12 @@ from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
 from mosaic_flwr.task import Arch
-from tests.conftest import requires_fmnist
 from tests.test_e2e_inprocess import run_inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MOSAIC = {"strategy": "mosaic", "num-server-rounds": 3, "warmup-rounds": 2, "local-steps": 10,
+# The synthetic data set keeps these runs short; the mechanisms do not depend on the data.
+SYNTH = {"dataset": "synthetic", "alpha": 1.0}
+TINY_MOSAIC = {**SYNTH, "strategy": "mosaic", "num-server-rounds": 3, "warmup-rounds": 2, "local-steps": 10,
                "gen-steps": 20, "kd-steps": 5, "meta-epochs": 5}
 
 
@@ -59,7 +60,6 @@ class Crash(BaseException):
 
 # ----------------------------------------------------------------------------- checkpoint
 @pytest.mark.slow
-@requires_fmnist
 def test_crash_in_the_distillation_round_then_resume_matches_the_uninterrupted_run(tmp_path):
     full = run_inprocess(tmp_path / "a", **TINY_MOSAIC)["dir"]
 
@@ -109,7 +109,6 @@ def test_resume_refuses_missing_corrupt_foreign_or_different_checkpoints(tmp_pat
 
 # ----------------------------------------------------------------------------- client faults
 @pytest.mark.slow
-@requires_fmnist
 def test_a_client_that_raises_one_that_never_answers_and_one_that_disconnects(tmp_path, caplog):
     def faults(grid, node, incoming, reply):
         rnd = _round(incoming)
@@ -123,7 +122,7 @@ def test_a_client_that_raises_one_that_never_answers_and_one_that_disconnects(tm
 
     with caplog.at_level(logging.INFO):
         out = run_inprocess(tmp_path, num_nodes=4, grid_options={"hook": faults}, strategy="fedavg",
-                            **{"num-server-rounds": 3, "local-steps": 5})["dir"]
+                            **SYNTH, **{"num-server-rounds": 3, "local-steps": 5})["dir"]
     rows = _rows(out)
     assert [r["clients"] for r in rows[1:]] == [4, 1, 3]
     assert (rows[2]["rejected"], rows[2]["no-reply"]) == (1, 1)
@@ -136,7 +135,6 @@ def test_a_client_that_raises_one_that_never_answers_and_one_that_disconnects(tm
 
 
 @pytest.mark.slow
-@requires_fmnist
 def test_a_round_short_of_min_replies_is_sent_again_then_fails_clearly(tmp_path):
     seen = set()
 
@@ -146,7 +144,7 @@ def test_a_round_short_of_min_replies_is_sent_again_then_fails_clearly(tmp_path)
             return None
         return reply
 
-    out = run_inprocess(tmp_path / "a", grid_options={"hook": flaky}, strategy="fedavg",
+    out = run_inprocess(tmp_path / "a", grid_options={"hook": flaky}, strategy="fedavg", **SYNTH,
                         **{"num-server-rounds": 2, "local-steps": 5, "min-replies": 3})["dir"]
     assert _rows(out)[2]["clients"] == 3 and _rows(out)[2]["retries"] == 1
 
@@ -154,7 +152,7 @@ def test_a_round_short_of_min_replies_is_sent_again_then_fails_clearly(tmp_path)
         return None if node == 101 and _round(incoming) >= 2 else reply
 
     with pytest.raises(RoundFailed, match=r"round 2: fewer than min-replies=3 valid replies after 2 attempts"):
-        run_inprocess(tmp_path / "b", grid_options={"hook": dead}, strategy="fedavg",
+        run_inprocess(tmp_path / "b", grid_options={"hook": dead}, strategy="fedavg", **SYNTH,
                       **{"num-server-rounds": 3, "local-steps": 5, "min-replies": 3, "round-retries": 1})
     run_dir = tmp_path / "b" / "run"
     assert [r["round"] for r in _rows(run_dir)] == [0, 1] and load_checkpoint(run_dir)["round"] == 1
@@ -259,7 +257,6 @@ def test_a_second_reply_from_one_node_is_rejected(distill_round):
 
 
 @pytest.mark.slow
-@requires_fmnist
 def test_tampered_clients_do_not_stop_or_poison_a_mosaic_run(tmp_path):
     def tamper(grid, node, incoming, reply):
         if _round(incoming) == 2 and node in (100, 101):  # the distillation round
@@ -319,11 +316,11 @@ def _kill_all(proc: subprocess.Popen, home: Path | None) -> None:
 
 
 @pytest.mark.slow
-@requires_fmnist
 def test_serverapp_killed_by_pid_mid_round_resumes_to_the_same_metrics(tmp_path):
     # FedAvg keeps this real-process case short; Mosaic's state (experts, meta model,
     # generators) is covered in-process by the crash in its distillation round above.
-    settings = f"strategy='fedavg' num-server-rounds=4 local-steps=20 output-dir='{tmp_path}'"
+    settings = (f"strategy='fedavg' dataset='synthetic' num-server-rounds=4 local-steps=20 "
+                f"output-dir='{tmp_path}'")
     ref = _sim(settings + " run-name='ref'", tmp_path / "ref.log")
     killed = _sim(settings + " run-name='run'", tmp_path / "run.log")
     run_dir, home, server_pid = tmp_path / "run", None, None
