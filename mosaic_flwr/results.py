@@ -18,6 +18,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp gives 0600)
+
+
 def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
     """Write a file so that readers see the old or the new content, never a torn one
     (``durable``: also flushed to the disk before it replaces the old one)."""
@@ -30,6 +39,7 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

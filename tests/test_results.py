@@ -1,0 +1,26 @@
+"""Results files: written atomically, readable like any other new file."""
+
+import os
+
+import pytest
+
+from mosaic_flwr.results import atomic_write
+
+
+def test_atomic_write_replaces_whole_files_with_the_usual_mode(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_write(path, "old")
+    atomic_write(path, b"new", durable=True)
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_a_failed_write_keeps_the_old_content(tmp_path):
+    path = tmp_path / "summary.json"
+    atomic_write(path, "complete")
+    with pytest.raises(TypeError):
+        atomic_write(path, 12345)  # not str or bytes: fails while writing
+    assert path.read_text() == "complete" and len(list(tmp_path.iterdir())) == 1
