@@ -14,25 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import ROOT, git_commit, run_cell  # noqa: E402
+
 DISTILL_KEYS = ("acc-before-distill", "acc-ensemble", "acc-teacher", "acc-after-distill",
                 "gen-seconds-mean", "meta-seconds", "kd-seconds", "distill-seconds")
-
-
-VARIANTS = {  # name -> (strategy, extra run config)
-    "mosaic-nometa": ("mosaic", "mosaic-meta=false"),           # the plain expert ensemble teaches
-    "mosaic-generated": ("mosaic", "meta-data='generated'"),     # meta model on unscreened samples
-    "mosaic-screened": ("mosaic", "meta-data='screened'"),
-}
-
-
-def variant_config(variant: str) -> tuple[str, str]:
-    """A strategy name, or a named variant of one (``VARIANTS``)."""
-    return VARIANTS.get(variant, (variant, ""))
 
 
 def main() -> int:
@@ -46,24 +35,13 @@ def main() -> int:
     runs_dir = ROOT / "bench" / "runs" / args.name
     results = {}
     for variant in args.strategies:
-        strategy, extra = variant_config(variant)
-        out = runs_dir / variant
-        if not (out / "summary.json").is_file():
-            rc = f"strategy='{strategy}' output-dir='{runs_dir}' run-name='{variant}' {extra} {args.run_config}"
-            log = runs_dir / f"{variant}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"[compare] running {variant} (log: {log})", flush=True)
-            with open(log, "w") as f:
-                code = subprocess.call([sys.executable, str(ROOT / "scripts" / "flwr_sim.py"),
-                                        "--num-supernodes", str(args.num_supernodes),
-                                        "--run-config", rc], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-            if code != 0:
-                print(f"[compare] {variant} failed (exit {code}); see {log}", flush=True)
-                continue
-        results[variant] = json.loads((out / "summary.json").read_text())
+        summary = run_cell(runs_dir, variant, variant, args.run_config,
+                           num_supernodes=args.num_supernodes, tag="compare")
+        if summary is not None:
+            summary.pop("bench", None)
+            results[variant] = summary
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     lines = [f"# {args.name}", "",
              f"commit `{commit}`, {platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores), "
              f"{args.num_supernodes} clients, shared run config: `{args.run_config or '(defaults)'}`", "",

@@ -1,0 +1,280 @@
+"""What the benchmarks share: running one cell through the real Flower simulation
+(scripts/flwr_sim.py, resumed when finished), peak memory of the processes a simulation
+starts, payload sizes of Flower messages, seed statistics, and the provenance (commit,
+machine, load average) every recorded figure carries."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+RUNS = ROOT / "bench" / "runs"
+
+VARIANTS = {  # name -> (strategy, extra run config)
+    "mosaic-nometa": ("mosaic", "mosaic-meta=false"),           # the plain expert ensemble teaches
+    "mosaic-generated": ("mosaic", "meta-data='generated'"),     # meta model on unscreened samples
+    "mosaic-screened": ("mosaic", "meta-data='screened'"),
+}
+
+
+def variant_config(variant: str) -> tuple[str, str]:
+    """A strategy name, or a named variant of one (``VARIANTS``)."""
+    return VARIANTS.get(variant, (variant, ""))
+
+
+# ----------------------------------------------------------------------------- provenance
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+
+
+def git_dirty() -> bool:
+    """Whether the code a run executes differs from the commit (uncommitted changes)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--", "mosaic_flwr", "client_app",
+                          "server_app", "scripts", "pyproject.toml"],
+                         cwd=ROOT, capture_output=True, text=True).stdout
+    return bool(out.strip())
+
+
+def loadavg() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"host": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        from importlib.metadata import version
+        info["flwr"] = version("flwr")
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def machine_line(m: dict | None = None) -> str:
+    m = m or machine()
+    gpu = f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU"
+    return (f"{m['host']} ({m['arch']}, {m['cpus']} cores{gpu}), torch {m['torch']}, "
+            f"flwr {m.get('flwr', '?')}")
+
+
+def provenance(command: str | None = None) -> dict:
+    """Commit (and whether the tree had uncommitted code changes), machine, load, command."""
+    return {"commit": git_commit(), "dirty": git_dirty(), "machine": machine(),
+            "loadavg": loadavg(), "command": command or " ".join(map(shlex.quote, sys.argv)),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def header_lines(title: str, prov: dict) -> list[str]:
+    dirty = " (with uncommitted changes)" if prov.get("dirty") else ""
+    return [f"# {title}", "",
+            f"- commit `{prov['commit']}`{dirty}, {prov['date']}",
+            f"- machine: {machine_line(prov['machine'])}",
+            f"- load average (1, 5, 15 min) at start: {prov['loadavg']}"
+            + (f", at end: {prov['loadavg_end']}" if "loadavg_end" in prov else ""),
+            f"- command: `{prov['command']}`", ""]
+
+
+def write_results(name: str, markdown: str, data: dict) -> Path:
+    """``bench/results/<name>.md`` and ``.json``; returns the markdown path."""
+    from mosaic_flwr.results import atomic_write, write_json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write(RESULTS / f"{name}.md", markdown)
+    write_json(RESULTS / f"{name}.json", data)
+    return RESULTS / f"{name}.md"
+
+
+# ----------------------------------------------------------------------------- statistics
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        raise ValueError("mean_std: no values")
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt_mean_std(values: Sequence[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- payloads
+def payload_bytes(content) -> dict[str, int]:
+    """Bytes of each record of a Flower ``RecordDict``: for an array record, the sum of its
+    tensors' ``nbytes`` (elements x item size); for a metric/config record, 8 bytes per
+    number and the length of keys, strings and bytes (lists element-wise). Keys: the record
+    names, and ``total``."""
+    import numpy as np
+    from flwr.app import ArrayRecord
+
+    def value_size(v) -> int:
+        if isinstance(v, (list, tuple)):
+            return sum(value_size(e) for e in v)
+        if isinstance(v, (bytes, str)):
+            return len(v)
+        return 8
+
+    sizes = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            sizes[name] = sum(int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+                              for arr in record.values())
+        else:
+            sizes[name] = sum(len(k) + value_size(v) for k, v in record.items())
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def wire_bytes(content) -> int:
+    """Size of a ``RecordDict`` serialised as Flower sends it (protobuf)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).ByteSize()
+
+
+# ----------------------------------------------------------------------------- memory
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _proc_status(pid: int) -> tuple[str, int] | None:
+    """(command line, VmHWM in bytes) of a live process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return cmd, int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def classify(cmd: str) -> str:
+    """Which part of a Flower simulation a process is."""
+    if "ClientAppActor" in cmd:
+        return "client"
+    if "flwr-simulation" in cmd:
+        return "server"
+    if "flower-superlink" in cmd or "flower-superexec" in cmd:
+        return "superlink"
+    if "ray::" in cmd or "/ray/" in cmd:
+        return "ray"
+    return "other"
+
+
+class PeakMemory:
+    """Polls the process tree under ``pid`` and keeps each process's peak RSS (VmHWM), by
+    role: ``server`` (flwr-simulation: the ServerApp, and Ray's driver), ``client`` (a Ray
+    ClientAppActor, which runs one ClientApp call after another), ``superlink``, ``ray``."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        self.pid, self.interval = pid, interval
+        self.peaks: dict[int, tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            todo, seen = [self.pid], set()
+            while todo:
+                pid = todo.pop()
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                st = _proc_status(pid)
+                if st:
+                    self.peaks[pid] = (classify(st[0]), max(st[1], self.peaks.get(pid, ("", 0))[1]))
+                todo += _children(pid)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def by_role(self) -> dict[str, dict]:
+        """Per role: the largest peak RSS of one process (MiB) and the process count."""
+        out: dict[str, dict] = {}
+        for role, peak in self.peaks.values():
+            r = out.setdefault(role, {"peak_mib": 0.0, "processes": 0})
+            r["peak_mib"] = max(r["peak_mib"], round(peak / 2**20, 1))
+            r["processes"] += 1
+        return out
+
+
+# ----------------------------------------------------------------------------- one cell
+def cell_done(out: Path) -> bool:
+    return (Path(out) / "summary.json").is_file()
+
+
+def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", *,
+             num_supernodes: int = 10, cpus_per_client: int = 1, monitor: bool = False,
+             tag: str = "bench") -> dict | None:
+    """One run of ``variant`` (a strategy or a ``VARIANTS`` name) through the real Flower
+    simulation into ``runs_dir/run_name``; the log goes to ``runs_dir/run_name.log``.
+
+    A finished run (its ``summary.json`` exists) is not run again: its summary is returned.
+    Otherwise returns the new summary, or ``None`` when the run failed. Beside the summary,
+    ``bench.json`` records the launcher's wall time, the load average before and after, the
+    commit, and with ``monitor`` the peak RSS of the server and client processes; the
+    returned summary carries it under ``bench``.
+    """
+    runs_dir = Path(runs_dir).resolve()
+    out = runs_dir / run_name
+    if not cell_done(out):
+        strategy, extra = variant_config(variant)
+        rc = f"strategy='{strategy}' output-dir='{runs_dir}' run-name='{run_name}' {extra} {run_config}"
+        log = runs_dir / f"{run_name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "scripts" / "flwr_sim.py"), "--num-supernodes",
+               str(num_supernodes), "--cpus-per-client", str(cpus_per_client), "--run-config", rc]
+        print(f"[{tag}] running {run_name} (log: {log})", flush=True)
+        load0, t0 = loadavg(), time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            if monitor:
+                with PeakMemory(proc.pid) as mem:
+                    code = proc.wait()
+            else:
+                code = proc.wait()
+        if code != 0 or not cell_done(out):
+            print(f"[{tag}] {run_name} failed (exit {code}); see {log}", flush=True)
+            return None
+        bench = {"launcher_seconds": round(time.perf_counter() - t0, 2), "loadavg_before": load0,
+                 "loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
+                 "num_supernodes": num_supernodes, "cpus_per_client": cpus_per_client,
+                 "command": " ".join(map(shlex.quote, cmd))}
+        if monitor:
+            bench["memory"] = mem.by_role()
+        (out / "bench.json").write_text(json.dumps(bench, indent=2) + "\n")
+    summary = json.loads((out / "summary.json").read_text())
+    bench_file = out / "bench.json"
+    if bench_file.is_file():
+        summary["bench"] = json.loads(bench_file.read_text())
+    return summary

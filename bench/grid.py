@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Accuracy benchmark: strategies x Dirichlet alpha x seeds on Fashion-MNIST, each cell one
+run of this Flower app through the real simulation (scripts/flwr_sim.py, 10 clients), plus
+the centralised-training reference (same model, same number of sample passes: the upper
+bound). Writes bench/results/<name>.md (mean ± std over seeds of final and best accuracy),
+.json (every cell) and .png (accuracy vs alpha).
+
+    .venv/bin/python bench/grid.py             # the full grid: 5 strategies x 3 alphas x 3 seeds
+    .venv/bin/python bench/grid.py --quick     # 2 strategies x 1 alpha x 1 seed, 3 short rounds
+    .venv/bin/python bench/grid.py --table-only   # rebuild the table from the finished cells
+
+Resumes: a cell whose run directory (bench/runs/<name>/<cell>/) holds summary.json is not
+run again, so an interrupted grid continues where it stopped. Cells run in seed order, so
+the first seed's table is complete early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (RESULTS, RUNS, cell_done, fmt_mean_std, header_lines, loadavg,  # noqa: E402
+                          provenance, run_cell, write_results)
+
+STRATEGIES = ("fedavg", "fedprox", "feddf", "mosaic", "mosaic-nometa")
+ALPHAS = (0.01, 0.1, 1.0)
+SEEDS = (42, 43, 44)
+CENTRAL = "central"
+QUICK = {"strategies": ("fedavg", "mosaic"), "alphas": (0.1,), "seeds": (42,),
+         "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 gen-steps=60 "
+                       "kd-steps=30 meta-epochs=40"}
+DISTILLING = {"feddf", "mosaic", "mosaic-nometa", "mosaic-generated", "mosaic-screened"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    variant: str          # a strategy, a bench.common.VARIANTS name, or "central"
+    alpha: float | None   # None: the centralised reference (the union of the partitions
+    seed: int             # is the whole training set whatever alpha is)
+
+    @property
+    def name(self) -> str:
+        return f"{CENTRAL}-s{self.seed}" if self.alpha is None else f"{self.variant}-a{self.alpha:g}-s{self.seed}"
+
+
+def grid_cells(strategies: Iterable[str], alphas: Iterable[float], seeds: Iterable[int],
+               central: bool = True) -> list[Cell]:
+    """Every cell, seed by seed (the centralised reference first), then alpha, then strategy."""
+    cells = []
+    for seed in seeds:
+        if central:
+            cells.append(Cell(CENTRAL, None, seed))
+        cells += [Cell(v, a, seed) for a in alphas for v in strategies]
+    return cells
+
+
+def run_grid(cells: Iterable[Cell], runs_dir: Path, runner: Callable[[Cell], dict | None]
+             ) -> dict[Cell, dict]:
+    """Each cell's summary: read from ``runs_dir/<cell>/summary.json`` when it exists (a
+    finished cell is never rerun), else from ``runner(cell)`` (``None``: failed, left out)."""
+    results = {}
+    for cell in cells:
+        out = Path(runs_dir) / cell.name
+        if cell_done(out):
+            summary = json.loads((out / "summary.json").read_text())
+        else:
+            summary = runner(cell)
+        if summary is not None:
+            results[cell] = summary
+    return results
+
+
+def aggregate(results: dict[Cell, dict]) -> dict[tuple[str, float | None], dict]:
+    """Per (variant, alpha): final/best accuracies and wall seconds over seeds."""
+    groups: dict[tuple[str, float | None], dict] = {}
+    for cell, s in sorted(results.items(), key=lambda kv: kv[0].seed):
+        g = groups.setdefault((cell.variant, cell.alpha),
+                              {"seeds": [], "final": [], "best": [], "wall": []})
+        g["seeds"].append(cell.seed)
+        g["final"].append(float(s["final_accuracy"]))
+        g["best"].append(float(s["best_accuracy"]))
+        g["wall"].append(float(s.get("wall_seconds", 0.0)))
+        for key in ("acc-before-distill", "acc-teacher", "acc-after-distill"):
+            if key in (s.get("distillation") or {}):
+                g.setdefault(key, []).append(float(s["distillation"][key]))
+    return groups
+
+
+# ----------------------------------------------------------------------------- running
+def cell_config(shared: str, cell: Cell) -> str:
+    return f"{shared} alpha={cell.alpha} seed={cell.seed}"
+
+
+def resolved_config(shared: str, **changes):
+    """The config a cell's ServerApp builds: pyproject defaults < shared overrides < changes
+    (checked as for Mosaic, or as for FedAvg when the schedule has no distillation round)."""
+    from flwr.common.config import parse_config_args
+
+    from mosaic_flwr.config import ConfigError, build_config
+
+    overrides = {**(parse_config_args([shared]) if shared.strip() else {}), **changes}
+    try:
+        return build_config({"strategy": "mosaic", **overrides})
+    except ConfigError:
+        return build_config({"strategy": "fedavg", **overrides})
+
+
+def run_central(cell: Cell, runs_dir: Path, shared: str, num_clients: int) -> dict:
+    """The centralised reference of ``cell.seed``, written like a run (summary.json, metrics.json)."""
+    import torch
+
+    from mosaic_flwr.central import train_central
+    from mosaic_flwr.results import write_json
+
+    from bench.common import git_commit, git_dirty
+
+    out = Path(runs_dir) / cell.name
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = resolved_config(shared, seed=cell.seed)
+    print(f"[grid] running {cell.name} (in-process, no Flower)", flush=True)
+    load0, t0 = loadavg(), time.perf_counter()
+    torch.set_num_threads(cfg.client_threads)  # as a client trains
+    r = train_central(cfg, num_clients)
+    write_json(out / "metrics.json", r["rounds"])
+    write_json(out / "bench.json", {"loadavg_before": load0, "loadavg_after": loadavg(),
+                                    "commit": git_commit(), "dirty": git_dirty()})
+    summary = {"strategy": CENTRAL, "seed": cell.seed, "final_accuracy": r["final_accuracy"],
+               "best_accuracy": r["best_accuracy"], "best_round": r["best_round"],
+               "wall_seconds": round(time.perf_counter() - t0, 2), "steps": r["steps"],
+               "sample_passes": r["sample_passes"], "train_samples": r["train_samples"],
+               "config": cfg.to_dict()}
+    write_json(out / "summary.json", summary)  # last: its presence marks the cell finished
+    return summary
+
+
+# ----------------------------------------------------------------------------- reporting
+def budget_lines(cfg, num_clients: int, strategies: Iterable[str], central: dict | None) -> list[str]:
+    c = cfg
+    per_client = c.num_server_rounds * c.local_steps * c.batch_size
+    work = (f"{c.local_steps} local SGD steps of {c.batch_size} samples" if c.local_steps > 0
+            else f"{c.local_epochs} local epoch(s)")
+    lines = [f"**Client compute (equal for every strategy):** {c.num_server_rounds} rounds x "
+             f"{num_clients} clients x {work} (lr {c.lr:g}, momentum {c.momentum:g}"
+             + (f"; {per_client:,} sample passes per client" if c.local_steps > 0 else "") + ")."]
+    if set(strategies) & DISTILLING:
+        lines.append(
+            f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} "
+            f"at the fine-tune rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client "
+            f"also trains its generator once: {c.gen_steps} steps of {c.gen_batch_size} samples "
+            "(generator, discriminator and the client's classifier forward/backward): **extra "
+            "client compute** the baselines do not spend. Their server distils for "
+            f"{c.kd_steps} steps of {c.kd_batch_size} generated samples (Mosaic also trains the "
+            f"meta model, at most {c.meta_epochs} epochs).")
+    if central:
+        lines.append(f"**Centralised reference:** the same model and SGD on the union of the "
+                     f"clients' data ({central['train_samples']:,} samples) for the same number "
+                     f"of sample passes ({central['sample_passes']:,.0f}: {central['steps']} steps "
+                     f"of {c.batch_size}), at lr {c.lr:g} throughout; evaluated "
+                     f"{c.num_server_rounds} times (best = best of those). One value per seed, the "
+                     "same for every alpha.")
+    return lines
+
+
+def table(groups: dict, strategies: list[str], alphas: list[float]) -> list[str]:
+    head = "| strategy | " + " | ".join(f"α={a:g} final | α={a:g} best" for a in alphas) + " | seeds |"
+    lines = [head, "|---|" + "---|---|" * len(alphas) + "---|"]
+    for variant in strategies + [CENTRAL]:
+        cells, seeds = [], set()
+        for a in alphas:
+            g = groups.get((variant, None if variant == CENTRAL else a))
+            cells += [fmt_mean_std(g["final"]), fmt_mean_std(g["best"])] if g else ["-", "-"]
+            seeds.update(g["seeds"] if g else [])
+        if any(c != "-" for c in cells):
+            label = f"{variant} (upper bound)" if variant == CENTRAL else variant
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    return lines
+
+
+def distill_table(groups: dict, strategies: list[str], alphas: list[float]) -> list[str]:
+    rows = []
+    for variant in strategies:
+        cells = []
+        for a in alphas:
+            g = groups.get((variant, a)) or {}
+            if "acc-after-distill" in g:
+                cells.append(f"{fmt_mean_std(g['acc-before-distill'], 3)} → "
+                             f"{fmt_mean_std(g['acc-after-distill'], 3)} "
+                             f"(teacher {fmt_mean_std(g['acc-teacher'], 3)})")
+            else:
+                cells.append("-")
+        if any(c != "-" for c in cells):
+            rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return (["", "Distillation round (test accuracy of the global model before → after "
+             "distillation, and of the teacher; mean ± std over seeds):", "",
+             "| strategy | " + " | ".join(f"α={a:g}" for a in alphas) + " |",
+             "|---|" + "---|" * len(alphas)] + rows)
+
+
+def wall_table(groups: dict, strategies: list[str], alphas: list[float]) -> list[str]:
+    lines = ["", "Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
+             "see the load averages in the JSON):", "",
+             "| strategy | " + " | ".join(f"α={a:g}" for a in alphas) + " |",
+             "|---|" + "---|" * len(alphas)]
+    for variant in strategies:
+        vals = [groups.get((variant, a)) for a in alphas]
+        if any(vals):
+            lines.append(f"| {variant} | " + " | ".join(
+                f"{sum(g['wall']) / len(g['wall']):.0f}" if g else "-" for g in vals) + " |")
+    return lines
+
+
+def plot(groups: dict, strategies: list[str], alphas: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.common import mean_std
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110, sharey=True)
+    for ax, key in zip(axes, ("final", "best")):
+        for variant in strategies:
+            pts = [(a, *mean_std(groups[(variant, a)][key])) for a in alphas if (variant, a) in groups]
+            if pts:
+                xs, ms, ss = zip(*pts)
+                ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=variant)
+        central = [g for (v, _), g in groups.items() if v == CENTRAL]
+        if central:
+            m, s = mean_std(central[0][key])
+            ax.axhline(m, color="black", ls="--", lw=1, label="central (upper bound)")
+            ax.axhspan(m - s, m + s, color="black", alpha=0.08)
+        ax.set_xscale("log")
+        ax.set_xlabel("Dirichlet α (small = more label skew)")
+        ax.set_title(f"{key} accuracy", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: list[float],
+           shared: str, num_clients: int, prov: dict) -> str:
+    groups = aggregate(results)
+    cfg = resolved_config(shared)
+    central = next((s for c, s in results.items() if c.variant == CENTRAL), None)
+    commits = sorted({(s.get("bench") or {}).get("commit", "?") for s in results.values()})
+    loads = [s["bench"]["loadavg_before"][0] for s in results.values()
+             if "loadavg_before" in (s.get("bench") or {})]
+    lines = header_lines(f"Accuracy grid: {name}", prov)
+    lines += [f"Fashion-MNIST, {cfg.model}, {num_clients} clients (real Flower simulation, "
+              f"scripts/flwr_sim.py), Dirichlet label skew; shared run config: "
+              f"`{shared.strip() or '(defaults)'}`; cells finished at commit(s) {', '.join(commits)}"
+              + (f"; 1-min load average when cells started: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
+              + ".", ""]
+    lines += budget_lines(cfg, num_clients, strategies, central) + [""]
+    lines += ["Test accuracy, mean ± std over seeds (final: after the last round; best: best "
+              "round; the test set is used for reporting only):", ""]
+    lines += table(groups, strategies, alphas)
+    lines += distill_table(groups, strategies, alphas)
+    lines += wall_table(groups, strategies, alphas)
+    lines += ["", f"Plot: `{name}.png`. Runs: `bench/runs/{name}/<cell>/` (gitignored)."]
+    plot(groups, strategies, alphas, RESULTS / f"{name}.png",
+         f"{name}: Fashion-MNIST, {num_clients} clients")
+    md = "\n".join(lines) + "\n"
+    data = {**prov, "name": name, "strategies": strategies, "alphas": alphas,
+            "shared_run_config": shared, "num_clients": num_clients,
+            "groups": {f"{v}|{a}": g for (v, a), g in groups.items()},
+            "cells": {c.name: {k: v for k, v in s.items() if k not in ("partition_label_counts", "config")}
+                      for c, s in results.items()}}
+    write_results(name, md, data)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", help="results name (default: grid, or grid-quick with --quick)")
+    ap.add_argument("--strategies", nargs="+", help=f"default: {' '.join(STRATEGIES)}")
+    ap.add_argument("--alphas", nargs="+", type=float, help=f"default: {ALPHAS}")
+    ap.add_argument("--seeds", nargs="+", type=int, help=f"default: {SEEDS}")
+    ap.add_argument("--run-config", help="run-config overrides shared by every cell (TOML)")
+    ap.add_argument("--num-supernodes", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help=f"reduced grid: {QUICK}")
+    ap.add_argument("--no-central", action="store_true", help="leave out the centralised reference")
+    ap.add_argument("--table-only", action="store_true", help="run nothing; tabulate finished cells")
+    args = ap.parse_args(argv)
+    base = QUICK if args.quick else {"strategies": STRATEGIES, "alphas": ALPHAS, "seeds": SEEDS,
+                                     "run_config": ""}
+    name = args.name or ("grid-quick" if args.quick else "grid")
+    strategies = list(args.strategies or base["strategies"])
+    alphas = list(args.alphas or base["alphas"])
+    seeds = list(args.seeds or base["seeds"])
+    shared = args.run_config if args.run_config is not None else base["run_config"]
+    runs_dir = RUNS / name
+    prov = provenance()
+
+    def runner(cell: Cell) -> dict | None:
+        if args.table_only:
+            return None
+        if cell.variant == CENTRAL:
+            return run_central(cell, runs_dir, shared, args.num_supernodes)
+        return run_cell(runs_dir, cell.name, cell.variant, cell_config(shared, cell),
+                        num_supernodes=args.num_supernodes, tag="grid")
+
+    cells = grid_cells(strategies, alphas, seeds, central=not args.no_central)
+    print(f"[grid] {len(cells)} cells, {sum(cell_done(runs_dir / c.name) for c in cells)} finished; "
+          f"runs in {runs_dir}", flush=True)
+    results = run_grid(cells, runs_dir, runner)
+    for cell in cells:  # the bench.json sidecar (commit, load) of every finished cell
+        sidecar = runs_dir / cell.name / "bench.json"
+        if cell in results and sidecar.is_file():
+            results[cell]["bench"] = json.loads(sidecar.read_text())
+    prov["loadavg_end"] = loadavg()
+    md = report(name, results, strategies, alphas, shared, args.num_supernodes, prov)
+    print(md)
+    missing = [c.name for c in cells if c not in results]
+    if missing:
+        print(f"[grid] {len(missing)} cells missing or failed: {', '.join(missing)}", flush=True)
+    return 1 if missing and not args.table_only else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The pure parts of the benchmarks (bench/): seed statistics, resuming the grid, payload
+sizes, peak-memory polling, and the centralised reference on the synthetic data set."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from bench.common import PeakMemory, classify, fmt_mean_std, mean_std, payload_bytes, wire_bytes
+from bench.grid import CENTRAL, Cell, aggregate, grid_cells, run_grid
+from mosaic_flwr.central import federated_sample_passes, samples_in_steps, train_central
+from mosaic_flwr.config import build_config
+
+
+def test_mean_std_is_sample_std():
+    mean, std = mean_std([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7) and std == pytest.approx(0.2)
+    assert mean_std([0.3]) == (0.3, 0.0)
+    assert fmt_mean_std([0.5, 0.7, 0.9], 3) == "0.700 ± 0.200"
+    assert fmt_mean_std([]) == "-"
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_cells_are_ordered_by_seed_with_central_once_per_seed():
+    cells = grid_cells(["fedavg", "mosaic"], [0.1, 1.0], [1, 2])
+    assert [c.name for c in cells[:5]] == ["central-s1", "fedavg-a0.1-s1", "mosaic-a0.1-s1",
+                                           "fedavg-a1-s1", "mosaic-a1-s1"]
+    assert len(cells) == 2 * (1 + 4) and len({c.name for c in cells}) == len(cells)
+    assert [c.name for c in grid_cells(["fedavg"], [0.01], [3], central=False)] == ["fedavg-a0.01-s3"]
+
+
+def test_aggregate_groups_seeds_per_strategy_and_alpha():
+    results = {
+        Cell("fedavg", 0.1, 1): {"final_accuracy": 0.6, "best_accuracy": 0.7, "wall_seconds": 10},
+        Cell("fedavg", 0.1, 2): {"final_accuracy": 0.8, "best_accuracy": 0.9, "wall_seconds": 20},
+        Cell("mosaic", 0.1, 1): {"final_accuracy": 0.75, "best_accuracy": 0.75,
+                                 "distillation": {"acc-before-distill": 0.6, "acc-teacher": 0.7,
+                                                  "acc-after-distill": 0.72}},
+        Cell(CENTRAL, None, 1): {"final_accuracy": 0.9, "best_accuracy": 0.91},
+    }
+    groups = aggregate(results)
+    g = groups[("fedavg", 0.1)]
+    assert g["seeds"] == [1, 2] and g["final"] == [0.6, 0.8] and g["best"] == [0.7, 0.9]
+    assert mean_std(g["final"]) == (pytest.approx(0.7), pytest.approx(math.sqrt(0.02)))
+    assert groups[("mosaic", 0.1)]["acc-after-distill"] == [0.72]
+    assert groups[(CENTRAL, None)]["final"] == [0.9]
+
+
+def test_run_grid_skips_finished_cells(tmp_path):
+    cells = grid_cells(["fedavg", "mosaic"], [0.1], [7])
+    done = tmp_path / cells[1].name
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps({"final_accuracy": 0.5, "best_accuracy": 0.6}))
+    ran = []
+
+    def runner(cell):
+        ran.append(cell.name)
+        return None if cell.variant == "mosaic" else {"final_accuracy": 0.9, "best_accuracy": 0.9}
+
+    results = run_grid(cells, tmp_path, runner)
+    assert ran == ["central-s7", "mosaic-a0.1-s7"]          # the finished cell was not rerun
+    assert results[cells[1]]["final_accuracy"] == 0.5       # ... but its summary is used
+    assert cells[2] not in results                          # a failed cell is left out
+
+
+def test_payload_bytes_counts_tensor_nbytes_per_record():
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": torch.zeros(10, 3), "b": torch.zeros(3, dtype=torch.float64),
+                               "n": torch.zeros(2, dtype=torch.long)}),
+        "metrics": MetricRecord({"num-examples": 5, "counts": [1, 2, 3]}),
+        "config": ConfigRecord({"name": "abc"}),
+    })
+    sizes = payload_bytes(content)
+    assert sizes["arrays"] == 10 * 3 * 4 + 3 * 8 + 2 * 8
+    assert sizes["metrics"] == len("num-examples") + 8 + len("counts") + 3 * 8
+    assert sizes["config"] == len("name") + 3
+    assert sizes["total"] == sizes["arrays"] + sizes["metrics"] + sizes["config"]
+    assert wire_bytes(content) > sizes["arrays"]  # serialised: data + headers
+
+
+def test_peak_memory_sees_a_child_process_peak():
+    code = "import time; b = bytearray(64 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    with PeakMemory(proc.pid, interval=0.2) as mem:
+        proc.wait()
+    roles = mem.by_role()
+    assert roles["other"]["peak_mib"] >= 64 and roles["other"]["processes"] == 1
+    assert classify("ray::ClientAppActor.run") == "client"
+    assert classify("python flwr-simulation --runtime-api-address x") == "server"
+
+
+def test_sample_passes_match_the_clients_batches():
+    assert samples_in_steps(100, 32, 4) == 100        # one epoch: 32 + 32 + 32 + 4
+    assert samples_in_steps(100, 32, 5) == 132
+    assert samples_in_steps(10, 32, 3) == 30          # a small client: 3 passes of 10
+    cfg = build_config({"strategy": "fedavg", "num-server-rounds": 2, "local-steps": 4, "batch-size": 32})
+    assert federated_sample_passes(cfg, [100, 10]) == 2 * (100 + 40)
+    epochs = build_config({"strategy": "fedavg", "num-server-rounds": 3, "local-steps": 0, "local-epochs": 2})
+    assert federated_sample_passes(epochs, [100, 10]) == 3 * 2 * 110
+    half = build_config({"strategy": "fedavg", "num-server-rounds": 1, "local-steps": 0, "fraction-train": 0.5,
+                         "min-train-clients": 1})
+    assert federated_sample_passes(half, [100, 10, 20, 30]) == pytest.approx(0.5 * 160)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train much faster on one thread, the more so on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_central_on_synthetic_data(one_thread):
+    cfg = build_config({"strategy": "fedavg", "dataset": "synthetic", "partition": "iid", "num-server-rounds": 2,
+                        "local-steps": 5, "batch-size": 16, "seed": 3})
+    r = train_central(cfg, num_clients=4)
+    assert r["train_samples"] == 2000                     # the union of the 4 partitions
+    assert r["sample_passes"] == 2 * 4 * 5 * 16 and r["steps"] == 40
+    assert [h["round"] for h in r["rounds"]] == [1, 2]
+    assert r["final_accuracy"] == r["rounds"][-1]["accuracy"]
+    assert r["best_accuracy"] == max(h["accuracy"] for h in r["rounds"])
+    assert r["final_accuracy"] > 0.5                      # 40 steps learn the patterns
+    again = train_central(cfg, num_clients=4)
+    assert again["final_accuracy"] == r["final_accuracy"]  # deterministic for a seed
