@@ -25,6 +25,7 @@ from .results import atomic_write
 
 FORMAT = "mosaic-flwr-checkpoint/1"
 FILENAME = "checkpoint.pt"
+ARTIFACTS = "distillation.pt"   # Mosaic's meta model, generators, prototypes: written once
 
 # Keys that may differ between a run and its resumption: where results go, the hardware,
 # fault handling, and the number of rounds (a finished run can be extended).
@@ -56,19 +57,19 @@ def _to_lists(value):
     return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` (plus the format tag) to ``run_dir/checkpoint.pt`` atomically."""
+def save_checkpoint(run_dir: Path, state: dict[str, Any], filename: str = FILENAME) -> Path:
+    """Write ``state`` (plus the format tag) to ``run_dir/filename`` atomically."""
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
-    path = Path(run_dir) / FILENAME
+    path = Path(run_dir) / filename
     atomic_write(path, buf.getvalue(), durable=True)
     return path
 
 
-def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+def load_checkpoint(run_dir: Path, filename: str = FILENAME) -> dict[str, Any]:
     """The checkpoint of ``run_dir`` (``weights_only`` load); ``CheckpointError`` naming the
     file and the problem when there is none or it is unreadable."""
-    path = Path(run_dir).expanduser().resolve() / FILENAME
+    path = Path(run_dir).expanduser().resolve() / filename
     if not path.is_file():
         raise CheckpointError(f"resume: no checkpoint at {path} (a run writes one after every "
                               "round unless checkpoint=false)")

@@ -34,6 +34,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 
+from ..checkpoint import ARTIFACTS, save_checkpoint
 from ..models.generators import generator_for
 from ..mosaic.distill import distill
 from ..mosaic.experts import (
@@ -75,7 +76,10 @@ class MosaicStrategy(BankStrategy):
         self.experts: dict[str, list[StateDict]] = {}      # family -> C class experts
         self.family_counts: dict[str, torch.Tensor] = {}   # family -> [C] label counts
         self.distill_report: dict[str, float] = {}
-        self.artifacts: dict = {}   # the distillation round's meta model, generators, prototypes
+        # The distillation round's meta model, generators and prototypes: not needed after
+        # that round, so written once (``distillation.pt``) beside the checkpoint and dropped.
+        self.artifacts: dict = {}
+        self.artifacts_file: str | None = None
         meta_data = self.cfg.meta_data
         if meta_data == "auto":
             meta_data = "screened" if self.heterogeneous else "both"
@@ -342,12 +346,19 @@ class MosaicStrategy(BankStrategy):
         formed with), the distillation report and, once trained, the distillation round's
         meta model, generators and prototypes."""
         return {**super().state_dict(), "experts": self.experts, "family-counts": self.family_counts,
-                "distill-report": self.distill_report, "artifacts": self.artifacts}
+                "distill-report": self.distill_report, "artifacts-file": self.artifacts_file}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.experts, self.family_counts = state["experts"], state["family-counts"]
-        self.distill_report, self.artifacts = state["distill-report"], state["artifacts"]
+        self.distill_report, self.artifacts_file = state["distill-report"], state["artifacts-file"]
+
+    def checkpoint(self, server_round: int) -> None:
+        if self.artifacts and self.cfg.checkpoint:  # before the checkpoint that names the file
+            save_checkpoint(self.sc.results.out_dir, {"round": server_round, **self.artifacts},
+                            filename=ARTIFACTS)
+            self.artifacts, self.artifacts_file = {}, ARTIFACTS
+        super().checkpoint(server_round)
 
 
 def run_mosaic(sc: ServerContext) -> None:
