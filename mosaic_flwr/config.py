@@ -122,6 +122,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "device": (str, _choice(*DEVICES)),
     "eval-batch-size": (int, _positive),
     "client-threads": (int, _positive),
+    "server-threads": (int, _non_negative),
     # --- reliability: checkpoints, resume, faults, robust aggregation
     "resume": (str, None),
     "checkpoint": (bool, None),

@@ -8,6 +8,7 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -62,6 +63,8 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     cfg = build_config(context.run_config)
     strategy = get_strategy(cfg.strategy)  # noqa: F841  (validates availability early)
     device = resolve_device(cfg.device)
+    if cfg.server_threads:  # 0: torch's default (one per core)
+        torch.set_num_threads(cfg.server_threads)
     resume_state = resume_checkpoint(cfg) if cfg.resume else None
     out = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir(cfg)
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable

@@ -40,6 +40,11 @@ def test_preset_then_explicit_override():
     ({"preset": "nope"}, r"^preset: unknown value 'nope'; allowed: \["),
     ({"fraction-train": 1.5}, r"^fraction-train: must be in \(0, 1\]"),
     ({"nonsense-key": 1}, r"^nonsense-key: unknown key"),
+    ({"server-threads": -1}, r"^server-threads: must be >= 0"),
+    ({"round-timeout": 0.0}, r"^round-timeout: must be > 0"),
+    ({"min-replies": 0}, r"^min-replies: must be > 0"),
+    ({"aggregation": "krum"}, r"^aggregation: unknown value 'krum'; allowed: \['mean', 'median', 'trimmed-mean'\]"),
+    ({"trim-fraction": 0.5}, r"^trim-fraction: must be in \[0, 0.5\)"),
 ])
 def test_bad_values_are_one_line_naming_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
