@@ -83,6 +83,14 @@ def run_status(env: dict, connection: str, run_id: int | None) -> str:
     return str(run.get("status", "unknown"))
 
 
+def flower_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment for Flower commands: ``FLWR_HOME=home``, telemetry and the
+    update check off, unbuffered output, this venv's binaries first on PATH (plus ``extra``)."""
+    return dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
+                FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
+                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-supernodes", type=int, default=10)
@@ -98,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     home = ROOT / ".flwr" / f"sim-{port}"
     home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = flower_env(home, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_USAGE_STATS_ENABLED="0")
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "sim"\n\n'
         f'[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')

@@ -23,3 +23,22 @@ def fmnist_available() -> bool:
 requires_fmnist = pytest.mark.skipif(
     not fmnist_available(),
     reason="Fashion-MNIST not installed (bash scripts/setup.sh installs it)")
+
+
+def started_under(root: Path) -> list[int]:
+    """PIDs of live processes whose FLWR_HOME lies under ``root``: every process this test
+    starts sets one there, and SuperExec, ServerApp and ClientApp processes inherit it (they
+    run detached, in sessions of their own)."""
+    marker = f"FLWR_HOME={root}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and any(var.startswith(marker) for var in environ):
+            pids.append(int(entry.name))
+    return pids

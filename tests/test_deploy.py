@@ -20,6 +20,7 @@ import torch
 from mosaic_flwr.config import build_config
 from mosaic_flwr.data import DatasetNotFoundError
 from mosaic_flwr.task import client_data, node_data, node_partition, partition_file
+from tests.conftest import started_under
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "scripts" / "deploy"
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import flwr_deploy
 import make_partitions
-from flwr_sim import BIN, free_port, stop_group
+from flwr_sim import BIN, flower_env, free_port, stop_group
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
@@ -261,25 +262,6 @@ SMALL = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 gen-steps=20 meta-e
          "meta-samples-per-class=8 proto-k=2 kd-steps=5 kd-batch-size=32")
 
 
-def started_under(root: Path) -> list[int]:
-    """PIDs of live processes whose FLWR_HOME lies under ``root``: every process this test
-    starts sets one there, and SuperExec, ServerApp and ClientApp processes inherit it (they
-    run detached, in sessions of their own)."""
-    marker = f"FLWR_HOME={root}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and any(var.startswith(marker) for var in environ):
-            pids.append(int(entry.name))
-    return pids
-
-
 class Deployment:
     """Processes on 127.0.0.1, each in its own session with its own log, and each with its
     FLWR_HOME under ``root``; all stopped by PID in :meth:`stop_all`."""
@@ -288,9 +270,7 @@ class Deployment:
         self.root = root
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
-        self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                        PYTHONUNBUFFERED="1", FLWR_HOME=str(root / "home-default"),
-                        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.env = flower_env(root / "home-default")
 
     def start(self, name: str, cmd: list) -> subprocess.Popen:
         log = self.root / f"{name}.log"

@@ -30,6 +30,7 @@ from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
 from mosaic_flwr.task import Arch
+from tests.conftest import started_under
 from tests.test_e2e_inprocess import run_inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,20 +275,6 @@ def test_tampered_clients_do_not_stop_or_poison_a_mosaic_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real processes
-def _processes_with_home(home: Path) -> list[int]:
-    """PIDs of processes whose environment has ``FLWR_HOME=home`` (SuperLink, ServerApp, Ray)."""
-    needle = f"FLWR_HOME={home}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -313,7 +300,7 @@ def _kill_all(proc: subprocess.Popen, home: Path | None) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.3)
-        pids = _processes_with_home(home) if home else []
+        pids = started_under(home) if home else []
     proc.wait(timeout=30)
 
 
@@ -335,7 +322,7 @@ def test_serverapp_killed_by_pid_mid_round_resumes_to_the_same_metrics(tmp_path)
                 home = ROOT / ".flwr" / f"sim-{port}"
             if (run_dir / "checkpoint.pt").is_file() and load_checkpoint(run_dir)["round"] >= 1:
                 # In simulation the ServerApp runs inside the flwr-simulation process.
-                server_pid = next((p for p in _processes_with_home(home)
+                server_pid = next((p for p in started_under(home)
                                    if "flwr-simulation" in _cmdline(p) or "flwr-serverapp" in _cmdline(p)), None)
                 break
             assert killed.poll() is None, text[-3000:]
@@ -344,7 +331,7 @@ def test_serverapp_killed_by_pid_mid_round_resumes_to_the_same_metrics(tmp_path)
         os.kill(server_pid, signal.SIGKILL)                  # the server dies mid-run
     finally:
         _kill_all(killed, home)                              # and the rest of that deployment
-    assert not _processes_with_home(home)
+    assert not started_under(home)
     saved = load_checkpoint(run_dir)["round"]
     assert 1 <= saved < 4 and not (run_dir / "summary.json").exists()
     try:

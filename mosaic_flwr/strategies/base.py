@@ -14,7 +14,6 @@ from flwr.serverapp import Grid
 
 from ..config import Config
 from ..models import MODELS, Classifier
-from ..mosaic.training import evaluate
 from ..records import ClientInfo, decode_client_info
 from ..results import RunResults
 from ..task import Arch
@@ -81,11 +80,6 @@ class ServerContext:
                   "weight-decay": c.weight_decay}
         values.update(overrides)
         return ConfigRecord(values)
-
-    def evaluate_state(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        self.model.load_state_dict(state)
-        return evaluate(self.model, self.test_x, self.test_y,
-                        batch_size=self.cfg.eval_batch_size, device=self.device)
 
     def record_round(self, server_round: int, metrics: dict[str, float], **extra: Any) -> None:
         """Append a round to the results and print the one-line progress report."""

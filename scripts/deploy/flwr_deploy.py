@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from flwr_sim import BIN, run_status  # BIN: the directory of the python running this script
+from flwr_sim import BIN, flower_env, run_status  # BIN: the directory of the python running this script
 
 CONNECTION = "deploy"
 RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -65,9 +65,7 @@ def write_connection(home: Path, address: str, root_cert: Path, name: str = CONN
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n'
         f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = {json.dumps(str(root_cert))}\n')
-    return dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
-                FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
-                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return flower_env(home)
 
 
 def probe_superlink(address: str, root_cert: Path) -> None:
