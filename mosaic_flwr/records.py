@@ -47,33 +47,36 @@ def state_problem(state: Mapping[str, torch.Tensor], template: Mapping[str, torc
     return None
 
 
-def reply_problem(msg: Message, template: Mapping[str, torch.Tensor],
-                  other_records: Collection[str] = ()) -> str | None:
-    """Validate a baseline train reply: one ArrayRecord ``arrays`` matching the template, a
-    MetricRecord ``metrics`` with a positive ``num-examples`` and finite values, and no
-    records but these (and ``other_records``)."""
+def decode_reply(msg: Message, template: Mapping[str, torch.Tensor],
+                 other_records: Collection[str] = ()) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """Validate and decode a baseline train reply: ``(state, None)`` or ``(None, problem)``.
+
+    The reply must hold one ArrayRecord ``arrays`` matching the template, a MetricRecord
+    ``metrics`` with a positive ``num-examples`` and finite values, and no records but
+    these (and ``other_records``). The arrays are decoded once, here."""
     if msg.has_error():
-        return f"error reply: {msg.error.reason}"
+        return None, f"error reply: {msg.error.reason}"
     content = msg.content
     unexpected = sorted(set(content.keys()) - {ARRAYS, METRICS, *other_records})
     if unexpected:
-        return f"unexpected records {unexpected[:3]}"
+        return None, f"unexpected records {unexpected[:3]}"
     if ARRAYS not in content.array_records:
-        return "no 'arrays' record"
+        return None, "no 'arrays' record"
     if METRICS not in content.metric_records:
-        return "no 'metrics' record"
+        return None, "no 'metrics' record"
     n = content.metric_records[METRICS].get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
-        return f"bad {NUM_EXAMPLES}: {n!r}"
+        return None, f"bad {NUM_EXAMPLES}: {n!r}"
     bad = [k for k, v in content.metric_records[METRICS].items()
            if isinstance(v, (int, float)) and not np.isfinite(v)]
     if bad:
-        return f"metric {bad[0]!r} is not finite"
+        return None, f"metric {bad[0]!r} is not finite"
     try:
         state = record_to_state(content.array_records[ARRAYS])
     except Exception as exc:  # undecodable arrays
-        return f"arrays do not decode: {exc}"
-    return state_problem(state, template)
+        return None, f"arrays do not decode: {exc}"
+    problem = state_problem(state, template)
+    return (None, problem) if problem else (state, None)
 
 
 # ----------------------------------------------------------------------------- Mosaic
@@ -120,7 +123,7 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
     ``[M, feature_dim]`` with labels of classes the client declares) and the generator
     (the declared architecture, finite).
     """
-    problem = reply_problem(msg, template, other_records=(LABEL_COUNTS, PROTOTYPES, GENERATOR))
+    state, problem = decode_reply(msg, template, other_records=(LABEL_COUNTS, PROTOTYPES, GENERATOR))
     if problem:
         return None, problem
     content = msg.content
@@ -135,7 +138,7 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
     if sum(counts) != int(metrics[NUM_EXAMPLES]):
         return None, f"label counts sum to {sum(counts)}, but num-examples is {metrics[NUM_EXAMPLES]}"
     counts_t = torch.tensor(counts, dtype=torch.long)
-    reply = MosaicReply(msg.metadata.src_node_id, record_to_state(content.array_records[ARRAYS]),
+    reply = MosaicReply(msg.metadata.src_node_id, state,
                         int(metrics[NUM_EXAMPLES]), counts_t,
                         {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     if expect_prototypes:

@@ -25,6 +25,13 @@ requires_fmnist = pytest.mark.skipif(
     reason="Fashion-MNIST not installed (bash scripts/setup.sh installs it)")
 
 
+def as_flower_server() -> None:
+    """Let this process build Flower messages as the server would (run 1, node 1): Flower
+    reads the sender's identity from ``TaskIdentity``, which only a running app sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1
+
+
 def started_under(root: Path) -> list[int]:
     """PIDs of live processes whose FLWR_HOME lies under ``root``: every process this test
     starts sets one there, and SuperExec, ServerApp and ClientApp processes inherit it (they

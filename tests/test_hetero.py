@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from client_app.app import app as client_app
@@ -21,7 +20,7 @@ from mosaic_flwr.records import ClientInfo, decode_client_info, state_to_record
 from mosaic_flwr.strategies.bank import BankStrategy
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.task import Arch, build_arch, client_arch, is_heterogeneous
-from tests.conftest import requires_fmnist
+from tests.conftest import as_flower_server, requires_fmnist
 from tests.test_e2e_inprocess import run_inprocess
 
 C = 10
@@ -61,7 +60,7 @@ def _counts(examples: int) -> torch.Tensor:
 
 
 def _bank(archs: dict[int, Arch], examples: dict[int, int] | None = None, **cfg_over) -> BankStrategy:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1
+    as_flower_server()
     cfg = build_config({"strategy": "fedavg", "dataset": "synthetic", **cfg_over})
     examples = examples or {}
     clients = {n: ClientInfo(n, i, _counts(examples.get(n, C)), a.model, a.capacity)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import app as client_app
 from mosaic_flwr.config import build_config
@@ -15,6 +14,7 @@ from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
 from mosaic_flwr.task import Arch, initial_model
+from tests.conftest import as_flower_server
 
 C = 10
 
@@ -31,7 +31,7 @@ def _template(strategy) -> dict:
 
 @pytest.fixture
 def strategy():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1
+    as_flower_server()
     cfg = build_config({"strategy": "mosaic", "dataset": "synthetic", "warmup-rounds": 3,
                         "num-server-rounds": 5})
     return MosaicStrategy(_sc(cfg))

@@ -30,7 +30,7 @@ from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
 from mosaic_flwr.task import Arch
-from tests.conftest import started_under
+from tests.conftest import as_flower_server, started_under
 from tests.test_e2e_inprocess import run_inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +168,7 @@ C = 10
 @pytest.fixture
 def distill_round():
     """A Mosaic strategy at its distillation round (round 3) with two declared clients."""
+    as_flower_server()
     cfg = build_config({"strategy": "mosaic", "dataset": "synthetic", "warmup-rounds": 3,
                         "num-server-rounds": 4})
     counts = torch.tensor([5, 5, 0, 0, 0, 0, 0, 0, 0, 10])
@@ -257,6 +258,18 @@ def test_a_second_reply_from_one_node_is_rejected(distill_round):
                                                                         message_type="train.mosaic"))
     strategy.sc.train_metrics = {}
     assert len(strategy.collect(3, [reply(), reply()])) == 1 and strategy.rejected == 1
+
+
+def test_collect_lets_go_of_each_message_once_decoded(distill_round):
+    """The round's messages are not held beside their decoded payloads: the list is emptied."""
+    strategy, counts = distill_round
+    replies = [Message(_payload(strategy, counts), reply_to=Message(RecordDict({}), dst_node_id=node,
+                                                                      message_type="train.mosaic"))
+               for node in (102, 101)]
+    strategy.sc.train_metrics = {}
+    kept = strategy.collect(3, replies)
+    assert replies == []
+    assert [r.node_id for _, r in kept] == [101, 102]  # partition order, not arrival order
 
 
 @pytest.mark.slow

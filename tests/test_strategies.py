@@ -1,13 +1,13 @@
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from mosaic_flwr.strategies import STRATEGIES, get_strategy
 from mosaic_flwr.config import build_config
 from mosaic_flwr.strategies.bank import BankFedProx, BankStrategy
 from mosaic_flwr.strategies.baselines import run_fedavg, run_fedprox
 from mosaic_flwr.strategies.base import ServerContext
+from tests.conftest import as_flower_server
 
 TEMPLATE = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
 
@@ -20,7 +20,7 @@ def test_selection_by_name():
 
 
 def _reply(w: float, n: int, node: int, *, key="w", shape=(2, 2)) -> Message:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1  # "server" side
+    as_flower_server()
     arrays = {key: torch.full(shape, w), "b": torch.full((2,), w)}
     out = Message(RecordDict({"arrays": ArrayRecord({k: v for k, v in arrays.items()})}),
                   dst_node_id=node, message_type="train")

@@ -41,8 +41,7 @@ from ..records import (
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
-    record_to_state,
-    reply_problem,
+    decode_reply,
     state_to_record,
 )
 from ..task import Arch, build_arch
@@ -206,11 +205,17 @@ class BankStrategy(FedAvg):
         log(WARNING, "Dropping reply from %s (expected architecture %s): %s",
             self.sc.describe([node]), arch, problem)
 
-    def collect(self, server_round: int, replies: Iterable[Message]) -> list:
+    def collect(self, server_round: int, replies: list[Message]) -> list:
         """The valid replies' payloads as ``(arch, payload)``, sorted by partition id (so the
-        aggregate does not depend on arrival order); every other reply is logged and counted."""
+        aggregate does not depend on arrival order); every other reply is logged and counted.
+
+        ``replies`` is emptied as it is read: each message (its serialised arrays) can be
+        freed once decoded, so the server never holds a round's messages and their decoded
+        payloads in full at the same time."""
         kept: dict[int, tuple] = {}
-        for msg in replies:
+        replies.reverse()
+        while replies:
+            msg = replies.pop()
             node = msg.metadata.src_node_id
             arch = self.sc.arch_of(node)
             if arch is None:
@@ -228,7 +233,7 @@ class BankStrategy(FedAvg):
 
     def decode(self, server_round: int, msg: Message, arch: Arch) -> tuple[object, str | None]:
         """A baseline reply's payload ``(state, weight, train loss)``, or the problem."""
-        problem = reply_problem(msg, self.template(arch))
+        state, problem = decode_reply(msg, self.template(arch))
         if problem:
             return None, problem
         metrics = msg.content.metric_records[METRICS]
@@ -236,8 +241,7 @@ class BankStrategy(FedAvg):
         problem = self.sc.declared_problem(msg.metadata.src_node_id, int(weight))
         if problem:
             return None, problem
-        return (record_to_state(msg.content.array_records[ARRAYS]), weight,
-                float(metrics.get("train-loss", 0.0))), None
+        return (state, weight, float(metrics.get("train-loss", 0.0))), None
 
     def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
         by_family: dict[str, list[tuple[Arch, StateDict, float]]] = defaultdict(list)
@@ -264,7 +268,7 @@ class BankStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's hook (used by tests): validate and aggregate one round's replies."""
         self.sc.train_metrics = {"clients": 0, "rejected": 0}
-        return self.apply_round(server_round, self.collect(server_round, replies))
+        return self.apply_round(server_round, self.collect(server_round, list(replies)))
 
     def finish_round(self, server_round: int, by_family: dict, losses: list[tuple[float, float]]
                      ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -155,7 +155,14 @@ class MosaicStrategy(BankStrategy):
             return arrays, metrics
         for family, group in decoded.items():
             self.update_experts(server_round, family, group)
+        del decoded, by_family
         if phase == "distill":
+            if self.teacher != "average":
+                # The class experts now hold all the distillation needs of the clients'
+                # classifiers: free them before the meta model and the KD loop (only
+                # FedDF's teacher reads every client model).
+                for _, r in items:
+                    r.state = {}
             # The round's randomness (meta model init, dropout) is a function of seed and
             # round alone, not of what the process did before: a resumed run repeats it.
             with torch.random.fork_rng():
@@ -254,11 +261,14 @@ class MosaicStrategy(BankStrategy):
         before = {f: self.evaluate_arch(Arch(f), self.globals[f])["accuracy"] for f in families}
         gen_replies = [(a, r) for a, r in replies if r.generator is not None]
         counts = torch.stack([r.label_counts for _, r in gen_replies])
-        generators = []
+        generators, gen_states = [], []
         for _, r in gen_replies:
             g = generator_for(self.info)
             g.load_state_dict(r.generator)
             generators.append(g.to(dev).eval())
+            # Kept once: on the CPU these share the module's storage (saved in the artifacts).
+            gen_states.append({k: v.detach().cpu() for k, v in g.state_dict().items()})
+            r.generator = None
         for key in ("gen-seconds", "gen-fidelity"):
             vals = [r.metrics[key] for _, r in gen_replies if key in r.metrics]
             if vals:
@@ -294,8 +304,8 @@ class MosaicStrategy(BankStrategy):
             report["acc-teacher"] = self._accuracy(meta_test)
 
         self.artifacts.update({
-            "generators": [{"partition-id": sc.partition_of(r.node_id), "state": r.generator}
-                           for _, r in gen_replies],
+            "generators": [{"partition-id": sc.partition_of(r.node_id), "state": state}
+                           for (_, r), state in zip(gen_replies, gen_states)],
             "prototypes": [{"partition-id": sc.partition_of(r.node_id), "features": r.prototypes[0],
                             "labels": r.prototypes[1]} for _, r in gen_replies if r.prototypes is not None]})
         sampler = GeneratorSampler(generators, counts, batch_size=cfg.kd_batch_size, seed=cfg.seed)
