@@ -260,6 +260,14 @@ def test_a_second_reply_from_one_node_is_rejected(distill_round):
     assert len(strategy.collect(3, [reply(), reply()])) == 1 and strategy.rejected == 1
 
 
+def test_distillation_artifacts_are_dropped_after_their_round_even_without_checkpoints(distill_round):
+    strategy, _ = distill_round
+    strategy.cfg = strategy.cfg.replace(checkpoint=False)
+    strategy.artifacts = {"meta": {"w": torch.zeros(3)}}
+    strategy.checkpoint(3)  # writes nothing (no results directory is even set)
+    assert strategy.artifacts == {} and strategy.artifacts_file is None
+
+
 def test_collect_lets_go_of_each_message_once_decoded(distill_round):
     """The round's messages are not held beside their decoded payloads: the list is emptied."""
     strategy, counts = distill_round

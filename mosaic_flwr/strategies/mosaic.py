@@ -353,8 +353,8 @@ class MosaicStrategy(BankStrategy):
 
     def state_dict(self) -> dict:
         """Besides the global models: the class experts (and the label counts they were
-        formed with), the distillation report and, once trained, the distillation round's
-        meta model, generators and prototypes."""
+        formed with), the distillation report and, once written, the name of the file that
+        holds the distillation round's meta model, generators and prototypes."""
         return {**super().state_dict(), "experts": self.experts, "family-counts": self.family_counts,
                 "distill-report": self.distill_report, "artifacts-file": self.artifacts_file}
 
@@ -364,10 +364,12 @@ class MosaicStrategy(BankStrategy):
         self.distill_report, self.artifacts_file = state["distill-report"], state["artifacts-file"]
 
     def checkpoint(self, server_round: int) -> None:
-        if self.artifacts and self.cfg.checkpoint:  # before the checkpoint that names the file
-            save_checkpoint(self.sc.results.out_dir, {"round": server_round, **self.artifacts},
-                            filename=ARTIFACTS)
-            self.artifacts, self.artifacts_file = {}, ARTIFACTS
+        if self.artifacts:  # written once, before the checkpoint that names the file; then dropped
+            if self.cfg.checkpoint:
+                save_checkpoint(self.sc.results.out_dir, {"round": server_round, **self.artifacts},
+                                filename=ARTIFACTS)
+                self.artifacts_file = ARTIFACTS
+            self.artifacts = {}
         super().checkpoint(server_round)
 
 
