@@ -25,6 +25,8 @@ VARIANTS = {  # name -> (strategy, extra run config)
     "mosaic-nometa": ("mosaic", "mosaic-meta=false"),           # the plain expert ensemble teaches
     "mosaic-generated": ("mosaic", "meta-data='generated'"),     # meta model on unscreened samples
     "mosaic-screened": ("mosaic", "meta-data='screened'"),
+    "mosaic-prototypes": ("mosaic", "meta-data='prototypes'"),  # the authors' meta-model data
+    "mosaic-both": ("mosaic", "meta-data='both'"),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .config import Config, split_list
 from .data import (DatasetNotFoundError, ImageData, dataset_info, label_count_table, load_dataset, normalize,
-                   partition)
+                   partition_without, validation_indices)
 from .models import MODELS, Classifier, build_model
 
 
@@ -78,20 +78,35 @@ def data_for(cfg: Config) -> tuple[ImageData, ImageData]:
 
 
 @lru_cache(maxsize=4)
+def _validation_cached(dataset: str, data_dir: str, download: bool, fraction: float,
+                       seed: int) -> np.ndarray:
+    train, _ = load_dataset(dataset, data_dir or None, download)
+    return validation_indices(train.y.numpy(), fraction, seed)
+
+
+def validation_split(cfg: Config) -> np.ndarray:
+    """Indices of the training split held out for validation (``validation-split``; empty
+    by default): never partitioned among the clients, never the test set."""
+    return _validation_cached(cfg.dataset, cfg.data_dir, cfg.download, cfg.validation_split, cfg.seed)
+
+
+@lru_cache(maxsize=4)
 def _partition_cached(dataset: str, data_dir: str, download: bool, num_partitions: int,
                       method: str, seed: int, alpha: float, min_size: int, cap: bool,
-                      classes_per_client: int) -> tuple[np.ndarray, ...]:
+                      classes_per_client: int, val_fraction: float) -> tuple[np.ndarray, ...]:
     train, _ = load_dataset(dataset, data_dir or None, download)
-    return tuple(partition(train.y.numpy(), num_partitions, method=method, seed=seed,
-                           alpha=alpha, min_size=min_size, cap=cap,
-                           classes_per_client=classes_per_client))
+    held_out = _validation_cached(dataset, data_dir, download, val_fraction, seed)
+    return tuple(partition_without(train.y.numpy(), held_out, num_partitions, method=method,
+                                   seed=seed, alpha=alpha, min_size=min_size, cap=cap,
+                                   classes_per_client=classes_per_client))
 
 
 def partitions_for(cfg: Config, num_partitions: int) -> tuple[np.ndarray, ...]:
-    """Index arrays of every client's training data (deterministic for the config's seed)."""
+    """Index arrays of every client's training data (deterministic for the config's seed;
+    the validation split, when there is one, is left out)."""
     return _partition_cached(cfg.dataset, cfg.data_dir, cfg.download, num_partitions,
                              cfg.partition, cfg.seed, cfg.alpha, cfg.min_partition_size,
-                             cfg.partition_cap, cfg.shards_per_client)
+                             cfg.partition_cap, cfg.shards_per_client, cfg.validation_split)
 
 
 def partition_table(cfg: Config, num_partitions: int) -> np.ndarray:
@@ -123,6 +138,19 @@ def _test_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 def test_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The server's test set, for reporting only (never for selection)."""
     return _test_tensors(cfg)
+
+
+@lru_cache(maxsize=2)
+def _validation_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    train, _ = data_for(cfg)
+    part = train.subset(validation_split(cfg))
+    return part.normalized(), part.y
+
+
+def validation_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The benchmark's validation set (``validation-split`` of the training data, which no
+    client holds), or ``None`` without one. What benchmarks choose settings on."""
+    return _validation_tensors(cfg) if cfg.validation_split > 0 else None
 
 
 # ---------------------------------------------------------------------------- deployment data

@@ -22,7 +22,7 @@ from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_part
 from mosaic_flwr.strategies import ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import discover_clients
-from mosaic_flwr.task import Arch, initial_model, test_data
+from mosaic_flwr.task import Arch, initial_model, test_data, validation_data
 
 app = ServerApp()
 
@@ -69,6 +69,7 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     out = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir(cfg)
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable
     test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
+    val_x, val_y = validation_data(cfg) or (None, None)
     nodes = wait_for_nodes(grid, min(cfg.min_train_clients, 2))
     info = dataset_info(cfg.dataset)
     # The clients report their label counts and architectures; the server never sees data.
@@ -84,10 +85,13 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
         len(clients), cfg.num_server_rounds, device)
+    if val_x is not None:
+        log(INFO, "[mosaic-flwr] validation split: %d training images held out (no client holds them)",
+            len(val_y))
     log(INFO, "[mosaic-flwr] results -> %s", out)
     return ServerContext(cfg=cfg, grid=grid, device=device, model=model, test_x=test_x,
                          test_y=test_y, results=results, num_nodes=len(clients), clients=clients,
-                         resume_state=resume_state)
+                         resume_state=resume_state, val_x=val_x, val_y=val_y)
 
 
 def resume_checkpoint(cfg: Config) -> dict:

@@ -306,8 +306,22 @@ class BankStrategy(FedAvg):
         extra["acc-clients"] = round(sum(per[a] for a in held) / len(held), 5)
         return headline, extra
 
+    def evaluate_val(self, state: StateDict | None = None, arch: Arch | None = None) -> float | None:
+        """Accuracy on the validation split (``None`` without one) of ``arch``'s model
+        (default: the headline model)."""
+        if self.sc.val_x is None:
+            return None
+        model = self.module(arch or Arch(self.primary))
+        model.load_state_dict(self.state_for(arch or Arch(self.primary), 0, mode="fixed")
+                              if state is None else state)
+        return evaluate(model, self.sc.val_x, self.sc.val_y, batch_size=self.cfg.eval_batch_size,
+                        device=self.sc.device)["accuracy"]
+
     def evaluate_round(self, server_round: int) -> None:
         metrics, extra = self.evaluate_all()
+        val = self.evaluate_val()
+        if val is not None:
+            extra["val-accuracy"] = round(val, 5)
         self.sc.record_round(server_round, metrics, **extra)
 
     # ------------------------------------------------------------------ run, checkpoint
