@@ -253,8 +253,8 @@ def paired_lines(results: dict, reference: str, strategies: list[str], alphas: l
             continue
         cells = []
         for a in alphas:
-            ref = {c.seed: s[key] for c, s in results.items() if c.variant == reference and c.alpha == a}
-            oth = {c.seed: s[key] for c, s in results.items() if c.variant == variant and c.alpha == a}
+            ref = {c.seed: s.get(key) for c, s in results.items() if c.variant == reference and c.alpha == a}
+            oth = {c.seed: s.get(key) for c, s in results.items() if c.variant == variant and c.alpha == a}
             diffs = [ref[k] - oth[k] for k in sorted(ref.keys() & oth.keys())
                      if ref[k] is not None and oth[k] is not None]
             if not diffs:
