@@ -1,11 +1,10 @@
 import pytest
 from flwr.app import Context, RecordDict
-
-from client_app.app import app as client_app
 from flwr.common.config import parse_config_args
 
-from mosaic_flwr.config import (PROJECT_ROOT, SPEC, ConfigError, build_config, load_defaults, local_work,
-                                merge_run_config, write_run_config)
+from client_app.app import app as client_app
+from mosaic_flwr.config import (PROJECT_ROOT, SPEC, ConfigError, build_config, config_heterogeneous, heterogeneous,
+                                load_defaults, local_work, meta_data_for, merge_run_config, write_run_config)
 from mosaic_flwr.inprocess import InProcessGrid
 from server_app.app import main as server_main
 
@@ -151,3 +150,17 @@ def test_replace_keeps_values_and_applies_changes():
 def test_warmup_cannot_exceed_rounds():
     with pytest.raises(ConfigError, match="^warmup-rounds: 9 exceeds num-server-rounds 5"):
         build_config({"strategy": "mosaic", "warmup-rounds": 9, "num-server-rounds": 5})
+
+
+def test_one_heterogeneity_rule_and_one_meta_data_rule():
+    assert not heterogeneous(["cnn_small", "cnn_small"], [1.0, 1])
+    assert heterogeneous(["cnn_small", "resnet8"], [1.0])
+    assert heterogeneous(["cnn_small"], [1.0, 0.5]) and heterogeneous([], ["0.25"])
+    assert not config_heterogeneous(load_defaults())
+    assert config_heterogeneous({"client-models": "", "client-capacities": "1,0.5"})
+    assert meta_data_for("auto", False) == "both" and meta_data_for("auto", True) == "screened"
+    for value in ("prototypes", "generated", "both", "screened"):
+        assert meta_data_for(value, False) == value
+    assert meta_data_for("generated", True) == "generated" and meta_data_for("screened", True) == "screened"
+    with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* but clients hold cnn_small, resnet8;"):
+        meta_data_for("prototypes", True, clients="cnn_small, resnet8")
