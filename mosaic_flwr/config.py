@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
 
 STRATEGY_NAMES = ("fedavg", "fedprox", "mosaic", "feddf")
 DEVICES = ("auto", "cpu", "cuda")

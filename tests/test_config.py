@@ -3,6 +3,7 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
 from client_app.app import app as client_app
+from mosaic_flwr.checkpoint import config_changes
 from mosaic_flwr.config import (PROJECT_ROOT, SPEC, ConfigError, build_config, config_heterogeneous, heterogeneous,
                                 load_defaults, local_work, meta_data_for, merge_run_config, write_run_config)
 from mosaic_flwr.inprocess import InProcessGrid
@@ -164,3 +165,12 @@ def test_one_heterogeneity_rule_and_one_meta_data_rule():
     assert meta_data_for("generated", True) == "generated" and meta_data_for("screened", True) == "screened"
     with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* but clients hold cnn_small, resnet8;"):
         meta_data_for("prototypes", True, clients="cnn_small, resnet8")
+
+
+def test_a_checkpoint_from_before_the_local_work_rule_still_resumes():
+    """Older checkpoints hold local-epochs=1 beside local-steps=50 (the epochs were ignored)."""
+    current = build_config({}).to_dict()
+    assert current["local-epochs"] == 0 and current["local-steps"] == 50
+    assert config_changes({**current, "local-epochs": 1}, current) == []
+    epochs = build_config({"local-steps": 0, "local-epochs": 1}).to_dict()
+    assert config_changes({**epochs, "local-epochs": 2}, epochs) == ["local-epochs: 2 -> 1"]
