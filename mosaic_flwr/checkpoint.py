@@ -87,5 +87,15 @@ def load_checkpoint(run_dir: Path, filename: str = FILENAME) -> dict[str, Any]:
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The settings that differ between a checkpoint's run and the resuming run (other than
     ``RESUMABLE_CHANGES``), as ``key: saved -> current`` lines."""
+    saved, current = _effective(saved), _effective(current)
     keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as it acted: checkpoints from before ``local-epochs`` defaulted to 0 hold
+    ``local-epochs=1`` beside ``local-steps > 0``, where it did nothing (steps took precedence)."""
+    out = dict(config)
+    if int(out.get("local-steps", 0) or 0) > 0:
+        out["local-epochs"] = 0
+    return out

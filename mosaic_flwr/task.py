@@ -41,12 +41,6 @@ def build_arch(cfg: Config, arch: Arch) -> Classifier:
     return make_model(cfg, arch.model, arch.capacity)
 
 
-def is_heterogeneous(cfg: Config) -> bool:
-    """Whether clients may hold different architectures (several families or widths)."""
-    return (len(set(split_list(cfg.client_models))) > 1
-            or any(float(c) != 1.0 for c in split_list(cfg.client_capacities)))
-
-
 def client_arch(cfg: Config, node_config: Mapping[str, Any]) -> Arch:
     """The architecture a client trains.
 

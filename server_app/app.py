@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from mosaic_flwr.checkpoint import config_changes, load_checkpoint
-from mosaic_flwr.config import Config, ConfigError, build_config, resolve_device
+from mosaic_flwr.config import Config, ConfigError, build_config, local_work, resolve_device
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
 from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
@@ -85,6 +85,7 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
         len(clients), cfg.num_server_rounds, device)
+    log(INFO, "[mosaic-flwr] local work per round and client: %s", local_work(cfg))
     if val_x is not None:
         log(INFO, "[mosaic-flwr] validation split: %d training images held out (no client holds them)",
             len(val_y))
@@ -153,7 +154,7 @@ def main(grid: Grid, context: Context) -> None:
     summary = sc.results.finish(
         {"strategy": cfg.strategy, "dataset": cfg.dataset, "model": cfg.model,
          "partition": cfg.partition, "alpha": cfg.alpha, "num_clients": sc.num_nodes,
-         "seed": cfg.seed, "device": str(sc.device),
+         "seed": cfg.seed, "device": str(sc.device), "local_work": local_work(cfg),
          **({"resumed_after_round": sc.resume_state["round"]} if sc.resume_state else {}),
          "wall_seconds": round(time.perf_counter() - t0, 2)},
         title=f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, alpha={cfg.alpha:g}, "

@@ -102,7 +102,7 @@ def test_sample_passes_match_the_clients_batches():
     assert federated_sample_passes(cfg, [100, 10]) == 2 * (100 + 40)
     epochs = build_config({"strategy": "fedavg", "num-server-rounds": 3, "local-steps": 0, "local-epochs": 2})
     assert federated_sample_passes(epochs, [100, 10]) == 3 * 2 * 110
-    half = build_config({"strategy": "fedavg", "num-server-rounds": 1, "local-steps": 0, "fraction-train": 0.5,
+    half = build_config({"strategy": "fedavg", "num-server-rounds": 1, "local-steps": 0, "local-epochs": 1, "fraction-train": 0.5,
                          "min-train-clients": 1})
     assert federated_sample_passes(half, [100, 10, 20, 30]) == pytest.approx(0.5 * 160)
 

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..checkpoint import CheckpointError, rng_state, save_checkpoint, set_rng_state
-from ..config import split_list
+from ..config import heterogeneous, split_list
 from ..data import dataset_info
 from ..models import Classifier
 from ..mosaic.robust import robust_average
@@ -68,7 +68,7 @@ class BankStrategy(FedAvg):
         self.families = sorted({a.model for a in archs}, key=lambda f: (listed + [f]).index(f))
         self.primary = self.families[0]
         self.archs = sorted(archs, key=lambda a: (self.families.index(a.model), -a.capacity))
-        self.heterogeneous = len(self.archs) > 1 or self.archs[0].capacity != 1.0
+        self.heterogeneous = heterogeneous([a.model for a in self.archs], [a.capacity for a in self.archs])
         self._modules: dict[Arch, Classifier] = {}
         self._templates: dict[Arch, StateDict] = {}
         self._plans: dict[tuple, IndexPlan] = {}

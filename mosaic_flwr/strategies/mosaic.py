@@ -35,6 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from ..checkpoint import ARTIFACTS, save_checkpoint
+from ..config import meta_data_for
 from ..models.generators import generator_for
 from ..mosaic.distill import distill
 from ..mosaic.experts import (
@@ -80,14 +81,9 @@ class MosaicStrategy(BankStrategy):
         # that round, so written once (``distillation.pt``) beside the checkpoint and dropped.
         self.artifacts: dict = {}
         self.artifacts_file: str | None = None
-        meta_data = self.cfg.meta_data
-        if meta_data == "auto":
-            meta_data = "screened" if self.heterogeneous else "both"
-        if self.heterogeneous and meta_data in ("prototypes", "both"):
-            raise ValueError(f"meta-data: {meta_data!r} needs one architecture at full width, but "
-                             f"clients hold {[str(a) for a in self.archs]}; use 'screened' or 'generated'")
-        self.meta_data = meta_data
-        self.uses_prototypes = teacher == "meta" and meta_data != "generated"
+        self.meta_data = meta_data_for(self.cfg.meta_data, self.heterogeneous,
+                                       clients=", ".join(map(str, self.archs)))
+        self.uses_prototypes = teacher == "meta" and self.meta_data != "generated"
 
     # ------------------------------------------------------------------ schedule
     def phase(self, server_round: int) -> str:
