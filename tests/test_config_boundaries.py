@@ -22,7 +22,7 @@ import torch
 from client_app.app import round_seed, sgd_settings
 from mosaic_flwr.central import federated_sample_passes
 from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, ConfigError, build_config
-from mosaic_flwr.data import dataset_info, partition
+from mosaic_flwr.data import dataset_info, partition, partition_without, validation_indices
 from mosaic_flwr.models.generators import generator_for
 from mosaic_flwr.mosaic.client import mosaic_client_round
 from mosaic_flwr.mosaic.distill import distill
@@ -69,6 +69,15 @@ def data_partition(cfg: Config) -> None:
                           classes_per_client=cfg.shards_per_client)
         assert sorted(np.concatenate(parts).tolist()) == list(range(300))
         assert min(len(p) for p in parts) >= (cfg.min_partition_size if method == "dirichlet" else 1)
+
+
+def validation(cfg: Config) -> None:
+    labels = np.arange(300) % 3
+    held = validation_indices(labels, cfg.validation_split, cfg.seed)
+    assert len(held) == round(cfg.validation_split * 100) * 3
+    parts = partition_without(labels, held, 3, method="dirichlet", seed=cfg.seed, alpha=cfg.alpha,
+                              min_size=cfg.min_partition_size)
+    assert sorted(np.concatenate([*parts, held]).tolist()) == list(range(300))
 
 
 def seeds(cfg: Config) -> None:
@@ -223,6 +232,7 @@ ROWS: dict[str, Row] = {
     "alpha": Row([JUST_ABOVE_0, 1e6], [0.0, -1.0], data_partition),
     "min-partition-size": Row([1, 100], [0, -1], data_partition),
     "shards-per-client": Row([1, 3], [0], data_partition),   # 3: every class of the tiny data
+    "validation-split": Row([0.0, 0.5], [-0.1, 0.5 + 1e-9], validation),
     "seed": Row([0, SEED_LIMIT - 1], [-1, SEED_LIMIT], seeds),
     "num-server-rounds": Row([1], [0], schedule, {**MOSAIC, "warmup-rounds": 1}),
     "warmup-rounds": Row([1, 8], [0, 9], schedule, {**MOSAIC, "num-server-rounds": 8}),
