@@ -30,7 +30,7 @@ ARTIFACTS = "distillation.pt"   # Mosaic's meta model, generators, prototypes: w
 # Keys that may differ between a run and its resumption: where results go, the hardware,
 # fault handling, and the number of rounds (a finished run can be extended).
 RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "run-name", "device", "client-threads", "server-threads",
-                               "eval-batch-size", "round-timeout", "round-retries", "min-replies",
+                               "eval-batch-size", "round-timeout", "connect-timeout", "round-retries", "min-replies",
                                "checkpoint", "num-server-rounds"})
 
 

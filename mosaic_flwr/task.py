@@ -67,6 +67,12 @@ def client_arch(cfg: Config, node_config: Mapping[str, Any]) -> Arch:
     return Arch(model, capacity)
 
 
+def clients_per_round(cfg: Config, num_clients: int) -> int:
+    """How many of ``num_clients`` clients a round samples: ``fraction-train`` of them
+    (rounded down), at least ``min-train-clients``, at most all of them."""
+    return min(num_clients, max(int(num_clients * cfg.fraction_train), min(cfg.min_train_clients, num_clients)))
+
+
 def initial_model(cfg: Config) -> Classifier:
     """The global model's initial weights, identical for a given seed."""
     torch.manual_seed(cfg.seed)

@@ -22,7 +22,7 @@ from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_part
 from mosaic_flwr.strategies import ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import discover_clients
-from mosaic_flwr.task import Arch, initial_model, test_data
+from mosaic_flwr.task import Arch, clients_per_round, initial_model, test_data
 
 app = ServerApp()
 
@@ -42,20 +42,40 @@ def run_dir(cfg: Config) -> Path:
     return candidate
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 120.0) -> list[int]:
-    """Node ids once at least ``minimum`` nodes (and a stable count) are connected."""
-    deadline = time.monotonic() + timeout
-    nodes: list[int] = []
-    while time.monotonic() < deadline:
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, *, poll: float = 1.0,
+                   log_every: float = 10.0) -> list[int]:
+    """Node ids once at least ``minimum`` nodes are connected and their number has been
+    stable for ``poll`` seconds (nodes starting together are all taken). Logs ``n of N
+    connected`` every ``log_every`` seconds while waiting; ``ConfigError`` naming
+    ``min-train-clients`` when fewer than ``minimum`` are connected after ``timeout`` s."""
+    start = time.monotonic()
+    next_log = start
+    while True:
         nodes = sorted(grid.get_node_ids())
+        now = time.monotonic()
         if len(nodes) >= minimum:
-            time.sleep(1.0)
-            again = sorted(grid.get_node_ids())
-            if again == nodes:
+            time.sleep(poll)
+            if sorted(grid.get_node_ids()) == nodes:
                 return nodes
-        time.sleep(1.0)
-    raise ValueError(f"min-train-clients: only {len(nodes)} nodes connected after {timeout:.0f} s, "
-                     f"need {minimum}")
+            continue
+        if now - start >= timeout:
+            raise ConfigError(f"min-train-clients: only {len(nodes)} of {minimum} nodes connected after "
+                              f"{timeout:g} s (connect-timeout); start more SuperNodes (in simulation: "
+                              "num-supernodes), lower min-train-clients or raise connect-timeout")
+        if now >= next_log:
+            log(INFO, "[mosaic-flwr] waiting for nodes: %d of %d connected (min-train-clients), "
+                "up to %.0f s more (connect-timeout)", len(nodes), minimum, timeout - (now - start))
+            next_log = now + log_every
+        time.sleep(min(poll, max(0.0, timeout - (now - start))))
+
+
+def check_min_replies(cfg: Config, num_clients: int) -> None:
+    """``min-replies`` must be reachable: at most the clients a round samples."""
+    per_round = clients_per_round(cfg, num_clients)
+    if cfg.min_replies > per_round:
+        raise ConfigError(f"min-replies: {cfg.min_replies} exceeds the {per_round} clients a round samples "
+                          f"({num_clients} clients connected, fraction-train={cfg.fraction_train:g}, "
+                          f"min-train-clients={cfg.min_train_clients}); every round would fail")
 
 
 def setup(grid: Grid, context: Context) -> ServerContext:
@@ -69,10 +89,11 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     out = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir(cfg)
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable
     test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
-    nodes = wait_for_nodes(grid, min(cfg.min_train_clients, 2))
+    nodes = wait_for_nodes(grid, cfg.min_train_clients, cfg.connect_timeout)
     info = dataset_info(cfg.dataset)
     # The clients report their label counts and architectures; the server never sees data.
     clients = discover_clients(grid, nodes, info.num_classes)
+    check_min_replies(cfg, len(clients))
     save_assignment(out, results, clients)
     if resume_state is not None:
         check_same_clients(resume_state["assignment"], results.extra["assignment"])
