@@ -6,6 +6,7 @@ same wherever it is computed, and the server can publish the partition table.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -129,6 +130,15 @@ def _test_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 def test_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The server's test set, for reporting only (never for selection)."""
     return _test_tensors(cfg)
+
+
+def test_set_fingerprint(cfg: Config) -> str:
+    """A short sha256 of the server's test set (images and labels as stored): what says that a
+    resumed run reads the same data, wherever ``data-dir`` points."""
+    _, test = data_for(cfg)
+    digest = hashlib.sha256(test.x.numpy().tobytes())
+    digest.update(test.y.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- deployment data

@@ -22,7 +22,7 @@ from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_part
 from mosaic_flwr.strategies import ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import discover_clients
-from mosaic_flwr.task import Arch, clients_per_round, initial_model, test_data
+from mosaic_flwr.task import Arch, clients_per_round, initial_model, test_data, test_set_fingerprint
 
 app = ServerApp()
 
@@ -89,6 +89,9 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     out = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir(cfg)
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable
     test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
+    results.extra["test_set_sha256"] = test_set_fingerprint(cfg)
+    if resume_state is not None:
+        check_same_data(resume_state, cfg, results.extra["test_set_sha256"])
     nodes = wait_for_nodes(grid, cfg.min_train_clients, cfg.connect_timeout)
     info = dataset_info(cfg.dataset)
     # The clients report their label counts and architectures; the server never sees data.
@@ -101,6 +104,11 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     save_partition(out, table, info.class_names,
                    title=f"{cfg.dataset} {cfg.partition} (alpha={cfg.alpha:g}), {len(clients)} clients")
     results.extra["partition_label_counts"] = table.tolist()
+    if resume_state is not None:
+        saved = resume_state["extra"].get("partition_label_counts")
+        if saved is not None and saved != table.tolist():
+            raise ValueError("resume: the clients' label counts differ from the checkpoint's (their data "
+                             "is not the data the run started with)")
     model = initial_model(cfg).to(device)
     log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
@@ -123,6 +131,20 @@ def resume_checkpoint(cfg: Config) -> dict:
             "(raise num-server-rounds to extend the run)", state["round"])
     log(INFO, "[mosaic-flwr] resuming %s after round %d", cfg.resume, state["round"])
     return state
+
+
+def check_same_data(state: dict, cfg: Config, fingerprint: str) -> None:
+    """A resumed run reads the same data, wherever ``data-dir`` now points: its test set has
+    the checkpoint's fingerprint (a checkpoint without one needs the same ``data-dir``)."""
+    saved = state.get("extra", {}).get("test_set_sha256")
+    before = state["config"].get("data-dir")
+    if saved is None and before != cfg.data_dir:
+        raise ConfigError(f"resume: data-dir: {before!r} -> {cfg.data_dir!r}, and the checkpoint has no data "
+                          "fingerprint to check it is the same data; give the same data-dir")
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(f"resume: the {cfg.dataset} test set read now (data-dir={cfg.data_dir!r}) is not the "
+                          f"checkpoint's (sha256 {fingerprint}..., saved {saved}...): a resumed run must read "
+                          "the same data")
 
 
 def check_same_clients(saved: list[dict], now: list[dict]) -> None:
