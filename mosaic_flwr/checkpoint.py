@@ -27,10 +27,13 @@ FORMAT = "mosaic-flwr-checkpoint/1"
 FILENAME = "checkpoint.pt"
 ARTIFACTS = "distillation.pt"   # Mosaic's meta model, generators, prototypes: written once
 
-# Keys that may differ between a run and its resumption: where results go, the hardware,
-# fault handling, and the number of rounds (a finished run can be extended).
-RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "run-name", "device", "client-threads", "server-threads",
-                               "eval-batch-size", "round-timeout", "round-retries", "min-replies",
+# Keys that may differ between a run and its resumption: where results go, where the data is
+# (that it is the same data is checked separately: the test set's fingerprint and the clients'
+# label counts), the hardware, fault handling, and the number of rounds (a finished run can be
+# extended).
+RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "run-name", "data-dir", "device", "client-threads",
+                               "server-threads",
+                               "eval-batch-size", "round-timeout", "connect-timeout", "round-retries", "min-replies",
                                "checkpoint", "num-server-rounds"})
 
 

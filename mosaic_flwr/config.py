@@ -156,6 +156,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "resume": (str, None),
     "checkpoint": (bool, None),
     "round-timeout": (float, _positive),
+    "connect-timeout": (float, _positive),
     "min-replies": (int, _positive),
     "round-retries": (int, _non_negative),
     "aggregation": (str, _choice("mean", "median", "trimmed-mean")),

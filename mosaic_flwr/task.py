@@ -6,6 +6,7 @@ same wherever it is computed, and the server can publish the partition table.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -59,6 +60,12 @@ def client_arch(cfg: Config, node_config: Mapping[str, Any]) -> Arch:
     if not 0 < capacity <= 1:
         raise ValueError(f"node-config capacity: {capacity:g} not in (0, 1]")
     return Arch(model, capacity)
+
+
+def clients_per_round(cfg: Config, num_clients: int) -> int:
+    """How many of ``num_clients`` clients a round samples: ``fraction-train`` of them
+    (rounded down), at least ``min-train-clients``, at most all of them."""
+    return min(num_clients, max(int(num_clients * cfg.fraction_train), min(cfg.min_train_clients, num_clients)))
 
 
 def initial_model(cfg: Config) -> Classifier:
@@ -145,6 +152,15 @@ def validation_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The benchmark's validation set (``validation-split`` of the training data, which no
     client holds), or ``None`` without one. What benchmarks choose settings on."""
     return _validation_tensors(cfg) if cfg.validation_split > 0 else None
+
+
+def test_set_fingerprint(cfg: Config) -> str:
+    """A short sha256 of the server's test set (images and labels as stored): what says that a
+    resumed run reads the same data, wherever ``data-dir`` points."""
+    _, test = data_for(cfg)
+    digest = hashlib.sha256(test.x.numpy().tobytes())
+    digest.update(test.y.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- deployment data

@@ -124,6 +124,14 @@ def sampling(cfg: Config) -> None:
     assert grid.sent == cfg.round_retries + 1
 
 
+def connecting(cfg: Config) -> None:
+    from server_app.app import wait_for_nodes
+
+    assert wait_for_nodes(_SilentGrid(), len(NODES), cfg.connect_timeout, poll=0.0) == NODES
+    with pytest.raises(ConfigError, match="connect-timeout"):   # too few nodes: fails, no hang
+        wait_for_nodes(_SilentGrid(), len(NODES) + 1, min(cfg.connect_timeout, 0.05), poll=0.01)
+
+
 def schedule(cfg: Config) -> None:
     mosaic = _server(cfg, MosaicStrategy)
     phases = [mosaic.phase(r) for r in range(1, cfg.num_server_rounds + 1)]
@@ -239,6 +247,7 @@ ROWS: dict[str, Row] = {
     "fraction-train": Row([JUST_ABOVE_0, 1.0], [0.0, 1.0 + 1e-9], sampling),
     "min-train-clients": Row([1, 10**6], [0], sampling),
     "min-replies": Row([1], [0], sampling),
+    "connect-timeout": Row([JUST_ABOVE_0, 1e9], [0.0, -1.0], connecting),
     "round-timeout": Row([JUST_ABOVE_0], [0.0, -1.0], sampling),
     "round-retries": Row([0, 2], [-1], sampling),
     "local-epochs": Row([1, 3], [-1, 0], local_training, {"local-steps": 0}),   # 0: no work at all

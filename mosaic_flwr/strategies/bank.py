@@ -44,7 +44,7 @@ from ..records import (
     decode_reply,
     state_to_record,
 )
-from ..task import Arch, build_arch
+from ..task import Arch, build_arch, clients_per_round
 from .base import ServerContext
 
 StateDict = dict[str, torch.Tensor]
@@ -146,7 +146,7 @@ class BankStrategy(FedAvg):
         joined = sorted(connected - set(known))
         if joined and sc.clients:
             log(WARNING, "Nodes %s joined after discovery (architecture unknown); not sampled", joined)
-        num = max(int(len(known) * self.fraction_train), min(self.min_train_nodes, len(known)))
+        num = clients_per_round(cfg, len(known))
         rng = random.Random(cfg.seed * 1_000_003 + server_round * 1_009 + attempt)
         return sorted(rng.sample(available, min(num, len(available))), key=sc.partition_of)
 
