@@ -322,7 +322,8 @@ def plot(groups: dict, strategies: list[str], alphas: list[float], path: Path, t
 
 
 def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: list[float],
-           shared: str, num_clients: int, prov: dict, paired: str | None = None) -> str:
+           shared: str, num_clients: int, prov: dict, paired: str | None = None,
+           setting: str | None = None) -> str:
     groups = aggregate(results)
     cfg = resolved_config(shared)
     central = next((s for c, s in results.items() if c.variant == CENTRAL), None)
@@ -330,8 +331,9 @@ def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: 
     loads = [s["bench"]["loadavg_before"][0] for s in results.values()
              if "loadavg_before" in (s.get("bench") or {})]
     lines = header_lines(f"Accuracy grid: {name}", prov)
-    lines += [f"Fashion-MNIST, {cfg.model}, {num_clients} clients (real Flower simulation, "
-              f"scripts/flwr_sim.py), Dirichlet label skew; shared run config: "
+    setting = setting or (f"Fashion-MNIST, {cfg.model}, {num_clients} clients (real Flower simulation, "
+                          "scripts/flwr_sim.py)")
+    lines += [f"{setting}, Dirichlet label skew; shared run config: "
               f"`{shared.strip() or '(defaults)'}`; cells finished at commit(s) {', '.join(commits)}"
               + (f"; 1-min load average when cells started: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
               + ".", ""]
