@@ -22,7 +22,7 @@ from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_part
 from mosaic_flwr.strategies import ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import discover_clients
-from mosaic_flwr.task import Arch, initial_model, test_data
+from mosaic_flwr.task import Arch, test_data
 
 app = ServerApp()
 
@@ -80,12 +80,11 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     save_partition(out, table, info.class_names,
                    title=f"{cfg.dataset} {cfg.partition} (alpha={cfg.alpha:g}), {len(clients)} clients")
     results.extra["partition_label_counts"] = table.tolist()
-    model = initial_model(cfg).to(device)
     log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
         len(clients), cfg.num_server_rounds, device)
     log(INFO, "[mosaic-flwr] results -> %s", out)
-    return ServerContext(cfg=cfg, grid=grid, device=device, model=model, test_x=test_x,
+    return ServerContext(cfg=cfg, grid=grid, device=device, test_x=test_x,
                          test_y=test_y, results=results, num_nodes=len(clients), clients=clients,
                          resume_state=resume_state)
 
