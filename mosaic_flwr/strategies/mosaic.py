@@ -2,10 +2,12 @@
 
 Schedule (all config): rounds 1..W are warm-up rounds of federated averaging whose replies
 also carry label counts (message ``train.mosaic``); the server keeps one expert per class,
-the clients' models averaged with weights equal to their counts of that class. Round W's
+the clients' models averaged with weights equal to their counts of that class, until the
+distillation round (FedDF, whose teacher is the client models, builds none). Round W's
 clients also send prototypes and their generator; after aggregating round W the server
-trains the meta model on the prototypes, distills the teacher into the global model on
-generator samples, and reports the accuracies of the distillation round. Rounds W+1..R are
+trains the meta model (on the expert logits ``meta-data`` names), distills the teacher into
+the global model on generator samples, one batch at a time, and reports the accuracies of
+the distillation round. Rounds W+1..R are
 fine-tune rounds of plain federated averaging at ``finetune-lr``.
 
 ``teacher``: ``meta`` (Mosaic), ``ensemble`` (Mosaic without meta model: the sum of the
@@ -145,8 +147,10 @@ class MosaicStrategy(BankStrategy):
         decoded: dict[str, Replies] = defaultdict(list)
         for arch, reply in items:
             decoded[arch.model].append((arch, reply))
-        # What each client received this round (prototypes live in its feature space).
-        received = {r.node_id: self.state_for(a, server_round) for a, r in items} if phase == "distill" else {}
+        # What each client received this round (prototypes live in its feature space): only
+        # prototype screening reads it.
+        screening = phase == "distill" and self.teacher == "meta" and self.meta_data == "screened"
+        received = {r.node_id: self.state_for(a, server_round) for a, r in items} if screening else {}
         by_family = {f: [(a, r.state, float(r.num_examples)) for a, r in group]
                      for f, group in decoded.items()}
         losses = [(r.metrics.get("train-loss", 0.0), float(r.num_examples)) for _, r in items]
