@@ -25,6 +25,8 @@ VARIANTS = {  # name -> (strategy, extra run config)
     "mosaic-nometa": ("mosaic", "mosaic-meta=false"),           # the plain expert ensemble teaches
     "mosaic-generated": ("mosaic", "meta-data='generated'"),     # meta model on unscreened samples
     "mosaic-screened": ("mosaic", "meta-data='screened'"),
+    "mosaic-prototypes": ("mosaic", "meta-data='prototypes'"),  # the authors' meta-model data
+    "mosaic-both": ("mosaic", "meta-data='both'"),
 }
 
 
@@ -235,9 +237,11 @@ def cell_done(out: Path) -> bool:
 
 def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", *,
              num_supernodes: int = 10, cpus_per_client: int = 1, monitor: bool = False,
-             tag: str = "bench") -> dict | None:
+             tag: str = "bench", files: Sequence[str | Path] = ()) -> dict | None:
     """One run of ``variant`` (a strategy or a ``VARIANTS`` name) through the real Flower
     simulation into ``runs_dir/run_name``; the log goes to ``runs_dir/run_name.log``.
+    ``files`` (run-config TOML files, e.g. ``conf/fmnist-families.toml``) come first; the
+    variant's settings and ``run_config`` override them.
 
     A finished run (its ``summary.json`` exists) is not run again: its summary is returned.
     Otherwise returns the new summary, or ``None`` when the run failed. Beside the summary,
@@ -253,7 +257,10 @@ def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", 
         log = runs_dir / f"{run_name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(ROOT / "scripts" / "flwr_sim.py"), "--num-supernodes",
-               str(num_supernodes), "--cpus-per-client", str(cpus_per_client), "--run-config", rc]
+               str(num_supernodes), "--cpus-per-client", str(cpus_per_client)]
+        for f in files:
+            cmd += ["--run-config", str(Path(f).resolve())]
+        cmd += ["--run-config", rc]
         print(f"[{tag}] running {run_name} (log: {log})", flush=True)
         load0, t0 = loadavg(), time.perf_counter()
         with open(log, "w") as f:

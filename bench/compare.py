@@ -4,6 +4,9 @@ real Flower simulation (scripts/flwr_sim.py), then print and save a markdown tab
 
     .venv/bin/python bench/compare.py --name dir0.1 --strategies fedavg feddf mosaic \\
         --run-config "alpha=0.1"
+    .venv/bin/python bench/compare.py --name families --run-config conf/fmnist-families.toml
+
+``--run-config`` is repeatable: run-config TOML files (applied first) and ``key=value`` strings.
 
 A finished run (its summary.json exists) is not run again, so an interrupted comparison resumes.
 Results: bench/results/<name>.md and .json, with the git commit they came from.
@@ -28,14 +31,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
     ap.add_argument("--strategies", nargs="+", default=["fedavg", "feddf", "mosaic"])
-    ap.add_argument("--run-config", default="", help="shared run-config overrides (TOML)")
+    ap.add_argument("--run-config", action="append", default=[],
+                    help="shared run-config: a TOML file (conf/*.toml) or overrides (TOML values); repeatable")
     ap.add_argument("--num-supernodes", type=int, default=10)
     args = ap.parse_args()
+    files = [a for a in args.run_config if a.strip().endswith(".toml")]
+    shared = " ".join(a for a in args.run_config if not a.strip().endswith(".toml"))
 
     runs_dir = ROOT / "bench" / "runs" / args.name
     results = {}
     for variant in args.strategies:
-        summary = run_cell(runs_dir, variant, variant, args.run_config,
+        summary = run_cell(runs_dir, variant, variant, shared, files=files,
                            num_supernodes=args.num_supernodes, tag="compare")
         if summary is not None:
             summary.pop("bench", None)
@@ -44,7 +50,7 @@ def main() -> int:
     commit = git_commit()
     lines = [f"# {args.name}", "",
              f"commit `{commit}`, {platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores), "
-             f"{args.num_supernodes} clients, shared run config: `{args.run_config or '(defaults)'}`", "",
+             f"{args.num_supernodes} clients, shared run config: `{' '.join(args.run_config) or '(defaults)'}`", "",
              "| strategy | final acc | best acc | wall s | " + " | ".join(DISTILL_KEYS) + " |",
              "|---|---|---|---|" + "---|" * len(DISTILL_KEYS)]
     for variant, s in results.items():

@@ -86,7 +86,10 @@ def aggregate(results: dict[Cell, dict]) -> dict[tuple[str, float | None], dict]
         g["final"].append(float(s["final_accuracy"]))
         g["best"].append(float(s["best_accuracy"]))
         g["wall"].append(float(s.get("wall_seconds", 0.0)))
-        for key in ("acc-before-distill", "acc-teacher", "acc-after-distill"):
+        if s.get("final_val_accuracy") is not None:
+            g.setdefault("final_val", []).append(float(s["final_val_accuracy"]))
+        for key in ("acc-before-distill", "acc-teacher", "acc-after-distill", "val-before-distill",
+                    "val-ensemble", "val-teacher", "val-after-distill"):
             if key in (s.get("distillation") or {}):
                 g.setdefault(key, []).append(float(s["distillation"][key]))
     return groups
@@ -204,6 +207,75 @@ def distill_table(groups: dict, strategies: list[str], alphas: list[float]) -> l
              "|---|" + "---|" * len(alphas)] + rows)
 
 
+def val_table(groups: dict, strategies: list[str], alphas: list[float]) -> list[str]:
+    """Final accuracy on the validation split (training data no client holds), and the
+    distillation round on it: what settings are chosen on."""
+    rows = []
+    for variant in strategies:
+        cells = []
+        for a in alphas:
+            g = groups.get((variant, a)) or {}
+            if "final_val" not in g:
+                cells.append("-")
+                continue
+            cell = fmt_mean_std(g["final_val"])
+            if "val-after-distill" in g:
+                cell += (f" (KD round: {fmt_mean_std(g['val-before-distill'], 3)} → "
+                         f"{fmt_mean_std(g['val-after-distill'], 3)}, teacher "
+                         f"{fmt_mean_std(g['val-teacher'], 3)}"
+                         + (f", ensemble {fmt_mean_std(g['val-ensemble'], 3)}" if "val-ensemble" in g else "")
+                         + ")")
+            cells.append(cell)
+        if any(c != "-" for c in cells):
+            rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return (["", "**Validation split** (held out of the training data before partitioning; no client "
+             "holds it; settings are chosen on these figures, never on the test set): final "
+             "accuracy, and at the distillation round the global model before → after and the "
+             "teachers, mean ± std over seeds:", "",
+             "| strategy | " + " | ".join(f"α={a:g}" for a in alphas) + " |",
+             "|---|" + "---|" * len(alphas)] + rows)
+
+
+# Two-sided 97.5 % quantiles of Student's t (df 1..10), for 95 % intervals of paired differences.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired_lines(results: dict, reference: str, strategies: list[str], alphas: list[float],
+                 key: str = "final_accuracy") -> list[str]:
+    """``reference`` minus each other variant, paired by seed: mean and 95 % t interval."""
+    import statistics
+
+    rows = []
+    for variant in strategies:
+        if variant == reference:
+            continue
+        cells = []
+        for a in alphas:
+            ref = {c.seed: s.get(key) for c, s in results.items() if c.variant == reference and c.alpha == a}
+            oth = {c.seed: s.get(key) for c, s in results.items() if c.variant == variant and c.alpha == a}
+            diffs = [ref[k] - oth[k] for k in sorted(ref.keys() & oth.keys())
+                     if ref[k] is not None and oth[k] is not None]
+            if not diffs:
+                cells.append("-")
+            elif len(diffs) == 1:
+                cells.append(f"{diffs[0]:+.4f} (1 seed)")
+            else:
+                m = statistics.mean(diffs)
+                h = T975[min(len(diffs) - 1, len(T975)) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5
+                cells.append(f"{m:+.4f} [{m - h:+.4f}, {m + h:+.4f}] ({', '.join(f'{d:+.3f}' for d in diffs)})")
+        if any(c != "-" for c in cells):
+            rows.append(f"| {reference} − {variant} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    label = "test" if key == "final_accuracy" else "validation"
+    return (["", f"Paired by seed, final {label} accuracy of {reference} minus each variant: mean "
+             "[95 % t interval] (per-seed differences):", "",
+             "| difference | " + " | ".join(f"α={a:g}" for a in alphas) + " |",
+             "|---|" + "---|" * len(alphas)] + rows)
+
+
 def wall_table(groups: dict, strategies: list[str], alphas: list[float]) -> list[str]:
     lines = ["", "Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
              "see the load averages in the JSON):", "",
@@ -250,7 +322,7 @@ def plot(groups: dict, strategies: list[str], alphas: list[float], path: Path, t
 
 
 def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: list[float],
-           shared: str, num_clients: int, prov: dict) -> str:
+           shared: str, num_clients: int, prov: dict, paired: str | None = None) -> str:
     groups = aggregate(results)
     cfg = resolved_config(shared)
     central = next((s for c, s in results.items() if c.variant == CENTRAL), None)
@@ -268,6 +340,11 @@ def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: 
               "round; the test set is used for reporting only):", ""]
     lines += table(groups, strategies, alphas)
     lines += distill_table(groups, strategies, alphas)
+    if paired:
+        lines += paired_lines(results, paired, strategies, alphas)
+    lines += val_table(groups, strategies, alphas)
+    if paired:
+        lines += paired_lines(results, paired, strategies, alphas, key="final_val_accuracy")
     lines += wall_table(groups, strategies, alphas)
     lines += ["", f"Plot: `{name}.png`. Runs: `bench/runs/{name}/<cell>/` (gitignored)."]
     plot(groups, strategies, alphas, RESULTS / f"{name}.png",
@@ -293,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"reduced grid: {QUICK}")
     ap.add_argument("--no-central", action="store_true", help="leave out the centralised reference")
     ap.add_argument("--table-only", action="store_true", help="run nothing; tabulate finished cells")
+    ap.add_argument("--paired", metavar="VARIANT",
+                    help="also tabulate VARIANT minus every other variant, paired by seed (95 %% intervals)")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else {"strategies": STRATEGIES, "alphas": ALPHAS, "seeds": SEEDS,
                                      "run_config": ""}
@@ -321,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         if cell in results and sidecar.is_file():
             results[cell]["bench"] = json.loads(sidecar.read_text())
     prov["loadavg_end"] = loadavg()
-    md = report(name, results, strategies, alphas, shared, args.num_supernodes, prov)
+    md = report(name, results, strategies, alphas, shared, args.num_supernodes, prov, paired=args.paired)
     print(md)
     missing = [c.name for c in cells if c not in results]
     if missing:

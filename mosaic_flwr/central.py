@@ -17,7 +17,7 @@ import torch
 from .config import Config
 from .mosaic.training import evaluate, train_local
 from .seeds import mix_seed
-from .task import data_for, initial_model, partitions_for, test_data
+from .task import clients_per_round, data_for, initial_model, partitions_for, test_data
 
 
 def samples_in_steps(n: int, batch_size: int, steps: int) -> int:
@@ -35,7 +35,7 @@ def federated_sample_passes(cfg: Config, sizes: Sequence[int]) -> float:
     n = len(sizes)
     if n == 0:
         raise ValueError("federated_sample_passes: no clients")
-    per_round = min(n, max(int(n * cfg.fraction_train), min(cfg.min_train_clients, n)))
+    per_round = clients_per_round(cfg, n)
     if cfg.local_steps > 0:
         per_client = [samples_in_steps(s, cfg.batch_size, cfg.local_steps) for s in sizes]
     else:

@@ -27,10 +27,13 @@ FORMAT = "mosaic-flwr-checkpoint/1"
 FILENAME = "checkpoint.pt"
 ARTIFACTS = "distillation.pt"   # Mosaic's meta model, generators, prototypes: written once
 
-# Keys that may differ between a run and its resumption: where results go, the hardware,
-# fault handling, and the number of rounds (a finished run can be extended).
-RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "run-name", "device", "client-threads", "server-threads",
-                               "eval-batch-size", "round-timeout", "round-retries", "min-replies",
+# Keys that may differ between a run and its resumption: where results go, where the data is
+# (that it is the same data is checked separately: the test set's fingerprint and the clients'
+# label counts), the hardware, fault handling, and the number of rounds (a finished run can be
+# extended).
+RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "run-name", "data-dir", "device", "client-threads",
+                               "server-threads",
+                               "eval-batch-size", "round-timeout", "connect-timeout", "round-retries", "min-replies",
                                "checkpoint", "num-server-rounds"})
 
 
@@ -90,5 +93,15 @@ def load_checkpoint(run_dir: Path, filename: str = FILENAME) -> dict[str, Any]:
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The settings that differ between a checkpoint's run and the resuming run (other than
     ``RESUMABLE_CHANGES``), as ``key: saved -> current`` lines."""
+    saved, current = _effective(saved), _effective(current)
     keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as it acted: checkpoints from before ``local-epochs`` defaulted to 0 hold
+    ``local-epochs=1`` beside ``local-steps > 0``, where it did nothing (steps took precedence)."""
+    out = dict(config)
+    if int(out.get("local-steps", 0) or 0) > 0:
+        out["local-epochs"] = 0
+    return out

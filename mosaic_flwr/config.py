@@ -1,11 +1,15 @@
-"""One typed, validated configuration built from Flower's run config (+ a YAML preset).
+"""One typed, validated configuration built from Flower's run config.
 
 Flower's run config is flat (``alpha``, ``local-epochs``, ...) and arrives untyped, so all
 casting and validation happens here, once. Defaults live in ``pyproject.toml``
-(``[tool.flwr.app.config]``); a preset (``preset='fmnist-dir0.1'`` -> ``conf/fmnist-dir0.1.yaml``)
-overrides the defaults, and any run-config value that differs from its default overrides the
-preset. (So a value set explicitly to its default cannot override a preset: pick a preset
-without that key, or set it in your own preset.)
+(``[tool.flwr.app.config]``); Flower merges them with the run's overrides before the apps
+see them. Named settings (the files in ``conf/``) are Flower run-config TOML files:
+``flwr run . --run-config conf/fmnist-dir0.1.toml``, or with ``scripts/flwr_sim.py``, whose
+``--run-config`` takes files and ``key=value`` strings merged in order (later wins), so an
+explicit value always beats the file's, even one equal to the default.
+
+Every value the validators accept runs: each range is the one the consuming code needs
+(``tests/test_config_boundaries.py`` runs every numeric key's boundary values through it).
 """
 
 from __future__ import annotations
@@ -15,12 +19,9 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import yaml
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
 
 STRATEGY_NAMES = ("fedavg", "fedprox", "mosaic", "feddf")
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,12 +47,38 @@ def _non_negative(v) -> str | None:
     return None if v >= 0 else f"must be >= 0, got {v}"
 
 
+def _at_least(low: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}, got {v}"
+
+
 def _unit_interval(v) -> str | None:
     return None if 0 < v <= 1 else f"must be in (0, 1], got {v}"
 
 
 def _closed_unit(v) -> str | None:
     return None if 0 <= v <= 1 else f"must be in [0, 1], got {v}"
+
+
+def _below_one(v) -> str | None:
+    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
+SEED_LIMIT = 2**32  # numpy's generators need a seed >= 0; the seed-mixing formulas stay in int64
+
+
+def _seed(v) -> str | None:
+    return None if 0 <= v < SEED_LIMIT else f"must be in [0, 2**32), got {v}"
+
+
+def _kd_steps(v) -> str | None:
+    return None if v >= 1 else (f"must be >= 1, got {v} (Mosaic and FedDF distil for kd-steps steps; "
+                                "a run without distillation is strategy='fedavg')")
+
+
+def _retired_preset(v) -> str | None:
+    return None if v == "" else (f"presets are run-config files now: instead of preset={v!r} pass "
+                                 f"--run-config conf/{v}.toml (with scripts/flwr_sim.py or "
+                                 "scripts/run.sh, further --run-config values override the file)")
 
 
 def _datasets():
@@ -91,7 +118,7 @@ def _partitions():
 
 # key -> (python type, validator or None). Defaults come from pyproject.toml.
 SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
-    "preset": (str, None),
+    "preset": (str, _retired_preset),  # retired: a non-empty value says how to use conf/*.toml
     "strategy": (str, _choice(*STRATEGY_NAMES)),
     "dataset": (str, _lazy_choice(_datasets)),
     "data-dir": (str, None),
@@ -100,6 +127,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "alpha": (float, _positive),
     "min-partition-size": (int, _positive),
     "partition-cap": (bool, None),
+    "validation-split": (float, lambda v: None if 0 <= v <= 0.5 else f"must be in [0, 0.5], got {v}"),
     "shards-per-client": (int, _positive),
     "model": (str, _lazy_choice(_models)),
     # --- model heterogeneity: per-client assignments, round-robin over partition ids
@@ -109,6 +137,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "num-server-rounds": (int, _positive),
     "fraction-train": (float, _unit_interval),
     "min-train-clients": (int, _positive),
+    # local work: exactly one of the two is > 0 (see check_local_work)
     "local-epochs": (int, _non_negative),
     "local-steps": (int, _non_negative),
     "batch-size": (int, _positive),
@@ -116,7 +145,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "momentum": (float, _closed_unit),
     "weight-decay": (float, _non_negative),
     "proximal-mu": (float, _non_negative),
-    "seed": (int, None),
+    "seed": (int, _seed),
     "output-dir": (str, None),
     "run-name": (str, None),
     "device": (str, _choice(*DEVICES)),
@@ -127,6 +156,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "resume": (str, None),
     "checkpoint": (bool, None),
     "round-timeout": (float, _positive),
+    "connect-timeout": (float, _positive),
     "min-replies": (int, _positive),
     "round-retries": (int, _non_negative),
     "aggregation": (str, _choice("mean", "median", "trimmed-mean")),
@@ -138,7 +168,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "mosaic-meta": (bool, None),
     "proto-k": (int, _positive),
     "gen-steps": (int, _positive),
-    "gen-batch-size": (int, _positive),
+    "gen-batch-size": (int, _at_least(2)),  # label-sharing noise pairs
     "gen-lr": (float, _positive),
     "gen-ce-weight": (float, _non_negative),
     "gen-div-weight": (float, _non_negative),
@@ -148,9 +178,9 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "meta-epochs": (int, _positive),
     "meta-lr": (float, _positive),
     "meta-patience": (int, _positive),
-    "meta-holdout": (float, _closed_unit),
-    "meta-ema": (float, _closed_unit),
-    "kd-steps": (int, _non_negative),
+    "meta-holdout": (float, _below_one),
+    "meta-ema": (float, _below_one),
+    "kd-steps": (int, _kd_steps),
     "kd-batch-size": (int, _positive),
     "kd-lr": (float, _positive),
     "kd-a": (float, _closed_unit),
@@ -185,9 +215,7 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         merged = dict(self.values)
         merged.update({k.replace("_", "-"): v for k, v in changes.items()})
-        preset = merged.pop("preset")
-        resolved = build_config(merged, defaults={**merged, "preset": ""})  # preset already applied
-        return Config({**resolved.values, "preset": preset})
+        return build_config(merged, defaults={})
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -199,22 +227,46 @@ def load_defaults(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dict[str
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+def merge_run_config(args: Sequence[str], cwd: Path | None = None) -> dict[str, Any]:
+    """``--run-config`` arguments merged in order, a later value winning: each is a run-config
+    TOML file (a path ending in ``.toml``, e.g. ``conf/fmnist-dir0.1.toml``; relative to
+    ``cwd``) or a ``key=value ...`` string as for ``flwr run`` (read by Flower's own parser).
+
+    ``flwr run`` itself takes a file only alone; the launchers (``scripts/flwr_sim.py``, the
+    deploy scripts) merge here and hand Flower one file (``write_run_config``).
+    """
+    from flwr.common.config import parse_config_args
+
+    merged: dict[str, Any] = {}
+    for arg in args:
+        if str(arg).strip().endswith(".toml"):
+            path = Path(cwd or Path.cwd()) / Path(str(arg).strip()).expanduser()
+            try:
+                with open(path, "rb") as f:
+                    data = tomllib.load(f)
+            except OSError as exc:
+                raise ConfigError(f"--run-config: cannot read {path} ({exc.strerror or exc})") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"--run-config: {path} is not valid TOML ({exc})") from None
+            nested = [k for k, v in data.items() if isinstance(v, dict)]
+            if nested:
+                raise ConfigError(f"--run-config: {path} must hold flat run-config keys, "
+                                  f"found the table [{nested[0]}]")
+            merged.update(data)
+        elif str(arg).strip():
+            try:
+                merged.update(parse_config_args([str(arg)]))
+            except Exception as exc:  # noqa: BLE001  (click's exception for a malformed string)
+                raise ConfigError(f"--run-config {arg!r}: {getattr(exc, 'message', exc)}") from None
+    return merged
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    path = CONF_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"preset: unknown value {name!r}; allowed: {available_presets()}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"preset: {path} must hold a mapping of run-config keys")
-    unknown = sorted(set(data) - set(SPEC))
-    if unknown:
-        raise ConfigError(f"preset: {path.name} has unknown keys {unknown}")
-    return data
+def write_run_config(values: Mapping[str, Any], path: Path) -> Path:
+    """Write run-config ``values`` as a TOML file ``flwr run --run-config FILE`` accepts."""
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(dict(values)))
+    return path
 
 
 def _cast(key: str, value: Any) -> Any:
@@ -248,8 +300,55 @@ def _cast(key: str, value: Any) -> Any:
         raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
 
 
+def heterogeneous(models: Iterable[str], capacities: Iterable[float]) -> bool:
+    """Whether a federation whose clients hold these model families and widths is
+    heterogeneous: more than one family, or any width below full. The one definition, used
+    on the config's lists (``build_config``) and on the clients' architectures (strategies)."""
+    return len(set(models)) > 1 or any(float(c) != 1.0 for c in capacities)
+
+
+def config_heterogeneous(values: Mapping[str, Any]) -> bool:
+    """``heterogeneous`` for what ``client-models`` / ``client-capacities`` assign."""
+    return heterogeneous(split_list(values["client-models"]), split_list(values["client-capacities"]))
+
+
+def meta_data_for(meta_data: str, is_heterogeneous: bool, clients: str = "") -> str:
+    """The meta model's training data for a ``meta-data`` setting: ``'auto'`` is
+    ``'screened'`` under model heterogeneity and ``'both'`` otherwise. Prototypes need one
+    architecture at full width, so ``'prototypes'``/``'both'`` with heterogeneity raise a
+    ``ConfigError`` (``clients`` describes the architectures, for the message)."""
+    if meta_data == "auto":
+        return "screened" if is_heterogeneous else "both"
+    if is_heterogeneous and meta_data in ("prototypes", "both"):
+        held = f"clients hold {clients}" if clients else "client-models/client-capacities assign several"
+        raise ConfigError(f"meta-data: {meta_data!r} passes prototypes through every expert's head, "
+                          f"which needs one architecture at full width, but {held}; use 'auto', "
+                          "'generated' or 'screened'")
+    return meta_data
+
+
+def check_local_work(values: Mapping[str, Any]) -> None:
+    """Local work per round is ``local-steps`` SGD steps or ``local-epochs`` passes over the
+    client's data: exactly one of the two keys is > 0, so neither is ever ignored."""
+    epochs, steps = values["local-epochs"], values["local-steps"]
+    if epochs > 0 and steps > 0:
+        raise ConfigError(f"local-epochs/local-steps: both set (local-epochs={epochs}, "
+                          f"local-steps={steps}); local work is one of them: set local-steps=0 to "
+                          "train local-epochs passes, or local-epochs=0 to train local-steps steps")
+    if epochs == 0 and steps == 0:
+        raise ConfigError("local-epochs/local-steps: both 0, so clients would not train; set one "
+                          "of them > 0")
+
+
+def local_work(cfg: "Config") -> str:
+    """What each sampled client does per round, in words (for the log and summary)."""
+    if cfg.local_steps > 0:
+        return f"{cfg.local_steps} local SGD steps of batch {cfg.batch_size}"
+    return f"{cfg.local_epochs} local epoch(s) over the client's data in batches of {cfg.batch_size}"
+
+
 def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Config:
-    """Merge defaults < preset < explicit run-config values; cast and validate every key."""
+    """Merge defaults < run-config values (every run-config value wins); cast and validate."""
     defaults = load_defaults() if defaults is None else dict(defaults)
     unknown = sorted(set(run_config) - set(SPEC))
     if unknown:
@@ -258,28 +357,18 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     if missing:
         raise ConfigError(f"{missing[0]}: no value and no default")
     merged = {k: v for k, v in defaults.items() if k in SPEC}
-    preset_name = str(run_config.get("preset", defaults.get("preset", "")))
-    if preset_name:
-        merged.update(load_preset(preset_name))
-    for key, value in run_config.items():
-        if key not in defaults or value != defaults[key]:
-            merged[key] = value
-    merged["preset"] = preset_name
+    merged.update(run_config)
     values = {key: _cast(key, merged[key]) for key in SPEC}
     for key, (_, check) in SPEC.items():
         problem = check(values[key]) if check else None
         if problem:
             raise ConfigError(f"{key}: {problem}")
+    check_local_work(values)
     if values["strategy"] in ("mosaic", "feddf") and values["warmup-rounds"] > values["num-server-rounds"]:
         raise ConfigError(f"warmup-rounds: {values['warmup-rounds']} exceeds num-server-rounds "
                           f"{values['num-server-rounds']} (distillation happens after the last "
                           "warm-up round)")
-    hetero = len(set(split_list(values["client-models"]))) > 1 or any(
-        float(c) != 1.0 for c in split_list(values["client-capacities"]))
-    if hetero and values["meta-data"] in ("prototypes", "both"):
-        raise ConfigError(f"meta-data: {values['meta-data']!r} passes prototypes through every "
-                          "expert's head, which needs one architecture at full width; with "
-                          "client-models/client-capacities use 'auto', 'generated' or 'screened'")
+    meta_data_for(values["meta-data"], config_heterogeneous(values))
     return Config(values)
 
 

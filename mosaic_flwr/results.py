@@ -107,6 +107,8 @@ class RunResults:
             "best_accuracy": max((r["accuracy"] for r in scored), default=None),
             "best_round": max(scored, key=lambda r: r["accuracy"])["round"] if scored else None,
             "rounds": len([r for r in self.rounds if r["round"] > 0]),
+            **({"final_val_accuracy": scored[-1]["val-accuracy"]}
+               if scored and "val-accuracy" in scored[-1] else {}),
             **self.extra,
             **summary,
         }

@@ -6,6 +6,7 @@ same wherever it is computed, and the server can publish the partition table.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 
 from .config import Config, split_list
-from .data import (DatasetNotFoundError, ImageData, dataset_info, load_dataset, normalize,
-                   partition)
+from .data import (DatasetNotFoundError, ImageData, dataset_info, load_dataset, normalize, partition_without,
+                   validation_indices)
 from .models import MODELS, Classifier, build_model
 
 
@@ -41,12 +42,6 @@ def build_arch(cfg: Config, arch: Arch) -> Classifier:
     return make_model(cfg, arch.model, arch.capacity)
 
 
-def is_heterogeneous(cfg: Config) -> bool:
-    """Whether clients may hold different architectures (several families or widths)."""
-    return (len(set(split_list(cfg.client_models))) > 1
-            or any(float(c) != 1.0 for c in split_list(cfg.client_capacities)))
-
-
 def client_arch(cfg: Config, node_config: Mapping[str, Any]) -> Arch:
     """The architecture a client trains.
 
@@ -67,6 +62,12 @@ def client_arch(cfg: Config, node_config: Mapping[str, Any]) -> Arch:
     return Arch(model, capacity)
 
 
+def clients_per_round(cfg: Config, num_clients: int) -> int:
+    """How many of ``num_clients`` clients a round samples: ``fraction-train`` of them
+    (rounded down), at least ``min-train-clients``, at most all of them."""
+    return min(num_clients, max(int(num_clients * cfg.fraction_train), min(cfg.min_train_clients, num_clients)))
+
+
 def initial_model(cfg: Config) -> Classifier:
     """The global model's initial weights, identical for a given seed."""
     torch.manual_seed(cfg.seed)
@@ -78,20 +79,35 @@ def data_for(cfg: Config) -> tuple[ImageData, ImageData]:
 
 
 @lru_cache(maxsize=4)
+def _validation_cached(dataset: str, data_dir: str, download: bool, fraction: float,
+                       seed: int) -> np.ndarray:
+    train, _ = load_dataset(dataset, data_dir or None, download)
+    return validation_indices(train.y.numpy(), fraction, seed)
+
+
+def validation_split(cfg: Config) -> np.ndarray:
+    """Indices of the training split held out for validation (``validation-split``; empty
+    by default): never partitioned among the clients, never the test set."""
+    return _validation_cached(cfg.dataset, cfg.data_dir, cfg.download, cfg.validation_split, cfg.seed)
+
+
+@lru_cache(maxsize=4)
 def _partition_cached(dataset: str, data_dir: str, download: bool, num_partitions: int,
                       method: str, seed: int, alpha: float, min_size: int, cap: bool,
-                      classes_per_client: int) -> tuple[np.ndarray, ...]:
+                      classes_per_client: int, val_fraction: float) -> tuple[np.ndarray, ...]:
     train, _ = load_dataset(dataset, data_dir or None, download)
-    return tuple(partition(train.y.numpy(), num_partitions, method=method, seed=seed,
-                           alpha=alpha, min_size=min_size, cap=cap,
-                           classes_per_client=classes_per_client))
+    held_out = _validation_cached(dataset, data_dir, download, val_fraction, seed)
+    return tuple(partition_without(train.y.numpy(), held_out, num_partitions, method=method,
+                                   seed=seed, alpha=alpha, min_size=min_size, cap=cap,
+                                   classes_per_client=classes_per_client))
 
 
 def partitions_for(cfg: Config, num_partitions: int) -> tuple[np.ndarray, ...]:
-    """Index arrays of every client's training data (deterministic for the config's seed)."""
+    """Index arrays of every client's training data (deterministic for the config's seed;
+    the validation split, when there is one, is left out)."""
     return _partition_cached(cfg.dataset, cfg.data_dir, cfg.download, num_partitions,
                              cfg.partition, cfg.seed, cfg.alpha, cfg.min_partition_size,
-                             cfg.partition_cap, cfg.shards_per_client)
+                             cfg.partition_cap, cfg.shards_per_client, cfg.validation_split)
 
 
 @lru_cache(maxsize=2)
@@ -117,6 +133,28 @@ def _test_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 def test_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The server's test set, for reporting only (never for selection)."""
     return _test_tensors(cfg)
+
+
+@lru_cache(maxsize=2)
+def _validation_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    train, _ = data_for(cfg)
+    part = train.subset(validation_split(cfg))
+    return part.normalized(), part.y
+
+
+def validation_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The benchmark's validation set (``validation-split`` of the training data, which no
+    client holds), or ``None`` without one. What benchmarks choose settings on."""
+    return _validation_tensors(cfg) if cfg.validation_split > 0 else None
+
+
+def test_set_fingerprint(cfg: Config) -> str:
+    """A short sha256 of the server's test set (images and labels as stored): what says that a
+    resumed run reads the same data, wherever ``data-dir`` points."""
+    _, test = data_for(cfg)
+    digest = hashlib.sha256(test.x.numpy().tobytes())
+    digest.update(test.y.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- deployment data

@@ -9,6 +9,11 @@ and always stops the SuperLink (and with it Ray) before it exits: 0 when the run
 1 when it failed, 2 when it could not start.
 
     python scripts/flwr_sim.py --num-supernodes 10 --run-config "strategy='fedprox' alpha=0.1"
+    python scripts/flwr_sim.py --run-config conf/fmnist-families.toml --run-config "alpha=1.0"
+
+``--run-config`` is repeatable; each is a run-config TOML file or ``key=value`` string, merged
+in order (a later value wins, even one equal to the default) and handed to ``flwr run`` as one
+file (``flwr run`` itself accepts a file only alone).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+from mosaic_flwr.config import ConfigError, merge_run_config, write_run_config  # noqa: E402
 
 
 def free_port() -> int:
@@ -98,10 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="Ray CPUs per ClientApp (1 on 2 cores: two clients train at once)")
     ap.add_argument("--gpus-per-client", type=float, default=0.0)
     ap.add_argument("--run-config", action="append", default=[],
-                    help="run-config overrides, TOML values: \"strategy='fedprox' alpha=0.1\"")
+                    help="a run-config TOML file (conf/*.toml) or overrides with TOML values, "
+                         "\"strategy='fedprox' alpha=0.1\"; repeatable, merged in order (later wins)")
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is stopped")
     ap.add_argument("--keep-home", action="store_true", help="keep the run's FLWR_HOME (logs) after exit")
     args = ap.parse_args(argv)
+    try:
+        run_config = merge_run_config(args.run_config)
+    except ConfigError as exc:
+        print(f"[flwr_sim] error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
     port = free_port()
     home = ROOT / ".flwr" / f"sim-{port}"
@@ -127,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[flwr_sim] SuperLink pid {superlink.pid} on 127.0.0.1:{port}; "
               f"{args.num_supernodes} simulated clients", flush=True)
         cmd = [str(BIN / "flwr"), "run", ".", "sim", "--stream", "--federation-config", federation]
-        for rc in args.run_config:
-            cmd += ["--run-config", rc]
+        if run_config:
+            print(f"[flwr_sim] run config: {' '.join(f'{k}={v!r}' for k, v in run_config.items())}",
+                  flush=True)
+            cmd += ["--run-config", str(write_run_config(run_config, home / "run-config.toml"))]
         run_id = None
         with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, bufsize=1) as flwr_run:

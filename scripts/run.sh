@@ -7,5 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 VENV="${MOSAIC_VENV:-$ROOT/.venv}"
 cd "$ROOT"
+# A TOML string in quotes the path does not contain (Flower's --run-config parser allows no
+# escapes: a project path holding both ' and " cannot be passed).
+case "$ROOT" in *"'"*) OUT="\"$ROOT/outputs\"" ;; *) OUT="'$ROOT/outputs'" ;; esac
 exec "$VENV/bin/python" scripts/flwr_sim.py --num-supernodes "${NUM_SUPERNODES:-10}" \
-  --run-config "output-dir='$ROOT/outputs' data-dir='$ROOT/data'" "$@"
+  --run-config "output-dir=$OUT" "$@"

@@ -19,22 +19,6 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
   echo "$want" > "$STAMP"
 fi
 
-# Fashion-MNIST: Debian's package where apt is usable, else torchvision's download when online.
-if ! "$VENV/bin/python" -c "from mosaic_flwr.data import load_dataset; load_dataset('fmnist', '$ROOT/data')" 2>/dev/null; then
-  SUDO=""
-  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
-  if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
-    echo "[setup] installing Debian's dataset-fashion-mnist"
-    $SUDO apt-get update -qq || true
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null || true
-  fi
-  if ! "$VENV/bin/python" -c "from mosaic_flwr.data import load_dataset; load_dataset('fmnist', '$ROOT/data')" 2>/dev/null; then
-    echo "[setup] trying torchvision's download of Fashion-MNIST into $ROOT/data"
-    if ! "$VENV/bin/python" -c "from mosaic_flwr.data import load_dataset; load_dataset('fmnist', '$ROOT/data', download=True)"; then
-      echo "[setup] ERROR: Fashion-MNIST is not available: install Debian's dataset-fashion-mnist" >&2
-      echo "        (files in /usr/share/datasets/fashion-mnist) or put the four IDX files in $ROOT/data/fashion-mnist" >&2
-      exit 1
-    fi
-  fi
-fi
+# Fashion-MNIST where the app finds it without data-dir (scripts/setup_data.sh says where).
+MOSAIC_VENV="$VENV" bash "$ROOT/scripts/setup_data.sh"
 echo "[setup] ready: $VENV"

@@ -15,14 +15,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from mosaic_flwr.checkpoint import config_changes, load_checkpoint
-from mosaic_flwr.config import Config, ConfigError, build_config, resolve_device
+from mosaic_flwr.config import Config, ConfigError, build_config, local_work, resolve_device
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
 from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
 from mosaic_flwr.strategies import ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import discover_clients
-from mosaic_flwr.task import Arch, test_data
+from mosaic_flwr.task import Arch, clients_per_round, test_data, test_set_fingerprint, validation_data
 
 app = ServerApp()
 
@@ -42,20 +42,40 @@ def run_dir(cfg: Config) -> Path:
     return candidate
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 120.0) -> list[int]:
-    """Node ids once at least ``minimum`` nodes (and a stable count) are connected."""
-    deadline = time.monotonic() + timeout
-    nodes: list[int] = []
-    while time.monotonic() < deadline:
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, *, poll: float = 1.0,
+                   log_every: float = 10.0) -> list[int]:
+    """Node ids once at least ``minimum`` nodes are connected and their number has been
+    stable for ``poll`` seconds (nodes starting together are all taken). Logs ``n of N
+    connected`` every ``log_every`` seconds while waiting; ``ConfigError`` naming
+    ``min-train-clients`` when fewer than ``minimum`` are connected after ``timeout`` s."""
+    start = time.monotonic()
+    next_log = start
+    while True:
         nodes = sorted(grid.get_node_ids())
+        now = time.monotonic()
         if len(nodes) >= minimum:
-            time.sleep(1.0)
-            again = sorted(grid.get_node_ids())
-            if again == nodes:
+            time.sleep(poll)
+            if sorted(grid.get_node_ids()) == nodes:
                 return nodes
-        time.sleep(1.0)
-    raise ValueError(f"min-train-clients: only {len(nodes)} nodes connected after {timeout:.0f} s, "
-                     f"need {minimum}")
+            continue
+        if now - start >= timeout:
+            raise ConfigError(f"min-train-clients: only {len(nodes)} of {minimum} nodes connected after "
+                              f"{timeout:g} s (connect-timeout); start more SuperNodes (in simulation: "
+                              "num-supernodes), lower min-train-clients or raise connect-timeout")
+        if now >= next_log:
+            log(INFO, "[mosaic-flwr] waiting for nodes: %d of %d connected (min-train-clients), "
+                "up to %.0f s more (connect-timeout)", len(nodes), minimum, timeout - (now - start))
+            next_log = now + log_every
+        time.sleep(min(poll, max(0.0, timeout - (now - start))))
+
+
+def check_min_replies(cfg: Config, num_clients: int) -> None:
+    """``min-replies`` must be reachable: at most the clients a round samples."""
+    per_round = clients_per_round(cfg, num_clients)
+    if cfg.min_replies > per_round:
+        raise ConfigError(f"min-replies: {cfg.min_replies} exceeds the {per_round} clients a round samples "
+                          f"({num_clients} clients connected, fraction-train={cfg.fraction_train:g}, "
+                          f"min-train-clients={cfg.min_train_clients}); every round would fail")
 
 
 def setup(grid: Grid, context: Context) -> ServerContext:
@@ -69,10 +89,15 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     out = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir(cfg)
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable
     test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
-    nodes = wait_for_nodes(grid, min(cfg.min_train_clients, 2))
+    val_x, val_y = validation_data(cfg) or (None, None)
+    results.extra["test_set_sha256"] = test_set_fingerprint(cfg)
+    if resume_state is not None:
+        check_same_data(resume_state, cfg, results.extra["test_set_sha256"])
+    nodes = wait_for_nodes(grid, cfg.min_train_clients, cfg.connect_timeout)
     info = dataset_info(cfg.dataset)
     # The clients report their label counts and architectures; the server never sees data.
     clients = discover_clients(grid, nodes, info.num_classes)
+    check_min_replies(cfg, len(clients))
     save_assignment(out, results, clients)
     if resume_state is not None:
         check_same_clients(resume_state["assignment"], results.extra["assignment"])
@@ -80,13 +105,22 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     save_partition(out, table, info.class_names,
                    title=f"{cfg.dataset} {cfg.partition} (alpha={cfg.alpha:g}), {len(clients)} clients")
     results.extra["partition_label_counts"] = table.tolist()
+    if resume_state is not None:
+        saved = resume_state["extra"].get("partition_label_counts")
+        if saved is not None and saved != table.tolist():
+            raise ValueError("resume: the clients' label counts differ from the checkpoint's (their data "
+                             "is not the data the run started with)")
     log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
         len(clients), cfg.num_server_rounds, device)
+    log(INFO, "[mosaic-flwr] local work per round and client: %s", local_work(cfg))
+    if val_x is not None:
+        log(INFO, "[mosaic-flwr] validation split: %d training images held out (no client holds them)",
+            len(val_y))
     log(INFO, "[mosaic-flwr] results -> %s", out)
     return ServerContext(cfg=cfg, grid=grid, device=device, test_x=test_x,
                          test_y=test_y, results=results, num_nodes=len(clients), clients=clients,
-                         resume_state=resume_state)
+                         resume_state=resume_state, val_x=val_x, val_y=val_y)
 
 
 def resume_checkpoint(cfg: Config) -> dict:
@@ -101,6 +135,20 @@ def resume_checkpoint(cfg: Config) -> dict:
             "(raise num-server-rounds to extend the run)", state["round"])
     log(INFO, "[mosaic-flwr] resuming %s after round %d", cfg.resume, state["round"])
     return state
+
+
+def check_same_data(state: dict, cfg: Config, fingerprint: str) -> None:
+    """A resumed run reads the same data, wherever ``data-dir`` now points: its test set has
+    the checkpoint's fingerprint (a checkpoint without one needs the same ``data-dir``)."""
+    saved = state.get("extra", {}).get("test_set_sha256")
+    before = state["config"].get("data-dir")
+    if saved is None and before != cfg.data_dir:
+        raise ConfigError(f"resume: data-dir: {before!r} -> {cfg.data_dir!r}, and the checkpoint has no data "
+                          "fingerprint to check it is the same data; give the same data-dir")
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(f"resume: the {cfg.dataset} test set read now (data-dir={cfg.data_dir!r}) is not the "
+                          f"checkpoint's (sha256 {fingerprint}..., saved {saved}...): a resumed run must read "
+                          "the same data")
 
 
 def check_same_clients(saved: list[dict], now: list[dict]) -> None:
@@ -148,7 +196,7 @@ def main(grid: Grid, context: Context) -> None:
     summary = sc.results.finish(
         {"strategy": cfg.strategy, "dataset": cfg.dataset, "model": cfg.model,
          "partition": cfg.partition, "alpha": cfg.alpha, "num_clients": sc.num_nodes,
-         "seed": cfg.seed, "device": str(sc.device),
+         "seed": cfg.seed, "device": str(sc.device), "local_work": local_work(cfg),
          **({"resumed_after_round": sc.resume_state["round"]} if sc.resume_state else {}),
          "wall_seconds": round(time.perf_counter() - t0, 2)},
         title=f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, alpha={cfg.alpha:g}, "

@@ -102,7 +102,7 @@ def test_sample_passes_match_the_clients_batches():
     assert federated_sample_passes(cfg, [100, 10]) == 2 * (100 + 40)
     epochs = build_config({"strategy": "fedavg", "num-server-rounds": 3, "local-steps": 0, "local-epochs": 2})
     assert federated_sample_passes(epochs, [100, 10]) == 3 * 2 * 110
-    half = build_config({"strategy": "fedavg", "num-server-rounds": 1, "local-steps": 0, "fraction-train": 0.5,
+    half = build_config({"strategy": "fedavg", "num-server-rounds": 1, "local-steps": 0, "local-epochs": 1, "fraction-train": 0.5,
                          "min-train-clients": 1})
     assert federated_sample_passes(half, [100, 10, 20, 30]) == pytest.approx(0.5 * 160)
 
@@ -128,3 +128,21 @@ def test_train_central_on_synthetic_data(one_thread):
     assert r["final_accuracy"] > 0.5                      # 40 steps learn the patterns
     again = train_central(cfg, num_clients=4)
     assert again["final_accuracy"] == r["final_accuracy"]  # deterministic for a seed
+
+
+def test_paired_differences_and_their_95_percent_interval():
+    from bench.grid import paired_lines, val_table
+
+    res = {Cell("mosaic", 0.1, s): {"final_accuracy": 0.70 + d, "final_val_accuracy": 0.71}
+           for s, d in ((42, 0.01), (43, 0.02), (44, 0.03))}
+    res.update({Cell("mosaic-nometa", 0.1, s): {"final_accuracy": 0.70, "final_val_accuracy": 0.69}
+                for s in (42, 43, 44)})
+    res[Cell("mosaic-nometa", 0.1, 45)] = {"final_accuracy": 0.1}  # unpaired seed: left out
+    row = [l for l in paired_lines(res, "mosaic", ["mosaic", "mosaic-nometa"], [0.1]) if "−" in l][0]
+    # mean 0.02, sd 0.01, t(0.975, 2) = 4.303: half-width 4.303 * 0.01 / sqrt(3) = 0.0248
+    assert "+0.0200 [-0.0048, +0.0448] (+0.010, +0.020, +0.030)" in row
+    val = paired_lines(res, "mosaic", ["mosaic", "mosaic-nometa"], [0.1], key="final_val_accuracy")
+    assert any("+0.0200 [+0.0200, +0.0200]" in l for l in val)
+    groups = aggregate({c: {**s, "best_accuracy": s["final_accuracy"]} for c, s in res.items()
+                        if "final_val_accuracy" in s})
+    assert any(l.startswith("| mosaic | 0.7100") for l in val_table(groups, ["mosaic"], [0.1]))

@@ -38,3 +38,29 @@ def test_real_flwr_run_failure_exits_nonzero(tmp_path):
     proc = launch(tmp_path, "alpha=-1.0")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "configuration error: alpha: must be > 0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_real_flwr_run_settings_file_then_explicit_values_win(tmp_path):
+    """``--run-config FILE --run-config "..."`` through the launcher and a real ``flwr run``:
+    the later values win over the file's, also ones equal to their defaults
+    (``client-models=''``, ``alpha=0.1``)."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "flwr_sim.py"), "--num-supernodes", "2",
+           "--run-config", "conf/fmnist-families.toml",
+           "--run-config", f"output-dir='{tmp_path}' run-name='real' dataset='synthetic' partition='iid'",
+           "--run-config", "strategy='fedavg' num-server-rounds=1 local-steps=3 client-models='' alpha=0.1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    config = json.loads((tmp_path / "real" / "config.json").read_text())
+    assert config["client-models"] == "" and config["alpha"] == 0.1      # the file said otherwise
+    assert config["dataset"] == "synthetic" and config["local-steps"] == 3
+    summary = json.loads((tmp_path / "real" / "summary.json").read_text())
+    assert summary["local_work"] == "3 local SGD steps of batch 32"
+    assert {row["model"] for row in summary["assignment"]} == {"cnn_small"}
+
+
+def test_launcher_refuses_an_unreadable_settings_file_before_starting(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import flwr_sim
+    assert flwr_sim.main(["--run-config", str(tmp_path / "missing.toml")]) == 2
+    assert "[flwr_sim] error: --run-config: cannot read" in capsys.readouterr().err

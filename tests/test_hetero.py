@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from torch import nn
 
 from client_app.app import app as client_app
-from mosaic_flwr.config import ConfigError, build_config
+from mosaic_flwr.config import ConfigError, build_config, config_heterogeneous
 from mosaic_flwr.inprocess import InProcessGrid
 from mosaic_flwr.mosaic.experts import ModelMixture, StackedExperts
 from mosaic_flwr.mosaic.moe import screen_by_prototypes
@@ -18,7 +18,7 @@ from mosaic_flwr.models import MODELS
 from mosaic_flwr.records import ClientInfo, decode_client_info, state_to_record
 from mosaic_flwr.strategies.bank import BankStrategy
 from mosaic_flwr.strategies.base import ServerContext
-from mosaic_flwr.task import Arch, build_arch, client_arch, is_heterogeneous
+from mosaic_flwr.task import Arch, build_arch, client_arch
 from tests.conftest import as_flower_server, requires_fmnist
 from tests.test_e2e_inprocess import run_inprocess
 
@@ -28,13 +28,13 @@ C = 10
 # ----------------------------------------------------------------------------- assignment
 def test_assignment_is_round_robin_by_partition_id_and_node_config_overrides():
     cfg = build_config({"client-models": "cnn_small, cnn_wide,resnet8", "client-capacities": "1,0.5"})
-    assert is_heterogeneous(cfg)
+    assert config_heterogeneous(cfg.values)
     got = [client_arch(cfg, {"partition-id": i}) for i in range(4)]
     assert got == [Arch("cnn_small", 1.0), Arch("cnn_wide", 0.5), Arch("resnet8", 1.0), Arch("cnn_small", 0.5)]
     assert client_arch(cfg, {"partition-id": 1, "model": "resnet18", "capacity": 0.25}) == Arch("resnet18", 0.25)
     assert str(Arch("cnn_small", 0.25)) == "cnn_small@0.25" and str(Arch("resnet8")) == "resnet8"
     plain = build_config({})
-    assert not is_heterogeneous(plain) and client_arch(plain, {"partition-id": 3}) == Arch(plain.model)
+    assert not config_heterogeneous(plain.values) and client_arch(plain, {"partition-id": 3}) == Arch(plain.model)
     with pytest.raises(ValueError, match="capacity"):
         client_arch(cfg, {"partition-id": 0, "capacity": 2.0})
 

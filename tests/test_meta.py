@@ -66,7 +66,7 @@ def test_train_meta_learns_which_expert_to_trust(arch):
     assert not ema.training
     assert stats["n_train"] + stats["n_holdout"] == 400 and stats["n_holdout"] == 80
     assert stats["initial_holdout_accuracy"] < 0.7
-    assert stats["holdout_accuracy"] >= 0.9
+    assert stats["holdout_accuracy"] >= 0.9 - 1e-6  # 72 of 80 is 0.9 in float32 (0.89999998)
     assert 1 <= stats["best_epoch"] <= stats["epochs_run"] <= 40
 
 
@@ -135,3 +135,19 @@ def test_train_meta_on_cuda(arch):
     ema, stats = train_meta(MetaModel(5, 5, arch=arch), logits, labels, epochs=3, device="cuda")
     assert next(ema.parameters()).device.type == "cuda" and stats["epochs_run"] == 3
     assert ema(logits.cuda()).shape == (100, 5)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "gating"])
+def test_ablation_teacher_has_the_meta_models_starting_scale(arch):
+    """"Mosaic without the meta model" must distil the same targets the meta model starts
+    from (the mean of the experts' logits, not their sum: C times sharper at a temperature)."""
+    from mosaic_flwr.mosaic.meta import MetaModel as Meta
+    from mosaic_flwr.mosaic.moe import ensemble_teacher, meta_teacher
+
+    class Experts:  # the only method the teachers read: logits(x) -> [E, B, C]
+        def logits(self, x):
+            return x.permute(1, 0, 2)
+
+    torch.manual_seed(0)
+    z = torch.randn(6, 10, 10) * 3  # [B, E, C]
+    torch.testing.assert_close(ensemble_teacher(Experts())(z), meta_teacher(Experts(), Meta(10, 10, arch=arch))(z))

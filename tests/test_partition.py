@@ -63,3 +63,24 @@ def test_bad_arguments_name_the_key(kw, key):
 def test_more_clients_than_samples():
     with pytest.raises(PartitionError, match="num-partitions"):
         partition(LABELS[:5], 10, method="iid", seed=0)
+
+
+def test_validation_split_is_stratified_seeded_and_never_partitioned():
+    from mosaic_flwr.data import partition_without, validation_indices
+
+    val = validation_indices(LABELS, 0.1, seed=3)
+    assert np.array_equal(np.bincount(LABELS[val], minlength=10), np.full(10, 50))  # 10 % of each class
+    assert np.array_equal(val, validation_indices(LABELS, 0.1, seed=3))
+    assert not np.array_equal(val, validation_indices(LABELS, 0.1, seed=4))
+    parts = partition_without(LABELS, val, 10, method="dirichlet", seed=3, alpha=0.5)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(LABELS) - len(val)
+    assert not np.intersect1d(joined, val).size, "no client holds a validation sample"
+    assert len(np.unique(np.concatenate([joined, val]))) == len(LABELS)
+    # no validation split: exactly today's partition
+    same = partition_without(LABELS, validation_indices(LABELS, 0.0, seed=3), 10, method="dirichlet",
+                             seed=3, alpha=0.5)
+    for a, b in zip(same, partition(LABELS, 10, method="dirichlet", seed=3, alpha=0.5)):
+        assert np.array_equal(a, b)
+    with pytest.raises(PartitionError, match="validation-split"):
+        validation_indices(LABELS, 1.0, seed=3)

@@ -13,16 +13,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from client_app.app import app as client_app
 from mosaic_flwr.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from mosaic_flwr.config import build_config
+from mosaic_flwr.config import ConfigError, build_config, load_defaults
 from mosaic_flwr.data import dataset_info
+from mosaic_flwr.inprocess import InProcessGrid
 from mosaic_flwr.models.generators import generator_for
 from mosaic_flwr.mosaic.client import MosaicClientResult
 from mosaic_flwr.records import ClientInfo, mosaic_payload
@@ -30,7 +33,8 @@ from mosaic_flwr.results import write_json
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
-from mosaic_flwr.task import Arch
+from mosaic_flwr.task import Arch, clients_per_round
+from server_app.app import check_min_replies, main as server_main
 from tests.conftest import as_flower_server, started_under
 from tests.test_e2e_inprocess import run_inprocess
 
@@ -187,6 +191,65 @@ def test_a_round_short_of_min_replies_is_sent_again_then_fails_clearly(tmp_path)
                       **{"num-server-rounds": 3, "local-steps": 5, "min-replies": 3, "round-retries": 1})
     run_dir = tmp_path / "b" / "run"
     assert [r["round"] for r in _rows(run_dir)] == [0, 1] and load_checkpoint(run_dir)["round"] == 1
+
+
+# ----------------------------------------------------------------------------- start-up: nodes, min-replies
+FAST = {**SYNTH, "strategy": "fedavg", "num-server-rounds": 1, "local-steps": 2}
+
+
+def test_the_server_waits_for_min_train_clients_nodes_that_connect_late(tmp_path, caplog):
+    """A SuperNode that connects 2.5 s after the others still takes part in the run."""
+    config = {**load_defaults(), "output-dir": str(tmp_path), "run-name": "run", **FAST,
+              "min-train-clients": 3, "connect-timeout": 60.0}
+    grid = InProcessGrid(client_app, config, 3)
+    grid.offline.add(102)
+    timer = threading.Timer(2.5, grid.offline.discard, args=(102,))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with caplog.at_level(logging.INFO):
+            server_main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 >= 2.5
+    assert "waiting for nodes: 2 of 3 connected (min-train-clients)" in caplog.text
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [row["partition-id"] for row in summary["assignment"]] == [0, 1, 2]
+    assert _rows(tmp_path / "run")[1]["clients"] == 3
+
+
+def test_min_train_clients_that_never_connect_fail_after_connect_timeout_naming_the_key(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        run_inprocess(tmp_path, num_nodes=2, **FAST, **{"min-train-clients": 3, "connect-timeout": 1.5})
+    assert str(info.value) == ("configuration error: min-train-clients: only 2 of 3 nodes connected after "
+                               "1.5 s (connect-timeout); start more SuperNodes (in simulation: "
+                               "num-supernodes), lower min-train-clients or raise connect-timeout")
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_min_replies_above_the_connected_clients_is_refused_at_setup(tmp_path):
+    """Refused at once (before round 1), not after waiting round-timeout for clients that
+    do not exist."""
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        run_inprocess(tmp_path, num_nodes=3, **FAST, **{"min-replies": 4, "round-timeout": 20.0})
+    assert str(info.value) == ("configuration error: min-replies: 4 exceeds the 3 clients a round samples "
+                               "(3 clients connected, fraction-train=1, min-train-clients=2); every round "
+                               "would fail")
+    assert time.monotonic() - t0 < 15
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_min_replies_above_the_clients_a_round_samples_is_refused():
+    cfg = build_config({"fraction-train": 0.5, "min-train-clients": 2, "min-replies": 3})
+    with pytest.raises(ConfigError, match=r"^min-replies: 3 exceeds the 2 clients a round samples \(4 clients "
+                                          r"connected, fraction-train=0.5, min-train-clients=2\)"):
+        check_min_replies(cfg, 4)
+    check_min_replies(cfg, 6)                       # 3 of 6 sampled: reachable
+    assert clients_per_round(cfg, 4) == 2 and clients_per_round(cfg, 7) == 3
+    assert clients_per_round(cfg, 1) == 1           # never more than there are
 
 
 # ----------------------------------------------------------------------------- hostile payloads

@@ -2,8 +2,9 @@
 
 from .datasets import (DATASETS, DatasetInfo, DatasetNotFoundError, ImageData, dataset_info,
                        load_dataset, normalize)
-from .partition import PARTITIONS, PartitionError, label_count_table, partition
+from .partition import (PARTITIONS, PartitionError, label_count_table, partition, partition_without,
+                        validation_indices)
 
 __all__ = ["DATASETS", "DatasetInfo", "DatasetNotFoundError", "ImageData", "dataset_info",
            "load_dataset", "normalize", "PARTITIONS", "PartitionError", "label_count_table",
-           "partition"]
+           "partition", "partition_without", "validation_indices"]

@@ -18,6 +18,18 @@ import numpy as np
 import torch
 
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATA_ENV = "MOSAIC_FLWR_DATA"
+
+
+def user_data_dir() -> Path:
+    """Where data sets live when ``data-dir`` is empty: ``$MOSAIC_FLWR_DATA`` when set, else
+    ``${XDG_CACHE_HOME:-~/.cache}/mosaic-flwr/data``. It does not depend on the working
+    directory or on where the app's code is (Flower runs a copy of it), so plain
+    ``flwr run .`` finds what ``scripts/setup.sh`` put there."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "mosaic-flwr" / "data"
 
 
 class DatasetNotFoundError(ValueError):
@@ -98,13 +110,16 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
 
 
 def fmnist_search_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
-    """Where Fashion-MNIST IDX files are looked for, in order."""
-    dirs: list[Path] = []
-    if data_dir:
-        root = Path(data_dir).expanduser()
-        dirs += [root / "fashion-mnist", root / "FashionMNIST" / "raw", root]
-    dirs.append(DEBIAN_FMNIST_DIR)
-    return dirs
+    """Where Fashion-MNIST IDX files are looked for, in order: under ``data-dir`` (empty:
+    :func:`user_data_dir`), then Debian's package."""
+    root = Path(data_dir).expanduser() if data_dir else user_data_dir()
+    return [root / "fashion-mnist", root / "FashionMNIST" / "raw", root, DEBIAN_FMNIST_DIR]
+
+
+def fmnist_location(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The directory the Fashion-MNIST files would be read from (``None``: not found)."""
+    found = _find_idx(fmnist_search_dirs(data_dir), "train-images-idx3-ubyte")
+    return found.parent if found else None
 
 
 def _load_fmnist(data_dir: str | None, download: bool) -> tuple[ImageData, ImageData]:
@@ -113,14 +128,14 @@ def _load_fmnist(data_dir: str | None, download: bool) -> tuple[ImageData, Image
     stems = {"xtr": "train-images-idx3-ubyte", "ytr": "train-labels-idx1-ubyte",
              "xte": "t10k-images-idx3-ubyte", "yte": "t10k-labels-idx1-ubyte"}
     paths = {k: _find_idx(dirs, s) for k, s in stems.items()}
-    if any(p is None for p in paths.values()) and download and data_dir:
+    if any(p is None for p in paths.values()) and download:
         return _load_torchvision("fmnist", data_dir, download)
     if any(p is None for p in paths.values()):
         raise DatasetNotFoundError(
             "dataset: Fashion-MNIST IDX files not found in "
             + ", ".join(str(d) for d in dirs)
-            + " (install Debian's dataset-fashion-mnist, or set data-dir and download=true "
-            "on a machine that is online)")
+            + " (run scripts/setup.sh, install Debian's dataset-fashion-mnist, or set "
+            "download=true on a machine that is online)")
     arrays = {k: _read_idx(p) for k, p in paths.items()}
     train = ImageData(torch.from_numpy(arrays["xtr"].copy()).unsqueeze(1),
                       torch.from_numpy(arrays["ytr"].astype(np.int64)), info)
@@ -133,9 +148,7 @@ def _load_fmnist(data_dir: str | None, download: bool) -> tuple[ImageData, Image
 def _load_torchvision(name: str, data_dir: str | None, download: bool) -> tuple[ImageData, ImageData]:
     import torchvision.datasets as tvd  # imported lazily: slow import, optional data sets
 
-    if not data_dir:
-        raise DatasetNotFoundError(f"dataset: {name!r} needs data-dir (a torchvision root)")
-    root = str(Path(data_dir).expanduser())
+    root = str(Path(data_dir).expanduser() if data_dir else user_data_dir())
     info = INFOS[name]
 
     def make(train: bool):
@@ -193,16 +206,21 @@ LOADERS: dict[str, Callable[[str | None, bool], tuple[ImageData, ImageData]]] = 
 DATASETS = tuple(LOADERS)
 
 
-@lru_cache(maxsize=2)
 def load_dataset(name: str, data_dir: str | None = None, download: bool = False) -> tuple[ImageData, ImageData]:
-    """(train, test) for a registered data set; cached per process.
+    """(train, test) for a registered data set; cached per process. An empty ``data_dir``
+    means :func:`user_data_dir` (and, for Fashion-MNIST, Debian's package).
 
     Raises ``ValueError`` for an unknown name and :class:`DatasetNotFoundError` (naming the
     paths it looked in) when the files are missing.
     """
     if name not in LOADERS:
         raise ValueError(f"dataset: unknown value {name!r}; allowed: {sorted(LOADERS)}")
-    return LOADERS[name](data_dir or None, download)
+    return _load_cached(name, str(Path(data_dir).expanduser() if data_dir else user_data_dir()), download)
+
+
+@lru_cache(maxsize=2)
+def _load_cached(name: str, root: str, download: bool) -> tuple[ImageData, ImageData]:
+    return LOADERS[name](root, download)
 
 
 def dataset_info(name: str) -> DatasetInfo:

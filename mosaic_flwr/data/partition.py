@@ -105,6 +105,33 @@ def partition(labels, num_clients: int, *, method: str, seed: int, alpha: float 
     raise PartitionError(f"partition: unknown value {method!r}; allowed: {list(PARTITIONS)}")
 
 
+def validation_indices(labels, fraction: float, seed: int) -> np.ndarray:
+    """A class-stratified validation split: ``round(fraction * n_c)`` samples of every class
+    ``c``, drawn with a generator of its own (independent of the partition's draw for the
+    same seed). Sorted int64 indices; empty when ``fraction`` is 0.
+
+    For benchmarking only: the federation never sees these samples, and they are not the
+    test split, so settings can be chosen on them honestly."""
+    labels = np.asarray(labels)
+    if not 0 <= fraction < 1:
+        raise PartitionError(f"validation-split: must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, 0x7A11D])
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:round(fraction * int((labels == c).sum()))]
+              for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def partition_without(labels, held_out: np.ndarray, num_clients: int, **kwargs) -> list[np.ndarray]:
+    """``partition`` of the samples not in ``held_out``, as indices into ``labels``."""
+    labels = np.asarray(labels)
+    if len(held_out) == 0:
+        return partition(labels, num_clients, **kwargs)
+    rest = np.setdiff1d(np.arange(len(labels)), held_out)
+    return [rest[p] for p in partition(labels[rest], num_clients, **kwargs)]
+
+
 def label_count_table(labels, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
     """[num_clients, num_classes] int64 table of how many samples of each class each client holds."""
     labels = np.asarray(labels)

@@ -65,8 +65,9 @@ def expert_logits(experts: StackedExperts, x: Tensor, *, batch_size: int = 256) 
 
 
 def ensemble_teacher(experts: StackedExperts) -> Callable[[Tensor], Tensor]:
-    """The plain mixture: the sum of the experts' logits."""
-    return lambda x: experts.logits(x).sum(0)
+    """The plain mixture: the mean of the experts' logits (the scale the meta model starts
+    from, so that "with" and "without the meta model" distil at the same temperature)."""
+    return lambda x: experts.logits(x).mean(0)
 
 
 def meta_teacher(experts: StackedExperts, meta: nn.Module) -> Callable[[Tensor], Tensor]:

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..checkpoint import CheckpointError, rng_state, save_checkpoint, set_rng_state
-from ..config import split_list
+from ..config import heterogeneous, split_list
 from ..data import dataset_info
 from ..models import Classifier
 from ..mosaic.robust import robust_average
@@ -45,7 +45,7 @@ from ..records import (
     state_to_record,
 )
 from ..seeds import mix_seed
-from ..task import Arch, build_arch
+from ..task import Arch, build_arch, clients_per_round
 from .base import ServerContext
 
 StateDict = dict[str, torch.Tensor]
@@ -69,7 +69,7 @@ class BankStrategy(FedAvg):
         self.families = sorted({a.model for a in archs}, key=lambda f: (listed + [f]).index(f))
         self.primary = self.families[0]
         self.archs = sorted(archs, key=lambda a: (self.families.index(a.model), -a.capacity))
-        self.heterogeneous = len(self.archs) > 1 or self.archs[0].capacity != 1.0
+        self.heterogeneous = heterogeneous([a.model for a in self.archs], [a.capacity for a in self.archs])
         self._modules: dict[Arch, Classifier] = {}
         self._templates: dict[Arch, StateDict] = {}
         self._plans: dict[tuple, IndexPlan] = {}
@@ -147,7 +147,7 @@ class BankStrategy(FedAvg):
         joined = sorted(connected - set(known))
         if joined and sc.clients:
             log(WARNING, "Nodes %s joined after discovery (architecture unknown); not sampled", joined)
-        num = max(int(len(known) * self.fraction_train), min(self.min_train_nodes, len(known)))
+        num = clients_per_round(cfg, len(known))
         rng = random.Random(mix_seed(cfg.seed, "sample", server_round, attempt))
         return sorted(rng.sample(available, min(num, len(available))), key=sc.partition_of)
 
@@ -307,8 +307,22 @@ class BankStrategy(FedAvg):
         extra["acc-clients"] = round(sum(per[a] for a in held) / len(held), 5)
         return headline, extra
 
+    def evaluate_val(self, state: StateDict | None = None, arch: Arch | None = None) -> float | None:
+        """Accuracy on the validation split (``None`` without one) of ``arch``'s model
+        (default: the headline model)."""
+        if self.sc.val_x is None:
+            return None
+        model = self.module(arch or Arch(self.primary))
+        model.load_state_dict(self.state_for(arch or Arch(self.primary), 0, mode="fixed")
+                              if state is None else state)
+        return evaluate(model, self.sc.val_x, self.sc.val_y, batch_size=self.cfg.eval_batch_size,
+                        device=self.sc.device)["accuracy"]
+
     def evaluate_round(self, server_round: int) -> None:
         metrics, extra = self.evaluate_all()
+        val = self.evaluate_val()
+        if val is not None:
+            extra["val-accuracy"] = round(val, 5)
         self.sc.record_round(server_round, metrics, **extra)
 
     # ------------------------------------------------------------------ run, checkpoint

@@ -33,6 +33,9 @@ class ServerContext:
     clients: dict[int, ClientInfo] = field(default_factory=dict)   # node id -> what it reported
     train_metrics: dict[str, float] = field(default_factory=dict)  # last round's, for the log
     resume_state: dict[str, Any] | None = None   # a checkpoint to continue from (``resume``)
+    # ``validation-split``: training data no client holds, for choosing settings in benchmarks
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
     _t_last: float = field(default_factory=time.perf_counter)
 
     def arch_of(self, node_id: int) -> Arch | None:

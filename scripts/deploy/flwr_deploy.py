@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from flwr_sim import BIN, flower_env, run_status  # BIN: the directory of the python running this script
+from mosaic_flwr.config import ConfigError, merge_run_config, write_run_config
 
 CONNECTION = "deploy"
 RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -174,8 +175,9 @@ def submit(env: dict[str, str], run_config: list[str], app: Path = ROOT, timeout
     Returns (exit code: 0 completed, 1 failed, 2 not started; run id; final status).
     """
     cmd = [str(BIN / "flwr"), "run", str(app), connection, "--stream"]
-    for rc in run_config:
-        cmd += ["--run-config", rc]
+    if run_config:  # files and key=value strings merged in order; `flwr run` takes one file
+        values = merge_run_config(run_config)
+        cmd += ["--run-config", str(write_run_config(values, Path(env["FLWR_HOME"]) / "run-config.toml"))]
     found: list[int] = []
     timed_out = False
 
@@ -236,7 +238,8 @@ def parser() -> argparse.ArgumentParser:
     s = parsers["submit"]
     s.add_argument("--app", type=Path, default=ROOT, help="the Flower app directory (default: this repository)")
     s.add_argument("--run-config", action="append", default=[],
-                   help="run-config overrides, TOML values: \"strategy='fedprox' num-server-rounds=3\"; "
+                   help="a run-config TOML file or overrides, TOML values: \"strategy='fedprox' "
+                        "num-server-rounds=3\"; repeatable, merged in order (later wins); "
                         "output-dir is a path on the SuperLink's machine")
     s.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is stopped")
     return ap
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             env = write_connection(args.home or Path(tmp), args.superlink, args.root_cert)
             wait_superlink(args.superlink, args.root_cert, timeout=args.wait)
             return command(args, env)
-        except (DeployError, OSError, subprocess.SubprocessError) as exc:
+        except (DeployError, ConfigError, OSError, subprocess.SubprocessError) as exc:
             print(f"[flwr_deploy] error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 
 Uses the project's own partitioner with the same run-config keys (``dataset``, ``data-dir``,
 ``partition``, ``alpha``, ``seed``, ``min-partition-size``, ``partition-cap``,
-``shards-per-client``, ``preset``) and defaults (pyproject.toml) as a run, so a file holds
+``shards-per-client``) and defaults (pyproject.toml) as a run, so a file holds
 exactly the data that client would train on in simulation. Each ``client-<i>.pt`` holds uint8
 images, int64 labels, the data set's name and the partition settings (read it with
 ``torch.load(path, weights_only=True)``); ``manifest.json`` lists files, sizes, label counts
@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch
-from flwr.common.config import parse_config_args
 
-from mosaic_flwr.config import Config, ConfigError, build_config
+from mosaic_flwr.config import Config, ConfigError, build_config, merge_run_config
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
 from mosaic_flwr.results import atomic_write
 from mosaic_flwr.task import partition_file, read_partition_file
@@ -98,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="directory for client-<i>.pt and manifest.json")
     ap.add_argument("--num-partitions", type=int, help="number of clients")
     ap.add_argument("--run-config", action="append", default=[],
-                    help="run-config overrides as for `flwr run` (TOML values): \"alpha=0.5 seed=1\"")
+                    help="a run-config TOML file or overrides as for `flwr run` (TOML values): "
+                         "\"alpha=0.5 seed=1\"; repeatable, merged in order (later wins)")
     ap.add_argument("--partition-ids", default="", help="comma-separated ids to write (default: all)")
     ap.add_argument("--node-config-of", type=Path, metavar="FILE",
                     help="print the --node-config of a SuperNode holding partition file FILE, and exit")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--out and --num-partitions are required")
         if args.num_partitions < 1:
             ap.error("--num-partitions must be >= 1")
-        cfg = build_config(parse_config_args(args.run_config) if args.run_config else {})
+        cfg = build_config(merge_run_config(args.run_config))
         write_all(cfg, args.num_partitions, partition_ids(args.partition_ids, args.num_partitions), args.out)
         return 0
     except ERRORS as exc:

@@ -1,0 +1,326 @@
+"""Every numeric key's extreme accepted values run through the code that consumes them, and
+their rejected neighbours are one-line ``ConfigError``s naming the key.
+
+One table row per numeric key of ``SPEC``: a key added without a row fails
+``test_every_numeric_key_has_a_boundary_row``. Each row gives the accepted boundary values
+(the smallest / largest the validator accepts; for an open bound, a value just inside it),
+the rejected neighbours, other keys the values need (``with_``), and the consumer: a
+function that runs the pure code reading that key on tiny inputs (no Flower runtime).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from client_app.app import round_seed, sgd_settings
+from mosaic_flwr.central import federated_sample_passes
+from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, ConfigError, build_config
+from mosaic_flwr.data import dataset_info, partition, partition_without, validation_indices
+from mosaic_flwr.models.generators import generator_for
+from mosaic_flwr.mosaic.client import mosaic_client_round
+from mosaic_flwr.mosaic.distill import distill
+from mosaic_flwr.mosaic.meta import MetaModel, train_meta
+from mosaic_flwr.mosaic.moe import GeneratorSampler
+from mosaic_flwr.mosaic.prototypes import class_prototypes
+from mosaic_flwr.mosaic.robust import robust_average
+from mosaic_flwr.mosaic.training import evaluate, train_local
+from mosaic_flwr.records import ClientInfo
+from mosaic_flwr.strategies.bank import BankStrategy, RoundFailed
+from mosaic_flwr.strategies.base import ServerContext
+from mosaic_flwr.strategies.mosaic import MosaicStrategy
+from mosaic_flwr.task import initial_model
+from tests.conftest import as_flower_server
+
+INFO = dataset_info("synthetic")
+C = INFO.num_classes
+JUST_ABOVE_0 = 1e-6        # an open lower bound at 0 (float keys "must be > 0")
+JUST_BELOW_1 = 1 - 1e-9    # an open upper bound at 1
+NODES = [100, 101, 102]
+
+
+@pytest.fixture(autouse=True)
+def _small_and_restored():
+    """Tiny models run fastest on one thread; a consumer may change the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _data(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4                       # four classes present, the rest absent
+    return torch.randn(n, 1, 28, 28, generator=g), y
+
+
+# ----------------------------------------------------------------------------- consumers
+def data_partition(cfg: Config) -> None:
+    labels = np.arange(300) % 3
+    for method in ("dirichlet", "shards", "iid"):
+        parts = partition(labels, 3, method=method, seed=cfg.seed, alpha=cfg.alpha,
+                          min_size=cfg.min_partition_size, cap=cfg.partition_cap,
+                          classes_per_client=cfg.shards_per_client)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(300))
+        assert min(len(p) for p in parts) >= (cfg.min_partition_size if method == "dirichlet" else 1)
+
+
+def validation(cfg: Config) -> None:
+    labels = np.arange(300) % 3
+    held = validation_indices(labels, cfg.validation_split, cfg.seed)
+    assert len(held) == round(cfg.validation_split * 100) * 3
+    parts = partition_without(labels, held, 3, method="dirichlet", seed=cfg.seed, alpha=cfg.alpha,
+                              min_size=cfg.min_partition_size)
+    assert sorted(np.concatenate([*parts, held]).tolist()) == list(range(300))
+
+
+def seeds(cfg: Config) -> None:
+    data_partition(cfg)
+    initial_model(cfg)
+    torch.Generator().manual_seed(round_seed(cfg, 10**6, 10**4))
+    _meta(cfg)
+    _mosaic_client(cfg)
+
+
+def _server(cfg: Config, strategy=BankStrategy, grid=None) -> BankStrategy:
+    as_flower_server()
+    counts = torch.ones(C, dtype=torch.long) * 4
+    clients = {n: ClientInfo(n, i, counts, cfg.model, 1.0) for i, n in enumerate(NODES)}
+    sc = ServerContext(cfg=cfg, grid=grid, device=torch.device("cpu"), test_x=None,
+                       test_y=None, results=None, num_nodes=len(clients), clients=clients)
+    return strategy(sc)
+
+
+class _SilentGrid:
+    """Every node connected; nobody answers (counts the rounds sent)."""
+
+    def __init__(self):
+        self.sent = 0
+
+    def get_node_ids(self):
+        return list(NODES)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        assert timeout == pytest.approx(self.timeout)
+        self.sent += 1
+        return []
+
+
+def sampling(cfg: Config) -> None:
+    grid = _SilentGrid()
+    grid.timeout = cfg.round_timeout
+    bank = _server(cfg, grid=grid)
+    chosen = bank.sample(1, grid=grid)
+    assert 1 <= len(chosen) <= len(NODES) and len(chosen) >= min(cfg.min_train_clients, len(NODES))
+    assert federated_sample_passes(cfg, [40, 50, 60]) > 0
+    with pytest.raises(RoundFailed, match=f"min-replies={cfg.min_replies}"):
+        bank.train_round(1)
+    assert grid.sent == cfg.round_retries + 1
+
+
+def connecting(cfg: Config) -> None:
+    from server_app.app import wait_for_nodes
+
+    assert wait_for_nodes(_SilentGrid(), len(NODES), cfg.connect_timeout, poll=0.0) == NODES
+    with pytest.raises(ConfigError, match="connect-timeout"):   # too few nodes: fails, no hang
+        wait_for_nodes(_SilentGrid(), len(NODES) + 1, min(cfg.connect_timeout, 0.05), poll=0.01)
+
+
+def schedule(cfg: Config) -> None:
+    mosaic = _server(cfg, MosaicStrategy)
+    phases = [mosaic.phase(r) for r in range(1, cfg.num_server_rounds + 1)]
+    assert phases.count("distill") == 1 and set(phases) <= {"warmup", "distill", "finetune"}
+    assert federated_sample_passes(cfg, [40]) > 0
+
+
+def local_training(cfg: Config) -> None:
+    """What a client does with the round's train config (ServerContext.train_config ->
+    the ClientApp's sgd_settings -> train_local), then the server's evaluation."""
+    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), test_x=None,
+                       test_y=None, results=None, num_nodes=1)
+    settings = sgd_settings(sc.train_config())
+    x, y = _data()
+    model = initial_model(cfg)
+    stats = train_local(model, x, y, **settings, proximal_mu=cfg.proximal_mu, seed=1)
+    expected = cfg.local_steps or cfg.local_epochs * math.ceil(len(y) / cfg.batch_size)
+    assert stats["steps"] == expected and math.isfinite(stats["train-loss"])
+    train_local(model, x, y, **{**settings, "lr": cfg.finetune_lr}, seed=2)
+    assert 0 <= evaluate(model, x, y, batch_size=cfg.eval_batch_size)["accuracy"] <= 1
+
+
+def threads(cfg: Config) -> None:
+    torch.set_num_threads(cfg.client_threads)
+    if cfg.server_threads:  # 0: torch's default
+        torch.set_num_threads(cfg.server_threads)
+
+
+def robust(cfg: Config) -> None:
+    states = [{"w": torch.full((3,), float(i)), "n": torch.tensor(i)} for i in range(5)]
+    for n in range(1, 6):
+        out = robust_average(states[:n], "trimmed-mean", trim=cfg.trim_fraction)
+        assert torch.isfinite(out["w"]).all()
+
+
+def _mosaic_client(cfg: Config) -> None:
+    """A client's distillation round: prototypes and the generator (the ClientApp's gen dict)."""
+    x, y = _data()
+    gen = {"steps": cfg.gen_steps if cfg.gen_steps < 3 else 2, "batch-size": cfg.gen_batch_size,
+           "lr": cfg.gen_lr, "ce-weight": cfg.gen_ce_weight, "div-weight": cfg.gen_div_weight}
+    out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
+                              seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
+                              proto_k=cfg.proto_k, gen=gen)
+    assert out.prototypes[0].shape[0] == 4 * cfg.proto_k and out.generator is not None
+    assert math.isfinite(out.metrics["gen-fidelity"])
+
+
+def mosaic_client(cfg: Config) -> None:
+    _mosaic_client(cfg)
+    feats, labels = torch.randn(7, 5), torch.tensor([0, 0, 0, 1, 1, 2, 3])
+    protos, plabels = class_prototypes(feats, labels, cfg.proto_k)
+    assert set(plabels.tolist()) == {0, 1, 2, 3}
+
+
+def _generators(n: int = 2):
+    torch.manual_seed(0)
+    gens = [generator_for(INFO).eval() for _ in range(n)]
+    counts = torch.zeros(n, C)
+    counts[0, :3], counts[1, 2:5] = 5, 7
+    return gens, counts
+
+
+def _meta(cfg: Config) -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) % 4
+    logits = torch.randn(24, 3, 4, generator=g) + 2 * torch.nn.functional.one_hot(labels, 4)[:, None]
+    meta = MetaModel(3, 4, arch=cfg.meta_arch)
+    ema, stats = train_meta(meta, logits, labels, epochs=min(cfg.meta_epochs, 3), lr=cfg.meta_lr,
+                            ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout,
+                            patience=cfg.meta_patience, seed=cfg.seed)
+    assert stats["n_train"] >= 4 and math.isfinite(stats["train_loss"])
+
+
+def meta(cfg: Config) -> None:
+    _meta(cfg)
+    gens, counts = _generators()
+    n_classes = int((counts.sum(0) > 0).sum())
+    sampler = GeneratorSampler(gens, counts, seed=cfg.seed + 1,
+                               batch_size=cfg.meta_samples_per_class * n_classes)
+    x, y, owners = sampler.draw()
+    assert len(y) == cfg.meta_samples_per_class * n_classes
+
+
+def distillation(cfg: Config) -> None:
+    gens, counts = _generators()
+    sampler = GeneratorSampler(gens, counts, batch_size=cfg.kd_batch_size, seed=cfg.seed)
+    torch.manual_seed(1)
+    teacher_model = initial_model(cfg).eval()
+    stats = distill(initial_model(cfg), lambda x: teacher_model(x), sampler,
+                    steps=min(cfg.kd_steps, 3), lr=cfg.kd_lr, a=cfg.kd_a, b=cfg.kd_b,
+                    T=cfg.kd_temperature, student_bn=cfg.kd_student_bn)
+    assert math.isfinite(stats["final_loss"])
+
+
+# ----------------------------------------------------------------------------- the table
+@dataclass
+class Row:
+    accepted: list[Any]
+    rejected: list[Any]
+    consume: Callable[[Config], None]
+    with_: dict[str, Any] = field(default_factory=dict)
+
+
+MOSAIC = {"strategy": "mosaic"}
+ROWS: dict[str, Row] = {
+    "alpha": Row([JUST_ABOVE_0, 1e6], [0.0, -1.0], data_partition),
+    "min-partition-size": Row([1, 100], [0, -1], data_partition),
+    "shards-per-client": Row([1, 3], [0], data_partition),   # 3: every class of the tiny data
+    "validation-split": Row([0.0, 0.5], [-0.1, 0.5 + 1e-9], validation),
+    "seed": Row([0, SEED_LIMIT - 1], [-1, SEED_LIMIT], seeds),
+    "num-server-rounds": Row([1], [0], schedule, {**MOSAIC, "warmup-rounds": 1}),
+    "warmup-rounds": Row([1, 8], [0, 9], schedule, {**MOSAIC, "num-server-rounds": 8}),
+    "fraction-train": Row([JUST_ABOVE_0, 1.0], [0.0, 1.0 + 1e-9], sampling),
+    "min-train-clients": Row([1, 10**6], [0], sampling),
+    "min-replies": Row([1], [0], sampling),
+    "connect-timeout": Row([JUST_ABOVE_0, 1e9], [0.0, -1.0], connecting),
+    "round-timeout": Row([JUST_ABOVE_0], [0.0, -1.0], sampling),
+    "round-retries": Row([0, 2], [-1], sampling),
+    "local-epochs": Row([1, 3], [-1, 0], local_training, {"local-steps": 0}),   # 0: no work at all
+    "local-steps": Row([1, 5], [-1, 0], local_training, {"local-epochs": 0}),
+    "batch-size": Row([1, 10**6], [0], local_training),
+    "lr": Row([JUST_ABOVE_0], [0.0], local_training),
+    "momentum": Row([0.0, 1.0], [-0.1, 1.1], local_training),
+    "weight-decay": Row([0.0], [-0.1], local_training),
+    "proximal-mu": Row([0.0, 1.0], [-0.1], local_training),
+    "finetune-lr": Row([JUST_ABOVE_0], [0.0], local_training),
+    "eval-batch-size": Row([1], [0], local_training),
+    "client-threads": Row([1], [0], threads),
+    "server-threads": Row([0, 1], [-1], threads),
+    "trim-fraction": Row([0.0, 0.5 - 1e-9], [-0.1, 0.5], robust),
+    "proto-k": Row([1, 10], [0], mosaic_client),            # 10 > a class's samples: the mean
+    "gen-steps": Row([1], [0], mosaic_client),
+    "gen-batch-size": Row([2, 3], [1, 0], mosaic_client),
+    "gen-lr": Row([JUST_ABOVE_0], [0.0], mosaic_client),
+    "gen-ce-weight": Row([0.0], [-0.1], mosaic_client),
+    "gen-div-weight": Row([0.0], [-0.1], mosaic_client),
+    "meta-samples-per-class": Row([1], [0], meta),
+    "meta-epochs": Row([1], [0], meta),
+    "meta-lr": Row([JUST_ABOVE_0], [0.0], meta),
+    "meta-patience": Row([1], [0], meta),
+    "meta-holdout": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
+    "meta-ema": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
+    "kd-steps": Row([1], [0, -1], distillation),
+    "kd-batch-size": Row([1], [0], distillation),
+    "kd-lr": Row([JUST_ABOVE_0], [0.0], distillation),
+    "kd-a": Row([0.0, 1.0], [-0.1, 1.1], distillation),
+    "kd-b": Row([0.0], [-0.1], distillation),
+    "kd-temperature": Row([JUST_ABOVE_0], [0.0], distillation),
+}
+BASE = {"dataset": "synthetic", "partition": "iid", "local-steps": 2}
+
+
+def test_every_numeric_key_has_a_boundary_row():
+    numeric = {k for k, (typ, _) in SPEC.items() if typ in (int, float)}
+    assert not numeric - set(ROWS), f"add a row to ROWS for {sorted(numeric - set(ROWS))}"
+    assert not set(ROWS) - numeric
+
+
+ACCEPTED = [(k, v) for k, row in ROWS.items() for v in row.accepted]
+REJECTED = [(k, v) for k, row in ROWS.items() for v in row.rejected]
+
+
+@pytest.mark.parametrize("key,value", ACCEPTED, ids=[f"{k}={v}" for k, v in ACCEPTED])
+def test_accepted_boundary_value_runs(key, value):
+    row = ROWS[key]
+    cfg = build_config({**BASE, **row.with_, key: value})
+    assert getattr(cfg, key.replace("-", "_")) == value
+    row.consume(cfg)
+
+
+@pytest.mark.parametrize("key,value", REJECTED, ids=[f"{k}={v}" for k, v in REJECTED])
+def test_rejected_neighbour_names_the_key(key, value):
+    # the key names the error: "key: ..." or, for a pair, "local-epochs/local-steps: ..."
+    with pytest.raises(ConfigError, match=rf"^([\w-]+/)?{re.escape(key)}(/[\w-]+)?: ") as info:
+        build_config({**BASE, **ROWS[key].with_, key: value})
+    assert "\n" not in str(info.value)
+
+
+def test_kd_steps_zero_points_to_fedavg():
+    with pytest.raises(ConfigError, match=r"^kd-steps: must be >= 1, got 0 .*strategy='fedavg'"):
+        build_config({"kd-steps": 0})
+
+
+@pytest.mark.parametrize("key,value", [("meta-holdout", 1.0), ("meta-ema", 1.0), ("gen-batch-size", 1),
+                                       ("kd-steps", 0), ("seed", -1)])
+def test_values_accepted_before_crashed_their_consumer(key, value):
+    """Why the ranges moved: each of these passed validation before, then crashed."""
+    cfg = build_config(BASE)
+    forced = Config({**cfg.values, key: value})      # bypassing the validator
+    consumer = ROWS[key].consume
+    with pytest.raises((ValueError, RuntimeError)):
+        consumer(forced)
