@@ -14,6 +14,7 @@ from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.training import train_local
 from mosaic_flwr.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, mosaic_payload, record_to_state,
                                  state_to_record)
+from mosaic_flwr.seeds import mix_seed
 from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition
 
 app = ClientApp()
@@ -32,7 +33,7 @@ def client_setup(context: Context) -> tuple[Config, int, int]:
 
 def round_seed(cfg: Config, server_round: int, partition_id: int) -> int:
     """A distinct, reproducible seed per (run seed, round, client)."""
-    return (cfg.seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
+    return mix_seed(cfg.seed, "client", server_round, partition_id)
 
 
 def sgd_settings(c) -> dict:

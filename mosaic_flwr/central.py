@@ -16,6 +16,7 @@ import torch
 
 from .config import Config
 from .mosaic.training import evaluate, train_local
+from .seeds import mix_seed
 from .task import clients_per_round, data_for, initial_model, partitions_for, test_data
 
 
@@ -70,7 +71,7 @@ def train_central(cfg: Config, num_clients: int, *, device: torch.device | str =
             continue
         stats = train_local(model, x, y, steps=chunk, batch_size=cfg.batch_size, lr=cfg.lr,
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                            seed=cfg.seed * 1_000_003 + r, device=device)
+                            seed=mix_seed(cfg.seed, "central", r), device=device)
         metrics = evaluate(model, test_x, test_y, batch_size=cfg.eval_batch_size, device=device)
         history.append({"round": r, **metrics, "train-loss": stats["train-loss"]})
     best = max(history, key=lambda h: h["accuracy"])

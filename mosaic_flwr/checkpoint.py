@@ -61,11 +61,14 @@ def _to_lists(value):
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], filename: str = FILENAME) -> Path:
-    """Write ``state`` (plus the format tag) to ``run_dir/filename`` atomically."""
+    """Write ``state`` (plus the format tag) to ``run_dir/filename`` atomically, readable by
+    its owner only (mode 0600): checkpoints hold models derived from client data (a class
+    expert whose class one client holds is that client's model) and ``distillation.pt``
+    every client's generator and prototypes."""
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
     path = Path(run_dir) / filename
-    atomic_write(path, buf.getvalue(), durable=True)
+    atomic_write(path, buf.getvalue(), durable=True, private=True)
     return path
 
 

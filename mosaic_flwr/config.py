@@ -190,10 +190,6 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
 }
 
 
-def _attr(key: str) -> str:
-    return key.replace("-", "_")
-
-
 @dataclass(frozen=True)
 class Config:
     """The resolved configuration (attribute names are the keys with ``_`` for ``-``)."""

@@ -1,6 +1,9 @@
 """torch <-> Flower records, and validation of every payload that arrives.
 
-This and the strategies/apps are the only modules that import flwr.
+Besides this module, only the Flower adapters import flwr: the strategies
+(``mosaic_flwr.strategies``), the in-process grid (``mosaic_flwr.inprocess``) and the
+ClientApp / ServerApp; the algorithm (``mosaic_flwr.mosaic``), models, data, config, results
+and checkpoint modules do not.
 """
 
 from __future__ import annotations

@@ -25,11 +25,17 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp gives 0600)
+PRIVATE_MODE = 0o600              # files that hold client-derived data: the owner only
 
 
-def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
+def atomic_write(path: Path, data: str | bytes, durable: bool = False, private: bool = False) -> None:
     """Write a file so that readers see the old or the new content, never a torn one
-    (``durable``: also flushed to the disk before it replaces the old one)."""
+    (``durable``: also flushed to the disk before it replaces the old one).
+
+    The file gets the mode ``open()`` would give it under the process's umask, or, with
+    ``private``, 0600 (readable and writable by its owner only) whatever the umask and
+    whatever the mode of a file it replaces: it is a new file, created 0600, renamed over
+    the old one, so it is never readable by others, not even while it is being written."""
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -39,7 +45,7 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, PRIVATE_MODE if private else _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

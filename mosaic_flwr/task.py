@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .config import Config, split_list
-from .data import (DatasetNotFoundError, ImageData, dataset_info, label_count_table, load_dataset, normalize,
-                   partition_without, validation_indices)
+from .data import (DatasetNotFoundError, ImageData, dataset_info, load_dataset, normalize, partition_without,
+                   validation_indices)
 from .models import MODELS, Classifier, build_model
 
 
@@ -108,12 +108,6 @@ def partitions_for(cfg: Config, num_partitions: int) -> tuple[np.ndarray, ...]:
     return _partition_cached(cfg.dataset, cfg.data_dir, cfg.download, num_partitions,
                              cfg.partition, cfg.seed, cfg.alpha, cfg.min_partition_size,
                              cfg.partition_cap, cfg.shards_per_client, cfg.validation_split)
-
-
-def partition_table(cfg: Config, num_partitions: int) -> np.ndarray:
-    train, _ = data_for(cfg)
-    return label_count_table(train.y.numpy(), list(partitions_for(cfg, num_partitions)),
-                             train.info.num_classes)
 
 
 @lru_cache(maxsize=2)

@@ -22,8 +22,7 @@ from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_part
 from mosaic_flwr.strategies import ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import discover_clients
-from mosaic_flwr.task import (Arch, clients_per_round, initial_model, test_data, test_set_fingerprint,
-                              validation_data)
+from mosaic_flwr.task import Arch, clients_per_round, test_data, test_set_fingerprint, validation_data
 
 app = ServerApp()
 
@@ -111,7 +110,6 @@ def setup(grid: Grid, context: Context) -> ServerContext:
         if saved is not None and saved != table.tolist():
             raise ValueError("resume: the clients' label counts differ from the checkpoint's (their data "
                              "is not the data the run started with)")
-    model = initial_model(cfg).to(device)
     log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
         len(clients), cfg.num_server_rounds, device)
@@ -120,7 +118,7 @@ def setup(grid: Grid, context: Context) -> ServerContext:
         log(INFO, "[mosaic-flwr] validation split: %d training images held out (no client holds them)",
             len(val_y))
     log(INFO, "[mosaic-flwr] results -> %s", out)
-    return ServerContext(cfg=cfg, grid=grid, device=device, model=model, test_x=test_x,
+    return ServerContext(cfg=cfg, grid=grid, device=device, test_x=test_x,
                          test_y=test_y, results=results, num_nodes=len(clients), clients=clients,
                          resume_state=resume_state, val_x=val_x, val_y=val_y)
 

@@ -92,7 +92,7 @@ def _server(cfg: Config, strategy=BankStrategy, grid=None) -> BankStrategy:
     as_flower_server()
     counts = torch.ones(C, dtype=torch.long) * 4
     clients = {n: ClientInfo(n, i, counts, cfg.model, 1.0) for i, n in enumerate(NODES)}
-    sc = ServerContext(cfg=cfg, grid=grid, device=torch.device("cpu"), model=None, test_x=None,
+    sc = ServerContext(cfg=cfg, grid=grid, device=torch.device("cpu"), test_x=None,
                        test_y=None, results=None, num_nodes=len(clients), clients=clients)
     return strategy(sc)
 
@@ -142,7 +142,7 @@ def schedule(cfg: Config) -> None:
 def local_training(cfg: Config) -> None:
     """What a client does with the round's train config (ServerContext.train_config ->
     the ClientApp's sgd_settings -> train_local), then the server's evaluation."""
-    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), model=None, test_x=None,
+    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), test_x=None,
                        test_y=None, results=None, num_nodes=1)
     settings = sgd_settings(sc.train_config())
     x, y = _data()

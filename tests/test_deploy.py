@@ -156,6 +156,7 @@ def test_make_partitions_script(tmp_path, capsys):
     for pid in range(3):
         blob = torch.load(out / f"client-{pid}.pt", weights_only=True)
         assert torch.equal(blob["y"], client_data(cfg, pid, 3)[1])  # the run's own partition
+        assert (out / f"client-{pid}.pt").stat().st_mode & 0o777 == 0o600  # a client's data: owner only
         total += len(blob["y"])
     assert total == 2000
     capsys.readouterr()

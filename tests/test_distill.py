@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mosaic_flwr.mosaic.distill import distill, jsd, kd_loss, kd_loss_parts
+from mosaic_flwr.mosaic.distill import distill, distill_many, jsd, kd_loss, kd_loss_parts
 
 LN2 = math.log(2.0)
 
@@ -114,6 +114,73 @@ def test_distill_lowers_loss_and_raises_agreement():
     assert stats["teacher_label_agreement"] == 1.0
     assert len(messages) == 3 and messages[0].startswith("kd step 50/150")
     assert student.training  # mode restored
+
+
+def _dropout_student(dim: int = 8, classes: int = 4) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(dim, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Linear(16, classes))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_distill_is_the_plain_adam_loop_exactly(mode):
+    """Weights, statistics and the global RNG after ``distill`` are bit-identical to a plain
+    loop: per step one sample, one teacher pass, one Adam step on ``kd_loss`` (with dropout
+    drawing from the global RNG in train mode)."""
+    teacher, _, sample = _toy_problem()
+    student = _dropout_student()
+    reference = copy.deepcopy(student)
+    torch.manual_seed(7)
+    stats = distill(student, teacher, sample, steps=13, lr=1e-2, a=0.7, b=0.5, T=2.0,
+                    student_bn=mode, history_points=100)
+    rng_after = torch.get_rng_state()
+
+    torch.manual_seed(7)
+    reference.train(mode == "train")
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    losses, hits = [], 0
+    for step in range(13):
+        x, y = sample(step)
+        with torch.no_grad():
+            t = teacher(x)
+        loss = kd_loss(reference(x), t, a=0.7, b=0.5, T=2.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        hits += int((t.argmax(1) == y).sum())
+    for (k, v), w in zip(student.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert torch.equal(rng_after, torch.get_rng_state())
+    assert [h["loss"] for h in stats["history"]] == pytest.approx(losses, rel=1e-6)
+    assert stats["teacher_label_agreement"] == hits / (13 * 64)
+
+
+def test_distill_many_streams_one_batch_per_step_and_matches_distill_per_student():
+    teacher, student, sample = _toy_problem()
+    other = nn.Sequential(nn.Linear(8, 4))
+    alone = {"a": copy.deepcopy(student), "b": copy.deepcopy(other)}
+    calls = {"sample": [], "teacher": 0}
+
+    def counted_sample(step):
+        calls["sample"].append(step)
+        return sample(step)
+
+    def counted_teacher(x):
+        calls["teacher"] += 1
+        return teacher(x)
+
+    lines = []
+    together = distill_many({"a": student, "b": other}, counted_teacher, counted_sample, steps=9, lr=1e-2,
+                            log_every=3, log=lambda name, line: lines.append((name, line)))
+    assert calls == {"sample": list(range(9)), "teacher": 9}  # one batch and one teacher pass per step
+    assert [n for n, _ in lines] == ["a", "b"] * 3 and lines[-1][1].startswith("kd step 9/9")
+    for name, model in alone.items():
+        stats = distill(model, teacher, sample, steps=9, lr=1e-2)
+        assert {k: v for k, v in stats.items() if k != "seconds"} == \
+            {k: v for k, v in together[name].items() if k != "seconds"}
+        for v, w in zip(model.state_dict().values(), {"a": student, "b": other}[name].state_dict().values()):
+            assert torch.equal(v, w)
 
 
 @pytest.mark.parametrize("mode, changes", [("eval", False), ("train", True)])

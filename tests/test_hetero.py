@@ -12,7 +12,6 @@ from torch import nn
 from client_app.app import app as client_app
 from mosaic_flwr.config import ConfigError, build_config, config_heterogeneous
 from mosaic_flwr.inprocess import InProcessGrid
-from mosaic_flwr.mosaic.distill import distill
 from mosaic_flwr.mosaic.experts import ModelMixture, StackedExperts
 from mosaic_flwr.mosaic.moe import screen_by_prototypes
 from mosaic_flwr.models import MODELS
@@ -65,7 +64,7 @@ def _bank(archs: dict[int, Arch], examples: dict[int, int] | None = None, **cfg_
     examples = examples or {}
     clients = {n: ClientInfo(n, i, _counts(examples.get(n, C)), a.model, a.capacity)
                for i, (n, a) in enumerate(archs.items())}
-    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), model=None, test_x=None,
+    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), test_x=None,
                        test_y=None, results=None, num_nodes=len(clients), clients=clients)
     return BankStrategy(sc)
 
@@ -149,18 +148,6 @@ def test_screening_keeps_samples_whose_nearest_prototype_has_their_label():
     owners = torch.tensor([0, 0, 0, 0, 1])  # owner 1 has no prototypes: kept
     keep = screen_by_prototypes(x, y, owners, [_Scale(1.0), _Scale(1.0)], [protos, None])
     assert keep.tolist() == [True, False, False, True, True]
-
-
-def test_distill_with_precomputed_teacher_logits_matches_calling_the_teacher():
-    teacher = nn.Linear(4, 3)
-    batches = [(torch.randn(8, 4), torch.randint(3, (8,))) for _ in range(5)]
-    students = [nn.Linear(4, 3) for _ in range(2)]
-    students[1].load_state_dict(students[0].state_dict())
-    with torch.no_grad():
-        cached = [(x, y, teacher(x)) for x, y in batches]
-    distill(students[0], teacher, lambda s: batches[s], steps=5, lr=0.01)
-    distill(students[1], None, cached.__getitem__, steps=5, lr=0.01)
-    assert torch.equal(students[0].weight, students[1].weight)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -13,7 +13,7 @@ from mosaic_flwr.mosaic.client import MosaicClientResult
 from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
-from mosaic_flwr.task import Arch, initial_model
+from mosaic_flwr.task import Arch
 from tests.conftest import as_flower_server
 
 C = 10
@@ -21,8 +21,8 @@ C = 10
 
 def _sc(cfg) -> ServerContext:
     """A ServerContext with what the strategy uses before distillation (no grid, no data)."""
-    return ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), model=initial_model(cfg),
-                         test_x=None, test_y=None, results=None, num_nodes=4)
+    return ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), test_x=None,
+                         test_y=None, results=None, num_nodes=4)
 
 
 def _template(strategy) -> dict:
@@ -82,10 +82,38 @@ def test_experts_are_class_count_weighted_and_bad_replies_dropped(strategy):
     assert torch.allclose(strategy.experts["cnn_small"][0][w], torch.tensor(9.0))
 
 
+def test_feddf_keeps_label_counts_but_builds_no_class_experts():
+    as_flower_server()
+    cfg = build_config({"strategy": "feddf", "dataset": "synthetic", "warmup-rounds": 3, "num-server-rounds": 5})
+    feddf = MosaicStrategy(_sc(cfg), teacher="average")
+    a, b = [6, 0, 0, 0, 0, 0, 0, 0, 0, 2], [2, 4, 0, 0, 0, 0, 0, 0, 0, 6]
+    arrays, _ = feddf.aggregate_train(1, [_reply(feddf, 1.0, a, 101), _reply(feddf, 5.0, b, 102)])
+    assert arrays is not None and feddf.experts == {}
+    assert feddf.family_counts["cnn_small"].tolist() == [8, 4, 0, 0, 0, 0, 0, 0, 0, 8]
+    assert feddf.state_dict()["experts"] == {}
+
+
+def test_class_experts_are_kept_through_warm_up_and_dropped_after_the_distillation_round(strategy, monkeypatch):
+    ran = []
+    monkeypatch.setattr(strategy, "distillation", lambda replies, received: ran.append(
+        (len(replies), len(strategy.experts["cnn_small"]))))
+    a = [6, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+    for server_round in (1, 2):
+        strategy.aggregate_train(server_round, [_reply(strategy, 1.0, a, 101)])
+        assert len(strategy.experts["cnn_small"]) == C  # the next round may need them (absent classes)
+    info = dataset_info("synthetic")
+    gen = build_generator(info.in_channels, info.image_size, C, info.mean, info.std).state_dict()
+    protos = (torch.randn(3, strategy.module(Arch(strategy.cfg.model)).feature_dim), torch.tensor([0, 0, 9]))
+    strategy.aggregate_train(3, [_reply(strategy, 1.0, a, 101, protos=protos, generator=gen)])  # distillation
+    assert ran == [(1, C)]  # distillation saw the experts ...
+    assert strategy.experts == {} and strategy.family_counts == {}  # ... which are gone after it
+    assert strategy.state_dict()["experts"] == {}
+
+
 def test_distill_round_requires_valid_prototypes_and_generator(strategy):
     info = dataset_info("synthetic")
     gen = build_generator(info.in_channels, info.image_size, C, info.mean, info.std).state_dict()
-    d = strategy.sc.model.feature_dim
+    d = strategy.module(Arch(strategy.cfg.model)).feature_dim
     counts = [5, 5, 0, 0, 0, 0, 0, 0, 0, 0]
     good = (torch.randn(3, d), torch.tensor([0, 1, 1]))
     cases = {

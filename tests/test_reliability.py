@@ -29,6 +29,7 @@ from mosaic_flwr.inprocess import InProcessGrid
 from mosaic_flwr.models.generators import generator_for
 from mosaic_flwr.mosaic.client import MosaicClientResult
 from mosaic_flwr.records import ClientInfo, mosaic_payload
+from mosaic_flwr.results import write_json
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
@@ -64,32 +65,59 @@ class Crash(BaseException):
 
 
 # ----------------------------------------------------------------------------- checkpoint
-@pytest.mark.slow
-def test_crash_in_the_distillation_round_then_resume_matches_the_uninterrupted_run(tmp_path):
-    full = run_inprocess(tmp_path / "a", **TINY_MOSAIC)["dir"]
-
+def _crash_in(server_round: int):
     def crash(grid, node, incoming, reply):
-        if _round(incoming) == 2:   # the distillation round: clients have trained their generators
+        if _round(incoming) == server_round:
             raise Crash
         return reply
+    return crash
 
+
+@pytest.mark.slow
+def test_crashes_in_the_distillation_and_a_fine_tune_round_then_resume_match_the_uninterrupted_run(tmp_path):
+    full = run_inprocess(tmp_path / "a", **TINY_MOSAIC)["dir"]
+    # The distillation round (2): clients have trained their generators.
     with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", grid_options={"hook": crash}, **TINY_MOSAIC)
+        run_inprocess(tmp_path / "b", grid_options={"hook": _crash_in(2)}, **TINY_MOSAIC)
     run_dir = tmp_path / "b" / "run"
-    assert load_checkpoint(run_dir)["round"] == 1 and not (run_dir / "summary.json").exists()
+    state = load_checkpoint(run_dir)
+    assert state["round"] == 1 and not (run_dir / "summary.json").exists()
+    assert len(state["strategy"]["experts"]["cnn_small"]) == 10  # needed by the distillation round
     # New node ids (as after a restart of the SuperNodes): the run follows partition ids.
-    run_inprocess(tmp_path / "b", grid_options={"first_node_id": 500}, resume=str(run_dir), **TINY_MOSAIC)
+    # Then a fine-tune round (3), resumed from the checkpoint after distillation: no experts.
+    with pytest.raises(Crash):
+        run_inprocess(tmp_path / "b", grid_options={"first_node_id": 500, "hook": _crash_in(3)},
+                      resume=str(run_dir), **TINY_MOSAIC)
+    state = load_checkpoint(run_dir)
+    assert state["round"] == 2 and state["strategy"]["experts"] == {} and state["strategy"]["family-counts"] == {}
+    run_inprocess(tmp_path / "b", grid_options={"first_node_id": 600}, resume=str(run_dir), **TINY_MOSAIC)
     assert _scores(_rows(run_dir)) == _scores(_rows(full))
     a, b = (json.loads((d / "summary.json").read_text()) for d in (full, run_dir))
     untimed = lambda d: {k: v for k, v in d.items() if "seconds" not in k}
     assert a["final_accuracy"] == b["final_accuracy"]
     assert untimed(a["distillation"]) == untimed(b["distillation"])
-    assert b["resumed_after_round"] == 1
+    assert b["resumed_after_round"] == 2
     state = load_checkpoint(run_dir)
-    assert state["round"] == 3 and len(state["strategy"]["experts"]["cnn_small"]) == 10
+    assert state["round"] == 3 and state["strategy"]["experts"] == {}
     artifacts = load_checkpoint(run_dir, state["strategy"]["artifacts-file"])  # written once
     assert artifacts["round"] == 2 and {"meta", "generators", "prototypes"} <= set(artifacts)
     assert [g["partition-id"] for g in artifacts["generators"]] == [0, 1, 2]
+    mode = lambda name: (run_dir / name).stat().st_mode & 0o777
+    assert mode("checkpoint.pt") == mode("distillation.pt") == 0o600  # client-derived: owner only
+    assert mode("metrics.json") == mode("summary.json") == mode("generator_samples.png") != 0o600
+
+
+def test_checkpoints_and_distillation_artifacts_are_owner_only_results_are_not(tmp_path):
+    for name in ("checkpoint.pt", "distillation.pt"):
+        (tmp_path / name).write_bytes(b"a readable file of an earlier run")
+        (tmp_path / name).chmod(0o644)
+        save_checkpoint(tmp_path, {"round": 1, "strategy": {"experts": {}}}, filename=name)
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+        assert load_checkpoint(tmp_path, name)["round"] == 1
+    write_json(tmp_path / "summary.json", {"rounds": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask  # results: as open() makes them
 
 
 def _resume_error(tmp_path, **overrides) -> str:
@@ -236,7 +264,7 @@ def distill_round():
                         "num-server-rounds": 4})
     counts = torch.tensor([5, 5, 0, 0, 0, 0, 0, 0, 0, 10])
     clients = {n: ClientInfo(n, i, counts.clone(), cfg.model, 1.0) for i, n in enumerate((101, 102))}
-    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), model=None, test_x=None,
+    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), test_x=None,
                        test_y=None, results=None, num_nodes=2, clients=clients)
     return MosaicStrategy(sc), counts
 

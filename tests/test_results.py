@@ -1,4 +1,4 @@
-"""Results files: written atomically, readable like any other new file."""
+"""Results files: written atomically, readable like any other new file; private files 0600."""
 
 import os
 
@@ -16,6 +16,21 @@ def test_atomic_write_replaces_whole_files_with_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_private_files_are_owner_only_also_when_they_replace_a_readable_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    old = os.umask(0)  # the most permissive umask: private files must not depend on it
+    try:
+        atomic_write(path, b"new", durable=True, private=True)
+        atomic_write(tmp_path / "fresh.pt", b"x", private=True)
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"new"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "fresh.pt").stat().st_mode & 0o777 == 0o600
 
 
 def test_a_failed_write_keeps_the_old_content(tmp_path):

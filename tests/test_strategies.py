@@ -34,7 +34,7 @@ class _Bank:
 
     def __init__(self, cls, **cfg):
         sc = ServerContext(cfg=build_config({"dataset": "synthetic", **cfg}), grid=None,
-                           device=torch.device("cpu"), model=None, test_x=None, test_y=None,
+                           device=torch.device("cpu"), test_x=None, test_y=None,
                            results=None, num_nodes=5)
         self.strategy = cls(sc)
         self.strategy._templates = {a: TEMPLATE for a in self.strategy.archs}

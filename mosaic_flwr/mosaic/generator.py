@@ -12,8 +12,8 @@ Loss choices (documented defaults):
 * guidance: ``ce_weight * CE(f(G(z, y)), y)`` with the frozen classifier ``f``.
 * diversity (``diversity="mode_seeking"``, weight ``div_weight=0.3``): the mode-seeking
   term of MSGAN (Mao et al., 2019). Every batch holds pairs ``(z1, y), (z2, y)`` with the
-  same label; ``r = mean|G(z1,y) - G(z2,y)| / mean|z1 - z2|`` and the loss is
-  ``1 / (r + 1e-5)``. The reference code's batch-mean-entropy term (weight 5) is offered as
+  same label; ``r`` is the mean over pairs of ``mean|G(z1,y) - G(z2,y)| / mean|z1 - z2|``
+  and the loss is ``1 / (r + 1e-5)``. The reference code's batch-mean-entropy term (weight 5) is offered as
   ``diversity="batch_entropy"`` (loss ``sum_k w_k log w_k`` with ``w`` the batch-mean
   prediction); with labels requested uniformly it adds little, because CE already spreads
   the predictions over the requested classes, so it is not the default.
@@ -22,11 +22,14 @@ Sampling: requested labels are uniform over the client's present classes, so rar
 are learned as well as common ones; real batches are class-balanced the same way (first
 a class uniformly, then one of its images), so D sees the same label mix for real and fake.
 
-Defaults (400 steps of 32, Adam 5e-4 with betas (0.5, 0.999) for G and D) were chosen on
-FMNIST subsets with ``cnn_small`` guidance on one CPU thread: ~0.04 s/step, ~16 s per
-client. Without the diversity term G collapses (per-pixel spread 0.1-0.4 of the real
-data's); weight 1.0 makes samples noisier than real data; 0.1-0.3 keeps the spread at
-0.6-0.9 of real. Adam 2e-4 converges more slowly at this budget.
+This function's defaults (400 steps of 32, Adam 5e-4 with betas (0.5, 0.999) for G and D)
+were chosen on FMNIST subsets with ``cnn_small`` guidance on one CPU thread: ~0.04 s/step,
+~16 s per client. The app passes its run config instead (``gen-steps`` 300 by default, the
+other ``gen-*`` keys as above; D's learning rate is G's). Without the diversity term G
+collapses (per-pixel spread 0.1-0.4 of the real data's); weight 1.0 makes samples noisier
+than real data; 0.1-0.3 keeps the spread at 0.6-0.9 of real. Adam 2e-4 converges more
+slowly at this budget. After training, ``fidelity`` is the client's classifier's accuracy on
+fresh samples of each present class (a seed derived from ``seed``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mosaic_flwr.models.generators import sample
+from mosaic_flwr.seeds import mix_seed
 
 __all__ = ["DIVERSITY_MODES", "generator_fidelity", "train_generator"]
 
@@ -251,7 +255,8 @@ def train_generator(
                         f"({time.perf_counter() - t0:.1f}s)"
                     )
         train_seconds = time.perf_counter() - t0
-        fid = generator_fidelity(generator, classifier, classes, per_class=eval_per_class, seed=int(seed) + 1)
+        fid = generator_fidelity(generator, classifier, classes, per_class=eval_per_class,
+                                 seed=mix_seed(int(seed), "fidelity"))
     finally:
         classifier.to(cls_device)
         _unfreeze(classifier, cls_state)

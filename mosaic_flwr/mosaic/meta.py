@@ -1,7 +1,10 @@
 """The meta model: fuses the E experts' logits into one prediction.
 
-It is trained on prototypes (penultimate features scored by each expert's head) and its
-EMA copy becomes the distillation teacher. Two architectures:
+It is trained with cross-entropy on labelled expert logits and its EMA copy becomes the
+distillation teacher. Which inputs (``meta-data``, see ``MosaicStrategy.meta_inputs``): the
+clients' prototypes (penultimate features) scored by each expert's head, labelled generator
+samples through each expert's full forward (optionally screened by the owners' prototypes),
+or both. Two architectures:
 
 - ``"transformer"`` (default): one token per expert, ``Linear(C -> D)(z_k)`` plus a learned
   expert-identity embedding (the authors' block had none, so it could not tell which
@@ -10,10 +13,11 @@ EMA copy becomes the distillation teacher. Two architectures:
 - ``"gating"``: learned per-expert, per-class weights (softmax over experts, uniform at
   init) times the expert logits.
 
-Both include the plain ensemble as a residual prior, ``scale * mean_k z_k`` with a
-learnable ``scale`` (1 at init), and start exactly at it: the transformer's output layer is
-zero-initialised and the gate is uniform. A meta model trained on few prototypes therefore
-starts from, and can fall back to, the expert ensemble.
+Both start exactly at ``scale * mean_k z_k`` (the experts' mean logits) with a learnable
+``scale`` (1 at init): the transformer adds its output to that prior and its output layer is
+zero-initialised; the gating model is ``scale * sum_k g_k z_k`` with softmax weights ``g``
+that start uniform. A meta model trained on few inputs therefore starts from, and can fall
+back to, the expert ensemble (the mean has the argmax of the sum).
 """
 
 from __future__ import annotations
@@ -149,9 +153,10 @@ def train_meta(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[MetaModel, dict]:
-    """Train ``meta`` with cross-entropy on prototype expert logits; return its EMA copy.
+    """Train ``meta`` with cross-entropy on labelled expert logits (of prototypes and/or
+    generator samples: the caller's choice); return its EMA copy.
 
-    - A stratified hold-out (see ``_holdout_split``) of the prototypes is set aside.
+    - A stratified hold-out (see ``_holdout_split``) of the inputs is set aside.
     - Each epoch is a full shuffled pass over the training split in mini-batches (Adam).
     - An EMA copy is updated after every step, with the usual warm-up
       ``decay_t = min(ema_decay, (1 + t) / (10 + t))`` so it tracks early on small sets.
@@ -159,15 +164,15 @@ def train_meta(
       training stops after ``patience`` epochs without a lower hold-out loss, and the best
       EMA state is restored. Epoch 0 is the untrained model, i.e. the plain expert ensemble,
       so a meta model that never beats it on the hold-out falls back to it.
-    - With an empty hold-out (e.g. one prototype per class) it trains for all ``epochs``
+    - With an empty hold-out (e.g. one input per class) it trains for all ``epochs``
       and keeps the final EMA state (``stats["early_stopping"] is False``).
 
     ``meta`` itself is trained in place (moved to ``device``). Deterministic for a seed; the
-    caller's RNG state is left untouched. Only prototypes are used, never a test set.
+    caller's RNG state is left untouched. Only the given inputs are used, never a test set.
 
     Args:
-        expert_logits: ``[M, E, C]`` expert logits of the M prototypes.
-        labels: ``[M]`` prototype labels.
+        expert_logits: ``[M, E, C]`` expert logits of the M inputs.
+        labels: ``[M]`` their labels.
 
     Returns:
         ``(ema_model in eval mode, stats)`` with stats ``epochs_run``, ``best_epoch``,
@@ -182,7 +187,7 @@ def train_meta(
             f"{tuple(expert_logits.shape)} and {tuple(labels.shape)}"
         )
     if expert_logits.shape[0] == 0:
-        raise ValueError("train_meta: no prototypes")
+        raise ValueError("train_meta: no inputs")
     if not (0 <= holdout_frac < 1 and 0 <= ema_decay < 1 and epochs >= 1 and patience >= 1):
         raise ValueError(
             "train_meta: need 0 <= holdout_frac < 1, 0 <= ema_decay < 1, epochs >= 1, "

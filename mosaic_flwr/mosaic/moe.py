@@ -70,11 +70,6 @@ def ensemble_teacher(experts: StackedExperts) -> Callable[[Tensor], Tensor]:
     return lambda x: experts.logits(x).mean(0)
 
 
-def average_teacher(models: StackedExperts) -> Callable[[Tensor], Tensor]:
-    """FedDF's teacher: the mean of the client models' logits."""
-    return lambda x: models.logits(x).mean(0)
-
-
 def meta_teacher(experts: StackedExperts, meta: nn.Module) -> Callable[[Tensor], Tensor]:
     """Mosaic's teacher: the (EMA) meta model fusing the experts' logits."""
     meta.eval()

@@ -15,12 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch's global RNG and return a dedicated generator for sampling."""
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def batches(n: int, batch_size: int, generator: torch.Generator, *, epochs: int = 1,
             steps: int = 0) -> Iterator[torch.Tensor]:
     """Shuffled index batches: ``steps`` batches when > 0 (cycling through epochs), else

@@ -44,6 +44,7 @@ from ..records import (
     decode_reply,
     state_to_record,
 )
+from ..seeds import mix_seed
 from ..task import Arch, build_arch, clients_per_round
 from .base import ServerContext
 
@@ -147,7 +148,7 @@ class BankStrategy(FedAvg):
         if joined and sc.clients:
             log(WARNING, "Nodes %s joined after discovery (architecture unknown); not sampled", joined)
         num = clients_per_round(cfg, len(known))
-        rng = random.Random(cfg.seed * 1_000_003 + server_round * 1_009 + attempt)
+        rng = random.Random(mix_seed(cfg.seed, "sample", server_round, attempt))
         return sorted(rng.sample(available, min(num, len(available))), key=sc.partition_of)
 
     def messages_for(self, server_round: int, node_ids: list[int],

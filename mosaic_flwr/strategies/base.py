@@ -13,7 +13,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..config import Config
-from ..models import MODELS, Classifier
+from ..models import MODELS
 from ..records import ClientInfo, decode_client_info
 from ..results import RunResults
 from ..task import Arch
@@ -26,7 +26,6 @@ class ServerContext:
     cfg: Config
     grid: Grid
     device: torch.device
-    model: Classifier                      # the global model (initial weights loaded)
     test_x: torch.Tensor                   # reporting only: never used for selection
     test_y: torch.Tensor
     results: RunResults
@@ -70,10 +69,6 @@ class ServerContext:
         if label_counts is not None and not torch.equal(label_counts.long(), info.label_counts):
             return "label counts differ from those the client declared at discovery"
         return None
-
-    def needs_bank(self) -> bool:
-        """Whether clients hold anything but ``model`` at full width (model heterogeneity)."""
-        return bool(self.clients) and {self.arch_of(n) for n in self.clients} != {Arch(self.cfg.model)}
 
     def train_config(self, **overrides: Any) -> ConfigRecord:
         """The client-side training hyper-parameters for a round."""

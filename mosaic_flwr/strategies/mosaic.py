@@ -2,10 +2,12 @@
 
 Schedule (all config): rounds 1..W are warm-up rounds of federated averaging whose replies
 also carry label counts (message ``train.mosaic``); the server keeps one expert per class,
-the clients' models averaged with weights equal to their counts of that class. Round W's
+the clients' models averaged with weights equal to their counts of that class, until the
+distillation round (FedDF, whose teacher is the client models, builds none). Round W's
 clients also send prototypes and their generator; after aggregating round W the server
-trains the meta model on the prototypes, distills the teacher into the global model on
-generator samples, and reports the accuracies of the distillation round. Rounds W+1..R are
+trains the meta model (on the expert logits ``meta-data`` names), distills the teacher into
+the global model on generator samples, one batch at a time, and reports the accuracies of
+the distillation round. Rounds W+1..R are
 fine-tune rounds of plain federated averaging at ``finetune-lr``.
 
 ``teacher``: ``meta`` (Mosaic), ``ensemble`` (Mosaic without meta model: the mean of the
@@ -37,7 +39,7 @@ from flwr.common.logger import log
 from ..checkpoint import ARTIFACTS, save_checkpoint
 from ..config import meta_data_for
 from ..models.generators import generator_for
-from ..mosaic.distill import distill
+from ..mosaic.distill import distill_many
 from ..mosaic.experts import (
     ModelMixture,
     StackedExperts,
@@ -57,6 +59,7 @@ from ..mosaic.submodels import masked_average
 from ..mosaic.training import logits_metrics
 from ..records import MosaicReply, decode_mosaic_reply, state_to_record
 from ..results import save_generator_grid
+from ..seeds import mix_seed
 from ..task import Arch, build_arch
 from .bank import BankStrategy, StateDict
 from .base import ServerContext
@@ -140,8 +143,10 @@ class MosaicStrategy(BankStrategy):
         decoded: dict[str, Replies] = defaultdict(list)
         for arch, reply in items:
             decoded[arch.model].append((arch, reply))
-        # What each client received this round (prototypes live in its feature space).
-        received = {r.node_id: self.state_for(a, server_round) for a, r in items} if phase == "distill" else {}
+        # What each client received this round (prototypes live in its feature space): only
+        # prototype screening reads it.
+        screening = phase == "distill" and self.teacher == "meta" and self.meta_data == "screened"
+        received = {r.node_id: self.state_for(a, server_round) for a, r in items} if screening else {}
         by_family = {f: [(a, r.state, float(r.num_examples)) for a, r in group]
                      for f, group in decoded.items()}
         losses = [(r.metrics.get("train-loss", 0.0), float(r.num_examples)) for _, r in items]
@@ -162,15 +167,22 @@ class MosaicStrategy(BankStrategy):
             # The round's randomness (meta model init, dropout) is a function of seed and
             # round alone, not of what the process did before: a resumed run repeats it.
             with torch.random.fork_rng():
-                torch.manual_seed(self.cfg.seed * 7_919 + server_round)
+                torch.manual_seed(mix_seed(self.cfg.seed, "distill", server_round))
                 self.distillation(list(items), received)
+            # The fine-tune rounds never read the class experts: not kept in memory, nor in
+            # this or any later checkpoint (a run resumed after this round does not need them).
+            self.experts, self.family_counts = {}, {}
             arrays = state_to_record(self.globals[self.primary])
         return arrays, metrics
 
     def update_experts(self, server_round: int, family: str, items: Replies) -> None:
         """Family ``family``'s C class experts from this round's replies (label-count
-        weighted; masked over the clients' slices for width-scaled sub-models)."""
+        weighted; masked over the clients' slices for width-scaled sub-models), and its label
+        counts. FedDF's teacher reads the client models, not experts: it keeps only counts."""
         counts = torch.stack([r.label_counts for _, r in items])
+        self.family_counts[family] = counts.sum(0)
+        if self.teacher == "average":
+            return
         plans = [self.plan(a, server_round) for a, _ in items]
         average = weighted_average_states
         if any(p is not None for p in plans):
@@ -181,14 +193,13 @@ class MosaicStrategy(BankStrategy):
 
         self.experts[family] = build_class_experts([r.state for _, r in items], counts,
                                                    previous=self.experts.get(family), average=average)
-        self.family_counts[family] = counts.sum(0)
 
     def expert_mixture(self) -> StackedExperts | ModelMixture:
         """The C class experts as one model: the family's experts when there is one family;
         otherwise expert k mixes the families' class-k experts in output space, weighted by
         each family's share of class k (equal shares for a class nobody holds)."""
         dev = self.sc.device
-        families = [f for f in self.families if f in self.experts]
+        families = [f for f in self.families if f in self.family_counts]
         stacks = [StackedExperts(self.module(Arch(f)), self.experts[f], device=dev) for f in families]
         if len(stacks) == 1:
             return stacks[0]
@@ -232,7 +243,7 @@ class MosaicStrategy(BankStrategy):
             parts.append((experts.head_logits(feats.to(dev)).cpu(), labels))
         if self.meta_data in ("generated", "both", "screened"):
             n_classes = int((counts.sum(0) > 0).sum())
-            sampler = GeneratorSampler(generators, counts, seed=self.cfg.seed + 1,
+            sampler = GeneratorSampler(generators, counts, seed=mix_seed(self.cfg.seed, "meta-samples"),
                                        batch_size=self.cfg.meta_samples_per_class * n_classes)
             x, y, owners = sampler.draw()
             if self.meta_data == "screened":
@@ -258,7 +269,7 @@ class MosaicStrategy(BankStrategy):
         sc, cfg, dev = self.sc, self.cfg, self.sc.device
         report: dict[str, float] = {}
         t_all = time.perf_counter()
-        families = [f for f in self.families if f in self.experts]
+        families = [f for f in self.families if f in self.family_counts]  # sampled in some round
         before = {f: self.evaluate_arch(Arch(f), self.globals[f])["accuracy"] for f in families}
         val_before = self.evaluate_val(self.globals[self.primary])
         gen_replies = [(a, r) for a, r in replies if r.generator is not None]
@@ -315,31 +326,27 @@ class MosaicStrategy(BankStrategy):
                            for (_, r), state in zip(gen_replies, gen_states)],
             "prototypes": [{"partition-id": sc.partition_of(r.node_id), "features": r.prototypes[0],
                             "labels": r.prototypes[1]} for _, r in gen_replies if r.prototypes is not None]})
-        sampler = GeneratorSampler(generators, counts, batch_size=cfg.kd_batch_size, seed=cfg.seed)
+        sampler = GeneratorSampler(generators, counts, batch_size=cfg.kd_batch_size,
+                                   seed=mix_seed(cfg.seed, "kd-samples"))
         save_generator_grid(sc.results.out_dir / "generator_samples.png", generators, counts,
                             self.info, seed=cfg.seed)
-        if len(families) > 1:  # one teacher pass shared by every family's student
-            batches = []
-            with torch.no_grad():
-                for step in range(cfg.kd_steps):
-                    x, y = sampler(step)
-                    batches.append((x, y, teacher(x.to(dev))))
-            sampler = batches.__getitem__
-        after, kd_seconds = {}, 0.0
+        # One teacher pass per batch, shared by every family's student, one batch at a time.
+        students = {}
         for f in families:
-            student = self.module(Arch(f))
-            student.load_state_dict(self.globals[f])
-            kd = distill(student, teacher, sampler, steps=cfg.kd_steps, lr=cfg.kd_lr, a=cfg.kd_a,
-                         b=cfg.kd_b, T=cfg.kd_temperature, student_bn=cfg.kd_student_bn, device=dev,
-                         log_every=max(1, cfg.kd_steps // 5),
-                         log=lambda s, f=f: log(INFO, "[distill %s] %s", f, s))
-            kd_seconds += kd["seconds"]
+            students[f] = self.module(Arch(f))
+            students[f].load_state_dict(self.globals[f])
+        kd = distill_many(students, teacher, sampler, steps=cfg.kd_steps, lr=cfg.kd_lr, a=cfg.kd_a,
+                          b=cfg.kd_b, T=cfg.kd_temperature, student_bn=cfg.kd_student_bn, device=dev,
+                          log_every=max(1, cfg.kd_steps // 5),
+                          log=lambda f, line: log(INFO, "[distill %s] %s", f, line))
+        after = {}
+        for f, student in students.items():
             self.globals[f] = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
             after[f] = self.evaluate_arch(Arch(f), self.globals[f])["accuracy"]
-            if f == self.primary:
-                report.update({"kd-final-loss": kd["final_loss"], "kd-agreement": kd["final_agreement"],
-                               "kd-teacher-label-agreement": kd["teacher_label_agreement"]})
-        report["kd-seconds"] = kd_seconds
+        main = kd[self.primary]
+        report.update({"kd-final-loss": main["final_loss"], "kd-agreement": main["final_agreement"],
+                       "kd-teacher-label-agreement": main["teacher_label_agreement"],
+                       "kd-seconds": main["seconds"]})
         report["acc-before-distill"] = before[self.primary]
         report["acc-after-distill"] = after[self.primary]
         if sc.val_x is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 
 from mosaic_flwr.config import Config, ConfigError, build_config, merge_run_config
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
+from mosaic_flwr.results import atomic_write
 from mosaic_flwr.task import partition_file, read_partition_file
 
 ERRORS = (ConfigError, DatasetNotFoundError, PartitionError, ValueError, OSError)
@@ -57,12 +59,13 @@ def partition_ids(text: str, num_partitions: int) -> list[int]:
 
 
 def write_partition(cfg: Config, pid: int, num_partitions: int, out: Path) -> dict:
-    """Write ``out/client-<pid>.pt`` (atomically); return its manifest entry."""
+    """Write ``out/client-<pid>.pt`` (atomically, readable by its owner only: it is a client's
+    data); return its manifest entry."""
     blob = partition_file(cfg, pid, num_partitions)
     path = out / f"client-{pid}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write(path, buf.getvalue(), private=True)
     counts = torch.bincount(blob["y"], minlength=dataset_info(cfg.dataset).num_classes).tolist()
     print(f"[make_partitions] {path}: {len(blob['y'])} examples, label counts {counts}", flush=True)
     return {"file": path.name, "partition-id": pid, "num-examples": len(blob["y"]),
