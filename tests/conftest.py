@@ -11,18 +11,20 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def fmnist_available() -> bool:
+@pytest.fixture(scope="session")
+def fmnist():
+    """Fashion-MNIST ``(train, test)``. The setup installs it, so a test that needs it FAILS
+    (never skips) where it is missing, with the loader's message naming where it looked.
+    Loaded when the first such test runs, not at collection."""
     from mosaic_flwr.data import DatasetNotFoundError, load_dataset
     try:
-        load_dataset("fmnist")
-        return True
-    except DatasetNotFoundError:
-        return False
+        return load_dataset("fmnist")
+    except DatasetNotFoundError as exc:
+        pytest.fail(f"Fashion-MNIST is missing: {exc}. Run `bash scripts/setup.sh`, which "
+                    "installs it; tests that need it fail rather than skip.", pytrace=False)
 
 
-requires_fmnist = pytest.mark.skipif(
-    not fmnist_available(),
-    reason="Fashion-MNIST not installed (bash scripts/setup.sh installs it)")
+requires_fmnist = pytest.mark.usefixtures("fmnist")
 
 
 def as_flower_server() -> None:
