@@ -1,3 +1,4 @@
+import functools
 import os
 from pathlib import Path
 
@@ -11,20 +12,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(scope="session")
-def fmnist():
-    """Fashion-MNIST ``(train, test)``. The setup installs it, so a test that needs it FAILS
-    (never skips) where it is missing, with the loader's message naming where it looked.
-    Loaded when the first such test runs, not at collection."""
+def fmnist_data():
+    """Fashion-MNIST ``(train, test)`` (cached by the loader). The setup installs it, so where
+    it is missing the calling test FAILS, with the loader's message naming where it looked;
+    no test is ever skipped for it."""
     from mosaic_flwr.data import DatasetNotFoundError, load_dataset
     try:
         return load_dataset("fmnist")
     except DatasetNotFoundError as exc:
-        pytest.fail(f"Fashion-MNIST is missing: {exc}. Run `bash scripts/setup.sh`, which "
-                    "installs it; tests that need it fail rather than skip.", pytrace=False)
+        problem = str(exc)
+    pytest.fail(f"Fashion-MNIST is missing: {problem}. Run `bash scripts/setup.sh`, which "
+                "installs it; tests that need it fail rather than skip.", pytrace=False)
 
 
-requires_fmnist = pytest.mark.usefixtures("fmnist")
+def requires_fmnist(test):
+    """Decorator: the test fails (in its call, not at collection) where Fashion-MNIST is missing."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        fmnist_data()
+        return test(*args, **kwargs)
+    return run
 
 
 def as_flower_server() -> None:
