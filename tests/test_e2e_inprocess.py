@@ -40,10 +40,3 @@ def test_baseline_learns_and_writes_results(tmp_path, strategy):
     assert summary["best_accuracy"] == max(r["accuracy"] for r in rounds)
     assert json.loads((out / "config.json").read_text())["strategy"] == strategy
     assert len((out / "partition.csv").read_text().strip().splitlines()) == 1 + 3
-
-
-@requires_fmnist
-def test_fedprox_sends_mu_and_clients_train(tmp_path):
-    grid = run_inprocess(tmp_path, strategy="fedprox", **{"proximal-mu": 0.5, "num-server-rounds": 1})["grid"]
-    configs = [m.content["config"] for m in grid.sent if m.metadata.message_type == "train"]
-    assert configs and all(c["proximal-mu"] == 0.5 for c in configs)

@@ -1,4 +1,6 @@
-"""One Mosaic run, in-process (ClientApp + strategy, no Ray), on real Fashion-MNIST."""
+"""One Mosaic run, in-process (ClientApp + strategy, no Ray), on real Fashion-MNIST: the
+distillation improves the model. The pipeline's mechanics (and FedDF's, and the no-meta
+ablation's) are checked on synthetic data in ``test_e2e_quick.py``."""
 
 import json
 
@@ -28,23 +30,3 @@ def test_mosaic_distillation_improves_its_own_pre_distillation_model(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distillation"]["acc-after-distill"] == distill["acc-after-distill"]
     assert (out / "generator_samples.png").stat().st_size > 2000
-
-
-@pytest.mark.slow
-@requires_fmnist
-@pytest.mark.parametrize("overrides,teacher_keys", [
-    ({"strategy": "feddf"}, {"acc-teacher"}),
-    ({"strategy": "mosaic", "mosaic-meta": False}, {"acc-ensemble", "acc-teacher"}),
-])
-def test_feddf_and_no_meta_ablation_run_and_report(tmp_path, overrides, teacher_keys):
-    out = run_inprocess(tmp_path, num_nodes=3, **{"num-server-rounds": 3, "warmup-rounds": 2,
-                                                  "local-steps": 10, "gen-steps": 20, "kd-steps": 5,
-                                                  **overrides})["dir"]
-    rounds = json.loads((out / "metrics.json").read_text())
-    assert [r.get("phase") for r in rounds[1:]] == ["warmup", "distill", "finetune"]
-    assert all("train-loss" in r for r in rounds[1:])  # warm-up, distill and fine-tune rounds
-    distill = rounds[2]
-    assert teacher_keys <= set(distill) and "acc-after-distill" in distill
-    assert "meta-holdout-accuracy" not in distill  # no meta model in either
-    if overrides.get("mosaic-meta") is False:
-        assert distill["acc-teacher"] == distill["acc-ensemble"]

@@ -3,9 +3,6 @@ training (mosaic.generator)."""
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,9 +17,14 @@ from mosaic_flwr.models.generators import (
     normalised_range,
     sample,
 )
-from mosaic_flwr.mosaic.generator import _ClassSampler, generator_fidelity, train_generator
+from mosaic_flwr.mosaic.generator import (
+    DIVERSITY_MODES,
+    _ClassSampler,
+    generator_fidelity,
+    train_generator,
+)
+from tests.conftest import fmnist_data
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -215,20 +217,40 @@ def test_train_generator_fast_synthetic():
     assert clf.training and generator_fidelity(gen, clf, []) == {}
 
 
-def test_train_generator_is_deterministic_and_modes_run():
+def test_train_generator_is_deterministic_and_each_diversity_mode_counts():
     x, y = _synthetic()
-    results = []
-    for diversity in ("mode_seeking", "mode_seeking", "batch_entropy", "none"):
+
+    def run(diversity, div_weight=0.3):
         torch.manual_seed(0)
         clf = build_model("cnn_small", 1, 5, 8)
         gen = ConditionalGenerator(5, 1, 8, (0.5,), (0.5,), nz=8, base=4)
         disc = ConditionalDiscriminator(5, 1, 8, base=4)
         st = train_generator(
-            gen, disc, clf, x, y, steps=3, batch_size=6, seed=4, diversity=diversity, eval_per_class=2
+            gen, disc, clf, x, y, steps=3, batch_size=6, seed=4, diversity=diversity,
+            div_weight=div_weight, eval_per_class=2,
         )
-        assert np.isfinite(st["g_loss"])
-        results.append(sample(gen, torch.tensor([0, 3]), seed=0))
-    assert torch.equal(results[0], results[1])
+        assert np.isfinite(st["g_loss"]), diversity
+        return st, torch.cat([p.detach().flatten() for p in gen.parameters()])
+
+    runs = {mode: run(mode) for mode in DIVERSITY_MODES}
+    # same seed, same generator (its weights)
+    assert torch.equal(runs["mode_seeking"][1], run("mode_seeking")[1])
+    # each mode trains a different generator ...
+    modes = list(runs)
+    for i, a in enumerate(modes):
+        for b in modes[i + 1:]:
+            assert (runs[a][1] - runs[b][1]).abs().max() > 1e-5, (a, b)
+    # ... through its own term (reported over the last step: 3 steps, window 1):
+    # none adds nothing; mode seeking is 1 / (|dG| / |dz|) > 0; the batch-mean entropy
+    # term sum_k w_k log w_k lies in [-log 5, 0] (a 5-class classifier)
+    stats = {mode: st for mode, (st, _) in runs.items()}
+    assert stats["none"]["div"] == 0.0
+    assert stats["mode_seeking"]["div"] > 0.0
+    assert -np.log(5) - 1e-4 <= stats["batch_entropy"]["div"] < 0.0
+    for mode, st in stats.items():  # the generator's loss is adv + ce_weight*ce + div_weight*div
+        assert st["g_loss"] == pytest.approx(st["adv"] + st["ce"] + 0.3 * st["div"], rel=1e-5, abs=1e-6), mode
+    # the term acts only through its weight: weight 0 trains the same generator as "none"
+    assert torch.allclose(run("mode_seeking", div_weight=0.0)[1], runs["none"][1], rtol=0, atol=1e-7)
 
 
 def test_train_generator_zero_steps_and_validation():
@@ -268,25 +290,15 @@ def test_train_generator_on_cuda_matches_cpu_contract():
 # --------------------------------------------------------------------------- real FMNIST (slow)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def _fmnist_subset(split: str, classes, n_per_class: int, seed: int):
-    prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(FMNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")
-    labels = _read_idx(FMNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+def _fmnist_subset(data, classes, n_per_class: int, seed: int):
+    """``n_per_class`` images of each class of ``data`` (an ``ImageData``), normalised."""
+    labels = data.y.numpy()
     rng = np.random.default_rng(seed)
     idx = np.concatenate(
         [rng.choice(np.flatnonzero(labels == c), n_per_class, replace=False) for c in classes]
     )
-    x = torch.tensor(images[idx], dtype=torch.float32).unsqueeze(1) / 255.0
-    x = (x - FMNIST_MEAN[0]) / FMNIST_STD[0]
-    return x, torch.tensor(labels[idx], dtype=torch.long)
+    sub = data.subset(idx)
+    return sub.normalized(), sub.y
 
 
 @torch.no_grad()
@@ -297,13 +309,11 @@ def _accuracy(model, x, y) -> float:
 
 @pytest.mark.slow
 def test_generator_learns_client_classes_on_fmnist():
-    names = ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
-    files = [FMNIST_DIR / f"{name}-ubyte.gz" for name in names]
-    if not all(f.exists() for f in files):
-        pytest.skip(f"Fashion-MNIST IDX files not found under {FMNIST_DIR}")
+    train, test = fmnist_data()  # a missing data set fails the test, never skips it
+    assert (train.info.mean, train.info.std) == (FMNIST_MEAN, FMNIST_STD)
     classes = (0, 3, 7)  # T-shirt, dress, sneaker; class 0 on purpose (reference-code bug)
-    x, y = _fmnist_subset("train", classes, 500, seed=0)
-    xt, yt = _fmnist_subset("test", classes, 300, seed=1)
+    x, y = _fmnist_subset(train, classes, 500, seed=0)
+    xt, yt = _fmnist_subset(test, classes, 300, seed=1)
 
     # the client's classifier: cnn_small over all 10 classes, trained on its 3 classes
     torch.manual_seed(0)

@@ -64,3 +64,59 @@ def test_robust_aggregation_ignores_an_outlier(rule, expected):
     # median of (1, 2, 3, 1e6) = (2 + 3) / 2; trimmed mean (drop 1 each end) = (2 + 3) / 2;
     # the weighted mean would be ~970,000
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((2, 2), expected))
+
+
+# ----------------------------------------------------------------------------- FedProx
+def _update_norm(model: torch.nn.Module, start: dict) -> float:
+    return sum((p.detach() - start[k]).pow(2).sum() for k, p in model.named_parameters()).sqrt().item()
+
+
+def test_proximal_term_pulls_the_local_model_toward_the_received_weights():
+    """Same data, seed and steps: the larger FedProx's mu, the shorter the local update."""
+    from mosaic_flwr.data import load_dataset
+    from mosaic_flwr.mosaic.training import train_local
+    from mosaic_flwr.task import initial_model
+
+    train, _ = load_dataset("synthetic")
+    x, y = train.normalized()[:256], train.y[:256]
+    cfg = build_config({"dataset": "synthetic"})
+    norms = []
+    for mu in (0.0, 1.0, 10.0):
+        model = initial_model(cfg)
+        start = {k: v.detach().clone() for k, v in model.named_parameters()}
+        train_local(model, x, y, steps=20, batch_size=32, lr=0.05, momentum=0.9,
+                            proximal_mu=mu, seed=3)
+        norms.append(_update_norm(model, start))
+    assert norms[0] > norms[1] > norms[2] > 0, norms
+    assert norms[2] < 0.8 * norms[0], norms
+
+
+def test_fedprox_mu_reaches_the_clients_and_shortens_their_updates(tmp_path):
+    """Through the server and the ClientApp: ``proximal-mu`` is in every train config, and
+    the clients' updates (from the same weights, on the same data and seed) are shorter
+    with a large mu."""
+    from tests.test_e2e_inprocess import run_inprocess
+
+    def updates(name, **overrides):
+        seen = {}
+
+        def keep(grid, node, incoming, reply):
+            if incoming.metadata.message_type == "train":
+                sent = incoming.content["arrays"].to_torch_state_dict()
+                got = reply.content["arrays"].to_torch_state_dict()
+                seen[node] = sum((got[k] - v).pow(2).sum() for k, v in sent.items()
+                                 if v.is_floating_point()).sqrt().item()
+            return reply
+
+        out = run_inprocess(tmp_path / name, grid_options={"hook": keep}, dataset="synthetic", alpha=1.0,
+                            **{"num-server-rounds": 1, "local-steps": 10, "lr": 0.05, **overrides})
+        configs = [m.content["config"] for m in out["grid"].sent if m.metadata.message_type == "train"]
+        return seen, configs
+
+    plain, plain_configs = updates("prox0", strategy="fedprox", **{"proximal-mu": 0.0})
+    prox, prox_configs = updates("prox10", strategy="fedprox", **{"proximal-mu": 10.0})
+    assert len(prox_configs) == 3 and all(c["proximal-mu"] == 10.0 for c in prox_configs)
+    assert all(c["proximal-mu"] == 0.0 for c in plain_configs)
+    assert set(prox) == set(plain) and len(prox) == 3
+    for node in prox:
+        assert prox[node] < 0.8 * plain[node], (node, prox[node], plain[node])

@@ -1,0 +1,272 @@
+"""The whole Mosaic pipeline (and FedDF, and Mosaic without its meta model) end to end, in the
+quick loop: the real ServerApp and the real ClientApp handlers on an in-process grid, on the
+synthetic data set, with a schedule of a few seconds.
+
+What a run goes through: discovery (``query``), a warm-up round (``train.mosaic``), the
+distillation round (clients: local training, prototypes, generator training; server: class
+experts, meta model, the generator sampler, distillation) and a fine-tune round (``train``).
+Two spies watch the server's distillation without changing it: one wraps ``distill`` (it
+keeps the student as it enters, the teacher and a copy of the sampler), one wraps
+``train_meta``. The grid's hook keeps a copy of every reply.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import mosaic_flwr.strategies.mosaic as mosaic_module
+from mosaic_flwr.checkpoint import ARTIFACTS, load_checkpoint
+from mosaic_flwr.config import build_config
+from mosaic_flwr.mosaic.distill import kd_loss
+from mosaic_flwr.mosaic.meta import MetaModel
+from mosaic_flwr.records import record_to_state
+from mosaic_flwr.task import initial_model
+from tests.test_e2e_inprocess import run_inprocess
+
+C = 10
+TINY = {"dataset": "synthetic", "alpha": 1.0, "num-server-rounds": 3, "warmup-rounds": 2,
+        "local-steps": 5, "batch-size": 16, "gen-steps": 5, "gen-batch-size": 8, "proto-k": 2,
+        "meta-epochs": 3, "meta-samples-per-class": 4, "kd-steps": 8, "kd-batch-size": 16,
+        "kd-lr": 1e-3}
+
+
+def _round(incoming) -> int:
+    configs = incoming.content.config_records
+    return int(configs["config"]["server-round"]) if "config" in configs else 0
+
+
+class Recorder:
+    """The grid hook and the two spies; what they saw, copied."""
+
+    def __init__(self, monkeypatch):
+        self.replies: dict[int, dict[int, dict]] = {}   # round -> node -> what the client sent
+        self.kd: list[dict] = []
+        self.meta: list[dict] = []
+        real_distill, real_train_meta = mosaic_module.distill, mosaic_module.train_meta
+
+        def distill(student, teacher, sampler, **kw):
+            seen = {"before": copy.deepcopy(student.state_dict()), "student_before": copy.deepcopy(student),
+                    "probe": copy.deepcopy(sampler), "teacher": teacher, "sampler": sampler}
+            seen["stats"] = real_distill(student, teacher, sampler, **kw)
+            seen["after"] = copy.deepcopy(student.state_dict())
+            seen["student_after"] = copy.deepcopy(student)
+            self.kd.append(seen)
+            return seen["stats"]
+
+        def train_meta(meta, z, labels, **kw):
+            initial = copy.deepcopy(meta.state_dict())
+            trained, stats = real_train_meta(meta, z, labels, **kw)
+            self.meta.append({"z": z.clone(), "labels": labels.clone(), "initial": initial,
+                              "trained": copy.deepcopy(trained.state_dict()), "stats": stats})
+            return trained, stats
+
+        monkeypatch.setattr(mosaic_module, "distill", distill)
+        monkeypatch.setattr(mosaic_module, "train_meta", train_meta)
+
+    def hook(self, grid, node, incoming, reply):
+        content = reply.content
+        self.replies.setdefault(_round(incoming), {})[node] = {
+            "type": incoming.metadata.message_type,
+            "records": set(content.keys()),
+            "state": record_to_state(content["arrays"]) if "arrays" in content.array_records else None,
+            "num-examples": content.metric_records["metrics"]["num-examples"]
+            if "metrics" in content.metric_records else None,
+            "counts": list(content["label-counts"]["counts"]) if "label-counts" in content else None,
+            "prototypes": record_to_state(content["prototypes"]) if "prototypes" in content else None,
+            "generator": record_to_state(content["generator"]) if "generator" in content else None,
+        }
+        return reply
+
+
+def _run(tmp_path, monkeypatch, **overrides):
+    rec = Recorder(monkeypatch)
+    out = run_inprocess(tmp_path, num_nodes=3, grid_options={"hook": rec.hook}, **{**TINY, **overrides})
+    rows = json.loads((out["dir"] / "metrics.json").read_text())
+    return out, rows, rec
+
+
+def _finite_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def _floats(state: dict) -> dict:
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def _logits(model, x) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _expert_logits(cfg, states, x) -> torch.Tensor:
+    """``[B, E, C]``: each state loaded into a fresh model of the run's architecture."""
+    outs = []
+    for state in states:
+        model = initial_model(cfg)
+        model.load_state_dict(state)
+        outs.append(_logits(model, x))
+    return torch.stack(outs, dim=1)
+
+
+def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, dict]:
+    """What every distilling strategy shares; returns the distillation row and the KD spy."""
+    cfg = build_config({**run_config, "output-dir": str(out["dir"].parent)})
+    grid = out["grid"]
+    nodes = set(grid.node_ids)
+    # Discovery first, to every node; then each round's message type and phase.
+    assert [m.metadata.message_type for m in grid.sent[:3]] == ["query"] * 3
+    assert {m.metadata.dst_node_id for m in grid.sent[:3]} == nodes
+    sent = {r: [m for m in grid.sent[3:] if _round(m) == r] for r in (1, 2, 3)}
+    assert sum(len(v) for v in sent.values()) == len(grid.sent) - 3 == 9
+    assert {m.metadata.message_type for m in sent[1] + sent[2]} == {"train.mosaic"}
+    assert all(m.content["config"]["distill"] is False for m in sent[1])
+    assert all(m.content["config"]["distill"] is True and m.content["config"]["gen-steps"] == TINY["gen-steps"]
+               for m in sent[2])
+    assert {m.metadata.message_type for m in sent[3]} == {"train"}
+    assert all(m.content["config"]["lr"] == cfg.finetune_lr for m in sent[3])
+
+    # Every round complete: every client answered, nothing rejected, accuracies finite.
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r.get("phase") for r in rows] == [None, "warmup", "distill", "finetune"]
+    for r in rows[1:]:
+        assert r["clients"] == 3 and r["rejected"] == 0 and math.isfinite(r["train-loss"]), r
+    assert all(_finite_fraction(r["accuracy"]) and math.isfinite(r["loss"]) for r in rows)
+    assert set(rec.replies) == {0, 1, 2, 3} and all(set(v) == nodes for v in rec.replies.values())
+
+    # The distillation round: a generator from every client (only then), finite report.
+    assert all(r["generator"] is None for r in rec.replies[1].values())
+    assert all(r["generator"] is not None and all(torch.isfinite(t).all() for t in _floats(r["generator"]).values())
+               for r in rec.replies[2].values())
+    distill = rows[2]
+    for key in ("acc-before-distill", "acc-teacher", "acc-after-distill", "gen-fidelity-mean",
+                "kd-agreement", "kd-teacher-label-agreement"):
+        assert _finite_fraction(distill[key]), (key, distill.get(key))
+    assert math.isfinite(distill["kd-final-loss"]) and distill["kd-seconds"] > 0
+    # the distilled model is the round's global model
+    assert distill["accuracy"] == pytest.approx(distill["acc-after-distill"], abs=1e-4)
+    summary = json.loads((out["dir"] / "summary.json").read_text())
+    assert summary["distillation"]["acc-after-distill"] == distill["acc-after-distill"]
+    assert (out["dir"] / "generator_samples.png").stat().st_size > 1000
+
+    # The student entered distillation as the round's aggregate: the example-weighted mean
+    # of the models the clients sent at the distillation round.
+    assert len(rec.kd) == 1
+    kd = rec.kd[0]
+    replies = list(rec.replies[2].values())
+    total = sum(r["num-examples"] for r in replies)
+    for key, value in _floats(kd["before"]).items():
+        mean = sum(r["state"][key] * (r["num-examples"] / total) for r in replies)
+        assert torch.allclose(value, mean, atol=1e-5), key
+    # Distillation changed the global model, and that model is what the fine-tune round sent.
+    assert any(not torch.equal(kd["before"][k], v) for k, v in _floats(kd["after"]).items())
+    for m in sent[3]:
+        got = record_to_state(m.content["arrays"])
+        assert all(torch.equal(got[k], v) for k, v in kd["after"].items())
+
+    # The generator sampler: labels of classes some client holds, finite images in the
+    # classifiers' input space, one batch of kd-batch-size.
+    held = {c for r in replies for c, n in enumerate(r["counts"]) if n > 0}
+    probe = kd["probe"]
+    probe.rng.manual_seed(12345)
+    x, y = zip(*(probe(i) for i in range(4)))
+    x, y = torch.cat(x), torch.cat(y)
+    assert x.shape == (4 * TINY["kd-batch-size"], 1, 28, 28) and torch.isfinite(x).all()
+    assert set(y.tolist()) <= held
+    # ... and the student moved toward the teacher on fresh generated samples: a lower KD
+    # loss, an argmax agreement at least as high (it can be 1.0 from the start).
+    with torch.no_grad():
+        t = kd["teacher"](x)
+    s0, s1 = _logits(kd["student_before"], x), _logits(kd["student_after"], x)
+    assert kd_loss(s1, t).item() < kd_loss(s0, t).item()
+    kd["agreement"] = [(s.argmax(1) == t.argmax(1)).float().mean().item() for s in (s0, s1)]
+    assert kd["agreement"][1] >= kd["agreement"][0]
+    kd["x"], kd["cfg"] = x, cfg
+    return distill, kd
+
+
+def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
+    run_config = {**TINY, "strategy": "mosaic"}
+    out, rows, rec = _run(tmp_path, monkeypatch, strategy="mosaic")
+    distill, kd = _check_schedule_and_distillation(out, rows, rec, run_config)
+    cfg, x = kd["cfg"], kd["x"]
+    # here the student starts far from the meta teacher on generated samples and gets closer
+    assert kd["agreement"][1] > kd["agreement"][0] + 0.2, kd["agreement"]
+    for key in ("acc-ensemble", "meta-holdout-accuracy", "meta-holdout-accuracy-at-init"):
+        assert _finite_fraction(distill[key]), key
+    assert distill["meta-epochs-run"] >= 1
+
+    # Prototypes from every client, at the distillation round only: k-means centres in the
+    # model's feature space, min(proto-k, n_c) of each class the client holds.
+    assert all(r["prototypes"] is None for r in rec.replies[1].values())
+    feature_dim = initial_model(cfg).feature_dim
+    n_protos = 0
+    for r in rec.replies[2].values():
+        feats, labels = r["prototypes"]["features"], r["prototypes"]["labels"]
+        assert feats.shape == (len(labels), feature_dim) and torch.isfinite(feats).all()
+        expected = [min(2, n) for n in r["counts"]]
+        assert torch.bincount(labels, minlength=C).tolist() == expected
+        n_protos += len(labels)
+
+    # The meta model trained on the prototypes' and labelled generator samples' expert
+    # logits ('both'), and changed while training.
+    assert len(rec.meta) == 1
+    meta = rec.meta[0]
+    held = sum(1 for c in range(C) if any(r["counts"][c] for r in rec.replies[2].values()))
+    assert meta["z"].shape == (n_protos + 4 * held, C, C) and torch.isfinite(meta["z"]).all()
+    assert distill["meta-inputs"] == len(meta["labels"])
+    assert any(not torch.equal(meta["initial"][k], v) for k, v in meta["trained"].items())
+
+    # Checkpoint and artifacts: C class experts; the meta model, every client's generator
+    # (as sent) and prototypes, in distillation.pt.
+    state = load_checkpoint(out["dir"])
+    experts = state["strategy"]["experts"]["cnn_small"]
+    assert state["round"] == 3 and len(experts) == C
+    artifacts = load_checkpoint(out["dir"], ARTIFACTS)
+    assert artifacts["round"] == 2
+    assert [g["partition-id"] for g in artifacts["generators"]] == [0, 1, 2]
+    assert [p["partition-id"] for p in artifacts["prototypes"]] == [0, 1, 2]
+    by_partition = [rec.replies[2][n] for n in sorted(rec.replies[2])]  # node ids follow partitions
+    for g, r in zip(artifacts["generators"], by_partition):
+        assert all(torch.equal(g["state"][k], v) for k, v in r["generator"].items())
+    assert meta["trained"].keys() == artifacts["meta"].keys()
+    assert all(torch.equal(artifacts["meta"][k], v) for k, v in meta["trained"].items())
+
+    # The teacher that was distilled is the meta model over the C class experts.
+    model = MetaModel(C, C, arch=cfg.meta_arch)
+    model.load_state_dict(artifacts["meta"])
+    with torch.no_grad():
+        expected = model.eval()(_expert_logits(cfg, experts, x))
+        assert torch.allclose(kd["teacher"](x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param({"strategy": "feddf"}, id="feddf"),
+    # the same pipeline as Mosaic's but for its teacher: slow, to keep the quick loop short
+    pytest.param({"strategy": "mosaic", "mosaic-meta": False}, id="mosaic-no-meta", marks=pytest.mark.slow),
+])
+def test_feddf_and_no_meta_ablation_distill_their_own_teacher(tmp_path, monkeypatch, overrides):
+    run_config = {**TINY, **overrides}
+    out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
+    distill, kd = _check_schedule_and_distillation(out, rows, rec, run_config)
+    cfg, x = kd["cfg"], kd["x"]
+    # no meta model, so no prototypes asked for or sent
+    assert rec.meta == [] and "meta-holdout-accuracy" not in distill
+    assert all(m.content["config"]["proto-k"] == 0 for m in out["grid"].sent if _round(m) == 2)
+    assert all(r["prototypes"] is None for r in rec.replies[2].values())
+    with torch.no_grad():
+        teacher = kd["teacher"](x)
+    if overrides["strategy"] == "feddf":
+        # FedDF's teacher: the mean of the logits of the models the clients sent
+        clients = [rec.replies[2][n]["state"] for n in sorted(rec.replies[2])]
+        assert torch.allclose(teacher, _expert_logits(cfg, clients, x).mean(1), atol=1e-4)
+        assert "acc-ensemble" not in distill
+    else:
+        # the plain ensemble: the sum of the C class experts' logits
+        experts = load_checkpoint(out["dir"])["strategy"]["experts"]["cnn_small"]
+        assert torch.allclose(teacher, _expert_logits(cfg, experts, x).sum(1), atol=1e-4)
+        assert distill["acc-teacher"] == distill["acc-ensemble"]
