@@ -47,16 +47,24 @@ class Recorder:
         self.replies: dict[int, dict[int, dict]] = {}   # round -> node -> what the client sent
         self.kd: list[dict] = []
         self.meta: list[dict] = []
-        real_distill, real_train_meta = mosaic_module.distill, mosaic_module.train_meta
+        self.experts: list[dict] = []   # the class experts the distillation round started from
+        real_distill, real_train_meta = mosaic_module.distill_many, mosaic_module.train_meta
+        real_distillation = mosaic_module.MosaicStrategy.distillation
 
-        def distill(student, teacher, sampler, **kw):
+        def distill_many(students, teacher, sampler, **kw):
+            (name, student), = students.items()   # one family
             seen = {"before": copy.deepcopy(student.state_dict()), "student_before": copy.deepcopy(student),
                     "probe": copy.deepcopy(sampler), "teacher": teacher, "sampler": sampler}
-            seen["stats"] = real_distill(student, teacher, sampler, **kw)
+            stats = real_distill(students, teacher, sampler, **kw)
+            seen["stats"] = stats[name]
             seen["after"] = copy.deepcopy(student.state_dict())
             seen["student_after"] = copy.deepcopy(student)
             self.kd.append(seen)
-            return seen["stats"]
+            return stats
+
+        def distillation(strategy, *args, **kwargs):
+            self.experts.append(copy.deepcopy(strategy.experts))
+            return real_distillation(strategy, *args, **kwargs)
 
         def train_meta(meta, z, labels, **kw):
             initial = copy.deepcopy(meta.state_dict())
@@ -65,7 +73,8 @@ class Recorder:
                               "trained": copy.deepcopy(trained.state_dict()), "stats": stats})
             return trained, stats
 
-        monkeypatch.setattr(mosaic_module, "distill", distill)
+        monkeypatch.setattr(mosaic_module, "distill_many", distill_many)
+        monkeypatch.setattr(mosaic_module.MosaicStrategy, "distillation", distillation)
         monkeypatch.setattr(mosaic_module, "train_meta", train_meta)
 
     def hook(self, grid, node, incoming, reply):
@@ -224,8 +233,9 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     # Checkpoint and artifacts: C class experts; the meta model, every client's generator
     # (as sent) and prototypes, in distillation.pt.
     state = load_checkpoint(out["dir"])
-    experts = state["strategy"]["experts"]["cnn_small"]
-    assert state["round"] == 3 and len(experts) == C
+    assert state["round"] == 3 and state["strategy"]["experts"] == {}   # not needed after round 2
+    experts = rec.experts[0]["cnn_small"]
+    assert len(rec.experts) == 1 and len(experts) == C
     artifacts = load_checkpoint(out["dir"], ARTIFACTS)
     assert artifacts["round"] == 2
     assert [g["partition-id"] for g in artifacts["generators"]] == [0, 1, 2]
@@ -266,7 +276,7 @@ def test_feddf_and_no_meta_ablation_distill_their_own_teacher(tmp_path, monkeypa
         assert torch.allclose(teacher, _expert_logits(cfg, clients, x).mean(1), atol=1e-4)
         assert "acc-ensemble" not in distill
     else:
-        # the plain ensemble: the sum of the C class experts' logits
-        experts = load_checkpoint(out["dir"])["strategy"]["experts"]["cnn_small"]
-        assert torch.allclose(teacher, _expert_logits(cfg, experts, x).sum(1), atol=1e-4)
+        # the plain ensemble: the mean of the C class experts' logits (the meta model's start)
+        experts = rec.experts[0]["cnn_small"]
+        assert torch.allclose(teacher, _expert_logits(cfg, experts, x).mean(1), atol=1e-4)
         assert distill["acc-teacher"] == distill["acc-ensemble"]
