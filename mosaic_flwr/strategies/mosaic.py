@@ -41,6 +41,7 @@ from ..mosaic.experts import (
     ModelMixture,
     StackedExperts,
     build_class_experts,
+    robust_class_average,
     weighted_average_states,
 )
 from ..mosaic.meta import MetaModel, train_meta
@@ -52,7 +53,7 @@ from ..mosaic.moe import (
     screen_by_prototypes,
     teacher_logits,
 )
-from ..mosaic.submodels import masked_average
+from ..mosaic.submodels import masked_average, robust_masked_average
 from ..mosaic.training import logits_metrics
 from ..records import MosaicReply, decode_mosaic_reply, state_to_record
 from ..results import save_generator_grid
@@ -172,19 +173,31 @@ class MosaicStrategy(BankStrategy):
         return arrays, metrics
 
     def update_experts(self, server_round: int, family: str, items: Replies) -> None:
-        """Family ``family``'s C class experts from this round's replies (label-count
-        weighted; masked over the clients' slices for width-scaled sub-models)."""
+        """Family ``family``'s C class experts from this round's replies: label-count
+        weighted, no client above ``max-client-share`` of an expert (``aggregation='mean'``),
+        or the robust rule over the clients that hold the class, unweighted; masked over
+        the clients' slices for width-scaled sub-models."""
         counts = torch.stack([r.label_counts for _, r in items])
         plans = [self.plan(a, server_round) for a, _ in items]
-        average = weighted_average_states
-        if any(p is not None for p in plans):
-            base = self.globals[family]
-
-            def average(states, weights):
-                return masked_average(base, states, plans, weights)
-
-        self.experts[family] = build_class_experts([r.state for _, r in items], counts,
-                                                   previous=self.experts.get(family), average=average)
+        rule, trim, base = self.cfg.aggregation, self.cfg.trim_fraction, self.globals[family]
+        weights = counts
+        if rule != "mean":
+            # Robust experts read only who holds a class; classes with the same holders then
+            # share one expert (build_class_experts caches by weight row).
+            weights = (counts > 0).long()
+            if any(p is not None for p in plans):
+                def average(states, w):
+                    return robust_masked_average(base, states, plans, rule, trim=trim, weights=w)
+            else:
+                average = robust_class_average(rule, trim)
+        elif any(p is not None for p in plans):
+            def average(states, w):
+                return masked_average(base, states, plans, w)
+        else:
+            average = weighted_average_states
+        self.experts[family] = build_class_experts([r.state for _, r in items], weights,
+                                                   previous=self.experts.get(family), average=average,
+                                                   max_share=self.cfg.max_client_share)
         self.family_counts[family] = counts.sum(0)
 
     def expert_mixture(self) -> StackedExperts | ModelMixture:
