@@ -1,6 +1,8 @@
 """Robust aggregation beyond the global model: the share cap, robust class experts and the
 robust masked rule for width-scaled sub-models (exact values on hand-made tensors)."""
 
+import json
+
 import pytest
 import torch
 
@@ -176,3 +178,44 @@ def test_robust_rule_now_covers_width_scaled_sub_models():
     w = arrays.to_torch_state_dict()["conv1.weight"]  # [32, 1, 3, 3]; half models hold rows 0..15
     assert torch.equal(w[:16], torch.full_like(w[:16], 3.0))    # median(1, 2, 500, 4)
     assert torch.equal(w[16:], torch.full_like(w[16:], 2.5))    # median(1, 4)
+
+
+# ----------------------------------------------------------------------------- in-process attack
+def _relative_distance(a: dict, b: dict) -> float:
+    keys = [k for k in b if b[k].is_floating_point() and "running_" not in k]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
+    return float(diff / torch.cat([b[k].flatten() for k in keys]).norm())
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median"])
+def test_a_client_with_inflated_counts_owns_the_mean_experts_but_not_the_robust_ones(tmp_path, aggregation):
+    """Partition 0 declares 1000x its counts at discovery and in its replies (consistently:
+    today's checks pass) and sends random weights. With the mean it owns every class expert
+    of the classes it holds, the teacher and the global model; with the median it owns none.
+    (On this tiny schedule the distilled model itself is at chance even in a clean run: its
+    generators train for 20 steps; the teacher scores 1.0 clean.)"""
+    from bench.attack import inflating_attacker
+    from mosaic_flwr.checkpoint import load_checkpoint
+    from tests.test_e2e_inprocess import run_inprocess
+    from tests.test_reliability import TINY_MOSAIC, _rows
+
+    hook = inflating_attacker(partition=0, factor=1000, poison="random")
+    # The teacher is the plain expert ensemble (no meta model): what the experts are worth.
+    out = run_inprocess(tmp_path, num_nodes=4, grid_options={"hook": hook}, aggregation=aggregation,
+                        **{**TINY_MOSAIC, "num-server-rounds": 2, "gen-steps": 5, "kd-steps": 2,
+                           "mosaic-meta": False})["dir"]
+    state = load_checkpoint(out)
+    assert state["round"] == 2 and all(r.get("rejected", 0) == 0 for r in _rows(out))  # the lie passed
+    declared = torch.tensor(hook.declared, dtype=torch.float64)
+    share = declared / state["strategy"]["family-counts"]["cnn_small"].double()  # its weight in expert k
+    held, owned = torch.nonzero(declared > 0).flatten().tolist(), torch.nonzero(share > 0.99).flatten().tolist()
+    assert len(owned) >= len(held) / 2  # 1000 x (a class's count) outweighs the other clients' counts
+    experts = state["strategy"]["experts"]["cnn_small"]
+    distance = {k: _relative_distance(experts[k], hook.sent[2]) for k in held}
+    report = json.loads((out / "summary.json").read_text())["distillation"]
+    if aggregation == "mean":
+        assert max(distance[k] for k in owned) < 0.05   # those experts are the liar's model
+        assert report["acc-teacher"] < 0.2 and report["acc-before-distill"] < 0.2
+    else:
+        assert min(distance.values()) > 0.5            # no expert is the liar's model
+        assert report["acc-teacher"] > 0.6 and report["acc-before-distill"] > 0.6
