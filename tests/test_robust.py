@@ -219,3 +219,36 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_but_not_the_robust_
     else:
         assert min(distance.values()) > 0.5            # no expert is the liar's model
         assert report["acc-teacher"] > 0.6 and report["acc-before-distill"] > 0.6
+
+
+def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_the_holders():
+    from tests.conftest import as_flower_server
+    from mosaic_flwr.config import build_config
+    from mosaic_flwr.records import ClientInfo, MosaicReply
+    from mosaic_flwr.strategies.base import ServerContext
+    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+
+    as_flower_server()
+    cfg = build_config({"strategy": "mosaic", "dataset": "synthetic", "aggregation": "median",
+                        "submodel": "fixed"})
+    full, half = Arch("cnn_small"), Arch("cnn_small", 0.5)
+    both, first = [5, 5] + [0] * 8, [10] + [0] * 9
+    setup = {101: (full, both, 1.0), 102: (half, both, 2.0), 103: (half, [10**6] + [0] * 9, 500.0),
+             104: (full, first, 4.0)}
+    clients = {n: ClientInfo(n, i, torch.tensor(c), a.model, a.capacity) for i, (n, (a, c, _)) in enumerate(setup.items())}
+    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), model=None, test_x=None, test_y=None,
+                       results=None, num_nodes=4, clients=clients)
+    strategy = MosaicStrategy(sc)
+    items = []
+    for n, (arch, counts, value) in setup.items():
+        state = {k: torch.full_like(v, value) if v.is_floating_point() else v.clone()
+                 for k, v in strategy.template(arch).items()}
+        items.append((arch, MosaicReply(n, state, sum(counts), torch.tensor(counts), {})))
+    strategy.update_experts(1, "cnn_small", items)
+    experts = strategy.experts["cnn_small"]
+    w0, w1 = experts[0]["conv1.weight"], experts[1]["conv1.weight"]  # half models hold rows 0..15
+    assert torch.equal(w0[:16], torch.full_like(w0[:16], 3.0))   # class 0: median(1, 2, 500, 4)
+    assert torch.equal(w0[16:], torch.full_like(w0[16:], 2.5))   # median(1, 4): the full models
+    assert torch.equal(w1[:16], torch.full_like(w1[:16], 1.5))   # class 1: holders 101, 102
+    assert torch.equal(w1[16:], torch.full_like(w1[16:], 1.0))   # only 101 holds these rows
+    assert experts[2] is experts[3]                              # nobody holds 2..9: one shared expert
