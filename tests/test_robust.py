@@ -100,11 +100,26 @@ def test_max_share_caps_each_client_in_each_expert():
 
 
 def test_max_share_one_is_bit_identical_to_no_bound():
+    """The defaults (mean, max-client-share 1) compute exactly what they did before: expert k
+    is ``weighted_average_states`` with class k's count column as weights."""
     torch.manual_seed(0)
     states = [build_model("cnn_small", 1, 10, 28).state_dict() for _ in range(3)]
     counts = torch.tensor([[5, 0, 7, 1], [1, 9, 0, 0], [3, 3, 3, 0]])
     a, b = build_class_experts(states, counts), build_class_experts(states, counts, max_share=1.0)
-    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    for k, (x, y) in enumerate(zip(a, b)):
+        before = weighted_average_states(states, counts[:, k].double() / counts[:, k].sum())
+        assert all(torch.equal(x[key], y[key]) and torch.equal(x[key], before[key]) for key in x)
+
+
+def test_fedavg_defaults_are_bit_identical_to_the_plain_weighted_average():
+    strategy = _Bank(BankStrategy).strategy
+    assert strategy.cfg.aggregation == "mean" and strategy.cfg.max_client_share == 1.0
+    values = [(0.1, 7), (0.7, 3), (1.3, 11)]
+    arrays, _ = strategy.aggregate_train(1, [_full_reply(v, n, 101 + i) for i, (v, n) in enumerate(values)])
+    expected = weighted_average_states([{"w": torch.full((2, 2), v), "b": torch.full((2,), v)} for v, _ in values],
+                                       [n for _, n in values])
+    state = arrays.to_torch_state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
 # ----------------------------------------------------------------------------- masked robust rule
