@@ -67,7 +67,7 @@ def robust_stack_masked(stack: torch.Tensor, rule: str, trim: float = 0.1) -> tu
         values = (ordered.gather(0, lo) + ordered.gather(0, hi)).squeeze(0) / 2
     else:
         k = (trim * c.double()).floor().long()
-        pos = torch.arange(stack.shape[0]).view(-1, *([1] * (stack.dim() - 1)))
+        pos = torch.arange(stack.shape[0], device=stack.device).view(-1, *([1] * (stack.dim() - 1)))
         keep = (pos >= k) & (pos < c - k)
         values = torch.where(keep, ordered, 0.0).sum(0) / (c - 2 * k)
     return torch.where(c > 0, values, float("nan")), c

@@ -8,6 +8,10 @@ trains the meta model on the prototypes, distills the teacher into the global mo
 generator samples, and reports the accuracies of the distillation round. Rounds W+1..R are
 fine-tune rounds of plain federated averaging at ``finetune-lr``.
 
+Counts are declared by the clients: ``max-client-share`` caps any one client's weight in
+each expert, and a robust ``aggregation`` makes expert k the entry-wise median / trimmed mean
+of the models of the clients that hold class k, unweighted (see ``mosaic/robust.py``).
+
 ``teacher``: ``meta`` (Mosaic), ``ensemble`` (Mosaic without meta model: the sum of the
 experts' logits) or ``average`` (FedDF: the mean of the client models' logits).
 
@@ -15,7 +19,8 @@ Under model heterogeneity (``client-models`` / ``client-capacities``):
 
 - width-scaled sub-models: each family's class experts are masked averages of the clients'
   slices, weighted by class counts (entries no holder of the class trained keep the global
-  model's value);
+  model's value), or with a robust ``aggregation`` each entry's median / trimmed mean over
+  the holders of the class whose slice holds it;
 - several families: each family has its own C class experts; expert ``k`` of the mixture
   is the families' class-``k`` experts combined in output space, weighted by each family's
   share of class ``k`` (``ModelMixture``). Prototypes of different families live in
