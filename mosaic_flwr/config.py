@@ -161,6 +161,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "round-retries": (int, _non_negative),
     "aggregation": (str, _choice("mean", "median", "trimmed-mean")),
     "trim-fraction": (float, lambda v: None if 0 <= v < 0.5 else f"must be in [0, 0.5), got {v}"),
+    "max-client-share": (float, _unit_interval),
     # --- Mosaic / FedDF (schedule: warm-up rounds, distillation at the end of the last
     # warm-up round, then fine-tune rounds up to num-server-rounds)
     "warmup-rounds": (int, _positive),

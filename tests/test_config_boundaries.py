@@ -160,6 +160,14 @@ def threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.server_threads)
 
 
+def share_cap(cfg: Config) -> None:
+    from mosaic_flwr.mosaic.robust import cap_shares
+
+    for weights in ([1.0, 1.0, 1.0], [1000.0, 1.0, 0.0, 5.0], [1.0]):
+        w = cap_shares(torch.tensor(weights), cfg.max_client_share)
+        assert torch.isfinite(w).all() and abs(float(w.sum()) - 1) < 1e-9 and (w >= 0).all()
+
+
 def robust(cfg: Config) -> None:
     states = [{"w": torch.full((3,), float(i)), "n": torch.tensor(i)} for i in range(5)]
     for n in range(1, 6):
@@ -261,6 +269,7 @@ ROWS: dict[str, Row] = {
     "eval-batch-size": Row([1], [0], local_training),
     "client-threads": Row([1], [0], threads),
     "server-threads": Row([0, 1], [-1], threads),
+    "max-client-share": Row([JUST_ABOVE_0, 1.0], [0.0, 1.0 + 1e-9], share_cap),
     "trim-fraction": Row([0.0, 0.5 - 1e-9], [-0.1, 0.5], robust),
     "proto-k": Row([1, 10], [0], mosaic_client),            # 10 > a class's samples: the mean
     "gen-steps": Row([1], [0], mosaic_client),

@@ -5,6 +5,11 @@ samples each client holds:
 
     theta_k = sum_i n_ik * theta_i / sum_i n_ik
 
+Counts are what each client declares, so a client that inflates them would own every expert
+of a class it claims: ``max_share`` caps each client's normalised weight in each expert
+(``robust.cap_shares``), and a robust ``average`` (``robust_class_average``) replaces the
+weighted mean by the entry-wise median / trimmed mean of the class's holders, unweighted.
+
 ``StackedExperts`` evaluates all experts at once with ``torch.func.functional_call`` over
 stacked weights and ``torch.vmap`` (one batched forward instead of one forward per expert),
 with a per-expert loop as the reference path.
@@ -18,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from .robust import cap_shares, robust_average
 
 StateDict = dict[str, Tensor]
 
@@ -96,6 +103,8 @@ def build_class_experts(
     label_counts: Tensor,
     previous: Sequence[StateDict] | None = None,
     average: Callable[[Sequence[StateDict], Tensor], StateDict] = weighted_average_states,
+    *,
+    max_share: float = 1.0,
 ) -> list[StateDict]:
     """One expert state dict per class.
 
@@ -105,7 +114,10 @@ def build_class_experts(
         previous: the C experts of the previous round, or ``None``.
         average: ``(states, weights) -> state``; the default averages whole state dicts. For
             width-scaled sub-models pass a masked average
-            (``mosaic_flwr.mosaic.submodels.masked_average`` over the clients' slices).
+            (``mosaic_flwr.mosaic.submodels.masked_average`` over the clients' slices); for
+            a robust expert ``robust_class_average`` (or ``submodels.robust_masked_average``).
+        max_share: each weight row is passed through ``cap_shares(row, max_share)`` first: no
+            client has more than this share of an expert (1.0: no bound, rows as they are).
 
     Returns:
         C state dicts. Class ``k`` is the ``label_counts[:, k]``-weighted average of the
@@ -133,11 +145,24 @@ def build_class_experts(
                 experts.append(previous[k])
                 continue
             row = counts.sum(dim=1).to(torch.float64)  # FedAvg fallback
+        if max_share < 1:
+            row = cap_shares(row, max_share)
         key = tuple(row.tolist())
         if key not in cache:
             cache[key] = average(client_states, row)
         experts.append(cache[key])
     return experts
+
+
+def robust_class_average(rule: str, trim: float = 0.1
+                         ) -> Callable[[Sequence[StateDict], Tensor], StateDict]:
+    """An ``average`` for ``build_class_experts``: the entry-wise ``rule`` (``median`` /
+    ``trimmed-mean``) of the states with a positive weight (for expert k: the clients that
+    hold class k), unweighted: declared counts only decide who holds a class."""
+    def average(states: Sequence[StateDict], weights: Tensor) -> StateDict:
+        return robust_average([s for s, w in zip(states, weights.tolist()) if w > 0], rule, trim=trim)
+
+    return average
 
 
 class StackedExperts:

@@ -25,6 +25,9 @@ that hold it:
 
 and an entry no client (with positive weight) holds keeps the ``base`` (previous global)
 value. With every client holding the full model this is ``weighted_average_states``.
+``robust_masked_average`` is the robust counterpart (``aggregation='median'`` /
+``'trimmed-mean'``): each entry's median / trimmed mean over the clients that hold it,
+unweighted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from mosaic_flwr.mosaic.experts import _as_weights
+from mosaic_flwr.mosaic.robust import robust_stack, robust_stack_masked
 
 IndexPlan = dict[str, tuple[Tensor | None, ...]]
 
@@ -251,3 +255,62 @@ def masked_average(
             mean = mean.round()
         averaged[key] = torch.where(held > 0, mean.to(reference.dtype), reference)
     return averaged
+
+
+@torch.no_grad()
+def robust_masked_average(
+    base: Mapping[str, Tensor],
+    states: Sequence[Mapping[str, Tensor]],
+    plans: Sequence[IndexPlan | None],
+    rule: str,
+    *,
+    trim: float = 0.1,
+    weights: Sequence[float] | Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The robust ``masked_average``: each entry of each global tensor is the ``rule``
+    (``median`` / ``trimmed-mean``, see ``mosaic_flwr.mosaic.robust``) of the values of the
+    clients that hold it, unweighted; an entry nobody holds keeps ``base``'s value.
+
+    ``weights`` (optional) only selects the clients: those with weight 0 hold nothing. A
+    tensor every used client holds whole gets exactly ``robust_average``'s value; integer
+    tensors take the maximum over their holders.
+    """
+    if len(plans) != len(states):
+        raise ValueError(f"robust_masked_average: {len(states)} states but {len(plans)} plans")
+    if not states:
+        raise ValueError("robust_masked_average: no states")
+    used = list(range(len(states))) if weights is None else [
+        i for i, w in enumerate(_as_weights(weights, len(states))) if w > 0]
+    for i in used:
+        if states[i].keys() != base.keys() or (plans[i] is not None and plans[i].keys() != base.keys()):
+            raise ValueError(f"robust_masked_average: state or plan {i} has different keys than base")
+    out = {}
+    for key, reference in base.items():
+        device = reference.device
+        indices = [(None,) * reference.dim() if plans[i] is None else plans[i][key] for i in used]
+        for i, index in zip(used, indices):
+            expected = _sub_shape(index, reference.shape)
+            if len(index) != reference.dim() or tuple(states[i][key].shape) != expected:
+                raise ValueError(f"robust_masked_average: client {i} {key!r} has shape "
+                                 f"{tuple(states[i][key].shape)}, its plan expects {expected}")
+        if all(idx is None for index in indices for idx in index):
+            out[key] = robust_stack(torch.stack([states[i][key].to(device) for i in used]), rule, trim)
+            continue
+        if reference.is_floating_point():
+            stack = torch.full((len(used), *reference.shape), float("nan"), dtype=torch.float64,
+                               device=device)
+        else:
+            stack = torch.full((len(used), *reference.shape), torch.iinfo(reference.dtype).min,
+                               dtype=reference.dtype, device=device)
+        held = torch.zeros((len(used), *reference.shape), dtype=torch.bool, device=device)
+        for row, (i, index) in enumerate(zip(used, indices)):
+            grid = _grid(index, reference.shape, device)
+            stack[row].index_put_(grid, states[i][key].to(device=device, dtype=stack.dtype))
+            held[row].index_put_(grid, torch.tensor(True, device=device))
+        if reference.is_floating_point():
+            values, count = robust_stack_masked(stack, rule, trim)
+            values = values.to(reference.dtype)
+        else:
+            values, count = stack.max(0).values, held.sum(0)
+        out[key] = torch.where(count > 0, values, reference)
+    return out

@@ -8,8 +8,10 @@ server keeps one full-width global model per family present:
   receives the width-r slice of it (``submodel='fixed'``: the first channels, HeteroFL;
   ``'rolling'``: a window that moves by one channel per round, FedRolex);
 - aggregation averages each parameter entry over the clients of that family that hold it,
-  weighted by their example counts (entries nobody trained keep their value); families
-  never average with each other.
+  weighted by their example counts with no client above ``max-client-share`` of the weight
+  (or, with ``aggregation='median'`` / ``'trimmed-mean'``, the robust rule over those
+  clients, unweighted); entries nobody trained keep their value; families never average
+  with each other.
 
 With one family at full width this is plain FedAvg. FedProx is the same with the proximal
 term switched on in the clients' train config. ``MosaicStrategy`` builds on this class.
@@ -33,8 +35,8 @@ from ..checkpoint import CheckpointError, rng_state, save_checkpoint, set_rng_st
 from ..config import heterogeneous, split_list
 from ..data import dataset_info
 from ..models import Classifier
-from ..mosaic.robust import robust_average
-from ..mosaic.submodels import IndexPlan, masked_average, model_plan, slice_state
+from ..mosaic.robust import cap_shares
+from ..mosaic.submodels import IndexPlan, masked_average, model_plan, robust_masked_average, slice_state
 from ..mosaic.training import evaluate
 from ..records import (
     ARRAYS,
@@ -253,17 +255,21 @@ class BankStrategy(FedAvg):
 
     def aggregate_states(self, server_round: int, by_family: dict[str, list[tuple[Arch, StateDict, float]]]
                          ) -> None:
-        """Masked, weighted average of each family's replies into its global model (or the
-        robust rule of ``aggregation`` where every client of the family is at full width)."""
+        """Masked average of each family's replies into its global model: weighted by example
+        counts, no client above ``max-client-share`` of the weight (``aggregation='mean'``),
+        or the entry-wise robust rule over the clients holding each entry, unweighted."""
         for family, items in by_family.items():
             states = [s for _, s, _ in items]
             plans = [self.plan(a, server_round) for a, _, _ in items]
-            if self.cfg.aggregation != "mean" and all(p is None for p in plans):
-                self.globals[family] = robust_average(states, self.cfg.aggregation,
-                                                      trim=self.cfg.trim_fraction)
-            else:
-                self.globals[family] = masked_average(self.globals[family], states, plans,
-                                                      [w for _, _, w in items])
+            if self.cfg.aggregation != "mean":
+                self.globals[family] = robust_masked_average(
+                    self.globals[family], states, plans, self.cfg.aggregation,
+                    trim=self.cfg.trim_fraction)
+                continue
+            weights = [w for _, _, w in items]
+            if self.cfg.max_client_share < 1:
+                weights = cap_shares(weights, self.cfg.max_client_share)
+            self.globals[family] = masked_average(self.globals[family], states, plans, weights)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -10,6 +10,10 @@ the global model on generator samples, one batch at a time, and reports the accu
 the distillation round. Rounds W+1..R are
 fine-tune rounds of plain federated averaging at ``finetune-lr``.
 
+Counts are declared by the clients: ``max-client-share`` caps any one client's weight in
+each expert, and a robust ``aggregation`` makes expert k the entry-wise median / trimmed mean
+of the models of the clients that hold class k, unweighted (see ``mosaic/robust.py``).
+
 ``teacher``: ``meta`` (Mosaic), ``ensemble`` (Mosaic without meta model: the mean of the
 experts' logits, the meta model's starting point) or ``average`` (FedDF: the mean of the client models' logits).
 
@@ -17,7 +21,8 @@ Under model heterogeneity (``client-models`` / ``client-capacities``):
 
 - width-scaled sub-models: each family's class experts are masked averages of the clients'
   slices, weighted by class counts (entries no holder of the class trained keep the global
-  model's value);
+  model's value), or with a robust ``aggregation`` each entry's median / trimmed mean over
+  the holders of the class whose slice holds it;
 - several families: each family has its own C class experts; expert ``k`` of the mixture
   is the families' class-``k`` experts combined in output space, weighted by each family's
   share of class ``k`` (``ModelMixture``). Prototypes of different families live in
@@ -44,6 +49,7 @@ from ..mosaic.experts import (
     ModelMixture,
     StackedExperts,
     build_class_experts,
+    robust_class_average,
     weighted_average_states,
 )
 from ..mosaic.meta import MetaModel, train_meta
@@ -55,7 +61,7 @@ from ..mosaic.moe import (
     screen_by_prototypes,
     teacher_logits,
 )
-from ..mosaic.submodels import masked_average
+from ..mosaic.submodels import masked_average, robust_masked_average
 from ..mosaic.training import logits_metrics
 from ..records import MosaicReply, decode_mosaic_reply, state_to_record
 from ..results import save_generator_grid
@@ -176,23 +182,35 @@ class MosaicStrategy(BankStrategy):
         return arrays, metrics
 
     def update_experts(self, server_round: int, family: str, items: Replies) -> None:
-        """Family ``family``'s C class experts from this round's replies (label-count
-        weighted; masked over the clients' slices for width-scaled sub-models), and its label
-        counts. FedDF's teacher reads the client models, not experts: it keeps only counts."""
+        """Family ``family``'s C class experts from this round's replies, and its label counts:
+        label-count weighted, no client above ``max-client-share`` of an expert
+        (``aggregation='mean'``), or the robust rule over the clients that hold the class,
+        unweighted; masked over the clients' slices for width-scaled sub-models. FedDF's
+        teacher reads the client models, not experts: it keeps only counts."""
         counts = torch.stack([r.label_counts for _, r in items])
         self.family_counts[family] = counts.sum(0)
         if self.teacher == "average":
             return
         plans = [self.plan(a, server_round) for a, _ in items]
-        average = weighted_average_states
-        if any(p is not None for p in plans):
-            base = self.globals[family]
-
-            def average(states, weights):
-                return masked_average(base, states, plans, weights)
-
-        self.experts[family] = build_class_experts([r.state for _, r in items], counts,
-                                                   previous=self.experts.get(family), average=average)
+        rule, trim, base = self.cfg.aggregation, self.cfg.trim_fraction, self.globals[family]
+        weights = counts
+        if rule != "mean":
+            # Robust experts read only who holds a class; classes with the same holders then
+            # share one expert (build_class_experts caches by weight row).
+            weights = (counts > 0).long()
+            if any(p is not None for p in plans):
+                def average(states, w):
+                    return robust_masked_average(base, states, plans, rule, trim=trim, weights=w)
+            else:
+                average = robust_class_average(rule, trim)
+        elif any(p is not None for p in plans):
+            def average(states, w):
+                return masked_average(base, states, plans, w)
+        else:
+            average = weighted_average_states
+        self.experts[family] = build_class_experts([r.state for _, r in items], weights,
+                                                   previous=self.experts.get(family), average=average,
+                                                   max_share=self.cfg.max_client_share)
 
     def expert_mixture(self) -> StackedExperts | ModelMixture:
         """The C class experts as one model: the family's experts when there is one family;
