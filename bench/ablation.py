@@ -64,7 +64,7 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
     from mosaic_flwr.config import load_defaults
     from mosaic_flwr.inprocess import InProcessGrid
     from mosaic_flwr.strategies.mosaic import MosaicStrategy
-    from server_app.app import local_work, setup
+    from server_app.app import finish_run, setup
 
     def run_config(variant: str) -> dict:
         return {**load_defaults(), **(parse_config_args([shared]) if shared.strip() else {}),
@@ -115,12 +115,8 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
              "variant_seconds": round(time.perf_counter() - t1, 2),
              "torch_threads": torch.get_num_threads(), "driver": "bench/ablation.py (in-process)"},
             indent=2) + "\n")
-        summary = sv.results.finish(
-            {"strategy": cfg.strategy, "variant": variant, "dataset": cfg.dataset, "model": cfg.model,
-             "partition": cfg.partition, "alpha": cfg.alpha, "num_clients": sv.num_nodes, "seed": cfg.seed,
-             "device": str(sv.device), "local_work": local_work(cfg),
-             "wall_seconds": round(shared_seconds + time.perf_counter() - t1, 2)},
-            title=f"{variant} on {cfg.dataset} (alpha={cfg.alpha:g}, {sv.num_nodes} clients)")
+        summary = finish_run(sv, shared_seconds + time.perf_counter() - t1, variant=variant,
+                             title=f"{variant} on {cfg.dataset} (alpha={cfg.alpha:g}, {sv.num_nodes} clients)")
         print(f"[ablation]   {variant}: final {summary['final_accuracy']:.4f} "
               f"(validation {summary.get('final_val_accuracy', float('nan')):.4f})", flush=True)
 

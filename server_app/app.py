@@ -192,16 +192,22 @@ def main(grid: Grid, context: Context) -> None:
     except RoundFailed as exc:
         log(ERROR, "[mosaic-flwr] %s", exc)
         raise
+    finish_run(sc, time.perf_counter() - t0)
+
+
+def finish_run(sc: ServerContext, wall_seconds: float, title: str | None = None, **extra) -> dict:
+    """Write the run's summary (what ran, on what, and how long) and log where it went."""
     cfg = sc.cfg
     summary = sc.results.finish(
-        {"strategy": cfg.strategy, "dataset": cfg.dataset, "model": cfg.model,
+        {"strategy": cfg.strategy, **extra, "dataset": cfg.dataset, "model": cfg.model,
          "partition": cfg.partition, "alpha": cfg.alpha, "num_clients": sc.num_nodes,
          "seed": cfg.seed, "device": str(sc.device), "local_work": local_work(cfg),
          **({"resumed_after_round": sc.resume_state["round"]} if sc.resume_state else {}),
-         "wall_seconds": round(time.perf_counter() - t0, 2)},
-        title=f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, alpha={cfg.alpha:g}, "
-              f"{sc.num_nodes} clients)")
+         "wall_seconds": round(wall_seconds, 2)},
+        title=title or f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, alpha={cfg.alpha:g}, "
+                       f"{sc.num_nodes} clients)")
     log(INFO, "[mosaic-flwr] done: final accuracy %.4f, best %.4f (round %s), %.1f s",
         summary["final_accuracy"], summary["best_accuracy"], summary["best_round"],
         summary["wall_seconds"])
     log(INFO, "[mosaic-flwr] results written to %s", sc.results.out_dir)
+    return summary

@@ -289,13 +289,15 @@ class BankStrategy(FedAvg):
         return state_to_record(self.globals[self.primary]), MetricRecord({"clients": clients})
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_arch(self, arch: Arch, state: StateDict | None = None) -> dict[str, float]:
-        """Test metrics of ``arch``'s model (default: the fixed slice of its family's global
-        model, i.e. what a client of that width would use after training)."""
+    def evaluate_arch(self, arch: Arch, state: StateDict | None = None,
+                      data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """Metrics of ``arch``'s model (default: the fixed slice of its family's global model,
+        i.e. what a client of that width would use after training) on ``data`` (default:
+        the test set)."""
         model = self.module(arch)
         model.load_state_dict(self.state_for(arch, 0, mode="fixed") if state is None else state)
-        return evaluate(model, self.sc.test_x, self.sc.test_y, batch_size=self.cfg.eval_batch_size,
-                        device=self.sc.device)
+        x, y = data or (self.sc.test_x, self.sc.test_y)
+        return evaluate(model, x, y, batch_size=self.cfg.eval_batch_size, device=self.sc.device)
 
     def evaluate_all(self) -> tuple[dict[str, float], dict[str, float]]:
         """Headline metrics (the primary family's full-width global model) and, under
@@ -313,16 +315,11 @@ class BankStrategy(FedAvg):
         extra["acc-clients"] = round(sum(per[a] for a in held) / len(held), 5)
         return headline, extra
 
-    def evaluate_val(self, state: StateDict | None = None, arch: Arch | None = None) -> float | None:
-        """Accuracy on the validation split (``None`` without one) of ``arch``'s model
-        (default: the headline model)."""
+    def evaluate_val(self, state: StateDict | None = None) -> float | None:
+        """The headline model's accuracy on the validation split (``None`` without one)."""
         if self.sc.val_x is None:
             return None
-        model = self.module(arch or Arch(self.primary))
-        model.load_state_dict(self.state_for(arch or Arch(self.primary), 0, mode="fixed")
-                              if state is None else state)
-        return evaluate(model, self.sc.val_x, self.sc.val_y, batch_size=self.cfg.eval_batch_size,
-                        device=self.sc.device)["accuracy"]
+        return self.evaluate_arch(Arch(self.primary), state, (self.sc.val_x, self.sc.val_y))["accuracy"]
 
     def evaluate_round(self, server_round: int) -> None:
         metrics, extra = self.evaluate_all()
