@@ -6,7 +6,22 @@ constant lr, a validation split held out of the clients' data) in an in-process 
 (``mosaic_flwr.inprocess.InProcessGrid`` driving the real ClientApp handlers, no Ray); its
 run directory (``pretrain-a<alpha>-s<seed>``) holds the checkpoint every method starts from.
 
-    .venv/bin/python bench/converged.py --stage pretrain [--shard K/N]
+Stage 2: every method continues from that checkpoint (``init-from``) for ``CONTINUE_ROUNDS``
+rounds with the same client budget and the same learning-rate schedule (round 1 at ``lr``,
+then ``finetune-lr``; ``lr-schedule='step'`` with ``warmup-rounds=1``): FedAvg trains; FedDF
+and the Mosaic variants distil after round 1 (whose clients also train their generator and
+compute prototypes) and fine-tune after it. The distilling variants share round 1's client
+replies (one federation per (alpha, seed), as in ``bench/ablation.py``), so they differ in
+the server side alone. Stage 3: the centralised reference per seed (the same model and SGD
+on the union of the clients' data, as many sample passes as the whole federated run).
+
+Every run directory holds a run's files (``summary.json``, ``metrics.json``); a finished
+one is never rerun, so each stage resumes cell by cell.
+
+    .venv/bin/python bench/converged.py --stage pretrain --shard 0/2   # and 1/2, in parallel
+    .venv/bin/python bench/converged.py --stage continue --shard 0/2   # and 1/2
+    .venv/bin/python bench/converged.py --stage central
+    .venv/bin/python bench/converged.py --table-only
 """
 
 from __future__ import annotations
@@ -23,7 +38,20 @@ from bench.common import RUNS, cell_done, git_commit, git_dirty, loadavg  # noqa
 ALPHAS = (0.1, 0.01, 1.0)
 SEEDS = (42, 43, 44)
 PRETRAIN_ROUNDS = 30
-SHARED = {"validation-split": 0.1}
+SHARED = {"validation-split": 0.1, "server-threads": 1}  # one thread: processes share 2 cores
+
+
+CONTINUE_ROUNDS = 3
+CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedule": "step", "checkpoint": False}
+# name -> (strategy, overrides). Order: FedAvg, FedDF, then Mosaic one change at a time.
+VARIANTS = {
+    "fedavg": ("fedavg", {}),
+    "feddf": ("feddf", {}),
+    "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
+    "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),
+    "mosaic-global-kd500": ("mosaic", {"distill-gate": "off", "meta-prior": "global", "kd-steps": 500}),
+    "mosaic-global-kd500-gated": ("mosaic", {"meta-prior": "global", "kd-steps": 500}),
+}
 
 
 def pretrain_name(alpha: float, seed: int) -> str:
@@ -56,6 +84,9 @@ def run_inprocess(rc: dict, num_clients: int, title: str) -> dict:
     return finish_run(sc, time.perf_counter() - t0, title=title)
 
 
+OVERRIDES: dict = {}  # --set key=value: applied to every run last (smoke tests on tiny settings)
+
+
 def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
     from mosaic_flwr.config import load_defaults
 
@@ -63,28 +94,146 @@ def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
     if cell_done(runs_dir / name):
         return
     rc = {**load_defaults(), **SHARED, "strategy": "fedavg", "alpha": alpha, "seed": seed,
-          "num-server-rounds": PRETRAIN_ROUNDS, "output-dir": str(runs_dir), "run-name": name}
-    print(f"[converged] pre-training FedAvg alpha={alpha:g} seed={seed}, {PRETRAIN_ROUNDS} rounds", flush=True)
+          "output-dir": str(runs_dir), "run-name": name,
+          **{k: v for k, v in OVERRIDES.items() if k not in ("kd-steps", "pretrain-rounds")},
+          "num-server-rounds": OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS)}
+    print(f"[converged] pre-training FedAvg alpha={alpha:g} seed={seed}, {rc['num-server-rounds']} rounds",
+          flush=True)
     s = run_inprocess(rc, num_clients, f"FedAvg pre-training (alpha={alpha:g}, seed {seed})")
     print(f"[converged]   final {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f}", flush=True)
 
 
+def variant_name(variant: str, alpha: float, seed: int) -> str:
+    return f"{variant}-a{alpha:g}-s{seed}"
+
+
+def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, num_clients: int) -> None:
+    """Every variant from the pre-trained checkpoint of (alpha, seed); the distilling ones
+    from one shared round 1 of client work."""
+    import copy
+
+    import torch
+
+    from client_app.app import app as client_app
+    from mosaic_flwr.checkpoint import rng_state, set_rng_state
+    from mosaic_flwr.config import load_defaults
+    from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+    from server_app.app import finish_run, setup
+
+    pre = runs_dir / pretrain_name(alpha, seed)
+    if not cell_done(pre):
+        print(f"[converged] {pre.name} not finished: run --stage pretrain first", flush=True)
+        return
+    todo = [v for v in variants if not cell_done(runs_dir / variant_name(v, alpha, seed))]
+    if not todo:
+        return
+
+    def run_config(variant: str) -> dict:
+        strategy, over = VARIANTS[variant]
+        return {**load_defaults(), **SHARED, **CONTINUE, "strategy": strategy, "alpha": alpha, "seed": seed,
+                "init-from": str(pre), "output-dir": str(runs_dir),
+                "run-name": variant_name(variant, alpha, seed), **over,
+                **{k: v for k, v in OVERRIDES.items() if k != "pretrain-rounds"}}
+
+    def note(out: Path, **extra) -> None:
+        (out / "bench.json").write_text(json.dumps(
+            {"loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
+             "torch_threads": torch.get_num_threads(), "driver": "bench/converged.py (in-process)", **extra},
+            indent=2) + "\n")
+
+    for variant in [v for v in todo if VARIANTS[v][0] == "fedavg"]:
+        print(f"[converged] alpha={alpha:g} seed={seed}: {variant}", flush=True)
+        s = run_inprocess(run_config(variant), num_clients, f"{variant} from FedAvg (alpha={alpha:g}, seed {seed})")
+        print(f"[converged]   {variant}: final {s['final_accuracy']:.4f} (validation "
+              f"{s.get('final_val_accuracy', float('nan')):.4f})", flush=True)
+    distilling = [v for v in todo if VARIANTS[v][0] != "fedavg"]
+    if not distilling:
+        return
+    base_rc = run_config(distilling[0])
+    grid = InProcessGrid(client_app, base_rc, num_clients)
+    t0, load0 = time.perf_counter(), loadavg()
+    sc = setup(grid, context({**base_rc, "strategy": "mosaic"}))
+    base = MosaicStrategy(sc)
+    print(f"[converged] alpha={alpha:g} seed={seed}: round 1's client work (training, generators, "
+          "prototypes), once for every distilling variant", flush=True)
+    base.evaluate_round(0)
+    items = base.train_round(1)
+    shared_seconds = time.perf_counter() - t0
+    state = copy.deepcopy(base.state_dict())
+    rounds, extra, rng = copy.deepcopy(sc.results.rounds), copy.deepcopy(sc.results.extra), rng_state()
+    for variant in distilling:
+        t1 = time.perf_counter()
+        sv = setup(grid, context(run_config(variant)))
+        teacher = "average" if sv.cfg.strategy == "feddf" else "meta" if sv.cfg.mosaic_meta else "ensemble"
+        strat = MosaicStrategy(sv, teacher=teacher)
+        strat.load_state_dict(copy.deepcopy(state))
+        sv.results.restore(copy.deepcopy(rounds), copy.deepcopy(extra))
+        set_rng_state(copy.deepcopy(rng))
+        print(f"[converged]   {variant}: distillation after round 1, fine-tune rounds", flush=True)
+        strat.apply_round(1, copy.deepcopy(items))
+        strat.evaluate_round(1)
+        for r in range(2, sv.cfg.num_server_rounds + 1):
+            strat.apply_round(r, strat.train_round(r))
+            strat.evaluate_round(r)
+        strat.finish()
+        note(sv.results.out_dir, loadavg_before=load0, shared_seconds=round(shared_seconds, 2),
+             variant_seconds=round(time.perf_counter() - t1, 2))
+        s = finish_run(sv, shared_seconds + time.perf_counter() - t1, variant=variant,
+                       title=f"{variant} from FedAvg (alpha={alpha:g}, seed {seed})")
+        print(f"[converged]   {variant}: final {s['final_accuracy']:.4f} (validation "
+              f"{s.get('final_val_accuracy', float('nan')):.4f})", flush=True)
+
+
+def central(seed: int, runs_dir: Path, num_clients: int) -> None:
+    from bench.grid import Cell, run_central
+
+    cell = Cell("central", None, seed)
+    if not cell_done(runs_dir / cell.name):
+        values = {**SHARED, **{k: v for k, v in OVERRIDES.items() if k != "pretrain-rounds"},
+                  "num-server-rounds": OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS) + CONTINUE_ROUNDS}
+        run_central(cell, runs_dir, " ".join(f"{k}={json.dumps(v)}" for k, v in values.items()), num_clients)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["pretrain"], default="pretrain")
+    ap.add_argument("--stage", choices=["pretrain", "continue", "central"], default="pretrain")
     ap.add_argument("--name", default="converged")
+    ap.add_argument("--runs-dir", help="default: bench/runs/NAME")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="run-config values applied to every run, last (smoke tests on tiny settings)")
+    ap.add_argument("--pretrain-rounds", type=int, default=None, help=f"default {PRETRAIN_ROUNDS}")
     ap.add_argument("--alphas", nargs="+", type=float, default=list(ALPHAS))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--num-clients", type=int, default=10)
     ap.add_argument("--shard", default="0/1", help="K/N: every N-th (alpha, seed) starting at K")
     args = ap.parse_args(argv)
-    runs_dir = (RUNS / args.name).resolve()
+    if args.pretrain_rounds:
+        OVERRIDES["pretrain-rounds"] = args.pretrain_rounds
+    if args.set:
+        from flwr.common.config import parse_config_args
+        OVERRIDES.update(parse_config_args([" ".join(args.set)]))
+    runs_dir = Path(args.runs_dir).resolve() if args.runs_dir else (RUNS / args.name).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     k, n = (int(v) for v in args.shard.split("/"))
     groups = [(a, s) for s in args.seeds for a in args.alphas]
-    for i, (a, s) in enumerate(groups):
-        if i % n == k:
-            pretrain(a, s, runs_dir, args.num_clients)
+    if not args.table_only:
+        if args.stage == "central":
+            for i, s in enumerate(args.seeds):
+                if i % n == k:
+                    central(s, runs_dir, args.num_clients)
+        for i, (a, s) in enumerate(groups):
+            if i % n != k:
+                continue
+            if args.stage == "pretrain":
+                pretrain(a, s, runs_dir, args.num_clients)
+            elif args.stage == "continue":
+                continue_group(a, s, args.variants, runs_dir, args.num_clients)
+    if args.table_only or args.stage == "continue":
+        from bench.converged_report import report
+        print(report(runs_dir, args.alphas, args.seeds, args.variants, name=args.name))
     return 0
 
 

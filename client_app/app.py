@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from mosaic_flwr.config import Config, build_config, resolve_device
 from mosaic_flwr.data import dataset_info
 from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
-from mosaic_flwr.mosaic.training import train_local
+from mosaic_flwr.mosaic.training import predict_logits, train_local
 from mosaic_flwr.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, mosaic_payload, record_to_state,
                                  state_to_record)
 from mosaic_flwr.seeds import mix_seed
@@ -85,6 +85,21 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"]})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_candidates(msg: Message, context: Context) -> Message:
+    """Score the candidate models the server sends (``candidate-<name>``, this client's
+    architecture) on this client's data: how many examples each classifies correctly."""
+    cfg, _, x, y = _local_data(context)
+    arch = client_arch(cfg, context.node_config)
+    metrics = {NUM_EXAMPLES: len(y)}
+    for name in msg.content[CONFIG]["candidates"]:
+        model = build_arch(cfg, arch)
+        model.load_state_dict(record_to_state(msg.content[f"candidate-{name}"]))
+        logits = predict_logits(model, x, device=resolve_device(cfg.device))
+        metrics[f"correct-{name}"] = int((logits.argmax(1) == y).sum())
+    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.train("mosaic")

@@ -37,6 +37,12 @@ RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "run-name", "data-dir", "
                                "checkpoint", "num-server-rounds"})
 
 
+# What a run started from another's model (``init-from``) must share with it: the data each
+# client holds (data set, partition and its seed, the validation split) and the models.
+WARM_START_KEYS = ("dataset", "partition", "alpha", "min-partition-size", "partition-cap", "shards-per-client",
+                   "validation-split", "seed", "model", "client-models", "client-capacities")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says why."""
 
@@ -105,3 +111,10 @@ def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
     if int(out.get("local-steps", 0) or 0) > 0:
         out["local-epochs"] = 0
     return out
+
+
+def warm_start_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The ``WARM_START_KEYS`` whose values differ between the run ``init-from`` names and
+    this run, as ``key: theirs -> ours`` lines."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in WARM_START_KEYS
+            if saved.get(k) != current.get(k)]

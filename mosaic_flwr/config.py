@@ -154,6 +154,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "server-threads": (int, _non_negative),
     # --- reliability: checkpoints, resume, faults, robust aggregation
     "resume": (str, None),
+    "init-from": (str, None),  # a run directory whose final global model(s) this run starts from
     "checkpoint": (bool, None),
     "round-timeout": (float, _positive),
     "connect-timeout": (float, _positive),
@@ -166,6 +167,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     # warm-up round, then fine-tune rounds up to num-server-rounds)
     "warmup-rounds": (int, _positive),
     "finetune-lr": (float, _positive),
+    "lr-schedule": (str, _choice("auto", "constant", "step")),
     "mosaic-meta": (bool, None),
     "proto-k": (int, _positive),
     "gen-steps": (int, _positive),
@@ -188,6 +190,9 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "kd-b": (float, _non_negative),
     "kd-temperature": (float, _positive),
     "kd-student-bn": (str, _choice("eval", "train")),
+    "meta-prior": (str, _choice("experts", "global")),
+    "distill-local-steps": (int, _non_negative),
+    "distill-gate": (str, _choice("off", "clients", "validation")),
 }
 
 
@@ -370,7 +375,28 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
                           f"{values['num-server-rounds']} (distillation happens after the last "
                           "warm-up round)")
     meta_data_for(values["meta-data"], config_heterogeneous(values))
+    if values["distill-gate"] == "validation" and values["validation-split"] == 0:
+        raise ConfigError("distill-gate: 'validation' reads the validation split, but validation-split is 0; "
+                          "set validation-split > 0 (benchmarks) or use distill-gate='clients'")
+    if values["distill-local-steps"] > 0 and values["local-steps"] == 0:
+        raise ConfigError("distill-local-steps: replaces local-steps at the distillation round, but local "
+                          f"work is local-epochs={values['local-epochs']}; set local-steps instead")
     return Config(values)
+
+
+def lr_for_round(cfg: "Config", server_round: int) -> float:
+    """The clients' learning rate in ``server_round``, for every strategy (``lr-schedule``):
+    ``constant``: ``lr`` in every round; ``step``: ``lr`` up to ``warmup-rounds``, then
+    ``finetune-lr``; ``auto`` (the default): ``step`` for Mosaic and FedDF (their fine-tune
+    rounds follow the distillation round), ``constant`` for FedAvg and FedProx. ``step``
+    gives the baselines Mosaic's schedule, so that distillation is compared with FedAvg at
+    the same rates, not with a FedAvg that never lowers its rate."""
+    schedule = cfg.lr_schedule
+    if schedule == "auto":
+        schedule = "step" if cfg.strategy in ("mosaic", "feddf") else "constant"
+    if schedule == "step" and server_round > cfg.warmup_rounds:
+        return cfg.finetune_lr
+    return cfg.lr
 
 
 def resolve_device(name: str):

@@ -99,6 +99,29 @@ class MosaicReply:
     generator: dict[str, torch.Tensor] | None = None
 
 
+def decode_evaluate_reply(msg: Message, names: Collection[str]) -> tuple[dict[str, int] | None, str | None]:
+    """An ``evaluate`` reply: ``({num-examples: n, name: correct, ...}, None)`` or
+    ``(None, problem)``. Every count is an integer in ``[0, n]``, ``n > 0``."""
+    if msg.has_error():
+        return None, f"client error: {msg.error.reason}"
+    if METRICS not in msg.content.metric_records:
+        return None, "no metrics record"
+    metrics = msg.content.metric_records[METRICS]
+    out: dict[str, int] = {}
+    for key in [NUM_EXAMPLES, *(f"correct-{n}" for n in names)]:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            return None, f"{key}: not an integer ({value!r})"
+        out[key] = int(value)
+    n = out.pop(NUM_EXAMPLES)
+    if n <= 0:
+        return None, f"{NUM_EXAMPLES}: {n} is not positive"
+    bad = [k for k, v in out.items() if not 0 <= v <= n]
+    if bad:
+        return None, f"{bad[0]}: {out[bad[0]]} not in [0, {n}]"
+    return {NUM_EXAMPLES: n, **{name: out[f"correct-{name}"] for name in names}}, None
+
+
 def mosaic_payload(result) -> RecordDict:
     """Encode a ``MosaicClientResult`` as the reply's records."""
     content = RecordDict({

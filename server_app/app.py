@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from mosaic_flwr.checkpoint import config_changes, load_checkpoint
+from mosaic_flwr.checkpoint import CheckpointError, config_changes, load_checkpoint, warm_start_changes
 from mosaic_flwr.config import Config, ConfigError, build_config, local_work, resolve_device
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
 from mosaic_flwr.records import ClientInfo
@@ -86,6 +86,8 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     if cfg.server_threads:  # 0: torch's default (one per core)
         torch.set_num_threads(cfg.server_threads)
     resume_state = resume_checkpoint(cfg) if cfg.resume else None
+    # A resumed run's state is in its own checkpoint; init-from only starts a fresh one.
+    init_state = warm_start(cfg) if cfg.init_from and resume_state is None else None
     out = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir(cfg)
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable
     test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
@@ -93,6 +95,8 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     results.extra["test_set_sha256"] = test_set_fingerprint(cfg)
     if resume_state is not None:
         check_same_data(resume_state, cfg, results.extra["test_set_sha256"])
+    if init_state is not None:
+        check_same_data(init_state, cfg, results.extra["test_set_sha256"], what="init-from")
     nodes = wait_for_nodes(grid, cfg.min_train_clients, cfg.connect_timeout)
     info = dataset_info(cfg.dataset)
     # The clients report their label counts and architectures; the server never sees data.
@@ -101,15 +105,21 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     save_assignment(out, results, clients)
     if resume_state is not None:
         check_same_clients(resume_state["assignment"], results.extra["assignment"])
+    if init_state is not None:
+        check_same_clients(init_state["assignment"], results.extra["assignment"], what="init-from")
+        missing = sorted({c.model for c in clients.values()} - set(init_state["strategy"]["globals"]))
+        if missing:
+            raise ConfigError(f"init-from: {cfg.init_from} has no global model of {missing}")
+        results.extra["init_from"] = init_state["summary"]
     table = np.stack([c.label_counts.numpy() for c in sorted(clients.values(), key=_by_partition)])
     save_partition(out, table, info.class_names,
                    title=f"{cfg.dataset} {cfg.partition} (alpha={cfg.alpha:g}), {len(clients)} clients")
     results.extra["partition_label_counts"] = table.tolist()
-    if resume_state is not None:
-        saved = resume_state["extra"].get("partition_label_counts")
+    for what, state in (("resume", resume_state), ("init-from", init_state)):
+        saved = None if state is None else state["extra"].get("partition_label_counts")
         if saved is not None and saved != table.tolist():
-            raise ValueError("resume: the clients' label counts differ from the checkpoint's (their data "
-                             "is not the data the run started with)")
+            raise ValueError(f"{what}: the clients' label counts differ from the checkpoint's (their data "
+                             "is not the data that run trained on)")
     log(INFO, "[mosaic-flwr] strategy=%s dataset=%s model=%s partition=%s alpha=%g clients=%d "
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
         len(clients), cfg.num_server_rounds, device)
@@ -120,7 +130,7 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     log(INFO, "[mosaic-flwr] results -> %s", out)
     return ServerContext(cfg=cfg, grid=grid, device=device, test_x=test_x,
                          test_y=test_y, results=results, num_nodes=len(clients), clients=clients,
-                         resume_state=resume_state, val_x=val_x, val_y=val_y)
+                         resume_state=resume_state, init_state=init_state, val_x=val_x, val_y=val_y)
 
 
 def resume_checkpoint(cfg: Config) -> dict:
@@ -137,26 +147,50 @@ def resume_checkpoint(cfg: Config) -> dict:
     return state
 
 
-def check_same_data(state: dict, cfg: Config, fingerprint: str) -> None:
+def warm_start(cfg: Config) -> dict:
+    """The final checkpoint of the run ``init-from`` names, if its clients' data and models
+    are this run's (``ConfigError`` listing every key that differs), with a ``summary`` of
+    what this run starts from (saved in its ``summary.json``)."""
+    source = Path(cfg.init_from).expanduser().resolve()
+    try:
+        state = load_checkpoint(source)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc).replace("resume:", "init-from:", 1)) from None
+    changes = warm_start_changes(state["config"], cfg.to_dict())
+    if changes:
+        raise ConfigError(f"init-from: {source} trained other data or models than this run "
+                          f"({'; '.join(changes)}); start from a run of the same data set, partition, "
+                          "seed and models")
+    rounds = state.get("rounds") or [{}]
+    state["summary"] = {"run": str(source), "strategy": state["config"].get("strategy"),
+                        "after_round": int(state["round"]), "accuracy": rounds[-1].get("accuracy"),
+                        "val_accuracy": rounds[-1].get("val-accuracy")}
+    log(INFO, "[mosaic-flwr] starting from %s: its %s global model after round %d (accuracy %s)", source,
+        state["summary"]["strategy"], state["round"], state["summary"]["accuracy"])
+    return state
+
+
+def check_same_data(state: dict, cfg: Config, fingerprint: str, what: str = "resume") -> None:
     """A resumed run reads the same data, wherever ``data-dir`` now points: its test set has
     the checkpoint's fingerprint (a checkpoint without one needs the same ``data-dir``)."""
     saved = state.get("extra", {}).get("test_set_sha256")
     before = state["config"].get("data-dir")
     if saved is None and before != cfg.data_dir:
-        raise ConfigError(f"resume: data-dir: {before!r} -> {cfg.data_dir!r}, and the checkpoint has no data "
+        raise ConfigError(f"{what}: data-dir: {before!r} -> {cfg.data_dir!r}, and the checkpoint has no data "
                           "fingerprint to check it is the same data; give the same data-dir")
     if saved is not None and saved != fingerprint:
-        raise ConfigError(f"resume: the {cfg.dataset} test set read now (data-dir={cfg.data_dir!r}) is not the "
-                          f"checkpoint's (sha256 {fingerprint}..., saved {saved}...): a resumed run must read "
+        raise ConfigError(f"{what}: the {cfg.dataset} test set read now (data-dir={cfg.data_dir!r}) is not the "
+                          f"checkpoint's (sha256 {fingerprint}..., saved {saved}...): both runs must read "
                           "the same data")
 
 
-def check_same_clients(saved: list[dict], now: list[dict]) -> None:
-    """A run resumes on the clients it started with (partition ids, data sizes, architectures)."""
+def check_same_clients(saved: list[dict], now: list[dict], what: str = "resume") -> None:
+    """A run resumes (or starts from another's model) on the clients of the checkpoint's run
+    (partition ids, data sizes, architectures)."""
     def key(rows):
         return sorted((r["partition-id"], r["model"], float(r["capacity"]), r["num-examples"]) for r in rows)
     if key(saved) != key(now):
-        raise ValueError(f"resume: the connected clients (partition, model, capacity, examples) "
+        raise ValueError(f"{what}: the connected clients (partition, model, capacity, examples) "
                          f"{key(now)} differ from the checkpoint's {key(saved)}")
 
 

@@ -154,6 +154,18 @@ def local_training(cfg: Config) -> None:
     assert 0 <= evaluate(model, x, y, batch_size=cfg.eval_batch_size)["accuracy"] <= 1
 
 
+def distill_round_training(cfg: Config) -> None:
+    """The distillation round's train config (``distill-local-steps`` replaces local-steps
+    there, 0 keeps them) -> the ClientApp's sgd_settings -> train_local."""
+    mosaic = _server(cfg, MosaicStrategy)
+    _, values = mosaic.round_config(cfg.warmup_rounds, mosaic.train_config())
+    settings = sgd_settings(values)
+    assert settings["steps"] == (cfg.distill_local_steps or cfg.local_steps)
+    x, y = _data()
+    stats = train_local(initial_model(cfg), x, y, **settings, seed=1)
+    assert stats["steps"] == settings["steps"] and math.isfinite(stats["train-loss"])
+
+
 def threads(cfg: Config) -> None:
     torch.set_num_threads(cfg.client_threads)
     if cfg.server_threads:  # 0: torch's default
@@ -266,6 +278,7 @@ ROWS: dict[str, Row] = {
     "weight-decay": Row([0.0], [-0.1], local_training),
     "proximal-mu": Row([0.0, 1.0], [-0.1], local_training),
     "finetune-lr": Row([JUST_ABOVE_0], [0.0], local_training),
+    "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
     "eval-batch-size": Row([1], [0], local_training),
     "client-threads": Row([1], [0], threads),
     "server-threads": Row([0, 1], [-1], threads),

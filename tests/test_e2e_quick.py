@@ -32,7 +32,7 @@ C = 10
 TINY = {"dataset": "synthetic", "alpha": 1.0, "num-server-rounds": 3, "warmup-rounds": 2,
         "local-steps": 5, "batch-size": 16, "gen-steps": 5, "gen-batch-size": 8, "proto-k": 2,
         "meta-epochs": 3, "meta-samples-per-class": 4, "kd-steps": 8, "kd-batch-size": 16,
-        "kd-lr": 1e-3}
+        "kd-lr": 1e-3, "distill-gate": "off"}  # the gate has its own tests (test_warm_start_gate.py)
 
 
 def _round(incoming) -> int:

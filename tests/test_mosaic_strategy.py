@@ -95,7 +95,7 @@ def test_feddf_keeps_label_counts_but_builds_no_class_experts():
 
 def test_class_experts_are_kept_through_warm_up_and_dropped_after_the_distillation_round(strategy, monkeypatch):
     ran = []
-    monkeypatch.setattr(strategy, "distillation", lambda replies, received: ran.append(
+    monkeypatch.setattr(strategy, "distillation", lambda server_round, replies, received: ran.append(
         (len(replies), len(strategy.experts["cnn_small"]))))
     a = [6, 0, 0, 0, 0, 0, 0, 0, 0, 2]
     for server_round in (1, 2):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ARCHS = ("transformer", "gating")
+PRIORS = ("mean", "last")
 
 
 def default_width(num_classes: int) -> int:
@@ -48,6 +49,9 @@ class MetaModel(nn.Module):
         d_model: token width D (transformer); default ``default_width(C)``.
         nhead: attention heads; must divide D (4 divides every default D).
         dropout: dropout inside the encoder layer.
+        prior: ``"mean"``: the model starts at the experts' mean logits; ``"last"``: at the
+            last input's logits (``meta-prior='global'`` puts the aggregated global model
+            there, so the teacher starts exactly at the student it will teach).
     """
 
     def __init__(
@@ -59,18 +63,24 @@ class MetaModel(nn.Module):
         d_model: int | None = None,
         nhead: int = 4,
         dropout: float = 0.1,
+        prior: str = "mean",
     ):
         super().__init__()
+        if prior not in PRIORS:
+            raise ValueError(f"meta prior: unknown value {prior!r}; allowed: {list(PRIORS)}")
         if arch not in ARCHS:
             raise ValueError(f"meta arch: unknown value {arch!r}; allowed: {list(ARCHS)}")
         if num_experts < 1 or num_classes < 2:
             raise ValueError(
                 f"MetaModel: need E >= 1 and C >= 2, got E={num_experts}, C={num_classes}"
             )
-        self.num_experts, self.num_classes, self.arch = num_experts, num_classes, arch
+        self.num_experts, self.num_classes, self.arch, self.prior = num_experts, num_classes, arch, prior
         self.prior_scale = nn.Parameter(torch.ones(()))
         if arch == "gating":
             self.gate = nn.Parameter(torch.zeros(num_experts, num_classes))
+            if prior == "last":  # softmax weight ~1 on the last input at init
+                with torch.no_grad():
+                    self.gate[-1] = math.log(1e4 * num_experts)
         else:
             self._build_transformer(d_model or default_width(num_classes), nhead, dropout)
 
@@ -97,7 +107,8 @@ class MetaModel(nn.Module):
         if self.arch == "gating":
             gate = torch.softmax(self.gate, dim=0)  # [E, C], columns sum to one
             return self.prior_scale * (expert_logits * gate).sum(dim=-2)
-        prior = self.prior_scale * expert_logits.mean(dim=-2)
+        base = expert_logits[..., -1, :] if self.prior == "last" else expert_logits.mean(dim=-2)
+        prior = self.prior_scale * base
         tokens = self.embed(expert_logits) + self.expert_id
         pooled = self.norm(self.encoder(tokens)).mean(dim=-2)
         return prior + self.out(pooled)

@@ -57,6 +57,30 @@ class GeneratorSampler:
         return x, y, owners
 
 
+class ConcatExperts:
+    """Several expert stacks as one: ``logits(x)`` is ``[sum E_i, B, C]``, in order, and
+    ``head_logits(features)`` ``[M, sum E_i, C]``. ``meta-prior='global'`` appends the
+    aggregated global model (a one-model ``StackedExperts``) to the class experts, so the
+    meta model sees the student's opinion as one more token and starts from it."""
+
+    def __init__(self, parts):
+        if not parts:
+            raise ValueError("ConcatExperts: no parts")
+        self.parts = list(parts)
+        self.device = self.parts[0].device
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        return torch.cat([p.logits(x).to(self.device) for p in self.parts])
+
+    @torch.no_grad()
+    def head_logits(self, features: Tensor) -> Tensor:
+        return torch.cat([p.head_logits(features).to(self.device) for p in self.parts], dim=1)
+
+
 @torch.no_grad()
 def expert_logits(experts: StackedExperts, x: Tensor, *, batch_size: int = 256) -> Tensor:
     """Every expert's logits on a large tensor, batched: ``[E, N, C]`` on the CPU."""

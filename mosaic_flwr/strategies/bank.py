@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..checkpoint import CheckpointError, rng_state, save_checkpoint, set_rng_state
-from ..config import heterogeneous, split_list
+from ..config import heterogeneous, lr_for_round, split_list
 from ..data import dataset_info
 from ..models import Classifier
 from ..mosaic.robust import cap_shares
@@ -43,6 +43,7 @@ from ..records import (
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    decode_evaluate_reply,
     decode_reply,
     state_to_record,
 )
@@ -75,7 +76,9 @@ class BankStrategy(FedAvg):
         self._modules: dict[Arch, Classifier] = {}
         self._templates: dict[Arch, StateDict] = {}
         self._plans: dict[tuple, IndexPlan] = {}
-        self.globals: dict[str, StateDict] = {f: self._initial_state(f) for f in self.families}
+        start = (sc.init_state or {}).get("strategy", {}).get("globals", {})
+        self.globals: dict[str, StateDict] = {f: start[f] if f in start else self._initial_state(f)
+                                              for f in self.families}
         self.rejected = 0
 
     # ------------------------------------------------------------------ models
@@ -117,8 +120,10 @@ class BankStrategy(FedAvg):
 
     # ------------------------------------------------------------------ rounds
     def round_config(self, server_round: int, config: ConfigRecord) -> tuple[str, dict]:
-        """Message type and train config of a round (subclasses add phases)."""
-        return "train", {**dict(config), "server-round": server_round}
+        """Message type and train config of a round (subclasses add phases); the learning
+        rate follows ``lr-schedule`` (``config.lr_for_round``)."""
+        return "train", {**dict(config), "server-round": server_round,
+                         "lr": lr_for_round(self.cfg, server_round)}
 
     def sample(self, server_round: int, attempt: int = 0, grid: Grid | None = None) -> list[int]:
         """This round's clients, among the nodes known since discovery that are connected.
@@ -289,6 +294,46 @@ class BankStrategy(FedAvg):
         return state_to_record(self.globals[self.primary]), MetricRecord({"clients": clients})
 
     # ------------------------------------------------------------------ evaluation
+    def client_evaluate(self, server_round: int, candidates: dict[str, dict[str, StateDict]]
+                        ) -> dict[str, dict[str, float]]:
+        """Federated evaluation of candidate global models on the clients' own data: every
+        connected client receives its architecture's model (the fixed slice for a width
+        below 1) of each candidate (``name -> family -> state``), and replies with how many
+        of its examples each classifies correctly (message ``evaluate``; nothing else
+        leaves the client). Returns ``family -> name -> accuracy`` over the clients of the
+        family that replied validly (examples-weighted); families without one are absent."""
+        sc, names = self.sc, list(candidates)
+        connected = set(sc.grid.get_node_ids())
+        nodes = [n for n in sorted(sc.clients or connected, key=sc.partition_of) if n in connected]
+        records: dict[tuple[str, Arch], ArrayRecord] = {}
+        messages = []
+        for nid in nodes:
+            arch = sc.arch_of(nid)
+            content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "candidates": names})})
+            for name in names:
+                if (name, arch) not in records:
+                    full, plan = candidates[name][arch.model], self.plan(arch, 0, mode="fixed")
+                    records[(name, arch)] = state_to_record(full if plan is None else slice_state(full, plan))
+                content[f"candidate-{name}"] = records[(name, arch)]
+            messages.append(Message(content, dst_node_id=nid, message_type="evaluate"))
+        correct: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(names, 0))
+        examples: dict[str, int] = defaultdict(int)
+        for msg in sc.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+            node = msg.metadata.src_node_id
+            arch = sc.arch_of(node)
+            counts, problem = decode_evaluate_reply(msg, names)
+            if problem is None and arch is None:
+                problem = "unknown node"
+            if problem is None:
+                problem = sc.declared_problem(node, counts[NUM_EXAMPLES])
+            if problem:
+                log(WARNING, "Evaluation reply from %s left out: %s", sc.describe([node]), problem)
+                continue
+            examples[arch.model] += counts[NUM_EXAMPLES]
+            for name in names:
+                correct[arch.model][name] += counts[name]
+        return {f: {name: correct[f][name] / n for name in names} for f, n in examples.items() if n > 0}
+
     def evaluate_arch(self, arch: Arch, state: StateDict | None = None,
                       data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Metrics of ``arch``'s model (default: the fixed slice of its family's global model,

@@ -5,10 +5,15 @@ also carry label counts (message ``train.mosaic``); the server keeps one expert 
 the clients' models averaged with weights equal to their counts of that class, until the
 distillation round (FedDF, whose teacher is the client models, builds none). Round W's
 clients also send prototypes and their generator; after aggregating round W the server
-trains the meta model (on the expert logits ``meta-data`` names), distills the teacher into
-the global model on generator samples, one batch at a time, and reports the accuracies of
-the distillation round. Rounds W+1..R are
-fine-tune rounds of plain federated averaging at ``finetune-lr``.
+trains the meta model (on the expert logits ``meta-data`` names; with ``meta-prior='global'``
+the aggregated global model is one more token and the meta model's prior), distills the
+teacher into the global model on generator samples, one batch at a time, checks student,
+ensemble, teacher and distilled student on held-out generator samples, lets the
+distillation gate (``distill-gate``) decide whether the distilled model replaces the global
+one, and reports the accuracies of the distillation round. Rounds W+1..R are fine-tune
+rounds of plain federated averaging at ``finetune-lr`` (``lr-schedule``). With
+``init-from`` the bank starts from another run's models (``warmup-rounds=1``: the first
+round distils).
 
 Counts are declared by the clients: ``max-client-share`` caps any one client's weight in
 each expert, and a robust ``aggregation`` makes expert k the entry-wise median / trimmed mean
@@ -42,7 +47,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from ..checkpoint import ARTIFACTS, save_checkpoint
-from ..config import meta_data_for
+from ..config import lr_for_round, meta_data_for
 from ..models.generators import generator_for
 from ..mosaic.distill import distill_many
 from ..mosaic.experts import (
@@ -54,6 +59,7 @@ from ..mosaic.experts import (
 )
 from ..mosaic.meta import MetaModel, train_meta
 from ..mosaic.moe import (
+    ConcatExperts,
     GeneratorSampler,
     ensemble_teacher,
     expert_logits,
@@ -93,6 +99,10 @@ class MosaicStrategy(BankStrategy):
         self.meta_data = meta_data_for(self.cfg.meta_data, self.heterogeneous,
                                        clients=", ".join(map(str, self.archs)))
         self.uses_prototypes = teacher == "meta" and self.meta_data != "generated"
+        start = (sc.init_state or {}).get("strategy", {})
+        if teacher != "average" and start.get("experts"):  # init-from a run stopped before distilling
+            self.experts = {f: e for f, e in start["experts"].items() if f in self.families}
+            self.family_counts = {f: c for f, c in start["family-counts"].items() if f in self.families}
 
     # ------------------------------------------------------------------ schedule
     def phase(self, server_round: int) -> str:
@@ -100,21 +110,23 @@ class MosaicStrategy(BankStrategy):
         return "warmup" if server_round < w else "distill" if server_round == w else "finetune"
 
     def summary(self) -> None:
+        c = self.cfg
         log(INFO, "\t├── Mosaic schedule: %d warm-up rounds, distillation after round %d, "
-            "%d fine-tune rounds (lr %g); teacher: %s; meta-data: %s; models: %s",
-            self.cfg.warmup_rounds, self.cfg.warmup_rounds,
-            self.cfg.num_server_rounds - self.cfg.warmup_rounds, self.cfg.finetune_lr,
-            self.teacher, self.meta_data, ", ".join(map(str, self.archs)))
+            "%d fine-tune rounds (lr %g); teacher: %s; meta-data: %s; meta-prior: %s; gate: %s; models: %s",
+            c.warmup_rounds, c.warmup_rounds, c.num_server_rounds - c.warmup_rounds,
+            lr_for_round(c, c.num_server_rounds), self.teacher, self.meta_data, c.meta_prior,
+            c.distill_gate, ", ".join(map(str, self.archs)))
 
     def round_config(self, server_round: int, config: ConfigRecord) -> tuple[str, dict]:
         phase = self.phase(server_round)
         c = self.cfg
-        values = {**dict(config), "server-round": server_round}
+        values = {**dict(config), "server-round": server_round, "lr": lr_for_round(c, server_round)}
         if phase == "finetune":
-            values["lr"] = c.finetune_lr
             return "train", values
         values["distill"] = phase == "distill"
         if phase == "distill":
+            if c.distill_local_steps:  # the experts' last local training: longer, so they specialise
+                values["local-steps"] = c.distill_local_steps
             values.update({"proto-k": c.proto_k if self.uses_prototypes else 0,
                            "gen-steps": c.gen_steps, "gen-batch-size": c.gen_batch_size,
                            "gen-lr": c.gen_lr, "gen-ce-weight": c.gen_ce_weight,
@@ -174,7 +186,7 @@ class MosaicStrategy(BankStrategy):
             # round alone, not of what the process did before: a resumed run repeats it.
             with torch.random.fork_rng():
                 torch.manual_seed(mix_seed(self.cfg.seed, "distill", server_round))
-                self.distillation(list(items), received)
+                self.distillation(server_round, list(items), received)
             # The fine-tune rounds never read the class experts: not kept in memory, nor in
             # this or any later checkpoint (a run resumed after this round does not need them).
             self.experts, self.family_counts = {}, {}
@@ -279,7 +291,49 @@ class MosaicStrategy(BankStrategy):
             parts.append((expert_logits(experts, x).permute(1, 0, 2), y))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def distillation(self, replies: Replies, received: dict[int, StateDict]) -> None:
+    def frozen(self, family: str) -> StackedExperts:
+        """Family ``family``'s global model as it is now, as a one-model stack (a copy of the
+        weights: later changes to the global model or the cached modules do not reach it)."""
+        return StackedExperts(self.module(Arch(family)), [self.globals[family]], device=self.sc.device)
+
+    def distill_gate(self, server_round: int, before: dict[str, StateDict], distilled: dict[str, StateDict],
+                     report: dict) -> dict[str, bool]:
+        """Whether each family keeps its distilled model (``distill-gate``): only when the
+        check says it is more accurate than the model before distillation.
+
+        ``clients``: every connected client scores both on its own data (message
+        ``evaluate``; examples-weighted over the clients of the family). The clients trained
+        the model before distillation on that very data, so the check leans towards keeping
+        it: a conservative gate. ``validation``: the validation split (benchmarks only; a
+        deployed server has none). ``off``: the distilled model is always kept."""
+        mode = self.cfg.distill_gate
+        if mode == "off":
+            report["gate-kept"] = 1.0
+            return {f: True for f in distilled}
+        if mode == "validation":
+            data = (self.sc.val_x, self.sc.val_y)
+            scores = {f: {"before": self.evaluate_arch(Arch(f), before[f], data)["accuracy"],
+                          "after": self.evaluate_arch(Arch(f), distilled[f], data)["accuracy"]}
+                      for f in distilled}
+        else:
+            scores = self.client_evaluate(server_round, {"before": before, "after": distilled})
+        keep = {}
+        for f in distilled:
+            s = scores.get(f)
+            keep[f] = s is not None and s["after"] > s["before"]
+            if s is None:
+                log(WARNING, "[gate] %s: no client scored the candidates; keeping the model before "
+                    "distillation", f)
+            else:
+                log(INFO, "[gate] %s: %s accuracy before distillation %.4f, after %.4f -> %s", f, mode,
+                    s["before"], s["after"], "distilled model kept" if keep[f] else
+                    "distillation did not help; the model before distillation is kept")
+        main = scores.get(self.primary)
+        report.update({"gate-kept": float(keep[self.primary]),
+                       **({"gate-before": main["before"], "gate-after": main["after"]} if main else {})})
+        return keep
+
+    def distillation(self, server_round: int, replies: Replies, received: dict[int, StateDict]) -> None:
         """Meta model + data-free distillation into every family's global model.
 
         The test set is only scored for the report; nothing here selects on it.
@@ -305,21 +359,26 @@ class MosaicStrategy(BankStrategy):
             if vals:
                 report[f"{key}-mean"] = sum(vals) / len(vals)
 
+        student = self.frozen(self.primary)  # the aggregated global model, as it is before KD
         if self.teacher == "average":
             clients = self.client_mixture(replies)
             teacher = lambda x: clients.logits(x)[0]
             report["acc-teacher"] = self._accuracy(teacher_logits(teacher, sc.test_x, device=dev))
         else:
             experts = self.expert_mixture()
+            # meta-prior='global': the student is one more token and the meta model's prior.
+            inputs = (ConcatExperts([experts, student]) if self.teacher == "meta" and cfg.meta_prior == "global"
+                      else experts)
             # Reporting only: the experts' test logits, computed once for every teacher's score.
-            test_z = expert_logits(experts, sc.test_x)  # [E, N, C]
+            test_z = expert_logits(inputs, sc.test_x)  # [E(+1), N, C]
             teacher = ensemble_teacher(experts)
-            report["acc-ensemble"] = self._accuracy(test_z.mean(0))
+            report["acc-ensemble"] = self._accuracy(test_z[:len(experts)].mean(0))
             report["acc-teacher"] = report["acc-ensemble"]
         if self.teacher == "meta":
             t0 = time.perf_counter()
-            z, labels = self.meta_inputs(experts, gen_replies, generators, counts, received, report)
-            meta = MetaModel(len(experts), self.info.num_classes, arch=cfg.meta_arch)
+            z, labels = self.meta_inputs(inputs, gen_replies, generators, counts, received, report)
+            meta = MetaModel(len(inputs), self.info.num_classes, arch=cfg.meta_arch,
+                             prior="last" if inputs is not experts else "mean")
             meta, mstats = train_meta(meta, z, labels, epochs=cfg.meta_epochs, lr=cfg.meta_lr,
                                       ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout,
                                       patience=cfg.meta_patience, seed=cfg.seed, device=dev)
@@ -327,12 +386,22 @@ class MosaicStrategy(BankStrategy):
                            "meta-holdout-accuracy": mstats["holdout_accuracy"],
                            "meta-holdout-accuracy-at-init": mstats["initial_holdout_accuracy"],
                            "meta-epochs-run": mstats["epochs_run"]})
-            teacher = meta_teacher(experts, meta)
+            teacher = meta_teacher(inputs, meta)
             self.artifacts["meta"] = {k: v.detach().cpu() for k, v in meta.state_dict().items()}
             with torch.no_grad():
                 meta_test = torch.cat([meta(test_z[:, i:i + 1024].permute(1, 0, 2).to(dev)).cpu()
                                        for i in range(0, test_z.shape[1], 1024)])
             report["acc-teacher"] = self._accuracy(meta_test)
+        # What the server may legitimately measure: held-out labelled generator samples (a
+        # seed of their own, drawn neither for the meta model nor for KD).
+        check = GeneratorSampler(generators, counts, seed=mix_seed(cfg.seed, "gen-check"),
+                                 batch_size=cfg.meta_samples_per_class * int((counts.sum(0) > 0).sum()))
+        check_x, check_y, _ = check.draw()
+        judges = {"student": lambda x: student.logits(x)[0], "teacher": teacher}
+        if self.teacher != "average":
+            judges["ensemble"] = ensemble_teacher(experts)
+        for name, fn in judges.items():
+            report[f"gen-{name}"] = logits_metrics(teacher_logits(fn, check_x, device=dev), check_y)["accuracy"]
         if sc.val_x is not None:  # the figures a benchmark may choose settings on
             report["val-before-distill"] = val_before
             if self.teacher != "average":
@@ -357,9 +426,17 @@ class MosaicStrategy(BankStrategy):
                           b=cfg.kd_b, T=cfg.kd_temperature, student_bn=cfg.kd_student_bn, device=dev,
                           log_every=max(1, cfg.kd_steps // 5),
                           log=lambda f, line: log(INFO, "[distill %s] %s", f, line))
+        before_states = {f: self.globals[f] for f in families}
+        distilled = {f: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                     for f, m in students.items()}
+        report["gen-after-distill"] = logits_metrics(teacher_logits(
+            students[self.primary].eval(), check_x, device=dev), check_y)["accuracy"]
+        if sc.val_x is not None:
+            report["val-after-distill"] = self.evaluate_val(distilled[self.primary])
+        keep = self.distill_gate(server_round, before_states, distilled, report)
         after = {}
-        for f, student in students.items():
-            self.globals[f] = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+        for f in families:
+            self.globals[f] = distilled[f] if keep[f] else before_states[f]
             after[f] = self.evaluate_arch(Arch(f), self.globals[f])["accuracy"]
         main = kd[self.primary]
         report.update({"kd-final-loss": main["final_loss"], "kd-agreement": main["final_agreement"],
@@ -367,14 +444,16 @@ class MosaicStrategy(BankStrategy):
                        "kd-seconds": main["seconds"]})
         report["acc-before-distill"] = before[self.primary]
         report["acc-after-distill"] = after[self.primary]
-        if sc.val_x is not None:
-            report["val-after-distill"] = self.evaluate_val(self.globals[self.primary])
         if len(families) > 1:
             report.update({f"acc-before-distill/{f}": v for f, v in before.items()})
             report.update({f"acc-after-distill/{f}": v for f, v in after.items()})
         report["distill-seconds"] = time.perf_counter() - t_all
-        log(INFO, "[mosaic] distillation round: before %.4f | ensemble %s | teacher %.4f | after %.4f%s",
-            report["acc-before-distill"],
+        log(INFO, "[mosaic] distillation round, held-out generator samples (server-side check): "
+            "student %.4f | ensemble %s | teacher %.4f | distilled student %.4f",
+            report["gen-student"], f"{report['gen-ensemble']:.4f}" if "gen-ensemble" in report else "-",
+            report["gen-teacher"], report["gen-after-distill"])
+        log(INFO, "[mosaic] distillation round, test set (reporting only): before %.4f | ensemble %s | "
+            "teacher %.4f | after %.4f%s", report["acc-before-distill"],
             f"{report['acc-ensemble']:.4f}" if "acc-ensemble" in report else "-",
             report["acc-teacher"], report["acc-after-distill"],
             "" if len(families) == 1 else f" ({self.primary}; all: {after})")

@@ -1,0 +1,161 @@
+"""Tables of ``bench/converged.py``: every method from the same converged FedAvg checkpoint."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from bench.common import RESULTS, machine_line, provenance
+
+
+def _load(path: Path) -> dict | None:
+    f = path / "summary.json"
+    if not f.is_file():
+        return None
+    s = json.loads(f.read_text())
+    b = path / "bench.json"
+    s["bench"] = json.loads(b.read_text()) if b.is_file() else {}
+    return s
+
+
+def _ms(values: list[float], pct: bool = True) -> str:
+    if not values:
+        return "-"
+    k = 100 if pct else 1
+    m = statistics.mean(values) * k
+    if len(values) == 1:
+        return f"{m:.1f}" if pct else f"{m:.0f}"
+    sd = statistics.stdev(values) * k
+    return f"{m:.1f} ± {sd:.1f}" if pct else f"{m:.0f} ± {sd:.0f}"
+
+
+def _last_val(rows: list[dict]) -> float | None:
+    return rows[-1].get("val-accuracy") if rows else None
+
+
+def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
+    from bench.converged import pretrain_name, variant_name
+
+    data = {"pre": {}, "runs": {}, "central": {}}
+    for s in seeds:
+        c = _load(runs_dir / f"central-s{s}")
+        if c:
+            data["central"][s] = c
+        for a in alphas:
+            p = runs_dir / pretrain_name(a, s)
+            if _load(p):
+                rows = json.loads((p / "metrics.json").read_text())
+                data["pre"][(a, s)] = {"test": rows[-1]["accuracy"], "val": _last_val(rows),
+                                       "best": max(r["accuracy"] for r in rows)}
+            for v in variants:
+                r = _load(runs_dir / variant_name(v, a, s))
+                if r:
+                    r["rows"] = json.loads((runs_dir / variant_name(v, a, s) / "metrics.json").read_text())
+                    data["runs"][(v, a, s)] = r
+    return data
+
+
+def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> str:
+    d = collect(runs_dir, alphas, seeds, variants)
+    runs, pre, central = d["runs"], d["pre"], d["central"]
+    lines = [f"# Mosaic from a converged FedAvg (bench/converged.py)", "",
+             f"Machine: {machine_line()}. In-process federations (the real ClientApp handlers, no Ray), "
+             "10 clients, Fashion-MNIST, cnn_small, Dirichlet partition, a 10% validation split held out of "
+             "the clients' data (used to choose settings; the test set is reported once, at the end).", "",
+             "**Protocol.** Stage 1: FedAvg, 30 rounds x 50 local SGD steps (batch 32, lr 0.01, momentum 0.9), "
+             "constant rate: the start every method continues from (`init-from`). Stage 2: 3 more rounds with the "
+             "same client budget and the same rate schedule for every method (`lr-schedule='step'`: round 1 at "
+             "lr 0.01, rounds 2-3 at 0.001). FedAvg trains; FedDF and Mosaic distil after round 1 (whose clients "
+             "also train a generator, 300 steps, and compute prototypes: extra client compute FedAvg does not "
+             "spend) and fine-tune in rounds 2-3. The distilling rows share round 1's client replies, so they "
+             "differ in the server alone. Central: the same model and SGD on the union of the clients' data "
+             "for the sample passes of all 33 rounds.", ""]
+    # ---- final accuracy
+    lines += ["## Final accuracy (test set, after the 3 continuation rounds), mean ± sd over seeds", "",
+              "| method | " + " | ".join(f"α={a:g} test | α={a:g} validation | α={a:g} Δ test vs FedAvg (paired)"
+                                        for a in alphas) + " |",
+              "|---|" + "---|---|---|" * len(alphas)]
+    row = ["FedAvg start (round 30)"]
+    for a in alphas:
+        row += [_ms([pre[(a, s)]["test"] for s in seeds if (a, s) in pre]),
+                _ms([pre[(a, s)]["val"] for s in seeds if (a, s) in pre and pre[(a, s)]["val"] is not None]), ""]
+    lines.append("| " + " | ".join(row) + " |")
+    for v in variants:
+        row = [v]
+        for a in alphas:
+            got = [runs[(v, a, s)] for s in seeds if (v, a, s) in runs]
+            diffs = [runs[(v, a, s)]["final_accuracy"] - runs[("fedavg", a, s)]["final_accuracy"]
+                     for s in seeds if (v, a, s) in runs and ("fedavg", a, s) in runs]
+            row += [_ms([g["final_accuracy"] for g in got]),
+                    _ms([g["final_val_accuracy"] for g in got if g.get("final_val_accuracy") is not None]),
+                    "" if v == "fedavg" else (f"{100 * statistics.mean(diffs):+.1f} "
+                                             f"({sum(x > 0 for x in diffs)}/{len(diffs)} seeds up)" if diffs else "-")]
+        lines.append("| " + " | ".join(row) + " |")
+    if central:
+        c = [central[s]["final_accuracy"] for s in seeds if s in central]
+        lines.append("| central (same sample passes) | " + " | ".join(f"{_ms(c)} | | " for _ in alphas) + "")
+        lines += ["", "Gap closure (method − FedAvg) / (central − FedAvg), from the mean test accuracies:", "",
+                  "| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
+        cm = statistics.mean(c)
+        for v in variants:
+            if v == "fedavg":
+                continue
+            cells = []
+            for a in alphas:
+                vs = [runs[(v, a, s)]["final_accuracy"] for s in seeds if (v, a, s) in runs and ("fedavg", a, s) in runs]
+                fs = [runs[("fedavg", a, s)]["final_accuracy"] for s in seeds if (v, a, s) in runs and ("fedavg", a, s) in runs]
+                cells.append(f"{(statistics.mean(vs) - statistics.mean(fs)) / (cm - statistics.mean(fs)):+.2f}"
+                             if vs and cm != statistics.mean(fs) else "-")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    # ---- distillation round
+    lines += ["", "## The distillation round (validation split; `gen-*`: held-out generator samples, what a "
+              "server can check without data)", "",
+              "Student = the round-1 aggregate about to be distilled into. Teacher − student is the teacher's "
+              "margin on validation data (the issue's goal: ≥ +3 points at α ≤ 0.1). Gate: how many seeds kept "
+              "the distilled model (ungated rows always keep it).", ""]
+    keys = [("val-before-distill", "student"), ("val-ensemble", "ensemble"), ("val-teacher", "teacher"),
+            (None, "teacher − student"), ("val-after-distill", "distilled"), ("gen-student", "gen student"),
+            ("gen-teacher", "gen teacher"), ("gen-after-distill", "gen distilled"), ("gate-kept", "gate kept")]
+    for a in alphas:
+        lines += [f"**α = {a:g}**", "", "| method | " + " | ".join(k[1] for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for v in variants:
+            reps = [runs[(v, a, s)].get("distillation", {}) for s in seeds if (v, a, s) in runs]
+            reps = [r for r in reps if r]
+            if not reps:
+                continue
+            cells = []
+            for key, label in keys:
+                if key is None:
+                    vals = [r["val-teacher"] - r["val-before-distill"] for r in reps if "val-teacher" in r]
+                    cells.append(f"{100 * statistics.mean(vals):+.1f}" if vals else "-")
+                elif key == "gate-kept":
+                    vals = [r.get(key, 1.0) for r in reps]
+                    cells.append(f"{int(sum(vals))}/{len(vals)}")
+                else:
+                    cells.append(_ms([r[key] for r in reps if key in r]))
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines.append("")
+    # ---- time
+    lines += ["## Wall time (s, in-process, one process per shard on the 2 shared cores)", "",
+              "| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
+    for v in variants:
+        cells = []
+        for a in alphas:
+            got = [runs[(v, a, s)] for s in seeds if (v, a, s) in runs]
+            cells.append(_ms([g["bench"].get("variant_seconds", g.get("wall_seconds")) for g in got], pct=False))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    shared = [g["bench"]["shared_seconds"] for g in runs.values() if "shared_seconds" in g["bench"]]
+    if shared:
+        lines.append(f"\nShared round-1 client work of the distilling rows (once per α, seed): {_ms(shared, pct=False)} s; "
+                     "a distilling row's own run costs that plus its row.")
+    commits = sorted({g["bench"].get("commit", "?") for g in runs.values()})
+    loads = [g["bench"].get("loadavg_after", [0])[0] for g in runs.values()]
+    prov = provenance()
+    lines += ["", f"_Runs at commit(s) {', '.join(commits)}; load average (1 min) after the runs "
+              f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}; table written at {prov['commit']} by "
+              f"`bench/converged.py --table-only`._"]
+    md = "\n".join(lines) + "\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    return md

@@ -1,0 +1,140 @@
+"""Issue 14: warm starts (``init-from``), the shared learning-rate schedule and the
+distillation gate, on the in-process federation (real ClientApp handlers, synthetic data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+
+from mosaic_flwr.checkpoint import WARM_START_KEYS, load_checkpoint, warm_start_changes
+from mosaic_flwr.config import ConfigError, build_config, lr_for_round
+from mosaic_flwr.records import METRICS, NUM_EXAMPLES, decode_evaluate_reply, record_to_state
+from tests.test_e2e_inprocess import run_inprocess
+from tests.test_reliability import SYNTH, _round, _rows
+
+PRETRAIN = {**SYNTH, "strategy": "fedavg", "num-server-rounds": 2, "local-steps": 10}
+# Round 1 is the distillation round (warm start), round 2 a fine-tune round.
+CONTINUE = {**SYNTH, "strategy": "mosaic", "num-server-rounds": 2, "warmup-rounds": 1, "local-steps": 10,
+            "gen-steps": 10, "kd-steps": 5, "meta-epochs": 3}
+
+
+# ----------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize("strategy, schedule, expected", [
+    ("fedavg", "auto", [0.1, 0.1, 0.1, 0.1]),       # the baselines' default: constant
+    ("fedprox", "auto", [0.1, 0.1, 0.1, 0.1]),
+    ("mosaic", "auto", [0.1, 0.1, 0.01, 0.01]),     # distilling strategies: step after warm-up
+    ("feddf", "auto", [0.1, 0.1, 0.01, 0.01]),
+    ("fedavg", "step", [0.1, 0.1, 0.01, 0.01]),     # the baseline given Mosaic's schedule
+    ("mosaic", "constant", [0.1, 0.1, 0.1, 0.1]),
+])
+def test_every_strategy_follows_the_same_lr_schedule(strategy, schedule, expected):
+    cfg = build_config({"strategy": strategy, "lr-schedule": schedule, "lr": 0.1, "finetune-lr": 0.01,
+                        "warmup-rounds": 2, "num-server-rounds": 4})
+    assert [lr_for_round(cfg, r) for r in range(1, 5)] == expected
+
+
+def test_fedavg_with_the_step_schedule_sends_the_finetune_rate(tmp_path):
+    out = run_inprocess(tmp_path, **{**PRETRAIN, "num-server-rounds": 3, "lr-schedule": "step",
+                                     "warmup-rounds": 1, "lr": 0.05, "finetune-lr": 0.005})
+    lrs = {_round(m): m.content["config"]["lr"] for m in out["grid"].sent if _round(m)}
+    assert lrs == {1: 0.05, 2: 0.005, 3: 0.005}
+
+
+# ----------------------------------------------------------------------------- init-from
+def test_warm_start_changes_name_every_key_that_differs():
+    saved = {k: 1 for k in WARM_START_KEYS}
+    assert warm_start_changes(saved, {**saved, "lr": 5, "strategy": "x"}) == []  # training settings may differ
+    lines = warm_start_changes(saved, {**saved, "alpha": 2, "model": "cnn"})
+    assert lines == ["alpha: 1 -> 2", "model: 1 -> 'cnn'"]
+
+
+def test_a_run_starts_from_another_runs_final_model_and_records_it(tmp_path):
+    pre = run_inprocess(tmp_path / "pre", **PRETRAIN)["dir"]
+    final = load_checkpoint(pre)["strategy"]["globals"]["cnn_small"]
+    pre_rows = _rows(pre)
+    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, "init-from": str(pre), "distill-gate": "off"})
+    rows = _rows(out["dir"])
+    # Round 0 evaluates the model it started from: the pre-training's last figure.
+    assert rows[0]["accuracy"] == pytest.approx(pre_rows[-1]["accuracy"], abs=1e-6)
+    first = [m for m in out["grid"].sent if _round(m) == 1]
+    assert first and all(m.metadata.message_type == "train.mosaic" and m.content["config"]["distill"]
+                         for m in first)  # warmup-rounds=1: the first round distils
+    for m in first:
+        got = record_to_state(m.content["arrays"])
+        assert all(torch.equal(got[k], v) for k, v in final.items())
+    summary = json.loads((out["dir"] / "summary.json").read_text())
+    assert summary["init_from"]["run"] == str(pre.resolve())
+    assert summary["init_from"]["strategy"] == "fedavg" and summary["init_from"]["after_round"] == 2
+    assert summary["init_from"]["accuracy"] == pre_rows[-1]["accuracy"]
+
+
+def test_init_from_a_run_of_other_data_or_models_is_refused_before_training(tmp_path):
+    pre = run_inprocess(tmp_path / "pre", **{**PRETRAIN, "num-server-rounds": 1})["dir"]
+    with pytest.raises(RuntimeError, match=r"init-from: .*alpha: 1\.0 -> 0\.5.*model: 'cnn_small' -> 'cnn_wide'"):
+        run_inprocess(tmp_path / "other", **{**CONTINUE, "init-from": str(pre), "alpha": 0.5, "model": "cnn_wide"})
+    assert not (tmp_path / "other" / "run" / "checkpoint.pt").exists()  # nothing trained
+    with pytest.raises(RuntimeError, match=r"init-from: no checkpoint at"):
+        run_inprocess(tmp_path / "none", **{**CONTINUE, "init-from": str(tmp_path / "missing")})
+    with pytest.raises(RuntimeError, match="init-from: the connected clients"):  # another client set
+        run_inprocess(tmp_path / "four", num_nodes=4, **{**CONTINUE, "init-from": str(pre)})
+
+
+# ----------------------------------------------------------------------------- the gate
+def _evaluate_reply(**metrics) -> Message:
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), dst_node_id=100, message_type="evaluate")
+
+
+def test_evaluate_replies_are_validated():
+    ok, problem = decode_evaluate_reply(_evaluate_reply(**{NUM_EXAMPLES: 10, "correct-a": 3, "correct-b": 10}),
+                                        ["a", "b"])
+    assert problem is None and ok == {NUM_EXAMPLES: 10, "a": 3, "b": 10}
+    for bad, needle in (({NUM_EXAMPLES: 10, "correct-a": 11, "correct-b": 1}, "not in [0, 10]"),
+                        ({NUM_EXAMPLES: 10, "correct-a": 2.5, "correct-b": 1}, "not an integer"),
+                        ({NUM_EXAMPLES: 0, "correct-a": 0, "correct-b": 0}, "not positive"),
+                        ({NUM_EXAMPLES: 10, "correct-a": 1}, "correct-b")):
+        got, problem = decode_evaluate_reply(_evaluate_reply(**bad), ["a", "b"])
+        assert got is None and needle in problem
+
+
+# A distillation that must hurt: Adam at lr 5 for 20 steps wrecks the student.
+HARMFUL = {"kd-lr": 5.0, "kd-steps": 20}
+
+
+@pytest.mark.parametrize("gate", ["clients", "validation"])
+def test_the_gate_keeps_the_model_before_a_distillation_that_hurts(tmp_path, gate):
+    pre = run_inprocess(tmp_path / "pre", **{**PRETRAIN, "validation-split": 0.2})["dir"]
+    before = load_checkpoint(pre)["strategy"]["globals"]["cnn_small"]
+    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1, "validation-split": 0.2,
+                                              "init-from": str(pre), "distill-gate": gate})
+    report = json.loads((out["dir"] / "summary.json").read_text())["distillation"]
+    assert report["gate-kept"] == 0.0 and report["gate-after"] < report["gate-before"]
+    assert report["val-after-distill"] < report["val-before-distill"]  # it really hurt
+    # The round's global model is the aggregate before distillation, not the wrecked student.
+    assert report["acc-after-distill"] == pytest.approx(report["acc-before-distill"], abs=1e-9)
+    evaluate = [m for m in out["grid"].sent if m.metadata.message_type == "evaluate"]
+    if gate == "clients":  # every client scored both candidates, its own architecture's
+        assert sorted(m.metadata.dst_node_id for m in evaluate) == out["grid"].node_ids
+        assert all(set(m.content["config"]["candidates"]) == {"before", "after"} for m in evaluate)
+        assert not any(torch.equal(record_to_state(evaluate[0].content["candidate-before"])[k], v)
+                       for k, v in record_to_state(evaluate[0].content["candidate-after"]).items()
+                       if v.is_floating_point() and k.endswith("weight"))
+    else:
+        assert evaluate == []
+    assert before  # (the pre-training model exists; the continuation re-aggregated from it)
+
+
+def test_without_the_gate_a_harmful_distillation_is_kept(tmp_path):
+    pre = run_inprocess(tmp_path / "pre", **{**PRETRAIN, "validation-split": 0.2})["dir"]
+    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1, "validation-split": 0.2,
+                                              "init-from": str(pre), "distill-gate": "off"})
+    report = json.loads((out["dir"] / "summary.json").read_text())["distillation"]
+    assert report["gate-kept"] == 1.0 and "gate-before" not in report
+    assert report["acc-after-distill"] < report["acc-before-distill"]
+
+
+def test_the_validation_gate_needs_a_validation_split():
+    with pytest.raises(ConfigError, match="distill-gate: 'validation' reads the validation split"):
+        build_config({"distill-gate": "validation"})
