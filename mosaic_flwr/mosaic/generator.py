@@ -199,7 +199,8 @@ def train_generator(
     discriminator.train()
 
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=d_lr if d_lr is not None else lr, betas=betas)
+    d_params = [p for p in discriminator.parameters() if p.requires_grad]
+    opt_d = torch.optim.Adam(d_params, lr=d_lr if d_lr is not None else lr, betas=betas)
     window = max(1, steps // 10)
     hist: dict[str, list[float]] = {k: [] for k in ("d_loss", "g_loss", "adv", "ce", "div")}
     every = log_every or max(1, steps // 5)
@@ -216,15 +217,18 @@ def train_generator(
 
             fake = generator(z, y_fake)
 
-            # D step (hinge).
-            d_loss = F.relu(1.0 - discriminator(x_real, y_real)).mean() + F.relu(
-                1.0 + discriminator(fake.detach(), y_fake)
-            ).mean()
+            # D step (hinge), real and fake images in one forward pass (D has no BatchNorm,
+            # so a sample's score does not depend on the rest of the batch).
+            scores = discriminator(torch.cat([x_real, fake.detach()]), torch.cat([y_real, y_fake]))
+            d_loss = F.relu(1.0 - scores[: len(x_real)]).mean() + F.relu(1.0 + scores[len(x_real):]).mean()
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
 
-            # G step: adversarial + classifier guidance + diversity.
+            # G step: adversarial + classifier guidance + diversity. D's weights take no
+            # gradient here (only G is updated), so their backward pass is skipped.
+            for p in d_params:
+                p.requires_grad_(False)
             adv = -discriminator(fake, y_fake).mean()
             logits = classifier(fake)
             ce = F.cross_entropy(logits, y_fake)
@@ -241,6 +245,8 @@ def train_generator(
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
+            for p in d_params:
+                p.requires_grad_(True)
 
             if step > steps - window or (log is not None and step % every == 0):
                 vals = {"d_loss": d_loss, "g_loss": g_loss, "adv": adv, "ce": ce, "div": div}
