@@ -24,8 +24,12 @@ a class uniformly, then one of its images), so D sees the same label mix for rea
 
 This function's defaults (400 steps of 32, Adam 5e-4 with betas (0.5, 0.999) for G and D)
 were chosen on FMNIST subsets with ``cnn_small`` guidance on one CPU thread: ~0.04 s/step,
-~16 s per client. The app passes its run config instead (``gen-steps`` 300 by default, the
-other ``gen-*`` keys as above; D's learning rate is G's). Without the diversity term G
+~16 s per client. The app passes its run config instead (``gen-steps`` 200 of
+``gen-batch-size`` 16 by default, the other ``gen-*`` keys as above; D's learning rate is
+G's): a third of the compute of the 300 steps of 32 it used before (issue 14: the client's
+extra work at the distillation round should not exceed its local training over the run),
+and more updates at that budget than 100 steps of 32, which lost validation accuracy after
+distillation (``bench/results/speed.md`` section 3). Without the diversity term G
 collapses (per-pixel spread 0.1-0.4 of the real data's); weight 1.0 makes samples noisier
 than real data; 0.1-0.3 keeps the spread at 0.6-0.9 of real. Adam 2e-4 converges more
 slowly at this budget. After training, ``fidelity`` is the client's classifier's accuracy on
