@@ -370,20 +370,47 @@ def phases(args) -> dict:
     return {"clients": args.clients, "config": args.phase_config or "(defaults)", "wall_seconds": wall,
             "rows": [{"phase": p, "where": w, "seconds": s} for p, w, s in rows],
             "bytes": bytes_rows, "distillation": d, "final_accuracy": summary["final_accuracy"],
+            "final_val_accuracy": summary.get("final_val_accuracy"),
             "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "loadavg": {"before": load0, "after": loadavg()}}
 
 
+def _accuracy_line(p: dict) -> str:
+    d, val = p.get("distillation", {}), p.get("final_val_accuracy")
+    line = f"final accuracy {p['final_accuracy']:.4f}"
+    if val is not None:
+        line += (f", final validation accuracy {val:.4f} (distillation report: gen-fidelity-mean "
+                 f"{d.get('gen-fidelity-mean', float('nan')):.3f}, val-teacher {d.get('val-teacher', float('nan')):.4f}, "
+                 f"val-after-distill {d.get('val-after-distill', float('nan')):.4f})")
+    return line
+
+
 def phases_lines(p: dict) -> list[str]:
+    """Section 3; with ``p["previous"]`` (the phases result this run replaced, same config)
+    a column with the previous run's seconds beside this run's."""
+    prev = p.get("previous")
     lines = [f"## 3. Per-phase time of one Mosaic run ({p['clients']} clients, config "
              f"`{p['config']}`, in-process)", "",
-             f"Wall {p['wall_seconds']:.1f} s, final accuracy {p['final_accuracy']:.4f}; load average "
+             f"Wall {p['wall_seconds']:.1f} s, {_accuracy_line(p)}; load average "
              f"before/after {p['loadavg']['before']} / {p['loadavg']['after']}. Clients ran one at a "
              "time (one torch thread each, as in simulation), so client seconds are the sum over "
-             "clients; in simulation two run at once on 2 cores.", "",
-             "| phase | seconds | share |", "|---|---|---|"]
-    for r in p["rows"]:
-        lines.append(f"| {r['phase']} | {r['seconds']:.1f} | {100 * r['seconds'] / p['wall_seconds']:.1f}% |")
+             "clients; in simulation two run at once on 2 cores.", ""]
+    if prev:
+        pp = prev["provenance"]
+        lines += [f"Previous run (column `before`): commit `{pp['commit']}`"
+                  + (" (uncommitted changes)" if pp["dirty"] else "") + f", measured {pp['date']}, "
+                  f"wall {prev['wall_seconds']:.1f} s, {_accuracy_line(prev)}; load average "
+                  f"{prev['loadavg']['before']} / {prev['loadavg']['after']}; command: `{pp['command']}`.", "",
+                  "| phase | before, s | seconds | share |", "|---|---|---|---|"]
+        before = {r["phase"]: r["seconds"] for r in prev["rows"]}
+        for r in p["rows"]:
+            b = f"{before[r['phase']]:.1f}" if r["phase"] in before else "-"
+            lines.append(f"| {r['phase']} | {b} | {r['seconds']:.1f} | "
+                         f"{100 * r['seconds'] / p['wall_seconds']:.1f}% |")
+    else:
+        lines += ["| phase | seconds | share |", "|---|---|---|"]
+        for r in p["rows"]:
+            lines.append(f"| {r['phase']} | {r['seconds']:.1f} | {100 * r['seconds'] / p['wall_seconds']:.1f}% |")
     lines += ["", "Bytes per client per round (tensors' nbytes per record; `wire`: the serialised "
               "protobuf Flower sends):", "",
               "| round kind (rounds) | upload: records | upload total | upload wire | download wire |",
@@ -444,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=SERVER_THREADS,
                     help="torch threads of server-side work (default: torch's default, as the "
                          "ServerApp process gets)")
+    ap.add_argument("--keep-previous", action="store_true",
+                    help="phases: show the replaced phases result (same config) in a 'before' column")
     ap.add_argument("--memory-config", default="num-server-rounds=2 warmup-rounds=1 local-steps=10 "
                     "gen-steps=20 kd-steps=20 meta-epochs=20", help="memory: run-config overrides")
     args = ap.parse_args(argv)
@@ -461,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         if section in args.only:
             print(f"[speed] {section} ...", flush=True)
             prov = {**provenance(), "server_threads": SERVER_THREADS}
-            sections[section] = {**run(args), "provenance": {**prov, "loadavg_end": loadavg()}}
+            result = {**run(args), "provenance": {**prov, "loadavg_end": loadavg()}}
+            old = sections.get(section)
+            if section == "phases" and args.keep_previous and old and old.get("config") == result["config"]:
+                result["previous"] = {k: v for k, v in old.items() if k != "previous"}
+            sections[section] = result
         if section in sections:
             prov = sections[section]["provenance"]
             body += render(sections[section])

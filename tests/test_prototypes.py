@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from mosaic_flwr.mosaic.prototypes import _lloyd, class_prototypes, kmeans
+from mosaic_flwr.mosaic.prototypes import _lloyd, class_prototypes, kmeans, per_class_subset
 
 
 def _brute_force(x: torch.Tensor, k: int) -> tuple[float, torch.Tensor]:
@@ -111,6 +111,21 @@ def test_class_prototypes_keeps_all_k_centres_beyond_ten():
     features, labels = torch.randn(40, 3), torch.zeros(40, dtype=torch.long)
     prototypes, proto_labels = class_prototypes(features, labels, k=12)
     assert prototypes.shape == (12, 3) and proto_labels.tolist() == [0] * 12
+
+
+def test_per_class_subset_caps_large_classes_only():
+    labels = torch.tensor([3] * 50 + [0] * 7 + [9] * 12)[torch.randperm(69, generator=torch.Generator().manual_seed(1))]
+    keep = per_class_subset(labels, 10, seed=4)
+    assert keep.tolist() == sorted(set(keep.tolist()))  # sorted, no repeats
+    assert torch.bincount(labels[keep], minlength=10)[[0, 3, 9]].tolist() == [7, 10, 10]
+    assert torch.equal(keep, per_class_subset(labels, 10, seed=4))  # seeded
+    assert not torch.equal(keep, per_class_subset(labels, 10, seed=5))
+    state = torch.get_rng_state()
+    assert per_class_subset(labels, 100, seed=4).tolist() == list(range(69))  # nothing to cap
+    assert torch.equal(state, torch.get_rng_state())
+    assert per_class_subset(torch.zeros(0, dtype=torch.long), 5).shape == (0,)
+    with pytest.raises(ValueError):
+        per_class_subset(labels, 0)
 
 
 def test_class_prototypes_empty_input():

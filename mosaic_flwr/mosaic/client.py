@@ -12,7 +12,7 @@ from ..data import DatasetInfo
 from ..models import Classifier
 from ..models.generators import build_discriminator, generator_for
 from .generator import train_generator
-from .prototypes import class_prototypes
+from .prototypes import class_prototypes, per_class_subset
 from .training import extract_features, train_local
 
 
@@ -36,16 +36,18 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
 
     Prototypes are k-means centres of the penultimate features of the model as received
     (the round's global model, the backbone the server's experts start from), computed before
-    local training. The generator is trained after local training, guided by the client's
-    freshly trained model, on the client's own classes; it is uploaded once.
+    local training, from at most ``MAX_PER_CLASS`` samples of each class. The generator is
+    trained after local training, guided by the client's freshly trained model, on the
+    client's own classes; it is uploaded once.
     """
     counts = label_counts(y, info.num_classes)
     metrics: dict[str, float] = {}
     protos = None
     if distill_round and proto_k > 0:
         t0 = time.perf_counter()
-        feats = extract_features(model, x, device=device)
-        protos = class_prototypes(feats, y, proto_k, seed=seed)
+        keep = per_class_subset(y, seed=seed)  # at most MAX_PER_CLASS samples of a class
+        feats = extract_features(model, x[keep], device=device)
+        protos = class_prototypes(feats, y[keep], proto_k, seed=seed)
         metrics["proto-seconds"] = time.perf_counter() - t0
     stats = train_local(model, x, y, seed=seed, device=device, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})

@@ -24,8 +24,12 @@ a class uniformly, then one of its images), so D sees the same label mix for rea
 
 This function's defaults (400 steps of 32, Adam 5e-4 with betas (0.5, 0.999) for G and D)
 were chosen on FMNIST subsets with ``cnn_small`` guidance on one CPU thread: ~0.04 s/step,
-~16 s per client. The app passes its run config instead (``gen-steps`` 300 by default, the
-other ``gen-*`` keys as above; D's learning rate is G's). Without the diversity term G
+~16 s per client. The app passes its run config instead (``gen-steps`` 200 of
+``gen-batch-size`` 16 by default, the other ``gen-*`` keys as above; D's learning rate is
+G's): a third of the compute of the 300 steps of 32 it used before (issue 14: the client's
+extra work at the distillation round should not exceed its local training over the run),
+and more updates at that budget than 100 steps of 32, which lost validation accuracy after
+distillation (``bench/results/speed.md`` section 3). Without the diversity term G
 collapses (per-pixel spread 0.1-0.4 of the real data's); weight 1.0 makes samples noisier
 than real data; 0.1-0.3 keeps the spread at 0.6-0.9 of real. Adam 2e-4 converges more
 slowly at this budget. After training, ``fidelity`` is the client's classifier's accuracy on
@@ -199,7 +203,8 @@ def train_generator(
     discriminator.train()
 
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=d_lr if d_lr is not None else lr, betas=betas)
+    d_params = [p for p in discriminator.parameters() if p.requires_grad]
+    opt_d = torch.optim.Adam(d_params, lr=d_lr if d_lr is not None else lr, betas=betas)
     window = max(1, steps // 10)
     hist: dict[str, list[float]] = {k: [] for k in ("d_loss", "g_loss", "adv", "ce", "div")}
     every = log_every or max(1, steps // 5)
@@ -216,15 +221,18 @@ def train_generator(
 
             fake = generator(z, y_fake)
 
-            # D step (hinge).
-            d_loss = F.relu(1.0 - discriminator(x_real, y_real)).mean() + F.relu(
-                1.0 + discriminator(fake.detach(), y_fake)
-            ).mean()
+            # D step (hinge), real and fake images in one forward pass (D has no BatchNorm,
+            # so a sample's score does not depend on the rest of the batch).
+            scores = discriminator(torch.cat([x_real, fake.detach()]), torch.cat([y_real, y_fake]))
+            d_loss = F.relu(1.0 - scores[: len(x_real)]).mean() + F.relu(1.0 + scores[len(x_real):]).mean()
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
 
-            # G step: adversarial + classifier guidance + diversity.
+            # G step: adversarial + classifier guidance + diversity. D's weights take no
+            # gradient here (only G is updated), so their backward pass is skipped.
+            for p in d_params:
+                p.requires_grad_(False)
             adv = -discriminator(fake, y_fake).mean()
             logits = classifier(fake)
             ce = F.cross_entropy(logits, y_fake)
@@ -241,6 +249,8 @@ def train_generator(
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
+            for p in d_params:
+                p.requires_grad_(True)
 
             if step > steps - window or (log is not None and step % every == 0):
                 vals = {"d_loss": d_loss, "g_loss": g_loss, "adv": adv, "ce": ce, "div": div}

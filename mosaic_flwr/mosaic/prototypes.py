@@ -4,12 +4,38 @@ A client summarises each of its classes by ``k`` k-means centres of the features
 (global) backbone computes, or by the class mean when it holds fewer than ``k`` samples of
 that class. Unlike the authors' code (which kept only the first 10 centres whatever ``k``
 was), every one of the ``k`` centres is returned.
+
+A class with more than ``MAX_PER_CLASS`` (1000) samples is summarised from a random subset
+of that many (``per_class_subset``): ``k`` centres (5 by default) are estimated as well from
+1000 points as from 3000, and computing the features of every sample was most of the
+prototypes' cost (a client of the default run holds up to ~3000 samples of a class).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+MAX_PER_CLASS = 1000
+
+
+def per_class_subset(labels: Tensor, max_per_class: int = MAX_PER_CLASS, *, seed: int = 0) -> Tensor:
+    """Sorted indices of a random subset of ``labels`` with at most ``max_per_class`` of each
+    class (every sample of a smaller class). Deterministic for a ``seed``; global RNG untouched."""
+    if max_per_class < 1:
+        raise ValueError(f"per_class_subset: max_per_class must be >= 1, got {max_per_class}")
+    labels = labels.long().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).squeeze(1)
+        if members.numel() > max_per_class:
+            members = members[torch.randperm(members.numel(), generator=generator)[:max_per_class]]
+        keep.append(members)
+    if not keep:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat(keep).sort().values
 
 
 def _squared_distances(x: Tensor, centres: Tensor) -> Tensor:

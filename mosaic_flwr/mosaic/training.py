@@ -79,9 +79,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000,
+def extract_features(model: nn.Module, x: torch.Tensor, *, batch_size: int = 128,
                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """Penultimate features ``model.features(x)`` in eval mode, on the CPU."""
+    """Penultimate features ``model.features(x)`` in eval mode, on the CPU.
+
+    Batches of 128: on one CPU thread ``cnn_small`` runs about twice as fast as in batches of
+    1000 (whose activations do not fit in cache)."""
     model.to(device).eval()
     return torch.cat([model.features(x[i:i + batch_size].to(device)).float().cpu()
                       for i in range(0, len(x), batch_size)])
