@@ -74,12 +74,13 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
     # ---- final accuracy
     lines += ["## Final accuracy (test set, after the 3 continuation rounds), mean ± sd over seeds", "",
               "| method | " + " | ".join(f"α={a:g} test | α={a:g} validation | α={a:g} Δ test vs FedAvg (paired)"
-                                        for a in alphas) + " |",
-              "|---|" + "---|---|---|" * len(alphas)]
+                                        for a in alphas) + " | seeds |",
+              "|---|" + "---|---|---|" * len(alphas) + "---|"]
     row = ["FedAvg start (round 30)"]
     for a in alphas:
         row += [_ms([pre[(a, s)]["test"] for s in seeds if (a, s) in pre]),
                 _ms([pre[(a, s)]["val"] for s in seeds if (a, s) in pre and pre[(a, s)]["val"] is not None]), ""]
+    row.append("/".join(str(sum((a, s) in pre for s in seeds)) for a in alphas))
     lines.append("| " + " | ".join(row) + " |")
     for v in variants:
         row = [v]
@@ -91,10 +92,12 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                     _ms([g["final_val_accuracy"] for g in got if g.get("final_val_accuracy") is not None]),
                     "" if v == "fedavg" else (f"{100 * statistics.mean(diffs):+.1f} "
                                              f"({sum(x > 0 for x in diffs)}/{len(diffs)} seeds up)" if diffs else "-")]
+        row.append("/".join(str(sum((v, a, s) in runs for s in seeds)) for a in alphas))
         lines.append("| " + " | ".join(row) + " |")
     if central:
         c = [central[s]["final_accuracy"] for s in seeds if s in central]
-        lines.append("| central (same sample passes) | " + " | ".join(f"{_ms(c)} | | " for _ in alphas) + "")
+        lines.append("| central (same sample passes) | " + " | ".join(f"{_ms(c)} | | " for _ in alphas)
+                     + f" {len(c)} |")
         lines += ["", "Gap closure (method − FedAvg) / (central − FedAvg), from the mean test accuracies:", "",
                   "| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
         cm = statistics.mean(c)

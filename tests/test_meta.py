@@ -151,3 +151,37 @@ def test_ablation_teacher_has_the_meta_models_starting_scale(arch):
     torch.manual_seed(0)
     z = torch.randn(6, 10, 10) * 3  # [B, E, C]
     torch.testing.assert_close(ensemble_teacher(Experts())(z), meta_teacher(Experts(), Meta(10, 10, arch=arch))(z))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "gating"])
+def test_meta_model_with_the_global_prior_starts_at_the_last_input(arch):
+    """meta-prior='global': the student's logits are the last token; the untrained teacher
+    is the student (to float precision), whatever the experts say."""
+    torch.manual_seed(0)
+    z = torch.randn(16, 5, 10) * 3
+    meta = MetaModel(5, 10, arch=arch, prior="last").eval()
+    with torch.no_grad():
+        out = meta(z)
+    assert torch.allclose(out, z[:, -1], atol=1e-3)
+    assert torch.equal(out.argmax(1), z[:, -1].argmax(1))
+    with pytest.raises(ValueError, match="meta prior"):
+        MetaModel(5, 10, prior="first")
+
+
+def test_concat_experts_appends_the_global_model_as_one_more_expert():
+    from mosaic_flwr.models.classifiers import SmallCNN
+    from mosaic_flwr.mosaic.experts import StackedExperts
+    from mosaic_flwr.mosaic.moe import ConcatExperts
+
+    torch.manual_seed(0)
+    template = SmallCNN(in_channels=1, num_classes=10, image_size=28)
+    states = [{k: v + 0.01 * i for k, v in template.state_dict().items()} for i in range(3)]
+    experts, student = StackedExperts(template, states), StackedExperts(template, [states[0]])
+    both = ConcatExperts([experts, student])
+    x = torch.randn(4, 1, 28, 28)
+    assert len(both) == 4
+    z = both.logits(x)
+    assert z.shape == (4, 4, 10) and torch.equal(z[:3], experts.logits(x)) and torch.equal(z[3], z[0])
+    feats = torch.randn(6, template.feature_dim)
+    h = both.head_logits(feats)
+    assert h.shape == (6, 4, 10) and torch.allclose(h[:, 3], h[:, 0])

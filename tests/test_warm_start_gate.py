@@ -15,10 +15,16 @@ from mosaic_flwr.records import METRICS, NUM_EXAMPLES, decode_evaluate_reply, re
 from tests.test_e2e_inprocess import run_inprocess
 from tests.test_reliability import SYNTH, _round, _rows
 
-PRETRAIN = {**SYNTH, "strategy": "fedavg", "num-server-rounds": 2, "local-steps": 10}
+PRETRAIN = {**SYNTH, "strategy": "fedavg", "num-server-rounds": 2, "local-steps": 10, "validation-split": 0.2}
 # Round 1 is the distillation round (warm start), round 2 a fine-tune round.
 CONTINUE = {**SYNTH, "strategy": "mosaic", "num-server-rounds": 2, "warmup-rounds": 1, "local-steps": 10,
-            "gen-steps": 10, "kd-steps": 5, "meta-epochs": 3}
+            "gen-steps": 10, "kd-steps": 5, "meta-epochs": 3, "validation-split": 0.2}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One FedAvg pre-training run (2 rounds, 3 clients) the tests continue from."""
+    return run_inprocess(tmp_path_factory.mktemp("pre"), **PRETRAIN)["dir"]
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -37,7 +43,7 @@ def test_every_strategy_follows_the_same_lr_schedule(strategy, schedule, expecte
 
 
 def test_fedavg_with_the_step_schedule_sends_the_finetune_rate(tmp_path):
-    out = run_inprocess(tmp_path, **{**PRETRAIN, "num-server-rounds": 3, "lr-schedule": "step",
+    out = run_inprocess(tmp_path, **{**PRETRAIN, "num-server-rounds": 3, "lr-schedule": "step", "local-steps": 2,
                                      "warmup-rounds": 1, "lr": 0.05, "finetune-lr": 0.005})
     lrs = {_round(m): m.content["config"]["lr"] for m in out["grid"].sent if _round(m)}
     assert lrs == {1: 0.05, 2: 0.005, 3: 0.005}
@@ -51,12 +57,16 @@ def test_warm_start_changes_name_every_key_that_differs():
     assert lines == ["alpha: 1 -> 2", "model: 1 -> 'cnn'"]
 
 
-def test_a_run_starts_from_another_runs_final_model_and_records_it(tmp_path):
-    pre = run_inprocess(tmp_path / "pre", **PRETRAIN)["dir"]
+def test_a_run_starts_from_another_runs_final_model_and_records_it(tmp_path, pretrained):
+    pre = pretrained
     final = load_checkpoint(pre)["strategy"]["globals"]["cnn_small"]
     pre_rows = _rows(pre)
-    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, "init-from": str(pre), "distill-gate": "off"})
+    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, "init-from": str(pre), "distill-gate": "off",
+                                              "meta-prior": "global"})
     rows = _rows(out["dir"])
+    # The server's own check at the distillation round (held-out generator samples).
+    for key in ("gen-student", "gen-ensemble", "gen-teacher", "gen-after-distill"):
+        assert 0 <= rows[1][key] <= 1, key
     # Round 0 evaluates the model it started from: the pre-training's last figure.
     assert rows[0]["accuracy"] == pytest.approx(pre_rows[-1]["accuracy"], abs=1e-6)
     first = [m for m in out["grid"].sent if _round(m) == 1]
@@ -71,8 +81,8 @@ def test_a_run_starts_from_another_runs_final_model_and_records_it(tmp_path):
     assert summary["init_from"]["accuracy"] == pre_rows[-1]["accuracy"]
 
 
-def test_init_from_a_run_of_other_data_or_models_is_refused_before_training(tmp_path):
-    pre = run_inprocess(tmp_path / "pre", **{**PRETRAIN, "num-server-rounds": 1})["dir"]
+def test_init_from_a_run_of_other_data_or_models_is_refused_before_training(tmp_path, pretrained):
+    pre = pretrained
     with pytest.raises(RuntimeError, match=r"init-from: .*alpha: 1\.0 -> 0\.5.*model: 'cnn_small' -> 'cnn_wide'"):
         run_inprocess(tmp_path / "other", **{**CONTINUE, "init-from": str(pre), "alpha": 0.5, "model": "cnn_wide"})
     assert not (tmp_path / "other" / "run" / "checkpoint.pt").exists()  # nothing trained
@@ -104,11 +114,9 @@ HARMFUL = {"kd-lr": 5.0, "kd-steps": 20}
 
 
 @pytest.mark.parametrize("gate", ["clients", "validation"])
-def test_the_gate_keeps_the_model_before_a_distillation_that_hurts(tmp_path, gate):
-    pre = run_inprocess(tmp_path / "pre", **{**PRETRAIN, "validation-split": 0.2})["dir"]
-    before = load_checkpoint(pre)["strategy"]["globals"]["cnn_small"]
-    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1, "validation-split": 0.2,
-                                              "init-from": str(pre), "distill-gate": gate})
+def test_the_gate_keeps_the_model_before_a_distillation_that_hurts(tmp_path, pretrained, gate):
+    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1,
+                                              "init-from": str(pretrained), "distill-gate": gate})
     report = json.loads((out["dir"] / "summary.json").read_text())["distillation"]
     assert report["gate-kept"] == 0.0 and report["gate-after"] < report["gate-before"]
     assert report["val-after-distill"] < report["val-before-distill"]  # it really hurt
@@ -123,13 +131,11 @@ def test_the_gate_keeps_the_model_before_a_distillation_that_hurts(tmp_path, gat
                        if v.is_floating_point() and k.endswith("weight"))
     else:
         assert evaluate == []
-    assert before  # (the pre-training model exists; the continuation re-aggregated from it)
 
 
-def test_without_the_gate_a_harmful_distillation_is_kept(tmp_path):
-    pre = run_inprocess(tmp_path / "pre", **{**PRETRAIN, "validation-split": 0.2})["dir"]
-    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1, "validation-split": 0.2,
-                                              "init-from": str(pre), "distill-gate": "off"})
+def test_without_the_gate_a_harmful_distillation_is_kept(tmp_path, pretrained):
+    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1,
+                                              "init-from": str(pretrained), "distill-gate": "off"})
     report = json.loads((out["dir"] / "summary.json").read_text())["distillation"]
     assert report["gate-kept"] == 1.0 and "gate-before" not in report
     assert report["acc-after-distill"] < report["acc-before-distill"]
