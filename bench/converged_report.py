@@ -96,8 +96,8 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
         lines.append("| " + " | ".join(row) + " |")
     if central:
         c = [central[s]["final_accuracy"] for s in seeds if s in central]
-        lines.append("| central (same sample passes) | " + " | ".join(f"{_ms(c)} | | " for _ in alphas)
-                     + f" {len(c)} |")
+        cells = [x for _ in alphas for x in (_ms(c), "", "")] + [str(len(c))]
+        lines.append("| central (same sample passes; one value per seed, any α) | " + " | ".join(cells) + " |")
         lines += ["", "Gap closure (method − FedAvg) / (central − FedAvg), from the mean test accuracies:", "",
                   "| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
         cm = statistics.mean(c)
