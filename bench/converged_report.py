@@ -161,4 +161,12 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
               f"`bench/converged.py --table-only`._"]
     md = "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(md)
+    keep = ("final_accuracy", "final_val_accuracy", "best_accuracy", "distillation", "init_from", "wall_seconds",
+            "bench", "local_work")
+    (RESULTS / f"{name}.json").write_text(json.dumps({
+        "pretrain": {f"a{a:g}-s{s}": v for (a, s), v in pre.items()},
+        "central": {str(s): {k: c.get(k) for k in ("final_accuracy", "best_accuracy", "sample_passes")}
+                    for s, c in central.items()},
+        "runs": {f"{v}-a{a:g}-s{s}": {k: r.get(k) for k in keep} for (v, a, s), r in runs.items()}},
+        indent=1, sort_keys=True) + "\n")
     return md
