@@ -180,8 +180,9 @@ def check_same_data(state: dict, cfg: Config, fingerprint: str, what: str = "res
                           "fingerprint to check it is the same data; give the same data-dir")
     if saved is not None and saved != fingerprint:
         raise ConfigError(f"{what}: the {cfg.dataset} test set read now (data-dir={cfg.data_dir!r}) is not the "
-                          f"checkpoint's (sha256 {fingerprint}..., saved {saved}...): both runs must read "
-                          "the same data")
+                          f"checkpoint's (sha256 {fingerprint}..., saved {saved}...): "
+                          + ("a resumed run must read the same data" if what == "resume" else
+                             "a run must start from a model of the same data"))
 
 
 def check_same_clients(saved: list[dict], now: list[dict], what: str = "resume") -> None:
