@@ -43,15 +43,19 @@ SHARED = {"validation-split": 0.1, "server-threads": 1}  # one thread: processes
 
 CONTINUE_ROUNDS = 3
 CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedule": "step", "checkpoint": False}
-# name -> (strategy, overrides). Order: FedAvg, FedDF, then Mosaic one change at a time.
+# name -> (strategy, overrides). Order: FedAvg, FedDF, Mosaic as the authors run it (no gate),
+# each lever of the teacher on its own, then Mosaic as shipped (defaults: the look-ahead gate).
 VARIANTS = {
     "fedavg": ("fedavg", {}),
     "feddf": ("feddf", {}),
     "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
     "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),
-    "mosaic-global-kd500": ("mosaic", {"distill-gate": "off", "meta-prior": "global", "kd-steps": 500}),
-    "mosaic-global-kd500-gated": ("mosaic", {"meta-prior": "global", "kd-steps": 500}),
+    "mosaic-kd500": ("mosaic", {"distill-gate": "off", "kd-steps": 500}),
+    "mosaic-local200": ("mosaic", {"distill-gate": "off", "distill-local-steps": 200}),
+    "mosaic": ("mosaic", {}),
 }
+# Settings that change round 1's client work: variants that differ in them cannot share it.
+ROUND1_KEYS = ("distill-local-steps",)
 
 
 def pretrain_name(alpha: float, seed: int) -> str:
@@ -109,17 +113,10 @@ def variant_name(variant: str, alpha: float, seed: int) -> str:
 
 def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, num_clients: int) -> None:
     """Every variant from the pre-trained checkpoint of (alpha, seed); the distilling ones
-    from one shared round 1 of client work."""
-    import copy
-
+    from one shared round 1 of client work per setting of ``ROUND1_KEYS``."""
     import torch
 
-    from client_app.app import app as client_app
-    from mosaic_flwr.checkpoint import rng_state, set_rng_state
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
-    from mosaic_flwr.strategies.mosaic import MosaicStrategy
-    from server_app.app import finish_run, setup
 
     pre = runs_dir / pretrain_name(alpha, seed)
     if not cell_done(pre):
@@ -147,16 +144,32 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
         s = run_inprocess(run_config(variant), num_clients, f"{variant} from FedAvg (alpha={alpha:g}, seed {seed})")
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f} (validation "
               f"{s.get('final_val_accuracy', float('nan')):.4f})", flush=True)
-    distilling = [v for v in todo if VARIANTS[v][0] != "fedavg"]
-    if not distilling:
-        return
+    groups: dict[tuple, list[str]] = {}
+    for v in todo:
+        if VARIANTS[v][0] != "fedavg":
+            groups.setdefault(tuple((k, VARIANTS[v][1].get(k)) for k in ROUND1_KEYS), []).append(v)
+    for distilling in groups.values():
+        replay_group(alpha, seed, distilling, run_config, note, num_clients)
+
+
+def replay_group(alpha: float, seed: int, distilling: list[str], run_config, note, num_clients: int) -> None:
+    """Round 1 (the distillation round's client work) once, then each variant's server side
+    and fine-tune rounds from a copy of that state."""
+    import copy
+
+    from client_app.app import app as client_app
+    from mosaic_flwr.checkpoint import rng_state, set_rng_state
+    from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+    from server_app.app import finish_run, setup
+
     base_rc = run_config(distilling[0])
     grid = InProcessGrid(client_app, base_rc, num_clients)
     t0, load0 = time.perf_counter(), loadavg()
     sc = setup(grid, context({**base_rc, "strategy": "mosaic"}))
     base = MosaicStrategy(sc)
     print(f"[converged] alpha={alpha:g} seed={seed}: round 1's client work (training, generators, "
-          "prototypes), once for every distilling variant", flush=True)
+          f"prototypes), once for {', '.join(distilling)}", flush=True)
     base.evaluate_round(0)
     items = base.train_round(1)
     shared_seconds = time.perf_counter() - t0

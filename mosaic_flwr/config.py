@@ -193,6 +193,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "meta-prior": (str, _choice("experts", "global")),
     "distill-local-steps": (int, _non_negative),
     "distill-gate": (str, _choice("off", "clients", "validation")),
+    "gate-rounds": (int, lambda v: None if v >= -1 else f"must be -1 (to the end of the run) or >= 0, got {v}"),
 }
 
 

@@ -166,6 +166,15 @@ def distill_round_training(cfg: Config) -> None:
     assert stats["steps"] == settings["steps"] and math.isfinite(stats["train-loss"])
 
 
+def look_ahead(cfg: Config) -> None:
+    """``gate-rounds``: the look-ahead gate decides between the distillation round and the
+    last round (-1: the last round; 0: at the distillation round itself)."""
+    until = _server(cfg, MosaicStrategy).gate_until()
+    assert cfg.warmup_rounds <= until <= cfg.num_server_rounds
+    assert until == (cfg.num_server_rounds if cfg.gate_rounds == -1
+                     else min(cfg.num_server_rounds, cfg.warmup_rounds + cfg.gate_rounds))
+
+
 def threads(cfg: Config) -> None:
     torch.set_num_threads(cfg.client_threads)
     if cfg.server_threads:  # 0: torch's default
@@ -279,6 +288,7 @@ ROWS: dict[str, Row] = {
     "proximal-mu": Row([0.0, 1.0], [-0.1], local_training),
     "finetune-lr": Row([JUST_ABOVE_0], [0.0], local_training),
     "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
     "eval-batch-size": Row([1], [0], local_training),
     "client-threads": Row([1], [0], threads),
     "server-threads": Row([0, 1], [-1], threads),

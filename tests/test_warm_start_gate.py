@@ -144,3 +144,95 @@ def test_without_the_gate_a_harmful_distillation_is_kept(tmp_path, pretrained):
 def test_the_validation_gate_needs_a_validation_split():
     with pytest.raises(ConfigError, match="distill-gate: 'validation' reads the validation split"):
         build_config({"distill-gate": "validation"})
+
+
+# ----------------------------------------------------------------------------- look-ahead gate
+def _scripted_gate(monkeypatch, *winners: str) -> list[int]:
+    """The gate's check answers ``winners`` in turn ('after' or 'before' better); returns the
+    rounds at which it was asked."""
+    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+
+    asked, answers = [], iter(winners)
+
+    def scores(self, server_round, before, after):
+        asked.append(server_round)
+        win = next(answers)
+        return {f: {"before": 0.5 + 0.1 * (win == "before"), "after": 0.5 + 0.1 * (win == "after")}
+                for f in after}
+
+    monkeypatch.setattr(MosaicStrategy, "gate_scores", scores)
+    return asked
+
+
+LOOKAHEAD = {**CONTINUE, "num-server-rounds": 3}  # round 1 distils, rounds 2-3 fine-tune
+
+
+def _final_globals(run_dir):
+    return load_checkpoint(run_dir)["strategy"]["globals"]["cnn_small"]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_the_look_ahead_gate_undoes_a_distillation_that_fine_tunes_worse(tmp_path, pretrained, monkeypatch):
+    """Kept at its round, the distilled model trains beside the model before distillation;
+    when the latter is better at the end, the run ends exactly where it would have without
+    distillation (the run whose gate refused it at its round)."""
+    start = {**LOOKAHEAD, "init-from": str(pretrained)}
+    asked = _scripted_gate(monkeypatch, "after", "before")
+    undone = run_inprocess(tmp_path / "undone", **start)
+    assert asked == [1, 3]                      # at the distillation round, then after round 3
+    asked = _scripted_gate(monkeypatch, "before")
+    refused = run_inprocess(tmp_path / "refused", **start)
+    assert asked == [1]                         # nothing kept: no second path, no second check
+    assert _same(_final_globals(undone["dir"]), _final_globals(refused["dir"]))
+    report = json.loads((undone["dir"] / "summary.json").read_text())["distillation"]
+    assert report["gate-kept"] == 1.0 and report["gate-final-kept"] == 0.0 and report["gate-final-round"] == 3
+    rows, ref = _rows(undone["dir"]), _rows(refused["dir"])
+    assert rows[3]["accuracy"] == ref[3]["accuracy"]
+    # During the look-ahead the path without distillation is the refused run's, round by round.
+    assert rows[2]["acc-undistilled"] == ref[2]["accuracy"] and rows[2]["shadow-clients"] == 3
+    assert rows[2]["loss"] != ref[2]["loss"]  # the distilled path is another model
+    # Every client trained both models in each fine-tune round, the same clients, in that order.
+    for r in (2, 3):
+        sent = [m for m in undone["grid"].sent if _round(m) == r and m.metadata.message_type == "train"]
+        assert len(sent) == 6 and sorted(m.metadata.dst_node_id for m in sent[:3]) == \
+            sorted(m.metadata.dst_node_id for m in sent[3:])
+    # Round 2: the clients first receive the distilled model, then the model before
+    # distillation (what the refused run sent them).
+    sent = [record_to_state(m.content["arrays"]) for m in undone["grid"].sent if _round(m) == 2]
+    plain = record_to_state(next(m for m in refused["grid"].sent if _round(m) == 2).content["arrays"])
+    assert _same(sent[3], plain) and not _same(sent[0], plain)
+
+
+@pytest.mark.slow
+def test_the_look_ahead_gate_keeps_a_distillation_that_stays_better_and_resumes_exactly(
+        tmp_path, pretrained, monkeypatch):
+    from tests.test_reliability import Crash, _crash_in, _scores
+
+    start = {**LOOKAHEAD, "init-from": str(pretrained)}
+    _scripted_gate(monkeypatch, "after", "after")
+    kept = run_inprocess(tmp_path / "kept", **start)
+    _scripted_gate(monkeypatch, "after")
+    decided_at_once = run_inprocess(tmp_path / "once", **{**start, "gate-rounds": 0})
+    assert _same(_final_globals(kept["dir"]), _final_globals(decided_at_once["dir"]))
+    assert [m for m in decided_at_once["grid"].sent if _round(m) == 2 and m.metadata.message_type == "train"
+            ].__len__() == 3                     # gate-rounds=0: one path only
+    # Killed in round 3, with both paths in the checkpoint, resumed: the same run.
+    _scripted_gate(monkeypatch, "after", "after")
+    with pytest.raises(Crash):
+        run_inprocess(tmp_path / "b", grid_options={"hook": _crash_in(3)}, **start)
+    state = load_checkpoint(tmp_path / "b" / "run")
+    assert state["round"] == 2 and state["strategy"]["shadow-until"] == 3
+    assert set(state["strategy"]["shadow"]) == {"cnn_small"}
+    _scripted_gate(monkeypatch, "after")
+    run_inprocess(tmp_path / "b", grid_options={"first_node_id": 700}, resume=str(tmp_path / "b" / "run"), **start)
+    assert _scores(_rows(tmp_path / "b" / "run")) == _scores(_rows(kept["dir"]))
+    assert load_checkpoint(tmp_path / "b" / "run")["strategy"]["shadow"] is None
+
+
+def test_gate_rounds_is_checked():
+    with pytest.raises(ConfigError, match="gate-rounds: must be -1"):
+        build_config({"gate-rounds": -2})

@@ -382,8 +382,10 @@ class BankStrategy(FedAvg):
         log(INFO, "Starting %s: %d rounds, %d clients", type(self).__name__, cfg.num_server_rounds,
             len(sc.clients))
         self.summary()
+        sc.init_state = None  # read by the constructors; do not hold another run's checkpoint
         if sc.resume_state is not None:
             start = self.restore(sc.resume_state)
+            sc.resume_state = None
             log(INFO, "[mosaic-flwr] resumed after round %d of %d", start, cfg.num_server_rounds)
         else:
             start = 0

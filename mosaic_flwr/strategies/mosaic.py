@@ -11,7 +11,12 @@ teacher into the global model on generator samples, one batch at a time, checks 
 ensemble, teacher and distilled student on held-out generator samples, lets the
 distillation gate (``distill-gate``) decide whether the distilled model replaces the global
 one, and reports the accuracies of the distillation round. Rounds W+1..R are fine-tune
-rounds of plain federated averaging at ``finetune-lr`` (``lr-schedule``). With
+rounds of plain federated averaging at ``finetune-lr`` (``lr-schedule``). When the gate kept
+the distilled model, the model before distillation goes on training beside it (the same
+clients train both: plain federated averaging, the path the run would have taken without
+distillation) for ``gate-rounds`` rounds (-1: to the end), and the gate then chooses again
+between the two: a distillation that helps at its round but leaves a model that fine-tunes
+worse is undone. With
 ``init-from`` the bank starts from another run's models (``warmup-rounds=1``: the first
 round distils).
 
@@ -92,6 +97,10 @@ class MosaicStrategy(BankStrategy):
         self.experts: dict[str, list[StateDict]] = {}      # family -> C class experts
         self.family_counts: dict[str, torch.Tensor] = {}   # family -> [C] label counts
         self.distill_report: dict[str, float] = {}
+        # Look-ahead gate: the model(s) before distillation, trained beside the distilled ones
+        # until round ``shadow_until`` (only while the gate has kept a distillation).
+        self.shadow: dict[str, StateDict] | None = None
+        self.shadow_until = 0
         # The distillation round's meta model, generators and prototypes: not needed after
         # that round, so written once (``distillation.pt``) beside the checkpoint and dropped.
         self.artifacts: dict = {}
@@ -112,10 +121,18 @@ class MosaicStrategy(BankStrategy):
     def summary(self) -> None:
         c = self.cfg
         log(INFO, "\t├── Mosaic schedule: %d warm-up rounds, distillation after round %d, "
-            "%d fine-tune rounds (lr %g); teacher: %s; meta-data: %s; meta-prior: %s; gate: %s; models: %s",
+            "%d fine-tune rounds (lr %g); teacher: %s; meta-data: %s; meta-prior: %s; gate: %s%s; models: %s",
             c.warmup_rounds, c.warmup_rounds, c.num_server_rounds - c.warmup_rounds,
             lr_for_round(c, c.num_server_rounds), self.teacher, self.meta_data, c.meta_prior,
-            c.distill_gate, ", ".join(map(str, self.archs)))
+            c.distill_gate, "" if c.distill_gate == "off" or self.gate_until() == c.warmup_rounds
+            else f" (decides again after round {self.gate_until()})", ", ".join(map(str, self.archs)))
+
+    def gate_until(self) -> int:
+        """The round after which the look-ahead gate makes its final choice (``gate-rounds``
+        fine-tune rounds after the distillation round, at most the last round)."""
+        c = self.cfg
+        last = c.num_server_rounds
+        return last if c.gate_rounds < 0 else min(last, c.warmup_rounds + c.gate_rounds)
 
     def round_config(self, server_round: int, config: ConfigRecord) -> tuple[str, dict]:
         phase = self.phase(server_round)
@@ -157,6 +174,9 @@ class MosaicStrategy(BankStrategy):
         if phase == "finetune":  # plain federated averaging replies
             out = super().apply_round(server_round, items)
             self.sc.train_metrics["phase"] = phase
+            if self.shadow is not None and out[0] is not None:
+                self.shadow_round(server_round)
+                out = (state_to_record(self.globals[self.primary]), out[1])
             return out
         decoded: dict[str, Replies] = defaultdict(list)
         for arch, reply in items:
@@ -306,32 +326,74 @@ class MosaicStrategy(BankStrategy):
         the model before distillation on that very data, so the check leans towards keeping
         it: a conservative gate. ``validation``: the validation split (benchmarks only; a
         deployed server has none). ``off``: the distilled model is always kept."""
-        mode = self.cfg.distill_gate
-        if mode == "off":
+        if self.cfg.distill_gate == "off":
             report["gate-kept"] = 1.0
             return {f: True for f in distilled}
-        if mode == "validation":
+        return self.gate_choice(server_round, before, distilled, report, "gate",
+                                ("distilled model kept", "distillation did not help; the model before "
+                                 "distillation is kept"))
+
+    def gate_scores(self, server_round: int, before: dict[str, StateDict], after: dict[str, StateDict]
+                    ) -> dict[str, dict[str, float]]:
+        """``family -> {'before', 'after'} -> accuracy`` by ``distill-gate``'s check (families
+        nobody could score are absent)."""
+        if self.cfg.distill_gate == "validation":
             data = (self.sc.val_x, self.sc.val_y)
-            scores = {f: {"before": self.evaluate_arch(Arch(f), before[f], data)["accuracy"],
-                          "after": self.evaluate_arch(Arch(f), distilled[f], data)["accuracy"]}
-                      for f in distilled}
-        else:
-            scores = self.client_evaluate(server_round, {"before": before, "after": distilled})
+            return {f: {"before": self.evaluate_arch(Arch(f), before[f], data)["accuracy"],
+                        "after": self.evaluate_arch(Arch(f), after[f], data)["accuracy"]} for f in after}
+        return self.client_evaluate(server_round, {"before": before, "after": after})
+
+    def gate_choice(self, server_round: int, before: dict[str, StateDict], after: dict[str, StateDict],
+                    report: dict, prefix: str, outcomes: tuple[str, str]) -> dict[str, bool]:
+        """Per family, whether ``after`` is kept: only when the check scores it strictly
+        higher than ``before`` (a family nobody scored keeps ``before``). Logged; the
+        primary family's scores go into ``report`` as ``<prefix>-kept/-before/-after``."""
+        scores = self.gate_scores(server_round, before, after)
         keep = {}
-        for f in distilled:
+        for f in after:
             s = scores.get(f)
             keep[f] = s is not None and s["after"] > s["before"]
             if s is None:
                 log(WARNING, "[gate] %s: no client scored the candidates; keeping the model before "
                     "distillation", f)
             else:
-                log(INFO, "[gate] %s: %s accuracy before distillation %.4f, after %.4f -> %s", f, mode,
-                    s["before"], s["after"], "distilled model kept" if keep[f] else
-                    "distillation did not help; the model before distillation is kept")
+                log(INFO, "[gate] round %d, %s: %s accuracy before distillation %.4f, after %.4f -> %s",
+                    server_round, f, self.cfg.distill_gate, s["before"], s["after"], outcomes[not keep[f]])
         main = scores.get(self.primary)
-        report.update({"gate-kept": float(keep[self.primary]),
-                       **({"gate-before": main["before"], "gate-after": main["after"]} if main else {})})
+        report.update({f"{prefix}-kept": float(keep[self.primary]),
+                       **({f"{prefix}-before": main["before"], f"{prefix}-after": main["after"]} if main else {})})
         return keep
+
+    def shadow_round(self, server_round: int) -> None:
+        """Look-ahead gate, one fine-tune round: the models before distillation train on the
+        same clients as the distilled ones (plain federated averaging: where the run would be
+        without distillation). After round ``gate_until()`` the gate chooses between the two
+        paths on its check, per family, and the shadow models are dropped."""
+        sc, main_metrics = self.sc, self.sc.train_metrics
+        distilled, self.globals = self.globals, self.shadow
+        try:
+            log(INFO, "[gate] round %d: the model before distillation trains too (look-ahead until round %d)",
+                server_round, self.shadow_until)
+            BankStrategy.apply_round(self, server_round, self.train_round(server_round))
+            self.shadow = self.globals
+        finally:
+            self.globals, shadow_metrics, sc.train_metrics = distilled, sc.train_metrics, main_metrics
+        main_metrics["shadow-clients"] = shadow_metrics.get("clients", 0)
+        main_metrics["acc-undistilled"] = self.evaluate_arch(Arch(self.primary), self.shadow[self.primary])["accuracy"]
+        val = self.evaluate_val(self.shadow[self.primary])
+        if val is not None:
+            main_metrics["val-undistilled"] = val
+        if server_round < self.shadow_until:
+            return
+        report: dict[str, float] = {"gate-final-round": float(server_round)}
+        keep = self.gate_choice(server_round, self.shadow, self.globals, report, "gate-final",
+                                ("the distilled path is kept", "the path without distillation is better "
+                                 "after fine-tuning: distillation undone"))
+        self.globals = {f: self.globals[f] if keep.get(f, True) else self.shadow[f] for f in self.globals}
+        self.shadow = None
+        report = {k: round(float(v), 5) for k, v in report.items()}
+        self.distill_report.update(report)
+        main_metrics.update(report)
 
     def distillation(self, server_round: int, replies: Replies, received: dict[int, StateDict]) -> None:
         """Meta model + data-free distillation into every family's global model.
@@ -438,6 +500,12 @@ class MosaicStrategy(BankStrategy):
         for f in families:
             self.globals[f] = distilled[f] if keep[f] else before_states[f]
             after[f] = self.evaluate_arch(Arch(f), self.globals[f])["accuracy"]
+        self.shadow_until = self.gate_until()
+        if self.cfg.distill_gate != "off" and any(keep.values()) and self.shadow_until > server_round:
+            # Look-ahead: the path without distillation goes on beside the distilled one.
+            self.shadow = {f: before_states[f] if keep.get(f) else self.globals[f] for f in self.globals}
+            log(INFO, "[gate] the model before distillation trains beside the distilled one until round %d; "
+                "the gate then chooses again", self.shadow_until)
         main = kd[self.primary]
         report.update({"kd-final-loss": main["final_loss"], "kd-agreement": main["final_agreement"],
                        "kd-teacher-label-agreement": main["teacher_label_agreement"],
@@ -469,12 +537,14 @@ class MosaicStrategy(BankStrategy):
         formed with), the distillation report and, once written, the name of the file that
         holds the distillation round's meta model, generators and prototypes."""
         return {**super().state_dict(), "experts": self.experts, "family-counts": self.family_counts,
-                "distill-report": self.distill_report, "artifacts-file": self.artifacts_file}
+                "distill-report": self.distill_report, "artifacts-file": self.artifacts_file,
+                "shadow": self.shadow, "shadow-until": self.shadow_until}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.experts, self.family_counts = state["experts"], state["family-counts"]
         self.distill_report, self.artifacts_file = state["distill-report"], state["artifacts-file"]
+        self.shadow, self.shadow_until = state.get("shadow"), int(state.get("shadow-until", 0))
 
     def checkpoint(self, server_round: int) -> None:
         if self.artifacts:  # written once, before the checkpoint that names the file; then dropped
