@@ -118,6 +118,26 @@ def fmt_mean_std(values: Sequence[float], digits: int = 4) -> str:
 
 
 # ----------------------------------------------------------------------------- payloads
+# Two-sided 97.5 % quantiles of Student's t (df 1..10), for 95 % intervals of paired differences.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired_interval(diffs: Sequence[float], scale: float = 1.0, digits: int = 4) -> str:
+    """``mean [95 % t interval] (each difference)`` of paired differences (times ``scale``);
+    one difference is shown alone, none as ``-``."""
+    import statistics
+
+    d = [x * scale for x in diffs]
+    if not d:
+        return "-"
+    if len(d) == 1:
+        return f"{d[0]:+.{digits}f} (1 seed)"
+    m = statistics.mean(d)
+    h = T975[min(len(d) - 1, len(T975)) - 1] * statistics.stdev(d) / len(d) ** 0.5
+    each = ", ".join(f"{x:+.{max(digits - 1, 1)}f}" for x in d)
+    return f"{m:+.{digits}f} [{m - h:+.{digits}f}, {m + h:+.{digits}f}] ({each})"
+
+
 def payload_bytes(content) -> dict[str, int]:
     """Bytes of each record of a Flower ``RecordDict``: for an array record, the sum of its
     tensors' ``nbytes`` (elements x item size); for a metric/config record, 8 bytes per

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench.common import RESULTS, machine_line, provenance
+from bench.common import RESULTS, machine_line, paired_interval, provenance
 
 
 def _load(path: Path) -> dict | None:
@@ -16,7 +16,24 @@ def _load(path: Path) -> dict | None:
     s = json.loads(f.read_text())
     b = path / "bench.json"
     s["bench"] = json.loads(b.read_text()) if b.is_file() else {}
+    c = path / "config.json"
+    s["config"] = json.loads(c.read_text()) if c.is_file() else {}
     return s
+
+
+def client_steps(run: dict) -> tuple[int, int]:
+    """(classifier SGD steps, generator steps) one client spent in the continuation rounds:
+    local steps each round (``distill-local-steps`` at the distillation round), one more
+    local training per look-ahead round (the path without distillation), the generator at
+    the distillation round (Mosaic and FedDF)."""
+    c, rows = run["config"], run["rows"]
+    local = c.get("local-steps", 0)
+    steps = sum(local for r in rows if r["round"] > 0)
+    distils = c.get("strategy") in ("mosaic", "feddf")
+    if distils and c.get("distill-local-steps"):
+        steps += c["distill-local-steps"] - local
+    steps += local * sum(1 for r in rows if r.get("shadow-clients"))
+    return steps, c.get("gen-steps", 0) if distils else 0
 
 
 def _ms(values: list[float], pct: bool = True) -> str:
@@ -59,6 +76,8 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
 def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> str:
     d = collect(runs_dir, alphas, seeds, variants)
     runs, pre, central = d["runs"], d["pre"], d["central"]
+    cfgs = [r["config"] for r in runs.values() if r["config"].get("strategy") == "mosaic"]
+    gen = f"{cfgs[0]['gen-steps']} steps of batch {cfgs[0]['gen-batch-size']}" if cfgs else "see config.json"
     lines = [f"# Mosaic from a converged FedAvg (bench/converged.py)", "",
              f"Machine: {machine_line()}. In-process federations (the real ClientApp handlers, no Ray), "
              "10 clients, Fashion-MNIST, cnn_small, Dirichlet partition, a 10% validation split held out of "
@@ -67,13 +86,14 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
              "constant rate: the start every method continues from (`init-from`). Stage 2: 3 more rounds with the "
              "same client budget and the same rate schedule for every method (`lr-schedule='step'`: round 1 at "
              "lr 0.01, rounds 2-3 at 0.001). FedAvg trains; FedDF and Mosaic distil after round 1 (whose clients "
-             "also train a generator, 300 steps, and compute prototypes: extra client compute FedAvg does not "
+             f"also train a generator, {gen}, and compute prototypes: extra client compute FedAvg does not "
              "spend) and fine-tune in rounds 2-3. The distilling rows share round 1's client replies, so they "
              "differ in the server alone. Central: the same model and SGD on the union of the clients' data "
              "for the sample passes of all 33 rounds.", ""]
     # ---- final accuracy
     lines += ["## Final accuracy (test set, after the 3 continuation rounds), mean ± sd over seeds", "",
-              "| method | " + " | ".join(f"α={a:g} test | α={a:g} validation | α={a:g} Δ test vs FedAvg (paired)"
+              "Δ: the method minus FedAvg in test points, paired by seed: mean [95 % t interval] (each seed).", "",
+              "| method | " + " | ".join(f"α={a:g} test | α={a:g} validation | α={a:g} Δ test vs FedAvg"
                                         for a in alphas) + " | seeds |",
               "|---|" + "---|---|---|" * len(alphas) + "---|"]
     row = ["FedAvg start (round 30)"]
@@ -90,8 +110,7 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                      for s in seeds if (v, a, s) in runs and ("fedavg", a, s) in runs]
             row += [_ms([g["final_accuracy"] for g in got]),
                     _ms([g["final_val_accuracy"] for g in got if g.get("final_val_accuracy") is not None]),
-                    "" if v == "fedavg" else (f"{100 * statistics.mean(diffs):+.1f} "
-                                             f"({sum(x > 0 for x in diffs)}/{len(diffs)} seeds up)" if diffs else "-")]
+                    "" if v == "fedavg" else paired_interval(diffs, scale=100, digits=1)]
         row.append("/".join(str(sum((v, a, s) in runs for s in seeds)) for a in alphas))
         lines.append("| " + " | ".join(row) + " |")
     if central:
@@ -116,10 +135,13 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
               "server can check without data)", "",
               "Student = the round-1 aggregate about to be distilled into. Teacher − student is the teacher's "
               "margin on validation data (the issue's goal: ≥ +3 points at α ≤ 0.1). Gate: how many seeds kept "
-              "the distilled model (ungated rows always keep it).", ""]
+              "the distilled model (ungated rows always keep it); look-ahead: of those kept, how many the gate "
+              "still kept after the fine-tune rounds, against the path without distillation (`gate-rounds=-1`).",
+              ""]
     keys = [("val-before-distill", "student"), ("val-ensemble", "ensemble"), ("val-teacher", "teacher"),
             (None, "teacher − student"), ("val-after-distill", "distilled"), ("gen-student", "gen student"),
-            ("gen-teacher", "gen teacher"), ("gen-after-distill", "gen distilled"), ("gate-kept", "gate kept")]
+            ("gen-teacher", "gen teacher"), ("gen-after-distill", "gen distilled"), ("gate-kept", "gate kept"),
+            ("gate-final-kept", "look-ahead kept")]
     for a in alphas:
         lines += [f"**α = {a:g}**", "", "| method | " + " | ".join(k[1] for k in keys) + " |",
                   "|---|" + "---|" * len(keys)]
@@ -136,10 +158,26 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                 elif key == "gate-kept":
                     vals = [r.get(key, 1.0) for r in reps]
                     cells.append(f"{int(sum(vals))}/{len(vals)}")
+                elif key == "gate-final-kept":
+                    vals = [r[key] for r in reps if key in r]
+                    cells.append(f"{int(sum(vals))}/{len(vals)}" if vals else "-")
                 else:
                     cells.append(_ms([r[key] for r in reps if key in r]))
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
+    # ---- client compute
+    lines += ["## Client compute in the 3 continuation rounds (per client, mean over the runs)", "",
+              "Classifier SGD steps (batch 32; a look-ahead round trains the model twice) and generator steps "
+              "(the distillation round).", "",
+              "| method | " + " | ".join(f"α={a:g} classifier steps | α={a:g} generator steps" for a in alphas) + " |",
+              "|---|" + "---|---|" * len(alphas)]
+    for v in variants:
+        cells = []
+        for a in alphas:
+            got = [client_steps(runs[(v, a, s)]) for s in seeds if (v, a, s) in runs]
+            cells += [_ms([g[0] for g in got], pct=False), _ms([g[1] for g in got], pct=False)]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines.append("")
     # ---- time
     lines += ["## Wall time (s, in-process, one process per shard on the 2 shared cores)", "",
               "| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]

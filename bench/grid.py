@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (RESULTS, RUNS, cell_done, fmt_mean_std, header_lines, loadavg,  # noqa: E402
-                          provenance, run_cell, write_results)
+                          paired_interval, provenance, run_cell, write_results)
 
 STRATEGIES = ("fedavg", "fedprox", "feddf", "mosaic", "mosaic-nometa")
 ALPHAS = (0.01, 0.1, 1.0)
@@ -238,15 +238,9 @@ def val_table(groups: dict, strategies: list[str], alphas: list[float]) -> list[
              "|---|" + "---|" * len(alphas)] + rows)
 
 
-# Two-sided 97.5 % quantiles of Student's t (df 1..10), for 95 % intervals of paired differences.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
 def paired_lines(results: dict, reference: str, strategies: list[str], alphas: list[float],
                  key: str = "final_accuracy") -> list[str]:
     """``reference`` minus each other variant, paired by seed: mean and 95 % t interval."""
-    import statistics
-
     rows = []
     for variant in strategies:
         if variant == reference:
@@ -257,14 +251,7 @@ def paired_lines(results: dict, reference: str, strategies: list[str], alphas: l
             oth = {c.seed: s.get(key) for c, s in results.items() if c.variant == variant and c.alpha == a}
             diffs = [ref[k] - oth[k] for k in sorted(ref.keys() & oth.keys())
                      if ref[k] is not None and oth[k] is not None]
-            if not diffs:
-                cells.append("-")
-            elif len(diffs) == 1:
-                cells.append(f"{diffs[0]:+.4f} (1 seed)")
-            else:
-                m = statistics.mean(diffs)
-                h = T975[min(len(diffs) - 1, len(T975)) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5
-                cells.append(f"{m:+.4f} [{m - h:+.4f}, {m + h:+.4f}] ({', '.join(f'{d:+.3f}' for d in diffs)})")
+            cells.append(paired_interval(diffs))
         if any(c != "-" for c in cells):
             rows.append(f"| {reference} − {variant} | " + " | ".join(cells) + " |")
     if not rows:

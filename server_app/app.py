@@ -237,7 +237,7 @@ def finish_run(sc: ServerContext, wall_seconds: float, title: str | None = None,
         {"strategy": cfg.strategy, **extra, "dataset": cfg.dataset, "model": cfg.model,
          "partition": cfg.partition, "alpha": cfg.alpha, "num_clients": sc.num_nodes,
          "seed": cfg.seed, "device": str(sc.device), "local_work": local_work(cfg),
-         **({"resumed_after_round": sc.resume_state["round"]} if sc.resume_state else {}),
+         **({"resumed_after_round": sc.resumed_after} if sc.resumed_after is not None else {}),
          "wall_seconds": round(wall_seconds, 2)},
         title=title or f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, alpha={cfg.alpha:g}, "
                        f"{sc.num_nodes} clients)")

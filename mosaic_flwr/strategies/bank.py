@@ -384,7 +384,7 @@ class BankStrategy(FedAvg):
         self.summary()
         sc.init_state = None  # read by the constructors; do not hold another run's checkpoint
         if sc.resume_state is not None:
-            start = self.restore(sc.resume_state)
+            start = sc.resumed_after = self.restore(sc.resume_state)
             sc.resume_state = None
             log(INFO, "[mosaic-flwr] resumed after round %d of %d", start, cfg.num_server_rounds)
         else:

@@ -33,6 +33,7 @@ class ServerContext:
     clients: dict[int, ClientInfo] = field(default_factory=dict)   # node id -> what it reported
     train_metrics: dict[str, float] = field(default_factory=dict)  # last round's, for the log
     resume_state: dict[str, Any] | None = None   # a checkpoint to continue from (``resume``)
+    resumed_after: int | None = None             # its round (kept once the checkpoint is dropped)
     init_state: dict[str, Any] | None = None     # another run's checkpoint to start from (``init-from``)
     # ``validation-split``: training data no client holds, for choosing settings in benchmarks
     val_x: torch.Tensor | None = None
