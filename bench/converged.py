@@ -123,7 +123,9 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
         print(f"[converged] {pre.name} not finished: run --stage pretrain first", flush=True)
         return
     todo = [v for v in variants if not cell_done(runs_dir / variant_name(v, alpha, seed))]
-    if not todo:
+    keys = {round1_key(VARIANTS[v][1]) for v in variants if VARIANTS[v][0] != "fedavg"}
+    missing = [k for k in keys if not oracle_file(runs_dir, alpha, seed, k).is_file()]
+    if not todo and not missing:
         return
 
     def run_config(variant: str) -> dict:
@@ -147,15 +149,76 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
     groups: dict[tuple, list[str]] = {}
     for v in todo:
         if VARIANTS[v][0] != "fedavg":
-            groups.setdefault(tuple((k, VARIANTS[v][1].get(k)) for k in ROUND1_KEYS), []).append(v)
-    for distilling in groups.values():
-        replay_group(alpha, seed, distilling, run_config, note, num_clients)
+            groups.setdefault(round1_key(VARIANTS[v][1]), []).append(v)
+    for key in missing:
+        groups.setdefault(key, [])  # round 1 for the oracle alone
+    for key, distilling in groups.items():
+        first = next(v for v in variants if VARIANTS[v][0] != "fedavg" and round1_key(VARIANTS[v][1]) == key)
+        replay_group(alpha, seed, distilling, run_config(first), run_config, note, num_clients,
+                     oracle_file(runs_dir, alpha, seed, key))
 
 
-def replay_group(alpha: float, seed: int, distilling: list[str], run_config, note, num_clients: int) -> None:
-    """Round 1 (the distillation round's client work) once, then each variant's server side
-    and fine-tune rounds from a copy of that state."""
+def round1_key(overrides: dict) -> tuple:
+    return tuple((k, overrides.get(k)) for k in ROUND1_KEYS)
+
+
+def oracle_file(runs_dir: Path, alpha: float, seed: int, key: tuple) -> Path:
+    tag = "".join(f"-{k}{v}" for k, v in key if v is not None)
+    return runs_dir / f"oracle-a{alpha:g}-s{seed}{tag}.json"
+
+
+def oracle_teacher(strategy, items: list, seed: int) -> dict:
+    """How far better meta-model data could lift the teacher at most: the class experts of
+    round 1 and a meta model trained on REAL labelled images (half of the validation split,
+    which no deployed server has), all scored on the other half. If even this teacher is
+    not clearly above the student, the experts themselves limit Mosaic's teacher, not the
+    generator samples or prototypes the meta model learns from. Diagnostic only."""
     import copy
+    from collections import defaultdict
+
+    import torch
+
+    from mosaic_flwr.mosaic.meta import MetaModel, train_meta
+    from mosaic_flwr.mosaic.moe import ConcatExperts, expert_logits
+
+    cfg, sc = strategy.cfg, strategy.sc
+    decoded = defaultdict(list)
+    for arch, reply in copy.deepcopy(items):
+        decoded[arch.model].append((arch, reply))
+    for family, group in decoded.items():
+        strategy.update_experts(1, family, group)
+    strategy.aggregate_states(1, {f: [(a, r.state, float(r.num_examples)) for a, r in g] for f, g in decoded.items()})
+    experts, student = strategy.expert_mixture(), strategy.frozen(strategy.primary)
+    x, y = sc.val_x, sc.val_y
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    fit, score = perm[: len(y) // 2], perm[len(y) // 2:]
+    z = expert_logits(ConcatExperts([experts, student]), x)  # [E + 1, N, C]: the student last
+
+    def acc(logits: torch.Tensor) -> float:
+        return float((logits.argmax(1) == y[score]).float().mean())
+
+    out = {"student": acc(z[-1, score]), "ensemble": acc(z[:-1, score].mean(0)),
+           # each image scored by the expert of its own (true) class: the experts' best case
+           "own-class-expert": float((z[y[score], score].argmax(1) == y[score]).float().mean())
+           if len(z) - 1 == int(y.max()) + 1 else None, "fit": len(fit), "scored": len(score)}
+    for prior, inputs in (("experts", z[:-1]), ("global", z)):
+        meta = MetaModel(len(inputs), int(z.shape[2]), arch=cfg.meta_arch, prior="mean" if prior == "experts" else "last")
+        meta, stats = train_meta(meta, inputs[:, fit].permute(1, 0, 2), y[fit], epochs=cfg.meta_epochs, lr=cfg.meta_lr,
+                                 ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout, patience=cfg.meta_patience,
+                                 seed=cfg.seed)
+        with torch.no_grad():
+            out[f"oracle-meta-{prior}"] = acc(meta(inputs[:, score].permute(1, 0, 2)))
+    return out
+
+
+def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, run_config, note,
+                 num_clients: int, oracle: Path | None = None) -> None:
+    """Round 1 (the distillation round's client work) once, then each variant's server side
+    and fine-tune rounds from a copy of that state; with ``oracle``, also write there what a
+    teacher trained on real images would score (``oracle_teacher``)."""
+    import copy
+
+    import torch
 
     from client_app.app import app as client_app
     from mosaic_flwr.checkpoint import rng_state, set_rng_state
@@ -163,18 +226,22 @@ def replay_group(alpha: float, seed: int, distilling: list[str], run_config, not
     from mosaic_flwr.strategies.mosaic import MosaicStrategy
     from server_app.app import finish_run, setup
 
-    base_rc = run_config(distilling[0])
     grid = InProcessGrid(client_app, base_rc, num_clients)
     t0, load0 = time.perf_counter(), loadavg()
     sc = setup(grid, context({**base_rc, "strategy": "mosaic"}))
     base = MosaicStrategy(sc)
     print(f"[converged] alpha={alpha:g} seed={seed}: round 1's client work (training, generators, "
-          f"prototypes), once for {', '.join(distilling)}", flush=True)
+          f"prototypes), once for {', '.join(distilling) or 'the oracle teacher'}", flush=True)
     base.evaluate_round(0)
     items = base.train_round(1)
     shared_seconds = time.perf_counter() - t0
     state = copy.deepcopy(base.state_dict())
     rounds, extra, rng = copy.deepcopy(sc.results.rounds), copy.deepcopy(sc.results.extra), rng_state()
+    if oracle is not None and not oracle.is_file():
+        with torch.random.fork_rng():
+            got = oracle_teacher(base, items, seed)
+        oracle.write_text(json.dumps(got, indent=1) + "\n")
+        print(f"[converged]   teacher trained on real images (diagnostic): {got}", flush=True)
     for variant in distilling:
         t1 = time.perf_counter()
         sv = setup(grid, context(run_config(variant)))
