@@ -165,6 +165,31 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                     cells.append(_ms([r[key] for r in reps if key in r]))
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
+    # ---- the teacher's ceiling
+    oracles = sorted(runs_dir.glob("oracle-*.json"))
+    if oracles:
+        lines += ["## The teacher's ceiling: a meta model trained on real images (diagnostic)", "",
+                  "Round 1's class experts and student, and a meta model (the same architecture and training) "
+                  "fitted on real labelled images, half of the validation split, all scored on the other half. "
+                  "No deployed server has such data: this bounds what better meta-model data (generator samples, "
+                  "prototypes) could give the teacher. `own-class expert` scores each image with the expert of "
+                  "its true class (routing by the label: the experts' best case, not a teacher). "
+                  "Mean ± sd over seeds, %.", "",
+                  "| α | round-1 clients | student | ensemble | meta on real images | meta on real images, "
+                  "global prior | best − student | own-class expert | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+        for a in alphas:
+            for tag, label in (("", "default"), ("-distill-local-steps200", "200 local steps")):
+                got = [json.loads(f.read_text()) for s in seeds
+                       for f in [runs_dir / f"oracle-a{a:g}-s{s}{tag}.json"] if f.is_file()]
+                if not got:
+                    continue
+                best = [max(g["oracle-meta-experts"], g["oracle-meta-global"]) - g["student"] for g in got]
+                lines.append(f"| {a:g} | {label} | {_ms([g['student'] for g in got])} | "
+                             f"{_ms([g['ensemble'] for g in got])} | {_ms([g['oracle-meta-experts'] for g in got])} | "
+                             f"{_ms([g['oracle-meta-global'] for g in got])} | {100 * statistics.mean(best):+.1f} | "
+                             f"{_ms([g['own-class-expert'] for g in got if g.get('own-class-expert') is not None])} | "
+                             f"{len(got)} |")
+        lines.append("")
     # ---- client compute
     lines += ["## Client compute in the 3 continuation rounds (per client, mean over the runs)", "",
               "Classifier SGD steps (batch 32; a look-ahead round trains the model twice) and generator steps "
