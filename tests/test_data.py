@@ -27,8 +27,8 @@ def test_fmnist_missing_names_the_paths(tmp_path, monkeypatch):
 
 
 def test_torchvision_dataset_missing_is_clear(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match=r"cifar10.*" + str(tmp_path)):
-        load_dataset("cifar10", str(tmp_path), False)
+    with pytest.raises(DatasetNotFoundError, match=r"svhn.*" + str(tmp_path)):
+        load_dataset("svhn", str(tmp_path), False)
 
 
 def test_unknown_dataset():

