@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 
 from mosaic_flwr.config import Config, build_config, resolve_device
 from mosaic_flwr.data import dataset_info
+from mosaic_flwr.data.augment import augmenter
 from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.training import predict_logits, train_local
 from mosaic_flwr.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, mosaic_payload, record_to_state,
@@ -81,7 +82,8 @@ def train(msg: Message, context: Context) -> Message:
     """Baseline round (FedAvg, FedProx, Mosaic's fine-tune rounds): train, return weights."""
     cfg, x, y, model, c, seed = _received(msg, context)
     stats = train_local(model, x, y, **sgd_settings(c), proximal_mu=float(c.get("proximal-mu", 0.0)),
-                        seed=seed, device=resolve_device(cfg.device))
+                        seed=seed, device=resolve_device(cfg.device),
+                        augment=augmenter(cfg.augment, dataset_info(cfg.dataset)))
     metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"]})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
     return Message(content=content, reply_to=msg)
@@ -115,5 +117,6 @@ def train_mosaic(msg: Message, context: Context) -> Message:
                "div-weight": float(c["gen-div-weight"])}
     result = mosaic_client_round(
         model, x, y, dataset_info(cfg.dataset), train=sgd_settings(c),
-        seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen)
+        seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen,
+        augment=augmenter(cfg.augment, dataset_info(cfg.dataset)))
     return Message(content=mosaic_payload(result), reply_to=msg)

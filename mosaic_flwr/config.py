@@ -144,6 +144,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "lr": (float, _positive),
     "momentum": (float, _closed_unit),
     "weight-decay": (float, _non_negative),
+    "augment": (str, _choice("auto", "off", "crop-flip")),
     "proximal-mu": (float, _non_negative),
     "seed": (int, _seed),
     "output-dir": (str, None),

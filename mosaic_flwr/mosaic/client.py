@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from ..data import DatasetInfo
+from ..data.augment import Augment
+from ..seeds import mix_seed
 from ..models import Classifier
 from ..models.generators import build_discriminator, generator_for
 from .generator import train_generator
@@ -31,7 +33,8 @@ def label_counts(y: Tensor, num_classes: int) -> Tensor:
 
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
-                        proto_k: int = 0, gen: dict | None = None) -> MosaicClientResult:
+                        proto_k: int = 0, gen: dict | None = None, augment: Augment | None = None
+                        ) -> MosaicClientResult:
     """Local training; at the distillation round also prototypes and the generator.
 
     Prototypes are k-means centres of the penultimate features of the model as received
@@ -39,6 +42,10 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     local training, from at most ``MAX_PER_CLASS`` samples of each class. The generator is
     trained after local training, guided by the client's freshly trained model, on the
     client's own classes; it is uploaded once.
+
+    ``augment`` (CIFAR: crop + flip) applies wherever the authors' code reads its augmented
+    training loader: local training batches, the generator's real batches, and the images
+    the prototypes are computed from.
     """
     counts = label_counts(y, info.num_classes)
     metrics: dict[str, float] = {}
@@ -46,10 +53,13 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     if distill_round and proto_k > 0:
         t0 = time.perf_counter()
         keep = per_class_subset(y, seed=seed)  # at most MAX_PER_CLASS samples of a class
-        feats = extract_features(model, x[keep], device=device)
+        xk = x[keep]
+        if augment is not None:
+            xk = augment(xk, torch.Generator().manual_seed(mix_seed(seed, "proto-augment")))
+        feats = extract_features(model, xk, device=device)
         protos = class_prototypes(feats, y[keep], proto_k, seed=seed)
         metrics["proto-seconds"] = time.perf_counter() - t0
-    stats = train_local(model, x, y, seed=seed, device=device, **train)
+    stats = train_local(model, x, y, seed=seed, device=device, augment=augment, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})
     generator_state = None
     if distill_round and gen is not None:
@@ -58,7 +68,7 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         d = build_discriminator(info.in_channels, info.image_size, info.num_classes)
         gstats = train_generator(g, d, model, x, y, steps=gen["steps"], batch_size=gen["batch-size"],
                                  lr=gen["lr"], ce_weight=gen["ce-weight"], div_weight=gen["div-weight"],
-                                 device=device, seed=seed)
+                                 device=device, seed=seed, augment=augment)
         generator_state = {k: v.detach().cpu() for k, v in g.state_dict().items()}
         metrics.update({"gen-seconds": gstats["seconds"], "gen-fidelity": gstats["fidelity"]})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mosaic_flwr.data.augment import Augment
 from mosaic_flwr.models.generators import sample
 from mosaic_flwr.seeds import mix_seed
 
@@ -142,6 +143,7 @@ def train_generator(
     eval_per_class: int = 64,
     log: Callable[[str], None] | None = None,
     log_every: int | None = None,
+    augment: Augment | None = None,
 ) -> dict:
     """Train ``generator`` in place on the client's own classes; return statistics.
 
@@ -165,6 +167,8 @@ def train_generator(
         eval_per_class: eval-mode samples per present class for the fidelity statistic.
         log: optional callable receiving progress lines (every ``log_every`` steps,
             default ``steps // 5``) and a final line.
+        augment: applied to each real batch (the discriminator sees what the classifier was
+            trained on, as in the authors' code, whose GAN reads the augmented loader).
 
     Returns:
         ``steps``, ``seconds``, ``seconds_per_step``; ``d_loss``, ``g_loss``, ``adv``, ``ce``,
@@ -217,6 +221,8 @@ def train_generator(
             z = torch.randn(2 * half, generator.nz, generator=rng).to(device)
             idx, y_real = sampler.indices(2 * half, rng)
             x_real = data[idx].to(device, non_blocking=True)
+            if augment is not None:
+                x_real = augment(x_real, rng)
             y_real = y_real.to(device)
 
             fake = generator(z, y_fake)

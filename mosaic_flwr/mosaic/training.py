@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.augment import Augment
+from ..seeds import mix_seed
+
 
 def batches(n: int, batch_size: int, generator: torch.Generator, *, epochs: int = 1,
             steps: int = 0) -> Iterator[torch.Tensor]:
@@ -33,9 +36,11 @@ def batches(n: int, batch_size: int, generator: torch.Generator, *, epochs: int 
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 1,
                 steps: int = 0, batch_size: int = 32, lr: float = 0.01, momentum: float = 0.9,
                 weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0,
-                device: torch.device | str = "cpu") -> dict[str, float]:
+                device: torch.device | str = "cpu", augment: Augment | None = None) -> dict[str, float]:
     """SGD on (x, y); with ``proximal_mu > 0`` adds FedProx's (mu/2)||w - w_global||^2,
-    w_global being the weights the model holds on entry. Returns mean loss, steps, seconds."""
+    w_global being the weights the model holds on entry; ``augment`` transforms each batch
+    (its randomness is a stream of its own, so the batch order does not change with it).
+    Returns mean loss, steps, seconds."""
     if len(y) == 0:
         raise ValueError("train_local: no training samples")
     device = torch.device(device)
@@ -43,9 +48,12 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(mix_seed(seed, "augment"))
     t0, total, count = time.perf_counter(), 0.0, 0
     for idx in batches(len(y), batch_size, gen, epochs=epochs, steps=steps):
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        if augment is not None:
+            xb = augment(xb, aug_gen)
         loss = F.cross_entropy(model(xb), yb)
         if anchor is not None:
             prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
