@@ -127,6 +127,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "alpha": (float, _positive),
     "min-partition-size": (int, _positive),
     "partition-cap": (bool, None),
+    "test-subset": (int, _non_negative),
     "validation-split": (float, lambda v: None if 0 <= v <= 0.5 else f"must be in [0, 0.5], got {v}"),
     "shards-per-client": (int, _positive),
     "model": (str, _lazy_choice(_models)),

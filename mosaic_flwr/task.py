@@ -19,6 +19,7 @@ from .config import Config, split_list
 from .data import (DatasetNotFoundError, ImageData, dataset_info, load_dataset, normalize, partition_without,
                    validation_indices)
 from .models import MODELS, Classifier, build_model
+from .seeds import mix_seed
 
 
 @dataclass(frozen=True, order=True)
@@ -124,9 +125,38 @@ def client_data(cfg: Config, partition_id: int, num_partitions: int) -> tuple[to
     return _client_tensors(cfg, partition_id, num_partitions)
 
 
+def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` indices of ``labels``, sorted, as even over the classes as they allow (classes
+    in order take the remainder; a class with too few takes all it has and the others fill
+    in), drawn with ``seed``."""
+    if not 0 < n <= len(labels):
+        raise ValueError(f"subset of {n} out of {len(labels)}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=g)
+    by_class = [perm[labels[perm] == c] for c in labels.unique(sorted=True)]
+    take, left = [0] * len(by_class), n
+    while left:  # round-robin over the classes that still have images
+        for i, idx in enumerate(by_class):
+            if left and take[i] < len(idx):
+                take[i] += 1
+                left -= 1
+    return torch.sort(torch.cat([idx[:k] for idx, k in zip(by_class, take)])).values
+
+
+def _test_split(cfg: Config):
+    """The server's test set: the data set's test split, or ``test-subset`` images of it
+    (class-balanced, the same for every run seed)."""
+    _, test = data_for(cfg)
+    if cfg.test_subset:
+        if cfg.test_subset > len(test):
+            raise ValueError(f"test-subset: {cfg.test_subset} exceeds the {len(test)} test images of {cfg.dataset}")
+        test = test.subset(balanced_subset(test.y, cfg.test_subset, mix_seed("test-subset", cfg.test_subset)))
+    return test
+
+
 @lru_cache(maxsize=2)
 def _test_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    _, test = data_for(cfg)
+    test = _test_split(cfg)
     return test.normalized(), test.y
 
 
@@ -151,7 +181,7 @@ def validation_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor] | None:
 def test_set_fingerprint(cfg: Config) -> str:
     """A short sha256 of the server's test set (images and labels as stored): what says that a
     resumed run reads the same data, wherever ``data-dir`` points."""
-    _, test = data_for(cfg)
+    test = _test_split(cfg)
     digest = hashlib.sha256(test.x.numpy().tobytes())
     digest.update(test.y.numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -80,6 +80,14 @@ def validation(cfg: Config) -> None:
     assert sorted(np.concatenate([*parts, held]).tolist()) == list(range(300))
 
 
+def server_test_set(cfg: Config) -> None:
+    """``test-subset``: the server's test set (synthetic: 500 images), whole at 0."""
+    from mosaic_flwr.task import test_data
+
+    _, y = test_data(cfg.replace(dataset="synthetic"))
+    assert len(y) == (cfg.test_subset or 500)
+
+
 def seeds(cfg: Config) -> None:
     data_partition(cfg)
     initial_model(cfg)
@@ -269,6 +277,7 @@ ROWS: dict[str, Row] = {
     "alpha": Row([JUST_ABOVE_0, 1e6], [0.0, -1.0], data_partition),
     "min-partition-size": Row([1, 100], [0, -1], data_partition),
     "shards-per-client": Row([1, 3], [0], data_partition),   # 3: every class of the tiny data
+    "test-subset": Row([0, 1, 500], [-1], server_test_set),
     "validation-split": Row([0.0, 0.5], [-0.1, 0.5 + 1e-9], validation),
     "seed": Row([0, SEED_LIMIT - 1], [-1, SEED_LIMIT], seeds),
     "num-server-rounds": Row([1], [0], schedule, {**MOSAIC, "warmup-rounds": 1}),

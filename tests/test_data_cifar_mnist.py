@@ -9,6 +9,7 @@ A data set that cannot be found or obtained FAILS these tests; none is skipped."
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 from pathlib import Path
@@ -156,3 +157,38 @@ def test_mnist_from_the_idx_files_and_from_torchvisions_layout(tmp_path):
 def test_mnist_missing_names_the_paths(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"MNIST IDX files not found in .*" + str(tmp_path / "mnist")):
         load_dataset("mnist", str(tmp_path), False)
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_cifar10_two_stage_mosaic_with_batchnorm_models_and_augmentation(tmp_path, cifar10_bin):
+    """FedAvg pre-training on CIFAR-10 (ResNet-8 and the CNN: BatchNorm and not, model
+    heterogeneity, crop + flip), then Mosaic from its checkpoint: BatchNorm buffers travel
+    with the models, the run distils and fine-tunes."""
+    from mosaic_flwr.checkpoint import load_checkpoint
+    from tests.test_e2e_inprocess import run_inprocess
+
+    common = {"dataset": "cifar10", "data-dir": str(cifar10_bin.parent), "client-models": "resnet8,cnn_small",
+              "alpha": 1.0, "test-subset": 500, "local-steps": 8, "batch-size": 16, "validation-split": 0.0}
+    pre = run_inprocess(tmp_path / "pre", num_nodes=4, **common, strategy="fedavg", **{"num-server-rounds": 2})
+    start = load_checkpoint(pre["dir"])["strategy"]["globals"]
+    assert {"resnet8", "cnn_small"} <= set(start)
+    assert not torch.equal(start["resnet8"]["bn1.running_mean"], torch.zeros_like(start["resnet8"]["bn1.running_mean"]))
+    out = run_inprocess(tmp_path / "mosaic", num_nodes=4, **common, strategy="mosaic", **{
+        "init-from": str(pre["dir"]), "num-server-rounds": 2, "warmup-rounds": 1, "gen-steps": 6,
+        "gen-batch-size": 8, "kd-steps": 4, "kd-batch-size": 16, "meta-epochs": 3, "distill-gate": "off"})
+    # round 1's clients received the pre-trained models, BatchNorm buffers included
+    first = [m for m in out["grid"].sent if m.metadata.message_type == "train.mosaic"]
+    shapes = {len(m.content["arrays"]) for m in first}
+    assert len(shapes) == 2  # two architectures
+    for m in first:
+        got = m.content["arrays"].to_torch_state_dict()
+        family = "resnet8" if "bn1.running_var" in got else "cnn_small"
+        assert all(torch.equal(got[k], v) for k, v in start[family].items()), family
+    rows = json.loads((out["dir"] / "metrics.json").read_text())
+    dist = next(r for r in rows if r.get("phase") == "distill")
+    for f in ("resnet8", "cnn_small"):
+        assert f"acc-after-distill/{f}" in dist and f"acc/{f}" in rows[-1]
+    assert rows[-1]["accuracy"] > 0.15  # above chance after 3 short rounds of 16 images x 8 steps
+    summary = json.loads((out["dir"] / "summary.json").read_text())
+    assert summary["init_from"]["strategy"] == "fedavg" and summary["dataset"] == "cifar10"
