@@ -331,7 +331,7 @@ class MosaicStrategy(BankStrategy):
             return {f: True for f in distilled}
         return self.gate_choice(server_round, before, distilled, report, "gate",
                                 ("distilled model kept", "distillation did not help; the model before "
-                                 "distillation is kept"))
+                                 "distillation is kept"), ("before distillation", "after"))
 
     def gate_scores(self, server_round: int, before: dict[str, StateDict], after: dict[str, StateDict]
                     ) -> dict[str, dict[str, float]]:
@@ -344,7 +344,8 @@ class MosaicStrategy(BankStrategy):
         return self.client_evaluate(server_round, {"before": before, "after": after})
 
     def gate_choice(self, server_round: int, before: dict[str, StateDict], after: dict[str, StateDict],
-                    report: dict, prefix: str, outcomes: tuple[str, str]) -> dict[str, bool]:
+                    report: dict, prefix: str, outcomes: tuple[str, str],
+                    names: tuple[str, str]) -> dict[str, bool]:
         """Per family, whether ``after`` is kept: only when the check scores it strictly
         higher than ``before`` (a family nobody scored keeps ``before``). Logged; the
         primary family's scores go into ``report`` as ``<prefix>-kept/-before/-after``."""
@@ -357,8 +358,8 @@ class MosaicStrategy(BankStrategy):
                 log(WARNING, "[gate] %s: no client scored the candidates; keeping the model before "
                     "distillation", f)
             else:
-                log(INFO, "[gate] round %d, %s: %s accuracy before distillation %.4f, after %.4f -> %s",
-                    server_round, f, self.cfg.distill_gate, s["before"], s["after"], outcomes[not keep[f]])
+                log(INFO, "[gate] round %d, %s: %s accuracy %s %.4f, %s %.4f -> %s", server_round, f,
+                    self.cfg.distill_gate, names[0], s["before"], names[1], s["after"], outcomes[not keep[f]])
         main = scores.get(self.primary)
         report.update({f"{prefix}-kept": float(keep[self.primary]),
                        **({f"{prefix}-before": main["before"], f"{prefix}-after": main["after"]} if main else {})})
@@ -388,7 +389,8 @@ class MosaicStrategy(BankStrategy):
         report: dict[str, float] = {"gate-final-round": float(server_round)}
         keep = self.gate_choice(server_round, self.shadow, self.globals, report, "gate-final",
                                 ("the distilled path is kept", "the path without distillation is better "
-                                 "after fine-tuning: distillation undone"))
+                                 "after fine-tuning: distillation undone"),
+                                ("without distillation", "with distillation"))
         self.globals = {f: self.globals[f] if keep.get(f, True) else self.shadow[f] for f in self.globals}
         self.shadow = None
         report = {k: round(float(v), 5) for k, v in report.items()}
