@@ -22,6 +22,10 @@ one is never rerun, so each stage resumes cell by cell.
     .venv/bin/python bench/converged.py --stage continue --shard 0/2   # and 1/2
     .venv/bin/python bench/converged.py --stage central
     .venv/bin/python bench/converged.py --table-only
+
+Another data set or model: ``--run-config conf/cifar10-cpu.toml`` (files and ``key=value``
+strings, for every run; the grid's alpha and seed win, stage 1 is FedAvg at a constant rate),
+with ``--name`` for its own runs and tables. CIFAR-10 needs ``scripts/setup.sh --data cifar10``.
 """
 
 from __future__ import annotations
@@ -89,18 +93,25 @@ def run_inprocess(rc: dict, num_clients: int, title: str) -> dict:
 
 
 OVERRIDES: dict = {}  # --set key=value: applied to every run last (smoke tests on tiny settings)
+BASE: dict = {}       # --run-config files / strings (e.g. conf/cifar10-cpu.toml): the data set and models
+
+
+def pretrain_config(alpha: float, seed: int, runs_dir: Path) -> dict:
+    """Stage 1's run config: FedAvg at a constant rate for ``PRETRAIN_ROUNDS`` rounds (or
+    ``--pretrain-rounds``), over ``--run-config``'s data set and models."""
+    from mosaic_flwr.config import load_defaults
+
+    return {**load_defaults(), **SHARED, **BASE, "strategy": "fedavg", "alpha": alpha, "seed": seed,
+            "lr-schedule": "constant", "output-dir": str(runs_dir), "run-name": pretrain_name(alpha, seed),
+            **{k: v for k, v in OVERRIDES.items() if k not in ("kd-steps", "pretrain-rounds")},
+            "num-server-rounds": OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS)}
 
 
 def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
-    from mosaic_flwr.config import load_defaults
-
     name = pretrain_name(alpha, seed)
     if cell_done(runs_dir / name):
         return
-    rc = {**load_defaults(), **SHARED, "strategy": "fedavg", "alpha": alpha, "seed": seed,
-          "output-dir": str(runs_dir), "run-name": name,
-          **{k: v for k, v in OVERRIDES.items() if k not in ("kd-steps", "pretrain-rounds")},
-          "num-server-rounds": OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS)}
+    rc = pretrain_config(alpha, seed, runs_dir)
     print(f"[converged] pre-training FedAvg alpha={alpha:g} seed={seed}, {rc['num-server-rounds']} rounds",
           flush=True)
     s = run_inprocess(rc, num_clients, f"FedAvg pre-training (alpha={alpha:g}, seed {seed})")
@@ -130,7 +141,7 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
 
     def run_config(variant: str) -> dict:
         strategy, over = VARIANTS[variant]
-        return {**load_defaults(), **SHARED, **CONTINUE, "strategy": strategy, "alpha": alpha, "seed": seed,
+        return {**load_defaults(), **SHARED, **CONTINUE, **BASE, "strategy": strategy, "alpha": alpha, "seed": seed,
                 "init-from": str(pre), "output-dir": str(runs_dir),
                 "run-name": variant_name(variant, alpha, seed), **over,
                 **{k: v for k, v in OVERRIDES.items() if k != "pretrain-rounds"}}
@@ -270,8 +281,9 @@ def central(seed: int, runs_dir: Path, num_clients: int) -> None:
 
     cell = Cell("central", None, seed)
     if not cell_done(runs_dir / cell.name):
-        values = {**SHARED, **{k: v for k, v in OVERRIDES.items() if k != "pretrain-rounds"},
-                  "num-server-rounds": OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS) + CONTINUE_ROUNDS}
+        rounds = OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS) + BASE.get("num-server-rounds", CONTINUE_ROUNDS)
+        values = {**SHARED, **BASE, **{k: v for k, v in OVERRIDES.items() if k != "pretrain-rounds"},
+                  "num-server-rounds": rounds}
         run_central(cell, runs_dir, " ".join(f"{k}={json.dumps(v)}" for k, v in values.items()), num_clients)
 
 
@@ -285,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="run-config values applied to every run, last (smoke tests on tiny settings)")
     ap.add_argument("--pretrain-rounds", type=int, default=None, help=f"default {PRETRAIN_ROUNDS}")
+    ap.add_argument("--run-config", action="append", default=[], metavar="FILE_OR_KEYS",
+                    help="run-config files / 'key=value' strings for every run (e.g. conf/cifar10-cpu.toml: the "
+                         "data set, models and continuation schedule); the grid's alpha and seed win")
     ap.add_argument("--alphas", nargs="+", type=float, default=list(ALPHAS))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--num-clients", type=int, default=10)
@@ -295,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.set:
         from flwr.common.config import parse_config_args
         OVERRIDES.update(parse_config_args([" ".join(args.set)]))
+    if args.run_config:
+        from mosaic_flwr.config import PROJECT_ROOT, build_config, load_defaults, merge_run_config
+        BASE.update(merge_run_config(args.run_config, cwd=PROJECT_ROOT))
+        build_config({**load_defaults(), **BASE})  # a bad file stops here, before any run
     runs_dir = Path(args.runs_dir).resolve() if args.runs_dir else (RUNS / args.name).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     k, n = (int(v) for v in args.shard.split("/"))

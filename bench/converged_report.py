@@ -54,7 +54,7 @@ def _last_val(rows: list[dict]) -> float | None:
 def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
     from bench.converged import pretrain_name, variant_name
 
-    data = {"pre": {}, "runs": {}, "central": {}}
+    data = {"pre": {}, "runs": {}, "central": {}, "assign": []}
     for s in seeds:
         c = _load(runs_dir / f"central-s{s}")
         if c:
@@ -63,6 +63,8 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
             p = runs_dir / pretrain_name(a, s)
             if _load(p):
                 rows = json.loads((p / "metrics.json").read_text())
+                if not data["assign"] and (p / "assignment.csv").is_file():
+                    data["assign"] = (p / "assignment.csv").read_text().strip().splitlines()[1:]
                 data["pre"][(a, s)] = {"test": rows[-1]["accuracy"], "val": _last_val(rows),
                                        "best": max(r["accuracy"] for r in rows)}
             for v in variants:
@@ -74,24 +76,33 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
 
 
 def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> str:
+    from bench.converged import pretrain_name
+
     d = collect(runs_dir, alphas, seeds, variants)
     runs, pre, central = d["runs"], d["pre"], d["central"]
     cfgs = [r["config"] for r in runs.values() if r["config"].get("strategy") == "mosaic"]
     gen = f"{cfgs[0]['gen-steps']} steps of batch {cfgs[0]['gen-batch-size']}" if cfgs else "see config.json"
+    p = next((json.loads((runs_dir / pretrain_name(a, s) / "config.json").read_text()) for (a, s) in pre), {})
+    c = cfgs[0] if cfgs else next((r["config"] for r in runs.values()), {})
+    models = p.get("client-models") or p.get("model", "?")
+    R, P = c.get("num-server-rounds", 3), p.get("num-server-rounds", "?")
     lines = [f"# Mosaic from a converged FedAvg (bench/converged.py)", "",
              f"Machine: {machine_line()}. In-process federations (the real ClientApp handlers, no Ray), "
-             "10 clients, Fashion-MNIST, cnn_small, Dirichlet partition, a 10% validation split held out of "
+             f"{len(d['assign'])} clients, {p.get('dataset', '?')}, {models}, Dirichlet partition, a "
+             f"{p.get('validation-split', 0):.0%} validation split held out of "
              "the clients' data (used to choose settings; the test set is reported once, at the end).", "",
-             "**Protocol.** Stage 1: FedAvg, 30 rounds x 50 local SGD steps (batch 32, lr 0.01, momentum 0.9), "
-             "constant rate: the start every method continues from (`init-from`). Stage 2: 3 more rounds with the "
+             f"**Protocol.** Stage 1: FedAvg, {P} rounds x {p.get('local-steps')} local SGD steps (batch "
+             f"{p.get('batch-size')}, lr {p.get('lr')}, momentum {p.get('momentum')}), "
+             f"constant rate: the start every method continues from (`init-from`). Stage 2: {R} more rounds with the "
              "same client budget and the same rate schedule for every method (`lr-schedule='step'`: round 1 at "
-             "lr 0.01, rounds 2-3 at 0.001). FedAvg trains; FedDF and Mosaic distil after round 1 (whose clients "
+             f"lr {c.get('lr')}, rounds 2-{R} at {c.get('finetune-lr')}). FedAvg trains; FedDF and Mosaic distil "
+             "after round 1 (whose clients "
              f"also train a generator, {gen}, and compute prototypes: extra client compute FedAvg does not "
-             "spend) and fine-tune in rounds 2-3. The distilling rows share round 1's client replies, so they "
+             f"spend) and fine-tune in rounds 2-{R}. The distilling rows share round 1's client replies, so they "
              "differ in the server alone. Central: the same model and SGD on the union of the clients' data "
-             "for the sample passes of all 33 rounds.", ""]
+             f"for the sample passes of all {P + R if isinstance(P, int) else '?'} rounds.", ""]
     # ---- final accuracy
-    lines += ["## Final accuracy (test set, after the 3 continuation rounds), mean ± sd over seeds", "",
+    lines += [f"## Final accuracy (test set, after the {R} continuation rounds), mean ± sd over seeds", "",
               "Δ: the method minus FedAvg in test points, paired by seed: mean [95 % t interval] (each seed).", "",
               "| method | " + " | ".join(f"α={a:g} test | α={a:g} validation | α={a:g} Δ test vs FedAvg"
                                         for a in alphas) + " | seeds |",
@@ -191,7 +202,7 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                              f"{len(got)} |")
         lines.append("")
     # ---- client compute
-    lines += ["## Client compute in the 3 continuation rounds (per client, mean over the runs)", "",
+    lines += [f"## Client compute in the {R} continuation rounds (per client, mean over the runs)", "",
               "Classifier SGD steps (batch 32; a look-ahead round trains the model twice) and generator steps "
               "(the distillation round).", "",
               "| method | " + " | ".join(f"α={a:g} classifier steps | α={a:g} generator steps" for a in alphas) + " |",
