@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .data.augment import augmenter
 from .mosaic.training import evaluate, train_local
 from .seeds import mix_seed
 from .task import clients_per_round, data_for, initial_model, partitions_for, test_data
@@ -47,7 +48,7 @@ def train_central(cfg: Config, num_clients: int, *, device: torch.device | str =
                   ) -> dict:
     """Train ``cfg.model`` from the run's initial weights on the union of the ``num_clients``
     partitions for the federated run's number of sample passes, at the clients' batch size,
-    ``lr``, momentum and weight decay, in ``num-server-rounds`` equal chunks (each with a
+    ``lr``, momentum, weight decay and augmentation, in ``num-server-rounds`` equal chunks (each with a
     fresh optimiser, as a client's round has), evaluating on the test set after each.
 
     Returns ``final_accuracy``, ``best_accuracy``, ``best_round``, ``rounds`` (per chunk:
@@ -71,7 +72,8 @@ def train_central(cfg: Config, num_clients: int, *, device: torch.device | str =
             continue
         stats = train_local(model, x, y, steps=chunk, batch_size=cfg.batch_size, lr=cfg.lr,
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                            seed=mix_seed(cfg.seed, "central", r), device=device)
+                            seed=mix_seed(cfg.seed, "central", r), device=device,
+                            augment=augmenter(cfg.augment, data.info))
         metrics = evaluate(model, test_x, test_y, batch_size=cfg.eval_batch_size, device=device)
         history.append({"round": r, **metrics, "train-loss": stats["train-loss"]})
     best = max(history, key=lambda h: h["accuracy"])
