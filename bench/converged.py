@@ -55,6 +55,7 @@ VARIANTS = {
     "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
     "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),
     "mosaic-kd500": ("mosaic", {"distill-gate": "off", "kd-steps": 500}),
+    "mosaic-global-kd500": ("mosaic", {"distill-gate": "off", "meta-prior": "global", "kd-steps": 500}),
     "mosaic-local200": ("mosaic", {"distill-gate": "off", "distill-local-steps": 200}),
     "mosaic": ("mosaic", {}),
 }
