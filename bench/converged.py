@@ -57,6 +57,7 @@ VARIANTS = {
     "mosaic-kd500": ("mosaic", {"distill-gate": "off", "kd-steps": 500}),
     "mosaic-global-kd500": ("mosaic", {"distill-gate": "off", "meta-prior": "global", "kd-steps": 500}),
     "mosaic-local200": ("mosaic", {"distill-gate": "off", "distill-local-steps": 200}),
+    "mosaic-clients": ("mosaic", {"distill-gate": "off", "meta-data": "clients"}),
     "mosaic": ("mosaic", {}),
 }
 # Settings that change round 1's client work: variants that differ in them cannot share it.
@@ -240,7 +241,11 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
 
     grid = InProcessGrid(client_app, base_rc, num_clients)
     t0, load0 = time.perf_counter(), loadavg()
-    sc = setup(grid, context({**base_rc, "strategy": "mosaic"}))
+    # Round 1 as every variant of the group needs it: prototypes included (a variant whose
+    # meta model reads none ignores them).
+    meta_data = base_rc.get("meta-data", "auto")
+    sc = setup(grid, context({**base_rc, "strategy": "mosaic",
+                              "meta-data": "auto" if meta_data in ("generated", "clients") else meta_data}))
     base = MosaicStrategy(sc)
     print(f"[converged] alpha={alpha:g} seed={seed}: round 1's client work (training, generators, "
           f"prototypes), once for {', '.join(distilling) or 'the oracle teacher'}", flush=True)

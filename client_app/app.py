@@ -12,9 +12,10 @@ from mosaic_flwr.config import Config, build_config, resolve_device
 from mosaic_flwr.data import dataset_info
 from mosaic_flwr.data.augment import augmenter
 from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
+from mosaic_flwr.mosaic.prototypes import per_class_subset
 from mosaic_flwr.mosaic.training import predict_logits, train_local
-from mosaic_flwr.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, mosaic_payload, record_to_state,
-                                 state_to_record)
+from mosaic_flwr.records import (ARRAYS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES, mosaic_payload,
+                                 record_to_state, state_to_record)
 from mosaic_flwr.seeds import mix_seed
 from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition
 
@@ -102,6 +103,26 @@ def evaluate_candidates(msg: Message, context: Context) -> Message:
         logits = predict_logits(model, x, device=resolve_device(cfg.device))
         metrics[f"correct-{name}"] = int((logits.argmax(1) == y).sum())
     return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("logits")
+def meta_logits(msg: Message, context: Context) -> Message:
+    """``meta-data='clients'``: the logits of every model the server sends (``model-<j>``:
+    the class experts, this client's architecture) on at most ``samples-per-class`` of this
+    client's own images of each class, with their labels. Images never leave the client."""
+    cfg, pid, x, y = _local_data(context)
+    c = msg.content[CONFIG]
+    keep = per_class_subset(y, int(c["samples-per-class"]),
+                            seed=mix_seed(cfg.seed, "meta-logits", int(c["server-round"]), pid))
+    arch = client_arch(cfg, context.node_config)
+    device = resolve_device(cfg.device)
+    logits = []
+    for j in range(int(c["num-models"])):
+        model = build_arch(cfg, arch)
+        model.load_state_dict(record_to_state(msg.content[f"model-{j}"]))
+        logits.append(predict_logits(model, x[keep], device=device))
+    out = {"logits": torch.stack(logits, dim=1), "labels": y[keep].long()}
+    return Message(content=RecordDict({META_LOGITS: state_to_record(out)}), reply_to=msg)
 
 
 @app.train("mosaic")

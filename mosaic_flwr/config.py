@@ -178,7 +178,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "gen-ce-weight": (float, _non_negative),
     "gen-div-weight": (float, _non_negative),
     "meta-arch": (str, _choice("transformer", "gating")),
-    "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened")),
+    "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened", "clients")),
     "meta-samples-per-class": (int, _positive),
     "meta-epochs": (int, _positive),
     "meta-lr": (float, _positive),
@@ -328,9 +328,11 @@ def meta_data_for(meta_data: str, is_heterogeneous: bool, clients: str = "") -> 
     ``ConfigError`` (``clients`` describes the architectures, for the message)."""
     if meta_data == "auto":
         return "screened" if is_heterogeneous else "both"
-    if is_heterogeneous and meta_data in ("prototypes", "both"):
+    if is_heterogeneous and meta_data in ("prototypes", "both", "clients"):
         held = f"clients hold {clients}" if clients else "client-models/client-capacities assign several"
-        raise ConfigError(f"meta-data: {meta_data!r} passes prototypes through every expert's head, "
+        what = ("sends the class experts to every client to score its own images" if meta_data == "clients"
+                else "passes prototypes through every expert's head")
+        raise ConfigError(f"meta-data: {meta_data!r} {what}, "
                           f"which needs one architecture at full width, but {held}; use 'auto', "
                           "'generated' or 'screened'")
     return meta_data

@@ -122,6 +122,43 @@ def decode_evaluate_reply(msg: Message, names: Collection[str]) -> tuple[dict[st
     return {NUM_EXAMPLES: n, **{name: out[f"correct-{name}"] for name in names}}, None
 
 
+META_LOGITS = "meta-logits"
+
+
+def decode_logits_reply(msg: Message, *, num_models: int, num_classes: int, max_per_class: int,
+                        counts: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str | None]:
+    """A ``query.logits`` reply (``meta-data='clients'``): ``((logits [n, K, C], labels [n]),
+    None)`` or ``(None, problem)``. Logits are finite floats from the K models sent; labels
+    are classes the client declared, at most ``max_per_class`` and at most its declared
+    count of each."""
+    if msg.has_error():
+        return None, f"client error: {msg.error.reason}"
+    if META_LOGITS not in msg.content.array_records:
+        return None, f"no {META_LOGITS!r} record"
+    try:
+        got = record_to_state(msg.content.array_records[META_LOGITS])
+    except Exception as exc:  # a record torch cannot read
+        return None, f"{META_LOGITS}: unreadable ({type(exc).__name__})"
+    if set(got) != {"logits", "labels"}:
+        return None, f"{META_LOGITS}: keys {sorted(got)}, expected ['labels', 'logits']"
+    logits, labels = got["logits"], got["labels"]
+    if not logits.is_floating_point() or logits.ndim != 3 or tuple(logits.shape[1:]) != (num_models, num_classes):
+        return None, f"logits: {logits.dtype} {list(logits.shape)}, expected float [n, {num_models}, {num_classes}]"
+    if labels.dtype != torch.int64 or labels.shape != (len(logits),):
+        return None, f"labels: {labels.dtype} {list(labels.shape)}, expected int64 [{len(logits)}]"
+    if not torch.isfinite(logits).all():
+        return None, "logits: not finite"
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        return None, f"labels: outside [0, {num_classes})"
+    per_class = torch.bincount(labels, minlength=num_classes)
+    over = torch.nonzero(per_class > torch.minimum(counts.long(), torch.tensor(max_per_class))).flatten()
+    if len(over):
+        k = int(over[0])
+        return None, (f"labels: {int(per_class[k])} of class {k}, more than the client holds ({int(counts[k])}) "
+                      f"or the {max_per_class} asked for")
+    return (logits.float(), labels), None
+
+
 def mosaic_payload(result) -> RecordDict:
     """Encode a ``MosaicClientResult`` as the reply's records."""
     content = RecordDict({

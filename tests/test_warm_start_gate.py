@@ -236,3 +236,52 @@ def test_the_look_ahead_gate_keeps_a_distillation_that_stays_better_and_resumes_
 def test_gate_rounds_is_checked():
     with pytest.raises(ConfigError, match="gate-rounds: must be -1"):
         build_config({"gate-rounds": -2})
+
+
+# ----------------------------------------------------------------------------- meta-data='clients'
+def test_the_meta_model_can_learn_from_the_clients_own_images(tmp_path, pretrained):
+    """``meta-data='clients'``: at the distillation round every client receives the distinct
+    class experts and returns their logits on at most meta-samples-per-class of its images
+    per class; the meta model trains on those (no prototypes are asked for)."""
+    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, "num-server-rounds": 1, "init-from": str(pretrained),
+                                              "distill-gate": "off", "meta-data": "clients",
+                                              "meta-samples-per-class": 7})
+    sent = [m for m in out["grid"].sent if m.metadata.message_type == "query.logits"]
+    assert sorted(m.metadata.dst_node_id for m in sent) == out["grid"].node_ids
+    c = sent[0].content["config"]
+    assert c["samples-per-class"] == 7 and 1 <= c["num-models"] <= 10
+    assert all(f"model-{j}" in sent[0].content.array_records for j in range(c["num-models"]))
+    train = [m for m in out["grid"].sent if m.metadata.message_type == "train.mosaic"]
+    assert all(m.content["config"]["proto-k"] == 0 for m in train)
+    report = json.loads((out["dir"] / "summary.json").read_text())["distillation"]
+    assert report["meta-client-replies"] == 3 and 0 < report["meta-inputs"] <= 3 * 7 * 10
+
+
+def _logits_reply(logits, labels) -> Message:
+    from mosaic_flwr.records import META_LOGITS, state_to_record
+
+    return Message(RecordDict({META_LOGITS: state_to_record({"logits": logits, "labels": labels})}),
+                   dst_node_id=100, message_type="query.logits")
+
+
+def test_logits_replies_are_validated():
+    from mosaic_flwr.records import decode_logits_reply
+
+    counts = torch.tensor([5, 0, 2])
+    kw = {"num_models": 2, "num_classes": 3, "max_per_class": 4, "counts": counts}
+    ok, problem = decode_logits_reply(_logits_reply(torch.zeros(5, 2, 3), torch.tensor([0, 0, 0, 2, 2])), **kw)
+    assert problem is None and ok[0].shape == (5, 2, 3)
+    for logits, labels, needle in (
+            (torch.zeros(5, 2, 3), torch.tensor([0, 0, 0, 0, 0]), "more than the client holds"),  # > 4 asked
+            (torch.zeros(1, 2, 3), torch.tensor([1]), "class 1"),                               # undeclared class
+            (torch.full((1, 2, 3), float("nan")), torch.tensor([0]), "not finite"),
+            (torch.zeros(1, 3, 3), torch.tensor([0]), "expected float [n, 2, 3]"),
+            (torch.zeros(2, 2, 3), torch.tensor([0]), "labels"),
+            (torch.zeros(1, 2, 3), torch.tensor([7]), "outside")):
+        got, problem = decode_logits_reply(_logits_reply(logits, labels), **kw)
+        assert got is None and needle in problem, (needle, problem)
+
+
+def test_meta_data_clients_needs_one_architecture():
+    with pytest.raises(ConfigError, match="meta-data: 'clients' sends the class experts"):
+        build_config({"meta-data": "clients", "client-models": "cnn_small,resnet8"})

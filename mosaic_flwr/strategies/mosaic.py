@@ -48,7 +48,7 @@ from collections import defaultdict
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from ..checkpoint import ARTIFACTS, save_checkpoint
@@ -74,7 +74,7 @@ from ..mosaic.moe import (
 )
 from ..mosaic.submodels import masked_average, robust_masked_average
 from ..mosaic.training import logits_metrics
-from ..records import MosaicReply, decode_mosaic_reply, state_to_record
+from ..records import CONFIG, MosaicReply, decode_logits_reply, decode_mosaic_reply, state_to_record
 from ..results import save_generator_grid
 from ..seeds import mix_seed
 from ..task import Arch, build_arch
@@ -107,7 +107,7 @@ class MosaicStrategy(BankStrategy):
         self.artifacts_file: str | None = None
         self.meta_data = meta_data_for(self.cfg.meta_data, self.heterogeneous,
                                        clients=", ".join(map(str, self.archs)))
-        self.uses_prototypes = teacher == "meta" and self.meta_data != "generated"
+        self.uses_prototypes = teacher == "meta" and self.meta_data not in ("generated", "clients")
         start = (sc.init_state or {}).get("strategy", {})
         if teacher != "average" and start.get("experts"):  # init-from a run stopped before distilling
             self.experts = {f: e for f, e in start["experts"].items() if f in self.families}
@@ -277,7 +277,8 @@ class MosaicStrategy(BankStrategy):
         return logits_metrics(logits, self.sc.val_y)["accuracy"]
 
     def meta_inputs(self, experts, gen_replies: Replies, generators, counts: torch.Tensor,
-                    received: dict[int, StateDict], report: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                    received: dict[int, StateDict], report: dict, server_round: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The meta model's training set: expert logits ``[M, E, C]`` and labels ``[M]``.
 
         ``prototypes`` (the authors'): the clients' prototypes through each expert's head.
@@ -285,8 +286,16 @@ class MosaicStrategy(BankStrategy):
         same inputs the teacher reads during distillation. ``both``: the union.
         ``screened``: generated samples kept only where the owner's prototypes agree with
         the label (nearest prototype, in the feature space of the model the owner received).
+        ``clients``: the clients' own labelled images, scored on the clients by the models
+        the server sends them (``client_meta_logits``): real data, no generator.
         """
         dev, parts = self.sc.device, []
+        if self.meta_data == "clients":
+            states = list(self.experts[self.primary])
+            if len(experts) > len(states):  # meta-prior='global': the student is the last token
+                states.append(self.globals[self.primary])
+            z, labels = self.client_meta_logits(server_round, states, report)
+            return z, labels
         if self.meta_data in ("prototypes", "both"):
             feats = torch.cat([r.prototypes[0] for _, r in gen_replies])
             labels = torch.cat([r.prototypes[1] for _, r in gen_replies])
@@ -310,6 +319,53 @@ class MosaicStrategy(BankStrategy):
                     log(WARNING, "[mosaic] prototype screening kept no sample; using all of them")
             parts.append((expert_logits(experts, x).permute(1, 0, 2), y))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def client_meta_logits(self, server_round: int, states: list[StateDict], report: dict
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``meta-data='clients'``: every connected client receives the models ``states``
+        (each distinct one once) and replies with their logits on at most
+        ``meta-samples-per-class`` of its own images of each class, with the labels (message
+        ``query.logits``; validated by ``records.decode_logits_reply``). Returns the meta
+        model's inputs ``[M, E, C]`` and labels ``[M]``, in partition order."""
+        sc, cfg, C = self.sc, self.cfg, self.info.num_classes
+        distinct: list[StateDict] = []  # classes with the same holders share one expert object
+        seen: dict[int, int] = {}
+        index = []
+        for st in states:
+            if id(st) not in seen:
+                seen[id(st)] = len(distinct)
+                distinct.append(st)
+            index.append(seen[id(st)])
+        records = [state_to_record(st) for st in distinct]
+        connected = set(sc.grid.get_node_ids())
+        nodes = [n for n in sorted(sc.clients or connected, key=sc.partition_of) if n in connected]
+        messages = []
+        for nid in nodes:
+            content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "num-models": len(records),
+                                                        "samples-per-class": cfg.meta_samples_per_class})})
+            for j, record in enumerate(records):
+                content[f"model-{j}"] = record
+            messages.append(Message(content, dst_node_id=nid, message_type="query.logits"))
+        log(INFO, "[mosaic] meta model data: %d distinct models to %d clients, logits of their own images",
+            len(records), len(messages))
+        got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for msg in sc.grid.send_and_receive(messages, timeout=cfg.round_timeout):
+            node = msg.metadata.src_node_id
+            info = sc.clients.get(node)
+            reply, problem = (None, "unknown node") if info is None else decode_logits_reply(
+                msg, num_models=len(records), num_classes=C, max_per_class=cfg.meta_samples_per_class,
+                counts=info.label_counts)
+            if problem or node in got:
+                log(WARNING, "Meta-logits reply from %s left out: %s", sc.describe([node]),
+                    problem or "a second reply")
+                continue
+            got[node] = reply
+        report["meta-client-replies"] = len(got)
+        if not got:
+            raise RuntimeError("meta-data='clients': no client returned valid logits; the meta model has no data")
+        order = sorted(got, key=sc.partition_of)
+        z = torch.cat([got[n][0][:, index] for n in order])  # [M, E, C]
+        return z, torch.cat([got[n][1] for n in order])
 
     def frozen(self, family: str) -> StackedExperts:
         """Family ``family``'s global model as it is now, as a one-model stack (a copy of the
@@ -440,7 +496,7 @@ class MosaicStrategy(BankStrategy):
             report["acc-teacher"] = report["acc-ensemble"]
         if self.teacher == "meta":
             t0 = time.perf_counter()
-            z, labels = self.meta_inputs(inputs, gen_replies, generators, counts, received, report)
+            z, labels = self.meta_inputs(inputs, gen_replies, generators, counts, received, report, server_round)
             meta = MetaModel(len(inputs), self.info.num_classes, arch=cfg.meta_arch,
                              prior="last" if inputs is not experts else "mean")
             meta, mstats = train_meta(meta, z, labels, epochs=cfg.meta_epochs, lr=cfg.meta_lr,
