@@ -58,6 +58,7 @@ VARIANTS = {
     "mosaic-global-kd500": ("mosaic", {"distill-gate": "off", "meta-prior": "global", "kd-steps": 500}),
     "mosaic-local200": ("mosaic", {"distill-gate": "off", "distill-local-steps": 200}),
     "mosaic-clients": ("mosaic", {"distill-gate": "off", "meta-data": "clients"}),
+    "mosaic-clients-gated": ("mosaic", {"meta-data": "clients"}),
     "mosaic": ("mosaic", {}),
 }
 # Settings that change round 1's client work: variants that differ in them cannot share it.
