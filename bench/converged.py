@@ -168,7 +168,10 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
         groups.setdefault(key, [])  # round 1 for the oracle alone
     for key, distilling in groups.items():
         first = next(v for v in variants if VARIANTS[v][0] != "fedavg" and round1_key(VARIANTS[v][1]) == key)
-        replay_group(alpha, seed, distilling, run_config(first), run_config, note, num_clients,
+        # Round 1 writes into a scratch run directory of its own, never into a variant's (a
+        # finished variant's metrics would be overwritten by the shared round 0).
+        base_rc = {**run_config(first), "run-name": oracle_file(runs_dir, alpha, seed, key).stem.replace("oracle", "round1")}
+        replay_group(alpha, seed, distilling, base_rc, run_config, note, num_clients,
                      oracle_file(runs_dir, alpha, seed, key))
 
 

@@ -21,12 +21,14 @@ def _load(path: Path) -> dict | None:
     return s
 
 
-def client_steps(run: dict) -> tuple[int, int]:
+def client_steps(run: dict) -> tuple[int, int] | None:
     """(classifier SGD steps, generator steps) one client spent in the continuation rounds:
     local steps each round (``distill-local-steps`` at the distillation round), one more
     local training per look-ahead round (the path without distillation), the generator at
     the distillation round (Mosaic and FedDF)."""
     c, rows = run["config"], run["rows"]
+    if [r["round"] for r in rows] != list(range(c.get("num-server-rounds", 0) + 1)):
+        return None  # an incomplete per-round log: not counted
     local = c.get("local-steps", 0)
     steps = sum(local for r in rows if r["round"] > 0)
     distils = c.get("strategy") in ("mosaic", "feddf")
@@ -210,7 +212,7 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
     for v in variants:
         cells = []
         for a in alphas:
-            got = [client_steps(runs[(v, a, s)]) for s in seeds if (v, a, s) in runs]
+            got = [g for s in seeds if (v, a, s) in runs for g in [client_steps(runs[(v, a, s)])] if g is not None]
             cells += [_ms([g[0] for g in got], pct=False), _ms([g[1] for g in got], pct=False)]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines.append("")
