@@ -294,6 +294,13 @@ class BankStrategy(FedAvg):
         return state_to_record(self.globals[self.primary]), MetricRecord({"clients": clients})
 
     # ------------------------------------------------------------------ evaluation
+    def connected_clients(self) -> list[int]:
+        """The known clients that are connected now (every connected node when none is
+        known yet), in partition order: whom the server asks outside the training rounds."""
+        sc = self.sc
+        connected = set(sc.grid.get_node_ids())
+        return [n for n in sorted(sc.clients or connected, key=sc.partition_of) if n in connected]
+
     def client_evaluate(self, server_round: int, candidates: dict[str, dict[str, StateDict]]
                         ) -> dict[str, dict[str, float]]:
         """Federated evaluation of candidate global models on the clients' own data: every
@@ -303,8 +310,7 @@ class BankStrategy(FedAvg):
         leaves the client). Returns ``family -> name -> accuracy`` over the clients of the
         family that replied validly (examples-weighted); families without one are absent."""
         sc, names = self.sc, list(candidates)
-        connected = set(sc.grid.get_node_ids())
-        nodes = [n for n in sorted(sc.clients or connected, key=sc.partition_of) if n in connected]
+        nodes = self.connected_clients()
         records: dict[tuple[str, Arch], ArrayRecord] = {}
         messages = []
         for nid in nodes:

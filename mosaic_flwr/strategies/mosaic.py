@@ -337,10 +337,8 @@ class MosaicStrategy(BankStrategy):
                 distinct.append(st)
             index.append(seen[id(st)])
         records = [state_to_record(st) for st in distinct]
-        connected = set(sc.grid.get_node_ids())
-        nodes = [n for n in sorted(sc.clients or connected, key=sc.partition_of) if n in connected]
         messages = []
-        for nid in nodes:
+        for nid in self.connected_clients():
             content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "num-models": len(records),
                                                         "samples-per-class": cfg.meta_samples_per_class})})
             for j, record in enumerate(records):
