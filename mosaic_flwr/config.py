@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "mosaic", "feddf")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -81,6 +80,29 @@ def _retired_preset(v) -> str | None:
                                  "scripts/run.sh, further --run-config values override the file)")
 
 
+def _methods():
+    from .strategies import STRATEGIES
+    return STRATEGIES
+
+
+def strategy_names() -> tuple[str, ...]:
+    return tuple(_methods())
+
+
+def distils(strategy: str) -> bool:
+    """Whether ``strategy`` has the distillation schedule (warm-up, distillation, fine-tune)."""
+    method = _methods().get(strategy)
+    return bool(method and method.distils)
+
+
+def spec() -> dict[str, tuple[type, Callable[[Any], str | None] | None]]:
+    """Every key: ``SPEC`` and each registered method's own settings as ``<method>.<key>``."""
+    out = dict(SPEC)
+    for name, method in _methods().items():
+        out.update({f"{name}.{key}": setting for key, setting in method.settings.items()})
+    return out
+
+
 def _datasets():
     from .data import DATASETS
     return DATASETS
@@ -119,7 +141,7 @@ def _partitions():
 # key -> (python type, validator or None). Defaults come from pyproject.toml.
 SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "preset": (str, _retired_preset),  # retired: a non-empty value says how to use conf/*.toml
-    "strategy": (str, _choice(*STRATEGY_NAMES)),
+    "strategy": (str, _lazy_choice(strategy_names)),
     "dataset": (str, _lazy_choice(_datasets)),
     "data-dir": (str, None),
     "download": (bool, None),
@@ -212,6 +234,12 @@ class Config:
         except KeyError:
             raise AttributeError(name) from None
 
+    def of(self, method: str) -> "Settings":
+        """Method ``method``'s own settings (keys ``<method>.<key>``), read as attributes:
+        ``cfg.of('dense').gen_steps`` is ``dense.gen-steps``."""
+        prefix = f"{method}."
+        return Settings(method, {k[len(prefix):]: v for k, v in self.values.items() if k.startswith(prefix)})
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.values)
 
@@ -230,10 +258,36 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """One method's settings (see ``Config.of``)."""
+
+    method: str
+    values: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name.replace("_", "-")]
+        except KeyError:
+            raise AttributeError(f"{self.method}.{name.replace('_', '-')}") from None
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested run-config tables as Flower flattens them: ``{'dense': {'gen-steps': 1}}`` ->
+    ``{'dense.gen-steps': 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_defaults(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dict[str, Any]:
     """The run-config defaults declared in ``pyproject.toml``."""
     with open(pyproject, "rb") as f:
-        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+        return flatten(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
 def merge_run_config(args: Sequence[str], cwd: Path | None = None) -> dict[str, Any]:
@@ -257,11 +311,7 @@ def merge_run_config(args: Sequence[str], cwd: Path | None = None) -> dict[str, 
                 raise ConfigError(f"--run-config: cannot read {path} ({exc.strerror or exc})") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"--run-config: {path} is not valid TOML ({exc})") from None
-            nested = [k for k, v in data.items() if isinstance(v, dict)]
-            if nested:
-                raise ConfigError(f"--run-config: {path} must hold flat run-config keys, "
-                                  f"found the table [{nested[0]}]")
-            merged.update(data)
+            merged.update(flatten(data))  # [dense] gen-steps = 1 -> dense.gen-steps
         elif str(arg).strip():
             try:
                 merged.update(parse_config_args([str(arg)]))
@@ -278,8 +328,8 @@ def write_run_config(values: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def _cast(key: str, value: Any) -> Any:
-    typ, _ = SPEC[key]
+def _cast(key: str, value: Any, keys: Mapping | None = None) -> Any:
+    typ, _ = (keys or SPEC)[key]
     try:
         if typ is bool:
             if isinstance(value, str):
@@ -361,21 +411,22 @@ def local_work(cfg: "Config") -> str:
 def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Config:
     """Merge defaults < run-config values (every run-config value wins); cast and validate."""
     defaults = load_defaults() if defaults is None else dict(defaults)
-    unknown = sorted(set(run_config) - set(SPEC))
+    keys = spec()
+    unknown = sorted(set(run_config) - set(keys))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key; known keys: {sorted(SPEC)}")
-    missing = sorted(set(SPEC) - set(defaults) - set(run_config))
+        raise ConfigError(f"{unknown[0]}: unknown key; known keys: {sorted(keys)}")
+    missing = sorted(set(keys) - set(defaults) - set(run_config))
     if missing:
         raise ConfigError(f"{missing[0]}: no value and no default")
-    merged = {k: v for k, v in defaults.items() if k in SPEC}
+    merged = {k: v for k, v in defaults.items() if k in keys}
     merged.update(run_config)
-    values = {key: _cast(key, merged[key]) for key in SPEC}
-    for key, (_, check) in SPEC.items():
+    values = {key: _cast(key, merged[key], keys) for key in keys}
+    for key, (_, check) in keys.items():
         problem = check(values[key]) if check else None
         if problem:
             raise ConfigError(f"{key}: {problem}")
     check_local_work(values)
-    if values["strategy"] in ("mosaic", "feddf") and values["warmup-rounds"] > values["num-server-rounds"]:
+    if distils(values["strategy"]) and values["warmup-rounds"] > values["num-server-rounds"]:
         raise ConfigError(f"warmup-rounds: {values['warmup-rounds']} exceeds num-server-rounds "
                           f"{values['num-server-rounds']} (distillation happens after the last "
                           "warm-up round)")
@@ -386,19 +437,22 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     if values["distill-local-steps"] > 0 and values["local-steps"] == 0:
         raise ConfigError("distill-local-steps: replaces local-steps at the distillation round, but local "
                           f"work is local-epochs={values['local-epochs']}; set local-steps instead")
+    method = _methods()[values["strategy"]]
+    if method.check is not None:
+        method.check(values)
     return Config(values)
 
 
 def lr_for_round(cfg: "Config", server_round: int) -> float:
     """The clients' learning rate in ``server_round``, for every strategy (``lr-schedule``):
     ``constant``: ``lr`` in every round; ``step``: ``lr`` up to ``warmup-rounds``, then
-    ``finetune-lr``; ``auto`` (the default): ``step`` for Mosaic and FedDF (their fine-tune
-    rounds follow the distillation round), ``constant`` for FedAvg and FedProx. ``step``
+    ``finetune-lr``; ``auto`` (the default): ``step`` for the distilling methods (their
+    fine-tune rounds follow the distillation round), ``constant`` for the others. ``step``
     gives the baselines Mosaic's schedule, so that distillation is compared with FedAvg at
     the same rates, not with a FedAvg that never lowers its rate."""
     schedule = cfg.lr_schedule
     if schedule == "auto":
-        schedule = "step" if cfg.strategy in ("mosaic", "feddf") else "constant"
+        schedule = "step" if distils(cfg.strategy) else "constant"
     if schedule == "step" and server_round > cfg.warmup_rounds:
         return cfg.finetune_lr
     return cfg.lr

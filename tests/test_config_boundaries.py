@@ -21,7 +21,7 @@ import torch
 
 from client_app.app import round_seed, sgd_settings
 from mosaic_flwr.central import federated_sample_passes
-from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, ConfigError, build_config
+from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, spec, ConfigError, build_config
 from mosaic_flwr.data import dataset_info, partition, partition_without, validation_indices
 from mosaic_flwr.models.generators import generator_for
 from mosaic_flwr.mosaic.client import mosaic_client_round
@@ -326,7 +326,7 @@ BASE = {"dataset": "synthetic", "partition": "iid", "local-steps": 2}
 
 
 def test_every_numeric_key_has_a_boundary_row():
-    numeric = {k for k, (typ, _) in SPEC.items() if typ in (int, float)}
+    numeric = {k for k, (typ, _) in spec().items() if typ in (int, float)}
     assert not numeric - set(ROWS), f"add a row to ROWS for {sorted(numeric - set(ROWS))}"
     assert not set(ROWS) - numeric
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .bank import BankFedProx, BankStrategy
 from .base import ServerContext
+from .method import Method
 
 
 def run_fedavg(sc: ServerContext) -> None:
@@ -16,3 +17,7 @@ def run_fedavg(sc: ServerContext) -> None:
 def run_fedprox(sc: ServerContext) -> None:
     # ``proximal-mu`` goes into every train config; the client adds the term.
     BankFedProx(sc).run()
+
+
+FEDAVG = Method(run_fedavg, "federated averaging (McMahan et al., 2017)")
+FEDPROX = Method(run_fedprox, "FedAvg with a proximal term in the clients' loss (Li et al., 2020; proximal-mu)")

@@ -80,6 +80,7 @@ from ..seeds import mix_seed
 from ..task import Arch, build_arch
 from .bank import BankStrategy, StateDict
 from .base import ServerContext
+from .method import Method
 
 TEACHERS = ("meta", "ensemble", "average")
 
@@ -618,3 +619,8 @@ def run_mosaic(sc: ServerContext) -> None:
 
 def run_feddf(sc: ServerContext) -> None:
     MosaicStrategy(sc, teacher="average").run()
+
+
+MOSAIC = Method(run_mosaic, "Mosaic: class experts fused by a meta model, distilled on the clients' generators",
+                distils=True)
+FEDDF = Method(run_feddf, "FedDF's ensemble distillation on the clients' generators", distils=True)
