@@ -30,7 +30,7 @@ DISTILL_KEYS = ("acc-before-distill", "acc-ensemble", "acc-teacher", "acc-after-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
-    ap.add_argument("--strategies", nargs="+", default=["fedavg", "feddf", "mosaic"])
+    ap.add_argument("--strategies", nargs="+", default=["fedavg", "feddf-gen", "mosaic"])
     ap.add_argument("--run-config", action="append", default=[],
                     help="shared run-config: a TOML file (conf/*.toml) or overrides (TOML values); repeatable")
     ap.add_argument("--num-supernodes", type=int, default=10)

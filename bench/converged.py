@@ -51,7 +51,7 @@ CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedu
 # each lever of the teacher on its own, then Mosaic as shipped (defaults: the look-ahead gate).
 VARIANTS = {
     "fedavg": ("fedavg", {}),
-    "feddf": ("feddf", {}),
+    "feddf-gen": ("feddf-gen", {}),
     "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
     "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),
     "mosaic-kd500": ("mosaic", {"distill-gate": "off", "kd-steps": 500}),
@@ -240,6 +240,7 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     from client_app.app import app as client_app
     from mosaic_flwr.checkpoint import rng_state, set_rng_state
     from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.strategies import STRATEGIES
     from mosaic_flwr.strategies.mosaic import MosaicStrategy
     from server_app.app import finish_run, setup
 
@@ -266,8 +267,7 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     for variant in distilling:
         t1 = time.perf_counter()
         sv = setup(grid, context(run_config(variant)))
-        teacher = "average" if sv.cfg.strategy == "feddf" else "meta" if sv.cfg.mosaic_meta else "ensemble"
-        strat = MosaicStrategy(sv, teacher=teacher)
+        strat = STRATEGIES[sv.cfg.strategy].strategy(sv)
         strat.load_state_dict(copy.deepcopy(state))
         sv.results.restore(copy.deepcopy(rounds), copy.deepcopy(extra))
         set_rng_state(copy.deepcopy(rng))

@@ -31,7 +31,7 @@ def client_steps(run: dict) -> tuple[int, int] | None:
         return None  # an incomplete per-round log: not counted
     local = c.get("local-steps", 0)
     steps = sum(local for r in rows if r["round"] > 0)
-    distils = c.get("strategy") in ("mosaic", "feddf")
+    distils = c.get("strategy") in ("mosaic", "feddf-gen", "feddf")  # feddf: these runs' name for feddf-gen
     if distils and c.get("distill-local-steps"):
         steps += c["distill-local-steps"] - local
     steps += local * sum(1 for r in rows if r.get("shadow-clients"))

@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (RESULTS, RUNS, cell_done, fmt_mean_std, header_lines, loadavg,  # noqa: E402
                           paired_interval, provenance, run_cell, write_results)
 
-STRATEGIES = ("fedavg", "fedprox", "feddf", "mosaic", "mosaic-nometa")
+STRATEGIES = ("fedavg", "fedprox", "feddf-gen", "mosaic", "mosaic-nometa")
 ALPHAS = (0.01, 0.1, 1.0)
 SEEDS = (42, 43, 44)
 CENTRAL = "central"
 QUICK = {"strategies": ("fedavg", "mosaic"), "alphas": (0.1,), "seeds": (42,),
          "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 gen-steps=60 "
                        "kd-steps=30 meta-epochs=40"}
-DISTILLING = {"feddf", "mosaic", "mosaic-nometa", "mosaic-generated", "mosaic-screened"}
+DISTILLING = {"feddf-gen", "mosaic", "mosaic-nometa", "mosaic-generated", "mosaic-screened"}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from mosaic_flwr.models.generators import build_generator
 from mosaic_flwr.mosaic.client import MosaicClientResult
 from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
 from mosaic_flwr.strategies.base import ServerContext
+from mosaic_flwr.strategies.feddf import FedDFGenerators
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
 from mosaic_flwr.task import Arch
 from tests.conftest import as_flower_server
@@ -82,21 +83,21 @@ def test_experts_are_class_count_weighted_and_bad_replies_dropped(strategy):
     assert torch.allclose(strategy.experts["cnn_small"][0][w], torch.tensor(9.0))
 
 
-def test_feddf_keeps_label_counts_but_builds_no_class_experts():
+def test_feddf_gen_warms_up_as_fedavg_and_asks_for_generators_only_at_its_distillation_round():
     as_flower_server()
-    cfg = build_config({"strategy": "feddf", "dataset": "synthetic", "warmup-rounds": 3, "num-server-rounds": 5})
-    feddf = MosaicStrategy(_sc(cfg), teacher="average")
-    a, b = [6, 0, 0, 0, 0, 0, 0, 0, 0, 2], [2, 4, 0, 0, 0, 0, 0, 0, 0, 6]
-    arrays, _ = feddf.aggregate_train(1, [_reply(feddf, 1.0, a, 101), _reply(feddf, 5.0, b, 102)])
-    assert arrays is not None and feddf.experts == {}
-    assert feddf.family_counts["cnn_small"].tolist() == [8, 4, 0, 0, 0, 0, 0, 0, 0, 8]
-    assert feddf.state_dict()["experts"] == {}
+    cfg = build_config({"strategy": "feddf-gen", "dataset": "synthetic", "warmup-rounds": 3, "num-server-rounds": 5})
+    feddf = FedDFGenerators(_sc(cfg))
+    assert [feddf.round_config(r, feddf.train_config())[0] for r in (1, 2, 3, 4, 5)] == \
+        ["train", "train", "train.mosaic", "train", "train"]
+    _, values = feddf.round_config(3, feddf.train_config())
+    assert values["distill"] and values["proto-k"] == 0 and values["gen-steps"] == cfg.gen_steps
+    assert "experts" not in feddf.state_dict()  # FedDF's teacher is the client models: no class experts
 
 
 def test_class_experts_are_kept_through_warm_up_and_dropped_after_the_distillation_round(strategy, monkeypatch):
     ran = []
-    monkeypatch.setattr(strategy, "distillation", lambda server_round, replies, received: ran.append(
-        (len(replies), len(strategy.experts["cnn_small"]))))
+    monkeypatch.setattr(strategy, "distillation", lambda server_round, clients: ran.append(
+        (len(clients), len(strategy.experts["cnn_small"]))))
     a = [6, 0, 0, 0, 0, 0, 0, 0, 0, 2]
     for server_round in (1, 2):
         strategy.aggregate_train(server_round, [_reply(strategy, 1.0, a, 101)])
@@ -128,12 +129,12 @@ def test_distill_round_requires_valid_prototypes_and_generator(strategy):
     }
     for name, msg in cases.items():
         reply, problem = decode_mosaic_reply(msg, _template(strategy), num_classes=C, feature_dim=d,
-                                             generator_template=strategy.gen_template,
+                                             generator_template=strategy.generator_template(),
                                              expect_prototypes=True)
         assert reply is None and problem, name
     ok, problem = decode_mosaic_reply(_reply(strategy, 1.0, counts, 107, protos=good, generator=gen),
                                       _template(strategy), num_classes=C, feature_dim=d,
-                                      generator_template=strategy.gen_template, expect_prototypes=True)
+                                      generator_template=strategy.generator_template(), expect_prototypes=True)
     assert problem is None and ok.prototypes[0].shape == (3, d) and ok.generator is not None
 
 

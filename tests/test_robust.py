@@ -252,6 +252,7 @@ def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_
     from mosaic_flwr.config import build_config
     from mosaic_flwr.records import ClientInfo, MosaicReply
     from mosaic_flwr.strategies.base import ServerContext
+    from mosaic_flwr.strategies.distill import ClientModel
     from mosaic_flwr.strategies.mosaic import MosaicStrategy
 
     as_flower_server()
@@ -269,7 +270,7 @@ def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_
     for n, (arch, counts, value) in setup.items():
         state = {k: torch.full_like(v, value) if v.is_floating_point() else v.clone()
                  for k, v in strategy.template(arch).items()}
-        items.append((arch, MosaicReply(n, state, sum(counts), torch.tensor(counts), {})))
+        items.append(ClientModel(n, arch, state, float(sum(counts)), 0.0, torch.tensor(counts)))
     strategy.update_experts(1, "cnn_small", items)
     experts = strategy.experts["cnn_small"]
     w0, w1 = experts[0]["conv1.weight"], experts[1]["conv1.weight"]  # half models hold rows 0..15

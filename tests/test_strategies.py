@@ -5,7 +5,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from mosaic_flwr.strategies import STRATEGIES, get_strategy
 from mosaic_flwr.config import build_config
 from mosaic_flwr.strategies.bank import BankFedProx, BankStrategy
-from mosaic_flwr.strategies.baselines import run_fedavg, run_fedprox
+from mosaic_flwr.strategies.baselines import FEDAVG, FEDPROX
 from mosaic_flwr.strategies.base import ServerContext
 from tests.conftest import as_flower_server
 
@@ -13,7 +13,7 @@ TEMPLATE = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
 
 
 def test_selection_by_name():
-    assert get_strategy("fedavg") is run_fedavg and get_strategy("fedprox") is run_fedprox
+    assert get_strategy("fedavg") == FEDAVG.run and get_strategy("fedprox") == FEDPROX.run
     with pytest.raises(ValueError, match=r"strategy: 'x' is not available; allowed: \["):
         get_strategy("x")
     assert set(STRATEGIES) >= {"fedavg", "fedprox"}

@@ -32,7 +32,7 @@ def pretrained(tmp_path_factory):
     ("fedavg", "auto", [0.1, 0.1, 0.1, 0.1]),       # the baselines' default: constant
     ("fedprox", "auto", [0.1, 0.1, 0.1, 0.1]),
     ("mosaic", "auto", [0.1, 0.1, 0.01, 0.01]),     # distilling strategies: step after warm-up
-    ("feddf", "auto", [0.1, 0.1, 0.01, 0.01]),
+    ("feddf-gen", "auto", [0.1, 0.1, 0.01, 0.01]),
     ("fedavg", "step", [0.1, 0.1, 0.01, 0.01]),     # the baseline given Mosaic's schedule
     ("mosaic", "constant", [0.1, 0.1, 0.1, 0.1]),
 ])

@@ -10,13 +10,14 @@ from typing import Callable
 from .base import ServerContext
 from .baselines import FEDAVG, FEDPROX
 from .method import Method
-from .mosaic import FEDDF, MOSAIC
+from .feddf import FEDDF_GEN
+from .mosaic import MOSAIC
 
 STRATEGIES: dict[str, Method] = {
     "fedavg": FEDAVG,
     "fedprox": FEDPROX,
     "mosaic": MOSAIC,
-    "feddf": FEDDF,
+    "feddf-gen": FEDDF_GEN,
 }
 
 

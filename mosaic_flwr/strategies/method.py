@@ -21,17 +21,19 @@ Setting = tuple[type, "Validator | None"]
 class Method:
     """A strategy as the registry knows it.
 
-    ``run``: the runner, called with the ``ServerContext``. ``distils``: the method
-    has Mosaic's schedule (warm-up rounds, a server-side distillation after round
-    ``warmup-rounds``, fine-tune rounds at ``finetune-lr``). ``settings``: its own keys
-    (without the ``<name>.`` prefix) -> (type, validator). ``check``: cross-key checks on the
-    whole resolved config (raise ``ConfigError``), e.g. a method that refuses model
-    heterogeneity says so here, before any training.
+    ``strategy``: the class (a ``BankStrategy``), built with the ``ServerContext`` and run.
+    ``distils``: the method has the distillation schedule (warm-up rounds, a server-side
+    distillation after round ``warmup-rounds``, fine-tune rounds at ``finetune-lr``).
+    ``settings``: its own keys (without the ``<name>.`` prefix) -> (type, validator).
+    ``check``: cross-key checks on the whole resolved config (raise ``ConfigError``), e.g. a
+    method that refuses model heterogeneity says so here, before any training.
     """
 
-    run: Callable[[Any], None]
+    strategy: type
     summary: str
     distils: bool = False
     settings: Mapping[str, Setting] = field(default_factory=dict)
     check: Callable[[Mapping[str, Any]], None] | None = None
 
+    def run(self, sc: Any) -> None:
+        self.strategy(sc).run()

@@ -1,0 +1,72 @@
+"""Teachers built from the clients' models, shared by the server-side distillation methods.
+
+``ClientEnsemble`` combines the logits of N client models (each in its own architecture)
+class by class: ``t[:, c] = sum_i W[i, c] * z_i[:, c]`` with every column of ``W`` summing
+to 1. ``uniform_weights`` is FedDF's and DENSE's average; ``label_weights`` is the
+label-aware ensemble of FedFTG and DFRD (client i's weight for class c is its share of the
+examples of class c, so a client never votes on a class it has not seen, unless nobody
+has). Unlike ``StackedExperts`` it is an ``nn.Module`` whose forward is differentiable in
+its input (the models' weights are frozen): a server-side generator trains through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def uniform_weights(num_clients: int, num_classes: int) -> Tensor:
+    """``[N, C]`` all ``1/N``: the plain average of the clients' logits."""
+    if num_clients < 1:
+        raise ValueError("uniform_weights: no client")
+    return torch.full((num_clients, num_classes), 1.0 / num_clients)
+
+
+def label_weights(label_counts: Tensor) -> Tensor:
+    """``[N, C]``: client i's share of class c's examples, ``n_ic / sum_j n_jc`` (uniform
+    for a class nobody holds)."""
+    counts = torch.as_tensor(label_counts, dtype=torch.float64)
+    if counts.dim() != 2 or len(counts) == 0:
+        raise ValueError("label_weights: expected [N, C] label counts")
+    totals = counts.sum(0, keepdim=True)
+    share = torch.where(totals > 0, counts / totals.clamp_min(1), 1.0 / len(counts))
+    return share.float()
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with every parameter's gradient off (gradients still flow to
+    its input)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class ClientEnsemble(nn.Module):
+    """``forward(x) = sum_i W[i] * model_i(x)`` class by class (see the module docstring).
+
+    ``models`` are frozen (eval mode, no weight gradients); ``forward`` is differentiable in
+    ``x``; ``all_logits(x)`` gives every model's logits ``[N, B, C]``."""
+
+    def __init__(self, models: Sequence[nn.Module], weights: Tensor):
+        super().__init__()
+        if len(models) == 0:
+            raise ValueError("ClientEnsemble: no model")
+        if weights.shape[0] != len(models):
+            raise ValueError(f"ClientEnsemble: {len(models)} models but {weights.shape[0]} weight rows")
+        self.members = nn.ModuleList([frozen(m) for m in models])
+        self.register_buffer("weights", weights.float())
+
+    def train(self, mode: bool = True) -> "ClientEnsemble":  # the members stay in eval mode
+        super().train(mode)
+        for m in self.members:
+            m.eval()
+        return self
+
+    def all_logits(self, x: Tensor) -> Tensor:
+        return torch.stack([m(x) for m in self.members])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.all_logits(x) * self.weights.unsqueeze(1)).sum(0)
