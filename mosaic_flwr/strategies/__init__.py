@@ -9,12 +9,14 @@ from typing import Callable
 
 from .base import ServerContext
 from .baselines import FEDAVG, FEDPROX
+from .fedrs import FEDRS
 from .method import Method
 from .mosaic import FEDDF, MOSAIC
 
 STRATEGIES: dict[str, Method] = {
     "fedavg": FEDAVG,
     "fedprox": FEDPROX,
+    "fedrs": FEDRS,
     "mosaic": MOSAIC,
     "feddf": FEDDF,
 }
