@@ -9,6 +9,7 @@ from typing import Callable
 
 from .base import ServerContext
 from .baselines import FEDAVG, FEDPROX
+from .fedbn import FEDBN
 from .fedrs import FEDRS
 from .method import Method
 from .mosaic import FEDDF, MOSAIC
@@ -17,6 +18,7 @@ STRATEGIES: dict[str, Method] = {
     "fedavg": FEDAVG,
     "fedprox": FEDPROX,
     "fedrs": FEDRS,
+    "fedbn": FEDBN,
     "mosaic": MOSAIC,
     "feddf": FEDDF,
 }
