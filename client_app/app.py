@@ -13,10 +13,12 @@ from mosaic_flwr.data import dataset_info
 from mosaic_flwr.data.augment import augmenter
 from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.prototypes import per_class_subset
-from mosaic_flwr.mosaic.training import predict_logits, train_local
+from mosaic_flwr.mosaic.training import predict_logits, restriction_scale, train_local
 from mosaic_flwr.records import (ARRAYS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES, mosaic_payload,
                                  record_to_state, state_to_record)
 from mosaic_flwr.seeds import mix_seed
+from mosaic_flwr.strategies.fedbn import LOCAL_BN, keep_local_bn, restore_local_bn
+from mosaic_flwr.strategies.fedrs import ALPHA_KEY
 from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition
 
 app = ClientApp()
@@ -80,11 +82,22 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Baseline round (FedAvg, FedProx, Mosaic's fine-tune rounds): train, return weights."""
+    """Baseline round (FedAvg, FedProx, FedRS, FedBN, Mosaic's fine-tune rounds): train,
+    return weights. FedRS: ``fedrs-alpha`` scales the logits of the classes this client
+    lacks; FedBN (``local-bn``): this client's own BatchNorm entries replace the received
+    ones, and are kept in its node state for the next round."""
     cfg, x, y, model, c, seed = _received(msg, context)
+    info = dataset_info(cfg.dataset)
+    local_bn = bool(c.get(LOCAL_BN, False))
+    if local_bn:
+        restore_local_bn(model, context.state)
+    scale = (restriction_scale(label_counts(y, info.num_classes) > 0, float(c[ALPHA_KEY]))
+             if ALPHA_KEY in c else None)
     stats = train_local(model, x, y, **sgd_settings(c), proximal_mu=float(c.get("proximal-mu", 0.0)),
-                        seed=seed, device=resolve_device(cfg.device),
-                        augment=augmenter(cfg.augment, dataset_info(cfg.dataset)))
+                        seed=seed, device=resolve_device(cfg.device), augment=augmenter(cfg.augment, info),
+                        logit_scale=scale)
+    if local_bn:
+        keep_local_bn(model, context.state)
     metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"]})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
     return Message(content=content, reply_to=msg)

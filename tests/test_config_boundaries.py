@@ -30,10 +30,11 @@ from mosaic_flwr.mosaic.meta import MetaModel, train_meta
 from mosaic_flwr.mosaic.moe import GeneratorSampler
 from mosaic_flwr.mosaic.prototypes import class_prototypes
 from mosaic_flwr.mosaic.robust import robust_average
-from mosaic_flwr.mosaic.training import evaluate, train_local
+from mosaic_flwr.mosaic.training import evaluate, restriction_scale, train_local
 from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.strategies.bank import BankStrategy, RoundFailed
 from mosaic_flwr.strategies.base import ServerContext
+from mosaic_flwr.strategies.fedrs import BankFedRS
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
 from mosaic_flwr.task import initial_model
 from tests.conftest import as_flower_server
@@ -160,6 +161,17 @@ def local_training(cfg: Config) -> None:
     assert stats["steps"] == expected and math.isfinite(stats["train-loss"])
     train_local(model, x, y, **{**settings, "lr": cfg.finetune_lr}, seed=2)
     assert 0 <= evaluate(model, x, y, batch_size=cfg.eval_batch_size)["accuracy"] <= 1
+
+
+def fedrs_training(cfg: Config) -> None:
+    """``fedrs.alpha``: the server's train config -> the ClientApp's restriction of the
+    classes the client lacks (classes 4.. here) -> train_local."""
+    values = _server(cfg, BankFedRS).train_config()
+    x, y = _data()
+    scale = restriction_scale(torch.bincount(y, minlength=C) > 0, values["fedrs-alpha"])
+    assert scale[0] == 1 and scale[-1] == cfg.of("fedrs").alpha
+    stats = train_local(initial_model(cfg), x, y, **sgd_settings(values), seed=1, logit_scale=scale)
+    assert math.isfinite(stats["train-loss"])
 
 
 def distill_round_training(cfg: Config) -> None:
@@ -296,6 +308,7 @@ ROWS: dict[str, Row] = {
     "weight-decay": Row([0.0], [-0.1], local_training),
     "proximal-mu": Row([0.0, 1.0], [-0.1], local_training),
     "finetune-lr": Row([JUST_ABOVE_0], [0.0], local_training),
+    "fedrs.alpha": Row([0.0, 1.0], [-0.1, 1.0 + 1e-9], fedrs_training, {"strategy": "fedrs"}),
     "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
     "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
     "eval-batch-size": Row([1], [0], local_training),

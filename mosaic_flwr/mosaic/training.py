@@ -33,18 +33,37 @@ def batches(n: int, batch_size: int, generator: torch.Generator, *, epochs: int 
             done += 1
 
 
+def restriction_scale(present: torch.Tensor, alpha: float) -> torch.Tensor:
+    """FedRS's per-class logit multipliers: 1 for the classes in ``present`` (a boolean mask
+    over the classes), ``alpha`` for the others."""
+    return torch.where(present.bool(), 1.0, float(alpha))
+
+
+def restricted_logits(logits: torch.Tensor, present: torch.Tensor, alpha: float) -> torch.Tensor:
+    """FedRS's restricted softmax input (Li & Zhan, KDD 2021): the logits of the classes
+    missing from ``present`` multiplied by ``alpha`` in [0, 1] (1: unchanged, plain FedAvg).
+    ``present`` is the client's whole label set (classes it holds any example of), as in the
+    paper; the Mosaic authors' code instead takes the classes visible in each batch and
+    anneals alpha (0.1 rising to 0.8, see MOSAIC_REFERENCE.md); we follow the paper."""
+    return logits * restriction_scale(present, alpha).to(logits)
+
+
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 1,
                 steps: int = 0, batch_size: int = 32, lr: float = 0.01, momentum: float = 0.9,
                 weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0,
-                device: torch.device | str = "cpu", augment: Augment | None = None) -> dict[str, float]:
+                device: torch.device | str = "cpu", augment: Augment | None = None,
+                logit_scale: torch.Tensor | None = None) -> dict[str, float]:
     """SGD on (x, y); with ``proximal_mu > 0`` adds FedProx's (mu/2)||w - w_global||^2,
     w_global being the weights the model holds on entry; ``augment`` transforms each batch
-    (its randomness is a stream of its own, so the batch order does not change with it).
-    Returns mean loss, steps, seconds."""
+    (its randomness is a stream of its own, so the batch order does not change with it);
+    ``logit_scale`` (one factor per class, FedRS's ``restriction_scale``) multiplies the
+    logits inside the training loss only. Returns mean loss, steps, seconds."""
     if len(y) == 0:
         raise ValueError("train_local: no training samples")
     device = torch.device(device)
     model.to(device).train()
+    if logit_scale is not None:
+        logit_scale = logit_scale.to(device)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +73,10 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         if augment is not None:
             xb = augment(xb, aug_gen)
-        loss = F.cross_entropy(model(xb), yb)
+        logits = model(xb)
+        if logit_scale is not None:
+            logits = logits * logit_scale.to(logits.dtype)
+        loss = F.cross_entropy(logits, yb)
         if anchor is not None:
             prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
             loss = loss + 0.5 * proximal_mu * prox

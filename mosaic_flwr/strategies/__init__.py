@@ -9,6 +9,8 @@ from typing import Callable
 
 from .base import ServerContext
 from .baselines import FEDAVG, FEDPROX
+from .fedbn import FEDBN
+from .fedrs import FEDRS
 from .method import Method
 from .feddf import FEDDF_GEN
 from .mosaic import MOSAIC
@@ -16,6 +18,8 @@ from .mosaic import MOSAIC
 STRATEGIES: dict[str, Method] = {
     "fedavg": FEDAVG,
     "fedprox": FEDPROX,
+    "fedrs": FEDRS,
+    "fedbn": FEDBN,
     "mosaic": MOSAIC,
     "feddf-gen": FEDDF_GEN,
 }
