@@ -184,10 +184,6 @@ class BankFedBN(BankStrategy):
         self.local_bn = {int(k): v for k, v in state.get("local-bn", {}).items()}
 
 
-def run_fedbn(sc: ServerContext) -> None:
-    BankFedBN(sc).run()
-
-
 # ----------------------------------------------------------------------------- config check
 def no_batchnorm(model: str, key: str) -> str:
     with_bn = [name for name in MODELS if _has_batchnorm(name, "synthetic")]
@@ -214,6 +210,6 @@ def check_fedbn(values: Mapping[str, Any]) -> None:
                           "submodel='fixed' with client-capacities below 1")
 
 
-FEDBN = Method(run_fedbn, "FedAvg with client-local BatchNorm layers (Li et al., 2021); headline: the "
+FEDBN = Method(BankFedBN, "FedAvg with client-local BatchNorm layers (Li et al., 2021); headline: the "
                           "averaged local BatchNorm, acc-personal: each client's own",
                settings={"personal-eval": (bool, None)}, check=check_fedbn)

@@ -33,10 +33,6 @@ class BankFedRS(BankStrategy):
         return self.sc.train_config(**{ALPHA_KEY: self.cfg.of("fedrs").alpha})
 
 
-def run_fedrs(sc: ServerContext) -> None:
-    BankFedRS(sc).run()
-
-
-FEDRS = Method(run_fedrs, "FedAvg whose clients scale the logits of classes they lack by alpha "
+FEDRS = Method(BankFedRS, "FedAvg whose clients scale the logits of classes they lack by alpha "
                           "(restricted softmax; Li & Zhan, 2021; fedrs.alpha)",
                settings={"alpha": (float, _closed_unit)})
