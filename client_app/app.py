@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 import torch
@@ -14,7 +15,7 @@ from mosaic_flwr.data.augment import augmenter
 from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.prototypes import per_class_subset
 from mosaic_flwr.mosaic.training import predict_logits, restriction_scale, train_local
-from mosaic_flwr.records import (ARRAYS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES, mosaic_payload,
+from mosaic_flwr.records import (ARRAYS, CLIENT_SECONDS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES, mosaic_payload,
                                  record_to_state, state_to_record)
 from mosaic_flwr.seeds import mix_seed
 from mosaic_flwr.strategies.fedbn import LOCAL_BN, keep_local_bn, restore_local_bn
@@ -86,6 +87,7 @@ def train(msg: Message, context: Context) -> Message:
     return weights. FedRS: ``fedrs-alpha`` scales the logits of the classes this client
     lacks; FedBN (``local-bn``): this client's own BatchNorm entries replace the received
     ones, and are kept in its node state for the next round."""
+    t0 = time.perf_counter()
     cfg, x, y, model, c, seed = _received(msg, context)
     info = dataset_info(cfg.dataset)
     local_bn = bool(c.get(LOCAL_BN, False))
@@ -98,7 +100,8 @@ def train(msg: Message, context: Context) -> Message:
                         logit_scale=scale)
     if local_bn:
         keep_local_bn(model, context.state)
-    metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"]})
+    metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"],
+                            CLIENT_SECONDS: time.perf_counter() - t0})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
@@ -142,6 +145,7 @@ def meta_logits(msg: Message, context: Context) -> Message:
 def train_mosaic(msg: Message, context: Context) -> Message:
     """Mosaic warm-up round (weights + label counts); at the distillation round also the
     prototypes and the once-trained conditional generator."""
+    t0 = time.perf_counter()
     cfg, x, y, model, c, seed = _received(msg, context)
     distill = bool(c.get("distill", False))
     gen = None
@@ -153,4 +157,5 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         model, x, y, dataset_info(cfg.dataset), train=sgd_settings(c),
         seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen,
         augment=augmenter(cfg.augment, dataset_info(cfg.dataset)))
+    result.metrics[CLIENT_SECONDS] = time.perf_counter() - t0
     return Message(content=mosaic_payload(result), reply_to=msg)

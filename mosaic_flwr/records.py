@@ -19,6 +19,7 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"
+CLIENT_SECONDS = "client-seconds"  # a train reply's wall time on the client (benchmarks: client compute)
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -164,6 +164,9 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
     assert distill["accuracy"] == pytest.approx(distill["acc-after-distill"], abs=1e-4)
     summary = json.loads((out["dir"] / "summary.json").read_text())
     assert summary["distillation"]["acc-after-distill"] == distill["acc-after-distill"]
+    # the clients' reported wall time per round, and in total (client compute in benchmarks)
+    assert all(r["client-seconds"] > 0 for r in rows[1:])
+    assert summary["client_seconds"] == pytest.approx(sum(r["client-seconds"] for r in rows[1:]), abs=0.02)
     assert (out["dir"] / "generator_samples.png").stat().st_size > 1000
 
     # The student entered distillation as the round's aggregate: the example-weighted mean

@@ -19,6 +19,7 @@ term switched on in the clients' train config. ``MosaicStrategy`` builds on this
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import defaultdict
@@ -40,6 +41,7 @@ from ..mosaic.submodels import IndexPlan, masked_average, model_plan, robust_mas
 from ..mosaic.training import evaluate
 from ..records import (
     ARRAYS,
+    CLIENT_SECONDS,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
@@ -237,6 +239,10 @@ class BankStrategy(FedAvg):
                 self.reject(msg, arch, problem)
                 continue
             kept[node] = (arch, payload)
+            seconds = msg.content.metric_records[METRICS].get(CLIENT_SECONDS, 0.0)
+            if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
+                m = self.sc.train_metrics
+                m[CLIENT_SECONDS] = round(m.get(CLIENT_SECONDS, 0.0) + float(seconds), 3)
         return [kept[n] for n in sorted(kept, key=self.sc.partition_of)]
 
     def decode(self, server_round: int, msg: Message, arch: Arch) -> tuple[object, str | None]:
@@ -408,6 +414,8 @@ class BankStrategy(FedAvg):
     def finish(self) -> None:
         sc = self.sc
         sc.results.extra["rejected_replies"] = self.rejected
+        # What the clients reported spending on training replies (benchmarks: client compute)
+        sc.results.extra["client_seconds"] = round(sum(r.get(CLIENT_SECONDS, 0.0) for r in sc.results.rounds), 2)
         last = sc.results.rounds[-1] if sc.results.rounds else {}
         by_arch = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
         if by_arch:
