@@ -51,6 +51,13 @@ CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedu
 # each lever of the teacher on its own, then Mosaic as shipped (defaults: the look-ahead gate).
 VARIANTS = {
     "fedavg": ("fedavg", {}),
+    "fedprox": ("fedprox", {}),
+    "fedrs": ("fedrs", {}),
+    "fedbn": ("fedbn", {}),
+    "feddf": ("feddf", {}),
+    "dense": ("dense", {}),
+    "fedftg": ("fedftg", {}),
+    "dfrd": ("dfrd", {}),
     "feddf-gen": ("feddf-gen", {}),
     "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
     "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),
@@ -61,6 +68,18 @@ VARIANTS = {
     "mosaic-clients-gated": ("mosaic", {"meta-data": "clients"}),
     "mosaic": ("mosaic", {}),
 }
+def shares_round1(variant: str) -> bool:
+    """Whether a variant runs Mosaic's client round at the distillation round (generators,
+    prototypes): those share one round 1 of client work; every other variant (FedAvg and
+    the methods whose clients only train) is one whole in-process run."""
+    from mosaic_flwr.strategies import STRATEGIES
+    from mosaic_flwr.strategies.distill import DistillStrategy
+
+    method = STRATEGIES.get(VARIANTS[variant][0])
+    cls = method.strategy if method else None
+    return bool(cls and issubclass(cls, DistillStrategy) and cls.mosaic_message is not DistillStrategy.mosaic_message)
+
+
 # Settings that change round 1's client work: variants that differ in them cannot share it.
 ROUND1_KEYS = ("distill-local-steps",)
 
@@ -137,7 +156,7 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
         print(f"[converged] {pre.name} not finished: run --stage pretrain first", flush=True)
         return
     todo = [v for v in variants if not cell_done(runs_dir / variant_name(v, alpha, seed))]
-    keys = {round1_key(VARIANTS[v][1]) for v in variants if VARIANTS[v][0] != "fedavg"}
+    keys = {round1_key(VARIANTS[v][1]) for v in variants if shares_round1(v)}
     missing = [k for k in keys if not oracle_file(runs_dir, alpha, seed, k).is_file()]
     if not todo and not missing:
         return
@@ -155,19 +174,19 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
              "torch_threads": torch.get_num_threads(), "driver": "bench/converged.py (in-process)", **extra},
             indent=2) + "\n")
 
-    for variant in [v for v in todo if VARIANTS[v][0] == "fedavg"]:
+    for variant in [v for v in todo if not shares_round1(v)]:
         print(f"[converged] alpha={alpha:g} seed={seed}: {variant}", flush=True)
         s = run_inprocess(run_config(variant), num_clients, f"{variant} from FedAvg (alpha={alpha:g}, seed {seed})")
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f} (validation "
               f"{s.get('final_val_accuracy', float('nan')):.4f})", flush=True)
     groups: dict[tuple, list[str]] = {}
     for v in todo:
-        if VARIANTS[v][0] != "fedavg":
+        if shares_round1(v):
             groups.setdefault(round1_key(VARIANTS[v][1]), []).append(v)
     for key in missing:
         groups.setdefault(key, [])  # round 1 for the oracle alone
     for key, distilling in groups.items():
-        first = next(v for v in variants if VARIANTS[v][0] != "fedavg" and round1_key(VARIANTS[v][1]) == key)
+        first = next(v for v in variants if shares_round1(v) and round1_key(VARIANTS[v][1]) == key)
         # Round 1 writes into a scratch run directory of its own, never into a variant's (a
         # finished variant's metrics would be overwritten by the shared round 0).
         base_rc = {**run_config(first), "run-name": oracle_file(runs_dir, alpha, seed, key).stem.replace("oracle", "round1")}

@@ -31,11 +31,11 @@ def client_steps(run: dict) -> tuple[int, int] | None:
         return None  # an incomplete per-round log: not counted
     local = c.get("local-steps", 0)
     steps = sum(local for r in rows if r["round"] > 0)
-    distils = c.get("strategy") in ("mosaic", "feddf-gen", "feddf")  # feddf: these runs' name for feddf-gen
-    if distils and c.get("distill-local-steps"):
+    generators = c.get("strategy") in ("mosaic", "feddf-gen")  # Mosaic's client round at the distillation round
+    if generators and c.get("distill-local-steps"):
         steps += c["distill-local-steps"] - local
     steps += local * sum(1 for r in rows if r.get("shadow-clients"))
-    return steps, c.get("gen-steps", 0) if distils else 0
+    return steps, c.get("gen-steps", 0) if generators else 0
 
 
 def _ms(values: list[float], pct: bool = True) -> str:
@@ -216,6 +216,22 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
             cells += [_ms([g[0] for g in got], pct=False), _ms([g[1] for g in got], pct=False)]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines.append("")
+    # ---- measured client and server time
+    lines += [f"## Measured time in the {R} continuation rounds (s, mean over the runs)", "",
+              "Client: the clients' own wall time for their training replies (`client-seconds`, all clients "
+              "together; generators and prototypes included, the gate's evaluation queries not). Server: the "
+              "distillation (teacher, synthetic data, KD, checks, gate), over every distillation round.", "",
+              "| method | " + " | ".join(f"α={a:g} client | α={a:g} server" for a in alphas) + " |",
+              "|---|" + "---|---|" * len(alphas)]
+    for v in variants:
+        cells = []
+        for a in alphas:
+            got = [runs[(v, a, s)] for s in seeds if (v, a, s) in runs]
+            cells.append(_ms([g["client_seconds"] for g in got if g.get("client_seconds")], pct=False))
+            dist = [g.get("distillation") or {} for g in got]
+            cells.append(_ms([d.get("distill-seconds-total", d.get("distill-seconds", 0.0)) for d in dist], pct=False))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines.append("")
     # ---- time
     lines += ["## Wall time (s, in-process, one process per shard on the 2 shared cores)", "",
               "| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
@@ -238,7 +254,7 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
     md = "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(md)
     keep = ("final_accuracy", "final_val_accuracy", "best_accuracy", "distillation", "init_from", "wall_seconds",
-            "bench", "local_work")
+            "bench", "local_work", "client_seconds")
     (RESULTS / f"{name}.json").write_text(json.dumps({
         "pretrain": {f"a{a:g}-s{s}": v for (a, s), v in pre.items()},
         "central": {str(s): {k: c.get(k) for k in ("final_accuracy", "best_accuracy", "sample_passes")}

@@ -397,6 +397,7 @@ class DistillStrategy(BankStrategy):
             report.update({f"acc-before-distill/{f}": v for f, v in before.items()})
             report.update({f"acc-after-distill/{f}": v for f, v in after.items()})
         report["distill-seconds"] = time.perf_counter() - t_all
+        report["distill-seconds-total"] = self.distill_report.get("distill-seconds-total", 0.0) + report["distill-seconds"]
         if source.check is not None:
             log(INFO, "[distill] round %d, held-out samples of %s (server-side check): student %.4f | "
                 "ensemble %s | teacher %.4f | distilled student %.4f", server_round, source.name,
