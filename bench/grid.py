@@ -8,6 +8,9 @@ bound). Writes bench/results/<name>.md (mean ± std over seeds of final and best
     .venv/bin/python bench/grid.py             # the full grid: 5 strategies x 3 alphas x 3 seeds
     .venv/bin/python bench/grid.py --quick     # 2 strategies x 1 alpha x 1 seed, 3 short rounds
     .venv/bin/python bench/grid.py --table-only   # rebuild the table from the finished cells
+    .venv/bin/python bench/grid.py converged --stage pretrain ...   # the two-stage protocol:
+        # FedAvg pre-trained once per (data set, alpha, seed), then every method from that
+        # checkpoint (bench/converged.py's options; --run-config conf/cifar10-cpu.toml for CIFAR-10)
 
 Resumes: a cell whose run directory (bench/runs/<name>/<cell>/) holds summary.json is not
 run again, so an interrupted grid continues where it stopped. Cells run in seed order, so
@@ -349,6 +352,12 @@ def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["converged"]:
+        # The two-stage protocol (pre-train FedAvg once per data set, alpha and seed, then every
+        # method from that checkpoint): bench/converged.py, with its own options.
+        from bench.converged import main as converged_main
+        return converged_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", help="results name (default: grid, or grid-quick with --quick)")
     ap.add_argument("--strategies", nargs="+", help=f"default: {' '.join(STRATEGIES)}")
