@@ -155,7 +155,7 @@ def prepare_feddf(cfg: Config) -> None:
         transfer_set_name(cfg.dataset, cfg.of("feddf").transfer_set), cfg.dataset)
 
 
-class _RememberingTeacher:
+class RememberingTeacher:
     """A teacher that keeps its logits on the last KD batch: the source asks for the teacher's
     labels of a batch (``y_requested``) and the KD loop then for its logits on the same tensor;
     one pass serves both. Any other input is computed afresh."""
@@ -181,7 +181,7 @@ class TransferSampler:
     set, drawn with a generator of their own (the seed). ``y_requested`` is the teacher's
     argmax, so ``kd-teacher-label-agreement`` is 1 by construction (no labels are asked for)."""
 
-    def __init__(self, images: Tensor, batch_size: int, seed: int, teacher: _RememberingTeacher,
+    def __init__(self, images: Tensor, batch_size: int, seed: int, teacher: RememberingTeacher,
                  device: torch.device | str = "cpu"):
         if len(images) == 0:
             raise ValueError("TransferSampler: no images")
@@ -223,12 +223,12 @@ class FedDF(DistillStrategy):
                 f"unlabelled images of {self.transfer_name}")
 
     def teacher_for(self, server_round: int, clients: list, report: dict) -> Teacher:
-        return _RememberingTeacher(self.client_ensemble(clients, "uniform"))
+        return RememberingTeacher(self.client_ensemble(clients, "uniform"))
 
     def source_for(self, server_round: int, clients: list, teacher: Teacher, students: dict, report: dict
                    ) -> Source:
-        if not isinstance(teacher, _RememberingTeacher):  # a subclass's teacher: one more pass a batch
-            teacher = _RememberingTeacher(teacher)
+        if not isinstance(teacher, RememberingTeacher):  # a subclass's teacher: one more pass a batch
+            teacher = RememberingTeacher(teacher)
         report["transfer-images"] = float(len(self.transfer))
         sampler = TransferSampler(self.transfer, self.cfg.kd_batch_size,
                                   mix_seed(self.cfg.seed, "feddf-kd", server_round), teacher, self.sc.device)
