@@ -9,6 +9,7 @@ MNIST (the transfer set of some tests) comes from the machine's copy, as in
 from __future__ import annotations
 
 import json
+import shlex
 import types
 
 import pytest
@@ -367,3 +368,15 @@ def test_feddf_distils_every_family_under_model_heterogeneity_on_mnist_images(tm
         assert _rows(_pixels(x, "synthetic")) <= _rows(mnist.x)          # MNIST images, synthetic's space
         # one teacher: the mean of the logits of the three client models, each its own architecture
         assert torch.allclose(seen["teacher"](x[:32]), _ensemble(cfg, archs, replies[r], x[:32]), atol=1e-5)
+
+
+def test_the_readmes_feddf_commands_are_valid_configurations():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## FedDF\n"):readme.index("\n## Model heterogeneity\n")]
+    commands = [line for line in section.splitlines() if line.startswith("bash scripts/run.sh")]
+    assert len(commands) == 3
+    for line in commands:
+        args = shlex.split(line.split("#")[0])[2:]
+        values = merge_run_config([a for a in args if a != "--run-config"], cwd=PROJECT_ROOT)
+        cfg = build_config({**load_defaults(), **values})
+        assert cfg.strategy == "feddf", line
