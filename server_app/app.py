@@ -19,7 +19,7 @@ from mosaic_flwr.config import Config, ConfigError, build_config, local_work, re
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
 from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
-from mosaic_flwr.strategies import ServerContext, get_strategy
+from mosaic_flwr.strategies import STRATEGIES, ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import discover_clients
 from mosaic_flwr.task import Arch, clients_per_round, test_data, test_set_fingerprint, validation_data
@@ -92,6 +92,8 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     results = RunResults(out, cfg.to_dict())  # checks the directory is writable
     test_x, test_y = test_data(cfg)            # raises DatasetNotFoundError with the paths
     val_x, val_y = validation_data(cfg) or (None, None)
+    if STRATEGIES[cfg.strategy].prepare is not None:  # e.g. FedDF's transfer set: fails here if missing
+        STRATEGIES[cfg.strategy].prepare(cfg)
     results.extra["test_set_sha256"] = test_set_fingerprint(cfg)
     if resume_state is not None:
         check_same_data(resume_state, cfg, results.extra["test_set_sha256"])

@@ -34,6 +34,7 @@ from mosaic_flwr.mosaic.training import evaluate, restriction_scale, train_local
 from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.strategies.bank import BankStrategy, RoundFailed
 from mosaic_flwr.strategies.base import ServerContext
+from mosaic_flwr.strategies.feddf import RememberingTeacher, TransferSampler, transfer_images
 from mosaic_flwr.strategies.fedrs import BankFedRS
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
 from mosaic_flwr.task import initial_model
@@ -174,6 +175,17 @@ def fedrs_training(cfg: Config) -> None:
     assert math.isfinite(stats["train-loss"])
 
 
+def feddf_transfer(cfg: Config) -> None:
+    """``feddf.transfer-size``: FedDF's transfer set (synthetic's validation split of 200
+    images here; a larger size takes all of them) and a KD batch drawn from it."""
+    x = transfer_images(cfg)
+    assert len(x) == min(cfg.of("feddf").transfer_size, 200) and torch.isfinite(x).all()
+    teacher = initial_model(cfg).eval()
+    sampler = TransferSampler(x, cfg.kd_batch_size, cfg.seed, RememberingTeacher(teacher))
+    batch, labels = sampler(0)
+    assert batch.shape == (cfg.kd_batch_size, 1, 28, 28) and labels.shape == (cfg.kd_batch_size,)
+
+
 def distill_round_training(cfg: Config) -> None:
     """The distillation round's train config (``distill-local-steps`` replaces local-steps
     there, 0 keeps them) -> the ClientApp's sgd_settings -> train_local."""
@@ -309,6 +321,8 @@ ROWS: dict[str, Row] = {
     "proximal-mu": Row([0.0, 1.0], [-0.1], local_training),
     "finetune-lr": Row([JUST_ABOVE_0], [0.0], local_training),
     "fedrs.alpha": Row([0.0, 1.0], [-0.1, 1.0 + 1e-9], fedrs_training, {"strategy": "fedrs"}),
+    "feddf.transfer-size": Row([1, 10**9], [0, -1], feddf_transfer,
+                               {"strategy": "feddf", "feddf.transfer-set": "holdout", "validation-split": 0.1}),
     "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
     "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
     "eval-batch-size": Row([1], [0], local_training),

@@ -9,8 +9,13 @@ checked against the six published md5s: a copy that does not match is deleted, n
 MNIST (``fetch_mnist``): torchvision's download, or the four IDX ``.gz`` files copied from a
 folder that holds them (``--from``).
 
+CIFAR-100 (``fetch_cifar100``; FedDF's transfer set for CIFAR-10): torchvision's download
+(``cifar-100-python``, md5-checked by torchvision) where the machine is online. The npm
+registry has no copy of it (``npm view cifar100`` / ``cifar-100``: not found).
+
     python -m mosaic_flwr.data.fetch cifar10 [--data-dir DIR]
     python -m mosaic_flwr.data.fetch mnist [--data-dir DIR] [--from DIR]
+    python -m mosaic_flwr.data.fetch cifar100 [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -214,9 +219,26 @@ def fetch_mnist(root: Path | None = None, *, source: Path | None = None, log=pri
     return root / "MNIST" / "raw"
 
 
+def fetch_cifar100(root: Path | None = None, *, log=print) -> Path:
+    """CIFAR-100 (torchvision's ``cifar-100-python``) under ``root``: an existing copy passes
+    torchvision's check, else torchvision downloads it (online only)."""
+    import torchvision.datasets as tvd
+
+    root = Path(root).expanduser() if root else user_data_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        for train in (True, False):
+            tvd.CIFAR100(str(root), train=train, download=True)
+    except Exception as exc:  # offline, blocked, corrupted download
+        raise FetchError(f"CIFAR-100: torchvision download into {root} failed ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}); the npm registry has no copy of it") from None
+    log(f"[fetch] CIFAR-100 from torchvision: {root / 'cifar-100-python'}")
+    return root / "cifar-100-python"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dataset", choices=["cifar10", "mnist"])
+    ap.add_argument("dataset", choices=["cifar10", "cifar100", "mnist"])
     ap.add_argument("--data-dir", type=Path, default=None, help=f"default: {user_data_dir()}")
     ap.add_argument("--from", dest="source", type=Path, default=None,
                     help="mnist: a folder holding the four IDX .gz files")
@@ -225,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dataset == "cifar10":
             fetch_cifar10(args.data_dir, torchvision=not args.no_torchvision)
+        elif args.dataset == "cifar100":
+            fetch_cifar100(args.data_dir)
         else:
             fetch_mnist(args.data_dir, source=args.source)
     except FetchError as exc:

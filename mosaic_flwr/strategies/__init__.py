@@ -12,7 +12,7 @@ from .baselines import FEDAVG, FEDPROX
 from .fedbn import FEDBN
 from .fedrs import FEDRS
 from .method import Method
-from .feddf import FEDDF_GEN
+from .feddf import FEDDF, FEDDF_GEN
 from .mosaic import MOSAIC
 
 STRATEGIES: dict[str, Method] = {
@@ -21,6 +21,7 @@ STRATEGIES: dict[str, Method] = {
     "fedrs": FEDRS,
     "fedbn": FEDBN,
     "mosaic": MOSAIC,
+    "feddf": FEDDF,
     "feddf-gen": FEDDF_GEN,
 }
 

@@ -26,7 +26,11 @@ class Method:
     distillation after round ``warmup-rounds``, fine-tune rounds at ``finetune-lr``).
     ``settings``: its own keys (without the ``<name>.`` prefix) -> (type, validator).
     ``check``: cross-key checks on the whole resolved config (raise ``ConfigError``), e.g. a
-    method that refuses model heterogeneity says so here, before any training.
+    method that refuses model heterogeneity says so here, before any training. It reads no
+    file: every process that builds the config runs it.
+    ``prepare``: what the method's server side reads from disk (e.g. FedDF's transfer set),
+    called with the config in the ServerApp's setup, so that a missing file fails there
+    (``DatasetNotFoundError``/``ConfigError``: a configuration error) before any client trains.
     """
 
     strategy: type
@@ -34,6 +38,7 @@ class Method:
     distils: bool = False
     settings: Mapping[str, Setting] = field(default_factory=dict)
     check: Callable[[Mapping[str, Any]], None] | None = None
+    prepare: Callable[[Any], None] | None = None
 
     def run(self, sc: Any) -> None:
         self.strategy(sc).run()
