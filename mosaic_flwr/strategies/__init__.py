@@ -9,7 +9,9 @@ from typing import Callable
 
 from .base import ServerContext
 from .baselines import FEDAVG, FEDPROX
+from .dfrd import DFRD
 from .fedbn import FEDBN
+from .fedftg import FEDFTG
 from .fedrs import FEDRS
 from .method import Method
 from .feddf import FEDDF_GEN
@@ -22,6 +24,8 @@ STRATEGIES: dict[str, Method] = {
     "fedbn": FEDBN,
     "mosaic": MOSAIC,
     "feddf-gen": FEDDF_GEN,
+    "fedftg": FEDFTG,
+    "dfrd": DFRD,
 }
 
 
