@@ -32,12 +32,14 @@ from mosaic_flwr.mosaic.prototypes import class_prototypes
 from mosaic_flwr.mosaic.robust import robust_average
 from mosaic_flwr.mosaic.training import evaluate, restriction_scale, train_local
 from mosaic_flwr.records import ClientInfo
+from mosaic_flwr.strategies import STRATEGIES
 from mosaic_flwr.strategies.bank import BankStrategy, RoundFailed
+from mosaic_flwr.strategies.distill import ClientModel
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.feddf import RememberingTeacher, TransferSampler, transfer_images
 from mosaic_flwr.strategies.fedrs import BankFedRS
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
-from mosaic_flwr.task import initial_model
+from mosaic_flwr.task import Arch, initial_model
 from tests.conftest import as_flower_server
 
 INFO = dataset_info("synthetic")
@@ -287,6 +289,25 @@ def distillation(cfg: Config) -> None:
     assert math.isfinite(stats["final_loss"])
 
 
+def server_generator(cfg: Config) -> None:
+    """FedFTG's / DFRD's distillation source (their ``fedftg.*`` / ``dfrd.*`` keys): the
+    label-aware teacher of three client models, the server generator trained every
+    ``gen-interval`` KD steps against a student, the KD batches it gives."""
+    strategy = _server(cfg, STRATEGIES[cfg.strategy].strategy)
+    counts = torch.zeros(3, C, dtype=torch.long)
+    counts[0, :4], counts[1, 3:7], counts[2, 6:] = 5, 3, 4
+    clients = [ClientModel(n, Arch(cfg.model), initial_model(cfg.replace(seed=i)).state_dict(), 10.0, 0.0,
+                           counts[i]) for i, n in enumerate(NODES)]
+    report: dict = {}
+    teacher = strategy.teacher_for(1, clients, report)
+    student = initial_model(cfg)
+    source = strategy.source_for(1, clients, teacher, {cfg.model: student}, report)
+    for step in range(min(cfg.kd_steps, 3)):
+        x, y = source.sample(step)
+        assert torch.isfinite(x).all() and len(x) == len(y) and set(y.tolist()) <= set(range(C))
+    assert all(math.isfinite(v) for v in report.values()) and "gen-train-fidelity" in report
+
+
 # ----------------------------------------------------------------------------- the table
 @dataclass
 class Row:
@@ -349,6 +370,22 @@ ROWS: dict[str, Row] = {
     "kd-b": Row([0.0], [-0.1], distillation),
     "kd-temperature": Row([JUST_ABOVE_0], [0.0], distillation),
 }
+# Small KD batches: the generator trains on them.
+FEDFTG = {"strategy": "fedftg", "kd-batch-size": 4, "kd-steps": 3, "meta-samples-per-class": 1}
+DFRD = {**FEDFTG, "strategy": "dfrd"}
+ROWS.update({
+    "fedftg.gen-steps": Row([1, 3], [0], server_generator, FEDFTG),
+    "fedftg.gen-interval": Row([1, 10**6], [0], server_generator, FEDFTG),
+    "fedftg.gen-lr": Row([JUST_ABOVE_0], [0.0], server_generator, FEDFTG),
+    "fedftg.hard-weight": Row([0.0], [-0.1], server_generator, FEDFTG),
+    "fedftg.div-weight": Row([0.0], [-0.1], server_generator, FEDFTG),
+    "dfrd.gen-steps": Row([1, 3], [0], server_generator, DFRD),
+    "dfrd.gen-interval": Row([1, 10**6], [0], server_generator, DFRD),
+    "dfrd.gen-lr": Row([JUST_ABOVE_0], [0.0], server_generator, DFRD),
+    "dfrd.tran-weight": Row([0.0], [-0.1], server_generator, DFRD),
+    "dfrd.div-weight": Row([0.0], [-0.1], server_generator, DFRD),
+    "dfrd.ema-decay": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], server_generator, DFRD),
+})
 BASE = {"dataset": "synthetic", "partition": "iid", "local-steps": 2}
 
 

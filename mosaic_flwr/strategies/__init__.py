@@ -9,7 +9,9 @@ from typing import Callable
 
 from .base import ServerContext
 from .baselines import FEDAVG, FEDPROX
+from .dfrd import DFRD
 from .fedbn import FEDBN
+from .fedftg import FEDFTG
 from .fedrs import FEDRS
 from .method import Method
 from .feddf import FEDDF, FEDDF_GEN
@@ -23,6 +25,8 @@ STRATEGIES: dict[str, Method] = {
     "mosaic": MOSAIC,
     "feddf": FEDDF,
     "feddf-gen": FEDDF_GEN,
+    "fedftg": FEDFTG,
+    "dfrd": DFRD,
 }
 
 
