@@ -134,8 +134,10 @@ def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
     if cell_done(runs_dir / name):
         return
     rc = pretrain_config(alpha, seed, runs_dir)
-    print(f"[converged] pre-training FedAvg alpha={alpha:g} seed={seed}, {rc['num-server-rounds']} rounds",
-          flush=True)
+    if (runs_dir / name / "checkpoint.pt").is_file():  # interrupted: go on from its last round
+        rc["resume"] = str(runs_dir / name)
+    print(f"[converged] pre-training FedAvg alpha={alpha:g} seed={seed}, {rc['num-server-rounds']} rounds"
+          + (" (resumed)" if "resume" in rc else ""), flush=True)
     s = run_inprocess(rc, num_clients, f"FedAvg pre-training (alpha={alpha:g}, seed {seed})")
     print(f"[converged]   final {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f}", flush=True)
 
