@@ -106,8 +106,11 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` as it acted: checkpoints from before ``local-epochs`` defaulted to 0 hold
-    ``local-epochs=1`` beside ``local-steps > 0``, where it did nothing (steps took precedence)."""
-    out = dict(config)
+    ``local-epochs=1`` beside ``local-steps > 0``, where it did nothing (steps took precedence);
+    another method's own settings (``<method>.<key>``) do nothing either (and a checkpoint
+    written before that method existed lacks them)."""
+    own = f"{config.get('strategy')}."
+    out = {k: v for k, v in config.items() if "." not in k or k.startswith(own)}
     if int(out.get("local-steps", 0) or 0) > 0:
         out["local-epochs"] = 0
     return out

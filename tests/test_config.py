@@ -178,3 +178,13 @@ def test_a_checkpoint_from_before_the_local_work_rule_still_resumes():
     assert config_changes({**current, "local-epochs": 1}, current) == []
     epochs = build_config({"local-steps": 0, "local-epochs": 1}).to_dict()
     assert config_changes({**epochs, "local-epochs": 2}, epochs) == ["local-epochs: 2 -> 1"]
+
+
+def test_only_the_runs_own_method_settings_must_match_on_resume():
+    """Another method's settings do nothing in this run (and a checkpoint written before that
+    method existed lacks them); the run's own method's settings must match."""
+    current = build_config({"strategy": "fedrs"}).to_dict()
+    older = {k: v for k, v in current.items() if not k.startswith("dfrd.")}
+    assert config_changes(older, current) == []
+    assert config_changes({**current, "dfrd.ema-decay": 0.5}, current) == []
+    assert config_changes({**current, "fedrs.alpha": 0.1}, current) == ["fedrs.alpha: 0.1 -> 0.5"]
