@@ -9,6 +9,7 @@ from typing import Callable
 
 from .base import ServerContext
 from .baselines import FEDAVG, FEDPROX
+from .dense import DENSE
 from .fedbn import FEDBN
 from .fedrs import FEDRS
 from .method import Method
@@ -22,6 +23,7 @@ STRATEGIES: dict[str, Method] = {
     "fedbn": FEDBN,
     "mosaic": MOSAIC,
     "feddf-gen": FEDDF_GEN,
+    "dense": DENSE,
 }
 
 
