@@ -25,7 +25,8 @@ from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, spec, ConfigError, buil
 from mosaic_flwr.data import dataset_info, partition, partition_without, validation_indices
 from mosaic_flwr.models.generators import generator_for
 from mosaic_flwr.mosaic.client import mosaic_client_round
-from mosaic_flwr.mosaic.distill import distill
+from mosaic_flwr.mosaic.distill import distill, distill_many
+from mosaic_flwr.mosaic.ensemble import ClientEnsemble, uniform_weights
 from mosaic_flwr.mosaic.meta import MetaModel, train_meta
 from mosaic_flwr.mosaic.moe import GeneratorSampler
 from mosaic_flwr.mosaic.prototypes import class_prototypes
@@ -37,6 +38,7 @@ from mosaic_flwr.strategies.bank import BankStrategy, RoundFailed
 from mosaic_flwr.strategies.distill import ClientModel
 from mosaic_flwr.strategies.base import ServerContext
 from mosaic_flwr.strategies.feddf import RememberingTeacher, TransferSampler, transfer_images
+from mosaic_flwr.strategies.dense import DenseStrategy
 from mosaic_flwr.strategies.fedrs import BankFedRS
 from mosaic_flwr.strategies.mosaic import MosaicStrategy
 from mosaic_flwr.task import Arch, initial_model
@@ -308,6 +310,25 @@ def server_generator(cfg: Config) -> None:
     assert all(math.isfinite(v) for v in report.values()) and "gen-train-fidelity" in report
 
 
+def dense_source(cfg: Config) -> None:
+    """``dense.*``: DENSE's source as the strategy builds it (generator, synthesiser, pool)
+    driving the KD loop, against a teacher with and without BatchNorm."""
+    from mosaic_flwr.task import Arch, build_arch
+
+    dense = _server(cfg, DenseStrategy)
+    torch.manual_seed(0)
+    teacher = ClientEnsemble([initial_model(cfg), build_arch(cfg, Arch("resnet8", 0.25))], uniform_weights(2, C))
+    students = {cfg.model: initial_model(cfg)}
+    report: dict = {}
+    source = dense.source_for(1, [], teacher, students, report)
+    stats = distill_many(students, teacher, source.sample, steps=cfg.kd_steps, lr=cfg.kd_lr)
+    d = cfg.of("dense")
+    assert math.isfinite(stats[cfg.model]["final_loss"]) and source.check is None
+    assert report["dense-phases"] == math.ceil(cfg.kd_steps / d.gen_interval)
+    assert report["dense-pool"] == min(report["dense-phases"] * d.gen_batch_size, d.pool_size or 10**9)
+    assert all(math.isfinite(v) for v in report.values())
+
+
 # ----------------------------------------------------------------------------- the table
 @dataclass
 class Row:
@@ -318,6 +339,8 @@ class Row:
 
 
 MOSAIC = {"strategy": "mosaic"}
+DENSE = {"strategy": "dense", "kd-steps": 3, "kd-batch-size": 4, "dense.gen-steps": 1, "dense.gen-interval": 2,
+         "dense.gen-batch-size": 4, "dense.gen-width": 2, "dense.noise-dim": 4}
 ROWS: dict[str, Row] = {
     "alpha": Row([JUST_ABOVE_0, 1e6], [0.0, -1.0], data_partition),
     "min-partition-size": Row([1, 100], [0, -1], data_partition),
@@ -344,6 +367,16 @@ ROWS: dict[str, Row] = {
     "fedrs.alpha": Row([0.0, 1.0], [-0.1, 1.0 + 1e-9], fedrs_training, {"strategy": "fedrs"}),
     "feddf.transfer-size": Row([1, 10**9], [0, -1], feddf_transfer,
                                {"strategy": "feddf", "feddf.transfer-set": "holdout", "validation-split": 0.1}),
+    "dense.gen-steps": Row([1, 3], [0], dense_source, DENSE),
+    "dense.gen-interval": Row([1, 10**6], [0], dense_source, DENSE),
+    "dense.gen-batch-size": Row([1, 5], [0], dense_source, DENSE),
+    "dense.gen-lr": Row([JUST_ABOVE_0, 10.0], [0.0], dense_source, DENSE),
+    "dense.gen-width": Row([1, 8], [0], dense_source, DENSE),
+    "dense.noise-dim": Row([1, 64], [0], dense_source, DENSE),
+    "dense.bn-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
+    "dense.oh-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
+    "dense.adv-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
+    "dense.pool-size": Row([0, 1, 10**6], [-1], dense_source, DENSE),
     "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
     "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
     "eval-batch-size": Row([1], [0], local_training),

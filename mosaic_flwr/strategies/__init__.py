@@ -9,6 +9,7 @@ from typing import Callable
 
 from .base import ServerContext
 from .baselines import FEDAVG, FEDPROX
+from .dense import DENSE
 from .dfrd import DFRD
 from .fedbn import FEDBN
 from .fedftg import FEDFTG
@@ -27,6 +28,7 @@ STRATEGIES: dict[str, Method] = {
     "feddf-gen": FEDDF_GEN,
     "fedftg": FEDFTG,
     "dfrd": DFRD,
+    "dense": DENSE,
 }
 
 
