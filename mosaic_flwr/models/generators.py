@@ -63,8 +63,8 @@ def normalised_range(mean: Sequence[float], std: Sequence[float]) -> tuple[torch
     return (0.0 - m) / s, (1.0 - m) / s
 
 
-def _dcgan_init(module: nn.Module) -> None:
-    """DCGAN initialisation: N(0, 0.02) conv/linear weights, N(1, 0.02) BN weights."""
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN initialisation (also DENSE's ``reset_model``): N(0, 0.02) conv/linear weights, N(1, 0.02) BN weights."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, 0.02)
@@ -124,7 +124,7 @@ class ConditionalGenerator(nn.Module):
             nn.Conv2d(base, out_channels, 3, padding=1),
             nn.Tanh(),
         )
-        _dcgan_init(self)
+        dcgan_init(self)
         nn.init.normal_(self.embed.weight, 0.0, 1.0)  # same scale as z
         std_t = _stats(std, out_channels, "std")
         if (std_t <= 0).any():

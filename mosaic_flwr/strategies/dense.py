@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from ..config import _non_negative, _positive
 from ..data.augment import augmenter
+from ..models.generators import dcgan_init
 from ..seeds import mix_seed
 from .distill import DistillStrategy, Source, Teacher
 from .method import Method
@@ -107,23 +108,11 @@ class DenseGenerator(nn.Module):
         )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        reset_generator(self)
+        dcgan_init(self)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.l1(z).view(len(z), -1, self.s0, self.s0)
         return (self.net(h) - self.mean) / self.std
-
-
-def reset_generator(module: nn.Module) -> None:
-    """Their ``reset_model``: N(0, 0.02) conv/linear weights, zero biases, N(1, 0.02) BN scales."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -227,7 +216,7 @@ class DenseSynthesizer:
         t0 = time.perf_counter()
         g, dev = self.generator, self.device
         if self.reset:
-            reset_generator(g)
+            dcgan_init(g)
         z = torch.randn(self.batch_size, g.nz, generator=self.rng).to(dev).requires_grad_(True)
         targets = torch.randint(self.num_classes, (self.batch_size,), generator=self.rng).to(dev)
         opt = torch.optim.Adam([{"params": g.parameters()}, {"params": [z]}], lr=self.lr, betas=(0.5, 0.999))
