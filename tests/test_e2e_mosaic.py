@@ -15,7 +15,7 @@ from tests.test_e2e_inprocess import run_inprocess
 def test_mosaic_distillation_improves_its_own_pre_distillation_model(tmp_path):
     out = run_inprocess(tmp_path, num_nodes=5, strategy="mosaic", alpha=0.1,
                         **{"num-server-rounds": 7, "warmup-rounds": 6, "local-steps": 30,
-                           "gen-steps": 300, "kd-steps": 60})["dir"]
+                           "gen-steps": 200, "kd-steps": 60, "test-subset": 2000})["dir"]
     rounds = json.loads((out / "metrics.json").read_text())
     distill = next(r for r in rounds if r.get("phase") == "distill")
     assert distill["round"] == 6 and rounds[-1]["phase"] == "finetune"

@@ -177,6 +177,7 @@ def test_width_scaled_fedavg_runs_end_to_end(tmp_path):
 def test_mixed_families_run_mosaic_end_to_end(tmp_path):
     res = run_inprocess(tmp_path, strategy="mosaic", num_nodes=3,
                         **{"client-models": "cnn_small,cnn_wide,resnet8", "warmup-rounds": 1,
+                           "num-server-rounds": 3, "test-subset": 2000,
                            "local-steps": 40, "gen-steps": 60, "meta-epochs": 30, "kd-steps": 20})
     out = res["dir"]
     rounds = _rounds(out)
