@@ -137,7 +137,7 @@ def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
     if (runs_dir / name / "checkpoint.pt").is_file():  # interrupted: go on from its last round
         rc["resume"] = str(runs_dir / name)
     print(f"[converged] pre-training FedAvg alpha={alpha:g} seed={seed}, {rc['num-server-rounds']} rounds"
-          + (" (resumed)" if "resume" in rc else ""), flush=True)
+          + (" (resumed)" if rc.get("resume") else ""), flush=True)
     s = run_inprocess(rc, num_clients, f"FedAvg pre-training (alpha={alpha:g}, seed {seed})")
     print(f"[converged]   final {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f}", flush=True)
 
@@ -222,10 +222,10 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
     cfg, sc = strategy.cfg, strategy.sc
     decoded = defaultdict(list)
     for arch, reply in copy.deepcopy(items):
-        decoded[arch.model].append((arch, reply))
+        decoded[arch.model].append(reply)  # a ClientModel
     for family, group in decoded.items():
         strategy.update_experts(1, family, group)
-    strategy.aggregate_states(1, {f: [(a, r.state, float(r.num_examples)) for a, r in g] for f, g in decoded.items()})
+    strategy.aggregate_states(1, {f: [(c.arch, c.state, c.weight) for c in g] for f, g in decoded.items()})
     experts, student = strategy.expert_mixture(), strategy.frozen(strategy.primary)
     x, y = sc.val_x, sc.val_y
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
