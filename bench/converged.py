@@ -278,6 +278,7 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     base.evaluate_round(0)
     items = base.train_round(1)
     shared_seconds = time.perf_counter() - t0
+    round1_metrics = dict(sc.train_metrics)  # every variant's round 1 (its client seconds included)
     state = copy.deepcopy(base.state_dict())
     rounds, extra, rng = copy.deepcopy(sc.results.rounds), copy.deepcopy(sc.results.extra), rng_state()
     if oracle is not None and not oracle.is_file():
@@ -293,6 +294,7 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
         sv.results.restore(copy.deepcopy(rounds), copy.deepcopy(extra))
         set_rng_state(copy.deepcopy(rng))
         print(f"[converged]   {variant}: distillation after round 1, fine-tune rounds", flush=True)
+        sv.train_metrics = dict(round1_metrics)
         strat.apply_round(1, copy.deepcopy(items))
         strat.evaluate_round(1)
         for r in range(2, sv.cfg.num_server_rounds + 1):

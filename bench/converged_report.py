@@ -227,7 +227,12 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
         cells = []
         for a in alphas:
             got = [runs[(v, a, s)] for s in seeds if (v, a, s) in runs]
-            cells.append(_ms([g["client_seconds"] for g in got if g.get("client_seconds")], pct=False))
+            # Runs of a shared round 1 made before its client seconds were passed on: add that
+            # round's wall time (in-process: almost all of it is the clients' work).
+            cells.append(_ms([g["client_seconds"] + (g["bench"].get("shared_seconds", 0.0)
+                                                     if not g["rows"][1].get("client-seconds") else 0.0)
+                              for g in got if g.get("client_seconds") is not None and len(g["rows"]) > 1],
+                             pct=False))
             dist = [g.get("distillation") or {} for g in got]
             cells.append(_ms([d.get("distill-seconds-total", d.get("distill-seconds", 0.0)) for d in dist], pct=False))
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
