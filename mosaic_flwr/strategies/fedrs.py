@@ -20,7 +20,6 @@ from flwr.app import ConfigRecord
 
 from ..config import _closed_unit
 from .bank import BankStrategy
-from .base import ServerContext
 from .method import Method
 
 ALPHA_KEY = "fedrs-alpha"  # the train-config key the ClientApp reads
