@@ -67,7 +67,62 @@ VARIANTS = {
     "mosaic-clients": ("mosaic", {"distill-gate": "off", "meta-data": "clients"}),
     "mosaic-clients-gated": ("mosaic", {"meta-data": "clients"}),
     "mosaic": ("mosaic", {}),
+    "mosaic-nometa": ("mosaic", {"mosaic-meta": False}),  # the experts' mixture alone is the teacher
+    # Equal client compute: FedAvg / FedProx given as many rounds as Mosaic's clients' measured
+    # work buys (``equal_compute_rounds``); they run after the cell's Mosaic and base runs.
+    "fedavg-eqc": ("fedavg", {}),
+    "fedprox-eqc": ("fedprox", {}),
 }
+# equal-compute variant -> (its method at equal rounds, the variant whose client work it matches)
+EQUAL_COMPUTE = {"fedavg-eqc": ("fedavg", "mosaic"), "fedprox-eqc": ("fedprox", "mosaic")}
+
+
+def client_units(rows: list[dict]) -> float | None:
+    """A run's client work in plain training rounds of the same run: its clients' measured
+    seconds (``client-seconds`` of every round: generators, prototypes and look-ahead
+    training included) over the median seconds of one plain training round of that run (a
+    round whose look-ahead trained the clients twice counts half). Measured within one run,
+    so the machine's load at other times does not enter. FedAvg's R rounds are R units."""
+    import statistics
+
+    secs = [r.get("client-seconds") for r in rows if r["round"] > 0]
+    plain = [r["client-seconds"] / (2 if r.get("shadow-clients") else 1) for r in rows
+             if r["round"] > 1 and r.get("client-seconds") and not r.get("gen-seconds-mean")]
+    if not secs or None in secs or not plain:
+        return None
+    return sum(secs) / statistics.median(plain)
+
+
+def equal_compute_rounds(runs_dir: Path, variant: str, alpha: float, seed: int, rounds: int) -> dict | None:
+    """How many rounds ``variant`` (an ``EQUAL_COMPUTE`` key) gets in cell (alpha, seed): the
+    target's client work in its own plain rounds (``client_units``; at least ``rounds``).
+    ``None`` while the target's run of this cell is missing."""
+    _, target = EQUAL_COMPUTE[variant]
+    f = runs_dir / variant_name(target, alpha, seed) / "metrics.json"
+    if not cell_done(f.parent) or not f.is_file():
+        return None
+    rows = json.loads(f.read_text())
+    units = client_units(rows)
+    if units is None:
+        return None
+    return {"rounds": max(rounds, round(units)), "target": target, "target_units": round(units, 2),
+            "target_client_seconds": round(sum(r.get("client-seconds", 0.0) for r in rows), 2)}
+
+
+def refusal(rc: dict) -> str | None:
+    """The ConfigError a run config meets before any training (e.g. FedBN on a model without
+    BatchNorm), or None."""
+    from mosaic_flwr.config import ConfigError, build_config
+
+    try:
+        build_config(rc)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def refused(out: Path) -> bool:
+    return (out / "refused.json").is_file()
 def shares_round1(variant: str) -> bool:
     """Whether a variant runs Mosaic's client round at the distillation round (generators,
     prototypes): those share one round 1 of client work; every other variant (FedAvg and
@@ -157,7 +212,8 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
     if not cell_done(pre):
         print(f"[converged] {pre.name} not finished: run --stage pretrain first", flush=True)
         return
-    todo = [v for v in variants if not cell_done(runs_dir / variant_name(v, alpha, seed))]
+    todo = [v for v in variants
+            if not cell_done(runs_dir / variant_name(v, alpha, seed)) and not refused(runs_dir / variant_name(v, alpha, seed))]
     keys = {round1_key(VARIANTS[v][1]) for v in variants if shares_round1(v)}
     missing = [k for k in keys if not oracle_file(runs_dir, alpha, seed, k).is_file()]
     if not todo and not missing:
@@ -170,13 +226,22 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
                 "run-name": variant_name(variant, alpha, seed), **over,
                 **{k: v for k, v in OVERRIDES.items() if k != "pretrain-rounds"}}
 
+    for v in list(todo):  # refused before any training (e.g. FedBN without BatchNorm): say why, once
+        why = refusal(run_config(v))
+        if why:
+            out = runs_dir / variant_name(v, alpha, seed)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "refused.json").write_text(json.dumps({"variant": v, "reason": why}, indent=1) + "\n")
+            print(f"[converged] alpha={alpha:g} seed={seed}: {v} refused: {why}", flush=True)
+            todo.remove(v)
+
     def note(out: Path, **extra) -> None:
         (out / "bench.json").write_text(json.dumps(
             {"loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
              "torch_threads": torch.get_num_threads(), "driver": "bench/converged.py (in-process)", **extra},
             indent=2) + "\n")
 
-    for variant in [v for v in todo if not shares_round1(v)]:
+    for variant in [v for v in todo if not shares_round1(v) and v not in EQUAL_COMPUTE]:
         print(f"[converged] alpha={alpha:g} seed={seed}: {variant}", flush=True)
         s = run_inprocess(run_config(variant), num_clients, f"{variant} from FedAvg (alpha={alpha:g}, seed {seed})")
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f} (validation "
@@ -194,6 +259,21 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
         base_rc = {**run_config(first), "run-name": oracle_file(runs_dir, alpha, seed, key).stem.replace("oracle", "round1")}
         replay_group(alpha, seed, distilling, base_rc, run_config, note, num_clients,
                      oracle_file(runs_dir, alpha, seed, key))
+    for variant in [v for v in todo if v in EQUAL_COMPUTE]:
+        rounds = run_config(variant)["num-server-rounds"]
+        eq = equal_compute_rounds(runs_dir, variant, alpha, seed, rounds)
+        if eq is None:
+            print(f"[converged] alpha={alpha:g} seed={seed}: {variant} waits for {' and '.join(EQUAL_COMPUTE[variant])}"
+                  " of this cell (add them to --variants)", flush=True)
+            continue
+        print(f"[converged] alpha={alpha:g} seed={seed}: {variant}: {eq['rounds']} rounds: {eq['target']}'s clients "
+              f"worked {eq['target_units']:.1f} plain rounds' time ({eq['target_client_seconds']:.0f} s)", flush=True)
+        rc = {**run_config(variant), "num-server-rounds": eq["rounds"]}
+        s = run_inprocess(rc, num_clients, f"{variant} from FedAvg, {eq['rounds']} rounds (alpha={alpha:g}, seed {seed})")
+        bench = json.loads((runs_dir / variant_name(variant, alpha, seed) / "bench.json").read_text())
+        (runs_dir / variant_name(variant, alpha, seed) / "bench.json").write_text(
+            json.dumps({**bench, "equal_compute": eq}, indent=2) + "\n")
+        print(f"[converged]   {variant}: final {s['final_accuracy']:.4f}", flush=True)
 
 
 def round1_key(overrides: dict) -> tuple:
@@ -314,7 +394,8 @@ def central(seed: int, runs_dir: Path, num_clients: int) -> None:
 
     cell = Cell("central", None, seed)
     if not cell_done(runs_dir / cell.name):
-        rounds = OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS) + BASE.get("num-server-rounds", CONTINUE_ROUNDS)
+        rounds = OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS) + OVERRIDES.get(
+            "num-server-rounds", BASE.get("num-server-rounds", CONTINUE_ROUNDS))
         values = {**SHARED, **BASE, **{k: v for k, v in OVERRIDES.items() if k != "pretrain-rounds"},
                   "num-server-rounds": rounds}
         run_central(cell, runs_dir, " ".join(f"{k}={json.dumps(v)}" for k, v in values.items()), num_clients)
@@ -327,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", help="default: bench/runs/NAME")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--no-table", action="store_true", help="run, but write no table (bench/headline.py writes its own)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="run-config values applied to every run, last (smoke tests on tiny settings)")
     ap.add_argument("--pretrain-rounds", type=int, default=None, help=f"default {PRETRAIN_ROUNDS}")
@@ -338,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-clients", type=int, default=10)
     ap.add_argument("--shard", default="0/1", help="K/N: every N-th (alpha, seed) starting at K")
     args = ap.parse_args(argv)
+    OVERRIDES.clear()  # a fresh configuration per call (bench/headline.py calls main per data set)
+    BASE.clear()
     if args.pretrain_rounds:
         OVERRIDES["pretrain-rounds"] = args.pretrain_rounds
     if args.set:
@@ -363,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 pretrain(a, s, runs_dir, args.num_clients)
             elif args.stage == "continue":
                 continue_group(a, s, args.variants, runs_dir, args.num_clients)
-    if args.table_only or args.stage == "continue":
+    if args.table_only or (args.stage == "continue" and not args.no_table):
         from bench.converged_report import report
         print(report(runs_dir, args.alphas, args.seeds, args.variants, name=args.name))
     return 0

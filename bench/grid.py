@@ -8,6 +8,7 @@ bound). Writes bench/results/<name>.md (mean ± std over seeds of final and best
     .venv/bin/python bench/grid.py             # the full grid: 5 strategies x 3 alphas x 3 seeds
     .venv/bin/python bench/grid.py --quick     # 2 strategies x 1 alpha x 1 seed, 3 short rounds
     .venv/bin/python bench/grid.py --table-only   # rebuild the table from the finished cells
+    .venv/bin/python bench/grid.py headline   # the headline table: every method, both data sets (bench/headline.py)
     .venv/bin/python bench/grid.py converged --stage pretrain ...   # the two-stage protocol:
         # FedAvg pre-trained once per (data set, alpha, seed), then every method from that
         # checkpoint (bench/converged.py's options; --run-config conf/cifar10-cpu.toml for CIFAR-10)
@@ -353,6 +354,11 @@ def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["headline"]:
+        # Every method from the same converged start, Fashion-MNIST and CIFAR-10, equal rounds
+        # and equal client compute: bench/headline.py, with its own options.
+        from bench.headline import main as headline_main
+        return headline_main(argv[1:])
     if argv[:1] == ["converged"]:
         # The two-stage protocol (pre-train FedAvg once per data set, alpha and seed, then every
         # method from that checkpoint): bench/converged.py, with its own options.

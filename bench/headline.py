@@ -1,0 +1,347 @@
+#!/usr/bin/env python3
+"""The headline comparison: every method from the same converged FedAvg start, on
+Fashion-MNIST and CIFAR-10, at equal rounds and at equal client compute.
+
+One command runs the whole grid, cell by cell, and resumes where it was interrupted (a
+finished run directory is never rerun; an interrupted pre-training goes on from its
+checkpoint):
+
+    .venv/bin/python bench/grid.py headline                          # every part, in order
+    .venv/bin/python bench/grid.py headline --parts fmnist           # one part
+    .venv/bin/python bench/grid.py headline --shard 0/2 &            # two processes, one per core
+    .venv/bin/python bench/grid.py headline --shard 1/2
+    .venv/bin/python bench/grid.py headline --table-only             # tables and plots of what is done
+    .venv/bin/python bench/grid.py headline --plan                   # the cells and their measured cost
+
+Each cell (data set, alpha, seed) is ``bench/converged.py``'s two-stage protocol: FedAvg to its
+plateau (``init-from``), then every method of ``HEADLINE`` for the same further rounds with
+the same learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and the clients'
+distillation gate on for every distilling method; then FedAvg and FedProx again with as many
+rounds as Mosaic's clients' measured work buys (``converged.equal_compute_rounds``). Per seed,
+the centralised reference with the same sample passes. Settings are the defaults (chosen on
+the validation split: README "How the defaults were chosen") and, for CIFAR-10, the CPU preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, RUNS, machine_line, paired_interval, provenance  # noqa: E402
+
+# Equal rounds: every method; then the two equal-compute rows.
+HEADLINE = ("fedavg", "fedprox", "fedbn", "fedrs", "feddf", "dense", "fedftg", "dfrd", "mosaic", "mosaic-nometa",
+            "fedavg-eqc", "fedprox-eqc")
+LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN", "fedrs": "FedRS", "feddf": "FedDF",
+          "dense": "DENSE", "fedftg": "FedFTG", "dfrd": "DFRD", "mosaic": "Mosaic", "mosaic-nometa": "Mosaic without meta model",
+          "fedavg-eqc": "FedAvg, equal client compute", "fedprox-eqc": "FedProx, equal client compute"}
+ONE_THREAD = ("server-threads=1", "client-threads=1")  # processes share the 2 cores
+
+
+@dataclass(frozen=True)
+class Part:
+    """One data set's grid: run configs (files / strings) over the defaults, the cells, the
+    pre-training length, and the methods (``HEADLINE`` unless a part says otherwise)."""
+
+    title: str
+    run_config: tuple[str, ...]
+    alphas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    pretrain_rounds: int
+    variants: tuple[str, ...] = HEADLINE
+    central: bool = True
+    cut: str = ""
+    notes: list = field(default_factory=list)
+
+
+PARTS = {
+    "fmnist": Part("Fashion-MNIST, 10 clients, cnn_small", (), (0.01, 0.1, 1.0), (42, 43, 44), 30,
+                   cut="3 continuation rounds (the authors run more; FedAvg's plateau is reached at round 30)"),
+    "cifar10": Part("CIFAR-10 (CPU preset), 10 clients, ResNet-8", ("conf/cifar10-cpu.toml", "num-server-rounds=3"),
+                    (0.01, 0.1, 1.0), (42, 43), 100,
+                    cut="the CPU preset (ResNet-8, 100 pre-training rounds, 2,000-image test subset, 200 KD steps of "
+                        "128) and 3 continuation rounds instead of the preset's 10"),
+    "cifar10-families": Part("CIFAR-10 (CPU preset), model families resnet8 / cnn_small / resnet18",
+                             ("conf/cifar10-cpu.toml", "num-server-rounds=3",
+                              "client-models='resnet8,cnn_small,resnet18'"), (0.1,), (42,), 100,
+                             variants=tuple(v for v in HEADLINE if v != "fedbn"), central=False,
+                             cut="one alpha and one seed; FedBN left out (it refuses model families)"),
+}
+
+
+def runs_dir(part: str, root: Path) -> Path:
+    return root / f"headline-{part}"
+
+
+def converged_args(part: Part, out: Path, stage: str, alpha: float | None, seed: int) -> list[str]:
+    args = ["--stage", stage, "--runs-dir", str(out), "--name", f"headline-{out.name.removeprefix('headline-')}-detail",
+            "--seeds", str(seed), "--pretrain-rounds", str(part.pretrain_rounds), "--set", *ONE_THREAD,
+            "--variants", *part.variants]
+    if alpha is not None:
+        args += ["--alphas", f"{alpha:g}"]
+    for rc in part.run_config:
+        args += ["--run-config", rc]
+    return args
+
+
+def cells(parts: list[str]) -> list[tuple[str, str, float | None, int]]:
+    """(part, stage, alpha, seed) in the order they run: per seed, each alpha's pre-training
+    and continuation, then that seed's central reference; Fashion-MNIST first."""
+    out = []
+    for name in parts:
+        p = PARTS[name]
+        for s in p.seeds:
+            for a in p.alphas:
+                out += [(name, "pretrain", a, s), (name, "continue", a, s)]
+            if p.central:
+                out.append((name, "central", None, s))
+    return out
+
+
+def run(parts: list[str], root: Path, shard: tuple[int, int]) -> None:
+    from bench import converged
+
+    # A cell's continuation needs its pre-training: a shard owns both (one (part, alpha, seed)).
+    units: list[list] = []
+    for c in cells(parts):
+        if c[1] == "continue":
+            units[-1].append(c)
+        else:
+            units.append([c])
+    k, n = shard
+    for i, unit in enumerate(units):
+        if i % n != k:
+            continue
+        for name, stage, alpha, seed in unit:
+            out = runs_dir(name, root)
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"[headline] {name}: {stage} alpha={alpha if alpha is not None else '-'} seed={seed}", flush=True)
+            converged.main(converged_args(PARTS[name], out, stage, alpha, seed) + ["--no-table"])
+
+
+# ---------------------------------------------------------------- report
+
+def _mean_sd(xs: list[float], k: float = 100) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0] * k:.1f} (1)"
+    return f"{statistics.mean(xs) * k:.1f} ± {statistics.stdev(xs) * k:.1f} ({len(xs)})"
+
+
+def part_table(name: str, root: Path) -> tuple[str, dict]:
+    from bench.converged import client_units
+    from bench.converged_report import collect
+
+    p = PARTS[name]
+    d = collect(runs_dir(name, root), p.alphas, p.seeds, p.variants)
+    runs, central, pre = d["runs"], d["central"], d["pre"]
+    out = runs_dir(name, root)
+    acc = {(v, a): {s: runs[(v, a, s)]["final_accuracy"] for s in p.seeds if (v, a, s) in runs}
+           for v in p.variants for a in p.alphas}
+
+    def refused_reason(v: str) -> str | None:
+        for a in p.alphas:
+            for s in p.seeds:
+                f = out / f"{v}-a{a:g}-s{s}" / "refused.json"
+                if f.is_file():
+                    return json.loads(f.read_text())["reason"]
+        return None
+
+    def unit_rounds(v: str, a: float, s: int) -> float | None:
+        r = runs.get((v, a, s))
+        return client_units(r["rows"]) if r else None
+
+    lines = [f"## {p.title}", ""]
+    if p.cut:
+        lines += [f"Cut to fit the grid's ~12 h on 2 cores: {p.cut}.", ""]
+    lines += ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured seconds (all "
+              "clients; generators, prototypes and look-ahead training included; the gate's evaluation queries not) "
+              "over the seconds of one plain training round of the same run, i.e. in FedAvg rounds (FedAvg: the "
+              "round count), mean over the runs.", "",
+              "| method | " + " | ".join(f"α={a:g}" for a in p.alphas) + " | client compute (FedAvg rounds) |",
+              "|---|" + "---|" * len(p.alphas) + "---|"]
+    pre_row = [_mean_sd([pre[(a, s)]["test"] for s in p.seeds if (a, s) in pre]) for a in p.alphas]
+    lines.append(f"| FedAvg start (round {p.pretrain_rounds}) | " + " | ".join(pre_row) + " | - |")
+    for v in p.variants:
+        why = refused_reason(v)
+        if why and not any(acc[(v, a)] for a in p.alphas):
+            lines.append(f"| {LABELS.get(v, v)} | " + " | ".join("refused" for _ in p.alphas)
+                         + f" | {why.splitlines()[0][:160]} |")
+            continue
+        units = [u for a in p.alphas for s in p.seeds for u in [unit_rounds(v, a, s)] if u is not None]
+        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
+                     + f" | {statistics.mean(units):.1f} |" if units else
+                     f"| {LABELS.get(v, v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
+                     + " | - |")
+    cen = [central[s]["final_accuracy"] for s in p.seeds if s in central]
+    if p.central:
+        lines.append("| central (same sample passes) | " + " | ".join(_mean_sd(cen) for _ in p.alphas) + " | - |")
+    # paired differences
+    lines += ["", "Mosaic minus each method, test points, paired by seed: mean [95 % t interval] (each seed).", "",
+              "| Mosaic − | " + " | ".join(f"α={a:g}" for a in p.alphas) + " |", "|---|" + "---|" * len(p.alphas)]
+    for v in p.variants:
+        if v == "mosaic":
+            continue
+        cells_ = []
+        for a in p.alphas:
+            common = [s for s in p.seeds if s in acc[("mosaic", a)] and s in acc[(v, a)]]
+            cells_.append(paired_interval([acc[("mosaic", a)][s] - acc[(v, a)][s] for s in common], scale=100, digits=1))
+        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+    gap = {}
+    if cen:
+        cells_ = []
+        for a in p.alphas:
+            common = [s for s in p.seeds if s in acc[("mosaic", a)] and s in acc[("fedavg", a)]]
+            if not common:
+                cells_.append("-")
+                continue
+            m = statistics.mean(acc[("mosaic", a)][s] for s in common)
+            f = statistics.mean(acc[("fedavg", a)][s] for s in common)
+            gap[a] = (m - f) / (statistics.mean(cen) - f)
+            cells_.append(f"{gap[a]:+.2f} ({len(common)} seeds)")
+        lines += ["", "Gap closure (Mosaic − FedAvg) / (central − FedAvg), means over the seeds: "
+                  + ", ".join(f"α={a:g}: {c}" for a, c in zip(p.alphas, cells_)) + "."]
+    # why: the distillation round
+    lines += ["", "At the distillation round (validation split, %; mean over seeds): the student about to be "
+              "distilled into, the teacher, how many seeds' gates kept the distilled model, and the clients' "
+              "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
+              "last distillation round.", "",
+              "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
+              "|---|" + "---|" * len(p.alphas)]
+    for v in p.variants:
+        row, any_ = [], False
+        for a in p.alphas:
+            reps = [runs[(v, a, s)].get("distillation") or {} for s in p.seeds if (v, a, s) in runs]
+            reps = [r for r in reps if "val-teacher" in r]
+            if not reps:
+                row.append("-")
+                continue
+            any_ = True
+            fid = [r["gen-fidelity-mean"] for r in reps if "gen-fidelity-mean" in r]
+            row.append(f"{100 * statistics.mean(r['val-before-distill'] for r in reps):.1f} / "
+                       f"{100 * statistics.mean(r['val-teacher'] for r in reps):.1f} / "
+                       f"{int(sum(r.get('gate-kept', 1.0) for r in reps))} of {len(reps)}"
+                       + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
+        if any_:
+            lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
+    eq = [json.loads((out / f"{v}-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
+          for v in ("fedavg-eqc",) for a in p.alphas for s in p.seeds
+          if (out / f"{v}-a{a:g}-s{s}" / "bench.json").is_file()]
+    eq = [e for e in eq if e]
+    if eq:
+        lines += ["", "Equal client compute: FedAvg and FedProx ran "
+                  + ", ".join(str(e["rounds"]) for e in eq) + " rounds in the cells (Mosaic's client work in its own "
+                  "plain rounds, `converged.client_units`), at the same schedule (round 1 at lr, then finetune-lr)."]
+    done = sum(len(x) for x in acc.values())
+    total = sum(1 for v in p.variants for a in p.alphas for s in p.seeds
+                if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file())
+    lines += ["", f"Runs finished: {done} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} pre-trainings, "
+              f"{len(cen)} of {len(p.seeds) if p.central else 0} central). Details: "
+              f"`bench/results/headline-{name}-detail.md`.", ""]
+    plot(name, p, acc, cen)
+    data = {"accuracy": {f"{v}|{a:g}": {str(s): x for s, x in acc[(v, a)].items()} for v in p.variants for a in p.alphas},
+            "central": {str(s): central[s]["final_accuracy"] for s in central},
+            "pretrain": {f"a{a:g}-s{s}": v for (a, s), v in pre.items()}, "gap_closure": {f"{a:g}": g for a, g in gap.items()},
+            "equal_compute": eq}
+    return "\n".join(lines), data
+
+
+def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in p.variants if any(acc[(v, a)] for a in p.alphas)]
+    if not variants:
+        return
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(variants) * len(p.alphas) / 2, 4))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        xs, ms, sds = [], [], []
+        for j, a in enumerate(p.alphas):
+            vals = list(acc[(v, a)].values())
+            if vals:
+                xs.append(j + i * width)
+                ms.append(100 * statistics.mean(vals))
+                sds.append(100 * statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.bar(xs, ms, width, yerr=sds, label=LABELS.get(v, v), capsize=2)
+    if central:
+        ax.axhline(100 * statistics.mean(central), color="k", ls="--", lw=1, label="central")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(p.alphas))], [f"α={a:g}" for a in p.alphas])
+    lo = min(100 * min(v for x in acc.values() for v in x.values()) - 5, 100)
+    ax.set_ylim(max(lo, 0), 100 * max([*central, *(v for x in acc.values() for v in x.values())]) + 3)
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(f"headline: {p.title}")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"headline-{name}.png", dpi=120)
+    plt.close(fig)
+
+
+def report(parts: list[str], root: Path) -> str:
+    from bench.converged_report import report as detail
+
+    prov = provenance()
+    lines = ["# The headline comparison (bench/grid.py headline)", "",
+             f"Machine: {machine_line()}. Every method continues from the same FedAvg checkpoint per (data set, α, "
+             "seed) for the same rounds with the same schedule; the distilling methods with the clients' gate. "
+             "Equal client compute rows: FedAvg / FedProx with the rounds Mosaic's clients' measured work buys. "
+             f"Table written at {prov['commit']}.", ""]
+    data = {}
+    for name in parts:
+        text, data[name] = part_table(name, root)
+        lines.append(text)
+        lines.append(f"Plot: `headline-{name}.png`.\n")
+        p = PARTS[name]
+        detail(runs_dir(name, root), p.alphas, p.seeds, p.variants, name=f"headline-{name}-detail")
+    md = "\n".join(lines) + "\n"
+    (RESULTS / "headline.md").write_text(md)
+    (RESULTS / "headline.json").write_text(json.dumps({**prov, "parts": data}, indent=1, sort_keys=True) + "\n")
+    return md
+
+
+def plan(parts: list[str], root: Path) -> str:
+    """The cells and what the finished ones cost (wall seconds), to size the grid."""
+    lines = []
+    for name in parts:
+        p, out = PARTS[name], runs_dir(name, root)
+        for s in p.seeds:
+            for a in p.alphas:
+                secs = {}
+                for v in ("pretrain", *p.variants):
+                    f = out / (f"pretrain-a{a:g}-s{s}" if v == "pretrain" else f"{v}-a{a:g}-s{s}") / "summary.json"
+                    if f.is_file():
+                        secs[v] = json.loads(f.read_text()).get("wall_seconds", 0.0)
+                lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {len(p.variants) + 1} done, "
+                             f"{sum(secs.values()) / 3600:.2f} h: " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    ap.add_argument("--runs-root", default=str(RUNS), help="run directories go to RUNS_ROOT/headline-<part>")
+    ap.add_argument("--shard", default="0/1", help="K/N: every N-th (part, alpha, seed) starting at K")
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--plan", action="store_true", help="print the cells and the cost of the finished ones")
+    args = ap.parse_args(argv)
+    root = Path(args.runs_root).resolve()
+    if args.plan:
+        print(plan(args.parts, root))
+        return 0
+    if not args.table_only:
+        k, n = (int(x) for x in args.shard.split("/"))
+        run(args.parts, root, (k, n))
+    print(report(args.parts, root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
