@@ -1,0 +1,99 @@
+"""bench/grid.py headline (bench/headline.py): the cells, the equal-compute accounting, and one
+whole tiny grid on synthetic data (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import converged, converged_report, headline
+from bench.converged import client_units, equal_compute_rounds
+from bench.headline import Part
+
+
+def rows(secs: list[float], gen_round: int | None = None, shadow: tuple[int, ...] = ()) -> list[dict]:
+    out = [{"round": 0}]
+    for r, s in enumerate(secs, start=1):
+        row = {"round": r, "client-seconds": s}
+        if r == gen_round:
+            row["gen-seconds-mean"] = 1.0
+        if r in shadow:
+            row["shadow-clients"] = 10
+        out.append(row)
+    return out
+
+
+def test_client_units_count_plain_rounds_of_the_same_run():
+    assert client_units(rows([10.0, 10.0, 10.0])) == pytest.approx(3.0)
+    # a generator round worth 8 plain rounds, then two plain rounds
+    assert client_units(rows([80.0, 10.0, 10.0], gen_round=1)) == pytest.approx(10.0)
+    # the look-ahead trains twice in a round: that round is two rounds' work, its unit is half
+    assert client_units(rows([80.0, 20.0, 20.0], gen_round=1, shadow=(2, 3))) == pytest.approx(12.0)
+    # the machine's speed does not matter, only the ratio within the run
+    assert client_units(rows([160.0, 20.0, 20.0], gen_round=1)) == pytest.approx(10.0)
+    assert client_units(rows([10.0, None, 10.0])) is None  # an old run without client seconds
+    assert client_units(rows([80.0], gen_round=1)) is None  # no plain round to measure a unit with
+
+
+def test_equal_compute_rounds_wait_for_the_target_and_match_its_work(tmp_path):
+    assert equal_compute_rounds(tmp_path, "fedavg-eqc", 0.1, 1, 3) is None
+    run = tmp_path / converged.variant_name("mosaic", 0.1, 1)
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(rows([140.0, 15.0, 15.0], gen_round=1)))
+    assert equal_compute_rounds(tmp_path, "fedavg-eqc", 0.1, 1, 3) is None  # not finished yet
+    (run / "summary.json").write_text("{}")
+    eq = equal_compute_rounds(tmp_path, "fedavg-eqc", 0.1, 1, 3)
+    assert eq["rounds"] == round((140 + 30) / 15) and eq["target"] == "mosaic"
+    (run / "metrics.json").write_text(json.dumps(rows([15.0, 15.0, 15.0])))
+    assert equal_compute_rounds(tmp_path, "fedprox-eqc", 0.1, 1, 3)["rounds"] == 3  # never fewer rounds
+
+
+def test_cells_run_each_pre_training_before_its_continuation_and_central_per_seed(monkeypatch):
+    monkeypatch.setitem(headline.PARTS, "t", Part("t", (), (0.1, 1.0), (1, 2), 2))
+    got = headline.cells(["t"])
+    assert got[:5] == [("t", "pretrain", 0.1, 1), ("t", "continue", 0.1, 1), ("t", "pretrain", 1.0, 1),
+                       ("t", "continue", 1.0, 1), ("t", "central", None, 1)]
+    assert len(got) == 10
+
+
+def test_every_part_names_known_variants_and_valid_run_configs():
+    from mosaic_flwr.config import PROJECT_ROOT, build_config, load_defaults, merge_run_config
+
+    for name, part in headline.PARTS.items():
+        assert set(part.variants) <= set(converged.VARIANTS), name
+        rc = merge_run_config(list(part.run_config), cwd=PROJECT_ROOT) if part.run_config else {}
+        build_config({**load_defaults(), **rc})  # raises ConfigError on a bad part
+
+
+TINY = ('dataset="synthetic" local-steps=3 gen-steps=3 gen-batch-size=4 kd-steps=3 kd-batch-size=8 meta-epochs=2 '
+        'meta-samples-per-class=4 proto-k=2 feddf.transfer-size=64 test-subset=0',)
+
+
+@pytest.mark.slow
+def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(headline, "RESULTS", results)
+    monkeypatch.setattr(converged_report, "RESULTS", results)
+    monkeypatch.setitem(headline.PARTS, "tiny", Part(
+        "tiny", TINY, (0.1,), (1,), 2, variants=("fedavg", "fedbn", "feddf", "mosaic", "mosaic-nometa", "fedavg-eqc")))
+    headline.main(["--parts", "tiny", "--runs-root", str(tmp_path)])
+    out = tmp_path / "headline-tiny"
+    # FedBN refuses cnn_small before any training, once, with the reason on disk and in the table
+    assert "BatchNorm" in json.loads((out / "fedbn-a0.1-s1" / "refused.json").read_text())["reason"]
+    for v in ("fedavg", "feddf", "mosaic", "mosaic-nometa", "fedavg-eqc"):
+        assert (out / f"{v}-a0.1-s1" / "summary.json").is_file(), v
+    # equal compute: FedAvg got the rounds Mosaic's clients' work buys (more than 3: the generators)
+    eq = json.loads((out / "fedavg-eqc-a0.1-s1" / "bench.json").read_text())["equal_compute"]
+    mosaic_rows = json.loads((out / "mosaic-a0.1-s1" / "metrics.json").read_text())
+    assert eq["rounds"] == round(client_units(mosaic_rows)) > 3
+    assert json.loads((out / "fedavg-eqc-a0.1-s1" / "summary.json").read_text())["rounds"] == eq["rounds"]
+    md = (results / "headline.md").read_text()
+    assert "| FedBN | refused |" in md and "Mosaic minus each method" in md and "Gap closure" in md
+    assert (results / "headline-tiny.png").stat().st_size > 0
+    assert (results / "headline-tiny-detail.md").is_file()
+    # resumes: a second call runs nothing (every run directory is left as it was)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    headline.run(["tiny"], tmp_path, (0, 1))
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
