@@ -16,8 +16,10 @@ in order (a later value wins, even one equal to the default) and handed to ``flw
 file (``flwr run`` itself accepts a file only alone).
 
 ``--ray-address HOST:PORT`` runs the ClientApps on an existing Ray cluster (``ray start --head``
-on one machine, ``ray start --address HOST:PORT`` on the others) instead of a private Ray
-instance: one ClientApp actor per ``--cpus-per-client`` CPUs of each node. Flower 1.42 has no
+on one machine, ``ray start --address HOST:PORT`` on the others): one ClientApp actor per
+``--cpus-per-client`` CPUs of each node. (Without it, Ray starts a private instance, unless
+``ray start`` ran on this machine with the default temp dir: ``ray.init()`` then joins that
+cluster through /tmp/ray/ray_current_cluster.) Flower 1.42 has no
 federation option for it (the simulation's Ray ``init-args`` are num-cpus, num-gpus,
 logging-level and log-to-driver only), but it calls ``ray.init()`` without an address, which
 then connects to ``RAY_ADDRESS``: the SuperLink is started with ``RAY_ADDRESS`` set, and the
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     home = ROOT / ".flwr" / f"sim-{port}"
     home.mkdir(parents=True, exist_ok=True)
     env = flower_env(home, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)  # a private Ray instance unless --ray-address says otherwise
+    env.pop("RAY_ADDRESS", None)  # only --ray-address names a cluster
     env.update(ray_env)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "sim"\n\n'
