@@ -233,6 +233,11 @@ def test_make_certs_and_node_keys(tmp_path):
     assert again.returncode == 1 and "exists" in again.stderr  # never overwrites keys
     bad = run(["bash", DEPLOY / "make_certs.sh", tmp_path / "c2", "not a host"])
     assert bad.returncode == 2 and "neither an IP address nor a host name" in bad.stderr
+    only = run(["bash", DEPLOY / "make_certs.sh", "--no-loopback", tmp_path / "c3", "10.1.2.3"],
+               env={**os.environ, "CERT_KEY_BITS": "2048"})
+    assert only.returncode == 0, only.stderr
+    san = run(["openssl", "x509", "-in", tmp_path / "c3" / "server.crt", "-noout", "-ext", "subjectAltName"]).stdout
+    assert san.split("\n", 1)[1].strip() == "IP Address:10.1.2.3", san  # no localhost, no 127.0.0.1
     proc = run(["bash", DEPLOY / "make_node_keys.sh", keys, "client-0"])
     assert proc.returncode == 0, proc.stderr
     assert try_load_public_key(keys / "client-0.pub")  # what `flwr supernode register` reads
