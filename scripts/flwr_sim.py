@@ -14,6 +14,16 @@ and always stops the SuperLink (and with it Ray) before it exits: 0 when the run
 ``--run-config`` is repeatable; each is a run-config TOML file or ``key=value`` string, merged
 in order (a later value wins, even one equal to the default) and handed to ``flwr run`` as one
 file (``flwr run`` itself accepts a file only alone).
+
+``--ray-address HOST:PORT`` runs the ClientApps on an existing Ray cluster (``ray start --head``
+on one machine, ``ray start --address HOST:PORT`` on the others): one ClientApp actor per
+``--cpus-per-client`` CPUs of each node. (Without it, Ray starts a private instance, unless
+``ray start`` ran on this machine with the default temp dir: ``ray.init()`` then joins that
+cluster through /tmp/ray/ray_current_cluster.) Flower 1.42 has no
+federation option for it (the simulation's Ray ``init-args`` are num-cpus, num-gpus,
+logging-level and log-to-driver only), but it calls ``ray.init()`` without an address, which
+then connects to ``RAY_ADDRESS``: the SuperLink is started with ``RAY_ADDRESS`` set, and the
+simulation process it launches inherits it. The cluster keeps running afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a run-config TOML file (conf/*.toml) or overrides with TOML values, "
                          "\"strategy='fedprox' alpha=0.1\"; repeatable, merged in order (later wins)")
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is stopped")
+    ap.add_argument("--ray-address", metavar="HOST:PORT",
+                    help="run on this existing Ray cluster (the head's GCS address from `ray start --head`)")
     ap.add_argument("--keep-home", action="store_true", help="keep the run's FLWR_HOME (logs) after exit")
     args = ap.parse_args(argv)
     try:
@@ -117,10 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[flwr_sim] error: {exc}", file=sys.stderr, flush=True)
         return 2
 
+    ray_env: dict[str, str] = {}
+    if args.ray_address is not None:
+        if not re.fullmatch(r"[^:/\s]+:\d{1,5}", args.ray_address):
+            print(f"[flwr_sim] error: --ray-address {args.ray_address!r}: expected HOST:PORT, the "
+                  "address `ray start --head` printed", file=sys.stderr, flush=True)
+            return 2
+        ray_env["RAY_ADDRESS"] = args.ray_address
+
     port = free_port()
     home = ROOT / ".flwr" / f"sim-{port}"
     home.mkdir(parents=True, exist_ok=True)
     env = flower_env(home, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)  # only --ray-address names a cluster
+    env.update(ray_env)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "sim"\n\n'
         f'[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -139,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_healthy(port, superlink)
         print(f"[flwr_sim] SuperLink pid {superlink.pid} on 127.0.0.1:{port}; "
-              f"{args.num_supernodes} simulated clients", flush=True)
+              f"{args.num_supernodes} simulated clients"
+              + (f" on the Ray cluster at {args.ray_address}" if ray_env else ""), flush=True)
         cmd = [str(BIN / "flwr"), "run", ".", "sim", "--stream", "--federation-config", federation]
         if run_config:
             print(f"[flwr_sim] run config: {' '.join(f'{k}={v!r}' for k, v in run_config.items())}",

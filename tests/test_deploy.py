@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,16 +17,11 @@ import torch
 from mosaic_flwr.config import build_config
 from mosaic_flwr.data import DatasetNotFoundError
 from mosaic_flwr.task import client_data, node_data, node_partition, partition_file
-from tests.conftest import started_under
+from tests.deploy_support import (BIN, DEPLOY, Deployment, check_mosaic_results, free_port, make_material,
+                                  run, submit_config)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "scripts" / "deploy"
-sys.path.insert(0, str(DEPLOY))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import flwr_deploy
-import make_partitions
-from flwr_sim import BIN, flower_env, free_port, stop_group
+import flwr_deploy  # noqa: E402  (scripts/deploy is on sys.path through tests.deploy_support)
+import make_partitions  # noqa: E402
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
@@ -140,11 +132,6 @@ def test_node_data_dir_overrides_run_config(tmp_path):
 
 
 # ----------------------------------------------------------------------------- scripts
-def run(cmd, timeout=120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, check=False,
-                          timeout=timeout, **kw)
-
-
 def test_make_partitions_script(tmp_path, capsys):
     out = tmp_path / "parts"
     assert make_partitions.main(["--out", str(out), "--num-partitions", "3",
@@ -246,6 +233,11 @@ def test_make_certs_and_node_keys(tmp_path):
     assert again.returncode == 1 and "exists" in again.stderr  # never overwrites keys
     bad = run(["bash", DEPLOY / "make_certs.sh", tmp_path / "c2", "not a host"])
     assert bad.returncode == 2 and "neither an IP address nor a host name" in bad.stderr
+    only = run(["bash", DEPLOY / "make_certs.sh", "--no-loopback", tmp_path / "c3", "10.1.2.3"],
+               env={**os.environ, "CERT_KEY_BITS": "2048"})
+    assert only.returncode == 0, only.stderr
+    san = run(["openssl", "x509", "-in", tmp_path / "c3" / "server.crt", "-noout", "-ext", "subjectAltName"]).stdout
+    assert san.split("\n", 1)[1].strip() == "IP Address:10.1.2.3", san  # no localhost, no 127.0.0.1
     proc = run(["bash", DEPLOY / "make_node_keys.sh", keys, "client-0"])
     assert proc.returncode == 0, proc.stderr
     assert try_load_public_key(keys / "client-0.pub")  # what `flwr supernode register` reads
@@ -256,89 +248,15 @@ def test_make_certs_and_node_keys(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real deployment
-# The synthetic data set keeps the server's evaluations short on 2 CPU cores; the deployment
-# path is the same for any data set (MOSAIC_DEPLOY_TEST_DATASET=fmnist runs it on Fashion-MNIST).
-RUN_DATA = f"dataset='{os.environ.get('MOSAIC_DEPLOY_TEST_DATASET', 'synthetic')}'"
-SMALL = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 gen-steps=20 meta-epochs=5 "
-         "meta-samples-per-class=8 proto-k=2 kd-steps=5 kd-batch-size=32")
-
-
-class Deployment:
-    """Processes on 127.0.0.1, each in its own session with its own log, and each with its
-    FLWR_HOME under ``root``; all stopped by PID in :meth:`stop_all`."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
-        self.env = flower_env(root / "home-default")
-
-    def start(self, name: str, cmd: list) -> subprocess.Popen:
-        log = self.root / f"{name}.log"
-        self.logs[name] = log
-        with open(log, "w") as f:
-            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=self.env, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def supernode(self, name: str, key: Path, data_file: Path, root_cert: Path) -> subprocess.Popen:
-        return self.start(name, ["bash", DEPLOY / "start_supernode.sh", "--superlink", self.address,
-                                 "--root-cert", root_cert, "--key", key, "--data-file", data_file,
-                                 "--port", free_port(), "--home", self.root / f"home-{name}"])
-
-    def log(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace") if name in self.logs else ""
-
-    def tails(self, lines: int = 40) -> str:
-        return "\n".join(f"----- {name} (last {lines} lines) -----\n"
-                         + "\n".join(self.log(name).splitlines()[-lines:]) for name in self.logs)
-
-    def wait_exit(self, name: str, timeout: float) -> int | None:
-        try:
-            return self.procs[name].wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop_all(self) -> None:
-        """SuperNodes first, the SuperLink last, each by its PID (SIGTERM to its process group,
-        then SIGKILL); then, by PID, anything they started that outlived them. Raises if any
-        process of this deployment survives."""
-        for name in reversed(list(self.procs)):
-            stop_group(self.procs[name], grace=10)
-        deadline = time.monotonic() + 10
-        while started_under(self.root) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in started_under(self.root):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-        survivors = started_under(self.root)
-        assert not survivors, f"processes of the deployment test still running: {survivors}"
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     assert shutil.which("openssl"), "openssl is needed to make the test's certificates"
-    root = tmp_path_factory.mktemp("deploy")
-    d = Deployment(root)
+    d = Deployment(tmp_path_factory.mktemp("deploy"))
     try:
-        d.certs, d.keys, d.parts = root / "certs", root / "keys", root / "parts"
-        for cmd in (["bash", DEPLOY / "make_certs.sh", d.certs, "127.0.0.1"],
-                    ["bash", DEPLOY / "make_certs.sh", root / "other-ca", "127.0.0.1"],
-                    ["bash", DEPLOY / "make_node_keys.sh", d.keys, "client-0", "client-1", "rogue"],
-                    [BIN / "python", DEPLOY / "make_partitions.py", "--out", d.parts,
-                     "--num-partitions", 2, "--run-config", RUN_DATA]):
-            proc = run(cmd, env={**d.env, "CERT_KEY_BITS": "2048"})
-            assert proc.returncode == 0, f"{cmd}: {proc.stdout}{proc.stderr}"
-        port = free_port()
-        d.address = f"127.0.0.1:{port}"
-        link = d.start("superlink", ["bash", DEPLOY / "start_superlink.sh", "--certs", d.certs,
-                                     "--port", port, "--home", root / "home-superlink"])
+        make_material(d, ["client-0", "client-1", "rogue"], "127.0.0.1", other_ca=True)
+        link = d.superlink("127.0.0.1")
         flwr_deploy.wait_superlink(d.address, d.certs / "ca.crt", timeout=90, proc=link)
-        d.control = flwr_deploy.write_connection(root / "home-cli", d.address, d.certs / "ca.crt")
+        d.control = flwr_deploy.write_connection(d.root / "home-cli", d.address, d.certs / "ca.crt")
         registered = flwr_deploy.register(d.control, [d.keys / "client-0.pub", d.keys / "client-1.pub"])
         d.node_ids = sorted(registered.values())
         for i in range(2):
@@ -404,18 +322,8 @@ def test_two_authorised_supernodes_run_mosaic(deployment, tmp_path):
     d.logs["submit"] = log_path = d.root / "submit.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        code, run_id, status = flwr_deploy.submit(
-            d.control, [f"{RUN_DATA} {SMALL} output-dir='{out}' run-name='deploy'"], timeout=300, log=log)
+        code, run_id, status = flwr_deploy.submit(d.control, [submit_config(out)], timeout=300, log=log)
     seconds = time.monotonic() - t0
     assert code == 0 and status == "finished:completed", f"run {run_id}: {status}\n{d.tails()}"
-    rounds = json.loads((out / "deploy" / "metrics.json").read_text())
-    assert [r["round"] for r in rounds] == [0, 1, 2], rounds
-    assert rounds[1].get("phase") == "distill" and "acc-after-distill" in rounds[1]
-    summary = json.loads((out / "deploy" / "summary.json").read_text())
-    assert summary["strategy"] == "mosaic" and summary["num_clients"] == 2  # only the authorised two
-    assert sorted(str(r["node-id"]) for r in summary["assignment"]) == d.node_ids
-    # each SuperNode trained on its own partition file, which the server never read
-    manifest = json.loads((d.parts / "manifest.json").read_text())
-    sizes = {f["partition-id"]: f["num-examples"] for f in manifest["files"]}
-    assert {r["partition-id"]: r["num-examples"] for r in summary["assignment"]} == sizes
+    check_mosaic_results(out / "deploy", d.node_ids, d.parts)
     print(f"[test_deploy] 2-round Mosaic deployment run: {seconds:.1f} s")

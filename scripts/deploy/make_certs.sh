@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Make a self-signed CA and a TLS server certificate for a SuperLink, with openssl.
 #
-# usage: scripts/deploy/make_certs.sh OUT_DIR NAME_OR_IP [NAME_OR_IP ...]
+# usage: scripts/deploy/make_certs.sh [--no-loopback] OUT_DIR NAME_OR_IP [NAME_OR_IP ...]
 #   e.g. scripts/deploy/make_certs.sh certs 127.0.0.1 superlink.example.org 10.0.0.5
 #
 # Writes OUT_DIR/ca.crt (public: give it to every SuperNode and to whoever submits runs),
 # OUT_DIR/ca.key (the CA's private key: keep it offline), OUT_DIR/server.crt and
 # OUT_DIR/server.key (the SuperLink's; server.key is secret and stays on the SuperLink host).
 # The server certificate's subjectAltName holds every NAME_OR_IP given (IP addresses become
-# IP: entries, host names DNS:) plus localhost and 127.0.0.1, which the SuperLink's own
-# SuperExec uses to reach it. SuperNodes and the CLI must connect with one of these names.
+# IP: entries, host names DNS:) plus localhost and 127.0.0.1 unless --no-loopback is given.
+# SuperNodes and the CLI must connect with one of these names, and so does the SuperLink's own
+# SuperExec (the ServerApp's launcher): it connects to the SuperLink's --host, or to 127.0.0.1
+# when that is 0.0.0.0. With --no-loopback, start the SuperLink with --host set to a name here.
 # For testing and small deployments; use your organisation's CA otherwise.
 # Env: CERT_DAYS (validity, default 365), CERT_KEY_BITS (RSA bits, default 3072).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+LOOPBACK=(localhost 127.0.0.1)
+case "${1:-}" in --no-loopback) LOOPBACK=(); shift ;; esac
 help_or_nothing 2 "$@"
 command -v openssl >/dev/null || die 1 "openssl not found (apt-get install openssl)"
 OUT="$1"; shift
@@ -23,10 +27,10 @@ BITS="${CERT_KEY_BITS:-3072}"
 [[ "$DAYS" =~ ^[1-9][0-9]*$ ]] || die 2 "CERT_DAYS '$DAYS' is not a positive number of days"
 [[ "$BITS" =~ ^(2048|3072|4096)$ ]] || die 2 "CERT_KEY_BITS '$BITS': use 2048, 3072 or 4096"
 
-subject_alt_names() {  # NAME_OR_IP ... -> "IP:1.2.3.4,DNS:host,..." (localhost and 127.0.0.1 added)
+subject_alt_names() {  # NAME_OR_IP ... -> "IP:1.2.3.4,DNS:host,..." (plus LOOPBACK's names)
   local -A seen=()
   local sans=() name
-  for name in "$@" localhost 127.0.0.1; do
+  for name in "$@" "${LOOPBACK[@]}"; do
     [[ -n "$name" ]] || die 2 "empty NAME_OR_IP"
     [[ -z "${seen[$name]:-}" ]] || continue
     seen[$name]=1
