@@ -76,7 +76,7 @@ def test_auc_near_half_on_independent_data():
 def test_random_features_fixed_and_data_independent():
     x = torch.randn(5, 3, 32, 32)
     f1, f2 = RandomFeatures(3)(x), RandomFeatures(3)(x)
-    assert f1.shape == (5, 512) and torch.equal(f1, f2)  # the same net every time, any global RNG state
+    assert f1.shape == (5, RandomFeatures.DIM) and torch.equal(f1, f2)  # the same net every time, any global RNG state
     torch.manual_seed(123)
     assert torch.equal(RandomFeatures(3)(x), f1)
 

@@ -101,21 +101,24 @@ def roc_auc(pos: Tensor, neg: Tensor) -> tuple[float, float, float]:
 
 # ----------------------------------------------------------------------------- fixed features
 class RandomFeatures(nn.Module):
-    """A randomly initialised conv net from a fixed seed: three 3x3 conv + ReLU layers (32, 64,
-    128 channels; 2x2 average pooling after the first two), global 2x2 average pooling ->
-    512 features. He-normal weights drawn from ``torch.Generator(seed)``, zero biases: the
-    same net for every client and run, whatever torch's default initialisation does."""
+    """A randomly initialised conv net from a fixed seed: three 3x3 conv layers of stride 2 with
+    ReLU (16, 32, 64 channels), then 2x2 average pooling -> 256 features. He-normal weights
+    drawn from ``torch.Generator(seed)``, zero biases: the same net for every client and run,
+    whatever torch's default initialisation does. Strided and narrow so that it costs about
+    0.5 M multiply-adds per 28x28 image (the audit's features must stay cheap on a client)."""
+
+    DIM = 256
 
     def __init__(self, in_channels: int, seed: int = FEATURE_SEED):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         layers, ch = [], in_channels
-        for i, out in enumerate((32, 64, 128)):
-            conv = nn.Conv2d(ch, out, 3, padding=1)
+        for out in (16, 32, 64):
+            conv = nn.Conv2d(ch, out, 3, stride=2, padding=1)
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2.0 / (ch * 9)))
                 conv.bias.zero_()
-            layers += [conv, nn.ReLU()] + ([nn.AvgPool2d(2)] if i < 2 else [])
+            layers += [conv, nn.ReLU()]
             ch = out
         layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
         self.net = nn.Sequential(*layers).eval()
@@ -125,7 +128,7 @@ class RandomFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor, batch: int = 512) -> Tensor:
         if len(x) == 0:
-            return torch.zeros(0, 512)
+            return torch.zeros(0, self.DIM)
         return torch.cat([self.net(x[i:i + batch].float()) for i in range(0, len(x), batch)])
 
 

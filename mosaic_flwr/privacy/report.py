@@ -25,7 +25,7 @@ THRESHOLDS = {"dcr-ratio-below": audit.RATIO_FLAG, "near-copy-excess-above": aud
               "mia-auc-at-least": audit.AUC_FLAG, "near-copy-percentile": audit.NEAR_COPY_PERCENTILE,
               "proto-exact-below": audit.PROTO_EXACT, "rare-count-at-most": audit.RARE_COUNT,
               "generated-per-class": audit.N_GEN, "real-per-class-max": audit.M_MAX,
-              "feature-space": f"RandomFeatures (3 random conv layers, 512 features, seed {audit.FEATURE_SEED})"}
+              "feature-space": f"RandomFeatures (3 random strided conv layers, 256 features, seed {audit.FEATURE_SEED})"}
 
 
 def client_entry(partition_id: int, counts: torch.Tensor, figures: dict[str, float],
