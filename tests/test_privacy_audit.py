@@ -15,6 +15,7 @@ from mosaic_flwr.privacy.audit import (RandomFeatures, audit_generator, audit_pr
                                        nn_distances, roc_auc, validate_figures)
 from mosaic_flwr.privacy.report import client_entry, summarise
 from mosaic_flwr.models import build_model
+from tests.conftest import as_flower_server
 from tests.test_e2e_inprocess import run_inprocess
 
 C = 10
@@ -109,6 +110,8 @@ def test_generator_audit_reads_only_held_classes(split):
         return torch.zeros(len(labels), 1, 28, 28)
     out = audit_generator(generate, xt[keep], yt[keep], xu, yu, n_gen=5, m_max=20)
     assert sorted(set(asked)) == [0, 1, 2] and out["classes-audited"] == 3
+    assert out["class-m"][:3] == [20.0] * 3 and out["class-m"][3:] == [0.0] * 7
+    assert all(r >= 0 for r in out["class-dcr-ratio-pixel"][:3]) and out["class-dcr-ratio-pixel"][3:] == [-1.0] * 7
     assert audit_generator(generate, xt[keep], yt[keep], xu[yu >= 3], yu[yu >= 3], n_gen=5) == {}
 
 
@@ -137,6 +140,10 @@ def test_label_disclosure():
     ({"privacy-dcr-ratio-pixel": float("inf")}, "not a finite"),
     ({"privacy-near-copy-pixel": True}, "not a finite"),
     ({"privacy-classes-audited": 11.0}, "exceeds"),
+    ({"privacy-class-m": [1.0] * 11}, "at most"),
+    ({"privacy-class-m": [1.0, float("nan")]}, "at most"),
+    ({"privacy-class-dcr-ratio-pixel": [0.5, -0.5]}, "out of range"),
+    ({"privacy-class-m": "x"}, "at most"),
 ])
 def test_hostile_figures_are_rejected(metrics, problem):
     figures, why = validate_figures(metrics, C)
@@ -170,9 +177,22 @@ def test_client_round_reports_the_audit():
     off = mosaic_client_round(model(), x, y, info, **common)
     audit = {k: v for k, v in on.metrics.items() if k.startswith("privacy-")}
     assert {"privacy-dcr-ratio-pixel", "privacy-mia-auc-pixel", "privacy-proto-count", "privacy-seconds"} <= set(audit)
-    assert all(math.isfinite(v) for v in audit.values())
+    assert all(math.isfinite(x) for v in audit.values() for x in (v if isinstance(v, list) else [v]))
     assert not any(k.startswith("privacy-") for k in off.metrics)
     assert validate_figures(on.metrics, C)[1] is None
+    assert len(on.metrics["privacy-class-m"]) == C
+    # the reply carries the per-class lists to the server, which keeps them
+    from flwr.app import Message
+    from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
+    from mosaic_flwr.models.generators import generator_for
+    as_flower_server()
+    msg = Message(mosaic_payload(on), dst_node_id=1, message_type="train.mosaic")
+    reply, problem = decode_mosaic_reply(msg, on.state, num_classes=C, feature_dim=on.prototypes[0].shape[1],
+                                         generator_template=generator_for(info).state_dict(),
+                                         expect_prototypes=True, max_prototypes=5 * C)
+    assert problem is None
+    figures, why = validate_figures(reply.metrics, C)
+    assert why is None and figures["class-m"] == on.metrics["privacy-class-m"]
     for a, b in ((on.prototypes[0], off.prototypes[0]), *((on.generator[k], off.generator[k]) for k in on.generator)):
         assert torch.equal(a, b)  # auditing changes nothing that is uploaded
 
@@ -185,7 +205,8 @@ def test_inprocess_mosaic_writes_privacy(tmp_path):
         "privacy-audit": True})["dir"]
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["round"] == 1 and len(privacy["clients"]) == 3
-    assert all("dcr-ratio-pixel" in c and "proto-count" in c and "label-counts" in c for c in privacy["clients"])
+    assert all("dcr-ratio-pixel" in c and "proto-count" in c and "label-counts" in c and len(c["class-m"]) == 10
+               for c in privacy["clients"])
     assert (out / "privacy.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["clients-audited"] == 3

@@ -32,7 +32,9 @@ def client_entry(partition_id: int, counts: torch.Tensor, figures: dict[str, flo
                  client_seconds: float | None = None, problem: str | None = None) -> dict[str, Any]:
     """One client's row: its audit figures, what its label counts disclose, its flags."""
     entry: dict[str, Any] = {"partition-id": int(partition_id), "label-counts": [int(c) for c in counts.tolist()],
-                             **label_disclosure_rounded(counts), **{k: round(v, 5) for k, v in figures.items()}}
+                             **label_disclosure_rounded(counts),
+                             **{k: [round(x, 5) for x in v] if isinstance(v, list) else round(v, 5)
+                                for k, v in figures.items()}}
     if problem:
         entry["audit-rejected"] = problem
     if client_seconds is not None and "seconds" in figures and client_seconds > figures["seconds"]:
@@ -68,6 +70,16 @@ def summarise(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[f"near-copy-excess-{s}-max"] = round(max(excess), 5)
         sig = [e for e in audited if e.get(f"mia-auc-{s}-low", 0) > 0.5]
         out[f"mia-significant-{s}"] = len(sig)
+    for s in ("pixel", "feature"):  # per class: classes of a handful of records vs the others
+        small, large = [], []
+        for e in audited:
+            for m, r in zip(e.get("class-m", []), e.get(f"class-dcr-ratio-{s}", [])):
+                if m >= 1 and r >= 0:
+                    (small if m <= audit.RARE_COUNT else large).append(r)
+        for name, vals in (("small", small), ("large", large)):
+            if vals:
+                out[f"class-dcr-ratio-{s}-{name}-median"] = round(statistics.median(vals), 5)
+                out[f"class-dcr-ratio-{s}-{name}-classes"] = len(vals)
     for key in ("proto-exact", "proto-few-classes", "proto-single-record", "label-rare-classes"):
         vals = _values(entries, key)
         if vals:
