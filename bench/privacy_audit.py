@@ -27,6 +27,7 @@ from flwr.app import Context, RecordDict  # noqa: E402
 from client_app.app import app as client_app  # noqa: E402
 from mosaic_flwr.config import load_defaults  # noqa: E402
 from mosaic_flwr.inprocess import InProcessGrid  # noqa: E402
+from mosaic_flwr.privacy.report import summarise  # noqa: E402
 from server_app.app import main as server_main  # noqa: E402
 
 
@@ -78,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="{}", help="more run-config overrides as JSON")
     ap.add_argument("--out-root", default="/tmp/privacy-runs")
     ap.add_argument("--name", default="privacy-audit")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: tabulate the run directories under --out-root (summaries recomputed "
+                         "from the clients' figures with the current code)")
     ap.add_argument("--machine", default="2-core VM shared with other jobs, one thread per run")
     args = ap.parse_args(argv)
     out_root = Path(args.out_root)
@@ -85,8 +89,10 @@ def main(argv=None) -> int:
                             text=True).stdout.strip()
     results = {"commit": commit, "machine": args.machine, "runs": {}}
     for alpha in args.alphas:
-        d = run(alpha, out_root, args.rounds or None, json.loads(args.set), args.num_supernodes)
+        d = (out_root / f"privacy-a{alpha:g}" if args.table_only
+             else run(alpha, out_root, args.rounds or None, json.loads(args.set), args.num_supernodes))
         privacy = json.loads((d / "privacy.json").read_text())
+        privacy["summary"] = {"round": privacy["round"], **summarise(privacy["clients"])}
         summary = json.loads((d / "summary.json").read_text())
         results["runs"][f"{alpha:g}"] = {"config": f"alpha={alpha:g}, {args.num_supernodes} clients, "
                                                    f"num-server-rounds={args.rounds or privacy['round']}",

@@ -129,6 +129,18 @@ def test_one_sample_class_prototype_is_flagged():
     assert many["proto-exact"] == 0 and many["proto-single-record"] == 0 and flags(many) == []
 
 
+def test_summary_per_class_small_vs_large():
+    entries = [client_entry(0, torch.tensor([1, 2, 300]), {"dcr-ratio-pixel": 0.9, "class-m": [1.0, 2.0, 300.0],
+                                                       "class-dcr-ratio-pixel": [0.5, 0.7, 1.01]}),
+               client_entry(1, torch.tensor([3, 0, 400]), {"dcr-ratio-pixel": 1.0, "class-m": [3.0, 0.0, 400.0],
+                                                       "class-dcr-ratio-pixel": [1.2, -1.0, 0.99]})]
+    s = summarise(entries)
+    assert s["class-dcr-ratio-pixel-small-classes"] == 3 and s["class-dcr-ratio-pixel-small-below-1"] == 2
+    assert s["class-dcr-ratio-pixel-small-median"] == 0.7 and s["class-dcr-ratio-pixel-large-classes"] == 2
+    assert s["class-dcr-ratio-pixel-small-sign-p"] == 0.5  # P(>= 2 of 3 below 1) = 4/8
+    assert s["label-rare-classes-total"] == 3
+
+
 def test_label_disclosure():
     out = label_disclosure(torch.tensor([0, 1, 5, 6, 300]))
     assert out == {"label-classes-held": 4.0, "label-rare-classes": 2.0, "label-min-count": 1.0}

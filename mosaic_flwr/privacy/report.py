@@ -8,6 +8,7 @@ and writes ``privacy.json``, ``privacy.png``, a log line and ``summary.json``'s 
 from __future__ import annotations
 
 import io
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,6 +52,12 @@ def _values(entries: Sequence[dict], key: str) -> list[float]:
     return [e[key] for e in entries if isinstance(e.get(key), (int, float))]
 
 
+def sign_test(k: int, n: int) -> float:
+    """One-sided sign test: the chance of ``k`` or more of ``n`` ratios below 1 when each is
+    below 1 with probability one half (a generator no closer to its records than to unseen ones)."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
 def summarise(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The run's figures over the audited clients: medians and extremes of the DCR ratios and
     membership AUCs, the largest near-copy excess, prototype and label-count disclosure, the
@@ -78,8 +85,11 @@ def summarise(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     (small if m <= audit.RARE_COUNT else large).append(r)
         for name, vals in (("small", small), ("large", large)):
             if vals:
+                below = sum(v < 1 for v in vals)
                 out[f"class-dcr-ratio-{s}-{name}-median"] = round(statistics.median(vals), 5)
                 out[f"class-dcr-ratio-{s}-{name}-classes"] = len(vals)
+                out[f"class-dcr-ratio-{s}-{name}-below-1"] = below
+                out[f"class-dcr-ratio-{s}-{name}-sign-p"] = round(sign_test(below, len(vals)), 6)
     for key in ("proto-exact", "proto-few-classes", "proto-single-record", "label-rare-classes"):
         vals = _values(entries, key)
         if vals:
