@@ -45,7 +45,9 @@ def run(alpha: float, out_root: Path, rounds: int | None, extra: dict, nodes: in
 def table(name: str, results: dict) -> str:
     lines = [f"# Privacy audit of what Mosaic clients upload ({name})", "",
              "Command: `" + " ".join(["bench/privacy_audit.py", *sys.argv[1:]]) + "`", "",
-             f"Commit {results['commit']}; {results['machine']}.", ""]
+             f"Runs at commit {results['commit']}"
+             + (f", summaries recomputed from the clients' figures at {results['tabulated-at']}"
+                if results.get("tabulated-at") else "") + f"; {results['machine']}.", ""]
     for alpha, r in results["runs"].items():
         s = r["summary"]
         lines += [f"## alpha = {alpha}", "",
@@ -67,7 +69,21 @@ def table(name: str, results: dict) -> str:
                 f"{int(c.get('proto-count', 0))} ({int(c.get('proto-exact', 0))}, {int(c.get('proto-few-classes', 0))}, "
                 f"{int(c.get('proto-single-record', 0))}) | {f('proto-nn-ratio-min')} | {f('seconds', 1)} "
                 f"({100 * c.get('seconds-fraction', 0):.1f} %) | {'+'.join(c['flags']) or '-'} |")
-        lines += ["", "Summary: `" + json.dumps(s) + "`", ""]
+        lines.append("")
+        for sp in ("pixel", "feature"):
+            small, large = (f"class-dcr-ratio-{sp}-small", f"class-dcr-ratio-{sp}-large")
+            if small + "-median" in s and large + "-median" in s:
+                lines.append(
+                    f"- per class, {sp}: classes of <= 5 records: median DCR ratio {s[small + '-median']:.3f}, "
+                    f"{s[small + '-below-1']} of {s[small + '-classes']} below 1 (one-sided sign test p = "
+                    f"{s[small + '-sign-p']:.2g}); larger classes: {s[large + '-median']:.3f}, {s[large + '-below-1']} "
+                    f"of {s[large + '-classes']} below 1 (p = {s[large + '-sign-p']:.2g})")
+        lines += [f"- prototypes that are a record's features: {s.get('proto-exact-total', 0)} of "
+                  f"{int(sum(c.get('proto-count', 0) for c in r['clients']))} ({s.get('proto-single-record-total', 0)} "
+                  f"single-record classes); classes sent as the mean of < k records: {s.get('proto-few-classes-total', 0)}; "
+                  f"label counts of 1-5 records disclosed: {s.get('label-rare-classes-total', 0)} classes",
+                  f"- audit cost: {s.get('seconds-mean', 0):.2f} s per client, {100 * s.get('seconds-fraction-mean', 0):.1f} % "
+                  "of the client's distillation round", "", "Summary: `" + json.dumps(s) + "`", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -88,6 +104,10 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     results = {"commit": commit, "machine": args.machine, "runs": {}}
+    previous = ROOT / "bench" / "results" / f"{args.name}.json"
+    if args.table_only and previous.is_file():  # the runs' own commit; the summaries' is now
+        results["commit"] = json.loads(previous.read_text())["commit"]
+        results["tabulated-at"] = commit
     for alpha in args.alphas:
         d = (out_root / f"privacy-a{alpha:g}" if args.table_only
              else run(alpha, out_root, args.rounds or None, json.loads(args.set), args.num_supernodes))
