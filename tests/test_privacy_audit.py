@@ -233,3 +233,14 @@ def test_inprocess_audit_off_writes_nothing(tmp_path):
         "privacy-audit": False})["dir"]
     assert not (out / "privacy.json").exists()
     assert "privacy" not in json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_inprocess_feddf_gen_audits_its_generators(tmp_path):
+    """FedDF on the clients' generators uploads generators too: audited, no prototype figures."""
+    out = run_inprocess(tmp_path, dataset="synthetic", num_nodes=2, **{
+        "strategy": "feddf-gen", "num-server-rounds": 1, "warmup-rounds": 1, "local-steps": 3,
+        "gen-steps": 3, "kd-steps": 2, "distill-gate": "off"})["dir"]
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert len(privacy["clients"]) == 2
+    assert all("mia-auc-pixel" in c and "proto-count" not in c for c in privacy["clients"])
