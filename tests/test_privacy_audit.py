@@ -244,3 +244,20 @@ def test_inprocess_feddf_gen_audits_its_generators(tmp_path):
     privacy = json.loads((out / "privacy.json").read_text())
     assert len(privacy["clients"]) == 2
     assert all("mia-auc-pixel" in c and "proto-count" not in c for c in privacy["clients"])
+
+
+@pytest.mark.slow
+def test_node_without_test_split_skips_the_audit(tmp_path, monkeypatch):
+    """A node that cannot read the test split trains and uploads as usual, without figures."""
+    import client_app.app as capp
+    from mosaic_flwr.data import DatasetNotFoundError
+
+    def missing(cfg):
+        raise DatasetNotFoundError("no test split here")
+    monkeypatch.setattr(capp, "unseen_data", missing)
+    out = run_inprocess(tmp_path, dataset="synthetic", num_nodes=2, **{
+        "strategy": "mosaic", "num-server-rounds": 1, "warmup-rounds": 1, "local-steps": 3,
+        "gen-steps": 3, "kd-steps": 2, "meta-epochs": 1, "meta-data": "prototypes", "distill-gate": "off"})["dir"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert not (out / "privacy.json").exists() and "privacy" not in summary
+    assert summary["distillation"]["acc-after-distill"] >= 0  # the distillation ran on the uploads
