@@ -12,7 +12,8 @@ from ..data import DatasetInfo
 from ..data.augment import Augment
 from ..seeds import mix_seed
 from ..models import Classifier
-from ..models.generators import build_discriminator, generator_for
+from ..models.generators import build_discriminator, generator_for, sample
+from ..privacy.audit import PREFIX, audit_generator, audit_prototypes
 from .generator import train_generator
 from .prototypes import class_prototypes, per_class_subset
 from .training import extract_features, train_local
@@ -33,8 +34,8 @@ def label_counts(y: Tensor, num_classes: int) -> Tensor:
 
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
-                        proto_k: int = 0, gen: dict | None = None, augment: Augment | None = None
-                        ) -> MosaicClientResult:
+                        proto_k: int = 0, gen: dict | None = None, augment: Augment | None = None,
+                        audit_unseen: tuple[Tensor, Tensor] | None = None) -> MosaicClientResult:
     """Local training; at the distillation round also prototypes and the generator.
 
     Prototypes are k-means centres of the penultimate features of the model as received
@@ -46,9 +47,17 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     ``augment`` (CIFAR: crop + flip) applies wherever the authors' code reads its augmented
     training loader: local training batches, the generator's real batches, and the images
     the prototypes are computed from.
+
+    ``audit_unseen`` (``privacy-audit``: unseen images and labels, the data set's test split):
+    at the distillation round the client audits what it uploads (``mosaic_flwr.privacy.audit``:
+    its prototypes against its records' features, its generator against its training images
+    and the unseen ones) and reports the figures as ``privacy-*`` metrics, with their cost
+    (``privacy-seconds``). Nothing of the uploads changes.
     """
     counts = label_counts(y, info.num_classes)
     metrics: dict[str, float] = {}
+    audit: dict[str, float] = {}
+    audit_seconds = 0.0
     protos = None
     if distill_round and proto_k > 0:
         t0 = time.perf_counter()
@@ -59,6 +68,10 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         feats = extract_features(model, xk, device=device)
         protos = class_prototypes(feats, y[keep], proto_k, seed=seed)
         metrics["proto-seconds"] = time.perf_counter() - t0
+        if audit_unseen is not None:
+            t0 = time.perf_counter()
+            audit.update(audit_prototypes(*protos, feats, y[keep], proto_k))
+            audit_seconds += time.perf_counter() - t0
     stats = train_local(model, x, y, seed=seed, device=device, augment=augment, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})
     generator_state = None
@@ -71,5 +84,14 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
                                  device=device, seed=seed, augment=augment)
         generator_state = {k: v.detach().cpu() for k, v in g.state_dict().items()}
         metrics.update({"gen-seconds": gstats["seconds"], "gen-fidelity": gstats["fidelity"]})
+        if audit_unseen is not None:
+            t0 = time.perf_counter()
+            rng = torch.Generator().manual_seed(mix_seed(seed, "privacy-samples"))
+            audit.update(audit_generator(lambda labels: sample(g, labels, rng=rng), x, y, *audit_unseen,
+                                         seed=mix_seed(seed, "privacy-audit")))
+            audit_seconds += time.perf_counter() - t0
+    if audit_unseen is not None and distill_round:
+        metrics.update({PREFIX + k: v for k, v in audit.items()})
+        metrics[PREFIX + "seconds"] = audit_seconds
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return MosaicClientResult(state, counts, metrics, protos, generator_state)

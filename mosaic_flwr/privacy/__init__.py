@@ -1,0 +1,1 @@
+"""Privacy of what clients upload: the audit (``audit.py``)."""
