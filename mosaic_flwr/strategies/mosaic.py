@@ -242,7 +242,8 @@ class MosaicStrategy(DistillStrategy):
             self.family_counts[family] = sums.counts.clone()
         if self.phase(server_round) == "distill":
             # The class experts now hold all the distillation needs of the clients'
-            # classifiers: free them before the meta model and the KD loop.
+            # classifiers: free them (and the running sums) before the meta model and the KD loop.
+            self.collected, self.warm_experts = {}, {}
             for c in clients:
                 c.state = {}
                 c.reply.state = {}
