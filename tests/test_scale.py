@@ -239,3 +239,45 @@ def test_robust_aggregation_keeps_the_round_buffered(tmp_path, monkeypatch):
     run_inprocess(tmp_path, num_nodes=3, dataset="synthetic", strategy="fedavg", aggregation="median",
                   **{"local-steps": 3})
     assert held and all(isinstance(s, dict) and s for s in held)
+
+
+# ----------------------------------------------------------------------------- pulling, partition
+def test_replies_are_pulled_one_at_a_time_with_progress_lines(monkeypatch):
+    import mosaic_flwr.strategies.base as base_module
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from client_app.app import app as client_app
+    from mosaic_flwr.config import load_defaults
+    from mosaic_flwr.inprocess import InProcessGrid
+
+    handled = []
+    grid = InProcessGrid(client_app, {**load_defaults(), "dataset": "synthetic"}, 4,
+                         hook=lambda g, node, incoming, reply: handled.append(node) or reply)
+    lines = []
+    monkeypatch.setattr(base_module, "log", lambda level, fmt, *a: lines.append(fmt % a))
+    messages = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=n,
+                        message_type="query") for n in grid.get_node_ids()]
+    stream = base_module.stream_replies(grid, messages, timeout=60, label="round 1", progress_every=0)
+    first = next(stream)
+    assert len(handled) == 1 and first.metadata.src_node_id == handled[0]   # nothing pulled ahead
+    rest = list(stream)
+    assert len(rest) == 3 and len(handled) == 4
+    assert any("round 1: 1 of 4 replies" in l for l in lines) and "round 1: 4 of 4 replies" in lines[-1]
+
+
+def test_dirichlet_client_partition_gives_every_client_the_same_size_and_skewed_labels():
+    import numpy as np
+
+    from mosaic_flwr.data import partition
+
+    labels = np.repeat(np.arange(C), 600)
+    parts = partition(labels, 100, method="dirichlet-client", seed=3, alpha=0.1)
+    assert [len(p) for p in parts] == [60] * 100
+    joined = np.concatenate(parts)
+    assert len(np.unique(joined)) == len(joined) == len(labels)        # disjoint, everything used
+    top_share = np.mean([np.bincount(labels[p]).max() / len(p) for p in parts])
+    assert top_share > 0.5                                              # label skew at alpha 0.1
+    again = partition(labels, 100, method="dirichlet-client", seed=3, alpha=0.1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    iid_like = partition(labels, 100, method="dirichlet-client", seed=3, alpha=1000.0)
+    assert np.mean([np.bincount(labels[p]).max() / len(p) for p in iid_like]) < 0.3

@@ -185,7 +185,8 @@ class MosaicStrategy(DistillStrategy):
                     payload.state, payload.label_counts, self.plan(arch, server_round), self.globals[arch.model])
             if new:
                 pid = self.sc.partition_of(r.node_id)
-                st.bank.offer(pid, r.label_counts, r.generator, node=r.node_id, prototypes=r.prototypes)
+                st.bank.offer(pid, r.label_counts, r.generator, node=r.node_id, prototypes=r.prototypes,
+                              family=arch.model, capacity=float(arch.capacity))
                 if r.prototypes is not None:
                     st.protos.append({"partition-id": pid, "node": r.node_id,
                                       "features": r.prototypes[0], "labels": r.prototypes[1]})
@@ -264,8 +265,8 @@ class MosaicStrategy(DistillStrategy):
     def client_generators(self, clients: list, report: dict) -> tuple[list, torch.Tensor, list]:
         """The generators in the bank (``generator-bank-size`` per class, from the
         collection rounds' first-time clients), loaded on the server's device, with their
-        label counts masked to the classes each is kept for, and their owners (node id,
-        prototypes); saved in the artifacts. The bank is emptied (the modules hold them)."""
+        label counts masked to the classes each is kept for, and their owners (architecture,
+        node id, prototypes); saved in the artifacts. The bank is emptied (the modules hold them)."""
         sc, dev = self.sc, self.sc.device
         rows = self.bank.rows()
         if not rows:
@@ -276,7 +277,7 @@ class MosaicStrategy(DistillStrategy):
             g.load_state_dict(e["state"])
             generators.append(g.to(dev).eval())
             states.append({k: v.detach().cpu() for k, v in g.state_dict().items()})
-            owners.append((None, Owner(int(e["node"]), e.get("prototypes"))))
+            owners.append((Arch(e["family"], e["capacity"]), Owner(int(e["node"]), e.get("prototypes"))))
         counts = torch.stack([c for _, c, _ in rows])
         for key, pairs in self.gen_metrics.items():
             if pairs:
