@@ -181,6 +181,7 @@ def _uploads(grid) -> dict[int, list[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_partial_participation_collects_each_client_once_and_arrival_order_does_not_matter(tmp_path):
     a = run_inprocess(tmp_path / "a", num_nodes=6, **SCALE)
     b = run_inprocess(tmp_path / "b", num_nodes=6, grid_options={"pull_order": lambda msgs: list(reversed(msgs))},
@@ -200,6 +201,7 @@ def test_partial_participation_collects_each_client_once_and_arrival_order_does_
         assert _scores(_rows(a["dir"])) == _scores(_rows(other["dir"]))
 
 
+@pytest.mark.slow
 def test_collection_rounds_resume_exactly(tmp_path):
     full = run_inprocess(tmp_path / "a", num_nodes=6, **SCALE)["dir"]
     with pytest.raises(Crash):
