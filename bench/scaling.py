@@ -51,7 +51,7 @@ def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: s
     from mosaic_flwr.config import build_config
     from mosaic_flwr.data import dataset_info
     from mosaic_flwr.models.generators import generator_for
-    from mosaic_flwr.task import make_model
+    from mosaic_flwr.task import clients_per_round, make_model
 
     cfg = build_config({**(parse_config_args([shared]) if shared.strip() else {}), "strategy": strategy})
     model = make_model(cfg)
@@ -61,7 +61,11 @@ def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: s
     proto_bytes = protos * (model.feature_dim * 4 + 8)
     if strategy != "mosaic":
         gen_bytes = proto_bytes = 0
-    n = len(label_counts)
+    # The largest round's replies: the clients a round samples (fraction-train), their
+    # prototypes in proportion. What a server that keeps a round's replies holds (``main``
+    # before issue 19); a streaming round holds one at a time.
+    n = clients_per_round(cfg, len(label_counts))
+    proto_bytes = proto_bytes * n // len(label_counts)
     return {"clients": n, "model_bytes": model_bytes, "generator_bytes": gen_bytes,
             "prototype_bytes": proto_bytes,
             "total_bytes": n * (model_bytes + gen_bytes) + proto_bytes,
@@ -242,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(sorted({r['commit'] for r in rows}))}. Peak RSS = VmHWM of each process, "
               "polled every 0.5 s.", "",
               "| clients | wall s (launcher) | ServerApp s | server peak RSS | client actor peak RSS | "
-              "decoded from the clients' replies in the largest round (Mosaic: N x (model + "
-              "generator) + prototypes) | "
+              "the largest round's replies, held at once without streaming (sampled clients x "
+              "(model + Mosaic's generator) + prototypes) | "
               "final acc | load avg before / after |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
