@@ -13,6 +13,14 @@ server holds at the distillation round: every client's model, generator and prot
     .venv/bin/python bench/scaling.py                      # 10, 50, 100 clients, short schedule
     .venv/bin/python bench/scaling.py --clients 10 50 --run-config "num-server-rounds=8"
 
+Before / after streaming (issue 19): ``--compare REF`` probes each size of ``--probe-clients``
+in-process twice, with this checkout's code (``--run-config`` plus ``--after-config``: the
+bounded bank) and with the code of git ref ``REF`` (``--run-config`` alone; ``git archive``
+into a temporary directory), and tabulates what the server holds:
+
+    .venv/bin/python bench/scaling.py --compare main --probe-clients 100 300 1000 \
+        --run-config "partition='dirichlet-client' fraction-train=0.1 ..." --name scaling-stream
+
 Finished cells are reused (bench/runs/<name>/mosaic-n<N>/); --fresh runs them again.
 """
 
@@ -43,7 +51,7 @@ def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: s
     from mosaic_flwr.config import build_config
     from mosaic_flwr.data import dataset_info
     from mosaic_flwr.models.generators import generator_for
-    from mosaic_flwr.task import make_model
+    from mosaic_flwr.task import clients_per_round, make_model
 
     cfg = build_config({**(parse_config_args([shared]) if shared.strip() else {}), "strategy": strategy})
     model = make_model(cfg)
@@ -53,7 +61,11 @@ def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: s
     proto_bytes = protos * (model.feature_dim * 4 + 8)
     if strategy != "mosaic":
         gen_bytes = proto_bytes = 0
-    n = len(label_counts)
+    # The largest round's replies: the clients a round samples (fraction-train), their
+    # prototypes in proportion. What a server that keeps a round's replies holds (``main``
+    # before issue 19); a streaming round holds one at a time.
+    n = clients_per_round(cfg, len(label_counts))
+    proto_bytes = proto_bytes * n // len(label_counts)
     return {"clients": n, "model_bytes": model_bytes, "generator_bytes": gen_bytes,
             "prototype_bytes": proto_bytes,
             "total_bytes": n * (model_bytes + gen_bytes) + proto_bytes,
@@ -84,19 +96,24 @@ def live_tensor_mib() -> float:
     return sum(seen.values()) / 2**20
 
 
-def probe_child(n: int, run_config: str) -> dict:
+def probe_child(n: int, run_config: str, code: str | None = None) -> dict:
     """One Mosaic run in this process (ServerApp + ClientApp over the in-process grid), with
     the live tensors and RSS measured where the server holds the most: on entering the
     distillation and the KD loop. Clients run one at a time and keep at most two partitions
     cached, so what grows with ``n`` is what the server keeps."""
     import resource
     import tempfile
+    import threading
 
+    if code:  # another version of the app (``--compare``): its packages come first
+        sys.path.insert(0, code)
+        for name in [m for m in sys.modules if m.split(".")[0] in ("mosaic_flwr", "client_app", "server_app")]:
+            del sys.modules[name]
     import torch
     from flwr.app import Context, RecordDict
     from flwr.common.config import parse_config_args
 
-    import mosaic_flwr.strategies.mosaic as mosaic_module
+    import mosaic_flwr.strategies.distill as core_module
     from client_app.app import app
     from mosaic_flwr.config import load_defaults
     from mosaic_flwr.inprocess import InProcessGrid
@@ -112,19 +129,28 @@ def probe_child(n: int, run_config: str) -> dict:
     def probed(fn, where):
         def wrapper(*a, **kw):
             probes[where] = {"live_tensor_mib": live_tensor_mib(), "rss_mib": rss_mib()}
-            if where == "distillation":
-                replies = a[1]
+            if where == "distillation":  # (self, server_round, clients): the round's ClientModels
+                clients = a[2]
+                probes[where]["replies"] = len(clients)
                 probes[where]["replies_mib"] = sum(
-                    sum(v.nbytes for v in r.state.values())
-                    + sum(v.nbytes for v in (r.generator or {}).values())
-                    + (r.prototypes[0].nbytes + r.prototypes[1].nbytes if r.prototypes else 0)
-                    for _, r in replies) / 2**20
+                    sum(v.nbytes for v in c.state.values())
+                    + (sum(v.nbytes for v in (c.reply.generator or {}).values()) if c.reply else 0)
+                    for c in clients) / 2**20
+                bank = getattr(a[0], "bank", None)
+                if bank is not None:
+                    probes[where]["bank_generators"] = len(bank)
             return fn(*a, **kw)
         return wrapper
 
-    originals = (mosaic_module.MosaicStrategy.distillation, mosaic_module.distill)
-    mosaic_module.MosaicStrategy.distillation = probed(originals[0], "distillation")
-    mosaic_module.distill = probed(originals[1], "kd")
+    core_module.DistillStrategy.distillation = probed(core_module.DistillStrategy.distillation, "distillation")
+    core_module.distill_many = probed(core_module.distill_many, "kd")
+    peak = {"rss_mib": 0.0}
+    stop = threading.Event()
+
+    def poll():  # the process's RSS over the run (server and clients share it here)
+        while not stop.wait(0.2):
+            peak["rss_mib"] = max(peak["rss_mib"], rss_mib())
+    threading.Thread(target=poll, daemon=True).start()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         rc = {**load_defaults(), "strategy": "mosaic",
@@ -132,25 +158,33 @@ def probe_child(n: int, run_config: str) -> dict:
               "output-dir": out, "run-name": "probe"}
         server_main(InProcessGrid(app, rc, n), Context(run_id=1, node_id=1, node_config={},
                                                        state=RecordDict(), run_config=rc))
+    stop.set()
     return {"clients": n, "wall_seconds": time.perf_counter() - t0, "probes": probes,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def probe(n: int, run_config: str, cache: Path, fresh: bool = False) -> dict | None:
+def probe(n: int, run_config: str, cache: Path, fresh: bool = False, code: str | None = None) -> dict | None:
     """``probe_child`` in a fresh process (so peaks do not mix); kept in ``cache`` (a JSON
     file) and reused unless ``fresh`` or the run config changed."""
     if cache.is_file() and not fresh:
         kept = json.loads(cache.read_text())
         if kept.get("run_config") == run_config:
             return kept
-    out = subprocess.run([sys.executable, __file__, "--probe-child", str(n), "--run-config", run_config],
-                         capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--probe-child", str(n), "--run-config", run_config]
+    if code:
+        cmd += ["--probe-code", code]
+    t0 = time.perf_counter()
+    print(f"[scaling] probe: {n} clients{' (' + code + ')' if code else ''}", flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.with_suffix(".log").write_text(out.stdout[-20000:] + out.stderr[-200000:])
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode != 0 or not lines:
         print(f"[scaling] probe with {n} clients failed:\n{out.stderr[-2000:]}", flush=True)
         return None
     result = {**json.loads(lines[-1]), "loadavg": loadavg(), "run_config": run_config,
-              "commit": git_commit(), "dirty": git_dirty()}
+              "commit": git_commit(), "dirty": git_dirty(), "code": code or "this checkout",
+              "command": " ".join(cmd), "process_seconds": round(time.perf_counter() - t0, 1)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -169,10 +203,17 @@ def main(argv: list[str] | None = None) -> int:
                          "server holds at the distillation round")
     ap.add_argument("--probe-clients", nargs="+", type=int, help="sizes to probe (default: --clients)")
     ap.add_argument("--probe-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-code", help=argparse.SUPPRESS)
+    ap.add_argument("--compare", metavar="REF",
+                    help="probe --probe-clients with this checkout and with git ref REF (before/after)")
+    ap.add_argument("--after-config", default="generator-bank-size=2",
+                    help="run-config added for this checkout's probes in --compare (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.probe_child:
-        print(json.dumps(probe_child(args.probe_child, args.run_config)), flush=True)
+        print(json.dumps(probe_child(args.probe_child, args.run_config, args.probe_code)), flush=True)
         return 0
+    if args.compare:
+        return compare(args)
     args.name = args.name or ("scaling" if args.strategy == "mosaic" else f"scaling-{args.strategy}")
     prov = provenance()
     runs_dir = RUNS / args.name
@@ -205,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(sorted({r['commit'] for r in rows}))}. Peak RSS = VmHWM of each process, "
               "polled every 0.5 s.", "",
               "| clients | wall s (launcher) | ServerApp s | server peak RSS | client actor peak RSS | "
-              "decoded from the clients' replies in the largest round (Mosaic: N x (model + "
-              "generator) + prototypes) | "
+              "the largest round's replies, held at once without streaming (sampled clients x "
+              "(model + Mosaic's generator) + prototypes) | "
               "final acc | load avg before / after |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -247,6 +288,55 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     write_results(args.name, md, {**prov, "run_config": args.run_config, "rows": rows, "probes": probes})
     return 0 if len(rows) == len(args.clients) else 1
+
+
+def compare(args) -> int:
+    """``--compare REF``: before (REF's code) / after (this checkout) in-process probes."""
+    import tempfile
+
+    prov = provenance()
+    name = args.name or "scaling-stream"
+    runs_dir = RUNS / name
+    root = Path(__file__).resolve().parents[1]
+    ref_commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", args.compare],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(root), "archive", args.compare], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        for n in args.probe_clients or args.clients:
+            after_rc = f"{args.run_config} {args.after_config}"
+            before = probe(n, args.run_config, runs_dir / f"before-n{n}.json", args.fresh, code=tmp)
+            after = probe(n, after_rc, runs_dir / f"after-n{n}.json", args.fresh)
+            rows.append({"clients": n, "before": before, "after": after})
+    prov["loadavg_end"] = loadavg()
+    lines = header_lines(f"Server memory, before / after streaming: {', '.join(str(r['clients']) for r in rows)} clients",
+                         prov)
+
+    def cells(p):
+        if not p:
+            return ["failed"] * 5
+        d, k = p["probes"].get("distillation", {}), p["probes"].get("kd", {})
+        return [f"{d.get('replies', 0)} / {d.get('replies_mib', float('nan')):.0f} MiB",
+                f"{d.get('live_tensor_mib', float('nan')):.0f} MiB", f"{k.get('live_tensor_mib', float('nan')):.0f} MiB",
+                f"{max(p['peak_rss_mib'], p.get('rss_mib_polled', 0)):.0f} MiB", f"{p['wall_seconds']:.0f}"]
+    lines += [f"In-process runs (mosaic_flwr.inprocess.InProcessGrid: ServerApp and ClientApp in one process, clients "
+              f"one at a time, at most two partitions cached), run config `{args.run_config}`; before = the code of "
+              f"`{args.compare}` ({ref_commit}), after = this checkout plus `{args.after_config}`. At the "
+              "distillation (Mosaic's largest round) the probe counts the replies' models and generators the "
+              "strategy holds, and the live torch tensors of the process (distinct storages: what the server "
+              "holds, plus the test set and at most two cached partitions); peak RSS is the whole process.", "",
+              "| clients | before: replies held at distillation | before: live tensors at distillation | "
+              "before: in KD loop | before: peak RSS | before: wall s | after: replies held | after: live tensors "
+              "at distillation | after: in KD loop | after: peak RSS | after: wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['clients']} | " + " | ".join(cells(r["before"]) + cells(r["after"])) + " |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    write_results(name, md, {**prov, "run_config": args.run_config, "after_config": args.after_config,
+                             "ref": args.compare, "ref_commit": ref_commit, "rows": rows})
+    return 0 if all(r["before"] and r["after"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -218,6 +218,9 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "meta-prior": (str, _choice("experts", "global")),
     "distill-local-steps": (int, _non_negative),
     "distill-gate": (str, _choice("off", "clients", "validation")),
+    # --- many clients: Mosaic's collection rounds and the bounded generator bank
+    "collect-rounds": (int, _positive),
+    "generator-bank-size": (int, _non_negative),
     "gate-rounds": (int, lambda v: None if v >= -1 else f"must be -1 (to the end of the run) or >= 0, got {v}"),
 }
 

@@ -114,11 +114,20 @@ def _server(cfg: Config, strategy=BankStrategy, grid=None) -> BankStrategy:
 class _SilentGrid:
     """Every node connected; nobody answers (counts the rounds sent)."""
 
+    pending: dict = {}  # like the in-process grid: nothing pushed is left to answer (no wait)
+
     def __init__(self):
         self.sent = 0
 
     def get_node_ids(self):
         return list(NODES)
+
+    def push_messages(self, messages):
+        self.sent += 1
+        return [str(i) for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        return []
 
     def send_and_receive(self, messages, *, timeout=None):
         assert timeout == pytest.approx(self.timeout)
@@ -209,6 +218,42 @@ def look_ahead(cfg: Config) -> None:
     assert cfg.warmup_rounds <= until <= cfg.num_server_rounds
     assert until == (cfg.num_server_rounds if cfg.gate_rounds == -1
                      else min(cfg.num_server_rounds, cfg.warmup_rounds + cfg.gate_rounds))
+
+
+def collection(cfg: Config) -> None:
+    """``collect-rounds``: the rounds that end at the distillation round, in which sampled
+    clients that have not uploaded a generator are asked for one (and only those)."""
+    mosaic = _server(cfg, MosaicStrategy)
+    rounds = [r for r in range(1, cfg.num_server_rounds + 1) if mosaic.collecting(r)]
+    assert len(rounds) == cfg.collect_rounds and rounds[-1] == cfg.warmup_rounds
+    _, values = mosaic.round_config(rounds[0], mosaic.train_config())
+    assert values["distill"] and values["gen-steps"] == cfg.gen_steps
+    mosaic.uploaded = {0}   # partition 0 (node 100) uploaded already
+    assert not mosaic.values_for(rounds[0], NODES[0], values)["distill"]
+    assert mosaic.values_for(rounds[0], NODES[1], values)["distill"]
+
+
+def generator_bank(cfg: Config) -> None:
+    """``generator-bank-size``: the server's bank of generators (per class; 0: all) and the
+    sampler over what it kept."""
+    from mosaic_flwr.mosaic.streaming import GeneratorBank
+
+    mosaic = _server(cfg, MosaicStrategy)
+    bank = mosaic.bank
+    assert isinstance(bank, GeneratorBank) and bank.size == cfg.generator_bank_size
+    for pid in range(5):
+        counts = torch.zeros(C, dtype=torch.long)
+        counts[pid % 2] = 10 + pid
+        bank.offer(pid, counts, generator_for(INFO).state_dict())
+    assert len(bank) == (5 if cfg.generator_bank_size == 0 else min(5, 2 * cfg.generator_bank_size))
+    rows = bank.rows()
+    gens = []
+    for _, _, e in rows:
+        g = generator_for(INFO)
+        g.load_state_dict(e["state"])
+        gens.append(g)
+    x, y, owners = GeneratorSampler(gens, torch.stack([c for _, c, _ in rows]), batch_size=4, seed=0).draw()
+    assert x.shape[0] == 4 and set(y.tolist()) <= {0, 1}
 
 
 def threads(cfg: Config) -> None:
@@ -378,6 +423,8 @@ ROWS: dict[str, Row] = {
     "dense.adv-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
     "dense.pool-size": Row([0, 1, 10**6], [-1], dense_source, DENSE),
     "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "collect-rounds": Row([1, 8], [0, 9], collection, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
+    "generator-bank-size": Row([0, 1, 10**6], [-1], generator_bank, MOSAIC),
     "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
     "eval-batch-size": Row([1], [0], local_training),
     "client-threads": Row([1], [0], threads),

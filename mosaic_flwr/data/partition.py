@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet", "shards")
+PARTITIONS = ("iid", "dirichlet", "dirichlet-client", "shards")
 
 
 class PartitionError(ValueError):
@@ -57,6 +57,41 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int, *,
                          "raise alpha or lower min-partition-size")
 
 
+def dirichlet_client(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Label skew for many small clients: every client holds ``N // num_clients`` samples (the
+    first ``N % num_clients`` one more), its label proportions drawn from Dirichlet(alpha) over
+    the classes; each sample is taken from a class's pool, without replacement (a client whose
+    drawn class is used up takes the proportions renormalised over the classes left).
+
+    ``dirichlet`` splits each class among the clients instead: with hundreds of clients and a
+    small ``alpha`` most clients then get nothing (at 1,000 clients and alpha 0.1 no draw gives
+    every client a sample), which this split avoids."""
+    _check(labels, num_clients)
+    if alpha <= 0:
+        raise PartitionError(f"alpha: must be > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+    sizes = [len(labels) // num_clients + (i < len(labels) % num_clients) for i in range(num_clients)]
+    parts = []
+    for size in sizes:
+        p = rng.dirichlet(np.full(len(classes), alpha))
+        want = rng.multinomial(size, p)
+        taken: list[int] = []
+        for k in np.argsort(-want, kind="stable"):
+            n = min(int(want[k]), len(pools[k]))
+            taken.extend(pools[k][-n:] if n else [])
+            del pools[k][len(pools[k]) - n:]
+        while len(taken) < size:  # a drawn class ran out: the others, by the same proportions
+            left = np.array([len(q) for q in pools], dtype=float)
+            q = p * (left > 0)
+            q = q / q.sum() if q.sum() > 0 else left / left.sum()
+            k = int(rng.choice(len(classes), p=q))
+            taken.append(pools[k].pop())
+        parts.append(np.sort(np.asarray(taken, dtype=np.int64)))
+    return parts
+
+
 def shards(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int) -> list[np.ndarray]:
     """Pathological split: each client holds exactly ``classes_per_client`` classes.
 
@@ -100,6 +135,8 @@ def partition(labels, num_clients: int, *, method: str, seed: int, alpha: float 
         return iid(labels, num_clients, seed)
     if method == "dirichlet":
         return dirichlet(labels, num_clients, alpha, seed, min_size=min_size, cap=cap)
+    if method == "dirichlet-client":
+        return dirichlet_client(labels, num_clients, alpha, seed)
     if method == "shards":
         return shards(labels, num_clients, classes_per_client, seed)
     raise PartitionError(f"partition: unknown value {method!r}; allowed: {list(PARTITIONS)}")

@@ -51,9 +51,16 @@ from ..records import (
 )
 from ..seeds import mix_seed
 from ..task import Arch, build_arch, clients_per_round
-from .base import ServerContext
+from ..mosaic.streaming import RunningSum
+from .base import ServerContext, stream_replies
 
 StateDict = dict[str, torch.Tensor]
+
+
+def _drain(items: list):
+    """Pop a (reversed) list's items one by one: each can be freed once read."""
+    while items:
+        yield items.pop()
 
 
 class RoundFailed(RuntimeError):
@@ -82,6 +89,9 @@ class BankStrategy(FedAvg):
         self.globals: dict[str, StateDict] = {f: start[f] if f in start else self._initial_state(f)
                                               for f in self.families}
         self.rejected = 0
+        # Streaming aggregation (``streams``): family -> running sums of the round's replies.
+        self._round_sums: dict[str, RunningSum] | None = None
+        self._replied: set[int] = set()
 
     # ------------------------------------------------------------------ models
     def _initial_state(self, family: str) -> StateDict:
@@ -170,10 +180,16 @@ class BankStrategy(FedAvg):
             arch = self.sc.arch_of(nid)
             if arch not in records:
                 records[arch] = state_to_record(self.state_for(arch, server_round))
-            messages.append(Message(RecordDict({ARRAYS: records[arch], CONFIG: ConfigRecord(values)}),
+            messages.append(Message(RecordDict({ARRAYS: records[arch],
+                                                CONFIG: ConfigRecord(self.values_for(server_round, nid, values))}),
                                     dst_node_id=nid, message_type=message_type))
         log(INFO, "configure_train: round %d, %d clients (%s)", server_round, len(node_ids), message_type)
         return messages
+
+    def values_for(self, server_round: int, node_id: int, values: dict) -> dict:
+        """A node's train config this round (Mosaic's collection rounds: only clients that
+        have not uploaded a generator yet are asked for one)."""
+        return values
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -188,14 +204,14 @@ class BankStrategy(FedAvg):
         sc.train_metrics = {"clients": 0, "rejected": 0, "no-reply": 0}
         for attempt in range(cfg.round_retries + 1):
             node_ids = self.sample(server_round, attempt)
-            replies = list(sc.grid.send_and_receive(self.messages_for(server_round, node_ids),
-                                                    timeout=cfg.round_timeout))
-            silent = sorted(set(node_ids) - {m.metadata.src_node_id for m in replies})
+            replies = stream_replies(sc.grid, self.messages_for(server_round, node_ids), cfg.round_timeout,
+                                     f"round {server_round}", describe=self.describe_reply)
+            items = self.collect(server_round, replies)
+            silent = sorted(set(node_ids) - self._replied)
             if silent:
                 sc.train_metrics["no-reply"] += len(silent)
                 log(WARNING, "round %d: no reply from %s within %g s (round-timeout); left out",
                     server_round, sc.describe(silent), cfg.round_timeout)
-            items = self.collect(server_round, replies)
             if len(items) >= cfg.min_replies:
                 if attempt:
                     sc.train_metrics["retries"] = attempt
@@ -215,18 +231,52 @@ class BankStrategy(FedAvg):
         log(WARNING, "Dropping reply from %s (expected architecture %s): %s",
             self.sc.describe([node]), arch, problem)
 
-    def collect(self, server_round: int, replies: list[Message]) -> list:
+    def describe_reply(self, msg: Message) -> str:
+        """For the progress line: who answered last and what it reported spending."""
+        node = msg.metadata.src_node_id
+        try:
+            seconds = float(msg.content.metric_records[METRICS].get(CLIENT_SECONDS, float("nan")))
+        except Exception:  # noqa: BLE001  (an error reply, a malformed one: validated later)
+            seconds = float("nan")
+        return f"{self.sc.describe([node])}" + (f", {seconds:.1f} s of client work" if math.isfinite(seconds) else "")
+
+    def streams(self, server_round: int) -> bool:
+        """Whether this round's replies are summed as they arrive (``RunningSum``: memory
+        independent of the number of replies) instead of kept until the round is complete.
+        Only the example-weighted mean streams; a robust ``aggregation`` (median, trimmed
+        mean: every client's value of an entry at once) and ``max-client-share`` (every
+        weight before any is used) keep the round's models."""
+        return self.cfg.aggregation == "mean" and self.cfg.max_client_share >= 1
+
+    def absorb(self, server_round: int, arch: Arch, payload):
+        """A valid reply's payload as it arrives: streaming, its state goes into the round's
+        running sum and is dropped from the payload."""
+        if self._round_sums is None:
+            return payload
+        state, weight, loss = payload
+        self.add_to_sums(server_round, arch, state, weight)
+        return None, weight, loss
+
+    def add_to_sums(self, server_round: int, arch: Arch, state: StateDict, weight: float) -> None:
+        sums = self._round_sums.setdefault(arch.model, RunningSum())
+        sums.add(state, weight, self.plan(arch, server_round), self.globals[arch.model])
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> list:
         """The valid replies' payloads as ``(arch, payload)``, sorted by partition id (so the
         aggregate does not depend on arrival order); every other reply is logged and counted.
 
-        ``replies`` is emptied as it is read: each message (its serialised arrays) can be
-        freed once decoded, so the server never holds a round's messages and their decoded
-        payloads in full at the same time."""
+        Replies are read one at a time (a list is emptied as it is read): each message (its
+        serialised arrays) can be freed once decoded; when the round ``streams`` its model
+        goes into the running sums at once and only the small rest of the payload is kept."""
         kept: dict[int, tuple] = {}
-        replies.reverse()
-        while replies:
-            msg = replies.pop()
+        self._round_sums = {} if self.streams(server_round) else None
+        self._replied = set()
+        if isinstance(replies, list):
+            replies.reverse()
+            replies = _drain(replies)
+        for msg in replies:
             node = msg.metadata.src_node_id
+            self._replied.add(node)
             arch = self.sc.arch_of(node)
             if arch is None:
                 self.reject(msg, arch, "unknown node")
@@ -238,7 +288,7 @@ class BankStrategy(FedAvg):
             if problem:
                 self.reject(msg, arch, problem)
                 continue
-            kept[node] = (arch, payload)
+            kept[node] = (arch, self.absorb(server_round, arch, payload))
             seconds = msg.content.metric_records[METRICS].get(CLIENT_SECONDS, 0.0)
             if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
                 m = self.sc.train_metrics
@@ -268,7 +318,13 @@ class BankStrategy(FedAvg):
                          ) -> None:
         """Masked average of each family's replies into its global model: weighted by example
         counts, no client above ``max-client-share`` of the weight (``aggregation='mean'``),
-        or the entry-wise robust rule over the clients holding each entry, unweighted."""
+        or the entry-wise robust rule over the clients holding each entry, unweighted.
+        A streamed round reads its running sums instead (the same mean, in float64)."""
+        if self._round_sums is not None:
+            sums, self._round_sums = self._round_sums, None
+            for family in by_family:
+                self.globals[family] = sums[family].result(self.globals[family])
+            return
         for family, items in by_family.items():
             states = [s for _, s, _ in items]
             plans = [self.plan(a, server_round) for a, _, _ in items]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -117,3 +118,41 @@ def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
     if not clients:
         raise ValueError(f"no client could start: {problems[0] if problems else 'no answer'}")
     return clients
+
+
+def stream_replies(grid: Grid, messages: list[Message], timeout: float, label: str,
+                   progress_every: float = 10.0, poll: float = 0.2,
+                   describe: Callable[[Message], str] | None = None) -> Iterator[Message]:
+    """Push ``messages`` and yield the replies as they arrive (Flower's ``push_messages`` /
+    ``pull_messages``), so the caller can consume each one before the next is pulled;
+    stops when every message has its reply or ``timeout`` seconds have passed. Logs
+    ``<label>: n of N replies`` at most every ``progress_every`` seconds (and once at the
+    end), with what ``describe`` says of the last reply (e.g. a client's phase and seconds)."""
+    total = len(messages)
+    ids = set(grid.push_messages(messages))
+    del messages
+    deadline = time.monotonic() + timeout
+    t_start = last_log = time.monotonic()
+    got, note = 0, ""
+    while ids:
+        res = list(grid.pull_messages(ids))
+        for msg in res:
+            ids.discard(msg.metadata.reply_to_message_id)
+            got += 1
+            if describe is not None:
+                note = describe(msg)
+            yield msg
+        now = time.monotonic()
+        if ids and now - last_log >= progress_every:
+            last_log = now
+            log(INFO, "[progress] %s: %d of %d replies (%.0f s)%s", label, got, total, now - t_start,
+                f"; last: {note}" if note else "")
+        if not ids or now >= deadline:
+            break
+        pending = getattr(grid, "pending", None)  # the in-process grid: nothing left to answer
+        if pending is not None and not any(i in pending for i in ids):
+            break
+        if not res:
+            time.sleep(min(poll, max(0.0, deadline - now)))
+    if total:
+        log(INFO, "[progress] %s: %d of %d replies (%.1f s)", label, got, total, time.monotonic() - t_start)

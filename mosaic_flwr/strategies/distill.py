@@ -196,7 +196,7 @@ class DistillStrategy(BankStrategy):
             info = self.sc.clients.get(node)
             state, weight, loss = payload
             return ClientModel(node, arch, state, weight, loss, None if info is None else info.label_counts), None
-        distill = phase == "distill"
+        distill = self.expects_upload(server_round, node)
         reply, problem = decode_mosaic_reply(
             msg, self.template(arch), num_classes=self.info.num_classes,
             feature_dim=self.module(arch).feature_dim,
@@ -210,6 +210,30 @@ class DistillStrategy(BankStrategy):
             return None, problem
         return ClientModel(reply.node_id, arch, reply.state, float(reply.num_examples),
                            float(reply.metrics.get("train-loss", 0.0)), reply.label_counts, reply), None
+
+    def streams(self, server_round: int) -> bool:
+        """Fine-tune rounds stream (plain averaging); warm-up and distillation rounds keep
+        the clients' models, which the teachers read (FedDF's, DENSE's, FedFTG's and DFRD's
+        ensembles of client models are as large as the round), unless a method says otherwise."""
+        return super().streams(server_round) and (self.phase(server_round) == "finetune"
+                                                  or self.streams_teacher_rounds)
+
+    streams_teacher_rounds = False  # Mosaic: its teacher is built from running sums too
+
+    def absorb(self, server_round: int, arch: Arch, payload):
+        if not isinstance(payload, ClientModel):
+            return super().absorb(server_round, arch, payload)
+        if self._round_sums is not None:
+            self.add_to_sums(server_round, arch, payload.state, payload.weight)
+            payload.state = {}
+            if payload.reply is not None:
+                payload.reply.state = {}
+        return payload
+
+    def expects_upload(self, server_round: int, node_id: int) -> bool:
+        """Whether a ``train.mosaic`` reply of this node must carry the generator (and the
+        prototypes): the distillation round's (Mosaic: its collection rounds' first-time clients)."""
+        return self.phase(server_round) == "distill"
 
     def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
         phase = self.phase(server_round)

@@ -31,13 +31,17 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any, NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from ..config import meta_data_for
+from ..config import ConfigError, config_heterogeneous, meta_data_for
+from ..models.generators import generator_for
 from ..mosaic.experts import (
     ModelMixture,
     StackedExperts,
@@ -47,6 +51,7 @@ from ..mosaic.experts import (
 )
 from ..mosaic.meta import MetaModel, train_meta
 from ..mosaic.moe import ConcatExperts, GeneratorSampler, ensemble_teacher, expert_logits, meta_teacher, screen_by_prototypes
+from ..mosaic.streaming import ClassSums, GeneratorBank
 from ..mosaic.submodels import masked_average, robust_masked_average
 from ..records import CONFIG, MosaicReply, decode_logits_reply, state_to_record
 from ..seeds import mix_seed
@@ -58,6 +63,26 @@ from .method import Method
 
 TEACHERS = ("meta", "ensemble")
 Replies = list[tuple[Arch, MosaicReply]]
+
+
+class Owner(NamedTuple):
+    """A banked generator's owner, where the distillation reads it (prototype screening)."""
+
+    node_id: int
+    prototypes: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass
+class _Stage:
+    """What one attempt of a round collects; committed when the round is aggregated (a
+    round sent again after too few replies starts a fresh stage)."""
+
+    bank: GeneratorBank
+    streamed: bool
+    experts: dict[str, ClassSums] = field(default_factory=dict)
+    protos: list[dict] = field(default_factory=list)
+    uploaded: set[int] = field(default_factory=set)
+    metrics: dict[str, list] = field(default_factory=dict)
 
 
 class MosaicStrategy(DistillStrategy):
@@ -75,6 +100,17 @@ class MosaicStrategy(DistillStrategy):
         self._received: dict[int, StateDict] = {}
         self._experts = None  # the expert mixture, during a distillation
         self._generators = None
+        # Collected from the clients' uploads (generators, prototypes) over the collection
+        # rounds (``collect-rounds``: rounds W-c+1..W); the generators in a bounded bank.
+        self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
+        self.protos: list[dict] = []       # {"partition-id", "node", "features", "labels"}
+        self.uploaded: set[int] = set()    # partition ids whose generator the server received
+        self.gen_metrics: dict[str, list] = {}   # "gen-seconds" -> [[partition id, value], ...]
+        self.collected: dict[str, ClassSums] = {}          # family -> class sums of the window
+        self.warm_experts: dict[str, list[StateDict]] = {}  # the experts before the window
+        self._stage: _Stage | None = None
+        self._asked: set[int] = set()
+        self._asked_round = -1
         start = (sc.init_state or {}).get("strategy", {})
         if start.get("experts"):  # init-from a run stopped before distilling
             self.experts = {f: e for f, e in start["experts"].items() if f in self.families}
@@ -93,6 +129,74 @@ class MosaicStrategy(DistillStrategy):
     def distils_family(self, family: str) -> bool:
         return family in self.family_counts  # sampled in some round
 
+    # ------------------------------------------------------------------ collection rounds
+    streams_teacher_rounds = True  # the class experts are running sums too
+
+    def collect_from(self) -> int:
+        """The first collection round: ``collect-rounds`` rounds end at the distillation round."""
+        return self.cfg.warmup_rounds - self.cfg.collect_rounds + 1
+
+    def collecting(self, server_round: int) -> bool:
+        """Rounds in which sampled clients that have not uploaded a generator yet train and
+        upload it (with prototypes), and the class experts accumulate their models."""
+        return self.collect_from() <= server_round <= self.cfg.warmup_rounds
+
+    def round_config(self, server_round: int, config) -> tuple[str, dict]:
+        message_type, values = super().round_config(server_round, config)
+        if self.collecting(server_round) and self.phase(server_round) != "distill":
+            c = self.cfg
+            values.update({"distill": True, "proto-k": self.proto_k(), "gen-steps": c.gen_steps,
+                           "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
+                           "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight})
+        return message_type, values
+
+    def messages_for(self, server_round: int, node_ids: list[int], config=None) -> list[Message]:
+        self._asked, self._asked_round = set(), server_round
+        return super().messages_for(server_round, node_ids, config)
+
+    def values_for(self, server_round: int, node_id: int, values: dict) -> dict:
+        """A collection round asks for a generator only from clients that have not uploaded one."""
+        if not self.collecting(server_round) or not values.get("distill"):
+            return values
+        if self.sc.partition_of(node_id) in self.uploaded:
+            return {**values, "distill": False}
+        self._asked.add(node_id)
+        return values
+
+    def expects_upload(self, server_round: int, node_id: int) -> bool:
+        if self.collecting(server_round) and self._asked_round == server_round:
+            return node_id in self._asked
+        return super().expects_upload(server_round, node_id)
+
+    def collect(self, server_round: int, replies) -> list:
+        self._stage = _Stage(bank=self.bank.copy(), streamed=self.streams(server_round))
+        return super().collect(server_round, replies)
+
+    def absorb(self, server_round: int, arch: Arch, payload):
+        """As a reply arrives: its model into the class sums (warm-up rounds: every client;
+        collection rounds: clients uploading for the first time), its generator into the
+        bank, its prototypes kept; then the core drops its model (streaming)."""
+        st = self._stage
+        if isinstance(payload, ClientModel) and st is not None and payload.label_counts is not None:
+            r = payload.reply
+            new = r is not None and r.generator is not None
+            if st.streamed and (new or not self.collecting(server_round)):
+                st.experts.setdefault(arch.model, ClassSums(self.info.num_classes)).add(
+                    payload.state, payload.label_counts, self.plan(arch, server_round), self.globals[arch.model])
+            if new:
+                pid = self.sc.partition_of(r.node_id)
+                st.bank.offer(pid, r.label_counts, r.generator, node=r.node_id, prototypes=r.prototypes,
+                              family=arch.model, capacity=float(arch.capacity))
+                if r.prototypes is not None:
+                    st.protos.append({"partition-id": pid, "node": r.node_id,
+                                      "features": r.prototypes[0], "labels": r.prototypes[1]})
+                st.uploaded.add(pid)
+                for key in ("gen-seconds", "gen-fidelity"):
+                    if key in r.metrics:
+                        st.metrics.setdefault(key, []).append([pid, float(r.metrics[key])])
+                r.generator = None
+        return super().absorb(server_round, arch, payload)
+
     # ------------------------------------------------------------------ aggregation
     def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # What each client received this round (prototypes live in its feature space): only
@@ -106,14 +210,41 @@ class MosaicStrategy(DistillStrategy):
             self._received = {}
 
     def aggregated(self, server_round: int, clients: list[ClientModel]) -> None:
+        st, self._stage = self._stage, None
+        if st is not None:  # the round's uploads join what earlier rounds collected
+            self.bank = st.bank
+            self.protos += st.protos
+            self.uploaded |= st.uploaded
+            for key, rows in st.metrics.items():
+                self.gen_metrics.setdefault(key, []).extend(rows)
+        collecting = self.collecting(server_round)
+        if collecting and server_round == self.collect_from():
+            self.warm_experts, self.collected = dict(self.experts), {}
         groups: dict[str, list[ClientModel]] = defaultdict(list)
         for c in clients:
             groups[c.arch.model].append(c)
         for family, group in groups.items():
-            self.update_experts(server_round, family, group)
+            if st is None or not st.streamed:
+                self.update_experts(server_round, family, group)
+                continue
+            sums = st.experts.get(family)
+            previous = self.experts.get(family)
+            if collecting:
+                if sums is not None:
+                    if family in self.collected:
+                        self.collected[family].merge(sums)
+                    else:
+                        self.collected[family] = sums
+                sums, previous = self.collected.get(family), self.warm_experts.get(family)
+            if sums is None:  # no first-time uploader of this family yet: experts unchanged
+                continue
+            g = self.globals[family]
+            self.experts[family] = sums.experts(previous, fallback=g, base=g)
+            self.family_counts[family] = sums.counts.clone()
         if self.phase(server_round) == "distill":
             # The class experts now hold all the distillation needs of the clients'
-            # classifiers: free them before the meta model and the KD loop.
+            # classifiers: free them (and the running sums) before the meta model and the KD loop.
+            self.collected, self.warm_experts = {}, {}
             for c in clients:
                 c.state = {}
                 c.reply.state = {}
@@ -124,8 +255,45 @@ class MosaicStrategy(DistillStrategy):
         finally:
             self._experts = self._generators = None
         # The fine-tune rounds never read the class experts: not kept in memory, nor in
-        # this or any later checkpoint (a run resumed after this round does not need them).
+        # this or any later checkpoint (a run resumed after this round does not need them);
+        # the same for what the collection rounds gathered.
         self.experts, self.family_counts = {}, {}
+        self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
+        self.protos, self.uploaded, self.gen_metrics = [], set(), {}
+        self.collected, self.warm_experts = {}, {}
+
+    def client_generators(self, clients: list, report: dict) -> tuple[list, torch.Tensor, list]:
+        """The generators in the bank (``generator-bank-size`` per class, from the
+        collection rounds' first-time clients), loaded on the server's device, with their
+        label counts masked to the classes each is kept for, and their owners (architecture,
+        node id, prototypes); saved in the artifacts. The bank is emptied (the modules hold them)."""
+        sc, dev = self.sc, self.sc.device
+        rows = self.bank.rows()
+        if not rows:
+            raise RuntimeError("distillation: no client uploaded a generator")
+        generators, states, owners = [], [], []
+        for _, _, e in rows:
+            g = generator_for(self.info)
+            g.load_state_dict(e["state"])
+            generators.append(g.to(dev).eval())
+            states.append({k: v.detach().cpu() for k, v in g.state_dict().items()})
+            owners.append((Arch(e["family"], e["capacity"]), Owner(int(e["node"]), e.get("prototypes"))))
+        counts = torch.stack([c for _, c, _ in rows])
+        for key, pairs in self.gen_metrics.items():
+            if pairs:
+                report[f"{key}-mean"] = sum(v for _, v in sorted(pairs)) / len(pairs)
+        report["generators-uploaded"] = len(self.uploaded)
+        report["generators-kept"] = len(rows)
+        log(INFO, "[mosaic] distillation on %d generators (%d uploaded; generator-bank-size %s)",
+            len(rows), len(self.uploaded), self.cfg.generator_bank_size or "unbounded")
+        self.artifacts["generators"] = [{"partition-id": pid, "state": state}
+                                        for (pid, _, _), state in zip(rows, states)]
+        self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
+        return generators, counts, owners
+
+    def collected_prototypes(self) -> list[dict]:
+        """Every collected client's prototypes, in partition order (not arrival order)."""
+        return sorted(self.protos, key=lambda p: p["partition-id"])
 
     def update_experts(self, server_round: int, family: str, items: list[ClientModel]) -> None:
         """Family ``family``'s C class experts from this round's replies, and its label counts:
@@ -205,8 +373,8 @@ class MosaicStrategy(DistillStrategy):
                                        for i in range(0, test_z.shape[1], 1024)])
             report["acc-teacher"] = self._accuracy(meta_test)
         self.artifacts["prototypes"] = [
-            {"partition-id": sc.partition_of(r.node_id), "features": r.prototypes[0], "labels": r.prototypes[1]}
-            for _, r in gen_replies if r.prototypes is not None]
+            {"partition-id": p["partition-id"], "features": p["features"], "labels": p["labels"]}
+            for p in self.collected_prototypes()]
         return teacher
 
     def extra_judges(self) -> dict[str, Teacher]:
@@ -237,8 +405,10 @@ class MosaicStrategy(DistillStrategy):
             z, labels = self.client_meta_logits(server_round, states, report)
             return z, labels
         if self.meta_data in ("prototypes", "both"):
-            feats = torch.cat([r.prototypes[0] for _, r in gen_replies])
-            labels = torch.cat([r.prototypes[1] for _, r in gen_replies])
+            protos = ([(p["features"], p["labels"]) for p in self.collected_prototypes()]
+                      or [r.prototypes for _, r in gen_replies if r.prototypes is not None])
+            feats = torch.cat([f for f, _ in protos])
+            labels = torch.cat([l for _, l in protos])
             parts.append((experts.head_logits(feats.to(dev)).cpu(), labels))
         if self.meta_data in ("generated", "both", "screened"):
             n_classes = int((counts.sum(0) > 0).sum())
@@ -309,12 +479,43 @@ class MosaicStrategy(DistillStrategy):
     def state_dict(self) -> dict:
         """Besides the core's state: the class experts (and the label counts they were
         formed with), until the distillation round."""
-        return {**super().state_dict(), "experts": self.experts, "family-counts": self.family_counts}
+        return {**super().state_dict(), "experts": self.experts, "family-counts": self.family_counts,
+                "bank": self.bank.state_dict(), "protos": self.protos, "uploaded": sorted(self.uploaded),
+                "gen-metrics": self.gen_metrics, "warm-experts": self.warm_experts,
+                "collected": {f: s.state_dict() for f, s in self.collected.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.experts, self.family_counts = state["experts"], state["family-counts"]
+        if "bank" in state:
+            self.bank = GeneratorBank.from_state(state["bank"])
+        self.protos = list(state.get("protos", []))
+        self.uploaded = set(state.get("uploaded", []))
+        self.gen_metrics = {k: list(v) for k, v in state.get("gen-metrics", {}).items()}
+        self.warm_experts = dict(state.get("warm-experts", {}))
+        self.collected = {f: ClassSums.from_state(s) for f, s in state.get("collected", {}).items()}
+
+
+def check_mosaic(values: Mapping[str, Any]) -> None:
+    """``collect-rounds``: the collection rounds end at the distillation round, so at most
+    ``warmup-rounds`` of them; more than one accumulates the class experts as running sums
+    over rounds (example-weighted mean only: ``aggregation='mean'``, ``max-client-share=1``)
+    and cannot screen generated samples by prototypes (it needs the model every owner
+    received, in the distillation round)."""
+    c, w = values["collect-rounds"], values["warmup-rounds"]
+    if c > w:
+        raise ConfigError(f"collect-rounds: {c} exceeds warmup-rounds {w} (the collection rounds end at "
+                          "the distillation round, round warmup-rounds)")
+    if c > 1:
+        if values["aggregation"] != "mean" or values["max-client-share"] < 1:
+            raise ConfigError(f"collect-rounds: {c} accumulates the class experts over rounds as running "
+                              "sums, which needs aggregation='mean' and max-client-share=1 (got "
+                              f"aggregation={values['aggregation']!r}, max-client-share={values['max-client-share']})")
+        if meta_data_for(values["meta-data"], config_heterogeneous(values)) == "screened":
+            raise ConfigError(f"collect-rounds: {c} with meta-data='screened' (the default under model "
+                              "heterogeneity): screening needs every generator's owner in the distillation "
+                              "round; use collect-rounds=1 or meta-data='generated'")
 
 
 MOSAIC = Method(MosaicStrategy, "Mosaic: class experts fused by a meta model, distilled on the clients' generators",
-                distils=True)
+                distils=True, check=check_mosaic)
