@@ -46,6 +46,14 @@ def _non_negative(v) -> str | None:
     return None if v >= 0 else f"must be >= 0, got {v}"
 
 
+def _positive_finite(v) -> str | None:
+    return None if 0 < v < math.inf else f"must be > 0 and finite, got {v}"
+
+
+def _non_negative_finite(v) -> str | None:
+    return None if 0 <= v < math.inf else f"must be >= 0 and finite, got {v}"
+
+
 def _at_least(low: int) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f"must be >= {low}, got {v}"
 
@@ -218,6 +226,16 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "distill-local-steps": (int, _non_negative),
     "distill-gate": (str, _choice("off", "clients", "validation")),
     "gate-rounds": (int, lambda v: None if v >= -1 else f"must be -1 (to the end of the run) or >= 0, got {v}"),
+    # --- differential privacy of Mosaic's client uploads (mosaic_flwr/privacy/dp.py): on when
+    # dp-epsilon is finite and > 0 or dp-noise-multiplier > 0; 0 (default) or inf: off
+    "dp-epsilon": (float, lambda v: None if v >= 0 else f"must be >= 0 (0 or inf: no DP), got {v}"),
+    "dp-delta": (float, lambda v: None if 0 < v < 0.1 else f"must be in (0, 0.1), got {v}"),
+    "dp-max-grad-norm": (float, _positive_finite),
+    "dp-noise-multiplier": (float, _non_negative_finite),
+    "dp-proto-epsilon": (float, _positive_finite),
+    "dp-proto-clip": (float, _positive_finite),
+    "dp-count-epsilon": (float, _positive_finite),
+    "dp-accountant": (str, _choice("rdp", "prv")),
 }
 
 
@@ -437,6 +455,10 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     if values["distill-local-steps"] > 0 and values["local-steps"] == 0:
         raise ConfigError("distill-local-steps: replaces local-steps at the distillation round, but local "
                           f"work is local-epochs={values['local-epochs']}; set local-steps instead")
+    from .privacy.dp import check_config as dp_check
+    problem = dp_check(values)
+    if problem:
+        raise ConfigError(problem)
     method = _methods()[values["strategy"]]
     if method.check is not None:
         method.check(values)

@@ -1,0 +1,1 @@
+"""Privacy of what clients upload: differential privacy (``dp``) and its audit (``audit``)."""
