@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
+from logging import WARNING
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from mosaic_flwr.config import Config, build_config, resolve_device
 from mosaic_flwr.data import dataset_info
@@ -21,7 +23,7 @@ from mosaic_flwr.records import (ARRAYS, CLIENT_SECONDS, CONFIG, META_LOGITS, ME
 from mosaic_flwr.seeds import mix_seed
 from mosaic_flwr.strategies.fedbn import LOCAL_BN, keep_local_bn, restore_local_bn
 from mosaic_flwr.strategies.fedrs import ALPHA_KEY
-from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition
+from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition, unseen_data
 
 app = ClientApp()
 
@@ -178,9 +180,15 @@ def train_mosaic(msg: Message, context: Context) -> Message:
     settings = dpm.dp_settings(cfg.values)
     dp = {} if settings is None else {"dp": settings, "dp_rng": dpm.secret_generator(),
                                       "dp_counts": released_counts(cfg, context, y, info.num_classes)}
+    unseen = None
+    if distill and bool(c.get("privacy-audit", False)):
+        try:
+            unseen = unseen_data(cfg)
+        except Exception as exc:  # noqa: BLE001  (a node without the data set's test split: no audit)
+            log(WARNING, "privacy audit skipped: the test split is not readable here (%s)", exc)
     result = mosaic_client_round(
         model, x, y, info, train=sgd_settings(c),
         seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen,
-        augment=augmenter(cfg.augment, info), **dp)
+        augment=augmenter(cfg.augment, info), audit_unseen=unseen, **dp)
     result.metrics[CLIENT_SECONDS] = time.perf_counter() - t0
     return Message(content=mosaic_payload(result), reply_to=msg)

@@ -166,6 +166,19 @@ def test_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=2)
+def _unseen_tensors(dataset: str, data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _, test = load_dataset(dataset, data_dir or None, download)
+    return test.normalized(), test.y
+
+
+def unseen_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised images, labels) of the data set's whole test split: the privacy audit's
+    unseen images (``privacy-audit``; no client trains on them), read by a client from the
+    run's ``data-dir`` like its own data. Cached per process."""
+    return _unseen_tensors(cfg.dataset, cfg.data_dir, cfg.download)
+
+
+@lru_cache(maxsize=2)
 def _validation_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     train, _ = data_for(cfg)
     part = train.subset(validation_split(cfg))

@@ -12,8 +12,9 @@ from ..data import DatasetInfo
 from ..data.augment import Augment
 from ..seeds import mix_seed
 from ..models import Classifier
-from ..models.generators import build_discriminator, generator_for
+from ..models.generators import build_discriminator, generator_for, sample
 from ..privacy import dp as dpm
+from ..privacy.audit import PREFIX, audit_generator, audit_prototypes
 from .generator import train_generator
 from .prototypes import class_prototypes, per_class_subset
 from .training import extract_features, train_local
@@ -35,6 +36,7 @@ def label_counts(y: Tensor, num_classes: int) -> Tensor:
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
                         proto_k: int = 0, gen: dict | None = None, augment: Augment | None = None,
+                        audit_unseen: tuple[Tensor, Tensor] | None = None,
                         dp: dpm.DPSettings | None = None, dp_counts: Tensor | None = None,
                         dp_rng: torch.Generator | None = None) -> MosaicClientResult:
     """Local training; at the distillation round also prototypes and the generator.
@@ -54,9 +56,17 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     per class; D trains under DP-SGD; the noise and sampling come from ``dp_rng`` (secret).
     At the distillation round the metrics carry the privacy spent (``dp-epsilon`` in total,
     and per mechanism).
+
+    ``audit_unseen`` (``privacy-audit``: unseen images and labels, the data set's test split):
+    at the distillation round the client audits what it uploads (``mosaic_flwr.privacy.audit``:
+    its prototypes against its records' features, its generator against its training images
+    and the unseen ones) and reports the figures as ``privacy-*`` metrics, with their cost
+    (``privacy-seconds``). Nothing of the uploads changes.
     """
     counts = label_counts(y, info.num_classes)
     metrics: dict[str, float] = {}
+    audit: dict[str, float] = {}
+    audit_seconds = 0.0
     protos = None
     if dp is not None:
         if dp_counts is None or dp_rng is None:
@@ -69,6 +79,10 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         protos = dpm.dp_class_means(feats, y, counts, clip=dp.proto_clip,
                                     sigma=dpm.gaussian_sigma(dp.proto_epsilon, dp.delta, dp.accountant), rng=dp_rng)
         metrics["proto-seconds"] = time.perf_counter() - t0
+        if audit_unseen is not None:
+            t0 = time.perf_counter()
+            audit.update(audit_prototypes(*protos, feats, y, 1))
+            audit_seconds += time.perf_counter() - t0
     elif distill_round and proto_k > 0:
         t0 = time.perf_counter()
         keep = per_class_subset(y, seed=seed)  # at most MAX_PER_CLASS samples of a class
@@ -78,6 +92,10 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         feats = extract_features(model, xk, device=device)
         protos = class_prototypes(feats, y[keep], proto_k, seed=seed)
         metrics["proto-seconds"] = time.perf_counter() - t0
+        if audit_unseen is not None:
+            t0 = time.perf_counter()
+            audit.update(audit_prototypes(*protos, feats, y[keep], proto_k))
+            audit_seconds += time.perf_counter() - t0
     stats = train_local(model, x, y, seed=seed, device=device, augment=augment, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})
     generator_state, sgd = None, None
@@ -98,6 +116,15 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         metrics.update({"gen-seconds": gstats["seconds"], "gen-fidelity": gstats["fidelity"]})
         if dp is not None:
             metrics["dp-real-per-step"] = gstats["dp-real-per-step"]
+        if audit_unseen is not None:
+            t0 = time.perf_counter()
+            rng = torch.Generator().manual_seed(mix_seed(seed, "privacy-samples"))
+            audit.update(audit_generator(lambda labels: sample(g, labels, rng=rng), x, y, *audit_unseen,
+                                         seed=mix_seed(seed, "privacy-audit")))
+            audit_seconds += time.perf_counter() - t0
+    if audit_unseen is not None and distill_round:
+        metrics.update({PREFIX + k: v for k, v in audit.items()})
+        metrics[PREFIX + "seconds"] = audit_seconds
     if dp is not None and distill_round:  # everything this client released in the run
         report = dpm.compose(dp, sgd=sgd if generator_state is not None else None, protos=protos is not None)
         metrics.update({f"dp-{k}": float(v) for k, v in report.items() if k != "accountant"})

@@ -1,1 +1,1 @@
-"""Privacy of what clients upload: differential privacy (``dp``) and its audit (``audit``)."""
+"""Privacy of what clients upload: differential privacy (``dp.py``) and its audit (``audit.py``)."""

@@ -39,8 +39,10 @@ through a Gaussian mechanism, and one accountant composes them:
 
 The guarantee: add/remove-one-example (ε, δ)-DP of the Mosaic uploads, *given* the
 classifier weights, which are uploaded in FedAvg anyway and are not private (neither are
-FedAvg's example count and training loss, nor the distillation gate's counts of correct
-predictions). ``compose`` composes all three mechanisms in one RDP (or PRV) accountant
+FedAvg's training loss, the distillation gate's counts of correct predictions, nor the
+privacy audit's figures, ``privacy-audit``, which are computed on the client's data: an
+evaluation tool, to be turned off where the guarantee matters). With DP the example count
+the client declares is the sum of its noisy counts. ``compose`` composes all three mechanisms in one RDP (or PRV) accountant
 (Opacus's): the total is below the sum of the three epsilons.
 
 The DP noise and Poisson sampling draw from a secret generator (``secret_generator``: OS
@@ -316,8 +318,9 @@ def run_entry(values: Mapping[str, Any]) -> dict[str, Any]:
     return {"enabled": True, "settings": settings.to_dict(),
             "guarantee": ("(epsilon, delta)-DP per client (add/remove one example) of the label counts, "
                           "prototypes and generator, given the classifier weights; FedAvg's weights, "
-                          "example counts and training loss, and the distillation gate's counts of "
-                          "correct predictions are not covered"),
+                          "example counts and training loss, the distillation gate's counts of "
+                          "correct predictions and the privacy audit's figures (privacy-audit; "
+                          "computed on the client's data) are not covered"),
             "epsilon-counts-only": counts_only, "clients": {}}
 
 

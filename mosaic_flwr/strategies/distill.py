@@ -49,7 +49,9 @@ from ..mosaic.experts import StackedExperts
 from ..mosaic.moe import GeneratorSampler, teacher_logits
 from ..mosaic.training import logits_metrics
 from ..records import CLIENT_SECONDS, MosaicReply, decode_mosaic_reply, state_to_record
-from ..results import save_generator_grid
+from ..privacy.audit import validate_figures
+from ..privacy.report import THRESHOLDS, client_entry, plot_privacy, summarise, summary_line
+from ..results import save_generator_grid, write_json
 from ..seeds import mix_seed
 from ..task import Arch, build_arch
 from .bank import BankStrategy, StateDict
@@ -99,6 +101,7 @@ class DistillStrategy(BankStrategy):
         self.artifacts: dict = {}
         self.artifacts_file: str | None = None
         self._gen_template: StateDict | None = None
+        self.privacy_report: dict = {}  # the clients' privacy audit (summary.json's ``privacy``)
 
     # ------------------------------------------------------------------ method hooks
     def teacher_for(self, server_round: int, clients: list, report: dict) -> Teacher:
@@ -172,7 +175,7 @@ class DistillStrategy(BankStrategy):
         if phase == "distill":
             if c.distill_local_steps:  # the experts' last local training: longer, so they specialise
                 values["local-steps"] = c.distill_local_steps
-            values.update({"proto-k": self.proto_k(), "gen-steps": c.gen_steps,
+            values.update({"proto-k": self.proto_k(), "privacy-audit": bool(c.privacy_audit), "gen-steps": c.gen_steps,
                            "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
                            "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight})
         return "train.mosaic", values
@@ -226,6 +229,8 @@ class DistillStrategy(BankStrategy):
         if out[0] is None:
             return out
         del by_family
+        if phase == "distill":
+            self.privacy_audit(server_round, clients)
         self.aggregated(server_round, clients)
         if phase == "distill":
             self.run_distillation(server_round, clients)
@@ -421,6 +426,35 @@ class DistillStrategy(BankStrategy):
             self.distill_report = report
         self.sc.train_metrics.update(report)
 
+    def privacy_audit(self, server_round: int, clients: list) -> None:
+        """The clients' audit of what they uploaded (``privacy-audit``; their ``privacy-*``
+        metrics, validated: a client whose figures are hostile keeps its model in the round and
+        its audit is marked rejected), with what their exact label counts disclose:
+        ``privacy.json`` (thresholds, summary, one entry per client), ``privacy.png``, a log line
+        and ``summary.json``'s ``privacy``. Replies without audit figures (audit off, an older
+        client, another method) are left out; nothing is written when none has any."""
+        entries = []
+        for c in clients:
+            r = c.reply
+            if r is None or not any(k.startswith("privacy-") for k in r.metrics):
+                continue
+            figures, problem = validate_figures(r.metrics, self.info.num_classes)
+            pid = self.sc.partition_of(r.node_id)
+            if problem:
+                log(WARNING, "[privacy] client %s: audit figures rejected: %s", pid, problem)
+            entries.append(client_entry(pid, r.label_counts, figures, r.metrics.get(CLIENT_SECONDS), problem))
+        if not entries:
+            return
+        entries.sort(key=lambda e: e["partition-id"])
+        summary = {"round": server_round, **summarise(entries)}
+        out = self.sc.results.out_dir
+        write_json(out / "privacy.json", {"round": server_round, "thresholds": THRESHOLDS, "summary": summary,
+                                          "clients": entries})
+        plot_privacy(entries, out / "privacy.png", f"{self.cfg.strategy}, {self.cfg.dataset}, alpha "
+                     f"{self.cfg.alpha:g}: uploads at round {server_round}")
+        log(INFO, "[privacy] %s", summary_line(server_round, summary))
+        self.privacy_report = summary
+
     def distils_family(self, family: str) -> bool:
         """Whether family ``family``'s global model is a student (Mosaic: families sampled in
         some round)."""
@@ -515,17 +549,21 @@ class DistillStrategy(BankStrategy):
     def finish(self) -> None:
         super().finish()
         self.sc.results.extra["distillation"] = self.distill_report
+        if self.privacy_report:
+            self.sc.results.extra["privacy"] = self.privacy_report
 
     def state_dict(self) -> dict:
         """Besides the global models: the distillation report, the look-ahead gate's models
         and, once written, the name of the file that holds the distillation's artifacts."""
         return {**super().state_dict(), "distill-report": self.distill_report,
-                "artifacts-file": self.artifacts_file, "shadow": self.shadow, "shadow-until": self.shadow_until}
+                "artifacts-file": self.artifacts_file, "shadow": self.shadow, "shadow-until": self.shadow_until,
+                "privacy-report": self.privacy_report}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.distill_report, self.artifacts_file = state["distill-report"], state["artifacts-file"]
         self.shadow, self.shadow_until = state.get("shadow"), int(state.get("shadow-until", 0))
+        self.privacy_report = state.get("privacy-report", {})  # (a checkpoint from before the audit: none)
 
     def checkpoint(self, server_round: int) -> None:
         if self.artifacts:  # written once, before the checkpoint that names the file; then dropped
