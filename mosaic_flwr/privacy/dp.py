@@ -3,7 +3,7 @@
 A Mosaic client uploads, besides the classifier weights every FedAvg client sends, three
 things computed from its private data: its **label counts** (discovery and every warm-up
 round), its **prototypes** and its **generator** (once, at the distillation round). With
-DP on (``dp-epsilon`` > 0 and finite, or ``dp-noise-multiplier`` > 0), each is released
+DP on (``dp-epsilon`` > 0, or ``dp-noise-multiplier`` > 0; both 0, the default: off), each is released
 through a Gaussian mechanism, and one accountant composes them:
 
 * **Label counts**: ``counts + N(0, s_c^2)`` per class (add/remove-one L2 sensitivity 1),
@@ -52,6 +52,7 @@ noise.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import asdict, dataclass
@@ -91,8 +92,8 @@ class DPSettings:
 
 
 def enabled(values: Mapping[str, Any]) -> bool:
-    """DP is on when ``dp-epsilon`` is finite and > 0, or ``dp-noise-multiplier`` > 0.
-    ``dp-epsilon`` 0 (the default) or ``inf`` with no noise multiplier: off."""
+    """DP is on when ``dp-epsilon`` > 0 or ``dp-noise-multiplier`` > 0 (both 0, the default: off;
+    an infinite epsilon, "no privacy", is also off)."""
     eps = float(values["dp-epsilon"])
     return (0 < eps < math.inf) or float(values["dp-noise-multiplier"]) > 0
 
@@ -115,8 +116,6 @@ def check_config(values: Mapping[str, Any]) -> str | None:
     if 0 < eps < math.inf and nm > 0:
         return (f"dp-epsilon/dp-noise-multiplier: both set (dp-epsilon={eps:g}, dp-noise-multiplier={nm:g}); "
                 "give the generator's target epsilon or its noise multiplier, not both")
-    if math.isinf(eps) and nm > 0:
-        return "dp-epsilon: inf means no privacy, but dp-noise-multiplier > 0 asks for DP; set dp-epsilon=0"
     if not enabled(values):
         return None
     if values["strategy"] != "mosaic":
@@ -165,14 +164,23 @@ def _kwargs(name: str) -> dict:
 def epsilon_of(mechanisms: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` of the composition of subsampled Gaussian mechanisms
     ``(noise multiplier, sample rate, steps)`` (sample rate 1: a full-batch release), as
-    Opacus's accountant computes it."""
+    Opacus's accountant computes it. (With very large noise the best RDP order is the largest
+    one tried: the epsilon is then a valid, loose, upper bound; Opacus's warning is muted.)"""
+    history = tuple((float(s), float(q), int(t)) for s, q, t in mechanisms if t > 0)
+    return _epsilon_of(history, float(delta), accountant) if history else 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_of(history: tuple, delta: float, accountant: str) -> float:
+    import warnings
     acc = _accountant(accountant)
-    acc.history = [(float(s), float(q), int(t)) for s, q, t in mechanisms if t > 0]
-    if not acc.history:
-        return 0.0
-    return float(acc.get_epsilon(delta=delta, **_kwargs(accountant)))
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta=delta, **_kwargs(accountant)))
 
 
+@functools.lru_cache(maxsize=256)
 def sgd_sigma(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """DP-SGD's noise multiplier for ``steps`` steps at ``sample_rate`` to spend ``epsilon``."""
     import warnings
