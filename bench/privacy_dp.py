@@ -54,11 +54,12 @@ def run(level: str, extra: dict) -> dict:
     run_config = {**load_defaults(), **BASE, **LEVELS[level], **extra,
                   "output-dir": str(OUT), "run-name": f"eps-{level}"}
     grid = InProcessGrid(capp.app, run_config, 10)
+    commit, dirty = git_commit(), git_dirty()  # the code the run executes (HEAD may move meanwhile)
     load0, t0 = loadavg(), time.perf_counter()
     server_main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
     wall = time.perf_counter() - t0
     meta = {"level": level, "overrides": {**BASE, **LEVELS[level], **extra}, "wall_seconds": wall,
-            "commit": git_commit(), "dirty": git_dirty(), "load_before": load0, "load_after": loadavg(),
+            "commit": commit, "dirty": dirty, "load_before": load0, "load_after": loadavg(),
             "machine": machine()}
     (OUT / f"eps-{level}" / "bench.json").write_text(json.dumps(meta, indent=1))
     return meta
