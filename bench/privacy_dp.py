@@ -84,7 +84,8 @@ def timing(steps: int, reps: int) -> dict:
     x, y = client_data(cfg, 0, 10)
     q = cfg.gen_batch_size / len(y)
     sigma = dpm.sgd_sigma(cfg.dp_epsilon, cfg.dp_delta, q, cfg.gen_steps)
-    out = {"clients-samples": len(y), "steps": steps, "batch": cfg.gen_batch_size, "sigma": sigma, "plain": [], "dp": []}
+    out = {"clients-samples": len(y), "steps": steps, "batch": cfg.gen_batch_size, "sigma": sigma, "plain": [], "dp": [],
+           "plain-cpu": [], "dp-cpu": []}
     for rep in range(reps):
         for mode in ("plain", "dp"):
             torch.manual_seed(rep)
@@ -92,10 +93,13 @@ def timing(steps: int, reps: int) -> dict:
             clf = make_model(cfg)
             dp = None if mode == "plain" else dpm.DiscriminatorDP(
                 cfg.dp_max_grad_norm, sigma, q, torch.bincount(y, minlength=10).double(), dpm.secret_generator())
+            cpu0 = time.process_time()  # CPU time: less sensitive than wall time to other jobs on the cores
             st = train_generator(g, d, clf, x, y, steps=steps, batch_size=cfg.gen_batch_size, lr=cfg.gen_lr,
-                                 seed=rep, eval_per_class=8, dp=dp)
+                                 seed=rep, eval_per_class=1, dp=dp)
+            out[f"{mode}-cpu"].append((time.process_time() - cpu0) / steps)
             out[mode].append(st["seconds_per_step"])
-            print(f"[timing] rep {rep} {mode}: {st['seconds_per_step'] * 1000:.1f} ms/step", flush=True)
+            print(f"[timing] rep {rep} {mode}: {st['seconds_per_step'] * 1000:.1f} ms/step wall, "
+                  f"{out[f'{mode}-cpu'][-1] * 1000:.1f} ms/step CPU", flush=True)
     out.update({"load": loadavg(), "commit": git_commit(), "dirty": git_dirty(), "machine": machine()})
     (RESULTS / "privacy-dp-timing.json").write_text(json.dumps(out, indent=1))
     return out
@@ -181,10 +185,13 @@ def report() -> None:
     if tpath.is_file():
         t = json.loads(tpath.read_text())
         plain, dp = (sum(t[k]) / len(t[k]) * 1000 for k in ("plain", "dp"))
+        pc, dc = (sum(t[k]) / len(t[k]) * 1000 for k in ("plain-cpu", "dp-cpu"))
         lines += ["", f"Time cost of DP-SGD in the generator, measured back to back in one process "
-                  f"(`bench/privacy_dp.py timing`: client 0, {t['clients-samples']} images, {t['steps']} steps of "
-                  f"{t['batch']}, {len(t['plain'])} repetitions each, sigma {t['sigma']:.2f}, load {t['load'][0]}): "
-                  f"{plain:.1f} ms/step without DP, {dp:.1f} ms/step with DP ({dp / plain:.2f}x)."]
+                  f"(`bench/privacy_dp.py timing --steps {t['steps']} --reps {len(t['plain'])}`: client 0, "
+                  f"{t['clients-samples']} images, steps of {t['batch']}, sigma {t['sigma']:.2f}, load {t['load'][0]}): "
+                  f"CPU time {pc:.1f} ms/step without DP, {dc:.1f} ms/step with DP ({dc / pc:.2f}x); wall time "
+                  f"{plain:.1f} vs {dp:.1f} ms/step ({dp / plain:.2f}x; per repetition: plain "
+                  f"{', '.join(f'{v * 1000:.0f}' for v in t['plain'])}, DP {', '.join(f'{v * 1000:.0f}' for v in t['dp'])} ms)."]
     lines += ["", "Runs: " + "; ".join(f"{r['level']}: commit {r['commit']}{' (dirty)' if r['dirty'] else ''}, "
                                         f"load {r['load'][0][0]} -> {r['load'][1][0]}" for r in rows), ""]
     (RESULTS / "privacy-dp.md").write_text("\n".join(lines))
