@@ -194,6 +194,10 @@ def report() -> None:
                   f"{', '.join(f'{v * 1000:.0f}' for v in t['plain'])}, DP {', '.join(f'{v * 1000:.0f}' for v in t['dp'])} ms)."]
     lines += ["", "Runs: " + "; ".join(f"{r['level']}: commit {r['commit']}{' (dirty)' if r['dirty'] else ''}, "
                                         f"load {r['load'][0][0]} -> {r['load'][1][0]}" for r in rows), ""]
+    lines += [("The three runs of 2 Dec 2026 recorded HEAD at their end as their commit (fixed since): they "
+               "started from fabfd9b (inf), 1944bed (8) and f9556c1 (1); between those and the commits named above "
+               "only bench/, tests/, README and (for inf, which runs no DP code) the accountant's caching and the "
+               "dp-* ranges changed."), ""]
     (RESULTS / "privacy-dp.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
