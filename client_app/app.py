@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 from logging import WARNING
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -182,8 +183,9 @@ def train_mosaic(msg: Message, context: Context) -> Message:
                                       "dp_counts": released_counts(cfg, context, y, info.num_classes)}
     unseen = None
     if distill and bool(c.get("privacy-audit", False)):
+        data_dir = str(context.node_config.get("data-dir", "") or "")  # the node's own copy, as node_data
         try:
-            unseen = unseen_data(cfg)
+            unseen = unseen_data(cfg.replace(data_dir=str(Path(data_dir).expanduser())) if data_dir else cfg)
         except Exception as exc:  # noqa: BLE001  (a node without the data set's test split: no audit)
             log(WARNING, "privacy audit skipped: the test split is not readable here (%s)", exc)
     result = mosaic_client_round(

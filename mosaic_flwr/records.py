@@ -165,7 +165,8 @@ def mosaic_payload(result) -> RecordDict:
     content = RecordDict({
         ARRAYS: state_to_record(result.state),
         METRICS: MetricRecord({NUM_EXAMPLES: int(result.label_counts.sum()),
-                               **{k: float(v) for k, v in result.metrics.items()}}),
+                               **{k: [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v)
+                                  for k, v in result.metrics.items()}}),
         LABEL_COUNTS: MetricRecord({"counts": [int(c) for c in result.label_counts.tolist()]}),
     })
     if result.prototypes is not None:
@@ -202,9 +203,12 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
     if sum(counts) != int(metrics[NUM_EXAMPLES]):
         return None, f"label counts sum to {sum(counts)}, but num-examples is {metrics[NUM_EXAMPLES]}"
     counts_t = torch.tensor(counts, dtype=torch.long)
+    # Numbers, and the privacy audit's per-class lists (``privacy-class-*``; checked, like its
+    # other figures, by ``privacy.audit.validate_figures``).
     reply = MosaicReply(msg.metadata.src_node_id, state,
                         int(metrics[NUM_EXAMPLES]), counts_t,
-                        {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+                        {k: float(v) if isinstance(v, (int, float)) else list(v) for k, v in metrics.items()
+                         if isinstance(v, (int, float)) or (isinstance(v, list) and k.startswith("privacy-class-"))})
     if expect_prototypes:
         if PROTOTYPES not in content.array_records:
             return None, "no 'prototypes' record"

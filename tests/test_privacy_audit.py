@@ -15,6 +15,7 @@ from mosaic_flwr.privacy.audit import (RandomFeatures, audit_generator, audit_pr
                                        nn_distances, roc_auc, validate_figures)
 from mosaic_flwr.privacy.report import client_entry, summarise
 from mosaic_flwr.models import build_model
+from tests.conftest import as_flower_server
 from tests.test_e2e_inprocess import run_inprocess
 
 C = 10
@@ -76,7 +77,7 @@ def test_auc_near_half_on_independent_data():
 def test_random_features_fixed_and_data_independent():
     x = torch.randn(5, 3, 32, 32)
     f1, f2 = RandomFeatures(3)(x), RandomFeatures(3)(x)
-    assert f1.shape == (5, 512) and torch.equal(f1, f2)  # the same net every time, any global RNG state
+    assert f1.shape == (5, RandomFeatures.DIM) and torch.equal(f1, f2)  # the same net every time, any global RNG state
     torch.manual_seed(123)
     assert torch.equal(RandomFeatures(3)(x), f1)
 
@@ -109,6 +110,8 @@ def test_generator_audit_reads_only_held_classes(split):
         return torch.zeros(len(labels), 1, 28, 28)
     out = audit_generator(generate, xt[keep], yt[keep], xu, yu, n_gen=5, m_max=20)
     assert sorted(set(asked)) == [0, 1, 2] and out["classes-audited"] == 3
+    assert out["class-m"][:3] == [20.0] * 3 and out["class-m"][3:] == [0.0] * 7
+    assert all(r >= 0 for r in out["class-dcr-ratio-pixel"][:3]) and out["class-dcr-ratio-pixel"][3:] == [-1.0] * 7
     assert audit_generator(generate, xt[keep], yt[keep], xu[yu >= 3], yu[yu >= 3], n_gen=5) == {}
 
 
@@ -126,6 +129,18 @@ def test_one_sample_class_prototype_is_flagged():
     assert many["proto-exact"] == 0 and many["proto-single-record"] == 0 and flags(many) == []
 
 
+def test_summary_per_class_small_vs_large():
+    entries = [client_entry(0, torch.tensor([1, 2, 300]), {"dcr-ratio-pixel": 0.9, "class-m": [1.0, 2.0, 300.0],
+                                                       "class-dcr-ratio-pixel": [0.5, 0.7, 1.01]}),
+               client_entry(1, torch.tensor([3, 0, 400]), {"dcr-ratio-pixel": 1.0, "class-m": [3.0, 0.0, 400.0],
+                                                       "class-dcr-ratio-pixel": [1.2, -1.0, 0.99]})]
+    s = summarise(entries)
+    assert s["class-dcr-ratio-pixel-small-classes"] == 3 and s["class-dcr-ratio-pixel-small-below-1"] == 2
+    assert s["class-dcr-ratio-pixel-small-median"] == 0.7 and s["class-dcr-ratio-pixel-large-classes"] == 2
+    assert s["class-dcr-ratio-pixel-small-sign-p"] == 0.5  # P(>= 2 of 3 below 1) = 4/8
+    assert s["label-rare-classes-total"] == 3
+
+
 def test_label_disclosure():
     out = label_disclosure(torch.tensor([0, 1, 5, 6, 300]))
     assert out == {"label-classes-held": 4.0, "label-rare-classes": 2.0, "label-min-count": 1.0}
@@ -137,6 +152,10 @@ def test_label_disclosure():
     ({"privacy-dcr-ratio-pixel": float("inf")}, "not a finite"),
     ({"privacy-near-copy-pixel": True}, "not a finite"),
     ({"privacy-classes-audited": 11.0}, "exceeds"),
+    ({"privacy-class-m": [1.0] * 11}, "at most"),
+    ({"privacy-class-m": [1.0, float("nan")]}, "at most"),
+    ({"privacy-class-dcr-ratio-pixel": [0.5, -0.5]}, "out of range"),
+    ({"privacy-class-m": "x"}, "at most"),
 ])
 def test_hostile_figures_are_rejected(metrics, problem):
     figures, why = validate_figures(metrics, C)
@@ -170,9 +189,22 @@ def test_client_round_reports_the_audit():
     off = mosaic_client_round(model(), x, y, info, **common)
     audit = {k: v for k, v in on.metrics.items() if k.startswith("privacy-")}
     assert {"privacy-dcr-ratio-pixel", "privacy-mia-auc-pixel", "privacy-proto-count", "privacy-seconds"} <= set(audit)
-    assert all(math.isfinite(v) for v in audit.values())
+    assert all(math.isfinite(x) for v in audit.values() for x in (v if isinstance(v, list) else [v]))
     assert not any(k.startswith("privacy-") for k in off.metrics)
     assert validate_figures(on.metrics, C)[1] is None
+    assert len(on.metrics["privacy-class-m"]) == C
+    # the reply carries the per-class lists to the server, which keeps them
+    from flwr.app import Message
+    from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
+    from mosaic_flwr.models.generators import generator_for
+    as_flower_server()
+    msg = Message(mosaic_payload(on), dst_node_id=1, message_type="train.mosaic")
+    reply, problem = decode_mosaic_reply(msg, on.state, num_classes=C, feature_dim=on.prototypes[0].shape[1],
+                                         generator_template=generator_for(info).state_dict(),
+                                         expect_prototypes=True, max_prototypes=5 * C)
+    assert problem is None
+    figures, why = validate_figures(reply.metrics, C)
+    assert why is None and figures["class-m"] == on.metrics["privacy-class-m"]
     for a, b in ((on.prototypes[0], off.prototypes[0]), *((on.generator[k], off.generator[k]) for k in on.generator)):
         assert torch.equal(a, b)  # auditing changes nothing that is uploaded
 
@@ -185,7 +217,8 @@ def test_inprocess_mosaic_writes_privacy(tmp_path):
         "privacy-audit": True})["dir"]
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["round"] == 1 and len(privacy["clients"]) == 3
-    assert all("dcr-ratio-pixel" in c and "proto-count" in c and "label-counts" in c for c in privacy["clients"])
+    assert all("dcr-ratio-pixel" in c and "proto-count" in c and "label-counts" in c and len(c["class-m"]) == 10
+               for c in privacy["clients"])
     assert (out / "privacy.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["clients-audited"] == 3
@@ -200,3 +233,31 @@ def test_inprocess_audit_off_writes_nothing(tmp_path):
         "privacy-audit": False})["dir"]
     assert not (out / "privacy.json").exists()
     assert "privacy" not in json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_inprocess_feddf_gen_audits_its_generators(tmp_path):
+    """FedDF on the clients' generators uploads generators too: audited, no prototype figures."""
+    out = run_inprocess(tmp_path, dataset="synthetic", num_nodes=2, **{
+        "strategy": "feddf-gen", "num-server-rounds": 1, "warmup-rounds": 1, "local-steps": 3,
+        "gen-steps": 3, "kd-steps": 2, "distill-gate": "off"})["dir"]
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert len(privacy["clients"]) == 2
+    assert all("mia-auc-pixel" in c and "proto-count" not in c for c in privacy["clients"])
+
+
+@pytest.mark.slow
+def test_node_without_test_split_skips_the_audit(tmp_path, monkeypatch):
+    """A node that cannot read the test split trains and uploads as usual, without figures."""
+    import client_app.app as capp
+    from mosaic_flwr.data import DatasetNotFoundError
+
+    def missing(cfg):
+        raise DatasetNotFoundError("no test split here")
+    monkeypatch.setattr(capp, "unseen_data", missing)
+    out = run_inprocess(tmp_path, dataset="synthetic", num_nodes=2, **{
+        "strategy": "mosaic", "num-server-rounds": 1, "warmup-rounds": 1, "local-steps": 3,
+        "gen-steps": 3, "kd-steps": 2, "meta-epochs": 1, "meta-data": "prototypes", "distill-gate": "off"})["dir"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert not (out / "privacy.json").exists() and "privacy" not in summary
+    assert summary["distillation"]["acc-after-distill"] >= 0  # the distillation ran on the uploads

@@ -101,21 +101,24 @@ def roc_auc(pos: Tensor, neg: Tensor) -> tuple[float, float, float]:
 
 # ----------------------------------------------------------------------------- fixed features
 class RandomFeatures(nn.Module):
-    """A randomly initialised conv net from a fixed seed: three 3x3 conv + ReLU layers (32, 64,
-    128 channels; 2x2 average pooling after the first two), global 2x2 average pooling ->
-    512 features. He-normal weights drawn from ``torch.Generator(seed)``, zero biases: the
-    same net for every client and run, whatever torch's default initialisation does."""
+    """A randomly initialised conv net from a fixed seed: three 3x3 conv layers of stride 2 with
+    ReLU (16, 32, 64 channels), then 2x2 average pooling -> 256 features. He-normal weights
+    drawn from ``torch.Generator(seed)``, zero biases: the same net for every client and run,
+    whatever torch's default initialisation does. Strided and narrow so that it costs about
+    0.5 M multiply-adds per 28x28 image (the audit's features must stay cheap on a client)."""
+
+    DIM = 256
 
     def __init__(self, in_channels: int, seed: int = FEATURE_SEED):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         layers, ch = [], in_channels
-        for i, out in enumerate((32, 64, 128)):
-            conv = nn.Conv2d(ch, out, 3, padding=1)
+        for out in (16, 32, 64):
+            conv = nn.Conv2d(ch, out, 3, stride=2, padding=1)
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2.0 / (ch * 9)))
                 conv.bias.zero_()
-            layers += [conv, nn.ReLU()] + ([nn.AvgPool2d(2)] if i < 2 else [])
+            layers += [conv, nn.ReLU()]
             ch = out
         layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
         self.net = nn.Sequential(*layers).eval()
@@ -125,7 +128,7 @@ class RandomFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor, batch: int = 512) -> Tensor:
         if len(x) == 0:
-            return torch.zeros(0, 512)
+            return torch.zeros(0, self.DIM)
         return torch.cat([self.net(x[i:i + batch].float()) for i in range(0, len(x), batch)])
 
 
@@ -136,7 +139,7 @@ def _pick(idx: Tensor, n: int, g: torch.Generator) -> Tensor:
 
 def audit_generator(generate: Callable[[Tensor], Tensor], x_train: Tensor, y_train: Tensor,
                     x_unseen: Tensor, y_unseen: Tensor, *, n_gen: int = N_GEN, m_max: int = M_MAX,
-                    seed: int = 0, features: nn.Module | None = None) -> dict[str, float]:
+                    seed: int = 0, features: nn.Module | None = None) -> dict[str, float | list[float]]:
     """DCR, near copies and membership inference of a class-conditional generator
     (``generate(labels) -> images``, normalised like ``x_train``) against the client's training
     images and unseen images of the same classes (module docstring). Classes audited: those the
@@ -153,6 +156,9 @@ def audit_generator(generate: Callable[[Tensor], Tensor], x_train: Tensor, y_tra
     mia_pos = {s: [] for s in spaces}     # -distance of members to the nearest generated image
     mia_neg = {s: [] for s in spaces}
     classes = 0
+    num_classes = int(max(y_train.max(), y_unseen.max())) + 1 if len(y_train) and len(y_unseen) else 0
+    per_m = [0.0] * num_classes
+    per_ratio = {s: [-1.0] * num_classes for s in spaces}
     for c in torch.unique(y_train).tolist():
         tr = torch.nonzero(y_train == c).flatten()
         un = torch.nonzero(y_unseen == c).flatten()
@@ -161,12 +167,14 @@ def audit_generator(generate: Callable[[Tensor], Tensor], x_train: Tensor, y_tra
             continue
         classes += 1
         tr, un = _pick(tr, m, g), _pick(un, m, g)
+        per_m[c] = float(m)
         gen = generate(torch.full((n_gen,), c, dtype=torch.long)).detach().cpu().float()
         sets = {"pixel": (x_train[tr].float(), x_unseen[un].float(), gen)}
         sets["feature"] = tuple(features(t) for t in sets["pixel"])
         for s, (a, b, gz) in sets.items():
             d_train[s].append(nn_distances(gz, a))
             d_unseen[s].append(nn_distances(gz, b))
+            per_ratio[s][c] = d_train[s][-1].median().item() / max(d_unseen[s][-1].median().item(), 1e-12)
             if m >= 2:  # the near-copy threshold of this class: train-to-train NN distances
                 thr = torch.quantile(nn_distances(a, a, exclude_self=True), NEAR_COPY_PERCENTILE / 100)
                 near[s].append((d_train[s][-1] < thr).float())
@@ -187,7 +195,8 @@ def audit_generator(generate: Callable[[Tensor], Tensor], x_train: Tensor, y_tra
             out[f"near-copy-baseline-{s}"] = torch.cat(base[s]).mean().item()
         auc, low, high = roc_auc(torch.cat(mia_pos[s]), torch.cat(mia_neg[s]))
         out[f"mia-auc-{s}"], out[f"mia-auc-{s}-low"], out[f"mia-auc-{s}-high"] = auc, low, high
-    return out
+    out_lists = {"class-m": per_m, **{f"class-dcr-ratio-{s}": per_ratio[s] for s in spaces}}
+    return {**out, **out_lists}
 
 
 # ----------------------------------------------------------------------------- prototypes
@@ -263,6 +272,7 @@ _NON_NEGATIVE = ("dcr-train-pixel", "dcr-unseen-pixel", "dcr-ratio-pixel", "dcr-
                  "proto-count", "proto-nn-ratio-min", "proto-nn-ratio-median", "proto-exact",
                  "proto-few-classes", "proto-single-record", "seconds")
 KEYS = _UNIT + _NON_NEGATIVE
+LIST_KEYS = ("class-m", "class-dcr-ratio-pixel", "class-dcr-ratio-feature")
 PREFIX = "privacy-"
 
 
@@ -284,4 +294,15 @@ def validate_figures(metrics: Mapping[str, object], num_classes: int) -> tuple[d
         if key in ("classes-audited", "proto-few-classes", "proto-single-record") and value > num_classes:
             return {}, f"{PREFIX}{key}: {value} exceeds the {num_classes} classes"
         out[key] = value
+    for key in LIST_KEYS:
+        value = metrics.get(PREFIX + key)
+        if value is None:
+            continue
+        if (not isinstance(value, list) or len(value) > num_classes
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)):
+            return {}, f"{PREFIX}{key}: expected at most {num_classes} finite numbers"
+        low = 0.0 if key == "class-m" else -1.0
+        if any(v < low or (low < 0 and -1 < v < 0) for v in value):
+            return {}, f"{PREFIX}{key}: a value out of range"
+        out[key] = [float(v) for v in value]
     return out, None

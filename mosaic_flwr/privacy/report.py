@@ -8,6 +8,7 @@ and writes ``privacy.json``, ``privacy.png``, a log line and ``summary.json``'s 
 from __future__ import annotations
 
 import io
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,14 +26,16 @@ THRESHOLDS = {"dcr-ratio-below": audit.RATIO_FLAG, "near-copy-excess-above": aud
               "mia-auc-at-least": audit.AUC_FLAG, "near-copy-percentile": audit.NEAR_COPY_PERCENTILE,
               "proto-exact-below": audit.PROTO_EXACT, "rare-count-at-most": audit.RARE_COUNT,
               "generated-per-class": audit.N_GEN, "real-per-class-max": audit.M_MAX,
-              "feature-space": f"RandomFeatures (3 random conv layers, 512 features, seed {audit.FEATURE_SEED})"}
+              "feature-space": f"RandomFeatures (3 random strided conv layers, 256 features, seed {audit.FEATURE_SEED})"}
 
 
 def client_entry(partition_id: int, counts: torch.Tensor, figures: dict[str, float],
                  client_seconds: float | None = None, problem: str | None = None) -> dict[str, Any]:
     """One client's row: its audit figures, what its label counts disclose, its flags."""
     entry: dict[str, Any] = {"partition-id": int(partition_id), "label-counts": [int(c) for c in counts.tolist()],
-                             **label_disclosure_rounded(counts), **{k: round(v, 5) for k, v in figures.items()}}
+                             **label_disclosure_rounded(counts),
+                             **{k: [round(x, 5) for x in v] if isinstance(v, list) else round(v, 5)
+                                for k, v in figures.items()}}
     if problem:
         entry["audit-rejected"] = problem
     if client_seconds is not None and "seconds" in figures and client_seconds > figures["seconds"]:
@@ -47,6 +50,12 @@ def label_disclosure_rounded(counts: torch.Tensor) -> dict[str, float]:
 
 def _values(entries: Sequence[dict], key: str) -> list[float]:
     return [e[key] for e in entries if isinstance(e.get(key), (int, float))]
+
+
+def sign_test(k: int, n: int) -> float:
+    """One-sided sign test: the chance of ``k`` or more of ``n`` ratios below 1 when each is
+    below 1 with probability one half (a generator no closer to its records than to unseen ones)."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
 
 
 def summarise(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -68,6 +77,19 @@ def summarise(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[f"near-copy-excess-{s}-max"] = round(max(excess), 5)
         sig = [e for e in audited if e.get(f"mia-auc-{s}-low", 0) > 0.5]
         out[f"mia-significant-{s}"] = len(sig)
+    for s in ("pixel", "feature"):  # per class: classes of a handful of records vs the others
+        small, large = [], []
+        for e in audited:
+            for m, r in zip(e.get("class-m", []), e.get(f"class-dcr-ratio-{s}", [])):
+                if m >= 1 and r >= 0:
+                    (small if m <= audit.RARE_COUNT else large).append(r)
+        for name, vals in (("small", small), ("large", large)):
+            if vals:
+                below = sum(v < 1 for v in vals)
+                out[f"class-dcr-ratio-{s}-{name}-median"] = round(statistics.median(vals), 5)
+                out[f"class-dcr-ratio-{s}-{name}-classes"] = len(vals)
+                out[f"class-dcr-ratio-{s}-{name}-below-1"] = below
+                out[f"class-dcr-ratio-{s}-{name}-sign-p"] = round(sign_test(below, len(vals)), 6)
     for key in ("proto-exact", "proto-few-classes", "proto-single-record", "label-rare-classes"):
         vals = _values(entries, key)
         if vals:
@@ -122,7 +144,7 @@ def plot_privacy(entries: Sequence[dict[str, Any]], path: Path, title: str = "")
         ax.set_xticks(xs, [str(p) for p in pids])
         ax.set_xlabel("client (partition id)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
     fig.suptitle(title or "privacy audit of the uploads", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
