@@ -18,6 +18,7 @@ from mosaic_flwr.data.augment import augmenter
 from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.prototypes import per_class_subset
 from mosaic_flwr.mosaic.training import predict_logits, restriction_scale, train_local
+from mosaic_flwr.privacy import dp as dpm
 from mosaic_flwr.records import (ARRAYS, CLIENT_SECONDS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES, mosaic_payload,
                                  record_to_state, state_to_record)
 from mosaic_flwr.seeds import mix_seed
@@ -69,15 +70,33 @@ def _received(msg: Message, context: Context):
     return cfg, x, y, model, c, round_seed(cfg, int(c.get("server-round", 0)), pid)
 
 
+DP_COUNTS = "dp-noisy-counts"   # where a client keeps its noisy label counts (context.state)
+
+
+def released_counts(cfg: Config, context: Context, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The label counts this client sends: the true ones without DP; with DP, noisy ones
+    drawn once (secret noise, ``dp-count-epsilon``) and kept in the node state, so every
+    message of the run repeats the same release instead of spending more privacy."""
+    counts = label_counts(y, num_classes)
+    settings = dpm.dp_settings(cfg.values)
+    if settings is None:
+        return counts
+    if DP_COUNTS in context.state:
+        return torch.tensor(list(context.state[DP_COUNTS]["counts"]), dtype=torch.long)
+    noisy = dpm.noisy_counts(counts, dpm.count_sigma(settings), dpm.secret_generator())
+    context.state[DP_COUNTS] = MetricRecord({"counts": [int(c) for c in noisy.tolist()]})
+    return noisy
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """What the server learns about a client before training: its partition id, label counts
     (never data) and the architecture it trains (see ``mosaic_flwr.task.client_arch``)."""
     cfg, pid, x, y = _local_data(context)
     arch = client_arch(cfg, context.node_config)
-    counts = label_counts(y, dataset_info(cfg.dataset).num_classes)
+    counts = released_counts(cfg, context, y, dataset_info(cfg.dataset).num_classes)
     content = RecordDict({
-        METRICS: MetricRecord({"partition-id": pid, NUM_EXAMPLES: len(y),
+        METRICS: MetricRecord({"partition-id": pid, NUM_EXAMPLES: int(counts.sum()),
                                "counts": [int(c) for c in counts.tolist()]}),
         "arch": ConfigRecord({"model": arch.model, "capacity": arch.capacity}),
     })
@@ -103,7 +122,9 @@ def train(msg: Message, context: Context) -> Message:
                         logit_scale=scale)
     if local_bn:
         keep_local_bn(model, context.state)
-    metrics = MetricRecord({NUM_EXAMPLES: len(y), "train-loss": stats["train-loss"],
+    # With DP the declared example count is the noisy counts' sum (the discovery's declaration).
+    n = len(y) if dpm.dp_settings(cfg.values) is None else int(released_counts(cfg, context, y, info.num_classes).sum())
+    metrics = MetricRecord({NUM_EXAMPLES: n, "train-loss": stats["train-loss"],
                             CLIENT_SECONDS: time.perf_counter() - t0})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
     return Message(content=content, reply_to=msg)
@@ -156,6 +177,10 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         gen = {"steps": int(c["gen-steps"]), "batch-size": int(c["gen-batch-size"]),
                "lr": float(c["gen-lr"]), "ce-weight": float(c["gen-ce-weight"]),
                "div-weight": float(c["gen-div-weight"])}
+    info = dataset_info(cfg.dataset)
+    settings = dpm.dp_settings(cfg.values)
+    dp = {} if settings is None else {"dp": settings, "dp_rng": dpm.secret_generator(),
+                                      "dp_counts": released_counts(cfg, context, y, info.num_classes)}
     unseen = None
     if distill and bool(c.get("privacy-audit", False)):
         data_dir = str(context.node_config.get("data-dir", "") or "")  # the node's own copy, as node_data
@@ -164,8 +189,8 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         except Exception as exc:  # noqa: BLE001  (a node without the data set's test split: no audit)
             log(WARNING, "privacy audit skipped: the test split is not readable here (%s)", exc)
     result = mosaic_client_round(
-        model, x, y, dataset_info(cfg.dataset), train=sgd_settings(c),
+        model, x, y, info, train=sgd_settings(c),
         seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen,
-        augment=augmenter(cfg.augment, dataset_info(cfg.dataset)), audit_unseen=unseen)
+        augment=augmenter(cfg.augment, info), audit_unseen=unseen, **dp)
     result.metrics[CLIENT_SECONDS] = time.perf_counter() - t0
     return Message(content=mosaic_payload(result), reply_to=msg)

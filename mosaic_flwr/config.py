@@ -46,6 +46,24 @@ def _non_negative(v) -> str | None:
     return None if v >= 0 else f"must be >= 0, got {v}"
 
 
+def _positive_finite(v) -> str | None:
+    return None if 0 < v < math.inf else f"must be > 0 and finite, got {v}"
+
+
+def _non_negative_finite(v) -> str | None:
+    return None if 0 <= v < math.inf else f"must be >= 0 and finite, got {v}"
+
+
+# RDP's conversion to (epsilon, delta) needs an order above log(1/delta) / epsilon: with
+# orders up to 512, epsilon >= 0.1 at delta >= 1e-10 is reachable
+DP_MIN_EPSILON = 0.1
+DP_MIN_DELTA = 1e-10
+
+
+def _dp_epsilon(v) -> str | None:
+    return None if DP_MIN_EPSILON <= v < math.inf else f"must be in [{DP_MIN_EPSILON}, inf), got {v}"
+
+
 def _at_least(low: int) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f"must be >= {low}, got {v}"
 
@@ -222,6 +240,17 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "collect-rounds": (int, _positive),
     "generator-bank-size": (int, _non_negative),
     "gate-rounds": (int, lambda v: None if v >= -1 else f"must be -1 (to the end of the run) or >= 0, got {v}"),
+    # --- differential privacy of Mosaic's client uploads (mosaic_flwr/privacy/dp.py): on when
+    # dp-epsilon > 0 or dp-noise-multiplier > 0; both 0 (the default): off
+    "dp-epsilon": (float, lambda v: None if v == 0 or v >= DP_MIN_EPSILON else
+                   f"must be 0 (no DP) or >= {DP_MIN_EPSILON}, got {v}"),
+    "dp-delta": (float, lambda v: None if DP_MIN_DELTA <= v < 0.1 else f"must be in [{DP_MIN_DELTA}, 0.1), got {v}"),
+    "dp-max-grad-norm": (float, _positive_finite),
+    "dp-noise-multiplier": (float, _non_negative_finite),
+    "dp-proto-epsilon": (float, _dp_epsilon),
+    "dp-proto-clip": (float, _positive_finite),
+    "dp-count-epsilon": (float, _dp_epsilon),
+    "dp-accountant": (str, _choice("rdp", "prv")),
 }
 
 
@@ -441,6 +470,10 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     if values["distill-local-steps"] > 0 and values["local-steps"] == 0:
         raise ConfigError("distill-local-steps: replaces local-steps at the distillation round, but local "
                           f"work is local-epochs={values['local-epochs']}; set local-steps instead")
+    from .privacy.dp import check_config as dp_check
+    problem = dp_check(values)
+    if problem:
+        raise ConfigError(problem)
     method = _methods()[values["strategy"]]
     if method.check is not None:
         method.check(values)

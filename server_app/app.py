@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from mosaic_flwr.checkpoint import CheckpointError, config_changes, load_checkpoint, warm_start_changes
 from mosaic_flwr.config import Config, ConfigError, build_config, local_work, resolve_device
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
+from mosaic_flwr.privacy import dp as dpm
 from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
 from mosaic_flwr.strategies import STRATEGIES, ServerContext, get_strategy
@@ -104,6 +105,11 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     # The clients report their label counts and architectures; the server never sees data.
     clients = discover_clients(grid, nodes, info.num_classes)
     check_min_replies(cfg, len(clients))
+    if dpm.enabled(cfg.values):
+        problem = dpm.check_delta(cfg.dp_delta, [c.num_examples for c in clients.values()])
+        if problem:
+            raise ConfigError(problem)
+    results.extra["dp"] = dpm.run_entry(cfg.values)
     save_assignment(out, results, clients)
     if resume_state is not None:
         check_same_clients(resume_state["assignment"], results.extra["assignment"])
@@ -126,6 +132,7 @@ def setup(grid: Grid, context: Context) -> ServerContext:
         "rounds=%d device=%s", cfg.strategy, cfg.dataset, cfg.model, cfg.partition, cfg.alpha,
         len(clients), cfg.num_server_rounds, device)
     log(INFO, "[mosaic-flwr] local work per round and client: %s", local_work(cfg))
+    log(INFO, "[mosaic-flwr] %s", dpm.describe(results.extra["dp"]))
     if val_x is not None:
         log(INFO, "[mosaic-flwr] validation split: %d training images held out (no client holds them)",
             len(val_y))

@@ -296,6 +296,28 @@ def mosaic_client(cfg: Config) -> None:
     assert set(plabels.tolist()) == {0, 1, 2, 3}
 
 
+def dp_client(cfg: Config) -> None:
+    """A client's distillation round under the run's DP settings (the plain one when DP is off)."""
+    from mosaic_flwr.privacy import dp as dpm
+    settings = dpm.dp_settings(cfg.values)
+    x, y = _data()
+    gen = {"steps": 2, "batch-size": cfg.gen_batch_size, "lr": cfg.gen_lr, "ce-weight": cfg.gen_ce_weight,
+           "div-weight": cfg.gen_div_weight}
+    kw = {}
+    if settings is not None:
+        rng = torch.Generator().manual_seed(0)
+        counts = dpm.noisy_counts(torch.bincount(y, minlength=C), dpm.count_sigma(settings), rng)
+        if counts.sum() == 0:
+            counts[0] = 1
+        kw = {"dp": settings, "dp_counts": counts, "dp_rng": rng}
+    out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
+                              seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
+                              proto_k=cfg.proto_k, gen=gen, **kw)
+    assert out.generator is not None and torch.isfinite(out.prototypes[0]).all()
+    if settings is not None:
+        assert 0 < out.metrics["dp-epsilon"] < math.inf
+
+
 def _generators(n: int = 2):
     torch.manual_seed(0)
     gens = [generator_for(INFO).eval() for _ in range(n)]
@@ -449,6 +471,18 @@ ROWS: dict[str, Row] = {
     "kd-a": Row([0.0, 1.0], [-0.1, 1.1], distillation),
     "kd-b": Row([0.0], [-0.1], distillation),
     "kd-temperature": Row([JUST_ABOVE_0], [0.0], distillation),
+    # differential privacy: 0 is "off"; the smallest epsilon at the smallest delta (non-finite
+    # floats are refused for every key)
+    "dp-epsilon": Row([0.0, 0.1, 1e6], [-0.1, 0.1 - 1e-9, math.inf], dp_client,
+                      {**MOSAIC, "dp-delta": 1e-10}),
+    "dp-delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**MOSAIC, "dp-epsilon": 0.1}),
+    "dp-max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**MOSAIC, "dp-epsilon": 1.0}),
+    "dp-noise-multiplier": Row([0.0, JUST_ABOVE_0, 1e3], [-0.1, math.inf], dp_client, MOSAIC),
+    "dp-proto-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                            {**MOSAIC, "dp-epsilon": 1.0, "dp-delta": 1e-10}),
+    "dp-proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**MOSAIC, "dp-epsilon": 1.0}),
+    "dp-count-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                            {**MOSAIC, "dp-epsilon": 1.0, "dp-delta": 1e-10}),
 }
 # Small KD batches: the generator trains on them.
 FEDFTG = {"strategy": "fedftg", "kd-batch-size": 4, "kd-steps": 3, "meta-samples-per-class": 1}

@@ -13,6 +13,7 @@ from ..data.augment import Augment
 from ..seeds import mix_seed
 from ..models import Classifier
 from ..models.generators import build_discriminator, generator_for, sample
+from ..privacy import dp as dpm
 from ..privacy.audit import PREFIX, audit_generator, audit_prototypes
 from .generator import train_generator
 from .prototypes import class_prototypes, per_class_subset
@@ -35,7 +36,9 @@ def label_counts(y: Tensor, num_classes: int) -> Tensor:
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
                         proto_k: int = 0, gen: dict | None = None, augment: Augment | None = None,
-                        audit_unseen: tuple[Tensor, Tensor] | None = None) -> MosaicClientResult:
+                        audit_unseen: tuple[Tensor, Tensor] | None = None,
+                        dp: dpm.DPSettings | None = None, dp_counts: Tensor | None = None,
+                        dp_rng: torch.Generator | None = None) -> MosaicClientResult:
     """Local training; at the distillation round also prototypes and the generator.
 
     Prototypes are k-means centres of the penultimate features of the model as received
@@ -48,6 +51,12 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     training loader: local training batches, the generator's real batches, and the images
     the prototypes are computed from.
 
+    With ``dp`` (``mosaic_flwr.privacy.dp``): ``dp_counts`` (the client's noisy label counts,
+    drawn once per run) replace the true ones in the reply; the prototypes are one noisy mean
+    per class; D trains under DP-SGD; the noise and sampling come from ``dp_rng`` (secret).
+    At the distillation round the metrics carry the privacy spent (``dp-epsilon`` in total,
+    and per mechanism).
+
     ``audit_unseen`` (``privacy-audit``: unseen images and labels, the data set's test split):
     at the distillation round the client audits what it uploads (``mosaic_flwr.privacy.audit``:
     its prototypes against its records' features, its generator against its training images
@@ -59,7 +68,22 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     audit: dict[str, float] = {}
     audit_seconds = 0.0
     protos = None
-    if distill_round and proto_k > 0:
+    if dp is not None:
+        if dp_counts is None or dp_rng is None:
+            raise ValueError("mosaic_client_round: dp needs dp_counts (the noisy counts) and dp_rng")
+        counts = dp_counts.long().cpu()
+    if distill_round and proto_k > 0 and dp is not None:
+        t0 = time.perf_counter()
+        xk = x if augment is None else augment(x, dp_rng)
+        feats = extract_features(model, xk, device=device)
+        protos = dpm.dp_class_means(feats, y, counts, clip=dp.proto_clip,
+                                    sigma=dpm.gaussian_sigma(dp.proto_epsilon, dp.delta, dp.accountant), rng=dp_rng)
+        metrics["proto-seconds"] = time.perf_counter() - t0
+        if audit_unseen is not None:
+            t0 = time.perf_counter()
+            audit.update(audit_prototypes(*protos, feats, y, 1))
+            audit_seconds += time.perf_counter() - t0
+    elif distill_round and proto_k > 0:
         t0 = time.perf_counter()
         keep = per_class_subset(y, seed=seed)  # at most MAX_PER_CLASS samples of a class
         xk = x[keep]
@@ -74,16 +98,24 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
             audit_seconds += time.perf_counter() - t0
     stats = train_local(model, x, y, seed=seed, device=device, augment=augment, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})
-    generator_state = None
+    generator_state, sgd = None, None
     if distill_round and gen is not None:
         torch.manual_seed(seed)
         g = generator_for(info)
         d = build_discriminator(info.in_channels, info.image_size, info.num_classes)
+        gdp, sgd = None, None
+        if dp is not None:
+            q = min(1.0, gen["batch-size"] / len(y))
+            sigma = dp.noise_multiplier or dpm.sgd_sigma(dp.epsilon, dp.delta, q, gen["steps"], dp.accountant)
+            gdp = dpm.DiscriminatorDP(dp.max_grad_norm, sigma, q, counts.double(), dp_rng)
+            sgd = (sigma, q, gen["steps"])
         gstats = train_generator(g, d, model, x, y, steps=gen["steps"], batch_size=gen["batch-size"],
                                  lr=gen["lr"], ce_weight=gen["ce-weight"], div_weight=gen["div-weight"],
-                                 device=device, seed=seed, augment=augment)
+                                 device=device, seed=seed, augment=augment, dp=gdp)
         generator_state = {k: v.detach().cpu() for k, v in g.state_dict().items()}
         metrics.update({"gen-seconds": gstats["seconds"], "gen-fidelity": gstats["fidelity"]})
+        if dp is not None:
+            metrics["dp-real-per-step"] = gstats["dp-real-per-step"]
         if audit_unseen is not None:
             t0 = time.perf_counter()
             rng = torch.Generator().manual_seed(mix_seed(seed, "privacy-samples"))
@@ -93,5 +125,8 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     if audit_unseen is not None and distill_round:
         metrics.update({PREFIX + k: v for k, v in audit.items()})
         metrics[PREFIX + "seconds"] = audit_seconds
+    if dp is not None and distill_round:  # everything this client released in the run
+        report = dpm.compose(dp, sgd=sgd if generator_state is not None else None, protos=protos is not None)
+        metrics.update({f"dp-{k}": float(v) for k, v in report.items() if k != "accountant"})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return MosaicClientResult(state, counts, metrics, protos, generator_state)

@@ -123,6 +123,48 @@ def generator_fidelity(
     return {c: float(a) for c, a in zip(classes, hit.tolist())}
 
 
+def _dp_discriminator_grads(discriminator: nn.Module, d_params: list, x_real: torch.Tensor, y_real: torch.Tensor,
+                            fake: torch.Tensor, y_fake: torch.Tensor, dp, expected_batch: float
+                            ) -> tuple[float, float]:
+    """D's gradient under DP-SGD, left in ``.grad``: the fake half's mean hinge loss by plain
+    autograd (no private data; its train-mode forward also advances spectral norm's power
+    iteration, a function of the weights only), plus the real half's per-sample gradients
+    clipped, summed and noised (``private_grad_sum``), over the expected batch size.
+    Returns D's loss (real half over the expected batch size) and the largest per-sample
+    gradient norm before clipping."""
+    from mosaic_flwr.privacy.dp import per_sample_grads, private_grad_sum
+    for p in d_params:
+        p.grad = None
+    fake_loss = F.relu(1.0 + discriminator(fake, y_fake)).mean()
+    fake_loss.backward()
+    names = [k for k, p in discriminator.named_parameters() if p.requires_grad]
+    by_name = dict(discriminator.named_parameters())
+    real_loss, clip_max = 0.0, 0.0
+    if len(x_real):
+        grads = per_sample_grads(discriminator, lambda s: F.relu(1.0 - s), x_real, y_real)
+        with torch.no_grad():
+            real_loss = float(F.relu(1.0 - _eval_scores(discriminator, x_real, y_real)).sum()) / expected_batch
+    else:
+        grads = {k: by_name[k].new_zeros((0, *by_name[k].shape)) for k in names}
+    noisy, norms = private_grad_sum(grads, dp.max_grad_norm, dp.noise_multiplier, dp.rng)
+    if len(norms):
+        clip_max = float(norms.max())
+    for k in names:
+        p = by_name[k]
+        g = noisy[k].to(p.device) / expected_batch
+        p.grad = g if p.grad is None else p.grad + g
+    return float(fake_loss.detach()) + real_loss, clip_max
+
+
+def _eval_scores(discriminator: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    was = discriminator.training
+    discriminator.eval()
+    try:
+        return discriminator(x, y)
+    finally:
+        discriminator.train(was)
+
+
 def train_generator(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -144,6 +186,7 @@ def train_generator(
     log: Callable[[str], None] | None = None,
     log_every: int | None = None,
     augment: Augment | None = None,
+    dp: "DiscriminatorDP | None" = None,
 ) -> dict:
     """Train ``generator`` in place on the client's own classes; return statistics.
 
@@ -169,6 +212,10 @@ def train_generator(
             default ``steps // 5``) and a final line.
         augment: applied to each real batch (the discriminator sees what the classifier was
             trained on, as in the authors' code, whose GAN reads the augmented loader).
+        dp: train D under DP-SGD (``mosaic_flwr.privacy.dp``): real batches Poisson-sampled
+            at ``dp.sample_rate`` from ``dp.rng`` (secret; augmentation too), the real half of
+            D's loss per-sample clipped and noised, fake labels drawn in proportion to
+            ``dp.label_weights`` (the noisy counts) over the classes where it is > 0.
 
     Returns:
         ``steps``, ``seconds``, ``seconds_per_step``; ``d_loss``, ``g_loss``, ``adv``, ``ce``,
@@ -196,6 +243,13 @@ def train_generator(
     sampler = _ClassSampler(labels)
     classes = sampler.classes.tolist()
     half = (batch_size + 1) // 2
+    if dp is not None:
+        weights = dp.label_weights.double().cpu().clamp_min(0)
+        if len(weights) != num_classes:
+            raise ValueError(f"dp.label_weights: {len(weights)} values for {num_classes} classes")
+        classes = torch.nonzero(weights > 0).squeeze(1).tolist()  # the noisy counts, never the true ones
+        expected_batch = dp.sample_rate * len(labels)
+        clipped_max, real_seen = 0.0, 0
 
     generator.to(device)
     discriminator.to(device)
@@ -216,23 +270,34 @@ def train_generator(
     try:
         for step in range(1, steps + 1):
             # One batch of label-sharing noise pairs: rows i and i + half have the same label.
-            y_half = sampler.labels(half, rng)
+            if dp is None:
+                y_half = sampler.labels(half, rng)
+                idx, y_real = sampler.indices(2 * half, rng)
+            else:  # labels from the noisy counts; real images Poisson-sampled with secret randomness
+                y_half = torch.multinomial(weights, half, replacement=True, generator=rng)
+                idx = torch.nonzero(torch.rand(len(labels), generator=dp.rng) < dp.sample_rate).squeeze(1)
+                y_real = labels[idx].long().cpu()
             y_fake = torch.cat([y_half, y_half]).to(device)
             z = torch.randn(2 * half, generator.nz, generator=rng).to(device)
-            idx, y_real = sampler.indices(2 * half, rng)
             x_real = data[idx].to(device, non_blocking=True)
-            if augment is not None:
-                x_real = augment(x_real, rng)
+            if augment is not None and len(idx):
+                x_real = augment(x_real, rng if dp is None else dp.rng)
             y_real = y_real.to(device)
 
             fake = generator(z, y_fake)
 
-            # D step (hinge), real and fake images in one forward pass (D has no BatchNorm,
-            # so a sample's score does not depend on the rest of the batch).
-            scores = discriminator(torch.cat([x_real, fake.detach()]), torch.cat([y_real, y_fake]))
-            d_loss = F.relu(1.0 - scores[: len(x_real)]).mean() + F.relu(1.0 + scores[len(x_real):]).mean()
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            if dp is None:
+                # D step (hinge), real and fake images in one forward pass (D has no BatchNorm,
+                # so a sample's score does not depend on the rest of the batch).
+                scores = discriminator(torch.cat([x_real, fake.detach()]), torch.cat([y_real, y_fake]))
+                d_loss = F.relu(1.0 - scores[: len(x_real)]).mean() + F.relu(1.0 + scores[len(x_real):]).mean()
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+            else:
+                d_loss, norm_max = _dp_discriminator_grads(discriminator, d_params, x_real, y_real, fake.detach(),
+                                                           y_fake, dp, expected_batch)
+                clipped_max = max(clipped_max, norm_max)
+                real_seen += len(idx)
             opt_d.step()
 
             # G step: adversarial + classifier guidance + diversity. D's weights take no
@@ -260,7 +325,7 @@ def train_generator(
 
             if step > steps - window or (log is not None and step % every == 0):
                 vals = {"d_loss": d_loss, "g_loss": g_loss, "adv": adv, "ce": ce, "div": div}
-                vals = {k: float(v.detach()) for k, v in vals.items()}
+                vals = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in vals.items()}
                 if step > steps - window:
                     for k, v in vals.items():
                         hist[k].append(v)
@@ -288,6 +353,9 @@ def train_generator(
         "fidelity_per_class": fid,
         "fidelity": sum(fid.values()) / len(fid),
     }
+    if dp is not None:
+        stats.update({"dp-real-per-step": real_seen / steps if steps else 0.0,
+                      "dp-max-sample-grad-norm": clipped_max})
     if log is not None:
         log(
             f"generator done: {steps} steps in {stats['seconds']:.1f}s, fidelity={stats['fidelity']:.3f} "

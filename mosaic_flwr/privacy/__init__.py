@@ -1,1 +1,1 @@
-"""Privacy of what clients upload: the audit (``audit.py``)."""
+"""Privacy of what clients upload: differential privacy (``dp.py``) and its audit (``audit.py``)."""

@@ -335,6 +335,12 @@ class DistillStrategy(BankStrategy):
             vals = [r.metrics[key] for _, r in replies if key in r.metrics]
             if vals:
                 report[f"{key}-mean"] = sum(vals) / len(vals)
+        dp_entry = sc.results.extra.get("dp")
+        if dp_entry and dp_entry.get("enabled"):  # the privacy each client spent (its own accounting)
+            from ..privacy.dp import describe, record_clients
+            record_clients(dp_entry, {sc.partition_of(r.node_id): r.metrics for _, r in replies})
+            report["dp-epsilon-max"] = dp_entry["epsilon"]
+            log(INFO, "[mosaic-flwr] %s", describe(dp_entry))
         self.artifacts["generators"] = [{"partition-id": sc.partition_of(r.node_id), "state": state}
                                         for (_, r), state in zip(replies, states)]
         return generators, counts, replies
