@@ -335,15 +335,21 @@ class DistillStrategy(BankStrategy):
             vals = [r.metrics[key] for _, r in replies if key in r.metrics]
             if vals:
                 report[f"{key}-mean"] = sum(vals) / len(vals)
-        dp_entry = sc.results.extra.get("dp")
-        if dp_entry and dp_entry.get("enabled"):  # the privacy each client spent (its own accounting)
-            from ..privacy.dp import describe, record_clients
-            record_clients(dp_entry, {sc.partition_of(r.node_id): r.metrics for _, r in replies})
-            report["dp-epsilon-max"] = dp_entry["epsilon"]
-            log(INFO, "[mosaic-flwr] %s", describe(dp_entry))
+        self.record_dp({sc.partition_of(r.node_id): r.metrics for _, r in replies}, report)
         self.artifacts["generators"] = [{"partition-id": sc.partition_of(r.node_id), "state": state}
                                         for (_, r), state in zip(replies, states)]
         return generators, counts, replies
+
+    def record_dp(self, per_client: dict, report: dict) -> None:
+        """With differential privacy on: what each uploading client spent (its own accounting,
+        its ``dp-*`` reply metrics by partition id) into the run's ``dp`` entry, the round's
+        ``dp-epsilon-max`` and the log."""
+        entry = self.sc.results.extra.get("dp")
+        if entry and entry.get("enabled"):
+            from ..privacy.dp import describe, record_clients
+            record_clients(entry, per_client)
+            report["dp-epsilon-max"] = entry["epsilon"]
+            log(INFO, "[mosaic-flwr] %s", describe(entry))
 
     def generator_source(self, generators: list[nn.Module], counts: Tensor) -> Source:
         """KD batches from the clients' generators (labels uniform over the classes some

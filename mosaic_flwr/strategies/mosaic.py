@@ -105,7 +105,7 @@ class MosaicStrategy(DistillStrategy):
         self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
         self.protos: list[dict] = []       # {"partition-id", "node", "features", "labels"}
         self.uploaded: set[int] = set()    # partition ids whose generator the server received
-        self.gen_metrics: dict[str, list] = {}   # "gen-seconds" -> [[partition id, value], ...]
+        self.gen_metrics: dict[str, list] = {}   # "gen-seconds", "dp-epsilon", ... -> [[partition id, value], ...]
         self.collected: dict[str, ClassSums] = {}          # family -> class sums of the window
         self.warm_experts: dict[str, list[StateDict]] = {}  # the experts before the window
         self._stage: _Stage | None = None
@@ -191,9 +191,9 @@ class MosaicStrategy(DistillStrategy):
                     st.protos.append({"partition-id": pid, "node": r.node_id,
                                       "features": r.prototypes[0], "labels": r.prototypes[1]})
                 st.uploaded.add(pid)
-                for key in ("gen-seconds", "gen-fidelity"):
-                    if key in r.metrics:
-                        st.metrics.setdefault(key, []).append([pid, float(r.metrics[key])])
+                for key, value in r.metrics.items():  # generator statistics, privacy spent
+                    if key in ("gen-seconds", "gen-fidelity") or key.startswith("dp-"):
+                        st.metrics.setdefault(key, []).append([pid, float(value)])
                 r.generator = None
         return super().absorb(server_round, arch, payload)
 
@@ -279,9 +279,14 @@ class MosaicStrategy(DistillStrategy):
             states.append({k: v.detach().cpu() for k, v in g.state_dict().items()})
             owners.append((Arch(e["family"], e["capacity"]), Owner(int(e["node"]), e.get("prototypes"))))
         counts = torch.stack([c for _, c, _ in rows])
+        spent: dict[int, dict[str, float]] = {}
         for key, pairs in self.gen_metrics.items():
-            if pairs:
+            if key.startswith("dp-"):
+                for pid, v in pairs:
+                    spent.setdefault(int(pid), {})[key] = v
+            elif pairs:
                 report[f"{key}-mean"] = sum(v for _, v in sorted(pairs)) / len(pairs)
+        self.record_dp(dict(sorted(spent.items())), report)
         report["generators-uploaded"] = len(self.uploaded)
         report["generators-kept"] = len(rows)
         log(INFO, "[mosaic] distillation on %d generators (%d uploaded; generator-bank-size %s)",
