@@ -209,7 +209,8 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                   + ", ".join(f"α={a:g}: {c}" for a, c in zip(p.alphas, cells_)) + "."]
     # why: the distillation round
     lines += ["", "At the distillation round (validation split, %; mean over seeds): the student about to be "
-              "distilled into, the teacher, how many seeds' gates kept the distilled model, and the clients' "
+              "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
+              "kept it after the look-ahead's fine-tune rounds), and the clients' "
               "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
               "last distillation round.", "",
               "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
@@ -227,6 +228,8 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
             row.append(f"{100 * statistics.mean(r['val-before-distill'] for r in reps):.1f} / "
                        f"{100 * statistics.mean(r['val-teacher'] for r in reps):.1f} / "
                        f"{int(sum(r.get('gate-kept', 1.0) for r in reps))} of {len(reps)}"
+                       + (f", {int(sum(r['gate-final-kept'] for r in look))} after the look-ahead"
+                          if (look := [r for r in reps if "gate-final-kept" in r]) else "")
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
             lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
@@ -261,7 +264,7 @@ def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
     variants = [v for v in p.variants if any(acc[(v, a)] for a in p.alphas)]
     if not variants:
         return
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(variants) * len(p.alphas) / 2, 4))
+    fig, ax = plt.subplots(figsize=(min(12.0, 3.0 + 3.0 * len(p.alphas)), 4.5))
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
         xs, ms, sds = [], [], []
