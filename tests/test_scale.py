@@ -283,3 +283,32 @@ def test_dirichlet_client_partition_gives_every_client_the_same_size_and_skewed_
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
     iid_like = partition(labels, 100, method="dirichlet-client", seed=3, alpha=1000.0)
     assert np.mean([np.bincount(labels[p]).max() / len(p) for p in iid_like]) < 0.3
+
+
+def test_a_pull_asks_for_at_most_chunk_replies_when_all_are_ready():
+    """Flower's pull returns every ready reply it is asked for: the stream asks for at most
+    ``chunk`` ids at a time, so the replies held at once stay bounded however many arrived."""
+    from types import SimpleNamespace
+
+    import mosaic_flwr.strategies.base as base_module
+
+    class AllReady:  # every reply is ready at once, as after a long aggregation step
+        def __init__(self):
+            self.asked: list[int] = []
+
+        def push_messages(self, messages):
+            self.ids = [f"m{i:02d}" for i in range(len(messages))]
+            return list(self.ids)
+
+        def pull_messages(self, ids):
+            ids = list(ids)
+            self.asked.append(len(ids))
+            ready = [i for i in ids if i in self.ids]
+            for i in ready:
+                self.ids.remove(i)
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+
+    grid = AllReady()
+    got = list(base_module.stream_replies(grid, [object()] * 20, timeout=5, label="r", chunk=8))
+    assert sorted(m.metadata.reply_to_message_id for m in got) == [f"m{i:02d}" for i in range(20)]
+    assert max(grid.asked) == 8 and sum(grid.asked) == 20

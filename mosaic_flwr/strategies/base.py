@@ -120,39 +120,50 @@ def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
     return clients
 
 
+PULL_CHUNK = 8  # message ids per pull: the most replies a round holds at once
+
+
 def stream_replies(grid: Grid, messages: list[Message], timeout: float, label: str,
                    progress_every: float = 10.0, poll: float = 0.2,
-                   describe: Callable[[Message], str] | None = None) -> Iterator[Message]:
+                   describe: Callable[[Message], str] | None = None, chunk: int = PULL_CHUNK) -> Iterator[Message]:
     """Push ``messages`` and yield the replies as they arrive (Flower's ``push_messages`` /
     ``pull_messages``), so the caller can consume each one before the next is pulled;
-    stops when every message has its reply or ``timeout`` seconds have passed. Logs
-    ``<label>: n of N replies`` at most every ``progress_every`` seconds (and once at the
-    end), with what ``describe`` says of the last reply (e.g. a client's phase and seconds)."""
+    stops when every message has its reply or ``timeout`` seconds have passed. A pull asks
+    for at most ``chunk`` message ids, so at most that many replies are held at once however
+    many arrived while the server was busy (Flower's pull returns every ready reply it is
+    asked for). Logs ``<label>: n of N replies`` at most every ``progress_every`` seconds
+    (and once at the end), with what ``describe`` says of the last reply (e.g. a client's
+    phase and seconds)."""
     total = len(messages)
     ids = set(grid.push_messages(messages))
     del messages
     deadline = time.monotonic() + timeout
     t_start = last_log = time.monotonic()
     got, note = 0, ""
+    chunk = max(1, int(chunk))
     while ids:
-        res = list(grid.pull_messages(ids))
-        for msg in res:
-            ids.discard(msg.metadata.reply_to_message_id)
-            got += 1
-            if describe is not None:
-                note = describe(msg)
-            yield msg
+        pulled = 0
+        order = sorted(ids)
+        for i in range(0, len(order), chunk):
+            for msg in grid.pull_messages(order[i:i + chunk]):
+                ids.discard(msg.metadata.reply_to_message_id)
+                got += 1
+                pulled += 1
+                if describe is not None:
+                    note = describe(msg)
+                yield msg
+            now = time.monotonic()
+            if ids and now - last_log >= progress_every:
+                last_log = now
+                log(INFO, "[progress] %s: %d of %d replies (%.0f s)%s", label, got, total, now - t_start,
+                    f"; last: {note}" if note else "")
         now = time.monotonic()
-        if ids and now - last_log >= progress_every:
-            last_log = now
-            log(INFO, "[progress] %s: %d of %d replies (%.0f s)%s", label, got, total, now - t_start,
-                f"; last: {note}" if note else "")
         if not ids or now >= deadline:
             break
         pending = getattr(grid, "pending", None)  # the in-process grid: nothing left to answer
         if pending is not None and not any(i in pending for i in ids):
             break
-        if not res:
+        if not pulled:
             time.sleep(min(poll, max(0.0, deadline - now)))
     if total:
         log(INFO, "[progress] %s: %d of %d replies (%.1f s)", label, got, total, time.monotonic() - t_start)
