@@ -345,7 +345,15 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     from mosaic_flwr.strategies.mosaic import MosaicStrategy
     from server_app.app import finish_run, setup
 
-    grid = InProcessGrid(client_app, base_rc, num_clients)
+    captured: list = []  # round 1's replies as the clients sent them: every variant collects its own copy
+    recording = [False]
+
+    def capture(grid, node, incoming, reply):
+        if recording[0]:
+            captured.append(copy.deepcopy(reply))
+        return reply
+
+    grid = InProcessGrid(client_app, base_rc, num_clients, hook=capture)
     t0, load0 = time.perf_counter(), loadavg()
     # Round 1 as every variant of the group needs it: prototypes included (a variant whose
     # meta model reads none ignores them).
@@ -356,7 +364,12 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     print(f"[converged] alpha={alpha:g} seed={seed}: round 1's client work (training, generators, "
           f"prototypes), once for {', '.join(distilling) or 'the oracle teacher'}", flush=True)
     base.evaluate_round(0)
+    # The base keeps every client's model (no streaming into running sums) for the oracle;
+    # each variant replays the captured replies through its own collection (its bank, its sums).
+    base.streams = lambda server_round: False
+    recording[0] = True
     items = base.train_round(1)
+    recording[0] = False
     shared_seconds = time.perf_counter() - t0
     round1_metrics = dict(sc.train_metrics)  # every variant's round 1 (its client seconds included)
     state = copy.deepcopy(base.state_dict())
@@ -374,8 +387,9 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
         sv.results.restore(copy.deepcopy(rounds), copy.deepcopy(extra))
         set_rng_state(copy.deepcopy(rng))
         print(f"[converged]   {variant}: distillation after round 1, fine-tune rounds", flush=True)
+        replayed = strat.collect(1, [copy.deepcopy(m) for m in captured])
         sv.train_metrics = dict(round1_metrics)
-        strat.apply_round(1, copy.deepcopy(items))
+        strat.apply_round(1, replayed)
         strat.evaluate_round(1)
         for r in range(2, sv.cfg.num_server_rounds + 1):
             strat.apply_round(r, strat.train_round(r))
