@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RUNS, VARIANTS, cell_done, git_commit, git_dirty, loadavg, provenance  # noqa: E402
+from bench.common import RUNS, VARIANTS, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg, provenance  # noqa: E402
 from bench.grid import Cell, report  # noqa: E402
 
 ALPHAS = (0.1, 0.01, 1.0)
@@ -75,15 +75,8 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
         return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
 
     base_rc = run_config(variants[0])
-    captured: list = []  # the distillation round's replies: every other variant collects its own copy
-    recording = [False]
-
-    def capture(grid, node, incoming, reply):
-        if recording[0]:
-            captured.append(copy.deepcopy(reply))
-        return reply
-
-    grid = InProcessGrid(client_app, base_rc, num_clients, hook=capture)
+    replies = ReplyRecorder()  # the distillation round's replies: every other variant collects its own copy
+    grid = InProcessGrid(client_app, base_rc, num_clients, hook=replies)
     t0, load0 = time.perf_counter(), loadavg()
     sc = setup(grid, context(base_rc))
     base = MosaicStrategy(sc, teacher="meta" if sc.cfg.mosaic_meta else "ensemble")
@@ -94,9 +87,8 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
     for r in range(1, w):
         base.apply_round(r, base.train_round(r))
         base.evaluate_round(r)
-    recording[0] = True
-    items = base.train_round(w)
-    recording[0] = False
+    with replies.recording():
+        items = base.train_round(w)
     shared_seconds = time.perf_counter() - t0
     state = copy.deepcopy(base.state_dict())
     rounds, extra, rng = copy.deepcopy(sc.results.rounds), copy.deepcopy(sc.results.extra), rng_state()
@@ -113,7 +105,7 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
         print(f"[ablation]   {variant}: distillation round and fine-tune rounds", flush=True)
         # The base collected round w itself (its running sums, its generator bank); every
         # other variant collects the same replies through its own strategy.
-        strat.apply_round(w, copy.deepcopy(items) if strat is base else strat.collect(w, [copy.deepcopy(m) for m in captured]))
+        strat.apply_round(w, copy.deepcopy(items) if strat is base else strat.collect(w, replies.copies()))
         strat.evaluate_round(w)
         for r in range(w + 1, sv.cfg.num_server_rounds + 1):
             strat.apply_round(r, strat.train_round(r))

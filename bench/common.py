@@ -5,6 +5,7 @@ machine, load average) every recorded figure carries."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -305,3 +307,29 @@ def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", 
     if bench_file.is_file():
         summary["bench"] = json.loads(bench_file.read_text())
     return summary
+
+
+class ReplyRecorder:
+    """An ``InProcessGrid`` hook keeping a copy of every reply sent while ``recording()`` is on:
+    one shared round replayed into several variants, each collecting ``copies()`` through
+    its own strategy (its running sums, its generator bank)."""
+
+    def __init__(self) -> None:
+        self.replies: list = []
+        self.on = False
+
+    def __call__(self, grid, node, incoming, reply):
+        if self.on:
+            self.replies.append(copy.deepcopy(reply))
+        return reply
+
+    @contextmanager
+    def recording(self):
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+
+    def copies(self) -> list:
+        return [copy.deepcopy(m) for m in self.replies]

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RUNS, cell_done, git_commit, git_dirty, loadavg  # noqa: E402
+from bench.common import RUNS, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg  # noqa: E402
 
 ALPHAS = (0.1, 0.01, 1.0)
 SEEDS = (42, 43, 44)
@@ -345,15 +345,8 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     from mosaic_flwr.strategies.mosaic import MosaicStrategy
     from server_app.app import finish_run, setup
 
-    captured: list = []  # round 1's replies as the clients sent them: every variant collects its own copy
-    recording = [False]
-
-    def capture(grid, node, incoming, reply):
-        if recording[0]:
-            captured.append(copy.deepcopy(reply))
-        return reply
-
-    grid = InProcessGrid(client_app, base_rc, num_clients, hook=capture)
+    round1 = ReplyRecorder()  # round 1's replies as the clients sent them: every variant collects its own copy
+    grid = InProcessGrid(client_app, base_rc, num_clients, hook=round1)
     t0, load0 = time.perf_counter(), loadavg()
     # Round 1 as every variant of the group needs it: prototypes included (a variant whose
     # meta model reads none ignores them).
@@ -367,9 +360,8 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     # The base keeps every client's model (no streaming into running sums) for the oracle;
     # each variant replays the captured replies through its own collection (its bank, its sums).
     base.streams = lambda server_round: False
-    recording[0] = True
-    items = base.train_round(1)
-    recording[0] = False
+    with round1.recording():
+        items = base.train_round(1)
     shared_seconds = time.perf_counter() - t0
     round1_metrics = dict(sc.train_metrics)  # every variant's round 1 (its client seconds included)
     state = copy.deepcopy(base.state_dict())
@@ -387,7 +379,7 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
         sv.results.restore(copy.deepcopy(rounds), copy.deepcopy(extra))
         set_rng_state(copy.deepcopy(rng))
         print(f"[converged]   {variant}: distillation after round 1, fine-tune rounds", flush=True)
-        replayed = strat.collect(1, [copy.deepcopy(m) for m in captured])
+        replayed = strat.collect(1, round1.copies())
         sv.train_metrics = dict(round1_metrics)
         strat.apply_round(1, replayed)
         strat.evaluate_round(1)
