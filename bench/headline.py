@@ -175,10 +175,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                          + f" | {why.splitlines()[0][:160]} |")
             continue
         units = [u for a in p.alphas for s in p.seeds for u in [unit_rounds(v, a, s)] if u is not None]
+        compute = f"{statistics.mean(units):.1f}" if units else "-"
         lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
-                     + f" | {statistics.mean(units):.1f} |" if units else
-                     f"| {LABELS.get(v, v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
-                     + " | - |")
+                     + f" | {compute} |")
     cen = [central[s]["final_accuracy"] for s in p.seeds if s in central]
     if p.central:
         lines.append("| central (same sample passes) | " + " | ".join(_mean_sd(cen) for _ in p.alphas) + " | - |")
