@@ -125,6 +125,55 @@ def test_fedftg_teacher_weights_each_class_by_the_clients_share_of_it():
     assert not torch.allclose(t[:, :3], plain[:, :3], atol=1e-3)
 
 
+@pytest.mark.parametrize("cls", [FedFTGStrategy, DFRDStrategy])
+def test_the_teacher_weights_a_generated_samples_whole_output_by_its_requested_class(cls):
+    """The authors' form (``teacher-weighting='sample'``, the default): sample ``b`` asked for
+    class ``y_b`` is ``sum_i share_i(y_b) * z_i[b]``; on real images (no requested class) and
+    with ``'class'`` the class-by-class form; the KD loop and the generator loss ask with labels."""
+    name = {FedFTGStrategy: "fedftg", DFRDStrategy: "dfrd"}[cls]
+    counts = torch.zeros(2, C, dtype=torch.long)
+    counts[0, 0], counts[0, 2] = 10, 4
+    counts[1, 1], counts[1, 2] = 10, 6
+    strategy = _strategy(cls)
+    clients = _clients(strategy, counts)
+    teacher = strategy.teacher_for(1, clients, {})
+    assert teacher.conditional
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 5])
+    with torch.no_grad():
+        t = teacher(x, y)
+        za, zb = (strategy.client_module(c.arch, c.state)(x) for c in clients)
+        column = teacher(x)
+    assert torch.equal(t[0], za[0]) and torch.equal(t[1], zb[1])           # the holder's whole vector
+    assert torch.allclose(t[2], 0.4 * za[2] + 0.6 * zb[2], atol=1e-6)
+    assert torch.allclose(t[3], 0.5 * (za[3] + zb[3]), atol=1e-6)           # nobody holds class 5
+    assert torch.allclose(t[torch.arange(4), y], column[torch.arange(4), y], atol=1e-6)   # same asked logit
+    assert not torch.allclose(t, column, atol=1e-3)
+    with pytest.raises(ValueError, match="requested labels"):
+        teacher(x, y[:2])
+    xg = x.clone().requires_grad_(True)
+    teacher(xg, y).sum().backward()                                         # a generator trains through it
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    # The KD loop gives the conditional teacher the requested labels.
+    from mosaic_flwr.mosaic.distill import distill_many
+    seen = []
+
+    def spy(xb, yb=None):
+        seen.append(yb)
+        return teacher(xb, yb)
+    spy.conditional = True
+    distill_many({"s": initial_model(strategy.cfg)}, spy, lambda step: (x, y), steps=2, lr=1e-3, a=0.8, b=1.0,
+                 T=1.0, student_bn="eval", device="cpu")
+    assert len(seen) == 2 and all(torch.equal(s, y) for s in seen)
+    # 'class': the class-by-class form even with labels.
+    plain = _strategy(cls, **{f"{name}.teacher-weighting": "class"}).teacher_for(1, clients, {})
+    assert not plain.conditional
+    with torch.no_grad():
+        assert torch.allclose(plain(x, y), column, atol=1e-6)
+    with pytest.raises(ConfigError, match="teacher-weighting"):
+        build_config({**SYNTH, "strategy": name, f"{name}.teacher-weighting": "samples"})
+
+
 def test_fedftg_draws_the_rounds_labels_in_proportion_and_keeps_its_generator():
     strategy = _strategy(FedFTGStrategy, **{"kd-steps": 6, "kd-batch-size": 10, "fedftg.gen-interval": 2,
                                             "fedftg.gen-steps": 2})

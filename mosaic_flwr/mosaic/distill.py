@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ensemble import call_teacher
+
 LN2 = math.log(2.0)
 STUDENT_BN_MODES = ("train", "eval")
 
@@ -172,7 +174,7 @@ def distill_many(
         batch = sample(step)
         x, y_requested = batch[0].to(device), batch[1]
         with torch.no_grad():
-            teacher_logits = teacher(x)
+            teacher_logits = call_teacher(teacher, x, y_requested)
         for name, run in runs.items():
             parts = run.step(step, x, y_requested, teacher_logits, a=a, b=b, T=T)
             done = step + 1

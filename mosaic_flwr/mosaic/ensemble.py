@@ -7,6 +7,13 @@ label-aware ensemble of FedFTG and DFRD (client i's weight for class c is its sh
 examples of class c, so a client never votes on a class it has not seen, unless nobody
 has). Unlike ``StackedExperts`` it is an ``nn.Module`` whose forward is differentiable in
 its input (the models' weights are frozen): a server-side generator trains through it.
+
+With ``per_sample=True`` (FedFTG's and DFRD's authors) a generated sample asked for class
+``y`` takes every client's whole logit vector weighted by that client's share of class
+``y``: ``t[b] = sum_i W[i, y_b] * z_i[b]`` (the two forms agree on the requested class's
+logit). Such a teacher is *conditional* (``conditional = True``): it is called as
+``teacher(x, y)`` wherever the requested labels are known (``call_teacher``); on real
+images, which have no requested class, it falls back to the class-by-class form.
 """
 
 from __future__ import annotations
@@ -45,12 +52,14 @@ def frozen(model: nn.Module) -> nn.Module:
 
 
 class ClientEnsemble(nn.Module):
-    """``forward(x) = sum_i W[i] * model_i(x)`` class by class (see the module docstring).
+    """``forward(x) = sum_i W[i] * model_i(x)`` class by class, or with ``per_sample`` and the
+    requested labels ``forward(x, y) = sum_i W[i, y] * model_i(x)`` sample by sample (see the
+    module docstring).
 
     ``models`` are frozen (eval mode, no weight gradients); ``forward`` is differentiable in
     ``x``; ``all_logits(x)`` gives every model's logits ``[N, B, C]``."""
 
-    def __init__(self, models: Sequence[nn.Module], weights: Tensor):
+    def __init__(self, models: Sequence[nn.Module], weights: Tensor, *, per_sample: bool = False):
         super().__init__()
         if len(models) == 0:
             raise ValueError("ClientEnsemble: no model")
@@ -58,6 +67,7 @@ class ClientEnsemble(nn.Module):
             raise ValueError(f"ClientEnsemble: {len(models)} models but {weights.shape[0]} weight rows")
         self.members = nn.ModuleList([frozen(m) for m in models])
         self.register_buffer("weights", weights.float())
+        self.conditional = bool(per_sample)
 
     def train(self, mode: bool = True) -> "ClientEnsemble":  # the members stay in eval mode
         super().train(mode)
@@ -68,5 +78,18 @@ class ClientEnsemble(nn.Module):
     def all_logits(self, x: Tensor) -> Tensor:
         return torch.stack([m(x) for m in self.members])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.conditional and y is not None:
+            if len(y) != len(x):
+                raise ValueError(f"ClientEnsemble: {len(x)} inputs but {len(y)} requested labels")
+            w = self.weights[:, y.to(self.weights.device)]  # [N, B]: each client's share of the asked class
+            return (self.all_logits(x) * w.unsqueeze(-1)).sum(0)
         return (self.all_logits(x) * self.weights.unsqueeze(1)).sum(0)
+
+
+def call_teacher(teacher, x: Tensor, y: Tensor | None = None) -> Tensor:
+    """``teacher(x)``, or ``teacher(x, y)`` for a conditional teacher (one whose output
+    depends on the class each input was generated for) when the labels ``y`` are known."""
+    if y is not None and getattr(teacher, "conditional", False):
+        return teacher(x, y)
+    return teacher(x)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.generators import sample as generator_sample
+from .ensemble import call_teacher
 from .experts import StackedExperts
 from .prototypes import nearest_prototype_labels
 
@@ -107,10 +108,12 @@ def meta_teacher(experts: StackedExperts, meta: nn.Module) -> Callable[[Tensor],
 
 
 @torch.no_grad()
-def teacher_logits(teacher: Callable[[Tensor], Tensor], x: Tensor, *, batch_size: int = 256,
-                   device: torch.device | str = "cpu") -> Tensor:
-    """A teacher's logits on a (test) tensor, batched, on the CPU."""
-    return torch.cat([teacher(x[i:i + batch_size].to(device)).float().cpu()
+def teacher_logits(teacher: Callable[[Tensor], Tensor], x: Tensor, *, labels: Tensor | None = None,
+                   batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
+    """A teacher's logits on a (test) tensor, batched, on the CPU; ``labels``: the classes
+    the inputs were generated for, given to a conditional teacher (``call_teacher``)."""
+    return torch.cat([call_teacher(teacher, x[i:i + batch_size].to(device),
+                                   None if labels is None else labels[i:i + batch_size].to(device)).float().cpu()
                       for i in range(0, len(x), batch_size)])
 
 

@@ -8,7 +8,9 @@ average (EMA) copy, both kept across rounds:
 
 - dynamic weighting: the teacher is the label-aware ensemble of the round's clients
   (``client_ensemble(..., 'label')``), recomputed every round from the clients that took
-  part (a client's vote on class c is its share of the round's class-c examples);
+  part (a generated sample asked for class y takes each client's whole output weighted by
+  its share of the round's class-y examples, ``teacher-weighting = 'sample'``; ``'class'``:
+  class column c by the shares of class c);
 - label sampling: requested labels drawn independently in proportion to the round's class
   counts (``server_generator.sampled_labels``);
 - generator loss: ``CE(teacher, y)`` (fidelity) ``+ tran-weight * L_tran``
@@ -33,7 +35,7 @@ import copy
 
 import torch
 
-from ..config import _below_one, _non_negative, _positive
+from ..config import _choice, _below_one, _non_negative, _positive
 from ..mosaic.server_generator import (BlockSampler, Tally, boundary_mask, check_batch, diversity_loss,
                                        ema_update, fidelity_loss, generate, generator_seed, generator_steps,
                                        load_generator, module_state, new_generator, sampled_labels,
@@ -59,12 +61,12 @@ class DFRDStrategy(DistillStrategy):
 
     def describe(self) -> str:
         s = self.cfg.of(NAME)
-        return (f"teacher: the label-aware client ensemble; source: a server generator ({s.gen_steps} step(s) "
+        return (f"teacher: the label-aware client ensemble ({s.teacher_weighting} weighting); source: a server generator ({s.gen_steps} step(s) "
                 f"every {s.gen_interval} KD steps: fidelity + {s.tran_weight:g} transferability + "
                 f"{s.div_weight:g} diversity) and its EMA copy (decay {s.ema_decay:g})")
 
     def teacher_for(self, server_round: int, clients: list, report: dict) -> Teacher:
-        return self.client_ensemble(clients, "label")
+        return self.client_ensemble(clients, "label", per_sample=self.cfg.of(NAME).teacher_weighting == "sample")
 
     def source_for(self, server_round: int, clients: list, teacher: Teacher, students: dict, report: dict
                    ) -> Source:
@@ -85,7 +87,7 @@ class DFRDStrategy(DistillStrategy):
             z = torch.randn(B, g.nz, generator=rng).to(dev)
 
             def loss(x):
-                t = teacher(x)
+                t = teacher(x, y)
                 outs = [net(x) for net in nets]
                 parts = {"fidelity": fidelity_loss(t, y),
                          "transfer": sum(transferability_loss(t, o, y, cfg.kd_temperature) for o in outs) / len(outs),
@@ -122,6 +124,6 @@ DFRD = Method(
     "round on a conditional generator (fidelity, transferability, diversity) and its EMA copy "
     "(Luo et al., 2023; dfrd.*)",
     distils=True,
-    settings={"gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
+    settings={"teacher-weighting": (str, _choice("sample", "class")), "gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
               "tran-weight": (float, _non_negative), "div-weight": (float, _non_negative),
               "ema-decay": (float, _below_one)})

@@ -292,10 +292,13 @@ class DistillStrategy(BankStrategy):
         model.load_state_dict(state)
         return model.to(self.sc.device)
 
-    def client_ensemble(self, clients: list, weighting: str = "uniform") -> ClientEnsemble:
+    def client_ensemble(self, clients: list, weighting: str = "uniform", *, per_sample: bool = False
+                        ) -> ClientEnsemble:
         """The clients' models as one teacher: their plain average (``uniform``: FedDF, DENSE)
-        or the label-aware ensemble (``label``: each client weighted per class by its share of
-        the class's examples, FedFTG and DFRD); differentiable in its input."""
+        or the label-aware ensemble (``label``: each client weighted by its share of the
+        class's examples, FedFTG and DFRD: class by class, or with ``per_sample`` each sample's
+        whole output by the shares of the class it was generated for); differentiable in its
+        input."""
         C = self.info.num_classes
         if weighting == "label":
             counts = torch.stack([c.label_counts if c.label_counts is not None else torch.ones(C)
@@ -306,7 +309,7 @@ class DistillStrategy(BankStrategy):
         else:
             raise ValueError(f"client_ensemble: unknown weighting {weighting!r}")
         models = [self.client_module(c.arch, c.state) for c in clients]
-        return ClientEnsemble(models, weights).to(self.sc.device)
+        return ClientEnsemble(models, weights, per_sample=per_sample).to(self.sc.device)
 
     def class_counts(self, clients: list) -> Tensor:
         """``[C]``: the round's clients' label counts summed (ones where undeclared)."""
@@ -397,7 +400,8 @@ class DistillStrategy(BankStrategy):
         if source.check is not None:  # held-out labelled synthetic samples: what a server may measure
             check_x, check_y = source.check
             for name, fn in judges.items():
-                report[f"gen-{name}"] = logits_metrics(teacher_logits(fn, check_x, device=dev), check_y)["accuracy"]
+                report[f"gen-{name}"] = logits_metrics(teacher_logits(fn, check_x, labels=check_y, device=dev),
+                                                        check_y)["accuracy"]
         if sc.val_x is not None:  # the figures a benchmark may choose settings on
             report["val-before-distill"] = val_before
             for name, fn in judges.items():

@@ -6,7 +6,9 @@ server fine-tunes the global model(s) on hard samples of a conditional generator
 itself, which persists across rounds (as in the authors' code):
 
 - teacher: the round's client models as the label-aware ensemble (``client_ensemble(...,
-  'label')``: a client's vote on class c is its share of the round's class-c examples);
+  'label')``): as the authors, a generated sample asked for class y takes each client's
+  whole output weighted by its share of the round's class-y examples (``teacher-weighting
+  = 'sample'``; ``'class'``: class column c by the shares of class c);
 - labels: the round's class counts in exact proportion, shuffled
   (``server_generator.proportional_labels``: the authors' ``generate_labels``), drawn once
   for the round;
@@ -28,7 +30,7 @@ import math
 
 import torch
 
-from ..config import _non_negative, _positive
+from ..config import _choice, _non_negative, _positive
 from ..mosaic.server_generator import (BlockSampler, Tally, check_batch, diversity_loss, fidelity_loss,
                                        generate, generator_seed, generator_steps, hardness_loss,
                                        load_generator, module_state, new_generator, proportional_labels)
@@ -51,12 +53,12 @@ class FedFTGStrategy(DistillStrategy):
 
     def describe(self) -> str:
         s = self.cfg.of(NAME)
-        return (f"teacher: the label-aware client ensemble; source: a server generator, {s.gen_steps} "
+        return (f"teacher: the label-aware client ensemble ({s.teacher_weighting} weighting); source: a server generator, {s.gen_steps} "
                 f"step(s) every {s.gen_interval} KD steps (fidelity + {s.hard_weight:g} hardness + "
                 f"{s.div_weight:g} diversity)")
 
     def teacher_for(self, server_round: int, clients: list, report: dict) -> Teacher:
-        return self.client_ensemble(clients, "label")
+        return self.client_ensemble(clients, "label", per_sample=self.cfg.of(NAME).teacher_weighting == "sample")
 
     def source_for(self, server_round: int, clients: list, teacher: Teacher, students: dict, report: dict
                    ) -> Source:
@@ -76,7 +78,7 @@ class FedFTGStrategy(DistillStrategy):
             z = torch.randn(len(y), g.nz, generator=rng).to(dev)
 
             def loss(x):
-                t = teacher(x)
+                t = teacher(x, y)
                 parts = {"fidelity": fidelity_loss(t, y),
                          "hardness": sum(hardness_loss(t, net(x)) for net in nets) / len(nets),
                          "diversity": diversity_loss(z, x, "l1")}
@@ -104,5 +106,5 @@ FEDFTG = Method(
     "FedAvg whose server fine-tunes the global model after every round on hard samples of a "
     "conditional generator it trains against the label-aware client ensemble (Zhang et al., 2022; fedftg.*)",
     distils=True,
-    settings={"gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
+    settings={"teacher-weighting": (str, _choice("sample", "class")), "gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
               "hard-weight": (float, _non_negative), "div-weight": (float, _non_negative)})
