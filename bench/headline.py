@@ -211,7 +211,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
               "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
               "kept it after the look-ahead's fine-tune rounds), and the clients' "
               "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-              "last distillation round.", "",
+              "last distillation round. FedFTG's and DFRD's teacher weights each generated sample by the class "
+              "it was asked for: on real images it is scored class by class, and (asked) with each image's own "
+              "class as the asked one.", "",
               "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
               "|---|" + "---|" * len(p.alphas)]
     for v in p.variants:
@@ -225,7 +227,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
             any_ = True
             fid = [r["gen-fidelity-mean"] for r in reps if "gen-fidelity-mean" in r]
             row.append(f"{100 * statistics.mean(r['val-before-distill'] for r in reps):.1f} / "
-                       f"{100 * statistics.mean(r['val-teacher'] for r in reps):.1f} / "
+                       f"{100 * statistics.mean(r['val-teacher'] for r in reps):.1f}"
+                       + (f" (asked {100 * statistics.mean(r['val-teacher-asked'] for r in asked):.1f})"
+                          if (asked := [r for r in reps if "val-teacher-asked" in r]) else "") + " / "
                        f"{int(sum(r.get('gate-kept', 1.0) for r in reps))} of {len(reps)}"
                        + (f", {int(sum(r['gate-final-kept'] for r in look))} after the look-ahead"
                           if (look := [r for r in reps if "gate-final-kept" in r]) else "")

@@ -326,8 +326,8 @@ def test_runs_in_process_distilling_after_every_round_from_warmup(tmp_path, stra
     assert [r.get("phase") for r in rows] == [None, "warmup", "distill", "distill"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     for r in rows[2:]:
-        assert {"acc-teacher", "gen-student", "gen-teacher", "gen-after-distill", "gen-train-fidelity",
-                "gate-kept", "kd-final-loss"} <= set(r)
+        assert {"acc-teacher", "acc-teacher-asked", "gen-student", "gen-teacher", "gen-after-distill",
+                "gen-train-fidelity", "gate-kept", "kd-final-loss"} <= set(r)
     types = {m.metadata.message_type for m in out["grid"].sent}
     assert types == {"query", "train"} | ({"evaluate"} if gate == "clients" else set())   # clients: FedAvg's work
     summary = json.loads((out["dir"] / "summary.json").read_text())

@@ -391,6 +391,12 @@ class DistillStrategy(BankStrategy):
         teacher = self.teacher_for(server_round, clients, report)
         if "acc-teacher" not in report:
             report["acc-teacher"] = self._accuracy(teacher_logits(teacher, sc.test_x, device=dev))
+        if getattr(teacher, "conditional", False):
+            # A conditional teacher (FedFTG's, DFRD's) is only defined for samples made for a
+            # class: the real images' own class as the asked one shows what it tells the
+            # student about a sample that looks like the class it was generated for.
+            report["acc-teacher-asked"] = self._accuracy(
+                teacher_logits(teacher, sc.test_x, labels=sc.test_y, device=dev))
         students = {}
         for f in families:
             students[f] = self.module(Arch(f))
@@ -407,6 +413,9 @@ class DistillStrategy(BankStrategy):
             for name, fn in judges.items():
                 if name != "student":
                     report[f"val-{name}"] = self._val_accuracy(fn)
+            if getattr(teacher, "conditional", False):
+                report["val-teacher-asked"] = logits_metrics(teacher_logits(
+                    teacher, sc.val_x, labels=sc.val_y, device=dev), sc.val_y)["accuracy"]
         # One teacher pass per batch, shared by every family's student, one batch at a time.
         kd = distill_many(students, teacher, source.sample, steps=cfg.kd_steps, lr=cfg.kd_lr, a=cfg.kd_a,
                           b=cfg.kd_b, T=cfg.kd_temperature, student_bn=cfg.kd_student_bn, device=dev,
