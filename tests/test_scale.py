@@ -195,6 +195,10 @@ def test_partial_participation_collects_each_client_once_and_arrival_order_does_
     dist = summary["distillation"]
     assert dist["generators-uploaded"] == len(set(everyone)) >= 3
     assert dist["generators-kept"] <= C * 1
+    # Every uploader's privacy audit is in privacy.json, whichever collection round it uploaded in.
+    audited = json.loads((a["dir"] / "privacy.json").read_text())["clients"]
+    assert len(audited) == len(set(everyone))
+    assert {e["round"] for e in audited} == {1, 2, 3}
     for other in (b, c):
         sa, so = _final_state(a["dir"]), _final_state(other["dir"])
         assert all(torch.equal(sa[f][k], so[f][k]) for f in sa for k in sa[f])
@@ -211,6 +215,10 @@ def test_collection_rounds_resume_exactly(tmp_path):
     assert state["round"] == 2 and state["strategy"]["uploaded"] and state["strategy"]["collected"]
     run_inprocess(tmp_path / "b", num_nodes=6, grid_options={"first_node_id": 700}, resume=str(run_dir), **SCALE)
     assert _scores(_rows(run_dir)) == _scores(_rows(full))
+
+    def audited(d):
+        return sorted((e["round"], e["partition-id"]) for e in json.loads((d / "privacy.json").read_text())["clients"])
+    assert audited(run_dir) == audited(full) and {r for r, _ in audited(full)} == {1, 2, 3}  # kept in the checkpoint
     sa, sb = _final_state(full), _final_state(run_dir)
     assert all(torch.equal(sa[f][k], sb[f][k]) for f in sa for k in sa[f])
 

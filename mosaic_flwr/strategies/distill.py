@@ -175,10 +175,16 @@ class DistillStrategy(BankStrategy):
         if phase == "distill":
             if c.distill_local_steps:  # the experts' last local training: longer, so they specialise
                 values["local-steps"] = c.distill_local_steps
-            values.update({"proto-k": self.proto_k(), "privacy-audit": bool(c.privacy_audit), "gen-steps": c.gen_steps,
-                           "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
-                           "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight})
+            values.update(self.upload_values())
         return "train.mosaic", values
+
+    def upload_values(self) -> dict:
+        """What a client uploading its generator and prototypes is told: their settings and
+        whether to audit them (``privacy-audit``)."""
+        c = self.cfg
+        return {"proto-k": self.proto_k(), "privacy-audit": bool(c.privacy_audit), "gen-steps": c.gen_steps,
+                "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
+                "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight}
 
     def decode(self, server_round: int, msg: Message, arch: Arch) -> tuple[object, str | None]:
         """Fine-tune rounds: a baseline payload. Warm-up and distillation rounds: a
@@ -475,17 +481,15 @@ class DistillStrategy(BankStrategy):
         its audit is marked rejected), with what their exact label counts disclose:
         ``privacy.json`` (thresholds, summary, one entry per client), ``privacy.png``, a log line
         and ``summary.json``'s ``privacy``. Replies without audit figures (audit off, an older
-        client, another method) are left out; nothing is written when none has any."""
-        entries = []
+        client, another method) are left out; nothing is written when none has any.
+        ``earlier_audits`` adds the entries of uploads in earlier rounds (Mosaic's collection
+        rounds)."""
+        entries = list(self.earlier_audits())
         for c in clients:
             r = c.reply
-            if r is None or not any(k.startswith("privacy-") for k in r.metrics):
-                continue
-            figures, problem = validate_figures(r.metrics, self.info.num_classes)
-            pid = self.sc.partition_of(r.node_id)
-            if problem:
-                log(WARNING, "[privacy] client %s: audit figures rejected: %s", pid, problem)
-            entries.append(client_entry(pid, r.label_counts, figures, r.metrics.get(CLIENT_SECONDS), problem))
+            entry = None if r is None else self.audit_entry(server_round, r)
+            if entry is not None:
+                entries.append(entry)
         if not entries:
             return
         entries.sort(key=lambda e: e["partition-id"])
@@ -494,9 +498,24 @@ class DistillStrategy(BankStrategy):
         write_json(out / "privacy.json", {"round": server_round, "thresholds": THRESHOLDS, "summary": summary,
                                           "clients": entries})
         plot_privacy(entries, out / "privacy.png", f"{self.cfg.strategy}, {self.cfg.dataset}, alpha "
-                     f"{self.cfg.alpha:g}: uploads at round {server_round}")
+                     f"{self.cfg.alpha:g}: uploads up to round {server_round}")
         log(INFO, "[privacy] %s", summary_line(server_round, summary))
         self.privacy_report = summary
+
+    def audit_entry(self, server_round: int, r: MosaicReply) -> dict | None:
+        """An uploader's privacy.json entry from its reply's ``privacy-*`` figures (validated;
+        None without any), with the round of the upload."""
+        if not any(k.startswith("privacy-") for k in r.metrics):
+            return None
+        figures, problem = validate_figures(r.metrics, self.info.num_classes)
+        pid = self.sc.partition_of(r.node_id)
+        if problem:
+            log(WARNING, "[privacy] client %s: audit figures rejected: %s", pid, problem)
+        return {**client_entry(pid, r.label_counts, figures, r.metrics.get(CLIENT_SECONDS), problem),
+                "round": server_round}
+
+    def earlier_audits(self) -> list[dict]:
+        return []
 
     def distils_family(self, family: str) -> bool:
         """Whether family ``family``'s global model is a student (Mosaic: families sampled in

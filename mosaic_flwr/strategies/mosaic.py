@@ -83,6 +83,7 @@ class _Stage:
     protos: list[dict] = field(default_factory=list)
     uploaded: set[int] = field(default_factory=set)
     metrics: dict[str, list] = field(default_factory=dict)
+    audits: list[dict] = field(default_factory=list)
 
 
 class MosaicStrategy(DistillStrategy):
@@ -106,6 +107,7 @@ class MosaicStrategy(DistillStrategy):
         self.protos: list[dict] = []       # {"partition-id", "node", "features", "labels"}
         self.uploaded: set[int] = set()    # partition ids whose generator the server received
         self.gen_metrics: dict[str, list] = {}   # "gen-seconds", "dp-epsilon", ... -> [[partition id, value], ...]
+        self.audits: list[dict] = []       # privacy.json entries of the uploads before the distillation round
         self.collected: dict[str, ClassSums] = {}          # family -> class sums of the window
         self.warm_experts: dict[str, list[StateDict]] = {}  # the experts before the window
         self._stage: _Stage | None = None
@@ -144,10 +146,7 @@ class MosaicStrategy(DistillStrategy):
     def round_config(self, server_round: int, config) -> tuple[str, dict]:
         message_type, values = super().round_config(server_round, config)
         if self.collecting(server_round) and self.phase(server_round) != "distill":
-            c = self.cfg
-            values.update({"distill": True, "proto-k": self.proto_k(), "gen-steps": c.gen_steps,
-                           "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
-                           "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight})
+            values.update({"distill": True, **self.upload_values()})
         return message_type, values
 
     def messages_for(self, server_round: int, node_ids: list[int], config=None) -> list[Message]:
@@ -194,6 +193,10 @@ class MosaicStrategy(DistillStrategy):
                 for key, value in r.metrics.items():  # generator statistics, privacy spent
                     if key in ("gen-seconds", "gen-fidelity") or key.startswith("dp-"):
                         st.metrics.setdefault(key, []).append([pid, float(value)])
+                if self.phase(server_round) != "distill":  # (the distillation round's: the core's audit)
+                    entry = self.audit_entry(server_round, r)
+                    if entry is not None:
+                        st.audits.append(entry)
                 r.generator = None
         return super().absorb(server_round, arch, payload)
 
@@ -217,6 +220,7 @@ class MosaicStrategy(DistillStrategy):
             self.uploaded |= st.uploaded
             for key, rows in st.metrics.items():
                 self.gen_metrics.setdefault(key, []).extend(rows)
+            self.audits += st.audits
         collecting = self.collecting(server_round)
         if collecting and server_round == self.collect_from():
             self.warm_experts, self.collected = dict(self.experts), {}
@@ -248,6 +252,9 @@ class MosaicStrategy(DistillStrategy):
             for c in clients:
                 c.state = {}
                 c.reply.state = {}
+
+    def earlier_audits(self) -> list[dict]:
+        return self.audits
 
     def run_distillation(self, server_round: int, clients: list) -> None:
         try:
@@ -486,7 +493,7 @@ class MosaicStrategy(DistillStrategy):
         formed with), until the distillation round."""
         return {**super().state_dict(), "experts": self.experts, "family-counts": self.family_counts,
                 "bank": self.bank.state_dict(), "protos": self.protos, "uploaded": sorted(self.uploaded),
-                "gen-metrics": self.gen_metrics, "warm-experts": self.warm_experts,
+                "gen-metrics": self.gen_metrics, "audits": self.audits, "warm-experts": self.warm_experts,
                 "collected": {f: s.state_dict() for f, s in self.collected.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -497,6 +504,7 @@ class MosaicStrategy(DistillStrategy):
         self.protos = list(state.get("protos", []))
         self.uploaded = set(state.get("uploaded", []))
         self.gen_metrics = {k: list(v) for k, v in state.get("gen-metrics", {}).items()}
+        self.audits = list(state.get("audits", []))
         self.warm_experts = dict(state.get("warm-experts", {}))
         self.collected = {f: ClassSums.from_state(s) for f, s in state.get("collected", {}).items()}
 
