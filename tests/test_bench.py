@@ -164,3 +164,25 @@ def test_converged_report_counts_each_clients_steps():
                          "rows": rows[:2] + [{"round": 2}, {"round": 3}]}) == (300, 200)
     assert client_steps({"config": {**base, "strategy": "mosaic"}, "rows": rows[:1]}) is None  # incomplete log
     assert paired_interval([0.01, 0.03], scale=100, digits=1) == "+2.0 [-10.7, +14.7] (+1.0, +3.0)"
+
+
+def test_scaling_curve_finds_the_first_round_at_the_target_and_the_work_to_it(tmp_path, monkeypatch):
+    import bench.common
+    from bench.scaling_curve import curve_table, main
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    rows = [{"round": 0, "accuracy": 0.1}, {"round": 1, "accuracy": 0.5, "client-seconds": 2.0},
+            {"round": 2, "accuracy": 0.7, "client-seconds": 3.0}, {"round": 3, "accuracy": 0.65, "client-seconds": 4.0}]
+    lines, data = curve_table(rows, 0.6)
+    assert data["first_round_at_target"] == 2 and data["client_seconds_to_target"] == 5.0
+    assert data["curve"][-1] == [3, 0.65] and any("first at or above" in line for line in lines)
+    assert curve_table(rows, 0.9)[1]["first_round_at_target"] is None
+    # A tiny in-process run, then a second call goes on from its checkpoint to more rounds.
+    rc = "dataset='synthetic' local-steps=2 fraction-train=0.5"
+    assert main(["--clients", "4", "--rounds", "2", "--run-config", rc, "--runs-dir", str(tmp_path),
+                 "--name", "curve-test"]) == 0
+    assert main(["--clients", "4", "--rounds", "3", "--run-config", rc, "--runs-dir", str(tmp_path),
+                 "--name", "curve-test", "--target", "0.0"]) == 0
+    saved = json.loads((tmp_path / "curve-test" / "run" / "metrics.json").read_text())
+    assert [r["round"] for r in saved] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "results" / "curve-test.json").read_text())["first_round_at_target"] == 0
+    assert main(["--run-config", "alpha=-1", "--runs-dir", str(tmp_path), "--name", "bad"]) == 2
