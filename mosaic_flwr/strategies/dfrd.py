@@ -61,7 +61,8 @@ class DFRDStrategy(DistillStrategy):
 
     def describe(self) -> str:
         s = self.cfg.of(NAME)
-        return (f"teacher: the label-aware client ensemble ({s.teacher_weighting} weighting); source: a server generator ({s.gen_steps} step(s) "
+        return (f"teacher: the label-aware client ensemble ({s.teacher_weighting} weighting); "
+                f"source: a server generator ({s.gen_steps} step(s) "
                 f"every {s.gen_interval} KD steps: fidelity + {s.tran_weight:g} transferability + "
                 f"{s.div_weight:g} diversity) and its EMA copy (decay {s.ema_decay:g})")
 
@@ -124,6 +125,7 @@ DFRD = Method(
     "round on a conditional generator (fidelity, transferability, diversity) and its EMA copy "
     "(Luo et al., 2023; dfrd.*)",
     distils=True,
-    settings={"teacher-weighting": (str, _choice("sample", "class")), "gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
+    settings={"teacher-weighting": (str, _choice("sample", "class")),
+              "gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
               "tran-weight": (float, _non_negative), "div-weight": (float, _non_negative),
               "ema-decay": (float, _below_one)})

@@ -53,7 +53,8 @@ class FedFTGStrategy(DistillStrategy):
 
     def describe(self) -> str:
         s = self.cfg.of(NAME)
-        return (f"teacher: the label-aware client ensemble ({s.teacher_weighting} weighting); source: a server generator, {s.gen_steps} "
+        return (f"teacher: the label-aware client ensemble ({s.teacher_weighting} weighting); "
+                f"source: a server generator, {s.gen_steps} "
                 f"step(s) every {s.gen_interval} KD steps (fidelity + {s.hard_weight:g} hardness + "
                 f"{s.div_weight:g} diversity)")
 
@@ -106,5 +107,6 @@ FEDFTG = Method(
     "FedAvg whose server fine-tunes the global model after every round on hard samples of a "
     "conditional generator it trains against the label-aware client ensemble (Zhang et al., 2022; fedftg.*)",
     distils=True,
-    settings={"teacher-weighting": (str, _choice("sample", "class")), "gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
+    settings={"teacher-weighting": (str, _choice("sample", "class")),
+              "gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
               "hard-weight": (float, _non_negative), "div-weight": (float, _non_negative)})
