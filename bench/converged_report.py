@@ -53,6 +53,13 @@ def _last_val(rows: list[dict]) -> float | None:
     return rows[-1].get("val-accuracy") if rows else None
 
 
+def _rows(run: Path) -> list[dict]:
+    """A run's per-round metrics; [] for a run recorded by its summary alone (one restored from
+    an earlier table, ``restored`` in its summary.json)."""
+    f = run / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else []
+
+
 def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
     from bench.converged import pretrain_name, variant_name
 
@@ -63,16 +70,18 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
             data["central"][s] = c
         for a in alphas:
             p = runs_dir / pretrain_name(a, s)
-            if _load(p):
-                rows = json.loads((p / "metrics.json").read_text())
+            if (pre := _load(p)):
+                rows = _rows(p)
                 if not data["assign"] and (p / "assignment.csv").is_file():
                     data["assign"] = (p / "assignment.csv").read_text().strip().splitlines()[1:]
-                data["pre"][(a, s)] = {"test": rows[-1]["accuracy"], "val": _last_val(rows),
-                                       "best": max(r["accuracy"] for r in rows)}
+                data["pre"][(a, s)] = ({"test": rows[-1]["accuracy"], "val": _last_val(rows),
+                                        "best": max(r["accuracy"] for r in rows)} if rows else
+                                       {"test": pre["final_accuracy"], "val": pre.get("final_val_accuracy"),
+                                        "best": pre["best_accuracy"]})
             for v in variants:
                 r = _load(runs_dir / variant_name(v, a, s))
                 if r:
-                    r["rows"] = json.loads((runs_dir / variant_name(v, a, s) / "metrics.json").read_text())
+                    r["rows"] = _rows(runs_dir / variant_name(v, a, s))
                     data["runs"][(v, a, s)] = r
     return data
 
@@ -84,7 +93,8 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
     runs, pre, central = d["runs"], d["pre"], d["central"]
     cfgs = [r["config"] for r in runs.values() if r["config"].get("strategy") == "mosaic"]
     gen = f"{cfgs[0]['gen-steps']} steps of batch {cfgs[0]['gen-batch-size']}" if cfgs else "see config.json"
-    p = next((json.loads((runs_dir / pretrain_name(a, s) / "config.json").read_text()) for (a, s) in pre), {})
+    p = next((json.loads(f.read_text()) for (a, s) in pre
+              if (f := runs_dir / pretrain_name(a, s) / "config.json").is_file()), {})
     c = cfgs[0] if cfgs else next((r["config"] for r in runs.values()), {})
     models = p.get("client-models") or p.get("model", "?")
     R, P = c.get("num-server-rounds", 3), p.get("num-server-rounds", "?")

@@ -13,6 +13,15 @@ checkpoint):
     .venv/bin/python bench/grid.py headline --table-only             # tables and plots of what is done
     .venv/bin/python bench/grid.py headline --plan                   # the cells and their measured cost
 
+What is finished travels with the repository: every finished run's small files (summary,
+config, per-round metrics, bench notes, refusals) are copied into ``bench/results/headline-runs/
+headline-<part>/`` as soon as its cell's stage ends (commit them), and copied back into the runs root
+before the grid runs, so a new machine or a clean clone goes on where the last one stopped.
+Checkpoints stay in the runs root; a pre-training whose checkpoint is gone is run again when its
+cell still has runs to do, and must reproduce the recorded accuracy exactly (same code, one
+thread), else the cell stops with the two figures: its finished runs started from the recorded
+model, a different one would not be a fair start for the rest.
+
 Each cell (data set, alpha, seed) is ``bench/converged.py``'s two-stage protocol: FedAvg to its
 plateau (``init-from``), then every method of ``HEADLINE`` for the same further rounds with
 the same learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and the clients'
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -95,6 +105,97 @@ def runs_dir(part: str, root: Path) -> Path:
     return root / f"headline-{part}"
 
 
+# ---------------------------------------------------------------- the committed ledger
+
+LEDGER = "headline-runs"  # under bench/results/: headline-runs/headline-<part>/<run>/, as in the runs root
+LEDGER_FILES = ("summary.json", "config.json", "metrics.json", "bench.json", "refused.json", "assignment.csv")
+
+
+def finished(run: Path) -> bool:
+    return (run / "summary.json").is_file() or (run / "refused.json").is_file()
+
+
+def archive(src: Path, dst: Path) -> list[str]:
+    """Copy every finished run of ``src`` (a part's runs directory) into ``dst`` (its ledger):
+    the ``LEDGER_FILES`` it has, and the cell-level diagnostics (``oracle-*.json``). A run the
+    ledger already holds is left as it is (runs are never rerun). The run names copied."""
+    copied = []
+    if not src.is_dir():
+        return copied
+    for f in sorted(src.glob("oracle-*.json")):
+        if not (dst / f.name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / f.name)
+    for run in sorted(p for p in src.iterdir() if p.is_dir() and finished(p)):
+        if run.name.startswith("round1-") or finished(dst / run.name):
+            continue
+        (dst / run.name).mkdir(parents=True, exist_ok=True)
+        for name in LEDGER_FILES:  # summary.json last: a run is in the ledger once it is complete there
+            if name != "summary.json" and (run / name).is_file():
+                shutil.copy2(run / name, dst / run.name / name)
+        if (run / "summary.json").is_file():
+            shutil.copy2(run / "summary.json", dst / run.name / "summary.json")
+        copied.append(run.name)
+    return copied
+
+
+def restore(src: Path, dst: Path) -> list[str]:
+    """Copy the ledger's finished runs (``src``) that ``dst`` (the runs directory) lacks into
+    it, so the grid skips them. The run names copied."""
+    copied = []
+    if not src.is_dir():
+        return copied
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("oracle-*.json")):
+        if not (dst / f.name).is_file():
+            shutil.copy2(f, dst / f.name)
+    for run in sorted(p for p in src.iterdir() if p.is_dir() and finished(p)):
+        if finished(dst / run.name):
+            continue
+        if (dst / run.name).is_dir():
+            shutil.rmtree(dst / run.name)  # an interrupted attempt: the ledger's finished run replaces it
+        shutil.copytree(run, dst / run.name)
+        copied.append(run.name)
+    return copied
+
+
+def pending(part: Part, out: Path, alpha: float, seed: int) -> list[str]:
+    """The variants of cell (alpha, seed) not yet finished (nor refused) in ``out``."""
+    from bench.converged import variant_name
+
+    return [v for v in part.variants if not finished(out / variant_name(v, alpha, seed))]
+
+
+class NotReproduced(RuntimeError):
+    """A rerun pre-training did not reproduce the ledger's model."""
+
+
+def ensure_start(part: Part, out: Path, alpha: float, seed: int, rerun) -> None:
+    """Before a cell's continuation: if its pre-training is recorded (restored from the ledger)
+    but its checkpoint is gone and runs remain, run it again (``rerun()``) and check that the
+    new run ends at the recorded accuracies, test and validation, to the last digit."""
+    from bench.converged import pretrain_name
+
+    pre = out / pretrain_name(alpha, seed)
+    if not (pre / "summary.json").is_file() or (pre / "checkpoint.pt").is_file() or not pending(part, out, alpha, seed):
+        return
+    recorded = json.loads((pre / "summary.json").read_text())
+    print(f"[headline] {pre.name}: recorded (ledger) without its checkpoint; pre-training again to reproduce "
+          f"it (recorded final accuracy {recorded['final_accuracy']:.4f})", flush=True)
+    shutil.rmtree(pre)
+    rerun()
+    got = json.loads((pre / "summary.json").read_text())
+    keys = ("final_accuracy", "final_val_accuracy")
+    diff = {k: (recorded.get(k), got.get(k)) for k in keys if recorded.get(k) != got.get(k)}
+    if diff:
+        raise NotReproduced(f"{pre.name}: the rerun pre-training ended elsewhere than the recorded one "
+                            f"({'; '.join(f'{k}: recorded {a}, now {b}' for k, (a, b) in diff.items())}); the "
+                            "cell's finished runs started from the recorded model, so its remaining runs are "
+                            "not run from another (a different machine, thread count or library version "
+                            "changes the arithmetic). Rerun the whole cell: move its runs out of the ledger.")
+    print(f"[headline] {pre.name}: reproduced exactly (final accuracy {got['final_accuracy']:.4f})", flush=True)
+
+
 def converged_args(part: Part, out: Path, stage: str, alpha: float | None, seed: int) -> list[str]:
     args = ["--stage", stage, "--runs-dir", str(out), "--name", f"headline-{out.name.removeprefix('headline-')}-detail",
             "--seeds", str(seed), "--pretrain-rounds", str(part.pretrain_rounds), "--set", *ONE_THREAD,
@@ -120,8 +221,16 @@ def cells(parts: list[str]) -> list[tuple[str, str, float | None, int]]:
     return out
 
 
-def run(parts: list[str], root: Path, shard: tuple[int, int]) -> None:
+def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None) -> None:
+    """Run this shard's cells under ``root``; with ``ledger``, first take the finished runs
+    from it and copy each stage's finished runs into it as soon as the stage ends."""
     from bench import converged
+
+    for name in parts if ledger is not None else ():
+        got = restore(runs_dir(name, ledger), runs_dir(name, root))
+        if got:
+            print(f"[headline] {name}: {len(got)} finished runs taken from the ledger {runs_dir(name, ledger)}",
+                  flush=True)
 
     # A cell's continuation needs its pre-training: a shard owns both (one (part, alpha, seed)).
     units: list[list] = []
@@ -137,8 +246,20 @@ def run(parts: list[str], root: Path, shard: tuple[int, int]) -> None:
         for name, stage, alpha, seed in unit:
             out = runs_dir(name, root)
             out.mkdir(parents=True, exist_ok=True)
+            args = [converged_args(PARTS[name], out, s, alpha, seed) + ["--no-table"] for s in ("pretrain", stage)]
+            if stage == "continue":
+                try:
+                    ensure_start(PARTS[name], out, alpha, seed, lambda: converged.main(args[0]))
+                except NotReproduced as exc:
+                    print(f"[headline] {name}: cell alpha={alpha:g} seed={seed} left: {exc}", flush=True)
+                    continue
             print(f"[headline] {name}: {stage} alpha={alpha if alpha is not None else '-'} seed={seed}", flush=True)
-            converged.main(converged_args(PARTS[name], out, stage, alpha, seed) + ["--no-table"])
+            converged.main(args[1])
+            if ledger is not None:
+                got = archive(out, runs_dir(name, ledger))
+                if got:
+                    print(f"[headline] {name}: into the ledger {runs_dir(name, ledger)}: {', '.join(got)} "
+                          "(commit them)", flush=True)
 
 
 # ---------------------------------------------------------------- report
@@ -172,7 +293,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 
     def unit_rounds(v: str, a: float, s: int) -> float | None:
         r = runs.get((v, a, s))
-        return client_units(r["rows"]) if r else None
+        if not r:
+            return None
+        return client_units(r["rows"]) if r["rows"] else r.get("client_units")  # restored runs: as recorded
 
     lines = [f"## {p.title}", ""]
     if p.cut:
@@ -351,19 +474,24 @@ def plan(parts: list[str], root: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    ap.add_argument("--runs-root", default=str(RUNS), help="run directories go to RUNS_ROOT/headline-<part>")
+    ap.add_argument("--runs-root", default=str(RUNS),
+                    help="run directories (checkpoints included) go to RUNS_ROOT/headline-<part>")
     ap.add_argument("--shard", default="0/1", help="K/N: every N-th (part, alpha, seed) starting at K")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--plan", action="store_true", help="print the cells and the cost of the finished ones")
+    ap.add_argument("--ledger", default=None,
+                    help=f"where finished runs are recorded and the tables read from (default bench/results/{LEDGER}, "
+                         "committed with the repository)")
     args = ap.parse_args(argv)
     root = Path(args.runs_root).resolve()
+    ledger = Path(args.ledger).resolve() if args.ledger else RESULTS / LEDGER
     if args.plan:
-        print(plan(args.parts, root))
+        print(plan(args.parts, ledger))
         return 0
     if not args.table_only:
         k, n = (int(x) for x in args.shard.split("/"))
-        run(args.parts, root, (k, n))
-    print(report(args.parts, root))
+        run(args.parts, root, (k, n), ledger)
+    print(report(args.parts, ledger))
     return 0
 
 

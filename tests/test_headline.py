@@ -97,3 +97,67 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
     headline.run(["tiny"], tmp_path, (0, 1))
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
+    # the ledger (bench/results/headline-runs) holds every finished run, without checkpoints, and
+    # the table was read from it; a new machine with an empty runs root runs nothing again
+    ledger = results / headline.LEDGER / "headline-tiny"
+    assert {p.name for p in ledger.iterdir() if p.is_dir()} == {p.name for p in out.iterdir()
+                                                                if p.is_dir() and headline.finished(p)}
+    assert not list(ledger.rglob("*.pt"))
+    fresh = tmp_path / "fresh"
+    headline.run(["tiny"], fresh, (0, 1), results / headline.LEDGER)
+    assert {p.parent.name for p in (fresh / "headline-tiny").glob("*/summary.json")} == {
+        p.parent.name for p in ledger.glob("*/summary.json")}
+    assert not list(fresh.rglob("*.pt"))  # nothing trained: every run came from the ledger
+
+
+def _run(path, files=("summary.json", "metrics.json", "config.json", "checkpoint.pt")):
+    path.mkdir(parents=True)
+    for f in files:
+        (path / f).write_text(json.dumps({"final_accuracy": 0.5, "final_val_accuracy": 0.4}) if f == "summary.json"
+                              else "x")
+    return path
+
+
+def test_the_ledger_keeps_finished_runs_small_files_and_gives_them_back(tmp_path):
+    runs, ledger = tmp_path / "runs", tmp_path / "ledger"
+    _run(runs / "fedavg-a0.1-s1")
+    _run(runs / "fedbn-a0.1-s1", files=("refused.json",))
+    _run(runs / "mosaic-a0.1-s1", files=("config.json", "checkpoint.pt"))  # interrupted: not finished
+    _run(runs / "round1-a0.1-s1")  # the shared round 1's scratch directory
+    (runs / "oracle-a0.1-s1.json").write_text("{}")
+    assert headline.archive(runs, ledger) == ["fedavg-a0.1-s1", "fedbn-a0.1-s1"]
+    assert sorted(p.name for p in (ledger / "fedavg-a0.1-s1").iterdir()) == ["config.json", "metrics.json",
+                                                                            "summary.json"]  # no checkpoint
+    assert (ledger / "oracle-a0.1-s1.json").is_file() and not (ledger / "mosaic-a0.1-s1").exists()
+    assert headline.archive(runs, ledger) == []  # already there: left as it is
+    # a new machine: the ledger's runs come back; an interrupted attempt there is replaced
+    fresh = tmp_path / "fresh"
+    _run(fresh / "fedavg-a0.1-s1", files=("config.json",))
+    assert headline.restore(ledger, fresh) == ["fedavg-a0.1-s1", "fedbn-a0.1-s1"]
+    assert headline.finished(fresh / "fedavg-a0.1-s1") and (fresh / "fedavg-a0.1-s1" / "metrics.json").is_file()
+    assert headline.restore(ledger, fresh) == [] and (fresh / "oracle-a0.1-s1.json").is_file()
+
+
+def test_a_pretraining_without_its_checkpoint_is_rerun_and_must_reproduce_the_record(tmp_path):
+    part = Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "mosaic"))
+    pre = _run(tmp_path / "pretrain-a0.1-s1", files=("summary.json",))
+    calls = []
+
+    def rerun(final=0.5):
+        calls.append(final)
+        _run(pre, files=("checkpoint.pt",))
+        (pre / "summary.json").write_text(json.dumps({"final_accuracy": final, "final_val_accuracy": 0.4}))
+
+    headline.ensure_start(part, tmp_path, 0.1, 1, rerun)
+    assert calls == [0.5] and (pre / "checkpoint.pt").is_file()
+    headline.ensure_start(part, tmp_path, 0.1, 1, rerun)  # the checkpoint is there now: nothing to do
+    assert calls == [0.5]
+    (pre / "checkpoint.pt").unlink()
+    with pytest.raises(headline.NotReproduced, match="final_accuracy: recorded 0.5, now 0.6"):
+        headline.ensure_start(part, tmp_path, 0.1, 1, lambda: rerun(0.6))
+    # every run of the cell finished: a lost checkpoint is not needed, nothing is rerun
+    (pre / "checkpoint.pt").unlink()
+    for v in part.variants:
+        _run(tmp_path / f"{v}-a0.1-s1", files=("summary.json",))
+    headline.ensure_start(part, tmp_path, 0.1, 1, rerun)
+    assert calls == [0.5, 0.6]
