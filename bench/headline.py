@@ -115,10 +115,22 @@ def finished(run: Path) -> bool:
     return (run / "summary.json").is_file() or (run / "refused.json").is_file()
 
 
+def _restored(run: Path) -> bool:
+    f = run / "summary.json"
+    return f.is_file() and "restored" in json.loads(f.read_text())
+
+
+def superseded(recorded: Path, run: Path) -> bool:
+    """Whether ``run`` (whole: per-round metrics) replaces the ledger's ``recorded`` copy of it,
+    one restored from an earlier table (its summary alone), e.g. a pre-training run again."""
+    return _restored(recorded) and not _restored(run) and (run / "metrics.json").is_file()
+
+
 def archive(src: Path, dst: Path) -> list[str]:
     """Copy every finished run of ``src`` (a part's runs directory) into ``dst`` (its ledger):
     the ``LEDGER_FILES`` it has, and the cell-level diagnostics (``oracle-*.json``). A run the
-    ledger already holds is left as it is (runs are never rerun). The run names copied."""
+    ledger already holds is left as it is (runs are never rerun), unless the ledger has it as a
+    summary restored from an earlier table and ``src`` has it whole. The run names copied."""
     copied = []
     if not src.is_dir():
         return copied
@@ -127,7 +139,7 @@ def archive(src: Path, dst: Path) -> list[str]:
             dst.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dst / f.name)
     for run in sorted(p for p in src.iterdir() if p.is_dir() and finished(p)):
-        if run.name.startswith("round1-") or finished(dst / run.name):
+        if run.name.startswith("round1-") or (finished(dst / run.name) and not superseded(dst / run.name, run)):
             continue
         (dst / run.name).mkdir(parents=True, exist_ok=True)
         for name in LEDGER_FILES:  # summary.json last: a run is in the ledger once it is complete there

@@ -130,6 +130,11 @@ def test_the_ledger_keeps_finished_runs_small_files_and_gives_them_back(tmp_path
                                                                             "summary.json"]  # no checkpoint
     assert (ledger / "oracle-a0.1-s1.json").is_file() and not (ledger / "mosaic-a0.1-s1").exists()
     assert headline.archive(runs, ledger) == []  # already there: left as it is
+    # a record restored from an earlier table (its summary alone) gives way to the whole run
+    (ledger / "fedavg-a0.1-s1" / "metrics.json").unlink()
+    (ledger / "fedavg-a0.1-s1" / "summary.json").write_text(json.dumps({"restored": "from a table"}))
+    assert headline.archive(runs, ledger) == ["fedavg-a0.1-s1"]
+    assert "restored" not in json.loads((ledger / "fedavg-a0.1-s1" / "summary.json").read_text())
     # a new machine: the ledger's runs come back; an interrupted attempt there is replaced
     fresh = tmp_path / "fresh"
     _run(fresh / "fedavg-a0.1-s1", files=("config.json",))
