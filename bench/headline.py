@@ -467,19 +467,49 @@ def report(parts: list[str], root: Path) -> str:
 
 
 def plan(parts: list[str], root: Path) -> str:
-    """The cells and what the finished ones cost (wall seconds), to size the grid."""
-    lines = []
+    """The cells, what the finished runs cost (wall seconds, one thread each) and what the
+    missing ones will, estimated by the mean of the same run kind in the same part (a kind no
+    run of which has finished yet is named as unmeasured), to size the grid."""
+    lines, total_done, total_left, unmeasured = [], 0.0, 0.0, set()
     for name in parts:
         p, out = PARTS[name], runs_dir(name, root)
+        kinds = ["pretrain", *p.variants] + (["central"] if p.central else [])
+
+        def run_dir(kind: str, a: float, s: int) -> Path:
+            return out / (f"central-s{s}" if kind == "central" else
+                          f"pretrain-a{a:g}-s{s}" if kind == "pretrain" else f"{kind}-a{a:g}-s{s}")
+
+        walls: dict[str, list[float]] = {}
         for s in p.seeds:
             for a in p.alphas:
-                secs = {}
-                for v in ("pretrain", *p.variants):
-                    f = out / (f"pretrain-a{a:g}-s{s}" if v == "pretrain" else f"{v}-a{a:g}-s{s}") / "summary.json"
-                    if f.is_file():
-                        secs[v] = json.loads(f.read_text()).get("wall_seconds", 0.0)
-                lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {len(p.variants) + 1} done, "
-                             f"{sum(secs.values()) / 3600:.2f} h: " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items()))
+                for k in kinds:
+                    f = run_dir(k, a, s) / "summary.json"
+                    if f.is_file() and json.loads(f.read_text()).get("wall_seconds"):
+                        walls.setdefault(k, []).append(json.loads(f.read_text())["wall_seconds"])
+        mean = {k: statistics.mean(v) for k, v in walls.items()}
+        done_h = left_h = 0.0
+        for s in p.seeds:
+            for a in p.alphas:
+                secs, left = {}, []
+                for k in kinds:
+                    if k == "central" and a != p.alphas[0]:
+                        continue  # one central reference per seed
+                    d = run_dir(k, a, s)
+                    if (d / "summary.json").is_file():
+                        secs[k] = json.loads((d / "summary.json").read_text()).get("wall_seconds", 0.0)
+                    elif not (d / "refused.json").is_file():
+                        left.append(k)
+                est = sum(mean.get(k, 0.0) for k in left)
+                unmeasured |= {f"{name}:{k}" for k in left if k not in mean}
+                done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600
+                lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {len(kinds)} done, "
+                             f"{sum(secs.values()) / 3600:.2f} h: " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items())
+                             + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else ""))
+        lines.append(f"{name}: {done_h:.1f} core-hours done (runs restored from an earlier table count 0 when "
+                     f"they lack their time), ~{left_h:.1f} core-hours left")
+        total_done, total_left = total_done + done_h, total_left + left_h
+    lines.append(f"all: ~{total_left:.1f} core-hours left, ~{total_left / 2:.1f} h on 2 cores"
+                 + (f"; not yet measured (counted 0): {', '.join(sorted(unmeasured))}" if unmeasured else ""))
     return "\n".join(lines)
 
 
