@@ -166,3 +166,26 @@ def test_a_pretraining_without_its_checkpoint_is_rerun_and_must_reproduce_the_re
         _run(tmp_path / f"{v}-a0.1-s1", files=("summary.json",))
     headline.ensure_start(part, tmp_path, 0.1, 1, rerun)
     assert calls == [0.5, 0.6]
+
+
+def test_the_ledger_keeps_a_pretraining_checkpoint_while_its_cell_has_runs_to_do(tmp_path):
+    part = Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "mosaic"))
+    runs, ledger = tmp_path / "runs", tmp_path / "ledger"
+    _run(runs / "pretrain-a0.1-s1")
+    _run(runs / "fedavg-a0.1-s1")
+    assert headline.archive(runs, ledger) == ["fedavg-a0.1-s1", "pretrain-a0.1-s1"]  # no part: no checkpoint
+    assert not (ledger / "pretrain-a0.1-s1" / "checkpoint.pt").exists()
+    assert headline.archive(runs, ledger, part) == ["pretrain-a0.1-s1/checkpoint.pt"]  # mosaic is still to do
+    assert not headline.drop_start(part, ledger, 0.1, 1)
+    # another machine: the checkpoint comes back with the run, so nothing is pre-trained again
+    fresh = tmp_path / "fresh"
+    headline.restore(ledger, fresh)
+    assert (fresh / "pretrain-a0.1-s1" / "checkpoint.pt").is_file()
+    calls = []
+    headline.ensure_start(part, fresh, 0.1, 1, lambda: calls.append(1))
+    assert calls == []
+    # the cell complete: the ledger lets the checkpoint go, and does not take it again
+    _run(runs / "mosaic-a0.1-s1")
+    assert headline.archive(runs, ledger, part) == ["mosaic-a0.1-s1"]
+    assert headline.drop_start(part, ledger, 0.1, 1) and not (ledger / "pretrain-a0.1-s1" / "checkpoint.pt").exists()
+    assert headline.archive(runs, ledger, part) == []
