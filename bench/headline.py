@@ -280,11 +280,42 @@ def cells(parts: list[str]) -> list[tuple[str, str, float | None, int]]:
     return out
 
 
+def preflight(parts: list[str]) -> None:
+    """Before any training: every part's data set and what each method reads from disk of its
+    own (FedDF's transfer set) can be read, so that a grid does not stop hours in at its first
+    FedDF run. ``SystemExit`` listing each problem (with where it looked and how to get it).
+    A method its part's model refuses (FedBN without BatchNorm) is refused in its cell instead."""
+    from bench.converged import VARIANTS
+    from mosaic_flwr.config import PROJECT_ROOT, ConfigError, build_config, load_defaults, merge_run_config
+    from mosaic_flwr.strategies import STRATEGIES
+    from mosaic_flwr.task import test_data
+
+    problems = []
+    for name in parts:
+        part = PARTS[name]
+        base = {**load_defaults(), **(merge_run_config(list(part.run_config), cwd=PROJECT_ROOT) if part.run_config else {})}
+        for v in part.variants:
+            strategy, over = VARIANTS[v]
+            try:
+                cfg = build_config({**base, "strategy": strategy, **over})
+            except ConfigError:
+                continue
+            try:
+                test_data(cfg)
+                if STRATEGIES[strategy].prepare is not None:
+                    STRATEGIES[strategy].prepare(cfg)
+            except (OSError, ValueError) as exc:  # DatasetNotFoundError is a ValueError
+                problems.append(f"{name}, {v}: {exc}")
+    if problems:
+        raise SystemExit("[headline] nothing was run: " + "; ".join(dict.fromkeys(problems)))
+
+
 def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None) -> None:
     """Run this shard's cells under ``root``; with ``ledger``, first take the finished runs
     from it and copy each stage's finished runs into it as soon as the stage ends."""
     from bench import converged
 
+    preflight(parts)
     for name in parts if ledger is not None else ():
         got = restore(runs_dir(name, ledger), runs_dir(name, root))
         if got:

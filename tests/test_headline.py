@@ -189,3 +189,13 @@ def test_the_ledger_keeps_a_pretraining_checkpoint_while_its_cell_has_runs_to_do
     assert headline.archive(runs, ledger, part) == ["mosaic-a0.1-s1"]
     assert headline.drop_start(part, ledger, 0.1, 1) and not (ledger / "pretrain-a0.1-s1" / "checkpoint.pt").exists()
     assert headline.archive(runs, ledger, part) == []
+
+
+def test_the_grid_stops_before_any_training_when_a_data_set_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(headline.PARTS, "t", Part("t", (f"data-dir='{tmp_path}'",), (0.1,), (1,), 2,
+                                                  variants=("fedavg", "feddf")))
+    # Fashion-MNIST is found (Debian's package is searched too); FedDF's transfer set, MNIST, is not there
+    with pytest.raises(SystemExit, match=r"nothing was run: t, feddf: feddf.transfer-set: 'mnist' .* missing.*"
+                                         + str(tmp_path)):
+        headline.run(["t"], tmp_path / "runs", (0, 1), tmp_path / "ledger")
+    assert not (tmp_path / "runs").exists()
