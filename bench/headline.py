@@ -218,11 +218,23 @@ def restore(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def refuses(part: Part, variant: str) -> bool:
+    """Whether the part's settings refuse ``variant`` before any training (FedBN on a model
+    without BatchNorm): its cells record the reason instead of a run."""
+    from bench.converged import VARIANTS, refusal
+    from mosaic_flwr.config import PROJECT_ROOT, load_defaults, merge_run_config
+
+    strategy, over = VARIANTS[variant]
+    base = merge_run_config(list(part.run_config), cwd=PROJECT_ROOT) if part.run_config else {}
+    return refusal({**load_defaults(), **base, "strategy": strategy, **over}) is not None
+
+
 def pending(part: Part, out: Path, alpha: float, seed: int) -> list[str]:
-    """The variants of cell (alpha, seed) not yet finished (nor refused) in ``out``."""
+    """The variants of cell (alpha, seed) not yet finished in ``out`` (nor refused there or by
+    the part's settings)."""
     from bench.converged import variant_name
 
-    return [v for v in part.variants if not finished(out / variant_name(v, alpha, seed))]
+    return [v for v in part.variants if not finished(out / variant_name(v, alpha, seed)) and not refuses(part, v)]
 
 
 class NotReproduced(RuntimeError):
@@ -577,7 +589,7 @@ def plan(parts: list[str], root: Path) -> str:
                     d = run_dir(k, a, s)
                     if (d / "summary.json").is_file():
                         secs[k] = json.loads((d / "summary.json").read_text()).get("wall_seconds", 0.0)
-                    elif not (d / "refused.json").is_file():
+                    elif not (d / "refused.json").is_file() and (k in ("pretrain", "central") or not refuses(p, k)):
                         left.append(k)
                 est = sum(mean.get(k, 0.0) for k in left)
                 unmeasured |= {f"{name}:{k}" for k in left if k not in mean}

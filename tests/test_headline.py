@@ -199,3 +199,11 @@ def test_the_grid_stops_before_any_training_when_a_data_set_is_missing(tmp_path,
                                          + str(tmp_path)):
         headline.run(["t"], tmp_path / "runs", (0, 1), tmp_path / "ledger")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_method_the_part_refuses_leaves_nothing_to_do(tmp_path):
+    part = Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "fedbn"))  # cnn_small: no BatchNorm
+    assert headline.refuses(part, "fedbn") and not headline.refuses(part, "fedavg")
+    assert headline.pending(part, tmp_path, 0.1, 1) == ["fedavg"]
+    _run(tmp_path / "fedavg-a0.1-s1", files=("summary.json",))
+    assert headline.pending(part, tmp_path, 0.1, 1) == []
