@@ -216,10 +216,6 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
             if not cell_done(runs_dir / variant_name(v, alpha, seed)) and not refused(runs_dir / variant_name(v, alpha, seed))]
     keys = {round1_key(VARIANTS[v][1]) for v in variants if shares_round1(v)}
     missing = [k for k in keys if not oracle_file(runs_dir, alpha, seed, k).is_file()]
-    if missing and not todo and not (pre / "checkpoint.pt").is_file():
-        print(f"[converged] alpha={alpha:g} seed={seed}: every run is finished; the teacher-ceiling diagnostic "
-              f"(oracle) is missing and {pre.name}'s checkpoint is gone, so it is left out", flush=True)
-        missing = []
     if not todo and not missing:
         return
 
@@ -238,6 +234,10 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
             (out / "refused.json").write_text(json.dumps({"variant": v, "reason": why}, indent=1) + "\n")
             print(f"[converged] alpha={alpha:g} seed={seed}: {v} refused: {why}", flush=True)
             todo.remove(v)
+    if missing and not todo and not (pre / "checkpoint.pt").is_file():
+        print(f"[converged] alpha={alpha:g} seed={seed}: every run is finished; the teacher-ceiling diagnostic "
+              f"(oracle) is missing and {pre.name}'s checkpoint is gone, so it is left out", flush=True)
+        return
 
     def note(out: Path, **extra) -> None:
         (out / "bench.json").write_text(json.dumps(
