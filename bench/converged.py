@@ -149,8 +149,9 @@ def context(rc: dict):
     return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
 
 
-def run_inprocess(rc: dict, num_clients: int, title: str) -> dict:
-    """One whole run of ``rc`` (a full run config) in an in-process federation."""
+def run_inprocess(rc: dict, num_clients: int, title: str, **bench_extra) -> dict:
+    """One whole run of ``rc`` (a full run config) in an in-process federation; ``bench_extra``
+    goes into its bench.json, written before its summary.json (a finished run is complete)."""
     import torch
 
     from client_app.app import app as client_app
@@ -164,7 +165,7 @@ def run_inprocess(rc: dict, num_clients: int, title: str) -> dict:
     get_strategy(sc.cfg.strategy)(sc)
     (sc.results.out_dir / "bench.json").write_text(json.dumps(
         {"loadavg_before": load0, "loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
-         "torch_threads": torch.get_num_threads(), "driver": "bench/converged.py (in-process)"},
+         "torch_threads": torch.get_num_threads(), "driver": "bench/converged.py (in-process)", **bench_extra},
         indent=2) + "\n")
     return finish_run(sc, time.perf_counter() - t0, title=title)
 
@@ -273,10 +274,8 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
         print(f"[converged] alpha={alpha:g} seed={seed}: {variant}: {eq['rounds']} rounds: {eq['target']}'s clients "
               f"worked {eq['target_units']:.1f} plain rounds' time ({eq['target_client_seconds']:.0f} s)", flush=True)
         rc = {**run_config(variant), "num-server-rounds": eq["rounds"]}
-        s = run_inprocess(rc, num_clients, f"{variant} from FedAvg, {eq['rounds']} rounds (alpha={alpha:g}, seed {seed})")
-        bench = json.loads((runs_dir / variant_name(variant, alpha, seed) / "bench.json").read_text())
-        (runs_dir / variant_name(variant, alpha, seed) / "bench.json").write_text(
-            json.dumps({**bench, "equal_compute": eq}, indent=2) + "\n")
+        s = run_inprocess(rc, num_clients, f"{variant} from FedAvg, {eq['rounds']} rounds (alpha={alpha:g}, seed {seed})",
+                          equal_compute=eq)
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f}", flush=True)
 
 
