@@ -133,7 +133,7 @@ def archive(src: Path, dst: Path, part: Part | None = None) -> list[str]:
     the ``LEDGER_FILES`` it has, and the cell-level diagnostics (``oracle-*.json``). A run the
     ledger already holds is left as it is (runs are never rerun), unless the ledger has it as a
     summary restored from an earlier table and ``src`` has it whole. With ``part``, also the
-    checkpoint of each pre-training whose cell has runs left (``keep_start``). What was copied."""
+    checkpoint of each pre-training whose cell has runs left (``has_start``). What was copied."""
     copied = []
     if not src.is_dir():
         return copied
@@ -153,7 +153,7 @@ def archive(src: Path, dst: Path, part: Part | None = None) -> list[str]:
         copied.append(run.name)
     for run in sorted(src.glob("pretrain-*")) if part is not None else ():
         cell = _cell_of(run.name)
-        if (keep_start(run) and cell and pending(part, dst, *cell) and _same_run(run, dst / run.name)
+        if (has_start(run) and cell and pending(part, dst, *cell) and _same_run(run, dst / run.name)
                 and not (dst / run.name / START).is_file()):
             shutil.copy2(run / START, dst / run.name / START)
             copied.append(f"{run.name}/{START}")
@@ -171,11 +171,12 @@ def _cell_of(pretrain: str) -> tuple[float, int] | None:
 START = "checkpoint.pt"  # a pre-training's final state: what its cell's methods start from (init-from)
 
 
-def keep_start(run: Path) -> bool:
-    """Whether the ledger keeps a pre-training's checkpoint: while the cell has runs to do
-    (``drop_start`` removes it once the cell is complete). A run again on another machine
-    need not reproduce it to the last digit (measured: Fashion-MNIST alpha=1 seed 42 ended at
-    88.16 % where the recorded run ended at 88.21 %), and a cell's methods must share one start."""
+def has_start(run: Path) -> bool:
+    """Whether a finished pre-training has its checkpoint. The ledger keeps it while the cell
+    has runs to do (``drop_start`` removes it once the cell is complete): a pre-training run
+    again on another machine need not end at the same model (measured: Fashion-MNIST alpha=1
+    seed 42 ended at 88.16 % where the recorded run ended at 88.21 %), and a cell's methods
+    must share one start."""
     return (run / START).is_file() and (run / "summary.json").is_file()
 
 
@@ -207,7 +208,7 @@ def restore(src: Path, dst: Path) -> list[str]:
             shutil.copy2(f, dst / f.name)
     for run in sorted(p for p in src.iterdir() if p.is_dir() and finished(p)):
         if finished(dst / run.name):
-            if keep_start(run) and _same_run(run, dst / run.name) and not (dst / run.name / START).is_file():
+            if has_start(run) and _same_run(run, dst / run.name) and not (dst / run.name / START).is_file():
                 shutil.copy2(run / START, dst / run.name / START)
                 copied.append(f"{run.name}/{START}")
             continue
