@@ -158,14 +158,18 @@ def test_a_pretraining_without_its_checkpoint_is_rerun_and_must_reproduce_the_re
     headline.ensure_start(part, tmp_path, 0.1, 1, rerun)  # the checkpoint is there now: nothing to do
     assert calls == [0.5]
     (pre / "checkpoint.pt").unlink()
+    headline.ensure_start(part, tmp_path, 0.1, 1, lambda: rerun(0.7))  # no method ran from it: the new start
+    assert calls == [0.5, 0.7]
+    (pre / "summary.json").write_text(json.dumps({"final_accuracy": 0.5, "final_val_accuracy": 0.4}))
+    (pre / "checkpoint.pt").unlink()
+    _run(tmp_path / "fedavg-a0.1-s1", files=("summary.json",))  # ran from the recorded start
     with pytest.raises(headline.NotReproduced, match="final_accuracy: recorded 0.5, now 0.6"):
         headline.ensure_start(part, tmp_path, 0.1, 1, lambda: rerun(0.6))
     # every run of the cell finished: a lost checkpoint is not needed, nothing is rerun
     (pre / "checkpoint.pt").unlink()
-    for v in part.variants:
-        _run(tmp_path / f"{v}-a0.1-s1", files=("summary.json",))
+    _run(tmp_path / "mosaic-a0.1-s1", files=("summary.json",))
     headline.ensure_start(part, tmp_path, 0.1, 1, rerun)
-    assert calls == [0.5, 0.6]
+    assert calls == [0.5, 0.7, 0.6]
 
 
 def test_the_ledger_keeps_a_pretraining_checkpoint_while_its_cell_has_runs_to_do(tmp_path):
