@@ -41,6 +41,7 @@ import shutil
 import statistics
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -219,15 +220,28 @@ def restore(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+@lru_cache(maxsize=None)
+def _part_config(run_config: tuple[str, ...]) -> dict:
+    """The defaults under a part's run configs (files and strings), read once per process."""
+    from mosaic_flwr.config import PROJECT_ROOT, load_defaults, merge_run_config
+
+    return {**load_defaults(), **(merge_run_config(list(run_config), cwd=PROJECT_ROOT) if run_config else {})}
+
+
+def variant_config(part: Part, variant: str) -> dict:
+    """``variant``'s run config over the part's settings (no cell: alpha and seed are the defaults')."""
+    from bench.converged import VARIANTS
+
+    strategy, over = VARIANTS[variant]
+    return {**_part_config(part.run_config), "strategy": strategy, **over}
+
+
 def refuses(part: Part, variant: str) -> bool:
     """Whether the part's settings refuse ``variant`` before any training (FedBN on a model
     without BatchNorm): its cells record the reason instead of a run."""
-    from bench.converged import VARIANTS, refusal
-    from mosaic_flwr.config import PROJECT_ROOT, load_defaults, merge_run_config
+    from bench.converged import refusal
 
-    strategy, over = VARIANTS[variant]
-    base = merge_run_config(list(part.run_config), cwd=PROJECT_ROOT) if part.run_config else {}
-    return refusal({**load_defaults(), **base, "strategy": strategy, **over}) is not None
+    return refusal(variant_config(part, variant)) is not None
 
 
 def pending(part: Part, out: Path, alpha: float, seed: int) -> list[str]:
@@ -303,25 +317,22 @@ def preflight(parts: list[str]) -> None:
     own (FedDF's transfer set) can be read, so that a grid does not stop hours in at its first
     FedDF run. ``SystemExit`` listing each problem (with where it looked and how to get it).
     A method its part's model refuses (FedBN without BatchNorm) is refused in its cell instead."""
-    from bench.converged import VARIANTS
-    from mosaic_flwr.config import PROJECT_ROOT, ConfigError, build_config, load_defaults, merge_run_config
+    from mosaic_flwr.config import ConfigError, build_config
     from mosaic_flwr.strategies import STRATEGIES
     from mosaic_flwr.task import test_data
 
     problems = []
     for name in parts:
         part = PARTS[name]
-        base = {**load_defaults(), **(merge_run_config(list(part.run_config), cwd=PROJECT_ROOT) if part.run_config else {})}
         for v in part.variants:
-            strategy, over = VARIANTS[v]
             try:
-                cfg = build_config({**base, "strategy": strategy, **over})
+                cfg = build_config(variant_config(part, v))
             except ConfigError:
                 continue
             try:
                 test_data(cfg)
-                if STRATEGIES[strategy].prepare is not None:
-                    STRATEGIES[strategy].prepare(cfg)
+                if STRATEGIES[cfg.strategy].prepare is not None:
+                    STRATEGIES[cfg.strategy].prepare(cfg)
             except (OSError, ValueError) as exc:  # DatasetNotFoundError is a ValueError
                 problems.append(f"{name}, {v}: {exc}")
     if problems:
@@ -568,6 +579,8 @@ def plan(parts: list[str], root: Path) -> str:
     """The cells, what the finished runs cost (wall seconds, one thread each) and what the
     missing ones will, estimated by the mean of the same run kind in the same part (a kind no
     run of which has finished yet is named as unmeasured), to size the grid."""
+    from bench.converged import pretrain_name, variant_name
+
     lines, total_done, total_left, unmeasured = [], 0.0, 0.0, set()
     for name in parts:
         p, out = PARTS[name], runs_dir(name, root)
@@ -575,15 +588,15 @@ def plan(parts: list[str], root: Path) -> str:
 
         def run_dir(kind: str, a: float, s: int) -> Path:
             return out / (f"central-s{s}" if kind == "central" else
-                          f"pretrain-a{a:g}-s{s}" if kind == "pretrain" else f"{kind}-a{a:g}-s{s}")
+                          pretrain_name(a, s) if kind == "pretrain" else variant_name(kind, a, s))
 
         walls: dict[str, list[float]] = {}
         for s in p.seeds:
             for a in p.alphas:
                 for k in kinds:
                     f = run_dir(k, a, s) / "summary.json"
-                    if f.is_file() and json.loads(f.read_text()).get("wall_seconds"):
-                        walls.setdefault(k, []).append(json.loads(f.read_text())["wall_seconds"])
+                    if f.is_file() and (wall := json.loads(f.read_text()).get("wall_seconds")):
+                        walls.setdefault(k, []).append(wall)
         mean = {k: statistics.mean(v) for k, v in walls.items()}
         done_h = left_h = 0.0
         for s in p.seeds:
