@@ -211,3 +211,16 @@ def test_a_method_the_part_refuses_leaves_nothing_to_do(tmp_path):
     assert headline.pending(part, tmp_path, 0.1, 1) == ["fedavg"]
     _run(tmp_path / "fedavg-a0.1-s1", files=("summary.json",))
     assert headline.pending(part, tmp_path, 0.1, 1) == []
+
+
+def test_a_cell_runs_mosaic_before_the_costly_rivals_and_a_cut_method_only_at_its_seeds(tmp_path):
+    part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "feddf", "dfrd", "mosaic", "fedavg-eqc"),
+                only_seeds={"dfrd": (1,)})
+    assert part.methods(1) == ["fedavg", "mosaic", "fedavg-eqc", "feddf", "dfrd"]
+    assert part.methods(2) == ["fedavg", "mosaic", "fedavg-eqc", "feddf"]
+    assert headline.pending(part, tmp_path, 0.1, 2) == ["fedavg", "mosaic", "fedavg-eqc", "feddf"]
+    args = headline.converged_args(part, tmp_path / "headline-t", "continue", 0.1, 2)
+    assert args[args.index("--variants") + 1:][:4] == ["fedavg", "mosaic", "fedavg-eqc", "feddf"]
+    assert "dfrd" not in args
+    for name, p in headline.PARTS.items():  # a cut names the part's own methods and seeds
+        assert set(p.only_seeds) <= set(p.variants) and all(set(s) <= set(p.seeds) for s in p.only_seeds.values()), name
