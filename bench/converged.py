@@ -246,37 +246,56 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
              "torch_threads": torch.get_num_threads(), "driver": "bench/converged.py (in-process)", **extra},
             indent=2) + "\n")
 
-    for variant in [v for v in todo if not shares_round1(v) and v not in EQUAL_COMPUTE]:
+    def plain(variant: str) -> None:
         print(f"[converged] alpha={alpha:g} seed={seed}: {variant}", flush=True)
         s = run_inprocess(run_config(variant), num_clients, f"{variant} from FedAvg (alpha={alpha:g}, seed {seed})")
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f} (validation "
               f"{s.get('final_val_accuracy', float('nan')):.4f})", flush=True)
-    groups: dict[tuple, list[str]] = {}
-    for v in todo:
-        if shares_round1(v):
-            groups.setdefault(round1_key(VARIANTS[v][1]), []).append(v)
-    for key in missing:
-        groups.setdefault(key, [])  # round 1 for the oracle alone
-    for key, distilling in groups.items():
+
+    def group(key: tuple) -> None:
+        distilling = [v for v in todo if shares_round1(v) and round1_key(VARIANTS[v][1]) == key]
         first = next(v for v in variants if shares_round1(v) and round1_key(VARIANTS[v][1]) == key)
         # Round 1 writes into a scratch run directory of its own, never into a variant's (a
         # finished variant's metrics would be overwritten by the shared round 0).
         base_rc = {**run_config(first), "run-name": oracle_file(runs_dir, alpha, seed, key).stem.replace("oracle", "round1")}
         replay_group(alpha, seed, distilling, base_rc, run_config, note, num_clients,
                      oracle_file(runs_dir, alpha, seed, key))
-    for variant in [v for v in todo if v in EQUAL_COMPUTE]:
+
+    def equal_compute(variant: str) -> bool:
         rounds = run_config(variant)["num-server-rounds"]
         eq = equal_compute_rounds(runs_dir, variant, alpha, seed, rounds)
         if eq is None:
-            print(f"[converged] alpha={alpha:g} seed={seed}: {variant} waits for {' and '.join(EQUAL_COMPUTE[variant])}"
-                  " of this cell (add them to --variants)", flush=True)
-            continue
+            return False
         print(f"[converged] alpha={alpha:g} seed={seed}: {variant}: {eq['rounds']} rounds: {eq['target']}'s clients "
               f"worked {eq['target_units']:.1f} plain rounds' time ({eq['target_client_seconds']:.0f} s)", flush=True)
         rc = {**run_config(variant), "num-server-rounds": eq["rounds"]}
         s = run_inprocess(rc, num_clients, f"{variant} from FedAvg, {eq['rounds']} rounds (alpha={alpha:g}, seed {seed})",
                           equal_compute=eq)
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f}", flush=True)
+        return True
+
+    # In the order asked (``variants``): a group of distilling variants at its first member's
+    # place (they share its round 1), an equal-compute one as soon as its target has finished.
+    groups_done, waiting = set(), []
+    for v in todo:
+        if v in EQUAL_COMPUTE:
+            if not equal_compute(v):
+                waiting.append(v)
+        elif shares_round1(v):
+            if (key := round1_key(VARIANTS[v][1])) not in groups_done:
+                groups_done.add(key)
+                group(key)
+        else:
+            plain(v)
+        for w in list(waiting):  # its target may have just finished
+            if equal_compute(w):
+                waiting.remove(w)
+    for key in missing:
+        if key not in groups_done:
+            group(key)  # round 1 for the oracle alone
+    for w in waiting:
+        print(f"[converged] alpha={alpha:g} seed={seed}: {w} waits for {' and '.join(EQUAL_COMPUTE[w])}"
+              " of this cell (add them to --variants)", flush=True)
 
 
 def round1_key(overrides: dict) -> tuple:
