@@ -123,6 +123,8 @@ def refusal(rc: dict) -> str | None:
 
 def refused(out: Path) -> bool:
     return (out / "refused.json").is_file()
+
+
 def shares_round1(variant: str) -> bool:
     """Whether a variant runs Mosaic's client round at the distillation round (generators,
     prototypes): those share one round 1 of client work; every other variant (FedAvg and

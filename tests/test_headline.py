@@ -224,3 +224,31 @@ def test_a_cell_runs_mosaic_before_the_costly_rivals_and_a_cut_method_only_at_it
     assert "dfrd" not in args
     for name, p in headline.PARTS.items():  # a cut names the part's own methods and seeds
         assert set(p.only_seeds) <= set(p.variants) and all(set(s) <= set(p.seeds) for s in p.only_seeds.values()), name
+
+
+def test_a_cell_runs_its_variants_in_the_order_asked(tmp_path, monkeypatch):
+    """A distilling group at its first member's place, equal compute once its target is done."""
+    pre = tmp_path / "pretrain-a0.1-s1"
+    _run(pre, files=("summary.json",))
+    order = []
+
+    def finished(name: str) -> None:
+        _run(tmp_path / name, files=("summary.json",))
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            [{"round": r, "client-seconds": 2.0} for r in (1, 2, 3)]))
+
+    def run_inprocess(rc, num_clients, title, **extra):
+        order.append(rc["run-name"])
+        finished(rc["run-name"])
+        return {"final_accuracy": 0.5}
+
+    def replay_group(alpha, seed, distilling, base_rc, run_config, note, num_clients, oracle=None):
+        order.append(f"round1+{'+'.join(distilling)}")
+        for v in distilling:
+            finished(converged.variant_name(v, alpha, seed))
+        oracle.write_text("{}")
+
+    monkeypatch.setattr(converged, "run_inprocess", run_inprocess)
+    monkeypatch.setattr(converged, "replay_group", replay_group)
+    converged.continue_group(0.1, 1, ["fedavg-eqc", "fedavg", "mosaic", "feddf", "mosaic-nometa"], tmp_path, 2)
+    assert order == ["fedavg-a0.1-s1", "round1+mosaic+mosaic-nometa", "fedavg-eqc-a0.1-s1", "feddf-a0.1-s1"]
