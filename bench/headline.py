@@ -407,6 +407,49 @@ def _mean_sd(xs: list[float], k: float = 100) -> str:
     return f"{statistics.mean(xs) * k:.1f} ± {statistics.stdev(xs) * k:.1f} ({len(xs)})"
 
 
+def best_validation(rows: list[dict]) -> tuple[int, float] | None:
+    """The round whose global model scores best on the validation split (the earliest of ties: the least
+    compute) and that model's test accuracy; None without per-round validation scores."""
+    scored = [r for r in rows if "val-accuracy" in r and "accuracy" in r]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: (r["val-accuracy"], -r["round"]))
+    return best["round"], best["accuracy"]
+
+
+CHOSEN_ROWS = ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc")
+
+
+def _chosen_round_table(p: Part, runs: dict) -> list[str]:
+    """Final round vs the round the validation split picks, for the rows whose length differs (equal rounds
+    vs equal compute): the long runs' accuracy swings from round to round, so their last round alone can
+    flatter or sink them."""
+    rows = []
+    for v in (v for v in CHOSEN_ROWS if v in p.variants):
+        cells_, any_ = [], False
+        for a in p.alphas:
+            got = [(runs[(v, a, s)]["final_accuracy"], bv) for s in p.seeds if (v, a, s) in runs
+                   for bv in [best_validation(runs[(v, a, s)]["rows"] or [])] if bv]
+            if not got:
+                cells_.append("-")
+                continue
+            any_ = True
+            cells_.append(f"{100 * statistics.mean(f for f, _ in got):.1f} / "
+                          f"{100 * statistics.mean(t for _, (_, t) in got):.1f} "
+                          f"(round {', '.join(str(r) for _, (r, _) in got)})")
+        if any_:
+            rows.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+    if not rows:
+        return []
+    return ["", "Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
+            "per-round scores, restored runs did not: final / at the round of best validation accuracy, and that "
+            "round per seed). The equal-compute rows run many more "
+            "rounds, and at small α their accuracy swings from round to round: their last round alone can flatter "
+            "or sink them.", "",
+            "| method | " + " | ".join(f"α={a:g} final / chosen" for a in p.alphas) + " |",
+            "|---|" + "---|" * len(p.alphas)] + rows
+
+
 def part_table(name: str, root: Path) -> tuple[str, dict]:
     from bench.converged import client_units
     from bench.converged_report import collect
@@ -512,6 +555,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
             lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
+    lines += _chosen_round_table(p, runs)
     eq = [json.loads((out / f"{v}-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
           for v in ("fedavg-eqc",) for a in p.alphas for s in p.seeds
           if (out / f"{v}-a{a:g}-s{s}" / "bench.json").is_file()]

@@ -252,3 +252,14 @@ def test_a_cell_runs_its_variants_in_the_order_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(converged, "replay_group", replay_group)
     converged.continue_group(0.1, 1, ["fedavg-eqc", "fedavg", "mosaic", "feddf", "mosaic-nometa"], tmp_path, 2)
     assert order == ["fedavg-a0.1-s1", "round1+mosaic+mosaic-nometa", "fedavg-eqc-a0.1-s1", "feddf-a0.1-s1"]
+
+
+def test_the_validation_split_picks_the_round_not_the_test_set():
+    rows = [{"round": 0, "accuracy": 0.20, "val-accuracy": 0.21},
+            {"round": 1, "accuracy": 0.45, "val-accuracy": 0.30},   # best on test, not on validation
+            {"round": 2, "accuracy": 0.38, "val-accuracy": 0.40},
+            {"round": 3, "accuracy": 0.36, "val-accuracy": 0.40},   # a tie: the earlier round costs less
+            {"round": 4, "accuracy": 0.41}]                         # no validation score: not a candidate
+    assert headline.best_validation(rows) == (2, 0.38)
+    assert headline.best_validation([{"round": 0, "accuracy": 0.2}]) is None
+    assert headline.best_validation([]) is None
