@@ -100,7 +100,7 @@ PARTS = {
                     cut="the CPU preset (ResNet-8, 100 pre-training rounds, 2,000-image test subset, 200 KD steps of "
                         "128) and 3 continuation rounds instead of the preset's 10; the three generator-based "
                         "data-free rivals (DENSE, FedFTG, DFRD) at seed 42 only: their server-side teacher passes "
-                        "cost 17, 26 and ~90 min a cell here against ~1 min for FedAvg, so their paired "
+                        "cost 17, 26 and 45 min a cell here against ~1 min for FedAvg, so their paired "
                         "differences on CIFAR-10 are one seed's, without an interval",
                     notes=[CIFAR_TRANSFER_NOTE], only_seeds={"dense": (42,), "fedftg": (42,), "dfrd": (42,)}),
     "cifar10-families": Part("CIFAR-10 (CPU preset), model families resnet8 / cnn_small / resnet8 at half width",
