@@ -235,19 +235,22 @@ def restore(src: Path, dst: Path) -> list[str]:
 
 
 @lru_cache(maxsize=None)
-def _part_config(run_config: tuple[str, ...]) -> dict:
-    """The defaults under a part's run configs (files and strings), read once per process."""
+def _part_config(run_config: tuple[str, ...]) -> tuple[dict, dict]:
+    """The defaults and a part's run configs (files and strings) merged, read once per process."""
     from mosaic_flwr.config import PROJECT_ROOT, load_defaults, merge_run_config
 
-    return {**load_defaults(), **(merge_run_config(list(run_config), cwd=PROJECT_ROOT) if run_config else {})}
+    return load_defaults(), (merge_run_config(list(run_config), cwd=PROJECT_ROOT) if run_config else {})
 
 
 def variant_config(part: Part, variant: str) -> dict:
-    """``variant``'s run config over the part's settings (no cell: alpha and seed are the defaults')."""
-    from bench.converged import VARIANTS
+    """``variant``'s run config over the part's settings as a cell's continuation runs it
+    (``converged``'s shared and continuation settings included: FedDF's 'holdout' transfer set
+    needs the validation split), without the cell (alpha and seed are the defaults')."""
+    from bench.converged import CONTINUE, SHARED, VARIANTS
 
     strategy, over = VARIANTS[variant]
-    return {**_part_config(part.run_config), "strategy": strategy, **over}
+    defaults, base = _part_config(part.run_config)
+    return {**defaults, **SHARED, **CONTINUE, **base, "strategy": strategy, **over}
 
 
 def refuses(part: Part, variant: str) -> bool:
@@ -642,32 +645,40 @@ def plan(parts: list[str], root: Path) -> str:
     lines, total_done, total_left, unmeasured = [], 0.0, 0.0, set()
     for name in parts:
         p, out = PARTS[name], runs_dir(name, root)
-        kinds = ["pretrain", *p.variants] + (["central"] if p.central else [])
 
         def run_dir(kind: str, a: float, s: int) -> Path:
             return out / (f"central-s{s}" if kind == "central" else
                           pretrain_name(a, s) if kind == "pretrain" else variant_name(kind, a, s))
 
+        def cell_seconds(a: float, s: int) -> tuple[dict[str, float], list[str]]:
+            """Wall seconds of the cell's finished runs, and the runs left to do. A distilling group's
+            shared round 1 is in each member's wall time (bench.json ``shared_seconds``): counted once."""
+            secs, left, shared = {}, [], set()
+            for k in ["pretrain", *p.methods(s)] + (["central"] if p.central else []):
+                if k == "central" and a != p.alphas[0]:
+                    continue  # one central reference per seed
+                d = run_dir(k, a, s)
+                if (d / "summary.json").is_file():
+                    secs[k] = json.loads((d / "summary.json").read_text()).get("wall_seconds") or 0.0
+                    b = json.loads((d / "bench.json").read_text()) if (d / "bench.json").is_file() else {}
+                    if (sh := b.get("shared_seconds")) and secs[k]:
+                        secs[k] -= sh if sh in shared else 0.0
+                        shared.add(sh)
+                elif not (d / "refused.json").is_file() and (k in ("pretrain", "central") or not refuses(p, k)):
+                    left.append(k)
+            return secs, left
+
+        per_cell = {(a, s): cell_seconds(a, s) for s in p.seeds for a in p.alphas}
         walls: dict[str, list[float]] = {}
-        for s in p.seeds:
-            for a in p.alphas:
-                for k in kinds:
-                    f = run_dir(k, a, s) / "summary.json"
-                    if f.is_file() and (wall := json.loads(f.read_text()).get("wall_seconds")):
-                        walls.setdefault(k, []).append(wall)
+        for secs, _ in per_cell.values():
+            for k, v in secs.items():
+                if v:
+                    walls.setdefault(k, []).append(v)
         mean = {k: statistics.mean(v) for k, v in walls.items()}
         done_h = left_h = 0.0
         for s in p.seeds:
             for a in p.alphas:
-                secs, left = {}, []
-                for k in ["pretrain", *p.methods(s)] + (["central"] if p.central else []):
-                    if k == "central" and a != p.alphas[0]:
-                        continue  # one central reference per seed
-                    d = run_dir(k, a, s)
-                    if (d / "summary.json").is_file():
-                        secs[k] = json.loads((d / "summary.json").read_text()).get("wall_seconds", 0.0)
-                    elif not (d / "refused.json").is_file() and (k in ("pretrain", "central") or not refuses(p, k)):
-                        left.append(k)
+                secs, left = per_cell[(a, s)]
                 est = sum(mean.get(k, 0.0) for k in left)
                 unmeasured |= {f"{name}:{k}" for k in left if k not in mean}
                 done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600

@@ -213,6 +213,16 @@ def test_a_method_the_part_refuses_leaves_nothing_to_do(tmp_path):
     assert headline.pending(part, tmp_path, 0.1, 1) == []
 
 
+def test_the_grid_refuses_only_what_a_cell_would_refuse(tmp_path):
+    """A refusal is judged on the run config a cell runs (validation split included): FedDF on
+    CIFAR-10 distils on the validation images and must not be skipped as refused."""
+    cifar = headline.PARTS["cifar10"]
+    assert headline.variant_config(cifar, "feddf")["feddf.transfer-set"] == "holdout"
+    assert not any(headline.refuses(cifar, v) for v in cifar.variants)
+    assert "feddf" in headline.pending(cifar, tmp_path, 0.1, 43)
+    assert headline.refuses(headline.PARTS["fmnist"], "fedbn")  # cnn_small: no BatchNorm
+
+
 def test_a_cell_runs_mosaic_before_the_costly_rivals_and_a_cut_method_only_at_its_seeds(tmp_path):
     part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "feddf", "dfrd", "mosaic", "fedavg-eqc"),
                 only_seeds={"dfrd": (1,)})
