@@ -590,8 +590,15 @@ def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
     variants = [v for v in p.variants if any(acc[(v, a)] for a in p.alphas)]
     if not variants:
         return
-    fig, ax = plt.subplots(figsize=(min(12.0, 3.0 + 3.0 * len(p.alphas)), 4.5))
+    from bench.converged import EQUAL_COMPUTE
+
+    fig, ax = plt.subplots(figsize=(min(13.0, 4.5 + 3.0 * len(p.alphas)), 4.5))
     width = 0.8 / len(variants)
+    palette = plt.get_cmap("tab20").colors
+    base = [v for v in variants if v not in EQUAL_COMPUTE]
+    # an equal-compute bar: its method's colour, hatched
+    colour = {v: palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i, v in enumerate(base)}
+    colour |= {v: colour.get(EQUAL_COMPUTE[v][0], palette[-1]) for v in variants if v in EQUAL_COMPUTE}
     for i, v in enumerate(variants):
         xs, ms, sds = [], [], []
         for j, a in enumerate(p.alphas):
@@ -600,15 +607,16 @@ def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
                 xs.append(j + i * width)
                 ms.append(100 * statistics.mean(vals))
                 sds.append(100 * statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        ax.bar(xs, ms, width, yerr=sds, label=LABELS.get(v, v), capsize=2)
+        ax.bar(xs, ms, width, yerr=sds, label=LABELS.get(v, v), capsize=2, color=colour[v],
+               hatch="//" if v in EQUAL_COMPUTE else None, edgecolor="white" if v in EQUAL_COMPUTE else None)
     if central:
         ax.axhline(100 * statistics.mean(central), color="k", ls="--", lw=1, label="central")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(p.alphas))], [f"α={a:g}" for a in p.alphas])
     lo = min(100 * min(v for x in acc.values() for v in x.values()) - 5, 100)
     ax.set_ylim(max(lo, 0), 100 * max([*central, *(v for x in acc.values() for v in x.values())]) + 3)
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel("final test accuracy (%), mean ± sd over seeds")
     ax.set_title(f"headline: {p.title}")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(RESULTS / f"headline-{name}.png", dpi=120)
     plt.close(fig)
