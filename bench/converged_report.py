@@ -119,7 +119,7 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
               "| method | " + " | ".join(f"α={a:g} test | α={a:g} validation | α={a:g} Δ test vs FedAvg"
                                         for a in alphas) + " | seeds |",
               "|---|" + "---|---|---|" * len(alphas) + "---|"]
-    row = ["FedAvg start (round 30)"]
+    row = [f"FedAvg start (round {P})"]
     for a in alphas:
         row += [_ms([pre[(a, s)]["test"] for s in seeds if (a, s) in pre]),
                 _ms([pre[(a, s)]["val"] for s in seeds if (a, s) in pre and pre[(a, s)]["val"] is not None]), ""]
