@@ -453,6 +453,33 @@ def _chosen_round_table(p: Part, runs: dict) -> list[str]:
             "|---|" + "---|" * len(p.alphas)] + rows
 
 
+def _by_model_table(p: Part, runs: dict) -> list[str]:
+    """Model heterogeneity: each method's final test accuracy of every family / width the clients
+    hold, and of the model each client holds (mean over clients), mean over seeds. The main table's
+    figure is the first family's model."""
+    archs = list(dict.fromkeys(m for r in runs.values() for m in (r.get("final_accuracy_by_model") or {})))
+    if len(archs) < 2:
+        return []
+    lines = ["", "Model heterogeneity: final test accuracy % of every model the clients hold (the main table "
+             f"reports {archs[0]}), and `clients`: the mean over clients of the accuracy of the model each "
+             "holds; mean over seeds.", "",
+             "| method | " + " | ".join(f"α={a:g} {m}" for a in p.alphas for m in (*archs, "clients")) + " |",
+             "|---|" + "---|" * (len(p.alphas) * (len(archs) + 1))]
+    for v in p.variants:
+        got = {a: [runs[(v, a, s)] for s in p.seeds if (v, a, s) in runs] for a in p.alphas}
+        if not any(got.values()):
+            continue
+        cells_ = []
+        for a in p.alphas:
+            for m in archs:
+                xs = [r["final_accuracy_by_model"][m] for r in got[a] if m in (r.get("final_accuracy_by_model") or {})]
+                cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
+            xs = [r["final_accuracy_clients"] for r in got[a] if r.get("final_accuracy_clients") is not None]
+            cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
+        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+    return lines
+
+
 def part_table(name: str, root: Path) -> tuple[str, dict]:
     from bench.converged import client_units
     from bench.converged_report import collect
@@ -559,6 +586,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
         if any_:
             lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
     lines += _chosen_round_table(p, runs)
+    lines += _by_model_table(p, runs)
     eq = [json.loads((out / f"{v}-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
           for v in ("fedavg-eqc",) for a in p.alphas for s in p.seeds
           if (out / f"{v}-a{a:g}-s{s}" / "bench.json").is_file()]

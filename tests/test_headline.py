@@ -273,3 +273,14 @@ def test_the_validation_split_picks_the_round_not_the_test_set():
     assert headline.best_validation(rows) == (2, 0.38)
     assert headline.best_validation([{"round": 0, "accuracy": 0.2}]) is None
     assert headline.best_validation([]) is None
+
+
+def test_a_families_cell_reports_every_model_the_clients_hold():
+    part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "mosaic"))
+    runs = {("fedavg", 0.1, s): {"final_accuracy_by_model": {"resnet8": 0.30 + d, "cnn_small": 0.40},
+                                 "final_accuracy_clients": 0.35} for s, d in ((1, 0.0), (2, 0.02))}
+    lines = headline._by_model_table(part, runs)
+    assert "| α=0.1 resnet8 | α=0.1 cnn_small | α=0.1 clients |" in lines[3]
+    assert lines[-1] == "| FedAvg | 31.0 | 40.0 | 35.0 |"  # mean over the seeds; Mosaic has no runs: no row
+    one_model = {k: {"final_accuracy_by_model": {"cnn_small": 0.4}} for k in runs}
+    assert headline._by_model_table(part, one_model) == []  # a homogeneous cell: no such table
