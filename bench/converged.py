@@ -79,15 +79,19 @@ EQUAL_COMPUTE = {"fedavg-eqc": ("fedavg", "mosaic"), "fedprox-eqc": ("fedprox", 
 
 def client_units(rows: list[dict]) -> float | None:
     """A run's client work in plain training rounds of the same run: its clients' measured
-    seconds (``client-seconds`` of every round: generators, prototypes and look-ahead
-    training included) over the median seconds of one plain training round of that run (a
-    round whose look-ahead trained the clients twice counts half). Measured within one run,
-    so the machine's load at other times does not enter. FedAvg's R rounds are R units."""
+    seconds (every round: generators, prototypes and look-ahead training included) over the
+    median seconds of one plain training round of that run (a round whose look-ahead trained
+    the clients twice counts half). FedAvg's R rounds are R units. CPU seconds
+    (``client-cpu-seconds``) where every round has them: the load of other processes on the
+    same cores does not enter; else wall seconds (``client-seconds``: runs before they were
+    recorded, GPU clients), whose ratio a load that changes within the run distorts."""
     import statistics
 
-    secs = [r.get("client-seconds") for r in rows if r["round"] > 0]
-    plain = [r["client-seconds"] / (2 if r.get("shadow-clients") else 1) for r in rows
-             if r["round"] > 1 and r.get("client-seconds") and not r.get("gen-seconds-mean")]
+    rounds = [r for r in rows if r["round"] > 0]
+    key = "client-cpu-seconds" if rounds and all(r.get("client-cpu-seconds") for r in rounds) else "client-seconds"
+    secs = [r.get(key) for r in rounds]
+    plain = [r[key] / (2 if r.get("shadow-clients") else 1) for r in rows
+             if r["round"] > 1 and r.get(key) and not r.get("gen-seconds-mean")]
     if not secs or None in secs or not plain:
         return None
     return sum(secs) / statistics.median(plain)

@@ -509,7 +509,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     if p.cut:
         lines += [f"Cut to fit the grid's ~12 h on 2 cores: {p.cut}.", ""]
     lines += [n for note in p.notes for n in (note, "")]
-    lines += ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured seconds (all "
+    lines += ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
+              "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
+              "all "
               "clients; generators, prototypes and look-ahead training included; the gate's evaluation queries not) "
               "over the seconds of one plain training round of the same run, i.e. in FedAvg rounds (FedAvg: the "
               "round count), mean over the runs.", "",

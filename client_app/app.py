@@ -19,12 +19,21 @@ from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.prototypes import per_class_subset
 from mosaic_flwr.mosaic.training import predict_logits, restriction_scale, train_local
 from mosaic_flwr.privacy import dp as dpm
-from mosaic_flwr.records import (ARRAYS, CLIENT_SECONDS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES, mosaic_payload,
-                                 record_to_state, state_to_record)
+from mosaic_flwr.records import (ARRAYS, CLIENT_CPU_SECONDS, CLIENT_SECONDS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES,
+                                 mosaic_payload, record_to_state, state_to_record)
 from mosaic_flwr.seeds import mix_seed
 from mosaic_flwr.strategies.fedbn import LOCAL_BN, keep_local_bn, restore_local_bn
 from mosaic_flwr.strategies.fedrs import ALPHA_KEY
 from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition, unseen_data
+
+def _work(t0: float, c0: float, device) -> dict[str, float]:
+    """A train reply's client work since ``t0`` (``time.perf_counter``) and ``c0``
+    (``time.process_time``): wall seconds, and on a CPU device the process's CPU seconds."""
+    out = {CLIENT_SECONDS: time.perf_counter() - t0}
+    if str(device).startswith("cpu"):
+        out[CLIENT_CPU_SECONDS] = time.process_time() - c0
+    return out
+
 
 app = ClientApp()
 
@@ -109,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
     return weights. FedRS: ``fedrs-alpha`` scales the logits of the classes this client
     lacks; FedBN (``local-bn``): this client's own BatchNorm entries replace the received
     ones, and are kept in its node state for the next round."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg, x, y, model, c, seed = _received(msg, context)
     info = dataset_info(cfg.dataset)
     local_bn = bool(c.get(LOCAL_BN, False))
@@ -125,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     # With DP the declared example count is the noisy counts' sum (the discovery's declaration).
     n = len(y) if dpm.dp_settings(cfg.values) is None else int(released_counts(cfg, context, y, info.num_classes).sum())
     metrics = MetricRecord({NUM_EXAMPLES: n, "train-loss": stats["train-loss"],
-                            CLIENT_SECONDS: time.perf_counter() - t0})
+                            **_work(t0, c0, resolve_device(cfg.device))})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
@@ -169,7 +178,7 @@ def meta_logits(msg: Message, context: Context) -> Message:
 def train_mosaic(msg: Message, context: Context) -> Message:
     """Mosaic warm-up round (weights + label counts); at the distillation round also the
     prototypes and the once-trained conditional generator."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg, x, y, model, c, seed = _received(msg, context)
     distill = bool(c.get("distill", False))
     gen = None
@@ -192,5 +201,5 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         model, x, y, info, train=sgd_settings(c),
         seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen,
         augment=augmenter(cfg.augment, info), audit_unseen=unseen, **dp)
-    result.metrics[CLIENT_SECONDS] = time.perf_counter() - t0
+    result.metrics.update(_work(t0, c0, resolve_device(cfg.device)))
     return Message(content=mosaic_payload(result), reply_to=msg)

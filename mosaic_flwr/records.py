@@ -20,6 +20,10 @@ METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"
 CLIENT_SECONDS = "client-seconds"  # a train reply's wall time on the client (benchmarks: client compute)
+# ... and its CPU time (the client process's, all threads; CPU devices only): client compute that
+# other processes' load on the same cores does not inflate, as it does wall time
+CLIENT_CPU_SECONDS = "client-cpu-seconds"
+WORK_KEYS = (CLIENT_SECONDS, CLIENT_CPU_SECONDS)  # summed over a round's replies
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -167,6 +167,9 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
     # the clients' reported wall time per round, and in total (client compute in benchmarks)
     assert all(r["client-seconds"] > 0 for r in rows[1:])
     assert summary["client_seconds"] == pytest.approx(sum(r["client-seconds"] for r in rows[1:]), abs=0.02)
+    # CPU clients also report their process's CPU seconds (what equal-compute budgets use)
+    assert all(r["client-cpu-seconds"] > 0 for r in rows[1:])
+    assert summary["client_cpu_seconds"] == pytest.approx(sum(r["client-cpu-seconds"] for r in rows[1:]), abs=0.02)
     assert (out["dir"] / "generator_samples.png").stat().st_size > 1000
 
     # The student entered distillation as the round's aggregate: the example-weighted mean

@@ -36,6 +36,18 @@ def test_client_units_count_plain_rounds_of_the_same_run():
     assert client_units(rows([80.0], gen_round=1)) is None  # no plain round to measure a unit with
 
 
+
+def test_client_units_use_cpu_seconds_where_every_round_has_them():
+    """Wall seconds of a generator round slowed 5x by another process on the same cores would make
+    it 40 plain rounds; its CPU seconds still say 8."""
+    loaded = rows([400.0, 10.0, 10.0], gen_round=1)
+    for r, cpu in zip(loaded[1:], (80.0, 10.0, 10.0)):
+        r["client-cpu-seconds"] = cpu
+    assert client_units(loaded) == pytest.approx(10.0)
+    del loaded[2]["client-cpu-seconds"]  # a round without them: wall seconds throughout, never a mix
+    assert client_units(loaded) == pytest.approx(42.0)
+
+
 def test_equal_compute_rounds_wait_for_the_target_and_match_its_work(tmp_path):
     assert equal_compute_rounds(tmp_path, "fedavg-eqc", 0.1, 1, 3) is None
     run = tmp_path / converged.variant_name("mosaic", 0.1, 1)

@@ -41,10 +41,12 @@ from ..mosaic.submodels import IndexPlan, masked_average, model_plan, robust_mas
 from ..mosaic.training import evaluate
 from ..records import (
     ARRAYS,
+    CLIENT_CPU_SECONDS,
     CLIENT_SECONDS,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    WORK_KEYS,
     decode_evaluate_reply,
     decode_reply,
     state_to_record,
@@ -289,10 +291,11 @@ class BankStrategy(FedAvg):
                 self.reject(msg, arch, problem)
                 continue
             kept[node] = (arch, self.absorb(server_round, arch, payload))
-            seconds = msg.content.metric_records[METRICS].get(CLIENT_SECONDS, 0.0)
-            if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
-                m = self.sc.train_metrics
-                m[CLIENT_SECONDS] = round(m.get(CLIENT_SECONDS, 0.0) + float(seconds), 3)
+            for key in WORK_KEYS:  # the client work it reports, summed over the round
+                seconds = msg.content.metric_records[METRICS].get(key)
+                if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
+                    m = self.sc.train_metrics
+                    m[key] = round(m.get(key, 0.0) + float(seconds), 3)
         return [kept[n] for n in sorted(kept, key=self.sc.partition_of)]
 
     def decode(self, server_round: int, msg: Message, arch: Arch) -> tuple[object, str | None]:
@@ -472,6 +475,8 @@ class BankStrategy(FedAvg):
         sc.results.extra["rejected_replies"] = self.rejected
         # What the clients reported spending on training replies (benchmarks: client compute)
         sc.results.extra["client_seconds"] = round(sum(r.get(CLIENT_SECONDS, 0.0) for r in sc.results.rounds), 2)
+        if any(CLIENT_CPU_SECONDS in r for r in sc.results.rounds):
+            sc.results.extra["client_cpu_seconds"] = round(sum(r.get(CLIENT_CPU_SECONDS, 0.0) for r in sc.results.rounds), 2)
         last = sc.results.rounds[-1] if sc.results.rounds else {}
         by_arch = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
         if by_arch:

@@ -48,7 +48,7 @@ from ..mosaic.ensemble import ClientEnsemble, label_weights, uniform_weights
 from ..mosaic.experts import StackedExperts
 from ..mosaic.moe import GeneratorSampler, teacher_logits
 from ..mosaic.training import logits_metrics
-from ..records import CLIENT_SECONDS, MosaicReply, decode_mosaic_reply, state_to_record
+from ..records import CLIENT_SECONDS, WORK_KEYS, MosaicReply, decode_mosaic_reply, state_to_record
 from ..privacy.audit import validate_figures
 from ..privacy.report import THRESHOLDS, client_entry, plot_privacy, summarise, summary_line
 from ..results import save_generator_grid, write_json
@@ -587,9 +587,9 @@ class DistillStrategy(BankStrategy):
         finally:
             self.globals, shadow_metrics, sc.train_metrics = distilled, sc.train_metrics, main_metrics
         main_metrics["shadow-clients"] = shadow_metrics.get("clients", 0)
-        if CLIENT_SECONDS in shadow_metrics:  # the look-ahead's client work counts as the round's
-            main_metrics[CLIENT_SECONDS] = round(main_metrics.get(CLIENT_SECONDS, 0.0)
-                                                 + shadow_metrics[CLIENT_SECONDS], 3)
+        for key in WORK_KEYS:  # the look-ahead's client work counts as the round's
+            if key in shadow_metrics:
+                main_metrics[key] = round(main_metrics.get(key, 0.0) + shadow_metrics[key], 3)
         main_metrics["acc-undistilled"] = self.evaluate_arch(Arch(self.primary), self.shadow[self.primary])["accuracy"]
         val = self.evaluate_val(self.shadow[self.primary])
         if val is not None:
