@@ -87,8 +87,10 @@ def client_units(rows: list[dict]) -> float | None:
     recorded, GPU clients), whose ratio a load that changes within the run distorts."""
     import statistics
 
+    from mosaic_flwr.records import CLIENT_CPU_SECONDS, CLIENT_SECONDS
+
     rounds = [r for r in rows if r["round"] > 0]
-    key = "client-cpu-seconds" if rounds and all(r.get("client-cpu-seconds") for r in rounds) else "client-seconds"
+    key = CLIENT_CPU_SECONDS if rounds and all(r.get(CLIENT_CPU_SECONDS) for r in rounds) else CLIENT_SECONDS
     secs = [r.get(key) for r in rounds]
     plain = [r[key] / (2 if r.get("shadow-clients") else 1) for r in rows
              if r["round"] > 1 and r.get(key) and not r.get("gen-seconds-mean")]

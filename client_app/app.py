@@ -26,6 +26,7 @@ from mosaic_flwr.strategies.fedbn import LOCAL_BN, keep_local_bn, restore_local_
 from mosaic_flwr.strategies.fedrs import ALPHA_KEY
 from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition, unseen_data
 
+
 def _work(t0: float, c0: float, device) -> dict[str, float]:
     """A train reply's client work since ``t0`` (``time.perf_counter``) and ``c0``
     (``time.process_time``): wall seconds, and on a CPU device the process's CPU seconds."""

@@ -291,10 +291,10 @@ class BankStrategy(FedAvg):
                 self.reject(msg, arch, problem)
                 continue
             kept[node] = (arch, self.absorb(server_round, arch, payload))
+            m = self.sc.train_metrics
             for key in WORK_KEYS:  # the client work it reports, summed over the round
                 seconds = msg.content.metric_records[METRICS].get(key)
                 if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
-                    m = self.sc.train_metrics
                     m[key] = round(m.get(key, 0.0) + float(seconds), 3)
         return [kept[n] for n in sorted(kept, key=self.sc.partition_of)]
 
