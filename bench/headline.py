@@ -718,11 +718,13 @@ def plan(parts: list[str], root: Path) -> str:
             for a in p.alphas:
                 secs, left = per_cell[(a, s)]
                 est = sum(mean.get(k, 0.0) for k in left)
-                unmeasured |= {f"{name}:{k}" for k in left if k not in mean}
+                new = [k for k in left if k not in mean]
+                unmeasured |= {f"{name}:{k}" for k in new}
                 done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600
                 lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {len(p.methods(s)) + 2} done, "
                              f"{sum(secs.values()) / 3600:.2f} h: " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items())
-                             + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else ""))
+                             + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else "")
+                             + (f" + {len(new)} not yet measured" if new else ""))
         lines.append(f"{name}: {done_h:.1f} core-hours done (runs restored from an earlier table count 0 when "
                      f"they lack their time), ~{left_h:.1f} core-hours left")
         total_done, total_left = total_done + done_h, total_left + left_h

@@ -296,3 +296,30 @@ def test_a_families_cell_reports_every_model_the_clients_hold():
     assert lines[-1] == "| FedAvg | 31.0 | 40.0 | 35.0 |"  # mean over the seeds; Mosaic has no runs: no row
     one_model = {k: {"final_accuracy_by_model": {"cnn_small": 0.4}} for k in runs}
     assert headline._by_model_table(part, one_model) == []  # a homogeneous cell: no such table
+
+
+def test_the_plan_counts_a_shared_round_once_and_estimates_what_is_left(tmp_path, monkeypatch):
+    """--plan: done = the finished runs' wall seconds, a distilling group's shared round 1 once;
+    left = the mean of the same run kind in the part, a kind never run named as unmeasured."""
+    part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "mosaic", "mosaic-nometa"))
+    monkeypatch.setitem(headline.PARTS, "t", part)
+    out = headline.runs_dir("t", tmp_path)
+
+    def finished(run: str, wall: float, shared: float | None = None) -> None:
+        (out / run).mkdir(parents=True)
+        (out / run / "summary.json").write_text(json.dumps({"wall_seconds": wall}))
+        if shared is not None:
+            (out / run / "bench.json").write_text(json.dumps({"shared_seconds": shared}))
+
+    finished(converged.pretrain_name(0.1, 1), 3600.0)
+    finished(converged.variant_name("fedavg", 0.1, 1), 360.0)
+    finished(converged.variant_name("mosaic", 0.1, 1), 1800.0, shared=900.0)
+    finished(converged.variant_name("mosaic-nometa", 0.1, 1), 1440.0, shared=900.0)
+    lines = headline.plan(["t"], tmp_path).splitlines()
+    # seed 1: 3600 + 360 + 1800 + (1440 - 900) s = 1.75 h; its central never ran
+    assert lines[0].startswith("t alpha=0.1 seed=1: 4 of 5 done, 1.75 h")
+    assert lines[0].endswith("left: 1, ~0.0 h + 1 not yet measured")
+    # seed 2: every kind at the mean of seed 1's (the group's member without the shared round)
+    assert lines[1].startswith("t alpha=0.1 seed=2: 0 of 5 done") and "left: 5, ~1.8 h + 1 not yet measured" in lines[1]
+    assert lines[2].startswith("t: 1.8 core-hours done") and "~1.8 core-hours left" in lines[2]
+    assert lines[-1].endswith("not yet measured (counted 0): t:central")
