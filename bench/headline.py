@@ -421,6 +421,18 @@ def best_validation(rows: list[dict]) -> tuple[int, float] | None:
 
 
 CHOSEN_ROWS = ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc")
+EQC_ROWS = ("fedavg-eqc", "fedprox-eqc")
+
+
+def chosen_differences(runs: dict, v: str, alpha: float, seeds) -> list[float]:
+    """Mosaic minus ``v`` per seed, each run taken at the round its validation split picks (the seeds
+    where both runs kept per-round scores)."""
+    out = []
+    for s in seeds:
+        m, o = (best_validation((runs.get((w, alpha, s)) or {}).get("rows") or []) for w in ("mosaic", v))
+        if m and o:
+            out.append(m[1] - o[1])
+    return out
 
 
 def _chosen_round_table(p: Part, runs: dict) -> list[str]:
@@ -543,6 +555,11 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
             common = [s for s in p.seeds if s in acc[("mosaic", a)] and s in acc[(v, a)]]
             cells_.append(paired_interval([acc[("mosaic", a)][s] - acc[(v, a)][s] for s in common], scale=100, digits=1))
         lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+    for v in (v for v in EQC_ROWS if v in p.variants):  # their last round can land in a trough
+        cells_ = [paired_interval(chosen_differences(runs, v, a, p.seeds), scale=100, digits=1) for a in p.alphas]
+        if any(c != "-" for c in cells_):
+            lines.append(f"| {LABELS.get(v, v)}, both at the round the validation split picks | "
+                         + " | ".join(cells_) + " |")
     gap = {}
     if cen:
         cells_ = []

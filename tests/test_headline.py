@@ -287,6 +287,20 @@ def test_the_validation_split_picks_the_round_not_the_test_set():
     assert headline.best_validation([]) is None
 
 
+def test_equal_compute_is_also_compared_at_the_rounds_the_validation_split_picks():
+    """Mosaic minus an equal-compute row per seed, each at its validation-chosen round: a long run's
+    last round landing in a trough must not read as Mosaic's win."""
+    def run(*acc_val):
+        return {"rows": [{"round": r, "accuracy": a, "val-accuracy": v} for r, (a, v) in enumerate(acc_val)]}
+
+    runs = {("mosaic", 0.1, 1): run((0.30, 0.30), (0.35, 0.34)),
+            ("fedavg-eqc", 0.1, 1): run((0.30, 0.30), (0.40, 0.41), (0.33, 0.32)),  # final 0.33, chosen 0.40
+            ("mosaic", 0.1, 2): run((0.30, 0.30), (0.36, 0.35)),
+            ("fedavg-eqc", 0.1, 2): {"rows": None}}  # restored without per-round scores: left out
+    assert headline.chosen_differences(runs, "fedavg-eqc", 0.1, (1, 2)) == pytest.approx([-0.05])
+    assert headline.chosen_differences(runs, "fedprox-eqc", 0.1, (1, 2)) == []
+
+
 def test_a_families_cell_reports_every_model_the_clients_hold():
     part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "mosaic"))
     runs = {("fedavg", 0.1, s): {"final_accuracy_by_model": {"resnet8": 0.30 + d, "cnn_small": 0.40},
