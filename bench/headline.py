@@ -421,7 +421,6 @@ def best_validation(rows: list[dict]) -> tuple[int, float] | None:
 
 
 CHOSEN_ROWS = ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc")
-EQC_ROWS = ("fedavg-eqc", "fedprox-eqc")
 
 
 def chosen_differences(runs: dict, v: str, alpha: float, seeds) -> list[float]:
@@ -493,7 +492,7 @@ def _by_model_table(p: Part, runs: dict) -> list[str]:
 
 
 def part_table(name: str, root: Path) -> tuple[str, dict]:
-    from bench.converged import client_units
+    from bench.converged import EQUAL_COMPUTE, client_units
     from bench.converged_report import collect
 
     p = PARTS[name]
@@ -555,7 +554,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
             common = [s for s in p.seeds if s in acc[("mosaic", a)] and s in acc[(v, a)]]
             cells_.append(paired_interval([acc[("mosaic", a)][s] - acc[(v, a)][s] for s in common], scale=100, digits=1))
         lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
-    for v in (v for v in EQC_ROWS if v in p.variants):  # their last round can land in a trough
+    for v in (v for v in EQUAL_COMPUTE if v in p.variants):  # their last round can land in a trough
         cells_ = [paired_interval(chosen_differences(runs, v, a, p.seeds), scale=100, digits=1) for a in p.alphas]
         if any(c != "-" for c in cells_):
             lines.append(f"| {LABELS.get(v, v)}, both at the round the validation split picks | "
