@@ -570,7 +570,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
             m = statistics.mean(acc[("mosaic", a)][s] for s in common)
             f = statistics.mean(acc[("fedavg", a)][s] for s in common)
             gap[a] = (m - f) / (statistics.mean(cen) - f)
-            cells_.append(f"{gap[a]:+.2f} ({len(common)} seeds)")
+            cells_.append(f"{gap[a]:+.2f} ({len(common)} seed{'' if len(common) == 1 else 's'})")
         lines += ["", "Gap closure (Mosaic − FedAvg) / (central − FedAvg), means over the seeds: "
                   + ", ".join(f"α={a:g}: {c}" for a, c in zip(p.alphas, cells_)) + "."]
     # why: the distillation round
@@ -616,9 +616,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     done = sum(len(x) for x in acc.values())
     total = sum(1 for a in p.alphas for s in p.seeds for v in p.methods(s)
                 if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file())
-    lines += ["", f"Runs finished: {done} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} pre-trainings, "
-              f"{len(cen)} of {len(p.seeds) if p.central else 0} central). Details: "
-              f"`bench/results/headline-{name}-detail.md`.", ""]
+    central_done = f", {len(cen)} of {len(p.seeds)} central" if p.central else ""
+    lines += ["", f"Runs finished: {done} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} pre-trainings"
+              f"{central_done}). Details: `bench/results/headline-{name}-detail.md`.", ""]
     plot(name, p, acc, cen)
     data = {"accuracy": {f"{v}|{a:g}": {str(s): x for s, x in acc[(v, a)].items()} for v in p.variants for a in p.alphas},
             "central": {str(s): central[s]["final_accuracy"] for s in central},

@@ -103,6 +103,8 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert json.loads((out / "fedavg-eqc-a0.1-s1" / "summary.json").read_text())["rounds"] == eq["rounds"]
     md = (results / "headline.md").read_text()
     assert "| FedBN | refused |" in md and "Mosaic minus each method" in md and "Gap closure" in md
+    assert "α=0.1: " in md and "(1 seed)" in md and "(1 seeds)" not in md
+    assert "1 of 1 central" in md
     assert (results / "headline-tiny.png").stat().st_size > 0
     assert (results / "headline-tiny-detail.md").is_file()
     # resumes: a second call runs nothing (every run directory is left as it was)
