@@ -314,6 +314,19 @@ def test_a_families_cell_reports_every_model_the_clients_hold():
     assert headline._by_model_table(part, one_model) == []  # a homogeneous cell: no such table
 
 
+def test_a_part_without_a_central_reference_reports_none(tmp_path, monkeypatch):
+    """The families part has no centralised reference: no central row, no gap closure, and its
+    footer counts pre-trainings only (not '0 of 0 central')."""
+    monkeypatch.setattr(headline, "RESULTS", tmp_path)
+    monkeypatch.setitem(headline.PARTS, "t", Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "mosaic"), central=False))
+    (tmp_path / "headline-t").mkdir()
+    md, data = headline.part_table("t", tmp_path)
+    assert "central" not in md and data["central"] == {}
+    assert "Runs finished: 0 of 2 (+ 0 of 1 pre-trainings)." in md
+    monkeypatch.setitem(headline.PARTS, "t", Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "mosaic")))
+    assert "(+ 0 of 1 pre-trainings, 0 of 1 central)." in headline.part_table("t", tmp_path)[0]
+
+
 def test_the_plan_counts_a_shared_round_once_and_estimates_what_is_left(tmp_path, monkeypatch):
     """--plan: done = the finished runs' wall seconds, a distilling group's shared round 1 once;
     left = the mean of the same run kind in the part, a kind never run named as unmeasured."""
