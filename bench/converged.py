@@ -16,7 +16,9 @@ the server side alone. Stage 3: the centralised reference per seed (the same mod
 on the union of the clients' data, as many sample passes as the whole federated run).
 
 Every run directory holds a run's files (``summary.json``, ``metrics.json``); a finished
-one is never rerun, so each stage resumes cell by cell.
+one is never rerun, so each stage resumes cell by cell. An interrupted run goes on from the
+checkpoint of its last round (``resumable``), except the distilling variants that share round 1
+(Mosaic's group, ``replay_group``), which start again.
 
     .venv/bin/python bench/converged.py --stage pretrain --shard 0/2   # and 1/2, in parallel
     .venv/bin/python bench/converged.py --stage continue --shard 0/2   # and 1/2
@@ -193,13 +195,18 @@ def pretrain_config(alpha: float, seed: int, runs_dir: Path) -> dict:
             "num-server-rounds": OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS)}
 
 
+def resumable(rc: dict, out: Path) -> dict:
+    """``rc`` writing a checkpoint after every round and, when an interrupted run of it left
+    one in ``out``, going on from that round (``resume``: the run checks that the config is the
+    checkpoint's, and its metrics continue the saved ones)."""
+    return {**rc, "checkpoint": True, **({"resume": str(out)} if (out / "checkpoint.pt").is_file() else {})}
+
+
 def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
     name = pretrain_name(alpha, seed)
     if cell_done(runs_dir / name):
         return
-    rc = pretrain_config(alpha, seed, runs_dir)
-    if (runs_dir / name / "checkpoint.pt").is_file():  # interrupted: go on from its last round
-        rc["resume"] = str(runs_dir / name)
+    rc = resumable(pretrain_config(alpha, seed, runs_dir), runs_dir / name)
     print(f"[converged] pre-training FedAvg alpha={alpha:g} seed={seed}, {rc['num-server-rounds']} rounds"
           + (" (resumed)" if rc.get("resume") else ""), flush=True)
     s = run_inprocess(rc, num_clients, f"FedAvg pre-training (alpha={alpha:g}, seed {seed})")
@@ -255,8 +262,10 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
             indent=2) + "\n")
 
     def plain(variant: str) -> None:
-        print(f"[converged] alpha={alpha:g} seed={seed}: {variant}", flush=True)
-        s = run_inprocess(run_config(variant), num_clients, f"{variant} from FedAvg (alpha={alpha:g}, seed {seed})")
+        rc = resumable(run_config(variant), runs_dir / variant_name(variant, alpha, seed))
+        print(f"[converged] alpha={alpha:g} seed={seed}: {variant}" + (" (resumed)" if rc.get("resume") else ""),
+              flush=True)
+        s = run_inprocess(rc, num_clients, f"{variant} from FedAvg (alpha={alpha:g}, seed {seed})")
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f} (validation "
               f"{s.get('final_val_accuracy', float('nan')):.4f})", flush=True)
 
@@ -276,7 +285,10 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
             return False
         print(f"[converged] alpha={alpha:g} seed={seed}: {variant}: {eq['rounds']} rounds: {eq['target']}'s clients "
               f"worked {eq['target_units']:.1f} plain rounds' time ({eq['target_client_seconds']:.0f} s)", flush=True)
-        rc = {**run_config(variant), "num-server-rounds": eq["rounds"]}
+        rc = resumable({**run_config(variant), "num-server-rounds": eq["rounds"]},
+                       runs_dir / variant_name(variant, alpha, seed))
+        if rc.get("resume"):
+            print(f"[converged]   {variant}: resumed from its checkpoint", flush=True)
         s = run_inprocess(rc, num_clients, f"{variant} from FedAvg, {eq['rounds']} rounds (alpha={alpha:g}, seed {seed})",
                           equal_compute=eq)
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f}", flush=True)

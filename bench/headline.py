@@ -3,8 +3,8 @@
 Fashion-MNIST and CIFAR-10, at equal rounds and at equal client compute.
 
 One command runs the whole grid, cell by cell, and resumes where it was interrupted (a
-finished run directory is never rerun; an interrupted pre-training goes on from its
-checkpoint):
+finished run directory is never rerun; an interrupted run goes on from its last round's
+checkpoint, except Mosaic's group, which shares round 1 and starts again):
 
     .venv/bin/python bench/grid.py headline                          # every part, in order
     .venv/bin/python bench/grid.py headline --parts fmnist           # one part

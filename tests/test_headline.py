@@ -10,6 +10,8 @@ import pytest
 from bench import converged, converged_report, headline
 from bench.converged import client_units, equal_compute_rounds
 from bench.headline import Part
+from mosaic_flwr import inprocess
+from mosaic_flwr.checkpoint import load_checkpoint
 
 
 def rows(secs: list[float], gen_round: int | None = None, shadow: tuple[int, ...] = ()) -> list[dict]:
@@ -90,8 +92,32 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(converged_report, "RESULTS", results)
     monkeypatch.setitem(headline.PARTS, "tiny", Part(
         "tiny", TINY, (0.1,), (1,), 2, variants=("fedavg", "fedbn", "feddf", "mosaic", "mosaic-nometa", "fedavg-eqc")))
-    headline.main(["--parts", "tiny", "--runs-root", str(tmp_path)])
+    # the equal-compute run (tens of rounds on CIFAR-10) and a distilling rival die in their round
+    # 2, after round 1's checkpoint; the grid's next calls go on from there instead of starting again
+    real_grid, crashed = inprocess.InProcessGrid, []
+
+    def crash_in_round_2(grid, node, incoming, reply):
+        if "config" in incoming.content.config_records and int(
+                incoming.content.config_records["config"]["server-round"]) == 2:
+            raise Crash
+        return reply
+
+    def grid(client_app, rc, num_nodes, **kw):
+        if rc["run-name"] in ("fedavg-eqc-a0.1-s1", "feddf-a0.1-s1") and rc["run-name"] not in crashed:
+            crashed.append(rc["run-name"])
+            kw["hook"] = crash_in_round_2
+        return real_grid(client_app, rc, num_nodes, **kw)
+
+    monkeypatch.setattr(inprocess, "InProcessGrid", grid)
     out = tmp_path / "headline-tiny"
+    for name in ("fedavg-eqc-a0.1-s1", "feddf-a0.1-s1"):  # the order the cell runs them
+        with pytest.raises(Crash):
+            headline.main(["--parts", "tiny", "--runs-root", str(tmp_path)])
+        assert load_checkpoint(out / name)["round"] == 1 and not (out / name / "summary.json").exists()
+    headline.main(["--parts", "tiny", "--runs-root", str(tmp_path)])
+    assert crashed == ["fedavg-eqc-a0.1-s1", "feddf-a0.1-s1"]
+    for name in crashed:
+        assert json.loads((out / name / "summary.json").read_text())["resumed_after_round"] == 1
     # FedBN refuses cnn_small before any training, once, with the reason on disk and in the table
     assert "BatchNorm" in json.loads((out / "fedbn-a0.1-s1" / "refused.json").read_text())["reason"]
     for v in ("fedavg", "feddf", "mosaic", "mosaic-nometa", "fedavg-eqc"):
@@ -122,6 +148,10 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert {p.parent.name for p in (fresh / "headline-tiny").glob("*/summary.json")} == {
         p.parent.name for p in ledger.glob("*/summary.json")}
     assert not list(fresh.rglob("*.pt"))  # nothing trained: every run came from the ledger
+
+
+class Crash(BaseException):
+    """A run's process dying mid-round (a BaseException: nothing on the way catches it)."""
 
 
 def _run(path, files=("summary.json", "metrics.json", "config.json", "checkpoint.pt")):
