@@ -690,6 +690,17 @@ def report(parts: list[str], root: Path) -> str:
     return md
 
 
+def run_seconds(run: Path) -> float:
+    """A finished run's wall seconds; for a resumed one, its rounds before the interruption
+    (their per-round seconds, kept in the checkpoint) added to the resumed process's."""
+    summary = json.loads((run / "summary.json").read_text())
+    wall, after = summary.get("wall_seconds") or 0.0, summary.get("resumed_after_round")
+    if after is not None and wall and (run / "metrics.json").is_file():
+        wall += sum(r.get("seconds", 0.0) for r in json.loads((run / "metrics.json").read_text())
+                    if r["round"] <= after)
+    return wall
+
+
 def plan(parts: list[str], root: Path) -> str:
     """The cells, what the finished runs cost (wall seconds, one thread each) and what the
     missing ones will, estimated by the mean of the same run kind in the same part (a kind no
@@ -713,7 +724,7 @@ def plan(parts: list[str], root: Path) -> str:
                     continue  # one central reference per seed
                 d = run_dir(k, a, s)
                 if (d / "summary.json").is_file():
-                    secs[k] = json.loads((d / "summary.json").read_text()).get("wall_seconds") or 0.0
+                    secs[k] = run_seconds(d)
                     b = json.loads((d / "bench.json").read_text()) if (d / "bench.json").is_file() else {}
                     if (sh := b.get("shared_seconds")) and secs[k]:
                         secs[k] -= sh if sh in shared else 0.0

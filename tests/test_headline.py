@@ -358,19 +358,23 @@ def test_a_part_without_a_central_reference_reports_none(tmp_path, monkeypatch):
 
 
 def test_the_plan_counts_a_shared_round_once_and_estimates_what_is_left(tmp_path, monkeypatch):
-    """--plan: done = the finished runs' wall seconds, a distilling group's shared round 1 once;
-    left = the mean of the same run kind in the part, a kind never run named as unmeasured."""
+    """--plan: done = the finished runs' wall seconds (a resumed one's rounds before the
+    interruption included), a distilling group's shared round 1 once; left = the mean of the same run kind in the part, a kind never run named as unmeasured."""
     part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "mosaic", "mosaic-nometa"))
     monkeypatch.setitem(headline.PARTS, "t", part)
     out = headline.runs_dir("t", tmp_path)
 
-    def finished(run: str, wall: float, shared: float | None = None) -> None:
+    def finished(run: str, wall: float, shared: float | None = None, **summary) -> None:
         (out / run).mkdir(parents=True)
-        (out / run / "summary.json").write_text(json.dumps({"wall_seconds": wall}))
+        (out / run / "summary.json").write_text(json.dumps({"wall_seconds": wall, **summary}))
         if shared is not None:
             (out / run / "bench.json").write_text(json.dumps({"shared_seconds": shared}))
 
-    finished(converged.pretrain_name(0.1, 1), 3600.0)
+    # resumed after its round 2: 900 s before the interruption (its checkpointed rounds' seconds)
+    finished(converged.pretrain_name(0.1, 1), 2700.0, resumed_after_round=2)
+    (out / converged.pretrain_name(0.1, 1) / "metrics.json").write_text(json.dumps(
+        [{"round": 0, "seconds": 10.0}, {"round": 1, "seconds": 400.0}, {"round": 2, "seconds": 490.0},
+         {"round": 3, "seconds": 2000.0}]))
     finished(converged.variant_name("fedavg", 0.1, 1), 360.0)
     finished(converged.variant_name("mosaic", 0.1, 1), 1800.0, shared=900.0)
     finished(converged.variant_name("mosaic-nometa", 0.1, 1), 1440.0, shared=900.0)
