@@ -283,12 +283,11 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
         eq = equal_compute_rounds(runs_dir, variant, alpha, seed, rounds)
         if eq is None:
             return False
-        print(f"[converged] alpha={alpha:g} seed={seed}: {variant}: {eq['rounds']} rounds: {eq['target']}'s clients "
-              f"worked {eq['target_units']:.1f} plain rounds' time ({eq['target_client_seconds']:.0f} s)", flush=True)
         rc = resumable({**run_config(variant), "num-server-rounds": eq["rounds"]},
                        runs_dir / variant_name(variant, alpha, seed))
-        if rc.get("resume"):
-            print(f"[converged]   {variant}: resumed from its checkpoint", flush=True)
+        print(f"[converged] alpha={alpha:g} seed={seed}: {variant}: {eq['rounds']} rounds: {eq['target']}'s clients "
+              f"worked {eq['target_units']:.1f} plain rounds' time ({eq['target_client_seconds']:.0f} s)"
+              + (" (resumed)" if rc.get("resume") else ""), flush=True)
         s = run_inprocess(rc, num_clients, f"{variant} from FedAvg, {eq['rounds']} rounds (alpha={alpha:g}, seed {seed})",
                           equal_compute=eq)
         print(f"[converged]   {variant}: final {s['final_accuracy']:.4f}", flush=True)

@@ -12,6 +12,7 @@ from bench.converged import client_units, equal_compute_rounds
 from bench.headline import Part
 from mosaic_flwr import inprocess
 from mosaic_flwr.checkpoint import load_checkpoint
+from tests.test_reliability import Crash, _crash_in
 
 
 def rows(secs: list[float], gen_round: int | None = None, shadow: tuple[int, ...] = ()) -> list[dict]:
@@ -96,16 +97,10 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     # 2, after round 1's checkpoint; the grid's next calls go on from there instead of starting again
     real_grid, crashed = inprocess.InProcessGrid, []
 
-    def crash_in_round_2(grid, node, incoming, reply):
-        if "config" in incoming.content.config_records and int(
-                incoming.content.config_records["config"]["server-round"]) == 2:
-            raise Crash
-        return reply
-
     def grid(client_app, rc, num_nodes, **kw):
         if rc["run-name"] in ("fedavg-eqc-a0.1-s1", "feddf-a0.1-s1") and rc["run-name"] not in crashed:
             crashed.append(rc["run-name"])
-            kw["hook"] = crash_in_round_2
+            kw["hook"] = _crash_in(2)
         return real_grid(client_app, rc, num_nodes, **kw)
 
     monkeypatch.setattr(inprocess, "InProcessGrid", grid)
@@ -148,10 +143,6 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert {p.parent.name for p in (fresh / "headline-tiny").glob("*/summary.json")} == {
         p.parent.name for p in ledger.glob("*/summary.json")}
     assert not list(fresh.rglob("*.pt"))  # nothing trained: every run came from the ledger
-
-
-class Crash(BaseException):
-    """A run's process dying mid-round (a BaseException: nothing on the way catches it)."""
 
 
 def _run(path, files=("summary.json", "metrics.json", "config.json", "checkpoint.pt")):
@@ -359,7 +350,8 @@ def test_a_part_without_a_central_reference_reports_none(tmp_path, monkeypatch):
 
 def test_the_plan_counts_a_shared_round_once_and_estimates_what_is_left(tmp_path, monkeypatch):
     """--plan: done = the finished runs' wall seconds (a resumed one's rounds before the
-    interruption included), a distilling group's shared round 1 once; left = the mean of the same run kind in the part, a kind never run named as unmeasured."""
+    interruption included), a distilling group's shared round 1 once; left = the mean of the
+    same run kind in the part, a kind never run named as unmeasured."""
     part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "mosaic", "mosaic-nometa"))
     monkeypatch.setitem(headline.PARTS, "t", part)
     out = headline.runs_dir("t", tmp_path)
