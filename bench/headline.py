@@ -704,7 +704,9 @@ def run_seconds(run: Path) -> float:
 def plan(parts: list[str], root: Path) -> str:
     """The cells, what the finished runs cost (wall seconds, one thread each) and what the
     missing ones will, estimated by the mean of the same run kind in the same part (a kind no
-    run of which has finished yet is named as unmeasured), to size the grid."""
+    run of which has finished yet is named as unmeasured), to size the grid. A pre-training
+    recorded without its checkpoint in a cell with runs left is counted as left: the grid runs
+    it again (``ensure_start``)."""
     from bench.converged import pretrain_name, variant_name
 
     lines, total_done, total_left, unmeasured = [], 0.0, 0.0, set()
@@ -723,7 +725,9 @@ def plan(parts: list[str], root: Path) -> str:
                 if k == "central" and a != p.alphas[0]:
                     continue  # one central reference per seed
                 d = run_dir(k, a, s)
-                if (d / "summary.json").is_file():
+                if k == "pretrain" and (d / "summary.json").is_file() and not has_start(d) and pending(p, out, a, s):
+                    left.append(k)  # recorded without its checkpoint, runs left: pre-trained again (ensure_start)
+                elif (d / "summary.json").is_file():
                     secs[k] = run_seconds(d)
                     b = json.loads((d / "bench.json").read_text()) if (d / "bench.json").is_file() else {}
                     if (sh := b.get("shared_seconds")) and secs[k]:
@@ -748,8 +752,10 @@ def plan(parts: list[str], root: Path) -> str:
                 new = [k for k in left if k not in mean]
                 unmeasured |= {f"{name}:{k}" for k in new}
                 done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600
-                lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {len(p.methods(s)) + 2} done, "
-                             f"{sum(secs.values()) / 3600:.2f} h: " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items())
+                runs = (sum(not refuses(p, k) for k in p.methods(s))  # FedBN without BatchNorm: no run
+                        + 1 + (p.central and a == p.alphas[0]))  # + the pre-training and the central reference
+                lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {runs} done, {sum(secs.values()) / 3600:.2f} h"
+                             + (": " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items()) if secs else "")
                              + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else "")
                              + (f" + {len(new)} not yet measured" if new else ""))
         lines.append(f"{name}: {done_h:.1f} core-hours done (runs restored from an earlier table count 0 when "

@@ -378,3 +378,26 @@ def test_the_plan_counts_a_shared_round_once_and_estimates_what_is_left(tmp_path
     assert lines[1].startswith("t alpha=0.1 seed=2: 0 of 5 done") and "left: 5, ~1.8 h + 1 not yet measured" in lines[1]
     assert lines[2].startswith("t: 1.8 core-hours done") and "~1.8 core-hours left" in lines[2]
     assert lines[-1].endswith("not yet measured (counted 0): t:central")
+
+
+def test_the_plan_counts_a_pretraining_recorded_without_its_checkpoint_as_left(tmp_path, monkeypatch):
+    """A pre-training restored from an earlier table (its summary alone, no checkpoint) in a
+    cell with runs left is run again before them (``ensure_start``): --plan counts it as left,
+    at the part's mean pre-training time; in a finished cell it costs nothing more."""
+    monkeypatch.setitem(headline.PARTS, "t", Part("t", (), (0.1,), (1, 2, 3), 2, variants=("fedavg",), central=False))
+    out = headline.runs_dir("t", tmp_path)
+
+    def finished(run: str, **summary) -> Path:
+        (out / run).mkdir(parents=True)
+        (out / run / "summary.json").write_text(json.dumps(summary))
+        return out / run
+
+    (finished(converged.pretrain_name(0.1, 1), wall_seconds=3600.0) / headline.START).write_bytes(b"model")
+    finished(converged.pretrain_name(0.1, 2), restored=True)  # runs left: pre-trained again
+    finished(converged.pretrain_name(0.1, 3), restored=True)
+    finished(converged.variant_name("fedavg", 0.1, 3), wall_seconds=360.0)  # cell 3 complete
+    lines = headline.plan(["t"], tmp_path).splitlines()
+    # no central reference in this part: a cell is its pre-training and its one method
+    assert lines[0] == "t alpha=0.1 seed=1: 1 of 2 done, 1.00 h: pretrain 60m; left: 1, ~0.1 h"
+    assert lines[1] == "t alpha=0.1 seed=2: 0 of 2 done, 0.00 h; left: 2, ~1.1 h"
+    assert lines[2] == "t alpha=0.1 seed=3: 2 of 2 done, 0.10 h: pretrain 0m, fedavg 6m"
