@@ -165,6 +165,7 @@ def archive(src: Path, dst: Path, part: Part | None = None) -> list[str]:
                 shutil.copy2(run / name, dst / run.name / name)
         if (run / "summary.json").is_file():
             shutil.copy2(run / "summary.json", dst / run.name / "summary.json")
+        (dst / run.name / START).unlink(missing_ok=True)  # parked while in flight; a pre-training's final one follows
         copied.append(run.name)
     for run in sorted(src.glob("pretrain-*")) if part is not None else ():
         cell = _cell_of(run.name)
@@ -231,7 +232,39 @@ def restore(src: Path, dst: Path) -> list[str]:
             shutil.rmtree(dst / run.name)  # an interrupted attempt: the ledger's finished run replaces it
         shutil.copytree(run, dst / run.name)
         copied.append(run.name)
+    for run in sorted(p for p in src.iterdir() if p.is_dir() and not finished(p) and (p / START).is_file()):
+        if not finished(dst / run.name) and not (dst / run.name / START).is_file():
+            (dst / run.name).mkdir(exist_ok=True)
+            shutil.copy2(run / START, dst / run.name / START)  # parked (``park``): the run resumes from it
+            copied.append(f"{run.name}/{START} (in flight, parked)")
     return copied
+
+
+def park(src: Path, dst: Path, part: Part) -> list[str]:
+    """Record in the ledger ``dst`` what the runs directory ``src`` holds now, to go on from it on
+    another machine (e.g. before this one is taken away): the finished runs (``archive``) and
+    the last checkpoint of every run in flight, which ``restore`` brings back and the run
+    resumes from (after the round it holds; a checkpoint is rewritten atomically after each
+    round, so this may run while the grid does). Mosaic's shared-round group (Mosaic, Mosaic
+    without meta model) starts again instead: it resumes from no checkpoint. What was recorded."""
+    from mosaic_flwr.checkpoint import load_checkpoint
+
+    got = archive(src, dst, part)
+    for run in sorted(p for p in src.iterdir() if p.is_dir() and not finished(p) and (p / START).is_file()):
+        if run.name.startswith("round1-"):
+            continue
+        tmp = dst / run.name / f".{START}.part"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run / START, tmp)
+        try:
+            after = load_checkpoint(tmp.parent, tmp.name)["round"]
+        except Exception as exc:  # noqa: BLE001 - reported, the ledger keeps what it had
+            tmp.unlink()
+            got.append(f"{run.name}: its checkpoint is unreadable ({exc}); not parked")
+            continue
+        tmp.replace(dst / run.name / START)
+        got.append(f"{run.name}/{START} (in flight, after round {after})")
+    return got
 
 
 @lru_cache(maxsize=None)
@@ -774,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", default="0/1", help="K/N: every N-th (part, alpha, seed) starting at K")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--plan", action="store_true", help="print the cells and the cost of the finished ones")
+    ap.add_argument("--park", action="store_true",
+                    help="copy the runs root's finished runs and the last checkpoint of each run in flight into the "
+                         "ledger now (safe while the grid runs), so the grid goes on from there on another machine")
     ap.add_argument("--ledger", default=None,
                     help=f"where finished runs are recorded and the tables read from (default bench/results/{LEDGER}, "
                          "committed with the repository)")
@@ -782,6 +818,12 @@ def main(argv: list[str] | None = None) -> int:
     ledger = Path(args.ledger).resolve() if args.ledger else RESULTS / LEDGER
     if args.plan:
         print(plan(args.parts, ledger))
+        return 0
+    if args.park:
+        for name in args.parts:
+            got = park(runs_dir(name, root), runs_dir(name, ledger), PARTS[name]) if runs_dir(name, root).is_dir() else []
+            print(f"[headline] {name}: into the ledger {runs_dir(name, ledger)}: "
+                  + (", ".join(got) + " (commit them)" if got else "nothing new"), flush=True)
         return 0
     if not args.table_only:
         k, n = (int(x) for x in args.shard.split("/"))

@@ -4,6 +4,7 @@ whole tiny grid on synthetic data (slow)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -109,6 +110,13 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
         with pytest.raises(Crash):
             headline.main(["--parts", "tiny", "--runs-root", str(tmp_path)])
         assert load_checkpoint(out / name)["round"] == 1 and not (out / name / "summary.json").exists()
+    # the machine is then taken away: --park records in the ledger the finished runs and FedDF's
+    # round-1 checkpoint (the equal-compute run was resumed and finished by the second call); the
+    # next machine, its runs root empty, takes them back and goes on after round 1
+    ledger = results / headline.LEDGER / "headline-tiny"
+    headline.main(["--parts", "tiny", "--runs-root", str(tmp_path), "--park"])
+    assert load_checkpoint(ledger / "feddf-a0.1-s1")["round"] == 1 and (ledger / "fedavg-eqc-a0.1-s1" / "summary.json").is_file()
+    shutil.rmtree(out)
     headline.main(["--parts", "tiny", "--runs-root", str(tmp_path)])
     assert crashed == ["fedavg-eqc-a0.1-s1", "feddf-a0.1-s1"]
     for name in crashed:
@@ -132,9 +140,9 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
     headline.run(["tiny"], tmp_path, (0, 1))
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
-    # the ledger (bench/results/headline-runs) holds every finished run, without checkpoints, and
+    # the ledger (bench/results/headline-runs) holds every finished run, without checkpoints (FedDF's
+    # parked one went when it finished, the pre-training's when the cell was complete), and
     # the table was read from it; a new machine with an empty runs root runs nothing again
-    ledger = results / headline.LEDGER / "headline-tiny"
     assert {p.name for p in ledger.iterdir() if p.is_dir()} == {p.name for p in out.iterdir()
                                                                 if p.is_dir() and headline.finished(p)}
     assert not list(ledger.rglob("*.pt"))
@@ -401,3 +409,55 @@ def test_the_plan_counts_a_pretraining_recorded_without_its_checkpoint_as_left(t
     assert lines[0] == "t alpha=0.1 seed=1: 1 of 2 done, 1.00 h: pretrain 60m; left: 1, ~0.1 h"
     assert lines[1] == "t alpha=0.1 seed=2: 0 of 2 done, 0.00 h; left: 2, ~1.1 h"
     assert lines[2] == "t alpha=0.1 seed=3: 2 of 2 done, 0.10 h: pretrain 0m, fedavg 6m"
+
+
+def test_parked_checkpoints_of_runs_in_flight_go_to_the_ledger_come_back_and_go_when_the_run_ends(tmp_path):
+    """``park``: the last checkpoint of each run in flight (not a shared round's scratch
+    directory) beside the finished runs; ``restore`` gives it to a runs root that lacks it; once
+    the run is finished and archived the ledger keeps no checkpoint of it, except a pre-training's
+    final one while its cell has runs left."""
+    from mosaic_flwr.checkpoint import save_checkpoint
+
+    part = Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "feddf"), central=False)
+    runs, ledger, fresh = tmp_path / "runs", tmp_path / "ledger", tmp_path / "fresh"
+    for name, rnd in (("pretrain-a0.1-s1", 7), ("feddf-a0.1-s1", 2), ("round1-a0.1-s1", 1)):
+        (runs / name).mkdir(parents=True)
+        save_checkpoint(runs / name, {"round": rnd})
+    _run(runs / "fedavg-a0.1-s1", files=("summary.json", "metrics.json"))
+    (runs / "mosaic-a0.1-s1").mkdir()  # a shared-round member in flight: no checkpoint, nothing to park
+    assert headline.park(runs, ledger, part) == [
+        "fedavg-a0.1-s1", "feddf-a0.1-s1/checkpoint.pt (in flight, after round 2)",
+        "pretrain-a0.1-s1/checkpoint.pt (in flight, after round 7)"]
+    assert not (ledger / "round1-a0.1-s1").exists() and not (ledger / "mosaic-a0.1-s1").exists()
+    assert not headline.finished(ledger / "feddf-a0.1-s1") and headline.pending(part, ledger, 0.1, 1) == ["feddf"]
+    assert headline.restore(ledger, fresh) == ["fedavg-a0.1-s1", "feddf-a0.1-s1/checkpoint.pt (in flight, parked)",
+                                               "pretrain-a0.1-s1/checkpoint.pt (in flight, parked)"]
+    assert load_checkpoint(fresh / "feddf-a0.1-s1")["round"] == 2
+    assert headline.restore(ledger, fresh) == []  # the runs root's own checkpoint is never overwritten
+    # the pre-training ends (its final checkpoint replaces the parked one), then FedDF
+    save_checkpoint(fresh / "pretrain-a0.1-s1", {"round": 10})
+    (fresh / "pretrain-a0.1-s1" / "summary.json").write_text("{}")
+    assert headline.archive(fresh, ledger, part) == ["pretrain-a0.1-s1", "pretrain-a0.1-s1/checkpoint.pt"]
+    assert load_checkpoint(ledger / "pretrain-a0.1-s1")["round"] == 10
+    (fresh / "feddf-a0.1-s1" / "summary.json").write_text("{}")
+    assert headline.archive(fresh, ledger, part) == ["feddf-a0.1-s1"]
+    assert not (ledger / "feddf-a0.1-s1" / "checkpoint.pt").exists()
+    assert headline.drop_start(part, ledger, 0.1, 1) and not list(ledger.rglob("*.pt"))
+
+
+def test_git_keeps_the_ledgers_checkpoints_and_ignores_the_others():
+    """The ledger's checkpoints (pre-trainings, parked runs) are committed with it; a run's
+    checkpoint anywhere else stays out of git (client-derived models, megabytes)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(headline.__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=root).returncode == 0
+
+    assert not ignored("bench/results/headline-runs/headline-cifar10/pretrain-a0.1-s42/checkpoint.pt")
+    assert not ignored("bench/results/headline-runs/headline-cifar10/feddf-a0.1-s42/checkpoint.pt")
+    assert ignored("bench/runs/headline-cifar10/feddf-a0.1-s42/checkpoint.pt") and ignored("outputs/r/checkpoint.pt")
