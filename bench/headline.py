@@ -734,67 +734,92 @@ def run_seconds(run: Path) -> float:
     return wall
 
 
-def plan(parts: list[str], root: Path) -> str:
-    """The cells, what the finished runs cost (wall seconds, one thread each) and what the
-    missing ones will, estimated by the mean of the same run kind in the same part (a kind no
-    run of which has finished yet is named as unmeasured), to size the grid. A pre-training
-    recorded without its checkpoint in a cell with runs left is counted as left: the grid runs
-    it again (``ensure_start``)."""
+def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
+    """Part ``name``'s cells in ``root``: per (alpha, seed) the wall seconds of its finished runs
+    and the runs left to do; and the mean wall seconds of each run kind over the part's cells.
+    A distilling group's shared round 1 is in each member's wall time (bench.json
+    ``shared_seconds``): counted once. A pre-training recorded without its checkpoint in a cell
+    with runs left is left: the grid runs it again (``ensure_start``)."""
     from bench.converged import pretrain_name, variant_name
 
-    lines, total_done, total_left, unmeasured = [], 0.0, 0.0, set()
+    p, out = PARTS[name], runs_dir(name, root)
+
+    def run_dir(kind: str, a: float, s: int) -> Path:
+        return out / (f"central-s{s}" if kind == "central" else
+                      pretrain_name(a, s) if kind == "pretrain" else variant_name(kind, a, s))
+
+    def cell(a: float, s: int) -> tuple[dict[str, float], list[str]]:
+        secs, left, shared = {}, [], set()
+        for k in ["pretrain", *p.methods(s)] + (["central"] if p.central else []):
+            if k == "central" and a != p.alphas[0]:
+                continue  # one central reference per seed
+            d = run_dir(k, a, s)
+            if k == "pretrain" and (d / "summary.json").is_file() and not has_start(d) and pending(p, out, a, s):
+                left.append(k)
+            elif (d / "summary.json").is_file():
+                secs[k] = run_seconds(d)
+                b = json.loads((d / "bench.json").read_text()) if (d / "bench.json").is_file() else {}
+                if (sh := b.get("shared_seconds")) and secs[k]:
+                    secs[k] -= sh if sh in shared else 0.0
+                    shared.add(sh)
+            elif not (d / "refused.json").is_file() and (k in ("pretrain", "central") or not refuses(p, k)):
+                left.append(k)
+        return secs, left
+
+    per_cell = {(a, s): cell(a, s) for s in p.seeds for a in p.alphas}
+    walls: dict[str, list[float]] = {}
+    for secs, _ in per_cell.values():
+        for k, v in secs.items():
+            if v:
+                walls.setdefault(k, []).append(v)
+    return per_cell, {k: statistics.mean(v) for k, v in walls.items()}
+
+
+def plan(parts: list[str], root: Path) -> str:
+    """The cells, what the finished runs cost (wall seconds, one thread each) and what the
+    missing ones will, to size the grid: estimated by the mean of the same run kind in the same
+    part, else (a kind none of whose runs there has finished) in the other parts on the same data
+    set (named; e.g. the model-families cell from CIFAR-10's ResNet-8 cells), else named as
+    unmeasured. A pre-training recorded without its checkpoint in a cell with runs left counts
+    as left (``_cell_costs``)."""
+    def dataset(name: str) -> str:
+        return str(variant_config(PARTS[name], "fedavg").get("dataset"))
+
+    costs = {name: _cell_costs(name, root) for name in PARTS}
+    lines, total_left, unmeasured, borrowed = [], 0.0, set(), set()
     for name in parts:
-        p, out = PARTS[name], runs_dir(name, root)
-
-        def run_dir(kind: str, a: float, s: int) -> Path:
-            return out / (f"central-s{s}" if kind == "central" else
-                          pretrain_name(a, s) if kind == "pretrain" else variant_name(kind, a, s))
-
-        def cell_seconds(a: float, s: int) -> tuple[dict[str, float], list[str]]:
-            """Wall seconds of the cell's finished runs, and the runs left to do. A distilling group's
-            shared round 1 is in each member's wall time (bench.json ``shared_seconds``): counted once."""
-            secs, left, shared = {}, [], set()
-            for k in ["pretrain", *p.methods(s)] + (["central"] if p.central else []):
-                if k == "central" and a != p.alphas[0]:
-                    continue  # one central reference per seed
-                d = run_dir(k, a, s)
-                if k == "pretrain" and (d / "summary.json").is_file() and not has_start(d) and pending(p, out, a, s):
-                    left.append(k)  # recorded without its checkpoint, runs left: pre-trained again (ensure_start)
-                elif (d / "summary.json").is_file():
-                    secs[k] = run_seconds(d)
-                    b = json.loads((d / "bench.json").read_text()) if (d / "bench.json").is_file() else {}
-                    if (sh := b.get("shared_seconds")) and secs[k]:
-                        secs[k] -= sh if sh in shared else 0.0
-                        shared.add(sh)
-                elif not (d / "refused.json").is_file() and (k in ("pretrain", "central") or not refuses(p, k)):
-                    left.append(k)
-            return secs, left
-
-        per_cell = {(a, s): cell_seconds(a, s) for s in p.seeds for a in p.alphas}
-        walls: dict[str, list[float]] = {}
-        for secs, _ in per_cell.values():
-            for k, v in secs.items():
-                if v:
-                    walls.setdefault(k, []).append(v)
-        mean = {k: statistics.mean(v) for k, v in walls.items()}
+        p, (per_cell, mean) = PARTS[name], costs[name]
+        others = [o for o in PARTS if o != name and dataset(o) == dataset(name)]
         done_h = left_h = 0.0
         for s in p.seeds:
             for a in p.alphas:
                 secs, left = per_cell[(a, s)]
-                est = sum(mean.get(k, 0.0) for k in left)
-                new = [k for k in left if k not in mean]
+                est, new, lent, lenders = 0.0, [], [], set()
+                for k in left:
+                    if k in mean:
+                        est += mean[k]
+                    elif got := {o: costs[o][1][k] for o in others if k in costs[o][1]}:
+                        est += statistics.mean(got.values())
+                        lent.append(k)
+                        lenders |= set(got)
+                    else:
+                        new.append(k)
                 unmeasured |= {f"{name}:{k}" for k in new}
+                borrowed |= {f"{name}:{k}" for k in lent}
                 done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600
                 runs = (sum(not refuses(p, k) for k in p.methods(s))  # FedBN without BatchNorm: no run
                         + 1 + (p.central and a == p.alphas[0]))  # + the pre-training and the central reference
                 lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {runs} done, {sum(secs.values()) / 3600:.2f} h"
                              + (": " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items()) if secs else "")
                              + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else "")
+                             + (f" ({len(lent)} of them at {' and '.join(sorted(lenders))}'s times)" if lent else "")
                              + (f" + {len(new)} not yet measured" if new else ""))
         lines.append(f"{name}: {done_h:.1f} core-hours done (runs restored from an earlier table count 0 when "
                      f"they lack their time), ~{left_h:.1f} core-hours left")
-        total_done, total_left = total_done + done_h, total_left + left_h
+        total_left += left_h
     lines.append(f"all: ~{total_left:.1f} core-hours left, ~{total_left / 2:.1f} h on 2 cores"
+                 + (f"; estimated from another part on the same data set: {', '.join(sorted(borrowed))}"
+                    if borrowed else "")
                  + (f"; not yet measured (counted 0): {', '.join(sorted(unmeasured))}" if unmeasured else ""))
     return "\n".join(lines)
 

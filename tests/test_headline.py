@@ -461,3 +461,19 @@ def test_git_keeps_the_ledgers_checkpoints_and_ignores_the_others():
     assert not ignored("bench/results/headline-runs/headline-cifar10/pretrain-a0.1-s42/checkpoint.pt")
     assert not ignored("bench/results/headline-runs/headline-cifar10/feddf-a0.1-s42/checkpoint.pt")
     assert ignored("bench/runs/headline-cifar10/feddf-a0.1-s42/checkpoint.pt") and ignored("outputs/r/checkpoint.pt")
+
+
+def test_the_plan_estimates_a_kind_a_part_never_ran_from_a_part_on_the_same_data_set(tmp_path, monkeypatch):
+    """The model-families cell's rivals had no run there yet: --plan estimates them from the
+    runs of the same kind in the other parts on the same data set, and says so; a kind no part
+    ran stays unmeasured."""
+    monkeypatch.setitem(headline.PARTS, "t", Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "feddf"), central=False))
+    monkeypatch.setitem(headline.PARTS, "u", Part("u", (), (0.1,), (1,), 2, variants=("feddf",), central=False))
+    run = headline.runs_dir("u", tmp_path) / converged.variant_name("feddf", 0.1, 1)
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"wall_seconds": 1800.0}))
+    lines = headline.plan(["t"], tmp_path).splitlines()
+    # t: pre-training and FedAvg never ran anywhere, FedDF at u's 30 minutes
+    assert lines[0] == "t alpha=0.1 seed=1: 0 of 3 done, 0.00 h; left: 3, ~0.5 h (1 of them at u's times) + 2 not yet measured"
+    assert lines[-1] == ("all: ~0.5 core-hours left, ~0.2 h on 2 cores; estimated from another part on the same data "
+                         "set: t:feddf; not yet measured (counted 0): t:fedavg, t:pretrain")
