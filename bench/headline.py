@@ -551,7 +551,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 
     lines = [f"## {p.title}", ""]
     if p.cut:
-        lines += [f"Cut to bring the grid towards ~12 h on 2 cores (it still takes ~20 h, README): {p.cut}.", ""]
+        lines += [f"Cut to bring the grid towards ~12 h on 2 cores (it still takes ~22 h, README): {p.cut}.", ""]
     lines += [n for note in p.notes for n in (note, "")]
     lines += ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
               "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
