@@ -611,7 +611,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
               "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
               "kept it after the look-ahead's fine-tune rounds), and the clients' "
               "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-              "last distillation round. FedFTG's and DFRD's teacher weights each generated sample by the class "
+              "last distillation round, and how many of all their rounds' distillations the gates kept. FedFTG's and DFRD's teacher weights each generated sample by the class "
               "it was asked for: on real images it is scored class by class, and (asked) with each image's own "
               "class as the asked one.", "",
               "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
@@ -626,6 +626,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                 continue
             any_ = True
             fid = [r["gen-fidelity-mean"] for r in reps if "gen-fidelity-mean" in r]
+            kept = kept_rounds([runs[(v, a, s)].get("rows") or [] for s in p.seeds if (v, a, s) in runs])
             row.append(f"{100 * statistics.mean(r['val-before-distill'] for r in reps):.1f} / "
                        f"{100 * statistics.mean(r['val-teacher'] for r in reps):.1f}"
                        + (f" (asked {100 * statistics.mean(r['val-teacher-asked'] for r in asked):.1f})"
@@ -633,6 +634,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                        f"{int(sum(r.get('gate-kept', 1.0) for r in reps))} of {len(reps)}"
                        + (f", {int(sum(r['gate-final-kept'] for r in look))} after the look-ahead"
                           if (look := [r for r in reps if "gate-final-kept" in r]) else "")
+                       + (f", rounds kept {kept[0]} of {kept[1]}" if kept else "")
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
             lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
@@ -773,6 +775,15 @@ def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
             if v:
                 walls.setdefault(k, []).append(v)
     return per_cell, {k: statistics.mean(v) for k, v in walls.items()}
+
+
+def kept_rounds(runs_rows: list[list[dict]]) -> tuple[int, int] | None:
+    """For methods that distil every round: how many of the runs' (per-round metrics rows) gated
+    distillations were kept, and of how many; None where no run distilled in more than one round."""
+    gates = [[r["gate-kept"] for r in rows if "gate-kept" in r] for rows in runs_rows]
+    if not any(len(g) > 1 for g in gates):
+        return None
+    return int(sum(sum(g) for g in gates)), sum(len(g) for g in gates)
 
 
 def plan(parts: list[str], root: Path) -> str:

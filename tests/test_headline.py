@@ -477,3 +477,13 @@ def test_the_plan_estimates_a_kind_a_part_never_ran_from_a_part_on_the_same_data
     assert lines[0] == "t alpha=0.1 seed=1: 0 of 3 done, 0.00 h; left: 3, ~0.5 h (1 of them at u's times) + 2 not yet measured"
     assert lines[-1] == ("all: ~0.5 core-hours left, ~0.2 h on 2 cores; estimated from another part on the same data "
                          "set: t:feddf; not yet measured (counted 0): t:fedavg, t:pretrain")
+
+
+def test_kept_rounds_counts_an_every_round_methods_gated_distillations():
+    """DFRD at CIFAR-10 alpha=0.01 seed 42 kept its round-1 distillation and refused rounds 2-3: the
+    last round alone ("0 of 1") hid it. A method that distils once has no such count."""
+    dfrd = [{"round": 0}, {"round": 1, "gate-kept": 1.0}, {"round": 2, "gate-kept": 0.0}, {"round": 3, "gate-kept": 0.0}]
+    feddf = [{"round": 1, "gate-kept": 0.0}, {"round": 2, "gate-kept": 0.0}, {"round": 3, "gate-kept": 1.0}]
+    assert headline.kept_rounds([dfrd]) == (1, 3)
+    assert headline.kept_rounds([dfrd, feddf, []]) == (2, 6)  # summed over seeds; a restored run has no rows
+    assert headline.kept_rounds([[{"round": 1, "gate-kept": 1.0}, {"round": 2}]]) is None  # Mosaic: once
