@@ -232,12 +232,19 @@ def restore(src: Path, dst: Path) -> list[str]:
             shutil.rmtree(dst / run.name)  # an interrupted attempt: the ledger's finished run replaces it
         shutil.copytree(run, dst / run.name)
         copied.append(run.name)
-    for run in sorted(p for p in src.iterdir() if p.is_dir() and not finished(p) and (p / START).is_file()):
+    for run in in_flight(src):
         if not finished(dst / run.name) and not (dst / run.name / START).is_file():
             (dst / run.name).mkdir(exist_ok=True)
             shutil.copy2(run / START, dst / run.name / START)  # parked (``park``): the run resumes from it
             copied.append(f"{run.name}/{START} (in flight, parked)")
     return copied
+
+
+def in_flight(runs: Path) -> list[Path]:
+    """The runs of a runs directory (or a ledger) that are not finished but have a checkpoint to
+    go on from; a shared round 1's scratch directory (``round1-*``) is not a run."""
+    return sorted(p for p in runs.iterdir() if p.is_dir() and not finished(p) and (p / START).is_file()
+                  and not p.name.startswith("round1-"))
 
 
 def park(src: Path, dst: Path, part: Part) -> list[str]:
@@ -250,9 +257,7 @@ def park(src: Path, dst: Path, part: Part) -> list[str]:
     from mosaic_flwr.checkpoint import load_checkpoint
 
     got = archive(src, dst, part)
-    for run in sorted(p for p in src.iterdir() if p.is_dir() and not finished(p) and (p / START).is_file()):
-        if run.name.startswith("round1-"):
-            continue
+    for run in in_flight(src):
         tmp = dst / run.name / f".{START}.part"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / START, tmp)
@@ -611,8 +616,8 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
               "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
               "kept it after the look-ahead's fine-tune rounds), and the clients' "
               "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-              "last distillation round, and how many of all their rounds' distillations the gates kept. FedFTG's and DFRD's teacher weights each generated sample by the class "
-              "it was asked for: on real images it is scored class by class, and (asked) with each image's own "
+              "last distillation round, and how many of all their rounds' distillations the gates kept. "
+              "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real images it is scored class by class, and (asked) with each image's own "
               "class as the asked one.", "",
               "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
               "|---|" + "---|" * len(p.alphas)]
