@@ -186,3 +186,35 @@ def test_scaling_curve_finds_the_first_round_at_the_target_and_the_work_to_it(tm
     assert [r["round"] for r in saved] == [0, 1, 2, 3]
     assert json.loads((tmp_path / "results" / "curve-test.json").read_text())["first_round_at_target"] == 0
     assert main(["--run-config", "alpha=-1", "--runs-dir", str(tmp_path), "--name", "bad"]) == 2
+
+
+def test_bn_reestimate_uses_the_images_and_leaves_the_model_alone():
+    from bench.slice_check import reestimate_bn
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = [torch.randn(30, 2, 4, 4) * 3 + 5, torch.randn(70, 2, 4, 4) - 1]
+    out = reestimate_bn(model, images, batch_size=25)
+    pooled = torch.cat(images).transpose(0, 1).reshape(2, -1)
+    assert torch.allclose(out[0].running_mean, pooled.mean(1), atol=1e-4)  # 4 batches of 25 across both tensors
+    assert not out.training and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_slice_check_scores_the_widths_as_the_server_does(tmp_path):
+    from bench.slice_check import check
+    from tests.test_e2e_inprocess import run_inprocess
+
+    res = run_inprocess(tmp_path, num_nodes=2, strategy="fedavg", dataset="synthetic", model="resnet8",
+                        **{"client-capacities": "1,0.5", "local-steps": 40, "num-server-rounds": 2, "warmup-rounds": 1,
+                           "privacy-audit": False})
+    summary = json.loads((res["dir"] / "summary.json").read_text())
+    rows = {(r["model"], r["slice"], r["bn"]): r for r in check(res["dir"], per_client=50, last_rounds=1)["rows"]}
+    assert set(rows) == {("resnet8", "full width", "checkpoint"), ("resnet8", "full width", "re-estimated"),
+                         ("resnet8@0.5", "fixed slice", "checkpoint"), ("resnet8@0.5", "fixed slice", "re-estimated"),
+                         ("resnet8@0.5", "rolling window of round 2", "checkpoint"),
+                         ("resnet8@0.5", "rolling window of round 2", "re-estimated")}
+    assert summary["final_accuracy_by_model"]["resnet8"] > 0.5  # trained: the comparison below is not chance = chance
+    for model, got in summary["final_accuracy_by_model"].items():  # the server's own figures
+        label = "full width" if model == "resnet8" else "fixed slice"
+        assert rows[(model, label, "checkpoint")]["accuracy"] == pytest.approx(got, abs=1e-4), model
