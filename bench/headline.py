@@ -653,6 +653,13 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
             lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
+    n, against = gate_disagreements({f"{LABELS.get(v, v)} α={a:g} seed {s}": r.get("rows") or []
+                                     for (v, a, s), r in sorted(runs.items(), key=lambda kv: str(kv[0]))})
+    if n:
+        lines += ["", f"The clients' gate against the validation split: of the {n} gated distillation"
+                  f"{'' if n == 1 else 's'} in the runs that kept their per-round metrics (at the distillation round; every round of the every-round "
+                  f"methods), the validation split contradicts the gate's decision by 0.5 points or more in "
+                  f"{len(against) or 'none'}" + (": " + "; ".join(against) if against else "") + "."]
     lines += _chosen_round_table(p, runs)
     lines += _by_model_table(p, runs)
     eq = [json.loads((out / f"{v}-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
@@ -799,6 +806,27 @@ def kept_rounds(runs_rows: list[list[dict]]) -> tuple[int, int] | None:
     if not any(len(g) > 1 for g in gates):
         return None
     return int(sum(sum(g) for g in gates)), sum(len(g) for g in gates)
+
+
+def gate_disagreements(named_rows: dict[str, list[dict]], margin: float = 0.005) -> tuple[int, list[str]]:
+    """The clients' gate checked against the validation split: every gated distillation in the
+    runs' per-round metrics rows (``name -> rows``; the clients' data: ``gate-before`` /
+    ``gate-after``, the validation split: ``val-before-distill`` / ``val-after-distill``).
+    Returns how many decisions there were and, for each the validation split contradicts by at
+    least ``margin`` (a refused distillation it finds that much better, a kept one that much
+    worse), a line with the run, the round and both checks."""
+    n, lines = 0, []
+    for name, rows in named_rows.items():
+        for r in rows:
+            if not {"gate-kept", "gate-before", "gate-after", "val-before-distill", "val-after-distill"} <= set(r):
+                continue
+            n += 1
+            gain = r["val-after-distill"] - r["val-before-distill"]
+            if (gain >= margin and not r["gate-kept"]) or (gain <= -margin and r["gate-kept"]):
+                lines.append(f"{name} round {r['round']}: {'kept' if r['gate-kept'] else 'refused'} "
+                             f"(clients' data {100 * r['gate-before']:.1f} → {100 * r['gate-after']:.1f} %), "
+                             f"validation {100 * r['val-before-distill']:.1f} → {100 * r['val-after-distill']:.1f} %")
+    return n, lines
 
 
 def plan(parts: list[str], root: Path) -> str:
