@@ -653,13 +653,14 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
             lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
-    n, against = gate_disagreements({f"{LABELS.get(v, v)} α={a:g} seed {s}": r.get("rows") or []
-                                     for (v, a, s), r in sorted(runs.items(), key=lambda kv: str(kv[0]))})
+    n, against = gate_disagreements({f"{LABELS.get(v, v)} α={a:g} seed {s}": runs[(v, a, s)].get("rows") or []
+                                     for v in p.variants for a in p.alphas for s in p.seeds if (v, a, s) in runs})
     if n:
         lines += ["", f"The clients' gate against the validation split: of the {n} gated distillation"
-                  f"{'' if n == 1 else 's'} in the runs that kept their per-round metrics (at the distillation round; every round of the every-round "
-                  f"methods), the validation split contradicts the gate's decision by 0.5 points or more in "
-                  f"{len(against) or 'none'}" + (": " + "; ".join(against) if against else "") + "."]
+                  f"{'' if n == 1 else 's'} in the runs that kept their per-round metrics (at the distillation "
+                  "round; every round of the every-round methods), the validation split contradicts the gate's "
+                  f"decision by 0.5 points or more in {len(against) or 'none'}"
+                  + (": " + "; ".join(against) if against else "") + "."]
     lines += _chosen_round_table(p, runs)
     lines += _by_model_table(p, runs)
     eq = [json.loads((out / f"{v}-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
