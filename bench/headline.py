@@ -91,15 +91,16 @@ CIFAR_TRANSFER_NOTE = ("FedDF distils on the validation split's images (unlabell
                        "`feddf.transfer-set='holdout'`): its published transfer set for CIFAR-10, CIFAR-100, "
                        "is not obtainable offline here. In-distribution public data favours FedDF.")
 
-# Measured with bench/slice_check.py on the cell's pre-training checkpoint.
-HALF_WIDTH_NOTE = ("resnet8@0.5, the fixed slice of the global ResNet-8 that the three half-width clients are "
-                   "scored with, gives one class to every test image (10.0 %) from the pre-training on, whatever the "
-                   "method. Part of it is BatchNorm: a width's running statistics are averaged with the full-width "
-                   "clients' over the same channels, which are not the half-width network's (HeteroFL's per-width "
-                   "statistics are not implemented). Re-estimated on the clients' images, the slice still reads only "
-                   "15.1 % and the rolling windows of the last pre-training rounds 11-15 %, against the full width's "
-                   "25.0 % (`bench/results/slice-check-families.md`): no half-width network here is a usable model. "
-                   "The gate's score of the resnet8 family on the clients' data includes those three clients.")
+# The families cell first ran with ResNet-8 at half width as its third family; measured with
+# bench/slice_check.py on that version's pre-training checkpoint, kept in the ledger.
+WIDTHS_DROPPED = ("The cell first ran with ResNet-8 at half width as its third family (HeteroFL / FedRolex "
+                  "widths, `client-capacities`): that model gave one class to every test image (10.0 %) from the "
+                  "pre-training on, whatever the method. Part of the cause is BatchNorm: its running statistics "
+                  "are averaged across widths (README, \"Known limitation\"); re-estimated on the clients' images "
+                  "the slice still read only 15.1 % against the full width's 25.0 % "
+                  "(`bench/results/slice-check-families.md`). A family at chance also enters the clients' gate's "
+                  "score, so the cell was restarted with cnn_wide instead; the first version's runs are in "
+                  "`bench/results/headline-runs/headline-cifar10-families-widths/`.")
 
 PARTS = {
     "fmnist": Part("Fashion-MNIST, 10 clients, cnn_small", (), (0.01, 0.1, 1.0), (42, 43, 44), 30,
@@ -113,18 +114,18 @@ PARTS = {
                         "cost 17, 26 and 45 min a cell here against ~1 min for FedAvg, so their paired "
                         "differences on CIFAR-10 are one seed's, without an interval",
                     notes=[CIFAR_TRANSFER_NOTE], only_seeds={"dense": (42,), "fedftg": (42,), "dfrd": (42,)}),
-    "cifar10-families": Part("CIFAR-10 (CPU preset), model families resnet8 / cnn_small / resnet8 at half width",
+    "cifar10-families": Part("CIFAR-10 (CPU preset), model families resnet8 / cnn_small / cnn_wide",
                              ("conf/cifar10-cpu.toml", "num-server-rounds=3", CIFAR_TRANSFER,
-                              "client-models='resnet8,cnn_small,resnet8'", "client-capacities='1,1,0.5'"),
+                              "client-models='resnet8,cnn_small,cnn_wide'"),
                              (0.1,), (42,), 100,
                              variants=tuple(v for v in HEADLINE if v != "fedbn"), central=False,
                              cut="one alpha and one seed; FedBN left out (it refuses model families); ResNet-18 "
-                                 "replaced by ResNet-8 at half width: on one CPU core ResNet-18 trains 24x slower "
+                                 "replaced by cnn_wide: on one CPU core ResNet-18 trains 24x slower "
                                  "(23 vs 560 images/s) and infers 17x slower than ResNet-8 "
                                  "(bench/results/throughput-cifar10.md), which takes its 3 clients' 100 pre-training "
                                  "rounds to ~2.8 h and every distillation's teacher pass to ~20 min, this one cell "
                                  "alone to ~8-10 h",
-                             notes=[CIFAR_TRANSFER_NOTE, HALF_WIDTH_NOTE]),
+                             notes=[CIFAR_TRANSFER_NOTE, WIDTHS_DROPPED]),
 }
 
 
@@ -686,6 +687,8 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 
 
 def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
+    """``headline-<name>.png``: final accuracy per method and α; none (an older one removed)
+    while no run is finished."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -693,6 +696,7 @@ def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
 
     variants = [v for v in p.variants if any(acc[(v, a)] for a in p.alphas)]
     if not variants:
+        (RESULTS / f"headline-{name}.png").unlink(missing_ok=True)
         return
     from bench.converged import EQUAL_COMPUTE
 
@@ -739,7 +743,8 @@ def report(parts: list[str], root: Path) -> str:
     for name in parts:
         text, data[name] = part_table(name, root)
         lines.append(text)
-        lines.append(f"Plot: `headline-{name}.png`.\n")
+        if (RESULTS / f"headline-{name}.png").is_file():
+            lines.append(f"Plot: `headline-{name}.png`.\n")
         p = PARTS[name]
         detail(runs_dir(name, root), p.alphas, p.seeds, p.variants, name=f"headline-{name}-detail")
     md = "\n".join(lines) + "\n"
