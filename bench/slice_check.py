@@ -64,12 +64,12 @@ def check(run_dir: Path, per_client: int = 500, last_rounds: int = 3) -> dict:
     from mosaic_flwr.checkpoint import load_checkpoint
     from mosaic_flwr.config import build_config
     from mosaic_flwr.mosaic.submodels import model_plan, slice_state
-    from mosaic_flwr.task import Arch, build_arch, client_arch, client_data, test_data
+    from mosaic_flwr.task import Arch, build_arch, client_data, test_data
 
     state = load_checkpoint(run_dir)
     cfg = build_config(state["config"])
     n = len(state["assignment"])
-    held = {client_arch(cfg, {"partition-id": pid}) for pid in range(n)}
+    held = {Arch(c["model"], float(c["capacity"])) for c in state["assignment"]}  # as the run assigned them
     x, y = test_data(cfg)
     images = [client_data(cfg, pid, n)[0][:per_client] for pid in range(n)]
     rows = []
