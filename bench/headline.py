@@ -623,15 +623,16 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
         lines += ["", "Gap closure (Mosaic − FedAvg) / (central − FedAvg), means over the seeds: "
                   + ", ".join(f"α={a:g}: {c}" for a, c in zip(p.alphas, cells_)) + "."]
     # why: the distillation round
-    lines += ["", "At the distillation round (validation split, %; mean over seeds): the student about to be "
-              "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
-              "kept it after the look-ahead's fine-tune rounds), and the clients' "
-              "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-              "last distillation round, and how many of all their rounds' distillations the gates kept. "
-              "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real images it is scored class by class, and (asked) with each image's own "
-              "class as the asked one.", "",
-              "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
-              "|---|" + "---|" * len(p.alphas)]
+    why = ["", "At the distillation round (validation split, %; mean over seeds): the student about to be "
+           "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
+           "kept it after the look-ahead's fine-tune rounds), and the clients' "
+           "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
+           "last distillation round, and how many of all their rounds' distillations the gates kept. "
+           "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real images it is scored class by class, and (asked) with each image's own "
+           "class as the asked one.", "",
+           "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
+           "|---|" + "---|" * len(p.alphas)]
+    distilled = []
     for v in p.variants:
         row, any_ = [], False
         for a in p.alphas:
@@ -653,7 +654,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                        + (f", rounds kept {kept[0]} of {kept[1]}" if kept else "")
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
-            lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
+            distilled.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
+    if distilled:  # no distilling run finished yet: no empty table
+        lines += why + distilled
     n, against = gate_disagreements({f"{LABELS.get(v, v)} α={a:g} seed {s}": runs[(v, a, s)].get("rows") or []
                                      for v in p.variants for a in p.alphas for s in p.seeds if (v, a, s) in runs})
     if n:

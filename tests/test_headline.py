@@ -352,6 +352,7 @@ def test_a_part_without_a_central_reference_reports_none(tmp_path, monkeypatch):
     (tmp_path / "headline-t.png").write_bytes(b"a plot of runs no longer in the ledger")
     md, data = headline.part_table("t", tmp_path)
     assert not (tmp_path / "headline-t.png").exists()  # no finished run: no plot, not a stale one
+    assert "At the distillation round" not in md  # nor an empty table
     assert "central" not in md and data["central"] == {}
     assert "Runs finished: 0 of 2 (+ 0 of 1 pre-trainings)." in md
     monkeypatch.setitem(headline.PARTS, "t", Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "mosaic")))
