@@ -9,7 +9,8 @@ the run's test set, every width the clients hold as
 
 - the fixed slice, and the rolling windows of the checkpoint's last rounds;
 - each with the checkpoint's BatchNorm statistics, and with them re-estimated on the clients'
-  training images (cumulative average over every client's data, HeteroFL's "static BN"),
+  training images (the average of batch statistics over every client's data, as HeteroFL's
+  "static BN"),
 
 with the share of the most predicted class (1.0: one class for every image).
 
@@ -59,11 +60,10 @@ def score(model, x, y) -> dict:
 
 
 def check(run_dir: Path, per_client: int = 500, last_rounds: int = 3) -> dict:
-    import torch
-
     from mosaic_flwr.checkpoint import load_checkpoint
     from mosaic_flwr.config import build_config
     from mosaic_flwr.mosaic.submodels import model_plan, slice_state
+    from mosaic_flwr.strategies.fedbn import bn_keys
     from mosaic_flwr.task import Arch, build_arch, client_data, test_data
 
     state = load_checkpoint(run_dir)
@@ -76,6 +76,7 @@ def check(run_dir: Path, per_client: int = 500, last_rounds: int = 3) -> dict:
     for arch in sorted(held, key=lambda a: (a.model, -a.capacity)):
         glob = state["strategy"]["globals"][arch.model]
         full, sub = build_arch(cfg, Arch(arch.model)), build_arch(cfg, arch)
+        has_bn = bool(bn_keys(sub))
         slices = [("full width", None)] if arch.capacity == 1.0 else (
             [("fixed slice", ("fixed", 0))]
             + [(f"rolling window of round {r}", ("rolling", r))
@@ -83,7 +84,7 @@ def check(run_dir: Path, per_client: int = 500, last_rounds: int = 3) -> dict:
         for label, how in slices:
             sub.load_state_dict(glob if how is None else slice_state(glob, model_plan(full, sub, mode=how[0], offset=how[1])))
             rows.append({"model": str(arch), "slice": label, "bn": "checkpoint", **score(sub, x, y)})
-            if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in sub.modules()):
+            if has_bn:
                 rows.append({"model": str(arch), "slice": label, "bn": "re-estimated", **score(reestimate_bn(sub, images), x, y)})
     return {"run": str(run_dir), "round": state["round"], "submodel": cfg.submodel,
             "images-per-client": per_client, "rows": rows}
@@ -108,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--last-rounds", type=int, default=3, help="rolling windows of this many last rounds")
     ap.add_argument("--name", default="slice-check", help="bench/results/<name>.md/.json")
     args = ap.parse_args(argv)
-    if not (args.run_dir / "checkpoint.pt").is_file():
-        ap.error(f"{args.run_dir}: no checkpoint.pt (a run directory written with checkpoint=true)")
+    from mosaic_flwr.checkpoint import FILENAME
+
+    if not (args.run_dir / FILENAME).is_file():
+        ap.error(f"{args.run_dir}: no {FILENAME} (a run directory written with checkpoint=true)")
     import torch
 
     torch.set_num_threads(1)
