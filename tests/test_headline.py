@@ -493,13 +493,11 @@ def test_kept_rounds_counts_an_every_round_methods_gated_distillations():
 
 
 def test_gate_disagreements_lists_the_decisions_the_validation_split_contradicts():
-    from bench.headline import gate_disagreements
-
     def row(rnd, kept, before, after, vb, va):
         return {"round": rnd, "gate-kept": kept, "gate-before": before, "gate-after": after,
                 "val-before-distill": vb, "val-after-distill": va}
 
-    n, lines = gate_disagreements({
+    n, lines = headline.gate_disagreements({
         "Mosaic": [{"round": 0}, row(1, 0.0, 0.303, 0.275, 0.171, 0.272)],   # refused, validation +10.1
         "FedDF": [row(1, 1.0, 0.50, 0.52, 0.50, 0.40),                       # kept, validation -10
                   row(2, 0.0, 0.50, 0.49, 0.500, 0.503),                     # refused, a tie on validation
@@ -507,4 +505,4 @@ def test_gate_disagreements_lists_the_decisions_the_validation_split_contradicts
     assert n == 4
     assert lines == ["Mosaic round 1: refused (clients' data 30.3 → 27.5 %), validation 17.1 → 27.2 %",
                      "FedDF round 1: kept (clients' data 50.0 → 52.0 %), validation 50.0 → 40.0 %"]
-    assert gate_disagreements({"FedAvg": [{"round": 1, "accuracy": 0.5}]}) == (0, [])
+    assert headline.gate_disagreements({"FedAvg": [{"round": 1, "accuracy": 0.5}]}) == (0, [])
