@@ -10,6 +10,7 @@ checkpoint, except Mosaic's group, which shares round 1 and starts again):
     .venv/bin/python bench/grid.py headline --parts fmnist           # one part
     .venv/bin/python bench/grid.py headline --shard 0/2 &            # two processes, one per core
     .venv/bin/python bench/grid.py headline --shard 1/2
+    .venv/bin/python bench/grid.py headline --parts cifar10-families --threads 2  # one cell, both cores
     .venv/bin/python bench/grid.py headline --table-only             # tables and plots of what is done
     .venv/bin/python bench/grid.py headline --plan                   # the cells and their measured cost
 
@@ -53,7 +54,13 @@ HEADLINE = ("fedavg", "fedprox", "fedbn", "fedrs", "feddf", "dense", "fedftg", "
 LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN", "fedrs": "FedRS", "feddf": "FedDF",
           "dense": "DENSE", "fedftg": "FedFTG", "dfrd": "DFRD", "mosaic": "Mosaic", "mosaic-nometa": "Mosaic without meta model",
           "fedavg-eqc": "FedAvg, equal client compute", "fedprox-eqc": "FedProx, equal client compute"}
-ONE_THREAD = ("server-threads=1", "client-threads=1")  # processes share the 2 cores
+
+
+def thread_settings(threads: int = 1) -> tuple[str, str]:
+    """The run-config overrides giving every run ``threads`` torch threads (server and clients):
+    1 while shards share the cores, more when one cell is left to a machine's cores."""
+    return f"server-threads={threads}", f"client-threads={threads}"
+
 # The order a cell's methods run in (the table keeps HEADLINE's): the cheap rows and Mosaic's
 # first, so that an interrupted cell has its headline comparison; the distilling baselines,
 # whose teacher passes cost the most, last (equal compute runs after every distilling one).
@@ -353,9 +360,9 @@ def ensure_start(part: Part, out: Path, alpha: float, seed: int, rerun) -> None:
     print(f"[headline] {pre.name}: reproduced exactly (final accuracy {got['final_accuracy']:.4f})", flush=True)
 
 
-def converged_args(part: Part, out: Path, stage: str, alpha: float | None, seed: int) -> list[str]:
+def converged_args(part: Part, out: Path, stage: str, alpha: float | None, seed: int, threads: int = 1) -> list[str]:
     args = ["--stage", stage, "--runs-dir", str(out), "--name", f"headline-{out.name.removeprefix('headline-')}-detail",
-            "--seeds", str(seed), "--pretrain-rounds", str(part.pretrain_rounds), "--set", *ONE_THREAD,
+            "--seeds", str(seed), "--pretrain-rounds", str(part.pretrain_rounds), "--set", *thread_settings(threads),
             "--variants", *part.methods(seed)]
     if alpha is not None:
         args += ["--alphas", f"{alpha:g}"]
@@ -405,9 +412,10 @@ def preflight(parts: list[str]) -> None:
         raise SystemExit("[headline] nothing was run: " + "; ".join(dict.fromkeys(problems)))
 
 
-def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None) -> None:
-    """Run this shard's cells under ``root``; with ``ledger``, first take the finished runs
-    from it and copy each stage's finished runs into it as soon as the stage ends."""
+def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None, threads: int = 1) -> None:
+    """Run this shard's cells under ``root``, each run with ``threads`` torch threads; with
+    ``ledger``, first take the finished runs from it and copy each stage's finished runs into it
+    as soon as the stage ends."""
     from bench import converged
 
     preflight(parts)
@@ -431,7 +439,8 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
         for name, stage, alpha, seed in unit:
             out = runs_dir(name, root)
             out.mkdir(parents=True, exist_ok=True)
-            args = [converged_args(PARTS[name], out, s, alpha, seed) + ["--no-table"] for s in ("pretrain", stage)]
+            args = [converged_args(PARTS[name], out, s, alpha, seed, threads) + ["--no-table"]
+                    for s in ("pretrain", stage)]
             if stage == "continue":
                 try:
                     ensure_start(PARTS[name], out, alpha, seed, lambda: converged.main(args[0]))
@@ -768,10 +777,11 @@ def run_seconds(run: Path) -> float:
 
 
 def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
-    """Part ``name``'s cells in ``root``: per (alpha, seed) the wall seconds of its finished runs
-    and the runs left to do; and the mean wall seconds of each run kind over the part's cells.
-    A distilling group's shared round 1 is in each member's wall time (bench.json
-    ``shared_seconds``): counted once. A pre-training recorded without its checkpoint in a cell
+    """Part ``name``'s cells in ``root``: per (alpha, seed) the core-seconds of its finished runs
+    (wall seconds times the run's torch threads, bench.json ``torch_threads``) and the runs left
+    to do; and the mean core-seconds of each run kind over the part's cells. A distilling
+    group's shared round 1 is in each member's wall time (bench.json ``shared_seconds``): counted
+    once. A pre-training recorded without its checkpoint in a cell
     with runs left is left: the grid runs it again (``ensure_start``)."""
     from bench.converged import pretrain_name, variant_name
 
@@ -795,6 +805,7 @@ def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
                 if (sh := b.get("shared_seconds")) and secs[k]:
                     secs[k] -= sh if sh in shared else 0.0
                     shared.add(sh)
+                secs[k] *= b.get("torch_threads") or 1
             elif not (d / "refused.json").is_file() and (k in ("pretrain", "central") or not refuses(p, k)):
                 left.append(k)
         return secs, left
@@ -839,7 +850,7 @@ def gate_disagreements(named_rows: dict[str, list[dict]], margin: float = 0.005)
 
 
 def plan(parts: list[str], root: Path) -> str:
-    """The cells, what the finished runs cost (wall seconds, one thread each) and what the
+    """The cells, what the finished runs cost (core-seconds: wall seconds times torch threads) and what the
     missing ones will, to size the grid: estimated by the mean of the same run kind in the same
     part, else (a kind none of whose runs there has finished) in the other parts on the same data
     set (named; e.g. the model-families cell from CIFAR-10's ResNet-8 cells), else named as
@@ -893,6 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-root", default=str(RUNS),
                     help="run directories (checkpoints included) go to RUNS_ROOT/headline-<part>")
     ap.add_argument("--shard", default="0/1", help="K/N: every N-th (part, alpha, seed) starting at K")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of every run (server and clients); default 1: one process per core. "
+                         "More when fewer cells are left than cores (recorded in each run's bench.json)")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--plan", action="store_true", help="print the cells and the cost of the finished ones")
     ap.add_argument("--park", action="store_true",
@@ -902,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"where finished runs are recorded and the tables read from (default bench/results/{LEDGER}, "
                          "committed with the repository)")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
     root = Path(args.runs_root).resolve()
     ledger = Path(args.ledger).resolve() if args.ledger else RESULTS / LEDGER
     if args.plan:
@@ -915,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.table_only:
         k, n = (int(x) for x in args.shard.split("/"))
-        run(args.parts, root, (k, n), ledger)
+        run(args.parts, root, (k, n), ledger, args.threads)
     print(report(args.parts, ledger))
     return 0
 

@@ -274,6 +274,9 @@ def test_a_cell_runs_mosaic_before_the_costly_rivals_and_a_cut_method_only_at_it
     assert headline.pending(part, tmp_path, 0.1, 2) == ["fedavg", "mosaic", "fedavg-eqc", "feddf"]
     args = headline.converged_args(part, tmp_path / "headline-t", "continue", 0.1, 2)
     assert args[args.index("--variants") + 1:][:4] == ["fedavg", "mosaic", "fedavg-eqc", "feddf"]
+    assert {"server-threads=1", "client-threads=1"} <= set(args)  # one process per core
+    assert {"server-threads=2", "client-threads=2"} <= set(
+        headline.converged_args(part, tmp_path / "headline-t", "continue", 0.1, 2, threads=2))
     assert "dfrd" not in args
     for name, p in headline.PARTS.items():  # a cut names the part's own methods and seeds
         assert set(p.only_seeds) <= set(p.variants) and all(set(s) <= set(p.seeds) for s in p.only_seeds.values()), name
@@ -360,25 +363,26 @@ def test_a_part_without_a_central_reference_reports_none(tmp_path, monkeypatch):
 
 
 def test_the_plan_counts_a_shared_round_once_and_estimates_what_is_left(tmp_path, monkeypatch):
-    """--plan: done = the finished runs' wall seconds (a resumed one's rounds before the
-    interruption included), a distilling group's shared round 1 once; left = the mean of the
-    same run kind in the part, a kind never run named as unmeasured."""
+    """--plan: done = the finished runs' core-seconds (wall seconds times torch threads; a
+    resumed one's rounds before the interruption included), a distilling group's shared round 1
+    once; left = the mean of the same run kind in the part, a kind never run named as unmeasured."""
     part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "mosaic", "mosaic-nometa"))
     monkeypatch.setitem(headline.PARTS, "t", part)
     out = headline.runs_dir("t", tmp_path)
 
-    def finished(run: str, wall: float, shared: float | None = None, **summary) -> None:
+    def finished(run: str, wall: float, shared: float | None = None, threads: int | None = None, **summary) -> None:
         (out / run).mkdir(parents=True)
         (out / run / "summary.json").write_text(json.dumps({"wall_seconds": wall, **summary}))
-        if shared is not None:
-            (out / run / "bench.json").write_text(json.dumps({"shared_seconds": shared}))
+        bench = {k: v for k, v in (("shared_seconds", shared), ("torch_threads", threads)) if v is not None}
+        if bench:
+            (out / run / "bench.json").write_text(json.dumps(bench))
 
     # resumed after its round 2: 900 s before the interruption (its checkpointed rounds' seconds)
     finished(converged.pretrain_name(0.1, 1), 2700.0, resumed_after_round=2)
     (out / converged.pretrain_name(0.1, 1) / "metrics.json").write_text(json.dumps(
         [{"round": 0, "seconds": 10.0}, {"round": 1, "seconds": 400.0}, {"round": 2, "seconds": 490.0},
          {"round": 3, "seconds": 2000.0}]))
-    finished(converged.variant_name("fedavg", 0.1, 1), 360.0)
+    finished(converged.variant_name("fedavg", 0.1, 1), 180.0, threads=2)  # 360 core-seconds
     finished(converged.variant_name("mosaic", 0.1, 1), 1800.0, shared=900.0)
     finished(converged.variant_name("mosaic-nometa", 0.1, 1), 1440.0, shared=900.0)
     lines = headline.plan(["t"], tmp_path).splitlines()
@@ -506,3 +510,10 @@ def test_gate_disagreements_lists_the_decisions_the_validation_split_contradicts
     assert lines == ["Mosaic round 1: refused (clients' data 30.3 → 27.5 %), validation 17.1 → 27.2 %",
                      "FedDF round 1: kept (clients' data 50.0 → 52.0 %), validation 50.0 → 40.0 %"]
     assert headline.gate_disagreements({"FedAvg": [{"round": 1, "accuracy": 0.5}]}) == (0, [])
+
+
+def test_threads_below_one_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        headline.main(["--parts", "fmnist", "--runs-root", str(tmp_path), "--threads", "0"])
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
