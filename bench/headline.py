@@ -550,15 +550,55 @@ def _by_model_table(p: Part, runs: dict) -> list[str]:
 
 
 def part_table(name: str, root: Path) -> tuple[str, dict]:
-    from bench.converged import EQUAL_COMPUTE, client_units
+    """Part ``name``'s section of the table (markdown) and its figures (``headline.json``),
+    from the finished runs in ``root``; writes its plot."""
     from bench.converged_report import collect
 
-    p = PARTS[name]
-    d = collect(runs_dir(name, root), p.alphas, p.seeds, p.variants)
+    p, out = PARTS[name], runs_dir(name, root)
+    d = collect(out, p.alphas, p.seeds, p.variants)
     runs, central, pre = d["runs"], d["central"], d["pre"]
-    out = runs_dir(name, root)
     acc = {(v, a): {s: runs[(v, a, s)]["final_accuracy"] for s in p.seeds if (v, a, s) in runs}
            for v in p.variants for a in p.alphas}
+    cen = [central[s]["final_accuracy"] for s in p.seeds if s in central]
+    gap = gap_closure(p, acc, cen)
+    eq = _equal_compute_notes(p, out)
+
+    lines = [f"## {p.title}", ""]
+    if p.cut:
+        lines += [f"Cut to bring the grid towards ~12 h on 2 cores (it still takes ~22 h, README): {p.cut}.", ""]
+    lines += [n for note in p.notes for n in (note, "")]
+    lines += _main_table(p, out, runs, acc, pre, cen)
+    lines += _paired_table(p, runs, acc)
+    if gap:
+        lines += ["", "Gap closure (Mosaic − FedAvg) / (central − FedAvg), means over the seeds: "
+                  + ", ".join(f"α={a:g}: " + (f"{gap[a][0]:+.2f} ({gap[a][1]} seed{'' if gap[a][1] == 1 else 's'})"
+                                              if a in gap else "-") for a in p.alphas) + "."]
+    lines += _distillation_table(p, runs)
+    lines += _gate_check(p, runs)
+    lines += _chosen_round_table(p, runs)
+    lines += _by_model_table(p, runs)
+    if eq:
+        lines += ["", "Equal client compute: FedAvg and FedProx ran "
+                  + ", ".join(str(e["rounds"]) for e in eq) + " rounds in the cells (Mosaic's client work in its own "
+                  "plain rounds, `converged.client_units`), at the same schedule (round 1 at lr, then finetune-lr)."]
+    done = sum(len(x) for x in acc.values())
+    total = sum(1 for a in p.alphas for s in p.seeds for v in p.methods(s)
+                if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file())
+    central_done = f", {len(cen)} of {len(p.seeds)} central" if p.central else ""
+    lines += ["", f"Runs finished: {done} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} pre-trainings"
+              f"{central_done}). Details: `bench/results/headline-{name}-detail.md`.", ""]
+    plot(name, p, acc, cen)
+    data = {"accuracy": {f"{v}|{a:g}": {str(s): x for s, x in acc[(v, a)].items()} for v in p.variants for a in p.alphas},
+            "central": {str(s): central[s]["final_accuracy"] for s in central},
+            "pretrain": {f"a{a:g}-s{s}": v for (a, s), v in pre.items()},
+            "gap_closure": {f"{a:g}": g for a, (g, _) in gap.items()}, "equal_compute": eq}
+    return "\n".join(lines), data
+
+
+def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[float]) -> list[str]:
+    """Final accuracy per method and α (a method refused before training: its reason), with
+    each method's client compute in FedAvg rounds; the FedAvg start and the central reference."""
+    from bench.converged import client_units
 
     def refused_reason(v: str) -> str | None:
         for a in p.alphas:
@@ -574,18 +614,14 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
             return None
         return client_units(r["rows"]) if r["rows"] else r.get("client_units")  # restored runs: as recorded
 
-    lines = [f"## {p.title}", ""]
-    if p.cut:
-        lines += [f"Cut to bring the grid towards ~12 h on 2 cores (it still takes ~22 h, README): {p.cut}.", ""]
-    lines += [n for note in p.notes for n in (note, "")]
-    lines += ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
-              "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
-              "all "
-              "clients; generators, prototypes and look-ahead training included; the gate's evaluation queries not) "
-              "over the seconds of one plain training round of the same run, i.e. in FedAvg rounds (FedAvg: the "
-              "round count), mean over the runs.", "",
-              "| method | " + " | ".join(f"α={a:g}" for a in p.alphas) + " | client compute (FedAvg rounds) |",
-              "|---|" + "---|" * len(p.alphas) + "---|"]
+    lines = ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
+             "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
+             "all "
+             "clients; generators, prototypes and look-ahead training included; the gate's evaluation queries not) "
+             "over the seconds of one plain training round of the same run, i.e. in FedAvg rounds (FedAvg: the "
+             "round count), mean over the runs.", "",
+             "| method | " + " | ".join(f"α={a:g}" for a in p.alphas) + " | client compute (FedAvg rounds) |",
+             "|---|" + "---|" * len(p.alphas) + "---|"]
     pre_row = [_mean_sd([pre[(a, s)]["test"] for s in p.seeds if (a, s) in pre]) for a in p.alphas]
     lines.append(f"| FedAvg start (round {p.pretrain_rounds}) | " + " | ".join(pre_row) + " | - |")
     for v in p.variants:
@@ -598,12 +634,18 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
         compute = f"{statistics.mean(units):.1f}" if units else "-"
         lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
                      + f" | {compute} |")
-    cen = [central[s]["final_accuracy"] for s in p.seeds if s in central]
     if p.central:
         lines.append("| central (same sample passes) | " + " | ".join(_mean_sd(cen) for _ in p.alphas) + " | - |")
-    # paired differences
-    lines += ["", "Mosaic minus each method, test points, paired by seed: mean [95 % t interval] (each seed).", "",
-              "| Mosaic − | " + " | ".join(f"α={a:g}" for a in p.alphas) + " |", "|---|" + "---|" * len(p.alphas)]
+    return lines
+
+
+def _paired_table(p: Part, runs: dict, acc: dict) -> list[str]:
+    """Mosaic minus each method, paired by seed, with a 95 % t interval; the equal-compute rows
+    also with both runs at the round the validation split picks."""
+    from bench.converged import EQUAL_COMPUTE
+
+    lines = ["", "Mosaic minus each method, test points, paired by seed: mean [95 % t interval] (each seed).", "",
+             "| Mosaic − | " + " | ".join(f"α={a:g}" for a in p.alphas) + " |", "|---|" + "---|" * len(p.alphas)]
     for v in p.variants:
         if v == "mosaic":
             continue
@@ -617,30 +659,35 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
         if any(c != "-" for c in cells_):
             lines.append(f"| {LABELS.get(v, v)}, both at the round the validation split picks | "
                          + " | ".join(cells_) + " |")
+    return lines
+
+
+def gap_closure(p: Part, acc: dict, cen: list[float]) -> dict[float, tuple[float, int]]:
+    """α -> ((Mosaic − FedAvg) / (central − FedAvg), seeds): means over the seeds both methods
+    finished; nothing without a central reference."""
     gap = {}
-    if cen:
-        cells_ = []
-        for a in p.alphas:
-            common = [s for s in p.seeds if s in acc[("mosaic", a)] and s in acc[("fedavg", a)]]
-            if not common:
-                cells_.append("-")
-                continue
+    for a in p.alphas if cen else ():
+        common = [s for s in p.seeds if s in acc[("mosaic", a)] and s in acc[("fedavg", a)]]
+        if common:
             m = statistics.mean(acc[("mosaic", a)][s] for s in common)
             f = statistics.mean(acc[("fedavg", a)][s] for s in common)
-            gap[a] = (m - f) / (statistics.mean(cen) - f)
-            cells_.append(f"{gap[a]:+.2f} ({len(common)} seed{'' if len(common) == 1 else 's'})")
-        lines += ["", "Gap closure (Mosaic − FedAvg) / (central − FedAvg), means over the seeds: "
-                  + ", ".join(f"α={a:g}: {c}" for a, c in zip(p.alphas, cells_)) + "."]
-    # why: the distillation round
-    why = ["", "At the distillation round (validation split, %; mean over seeds): the student about to be "
-           "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
-           "kept it after the look-ahead's fine-tune rounds), and the clients' "
-           "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-           "last distillation round, and how many of all their rounds' distillations the gates kept. "
-           "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real images it is scored class by class, and (asked) with each image's own "
-           "class as the asked one.", "",
-           "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
-           "|---|" + "---|" * len(p.alphas)]
+            gap[a] = ((m - f) / (statistics.mean(cen) - f), len(common))
+    return gap
+
+
+def _distillation_table(p: Part, runs: dict) -> list[str]:
+    """Why a distilling method won or lost: at its distillation round, the student's and the
+    teacher's validation accuracy, what the gates kept and the generators' fidelity; nothing
+    while no distilling run has finished."""
+    head = ["", "At the distillation round (validation split, %; mean over seeds): the student about to be "
+            "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
+            "kept it after the look-ahead's fine-tune rounds), and the clients' "
+            "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
+            "last distillation round, and how many of all their rounds' distillations the gates kept. "
+            "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real images it is scored class by class, and (asked) with each image's own "
+            "class as the asked one.", "",
+            "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
+            "|---|" + "---|" * len(p.alphas)]
     distilled = []
     for v in p.variants:
         row, any_ = [], False
@@ -664,38 +711,27 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
             distilled.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
-    if distilled:  # no distilling run finished yet: no empty table
-        lines += why + distilled
+    return head + distilled if distilled else []
+
+
+def _gate_check(p: Part, runs: dict) -> list[str]:
+    """A sentence: the gated distillations the validation split contradicts (``gate_disagreements``)."""
     n, against = gate_disagreements({f"{LABELS.get(v, v)} α={a:g} seed {s}": runs[(v, a, s)].get("rows") or []
                                      for v in p.variants for a in p.alphas for s in p.seeds if (v, a, s) in runs})
-    if n:
-        lines += ["", f"The clients' gate against the validation split: of the {n} gated distillation"
-                  f"{'' if n == 1 else 's'} in the runs that kept their per-round metrics (at the distillation "
-                  "round; every round of the every-round methods), the validation split contradicts the gate's "
-                  f"decision by 0.5 points or more in {len(against) or 'none'}"
-                  + (": " + "; ".join(against) if against else "") + "."]
-    lines += _chosen_round_table(p, runs)
-    lines += _by_model_table(p, runs)
-    eq = [json.loads((out / f"{v}-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
-          for v in ("fedavg-eqc",) for a in p.alphas for s in p.seeds
-          if (out / f"{v}-a{a:g}-s{s}" / "bench.json").is_file()]
-    eq = [e for e in eq if e]
-    if eq:
-        lines += ["", "Equal client compute: FedAvg and FedProx ran "
-                  + ", ".join(str(e["rounds"]) for e in eq) + " rounds in the cells (Mosaic's client work in its own "
-                  "plain rounds, `converged.client_units`), at the same schedule (round 1 at lr, then finetune-lr)."]
-    done = sum(len(x) for x in acc.values())
-    total = sum(1 for a in p.alphas for s in p.seeds for v in p.methods(s)
-                if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file())
-    central_done = f", {len(cen)} of {len(p.seeds)} central" if p.central else ""
-    lines += ["", f"Runs finished: {done} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} pre-trainings"
-              f"{central_done}). Details: `bench/results/headline-{name}-detail.md`.", ""]
-    plot(name, p, acc, cen)
-    data = {"accuracy": {f"{v}|{a:g}": {str(s): x for s, x in acc[(v, a)].items()} for v in p.variants for a in p.alphas},
-            "central": {str(s): central[s]["final_accuracy"] for s in central},
-            "pretrain": {f"a{a:g}-s{s}": v for (a, s), v in pre.items()}, "gap_closure": {f"{a:g}": g for a, g in gap.items()},
-            "equal_compute": eq}
-    return "\n".join(lines), data
+    if not n:
+        return []
+    return ["", f"The clients' gate against the validation split: of the {n} gated distillation"
+            f"{'' if n == 1 else 's'} in the runs that kept their per-round metrics (at the distillation "
+            "round; every round of the every-round methods), the validation split contradicts the gate's "
+            f"decision by 0.5 points or more in {len(against) or 'none'}"
+            + (": " + "; ".join(against) if against else "") + "."]
+
+
+def _equal_compute_notes(p: Part, out: Path) -> list[dict]:
+    """The equal-compute FedAvg runs' notes (bench.json ``equal_compute``: rounds, target), per cell."""
+    eq = [json.loads((out / f"fedavg-eqc-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
+          for a in p.alphas for s in p.seeds if (out / f"fedavg-eqc-a{a:g}-s{s}" / "bench.json").is_file()]
+    return [e for e in eq if e]
 
 
 def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:

@@ -517,3 +517,13 @@ def test_threads_below_one_is_refused_before_anything_runs(tmp_path, capsys):
         headline.main(["--parts", "fmnist", "--runs-root", str(tmp_path), "--threads", "0"])
     assert "--threads must be at least 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_gap_closure_uses_the_seeds_both_methods_finished():
+    part = Part("t", (), (0.1, 1.0), (1, 2), 2, variants=("fedavg", "mosaic"))
+    acc = {("mosaic", 0.1): {1: 0.80, 2: 0.70}, ("fedavg", 0.1): {1: 0.70},  # seed 2: no FedAvg run
+           ("mosaic", 1.0): {}, ("fedavg", 1.0): {1: 0.85}}
+    gap = headline.gap_closure(part, acc, [0.90, 0.90])
+    assert gap.keys() == {0.1} and gap[0.1][1] == 1
+    assert gap[0.1][0] == pytest.approx((0.80 - 0.70) / (0.90 - 0.70))
+    assert headline.gap_closure(part, acc, []) == {}  # no central reference: no gap closure
