@@ -591,15 +591,89 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     data = {"accuracy": {f"{v}|{a:g}": {str(s): x for s, x in acc[(v, a)].items()} for v in p.variants for a in p.alphas},
             "central": {str(s): central[s]["final_accuracy"] for s in central},
             "pretrain": {f"a{a:g}-s{s}": v for (a, s), v in pre.items()},
-            "gap_closure": {f"{a:g}": g for a, (g, _) in gap.items()}, "equal_compute": eq}
+            "gap_closure": {f"{a:g}": g for a, (g, _) in gap.items()}, "equal_compute": eq,
+            "verdict": verdict(p, runs, acc)}
     return "\n".join(lines), data
+
+
+def unit_rounds(runs: dict, v: str, a: float, s: int) -> float | None:
+    """Run (v, a, s)'s client compute in FedAvg rounds (``converged.client_units``); a run
+    restored from an earlier table without its per-round rows: as recorded; None if missing."""
+    from bench.converged import client_units
+
+    r = runs.get((v, a, s))
+    if not r:
+        return None
+    return client_units(r["rows"]) if r["rows"] else r.get("client_units")
+
+
+def verdict(p: Part, runs: dict, acc: dict) -> list[dict]:
+    """Per α, what the part says about Mosaic in numbers: Mosaic minus FedAvg per seed at equal
+    rounds, and minus FedAvg at equal client compute (final rounds, and each run at the round
+    its validation split picks); Mosaic's client compute in FedAvg rounds; the best method at
+    equal rounds by mean final accuracy over the seeds Mosaic finished (Mosaic included; of
+    methods tied, the first in the table's order, so a tie is never Mosaic's win) and the
+    methods tied with it."""
+    from bench.converged import EQUAL_COMPUTE
+
+    out = []
+    for a in p.alphas:
+        mos = acc[("mosaic", a)]
+        if not mos:
+            continue
+
+        def minus(v: str) -> list[float]:
+            return [mos[s] - acc[(v, a)][s] for s in p.seeds if s in mos and s in acc.get((v, a), {})]
+
+        seeds = [s for s in p.seeds if s in mos]
+        rivals = {v: statistics.mean(acc[(v, a)][s] for s in seeds) for v in p.variants
+                  if v not in EQUAL_COMPUTE and all(s in acc[(v, a)] for s in seeds)}
+        top = max(rivals.values(), default=None)
+        tied = [v for v in rivals if rivals[v] == top]  # in the table's order: a baseline before Mosaic
+        best = tied[0] if tied else None
+        units = [u for s in seeds for u in [unit_rounds(runs, "mosaic", a, s)] if u is not None]
+        out.append({"alpha": a, "seeds": len(seeds), "equal_rounds": minus("fedavg"),
+                    "equal_compute": minus("fedavg-eqc") if "fedavg-eqc" in p.variants else [],
+                    "equal_compute_chosen": (chosen_differences(runs, "fedavg-eqc", a, p.seeds)
+                                             if "fedavg-eqc" in p.variants else []),
+                    "compute": statistics.mean(units) if units else None,
+                    "best": best, "best_accuracy": top, "tied": tied[1:], "mosaic_accuracy": rivals.get("mosaic")})
+    return out
+
+
+def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[str]:
+    """The summary at the top of headline.md: one row per (part, α) with Mosaic's verdict."""
+    def row(name: str, v: dict) -> str:
+        diffs = [paired_interval(v[k], scale=100, digits=1)
+                 for k in ("equal_rounds", "equal_compute", "equal_compute_chosen")]
+        compute = "-" if v["compute"] is None else f"{v['compute']:.0f}"
+        best = "-"
+        if v["best"] is not None:
+            best = f"{LABELS.get(v['best'], v['best'])} {100 * v['best_accuracy']:.2f}"
+            if v["tied"]:
+                best += f" (tied: {', '.join(LABELS.get(t, t) for t in v['tied'])})"
+            if v["best"] != "mosaic" and "mosaic" not in v["tied"]:
+                best += f"; Mosaic {100 * v['mosaic_accuracy']:.2f}"
+        return f"| {PARTS[name].title} | {v['alpha']:g} | {v['seeds']} | " + " | ".join(diffs) + f" | {compute} | {best} |"
+
+    rows = [row(name, v) for name in parts for v in verdicts.get(name, [])]
+    if not rows:
+        return []
+    return ["## In short", "",
+            "Mosaic minus FedAvg, test points, paired by seed: mean [95 % t interval] (each seed); at equal rounds, "
+            "against FedAvg given Mosaic's client compute (final rounds), and the same with each run at the round its "
+            "validation split picks (the seeds whose runs kept per-round scores). Mosaic's client compute in FedAvg "
+            "rounds (its generators included). The best method at equal rounds by mean final test accuracy over "
+            "Mosaic's seeds (of the methods run at all of them), with the methods tied with it (a tie is listed under the first baseline, not Mosaic). "
+            "Details per data set below.", "",
+            "| data set | α | seeds | equal rounds | equal client compute | equal compute, validation-chosen rounds "
+            "| Mosaic's compute | best at equal rounds |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[float]) -> list[str]:
     """Final accuracy per method and α (a method refused before training: its reason), with
     each method's client compute in FedAvg rounds; the FedAvg start and the central reference."""
-    from bench.converged import client_units
-
     def refused_reason(v: str) -> str | None:
         for a in p.alphas:
             for s in p.seeds:
@@ -607,12 +681,6 @@ def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[
                 if f.is_file():
                     return json.loads(f.read_text())["reason"]
         return None
-
-    def unit_rounds(v: str, a: float, s: int) -> float | None:
-        r = runs.get((v, a, s))
-        if not r:
-            return None
-        return client_units(r["rows"]) if r["rows"] else r.get("client_units")  # restored runs: as recorded
 
     lines = ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
              "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
@@ -630,7 +698,7 @@ def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[
             lines.append(f"| {LABELS.get(v, v)} | " + " | ".join("refused" for _ in p.alphas)
                          + f" | {why.splitlines()[0][:160]} |")
             continue
-        units = [u for a in p.alphas for s in p.seeds for u in [unit_rounds(v, a, s)] if u is not None]
+        units = [u for a in p.alphas for s in p.seeds for u in [unit_rounds(runs, v, a, s)] if u is not None]
         compute = f"{statistics.mean(units):.1f}" if units else "-"
         lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
                      + f" | {compute} |")
@@ -787,14 +855,15 @@ def report(parts: list[str], root: Path) -> str:
              "seed) for the same rounds with the same schedule; the distilling methods with the clients' gate. "
              "Equal client compute rows: FedAvg / FedProx with the rounds Mosaic's clients' measured work buys. "
              f"Table written at {prov['commit']}.", ""]
-    data = {}
+    data, sections = {}, []
     for name in parts:
         text, data[name] = part_table(name, root)
-        lines.append(text)
+        sections.append(text)
         if (RESULTS / f"headline-{name}.png").is_file():
-            lines.append(f"Plot: `headline-{name}.png`.\n")
+            sections.append(f"Plot: `headline-{name}.png`.\n")
         p = PARTS[name]
         detail(runs_dir(name, root), p.alphas, p.seeds, p.variants, name=f"headline-{name}-detail")
+    lines += _verdict_table(parts, {name: d["verdict"] for name, d in data.items()}) + sections
     md = "\n".join(lines) + "\n"
     (RESULTS / "headline.md").write_text(md)
     (RESULTS / "headline.json").write_text(json.dumps({**prov, "parts": data}, indent=1, sort_keys=True) + "\n")

@@ -527,3 +527,29 @@ def test_gap_closure_uses_the_seeds_both_methods_finished():
     assert gap.keys() == {0.1} and gap[0.1][1] == 1
     assert gap[0.1][0] == pytest.approx((0.80 - 0.70) / (0.90 - 0.70))
     assert headline.gap_closure(part, acc, []) == {}  # no central reference: no gap closure
+
+
+def test_the_verdict_pairs_by_seed_and_never_gives_mosaic_a_tie(monkeypatch):
+    part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "fedprox", "dense", "mosaic", "fedavg-eqc"))
+    monkeypatch.setitem(headline.PARTS, "t", part)
+
+    def rows(vals):  # per-round validation and test accuracy
+        return [{"round": r, "val-accuracy": v, "accuracy": t} for r, (v, t) in enumerate(vals, 1)]
+
+    runs = {("fedavg", 0.1, 1): {"final_accuracy": 0.50, "rows": []}, ("fedavg", 0.1, 2): {"final_accuracy": 0.60, "rows": []},
+            ("fedprox", 0.1, 1): {"final_accuracy": 0.50, "rows": []}, ("fedprox", 0.1, 2): {"final_accuracy": 0.62, "rows": []},
+            ("dense", 0.1, 1): {"final_accuracy": 0.90, "rows": []},  # seed 1 only: not comparable over Mosaic's seeds
+            ("mosaic", 0.1, 1): {"final_accuracy": 0.52, "rows": rows([(0.3, 0.51), (0.4, 0.52)])},
+            ("mosaic", 0.1, 2): {"final_accuracy": 0.60, "rows": rows([(0.3, 0.59), (0.4, 0.60)])},
+            ("fedavg-eqc", 0.1, 1): {"final_accuracy": 0.50, "rows": rows([(0.5, 0.56), (0.4, 0.50)])}}
+    acc = {(v, a): {s: r["final_accuracy"] for (w, b, s), r in runs.items() if (w, b) == (v, a)}
+           for v in part.variants for a in part.alphas}
+    (v,) = headline.verdict(part, runs, acc)
+    assert v["seeds"] == 2 and v["equal_rounds"] == pytest.approx([0.02, 0.0])
+    assert v["equal_compute"] == pytest.approx([0.02])  # seed 1 only has an equal-compute run
+    assert v["equal_compute_chosen"] == pytest.approx([0.52 - 0.56])  # FedAvg's best validation round: its first
+    assert v["best"] == "fedprox" and v["best_accuracy"] == pytest.approx(0.56) and v["tied"] == ["mosaic"]
+    table = "\n".join(headline._verdict_table(["t"], {"t": [v]}))
+    assert "| +1.0 [" in table and "| -4.0 (1 seed) |" in table
+    assert "FedProx 56.00 (tied: Mosaic) |" in table  # a tie is the baseline's, and Mosaic's figure is not repeated
+    assert headline._verdict_table(["t"], {"t": []}) == []
