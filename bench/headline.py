@@ -109,6 +109,15 @@ WIDTHS_DROPPED = ("The cell first ran with ResNet-8 at half width as its third f
                   "score, so the cell was restarted with cnn_wide instead; the first version's runs are in "
                   "`bench/results/headline-runs/headline-cifar10-families-widths/`.")
 
+TWO_THREADS = ("The pre-training, FedAvg, FedProx, FedRS and Mosaic ran with one torch thread, the rest of the cell "
+               "(from Mosaic without meta model on) with two (`--threads 2`, the cell alone on the machine): every run "
+               "starts from the same checkpoint, but the thread count changes the order of floating-point sums, so "
+               "the shared round 1 of Mosaic without meta model ended at 25.75 % test where Mosaic's ended at 25.85 "
+               "(FedAvg's: 25.85). Its client compute (126.5 FedAvg rounds) is overstated: its round 1 ran with two "
+               "threads beside the test suite, and the CPU seconds of threads that wait for a busy core count "
+               "(1553 CPU s against Mosaic's 603 at one thread; a plain round 12.7 against 11.7). The equal-compute "
+               "rows take Mosaic's figure (53.7 rounds, one thread).")
+
 PARTS = {
     "fmnist": Part("Fashion-MNIST, 10 clients, cnn_small", (), (0.01, 0.1, 1.0), (42, 43, 44), 30,
                    cut="3 continuation rounds (the authors run more; FedAvg's plateau is reached at round 30)"),
@@ -132,7 +141,7 @@ PARTS = {
                                  "(bench/results/throughput-cifar10.md), which takes its 3 clients' 100 pre-training "
                                  "rounds to ~2.8 h and every distillation's teacher pass to ~20 min, this one cell "
                                  "alone to ~8-10 h",
-                             notes=[CIFAR_TRANSFER_NOTE, WIDTHS_DROPPED]),
+                             notes=[CIFAR_TRANSFER_NOTE, WIDTHS_DROPPED, TWO_THREADS]),
 }
 
 
@@ -1011,7 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", default="0/1", help="K/N: every N-th (part, alpha, seed) starting at K")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of every run (server and clients); default 1: one process per core. "
-                         "More when fewer cells are left than cores (recorded in each run's bench.json)")
+                         "More when fewer cells are left than cores and nothing else runs there: client compute is "
+                         "measured in CPU seconds, which count threads waiting for a busy core (recorded in each "
+                         "run's bench.json)")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--plan", action="store_true", help="print the cells and the cost of the finished ones")
     ap.add_argument("--park", action="store_true",
