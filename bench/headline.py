@@ -616,6 +616,11 @@ def unit_rounds(runs: dict, v: str, a: float, s: int) -> float | None:
     return client_units(r["rows"]) if r["rows"] else r.get("client_units")
 
 
+def mosaic_minus(p: Part, acc: dict, v: str, a: float) -> list[float]:
+    """Mosaic's final accuracy minus ``v``'s at α ``a``, per seed both finished (paired by seed)."""
+    return [acc[("mosaic", a)][s] - acc[(v, a)][s] for s in p.seeds if s in acc[("mosaic", a)] and s in acc[(v, a)]]
+
+
 def verdict(p: Part, runs: dict, acc: dict) -> list[dict]:
     """Per α, what the part says about Mosaic in numbers: Mosaic minus FedAvg per seed at equal
     rounds, and minus FedAvg at equal client compute (final rounds, and each run at the round
@@ -631,9 +636,6 @@ def verdict(p: Part, runs: dict, acc: dict) -> list[dict]:
         if not mos:
             continue
 
-        def minus(v: str) -> list[float]:
-            return [mos[s] - acc[(v, a)][s] for s in p.seeds if s in mos and s in acc.get((v, a), {})]
-
         seeds = [s for s in p.seeds if s in mos]
         rivals = {v: statistics.mean(acc[(v, a)][s] for s in seeds) for v in p.variants
                   if v not in EQUAL_COMPUTE and all(s in acc[(v, a)] for s in seeds)}
@@ -641,8 +643,8 @@ def verdict(p: Part, runs: dict, acc: dict) -> list[dict]:
         tied = [v for v in rivals if rivals[v] == top]  # in the table's order: a baseline before Mosaic
         best = tied[0] if tied else None
         units = [u for s in seeds for u in [unit_rounds(runs, "mosaic", a, s)] if u is not None]
-        out.append({"alpha": a, "seeds": len(seeds), "equal_rounds": minus("fedavg"),
-                    "equal_compute": minus("fedavg-eqc") if "fedavg-eqc" in p.variants else [],
+        out.append({"alpha": a, "seeds": len(seeds), "equal_rounds": mosaic_minus(p, acc, "fedavg", a),
+                    "equal_compute": mosaic_minus(p, acc, "fedavg-eqc", a) if "fedavg-eqc" in p.variants else [],
                     "equal_compute_chosen": (chosen_differences(runs, "fedavg-eqc", a, p.seeds)
                                              if "fedavg-eqc" in p.variants else []),
                     "compute": statistics.mean(units) if units else None,
@@ -726,10 +728,7 @@ def _paired_table(p: Part, runs: dict, acc: dict) -> list[str]:
     for v in p.variants:
         if v == "mosaic":
             continue
-        cells_ = []
-        for a in p.alphas:
-            common = [s for s in p.seeds if s in acc[("mosaic", a)] and s in acc[(v, a)]]
-            cells_.append(paired_interval([acc[("mosaic", a)][s] - acc[(v, a)][s] for s in common], scale=100, digits=1))
+        cells_ = [paired_interval(mosaic_minus(p, acc, v, a), scale=100, digits=1) for a in p.alphas]
         lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
     for v in (v for v in EQUAL_COMPUTE if v in p.variants):  # their last round can land in a trough
         cells_ = [paired_interval(chosen_differences(runs, v, a, p.seeds), scale=100, digits=1) for a in p.alphas]
