@@ -68,6 +68,21 @@ VARIANTS = {
     "mosaic-local200": ("mosaic", {"distill-gate": "off", "distill-local-steps": 200}),
     "mosaic-clients": ("mosaic", {"distill-gate": "off", "meta-data": "clients"}),
     "mosaic-clients-gated": ("mosaic", {"meta-data": "clients"}),
+    # Issue 37: the meta model's data and its guard, each change on its own (no gate: the
+    # distillation round's figures), then the former default as it shipped (gated).
+    "mosaic-old": ("mosaic", {"meta-data": "both", "meta-guard": False}),
+    "mosaic-protos-noguard": ("mosaic", {"distill-gate": "off", "meta-guard": False}),
+    "mosaic-both-guard": ("mosaic", {"distill-gate": "off", "meta-data": "both"}),
+    # the authors' local training for the round whose models become experts: 10 plain SGD
+    # steps of 64, weight decay 1e-4 (experts drift less from the global model whose features
+    # the prototypes are computed in); its own round 1
+    "mosaic-drift": ("mosaic", {"distill-gate": "off", "distill-local-steps": 10, "distill-batch-size": 64,
+                                "distill-momentum": 0.0, "distill-weight-decay": 1e-4}),
+    # conf/mosaic-paper.toml at a CPU cut: its KD budget 500 steps of 320 (theirs 1,500-2,500)
+    "mosaic-paper": ("mosaic", {"meta-data": "prototypes", "meta-guard": False, "proto-k": 10,
+                                "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
+                                "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
+                                "distill-gate": "off"}),
     "mosaic": ("mosaic", {}),
     "mosaic-nometa": ("mosaic", {"mosaic-meta": False}),  # the experts' mixture alone is the teacher
     # Equal client compute: FedAvg / FedProx given as many rounds as Mosaic's clients' measured
@@ -146,7 +161,7 @@ def shares_round1(variant: str) -> bool:
 
 
 # Settings that change round 1's client work: variants that differ in them cannot share it.
-ROUND1_KEYS = ("distill-local-steps",)
+ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", "distill-weight-decay", "proto-k")
 
 
 def pretrain_name(alpha: float, seed: int) -> str:
@@ -339,6 +354,7 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
 
     from mosaic_flwr.mosaic.meta import MetaModel, train_meta
     from mosaic_flwr.mosaic.moe import ConcatExperts, expert_logits
+    from mosaic_flwr.task import Arch
 
     cfg, sc = strategy.cfg, strategy.sc
     decoded = defaultdict(list)
@@ -360,13 +376,35 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
            # each image scored by the expert of its own (true) class: the experts' best case
            "own-class-expert": float((z[y[score], score].argmax(1) == y[score]).float().mean())
            if len(z) - 1 == int(y.max()) + 1 else None, "fit": len(fit), "scored": len(score)}
+    def fit_meta(inputs: torch.Tensor, prior: str = "mean") -> MetaModel:
+        meta = MetaModel(len(inputs), int(z.shape[2]), arch=cfg.meta_arch, prior=prior)
+        return train_meta(meta, inputs[:, fit].permute(1, 0, 2), y[fit], epochs=cfg.meta_epochs, lr=cfg.meta_lr,
+                          ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout, patience=cfg.meta_patience,
+                          seed=cfg.seed)[0]
+
     for prior, inputs in (("experts", z[:-1]), ("global", z)):
-        meta = MetaModel(len(inputs), int(z.shape[2]), arch=cfg.meta_arch, prior="mean" if prior == "experts" else "last")
-        meta, stats = train_meta(meta, inputs[:, fit].permute(1, 0, 2), y[fit], epochs=cfg.meta_epochs, lr=cfg.meta_lr,
-                                 ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout, patience=cfg.meta_patience,
-                                 seed=cfg.seed)
+        meta = fit_meta(inputs, "mean" if prior == "experts" else "last")
         with torch.no_grad():
             out[f"oracle-meta-{prior}"] = acc(meta(inputs[:, score].permute(1, 0, 2)))
+    # What the meta model learns from against what it meets: a prototype is scored by each
+    # expert's head on the GLOBAL model's features, while the teacher runs each FULL expert
+    # on an image. On the same real images: how often the two agree (argmax, per expert),
+    # the mean of the heads' logits, and a meta model fitted on the heads' logits of real
+    # images (the best prototypes could give it) but scored on the full experts.
+    if hasattr(experts, "head_logits"):
+        model = copy.deepcopy(strategy.module(Arch(strategy.primary)))
+        model.load_state_dict(strategy.globals[strategy.primary])
+        model.eval()
+        with torch.no_grad():
+            feats = torch.cat([model.features(x[i:i + 512]) for i in range(0, len(x), 512)])
+            heads = experts.head_logits(feats).permute(1, 0, 2).cpu()  # [E, N, C]
+        full = z[:-1]
+        out["head-vs-full-agreement"] = float((heads.argmax(2) == full.argmax(2)).float().mean())
+        out["head-mean"] = acc(heads[:, score].mean(0))
+        meta = fit_meta(heads)
+        with torch.no_grad():
+            out["oracle-meta-heads-on-heads"] = acc(meta(heads[:, score].permute(1, 0, 2)))
+            out["oracle-meta-heads-on-full"] = acc(meta(full[:, score].permute(1, 0, 2)))
     return out
 
 

@@ -162,7 +162,9 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
               "still kept after the fine-tune rounds, against the path without distillation (`gate-rounds=-1`).",
               ""]
     keys = [("val-before-distill", "student"), ("val-ensemble", "ensemble"), ("val-teacher", "teacher"),
-            (None, "teacher − student"), ("val-after-distill", "distilled"), ("gen-student", "gen student"),
+            ("Δval-ensemble", "ensemble − student"), ("Δval-teacher", "teacher − student"),
+            ("val-after-distill", "distilled"), ("Δval-after-distill", "distilled − student"),
+            ("meta-used", "meta model used"), ("gen-student", "gen student"),
             ("gen-teacher", "gen teacher"), ("gen-after-distill", "gen distilled"), ("gate-kept", "gate kept"),
             ("gate-final-kept", "look-ahead kept")]
     for a in alphas:
@@ -175,9 +177,13 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                 continue
             cells = []
             for key, label in keys:
-                if key is None:
-                    vals = [r["val-teacher"] - r["val-before-distill"] for r in reps if "val-teacher" in r]
-                    cells.append(f"{100 * statistics.mean(vals):+.1f}" if vals else "-")
+                if key.startswith("Δ"):
+                    vals = [r[key[1:]] - r["val-before-distill"] for r in reps if key[1:] in r]
+                    cells.append(paired_interval(vals, scale=100, digits=1) if len(vals) > 1
+                                 else f"{100 * statistics.mean(vals):+.1f}" if vals else "-")
+                elif key == "meta-used":
+                    vals = [r[key] for r in reps if key in r]
+                    cells.append(f"{int(sum(vals))}/{len(vals)}" if vals else "-")
                 elif key == "gate-kept":
                     vals = [r.get(key, 1.0) for r in reps]
                     cells.append(f"{int(sum(vals))}/{len(vals)}")
@@ -213,6 +219,25 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                              f"{_ms([g['own-class-expert'] for g in got if g.get('own-class-expert') is not None])} | "
                              f"{len(got)} |")
         lines.append("")
+        heads = [(a, json.loads(f.read_text())) for a in alphas for s in seeds
+                 for f in [runs_dir / f"oracle-a{a:g}-s{s}.json"] if f.is_file()]
+        heads = [(a, g) for a, g in heads if "head-vs-full-agreement" in g]
+        if heads:
+            lines += ["What the meta model learns from against what it meets: a prototype is scored by each expert's "
+                      "*head* on the *global* model's features; the teacher runs each *full* expert on an image. On "
+                      "the same validation images: how often the two agree (argmax, per expert), the mean of the "
+                      "heads' logits, and a meta model fitted on the heads' logits of real images (the best "
+                      "prototypes could give it), scored on heads and on the full experts (%).", "",
+                      "| α | head vs full expert agreement | mean of full experts | mean of heads | meta fitted on "
+                      "heads, scored on heads | ... scored on full experts | seeds |", "|---|---|---|---|---|---|---|"]
+            for a in alphas:
+                got = [g for b, g in heads if b == a]
+                if got:
+                    lines.append(f"| {a:g} | {_ms([g['head-vs-full-agreement'] for g in got])} | "
+                                 f"{_ms([g['ensemble'] for g in got])} | {_ms([g['head-mean'] for g in got])} | "
+                                 f"{_ms([g['oracle-meta-heads-on-heads'] for g in got])} | "
+                                 f"{_ms([g['oracle-meta-heads-on-full'] for g in got])} | {len(got)} |")
+            lines.append("")
     # ---- client compute
     lines += [f"## Client compute in the {R} continuation rounds (per client, mean over the runs)", "",
               "Classifier SGD steps (batch 32; a look-ahead round trains the model twice) and generator steps "

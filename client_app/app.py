@@ -24,7 +24,7 @@ from mosaic_flwr.records import (ARRAYS, CLIENT_CPU_SECONDS, CLIENT_SECONDS, CON
 from mosaic_flwr.seeds import mix_seed
 from mosaic_flwr.strategies.fedbn import LOCAL_BN, keep_local_bn, restore_local_bn
 from mosaic_flwr.strategies.fedrs import ALPHA_KEY
-from mosaic_flwr.task import build_arch, client_arch, node_data, node_partition, unseen_data
+from mosaic_flwr.task import Arch, build_arch, client_arch, node_data, node_partition, unseen_data
 
 
 def _work(t0: float, c0: float, device) -> dict[str, float]:
@@ -143,12 +143,18 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_candidates(msg: Message, context: Context) -> Message:
     """Score the candidate models the server sends (``candidate-<name>``, this client's
-    architecture) on this client's data: how many examples each classifies correctly."""
+    architecture; with ``families`` in the config, ``candidate-<name>.<family>``: that
+    family's model, at this client's width for its own family and full width otherwise) on
+    this client's data: how many examples each classifies correctly."""
     cfg, _, x, y = _local_data(context)
     arch = client_arch(cfg, context.node_config)
+    families = set(msg.content[CONFIG].get("families", []))
     metrics = {NUM_EXAMPLES: len(y)}
     for name in msg.content[CONFIG]["candidates"]:
-        model = build_arch(cfg, arch)
+        family = name.rpartition(".")[2] if families else arch.model
+        if family not in families | {arch.model}:
+            raise ValueError(f"evaluate: candidate {name!r} names no family the server listed")
+        model = build_arch(cfg, arch if family == arch.model else Arch(family))
         model.load_state_dict(record_to_state(msg.content[f"candidate-{name}"]))
         logits = predict_logits(model, x, device=resolve_device(cfg.device))
         metrics[f"correct-{name}"] = int((logits.argmax(1) == y).sum())

@@ -83,6 +83,11 @@ def _below_one(v) -> str | None:
 SEED_LIMIT = 2**32  # numpy's generators need a seed >= 0; the seed-mixing formulas stay in int64
 
 
+def _or_minus_one(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """-1 (meaning: the key it stands in for) or a value ``check`` accepts."""
+    return lambda v: None if v == -1 else (None if check(v) is None else f"{check(v)} (or -1)")
+
+
 def _seed(v) -> str | None:
     return None if 0 <= v < SEED_LIMIT else f"must be in [0, 2**32), got {v}"
 
@@ -168,6 +173,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "min-partition-size": (int, _positive),
     "partition-cap": (bool, None),
     "test-subset": (int, _non_negative),
+    "report-test-subset": (int, _non_negative),
     "validation-split": (float, lambda v: None if 0 <= v <= 0.5 else f"must be in [0, 0.5], got {v}"),
     "shards-per-client": (int, _positive),
     "model": (str, _lazy_choice(_models)),
@@ -220,6 +226,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "gen-div-weight": (float, _non_negative),
     "meta-arch": (str, _choice("transformer", "gating")),
     "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened", "clients")),
+    "meta-guard": (bool, None),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs
     "meta-samples-per-class": (int, _positive),
     "meta-epochs": (int, _positive),
     "meta-lr": (float, _positive),
@@ -235,6 +242,9 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "kd-student-bn": (str, _choice("eval", "train")),
     "meta-prior": (str, _choice("experts", "global")),
     "distill-local-steps": (int, _non_negative),
+    "distill-batch-size": (int, _non_negative),
+    "distill-momentum": (float, _or_minus_one(_closed_unit)),
+    "distill-weight-decay": (float, _or_minus_one(_non_negative_finite)),
     "distill-gate": (str, _choice("off", "clients", "validation")),
     # --- many clients: Mosaic's collection rounds and the bounded generator bank
     "collect-rounds": (int, _positive),
@@ -406,11 +416,12 @@ def config_heterogeneous(values: Mapping[str, Any]) -> bool:
 
 def meta_data_for(meta_data: str, is_heterogeneous: bool, clients: str = "") -> str:
     """The meta model's training data for a ``meta-data`` setting: ``'auto'`` is
-    ``'screened'`` under model heterogeneity and ``'both'`` otherwise. Prototypes need one
+    ``'screened'`` under model heterogeneity and ``'prototypes'`` (the paper's: real-derived
+    inputs only) otherwise. Prototypes need one
     architecture at full width, so ``'prototypes'``/``'both'`` with heterogeneity raise a
     ``ConfigError`` (``clients`` describes the architectures, for the message)."""
     if meta_data == "auto":
-        return "screened" if is_heterogeneous else "both"
+        return "screened" if is_heterogeneous else "prototypes"
     if is_heterogeneous and meta_data in ("prototypes", "both", "clients"):
         held = f"clients hold {clients}" if clients else "client-models/client-capacities assign several"
         what = ("sends the class experts to every client to score its own images" if meta_data == "clients"

@@ -163,7 +163,7 @@ def test_one_heterogeneity_rule_and_one_meta_data_rule():
     assert heterogeneous(["cnn_small"], [1.0, 0.5]) and heterogeneous([], ["0.25"])
     assert not config_heterogeneous(load_defaults())
     assert config_heterogeneous({"client-models": "", "client-capacities": "1,0.5"})
-    assert meta_data_for("auto", False) == "both" and meta_data_for("auto", True) == "screened"
+    assert meta_data_for("auto", False) == "prototypes" and meta_data_for("auto", True) == "screened"
     for value in ("prototypes", "generated", "both", "screened"):
         assert meta_data_for(value, False) == value
     assert meta_data_for("generated", True) == "generated" and meta_data_for("screened", True) == "screened"

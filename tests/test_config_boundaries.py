@@ -94,6 +94,22 @@ def server_test_set(cfg: Config) -> None:
     assert len(y) == (cfg.test_subset or 500)
 
 
+def report_test_set(cfg: Config) -> None:
+    """``report-test-subset``: the distillation report's test images (class-balanced, fixed),
+    the whole server test set at 0 or above its size."""
+    from mosaic_flwr.task import test_data
+
+    x, y = test_data(cfg.replace(dataset="synthetic"))
+    mosaic = _server(cfg, MosaicStrategy)
+    mosaic.sc.test_x, mosaic.sc.test_y = x, y
+    rx, ry = mosaic.report_test()
+    n = cfg.report_test_subset
+    assert len(ry) == (n if 0 < n < len(y) else len(y)) and len(rx) == len(ry)
+    if 0 < n < len(y):
+        assert torch.bincount(ry, minlength=C).max() - torch.bincount(ry, minlength=C).min() <= 1 or n < C
+        assert mosaic.report_test()[1] is ry  # computed once
+
+
 def seeds(cfg: Config) -> None:
     data_partition(cfg)
     initial_model(cfg)
@@ -206,6 +222,11 @@ def distill_round_training(cfg: Config) -> None:
     _, values = mosaic.round_config(cfg.warmup_rounds, mosaic.train_config())
     settings = sgd_settings(values)
     assert settings["steps"] == (cfg.distill_local_steps or cfg.local_steps)
+    assert settings["batch_size"] == (cfg.distill_batch_size or cfg.batch_size)
+    assert settings["momentum"] == (cfg.momentum if cfg.distill_momentum < 0 else cfg.distill_momentum)
+    assert settings["weight_decay"] == (cfg.weight_decay if cfg.distill_weight_decay < 0 else cfg.distill_weight_decay)
+    _, plain = mosaic.round_config(1, mosaic.train_config())  # a warm-up round keeps the plain settings
+    assert sgd_settings(plain)["momentum"] == cfg.momentum
     x, y = _data()
     stats = train_local(initial_model(cfg), x, y, **settings, seed=1)
     assert stats["steps"] == settings["steps"] and math.isfinite(stats["train-loss"])
@@ -413,6 +434,7 @@ ROWS: dict[str, Row] = {
     "min-partition-size": Row([1, 100], [0, -1], data_partition),
     "shards-per-client": Row([1, 3], [0], data_partition),   # 3: every class of the tiny data
     "test-subset": Row([0, 1, 500], [-1], server_test_set),
+    "report-test-subset": Row([0, 1, 500, 10**6], [-1], report_test_set),
     "validation-split": Row([0.0, 0.5], [-0.1, 0.5 + 1e-9], validation),
     "seed": Row([0, SEED_LIMIT - 1], [-1, SEED_LIMIT], seeds),
     "num-server-rounds": Row([1], [0], schedule, {**MOSAIC, "warmup-rounds": 1}),
@@ -445,6 +467,10 @@ ROWS: dict[str, Row] = {
     "dense.adv-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
     "dense.pool-size": Row([0, 1, 10**6], [-1], dense_source, DENSE),
     "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "distill-batch-size": Row([0, 1, 10**6], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "distill-momentum": Row([-1.0, 0.0, 1.0], [-0.5, 1.1, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "distill-weight-decay": Row([-1.0, 0.0, 1e-4], [-0.5, float("inf")], distill_round_training,
+                                {**MOSAIC, "local-steps": 3}),
     "collect-rounds": Row([1, 8], [0, 9], collection, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
     "generator-bank-size": Row([0, 1, 10**6], [-1], generator_bank, MOSAIC),
     "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),

@@ -209,8 +209,11 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
 
 
 def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
-    run_config = {**TINY, "strategy": "mosaic"}
-    out, rows, rec = _run(tmp_path, monkeypatch, strategy="mosaic")
+    # The widest meta-model path: prototypes and generated samples, the fitted meta model
+    # used whatever its hold-out says (the default's guard is tested below).
+    both = {"meta-data": "both", "meta-guard": False}
+    run_config = {**TINY, "strategy": "mosaic", **both}
+    out, rows, rec = _run(tmp_path, monkeypatch, strategy="mosaic", **both)
     distill, kd = _check_schedule_and_distillation(out, rows, rec, run_config)
     cfg, x = kd["cfg"], kd["x"]
     # here the student starts far from the meta teacher on generated samples and gets closer
@@ -237,7 +240,10 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     meta = rec.meta[0]
     held = sum(1 for c in range(C) if any(r["counts"][c] for r in rec.replies[2].values()))
     assert meta["z"].shape == (n_protos + 4 * held, C, C) and torch.isfinite(meta["z"]).all()
-    assert distill["meta-inputs"] == len(meta["labels"])
+    assert distill["meta-inputs"] == len(meta["labels"]) and distill["meta-real-inputs"] == n_protos
+    # model selection saw held-out prototypes only, never generated samples
+    assert 0 < meta["stats"]["n_holdout"] == distill["meta-holdout"] <= n_protos // 2
+    assert distill["meta-used"] == 1
     assert any(not torch.equal(meta["initial"][k], v) for k, v in meta["trained"].items())
 
     # Checkpoint and artifacts: C class experts; the meta model, every client's generator
@@ -261,6 +267,29 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     model.load_state_dict(artifacts["meta"])
     with torch.no_grad():
         expected = model.eval()(_expert_logits(cfg, experts, x))
+        assert torch.allclose(kd["teacher"](x), expected, atol=1e-4)
+
+
+def test_mosaic_default_meta_model_learns_from_prototypes_and_is_dropped_when_it_does_not_beat_the_mean(
+        tmp_path, monkeypatch):
+    """The default (``meta-data='auto'``: prototypes with one model family; ``meta-guard``):
+    the meta model sees prototypes only, and a meta model that does not beat the plain mean
+    of its experts on the held-out prototypes is not the teacher: the mean is. A learning
+    rate that wrecks every step forces the fitted model back to its prior, which ties with
+    the mean and so does not beat it."""
+    overrides = {"strategy": "mosaic", "meta-lr": 50.0, "meta-patience": 1}
+    out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
+    distill, kd = _check_schedule_and_distillation(out, rows, rec, {**TINY, **overrides})
+    cfg, x = kd["cfg"], kd["x"]
+    n_protos = sum(len(r["prototypes"]["labels"]) for r in rec.replies[2].values())
+    (meta,) = rec.meta
+    assert len(meta["labels"]) == n_protos == distill["meta-inputs"] == distill["meta-real-inputs"]
+    stats = meta["stats"]
+    assert stats["holdout_accuracy"] == stats["holdout_mean_accuracy"] and stats["best_epoch"] == 0
+    assert distill["meta-used"] == 0 and distill["acc-teacher"] == distill["acc-ensemble"]
+    assert "meta" not in load_checkpoint(out["dir"], ARTIFACTS)
+    with torch.no_grad():  # the teacher that was distilled is the plain mean of the C class experts
+        expected = _expert_logits(cfg, rec.experts[0]["cnn_small"], x).mean(dim=1)
         assert torch.allclose(kd["teacher"](x), expected, atol=1e-4)
 
 

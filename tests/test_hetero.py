@@ -213,3 +213,36 @@ def test_discovery_replies_are_validated(kwargs, pattern):
     assert info is None and pattern in problem
     info, problem = decode_client_info(_info_reply([3] * C, capacity=0.5), C, MODELS)
     assert problem is None and info.num_examples == 30 and (info.model, info.capacity) == ("cnn_small", 0.5)
+
+
+@pytest.mark.slow
+def test_the_clients_gate_judges_every_familys_model_on_every_client(tmp_path):
+    """Under model heterogeneity the gate scores each family's candidates on all the
+    clients' data (a family's own clients hold only some classes): every client receives
+    every family's 'before' and 'after' models (its own family at its width, the others at
+    full width) and returns counts of correct predictions for each."""
+    res = run_inprocess(tmp_path, strategy="mosaic", num_nodes=4, dataset="synthetic", alpha=1.0,
+                        **{"client-models": "cnn_small,cnn_wide", "client-capacities": "1,1,0.5,1",
+                           "num-server-rounds": 2, "warmup-rounds": 1, "local-steps": 5, "batch-size": 16,
+                           "gen-steps": 5, "gen-batch-size": 8, "meta-epochs": 2, "meta-samples-per-class": 4,
+                           "kd-steps": 4, "kd-batch-size": 16, "distill-gate": "clients", "gate-rounds": 0})
+    families = ["cnn_small", "cnn_wide"]
+    evaluate = [m for m in res["grid"].sent if m.metadata.message_type == "evaluate"]
+    assert sorted(m.metadata.dst_node_id for m in evaluate) == res["grid"].node_ids
+    for m in evaluate:
+        config = m.content["config"]
+        assert list(config["families"]) == families
+        assert sorted(config["candidates"]) == sorted(f"{n}.{f}" for n in ("before", "after") for f in families)
+        widths = {f: record_width(m.content[f"candidate-before.{f}"]) for f in families}
+        assert widths["cnn_wide"] == record_width(state_to_record(build_arch(
+            build_config({"dataset": "synthetic"}), Arch("cnn_wide")).state_dict()))  # full width
+    # the half-width cnn_small client (partition 2) got its slice of its own family's model
+    small = sorted(record_width(m.content["candidate-before.cnn_small"]) for m in evaluate)
+    assert small[0] < small[-1]
+    report = json.loads((res["dir"] / "summary.json").read_text())["distillation"]
+    assert 0 <= report["gate-before"] <= 1 and report["gate-kept"] in (0.0, 1.0)
+
+
+def record_width(record) -> int:
+    """The first convolution's output channels of a model sent as a record."""
+    return record.to_torch_state_dict()["conv1.weight"].shape[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mosaic_flwr.mosaic.meta import MetaModel, _holdout_split, default_width, train_meta
+from mosaic_flwr.mosaic.meta import MetaModel, _holdout_split, default_width, meta_beats_mean, train_meta
 
 
 def _expert_toy(m: int, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +54,52 @@ def test_holdout_split_is_stratified():
     assert sorted(train.tolist() + holdout.tolist()) == list(range(13))
     assert labels[holdout].tolist() == [0, 0, 1]  # 2 of 10, 1 of 2, none of 1
     assert set(labels[train].tolist()) == {0, 1, 2}
+
+
+def test_holdout_is_drawn_from_the_pool_only():
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    pool = torch.tensor([True] * 5 + [False] * 5 + [True] * 2 + [False] * 8)  # e.g. the prototypes
+    train, holdout = _holdout_split(labels, 0.4, torch.Generator().manual_seed(0), pool)
+    assert sorted(train.tolist() + holdout.tolist()) == list(range(20))
+    assert pool[holdout].all() and labels[holdout].tolist() == [0, 0, 1]  # 2 of 5 pooled, 1 of 2
+    assert not any(i in holdout.tolist() for i in torch.nonzero(~pool).squeeze(1).tolist())
+
+
+def test_the_guard_keeps_a_meta_model_only_when_it_beats_the_mean_on_held_out_pooled_inputs():
+    """Expert 0 is right, experts 1-2 confidently agree on a wrong class: the mean is wrong,
+    a meta model that learns to trust expert 0 beats it (kept). Where the mean is already
+    perfect the meta model can at best tie (dropped). No hold-out: nothing shows it is better."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(4, (300,), generator=g)
+    logits = torch.randn(300, 3, 4, generator=g)
+    logits[torch.arange(300), 0, labels] += 4.0
+    wrong = (labels + 1) % 4
+    for e in (1, 2):
+        logits[torch.arange(300), e, wrong] += 6.0
+    pool = torch.arange(300) % 3 == 0  # the real-derived third
+    torch.manual_seed(0)
+    ema, stats = train_meta(MetaModel(3, 4), logits, labels, epochs=60, lr=1e-2, seed=0, holdout_pool=pool)
+    assert stats["n_holdout"] == pytest.approx(0.2 * 100, abs=4)
+    assert stats["holdout_mean_accuracy"] < 0.1 and stats["holdout_accuracy"] > 0.9
+    assert meta_beats_mean(stats)
+
+    perfect = 5 * torch.randn(100, 3, 3, generator=torch.Generator().manual_seed(1))
+    y = perfect.mean(dim=1).argmax(dim=1)
+    _, stats = train_meta(MetaModel(3, 3), perfect, y, epochs=10, lr=1e-2, seed=0)
+    assert stats["holdout_mean_accuracy"] == 1.0 and not meta_beats_mean(stats)
+    _, stats = train_meta(MetaModel(3, 3), perfect[:3], y[:3], epochs=2, holdout_frac=0.0)
+    assert stats["holdout_accuracy"] is None and not meta_beats_mean(stats)
+
+
+def test_the_guard_compares_with_the_experts_mean_not_the_students_token():
+    """With ``prior='last'`` (the student is the last token) the mean leaves the student out."""
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(3, (200,), generator=g)
+    z = torch.randn(200, 3, 3, generator=g)
+    z[torch.arange(200), :2, labels] += 5.0     # the two experts are right
+    z[torch.arange(200), 2, (labels + 1) % 3] += 50.0  # the student token is loud and wrong
+    _, stats = train_meta(MetaModel(3, 3, prior="last"), z, labels, epochs=1, lr=1e-6, seed=0)
+    assert stats["holdout_mean_accuracy"] == 1.0 and stats["initial_holdout_accuracy"] < 0.1
 
 
 @pytest.mark.parametrize("arch", ["transformer", "gating"])

@@ -115,17 +115,23 @@ class MetaModel(nn.Module):
 
 
 def _holdout_split(
-    labels: Tensor, fraction: float, generator: torch.Generator
+    labels: Tensor, fraction: float, generator: torch.Generator, pool: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Stratified split of indices into ``(train, holdout)``.
 
     Each class with ``n >= 2`` samples puts ``min(n - 1, max(1, round(fraction * n)))`` of
     them (chosen at random) in the hold-out, so every such class is represented there and
     keeps at least one training sample; a class with one sample only trains.
-    ``fraction = 0`` gives an empty hold-out.
+    ``fraction = 0`` gives an empty hold-out. With ``pool`` (a bool mask), the hold-out is
+    drawn from the pooled inputs only (``n`` counts them); the others always train.
     """
     train, holdout = [], []
+    if pool is not None:
+        train.append(torch.nonzero(~pool).squeeze(1))
+        labels = torch.where(pool, labels, torch.full_like(labels, -1))
     for label in torch.unique(labels).tolist():
+        if label < 0:
+            continue
         members = torch.nonzero(labels == label).squeeze(1)
         members = members[torch.randperm(members.numel(), generator=generator)]
         n = members.numel()
@@ -163,6 +169,7 @@ def train_meta(
     patience: int = 20,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    holdout_pool: Tensor | None = None,
 ) -> tuple[MetaModel, dict]:
     """Train ``meta`` with cross-entropy on labelled expert logits (of prototypes and/or
     generator samples: the caller's choice); return its EMA copy.
@@ -184,12 +191,16 @@ def train_meta(
     Args:
         expert_logits: ``[M, E, C]`` expert logits of the M inputs.
         labels: ``[M]`` their labels.
+        holdout_pool: ``[M]`` bool, the inputs the hold-out may be drawn from (Mosaic: the
+            prototypes, real-derived, never generator samples); ``None``: all of them.
 
     Returns:
         ``(ema_model in eval mode, stats)`` with stats ``epochs_run``, ``best_epoch``,
         ``holdout_loss``, ``holdout_accuracy`` (of the restored state; ``None`` without a
-        hold-out), ``initial_holdout_accuracy`` (the untrained model's, i.e. the plain
-        ensemble's), ``train_loss`` (the online model's mean CE over the last epoch, dropout
+        hold-out), ``initial_holdout_accuracy`` (the untrained model's, i.e. its prior's),
+        ``holdout_mean_accuracy`` (the plain mean of the experts' logits, the student's token
+        left out under ``prior='last'``; what :func:`meta_beats_mean` compares with),
+        ``train_loss`` (the online model's mean CE over the last epoch, dropout
         on), ``n_train``, ``n_holdout``, ``early_stopping``, ``seconds``.
     """
     if expert_logits.dim() != 3 or labels.shape != expert_logits.shape[:1]:
@@ -208,7 +219,9 @@ def train_meta(
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     train_idx, hold_idx = (
-        idx.to(device) for idx in _holdout_split(labels.cpu().long(), holdout_frac, generator)
+        idx.to(device) for idx in _holdout_split(
+            labels.cpu().long(), holdout_frac, generator,
+            None if holdout_pool is None else holdout_pool.cpu().bool())
     )
     logits = expert_logits.detach().float().to(device)
     labels = labels.long().to(device)
@@ -249,10 +262,12 @@ def train_meta(
                 stale += 1
                 if stale >= patience:
                     break
-    hold_loss = hold_accuracy = None
+    hold_loss = hold_accuracy = mean_accuracy = None
     if has_holdout:
         ema.load_state_dict(best_state)
         hold_loss, hold_accuracy = _evaluate(ema, x_hold, y_hold)
+        experts_only = x_hold[:, :-1] if meta.prior == "last" else x_hold
+        mean_accuracy = (experts_only.mean(dim=1).argmax(dim=1) == y_hold).float().mean().item()
     else:
         best_epoch = epochs_run
     stats = {
@@ -261,6 +276,7 @@ def train_meta(
         "holdout_loss": hold_loss,
         "holdout_accuracy": hold_accuracy,
         "initial_holdout_accuracy": initial_accuracy,
+        "holdout_mean_accuracy": mean_accuracy,
         "train_loss": train_loss,
         "n_train": len(y_train),
         "n_holdout": len(y_hold),
@@ -268,3 +284,11 @@ def train_meta(
         "seconds": time.perf_counter() - start,
     }
     return ema, stats
+
+
+def meta_beats_mean(stats: dict) -> bool:
+    """The guard on a fitted meta model (``train_meta``'s stats): it is used as the teacher
+    only when it is strictly more accurate than the plain mean of its experts on the
+    hold-out. Without a hold-out nothing shows that it is better, so it is not used."""
+    acc, mean = stats.get("holdout_accuracy"), stats.get("holdout_mean_accuracy")
+    return acc is not None and mean is not None and acc > mean

@@ -368,31 +368,50 @@ class BankStrategy(FedAvg):
 
     def client_evaluate(self, server_round: int, candidates: dict[str, dict[str, StateDict]]
                         ) -> dict[str, dict[str, float]]:
-        """Federated evaluation of candidate global models on the clients' own data: every
-        connected client receives its architecture's model (the fixed slice for a width
-        below 1) of each candidate (``name -> family -> state``), and replies with how many
-        of its examples each classifies correctly (message ``evaluate``; nothing else
-        leaves the client). Returns ``family -> name -> accuracy`` over the clients of the
-        family that replied validly (examples-weighted); families without one are absent."""
+        """Federated evaluation of candidate global models on the clients' own data (message
+        ``evaluate``; only counts of correct predictions leave a client). Returns
+        ``family -> name -> accuracy`` (examples-weighted over the clients that scored the
+        family's candidates validly; families nobody scored are absent).
+
+        With one model family every connected client receives that family's model (the
+        fixed slice for a width below 1) of each candidate (``name -> family -> state``).
+        With several, every client scores every family's candidates (``candidate-<name>.<family>``:
+        its own family at its width, the others at full width), so a family's model is
+        judged on all the clients' data, not only on the few classes its own clients hold."""
         sc, names = self.sc, list(candidates)
+        families = sorted({f for per in candidates.values() for f in per})
+        across = len(families) > 1
         nodes = self.connected_clients()
         records: dict[tuple[str, Arch], ArrayRecord] = {}
+
+        def record(name: str, arch: Arch) -> ArrayRecord:
+            if (name, arch) not in records:
+                full, plan = candidates[name][arch.model], self.plan(arch, 0, mode="fixed")
+                records[(name, arch)] = state_to_record(full if plan is None else slice_state(full, plan))
+            return records[(name, arch)]
+
+        keys = [f"{n}.{f}" for n in names for f in families] if across else names
         messages = []
         for nid in nodes:
             arch = sc.arch_of(nid)
-            content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "candidates": names})})
+            config = {"server-round": server_round, "candidates": keys}
+            if across:
+                config["families"] = families
+            content = RecordDict({CONFIG: ConfigRecord(config)})
             for name in names:
-                if (name, arch) not in records:
-                    full, plan = candidates[name][arch.model], self.plan(arch, 0, mode="fixed")
-                    records[(name, arch)] = state_to_record(full if plan is None else slice_state(full, plan))
-                content[f"candidate-{name}"] = records[(name, arch)]
+                if not across:
+                    content[f"candidate-{name}"] = record(name, arch)
+                    continue
+                for f in families:
+                    content[f"candidate-{name}.{f}"] = record(name, arch if arch is not None and arch.model == f
+                                                              else Arch(f))
             messages.append(Message(content, dst_node_id=nid, message_type="evaluate"))
         correct: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(names, 0))
         examples: dict[str, int] = defaultdict(int)
         for msg in sc.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
             node = msg.metadata.src_node_id
             arch = sc.arch_of(node)
-            counts, problem = decode_evaluate_reply(msg, names)
+            counts, problem = decode_evaluate_reply(msg, keys)
             if problem is None and arch is None:
                 problem = "unknown node"
             if problem is None:
@@ -400,9 +419,10 @@ class BankStrategy(FedAvg):
             if problem:
                 log(WARNING, "Evaluation reply from %s left out: %s", sc.describe([node]), problem)
                 continue
-            examples[arch.model] += counts[NUM_EXAMPLES]
-            for name in names:
-                correct[arch.model][name] += counts[name]
+            for f in (families if across else [arch.model]):
+                examples[f] += counts[NUM_EXAMPLES]
+                for name in names:
+                    correct[f][name] += counts[f"{name}.{f}" if across else name]
         return {f: {name: correct[f][name] / n for name in names} for f, n in examples.items() if n > 0}
 
     def evaluate_arch(self, arch: Arch, state: StateDict | None = None,

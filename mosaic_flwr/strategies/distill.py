@@ -53,7 +53,7 @@ from ..privacy.audit import validate_figures
 from ..privacy.report import THRESHOLDS, client_entry, plot_privacy, summarise, summary_line
 from ..results import save_generator_grid, write_json
 from ..seeds import mix_seed
-from ..task import Arch, build_arch
+from ..task import Arch, balanced_subset, build_arch
 from .bank import BankStrategy, StateDict
 
 Teacher = Callable[[Tensor], Tensor]
@@ -173,8 +173,12 @@ class DistillStrategy(BankStrategy):
             return "train", values
         values["distill"] = phase == "distill"
         if phase == "distill":
-            if c.distill_local_steps:  # the experts' last local training: longer, so they specialise
-                values["local-steps"] = c.distill_local_steps
+            # The local training whose models become the experts: its own settings where given
+            # (longer, so they specialise; or the authors' short plain SGD, so they drift little).
+            expert = {"local-steps": c.distill_local_steps or None, "batch-size": c.distill_batch_size or None,
+                      "momentum": None if c.distill_momentum < 0 else c.distill_momentum,
+                      "weight-decay": None if c.distill_weight_decay < 0 else c.distill_weight_decay}
+            values.update({k: v for k, v in expert.items() if v is not None})
             values.update(self.upload_values())
         return "train.mosaic", values
 
@@ -375,7 +379,21 @@ class DistillStrategy(BankStrategy):
 
     # ------------------------------------------------------------------ evaluation helpers
     def _accuracy(self, logits: Tensor) -> float:
-        return logits_metrics(logits, self.sc.test_y)["accuracy"]
+        """Accuracy of a teacher's logits on :meth:`report_test`'s images (report only)."""
+        return logits_metrics(logits, self.report_test()[1])["accuracy"]
+
+    def report_test(self) -> tuple[Tensor, Tensor]:
+        """The test images the teachers are scored on for the distillation report (reporting
+        only: nothing selects on them): ``report-test-subset`` images of the server's test
+        set, class-balanced and the same for every run seed, or all of it (``0``). Scoring
+        every expert on the whole test set cost more than the distillation itself."""
+        sc, n = self.sc, self.cfg.report_test_subset
+        if not n or n >= len(sc.test_y):
+            return sc.test_x, sc.test_y
+        if getattr(self, "_report_test", None) is None:
+            idx = balanced_subset(sc.test_y, n, mix_seed("report-test-subset", n))
+            self._report_test = (sc.test_x[idx], sc.test_y[idx])
+        return self._report_test
 
     def _val_accuracy(self, teacher: Teacher) -> float:
         """A teacher's accuracy on the validation split."""
@@ -395,14 +413,16 @@ class DistillStrategy(BankStrategy):
         val_before = self.evaluate_val(self.globals[self.primary])
         student = self.frozen(self.primary)  # the aggregated global model, as it is before KD
         teacher = self.teacher_for(server_round, clients, report)
+        test_x, test_y = self.report_test()
+        report["report-test-images"] = len(test_y)
         if "acc-teacher" not in report:
-            report["acc-teacher"] = self._accuracy(teacher_logits(teacher, sc.test_x, device=dev))
+            report["acc-teacher"] = self._accuracy(teacher_logits(teacher, test_x, device=dev))
         if getattr(teacher, "conditional", False):
             # A conditional teacher (FedFTG's, DFRD's) is only defined for samples made for a
             # class: the real images' own class as the asked one shows what it tells the
             # student about a sample that looks like the class it was generated for.
             report["acc-teacher-asked"] = self._accuracy(
-                teacher_logits(teacher, sc.test_x, labels=sc.test_y, device=dev))
+                teacher_logits(teacher, test_x, labels=test_y, device=dev))
         students = {}
         for f in families:
             students[f] = self.module(Arch(f))

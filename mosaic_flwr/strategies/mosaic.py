@@ -49,7 +49,7 @@ from ..mosaic.experts import (
     robust_class_average,
     weighted_average_states,
 )
-from ..mosaic.meta import MetaModel, train_meta
+from ..mosaic.meta import MetaModel, meta_beats_mean, train_meta
 from ..mosaic.moe import ConcatExperts, GeneratorSampler, ensemble_teacher, expert_logits, meta_teacher, screen_by_prototypes
 from ..mosaic.streaming import ClassSums, GeneratorBank
 from ..mosaic.submodels import masked_average, robust_masked_average
@@ -361,29 +361,44 @@ class MosaicStrategy(DistillStrategy):
         inputs = (ConcatExperts([experts, self.frozen(self.primary)])
                   if self.teacher == "meta" and cfg.meta_prior == "global" else experts)
         # Reporting only: the experts' test logits, computed once for every teacher's score.
-        test_z = expert_logits(inputs, sc.test_x)  # [E(+1), N, C]
+        test_z = expert_logits(inputs, self.report_test()[0])  # [E(+1), N, C]
         teacher = ensemble_teacher(experts)
         report["acc-ensemble"] = self._accuracy(test_z[:len(experts)].mean(0))
         report["acc-teacher"] = report["acc-ensemble"]
         if self.teacher == "meta":
             t0 = time.perf_counter()
-            z, labels = self.meta_inputs(inputs, gen_replies, generators, counts, self._received, report,
-                                         server_round)
+            z, labels, real = self.meta_inputs(inputs, gen_replies, generators, counts, self._received, report,
+                                               server_round)
             meta = MetaModel(len(inputs), self.info.num_classes, arch=cfg.meta_arch,
                              prior="last" if inputs is not experts else "mean")
+            # Model selection (early stopping and the guard) on held-out real-derived inputs
+            # (prototypes, clients' images) whenever there are any, never on generator samples.
             meta, mstats = train_meta(meta, z, labels, epochs=cfg.meta_epochs, lr=cfg.meta_lr,
                                       ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout,
-                                      patience=cfg.meta_patience, seed=cfg.seed, device=dev)
+                                      patience=cfg.meta_patience, seed=cfg.seed, device=dev,
+                                      holdout_pool=real if bool(real.any()) else None)
+            used = meta_beats_mean(mstats) or not cfg.meta_guard
             report.update({"meta-seconds": time.perf_counter() - t0, "meta-inputs": len(labels),
+                           "meta-real-inputs": int(real.sum()),
+                           "meta-holdout": mstats["n_holdout"],
                            "meta-holdout-accuracy": mstats["holdout_accuracy"],
                            "meta-holdout-accuracy-at-init": mstats["initial_holdout_accuracy"],
-                           "meta-epochs-run": mstats["epochs_run"]})
-            teacher = meta_teacher(inputs, meta)
-            self.artifacts["meta"] = {k: v.detach().cpu() for k, v in meta.state_dict().items()}
-            with torch.no_grad():
-                meta_test = torch.cat([meta(test_z[:, i:i + 1024].permute(1, 0, 2).to(dev)).cpu()
-                                       for i in range(0, test_z.shape[1], 1024)])
-            report["acc-teacher"] = self._accuracy(meta_test)
+                           "meta-holdout-mean-accuracy": mstats["holdout_mean_accuracy"],
+                           "meta-epochs-run": mstats["epochs_run"], "meta-used": int(used)})
+            if used:
+                teacher = meta_teacher(inputs, meta)
+                self.artifacts["meta"] = {k: v.detach().cpu() for k, v in meta.state_dict().items()}
+                with torch.no_grad():
+                    meta_test = torch.cat([meta(test_z[:, i:i + 1024].permute(1, 0, 2).to(dev)).cpu()
+                                           for i in range(0, test_z.shape[1], 1024)])
+                report["acc-teacher"] = self._accuracy(meta_test)
+            else:
+                held = mstats["holdout_accuracy"]
+                log(INFO, "[mosaic] meta model not used: on %d held-out %s inputs it reads %s against the "
+                    "experts' mean %s; the teacher is the mean of the experts (meta-guard)", mstats["n_holdout"],
+                    "real-derived" if real.any() else "generated",
+                    "-" if held is None else f"{100 * held:.1f} %",
+                    "-" if mstats["holdout_mean_accuracy"] is None else f"{100 * mstats['holdout_mean_accuracy']:.1f} %")
         self.artifacts["prototypes"] = [
             {"partition-id": p["partition-id"], "features": p["features"], "labels": p["labels"]}
             for p in self.collected_prototypes()]
@@ -398,8 +413,10 @@ class MosaicStrategy(DistillStrategy):
 
     def meta_inputs(self, experts, gen_replies: Replies, generators, counts: torch.Tensor,
                     received: dict[int, StateDict], report: dict, server_round: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The meta model's training set: expert logits ``[M, E, C]`` and labels ``[M]``.
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The meta model's training set: expert logits ``[M, E, C]``, labels ``[M]`` and
+        which inputs are real-derived (``[M]`` bool: prototypes and clients' images, not
+        generator samples; model selection holds out real-derived inputs only).
 
         ``prototypes`` (the authors'): the clients' prototypes through each expert's head.
         ``generated``: labelled generator samples through each expert's full forward, the
@@ -415,13 +432,13 @@ class MosaicStrategy(DistillStrategy):
             if len(experts) > len(states):  # meta-prior='global': the student is the last token
                 states.append(self.globals[self.primary])
             z, labels = self.client_meta_logits(server_round, states, report)
-            return z, labels
+            return z, labels, torch.ones(len(labels), dtype=torch.bool)
         if self.meta_data in ("prototypes", "both"):
             protos = ([(p["features"], p["labels"]) for p in self.collected_prototypes()]
                       or [r.prototypes for _, r in gen_replies if r.prototypes is not None])
             feats = torch.cat([f for f, _ in protos])
             labels = torch.cat([l for _, l in protos])
-            parts.append((experts.head_logits(feats.to(dev)).cpu(), labels))
+            parts.append((experts.head_logits(feats.to(dev)).cpu(), labels, True))
         if self.meta_data in ("generated", "both", "screened"):
             n_classes = int((counts.sum(0) > 0).sum())
             sampler = GeneratorSampler(generators, counts, seed=mix_seed(self.cfg.seed, "meta-samples"),
@@ -439,8 +456,9 @@ class MosaicStrategy(DistillStrategy):
                     x, y = x[keep.to(x.device)], y[keep]
                 else:
                     log(WARNING, "[mosaic] prototype screening kept no sample; using all of them")
-            parts.append((expert_logits(experts, x).permute(1, 0, 2), y))
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            parts.append((expert_logits(experts, x).permute(1, 0, 2), y, False))
+        real = torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.bool) for p in parts])
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), real
 
     def client_meta_logits(self, server_round: int, states: list[StateDict], report: dict
                            ) -> tuple[torch.Tensor, torch.Tensor]:
