@@ -71,6 +71,8 @@ VARIANTS = {
     # Issue 37: the meta model's data and its guard, each change on its own (no gate: the
     # distillation round's figures), then the former default as it shipped (gated).
     "mosaic-old": ("mosaic", {"meta-data": "both", "meta-guard": False}),
+    # the meta model fuses each expert's head on the global model's features (what it learned on)
+    "mosaic-heads": ("mosaic", {"meta-experts": "heads"}),
     "mosaic-protos-noguard": ("mosaic", {"distill-gate": "off", "meta-guard": False}),
     "mosaic-both-guard": ("mosaic", {"distill-gate": "off", "meta-data": "both"}),
     # the authors' local training for the round whose models become experts: 10 plain SGD

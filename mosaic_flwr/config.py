@@ -226,7 +226,8 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "gen-div-weight": (float, _non_negative),
     "meta-arch": (str, _choice("transformer", "gating")),
     "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened", "clients")),
-    "meta-guard": (bool, None),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs
+    "meta-guard": (bool, None),
+    "meta-experts": (str, _choice("full", "heads")),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs
     "meta-samples-per-class": (int, _positive),
     "meta-epochs": (int, _positive),
     "meta-lr": (float, _positive),
@@ -475,6 +476,12 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
                           f"{values['num-server-rounds']} (distillation happens after the last "
                           "warm-up round)")
     meta_data_for(values["meta-data"], config_heterogeneous(values))
+    if values["meta-experts"] == "heads" and (config_heterogeneous(values) or values["meta-data"] == "clients"):
+        raise ConfigError("meta-experts: 'heads' reads every expert's head on the global model's features, which "
+                          "needs one architecture at full width and a server-side meta model (not "
+                          f"meta-data='clients'); got meta-data={values['meta-data']!r}, client-models="
+                          f"{values['client-models']!r}, client-capacities={values['client-capacities']!r}; "
+                          "use meta-experts='full'")
     if values["distill-gate"] == "validation" and values["validation-split"] == 0:
         raise ConfigError("distill-gate: 'validation' reads the validation split, but validation-split is 0; "
                           "set validation-split > 0 (benchmarks) or use distill-gate='clients'")

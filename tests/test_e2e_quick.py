@@ -22,7 +22,7 @@ import torch
 import mosaic_flwr.strategies.distill as core_module
 import mosaic_flwr.strategies.mosaic as mosaic_module
 from mosaic_flwr.checkpoint import ARTIFACTS, load_checkpoint
-from mosaic_flwr.config import build_config
+from mosaic_flwr.config import ConfigError, build_config
 from mosaic_flwr.mosaic.distill import kd_loss
 from mosaic_flwr.mosaic.meta import MetaModel
 from mosaic_flwr.records import record_to_state
@@ -291,6 +291,39 @@ def test_mosaic_default_meta_model_learns_from_prototypes_and_is_dropped_when_it
     with torch.no_grad():  # the teacher that was distilled is the plain mean of the C class experts
         expected = _expert_logits(cfg, rec.experts[0]["cnn_small"], x).mean(dim=1)
         assert torch.allclose(kd["teacher"](x), expected, atol=1e-4)
+
+
+def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_global_features(tmp_path, monkeypatch):
+    """``meta-experts='heads'``: the meta model learns on prototypes through the experts'
+    heads and, as the teacher, reads the same kind of input: each class expert's head on the
+    global model's (the student's, before KD) features of the image."""
+    overrides = {"strategy": "mosaic", "meta-experts": "heads", "meta-guard": False}
+    out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
+    distill, kd = _check_schedule_and_distillation(out, rows, rec, {**TINY, **overrides})
+    x = kd["x"]
+    model = MetaModel(C, C, arch=kd["cfg"].meta_arch)
+    model.load_state_dict(load_checkpoint(out["dir"], ARTIFACTS)["meta"])
+    backbone = kd["student_before"].eval()
+    heads = []
+    for state in rec.experts[0]["cnn_small"]:
+        head = torch.nn.Linear(state["head.weight"].shape[1], C)
+        head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+        heads.append(head)
+    with torch.no_grad():
+        feats = backbone.features(x)
+        expected = model.eval()(torch.stack([h(feats) for h in heads], dim=1))
+        got = kd["teacher"](x)
+        assert torch.allclose(got, expected, atol=1e-4)
+        full = model(_expert_logits(kd["cfg"], rec.experts[0]["cnn_small"], x))
+        assert not torch.allclose(kd["teacher"](x), full, atol=1e-3)  # not the full experts' teacher
+    assert distill["meta-used"] == 1
+
+
+def test_meta_experts_heads_needs_one_architecture():
+    with pytest.raises(ConfigError, match=r"^meta-experts: 'heads' .* one architecture at full width"):
+        build_config({"strategy": "mosaic", "meta-experts": "heads", "client-capacities": "1,0.5"})
+    with pytest.raises(ConfigError, match=r"^meta-experts: 'heads' .*meta-data='clients'"):
+        build_config({"strategy": "mosaic", "meta-experts": "heads", "meta-data": "clients"})
 
 
 @pytest.mark.parametrize("overrides", [

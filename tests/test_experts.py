@@ -207,3 +207,25 @@ def test_stacked_experts_on_cuda_match_cpu():
     torch.testing.assert_close(
         cuda.head_logits(features).cpu(), cpu.head_logits(features), atol=1e-4, rtol=1e-4
     )
+
+
+def test_head_experts_read_each_experts_head_on_one_backbones_features():
+    """``meta-experts='heads'``: expert e's logits are its head on the backbone's features;
+    where an expert's backbone is the backbone itself, they equal the full expert's."""
+    from mosaic_flwr.mosaic.moe import HeadExperts
+
+    torch.manual_seed(0)
+    models = _randomised_models("cnn_small", 3, 8)
+    backbone = models[0]
+    x = torch.randn(5, 3, 8, 8)
+    experts = StackedExperts(models[0], [m.state_dict() for m in models])
+    heads = HeadExperts(experts, backbone)
+    assert len(heads) == 3
+    with torch.no_grad():
+        feats = backbone.eval().features(x)
+        reference = torch.stack([m.head(feats) for m in models])  # [E, B, C]
+        full = experts.logits(x)
+    torch.testing.assert_close(heads.logits(x), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(heads.head_logits(feats), reference.permute(1, 0, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(heads.logits(x)[0], full[0], atol=1e-5, rtol=1e-5)  # expert 0 IS the backbone
+    assert not torch.allclose(heads.logits(x)[1], full[1], atol=1e-3)             # the others differ

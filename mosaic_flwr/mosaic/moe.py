@@ -82,6 +82,34 @@ class ConcatExperts:
         return torch.cat([p.head_logits(features).to(self.device) for p in self.parts], dim=1)
 
 
+class HeadExperts:
+    """The class experts' linear heads on ONE backbone's features (``meta-experts='heads'``):
+    ``logits(x)`` is ``[E, B, C]``, each expert's head applied to ``backbone.features(x)``.
+
+    Prototypes are penultimate features of the global model, so the meta model learns from
+    the experts' heads on the global model's features. Run as the teacher on an image, the
+    full experts (each its own backbone) give other inputs: the further the experts drifted
+    from the global model in their last local training, the less the meta model's training
+    inputs describe them (measured in ``bench/results/mosaic-paper.md``). With this object
+    as the experts, the teacher meets exactly the kind of inputs the meta model learned on:
+    the global model's features of the image, read by each expert's head."""
+
+    def __init__(self, experts: StackedExperts, backbone: nn.Module):
+        self.experts, self.backbone = experts, backbone.eval()
+        self.device = experts.device
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        return self.experts.head_logits(self.backbone.features(x.to(self.device))).permute(1, 0, 2)
+
+    @torch.no_grad()
+    def head_logits(self, features: Tensor) -> Tensor:
+        return self.experts.head_logits(features)
+
+
 @torch.no_grad()
 def expert_logits(experts: StackedExperts, x: Tensor, *, batch_size: int = 256) -> Tensor:
     """Every expert's logits on a large tensor, batched: ``[E, N, C]`` on the CPU."""

@@ -50,7 +50,8 @@ from ..mosaic.experts import (
     weighted_average_states,
 )
 from ..mosaic.meta import MetaModel, meta_beats_mean, train_meta
-from ..mosaic.moe import ConcatExperts, GeneratorSampler, ensemble_teacher, expert_logits, meta_teacher, screen_by_prototypes
+from ..mosaic.moe import (ConcatExperts, GeneratorSampler, HeadExperts, ensemble_teacher, expert_logits,
+                          meta_teacher, screen_by_prototypes)
 from ..mosaic.streaming import ClassSums, GeneratorBank
 from ..mosaic.submodels import masked_average, robust_masked_average
 from ..records import CONFIG, MosaicReply, decode_logits_reply, state_to_record
@@ -357,20 +358,27 @@ class MosaicStrategy(DistillStrategy):
         generators, counts, gen_replies = self.client_generators(clients, report)
         self._generators = (generators, counts)
         experts = self._experts = self.expert_mixture()
+        # What the meta model fuses: the full experts, or (meta-experts='heads') each expert's
+        # head on the global model's features, the space its prototypes live in.
+        fused = experts
+        if self.teacher == "meta" and cfg.meta_experts == "heads":
+            fused = HeadExperts(experts, self.client_module(Arch(self.primary), self.globals[self.primary]))
         # meta-prior='global': the student is one more token and the meta model's prior.
-        inputs = (ConcatExperts([experts, self.frozen(self.primary)])
-                  if self.teacher == "meta" and cfg.meta_prior == "global" else experts)
+        inputs = (ConcatExperts([fused, self.frozen(self.primary)])
+                  if self.teacher == "meta" and cfg.meta_prior == "global" else fused)
         # Reporting only: the experts' test logits, computed once for every teacher's score.
-        test_z = expert_logits(inputs, self.report_test()[0])  # [E(+1), N, C]
-        teacher = ensemble_teacher(experts)
-        report["acc-ensemble"] = self._accuracy(test_z[:len(experts)].mean(0))
+        test_x = self.report_test()[0]
+        test_z = expert_logits(inputs, test_x)  # [E(+1), N, C]
+        teacher = ensemble_teacher(experts)  # the plain mean of the full experts
+        full_z = test_z[:len(experts)] if fused is experts else expert_logits(experts, test_x)
+        report["acc-ensemble"] = self._accuracy(full_z.mean(0))
         report["acc-teacher"] = report["acc-ensemble"]
         if self.teacher == "meta":
             t0 = time.perf_counter()
             z, labels, real = self.meta_inputs(inputs, gen_replies, generators, counts, self._received, report,
                                                server_round)
             meta = MetaModel(len(inputs), self.info.num_classes, arch=cfg.meta_arch,
-                             prior="last" if inputs is not experts else "mean")
+                             prior="last" if inputs is not fused else "mean")
             # Model selection (early stopping and the guard) on held-out real-derived inputs
             # (prototypes, clients' images) whenever there are any, never on generator samples.
             meta, mstats = train_meta(meta, z, labels, epochs=cfg.meta_epochs, lr=cfg.meta_lr,
