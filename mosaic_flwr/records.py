@@ -55,6 +55,22 @@ def state_problem(state: Mapping[str, torch.Tensor], template: Mapping[str, torc
     return None
 
 
+def number_problem(value, *, integer: bool = False, low: float | None = None) -> str | None:
+    """Why ``value`` (a metric a client sent) is not a usable number: not an int or float
+    (a bool, a list, a string), not finite, not an integer where one is needed, or below
+    ``low``. None when it is fine. Every scalar the server reads goes through this before
+    ``int()`` or ``float()`` can raise or turn garbage into a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"not a number ({type(value).__name__})"
+    if not np.isfinite(value):
+        return f"not finite ({value!r})"
+    if integer and float(value) != int(value):
+        return f"not an integer ({value!r})"
+    if low is not None and value < low:
+        return f"{value!r} is below {low:g}"
+    return None
+
+
 def decode_reply(msg: Message, template: Mapping[str, torch.Tensor],
                  other_records: Collection[str] = ()) -> tuple[dict[str, torch.Tensor] | None, str | None]:
     """Validate and decode a baseline train reply: ``(state, None)`` or ``(None, problem)``.
@@ -73,12 +89,15 @@ def decode_reply(msg: Message, template: Mapping[str, torch.Tensor],
     if METRICS not in content.metric_records:
         return None, "no 'metrics' record"
     n = content.metric_records[METRICS].get(NUM_EXAMPLES)
-    if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
+    if number_problem(n, integer=True, low=1) is not None:
         return None, f"bad {NUM_EXAMPLES}: {n!r}"
     bad = [k for k, v in content.metric_records[METRICS].items()
            if isinstance(v, (int, float)) and not np.isfinite(v)]
     if bad:
         return None, f"metric {bad[0]!r} is not finite"
+    loss = content.metric_records[METRICS].get("train-loss", 0.0)
+    if (why := number_problem(loss)) is not None:
+        return None, f"train-loss: {why}"
     try:
         state = record_to_state(content.array_records[ARRAYS])
     except Exception as exc:  # undecodable arrays
@@ -115,7 +134,7 @@ def decode_evaluate_reply(msg: Message, names: Collection[str]) -> tuple[dict[st
     out: dict[str, int] = {}
     for key in [NUM_EXAMPLES, *(f"correct-{n}" for n in names)]:
         value = metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        if number_problem(value, integer=True) is not None:
             return None, f"{key}: not an integer ({value!r})"
         out[key] = int(value)
     n = out.pop(NUM_EXAMPLES)
@@ -202,7 +221,7 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
     counts = content.metric_records[LABEL_COUNTS].get("counts")
     if not isinstance(counts, list) or len(counts) != num_classes:
         return None, f"label counts: expected a list of {num_classes} integers"
-    if any((not isinstance(c, int)) or c < 0 for c in counts):
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
         return None, "label counts: negative or non-integer entries"
     if sum(counts) != int(metrics[NUM_EXAMPLES]):
         return None, f"label counts sum to {sum(counts)}, but num-examples is {metrics[NUM_EXAMPLES]}"
@@ -225,8 +244,10 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
             return None, f"prototypes: shape {tuple(feats.shape)}, expected [M, {feature_dim}]"
         if max_prototypes is not None and feats.shape[0] > max_prototypes:
             return None, f"prototypes: {feats.shape[0]} of them, at most {max_prototypes} expected"
-        if labels.shape != (feats.shape[0],) or labels.is_floating_point():
+        if labels.shape != (feats.shape[0],) or labels.is_floating_point() or labels.dtype == torch.bool \
+                or labels.is_complex():
             return None, "prototypes: labels must be M integers"
+        feats = feats.float()  # checked after the cast: 1e300 in float64 is inf in float32
         if not torch.isfinite(feats).all():
             return None, "prototypes: non-finite values"
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes
@@ -277,8 +298,11 @@ def decode_client_info(msg: Message, num_classes: int, models: Collection[str]
     metrics, arch = content.metric_records[METRICS], content.config_records[ARCH]
     counts = metrics.get("counts")
     if not isinstance(counts, list) or len(counts) != num_classes or any(
-            not isinstance(c, int) or c < 0 for c in counts):
+            isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
         return None, f"label counts: expected {num_classes} non-negative integers"
+    pid = metrics.get("partition-id", -1)
+    if (why := number_problem(pid, integer=True, low=-1)) is not None:
+        return None, f"partition-id: {why}"
     if sum(counts) != metrics.get(NUM_EXAMPLES) or sum(counts) == 0:
         return None, f"label counts sum to {sum(counts)}, but num-examples is {metrics.get(NUM_EXAMPLES)!r}"
     model, capacity = arch.get("model"), arch.get("capacity")

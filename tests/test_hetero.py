@@ -193,12 +193,13 @@ def test_mixed_families_run_mosaic_end_to_end(tmp_path):
     assert (out / "generator_samples.png").is_file()
 
 
-def _info_reply(counts, model="cnn_small", capacity=1.0, n=None) -> Message:
+def _info_reply(counts, model="cnn_small", capacity=1.0, n=None, pid=0, node=7) -> Message:
+    as_flower_server()
     content = RecordDict({
-        "metrics": MetricRecord({"partition-id": 0, "num-examples": sum(counts) if n is None else n,
+        "metrics": MetricRecord({"partition-id": pid, "num-examples": sum(counts) if n is None else n,
                                  "counts": counts}),
         "arch": ConfigRecord({"model": model, "capacity": capacity})})
-    return Message(content, reply_to=Message(RecordDict({}), dst_node_id=7, message_type="query"))
+    return Message(content, reply_to=Message(RecordDict({}), dst_node_id=node, message_type="query"))
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -207,6 +208,11 @@ def _info_reply(counts, model="cnn_small", capacity=1.0, n=None) -> Message:
     ({"counts": [1] * (C - 1)}, "label counts"),
     ({"counts": [-1] + [2] * (C - 1)}, "label counts"),
     ({"counts": [1] * C, "n": 99}, "sum to 10"),
+    # hostile values that crashed the server before they were checked (issue 38)
+    ({"counts": [1] * C, "pid": [1, 2]}, "partition-id: not a number"),
+    ({"counts": [1] * C, "pid": float("inf")}, "partition-id: not finite"),
+    ({"counts": [1] * C, "pid": float("nan")}, "partition-id: not finite"),
+    ({"counts": [1] * C, "pid": 2.5}, "partition-id: not an integer"),
 ])
 def test_discovery_replies_are_validated(kwargs, pattern):
     info, problem = decode_client_info(_info_reply(**kwargs), C, MODELS)
@@ -246,3 +252,18 @@ def test_the_clients_gate_judges_every_familys_model_on_every_client(tmp_path):
 def record_width(record) -> int:
     """The first convolution's output channels of a model sent as a record."""
     return record.to_torch_state_dict()["conv1.weight"].shape[0]
+
+
+def test_one_node_one_partition_a_second_claim_is_refused(caplog):
+    """A node claiming a partition id another node already holds is left out, logged; the
+    first claim stands (it cannot replace the first one's uploads)."""
+    from mosaic_flwr.strategies.base import discover_clients
+
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            return [_info_reply([1] * C, pid=pid, node=node) for node, pid in ((7, 0), (8, 1), (9, 0))]
+
+    with caplog.at_level(logging.WARNING):
+        clients = discover_clients(Grid(), [7, 8, 9], C)
+    assert sorted(clients) == [7, 8] and clients[7].partition_id == 0
+    assert "partition-id 0 is already held by node 7" in caplog.text

@@ -111,6 +111,13 @@ def test_class_experts_are_kept_through_warm_up_and_dropped_after_the_distillati
     assert strategy.state_dict()["experts"] == {}
 
 
+def _raw_prototypes(msg: Message, features: torch.Tensor, labels: torch.Tensor) -> Message:
+    """A reply whose prototypes record holds exactly these tensors (a hostile client's: the
+    ClientApp itself always sends float32 features and int64 labels)."""
+    msg.content["prototypes"] = ArrayRecord({"features": features, "labels": labels})
+    return msg
+
+
 def test_distill_round_requires_valid_prototypes_and_generator(strategy):
     info = dataset_info("synthetic")
     gen = build_generator(info.in_channels, info.image_size, C, info.mean, info.std).state_dict()
@@ -123,6 +130,14 @@ def test_distill_round_requires_valid_prototypes_and_generator(strategy):
         "class not held": _reply(strategy, 1.0, counts, 103, protos=(good[0], torch.tensor([0, 1, 7])), generator=gen),
         "non-finite": _reply(strategy, 1.0, counts, 104, protos=(torch.full((3, d), float("inf")), good[1]), generator=gen),
         "no generator": _reply(strategy, 1.0, counts, 105, protos=good),
+        # hostile values that crashed the server before they were checked (issue 38)
+        "bool labels": _raw_prototypes(_reply(strategy, 1.0, counts, 108, protos=good, generator=gen),
+                                       good[0], torch.tensor([True, False, True])),
+        "float64 that overflows float32": _raw_prototypes(_reply(strategy, 1.0, counts, 109, protos=good,
+                                                                 generator=gen),
+                                                          torch.full((3, d), 1e300, dtype=torch.float64), good[1]),
+        "train-loss as a list": _reply(strategy, 1.0, counts, 110, protos=good, generator=gen,
+                                       **{"train-loss": [0.1, 0.2]}),
         "generator of another architecture": _reply(
             strategy, 1.0, counts, 106, protos=good,
             generator={k: torch.zeros(2) for k in list(gen)[:3]}),

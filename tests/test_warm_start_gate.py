@@ -103,6 +103,9 @@ def test_evaluate_replies_are_validated():
     assert problem is None and ok == {NUM_EXAMPLES: 10, "a": 3, "b": 10}
     for bad, needle in (({NUM_EXAMPLES: 10, "correct-a": 11, "correct-b": 1}, "not in [0, 10]"),
                         ({NUM_EXAMPLES: 10, "correct-a": 2.5, "correct-b": 1}, "not an integer"),
+                        ({NUM_EXAMPLES: 10, "correct-a": float("inf"), "correct-b": 1}, "not an integer"),
+                        ({NUM_EXAMPLES: 10, "correct-a": float("nan"), "correct-b": 1}, "not an integer"),
+                        ({NUM_EXAMPLES: float("inf"), "correct-a": 1, "correct-b": 1}, "not an integer"),
                         ({NUM_EXAMPLES: 0, "correct-a": 0, "correct-b": 0}, "not positive"),
                         ({NUM_EXAMPLES: 10, "correct-a": 1}, "correct-b")):
         got, problem = decode_evaluate_reply(_evaluate_reply(**bad), ["a", "b"])

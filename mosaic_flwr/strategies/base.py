@@ -107,6 +107,11 @@ def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
     for msg in grid.send_and_receive(messages, timeout=timeout):
         answered.add(msg.metadata.src_node_id)
         info, problem = decode_client_info(msg, num_classes, MODELS)
+        if info is not None and info.partition_id >= 0:
+            holder = next((c for c in clients.values() if c.partition_id == info.partition_id), None)
+            if holder is not None:  # one node, one partition: the first claim stands
+                info, problem = None, (f"partition-id {info.partition_id} is already held by node "
+                                       f"{holder.node_id}; a second claim is refused")
         if info is None:
             problems.append(problem)
             log(WARNING, "Leaving out node %s: %s", msg.metadata.src_node_id, problem)
