@@ -110,6 +110,18 @@ def report_test_set(cfg: Config) -> None:
         assert mosaic.report_test()[1] is ry  # computed once
 
 
+def straggler_deadline(cfg: Config) -> None:
+    """``straggler-*``: the wait the missing replies of a call get once the quorum is in."""
+    from mosaic_flwr.strategies.base import Straggler, straggler_wait
+
+    rule = Straggler.of(cfg)
+    for total in (1, 2, 10, 1000):
+        for arrived in range(1, total):
+            wait = straggler_wait([0.5] * arrived, total, rule)
+            assert wait is None or (math.isfinite(wait) and wait >= cfg.straggler_floor)
+        assert straggler_wait([0.5] * total, total, rule) is None
+
+
 def seeds(cfg: Config) -> None:
     data_partition(cfg)
     initial_model(cfg)
@@ -444,6 +456,9 @@ ROWS: dict[str, Row] = {
     "min-replies": Row([1], [0], sampling),
     "connect-timeout": Row([JUST_ABOVE_0, 1e9], [0.0, -1.0], connecting),
     "round-timeout": Row([JUST_ABOVE_0], [0.0, -1.0], sampling),
+    "straggler-quorum": Row([JUST_ABOVE_0, 1.0], [0.0, 1.1], straggler_deadline),
+    "straggler-factor": Row([JUST_ABOVE_0, 1e6], [0.0, float("inf")], straggler_deadline),
+    "straggler-floor": Row([0.0, 1e9], [-1.0, float("inf")], straggler_deadline),
     "round-retries": Row([0, 2], [-1], sampling),
     "local-epochs": Row([1, 3], [-1, 0], local_training, {"local-steps": 0}),   # 0: no work at all
     "local-steps": Row([1, 5], [-1, 0], local_training, {"local-epochs": 0}),

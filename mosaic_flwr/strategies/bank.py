@@ -54,7 +54,7 @@ from ..records import (
 from ..seeds import mix_seed
 from ..task import Arch, build_arch, clients_per_round
 from ..mosaic.streaming import RunningSum
-from .base import ServerContext, stream_replies
+from .base import ServerContext, Straggler, stream_replies
 
 StateDict = dict[str, torch.Tensor]
 
@@ -207,13 +207,14 @@ class BankStrategy(FedAvg):
         for attempt in range(cfg.round_retries + 1):
             node_ids = self.sample(server_round, attempt)
             replies = stream_replies(sc.grid, self.messages_for(server_round, node_ids), cfg.round_timeout,
-                                     f"round {server_round}", describe=self.describe_reply)
+                                     f"round {server_round}", describe=self.describe_reply,
+                                     straggler=Straggler.of(cfg))
             items = self.collect(server_round, replies)
             silent = sorted(set(node_ids) - self._replied)
             if silent:
                 sc.train_metrics["no-reply"] += len(silent)
-                log(WARNING, "round %d: no reply from %s within %g s (round-timeout); left out",
-                    server_round, sc.describe(silent), cfg.round_timeout)
+                log(WARNING, "round %d: no reply from %s in time (round-timeout %g s, or the straggler deadline "
+                    "logged above); left out", server_round, sc.describe(silent), cfg.round_timeout)
             if len(items) >= cfg.min_replies:
                 if attempt:
                     sc.train_metrics["retries"] = attempt
@@ -408,7 +409,8 @@ class BankStrategy(FedAvg):
             messages.append(Message(content, dst_node_id=nid, message_type="evaluate"))
         correct: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(names, 0))
         examples: dict[str, int] = defaultdict(int)
-        for msg in sc.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+        for msg in stream_replies(sc.grid, messages, self.cfg.round_timeout, f"evaluate (round {server_round})",
+                                  straggler=Straggler.of(self.cfg)):
             node = msg.metadata.src_node_id
             arch = sc.arch_of(node)
             counts, problem = decode_evaluate_reply(msg, keys)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -97,14 +99,41 @@ class ServerContext:
             server_round, total, row["accuracy"], row["loss"], train, seconds, phase)
 
 
+class Straggler(NamedTuple):
+    """When the last replies of a call stop being waited for (``straggler-*`` settings):
+    once ``quorum`` of the replies are in, the rest get ``factor`` times the median time the
+    replies so far took, and at least ``floor`` seconds, instead of the call's whole timeout."""
+
+    quorum: float = 0.5
+    factor: float = 3.0
+    floor: float = 60.0
+
+    @classmethod
+    def of(cls, cfg) -> "Straggler":
+        return cls(cfg.straggler_quorum, cfg.straggler_factor, cfg.straggler_floor)
+
+
+def straggler_wait(arrivals: list[float], total: int, rule: Straggler) -> float | None:
+    """Seconds the replies still missing get from now, by ``rule``, given the times (since
+    the messages were sent) at which the ``len(arrivals)`` replies so far arrived; ``None``
+    while fewer than the quorum (at least one) are in, or when none is missing."""
+    if not arrivals or len(arrivals) >= total or len(arrivals) < max(1, math.ceil(rule.quorum * total)):
+        return None
+    return max(rule.floor, rule.factor * statistics.median(arrivals))
+
+
 def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
-                     timeout: float = 900.0) -> dict[int, ClientInfo]:
+                     timeout: float = 900.0, straggler: Straggler | None = Straggler()) -> dict[int, ClientInfo]:
     """Ask every node (``query`` message) for its partition id, label counts and
     architecture. Nodes that fail or send garbage are logged and left out; raises
-    ``ValueError`` with the first client's problem when no node could start."""
+    ``ValueError`` with the first client's problem when no node could start. Silent nodes
+    are waited for at most ``timeout`` s, and once ``straggler``'s quorum has answered, for
+    what it gives them."""
     messages = [Message(RecordDict({}), dst_node_id=nid, message_type="query") for nid in node_ids]
     clients, problems, answered = {}, [], set()
-    for msg in grid.send_and_receive(messages, timeout=timeout):
+    replies = (stream_replies(grid, messages, timeout, "discovery", straggler=straggler)
+               if hasattr(grid, "push_messages") else grid.send_and_receive(messages, timeout=timeout))
+    for msg in replies:
         answered.add(msg.metadata.src_node_id)
         info, problem = decode_client_info(msg, num_classes, MODELS)
         if info is not None and info.partition_id >= 0:
@@ -130,7 +159,8 @@ PULL_CHUNK = 8  # message ids per pull: the most replies a round holds at once
 
 def stream_replies(grid: Grid, messages: list[Message], timeout: float, label: str,
                    progress_every: float = 10.0, poll: float = 0.2,
-                   describe: Callable[[Message], str] | None = None, chunk: int = PULL_CHUNK) -> Iterator[Message]:
+                   describe: Callable[[Message], str] | None = None, chunk: int = PULL_CHUNK,
+                   straggler: Straggler | None = None) -> Iterator[Message]:
     """Push ``messages`` and yield the replies as they arrive (Flower's ``push_messages`` /
     ``pull_messages``), so the caller can consume each one before the next is pulled;
     stops when every message has its reply or ``timeout`` seconds have passed. A pull asks
@@ -138,13 +168,14 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float, label: s
     many arrived while the server was busy (Flower's pull returns every ready reply it is
     asked for). Logs ``<label>: n of N replies`` at most every ``progress_every`` seconds
     (and once at the end), with what ``describe`` says of the last reply (e.g. a client's
-    phase and seconds)."""
+    phase and seconds). With ``straggler``, once its quorum of replies is in the deadline
+    shrinks to what ``straggler_wait`` gives the rest (logged once), never grows."""
     total = len(messages)
     ids = set(grid.push_messages(messages))
     del messages
     deadline = time.monotonic() + timeout
     t_start = last_log = time.monotonic()
-    got, note = 0, ""
+    got, note, arrivals, cut = 0, "", [], False
     chunk = max(1, int(chunk))
     while ids:
         pulled = 0
@@ -156,6 +187,15 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float, label: s
                 pulled += 1
                 if describe is not None:
                     note = describe(msg)
+                arrivals.append(time.monotonic() - t_start)
+                if straggler is not None and not cut and (wait := straggler_wait(arrivals, total, straggler)):
+                    cut = True
+                    if time.monotonic() + wait < deadline:
+                        deadline = time.monotonic() + wait
+                        log(INFO, "[progress] %s: %d of %d replies in; the rest get %.0f s more (%g x the "
+                            "median reply time %.1f s, at least %g s: straggler-factor, straggler-floor)",
+                            label, got, total, wait, straggler.factor, statistics.median(arrivals),
+                            straggler.floor)
                 yield msg
             now = time.monotonic()
             if ids and now - last_log >= progress_every:

@@ -57,7 +57,7 @@ from ..mosaic.submodels import masked_average, robust_masked_average
 from ..records import CONFIG, MosaicReply, decode_logits_reply, state_to_record
 from ..seeds import mix_seed
 from ..task import Arch, build_arch
-from .base import ServerContext
+from .base import ServerContext, Straggler, stream_replies
 from .bank import StateDict
 from .distill import ClientModel, DistillStrategy, Source, Teacher
 from .method import Method
@@ -495,7 +495,8 @@ class MosaicStrategy(DistillStrategy):
         log(INFO, "[mosaic] meta model data: %d distinct models to %d clients, logits of their own images",
             len(records), len(messages))
         got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for msg in sc.grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        for msg in stream_replies(sc.grid, messages, cfg.round_timeout, f"meta-model logits (round {server_round})",
+                                  straggler=Straggler.of(cfg)):
             node = msg.metadata.src_node_id
             info = sc.clients.get(node)
             reply, problem = (None, "unknown node") if info is None else decode_logits_reply(
