@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mosaic_flwr.mosaic.meta import MetaModel, _holdout_split, default_width, meta_beats_mean, train_meta
+from mosaic_flwr.mosaic.meta import (MetaModel, _holdout_split, default_width, meta_beats_mean, sign_test_p,
+                                     train_meta)
 
 
 def _expert_toy(m: int, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +90,17 @@ def test_the_guard_keeps_a_meta_model_only_when_it_beats_the_mean_on_held_out_po
     assert stats["holdout_mean_accuracy"] == 1.0 and not meta_beats_mean(stats)
     _, stats = train_meta(MetaModel(3, 3), perfect[:3], y[:3], epochs=2, holdout_frac=0.0)
     assert stats["holdout_accuracy"] is None and not meta_beats_mean(stats)
+
+
+def test_the_guard_needs_a_significant_win_not_a_lucky_one():
+    """One-sided exact sign test on the held-out inputs where the two disagree."""
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(1, 0) == 0.5
+    assert sign_test_p(5, 0) == pytest.approx(1 / 32) and sign_test_p(3, 1) == pytest.approx(5 / 16)
+    base = {"holdout_accuracy": 0.88, "holdout_mean_accuracy": 0.84}
+    # Fashion-MNIST alpha 0.1 seed 42: 88 % vs 84 % on 50 held-out prototypes, e.g. 3 wins, 1 loss
+    assert not meta_beats_mean({**base, "holdout_only_meta": 3, "holdout_only_mean": 1})
+    assert meta_beats_mean({**base, "holdout_only_meta": 9, "holdout_only_mean": 1})       # p = 0.011
+    assert not meta_beats_mean({**base, "holdout_only_meta": 1, "holdout_only_mean": 9})
 
 
 def test_the_guard_compares_with_the_experts_mean_not_the_students_token():

@@ -263,11 +263,16 @@ def train_meta(
                 if stale >= patience:
                     break
     hold_loss = hold_accuracy = mean_accuracy = None
+    only_meta = only_mean = 0
     if has_holdout:
         ema.load_state_dict(best_state)
         hold_loss, hold_accuracy = _evaluate(ema, x_hold, y_hold)
         experts_only = x_hold[:, :-1] if meta.prior == "last" else x_hold
-        mean_accuracy = (experts_only.mean(dim=1).argmax(dim=1) == y_hold).float().mean().item()
+        mean_right = experts_only.mean(dim=1).argmax(dim=1) == y_hold
+        mean_accuracy = mean_right.float().mean().item()
+        with torch.no_grad():
+            meta_right = ema(x_hold).argmax(dim=1) == y_hold
+        only_meta, only_mean = int((meta_right & ~mean_right).sum()), int((mean_right & ~meta_right).sum())
     else:
         best_epoch = epochs_run
     stats = {
@@ -277,6 +282,8 @@ def train_meta(
         "holdout_accuracy": hold_accuracy,
         "initial_holdout_accuracy": initial_accuracy,
         "holdout_mean_accuracy": mean_accuracy,
+        "holdout_only_meta": only_meta,
+        "holdout_only_mean": only_mean,
         "train_loss": train_loss,
         "n_train": len(y_train),
         "n_holdout": len(y_hold),
@@ -286,9 +293,26 @@ def train_meta(
     return ema, stats
 
 
-def meta_beats_mean(stats: dict) -> bool:
+GUARD_LEVEL = 0.05  # the guard's one-sided significance level
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact sign (McNemar) test: the probability of at least ``wins`` wins among
+    ``wins + losses`` discordant pairs when either side is as likely to win each."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n if n else 1.0
+
+
+def meta_beats_mean(stats: dict, level: float = GUARD_LEVEL) -> bool:
     """The guard on a fitted meta model (``train_meta``'s stats): it is used as the teacher
-    only when it is strictly more accurate than the plain mean of its experts on the
-    hold-out. Without a hold-out nothing shows that it is better, so it is not used."""
-    acc, mean = stats.get("holdout_accuracy"), stats.get("holdout_mean_accuracy")
-    return acc is not None and mean is not None and acc > mean
+    only when it is significantly more accurate than the plain mean of its experts on the
+    hold-out: on the held-out inputs one of the two classifies right and the other wrong,
+    the meta model wins more of them, and a one-sided exact sign test puts the chance of
+    winning that many by luck at ``level`` or less. Measured on Fashion-MNIST (bench/results/
+    mosaic-paper.md): 50 held-out prototypes read 88 % for the meta model against 84 % for the
+    mean (2 more right) while on real images it was 1.9 points worse; a plain "more accurate"
+    passed it. Without a hold-out nothing shows that it is better, so it is not used."""
+    if stats.get("holdout_accuracy") is None or stats.get("holdout_mean_accuracy") is None:
+        return False
+    wins, losses = stats.get("holdout_only_meta", 0), stats.get("holdout_only_mean", 0)
+    return wins > losses and sign_test_p(wins, losses) <= level

@@ -49,7 +49,7 @@ from ..mosaic.experts import (
     robust_class_average,
     weighted_average_states,
 )
-from ..mosaic.meta import MetaModel, meta_beats_mean, train_meta
+from ..mosaic.meta import MetaModel, meta_beats_mean, sign_test_p, train_meta
 from ..mosaic.moe import (ConcatExperts, GeneratorSampler, HeadExperts, ensemble_teacher, expert_logits,
                           meta_teacher, screen_by_prototypes)
 from ..mosaic.streaming import ClassSums, GeneratorBank
@@ -392,7 +392,8 @@ class MosaicStrategy(DistillStrategy):
                            "meta-holdout-accuracy": mstats["holdout_accuracy"],
                            "meta-holdout-accuracy-at-init": mstats["initial_holdout_accuracy"],
                            "meta-holdout-mean-accuracy": mstats["holdout_mean_accuracy"],
-                           "meta-epochs-run": mstats["epochs_run"], "meta-used": int(used)})
+                           "meta-epochs-run": mstats["epochs_run"], "meta-used": int(used),
+                           "meta-guard-p": sign_test_p(mstats["holdout_only_meta"], mstats["holdout_only_mean"])})
             if used:
                 teacher = meta_teacher(inputs, meta)
                 self.artifacts["meta"] = {k: v.detach().cpu() for k, v in meta.state_dict().items()}
@@ -403,10 +404,12 @@ class MosaicStrategy(DistillStrategy):
             else:
                 held = mstats["holdout_accuracy"]
                 log(INFO, "[mosaic] meta model not used: on %d held-out %s inputs it reads %s against the "
-                    "experts' mean %s; the teacher is the mean of the experts (meta-guard)", mstats["n_holdout"],
+                    "experts' mean %s (right where the mean is wrong: %d, the reverse: %d; not significantly "
+                    "better); the teacher is the mean of the experts (meta-guard)", mstats["n_holdout"],
                     "real-derived" if real.any() else "generated",
                     "-" if held is None else f"{100 * held:.1f} %",
-                    "-" if mstats["holdout_mean_accuracy"] is None else f"{100 * mstats['holdout_mean_accuracy']:.1f} %")
+                    "-" if mstats["holdout_mean_accuracy"] is None else f"{100 * mstats['holdout_mean_accuracy']:.1f} %",
+                    mstats["holdout_only_meta"], mstats["holdout_only_mean"])
         self.artifacts["prototypes"] = [
             {"partition-id": p["partition-id"], "features": p["features"], "labels": p["labels"]}
             for p in self.collected_prototypes()]
