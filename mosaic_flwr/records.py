@@ -71,6 +71,29 @@ def number_problem(value, *, integer: bool = False, low: float | None = None) ->
     return None
 
 
+NPY_HEADER = 1024  # bytes an Array's serialised data may hold beyond its values (the .npy header)
+
+
+def record_problem(record: ArrayRecord, template: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``record`` cannot hold ``template``'s tensors, read from the Arrays' declared keys,
+    shapes, dtypes and byte sizes before anything is decoded (None when it can): a reply
+    cannot make the server decode arrays it does not expect, of other shapes, or larger than
+    the tensors it stands for."""
+    keys = set(record.keys())
+    if keys != set(template):
+        missing, extra = sorted(set(template) - keys), sorted(keys - set(template))
+        return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, ref in template.items():
+        array = record[key]
+        if tuple(array.shape) != tuple(ref.shape):
+            return f"{key}: shape {tuple(array.shape)}, expected {tuple(ref.shape)}"
+        if f"torch.{array.dtype}" != str(ref.dtype):
+            return f"{key}: dtype torch.{array.dtype}, expected {ref.dtype}"
+        if len(array.data) > ref.numel() * ref.element_size() + NPY_HEADER:
+            return f"{key}: {len(array.data)} bytes for {ref.numel()} values"
+    return None
+
+
 def decode_reply(msg: Message, template: Mapping[str, torch.Tensor],
                  other_records: Collection[str] = ()) -> tuple[dict[str, torch.Tensor] | None, str | None]:
     """Validate and decode a baseline train reply: ``(state, None)`` or ``(None, problem)``.
@@ -98,6 +121,9 @@ def decode_reply(msg: Message, template: Mapping[str, torch.Tensor],
     loss = content.metric_records[METRICS].get("train-loss", 0.0)
     if (why := number_problem(loss)) is not None:
         return None, f"train-loss: {why}"
+    problem = record_problem(content.array_records[ARRAYS], template)
+    if problem:
+        return None, problem
     try:
         state = record_to_state(content.array_records[ARRAYS])
     except Exception as exc:  # undecodable arrays
@@ -128,8 +154,8 @@ def decode_evaluate_reply(msg: Message, names: Collection[str]) -> tuple[dict[st
     ``(None, problem)``. Every count is an integer in ``[0, n]``, ``n > 0``."""
     if msg.has_error():
         return None, f"client error: {msg.error.reason}"
-    if METRICS not in msg.content.metric_records:
-        return None, "no metrics record"
+    if set(msg.content.keys()) != {METRICS} or METRICS not in msg.content.metric_records:
+        return None, f"records {sorted(msg.content.keys())[:3]}: expected only a metrics record"
     metrics = msg.content.metric_records[METRICS]
     out: dict[str, int] = {}
     for key in [NUM_EXAMPLES, *(f"correct-{n}" for n in names)]:
@@ -235,8 +261,19 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
     if expect_prototypes:
         if PROTOTYPES not in content.array_records:
             return None, "no 'prototypes' record"
+        arrays = content.array_records[PROTOTYPES]
+        if set(arrays.keys()) != {"features", "labels"}:
+            return None, f"prototypes: records {sorted(arrays.keys())[:3]}, expected features and labels"
+        shape = tuple(arrays["features"].shape)
+        if len(shape) != 2 or shape[1] != feature_dim:
+            return None, f"prototypes: shape {shape}, expected [M, {feature_dim}]"
+        if max_prototypes is not None and shape[0] > max_prototypes:
+            return None, f"prototypes: {shape[0]} of them, at most {max_prototypes} expected"
+        if len(arrays["features"].data) > shape[0] * feature_dim * 8 + NPY_HEADER \
+                or len(arrays["labels"].data) > shape[0] * 8 + NPY_HEADER:
+            return None, "prototypes: more bytes than their shapes hold"
         try:
-            rec = record_to_state(content.array_records[PROTOTYPES])
+            rec = record_to_state(arrays)
             feats, labels = rec["features"], rec["labels"]
         except Exception as exc:
             return None, f"prototypes do not decode: {exc}"
@@ -257,6 +294,9 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
     if generator_template is not None:
         if GENERATOR not in content.array_records:
             return None, "no 'generator' record"
+        problem = record_problem(content.array_records[GENERATOR], generator_template)
+        if problem:
+            return None, f"generator: {problem}"
         try:
             gen = record_to_state(content.array_records[GENERATOR])
         except Exception as exc:

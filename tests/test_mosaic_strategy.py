@@ -167,3 +167,28 @@ def test_configure_train_phases(strategy):
                for m in dist)
     assert {m.metadata.message_type for m in fine} == {"train"}
     assert all(m.content["config"]["lr"] == cfgrec.finetune_lr for m in fine)
+
+
+def test_arrays_are_checked_before_anything_is_decoded(strategy):
+    """Keys, shapes, dtypes and byte sizes are read from the Arrays' declarations: a reply
+    with an unexpected array, or one carrying more bytes than its shape holds, is refused
+    without decoding it (issue 38)."""
+    from flwr.app import Array
+
+    from mosaic_flwr.records import decode_evaluate_reply, record_problem
+
+    template = _template(strategy)
+    good = ArrayRecord({k: v.clone() for k, v in template.items()})
+    assert record_problem(good, template) is None
+    key = next(iter(template))
+    ref = template[key]
+    bloated = ArrayRecord({k: v.clone() for k, v in template.items()})
+    bloated[key] = Array(dtype="float32", shape=tuple(ref.shape), stype="numpy.ndarray", data=b"\0" * 10**7)
+    assert "bytes for" in record_problem(bloated, template)
+    extra = ArrayRecord({**{k: v.clone() for k, v in template.items()}, "payload": torch.zeros(10**5)})
+    assert "unexpected ['payload']" in record_problem(extra, template)
+    as_flower_server()
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "correct-a": 3}),
+                          "junk": ArrayRecord({"x": torch.zeros(1000)})})
+    reply, problem = decode_evaluate_reply(Message(content, dst_node_id=100, message_type="evaluate"), ["a"])
+    assert reply is None and "expected only a metrics record" in problem
