@@ -229,8 +229,8 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "gen-div-weight": (float, _non_negative),
     "meta-arch": (str, _choice("transformer", "gating")),
     "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened", "clients")),
-    "meta-guard": (bool, None),
-    "meta-experts": (str, _choice("full", "heads")),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs
+    "meta-guard": (bool, None),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs
+    "meta-experts": (str, _choice("full", "heads")),
     "meta-samples-per-class": (int, _positive),
     "meta-epochs": (int, _positive),
     "meta-lr": (float, _positive),

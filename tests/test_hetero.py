@@ -259,9 +259,16 @@ def test_one_node_one_partition_a_second_claim_is_refused(caplog):
     first claim stands (it cannot replace the first one's uploads)."""
     from mosaic_flwr.strategies.base import discover_clients
 
-    class Grid:
-        def send_and_receive(self, messages, timeout):
-            return [_info_reply([1] * C, pid=pid, node=node) for node, pid in ((7, 0), (8, 1), (9, 0))]
+    class Grid:  # every reply ready at once, in this order; nothing left pending after
+        pending: dict = {}
+
+        def push_messages(self, messages):
+            self.ready = [_info_reply([1] * C, pid=pid, node=node) for node, pid in ((7, 0), (8, 1), (9, 0))]
+            return [str(i) for i in range(len(messages))]
+
+        def pull_messages(self, ids):
+            ready, self.ready = self.ready, []
+            return ready
 
     with caplog.at_level(logging.WARNING):
         clients = discover_clients(Grid(), [7, 8, 9], C)

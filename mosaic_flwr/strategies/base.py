@@ -131,21 +131,20 @@ def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
     what it gives them."""
     messages = [Message(RecordDict({}), dst_node_id=nid, message_type="query") for nid in node_ids]
     clients, problems, answered = {}, [], set()
-    replies = (stream_replies(grid, messages, timeout, "discovery", straggler=straggler)
-               if hasattr(grid, "push_messages") else grid.send_and_receive(messages, timeout=timeout))
-    for msg in replies:
+    holders: dict[int, int] = {}  # partition id -> the node that claimed it first
+    for msg in stream_replies(grid, messages, timeout, "discovery", straggler=straggler):
         answered.add(msg.metadata.src_node_id)
         info, problem = decode_client_info(msg, num_classes, MODELS)
-        if info is not None and info.partition_id >= 0:
-            holder = next((c for c in clients.values() if c.partition_id == info.partition_id), None)
-            if holder is not None:  # one node, one partition: the first claim stands
-                info, problem = None, (f"partition-id {info.partition_id} is already held by node "
-                                       f"{holder.node_id}; a second claim is refused")
+        if info is not None and info.partition_id in holders:  # one node, one partition: the first claim stands
+            info, problem = None, (f"partition-id {info.partition_id} is already held by node "
+                                   f"{holders[info.partition_id]}; a second claim is refused")
         if info is None:
             problems.append(problem)
             log(WARNING, "Leaving out node %s: %s", msg.metadata.src_node_id, problem)
         else:
             clients[info.node_id] = info
+            if info.partition_id >= 0:
+                holders[info.partition_id] = info.node_id
     silent = sorted(set(node_ids) - answered)
     if silent:
         log(WARNING, "No answer from nodes %s within %.0f s; they are left out", silent, timeout)
