@@ -87,9 +87,10 @@ def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
     proc.wait()
 
 
-def run_status(env: dict, connection: str, run_id: int | None) -> str:
-    """The final status of the run (e.g. ``finished:completed``), via ``flwr list``."""
-    out = subprocess.run([str(BIN / "flwr"), "list", connection, "--format", "json"]
+def run_status(env: dict, connection: str, run_id: int | None, flwr: list[str] | None = None) -> str:
+    """The final status of the run (e.g. ``finished:completed``), via ``flwr list`` (``flwr``:
+    the command that is the CLI, default this venv's ``flwr``)."""
+    out = subprocess.run([*(flwr or [str(BIN / "flwr")]), "list", connection, "--format", "json"]
                          + (["--run-id", str(run_id)] if run_id else []),
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     try:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Set up (idempotent: venv, Fashion-MNIST, MNIST, CIFAR-10), then run the whole test suite (slow end-to-end runs included).
+# Set up (idempotent: venv, Fashion-MNIST, MNIST, CIFAR-10, nginx where apt is usable), then run the whole test suite (slow end-to-end runs included).
 # Quick loop: bash scripts/test.sh -m "not slow"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Every data set the tests read, through the same fetch code users run, before pytest starts.
 # A local copy of MNIST beside the project (../shared/data/mnist, as the project's CI machines
 # lay it out) is used as a source when it exists; it is never required.
-SETUP=(--data mnist --data cifar10)
+SETUP=(--data mnist --data cifar10 --deploy)
 if [ -d "$ROOT/../shared/data/mnist" ]; then SETUP+=(--data-from "$ROOT/../shared/data/mnist"); fi
 bash "$ROOT/scripts/setup.sh" "${SETUP[@]}"
 VENV="${MOSAIC_VENV:-$ROOT/.venv}"

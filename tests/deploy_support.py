@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,9 @@ RUN_DATA = f"dataset='{os.environ.get('MOSAIC_DEPLOY_TEST_DATASET', 'synthetic')
 SMALL = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 gen-steps=20 meta-epochs=5 "
          "meta-samples-per-class=8 proto-k=2 kd-steps=5 kd-batch-size=32")
 IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "ip"
+NO_NGINX = (None if shutil.which("nginx") or Path("/usr/sbin/nginx").exists() else
+            "nginx is not installed: the SuperLink's operator-only proxy needs it "
+            "(apt-get install nginx; scripts/setup.sh --deploy does it where apt is usable)")
 
 
 def run(cmd, timeout=120, **kw) -> subprocess.CompletedProcess:
@@ -63,11 +67,12 @@ class Deployment:
         return proc
 
     def superlink(self, host: str = "127.0.0.1", netns: str | None = None) -> subprocess.Popen:
-        """Start the SuperLink on ``host`` (a free port) with this deployment's certificates."""
-        port = free_port()
+        """Start the SuperLink behind its operator-only proxy on ``host`` (a free port; the
+        SuperLink itself on another free port of 127.0.0.1) with this deployment's certificates."""
+        port, self.internal_port = free_port(), free_port()
         self.address = f"{host}:{port}"
         return self.start("superlink", ["bash", DEPLOY / "start_superlink.sh", "--certs", self.certs,
-                                        "--host", host, "--port", port,
+                                        "--host", host, "--port", port, "--internal-port", self.internal_port,
                                         "--home", self.root / "home-superlink"], netns)
 
     def supernode(self, name: str, key: Path, data_file: Path, root_cert: Path,
@@ -78,6 +83,17 @@ class Deployment:
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
+
+    def proxy_log(self, last: str = "", timeout: float = 10.0) -> list[str]:
+        """The lines of the SuperLink proxy's access log (one per request), once one of them
+        holds ``last`` (nginx writes a request's line after it has answered the request)."""
+        log = self.root / "home-superlink" / "proxy" / "access.log"
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            if any(last in line for line in lines) or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.1)
 
     def tails(self, lines: int = 40) -> str:
         return "\n".join(f"----- {name} (last {lines} lines) -----\n"
@@ -114,6 +130,7 @@ def make_material(d: Deployment, names: list[str], *hosts: str, loopback: bool =
     127.0.0.1 unless not ``loopback``; with ``other_ca`` a second CA under ``root/other-ca``),
     node keys for ``names`` and one partition file per ``client-*`` name."""
     d.certs, d.keys, d.parts = d.root / "certs", d.root / "keys", d.root / "parts"
+    d.operator = (d.certs / "operator.crt", d.certs / "operator.key")
     clients = sum(n.startswith("client-") for n in names)
     cmds = [["bash", DEPLOY / "make_certs.sh", *([] if loopback else ["--no-loopback"]), d.certs, *hosts]]
     if other_ca:

@@ -4,11 +4,15 @@ end; an unregistered key, a missing key, another CA and plain HTTP are refused."
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import socket
+import ssl
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ import torch
 from mosaic_flwr.config import build_config
 from mosaic_flwr.data import DatasetNotFoundError
 from mosaic_flwr.task import client_data, node_data, node_partition, partition_file
-from tests.deploy_support import (BIN, DEPLOY, Deployment, check_mosaic_results, free_port, make_material,
+from tests.deploy_support import (BIN, DEPLOY, NO_NGINX, Deployment, check_mosaic_results, free_port, make_material,
                                   run, submit_config)
 
 import flwr_deploy  # noqa: E402  (scripts/deploy is on sys.path through tests.deploy_support)
@@ -172,7 +176,13 @@ def test_scripts_usage_and_bad_input(tmp_path):
     assert proc.returncode == 1 and "none/ca.crt: file not found" in proc.stderr
     proc = run(["bash", DEPLOY / "start_superlink.sh", "--certs", tmp_path, "--port", "99999"])
     assert proc.returncode == 2 and "'99999' is not a port number" in proc.stderr
-    (tmp_path / "ca.crt").write_text("x")
+    for f in ("ca.crt", "server.crt", "server.key"):
+        (tmp_path / f).write_text("x")
+    proc = run(["bash", DEPLOY / "start_superlink.sh", "--certs", tmp_path, "--max-body", "lots"])
+    assert proc.returncode == 2 and "--max-body 'lots' is not a size" in proc.stderr
+    proc = run(["bash", DEPLOY / "start_superlink.sh", "--certs", tmp_path, "--port", free_port(),
+                "--internal-port", "0"])
+    assert proc.returncode == 2 and "--internal-port '0' is not a port number" in proc.stderr
     node = ["bash", DEPLOY / "start_supernode.sh", "--superlink", "127.0.0.1:9", "--root-cert", tmp_path / "ca.crt"]
     proc = run([*node, "--key", tmp_path / "missing-key", "--data-file", tmp_path / "c.pt"])
     assert proc.returncode == 1 and "--key" in proc.stderr and "missing-key: file not found" in proc.stderr
@@ -229,6 +239,12 @@ def test_make_certs_and_node_keys(tmp_path):
     for name in ("IP Address:10.1.2.3", "DNS:link.example.org", "DNS:localhost", "IP Address:127.0.0.1"):
         assert name in san
     assert oct((certs / "server.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((certs / "operator.key").stat().st_mode & 0o777) == "0o600"
+    # the operator's certificate authenticates a TLS client and nothing else; the server's only a server
+    for cert, purpose, ok in (("operator.crt", "sslclient", True), ("operator.crt", "sslserver", False),
+                              ("server.crt", "sslclient", False)):
+        verify = run(["openssl", "verify", "-CAfile", certs / "ca.crt", "-purpose", purpose, certs / cert])
+        assert (verify.returncode == 0) == ok, (cert, purpose, verify.stdout + verify.stderr)
     again = run(["bash", DEPLOY / "make_certs.sh", certs, "10.1.2.3"])
     assert again.returncode == 1 and "exists" in again.stderr  # never overwrites keys
     bad = run(["bash", DEPLOY / "make_certs.sh", tmp_path / "c2", "not a host"])
@@ -251,12 +267,15 @@ def test_make_certs_and_node_keys(tmp_path):
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     assert shutil.which("openssl"), "openssl is needed to make the test's certificates"
+    if NO_NGINX:
+        pytest.skip(NO_NGINX)
     d = Deployment(tmp_path_factory.mktemp("deploy"))
     try:
         make_material(d, ["client-0", "client-1", "rogue"], "127.0.0.1", other_ca=True)
         link = d.superlink("127.0.0.1")
         flwr_deploy.wait_superlink(d.address, d.certs / "ca.crt", timeout=90, proc=link)
-        d.control = flwr_deploy.write_connection(d.root / "home-cli", d.address, d.certs / "ca.crt")
+        d.control = flwr_deploy.write_connection(d.root / "home-cli", d.address, d.certs / "ca.crt",
+                                                 operator=d.operator)
         registered = flwr_deploy.register(d.control, [d.keys / "client-0.pub", d.keys / "client-1.pub"])
         d.node_ids = sorted(registered.values())
         for i in range(2):
@@ -311,6 +330,46 @@ def test_wrong_root_certificate_cannot_connect(deployment):
         flwr_deploy.nodes(env)
     refused(d, "wrong-ca", "CERTIFICATE_VERIFY_FAILED")
     refused(d, "insecure", "could not establish a connection")
+
+
+@pytest.mark.slow
+def test_the_control_api_is_the_operators_alone(deployment, tmp_path):
+    """Through the proxy, a client without the operator's certificate, or with one signed by
+    another CA, can neither list, register, stop nor submit; the runtime API is closed to
+    everyone; each refusal is one line of the proxy's log, and the SuperLink never saw them."""
+    d = deployment
+    ca = d.certs / "ca.crt"
+    other = d.root / "other-ca"
+    runs_before = flwr_deploy.runs(d.control)
+    strangers = {
+        "no certificate": flwr_deploy.write_connection(d.root / "home-stranger", d.address, ca),
+        "another CA's": flwr_deploy.write_connection(d.root / "home-other", d.address, ca,
+                                                     operator=(other / "operator.crt", other / "operator.key")),
+    }
+    for who, env in strangers.items():
+        for attempt in (lambda: flwr_deploy.nodes(env), lambda: flwr_deploy.runs(env),
+                        lambda: flwr_deploy.register(env, [d.keys / "rogue.pub"]),
+                        lambda: flwr_deploy.stop(env, 1)):
+            with pytest.raises(flwr_deploy.DeployError, match="only to the operator's client certificate"):
+                attempt()
+        log = io.StringIO()
+        code, run_id, _ = flwr_deploy.submit(env, [submit_config(tmp_path / who)], timeout=60, log=log)
+        assert (code, run_id) == (2, None), (who, log.getvalue())
+        assert "403 Forbidden" in log.getvalue() or "400 Bad Request" in log.getvalue(), log.getvalue()
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(f"https://{d.address}/v1/runtime/acquire-task", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(request, timeout=10, context=context)
+    proxy = d.proxy_log(last='"POST /v1/runtime/acquire-task" 403')
+    for path in ("list-nodes", "list-runs", "register-node", "stop-run", "start-run"):
+        assert any(f'/v1/control/{path}" 403 client-cert=NONE' in line for line in proxy), (path, proxy)
+        assert any(f'/v1/control/{path}" 400 client-cert=FAILED' in line for line in proxy), (path, proxy)
+    assert any('"POST /v1/runtime/acquire-task" 403' in line for line in proxy), proxy
+    link = [line for line in d.log("superlink").splitlines() if "uvicorn.access" in line]
+    assert not any("stop-run" in line or "start-run" in line for line in link), link
+    # the operator's view: no rogue node, no new run
+    assert sorted(n["node-id"] for n in flwr_deploy.nodes(d.control)) == d.node_ids
+    assert flwr_deploy.runs(d.control) == runs_before
 
 
 @pytest.mark.slow

@@ -1,28 +1,34 @@
 """Deployment across a real network interface (slow, as root): the SuperLink lives in one network
-namespace (198.51.100.1), the SuperNodes and the CLI in another (198.51.100.2), joined by a veth
-pair and nothing else; TLS with a certificate made for 198.51.100.1 only, SuperNode
-authentication on; two authorised SuperNodes run Mosaic to the end. Every process and both
-namespaces are removed afterwards, also when the test fails.
+namespace (198.51.100.1), the SuperNodes and the operator's CLI in another (198.51.100.2), an
+outsider in a third (203.0.113.2, routed to the SuperLink and nothing else), joined by veth
+pairs; TLS with a certificate made for 198.51.100.1 (and the loopback names the SuperLink's
+proxy uses inside its own machine), SuperNode authentication on, the Control API behind the
+operator-only proxy. Two authorised SuperNodes run Mosaic to the end; the outsider, who holds
+the public CA certificate, can neither register a node, list, stop or submit runs, nor reach the
+SuperLink's own port; the operator can do all of it. Every process and namespace is removed
+afterwards, also when the test fails.
 
-The CLI (register, list nodes, ``flwr run``) runs in the SuperNodes' namespace: the submitter is
-then another party across the network, as in production, so the Control API is reached over
-the veth and its TLS is verified for 198.51.100.1, the same as the Fleet API's. (From the
-SuperLink's own namespace the packets to its own address would go over loopback.)"""
+The CLI runs in the SuperNodes' namespace: the submitter is then another party across the
+network, as in production, so the Control API is reached over the veth and its TLS is verified
+for 198.51.100.1, the same as the Fleet API's. (From the SuperLink's own namespace the packets
+to its own address would go over loopback.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
 
 import pytest
 
-from tests.deploy_support import (BIN, DEPLOY, IP, Deployment, check_mosaic_results, in_netns,
+from tests.deploy_support import (BIN, DEPLOY, IP, NO_NGINX, Deployment, check_mosaic_results, in_netns,
                                   make_material, run, submit_config)
 
 LINK_IP, NODES_IP = "198.51.100.1", "198.51.100.2"  # TEST-NET-2 (RFC 5737): routed nowhere
+GATE_IP, OUTSIDER_IP = "203.0.113.1", "203.0.113.2"  # TEST-NET-3: the outsider's link to the SuperLink
 
 
 def netns_unavailable() -> str | None:
@@ -54,26 +60,31 @@ def ip(*args: str, netns: str | None = None) -> str:
 
 
 class Net:
-    """Two namespaces joined by a veth pair: ``link`` (LINK_IP/24, veth ``link_if``) and
-    ``nodes`` (NODES_IP/24, veth ``nodes_if``), loopback up in each; names unique per run."""
+    """Three namespaces: ``link`` (LINK_IP/24 on veth ``link_if``, GATE_IP/24 on ``gate_if``),
+    ``nodes`` (NODES_IP/24, veth ``nodes_if``, paired with ``link_if``) and ``outsider``
+    (OUTSIDER_IP/24 on ``out_if``, paired with ``gate_if``, with a route to LINK_IP through
+    GATE_IP); loopback up in each; names unique per run."""
 
     def __init__(self) -> None:
         tag = f"{os.getpid()}-{time.monotonic_ns() % 10**6}"
-        self.link, self.nodes = f"mosaic-link-{tag}", f"mosaic-nodes-{tag}"
+        self.link, self.nodes, self.outsider = (f"mosaic-{role}-{tag}" for role in ("link", "nodes", "out"))
         short = f"{os.getpid() % 10**6}{os.urandom(2).hex()}"  # interface names: at most 15 chars
-        self.link_if, self.nodes_if = f"vl{short}", f"vn{short}"
+        self.link_if, self.nodes_if, self.gate_if, self.out_if = (f"v{c}{short}" for c in "lngo")
         self.made: list[str] = []
 
     def create(self) -> None:
-        for ns in (self.link, self.nodes):
+        for ns in (self.link, self.nodes, self.outsider):
             ip("netns", "add", ns)
             self.made.append(ns)
-        ip("link", "add", self.link_if, "netns", self.link, "type", "veth",
-           "peer", "name", self.nodes_if, "netns", self.nodes)
-        for ns, dev, addr in ((self.link, self.link_if, LINK_IP), (self.nodes, self.nodes_if, NODES_IP)):
-            ip("link", "set", "lo", "up", netns=ns)
-            ip("addr", "add", f"{addr}/24", "dev", dev, netns=ns)
-            ip("link", "set", dev, "up", netns=ns)
+        for (ns_a, if_a, addr_a), (ns_b, if_b, addr_b) in (
+                ((self.link, self.link_if, LINK_IP), (self.nodes, self.nodes_if, NODES_IP)),
+                ((self.link, self.gate_if, GATE_IP), (self.outsider, self.out_if, OUTSIDER_IP))):
+            ip("link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b)
+            for ns, dev, addr in ((ns_a, if_a, addr_a), (ns_b, if_b, addr_b)):
+                ip("link", "set", "lo", "up", netns=ns)
+                ip("addr", "add", f"{addr}/24", "dev", dev, netns=ns)
+                ip("link", "set", dev, "up", netns=ns)
+        ip("route", "add", f"{LINK_IP}/32", "via", GATE_IP, netns=self.outsider)
 
     def pids(self) -> dict[str, list[int]]:
         """Processes still inside each namespace (``ip netns pids``)."""
@@ -101,12 +112,39 @@ class Net:
                    ["stats64"]["tx"]["bytes"])
 
 
-def deploy_cli(d: Deployment, netns: str, *args, timeout: float = 120):
-    """``scripts/deploy/flwr_deploy.py ARGS --superlink ADDRESS --root-cert ca.crt`` in ``netns``
-    (its FLWR_HOME under the test's root, so that Deployment.stop_all finds a leftover ``flwr``)."""
-    cmd = in_netns(netns, [BIN / "python", DEPLOY / "flwr_deploy.py", *args, "--superlink", d.address,
-                           "--root-cert", d.certs / "ca.crt", "--home", d.root / "home-cli"])
-    return run(cmd, timeout=timeout, env=d.env)
+def cli_command(d: Deployment, netns: str, *args, operator: bool = True) -> list:
+    """``scripts/deploy/flwr_deploy.py ARGS --superlink ADDRESS --root-cert ca.crt`` in ``netns``,
+    with the operator's certificate unless not ``operator`` (its FLWR_HOME under the test's
+    root, so that Deployment.stop_all finds a leftover ``flwr``)."""
+    who = "operator" if operator else "outsider"
+    return in_netns(netns, [BIN / "python", DEPLOY / "flwr_deploy.py", *args, "--superlink", d.address,
+                            "--root-cert", d.certs / "ca.crt", "--home", d.root / f"home-{who}-{args[0]}",
+                            *(["--operator-cert", d.operator[0], "--operator-key", d.operator[1]]
+                              if operator else [])])
+
+
+def deploy_cli(d: Deployment, netns: str, *args, operator: bool = True, timeout: float = 120):
+    return run(cli_command(d, netns, *args, operator=operator), timeout=timeout, env=d.env)
+
+
+def submit_in_background(d: Deployment, name: str, netns: str, *configs: str) -> int:
+    """Start ``flwr_deploy.py submit`` as the operator (its log: ``d.log(name)``; ``configs``
+    merged in order); return the run id once the SuperLink has started the run."""
+    d.start(name, cli_command(d, netns, "submit", *(a for c in configs for a in ("--run-config", c)),
+                              "--timeout", 300))
+    deadline = time.monotonic() + 120
+    while not (m := re.search(r"Successfully started run (\d+)", d.log(name))):
+        assert d.procs[name].poll() is None and time.monotonic() < deadline, f"no run started\n{d.tails()}"
+        time.sleep(0.3)
+    return int(m.group(1))
+
+
+def outsider_is_refused(d: Deployment, netns: str, *args) -> str:
+    """``flwr_deploy.py ARGS`` without the operator's certificate fails with the proxy's 403."""
+    proc = deploy_cli(d, netns, *args, operator=False)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "403 Forbidden" in said, f"outsider {args[0]}: {proc.returncode}\n{said}"
+    return said
 
 
 @pytest.mark.slow
@@ -115,20 +153,30 @@ def test_deployment_across_network_namespaces(tmp_path):
     if reason:
         pytest.skip(reason)
     assert shutil.which("openssl"), "openssl is needed to make the test's certificates"
+    if NO_NGINX:
+        pytest.skip(NO_NGINX)
     t_start = time.monotonic()
     net, d = Net(), Deployment(tmp_path)
     try:
         net.create()
-        make_material(d, ["client-0", "client-1"], LINK_IP, loopback=False)
+        make_material(d, ["client-0", "client-1", "rogue"], LINK_IP)
         san = run(["openssl", "x509", "-in", d.certs / "server.crt", "-noout", "-ext", "subjectAltName"]).stdout
-        assert san.split("\n", 1)[1].strip() == f"IP Address:{LINK_IP}", san  # that address, nothing else
+        # that address and the proxy's own loopback names, nothing else
+        assert san.split("\n", 1)[1].strip() == f"IP Address:{LINK_IP}, DNS:localhost, IP Address:127.0.0.1", san
 
         d.superlink(LINK_IP, netns=net.link)
-        # the SuperLink is reachable only through the veth pair: not from this (the root) namespace
-        with pytest.raises(OSError), socket.create_connection((LINK_IP, int(d.address.split(":")[1])), timeout=2):
+        port = int(d.address.split(":")[1])
+        # the SuperLink is reachable only through the veth pairs: not from this (the root) namespace
+        with pytest.raises(OSError), socket.create_connection((LINK_IP, port), timeout=2):
             pass
         up = deploy_cli(d, net.nodes, "nodes", "--wait", 90, timeout=150)
         assert up.returncode == 0, f"{up.stdout}{up.stderr}\n{d.tails()}"
+        # the outsider reaches the proxy, but not the SuperLink's own port (127.0.0.1 of its machine)
+        probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
+        for target, reachable in ((port, True), (d.internal_port, False)):
+            proc = run(in_netns(net.outsider, [BIN / "python", "-c", probe, LINK_IP, target]), timeout=30)
+            assert (proc.returncode == 0) == reachable, (target, proc.stderr)
+
         reg = deploy_cli(d, net.nodes, "register", d.keys / "client-0.pub", d.keys / "client-1.pub")
         assert reg.returncode == 0, f"{reg.stdout}{reg.stderr}"
         for i in range(2):
@@ -139,19 +187,45 @@ def test_deployment_across_network_namespaces(tmp_path):
         node_ids = [line.split("\t")[0] for line in online.stdout.splitlines()]
         assert len(node_ids) == 2 and all(n.isdigit() for n in node_ids), online.stdout
 
+        # the outsider, holding only the public CA certificate
+        outsider_is_refused(d, net.outsider, "register", d.keys / "rogue.pub")
+        outsider_is_refused(d, net.outsider, "nodes")
+        outsider_is_refused(d, net.outsider, "submit", "--run-config", submit_config(tmp_path / "stranger"))
+
         sent = net.tx_bytes()
         out = tmp_path / "results"
         t0 = time.monotonic()
-        sub = deploy_cli(d, net.nodes, "submit", "--run-config", submit_config(out), "--timeout", 300, timeout=360)
+        run_id = submit_in_background(d, "submit", net.nodes, submit_config(out))
+        # while the operator's run is on, the outsider can neither see nor stop it
+        outsider_is_refused(d, net.outsider, "runs")
+        outsider_is_refused(d, net.outsider, "stop", run_id)
+        assert d.wait_exit("submit", timeout=360) == 0, d.tails()
         seconds = time.monotonic() - t0
-        (tmp_path / "submit.log").write_text(sub.stdout + sub.stderr)
-        assert sub.returncode == 0 and "status: finished:completed" in sub.stdout, \
-            f"{sub.stdout[-3000:]}{sub.stderr}\n{d.tails()}"
+        assert f"run {run_id} status: finished:completed" in d.log("submit"), d.tails()
         check_mosaic_results(out / "deploy", node_ids, d.parts)
         # the run's traffic (the app bundle, the models, the messages) crossed the veth pair
         assert net.tx_bytes() - sent > 100_000, (sent, net.tx_bytes())
         for name in ("client-0", "client-1"):
             assert f"SuperLink {d.address}" in d.log(name)
+
+        # the operator lists runs and stops one
+        second = submit_in_background(d, "submit-2", net.nodes,
+                                      submit_config(tmp_path / "stopped"), "num-server-rounds=50")
+        stopped = deploy_cli(d, net.nodes, "stop", second)
+        assert stopped.returncode == 0, f"{stopped.stdout}{stopped.stderr}"
+        assert d.wait_exit("submit-2", timeout=120) == 1, d.tails()
+        listed = deploy_cli(d, net.nodes, "runs")
+        assert listed.returncode == 0, listed.stderr
+        status = dict(line.split("\t")[:2] for line in listed.stdout.splitlines())
+        assert status == {str(run_id): "finished:completed", str(second): "finished:stopped"}, listed.stdout
+        online = deploy_cli(d, net.nodes, "nodes")
+        assert sorted(line.split("\t")[0] for line in online.stdout.splitlines()) == sorted(node_ids)  # no rogue
+
+        # each of the outsider's attempts is one refused line of the proxy's log, from its address
+        proxy = d.proxy_log(last=f'{OUTSIDER_IP} "POST /v1/control/stop-run" 403')
+        for path in ("register-node", "list-nodes", "start-run", "list-runs", "stop-run"):
+            assert any(f'{OUTSIDER_IP} "POST /v1/control/{path}" 403 client-cert=NONE' in line
+                       for line in proxy), (path, proxy)
         print(f"[test_deploy_netns] 2-round Mosaic run across the veth pair: {seconds:.1f} s")
     except BaseException:
         print(d.tails())
@@ -162,4 +236,4 @@ def test_deployment_across_network_namespaces(tmp_path):
         finally:
             net.remove()
         print(f"[test_deploy_netns] whole test, namespaces made and removed: {time.monotonic() - t_start:.1f} s")
-    assert not namespaces() & {net.link, net.nodes}
+    assert not namespaces() & {net.link, net.nodes, net.outsider}

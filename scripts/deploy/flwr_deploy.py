@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""Talk to a deployed SuperLink over TLS: allow SuperNode keys, submit a run, list nodes.
+"""Talk to a deployed SuperLink over TLS as its operator: allow SuperNode keys, submit, list
+and stop runs, list nodes.
 
 Every command writes a connection (address + the CA certificate that signed the SuperLink's
 certificate) into an ``FLWR_HOME/config.toml`` (a temporary one unless ``--home`` is given)
-and calls the ``flwr`` CLI with it.
+and calls the ``flwr`` CLI with it, through ``flwr_operator.py``, which presents the
+operator's client certificate (``--operator-cert``/``--operator-key``, ``operator.crt``/``.key``
+from ``make_certs.sh``): the proxy of ``start_superlink.sh`` passes the Control API to nothing
+else.
 
+    OP="--superlink 127.0.0.1:9093 --root-cert certs/ca.crt --operator-cert certs/operator.crt --operator-key certs/operator.key"
     # allow SuperNodes' public keys (the SuperLink must run with --enable-supernode-auth)
-    flwr_deploy.py register --superlink 127.0.0.1:9093 --root-cert certs/ca.crt keys/client-0.pub keys/client-1.pub
+    flwr_deploy.py register $OP keys/client-0.pub keys/client-1.pub
     # submit this app (`flwr run . deploy --stream`), block until the run ends:
-    # exit 0 completed, 1 failed, 2 not started (bad address/certificate, SuperLink down, ...)
-    flwr_deploy.py submit --superlink 127.0.0.1:9093 --root-cert certs/ca.crt --run-config "num-server-rounds=3"
+    # exit 0 completed, 1 failed or stopped, 2 not started (bad address/certificate, refused, ...)
+    flwr_deploy.py submit $OP --run-config "num-server-rounds=3"
     # the SuperNodes the SuperLink knows and their status (registered/online/offline);
     # --online N first waits (up to --wait seconds) until N of them are online
-    flwr_deploy.py nodes --superlink 127.0.0.1:9093 --root-cert certs/ca.crt
+    flwr_deploy.py nodes $OP
+    # the runs and their status; stop one
+    flwr_deploy.py runs $OP
+    flwr_deploy.py stop $OP RUN_ID
 
 ``flwr run --stream`` exits 0 even when the run failed, so ``submit`` checks the run's final
 status with ``flwr list`` (the helper in ``scripts/flwr_sim.py``).
@@ -42,6 +50,7 @@ from flwr_sim import BIN, flower_env, run_status  # BIN: the directory of the py
 from mosaic_flwr.config import ConfigError, merge_run_config, write_run_config
 
 CONNECTION = "deploy"
+OPERATOR_CLI = Path(__file__).resolve().with_name("flwr_operator.py")
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
@@ -55,18 +64,33 @@ def check_address(address: str) -> str:
     return address
 
 
-def write_connection(home: Path, address: str, root_cert: Path, name: str = CONNECTION) -> dict[str, str]:
-    """Write ``home/config.toml`` with connection ``name``; return the environment for ``flwr``."""
+def write_connection(home: Path, address: str, root_cert: Path, name: str = CONNECTION,
+                     operator: tuple[Path, Path] | None = None) -> dict[str, str]:
+    """Write ``home/config.toml`` with connection ``name``; return the environment for ``flwr``
+    (with ``operator``, the operator's certificate and key, presented by :func:`flwr_cli`)."""
     root_cert = Path(root_cert).expanduser().resolve()
     if not root_cert.is_file():
         raise DeployError(f"--root-cert {root_cert}: file not found (the SuperLink's ca.crt, "
                           "from scripts/deploy/make_certs.sh)")
     check_address(address)
+    extra = {}
+    if operator is not None:
+        cert, key = (Path(f).expanduser().resolve() for f in operator)
+        for path, option in ((cert, "--operator-cert"), (key, "--operator-key")):
+            if not path.is_file():
+                raise DeployError(f"{option} {path}: file not found (operator.crt/.key, from "
+                                  "scripts/deploy/make_certs.sh)")
+        extra = {"MOSAIC_OPERATOR_CERT": str(cert), "MOSAIC_OPERATOR_KEY": str(key)}
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n'
         f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = {json.dumps(str(root_cert))}\n')
-    return flower_env(home)
+    return flower_env(home, **extra)
+
+
+def flwr_cli() -> list[str]:
+    """The ``flwr`` CLI, presenting the operator's certificate where the environment names one."""
+    return [str(BIN / "python"), str(OPERATOR_CLI)]
 
 
 def probe_superlink(address: str, root_cert: Path) -> None:
@@ -110,16 +134,25 @@ def wait_superlink(address: str, root_cert: Path, timeout: float = 60.0,
 
 
 def _flwr(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, check=False,
+    return subprocess.run([*flwr_cli(), *args], cwd=ROOT, env=env, capture_output=True, check=False,
                           text=True, timeout=timeout)
+
+
+REFUSED = ("{}: the SuperLink's proxy passes the Control API only to the operator's client "
+           "certificate, signed by the deployment's CA (--operator-cert operator.crt --operator-key "
+           "operator.key, from make_certs.sh)")
 
 
 def _json(out: subprocess.CompletedProcess) -> dict:
     try:
-        return json.loads(out.stdout)
+        reply = json.loads(out.stdout)
     except json.JSONDecodeError:
         text = (out.stdout + out.stderr).strip()
-        return {"success": False, "error-message": text or f"exit code {out.returncode}"}
+        reply = {"success": False, "error-message": text or f"exit code {out.returncode}"}
+    status = re.search(r"'(403 Forbidden|400 Bad Request)'", str(reply.get("error-message", "")))
+    if not reply.get("success") and status:  # no certificate (403), or one the proxy rejects (400)
+        reply["error-message"] = REFUSED.format(status.group(1))
+    return reply
 
 
 def register(env: dict[str, str], public_keys: list[Path], connection: str = CONNECTION) -> dict[str, str]:
@@ -168,13 +201,29 @@ def wait_online(env: dict[str, str], count: int, timeout: float = 60.0,
         time.sleep(1)
 
 
+def runs(env: dict[str, str], connection: str = CONNECTION) -> list[dict]:
+    """The runs the SuperLink knows (``flwr list``)."""
+    reply = _json(_flwr(env, "list", connection, "--format", "json"))
+    if not reply.get("success"):
+        raise DeployError(f"listing runs failed: {reply.get('error-message', reply)}")
+    return list(reply.get("runs", []))
+
+
+def stop(env: dict[str, str], run_id: int, connection: str = CONNECTION) -> None:
+    """Stop run ``run_id`` (``flwr stop``)."""
+    reply = _json(_flwr(env, "stop", str(run_id), connection, "--format", "json"))
+    if not reply.get("success"):
+        raise DeployError(f"stopping run {run_id} failed: {reply.get('error-message', reply)}")
+    print(f"[flwr_deploy] run {run_id}: stopped", flush=True)
+
+
 def submit(env: dict[str, str], run_config: list[str], app: Path = ROOT, timeout: float = 6 * 3600,
            connection: str = CONNECTION, log=sys.stdout) -> tuple[int, int | None, str]:
     """``flwr run APP CONNECTION --stream``; block until the run ends.
 
     Returns (exit code: 0 completed, 1 failed, 2 not started; run id; final status).
     """
-    cmd = [str(BIN / "flwr"), "run", str(app), connection, "--stream"]
+    cmd = [*flwr_cli(), "run", str(app), connection, "--stream"]
     if run_config:  # files and key=value strings merged in order; `flwr run` takes one file
         values = merge_run_config(run_config)
         cmd += ["--run-config", str(write_run_config(values, Path(env["FLWR_HOME"]) / "run-config.toml"))]
@@ -211,7 +260,7 @@ def submit(env: dict[str, str], run_config: list[str], app: Path = ROOT, timeout
         return 2, None, "not started"
     if timed_out:
         _flwr(env, "stop", str(run_id), connection, timeout=30)
-    status = run_status(env, connection, run_id)
+    status = run_status(env, connection, run_id, flwr=flwr_cli())
     log.write(f"[flwr_deploy] run {run_id} status: {status}\n")
     log.flush()
     return (0 if status == "finished:completed" else 1), run_id, status
@@ -224,14 +273,20 @@ def parser() -> argparse.ArgumentParser:
         "register": sub.add_parser("register", help="allow SuperNode public keys"),
         "submit": sub.add_parser("submit", help="submit a run and wait for its end"),
         "nodes": sub.add_parser("nodes", help="list the SuperLink's SuperNodes"),
+        "runs": sub.add_parser("runs", help="list the SuperLink's runs"),
+        "stop": sub.add_parser("stop", help="stop a run"),
     }
     for p in parsers.values():
         p.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT (a name/IP in its certificate)")
         p.add_argument("--root-cert", required=True, type=Path, help="the CA certificate (ca.crt)")
+        p.add_argument("--operator-cert", type=Path, help="the operator's client certificate "
+                       "(operator.crt): the SuperLink's proxy passes the Control API to it only")
+        p.add_argument("--operator-key", type=Path, help="its private key (operator.key)")
         p.add_argument("--home", type=Path, help="FLWR_HOME to write the connection into (default: a temporary one)")
         p.add_argument("--wait", type=float, default=10.0,
                        help="seconds to wait for the SuperLink to answer (default 10), and with "
                             "nodes --online, for the SuperNodes")
+    parsers["stop"].add_argument("run_id", type=int, metavar="RUN_ID")
     parsers["register"].add_argument("public_keys", nargs="+", type=Path, metavar="NAME.pub")
     parsers["nodes"].add_argument("--online", type=int, default=0, metavar="N",
                                   help="first wait until N SuperNodes are online (see --wait)")
@@ -254,6 +309,13 @@ def command(args: argparse.Namespace, env: dict[str, str]) -> int:
         for node in wait_online(env, args.online, timeout=args.wait):
             print(f"{node.get('node-id')}\t{node.get('status')}\t{node.get('online-at')}")
         return 0
+    if args.command == "runs":
+        for r in runs(env):
+            print(f"{r.get('run-id')}\t{r.get('status')}\t{r.get('fab-id', '')}")
+        return 0
+    if args.command == "stop":
+        stop(env, args.run_id)
+        return 0
     return submit(env, args.run_config, app=args.app, timeout=args.timeout)[0]
 
 
@@ -264,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             if not (BIN / "flwr").is_file():
                 raise DeployError(f"{BIN / 'flwr'} not found: run this script with the project's "
                                   "python (.venv/bin/python scripts/deploy/flwr_deploy.py ...)")
-            env = write_connection(args.home or Path(tmp), args.superlink, args.root_cert)
+            if (args.operator_cert is None) != (args.operator_key is None):
+                raise DeployError("give --operator-cert and --operator-key together")
+            operator = (args.operator_cert, args.operator_key) if args.operator_cert else None
+            env = write_connection(args.home or Path(tmp), args.superlink, args.root_cert, operator=operator)
             wait_superlink(args.superlink, args.root_cert, timeout=args.wait)
             return command(args, env)
         except (DeployError, ConfigError, OSError, subprocess.SubprocessError) as exc:

@@ -56,6 +56,8 @@ free_port() { "$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127
 
 prepare() {  # certificates and keys once; partitions for this run config
   [[ -f "$DIR/certs/ca.crt" ]] || bash "$ROOT/scripts/deploy/make_certs.sh" "$DIR/certs" 127.0.0.1
+  [[ -f "$DIR/certs/operator.crt" ]] \
+    || die 1 "$DIR/certs was made before operator certificates existed: remove it (it is made again)"
   local i names=()
   for (( i = 0; i < NODES; i++ )); do [[ -f "$DIR/keys/client-$i" ]] || names+=("client-$i"); done
   (( ${#names[@]} == 0 )) || bash "$ROOT/scripts/deploy/make_node_keys.sh" "$DIR/keys" "${names[@]}"
@@ -63,12 +65,20 @@ prepare() {  # certificates and keys once; partitions for this run config
     "${RUN_ARGS[@]}"
 }
 
-deploy_py() { "$BIN/python" "$ROOT/scripts/deploy/flwr_deploy.py" "$@" --superlink "$ADDRESS" --root-cert "$DIR/certs/ca.crt"; }
+deploy_py() {  # as the operator
+  "$BIN/python" "$ROOT/scripts/deploy/flwr_deploy.py" "$@" --superlink "$ADDRESS" --root-cert "$DIR/certs/ca.crt" \
+    --operator-cert "$DIR/certs/operator.crt" --operator-key "$DIR/certs/operator.key"
+}
 
 prepare
 PORT="$(free_port)"
 ADDRESS="127.0.0.1:$PORT"
-bash "$ROOT/scripts/deploy/start_superlink.sh" --certs "$DIR/certs" --port "$PORT" \
+proxy=(--internal-port "$(free_port)")
+if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
+  echo "[loopback] nginx is not installed (apt-get install nginx): the SuperLink runs without its operator-only proxy, on 127.0.0.1"
+  proxy=(--no-proxy)
+fi
+bash "$ROOT/scripts/deploy/start_superlink.sh" --certs "$DIR/certs" --port "$PORT" "${proxy[@]}" \
   --home "$DIR/home-superlink" >"$DIR/logs/superlink.log" 2>&1 &
 PIDS+=($!)
 deploy_py nodes --wait 90 >/dev/null || die 2 "the SuperLink did not come up; see $DIR/logs/superlink.log"
