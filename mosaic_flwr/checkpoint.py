@@ -34,7 +34,7 @@ ARTIFACTS = "distillation.pt"   # Mosaic's meta model, generators, prototypes: w
 RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "run-name", "data-dir", "device", "client-threads",
                                "server-threads",
                                "eval-batch-size", "round-timeout", "connect-timeout", "round-retries", "min-replies",
-                               "straggler-quorum", "straggler-factor", "straggler-floor",
+                               "straggler-quorum", "straggler-factor", "straggler-floor", "reply-max-mb",
                                "checkpoint", "num-server-rounds"})
 
 

@@ -209,6 +209,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "straggler-quorum": (float, _unit_interval),
     "straggler-factor": (float, _positive_finite),
     "straggler-floor": (float, _non_negative_finite),
+    "reply-max-mb": (float, _positive_finite),
     "min-replies": (int, _positive),
     "round-retries": (int, _non_negative),
     "aggregation": (str, _choice("mean", "median", "trimmed-mean")),

@@ -8,6 +8,7 @@ and checkpoint modules do not.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Collection, Mapping
 
@@ -72,6 +73,29 @@ def number_problem(value, *, integer: bool = False, low: float | None = None) ->
 
 
 NPY_HEADER = 1024  # bytes an Array's serialised data may hold beyond its values (the .npy header)
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return 8
+
+
+def reply_bytes(msg: Message) -> int:
+    """The size of a reply as it arrived, counted from its records without decoding anything:
+    every Array's serialised bytes, 8 per number (each item of a list), the length of every
+    string and bytes value and of every key."""
+    if msg.has_error():
+        return len(msg.error.reason or "")
+    content = msg.content
+    total = sum(len(name) + sum(len(key) + len(array.data) for key, array in record.items())
+                for name, record in content.array_records.items())
+    for records in (content.metric_records, content.config_records):
+        total += sum(len(name) + sum(len(key) + _value_bytes(value) for key, value in record.items())
+                     for name, record in records.items())
+    return total
 
 
 def record_problem(record: ArrayRecord, template: Mapping[str, torch.Tensor]) -> str | None:
@@ -183,19 +207,33 @@ def decode_logits_reply(msg: Message, *, num_models: int, num_classes: int, max_
     count of each."""
     if msg.has_error():
         return None, f"client error: {msg.error.reason}"
-    if META_LOGITS not in msg.content.array_records:
-        return None, f"no {META_LOGITS!r} record"
+    if set(msg.content.keys()) != {META_LOGITS} or META_LOGITS not in msg.content.array_records:
+        return None, f"records {sorted(msg.content.keys())[:3]}: expected only a {META_LOGITS!r} array record"
+    record = msg.content.array_records[META_LOGITS]
+    if set(record.keys()) != {"logits", "labels"}:
+        return None, f"{META_LOGITS}: keys {sorted(record.keys())[:3]}, expected ['labels', 'logits']"
+    # what the arrays declare, before they are decoded: at most the rows asked for, of the
+    # expected shapes and dtypes, and no more bytes than those hold
+    shape, n = tuple(record["logits"].shape), num_classes * max_per_class
+    if len(shape) != 3 or shape[1:] != (num_models, num_classes) or shape[0] > n:
+        return None, f"logits: shape {list(shape)}, expected [n <= {n}, {num_models}, {num_classes}]"
+    if record["logits"].dtype not in ("float16", "float32", "float64") or record["labels"].dtype != "int64" \
+            or tuple(record["labels"].shape) != shape[:1]:
+        return None, (f"logits {record['logits'].dtype}, labels {record['labels'].dtype} "
+                      f"{list(record['labels'].shape)}: expected float logits and int64 labels [{shape[0]}]")
+    if len(record["logits"].data) > math.prod(shape) * 8 + NPY_HEADER \
+            or len(record["labels"].data) > shape[0] * 8 + NPY_HEADER:
+        return None, f"{META_LOGITS}: more bytes than their shapes hold"
     try:
-        got = record_to_state(msg.content.array_records[META_LOGITS])
+        got = record_to_state(record)
     except Exception as exc:  # a record torch cannot read
         return None, f"{META_LOGITS}: unreadable ({type(exc).__name__})"
-    if set(got) != {"logits", "labels"}:
-        return None, f"{META_LOGITS}: keys {sorted(got)}, expected ['labels', 'logits']"
     logits, labels = got["logits"], got["labels"]
     if not logits.is_floating_point() or logits.ndim != 3 or tuple(logits.shape[1:]) != (num_models, num_classes):
         return None, f"logits: {logits.dtype} {list(logits.shape)}, expected float [n, {num_models}, {num_classes}]"
     if labels.dtype != torch.int64 or labels.shape != (len(logits),):
         return None, f"labels: {labels.dtype} {list(labels.shape)}, expected int64 [{len(logits)}]"
+    logits = logits.float()  # checked after the cast: 1e300 in float64 is inf in float32
     if not torch.isfinite(logits).all():
         return None, "logits: not finite"
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -346,9 +384,9 @@ def decode_client_info(msg: Message, num_classes: int, models: Collection[str]
     if sum(counts) != metrics.get(NUM_EXAMPLES) or sum(counts) == 0:
         return None, f"label counts sum to {sum(counts)}, but num-examples is {metrics.get(NUM_EXAMPLES)!r}"
     model, capacity = arch.get("model"), arch.get("capacity")
-    if model not in models:
-        return None, f"unknown architecture {model!r}; the server knows {sorted(models)}"
-    if not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:
-        return None, f"capacity {capacity!r} not in (0, 1]"
+    if not isinstance(model, str) or model not in models:  # a list would not even hash
+        return None, f"unknown architecture {str(model)[:40]!r}; the server knows {sorted(models)}"
+    if number_problem(capacity) is not None or not 0 < capacity <= 1:
+        return None, f"capacity {str(capacity)[:40]} not in (0, 1]"
     return ClientInfo(msg.metadata.src_node_id, int(metrics.get("partition-id", -1)),
                       torch.tensor(counts, dtype=torch.long), str(model), float(capacity)), None

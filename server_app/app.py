@@ -22,7 +22,7 @@ from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
 from mosaic_flwr.strategies import STRATEGIES, ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
-from mosaic_flwr.strategies.base import Straggler, discover_clients
+from mosaic_flwr.strategies.base import Straggler, discover_clients, reply_limit
 from mosaic_flwr.task import Arch, clients_per_round, test_data, test_set_fingerprint, validation_data
 
 app = ServerApp()
@@ -107,7 +107,8 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     nodes = wait_for_nodes(grid, cfg.min_train_clients, cfg.connect_timeout)
     info = dataset_info(cfg.dataset)
     # The clients report their label counts and architectures; the server never sees data.
-    clients = discover_clients(grid, nodes, info.num_classes, straggler=Straggler.of(cfg))
+    clients = discover_clients(grid, nodes, info.num_classes, straggler=Straggler.of(cfg),
+                              max_bytes=reply_limit(cfg))
     check_min_replies(cfg, len(clients))
     if dpm.enabled(cfg.values):
         problem = dpm.check_delta(cfg.dp_delta, [c.num_examples for c in clients.values()])

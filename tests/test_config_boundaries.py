@@ -122,6 +122,27 @@ def straggler_deadline(cfg: Config) -> None:
         assert straggler_wait([0.5] * total, total, rule) is None
 
 
+def reply_size_limit(cfg: Config) -> None:
+    """``reply-max-mb``: a reply of that size is kept, one of more is dropped as an error reply."""
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    from mosaic_flwr.records import reply_bytes
+    from mosaic_flwr.strategies.base import oversized, reply_limit
+    from tests.conftest import as_flower_server
+
+    as_flower_server()
+    limit = reply_limit(cfg)
+    assert limit > 0
+    if limit > 2**26:  # do not build replies of more than 64 MB here
+        return
+    for size in (0, limit // 2, limit + 1):
+        record = ArrayRecord({"x": Array(dtype="uint8", shape=(size,), stype="numpy.ndarray", data=b"\0" * size)})
+        reply = Message(RecordDict({"arrays": record}),
+                        reply_to=Message(RecordDict({}), dst_node_id=7, message_type="train"))
+        dropped = oversized(reply, limit, "test").has_error()
+        assert dropped == (reply_bytes(reply) > limit) and (dropped or size <= limit), size
+
+
 def seeds(cfg: Config) -> None:
     data_partition(cfg)
     initial_model(cfg)
@@ -459,6 +480,7 @@ ROWS: dict[str, Row] = {
     "straggler-quorum": Row([JUST_ABOVE_0, 1.0], [0.0, 1.1], straggler_deadline),
     "straggler-factor": Row([JUST_ABOVE_0, 1e6], [0.0, float("inf")], straggler_deadline),
     "straggler-floor": Row([0.0, 1e9], [-1.0, float("inf")], straggler_deadline),
+    "reply-max-mb": Row([2**-20, 1.0, 1e6], [0.0, -1.0, float("inf")], reply_size_limit),
     "round-retries": Row([0, 2], [-1], sampling),
     "local-epochs": Row([1, 3], [-1, 0], local_training, {"local-steps": 0}),   # 0: no work at all
     "local-steps": Row([1, 5], [-1, 0], local_training, {"local-epochs": 0}),

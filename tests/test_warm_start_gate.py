@@ -262,7 +262,9 @@ def test_the_meta_model_can_learn_from_the_clients_own_images(tmp_path, pretrain
 
 def _logits_reply(logits, labels) -> Message:
     from mosaic_flwr.records import META_LOGITS, state_to_record
+    from tests.conftest import as_flower_server
 
+    as_flower_server()
     return Message(RecordDict({META_LOGITS: state_to_record({"logits": logits, "labels": labels})}),
                    dst_node_id=100, message_type="query.logits")
 
@@ -278,7 +280,10 @@ def test_logits_replies_are_validated():
             (torch.zeros(5, 2, 3), torch.tensor([0, 0, 0, 0, 0]), "more than the client holds"),  # > 4 asked
             (torch.zeros(1, 2, 3), torch.tensor([1]), "class 1"),                               # undeclared class
             (torch.full((1, 2, 3), float("nan")), torch.tensor([0]), "not finite"),
-            (torch.zeros(1, 3, 3), torch.tensor([0]), "expected float [n, 2, 3]"),
+            (torch.zeros(1, 3, 3), torch.tensor([0]), "expected [n <= 12, 2, 3]"),
+            (torch.zeros(13, 2, 3), torch.zeros(13, dtype=torch.long), "expected [n <= 12, 2, 3]"),  # > 3 x 4 rows
+            (torch.zeros(1, 2, 3, dtype=torch.int64), torch.tensor([0]), "expected float logits"),
+            (torch.full((1, 2, 3), 1e300, dtype=torch.float64), torch.tensor([0]), "not finite"),  # inf as float32
             (torch.zeros(2, 2, 3), torch.tensor([0]), "labels"),
             (torch.zeros(1, 2, 3), torch.tensor([7]), "outside")):
         got, problem = decode_logits_reply(_logits_reply(logits, labels), **kw)

@@ -54,7 +54,7 @@ from ..records import (
 from ..seeds import mix_seed
 from ..task import Arch, build_arch, clients_per_round
 from ..mosaic.streaming import RunningSum
-from .base import ServerContext, Straggler, stream_replies
+from .base import ServerContext, Straggler, reply_limit, stream_replies
 
 StateDict = dict[str, torch.Tensor]
 
@@ -208,7 +208,7 @@ class BankStrategy(FedAvg):
             node_ids = self.sample(server_round, attempt)
             replies = stream_replies(sc.grid, self.messages_for(server_round, node_ids), cfg.round_timeout,
                                      f"round {server_round}", describe=self.describe_reply,
-                                     straggler=Straggler.of(cfg))
+                                     straggler=Straggler.of(cfg), max_bytes=reply_limit(cfg))
             items = self.collect(server_round, replies)
             silent = sorted(set(node_ids) - self._replied)
             if silent:
@@ -410,7 +410,7 @@ class BankStrategy(FedAvg):
         correct: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(names, 0))
         examples: dict[str, int] = defaultdict(int)
         for msg in stream_replies(sc.grid, messages, self.cfg.round_timeout, f"evaluate (round {server_round})",
-                                  straggler=Straggler.of(self.cfg)):
+                                  straggler=Straggler.of(self.cfg), max_bytes=reply_limit(self.cfg)):
             node = msg.metadata.src_node_id
             arch = sc.arch_of(node)
             counts, problem = decode_evaluate_reply(msg, keys)

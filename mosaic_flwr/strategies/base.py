@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..config import Config
 from ..models import MODELS
-from ..records import ClientInfo, decode_client_info
+from ..records import ClientInfo, decode_client_info, reply_bytes
 from ..results import RunResults
 from ..task import Arch
 
@@ -99,6 +99,26 @@ class ServerContext:
             server_round, total, row["accuracy"], row["loss"], train, seconds, phase)
 
 
+REPLY_TOO_LARGE = 413  # the error code of a reply dropped for its size (HTTP's "content too large")
+
+
+def reply_limit(cfg) -> int:
+    """``reply-max-mb`` in bytes: the largest reply a call keeps."""
+    return int(cfg.reply_max_mb * 2**20)
+
+
+def oversized(msg: Message, max_bytes: int | None, label: str) -> Message:
+    """``msg``, or in its place an error reply from the same node when it holds more than
+    ``max_bytes`` (logged once): the callers then drop it as they drop any error reply,
+    before a byte of it is decoded."""
+    if not max_bytes or msg.has_error() or (size := reply_bytes(msg)) <= max_bytes:
+        return msg
+    reason = f"reply of {size / 2**20:.1f} MB, more than reply-max-mb ({max_bytes / 2**20:g} MB)"
+    log(WARNING, "%s: dropping the reply of node %s: %s", label, msg.metadata.src_node_id, reason)
+    return Message(error=Error(code=REPLY_TOO_LARGE, reason=reason), metadata=msg.metadata)
+
+
+
 class Straggler(NamedTuple):
     """When the last replies of a call stop being waited for (``straggler-*`` settings):
     once ``quorum`` of the replies are in, the rest get ``factor`` times the median time the
@@ -123,7 +143,8 @@ def straggler_wait(arrivals: list[float], total: int, rule: Straggler) -> float 
 
 
 def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
-                     timeout: float = 900.0, straggler: Straggler | None = Straggler()) -> dict[int, ClientInfo]:
+                     timeout: float = 900.0, straggler: Straggler | None = Straggler(),
+                     max_bytes: int | None = None) -> dict[int, ClientInfo]:
     """Ask every node (``query`` message) for its partition id, label counts and
     architecture. Nodes that fail or send garbage are logged and left out; raises
     ``ValueError`` with the first client's problem when no node could start. Silent nodes
@@ -132,7 +153,7 @@ def discover_clients(grid: Grid, node_ids: list[int], num_classes: int,
     messages = [Message(RecordDict({}), dst_node_id=nid, message_type="query") for nid in node_ids]
     clients, problems, answered = {}, [], set()
     holders: dict[int, int] = {}  # partition id -> the node that claimed it first
-    for msg in stream_replies(grid, messages, timeout, "discovery", straggler=straggler):
+    for msg in stream_replies(grid, messages, timeout, "discovery", straggler=straggler, max_bytes=max_bytes):
         answered.add(msg.metadata.src_node_id)
         info, problem = decode_client_info(msg, num_classes, MODELS)
         if info is not None and info.partition_id in holders:  # one node, one partition: the first claim stands
@@ -159,7 +180,7 @@ PULL_CHUNK = 8  # message ids per pull: the most replies a round holds at once
 def stream_replies(grid: Grid, messages: list[Message], timeout: float, label: str,
                    progress_every: float = 10.0, poll: float = 0.2,
                    describe: Callable[[Message], str] | None = None, chunk: int = PULL_CHUNK,
-                   straggler: Straggler | None = None) -> Iterator[Message]:
+                   straggler: Straggler | None = None, max_bytes: int | None = None) -> Iterator[Message]:
     """Push ``messages`` and yield the replies as they arrive (Flower's ``push_messages`` /
     ``pull_messages``), so the caller can consume each one before the next is pulled;
     stops when every message has its reply or ``timeout`` seconds have passed. A pull asks
@@ -168,7 +189,8 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float, label: s
     asked for). Logs ``<label>: n of N replies`` at most every ``progress_every`` seconds
     (and once at the end), with what ``describe`` says of the last reply (e.g. a client's
     phase and seconds). With ``straggler``, once its quorum of replies is in the deadline
-    shrinks to what ``straggler_wait`` gives the rest (logged once), never grows."""
+    shrinks to what ``straggler_wait`` gives the rest (logged once), never grows. A reply of
+    more than ``max_bytes`` comes as an error reply from its node (:func:`oversized`)."""
     total = len(messages)
     ids = set(grid.push_messages(messages))
     del messages
@@ -182,6 +204,7 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float, label: s
         for i in range(0, len(order), chunk):
             for msg in grid.pull_messages(order[i:i + chunk]):
                 ids.discard(msg.metadata.reply_to_message_id)
+                msg = oversized(msg, max_bytes, label)
                 got += 1
                 pulled += 1
                 if describe is not None:

@@ -57,7 +57,7 @@ from ..mosaic.submodels import masked_average, robust_masked_average
 from ..records import CONFIG, MosaicReply, decode_logits_reply, state_to_record
 from ..seeds import mix_seed
 from ..task import Arch, build_arch
-from .base import ServerContext, Straggler, stream_replies
+from .base import ServerContext, Straggler, reply_limit, stream_replies
 from .bank import StateDict
 from .distill import ClientModel, DistillStrategy, Source, Teacher
 from .method import Method
@@ -499,7 +499,7 @@ class MosaicStrategy(DistillStrategy):
             len(records), len(messages))
         got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for msg in stream_replies(sc.grid, messages, cfg.round_timeout, f"meta-model logits (round {server_round})",
-                                  straggler=Straggler.of(cfg)):
+                                  straggler=Straggler.of(cfg), max_bytes=reply_limit(cfg)):
             node = msg.metadata.src_node_id
             info = sc.clients.get(node)
             reply, problem = (None, "unknown node") if info is None else decode_logits_reply(
