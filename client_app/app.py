@@ -206,7 +206,8 @@ def train_mosaic(msg: Message, context: Context) -> Message:
             log(WARNING, "privacy audit skipped: the test split is not readable here (%s)", exc)
     result = mosaic_client_round(
         model, x, y, info, train=sgd_settings(c),
-        seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)), gen=gen,
+        seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)),
+        proto_min_records=int(c.get("proto-min-records", 1)), gen=gen,
         augment=augmenter(cfg.augment, info), audit_unseen=unseen, **dp)
     result.metrics.update(_work(t0, c0, resolve_device(cfg.device)))
     return Message(content=mosaic_payload(result), reply_to=msg)

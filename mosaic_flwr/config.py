@@ -223,6 +223,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "mosaic-meta": (bool, None),
     "privacy-audit": (bool, None),  # clients audit their uploads at the distillation round (privacy.json)
     "proto-k": (int, _positive),
+    "proto-min-records": (int, _positive),
     "gen-steps": (int, _positive),
     "gen-batch-size": (int, _at_least(2)),  # label-sharing noise pairs
     "gen-lr": (float, _positive),

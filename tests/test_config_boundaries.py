@@ -350,6 +350,18 @@ def mosaic_client(cfg: Config) -> None:
     assert set(plabels.tolist()) == {0, 1, 2, 3}
 
 
+def min_records_client(cfg: Config) -> None:
+    """``proto-min-records``: every prototype the client sends is the mean of that many records."""
+    x, y = _data()
+    out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
+                              seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
+                              proto_k=cfg.proto_k, proto_min_records=cfg.proto_min_records)
+    counts = torch.bincount(y, minlength=C)
+    sent = out.prototypes[1]
+    assert all(counts[c] >= cfg.proto_min_records for c in sent.tolist())
+    assert len(sent) <= sum(min(cfg.proto_k, int(n) // cfg.proto_min_records) for n in counts)
+
+
 def dp_client(cfg: Config) -> None:
     """A client's distillation round under the run's DP settings (the plain one when DP is off)."""
     from mosaic_flwr.privacy import dp as dpm
@@ -517,6 +529,7 @@ ROWS: dict[str, Row] = {
     "max-client-share": Row([JUST_ABOVE_0, 1.0], [0.0, 1.0 + 1e-9], share_cap),
     "trim-fraction": Row([0.0, 0.5 - 1e-9], [-0.1, 0.5], robust),
     "proto-k": Row([1, 10], [0], mosaic_client),            # 10 > a class's samples: the mean
+    "proto-min-records": Row([1, 2, 10**6], [0, -1], min_records_client),
     "gen-steps": Row([1], [0], mosaic_client),
     "gen-batch-size": Row([2, 3], [1, 0], mosaic_client),
     "gen-lr": Row([JUST_ABOVE_0], [0.0], mosaic_client),

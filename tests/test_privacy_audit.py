@@ -129,6 +129,36 @@ def test_one_sample_class_prototype_is_flagged():
     assert many["proto-exact"] == 0 and many["proto-single-record"] == 0 and flags(many) == []
 
 
+def test_prototypes_of_at_least_m_records_are_never_a_record():
+    """``proto-min-records``: the 1-record class sends nothing, every prototype of the others is
+    the mean of at least m records, and the audit flags none of them."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(61, 16, generator=g)
+    labels = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(1, dtype=torch.long),
+                        torch.full((20,), 2, dtype=torch.long)])
+    for m in (2, 5, 9):
+        protos, plabels = class_prototypes(feats, labels, 5, seed=0, min_records=m)
+        assert set(plabels.tolist()) == {0, 2}
+        assert (plabels == 0).sum() == min(5, 40 // m) or (plabels == 0).sum() < min(5, 40 // m)  # merged, never more
+        out = audit_prototypes(protos, plabels, feats, labels, 5)
+        assert out["proto-exact"] == 0 and out["proto-single-record"] == 0 and flags(out) == [], (m, out)
+        assert out["proto-nn-ratio-min"] > 0.1
+
+
+def test_clusters_of_at_least_m_points_partition_the_points():
+    from mosaic_flwr.mosaic.prototypes import clusters_of_at_least, kmeans
+    g = torch.Generator().manual_seed(1)
+    points = torch.cat([torch.randn(30, 4, generator=g), torch.randn(3, 4, generator=g) + 20])  # a tiny far cluster
+    centres = kmeans(points, 5, seed=0)
+    means, assignment = clusters_of_at_least(points, centres, 6)
+    sizes = torch.bincount(assignment, minlength=len(means))
+    assert sizes.min() >= 6 and len(assignment) == len(points) and len(means) < 5
+    for j in range(len(means)):  # each prototype is exactly the mean of its own records
+        assert torch.allclose(points[assignment == j].mean(dim=0), means[j], atol=1e-5)
+    with pytest.raises(ValueError, match="fewer than 40"):
+        clusters_of_at_least(points, centres, 40)
+
+
 def test_summary_per_class_small_vs_large():
     entries = [client_entry(0, torch.tensor([1, 2, 300]), {"dcr-ratio-pixel": 0.9, "class-m": [1.0, 2.0, 300.0],
                                                        "class-dcr-ratio-pixel": [0.5, 0.7, 1.01]}),

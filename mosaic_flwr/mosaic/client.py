@@ -35,7 +35,8 @@ def label_counts(y: Tensor, num_classes: int) -> Tensor:
 
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
-                        proto_k: int = 0, gen: dict | None = None, augment: Augment | None = None,
+                        proto_k: int = 0, proto_min_records: int = 1, gen: dict | None = None,
+                        augment: Augment | None = None,
                         audit_unseen: tuple[Tensor, Tensor] | None = None,
                         dp: dpm.DPSettings | None = None, dp_counts: Tensor | None = None,
                         dp_rng: torch.Generator | None = None) -> MosaicClientResult:
@@ -43,7 +44,8 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
 
     Prototypes are k-means centres of the penultimate features of the model as received
     (the round's global model, the backbone the server's experts start from), computed before
-    local training, from at most ``MAX_PER_CLASS`` samples of each class. The generator is
+    local training, from at most ``MAX_PER_CLASS`` samples of each class, each the mean of at
+    least ``proto_min_records`` records (a class with fewer sends none). The generator is
     trained after local training, guided by the client's freshly trained model, on the
     client's own classes; it is uploaded once.
 
@@ -90,11 +92,14 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         if augment is not None:
             xk = augment(xk, torch.Generator().manual_seed(mix_seed(seed, "proto-augment")))
         feats = extract_features(model, xk, device=device)
-        protos = class_prototypes(feats, y[keep], proto_k, seed=seed)
+        protos = class_prototypes(feats, y[keep], proto_k, seed=seed, min_records=proto_min_records)
         metrics["proto-seconds"] = time.perf_counter() - t0
         if audit_unseen is not None:
             t0 = time.perf_counter()
             audit.update(audit_prototypes(*protos, feats, y[keep], proto_k))
+            # classes held and sent no prototype: too few records (the audit sees the subset,
+            # and a class of more than MAX_PER_CLASS records is never withheld)
+            audit["proto-withheld-classes"] = float(((counts > 0) & (counts < proto_min_records)).sum())
             audit_seconds += time.perf_counter() - t0
     stats = train_local(model, x, y, seed=seed, device=device, augment=augment, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})

@@ -2,7 +2,8 @@
 
 A client summarises each of its classes by ``k`` k-means centres of the features its
 (global) backbone computes, or by the class mean when it holds fewer than ``k`` samples of
-that class. Unlike the authors' code (which kept only the first 10 centres whatever ``k``
+that class; with ``min_records`` (the ``proto-min-records`` setting) every prototype is the
+mean of at least that many records, and a class with fewer records sends none. Unlike the authors' code (which kept only the first 10 centres whatever ``k``
 was), every one of the ``k`` centres is returned.
 
 A class with more than ``MAX_PER_CLASS`` (1000) samples is summarised from a random subset
@@ -115,6 +116,27 @@ def kmeans(x: Tensor, k: int, *, iters: int = 50, seed: int = 0, n_init: int = 3
     return best_centres.to(out_dtype)
 
 
+def clusters_of_at_least(points: Tensor, centres: Tensor, min_size: int) -> tuple[Tensor, Tensor]:
+    """The means of a partition of ``points`` in which every cluster holds at least
+    ``min_size`` of them (``len(points) >= min_size``): the points go to their nearest
+    centre, then the smallest cluster below ``min_size`` gives up its centre and its points
+    go to the nearest remaining one, until none is below. Returns ``(means [k', d],
+    assignment [N])``: each mean is exactly the mean of the points assigned to it."""
+    if len(points) < min_size:
+        raise ValueError(f"clusters_of_at_least: {len(points)} points, fewer than {min_size}")
+    centres = centres.clone()
+    while True:
+        assignment = _squared_distances(points, centres).argmin(dim=1)
+        sizes = torch.bincount(assignment, minlength=len(centres))
+        small = torch.nonzero(sizes < min_size).squeeze(1)
+        if small.numel() == 0:
+            break
+        drop = small[sizes[small].argmin()]
+        centres = torch.cat([centres[:drop], centres[drop + 1:]])
+    sums = torch.zeros_like(centres).index_add_(0, assignment, points)
+    return sums / sizes.unsqueeze(1).to(points.dtype), assignment
+
+
 @torch.no_grad()
 def class_prototypes(
     features: Tensor,
@@ -124,17 +146,24 @@ def class_prototypes(
     seed: int = 0,
     iters: int = 50,
     n_init: int = 3,
+    min_records: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Prototypes of every class present in ``labels``.
 
-    For each class, in increasing label order: all ``k`` k-means centres of its features
-    when it has at least ``k`` samples, otherwise its mean feature (one prototype).
+    For each class, in increasing label order: at most ``k`` k-means centres of its features,
+    each the mean of at least ``min_records`` of them (a class with fewer sends none). With
+    ``min_records=1``: all ``k`` centres when it has at least ``k`` samples, otherwise its mean
+    feature (one prototype). With ``min_records=m > 1`` no prototype is a record's features or
+    the mean of a handful of records: k-means with ``min(k, n // m)`` centres, then clusters
+    below ``m`` merged into their nearest neighbours (``clusters_of_at_least``), each prototype
+    the exact mean of its cluster.
 
     Args:
         features: ``[N, d]`` features (e.g. ``model.features(x)``).
         labels: ``[N]`` integer labels.
         k: centres per class.
         seed, iters, n_init: passed to ``kmeans`` (the same seed for every class).
+        min_records: the fewest records a prototype is the mean of.
 
     Returns:
         ``(prototypes [M, d], prototype_labels [M] long)``; ``M = 0`` when ``N = 0``.
@@ -144,14 +173,20 @@ def class_prototypes(
             "class_prototypes: expected features [N, d] and labels [N], got "
             f"{tuple(features.shape)} and {tuple(labels.shape)}"
         )
-    if k < 1:
-        raise ValueError(f"class_prototypes: k must be >= 1, got {k}")
+    if k < 1 or min_records < 1:
+        raise ValueError(f"class_prototypes: k and min_records must be >= 1, got {k}, {min_records}")
     labels = labels.long()
     dtype = features.dtype if features.is_floating_point() else torch.float32
     prototypes, prototype_labels = [], []
     for label in torch.unique(labels).tolist():
         members = features[labels == label].to(dtype)
-        if members.shape[0] >= k:
+        n = members.shape[0]
+        if n < min_records:
+            continue
+        if min_records > 1:
+            centres = kmeans(members, min(k, n // min_records), iters=iters, seed=seed, n_init=n_init)
+            centres = clusters_of_at_least(members.to(centres.dtype), centres, min_records)[0].to(dtype)
+        elif n >= k:
             centres = kmeans(members, k, iters=iters, seed=seed, n_init=n_init)
         else:
             centres = members.mean(dim=0, keepdim=True)

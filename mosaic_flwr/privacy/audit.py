@@ -207,8 +207,8 @@ def audit_prototypes(protos: Tensor, proto_labels: Tensor, feats: Tensor, labels
     record of its class over the typical record-to-record nearest-neighbour distance (the median
     of the leave-one-out NN distances within classes; the overall median feature norm when no
     class has two records). ``proto-exact``: prototypes within ``PROTO_EXACT`` of that scale of
-    a record (a record's features, uploaded); ``proto-few-classes``: classes uploaded as the
-    mean of fewer than ``k`` records; ``proto-single-record``: classes of one record."""
+    a record (a record's features, uploaded); ``proto-few-classes``: classes uploaded with
+    fewer than ``k`` records; ``proto-single-record``: classes uploaded with one record."""
     feats, protos = feats.float(), protos.float()
     loo = [nn_distances(feats[labels == c], feats[labels == c], exclude_self=True)
            for c in torch.unique(labels).tolist() if int((labels == c).sum()) >= 2]
@@ -221,7 +221,8 @@ def audit_prototypes(protos: Tensor, proto_labels: Tensor, feats: Tensor, labels
             rel.append(nn_distances(protos[proto_labels == c], members) / scale)
     rel_t = torch.cat(rel) if rel else torch.zeros(0)
     counts = torch.bincount(labels.long())
-    held = counts[counts > 0]
+    sent = torch.unique(proto_labels.long())
+    held = counts[sent[sent < len(counts)]]  # the records behind each class that was sent
     out = {"proto-count": float(len(protos)), "proto-exact": float((rel_t < PROTO_EXACT).sum()),
            "proto-few-classes": float((held < k).sum()), "proto-single-record": float((held == 1).sum())}
     if len(rel_t):  # (no NaN for "nothing to measure": a reply's metrics must be finite)
@@ -270,7 +271,7 @@ _UNIT = ("near-copy-pixel", "near-copy-feature", "near-copy-baseline-pixel", "ne
 _NON_NEGATIVE = ("dcr-train-pixel", "dcr-unseen-pixel", "dcr-ratio-pixel", "dcr-train-feature",
                  "dcr-unseen-feature", "dcr-ratio-feature", "classes-audited", "gen-samples", "mia-members",
                  "proto-count", "proto-nn-ratio-min", "proto-nn-ratio-median", "proto-exact",
-                 "proto-few-classes", "proto-single-record", "seconds")
+                 "proto-few-classes", "proto-single-record", "proto-withheld-classes", "seconds")
 KEYS = _UNIT + _NON_NEGATIVE
 LIST_KEYS = ("class-m", "class-dcr-ratio-pixel", "class-dcr-ratio-feature")
 PREFIX = "privacy-"

@@ -90,7 +90,8 @@ def summarise(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 out[f"class-dcr-ratio-{s}-{name}-classes"] = len(vals)
                 out[f"class-dcr-ratio-{s}-{name}-below-1"] = below
                 out[f"class-dcr-ratio-{s}-{name}-sign-p"] = round(sign_test(below, len(vals)), 6)
-    for key in ("proto-exact", "proto-few-classes", "proto-single-record", "label-rare-classes"):
+    for key in ("proto-exact", "proto-few-classes", "proto-single-record", "proto-withheld-classes",
+                "label-rare-classes"):
         vals = _values(entries, key)
         if vals:
             out[f"{key}-total"] = int(sum(vals))
@@ -118,6 +119,7 @@ def summary_line(round_: int, s: dict[str, Any]) -> str:
             f"{s.get('near-copy-excess-pixel-max', float('nan')):.3f}; membership AUC {auc('mia-auc-pixel')}, "
             f"significant at {s.get('mia-significant-pixel', 0)}; prototypes that are records "
             f"{s.get('proto-exact-total', 0)}, single-record classes {s.get('proto-single-record-total', 0)}, "
+            f"classes withheld (too few records) {s.get('proto-withheld-classes-total', 0)}, "
             f"rare label counts {s.get('label-rare-classes-total', 0)}; audit {s.get('seconds-mean', 0):.1f} s/client "
             f"({100 * s.get('seconds-fraction-mean', 0):.1f} % of its round); flagged: {flagged}")
 

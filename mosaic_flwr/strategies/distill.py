@@ -186,7 +186,8 @@ class DistillStrategy(BankStrategy):
         """What a client uploading its generator and prototypes is told: their settings and
         whether to audit them (``privacy-audit``)."""
         c = self.cfg
-        return {"proto-k": self.proto_k(), "privacy-audit": bool(c.privacy_audit), "gen-steps": c.gen_steps,
+        return {"proto-k": self.proto_k(), "proto-min-records": c.proto_min_records,
+                "privacy-audit": bool(c.privacy_audit), "gen-steps": c.gen_steps,
                 "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
                 "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight}
 
