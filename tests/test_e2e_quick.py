@@ -295,6 +295,23 @@ def test_mosaic_default_meta_model_learns_from_prototypes_and_is_dropped_when_it
         assert torch.allclose(kd["teacher"](x), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("meta_data", ["prototypes", "screened"])
+def test_without_prototypes_the_meta_model_gets_nothing_unvouched_and_the_mean_teaches(
+        tmp_path, monkeypatch, meta_data):
+    """Every class below ``proto-min-records``: no client sends a prototype, so the meta model
+    has no prototype to learn from ('prototypes') and no generator sample is screened as
+    clean ('screened': unscreened samples are dropped, not used); the run goes on, with the
+    plain mean of the experts as the teacher."""
+    overrides = {"strategy": "mosaic", "proto-min-records": 10**6, "meta-data": meta_data}
+    out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
+    assert all(len(r["prototypes"]["labels"]) == 0 for r in rec.replies[2].values())
+    distill = next(r for r in rows if r.get("phase") == "distill")
+    assert distill["meta-inputs"] == 0 and distill["meta-used"] == 0
+    assert distill["acc-teacher"] == distill["acc-ensemble"] and rec.meta == []
+    assert distill.get("meta-screen-kept", 0.0) == 0.0
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+
+
 def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_global_features(tmp_path, monkeypatch):
     """``meta-experts='heads'``: the meta model learns on prototypes through the experts'
     heads and, as the teacher, reads the same kind of input: each class expert's head on the

@@ -145,9 +145,11 @@ def test_screening_keeps_samples_whose_nearest_prototype_has_their_label():
     protos = (torch.tensor([[0.0, 0.0], [10.0, 10.0]]), torch.tensor([0, 1]))
     x = torch.tensor([[1.0, 1.0], [9.0, 9.0], [1.0, 0.0], [8.0, 9.0], [5.0, 5.0]])
     y = torch.tensor([0, 0, 1, 1, 0])
-    owners = torch.tensor([0, 0, 0, 0, 1])  # owner 1 has no prototypes: kept
-    keep = screen_by_prototypes(x, y, owners, [_Scale(1.0), _Scale(1.0)], [protos, None])
-    assert keep.tolist() == [True, False, False, True, True]
+    owners = torch.tensor([0, 0, 0, 0, 1, 2])  # owners 1 and 2 sent no prototypes: nothing vouches for theirs
+    x, y = torch.cat([x, torch.tensor([[0.0, 0.0]])]), torch.cat([y, torch.tensor([0])])
+    empty = (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+    keep = screen_by_prototypes(x, y, owners, [_Scale(1.0)] * 3, [protos, None, empty])
+    assert keep.tolist() == [True, False, False, True, False, False]
 
 
 # ----------------------------------------------------------------------------- end to end

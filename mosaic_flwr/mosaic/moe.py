@@ -153,9 +153,10 @@ def screen_by_prototypes(x: Tensor, y: Tensor, owners: Tensor, models: Sequence[
     for class ``y[i]`` is kept when, in client ``o``'s feature space (``models[o].features``,
     the model the client computed its prototypes with), its nearest prototype among
     client ``o``'s prototypes has label ``y[i]``. Samples of clients without prototypes are
-    kept. This lets the meta model learn from samples in input space (any architecture)
-    while the clients' prototypes veto samples that do not look like their class."""
-    keep = torch.ones(len(y), dtype=torch.bool)
+    dropped: nothing vouches for them (a client that sends none, or none of a class, is not
+    screened as clean). This lets the meta model learn from samples in input space (any
+    architecture) while the clients' prototypes veto samples that do not look like their class."""
+    keep = torch.zeros(len(y), dtype=torch.bool)
     for o in owners.unique().tolist():
         if prototypes[o] is None or len(prototypes[o][0]) == 0:
             continue

@@ -377,6 +377,11 @@ class MosaicStrategy(DistillStrategy):
             t0 = time.perf_counter()
             z, labels, real = self.meta_inputs(inputs, gen_replies, generators, counts, self._received, report,
                                                server_round)
+        if self.teacher == "meta" and not len(labels):
+            log(WARNING, "[mosaic] no input for the meta model (no prototype, no screened generator sample): "
+                "the experts' mean teaches")
+            report.update({"meta-inputs": 0, "meta-used": 0})
+        elif self.teacher == "meta":
             meta = MetaModel(len(inputs), self.info.num_classes, arch=cfg.meta_arch,
                              prior="last" if inputs is not fused else "mean")
             # Model selection (early stopping and the guard) on held-out real-derived inputs
@@ -447,9 +452,11 @@ class MosaicStrategy(DistillStrategy):
         if self.meta_data in ("prototypes", "both"):
             protos = ([(p["features"], p["labels"]) for p in self.collected_prototypes()]
                       or [r.prototypes for _, r in gen_replies if r.prototypes is not None])
-            feats = torch.cat([f for f, _ in protos])
-            labels = torch.cat([l for _, l in protos])
-            parts.append((experts.head_logits(feats.to(dev)).cpu(), labels, True))
+            protos = [(f, l) for f, l in protos if len(l)]  # a client may send none (proto-min-records)
+            if protos:
+                feats = torch.cat([f for f, _ in protos])
+                labels = torch.cat([l for _, l in protos])
+                parts.append((experts.head_logits(feats.to(dev)).cpu(), labels, True))
         if self.meta_data in ("generated", "both", "screened"):
             n_classes = int((counts.sum(0) > 0).sum())
             sampler = GeneratorSampler(generators, counts, seed=mix_seed(self.cfg.seed, "meta-samples"),
@@ -463,11 +470,15 @@ class MosaicStrategy(DistillStrategy):
                     models.append(model)
                 keep = screen_by_prototypes(x, y, owners, models, [r.prototypes for _, r in gen_replies])
                 report["meta-screen-kept"] = keep.float().mean().item()
-                if keep.any():
-                    x, y = x[keep.to(x.device)], y[keep]
-                else:
-                    log(WARNING, "[mosaic] prototype screening kept no sample; using all of them")
-            parts.append((expert_logits(experts, x).permute(1, 0, 2), y, False))
+                if not keep.any():  # unscreened samples are not used: nothing vouches for them
+                    log(WARNING, "[mosaic] prototype screening kept no generator sample: the meta model "
+                        "gets none")
+                x, y = x[keep.to(x.device)], y[keep]
+            if len(y):
+                parts.append((expert_logits(experts, x).permute(1, 0, 2), y, False))
+        if not parts:  # nothing to fit the meta model on: the experts' mean teaches
+            return (torch.zeros(0, len(experts), self.info.num_classes), torch.zeros(0, dtype=torch.long),
+                    torch.zeros(0, dtype=torch.bool))
         real = torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.bool) for p in parts])
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), real
 
