@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -210,4 +210,10 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         proto_min_records=int(c.get("proto-min-records", 1)), gen=gen,
         augment=augmenter(cfg.augment, info), audit_unseen=unseen, **dp)
     result.metrics.update(_work(t0, c0, resolve_device(cfg.device)))
+    if settings is not None and any(k.startswith("privacy-") for k in result.metrics):
+        # dp-audit: the figures describe the private data and dp-epsilon does not cover them
+        figures = {k: v for k, v in result.metrics.items() if k.startswith("privacy-")}
+        log(INFO, "[privacy] audit under DP, kept on this node (not sent: dp-epsilon does not cover it): %s",
+            {k: v for k, v in figures.items() if not isinstance(v, list)})
+        result.metrics = {k: v for k, v in result.metrics.items() if k not in figures}
     return Message(content=mosaic_payload(result), reply_to=msg)

@@ -472,6 +472,7 @@ class Row:
 
 
 MOSAIC = {"strategy": "mosaic"}
+DP_MOSAIC = {**MOSAIC, "distill-gate": "off"}  # the clients' gate is refused under DP
 DENSE = {"strategy": "dense", "kd-steps": 3, "kd-batch-size": 4, "dense.gen-steps": 1, "dense.gen-interval": 2,
          "dense.gen-batch-size": 4, "dense.gen-width": 2, "dense.noise-dim": 4}
 ROWS: dict[str, Row] = {
@@ -550,15 +551,15 @@ ROWS: dict[str, Row] = {
     # differential privacy: 0 is "off"; the smallest epsilon at the smallest delta (non-finite
     # floats are refused for every key)
     "dp-epsilon": Row([0.0, 0.1, 1e6], [-0.1, 0.1 - 1e-9, math.inf], dp_client,
-                      {**MOSAIC, "dp-delta": 1e-10}),
-    "dp-delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**MOSAIC, "dp-epsilon": 0.1}),
-    "dp-max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**MOSAIC, "dp-epsilon": 1.0}),
-    "dp-noise-multiplier": Row([0.0, JUST_ABOVE_0, 1e3], [-0.1, math.inf], dp_client, MOSAIC),
+                      {**DP_MOSAIC, "dp-delta": 1e-10}),
+    "dp-delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**DP_MOSAIC, "dp-epsilon": 0.1}),
+    "dp-max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 1.0}),
+    "dp-noise-multiplier": Row([0.0, JUST_ABOVE_0, 1e3], [-0.1, math.inf], dp_client, DP_MOSAIC),
     "dp-proto-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                            {**MOSAIC, "dp-epsilon": 1.0, "dp-delta": 1e-10}),
-    "dp-proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**MOSAIC, "dp-epsilon": 1.0}),
+                            {**DP_MOSAIC, "dp-epsilon": 1.0, "dp-delta": 1e-10}),
+    "dp-proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 1.0}),
     "dp-count-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                            {**MOSAIC, "dp-epsilon": 1.0, "dp-delta": 1e-10}),
+                            {**DP_MOSAIC, "dp-epsilon": 1.0, "dp-delta": 1e-10}),
 }
 # Small KD batches: the generator trains on them.
 FEDFTG = {"strategy": "fedftg", "kd-batch-size": 4, "kd-steps": 3, "meta-samples-per-class": 1}

@@ -264,7 +264,8 @@ def test_noisy_class_means_have_the_configured_variance():
     ({"dp-epsilon": 1.0, "dp-noise-multiplier": 1.0}, r"^dp-epsilon/dp-noise-multiplier: both set"),
     ({"dp-epsilon": 1.0, "strategy": "fedavg"}, r"^dp-epsilon/dp-noise-multiplier: .*strategy='mosaic'"),
     ({"dp-epsilon": 1.0, "meta-data": "clients"}, r"^meta-data: 'clients' sends logits"),
-    ({"dp-epsilon": 1.0, "resume": "/tmp/x"}, r"^resume: with DP"),
+    ({"dp-epsilon": 1.0, "resume": "/tmp/x", "distill-gate": "off"}, r"^resume: with DP"),
+    ({"dp-epsilon": 1.0}, r"^distill-gate: the clients' gate .* under DP use distill-gate='off'"),
     ({"dp-epsilon": 0.05}, r"^dp-epsilon: must be 0 \(no DP\) or >= 0.1"),
     ({"dp-epsilon": 1.0, "dp-delta": 0.5}, r"^dp-delta: must be in"),
     ({"dp-epsilon": 1.0, "dp-accountant": "gdp"}, r"^dp-accountant: unknown value"),
@@ -277,9 +278,9 @@ def test_bad_dp_settings_are_config_errors(overrides, match):
 
 def test_dp_is_off_by_default_and_on_with_either_key():
     assert dpm.dp_settings(build_config({}).values) is None
-    on = dpm.dp_settings(build_config({"dp-epsilon": 2.0}).values)
+    on = dpm.dp_settings(build_config({"dp-epsilon": 2.0, "distill-gate": "off"}).values)
     assert on is not None and on.epsilon == 2.0 and on.noise_multiplier == 0.0
-    nm = dpm.dp_settings(build_config({"dp-noise-multiplier": 1.5}).values)
+    nm = dpm.dp_settings(build_config({"dp-noise-multiplier": 1.5, "distill-gate": "off"}).values)
     assert nm is not None and nm.noise_multiplier == 1.5
 
 
@@ -292,7 +293,7 @@ def test_delta_must_be_below_one_over_n():
 def test_noisy_counts_are_drawn_once_per_client_and_not_from_the_seed():
     from flwr.app import Context, RecordDict
     from client_app.app import released_counts
-    cfg = build_config({"dp-epsilon": 1.0, "dataset": "synthetic"})
+    cfg = build_config({"dp-epsilon": 1.0, "dataset": "synthetic", "distill-gate": "off"})
     y = torch.arange(500) % 4
 
     def ctx():
@@ -316,16 +317,21 @@ def test_tiny_mosaic_run_with_dp_reports_epsilon(tmp_path, caplog):
     from tests.test_e2e_inprocess import run_inprocess
     from tests.test_e2e_quick import TINY
     counts_seen: dict[int, list] = {}
+    audit_sent: list[str] = []
 
     def hook(grid, node_id, incoming, reply):
         recs = reply.content.metric_records
         if "label-counts" in recs:
             counts_seen.setdefault(node_id, []).append(list(recs["label-counts"]["counts"]))
+        audit_sent.extend(k for r in recs.values() for k in r if k.startswith("privacy-"))
         return reply
 
     caplog.set_level(logging.INFO)
+    # dp-audit: the clients audit their uploads, and keep the figures (dp-epsilon does not cover them)
     out = run_inprocess(tmp_path, grid_options={"hook": hook},
-                        **{**TINY, "dp-epsilon": 3.0, "server-threads": 1, "privacy-audit": False})["dir"]
+                        **{**TINY, "dp-epsilon": 3.0, "server-threads": 1, "dp-audit": True})["dir"]
+    assert audit_sent == [] and not (out / "privacy.json").exists()
+    assert caplog.text.count("[privacy] audit under DP, kept on this node") == 3
     summary = _spent(out)
     dp = summary["dp"]
     assert dp["enabled"] and dp["delta"] == 1e-5 and set(dp["clients"]) == {"0", "1", "2"}
@@ -340,6 +346,14 @@ def test_tiny_mosaic_run_with_dp_reports_epsilon(tmp_path, caplog):
     text = caplog.text
     assert "differential privacy on: generator epsilon 3" in text
     assert f"spent: at most epsilon {dp['epsilon']:.3f} per client" in text
+
+
+def test_the_audit_is_off_under_dp_unless_asked_for():
+    from mosaic_flwr.strategies.distill import audits
+    dp = {"dp-epsilon": 1.0, "distill-gate": "off"}
+    assert audits(build_config({}).values) and not audits(build_config({"privacy-audit": False}).values)
+    assert not audits(build_config(dp).values)
+    assert audits(build_config({**dp, "dp-audit": True}).values)
 
 
 @pytest.mark.slow  # ~40 s; the quick loop runs Mosaic without DP in test_e2e_quick.py

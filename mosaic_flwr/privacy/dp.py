@@ -124,6 +124,11 @@ def check_config(values: Mapping[str, Any]) -> str | None:
     if values["meta-data"] == "clients":
         return ("meta-data: 'clients' sends logits of the clients' real images, which DP does not cover; "
                 "use 'auto', 'prototypes', 'generated', 'both' or 'screened' with DP")
+    if values["distill-gate"] == "clients":
+        return ("distill-gate: the clients' gate has every client score the candidate models on its private "
+                "data and send the exact counts of correct predictions (and its example count), releases "
+                "dp-epsilon does not cover; under DP use distill-gate='off' (the distilled model is kept) or "
+                "'validation' (the server's validation split, benchmarks)")
     if values["resume"]:
         return ("resume: with DP the clients' noisy label counts live in their node state for one Flower "
                 "run; a resumed run would draw and upload fresh ones (more privacy spent); start a new run")

@@ -84,6 +84,13 @@ class Source:
     name: str = "synthetic"
 
 
+def audits(values) -> bool:
+    """Whether clients audit their uploads (``privacy-audit``): under DP only with ``dp-audit``,
+    and then the figures stay in the client's log (they are not covered by ``dp-epsilon``)."""
+    from ..privacy import dp as dpm
+    return bool(values["privacy-audit"]) and (not dpm.enabled(values) or bool(values["dp-audit"]))
+
+
 class DistillStrategy(BankStrategy):
     """Federated averaging with a server-side distillation (see the module docstring)."""
 
@@ -187,7 +194,7 @@ class DistillStrategy(BankStrategy):
         whether to audit them (``privacy-audit``)."""
         c = self.cfg
         return {"proto-k": self.proto_k(), "proto-min-records": c.proto_min_records,
-                "privacy-audit": bool(c.privacy_audit), "gen-steps": c.gen_steps,
+                "privacy-audit": audits(c.values), "gen-steps": c.gen_steps,
                 "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
                 "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight}
 
