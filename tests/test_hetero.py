@@ -177,10 +177,14 @@ def test_width_scaled_fedavg_runs_end_to_end(tmp_path):
 @requires_fmnist
 @pytest.mark.slow
 def test_mixed_families_run_mosaic_end_to_end(tmp_path):
+    # No gate: the clients' gate scores every family's two candidates on all 60,000 training
+    # images (2.5 to 3 min of this test on one core); it has its own tests (below, and
+    # test_warm_start_gate.py). Here the distilled models are kept and fine-tuned.
     res = run_inprocess(tmp_path, strategy="mosaic", num_nodes=3,
                         **{"client-models": "cnn_small,cnn_wide,resnet8", "warmup-rounds": 1,
                            "num-server-rounds": 3, "test-subset": 2000,
-                           "local-steps": 40, "gen-steps": 60, "meta-epochs": 30, "kd-steps": 20})
+                           "local-steps": 40, "gen-steps": 60, "meta-epochs": 30, "kd-steps": 20,
+                           "distill-gate": "off"})
     out = res["dir"]
     rounds = _rounds(out)
     families = ("cnn_small", "cnn_wide", "resnet8")

@@ -99,6 +99,28 @@ def test_class_sums_give_the_class_experts_and_keep_unheld_classes():
                for k in range(C))
 
 
+def test_class_experts_that_come_out_equal_are_one_shared_state():
+    """A class with a single holder is exactly that client's model: the classes a client holds
+    alone share one state dict (and the fallback, when equal), which StackedExperts runs once."""
+    a, b, c = _states(3, seed=4)
+    counts = torch.zeros(3, C, dtype=torch.long)
+    counts[0, [0, 1, 2]] = torch.tensor([5, 700, 13])   # classes 0-2: client a alone
+    counts[1, [3, 4]] = torch.tensor([9, 4])            # classes 3, 4: b and c, weights 9:2 and 4:1
+    counts[2, [3, 4, 5]] = torch.tensor([2, 1, 30])     # class 5: c alone; 6-9: nobody
+    sums = ClassSums(C)
+    for state, n in zip((a, b, c), counts):
+        sums.add(state, n)
+    experts = sums.experts(None, fallback=dict(a), base=a)
+    assert all(experts[k] is experts[0] for k in (1, 2, 6, 7, 8, 9))  # a's model, and the fallback equal to it
+    assert all(torch.equal(experts[0][key], a[key]) for key in a)
+    assert torch.equal(experts[5]["w"], c["w"]) and experts[5] is not experts[0]
+    assert experts[3] is not experts[4] and not torch.equal(experts[3]["w"], experts[4]["w"])
+    assert len({id(e) for e in experts}) == 4
+    # a fallback that differs stays its own state, shared by the classes nobody holds
+    other = sums.experts(None, fallback=b, base=a)
+    assert all(other[k] is b for k in (6, 7, 8, 9)) and other[0] is not b
+
+
 # ----------------------------------------------------------------------------- generator bank
 def _offers(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

@@ -36,6 +36,13 @@ from .submodels import IndexPlan, _grid, _sub_shape
 StateDict = dict[str, Tensor]
 
 
+def _equal_states(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    """Whether two state dicts hold the same keys, dtypes, shapes and values (``torch.equal``:
+    NaN equals nothing)."""
+    return a is b or (a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a))
+
+
 class RunningSum:
     """``sum_i w_i x_i`` and ``sum_i w_i`` per entry of a (full-width) state, in float64."""
 
@@ -160,13 +167,21 @@ class ClassSums:
                 base: Mapping[str, Tensor]) -> list[StateDict]:
         """The C class experts: class ``k``'s count-weighted mean (entries none of its
         holders trained keep ``base``'s value); a class nobody added keeps ``previous[k]``,
-        or without previous experts ``fallback`` (the round's global model: FedAvg)."""
-        out = []
+        or without previous experts ``fallback`` (the round's global model: FedAvg).
+
+        Experts that come out equal (every entry) are one shared (read-only) state dict, as
+        ``experts.build_class_experts`` shares classes with the same weight row: at strong
+        label skew most classes have a single holder, whose model each of them is exactly
+        (``w * x / w`` is exact in float64), and ``StackedExperts`` then evaluates each
+        shared dict once instead of once per class."""
+        out: list[StateDict] = []
+        distinct: list[StateDict] = []
         for k, s in enumerate(self.sums):
-            if len(s) == 0:
-                out.append(previous[k] if previous is not None else fallback)
-            else:
-                out.append(s.result(base))
+            expert = (previous[k] if previous is not None else fallback) if len(s) == 0 else s.result(base)
+            same = next((d for d in distinct if _equal_states(d, expert)), None)
+            if same is None:
+                distinct.append(expert)
+            out.append(expert if same is None else same)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -467,7 +467,8 @@ class DistillStrategy(BankStrategy):
         after = {}
         for f in families:
             self.globals[f] = distilled[f] if keep[f] else before_states[f]
-            after[f] = self.evaluate_arch(Arch(f), self.globals[f])["accuracy"]
+            # A refused distillation leaves the model ``before`` scored: not scored again.
+            after[f] = self.evaluate_arch(Arch(f), self.globals[f])["accuracy"] if keep[f] else before[f]
         self.shadow_until = self.gate_until()
         if (self.one_shot() and cfg.distill_gate != "off" and any(keep.values())
                 and self.shadow_until > server_round):
