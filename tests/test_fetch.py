@@ -177,7 +177,7 @@ def test_the_test_command_sets_up_every_data_set_the_tests_read():
     text = (ROOT / "scripts" / "test.sh").read_text()
     setup = text.index('bash "$ROOT/scripts/setup.sh" "${SETUP[@]}"')
     assert setup < text.index("-m pytest")
-    assert "SETUP=(--data mnist --data cifar10)" in text
+    assert "SETUP=(--data mnist --data cifar10 --deploy)" in text  # --deploy: nginx, for the deployment tests
     assert 'if [ -d "$ROOT/../shared/data/mnist" ]; then SETUP+=(--data-from' in text
     assert mnist_location(user_data_dir()) is not None                 # what it set up is there
     assert cifar10_bin_problems(user_data_dir() / CIFAR10_BIN) == [] or \
