@@ -215,6 +215,8 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "aggregation": (str, _choice("mean", "median", "trimmed-mean")),
     "trim-fraction": (float, lambda v: None if 0 <= v < 0.5 else f"must be in [0, 0.5), got {v}"),
     "max-client-share": (float, _unit_interval),
+    "count-clip": (float, lambda v: None if v == 0 or 1 <= v < math.inf else
+                   f"must be 0 (no bound) or a finite number >= 1, got {v}"),
     # --- Mosaic / FedDF (schedule: warm-up rounds, distillation at the end of the last
     # warm-up round, then fine-tune rounds up to num-server-rounds)
     "warmup-rounds": (int, _positive),

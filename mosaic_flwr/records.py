@@ -171,6 +171,7 @@ class MosaicReply:
     metrics: dict[str, float]
     prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
     generator: dict[str, torch.Tensor] | None = None
+    declared_counts: torch.Tensor | None = None  # as sent, where ``label_counts`` is bounded (count-clip)
 
 
 def decode_evaluate_reply(msg: Message, names: Collection[str]) -> tuple[dict[str, int] | None, str | None]:

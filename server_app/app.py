@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from mosaic_flwr.checkpoint import CheckpointError, config_changes, load_checkpoint, warm_start_changes
 from mosaic_flwr.config import Config, ConfigError, build_config, local_work, resolve_device
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
+from mosaic_flwr.mosaic.robust import bound_counts
 from mosaic_flwr.privacy import dp as dpm
 from mosaic_flwr.records import ClientInfo
 from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
@@ -110,6 +111,7 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     clients = discover_clients(grid, nodes, info.num_classes, straggler=Straggler.of(cfg),
                               max_bytes=reply_limit(cfg))
     check_min_replies(cfg, len(clients))
+    bounded = bound_declared_counts(cfg, clients, results)
     if dpm.enabled(cfg.values):
         problem = dpm.check_delta(cfg.dp_delta, [c.num_examples for c in clients.values()])
         if problem:
@@ -143,8 +145,24 @@ def setup(grid: Grid, context: Context) -> ServerContext:
             len(val_y))
     log(INFO, "[mosaic-flwr] results -> %s", out)
     return ServerContext(cfg=cfg, grid=grid, device=device, test_x=test_x,
-                         test_y=test_y, results=results, num_nodes=len(clients), clients=clients,
+                         test_y=test_y, results=results, num_nodes=len(clients), clients=clients, bounded=bounded,
                          resume_state=resume_state, init_state=init_state, val_x=val_x, val_y=val_y)
+
+
+def bound_declared_counts(cfg: Config, clients: dict, results) -> dict:
+    """The label counts each client is weighted by (``count-clip``), logged where they are
+    not the declared ones and recorded in ``summary.json`` (``count-clipped``)."""
+    bounded = bound_counts({n: c.label_counts for n, c in clients.items()}, cfg.count_clip)
+    clipped = {}
+    for node, counts in bounded.items():
+        info = clients[node]
+        if counts is not info.label_counts:
+            clipped[str(info.partition_id)] = {"declared": info.num_examples, "weighted-as": int(counts.sum())}
+            log(WARNING, "[robust] node %s (partition %s) declares %d examples, more than count-clip (%g) x "
+                "the median client's: weighted as %d", node, info.partition_id, info.num_examples,
+                cfg.count_clip, int(counts.sum()))
+    results.extra["count-clipped"] = clipped
+    return bounded
 
 
 def resume_checkpoint(cfg: Config) -> dict:

@@ -143,6 +143,19 @@ def reply_size_limit(cfg: Config) -> None:
         assert dropped == (reply_bytes(reply) > limit) and (dropped or size <= limit), size
 
 
+def count_bound(cfg: Config) -> None:
+    """``count-clip``: no client is weighted as more than that many median clients."""
+    from mosaic_flwr.mosaic.robust import bound_counts
+    counts = {i: torch.tensor([10 * (i + 1), i]) for i in range(5)}
+    counts[9] = torch.tensor([10**12, 10**12])
+    out = bound_counts(counts, cfg.count_clip)
+    median = 37.5  # totals 10, 21, 32, 43, 54 and 2e12: the mean of the two middle ones
+    for k, c in out.items():
+        assert c.dtype == torch.long and (c >= 0).all() and ((c > 0) == (counts[k] > 0)).all()
+        if cfg.count_clip:
+            assert c.sum() <= max(cfg.count_clip * median, int((counts[k] > 0).sum()))
+
+
 def seeds(cfg: Config) -> None:
     data_partition(cfg)
     initial_model(cfg)
@@ -493,6 +506,7 @@ ROWS: dict[str, Row] = {
     "straggler-quorum": Row([JUST_ABOVE_0, 1.0], [0.0, 1.1], straggler_deadline),
     "straggler-factor": Row([JUST_ABOVE_0, 1e6], [0.0, float("inf")], straggler_deadline),
     "straggler-floor": Row([0.0, 1e9], [-1.0, float("inf")], straggler_deadline),
+    "count-clip": Row([0.0, 1.0, 1e6], [0.5, -1.0, float("inf")], count_bound),
     "reply-max-mb": Row([2**-20, 1.0, 1e6], [0.0, -1.0, float("inf")], reply_size_limit),
     "round-retries": Row([0, 2], [-1], sampling),
     "local-epochs": Row([1, 3], [-1, 0], local_training, {"local-steps": 0}),   # 0: no work at all

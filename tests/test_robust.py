@@ -55,6 +55,18 @@ def test_cap_shares_properties_on_random_weights():
             assert torch.allclose(out[w > 0], torch.full((m,), 1 / m, dtype=D))
 
 
+def test_bound_counts_weights_a_client_as_at_most_factor_median_clients():
+    from mosaic_flwr.mosaic.robust import bound_counts
+    counts = {1: torch.tensor([50, 50, 0]), 2: torch.tensor([0, 100, 0]), 3: torch.tensor([30, 0, 90]),
+              4: torch.tensor([9000, 1, 999])}  # totals 100, 100, 120, 10000: median 110
+    out = bound_counts(counts, 4.0)
+    assert all(out[k] is counts[k] for k in (1, 2, 3))  # at most 4 x 110: unchanged
+    assert out[4].tolist() == [396, 1, 43] and out[4].sum() <= 440  # 9000 x 0.044 = 396; a held class keeps 1
+    assert bound_counts(counts, 0.0) == counts
+    with pytest.raises(ValueError, match="count-clip"):
+        bound_counts(counts, 0.5)
+
+
 @pytest.mark.parametrize("weights, share, match", [
     ([1, -1], 0.5, "weights"), ([0, 0], 0.5, "weights"), ([1, float("nan")], 0.5, "weights"),
     ([1, 1], 0.0, "max-client-share"), ([1, 1], 1.5, "max-client-share"),
@@ -208,12 +220,14 @@ def _relative_distance(a: dict, b: dict) -> float:
     return float(diff / torch.cat([b[k].flatten() for k in keys]).norm())
 
 
-@pytest.mark.parametrize("aggregation", ["mean", "median"])
-def test_a_client_with_inflated_counts_owns_the_mean_experts_but_not_the_robust_ones(tmp_path, monkeypatch,
-                                                                                      aggregation):
+@pytest.mark.parametrize("aggregation,count_clip", [("mean", 0.0), ("mean", 4.0), ("median", 4.0)])
+def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_path, monkeypatch,
+                                                                             aggregation, count_clip):
     """Partition 0 declares 1000x its counts at discovery and in its replies (consistently:
-    today's checks pass) and sends random weights. With the mean it owns every class expert
-    of the classes it holds, the teacher and the global model; with the median it owns none.
+    the checks pass) and sends random weights. Without a bound (``count-clip=0``) the mean
+    gives it every class expert of the classes it holds, the teacher and the global model.
+    With the default ``count-clip=4`` it is weighted as 4 median clients: in no class expert
+    that another client also holds does it reach 99 %. With the median it owns none.
     (On this tiny schedule the distilled model itself is at chance even in a clean run: its
     generators train for 20 steps; the teacher scores 1.0 clean.)"""
     from bench.attack import inflating_attacker
@@ -235,19 +249,30 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_but_not_the_robust_
     # The teacher is the plain expert ensemble (no meta model): what the experts are worth.
     out = run_inprocess(tmp_path, num_nodes=4, grid_options={"hook": hook}, aggregation=aggregation,
                         **{**TINY_MOSAIC, "num-server-rounds": 2, "gen-steps": 5, "kd-steps": 2,
-                           "mosaic-meta": False})["dir"]
+                           "mosaic-meta": False, "count-clip": count_clip})["dir"]
     state = load_checkpoint(out)
     assert state["round"] == 2 and all(r.get("rejected", 0) == 0 for r in _rows(out))  # the lie passed
+    summary = json.loads((out / "summary.json").read_text())
     declared = torch.tensor(hook.declared, dtype=torch.float64)
+    if count_clip:  # weighted as count_clip x the median declared total, logged in summary.json
+        totals = sorted(float(a["num-examples"]) for a in summary["assignment"])
+        median = (totals[1] + totals[2]) / 2
+        weighted = summary["count-clipped"]["0"]["weighted-as"]
+        assert summary["count-clipped"]["0"]["declared"] == int(declared.sum())
+        assert count_clip * median - 10 <= weighted <= count_clip * median
+        declared = torch.where(declared > 0, torch.floor(declared * (count_clip * median / declared.sum())).clamp_min(1), 0)
     share = declared / seen["counts"]["cnn_small"].double()  # its weight in expert k
     held, owned = torch.nonzero(declared > 0).flatten().tolist(), torch.nonzero(share > 0.99).flatten().tolist()
-    assert len(owned) >= len(held) / 2  # 1000 x (a class's count) outweighs the other clients' counts
     experts = seen["experts"]["cnn_small"]
     distance = {k: _relative_distance(experts[k], hook.sent[2]) for k in held}
-    report = json.loads((out / "summary.json").read_text())["distillation"]
-    if aggregation == "mean":
+    report = summary["distillation"]
+    if count_clip == 0:
+        assert len(owned) >= len(held) / 2  # 1000 x (a class's count) outweighs the other clients' counts
         assert max(distance[k] for k in owned) < 0.05   # those experts are the liar's model
         assert report["acc-teacher"] < 0.2 and report["acc-before-distill"] < 0.2
+    elif aggregation == "mean":
+        shared = [k for k in held if seen["counts"]["cnn_small"][k] > declared[k]]  # another client holds k
+        assert shared and all(share[k] < 0.99 for k in shared), share
     else:
         assert min(distance.values()) > 0.5            # no expert is the liar's model
         assert report["acc-teacher"] > 0.6 and report["acc-before-distill"] > 0.6

@@ -17,6 +17,30 @@ import torch
 RULES = ("median", "trimmed-mean")
 
 
+def bound_counts(counts: dict[int, torch.Tensor], factor: float) -> dict[int, torch.Tensor]:
+    """The label counts each client is weighted by (``count-clip``): a client declaring more
+    examples in total than ``factor`` times the median total over the clients has its counts
+    scaled down to that (rounded down, a class it holds keeps at least 1); the others are
+    unchanged. A consistent liar's declared counts then give it at most ``factor`` median
+    clients' weight in every count-weighted mean, draw and ranking. ``factor`` 0: no bound."""
+    if factor == 0 or not counts:
+        return dict(counts)
+    if factor < 1:
+        raise ValueError(f"count-clip: must be 0 (no bound) or >= 1, got {factor}")
+    totals = torch.tensor([float(c.sum()) for c in counts.values()], dtype=torch.float64)
+    cap = factor * float(totals.median(0).values if len(totals) % 2 else totals.sort().values[
+        len(totals) // 2 - 1: len(totals) // 2 + 1].mean())
+    out = {}
+    for key, c in counts.items():
+        total = float(c.sum())
+        if total <= cap:
+            out[key] = c
+            continue
+        scaled = torch.floor(c.double() * (cap / total)).long()
+        out[key] = torch.where(c > 0, scaled.clamp_min(1), torch.zeros_like(scaled))
+    return out
+
+
 def _check(rule: str, trim: float) -> None:
     if rule not in RULES:
         raise ValueError(f"aggregation: unknown rule {rule!r}; allowed: {list(RULES)}")

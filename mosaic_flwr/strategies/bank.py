@@ -305,10 +305,11 @@ class BankStrategy(FedAvg):
         if problem:
             return None, problem
         metrics = msg.content.metric_records[METRICS]
-        weight = float(metrics[NUM_EXAMPLES])
-        problem = self.sc.declared_problem(msg.metadata.src_node_id, int(weight))
+        node = msg.metadata.src_node_id
+        problem = self.sc.declared_problem(node, int(metrics[NUM_EXAMPLES]))
         if problem:
             return None, problem
+        weight = float(self.sc.counts_of(node, torch.tensor([int(metrics[NUM_EXAMPLES])])).sum())  # count-clip
         return (state, weight, float(metrics.get("train-loss", 0.0))), None
 
     def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -407,8 +408,8 @@ class BankStrategy(FedAvg):
                     content[f"candidate-{name}.{f}"] = record(name, arch if arch is not None and arch.model == f
                                                               else Arch(f))
             messages.append(Message(content, dst_node_id=nid, message_type="evaluate"))
-        correct: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(names, 0))
-        examples: dict[str, int] = defaultdict(int)
+        correct: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(names, 0.0))
+        examples: dict[str, float] = defaultdict(float)
         for msg in stream_replies(sc.grid, messages, self.cfg.round_timeout, f"evaluate (round {server_round})",
                                   straggler=Straggler.of(self.cfg), max_bytes=reply_limit(self.cfg)):
             node = msg.metadata.src_node_id
@@ -421,10 +422,13 @@ class BankStrategy(FedAvg):
             if problem:
                 log(WARNING, "Evaluation reply from %s left out: %s", sc.describe([node]), problem)
                 continue
+            n = counts[NUM_EXAMPLES]
+            info = sc.clients.get(node)
+            scale = 1.0 if info is None else float(sc.counts_of(node, info.label_counts).sum()) / n  # count-clip
             for f in (families if across else [arch.model]):
-                examples[f] += counts[NUM_EXAMPLES]
+                examples[f] += n * scale
                 for name in names:
-                    correct[f][name] += counts[f"{name}.{f}" if across else name]
+                    correct[f][name] += counts[f"{name}.{f}" if across else name] * scale
         return {f: {name: correct[f][name] / n for name in names} for f, n in examples.items() if n > 0}
 
     def evaluate_arch(self, arch: Arch, state: StateDict | None = None,

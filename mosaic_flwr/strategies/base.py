@@ -34,6 +34,8 @@ class ServerContext:
     results: RunResults
     num_nodes: int
     clients: dict[int, ClientInfo] = field(default_factory=dict)   # node id -> what it reported
+    # node id -> the label counts it is weighted by (``count-clip``; its declared ones where absent)
+    bounded: dict[int, torch.Tensor] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)  # last round's, for the log
     resume_state: dict[str, Any] | None = None   # a checkpoint to continue from (``resume``)
     resumed_after: int | None = None             # its round (kept once the checkpoint is dropped)
@@ -74,6 +76,11 @@ class ServerContext:
         if label_counts is not None and not torch.equal(label_counts.long(), info.label_counts):
             return "label counts differ from those the client declared at discovery"
         return None
+
+    def counts_of(self, node_id: int, declared: torch.Tensor) -> torch.Tensor:
+        """The label counts a node's reply is weighted by: its declared counts, bounded by
+        ``count-clip`` (``bounded``); ``declared`` where discovery did not run (unit tests)."""
+        return self.bounded.get(node_id, declared)
 
     def train_config(self, **overrides: Any) -> ConfigRecord:
         """The client-side training hyper-parameters for a round."""

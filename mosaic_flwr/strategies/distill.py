@@ -213,7 +213,8 @@ class DistillStrategy(BankStrategy):
                 return None, problem
             info = self.sc.clients.get(node)
             state, weight, loss = payload
-            return ClientModel(node, arch, state, weight, loss, None if info is None else info.label_counts), None
+            counts = None if info is None else self.sc.counts_of(node, info.label_counts)
+            return ClientModel(node, arch, state, weight, loss, counts), None
         distill = self.expects_upload(server_round, node)
         reply, problem = decode_mosaic_reply(
             msg, self.template(arch), num_classes=self.info.num_classes,
@@ -226,7 +227,10 @@ class DistillStrategy(BankStrategy):
         problem = self.sc.declared_problem(reply.node_id, reply.num_examples, reply.label_counts)
         if problem:
             return None, problem
-        return ClientModel(reply.node_id, arch, reply.state, float(reply.num_examples),
+        # from here on the counts it is weighted by (count-clip): experts, bank, draws, family mix
+        reply.declared_counts, reply.label_counts = reply.label_counts, self.sc.counts_of(reply.node_id,
+                                                                                          reply.label_counts)
+        return ClientModel(reply.node_id, arch, reply.state, float(reply.label_counts.sum()),
                            float(reply.metrics.get("train-loss", 0.0)), reply.label_counts, reply), None
 
     def streams(self, server_round: int) -> bool:
@@ -540,7 +544,8 @@ class DistillStrategy(BankStrategy):
         pid = self.sc.partition_of(r.node_id)
         if problem:
             log(WARNING, "[privacy] client %s: audit figures rejected: %s", pid, problem)
-        return {**client_entry(pid, r.label_counts, figures, r.metrics.get(CLIENT_SECONDS), problem),
+        declared = r.label_counts if r.declared_counts is None else r.declared_counts
+        return {**client_entry(pid, declared, figures, r.metrics.get(CLIENT_SECONDS), problem),
                 "round": server_round}
 
     def earlier_audits(self) -> list[dict]:
