@@ -10,6 +10,7 @@ bounds the normalised weight any one client can claim with inflated counts.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 import torch
@@ -27,9 +28,7 @@ def bound_counts(counts: dict[int, torch.Tensor], factor: float) -> dict[int, to
         return dict(counts)
     if factor < 1:
         raise ValueError(f"count-clip: must be 0 (no bound) or >= 1, got {factor}")
-    totals = torch.tensor([float(c.sum()) for c in counts.values()], dtype=torch.float64)
-    cap = factor * float(totals.median(0).values if len(totals) % 2 else totals.sort().values[
-        len(totals) // 2 - 1: len(totals) // 2 + 1].mean())
+    cap = factor * statistics.median(float(c.sum()) for c in counts.values())
     out = {}
     for key, c in counts.items():
         total = float(c.sum())
