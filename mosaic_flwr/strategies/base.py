@@ -125,7 +125,6 @@ def oversized(msg: Message, max_bytes: int | None, label: str) -> Message:
     return Message(error=Error(code=REPLY_TOO_LARGE, reason=reason), metadata=msg.metadata)
 
 
-
 class Straggler(NamedTuple):
     """When the last replies of a call stop being waited for (``straggler-*`` settings):
     once ``quorum`` of the replies are in, the rest get ``factor`` times the median time the
