@@ -255,6 +255,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "distill-momentum": (float, _or_minus_one(_closed_unit)),
     "distill-weight-decay": (float, _or_minus_one(_non_negative_finite)),
     "distill-gate": (str, _choice("off", "clients", "validation")),
+    "gate-statistic": (str, _choice("pooled", "median")),
     # --- many clients: Mosaic's collection rounds and the bounded generator bank
     "collect-rounds": (int, _positive),
     "generator-bank-size": (int, _non_negative),

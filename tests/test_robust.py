@@ -310,3 +310,29 @@ def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_
     assert torch.equal(w1[:16], torch.full_like(w1[:16], 1.5))   # class 1: holders 101, 102
     assert torch.equal(w1[16:], torch.full_like(w1[16:], 1.0))   # only 101 holds these rows
     assert experts[2] is experts[3]                              # nobody holds 2..9: one shared expert
+
+
+@pytest.mark.slow
+def test_the_median_gate_gives_a_client_that_forges_its_scores_one_vote(tmp_path):
+    """``bench/liar_client.py`` (partition 0: 1000x counts, random weights, and gate scores that
+    say the distilled model is right everywhere and the old one nowhere) among 5 clients. The
+    pooled gate reads the forged 100 % with the liar's (count-clip bounded) weight; the median
+    of the clients' own accuracies hears it as one client of five."""
+    from flwr.app import Context, RecordDict
+
+    from bench.liar_client import app as liar_app
+    from mosaic_flwr.config import load_defaults
+    from mosaic_flwr.inprocess import InProcessGrid
+    from server_app.app import main as server_main
+    from tests.test_e2e_quick import TINY
+
+    after = {}
+    for statistic in ("pooled", "median"):
+        rc = {**load_defaults(), **TINY, "strategy": "mosaic", "distill-gate": "clients", "gate-rounds": 0,
+              "gate-statistic": statistic, "output-dir": str(tmp_path / statistic), "run-name": "r"}
+        server_main(InProcessGrid(liar_app, rc, 5),
+                    Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc))
+        report = json.loads((tmp_path / statistic / "r" / "summary.json").read_text())["distillation"]
+        after[statistic] = report["gate-after"]
+    # the liar's forged 1.0 pulls the pooled score up by at least a third of its bounded share
+    assert after["pooled"] > after["median"] + 0.2, after

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -372,8 +373,11 @@ class BankStrategy(FedAvg):
                         ) -> dict[str, dict[str, float]]:
         """Federated evaluation of candidate global models on the clients' own data (message
         ``evaluate``; only counts of correct predictions leave a client). Returns
-        ``family -> name -> accuracy`` (examples-weighted over the clients that scored the
-        family's candidates validly; families nobody scored are absent).
+        ``family -> name -> accuracy`` over the clients that scored the family's candidates
+        validly (families nobody scored are absent): ``gate-statistic='pooled'`` their pooled
+        accuracy, each client weighted by its examples (bounded by ``count-clip``);
+        ``'median'`` the median of the clients' own accuracies, one vote each, so a minority
+        cannot move it with forged counts or scores.
 
         With one model family every connected client receives that family's model (the
         fixed slice for a width below 1) of each candidate (``name -> family -> state``).
@@ -410,6 +414,7 @@ class BankStrategy(FedAvg):
             messages.append(Message(content, dst_node_id=nid, message_type="evaluate"))
         correct: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(names, 0.0))
         examples: dict[str, float] = defaultdict(float)
+        per_client: dict[str, dict[str, list[float]]] = defaultdict(lambda: {name: [] for name in names})
         for msg in stream_replies(sc.grid, messages, self.cfg.round_timeout, f"evaluate (round {server_round})",
                                   straggler=Straggler.of(self.cfg), max_bytes=reply_limit(self.cfg)):
             node = msg.metadata.src_node_id
@@ -428,7 +433,11 @@ class BankStrategy(FedAvg):
             for f in (families if across else [arch.model]):
                 examples[f] += n * scale
                 for name in names:
-                    correct[f][name] += counts[f"{name}.{f}" if across else name] * scale
+                    right = counts[f"{name}.{f}" if across else name]
+                    correct[f][name] += right * scale
+                    per_client[f][name].append(right / n)
+        if self.cfg.gate_statistic == "median":  # each client one vote, whatever it declares or forges
+            return {f: {name: statistics.median(per_client[f][name]) for name in names} for f in per_client}
         return {f: {name: correct[f][name] / n for name in names} for f, n in examples.items() if n > 0}
 
     def evaluate_arch(self, arch: Arch, state: StateDict | None = None,
