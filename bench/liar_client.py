@@ -62,22 +62,17 @@ def _lie(reply: Message) -> Message:
     return reply
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    reply = honest.query(msg, context)
-    return _lie(reply) if _is_liar(context) else reply
+def _lying(handler):
+    """``handler``, whose reply the liar's node falsifies (``_lie``)."""
+    def lying(msg: Message, context: Context) -> Message:
+        reply = handler(msg, context)
+        return _lie(reply) if _is_liar(context) else reply
+    return lying
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    reply = honest.train(msg, context)
-    return _lie(reply) if _is_liar(context) else reply
-
-
-@app.train("mosaic")
-def train_mosaic(msg: Message, context: Context) -> Message:
-    reply = honest.train_mosaic(msg, context)
-    return _lie(reply) if _is_liar(context) else reply
+for register, handler in ((app.query(), honest.query), (app.train(), honest.train),
+                          (app.train("mosaic"), honest.train_mosaic)):
+    register(_lying(handler))
 
 
 @app.evaluate()

@@ -223,8 +223,8 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "finetune-lr": (float, _positive),
     "lr-schedule": (str, _choice("auto", "constant", "step")),
     "mosaic-meta": (bool, None),
-    "privacy-audit": (bool, None),
-    "dp-audit": (bool, None),  # under DP clients audit only with this, and keep the figures  # clients audit their uploads at the distillation round (privacy.json)
+    "privacy-audit": (bool, None),  # clients audit their uploads at the distillation round (privacy.json)
+    "dp-audit": (bool, None),  # under DP clients audit only with this, and keep the figures
     "proto-k": (int, _positive),
     "proto-min-records": (int, _positive),
     "gen-steps": (int, _positive),

@@ -75,6 +75,12 @@ def number_problem(value, *, integer: bool = False, low: float | None = None) ->
 NPY_HEADER = 1024  # bytes an Array's serialised data may hold beyond its values (the .npy header)
 
 
+def more_bytes_than(array, numel: int, itemsize: int = 8) -> bool:
+    """Whether an Array's serialised data is larger than ``numel`` values of ``itemsize``
+    bytes and a .npy header: read before it is decoded."""
+    return len(array.data) > numel * itemsize + NPY_HEADER
+
+
 def _value_bytes(value) -> int:
     if isinstance(value, (str, bytes)):
         return len(value)
@@ -113,7 +119,7 @@ def record_problem(record: ArrayRecord, template: Mapping[str, torch.Tensor]) ->
             return f"{key}: shape {tuple(array.shape)}, expected {tuple(ref.shape)}"
         if f"torch.{array.dtype}" != str(ref.dtype):
             return f"{key}: dtype torch.{array.dtype}, expected {ref.dtype}"
-        if len(array.data) > ref.numel() * ref.element_size() + NPY_HEADER:
+        if more_bytes_than(array, ref.numel(), ref.element_size()):
             return f"{key}: {len(array.data)} bytes for {ref.numel()} values"
     return None
 
@@ -222,8 +228,7 @@ def decode_logits_reply(msg: Message, *, num_models: int, num_classes: int, max_
             or tuple(record["labels"].shape) != shape[:1]:
         return None, (f"logits {record['logits'].dtype}, labels {record['labels'].dtype} "
                       f"{list(record['labels'].shape)}: expected float logits and int64 labels [{shape[0]}]")
-    if len(record["logits"].data) > math.prod(shape) * 8 + NPY_HEADER \
-            or len(record["labels"].data) > shape[0] * 8 + NPY_HEADER:
+    if more_bytes_than(record["logits"], math.prod(shape)) or more_bytes_than(record["labels"], shape[0]):
         return None, f"{META_LOGITS}: more bytes than their shapes hold"
     try:
         got = record_to_state(record)
@@ -308,8 +313,7 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
             return None, f"prototypes: shape {shape}, expected [M, {feature_dim}]"
         if max_prototypes is not None and shape[0] > max_prototypes:
             return None, f"prototypes: {shape[0]} of them, at most {max_prototypes} expected"
-        if len(arrays["features"].data) > shape[0] * feature_dim * 8 + NPY_HEADER \
-                or len(arrays["labels"].data) > shape[0] * 8 + NPY_HEADER:
+        if more_bytes_than(arrays["features"], shape[0] * feature_dim) or more_bytes_than(arrays["labels"], shape[0]):
             return None, "prototypes: more bytes than their shapes hold"
         try:
             rec = record_to_state(arrays)

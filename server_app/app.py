@@ -156,7 +156,7 @@ def bound_declared_counts(cfg: Config, clients: dict, results) -> dict:
     clipped = {}
     for node, counts in bounded.items():
         info = clients[node]
-        if counts is not info.label_counts:
+        if not torch.equal(counts, info.label_counts):
             clipped[str(info.partition_id)] = {"declared": info.num_examples, "weighted-as": int(counts.sum())}
             log(WARNING, "[robust] node %s (partition %s) declares %d examples, more than count-clip (%g) x "
                 "the median client's: weighted as %d", node, info.partition_id, info.num_examples,

@@ -349,7 +349,7 @@ def test_tiny_mosaic_run_with_dp_reports_epsilon(tmp_path, caplog):
 
 
 def test_the_audit_is_off_under_dp_unless_asked_for():
-    from mosaic_flwr.strategies.distill import audits
+    audits = dpm.audits
     dp = {"dp-epsilon": 1.0, "distill-gate": "off"}
     assert audits(build_config({}).values) and not audits(build_config({"privacy-audit": False}).values)
     assert not audits(build_config(dp).values)

@@ -98,6 +98,12 @@ def enabled(values: Mapping[str, Any]) -> bool:
     return (0 < eps < math.inf) or float(values["dp-noise-multiplier"]) > 0
 
 
+def audits(values: Mapping[str, Any]) -> bool:
+    """Whether clients audit their uploads (``privacy-audit``): under DP only with ``dp-audit``,
+    and then the figures stay in the client's log (they are not covered by ``dp-epsilon``)."""
+    return bool(values["privacy-audit"]) and (not enabled(values) or bool(values["dp-audit"]))
+
+
 def dp_settings(values: Mapping[str, Any]) -> DPSettings | None:
     """The run's ``DPSettings`` from config values (keys as in the run config), or None when off."""
     if not enabled(values):

@@ -310,7 +310,7 @@ class BankStrategy(FedAvg):
         problem = self.sc.declared_problem(node, int(metrics[NUM_EXAMPLES]))
         if problem:
             return None, problem
-        weight = float(self.sc.counts_of(node, torch.tensor([int(metrics[NUM_EXAMPLES])])).sum())  # count-clip
+        weight = self.sc.weight_of(node, int(metrics[NUM_EXAMPLES]))  # count-clip
         return (state, weight, float(metrics.get("train-loss", 0.0))), None
 
     def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -428,8 +428,7 @@ class BankStrategy(FedAvg):
                 log(WARNING, "Evaluation reply from %s left out: %s", sc.describe([node]), problem)
                 continue
             n = counts[NUM_EXAMPLES]
-            info = sc.clients.get(node)
-            scale = 1.0 if info is None else float(sc.counts_of(node, info.label_counts).sum()) / n  # count-clip
+            scale = sc.weight_of(node, n) / n  # count-clip
             for f in (families if across else [arch.model]):
                 examples[f] += n * scale
                 for name in names:

@@ -82,6 +82,12 @@ class ServerContext:
         ``count-clip`` (``bounded``); ``declared`` where discovery did not run (unit tests)."""
         return self.bounded.get(node_id, declared)
 
+    def weight_of(self, node_id: int, num_examples: int) -> float:
+        """The example count a node's reply is weighted by (``counts_of``'s total;
+        ``num_examples``, the declared one, where discovery did not run)."""
+        bounded = self.bounded.get(node_id)
+        return float(num_examples if bounded is None else bounded.sum())
+
     def train_config(self, **overrides: Any) -> ConfigRecord:
         """The client-side training hyper-parameters for a round."""
         c = self.cfg

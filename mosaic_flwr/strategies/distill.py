@@ -49,6 +49,7 @@ from ..mosaic.experts import StackedExperts
 from ..mosaic.moe import GeneratorSampler, teacher_logits
 from ..mosaic.training import logits_metrics
 from ..records import CLIENT_SECONDS, WORK_KEYS, MosaicReply, decode_mosaic_reply, state_to_record
+from ..privacy import dp as dpm
 from ..privacy.audit import validate_figures
 from ..privacy.report import THRESHOLDS, client_entry, plot_privacy, summarise, summary_line
 from ..results import save_generator_grid, write_json
@@ -82,13 +83,6 @@ class Source:
     sample: Sample
     check: tuple[Tensor, Tensor] | None = None
     name: str = "synthetic"
-
-
-def audits(values) -> bool:
-    """Whether clients audit their uploads (``privacy-audit``): under DP only with ``dp-audit``,
-    and then the figures stay in the client's log (they are not covered by ``dp-epsilon``)."""
-    from ..privacy import dp as dpm
-    return bool(values["privacy-audit"]) and (not dpm.enabled(values) or bool(values["dp-audit"]))
 
 
 class DistillStrategy(BankStrategy):
@@ -194,7 +188,7 @@ class DistillStrategy(BankStrategy):
         whether to audit them (``privacy-audit``)."""
         c = self.cfg
         return {"proto-k": self.proto_k(), "proto-min-records": c.proto_min_records,
-                "privacy-audit": audits(c.values), "gen-steps": c.gen_steps,
+                "privacy-audit": dpm.audits(c.values), "gen-steps": c.gen_steps,
                 "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
                 "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight}
 
