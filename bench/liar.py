@@ -11,7 +11,8 @@ lying ClientApp copied in as ``client_app/liar.py`` and named the app's ``client
     .venv/bin/python bench/liar.py run [--alpha 0.1] [--seed 42]   # resumes: finished cells are kept
     .venv/bin/python bench/liar.py report
 
-Cells: clean / attacked x old defaults (``count-clip=0 proto-min-records=1``) / new defaults.
+Cells: clean / attacked x old defaults (``count-clip=0 proto-min-records=1``) / new defaults /
+robust settings (the new defaults with ``aggregation='median' gate-statistic='median'``).
 Runs under /work/bench-runs/liar (outside git); the table goes to bench/results/liar.{md,json}.
 """
 
@@ -30,12 +31,16 @@ from bench.common import header_lines, provenance, write_results  # noqa: E402
 
 RUNS = Path("/work/bench-runs/liar")
 OLD = "count-clip=0.0 proto-min-records=1"
+ROBUST = "aggregation='median' gate-statistic='median'"
 CELLS = {  # name -> (app, extra run config)
     "clean, old defaults": ("honest", OLD),
     "attacked, old defaults": ("liar", OLD),
     "attacked, new defaults": ("liar", ""),
     "clean, new defaults": ("honest", ""),
+    "attacked, robust settings": ("liar", ROBUST),
+    "clean, robust settings": ("honest", ROBUST),
 }
+CORE = list(CELLS)[:4]
 
 
 def tree(kind: str, commit: str) -> Path:
@@ -61,7 +66,8 @@ def cell_dir(name: str, alpha: float, seed: int) -> Path:
 def run(args) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.strip()
-    for name, (kind, extra) in CELLS.items():
+    for name in args.cells or CELLS:
+        kind, extra = CELLS[name]
         out = cell_dir(name, args.alpha, args.seed)
         if (out / "run" / "summary.json").exists():
             print(f"[liar] {name}: done, kept", flush=True)
@@ -116,6 +122,8 @@ def main() -> None:
     ap.add_argument("command", choices=("run", "report"))
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--cells", nargs="+", choices=list(CELLS), metavar="CELL",
+                    help=f"run only these cells (default all: {', '.join(CELLS)})")
     args = ap.parse_args()
     (run if args.command == "run" else report)(args)
 
