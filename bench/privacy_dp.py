@@ -1,15 +1,15 @@
 """The privacy / accuracy trade-off of Mosaic's differential privacy (README "Differential privacy").
 
-Mosaic on Fashion-MNIST, 10 clients, Dirichlet alpha = 0.1, the default schedule, at a total
-per-client epsilon of about inf (no DP), 8 and 1 (delta 1e-5): final accuracy, the accuracy
-before and after distillation, what the distillation gate decided, the epsilon each client
-spent (composed by the accountant), the clients' generator time with and without DP, and
-the privacy audit's figures (``privacy-audit``).
+Mosaic on Fashion-MNIST, 10 clients, Dirichlet alpha = 0.1, the default schedule with the
+clients' gate, at a total per-client epsilon (``dp-epsilon``) of inf (no DP), 8 and 1 (delta
+1e-5): final accuracy, the accuracy before and after distillation, what the gate decided on
+the clients' noisy scores, the epsilon each client spent (composed by the accountant, and
+as its privacy ledger wrote it), and the clients' generator time with and without DP.
 
 The real ServerApp and ClientApp on an in-process grid (clients one at a time, one torch
 thread), one run per process::
 
-    nice -n 5 python bench/privacy_dp.py run --level inf    # then 8, then 1
+    python bench/privacy_dp.py run --level inf    # then 8, then 1
     python bench/privacy_dp.py report                        # bench/results/privacy-dp.{md,json}
 
 ``--set "key=value ..."`` adds run-config overrides (e.g. a shorter schedule).
@@ -29,17 +29,17 @@ if str(ROOT) not in sys.path:
 
 from bench.common import RESULTS, RUNS, git_commit, git_dirty, loadavg, machine  # noqa: E402
 
-OUT = RUNS / "privacy-dp"
-# level -> the dp-* settings: the generator's target, the prototypes' and the counts' own
-# epsilons, chosen so that the composed total is close to the level (the report gives it).
-# The clients' gate is refused under DP (it releases exact accuracies on private data that
-# dp-epsilon does not cover): every level runs with the gate off, so they compare alike.
+OUT = RUNS / "privacy-dp-total"
+# level -> the dp-* settings: dp-epsilon is each client's total; the prototypes', counts' and
+# gate scores' own epsilons are carved out of it and the generator gets the rest. Every level
+# runs the clients' gate (under DP on noisy scores, in the plan). The audit is off under DP
+# (its figures are not covered), so it is off at inf too: the levels compare alike.
 LEVELS = {
-    "inf": {"distill-gate": "off"},
-    "8": {"dp-epsilon": 7.8, "dp-proto-epsilon": 1.0, "dp-count-epsilon": 0.5, "distill-gate": "off"},
-    "1": {"dp-epsilon": 0.8, "dp-proto-epsilon": 0.5, "dp-count-epsilon": 0.25, "distill-gate": "off"},
+    "inf": {},
+    "8": {"dp-epsilon": 8.0, "dp-proto-epsilon": 1.0, "dp-count-epsilon": 0.5, "dp-gate-epsilon": 0.5},
+    "1": {"dp-epsilon": 1.0, "dp-proto-epsilon": 0.5, "dp-count-epsilon": 0.25, "dp-gate-epsilon": 0.25},
 }
-BASE = {"dataset": "fmnist", "alpha": 0.1, "strategy": "mosaic", "seed": 42,
+BASE = {"dataset": "fmnist", "alpha": 0.1, "strategy": "mosaic", "seed": 42, "privacy-audit": False,
         "client-threads": 1, "server-threads": 1, "checkpoint": False}
 
 
@@ -84,8 +84,8 @@ def timing(steps: int, reps: int) -> dict:
     cfg = build_config({**BASE, **LEVELS["8"]})
     info = dataset_info("fmnist")
     x, y = client_data(cfg, 0, 10)
-    q = cfg.gen_batch_size / len(y)
-    sigma = dpm.sgd_sigma(cfg.dp_epsilon, cfg.dp_delta, q, cfg.gen_steps)
+    sigma, q, _ = dpm.generator_mechanism(dpm.dp_settings(cfg.values), len(y), cfg.gen_batch_size, cfg.gen_steps,
+                                          protos=True)
     out = {"clients-samples": len(y), "steps": steps, "batch": cfg.gen_batch_size, "sigma": sigma, "plain": [], "dp": [],
            "plain-cpu": [], "dp-cpu": []}
     for rep in range(reps):
@@ -128,6 +128,9 @@ def _row(level: str) -> dict | None:
         "dp": dp.get("enabled", False),
         "epsilon-max": max(eps) if eps else None, "epsilon-min": min(eps) if eps else None,
         "epsilon-generator-max": max((c["epsilon-generator"] for c in clients.values()), default=None),
+        "ledger-epsilon-max": max((c["ledger-epsilon"] for c in clients.values() if "ledger-epsilon" in c),
+                                  default=None),
+        "gate-before": dist.get("gate-before"), "gate-after": dist.get("gate-after"),
         "sigma-generator-range": ([min(c["sigma-generator"] for c in clients.values()),
                                    max(c["sigma-generator"] for c in clients.values())] if clients else None),
         "audit": {k: priv.get(k) for k in ("mia-auc-pixel-median", "mia-auc-pixel-max", "mia-auc-feature-median",
@@ -151,55 +154,49 @@ def report() -> None:
     (RESULTS / "privacy-dp.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Mosaic under differential privacy: the privacy / accuracy trade-off", "",
              "Fashion-MNIST, cnn_small, 10 clients, Dirichlet alpha = 0.1, seed 42, the default schedule "
-             "(6 warm-up rounds, distillation, 2 fine-tune rounds), delta = 1e-5, RDP accountant (Opacus). "
-             "In-process grid (`bench/privacy_dp.py`), clients one at a time, one torch thread, `nice -n 5`, "
-             "on the 2-core VM shared with other jobs (load averages below). One seed: differences of a "
-             "point or two are within run-to-run noise.", "",
-             "| level | DP settings (generator / prototypes / counts epsilon) | epsilon spent per client (max; min) "
-             "| generator sigma | final acc. | before -> after distillation | gate kept (final) "
+             "(6 warm-up rounds, distillation, 2 fine-tune rounds) with the clients' gate and its look-ahead, "
+             "delta = 1e-5, RDP accountant (Opacus), the privacy audit off at every level (under DP its figures "
+             "are not covered). `dp-epsilon` is each client's total: the counts', prototypes' and gate scores' "
+             "own epsilons are carved out of it and the generator's DP-SGD gets the rest; every release is "
+             "written in the client's privacy ledger first. In-process grid (`bench/privacy_dp.py`), clients "
+             "one at a time, one torch thread, on the 2-core VM shared with other jobs (load averages below). "
+             "One seed: differences of a point or two are within run-to-run noise.", "",
+             "| level | dp-epsilon (total) / prototypes / counts / gate scores | epsilon per client, planned "
+             "(max; min) | in the ledger after distillation (max) | generator sigma | final acc. "
+             "| before -> after distillation | gate: noisy clients' scores before / after | gate kept (final) "
              "| generator s / client | fidelity | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["overrides"]
         setting = ("off" if not r["dp"] else
-                   f"{o.get('dp-epsilon')} / {o.get('dp-proto-epsilon')} / {o.get('dp-count-epsilon')}")
+                   f"{o.get('dp-epsilon')} / {o.get('dp-proto-epsilon')} / {o.get('dp-count-epsilon')} / "
+                   f"{o.get('dp-gate-epsilon')}")
         sig = r["sigma-generator-range"]
         lines.append(
             f"| {r['level']} | {setting} | {_f(r['epsilon-max'], '{:.2f}')}; {_f(r['epsilon-min'], '{:.2f}')} "
+            f"| {_f(r.get('ledger-epsilon-max'), '{:.2f}')} "
             f"| {'-' if not sig else f'{sig[0]:.2f}-{sig[1]:.2f}'} | {_f(r['final_accuracy'])} "
             f"| {_f(r['acc-before-distill'])} -> {_f(r['acc-after-distill'])} "
+            f"| {_f(r.get('gate-before'))} / {_f(r.get('gate-after'))} "
             f"| {r['gate-kept']} ({r['gate-final-kept']}) | {_f(r['gen-seconds-mean'], '{:.1f}')} "
             f"| {_f(r['gen-fidelity-mean'], '{:.3f}')} | {r['wall_seconds']:.0f} |")
-    lines += ["", "Audit figures (`privacy-audit`, medians / extremes over clients; see the README's audit section):", "",
-              "| level | MIA AUC pixel (median, max) | MIA AUC feature (median, max) | DCR ratio pixel (median, min) "
-              "| DCR ratio feature (median, min) | near-copy excess pixel (max) | prototype NN ratio (median of min) "
-              "| significant MIAs pixel / feature |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        a = r["audit"]
-        lines.append(
-            f"| {r['level']} | {_f(a['mia-auc-pixel-median'], '{:.3f}')}, {_f(a['mia-auc-pixel-max'], '{:.3f}')} "
-            f"| {_f(a['mia-auc-feature-median'], '{:.3f}')}, {_f(a['mia-auc-feature-max'], '{:.3f}')} "
-            f"| {_f(a['dcr-ratio-pixel-median'], '{:.3f}')}, {_f(a['dcr-ratio-pixel-min'], '{:.3f}')} "
-            f"| {_f(a['dcr-ratio-feature-median'], '{:.3f}')}, {_f(a['dcr-ratio-feature-min'], '{:.3f}')} "
-            f"| {_f(a['near-copy-excess-pixel-max'], '{:.3f}')} | {_f(a['proto-nn-ratio-min-median'], '{:.2f}')} "
-            f"| {a['mia-significant-pixel']} / {a['mia-significant-feature']} |")
     tpath = RESULTS / "privacy-dp-timing.json"
     if tpath.is_file():
         t = json.loads(tpath.read_text())
         plain, dp = (sum(t[k]) / len(t[k]) * 1000 for k in ("plain", "dp"))
         pc, dc = (sum(t[k]) / len(t[k]) * 1000 for k in ("plain-cpu", "dp-cpu"))
         lines += ["", f"Time cost of DP-SGD in the generator, measured back to back in one process "
-                  f"(`bench/privacy_dp.py timing --steps {t['steps']} --reps {len(t['plain'])}`: client 0, "
-                  f"{t['clients-samples']} images, steps of {t['batch']}, sigma {t['sigma']:.2f}, load {t['load'][0]}): "
-                  f"CPU time {pc:.1f} ms/step without DP, {dc:.1f} ms/step with DP ({dc / pc:.2f}x); wall time "
-                  f"{plain:.1f} vs {dp:.1f} ms/step ({dp / plain:.2f}x; per repetition: plain "
+                  f"(`bench/privacy_dp.py timing --steps {t['steps']} --reps {len(t['plain'])}`, commit {t['commit']}: "
+                  f"client 0, {t['clients-samples']} images, steps of {t['batch']}, sigma {t['sigma']:.2f}, load "
+                  f"{t['load'][0]}): CPU time {pc:.1f} ms/step without DP, {dc:.1f} ms/step with DP ({dc / pc:.2f}x); "
+                  f"wall time {plain:.1f} vs {dp:.1f} ms/step ({dp / plain:.2f}x; per repetition: plain "
                   f"{', '.join(f'{v * 1000:.0f}' for v in t['plain'])}, DP {', '.join(f'{v * 1000:.0f}' for v in t['dp'])} ms)."]
     lines += ["", "Runs: " + "; ".join(f"{r['level']}: commit {r['commit']}{' (dirty)' if r['dirty'] else ''}, "
                                         f"load {r['load'][0][0]} -> {r['load'][1][0]}" for r in rows), ""]
-    lines += [("The three runs of 2 Dec 2026 recorded HEAD at their end as their commit (fixed since): they "
-               "started from fabfd9b (inf), 1944bed (8) and f9556c1 (1); between those and the commits named above "
-               "only bench/, tests/, README and (for inf, which runs no DP code) the accountant's caching and the "
-               "dp-* ranges changed."), ""]
+    lines += [("Before the privacy ledger (commit ccf5fbe and earlier) `dp-epsilon` was the generator's alone, "
+               "the clients' gate was refused under DP (its exact scores were not covered) and the audit's figures "
+               "were sent under DP; that table, with the audit figures at every level, is "
+               "`bench/results/privacy-dp.md` at ccf5fbe."), ""]
     (RESULTS / "privacy-dp.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

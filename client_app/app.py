@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -15,10 +15,11 @@ from flwr.common.logger import log
 from mosaic_flwr.config import Config, build_config, resolve_device
 from mosaic_flwr.data import dataset_info
 from mosaic_flwr.data.augment import augmenter
-from mosaic_flwr.mosaic.client import label_counts, mosaic_client_round
+from mosaic_flwr.mosaic.client import coarsen_counts, label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.prototypes import per_class_subset
 from mosaic_flwr.mosaic.training import predict_logits, restriction_scale, train_local
 from mosaic_flwr.privacy import dp as dpm
+from mosaic_flwr.privacy.ledger import BudgetExceeded, Ledger, ledger_name
 from mosaic_flwr.records import (ARRAYS, CLIENT_CPU_SECONDS, CLIENT_SECONDS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES,
                                  mosaic_payload, record_to_state, state_to_record)
 from mosaic_flwr.seeds import mix_seed
@@ -80,25 +81,51 @@ def _received(msg: Message, context: Context):
     return cfg, x, y, model, c, round_seed(cfg, int(c.get("server-round", 0)), pid)
 
 
-DP_COUNTS = "dp-noisy-counts"   # where a client keeps its noisy label counts (context.state)
+def client_ledger(cfg: Config, context: Context, y: torch.Tensor) -> Ledger | None:
+    """This client's privacy ledger under DP (``mosaic_flwr.privacy.ledger``; None without DP):
+    in the node config's ``ledger-dir`` (a deployed SuperNode's own folder, which the server
+    cannot change), else, in simulation, in a folder per Flower run under ``output-dir``."""
+    settings = dpm.dp_settings(cfg.values)
+    if settings is None:
+        return None
+    pid, num = node_partition(context.node_config)
+    where = str(context.node_config.get("ledger-dir", "") or "")
+    folder = (Path(where).expanduser() if where
+              else Path(cfg.output_dir).expanduser() / "privacy-ledger" / f"run-{context.run_id}")
+    return Ledger(folder / ledger_name(cfg.dataset, pid, num, y), budget=settings.epsilon, delta=settings.delta,
+                  accountant=settings.accountant)
 
 
 def released_counts(cfg: Config, context: Context, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """The label counts this client sends: the true ones without DP; with DP, noisy ones
-    drawn once (secret noise, ``dp-count-epsilon``) and kept in the node state, so every
-    message of the run repeats the same release instead of spending more privacy."""
+    drawn once (secret noise, ``dp-count-epsilon``) and kept in the client's privacy ledger,
+    so every message repeats the same release instead of spending more privacy, across
+    restarts too. With ``count-floor``, classes below it are declared absent. Their sum is
+    the example count every reply of this client declares."""
     counts = label_counts(y, num_classes)
     settings = dpm.dp_settings(cfg.values)
-    if settings is None:
-        return counts
-    if DP_COUNTS in context.state:
-        return torch.tensor(list(context.state[DP_COUNTS]["counts"]), dtype=torch.long)
-    noisy = dpm.noisy_counts(counts, dpm.count_sigma(settings), dpm.secret_generator())
-    context.state[DP_COUNTS] = MetricRecord({"counts": [int(c) for c in noisy.tolist()]})
-    return noisy
+    if settings is not None:
+        counts = client_ledger(cfg, context, y).noisy_counts(
+            lambda: dpm.noisy_counts(counts, dpm.count_sigma(settings), dpm.secret_generator()), num_classes,
+            dpm.count_sigma(settings), run=int(context.run_id))
+    return coarsen_counts(counts, cfg.count_floor)
+
+
+def _private(handler):
+    """``handler``, with a refusal of the privacy ledger logged as one clear line (the reply is
+    then Flower's error reply: nothing computed from the data is sent)."""
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except BudgetExceeded as exc:
+            log(ERROR, "[privacy] %s", exc)
+            raise
+    guarded.__name__, guarded.__doc__ = handler.__name__, handler.__doc__
+    return guarded
 
 
 @app.query()
+@_private
 def query(msg: Message, context: Context) -> Message:
     """What the server learns about a client before training: its partition id, label counts
     (never data) and the architecture it trains (see ``mosaic_flwr.task.client_arch``)."""
@@ -114,6 +141,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@_private
 def train(msg: Message, context: Context) -> Message:
     """Baseline round (FedAvg, FedProx, FedRS, FedBN, Mosaic's fine-tune rounds): train,
     return weights. FedRS: ``fedrs-alpha`` scales the logits of the classes this client
@@ -132,8 +160,8 @@ def train(msg: Message, context: Context) -> Message:
                         logit_scale=scale)
     if local_bn:
         keep_local_bn(model, context.state)
-    # With DP the declared example count is the noisy counts' sum (the discovery's declaration).
-    n = len(y) if dpm.dp_settings(cfg.values) is None else int(released_counts(cfg, context, y, info.num_classes).sum())
+    # The declared example count is the released counts' sum (the discovery's declaration).
+    n = int(released_counts(cfg, context, y, info.num_classes).sum())
     metrics = MetricRecord({NUM_EXAMPLES: n, "train-loss": stats["train-loss"],
                             **_work(t0, c0, resolve_device(cfg.device))})
     content = RecordDict({ARRAYS: state_to_record(model.state_dict()), METRICS: metrics})
@@ -141,14 +169,29 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_private
 def evaluate_candidates(msg: Message, context: Context) -> Message:
     """Score the candidate models the server sends (``candidate-<name>``, this client's
     architecture; with ``families`` in the config, ``candidate-<name>.<family>``: that
     family's model, at this client's width for its own family and full width otherwise) on
-    this client's data: how many examples each classifies correctly."""
+    this client's data: how many examples each classifies correctly (with ``count-floor``, of
+    the classes it declares; the example count is its declared one).
+
+    Under DP the counts are one Gaussian release (``dp.noisy_scores``, ``dp-gate-epsilon``
+    shared by the run's planned gate scores), written in the ledger before it is sent, and the
+    example count is the released noisy total; a score the run did not plan is refused."""
     cfg, _, x, y = _local_data(context)
     arch = client_arch(cfg, context.node_config)
     families = set(msg.content[CONFIG].get("families", []))
+    settings = dpm.dp_settings(cfg.values)
+    if settings is not None and not settings.gate_releases:
+        raise BudgetExceeded("privacy ledger: refusing to score candidate models: this run plans no gate "
+                             f"scores (distill-gate={cfg.distill_gate!r}), so dp-epsilon reserves nothing for them")
+    released = released_counts(cfg, context, y, dataset_info(cfg.dataset).num_classes)
+    ledger = client_ledger(cfg, context, y)
+    declared = released[y] > 0
+    if not bool(declared.all()):  # classes declared absent are not scored either
+        x, y = x[declared], y[declared]
     metrics = {NUM_EXAMPLES: len(y)}
     for name in msg.content[CONFIG]["candidates"]:
         family = name.rpartition(".")[2] if families else arch.model
@@ -156,8 +199,17 @@ def evaluate_candidates(msg: Message, context: Context) -> Message:
             raise ValueError(f"evaluate: candidate {name!r} names no family the server listed")
         model = build_arch(cfg, arch if family == arch.model else Arch(family))
         model.load_state_dict(record_to_state(msg.content[f"candidate-{name}"]))
-        logits = predict_logits(model, x, device=resolve_device(cfg.device))
-        metrics[f"correct-{name}"] = int((logits.argmax(1) == y).sum())
+        right = (predict_logits(model, x, device=resolve_device(cfg.device)).argmax(1) == y).sum() if len(y) else 0
+        metrics[f"correct-{name}"] = int(right)
+    if settings is not None:
+        total = int(released.sum())
+        sigma = dpm.gate_sigma(settings)
+        ledger.check({"gate": (sigma, 1.0, 1)})
+        scores = dpm.noisy_scores({k: v for k, v in metrics.items() if k != NUM_EXAMPLES}, total, sigma,
+                                  dpm.secret_generator())
+        ledger.charge({"gate": (sigma, 1.0, 1)}, run=int(context.run_id),
+                      round=int(msg.content[CONFIG].get("server-round", 0)))
+        metrics = {NUM_EXAMPLES: total, **scores}
     return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -182,6 +234,7 @@ def meta_logits(msg: Message, context: Context) -> Message:
 
 
 @app.train("mosaic")
+@_private
 def train_mosaic(msg: Message, context: Context) -> Message:
     """Mosaic warm-up round (weights + label counts); at the distillation round also the
     prototypes and the once-trained conditional generator."""
@@ -195,8 +248,19 @@ def train_mosaic(msg: Message, context: Context) -> Message:
                "div-weight": float(c["gen-div-weight"])}
     info = dataset_info(cfg.dataset)
     settings = dpm.dp_settings(cfg.values)
-    dp = {} if settings is None else {"dp": settings, "dp_rng": dpm.secret_generator(),
-                                      "dp_counts": released_counts(cfg, context, y, info.num_classes)}
+    dp, ledger, releases = {}, None, {}
+    if settings is not None:
+        dp = {"dp": settings, "dp_rng": dpm.secret_generator(),
+              "dp_counts": released_counts(cfg, context, y, info.num_classes)}
+        ledger = client_ledger(cfg, context, y)
+        protos = distill and int(c.get("proto-k", 0)) > 0
+        if protos:
+            releases["prototypes"] = dpm.plan(settings, protos=True)["prototypes"]
+        if gen is not None:
+            releases["generator"] = dpm.generator_mechanism(settings, len(y), gen["batch-size"], gen["steps"],
+                                                            protos=protos)
+        if releases:
+            ledger.check(releases)  # refused before any work
     unseen = None
     if distill and bool(c.get("privacy-audit", False)):
         data_dir = str(context.node_config.get("data-dir", "") or "")  # the node's own copy, as node_data
@@ -207,9 +271,12 @@ def train_mosaic(msg: Message, context: Context) -> Message:
     result = mosaic_client_round(
         model, x, y, info, train=sgd_settings(c),
         seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)),
-        proto_min_records=int(c.get("proto-min-records", 1)), gen=gen,
+        proto_min_records=int(c.get("proto-min-records", 1)), count_floor=cfg.count_floor, gen=gen,
         augment=augmenter(cfg.augment, info), audit_unseen=unseen, **dp)
     result.metrics.update(_work(t0, c0, resolve_device(cfg.device)))
+    if ledger is not None and releases:  # written down before it is sent
+        result.metrics["dp-ledger-epsilon"] = ledger.charge(releases, run=int(context.run_id),
+                                                            round=int(c.get("server-round", 0)))
     if settings is not None and any(k.startswith("privacy-") for k in result.metrics):
         # dp-audit: the figures describe the private data and dp-epsilon does not cover them
         figures = {k: v for k, v in result.metrics.items() if k.startswith("privacy-")}

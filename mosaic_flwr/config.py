@@ -227,6 +227,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "dp-audit": (bool, None),  # under DP clients audit only with this, and keep the figures
     "proto-k": (int, _positive),
     "proto-min-records": (int, _positive),
+    "count-floor": (int, _non_negative),
     "gen-steps": (int, _positive),
     "gen-batch-size": (int, _at_least(2)),  # label-sharing noise pairs
     "gen-lr": (float, _positive),
@@ -270,6 +271,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "dp-proto-epsilon": (float, _dp_epsilon),
     "dp-proto-clip": (float, _positive_finite),
     "dp-count-epsilon": (float, _dp_epsilon),
+    "dp-gate-epsilon": (float, _dp_epsilon),
     "dp-accountant": (str, _choice("rdp", "prv")),
 }
 

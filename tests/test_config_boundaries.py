@@ -375,6 +375,18 @@ def min_records_client(cfg: Config) -> None:
     assert len(sent) <= sum(min(cfg.proto_k, int(n) // cfg.proto_min_records) for n in counts)
 
 
+def floored_client(cfg: Config) -> None:
+    """``count-floor``: the counts a client declares hold no class below the floor, and it sends
+    no prototype of a class it declares absent."""
+    x, y = _data()
+    out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
+                              seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
+                              proto_k=cfg.proto_k, count_floor=cfg.count_floor)
+    sent = out.label_counts
+    assert not ((sent > 0) & (sent < cfg.count_floor)).any()
+    assert all(sent[c] > 0 for c in out.prototypes[1].tolist())
+
+
 def dp_client(cfg: Config) -> None:
     """A client's distillation round under the run's DP settings (the plain one when DP is off)."""
     from mosaic_flwr.privacy import dp as dpm
@@ -485,7 +497,7 @@ class Row:
 
 
 MOSAIC = {"strategy": "mosaic"}
-DP_MOSAIC = {**MOSAIC, "distill-gate": "off"}  # the clients' gate is refused under DP
+DP_MOSAIC = MOSAIC  # with the clients' gate: its scores are part of the DP plan
 DENSE = {"strategy": "dense", "kd-steps": 3, "kd-batch-size": 4, "dense.gen-steps": 1, "dense.gen-interval": 2,
          "dense.gen-batch-size": 4, "dense.gen-width": 2, "dense.noise-dim": 4}
 ROWS: dict[str, Row] = {
@@ -545,6 +557,7 @@ ROWS: dict[str, Row] = {
     "trim-fraction": Row([0.0, 0.5 - 1e-9], [-0.1, 0.5], robust),
     "proto-k": Row([1, 10], [0], mosaic_client),            # 10 > a class's samples: the mean
     "proto-min-records": Row([1, 2, 10**6], [0, -1], min_records_client),
+    "count-floor": Row([0, 1, 10**6], [-1], floored_client),
     "gen-steps": Row([1], [0], mosaic_client),
     "gen-batch-size": Row([2, 3], [1, 0], mosaic_client),
     "gen-lr": Row([JUST_ABOVE_0], [0.0], mosaic_client),
@@ -564,16 +577,20 @@ ROWS: dict[str, Row] = {
     "kd-temperature": Row([JUST_ABOVE_0], [0.0], distillation),
     # differential privacy: 0 is "off"; the smallest epsilon at the smallest delta (non-finite
     # floats are refused for every key)
-    "dp-epsilon": Row([0.0, 0.1, 1e6], [-0.1, 0.1 - 1e-9, math.inf], dp_client,
-                      {**DP_MOSAIC, "dp-delta": 1e-10}),
-    "dp-delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**DP_MOSAIC, "dp-epsilon": 0.1}),
-    "dp-max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 1.0}),
+    # dp-epsilon is a client's total: the counts', prototypes' and gate scores' own epsilons
+    # (at least 0.1 each) must leave the generator some of it (0.1 cannot)
+    "dp-epsilon": Row([0.0, 0.5, 1e6], [-0.1, 0.1 - 1e-9, 0.1, math.inf], dp_client,
+                      {**DP_MOSAIC, "dp-count-epsilon": 0.1, "dp-proto-epsilon": 0.1, "dp-gate-epsilon": 0.1}),
+    "dp-delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
+    "dp-max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
     "dp-noise-multiplier": Row([0.0, JUST_ABOVE_0, 1e3], [-0.1, math.inf], dp_client, DP_MOSAIC),
     "dp-proto-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                            {**DP_MOSAIC, "dp-epsilon": 1.0, "dp-delta": 1e-10}),
-    "dp-proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 1.0}),
+                            {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
+    "dp-proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
     "dp-count-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                            {**DP_MOSAIC, "dp-epsilon": 1.0, "dp-delta": 1e-10}),
+                            {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
+    "dp-gate-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                           {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
 }
 # Small KD batches: the generator trains on them.
 FEDFTG = {"strategy": "fedftg", "kd-batch-size": 4, "kd-steps": 3, "meta-samples-per-class": 1}

@@ -265,7 +265,8 @@ def test_noisy_class_means_have_the_configured_variance():
     ({"dp-epsilon": 1.0, "strategy": "fedavg"}, r"^dp-epsilon/dp-noise-multiplier: .*strategy='mosaic'"),
     ({"dp-epsilon": 1.0, "meta-data": "clients"}, r"^meta-data: 'clients' sends logits"),
     ({"dp-epsilon": 1.0, "resume": "/tmp/x", "distill-gate": "off"}, r"^resume: with DP"),
-    ({"dp-epsilon": 1.0}, r"^distill-gate: the clients' gate .* under DP use distill-gate='off'"),
+    ({"dp-epsilon": 1.0}, r"^dp-epsilon: 1 is the client's total, .* already compose to 1\.2\d\d, leaving the "
+                          r"generator nothing"),
     ({"dp-epsilon": 0.05}, r"^dp-epsilon: must be 0 \(no DP\) or >= 0.1"),
     ({"dp-epsilon": 1.0, "dp-delta": 0.5}, r"^dp-delta: must be in"),
     ({"dp-epsilon": 1.0, "dp-accountant": "gdp"}, r"^dp-accountant: unknown value"),
@@ -290,22 +291,24 @@ def test_delta_must_be_below_one_over_n():
     assert problem.startswith("dp-delta: 0.05 is not below 1/N") and "N = 50" in problem
 
 
-def test_noisy_counts_are_drawn_once_per_client_and_not_from_the_seed():
+def test_noisy_counts_are_drawn_once_per_client_and_not_from_the_seed(tmp_path):
     from flwr.app import Context, RecordDict
     from client_app.app import released_counts
-    cfg = build_config({"dp-epsilon": 1.0, "dataset": "synthetic", "distill-gate": "off"})
+    cfg = build_config({"dp-epsilon": 2.0, "dataset": "synthetic"})
     y = torch.arange(500) % 4
 
-    def ctx():
-        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    def ctx(ledger_dir):
+        return Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                       node_config={"partition-id": 0, "num-partitions": 1, "ledger-dir": str(ledger_dir)})
 
-    c1 = ctx()
-    first = released_counts(cfg, c1, y, C)
-    assert torch.equal(released_counts(cfg, c1, y, C), first)       # repeated, not redrawn
-    others = [released_counts(cfg, ctx(), y, C) for _ in range(3)]  # same seed, new node state
+    first = released_counts(cfg, ctx(tmp_path / "a"), y, C)
+    # repeated, not redrawn: in this node state and after a restart (a new one), from the ledger
+    assert torch.equal(released_counts(cfg, ctx(tmp_path / "a"), y, C), first)
+    others = [released_counts(cfg, ctx(tmp_path / f"b{i}"), y, C) for i in range(3)]  # same seed, new ledgers
     assert any(not torch.equal(o, first) for o in others)
-    assert torch.equal(released_counts(build_config({"dataset": "synthetic"}), ctx(), y, C),
+    assert torch.equal(released_counts(build_config({"dataset": "synthetic"}), ctx(tmp_path / "c"), y, C),
                        torch.bincount(y, minlength=C))              # no DP: the true counts
+    assert not (tmp_path / "c").exists()                            # and no ledger
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -313,44 +316,66 @@ def _spent(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_tiny_mosaic_run_with_dp_reports_epsilon(tmp_path, caplog):
+def test_tiny_mosaic_run_with_dp_reports_epsilon_and_the_gate_hears_every_client(tmp_path, caplog):
     from tests.test_e2e_inprocess import run_inprocess
     from tests.test_e2e_quick import TINY
     counts_seen: dict[int, list] = {}
+    scores_seen: dict[int, list] = {}
     audit_sent: list[str] = []
 
     def hook(grid, node_id, incoming, reply):
         recs = reply.content.metric_records
         if "label-counts" in recs:
             counts_seen.setdefault(node_id, []).append(list(recs["label-counts"]["counts"]))
+        if incoming.metadata.message_type == "evaluate" and reply.has_content():
+            scores_seen.setdefault(node_id, []).append(dict(recs["metrics"]))
         audit_sent.extend(k for r in recs.values() for k in r if k.startswith("privacy-"))
         return reply
 
     caplog.set_level(logging.INFO)
-    # dp-audit: the clients audit their uploads, and keep the figures (dp-epsilon does not cover them)
+    # the clients' gate (its scores noisy, in the plan) and dp-audit: the clients audit their
+    # uploads, and keep the figures (dp-epsilon does not cover them)
     out = run_inprocess(tmp_path, grid_options={"hook": hook},
-                        **{**TINY, "dp-epsilon": 3.0, "server-threads": 1, "dp-audit": True})["dir"]
+                        **{**TINY, "distill-gate": "clients", "dp-epsilon": 3.0, "server-threads": 1,
+                           "dp-audit": True})["dir"]
     assert audit_sent == [] and not (out / "privacy.json").exists()
     assert caplog.text.count("[privacy] audit under DP, kept on this node") == 3
     summary = _spent(out)
     dp = summary["dp"]
     assert dp["enabled"] and dp["delta"] == 1e-5 and set(dp["clients"]) == {"0", "1", "2"}
-    for c in dp["clients"].values():
-        assert c["epsilon-generator"] == pytest.approx(3.0, abs=0.05)
-        assert max(c["epsilon-generator"], c["epsilon-prototypes"]) < c["epsilon"] < (
-            c["epsilon-generator"] + c["epsilon-prototypes"] + c["epsilon-counts"])
+    for c in dp["clients"].values():  # dp-epsilon is the total; the generator gets what is left
+        assert c["epsilon"] == pytest.approx(3.0, rel=2e-3) and c["epsilon"] <= 3.0 * (1 + 1e-6)
+        assert max(c["epsilon-generator"], c["epsilon-prototypes"], c["epsilon-gate"]) < c["epsilon"] < (
+            c["epsilon-generator"] + c["epsilon-prototypes"] + c["epsilon-counts"] + c["epsilon-gate"])
         assert c["steps"] == TINY["gen-steps"] and 0 < c["sample-rate"] < 1
+        assert c["ledger-epsilon"] < c["epsilon"]  # the gate's scores come after the distillation round
     assert dp["epsilon"] == max(c["epsilon"] for c in dp["clients"].values())
     # every message of a client carries the same noisy counts (drawn once)
     assert counts_seen and all(len({tuple(c) for c in v}) == 1 for v in counts_seen.values())
+    # the gate heard every client: each scored with its released noisy total, none left out
+    report = summary["distillation"]
+    assert {"gate-before", "gate-after"} <= set(report) and "Evaluation reply from" not in caplog.text
+    assert set(scores_seen) == set(counts_seen)
+    for node, replies in scores_seen.items():
+        for r in replies:
+            assert r["num-examples"] == sum(counts_seen[node][0])
+            assert all(0 <= r[k] <= r["num-examples"] for k in r if k.startswith("correct-"))
+    # each client's ledger holds every release, composed within dp-epsilon
+    ledgers = sorted((tmp_path / "privacy-ledger" / "run-1").glob("*.json"))
+    assert len(ledgers) == 3
+    gates = 1 + (report["gate-kept"] == 1.0)  # the look-ahead scores again after the last round
+    for path in ledgers:
+        book = json.loads(path.read_text())
+        assert [e["what"] for e in book["releases"]] == ["counts", "prototypes", "generator"] + ["gate"] * gates
+        assert book["epsilon-spent"] <= 3.0 * (1 + 1e-6) and path.stat().st_mode & 0o077 == 0
     text = caplog.text
-    assert "differential privacy on: generator epsilon 3" in text
+    assert "differential privacy on: total epsilon 3" in text
     assert f"spent: at most epsilon {dp['epsilon']:.3f} per client" in text
 
 
 def test_the_audit_is_off_under_dp_unless_asked_for():
     audits = dpm.audits
-    dp = {"dp-epsilon": 1.0, "distill-gate": "off"}
+    dp = {"dp-epsilon": 4.0}
     assert audits(build_config({}).values) and not audits(build_config({"privacy-audit": False}).values)
     assert not audits(build_config(dp).values)
     assert audits(build_config({**dp, "dp-audit": True}).values)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from logging import INFO
 
 import torch
+from flwr.common.logger import log
 from torch import Tensor
 
 from ..data import DatasetInfo
@@ -33,9 +35,17 @@ def label_counts(y: Tensor, num_classes: int) -> Tensor:
     return torch.bincount(y, minlength=num_classes)
 
 
+def coarsen_counts(counts: Tensor, floor: int) -> Tensor:
+    """``count-floor``: a class this client holds fewer than ``floor`` examples of is declared
+    absent (its count sent as 0), so no upload tells that it holds one, two, ... of them
+    (0: the counts as they are)."""
+    return counts if floor <= 0 else torch.where(counts < floor, torch.zeros_like(counts), counts)
+
+
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
-                        proto_k: int = 0, proto_min_records: int = 1, gen: dict | None = None,
+                        proto_k: int = 0, proto_min_records: int = 1, count_floor: int = 0,
+                        gen: dict | None = None,
                         augment: Augment | None = None,
                         audit_unseen: tuple[Tensor, Tensor] | None = None,
                         dp: dpm.DPSettings | None = None, dp_counts: Tensor | None = None,
@@ -53,6 +63,9 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     training loader: local training batches, the generator's real batches, and the images
     the prototypes are computed from.
 
+    ``count_floor`` (``coarsen_counts``): classes held fewer times than that are declared absent,
+    and send no prototype.
+
     With ``dp`` (``mosaic_flwr.privacy.dp``): ``dp_counts`` (the client's noisy label counts,
     drawn once per run) replace the true ones in the reply; the prototypes are one noisy mean
     per class; D trains under DP-SGD; the noise and sampling come from ``dp_rng`` (secret).
@@ -65,7 +78,8 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     and the unseen ones) and reports the figures as ``privacy-*`` metrics, with their cost
     (``privacy-seconds``). Nothing of the uploads changes.
     """
-    counts = label_counts(y, info.num_classes)
+    held = label_counts(y, info.num_classes)
+    counts = held
     metrics: dict[str, float] = {}
     audit: dict[str, float] = {}
     audit_seconds = 0.0
@@ -74,6 +88,7 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         if dp_counts is None or dp_rng is None:
             raise ValueError("mosaic_client_round: dp needs dp_counts (the noisy counts) and dp_rng")
         counts = dp_counts.long().cpu()
+    counts = coarsen_counts(counts, count_floor)
     if distill_round and proto_k > 0 and dp is not None:
         t0 = time.perf_counter()
         xk = x if augment is None else augment(x, dp_rng)
@@ -93,13 +108,16 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
             xk = augment(xk, torch.Generator().manual_seed(mix_seed(seed, "proto-augment")))
         feats = extract_features(model, xk, device=device)
         protos = class_prototypes(feats, y[keep], proto_k, seed=seed, min_records=proto_min_records)
+        if count_floor > 0:  # no prototype of a class declared absent
+            declared = counts[protos[1]] > 0
+            protos = (protos[0][declared], protos[1][declared])
         metrics["proto-seconds"] = time.perf_counter() - t0
         if audit_unseen is not None:
             t0 = time.perf_counter()
             audit.update(audit_prototypes(*protos, feats, y[keep], proto_k))
             # classes held and sent no prototype: too few records (the audit sees the subset,
             # and a class of more than MAX_PER_CLASS records is never withheld)
-            audit["proto-withheld-classes"] = float(((counts > 0) & (counts < proto_min_records)).sum())
+            audit["proto-withheld-classes"] = float(((held > 0) & ((held < proto_min_records) | (counts == 0))).sum())
             audit_seconds += time.perf_counter() - t0
     stats = train_local(model, x, y, seed=seed, device=device, augment=augment, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})
@@ -110,17 +128,16 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         d = build_discriminator(info.in_channels, info.image_size, info.num_classes)
         gdp, sgd = None, None
         if dp is not None:
-            q = min(1.0, gen["batch-size"] / len(y))
-            sigma = dp.noise_multiplier or dpm.sgd_sigma(dp.epsilon, dp.delta, q, gen["steps"], dp.accountant)
-            gdp = dpm.DiscriminatorDP(dp.max_grad_norm, sigma, q, counts.double(), dp_rng)
-            sgd = (sigma, q, gen["steps"])
+            sgd = dpm.generator_mechanism(dp, len(y), gen["batch-size"], gen["steps"], protos=protos is not None)
+            gdp = dpm.DiscriminatorDP(dp.max_grad_norm, sgd[0], sgd[1], counts.double(), dp_rng)
         gstats = train_generator(g, d, model, x, y, steps=gen["steps"], batch_size=gen["batch-size"],
                                  lr=gen["lr"], ce_weight=gen["ce-weight"], div_weight=gen["div-weight"],
                                  device=device, seed=seed, augment=augment, dp=gdp)
         generator_state = {k: v.detach().cpu() for k, v in g.state_dict().items()}
         metrics.update({"gen-seconds": gstats["seconds"], "gen-fidelity": gstats["fidelity"]})
-        if dp is not None:
-            metrics["dp-real-per-step"] = gstats["dp-real-per-step"]
+        if dp is not None:  # kept on the client: with N <= the batch size it is N itself
+            log(INFO, "[dp] the discriminator read %.1f real images per step on average (not sent)",
+                gstats["dp-real-per-step"])
         if audit_unseen is not None:
             t0 = time.perf_counter()
             rng = torch.Generator().manual_seed(mix_seed(seed, "privacy-samples"))

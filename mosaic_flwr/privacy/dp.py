@@ -1,10 +1,18 @@
 """Differential privacy for what a Mosaic client uploads beyond FedAvg's weights.
 
-A Mosaic client uploads, besides the classifier weights every FedAvg client sends, three
+A Mosaic client uploads, besides the classifier weights every FedAvg client sends, four
 things computed from its private data: its **label counts** (discovery and every warm-up
-round), its **prototypes** and its **generator** (once, at the distillation round). With
-DP on (``dp-epsilon`` > 0, or ``dp-noise-multiplier`` > 0; both 0, the default: off), each is released
-through a Gaussian mechanism, and one accountant composes them:
+round; their sum is the example count every reply declares), its **prototypes** and its
+**generator** (once, at the distillation round), and its **gate scores** (the clients' gate:
+how many examples each candidate model classifies right). With DP on (``dp-epsilon`` > 0,
+or ``dp-noise-multiplier`` > 0; both 0, the default: off), each is released through a
+Gaussian mechanism, and one accountant composes them. ``dp-epsilon`` is each client's
+**total**: the counts, prototypes and gate scores have their own epsilons
+(``dp-count-epsilon``, ``dp-proto-epsilon``, ``dp-gate-epsilon``), and the generator's
+noise is calibrated so that everything the client releases in the run composes to
+``dp-epsilon`` (``plan``, ``generator_sigma``). Each client writes every release in its
+privacy ledger (``mosaic_flwr.privacy.ledger``, on disk) before sending it, and refuses one
+that would take its total past ``dp-epsilon``.
 
 * **Label counts**: ``counts + N(0, s_c^2)`` per class (add/remove-one L2 sensitivity 1),
   rounded and clipped at 0, drawn **once** per client and run and reused by every message
@@ -34,16 +42,24 @@ through a Gaussian mechanism, and one accountant composes them:
   D and the client's classifier: post-processing of D and of the classifier, whose weights
   the client uploads anyway. Label mixes come from the noisy counts (fake labels in
   proportion to them, as the real labels under Poisson sampling), never from the true ones.
-  ``sigma`` is calibrated to ``dp-epsilon`` for the planned ``gen-steps`` and ``q`` with
-  Opacus's accountant, or given as ``dp-noise-multiplier``.
+  ``sigma`` is calibrated for the planned ``gen-steps`` and ``q`` with Opacus's accountant so
+  that the run's releases compose to ``dp-epsilon``, or given as ``dp-noise-multiplier``.
+* **Gate scores**: each client scores the candidate models (before and after distillation)
+  once at the distillation round and once more when the look-ahead ends (``gate_releases``).
+  Each score is a vector of K counts of correct predictions; adding or removing one example
+  changes each by at most 1, so its L2 sensitivity is sqrt(K): ``N(0, (s_g sqrt(K))^2)`` is
+  added to each, the result rounded and kept in [0, the noisy example count]
+  (``noisy_scores``), with ``s_g`` such that the planned scores compose to ``dp-gate-epsilon``.
+  The example count the reply declares is the noisy counts' sum. Pooled over clients the
+  noise is small against thousands of examples.
 
 The guarantee: add/remove-one-example (ε, δ)-DP of the Mosaic uploads, *given* the
-classifier weights, which are uploaded in FedAvg anyway and are not private (neither are
-FedAvg's training loss, the distillation gate's counts of correct predictions, nor the
-privacy audit's figures, ``privacy-audit``, which are computed on the client's data: an
-evaluation tool, to be turned off where the guarantee matters). With DP the example count
-the client declares is the sum of its noisy counts. ``compose`` composes all three mechanisms in one RDP (or PRV) accountant
-(Opacus's): the total is below the sum of the three epsilons.
+classifier weights, which are uploaded in FedAvg anyway and are not private (neither is
+FedAvg's training loss). The privacy audit (``privacy-audit``) is off under DP unless
+``dp-audit`` asks for it, and then its figures stay in the client's log. ``compose``
+composes the mechanisms in one RDP (or PRV) accountant (Opacus's): the total is below the
+sum of their epsilons. With ``dp-noise-multiplier`` instead of ``dp-epsilon`` the run has no
+total: the ledger records and composes, and refuses nothing.
 
 The DP noise and Poisson sampling draw from a secret generator (``secret_generator``: OS
 entropy), never from the run seed, which the server knows and could use to subtract the
@@ -78,7 +94,7 @@ ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(rang
 class DPSettings:
     """The run's DP keys (``dp-*``), resolved; see the module docstring."""
 
-    epsilon: float            # the generator's target (0: sigma given as noise_multiplier)
+    epsilon: float            # the client's total budget (0: sigma given as noise_multiplier, no budget)
     delta: float
     max_grad_norm: float
     noise_multiplier: float   # 0: calibrated from epsilon
@@ -86,6 +102,8 @@ class DPSettings:
     proto_clip: float
     count_epsilon: float
     accountant: str
+    gate_epsilon: float = 0.0  # every gate score of the run together
+    gate_releases: int = 0     # gate scores a client sends in the run (0: no clients' gate)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,7 +131,19 @@ def dp_settings(values: Mapping[str, Any]) -> DPSettings | None:
                       max_grad_norm=float(values["dp-max-grad-norm"]),
                       noise_multiplier=float(values["dp-noise-multiplier"]),
                       proto_epsilon=float(values["dp-proto-epsilon"]), proto_clip=float(values["dp-proto-clip"]),
-                      count_epsilon=float(values["dp-count-epsilon"]), accountant=str(values["dp-accountant"]))
+                      count_epsilon=float(values["dp-count-epsilon"]), accountant=str(values["dp-accountant"]),
+                      gate_epsilon=float(values["dp-gate-epsilon"]), gate_releases=gate_releases(values))
+
+
+def gate_releases(values: Mapping[str, Any]) -> int:
+    """How many times a client scores candidate models for the clients' gate in a run: at the
+    distillation round, and again when the look-ahead (``gate-rounds``) ends after it (0
+    without the clients' gate)."""
+    if values["distill-gate"] != "clients" or values["strategy"] != "mosaic":
+        return 0
+    warmup, last, ahead = int(values["warmup-rounds"]), int(values["num-server-rounds"]), int(values["gate-rounds"])
+    until = last if ahead < 0 else min(last, warmup + ahead)
+    return 1 + (until > warmup)
 
 
 def check_config(values: Mapping[str, Any]) -> str | None:
@@ -130,14 +160,18 @@ def check_config(values: Mapping[str, Any]) -> str | None:
     if values["meta-data"] == "clients":
         return ("meta-data: 'clients' sends logits of the clients' real images, which DP does not cover; "
                 "use 'auto', 'prototypes', 'generated', 'both' or 'screened' with DP")
-    if values["distill-gate"] == "clients":
-        return ("distill-gate: the clients' gate has every client score the candidate models on its private "
-                "data and send the exact counts of correct predictions (and its example count), releases "
-                "dp-epsilon does not cover; under DP use distill-gate='off' (the distilled model is kept) or "
-                "'validation' (the server's validation split, benchmarks)")
     if values["resume"]:
         return ("resume: with DP the clients' noisy label counts live in their node state for one Flower "
                 "run; a resumed run would draw and upload fresh ones (more privacy spent); start a new run")
+    settings = dp_settings(values)
+    if settings.epsilon > 0:
+        fixed = plan(settings, protos=int(values["proto-k"]) > 0)
+        spent = epsilon_of(list(fixed.values()), settings.delta, settings.accountant)
+        if spent >= 0.9 * settings.epsilon:
+            return (f"dp-epsilon: {settings.epsilon:g} is the client's total, and the label counts "
+                    f"(dp-count-epsilon={settings.count_epsilon:g}), prototypes (dp-proto-epsilon="
+                    f"{settings.proto_epsilon:g}) and gate scores (dp-gate-epsilon={settings.gate_epsilon:g}) "
+                    f"already compose to {spent:.3f}, leaving the generator nothing; lower those or raise dp-epsilon")
     return None
 
 
@@ -187,7 +221,7 @@ def _epsilon_of(history: tuple, delta: float, accountant: str) -> float:
     acc = _accountant(accountant)
     acc.history = list(history)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         return float(acc.get_epsilon(delta=delta, **_kwargs(accountant)))
 
 
@@ -212,13 +246,84 @@ def count_sigma(settings: DPSettings) -> float:
     return gaussian_sigma(settings.count_epsilon, settings.delta, settings.accountant)
 
 
-def compose(settings: DPSettings, *, sgd: tuple[float, float, int] | None, protos: bool) -> dict[str, Any]:
-    """The client's privacy report: each mechanism's epsilon alone and the total of what it
-    released (counts always; prototypes and the generator's DP-SGD where given), at delta."""
+def gate_sigma(settings: DPSettings) -> float:
+    """The noise multiplier of one gate score (a vector of counts of correct predictions, L2
+    sensitivity the square root of its length) such that the run's ``gate_releases`` of them
+    compose to ``gate_epsilon``."""
+    return sgd_sigma(settings.gate_epsilon, settings.delta, 1.0, settings.gate_releases, settings.accountant)
+
+
+def plan(settings: DPSettings, *, protos: bool) -> dict[str, tuple[float, float, int]]:
+    """A run's releases other than the generator, as ``what -> (sigma, sample rate, steps)``:
+    the counts (once), the prototypes (once, when sent) and the gate scores (``gate_releases``)."""
     acc, delta = settings.accountant, settings.delta
-    mech = {"counts": (count_sigma(settings), 1.0, 1)}
+    out = {"counts": (count_sigma(settings), 1.0, 1)}
     if protos:
-        mech["prototypes"] = (gaussian_sigma(settings.proto_epsilon, delta, acc), 1.0, 1)
+        out["prototypes"] = (gaussian_sigma(settings.proto_epsilon, delta, acc), 1.0, 1)
+    if settings.gate_releases:
+        out["gate"] = (gate_sigma(settings), 1.0, settings.gate_releases)
+    return out
+
+
+def generator_sigma(settings: DPSettings, fixed: Sequence[tuple[float, float, int]], sample_rate: float,
+                    steps: int) -> float:
+    """DP-SGD's noise multiplier for the generator's discriminator: ``noise_multiplier`` when
+    given; otherwise the smallest (to 0.1 %) at which the run's other releases ``fixed`` and
+    ``steps`` steps at ``sample_rate`` compose to at most ``epsilon``, the client's total."""
+    if settings.noise_multiplier > 0:
+        return settings.noise_multiplier
+    return _calibrated(tuple(fixed), settings.epsilon, settings.delta, float(sample_rate), int(steps),
+                       settings.accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(fixed: tuple, target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    def eps(sigma: float) -> float:
+        return epsilon_of(list(fixed) + [(sigma, rate, steps)], delta, accountant)
+
+    if epsilon_of(list(fixed), delta, accountant) >= target:
+        raise ValueError(f"dp-epsilon: the counts, prototypes and gate scores already spend the total "
+                         f"{target:g}; nothing is left for the generator")
+    lo, hi = 0.1, 1.0
+    while eps(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e5:
+            raise ValueError(f"dp-epsilon: no noise multiplier up to 1e5 leaves the generator within {target:g}")
+    if eps(lo) <= target:
+        return lo
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
+    return hi
+
+
+def generator_mechanism(settings: DPSettings, n: int, batch_size: int, steps: int, *, protos: bool
+                        ) -> tuple[float, float, int]:
+    """The generator's DP-SGD as the accountant sees it, ``(sigma, sample rate, steps)``, for a
+    client of ``n`` examples (Poisson rate ``batch_size / n``), calibrated against the run's
+    other releases (``plan``)."""
+    rate = min(1.0, batch_size / max(int(n), 1))
+    return generator_sigma(settings, list(plan(settings, protos=protos).values()), rate, steps), rate, int(steps)
+
+
+def noisy_scores(correct: Mapping[str, int], total: int, sigma: float, rng: torch.Generator) -> dict[str, int]:
+    """One gate release: each count of correct predictions plus ``N(0, (sigma sqrt(K))^2)`` (K
+    counts, each changed by at most one by adding or removing one example), rounded and kept
+    within ``[0, total]`` (``total``: the client's released noisy example count)."""
+    names = list(correct)
+    true = torch.tensor([float(correct[n]) for n in names], dtype=torch.float64)
+    noise = torch.randn(true.shape, generator=rng, dtype=torch.float64) * (sigma * math.sqrt(len(names)))
+    noisy = (true + noise).round().clamp(0, max(int(total), 0)).long().tolist()
+    return dict(zip(names, map(int, noisy)))
+
+
+def compose(settings: DPSettings, *, sgd: tuple[float, float, int] | None, protos: bool) -> dict[str, Any]:
+    """The client's privacy report for a run: each mechanism's epsilon alone and the total of
+    what it releases (counts always; prototypes, the gate scores, and the generator's
+    DP-SGD where given), at delta. The gate scores come after the distillation round; they are
+    counted here as planned (the ledger refuses any beyond the total)."""
+    acc, delta = settings.accountant, settings.delta
+    mech = plan(settings, protos=protos)
     if sgd is not None:
         mech["generator"] = sgd
     out: dict[str, Any] = {"delta": delta, "accountant": acc}
@@ -335,11 +440,11 @@ def run_entry(values: Mapping[str, Any]) -> dict[str, Any]:
         return {"enabled": False, "guarantee": NO_DP}
     counts_only = epsilon_of([(count_sigma(settings), 1.0, 1)], settings.delta, settings.accountant)
     return {"enabled": True, "settings": settings.to_dict(),
-            "guarantee": ("(epsilon, delta)-DP per client (add/remove one example) of the label counts, "
-                          "prototypes and generator, given the classifier weights; FedAvg's weights, "
-                          "example counts and training loss, the distillation gate's counts of "
-                          "correct predictions and the privacy audit's figures (privacy-audit; "
-                          "computed on the client's data) are not covered"),
+            "guarantee": ("(epsilon, delta)-DP per client (add/remove one example) of the label counts "
+                          "(and the example counts, their sum), prototypes, generator and the clients' "
+                          "gate scores, given the classifier weights; FedAvg's weights and training loss "
+                          "are not covered (nor the privacy audit's figures, which under DP stay on "
+                          "the client)"),
             "epsilon-counts-only": counts_only, "clients": {}}
 
 
@@ -360,11 +465,14 @@ def describe(entry: Mapping[str, Any]) -> str:
     if not entry["enabled"]:
         return NO_DP
     s = entry["settings"]
-    gen = (f"generator DP-SGD noise multiplier {s['noise_multiplier']:g}" if s["noise_multiplier"]
-           else f"generator epsilon {s['epsilon']:g}")
+    gen = (f"generator DP-SGD noise multiplier {s['noise_multiplier']:g} (no total budget)" if s["noise_multiplier"]
+           else f"total epsilon {s['epsilon']:g} per client (the generator gets what the rest leaves)")
+    gate = (f"; gate scores epsilon {s['gate_epsilon']:g} ({s['gate_releases']} per client)"
+            if s.get("gate_releases") else "")
     line = (f"differential privacy on: {gen}, clip {s['max_grad_norm']:g}; prototypes epsilon "
             f"{s['proto_epsilon']:g} (one noisy mean per class, clip {s['proto_clip']:g}); label counts epsilon "
-            f"{s['count_epsilon']:g}; delta {s['delta']:g}; accountant {s['accountant']}")
+            f"{s['count_epsilon']:g}{gate}; delta {s['delta']:g}; accountant {s['accountant']}; "
+            "every release is written in the client's privacy ledger")
     if "epsilon" in entry:
         line += f"; spent: at most epsilon {entry['epsilon']:.3f} per client (total, composed)"
     return line

@@ -18,7 +18,8 @@
 #   --port PORT            local port of this SuperNode's Runtime API (127.0.0.1 only), one per
 #                          SuperNode on a machine (default 9094)
 #   --home DIR             FLWR_HOME of this SuperNode (default <repo>/.flwr/supernode-PORT)
-#   --node-config "..."    more node-config entries, e.g. "model='cnn_small' capacity=0.5"
+#   --node-config "..."    more node-config entries, e.g. "model='cnn_small' capacity=0.5";
+#                          ledger-dir='DIR': the privacy ledger under DP (default FLWR_HOME/privacy-ledger)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -80,6 +81,8 @@ fi
 [[ -z "$EXTRA" ]] || NODE_CONFIG+=" $EXTRA"
 
 flower_env "${HOME_DIR:-$ROOT/.flwr/supernode-$PORT}"
+# Under DP the client's privacy ledger lives here, out of the server's reach (README, DP)
+[[ "$NODE_CONFIG" == *ledger-dir=* ]] || NODE_CONFIG+=" ledger-dir='$FLWR_HOME/privacy-ledger'"
 echo "[start_supernode] SuperLink $SUPERLINK, key $(abspath "$KEY"), node-config: $NODE_CONFIG, pid $$"
 exec "$BIN/flower-supernode" --superlink "$SUPERLINK" \
   --root-certificates "$(abspath "$ROOT_CERT")" --auth-supernode-private-key "$(abspath "$KEY")" \
