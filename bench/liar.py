@@ -9,11 +9,12 @@ from a git worktree of the current commit: ``honest`` as the project ships it, `
 lying ClientApp copied in as ``client_app/liar.py`` and named the app's ``clientapp``.
 
     .venv/bin/python bench/liar.py run [--alpha 0.1] [--seed 42]   # resumes: finished cells are kept
-    .venv/bin/python bench/liar.py report
+    .venv/bin/python bench/liar.py report                              # every alpha and seed run so far
 
 Cells: clean / attacked x old defaults (``count-clip=0 proto-min-records=1``) / new defaults /
 robust settings (the new defaults with ``aggregation='median' gate-statistic='median'``).
-Runs under /work/bench-runs/liar (outside git); the table goes to bench/results/liar.{md,json}.
+Runs under /work/bench-runs/liar (outside git); ``report`` writes every finished cell, by alpha
+and seed, to bench/results/liar.{md,json}.
 """
 
 from __future__ import annotations
@@ -85,36 +86,75 @@ def run(args) -> None:
         print(f"[liar] {name}: exit {code}", flush=True)
 
 
+def _cell_row(out: Path) -> dict | None:
+    if not (out / "run" / "summary.json").exists():
+        return None
+    s = json.loads((out / "run" / "summary.json").read_text())
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    dist = next((r for r in metrics if r.get("phase") == "distill"), {})
+    meta = json.loads((out / "meta.json").read_text())
+    clipped = (s.get("count-clipped") or {}).get("0")
+    return {"commit": meta["commit"], "final": s["final_accuracy"],
+            "before-distill": dist.get("acc-before-distill"), "teacher": dist.get("acc-teacher"),
+            "after-distill": dist.get("acc-after-distill"), "gate-kept": dist.get("gate-kept"),
+            "gate-final-kept": next((r["gate-final-kept"] for r in metrics if "gate-final-kept" in r), None),
+            "liar-weighted-as": clipped["weighted-as"] if clipped else None,
+            "liar-declared": clipped["declared"] if clipped else None, "wall-seconds": s.get("wall_seconds")}
+
+
 def report(args) -> None:
-    rows = []
-    for name in CELLS:
-        out = cell_dir(name, args.alpha, args.seed)
-        if not (out / "run" / "summary.json").exists():
-            rows.append({"cell": name, "missing": True})
-            continue
-        s = json.loads((out / "run" / "summary.json").read_text())
-        metrics = json.loads((out / "run" / "metrics.json").read_text())
-        dist = next((r for r in metrics if r.get("phase") == "distill"), {})
-        meta = json.loads((out / "meta.json").read_text())
-        rows.append({"cell": name, "commit": meta["commit"], "final": s["final_accuracy"],
-                     "before-distill": dist.get("acc-before-distill"), "teacher": dist.get("acc-teacher"),
-                     "after-distill": dist.get("acc-after-distill"), "gate-kept": dist.get("gate-kept"),
-                     "count-clipped": s.get("count-clipped"), "seconds": s.get("total_seconds")})
+    """Every finished cell under RUNS, by alpha: mean +- sd over seeds, and each run."""
+    from bench.common import fmt_mean_std
+    runs: dict[float, dict[int, dict[str, dict]]] = {}
+    for d in sorted(RUNS.glob("a*-s*")):
+        alpha, seed = float(d.name[1:].split("-s")[0]), int(d.name.split("-s")[1])
+        for name in CELLS:
+            row = _cell_row(cell_dir(name, alpha, seed))
+            if row is not None:
+                runs.setdefault(alpha, {}).setdefault(seed, {})[name] = row
     prov = provenance()
-    lines = header_lines(f"A lying client in a real flwr run (bench/liar.py), alpha {args.alpha:g}, seed {args.seed}", prov)
-    lines += ["", "| cell | final accuracy | before distillation | teacher | after distillation | gate kept | liar weighted as |",
-              "|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    for r in rows:
-        if r.get("missing"):
-            lines.append(f"| {r['cell']} | not run | | | | | |")
-            continue
-        clipped = (r["count-clipped"] or {}).get("0")
-        lines.append(f"| {r['cell']} | {fmt(r['final'])} | {fmt(r['before-distill'])} | {fmt(r['teacher'])} | "
-                     f"{fmt(r['after-distill'])} | {fmt(r['gate-kept'])} | "
-                     f"{'-' if not clipped else str(clipped['weighted-as']) + ' (declared ' + str(clipped['declared']) + ')'} |")
-    write_results(f"liar-a{args.alpha:g}-s{args.seed}", "\n".join(lines) + "\n", {"provenance": prov, "rows": rows})
+    lines = header_lines("A lying client in a real flwr run (bench/liar.py)", prov)
+    lines += [
+        "Fashion-MNIST, 10 clients, Dirichlet alpha as below, the README's main job (`scripts/flwr_sim.py",
+        "--num-supernodes 10`: a real `flwr run` simulation, Ray, 8 rounds, distillation after round 6, the",
+        "clients' gate with its look-ahead). The liar is partition 0 (`bench/liar_client.py`): it declares",
+        "1000 x its counts, sends random weights of its model's scale, a random generator and noise",
+        "prototypes, and scores every distilled candidate right and every model before distillation wrong",
+        "on all its declared examples. Old defaults: `count-clip=0 proto-min-records=1`; robust settings:",
+        "the new defaults with `aggregation='median' gate-statistic='median'`. Each cell runs from a git",
+        "worktree of the commit named; one cell at a time on the 2-core VM, other jobs beside it.", ""]
+    for alpha in sorted(runs):
+        seeds = sorted(runs[alpha])
+        lines += [f"## alpha {alpha:g}: final accuracy, mean +- sd over seeds {', '.join(map(str, seeds))}", "",
+                  "| cell | final accuracy | seeds | before distillation | gate kept (after look-ahead) |",
+                  "|---|---|---|---|---|"]
+        for name in CELLS:
+            rows = [runs[alpha][s][name] for s in seeds if name in runs[alpha][s]]
+            if not rows:
+                continue
+            kept = ", ".join(f"{_g(r['gate-kept'])} ({_g(r['gate-final-kept'])})" for r in rows)
+            lines.append(f"| {name} | {fmt_mean_std([r['final'] for r in rows])} | {len(rows)} | "
+                         f"{fmt_mean_std([r['before-distill'] for r in rows if r['before-distill'] is not None])} | "
+                         f"{kept} |")
+        lines += ["", "Each run:", "", "| seed | cell | final | before distillation | teacher | after distillation "
+                  "| liar weighted as (declared) | commit | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+        for seed in seeds:
+            for name, r in runs[alpha][seed].items():
+                weighted = "-" if r["liar-weighted-as"] is None else f"{r['liar-weighted-as']} ({r['liar-declared']})"
+                lines.append(f"| {seed} | {name} | {_f(r['final'])} | {_f(r['before-distill'])} | {_f(r['teacher'])} "
+                             f"| {_f(r['after-distill'])} | {weighted} | {r['commit']} | {_f(r['wall-seconds'], 0)} |")
+        lines.append("")
+    write_results("liar", "\n".join(lines) + "\n", {"provenance": prov, "runs": {
+        f"{a:g}": {str(s): v for s, v in by_seed.items()} for a, by_seed in runs.items()}})
     print("\n".join(lines))
+
+
+def _f(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:g}"
 
 
 def main() -> None:
