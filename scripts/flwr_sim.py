@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
-from mosaic_flwr.config import ConfigError, merge_run_config, write_run_config  # noqa: E402
+from mosaic_flwr.config import ConfigError, build_config, merge_run_config, write_run_config  # noqa: E402
 
 
 def free_port() -> int:
@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run on this existing Ray cluster (the head's GCS address from `ray start --head`)")
     ap.add_argument("--keep-home", action="store_true", help="keep the run's FLWR_HOME (logs) after exit")
     args = ap.parse_args(argv)
-    try:
+    try:  # the merged run config, validated as the ServerApp will, before anything starts
         run_config = merge_run_config(args.run_config)
+        build_config(run_config)
     except ConfigError as exc:
         print(f"[flwr_sim] error: {exc}", file=sys.stderr, flush=True)
         return 2

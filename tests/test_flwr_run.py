@@ -35,9 +35,21 @@ def test_real_flwr_run_writes_results(tmp_path):
 
 @pytest.mark.slow
 def test_real_flwr_run_failure_exits_nonzero(tmp_path):
-    proc = launch(tmp_path, "alpha=-1.0")
-    assert proc.returncode == 1, proc.stdout[-3000:]
-    assert "configuration error: alpha: must be > 0" in proc.stdout
+    """A run that starts and fails on the server (its data set is not there) exits 1."""
+    proc = launch(tmp_path, f"dataset='mnist' download=false data-dir='{tmp_path / 'no-data'}'")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "mnist" in proc.stdout and "not found" in proc.stdout.lower(), proc.stdout[-3000:]
+
+
+def test_a_bad_run_config_is_one_line_before_anything_starts(tmp_path):
+    """The merged run config is validated as the ServerApp would, before a SuperLink or Ray
+    starts: one line naming the key and the allowed values, exit 2."""
+    for config, line in (("strategy='fedavgg'", "[flwr_sim] error: strategy: unknown value 'fedavgg'; allowed: "),
+                         ("alpha=-1.0", "[flwr_sim] error: alpha: must be > 0")):
+        proc = launch(tmp_path, config, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+        assert proc.stderr.startswith(line) and proc.stderr.count("\n") == 1, proc.stderr
+        # (stdout empty: no "[flwr_sim] SuperLink pid ..." line, nothing was started)
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from flwr_sim import BIN, flower_env, run_status  # BIN: the directory of the python running this script
-from mosaic_flwr.config import ConfigError, merge_run_config, write_run_config
+from mosaic_flwr.config import ConfigError, build_config, merge_run_config, write_run_config
 
 CONNECTION = "deploy"
 OPERATOR_CLI = Path(__file__).resolve().with_name("flwr_operator.py")
@@ -226,6 +226,7 @@ def submit(env: dict[str, str], run_config: list[str], app: Path = ROOT, timeout
     cmd = [*flwr_cli(), "run", str(app), connection, "--stream"]
     if run_config:  # files and key=value strings merged in order; `flwr run` takes one file
         values = merge_run_config(run_config)
+        build_config(values)  # a bad key or value: one line before the SuperLink hears of it
         cmd += ["--run-config", str(write_run_config(values, Path(env["FLWR_HOME"]) / "run-config.toml"))]
     found: list[int] = []
     timed_out = False
