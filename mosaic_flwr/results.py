@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -78,27 +79,78 @@ def check_writable(directory: Path) -> None:
         raise ValueError(f"output-dir: cannot write to {directory}: {exc.strerror or exc}") from None
 
 
+class Scalars:
+    """Per-round scalars as TensorBoard event files in ``directory``, written as each round
+    ends, when TensorBoard is installed (the ``tensorboard`` extra); otherwise nothing.
+    ``purge_step``: earlier event files' scalars from that round on are hidden (a resumed run
+    writes them again)."""
+
+    def __init__(self, directory: Path, purge_step: int | None = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the extra is not installed
+            self.writer = None
+            return
+        self.writer = SummaryWriter(log_dir=str(directory), purge_step=purge_step)
+
+    def add(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = int(row["round"])
+        for key, value in row.items():
+            if key != "round" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, float(value), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 class RunResults:
-    """Collects per-round metrics and writes the results contract into ``out_dir``."""
+    """Collects per-round metrics and writes the results contract into ``out_dir`` (and, with
+    TensorBoard installed, ``out_dir/tensorboard``)."""
 
     def __init__(self, out_dir: Path, config: dict[str, Any]):
         self.out_dir = Path(out_dir)
         check_writable(self.out_dir)
         self.rounds: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
+        self._scalars: Scalars | None = None
         write_json(self.out_dir / "config.json", config)
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.out_dir / "tensorboard"
+
+    def scalars(self, purge_step: int | None = None) -> Scalars:
+        if self._scalars is None or purge_step is not None:
+            if self._scalars is not None:
+                self._scalars.close()
+            self._scalars = Scalars(self.tensorboard_dir, purge_step)
+        return self._scalars
+
     def restore(self, rounds: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-        """Continue from a checkpoint's metrics (rewrites metrics.json/.csv to match it)."""
+        """Continue from a checkpoint's metrics (rewrites metrics.json/.csv, and the scalars,
+        to match it)."""
         self.rounds, self.extra = list(rounds), dict(extra)
         write_json(self.out_dir / "metrics.json", self.rounds)
         atomic_write(self.out_dir / "metrics.csv", rows_to_csv(self.rounds))
+        scalars = self.scalars(purge_step=0)
+        for row in self.rounds:
+            scalars.add(row)
 
     def log_round(self, row: dict[str, Any]) -> None:
         """Record one round (keys at least round, accuracy, loss, seconds) and rewrite files."""
         self.rounds.append(row)
         write_json(self.out_dir / "metrics.json", self.rounds)
         atomic_write(self.out_dir / "metrics.csv", rows_to_csv(self.rounds))
+        self.scalars().add(row)
 
     def finish(self, summary: dict[str, Any], title: str = "") -> dict[str, Any]:
         scored = [r for r in self.rounds if r.get("accuracy") is not None]
@@ -114,6 +166,9 @@ class RunResults:
         }
         write_json(self.out_dir / "summary.json", summary)
         plot_accuracy(self.rounds, self.out_dir / "accuracy.png", title=title)
+        if self._scalars is not None:
+            self._scalars.close()
+            self._scalars = None
         return summary
 
 

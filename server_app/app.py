@@ -20,7 +20,7 @@ from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
 from mosaic_flwr.mosaic.robust import bound_counts
 from mosaic_flwr.privacy import dp as dpm
 from mosaic_flwr.records import ClientInfo
-from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition
+from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition, tensorboard_available
 from mosaic_flwr.strategies import STRATEGIES, ServerContext, get_strategy
 from mosaic_flwr.strategies.bank import RoundFailed
 from mosaic_flwr.strategies.base import Straggler, discover_clients, reply_limit
@@ -144,6 +144,8 @@ def setup(grid: Grid, context: Context) -> ServerContext:
         log(INFO, "[mosaic-flwr] validation split: %d training images held out (no client holds them)",
             len(val_y))
     log(INFO, "[mosaic-flwr] results -> %s", out)
+    if tensorboard_available():
+        log(INFO, "[mosaic-flwr] live per-round scalars: tensorboard --logdir %s", results.tensorboard_dir)
     return ServerContext(cfg=cfg, grid=grid, device=device, test_x=test_x,
                          test_y=test_y, results=results, num_nodes=len(clients), clients=clients, bounded=bounded,
                          resume_state=resume_state, init_state=init_state, val_x=val_x, val_y=val_y)

@@ -149,6 +149,11 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
     for r in rows[1:]:
         assert r["clients"] == 3 and r["rejected"] == 0 and math.isfinite(r["train-loss"]), r
     assert all(_finite_fraction(r["accuracy"]) and math.isfinite(r["loss"]) for r in rows)
+    # ... and each round's scalars in TensorBoard, the distillation's figures included
+    from tests.test_results import scalars_of
+    board = scalars_of(out["dir"] / "tensorboard")
+    assert board["accuracy"] == [(r["round"], pytest.approx(r["accuracy"])) for r in rows]
+    assert board["acc-teacher"] == [(2, pytest.approx(rows[2]["acc-teacher"]))]
     assert set(rec.replies) == {0, 1, 2, 3} and all(set(v) == nodes for v in rec.replies.values())
 
     # The distillation round: a generator from every client (only then), finite report.

@@ -39,3 +39,31 @@ def test_a_failed_write_keeps_the_old_content(tmp_path):
     with pytest.raises(TypeError):
         atomic_write(path, 12345)  # not str or bytes: fails while writing
     assert path.read_text() == "complete" and len(list(tmp_path.iterdir())) == 1
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+def scalars_of(directory) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``directory``: tag -> [(step, value)]
+    as TensorBoard shows them (purged steps hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_each_round_is_in_tensorboard_as_it_ends_and_a_resume_rewrites_it(tmp_path):
+    from mosaic_flwr.results import RunResults
+    results = RunResults(tmp_path, {})
+    results.log_round({"round": 0, "accuracy": 0.1, "loss": 2.3, "phase": "init"})
+    results.log_round({"round": 1, "accuracy": 0.5, "loss": float("nan"), "kd-loss": 0.7})
+    live = scalars_of(results.tensorboard_dir)  # before finish: flushed each round
+    assert live["accuracy"] == [(0, pytest.approx(0.1)), (1, pytest.approx(0.5))]
+    assert live["loss"] == [(0, pytest.approx(2.3))] and live["kd-loss"] == [(1, pytest.approx(0.7))]
+    assert "phase" not in live
+    results.finish({})
+    # a resumed run restores round 0 only (its checkpoint) and goes on: round 1 is the new one
+    resumed = RunResults(tmp_path, {})
+    resumed.restore([{"round": 0, "accuracy": 0.1, "loss": 2.3}], {})
+    resumed.log_round({"round": 1, "accuracy": 0.6, "loss": 1.0})
+    resumed.finish({})
+    assert scalars_of(resumed.tensorboard_dir)["accuracy"] == [(0, pytest.approx(0.1)), (1, pytest.approx(0.6))]
