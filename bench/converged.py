@@ -86,6 +86,9 @@ VARIANTS = {
                                 "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
                                 "distill-gate": "off"}),
     "mosaic": ("mosaic", {}),
+    # Issue 39: prototypes of any size (the default before proto-min-records=5), gated and not
+    "mosaic-pmr1": ("mosaic", {"proto-min-records": 1}),
+    "mosaic-ungated-pmr1": ("mosaic", {"distill-gate": "off", "proto-min-records": 1}),
     "mosaic-nometa": ("mosaic", {"mosaic-meta": False}),  # the experts' mixture alone is the teacher
     # Equal client compute: FedAvg / FedProx given as many rounds as Mosaic's clients' measured
     # work buys (``equal_compute_rounds``); they run after the cell's Mosaic and base runs.
@@ -163,7 +166,8 @@ def shares_round1(variant: str) -> bool:
 
 
 # Settings that change round 1's client work: variants that differ in them cannot share it.
-ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", "distill-weight-decay", "proto-k")
+ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", "distill-weight-decay", "proto-k",
+               "proto-min-records", "count-floor")
 
 
 def pretrain_name(alpha: float, seed: int) -> str:
