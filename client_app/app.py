@@ -84,14 +84,15 @@ def _received(msg: Message, context: Context):
 def client_ledger(cfg: Config, context: Context, y: torch.Tensor) -> Ledger | None:
     """This client's privacy ledger under DP (``mosaic_flwr.privacy.ledger``; None without DP):
     in the node config's ``ledger-dir`` (a deployed SuperNode's own folder, which the server
-    cannot change), else, in simulation, in a folder per Flower run under ``output-dir``."""
+    cannot change), else, in simulation, in a folder per run under ``output-dir`` (the Flower
+    run id and the run name: simulated clients are new in every run)."""
     settings = dpm.dp_settings(cfg.values)
     if settings is None:
         return None
     pid, num = node_partition(context.node_config)
     where = str(context.node_config.get("ledger-dir", "") or "")
-    folder = (Path(where).expanduser() if where
-              else Path(cfg.output_dir).expanduser() / "privacy-ledger" / f"run-{context.run_id}")
+    run = f"run-{context.run_id}" + (f"-{cfg.run_name}" if cfg.run_name else "")
+    folder = Path(where).expanduser() if where else Path(cfg.output_dir).expanduser() / "privacy-ledger" / run
     return Ledger(folder / ledger_name(cfg.dataset, pid, num, y), budget=settings.epsilon, delta=settings.delta,
                   accountant=settings.accountant)
 

@@ -361,7 +361,7 @@ def test_tiny_mosaic_run_with_dp_reports_epsilon_and_the_gate_hears_every_client
             assert r["num-examples"] == sum(counts_seen[node][0])
             assert all(0 <= r[k] <= r["num-examples"] for k in r if k.startswith("correct-"))
     # each client's ledger holds every release, composed within dp-epsilon
-    ledgers = sorted((tmp_path / "privacy-ledger" / "run-1").glob("*.json"))
+    ledgers = sorted((tmp_path / "privacy-ledger" / "run-1-run").glob("*.json"))
     assert len(ledgers) == 3
     gates = 1 + (report["gate-kept"] == 1.0)  # the look-ahead scores again after the last round
     for path in ledgers:

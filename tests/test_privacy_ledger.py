@@ -166,3 +166,13 @@ def test_with_a_count_floor_every_reply_declares_the_same_examples(tmp_path):
     scored = _score(grid, 6).content.metric_records["metrics"]
     assert scored["num-examples"] == declared
     assert max(scored["correct-before"], scored["correct-after"]) <= declared
+
+
+def test_simulated_runs_in_one_output_dir_keep_their_own_ledgers(tmp_path):
+    """In simulation (no node-config ledger-dir) each run's clients are new: two runs of the
+    same data in one output-dir (the in-process grid's run id is always 1) do not share a
+    ledger, so the second is not refused for what the first spent."""
+    for name in ("eps-8", "eps-1"):
+        assert _score(_grid(tmp_path, **{"run-name": name}), 6).has_content()
+    books = sorted(p.parent.name for p in (tmp_path / "privacy-ledger").glob("*/*.json"))
+    assert books == ["run-1-eps-1", "run-1-eps-8"]

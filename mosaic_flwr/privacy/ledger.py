@@ -16,7 +16,8 @@ A ledger belongs to the data it describes: its file name carries the data set, t
 partition and a digest of the client's labels. Where it lives is the client's choice: a
 SuperNode's ``--node-config ledger-dir=...`` (``scripts/deploy/start_supernode.sh`` sets one
 under the node's own folder), which the server cannot change; in simulation, without one, a
-folder per Flower run under the run's ``output-dir`` (simulated clients are new each run).
+folder per run (Flower run id and run name) under the run's ``output-dir`` (simulated clients
+are new each run).
 """
 
 from __future__ import annotations
