@@ -31,7 +31,7 @@ the same learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and th
 distillation gate on for every distilling method; then FedAvg and FedProx again with as many
 rounds as Mosaic's clients' measured work buys (``converged.equal_compute_rounds``). Per seed,
 the centralised reference with the same sample passes. Settings are the defaults (chosen on
-the validation split: README "How the defaults were chosen") and, for CIFAR-10, the CPU preset.
+the validation split: docs/methods.md, "How the defaults were chosen") and, for CIFAR-10, the CPU preset.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ CIFAR_TRANSFER_NOTE = ("FedDF distils on the validation split's images (unlabell
 WIDTHS_DROPPED = ("The cell first ran with ResNet-8 at half width as its third family (HeteroFL / FedRolex "
                   "widths, `client-capacities`): that model gave one class to every test image (10.0 %) from the "
                   "pre-training on, whatever the method. Part of the cause is BatchNorm: its running statistics "
-                  "are averaged across widths (README, \"Known limitation\"); re-estimated on the clients' images "
+                  "are averaged across widths (docs/heterogeneity.md, \"Known limitation\"); re-estimated on the clients' images "
                   "the slice still read only 15.1 % against the full width's 25.0 % "
                   "(`bench/results/slice-check-families.md`). A family at chance also enters the clients' gate's "
                   "score, so the cell was restarted with cnn_wide instead; the first version's runs are in "
@@ -574,7 +574,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 
     lines = [f"## {p.title}", ""]
     if p.cut:
-        lines += [f"Cut to bring the grid towards ~12 h on 2 cores (it still takes ~22 h, README): {p.cut}.", ""]
+        lines += [f"Cut to bring the grid towards ~12 h on 2 cores (it still takes ~22 h, docs/benchmarks.md): {p.cut}.", ""]
     lines += [n for note in p.notes for n in (note, "")]
     lines += _main_table(p, out, runs, acc, pre, cen)
     lines += _paired_table(p, runs, acc)

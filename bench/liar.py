@@ -4,7 +4,7 @@ the new ones, clean and attacked.
 
 The liar is ``bench/liar_client.py`` (partition 0: counts x 1000 everywhere, random weights, a
 generator of random weights, prototypes of noise, forged gate scores). Each cell runs the
-README's main job (``scripts/flwr_sim.py``, 10 clients, Fashion-MNIST, the default schedule)
+main job (``scripts/flwr_sim.py``, 10 clients, Fashion-MNIST, the default schedule)
 from a git worktree of the current commit: ``honest`` as the project ships it, ``liar`` with the
 lying ClientApp copied in as ``client_app/liar.py`` and named the app's ``clientapp``.
 
@@ -115,7 +115,7 @@ def report(args) -> None:
     prov = provenance()
     lines = header_lines("A lying client in a real flwr run (bench/liar.py)", prov)
     lines += [
-        "Fashion-MNIST, 10 clients, Dirichlet alpha as below, the README's main job (`scripts/flwr_sim.py",
+        "Fashion-MNIST, 10 clients, Dirichlet alpha as below, the main job (`scripts/flwr_sim.py",
         "--num-supernodes 10`: a real `flwr run` simulation, Ray, 8 rounds, distillation after round 6, the",
         "clients' gate with its look-ahead). The liar is partition 0 (`bench/liar_client.py`): it declares",
         "1000 x its counts, sends random weights of its model's scale, a random generator and noise",

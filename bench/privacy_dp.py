@@ -1,4 +1,4 @@
-"""The privacy / accuracy trade-off of Mosaic's differential privacy (README "Differential privacy").
+"""The privacy / accuracy trade-off of Mosaic's differential privacy (docs/privacy.md, "Differential privacy").
 
 Mosaic on Fashion-MNIST, 10 clients, Dirichlet alpha = 0.1, the default schedule with the
 clients' gate, at a total per-client epsilon (``dp-epsilon``) of inf (no DP), 8 and 1 (delta

@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-# What the audit flags (see ``flags``): documented in the README's privacy section.
+# What the audit flags (see ``flags``): documented in docs/privacy.md.
 RATIO_FLAG = 0.8          # median DCR train / unseen below this: the generator sits on its training images
 NEAR_COPY_EXCESS = 0.1    # near-copy share above the unseen baseline by more than this
 AUC_FLAG = 0.6            # membership AUC at least this, with its interval above 0.5

@@ -35,7 +35,7 @@ requested labels (``kd-teacher-label-agreement`` is then how often the ensemble 
 sample its target). ``Source.check`` is None: the targets are requests, not labels.
 
 Where this differs from their code (``zj-jayzhang/DENSE``, ``helpers/synthesizers.py``,
-``loop_df_fl.py``; the README lists them too):
+``loop_df_fl.py``; docs/methods.md lists them too):
 
 - KD uses the shared ``kd-*`` loss and Adam; theirs is ``T^2 * KL(p_t/T || p_s/T)`` with
   ``T=20`` and SGD (lr 0.005, momentum 0.9), one pass over the whole pool per synthesis:

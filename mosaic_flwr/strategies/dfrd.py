@@ -26,7 +26,7 @@ average (EMA) copy, both kept across rounds:
   update, then the KD steps on both generators' samples.
 
 The paper's text beyond its abstract was not available here; the choices this reading
-makes are listed in README.md (FedFTG and DFRD).
+makes are listed in docs/methods.md (FedFTG and DFRD).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ itself, which persists across rounds (as in the authors' code):
   five student steps on the same batch, ten times a round).
 
 The KD loop, its loss and optimiser (``kd-*``), the checks and the gate are the core's.
-What differs from the authors' code is listed in README.md (FedFTG and DFRD).
+What differs from the authors' code is listed in docs/methods.md (FedFTG and DFRD).
 """
 
 from __future__ import annotations

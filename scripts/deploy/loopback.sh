@@ -11,7 +11,7 @@
 #   --run-config "..."   run-config overrides (TOML values), also used to make the partitions;
 #                        repeatable
 #
-# Across machines the same steps run by hand, with only the address changing (README, Deployment).
+# Across machines the same steps run by hand, with only the address changing (docs/deployment.md).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 

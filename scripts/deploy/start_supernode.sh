@@ -81,7 +81,7 @@ fi
 [[ -z "$EXTRA" ]] || NODE_CONFIG+=" $EXTRA"
 
 flower_env "${HOME_DIR:-$ROOT/.flwr/supernode-$PORT}"
-# Under DP the client's privacy ledger lives here, out of the server's reach (README, DP)
+# Under DP the client's privacy ledger lives here, out of the server's reach (docs/privacy.md, the privacy ledger)
 [[ "$NODE_CONFIG" == *ledger-dir=* ]] || NODE_CONFIG+=" ledger-dir='$FLWR_HOME/privacy-ledger'"
 echo "[start_supernode] SuperLink $SUPERLINK, key $(abspath "$KEY"), node-config: $NODE_CONFIG, pid $$"
 exec "$BIN/flower-supernode" --superlink "$SUPERLINK" \
