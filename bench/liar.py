@@ -12,7 +12,8 @@ lying ClientApp copied in as ``client_app/liar.py`` and named the app's ``client
     .venv/bin/python bench/liar.py report                              # every alpha and seed run so far
 
 Cells: clean / attacked x old defaults (``count-clip=0 proto-min-records=1``) / new defaults /
-robust settings (the new defaults with ``aggregation='median' gate-statistic='median'``).
+robust settings (the new defaults with ``aggregation='median' gate-statistic='median'``) / median
+gate (the new defaults with ``gate-statistic='median'`` alone).
 Runs under /work/bench-runs/liar (outside git); ``report`` writes every finished cell, by alpha
 and seed, to bench/results/liar.{md,json}.
 """
@@ -40,6 +41,8 @@ CELLS = {  # name -> (app, extra run config)
     "clean, new defaults": ("honest", ""),
     "attacked, robust settings": ("liar", ROBUST),
     "clean, robust settings": ("honest", ROBUST),
+    "attacked, median gate": ("liar", "gate-statistic='median'"),
+    "clean, median gate": ("honest", "gate-statistic='median'"),
 }
 CORE = list(CELLS)[:4]
 
@@ -121,7 +124,8 @@ def report(args) -> None:
         "1000 x its counts, sends random weights of its model's scale, a random generator and noise",
         "prototypes, and scores every distilled candidate right and every model before distillation wrong",
         "on all its declared examples. Old defaults: `count-clip=0 proto-min-records=1`; robust settings:",
-        "the new defaults with `aggregation='median' gate-statistic='median'`. Each cell runs from a git",
+        "the new defaults with `aggregation='median' gate-statistic='median'`; median gate: the new",
+        "defaults with `gate-statistic='median'` alone. Each cell runs from a git",
         "worktree of the commit named; one cell at a time on the 2-core VM, other jobs beside it.", ""]
     for alpha in sorted(runs):
         seeds = sorted(runs[alpha])
