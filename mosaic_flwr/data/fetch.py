@@ -302,8 +302,9 @@ def _root(root: Path | None) -> Path:
 
 
 def _why(exc: BaseException) -> str:
-    """An exception on one line (torchvision's download errors span several)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    """An exception on one line (torchvision's download errors span several), cut at 1,000
+    characters: enough for a file's path and both md5s however deep the folder is."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:1000]}"
 
 
 def _failed(name: str, root: Path, tried: list[str]) -> FetchError:
