@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import header_lines, provenance, write_results  # noqa: E402
+from bench.common import git_commit, header_lines, provenance, write_results  # noqa: E402
 
 RUNS = Path("/work/bench-runs/liar")
 OLD = "count-clip=0.0 proto-min-records=1"
@@ -68,8 +68,7 @@ def cell_dir(name: str, alpha: float, seed: int) -> Path:
 
 
 def run(args) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.strip()
+    commit = git_commit()
     for name in args.cells or CELLS:
         kind, extra = CELLS[name]
         out = cell_dir(name, args.alpha, args.seed)

@@ -205,7 +205,6 @@ def evaluate_candidates(msg: Message, context: Context) -> Message:
     if settings is not None:
         total = int(released.sum())
         sigma = dpm.gate_sigma(settings)
-        ledger.check({"gate": (sigma, 1.0, 1)})
         scores = dpm.noisy_scores({k: v for k, v in metrics.items() if k != NUM_EXAMPLES}, total, sigma,
                                   dpm.secret_generator())
         ledger.charge({"gate": (sigma, 1.0, 1)}, run=int(context.run_id),

@@ -112,6 +112,13 @@ def strategy_names() -> tuple[str, ...]:
     return tuple(_methods())
 
 
+def gate_until(values: Mapping[str, Any]) -> int:
+    """The round after which the look-ahead gate makes its final choice: ``gate-rounds``
+    fine-tune rounds after the distillation round (-1: to the end), at most the last round."""
+    last, warmup, ahead = int(values["num-server-rounds"]), int(values["warmup-rounds"]), int(values["gate-rounds"])
+    return last if ahead < 0 else min(last, warmup + ahead)
+
+
 def distils(strategy: str) -> bool:
     """Whether ``strategy`` has the distillation schedule (warm-up, distillation, fine-tune)."""
     method = _methods().get(strategy)

@@ -139,11 +139,10 @@ def gate_releases(values: Mapping[str, Any]) -> int:
     """How many times a client scores candidate models for the clients' gate in a run: at the
     distillation round, and again when the look-ahead (``gate-rounds``) ends after it (0
     without the clients' gate)."""
+    from ..config import gate_until
     if values["distill-gate"] != "clients" or values["strategy"] != "mosaic":
         return 0
-    warmup, last, ahead = int(values["warmup-rounds"]), int(values["num-server-rounds"]), int(values["gate-rounds"])
-    until = last if ahead < 0 else min(last, warmup + ahead)
-    return 1 + (until > warmup)
+    return 1 + (gate_until(values) > int(values["warmup-rounds"]))
 
 
 def check_config(values: Mapping[str, Any]) -> str | None:

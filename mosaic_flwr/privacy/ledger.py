@@ -97,14 +97,15 @@ class Ledger:
     def charge(self, releases: dict[str, tuple[float, float, int]], **about: Any) -> float:
         """Writes ``releases`` down (after ``check``) before they are sent; returns the new total.
         ``about`` (run id, round, ...) is kept with each entry for the client's owner."""
+        for what, (sigma, _, _) in releases.items():
+            if not (math.isfinite(sigma) and sigma > 0):
+                raise ValueError(f"privacy ledger: {what}: a noise multiplier > 0 is needed, got {sigma}")
         total = self.check(releases)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for what, (sigma, rate, steps) in releases.items():
-            if not (math.isfinite(sigma) and sigma > 0):
-                raise ValueError(f"privacy ledger: {what}: a noise multiplier > 0 is needed, got {sigma}")
             self.releases.append({"what": what, "sigma": float(sigma), "sample-rate": float(rate),
                                   "steps": int(steps), "at": now, **about})
-        self._save()
+        self._save(total)
         return total
 
     # ------------------------------------------------------------------ the noisy counts
@@ -119,9 +120,9 @@ class Ledger:
         self.charge({"counts": (sigma, 1.0, 1)}, **about)
         return counts
 
-    def _save(self) -> None:
+    def _save(self, spent: float) -> None:
         from mosaic_flwr.results import atomic_write
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = {"version": VERSION, "delta": self.delta, "accountant": self.accountant,
-                "epsilon-spent": self.epsilon(), "counts": self.counts, "releases": self.releases}
+                "epsilon-spent": spent, "counts": self.counts, "releases": self.releases}
         atomic_write(self.path, json.dumps(body, indent=1) + "\n", durable=True, private=True)

@@ -41,7 +41,7 @@ from flwr.common.logger import log
 from torch import Tensor, nn
 
 from ..checkpoint import ARTIFACTS, save_checkpoint
-from ..config import lr_for_round
+from ..config import gate_until, lr_for_round
 from ..models.generators import generator_for
 from ..mosaic.distill import distill_many
 from ..mosaic.ensemble import ClientEnsemble, label_weights, uniform_weights
@@ -149,11 +149,8 @@ class DistillStrategy(BankStrategy):
             ", ".join(map(str, self.archs)))
 
     def gate_until(self) -> int:
-        """The round after which the look-ahead gate makes its final choice (``gate-rounds``
-        fine-tune rounds after the distillation round, at most the last round)."""
-        c = self.cfg
-        last = c.num_server_rounds
-        return last if c.gate_rounds < 0 else min(last, c.warmup_rounds + c.gate_rounds)
+        """The round after which the look-ahead gate makes its final choice (``config.gate_until``)."""
+        return gate_until(self.cfg.values)
 
     # ------------------------------------------------------------------ rounds
     def mosaic_message(self, phase: str) -> bool:
