@@ -85,6 +85,13 @@ VARIANTS = {
                                 "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
                                 "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
                                 "distill-gate": "off"}),
+    # the authors' expert round as a second pass beside the regular training (expert-pass):
+    # experts drift little, the averaged model trains as usual; gated (as shipped) and not
+    "mosaic-expertpass": ("mosaic", {"expert-pass": True, "distill-local-steps": 10, "distill-batch-size": 64,
+                                     "distill-momentum": 0.0, "distill-weight-decay": 1e-4}),
+    "mosaic-expertpass-ungated": ("mosaic", {"expert-pass": True, "distill-local-steps": 10, "distill-batch-size": 64,
+                                             "distill-momentum": 0.0, "distill-weight-decay": 1e-4,
+                                             "distill-gate": "off"}),
     "mosaic": ("mosaic", {}),
     # Issue 39: prototypes of any size (the default before proto-min-records=5), gated and not
     "mosaic-pmr1": ("mosaic", {"proto-min-records": 1}),
@@ -167,7 +174,7 @@ def shares_round1(variant: str) -> bool:
 
 # Settings that change round 1's client work: variants that differ in them cannot share it.
 ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", "distill-weight-decay", "proto-k",
-               "proto-min-records", "count-floor")
+               "proto-min-records", "count-floor", "expert-pass")
 
 
 def pretrain_name(alpha: float, seed: int) -> str:

@@ -23,9 +23,9 @@ def _load(path: Path) -> dict | None:
 
 def client_steps(run: dict) -> tuple[int, int] | None:
     """(classifier SGD steps, generator steps) one client spent in the continuation rounds:
-    local steps each round (``distill-local-steps`` at the distillation round), one more
-    local training per look-ahead round (the path without distillation), the generator at
-    the distillation round (Mosaic and FedDF)."""
+    local steps each round (``distill-local-steps`` at the distillation round, or on top of
+    them with ``expert-pass``), one more local training per look-ahead round (the path without
+    distillation), the generator at the distillation round (Mosaic and FedDF)."""
     c, rows = run["config"], run["rows"]
     if [r["round"] for r in rows] != list(range(c.get("num-server-rounds", 0) + 1)):
         return None  # an incomplete per-round log: not counted
@@ -33,7 +33,7 @@ def client_steps(run: dict) -> tuple[int, int] | None:
     steps = sum(local for r in rows if r["round"] > 0)
     generators = c.get("strategy") in ("mosaic", "feddf-gen")  # Mosaic's client round at the distillation round
     if generators and c.get("distill-local-steps"):
-        steps += c["distill-local-steps"] - local
+        steps += c["distill-local-steps"] - (0 if c.get("expert-pass") else local)
     steps += local * sum(1 for r in rows if r.get("shadow-clients"))
     return steps, c.get("gen-steps", 0) if generators else 0
 

@@ -63,6 +63,20 @@ def sgd_settings(c) -> dict:
             "momentum": float(c["momentum"]), "weight_decay": float(c["weight-decay"])}
 
 
+def expert_settings(c) -> dict | None:
+    """``expert-pass``: the SGD settings of the client's expert model (the round's settings,
+    with the ``expert-*`` keys the server sent in place of theirs), or None when none were sent."""
+    if "expert-local-steps" not in c:
+        return None
+    settings = sgd_settings(c)
+    settings["steps"] = int(c["expert-local-steps"])
+    for key, name, kind in (("expert-batch-size", "batch_size", int), ("expert-momentum", "momentum", float),
+                            ("expert-weight-decay", "weight_decay", float)):
+        if key in c:
+            settings[name] = kind(c[key])
+    return settings
+
+
 def _local_data(context: Context):
     """Config, partition id and this client's data (normalised images, labels)."""
     cfg, pid, _ = client_setup(context)
@@ -246,6 +260,7 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         gen = {"steps": int(c["gen-steps"]), "batch-size": int(c["gen-batch-size"]),
                "lr": float(c["gen-lr"]), "ce-weight": float(c["gen-ce-weight"]),
                "div-weight": float(c["gen-div-weight"])}
+    expert = expert_settings(c) if distill else None
     info = dataset_info(cfg.dataset)
     settings = dpm.dp_settings(cfg.values)
     dp, ledger, releases = {}, None, {}
@@ -272,6 +287,7 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         model, x, y, info, train=sgd_settings(c),
         seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)),
         proto_min_records=int(c.get("proto-min-records", 1)), count_floor=cfg.count_floor, gen=gen,
+        expert_train=expert,
         augment=augmenter(cfg.augment, info), audit_unseen=unseen, **dp)
     result.metrics.update(_work(t0, c0, resolve_device(cfg.device)))
     if ledger is not None and releases:  # written down before it is sent

@@ -262,6 +262,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "distill-batch-size": (int, _non_negative),
     "distill-momentum": (float, _or_minus_one(_closed_unit)),
     "distill-weight-decay": (float, _or_minus_one(_non_negative_finite)),
+    "expert-pass": (bool, None),  # the distill-* training is a second pass whose model is the expert
     "distill-gate": (str, _choice("off", "clients", "validation")),
     "gate-statistic": (str, _choice("pooled", "median")),
     # --- many clients: Mosaic's collection rounds and the bounded generator bank
@@ -506,6 +507,9 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     if values["distill-local-steps"] > 0 and values["local-steps"] == 0:
         raise ConfigError("distill-local-steps: replaces local-steps at the distillation round, but local "
                           f"work is local-epochs={values['local-epochs']}; set local-steps instead")
+    if values["expert-pass"] and values["distill-local-steps"] == 0:
+        raise ConfigError("expert-pass: the expert pass trains distill-local-steps steps, which is 0; set "
+                          "distill-local-steps > 0 (the authors: 10, with distill-batch-size=64)")
     from .privacy.dp import check_config as dp_check
     problem = dp_check(values)
     if problem:

@@ -166,6 +166,7 @@ def decode_reply(msg: Message, template: Mapping[str, torch.Tensor],
 LABEL_COUNTS = "label-counts"
 PROTOTYPES = "prototypes"
 GENERATOR = "generator"
+EXPERT = "expert-arrays"  # expert-pass: the model the client's class experts are made of
 
 
 @dataclass
@@ -178,6 +179,7 @@ class MosaicReply:
     prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
     generator: dict[str, torch.Tensor] | None = None
     declared_counts: torch.Tensor | None = None  # as sent, where ``label_counts`` is bounded (count-clip)
+    expert_state: dict[str, torch.Tensor] | None = None  # expert-pass: the expert model, beside ``state``
 
 
 def decode_evaluate_reply(msg: Message, names: Collection[str]) -> tuple[dict[str, int] | None, str | None]:
@@ -267,21 +269,41 @@ def mosaic_payload(result) -> RecordDict:
         content[PROTOTYPES] = ArrayRecord({"features": feats.float(), "labels": labels.long()})
     if result.generator is not None:
         content[GENERATOR] = state_to_record(result.generator)
+    if getattr(result, "expert_state", None) is not None:
+        content[EXPERT] = state_to_record(result.expert_state)
     return content
+
+
+def _state_record(content: RecordDict, name: str, template: Mapping[str, torch.Tensor], what: str
+                  ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """The state dict in array record ``name``, checked against ``template`` before and after
+    decoding: ``(state, None)`` or ``(None, problem)`` (problems start with ``what``)."""
+    if name not in content.array_records:
+        return None, f"no {name!r} record"
+    problem = record_problem(content.array_records[name], template)
+    if problem:
+        return None, f"{what}: {problem}"
+    try:
+        state = record_to_state(content.array_records[name])
+    except Exception as exc:
+        return None, f"{what} does not decode: {exc}"
+    problem = state_problem(state, template)
+    return (None, f"{what}: {problem}") if problem else (state, None)
 
 
 def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, num_classes: int,
                         feature_dim: int, generator_template: Mapping[str, torch.Tensor] | None = None,
-                        expect_prototypes: bool = False, max_prototypes: int | None = None
-                        ) -> tuple[MosaicReply | None, str | None]:
+                        expect_prototypes: bool = False, max_prototypes: int | None = None,
+                        expect_expert: bool = False) -> tuple[MosaicReply | None, str | None]:
     """Validate and decode a Mosaic reply: ``(reply, None)`` or ``(None, problem)``.
 
     Checks the classifier arrays against the template, the label counts (C non-negative
     integers summing to ``num-examples``), and where expected the prototypes (finite,
     ``[M, feature_dim]`` with labels of classes the client declares) and the generator
-    (the declared architecture, finite).
+    (the declared architecture, finite), and with ``expect_expert`` the expert model
+    (``expert-pass``: the classifier's template, like the arrays).
     """
-    state, problem = decode_reply(msg, template, other_records=(LABEL_COUNTS, PROTOTYPES, GENERATOR))
+    state, problem = decode_reply(msg, template, other_records=(LABEL_COUNTS, PROTOTYPES, GENERATOR, EXPERT))
     if problem:
         return None, problem
     content = msg.content
@@ -335,19 +357,15 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
             return None, "prototypes: labels of classes the client does not hold"
         reply.prototypes = (feats.float(), labels.long())
     if generator_template is not None:
-        if GENERATOR not in content.array_records:
-            return None, "no 'generator' record"
-        problem = record_problem(content.array_records[GENERATOR], generator_template)
+        reply.generator, problem = _state_record(content, GENERATOR, generator_template, "generator")
         if problem:
-            return None, f"generator: {problem}"
-        try:
-            gen = record_to_state(content.array_records[GENERATOR])
-        except Exception as exc:
-            return None, f"generator does not decode: {exc}"
-        problem = state_problem(gen, generator_template)
+            return None, problem
+    if expect_expert:
+        reply.expert_state, problem = _state_record(content, EXPERT, template, "expert model")
         if problem:
-            return None, f"generator: {problem}"
-        reply.generator = gen
+            return None, problem
+    elif EXPERT in content.array_records:
+        return None, f"an {EXPERT!r} record that was not asked for"
     return reply, None
 
 

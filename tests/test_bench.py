@@ -162,6 +162,8 @@ def test_converged_report_counts_each_clients_steps():
     assert client_steps({"config": {**base, "strategy": "mosaic"}, "rows": rows}) == (250, 200)
     assert client_steps({"config": {**base, "strategy": "mosaic", "distill-local-steps": 200},
                          "rows": rows[:2] + [{"round": 2}, {"round": 3}]}) == (300, 200)
+    assert client_steps({"config": {**base, "strategy": "mosaic", "distill-local-steps": 10, "expert-pass": True},
+                         "rows": rows[:2] + [{"round": 2}, {"round": 3}]}) == (160, 200)
     assert client_steps({"config": {**base, "strategy": "mosaic"}, "rows": rows[:1]}) is None  # incomplete log
     assert paired_interval([0.01, 0.03], scale=100, digits=1) == "+2.0 [-10.7, +14.7] (+1.0, +3.0)"
 

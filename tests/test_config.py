@@ -108,6 +108,7 @@ def test_local_work_is_stated():
     ({"trim-fraction": 0.5}, r"^trim-fraction: must be in \[0, 0.5\)"),
     ({"max-client-share": 0.0}, r"^max-client-share: must be in \(0, 1\], got 0.0"),
     ({"max-client-share": 1.5}, r"^max-client-share: must be in \(0, 1\], got 1.5"),
+    ({"expert-pass": True}, r"^expert-pass: the expert pass trains distill-local-steps steps, which is 0"),
 ])
 def test_bad_values_are_one_line_naming_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:

@@ -89,6 +89,7 @@ class Recorder:
             "counts": list(content["label-counts"]["counts"]) if "label-counts" in content else None,
             "prototypes": record_to_state(content["prototypes"]) if "prototypes" in content else None,
             "generator": record_to_state(content["generator"]) if "generator" in content else None,
+            "expert": record_to_state(content["expert-arrays"]) if "expert-arrays" in content else None,
         }
         return reply
 
@@ -341,6 +342,33 @@ def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_global_fe
         full = model(_expert_logits(kd["cfg"], rec.experts[0]["cnn_small"], x))
         assert not torch.allclose(kd["teacher"](x), full, atol=1e-3)  # not the full experts' teacher
     assert distill["meta-used"] == 1
+
+
+def test_mosaic_with_an_expert_pass_builds_its_class_experts_from_the_expert_models(tmp_path, monkeypatch):
+    """``expert-pass``: at the distillation round every client also sends an expert model
+    (the ``distill-*`` settings, a second pass from the received model); the class experts
+    the distillation starts from are the label-count weighted means of those, while the
+    regular training's settings and the averaged model are the plain path's."""
+    overrides = {"strategy": "mosaic", "expert-pass": True, "distill-local-steps": 2, "distill-batch-size": 8,
+                 "distill-momentum": 0.0, "distill-weight-decay": 1e-4}
+    out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
+    _check_schedule_and_distillation(out, rows, rec, {**TINY, **overrides})
+    sent = [m for m in out["grid"].sent if _round(m) == 2]
+    assert all(m.content["config"]["local-steps"] == TINY["local-steps"]
+               and m.content["config"]["expert-local-steps"] == 2 for m in sent)
+    assert all(r["expert"] is None for rnd in (1, 3) for r in rec.replies[rnd].values())
+    uploads = list(rec.replies[2].values())
+    assert all(r["expert"] is not None and r["expert"].keys() == r["state"].keys() for r in uploads)
+    counts = torch.tensor([r["counts"] for r in uploads], dtype=torch.float64)  # [clients, C]
+    experts = rec.experts[0]["cnn_small"]
+    for c in range(C):
+        if counts[:, c].sum() == 0:
+            continue
+        w = counts[:, c] / counts[:, c].sum()
+        for key, value in experts[c].items():
+            if value.is_floating_point():
+                expected = sum(wi * r["expert"][key].double() for wi, r in zip(w, uploads))
+                assert torch.allclose(value.double(), expected, atol=1e-5), (c, key)
 
 
 def test_meta_experts_heads_needs_one_architecture():

@@ -65,7 +65,7 @@ def honest(kind: str) -> RecordDict:
         feats = torch.randn(4, MODEL.feature_dim)
         return mosaic_payload(MosaicClientResult(
             TEMPLATE, torch.tensor(COUNTS), {"train-loss": 0.4, "client-seconds": 2.0},
-            (feats, torch.tensor([0, 0, 2, 5])), GENERATOR))
+            (feats, torch.tensor([0, 0, 2, 5])), GENERATOR, expert_state=TEMPLATE))  # expert-pass: all of it
     if kind == "evaluate":
         return RecordDict({"metrics": MetricRecord({"num-examples": N, "correct-before": 20, "correct-after": 31})})
     if kind == "query.logits":
@@ -82,7 +82,8 @@ def decode(kind: str, msg: Message):
         return decode_reply(msg, TEMPLATE)
     if kind == "train.mosaic":
         return decode_mosaic_reply(msg, TEMPLATE, num_classes=C, feature_dim=MODEL.feature_dim,
-                                   generator_template=GENERATOR, expect_prototypes=True, max_prototypes=3 * C)
+                                   generator_template=GENERATOR, expect_prototypes=True, max_prototypes=3 * C,
+                                   expect_expert=True)
     if kind == "evaluate":
         return decode_evaluate_reply(msg, ["before", "after"])
     if kind == "query.logits":
@@ -152,7 +153,7 @@ def mutate(rng: random.Random, content: RecordDict) -> RecordDict:
         names = sorted(content.keys())
         action = rng.choice(["field", "field", "field", "drop-field", "drop-record", "add-record"])
         if action == "add-record" or not names:
-            name = rng.choice([*names, "extra", "metrics", "arrays", "prototypes", "generator"])
+            name = rng.choice([*names, "extra", "metrics", "arrays", "prototypes", "generator", "expert-arrays"])
             key = rng.choice(["x", "counts", "num-examples", "features", "labels"])
             content[name] = rng.choice([lambda: MetricRecord({key: 1}), lambda: ConfigRecord({key: "x"}),
                                         lambda: ArrayRecord({key: hostile_array(rng)})])()
@@ -192,6 +193,7 @@ def _well_formed(kind: str, value) -> None:
         assert state_problem(value, TEMPLATE) is None
     elif kind == "train.mosaic":
         assert state_problem(value.state, TEMPLATE) is None and state_problem(value.generator, GENERATOR) is None
+        assert state_problem(value.expert_state, TEMPLATE) is None
         assert value.label_counts.min() >= 0 and int(value.label_counts.sum()) == value.num_examples
         feats, labels = value.prototypes
         assert feats.dtype == torch.float32 and torch.isfinite(feats).all()

@@ -43,10 +43,11 @@ def _state(strategy, value: float) -> dict:
             for k, v in _template(strategy).items()}
 
 
-def _reply(strategy, value: float, counts, node: int, *, protos=None, generator=None, **metrics) -> Message:
+def _reply(strategy, value: float, counts, node: int, *, protos=None, generator=None, expert: float | None = None,
+           **metrics) -> Message:
     counts = torch.tensor(counts)
     result = MosaicClientResult(_state(strategy, value), counts, {"train-loss": 0.1, **metrics},
-                                protos, generator)
+                                protos, generator, None if expert is None else _state(strategy, expert))
     out = Message(RecordDict({}), dst_node_id=node, message_type="train.mosaic")
     return Message(mosaic_payload(result), reply_to=out)
 
@@ -109,6 +110,70 @@ def test_class_experts_are_kept_through_warm_up_and_dropped_after_the_distillati
     assert ran == [(1, C)]  # distillation saw the experts ...
     assert strategy.experts == {} and strategy.family_counts == {}  # ... which are gone after it
     assert strategy.state_dict()["experts"] == {}
+
+
+def test_expert_pass_experts_are_made_of_the_expert_models_and_the_global_model_of_the_trained_ones(monkeypatch):
+    """``expert-pass``: at the distillation round each client trains a second model from the
+    received one with the ``distill-*`` settings and uploads it beside its trained model; the
+    class experts are the count-weighted means of those, the global model the mean of the
+    trained ones, and a reply without its expert model is rejected."""
+    as_flower_server()
+    cfg = build_config({"strategy": "mosaic", "dataset": "synthetic", "warmup-rounds": 3, "num-server-rounds": 5,
+                        "local-steps": 7, "expert-pass": True, "distill-local-steps": 2, "distill-batch-size": 64,
+                        "distill-momentum": 0.0, "distill-weight-decay": 1e-4})
+    strategy = MosaicStrategy(_sc(cfg))
+    _, values = strategy.round_config(3, strategy.train_config())
+    assert values["local-steps"] == 7 and values["momentum"] == cfg.momentum  # the regular training, unchanged
+    assert (values["expert-local-steps"], values["expert-batch-size"], values["expert-momentum"],
+            values["expert-weight-decay"]) == (2, 64, 0.0, 1e-4)
+    assert "expert-local-steps" not in strategy.round_config(2, strategy.train_config())[1]
+    from client_app.app import expert_settings
+    assert expert_settings(values) == {"epochs": cfg.local_epochs, "steps": 2, "batch_size": 64, "lr": cfg.lr,
+                                       "momentum": 0.0, "weight_decay": 1e-4}
+    seen = []
+    monkeypatch.setattr(strategy, "distillation", lambda server_round, clients: seen.append(
+        [dict(e) for e in strategy.experts["cnn_small"]]))
+    info = dataset_info("synthetic")
+    gen = build_generator(info.in_channels, info.image_size, C, info.mean, info.std).state_dict()
+    d = strategy.module(Arch(cfg.model)).feature_dim
+    a = [6, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+    b = [2, 4, 0, 0, 0, 0, 0, 0, 0, 6]
+    protos = (torch.randn(2, d), torch.tensor([0, 9]))
+    replies = [_reply(strategy, 1.0, a, 101, protos=protos, generator=gen, expert=10.0),
+               _reply(strategy, 5.0, b, 102, protos=protos, generator=gen, expert=50.0),
+               _reply(strategy, 3.0, b, 103, protos=protos, generator=gen)]  # no expert model: rejected
+    arrays, _ = strategy.aggregate_train(3, replies)
+    assert strategy.rejected == 1
+    w = next(k for k, v in _template(strategy).items() if v.is_floating_point())
+    assert torch.allclose(arrays.to_torch_state_dict()[w], torch.tensor((8 * 1 + 12 * 5) / 20))
+    (experts,) = seen
+    assert torch.allclose(experts[0][w], torch.tensor((6 * 10 + 2 * 50) / 8))
+    assert torch.allclose(experts[1][w], torch.tensor(50.0))
+    assert torch.allclose(experts[9][w], torch.tensor((2 * 10 + 6 * 50) / 8))
+
+
+def test_an_expert_model_that_was_not_asked_for_or_does_not_fit_is_refused(strategy):
+    info = dataset_info("synthetic")
+    gen = build_generator(info.in_channels, info.image_size, C, info.mean, info.std).state_dict()
+    d = strategy.module(Arch(strategy.cfg.model)).feature_dim
+    counts = [5, 5, 0, 0, 0, 0, 0, 0, 0, 0]
+    protos = (torch.randn(3, d), torch.tensor([0, 1, 1]))
+
+    def decode(msg, expect_expert):
+        return decode_mosaic_reply(msg, _template(strategy), num_classes=C, feature_dim=d,
+                                   generator_template=strategy.generator_template(), expect_prototypes=True,
+                                   expect_expert=expect_expert)
+
+    ok, problem = decode(_reply(strategy, 1.0, counts, 101, protos=protos, generator=gen, expert=2.0), True)
+    assert problem is None and ok.expert_state is not None
+    assert decode(_reply(strategy, 1.0, counts, 101, protos=protos, generator=gen, expert=2.0), False)[1] == \
+        "an 'expert-arrays' record that was not asked for"
+    wrong = _reply(strategy, 1.0, counts, 101, protos=protos, generator=gen, expert=2.0)
+    wrong.content["expert-arrays"] = ArrayRecord({k: torch.zeros(2) for k in list(_template(strategy))[:2]})
+    reply, problem = decode(wrong, True)
+    assert reply is None and problem.startswith("expert model:")
+    nan = _reply(strategy, 1.0, counts, 101, protos=protos, generator=gen, expert=float("nan"))
+    assert decode(nan, True)[0] is None
 
 
 def _raw_prototypes(msg: Message, features: torch.Tensor, labels: torch.Tensor) -> Message:
@@ -192,3 +257,39 @@ def test_arrays_are_checked_before_anything_is_decoded(strategy):
                           "junk": ArrayRecord({"x": torch.zeros(1000)})})
     reply, problem = decode_evaluate_reply(Message(content, dst_node_id=100, message_type="evaluate"), ["a"])
     assert reply is None and "expected only a metrics record" in problem
+
+
+def test_the_expert_pass_trains_a_copy_of_the_received_model_and_leaves_the_regular_training_as_it_was():
+    """``mosaic_client_round(expert_train=...)``: the expert model is the received model trained
+    with the expert's settings and its own seed; the trained model is exactly what it is without
+    an expert pass (its random numbers are untouched), and the prototypes still come from the
+    received model."""
+    import copy
+
+    from mosaic_flwr.mosaic.client import mosaic_client_round
+    from mosaic_flwr.mosaic.training import train_local
+    from mosaic_flwr.seeds import mix_seed
+    from mosaic_flwr.task import initial_model
+
+    cfg = build_config({"strategy": "mosaic", "dataset": "synthetic"})
+    info = dataset_info("synthetic")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 1, 28, 28, generator=g), torch.arange(48) % 4
+    received = initial_model(cfg)
+    train = {"steps": 3, "batch_size": 8, "lr": 0.05, "momentum": 0.9}
+    expert_train = {"steps": 2, "batch_size": 16, "lr": 0.05, "momentum": 0.0, "weight_decay": 1e-4}
+    common = dict(train=train, seed=5, device=torch.device("cpu"), distill_round=True, proto_k=2)
+    plain = mosaic_client_round(copy.deepcopy(received), x, y, info, **common)
+    both = mosaic_client_round(copy.deepcopy(received), x, y, info, expert_train=expert_train, **common)
+    assert plain.expert_state is None
+    assert all(torch.equal(plain.state[k], v) for k, v in both.state.items())
+    assert all(torch.equal(a, b) for a, b in zip(plain.prototypes, both.prototypes))
+    reference = copy.deepcopy(received)
+    train_local(reference, x, y, seed=mix_seed(5, "expert"), **expert_train)
+    assert all(torch.equal(reference.state_dict()[k], v) for k, v in both.expert_state.items())
+    assert any(not torch.equal(both.state[k], v) for k, v in both.expert_state.items())
+    assert both.metrics["expert-seconds"] > 0 and "expert-train-loss" in both.metrics
+    # a warm-up round has no expert pass
+    warm = mosaic_client_round(copy.deepcopy(received), x, y, info, expert_train=expert_train,
+                               **{**common, "distill_round": False})
+    assert warm.expert_state is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from logging import INFO
@@ -29,6 +30,7 @@ class MosaicClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
     prototypes: tuple[Tensor, Tensor] | None = None
     generator: dict[str, Tensor] | None = None
+    expert_state: dict[str, Tensor] | None = None  # expert-pass: a second model, trained from the received one
 
 
 def label_counts(y: Tensor, num_classes: int) -> Tensor:
@@ -45,7 +47,7 @@ def coarsen_counts(counts: Tensor, floor: int) -> Tensor:
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
                         proto_k: int = 0, proto_min_records: int = 1, count_floor: int = 0,
-                        gen: dict | None = None,
+                        gen: dict | None = None, expert_train: dict | None = None,
                         augment: Augment | None = None,
                         audit_unseen: tuple[Tensor, Tensor] | None = None,
                         dp: dpm.DPSettings | None = None, dp_counts: Tensor | None = None,
@@ -65,6 +67,12 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
 
     ``count_floor`` (``coarsen_counts``): classes held fewer times than that are declared absent,
     and send no prototype.
+
+    ``expert_train`` (``expert-pass``; ``train_local`` settings): at the distillation round a
+    second copy of the received model trains with these settings (its own seed) and is
+    uploaded beside the trained model as this client's contribution to the class experts, so
+    the experts can drift little from the model the prototypes' features come from while the
+    averaged model trains as usual.
 
     With ``dp`` (``mosaic_flwr.privacy.dp``): ``dp_counts`` (the client's noisy label counts,
     drawn once per run) replace the true ones in the reply; the prototypes are one noisy mean
@@ -119,6 +127,14 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
             # and a class of more than MAX_PER_CLASS records is never withheld)
             audit["proto-withheld-classes"] = float(((held > 0) & ((held < proto_min_records) | (counts == 0))).sum())
             audit_seconds += time.perf_counter() - t0
+    expert_state = None
+    if distill_round and expert_train is not None:  # from the received model, before it trains
+        expert = copy.deepcopy(model)
+        estats = train_local(expert, x, y, seed=mix_seed(seed, "expert"), device=device, augment=augment,
+                             **expert_train)
+        expert_state = {k: v.detach().cpu() for k, v in expert.state_dict().items()}
+        metrics.update({"expert-train-loss": estats["train-loss"], "expert-seconds": estats["seconds"]})
+        del expert
     stats = train_local(model, x, y, seed=seed, device=device, augment=augment, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})
     generator_state, sgd = None, None
@@ -151,4 +167,4 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
         report = dpm.compose(dp, sgd=sgd if generator_state is not None else None, protos=protos is not None)
         metrics.update({f"dp-{k}": float(v) for k, v in report.items() if k != "accountant"})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return MosaicClientResult(state, counts, metrics, protos, generator_state)
+    return MosaicClientResult(state, counts, metrics, protos, generator_state, expert_state)

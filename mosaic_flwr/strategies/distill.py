@@ -73,6 +73,13 @@ class ClientModel:
     label_counts: Tensor | None       # reported (Mosaic's round) or declared at discovery; None without
     reply: MosaicReply | None = None  # Mosaic's client round: generator, prototypes, metrics
 
+    @property
+    def expert_state(self) -> StateDict:
+        """What this client adds to the class experts: the model of its expert pass where it
+        uploaded one (``expert-pass``), else the model it trained (and the global model averages)."""
+        r = self.reply
+        return r.expert_state if r is not None and r.expert_state is not None else self.state
+
 
 @dataclass
 class Source:
@@ -173,21 +180,33 @@ class DistillStrategy(BankStrategy):
         if phase == "distill":
             # The local training whose models become the experts: its own settings where given
             # (longer, so they specialise; or the authors' short plain SGD, so they drift little).
-            expert = {"local-steps": c.distill_local_steps or None, "batch-size": c.distill_batch_size or None,
-                      "momentum": None if c.distill_momentum < 0 else c.distill_momentum,
-                      "weight-decay": None if c.distill_weight_decay < 0 else c.distill_weight_decay}
-            values.update({k: v for k, v in expert.items() if v is not None})
+            # With expert-pass they train a second model instead (upload_values).
+            if not c.expert_pass:
+                values.update(self.expert_training())
             values.update(self.upload_values())
         return "train.mosaic", values
 
-    def upload_values(self) -> dict:
-        """What a client uploading its generator and prototypes is told: their settings and
-        whether to audit them (``privacy-audit``)."""
+    def expert_training(self) -> dict:
+        """The ``distill-*`` settings that differ from the regular training (local-steps,
+        batch-size, momentum, weight-decay keys): the training whose models become the experts."""
         c = self.cfg
-        return {"proto-k": self.proto_k(), "proto-min-records": c.proto_min_records,
-                "privacy-audit": dpm.audits(c.values), "gen-steps": c.gen_steps,
-                "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
-                "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight}
+        expert = {"local-steps": c.distill_local_steps or None, "batch-size": c.distill_batch_size or None,
+                  "momentum": None if c.distill_momentum < 0 else c.distill_momentum,
+                  "weight-decay": None if c.distill_weight_decay < 0 else c.distill_weight_decay}
+        return {k: v for k, v in expert.items() if v is not None}
+
+    def upload_values(self) -> dict:
+        """What a client uploading its generator and prototypes is told: their settings,
+        whether to audit them (``privacy-audit``) and, with ``expert-pass``, the training of its
+        expert model (``expert-local-steps``, ...)."""
+        c = self.cfg
+        values = {"proto-k": self.proto_k(), "proto-min-records": c.proto_min_records,
+                  "privacy-audit": dpm.audits(c.values), "gen-steps": c.gen_steps,
+                  "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
+                  "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight}
+        if c.expert_pass:  # a second pass from the received model, uploaded as the expert
+            values.update({f"expert-{k}": v for k, v in self.expert_training().items()})
+        return values
 
     def decode(self, server_round: int, msg: Message, arch: Arch) -> tuple[object, str | None]:
         """Fine-tune rounds: a baseline payload. Warm-up and distillation rounds: a
@@ -211,7 +230,7 @@ class DistillStrategy(BankStrategy):
             msg, self.template(arch), num_classes=self.info.num_classes,
             feature_dim=self.module(arch).feature_dim,
             generator_template=self.generator_template() if distill else None,
-            expect_prototypes=distill and self.proto_k() > 0,
+            expect_prototypes=distill and self.proto_k() > 0, expect_expert=distill and self.cfg.expert_pass,
             max_prototypes=self.cfg.proto_k * self.info.num_classes)
         if reply is None:
             return None, problem
@@ -240,7 +259,7 @@ class DistillStrategy(BankStrategy):
             self.add_to_sums(server_round, arch, payload.state, payload.weight)
             payload.state = {}
             if payload.reply is not None:
-                payload.reply.state = {}
+                payload.reply.state, payload.reply.expert_state = {}, None
         return payload
 
     def expects_upload(self, server_round: int, node_id: int) -> bool:

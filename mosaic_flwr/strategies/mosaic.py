@@ -182,7 +182,7 @@ class MosaicStrategy(DistillStrategy):
             new = r is not None and r.generator is not None
             if st.streamed and (new or not self.collecting(server_round)):
                 st.experts.setdefault(arch.model, ClassSums(self.info.num_classes)).add(
-                    payload.state, payload.label_counts, self.plan(arch, server_round), self.globals[arch.model])
+                    payload.expert_state, payload.label_counts, self.plan(arch, server_round), self.globals[arch.model])
             if new:
                 pid = self.sc.partition_of(r.node_id)
                 st.bank.offer(pid, r.label_counts, r.generator, node=r.node_id, prototypes=r.prototypes,
@@ -252,7 +252,7 @@ class MosaicStrategy(DistillStrategy):
             self.collected, self.warm_experts = {}, {}
             for c in clients:
                 c.state = {}
-                c.reply.state = {}
+                c.reply.state, c.reply.expert_state = {}, None
 
     def earlier_audits(self) -> list[dict]:
         return self.audits
@@ -332,7 +332,7 @@ class MosaicStrategy(DistillStrategy):
                 return masked_average(base, states, plans, w)
         else:
             average = weighted_average_states
-        self.experts[family] = build_class_experts([c.state for c in items], weights,
+        self.experts[family] = build_class_experts([c.expert_state for c in items], weights,
                                                    previous=self.experts.get(family), average=average,
                                                    max_share=self.cfg.max_client_share)
 
