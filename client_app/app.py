@@ -251,7 +251,7 @@ def meta_logits(msg: Message, context: Context) -> Message:
 @_private
 def train_mosaic(msg: Message, context: Context) -> Message:
     """Mosaic warm-up round (weights + label counts); at the distillation round also the
-    prototypes and the once-trained conditional generator."""
+    prototypes and the once-trained generator (the server's ``generator``: conditional or dcgan)."""
     t0, c0 = time.perf_counter(), time.process_time()
     cfg, x, y, model, c, seed = _received(msg, context)
     distill = bool(c.get("distill", False))
@@ -259,7 +259,8 @@ def train_mosaic(msg: Message, context: Context) -> Message:
     if distill:
         gen = {"steps": int(c["gen-steps"]), "batch-size": int(c["gen-batch-size"]),
                "lr": float(c["gen-lr"]), "ce-weight": float(c["gen-ce-weight"]),
-               "div-weight": float(c["gen-div-weight"])}
+               "div-weight": float(c["gen-div-weight"]),
+               "generator": str(c.get("generator", "conditional")), "dcgan-width": int(c.get("dcgan-width", 64))}
     expert = expert_settings(c) if distill else None
     info = dataset_info(cfg.dataset)
     settings = dpm.dp_settings(cfg.values)

@@ -109,9 +109,12 @@ def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` as it acted: checkpoints from before ``local-epochs`` defaulted to 0 hold
     ``local-epochs=1`` beside ``local-steps > 0``, where it did nothing (steps took precedence);
     another method's own settings (``<method>.<key>``) do nothing either (and a checkpoint
-    written before that method existed lacks them)."""
+    written before that method existed lacks them); a checkpoint from before ``generator``
+    ran the conditional generator."""
     own = f"{config.get('strategy')}."
     out = {k: v for k, v in config.items() if "." not in k or k.startswith(own)}
+    out.setdefault("generator", "conditional")
+    out.setdefault("dcgan-width", 64)
     if int(out.get("local-steps", 0) or 0) > 0:
         out["local-epochs"] = 0
     return out

@@ -240,6 +240,8 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "gen-lr": (float, _positive),
     "gen-ce-weight": (float, _non_negative),
     "gen-div-weight": (float, _non_negative),
+    "generator": (str, _choice("conditional", "dcgan")),  # the clients' generators (Mosaic, feddf-gen)
+    "dcgan-width": (int, _positive),  # generator='dcgan': channels of its last layer (the authors': 64)
     "meta-arch": (str, _choice("transformer", "gating")),
     "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened", "clients")),
     "meta-guard": (bool, None),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs

@@ -237,35 +237,46 @@ def save_partition(out_dir: Path, table: np.ndarray, class_names: Sequence[str] 
 
 def save_generator_grid(path: Path, generators, label_counts, info, *, per_class: int = 10,
                         seed: int = 0) -> None:
-    """A PNG grid of generator samples: one row per class, pooled over the generators that
-    hold that class (chosen by label count), in pixel space. Empty rows: no client holds it."""
+    """A PNG grid of generator samples in pixel space: one row per class, pooled over the
+    generators that hold that class (chosen by label count; empty rows: no client holds it);
+    for unconditional generators (``generator='dcgan'``) one row per generator (at most 20)."""
     import torch
 
-    from .models.generators import sample
+    from .models.generators import is_unconditional, sample, sample_unconditional
 
     counts = torch.as_tensor(label_counts, dtype=torch.float64)
     rng = torch.Generator().manual_seed(seed)
     c, s = info.in_channels, info.image_size
-    canvas = np.ones((info.num_classes * (s + 2), per_class * (s + 2), c), dtype=np.float32)
+    unconditional = bool(generators) and is_unconditional(generators[0])
+    n_rows = len(generators) if unconditional else info.num_classes
+    canvas = np.ones((n_rows * (s + 2), per_class * (s + 2), c), dtype=np.float32)
     mean = np.asarray(info.mean, dtype=np.float32).reshape(1, 1, -1)
     std = np.asarray(info.std, dtype=np.float32).reshape(1, 1, -1)
-    for k in range(info.num_classes):
-        if counts[:, k].sum() <= 0:
+    for k in range(n_rows):
+        if unconditional:
+            imgs = sample_unconditional(generators[k], per_class, rng=rng).cpu().numpy()
+        elif counts[:, k].sum() <= 0:
             continue
-        owners = torch.multinomial(counts[:, k] / counts[:, k].sum(), per_class, replacement=True,
-                                   generator=rng)
-        for j, owner in enumerate(owners.tolist()):
-            img = sample(generators[owner], torch.tensor([k]), rng=rng)[0].cpu().numpy()
+        else:
+            owners = torch.multinomial(counts[:, k] / counts[:, k].sum(), per_class, replacement=True,
+                                       generator=rng)
+            imgs = [sample(generators[owner], torch.tensor([k]), rng=rng)[0].cpu().numpy()
+                    for owner in owners.tolist()]
+        for j, img in enumerate(imgs):
             img = np.clip(img.transpose(1, 2, 0) * std + mean, 0, 1)
             canvas[k * (s + 2):k * (s + 2) + s, j * (s + 2):j * (s + 2) + s] = img
-    rows = min(info.num_classes, 20)
+    rows = min(n_rows, 20)
     fig, ax = plt.subplots(figsize=(per_class * 0.5 + 1.5, rows * 0.5 + 0.6), dpi=110)
     shown = canvas[: rows * (s + 2)]
     ax.imshow(shown[..., 0] if c == 1 else shown, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-    names = list(info.class_names) if info.class_names else [str(k) for k in range(info.num_classes)]
+    if unconditional:
+        names = [f"G{i}" for i in range(n_rows)]
+    else:
+        names = list(info.class_names) if info.class_names else [str(k) for k in range(info.num_classes)]
     ax.set_yticks([k * (s + 2) + s / 2 for k in range(rows)], names[:rows], fontsize=6)
     ax.set_xticks([])
-    ax.set_title("generator samples (row = requested class)", fontsize=8)
+    ax.set_title("generator samples (row = " + ("generator, in bank order)" if unconditional
+                                                 else "requested class)"), fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -56,7 +56,7 @@ GROUPS: list[tuple[str, list[str]]] = [
         "kd-temperature", "kd-student-bn", "distill-gate", "gate-rounds"]),
     ("Mosaic", [
         "mosaic-meta", "collect-rounds", "generator-bank-size", "proto-k", "gen-steps",
-        "gen-batch-size", "gen-lr", "gen-ce-weight", "gen-div-weight", "meta-arch", "meta-data",
+        "gen-batch-size", "gen-lr", "gen-ce-weight", "gen-div-weight", "generator", "dcgan-width", "meta-arch", "meta-data",
         "meta-guard", "meta-experts", "meta-samples-per-class", "meta-epochs", "meta-lr",
         "meta-patience", "meta-holdout", "meta-ema", "meta-prior", "distill-local-steps",
         "distill-batch-size", "distill-momentum", "distill-weight-decay"]),

@@ -181,6 +181,16 @@ def test_a_checkpoint_from_before_the_local_work_rule_still_resumes():
     assert config_changes({**epochs, "local-epochs": 2}, epochs) == ["local-epochs: 2 -> 1"]
 
 
+def test_a_checkpoint_from_before_the_generator_key_resumes_as_conditional_and_dcgan_does_not():
+    """``generator`` may not change on resume; a checkpoint without it ran the conditional one."""
+    current = build_config({}).to_dict()
+    older = {k: v for k, v in current.items() if k not in ("generator", "dcgan-width")}
+    assert config_changes(older, current) == []
+    dcgan = build_config({"generator": "dcgan"}).to_dict()
+    assert config_changes(older, dcgan) == ["generator: 'conditional' -> 'dcgan'"]
+    assert config_changes(dcgan, {**dcgan, "dcgan-width": 16}) == ["dcgan-width: 64 -> 16"]
+
+
 def test_only_the_runs_own_method_settings_must_match_on_resume():
     """Another method's settings do nothing in this run (and a checkpoint written before that
     method existed lacks them); the run's own method's settings must match."""

@@ -356,6 +356,20 @@ def _mosaic_client(cfg: Config) -> None:
     assert math.isfinite(out.metrics["gen-fidelity"])
 
 
+def dcgan_client(cfg: Config) -> None:
+    """``dcgan-width``: the client's DCGAN at that width, trained and uploaded, loads into the
+    server's template (``generator='dcgan'``)."""
+    x, y = _data()
+    gen = {"steps": 1, "batch-size": cfg.gen_batch_size, "lr": cfg.gen_lr, "ce-weight": cfg.gen_ce_weight,
+           "div-weight": cfg.gen_div_weight, "generator": cfg.generator, "dcgan-width": cfg.dcgan_width}
+    out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
+                              seed=cfg.seed, device=torch.device("cpu"), distill_round=True, proto_k=1, gen=gen)
+    template = _server(cfg, MosaicStrategy).generator_template()
+    assert out.generator.keys() == template.keys()
+    assert all(out.generator[k].shape == v.shape for k, v in template.items())
+    assert math.isfinite(out.metrics["gen-coverage"])
+
+
 def mosaic_client(cfg: Config) -> None:
     _mosaic_client(cfg)
     feats, labels = torch.randn(7, 5), torch.tensor([0, 0, 0, 1, 1, 2, 3])
@@ -563,6 +577,7 @@ ROWS: dict[str, Row] = {
     "gen-lr": Row([JUST_ABOVE_0], [0.0], mosaic_client),
     "gen-ce-weight": Row([0.0], [-0.1], mosaic_client),
     "gen-div-weight": Row([0.0], [-0.1], mosaic_client),
+    "dcgan-width": Row([1, 8], [0, -1], dcgan_client, {**MOSAIC, "generator": "dcgan"}),
     "meta-samples-per-class": Row([1], [0], meta),
     "meta-epochs": Row([1], [0], meta),
     "meta-lr": Row([JUST_ABOVE_0], [0.0], meta),

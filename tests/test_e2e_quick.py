@@ -404,3 +404,39 @@ def test_feddf_and_no_meta_ablation_distill_their_own_teacher(tmp_path, monkeypa
         experts = rec.experts[0]["cnn_small"]
         assert torch.allclose(teacher, _expert_logits(cfg, experts, x).mean(1), atol=1e-4)
         assert distill["acc-teacher"] == distill["acc-ensemble"]
+
+
+@pytest.mark.parametrize("strategy", ["mosaic", "feddf-gen"])
+def test_the_authors_dcgan_generators_end_to_end(tmp_path, monkeypatch, strategy):
+    """``generator='dcgan'``: every client uploads the authors' unconditional DCGAN at the
+    distillation round (the server's dcgan template, ``dcgan-width`` wide); the server keeps
+    every one, draws ``kd-batch-size // 3`` samples of each per KD step, labelled by the
+    teacher's argmax (one teacher pass a batch), and distils; no check batch (no label was
+    asked for); the clients' privacy audit covers their prototypes only."""
+    from mosaic_flwr.data import dataset_info
+    from mosaic_flwr.models.generators import generator_for
+    from mosaic_flwr.mosaic.moe import UnconditionalSampler
+    from mosaic_flwr.strategies.distill import RememberingTeacher
+
+    overrides = {"strategy": strategy, "generator": "dcgan", "dcgan-width": 4}
+    out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["rejected"] == 0 for r in rows[1:])
+    template = generator_for(dataset_info("synthetic"), "dcgan", 4).state_dict()
+    for r in rec.replies[2].values():
+        assert r["generator"].keys() == template.keys()
+        assert all(r["generator"][k].shape == v.shape for k, v in template.items())
+    distill = rows[2]
+    assert distill["generators-kept" if strategy == "mosaic" else "kd-seconds"] > 0
+    assert 0 <= distill["gen-coverage-mean"] <= 1 and "gen-fidelity-mean" not in distill
+    assert "gen-teacher" not in distill and distill["kd-teacher-label-agreement"] == 1.0
+    assert _finite_fraction(distill["acc-after-distill"])
+    kd = rec.kd[0]
+    assert isinstance(kd["teacher"], RememberingTeacher) and isinstance(kd["sampler"], UnconditionalSampler)
+    x, y = kd["probe"](0)
+    assert x.shape == (3 * (TINY["kd-batch-size"] // 3), 1, 28, 28) and torch.isfinite(x).all()
+    assert torch.equal(y, kd["teacher"].teacher(x).argmax(1).cpu())
+    assert any(not torch.equal(kd["before"][k], v) for k, v in _floats(kd["after"]).items())
+    assert (out["dir"] / "generator_samples.png").stat().st_size > 1000
+    if strategy == "mosaic":
+        privacy = json.loads((out["dir"] / "privacy.json").read_text())
+        assert all("proto-count" in c and "dcr-train-pixel" not in c for c in privacy["clients"])

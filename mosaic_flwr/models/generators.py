@@ -1,4 +1,6 @@
-"""Class-conditional generator and discriminator for Mosaic's one-shot client generators.
+"""Mosaic's one-shot client generators: our class-conditional generator and discriminator
+(the default, ``generator='conditional'``), and the authors' unconditional DCGAN
+(``generator='dcgan'``, ``DCGANGenerator`` / ``DCGANDiscriminator``, see their docstrings).
 
 The generator's output lives in the classifiers' *normalised* input space:
 ``tanh -> (t + 1) / 2`` gives pixels in [0, 1], then ``(x01 - mean) / std`` per channel.
@@ -26,14 +28,24 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 __all__ = [
+    "DCGAN_NZ",
+    "GENERATORS",
     "ConditionalDiscriminator",
     "ConditionalGenerator",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
     "build_discriminator",
     "build_generator",
     "default_sizes",
+    "discriminator_for",
     "normalised_range",
     "sample",
+    "is_unconditional",
+    "sample_unconditional",
 ]
+
+GENERATORS = ("conditional", "dcgan")  # the ``generator`` run-config key
+DCGAN_NZ = 100  # the authors' noise size (utils/dcgan_model.py)
 
 
 def _check_shape(in_channels: int, image_size: int, num_classes: int) -> None:
@@ -54,6 +66,16 @@ def _stats(values: Sequence[float], channels: int, what: str) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise ValueError(f"generator: {what} must be finite")
     return t.view(1, channels, 1, 1)
+
+
+def _register_normalisation(module: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+    """``module.mean`` / ``module.std``: ``[1, C, 1, 1]`` non-persistent buffers (fixed by the
+    data set, not uploaded: see the module docstring)."""
+    std_t = _stats(std, channels, "std")
+    if (std_t <= 0).any():
+        raise ValueError("generator: std must be > 0")
+    module.register_buffer("mean", _stats(mean, channels, "mean"), persistent=False)
+    module.register_buffer("std", std_t, persistent=False)
 
 
 def normalised_range(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,12 +148,7 @@ class ConditionalGenerator(nn.Module):
         )
         dcgan_init(self)
         nn.init.normal_(self.embed.weight, 0.0, 1.0)  # same scale as z
-        std_t = _stats(std, out_channels, "std")
-        if (std_t <= 0).any():
-            raise ValueError("generator: std must be > 0")
-        # Fixed by the data set, not uploaded: see the module docstring.
-        self.register_buffer("mean", _stats(mean, out_channels, "mean"), persistent=False)
-        self.register_buffer("std", std_t, persistent=False)
+        _register_normalisation(self, mean, std, out_channels)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = torch.cat([z, self.embed(y)], dim=1)
@@ -168,6 +185,92 @@ class ConditionalDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.net(x).sum(dim=(2, 3))
         return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(dim=1)
+
+
+def _check_dcgan(channels: int, image_size: int, width: int) -> None:
+    if channels < 1:
+        raise ValueError(f"dcgan: channels must be >= 1, got {channels}")
+    if image_size < 12 or image_size % 4 != 0:
+        raise ValueError(f"dcgan: image size {image_size} must be a multiple of 4 and >= 12")
+    if width < 1:
+        raise ValueError(f"dcgan: width must be >= 1, got {width}")
+
+
+class DCGANGenerator(nn.Module):
+    """The authors' unconditional generator (``utils/dcgan_model.py``): ``G(z)``, noise
+    ``[B, nz]`` -> normalised images ``[B, C, S, S]``; no label input.
+
+    ``z`` as a ``1x1`` map -> ConvT 4x4 ``(8w, k0, k0)`` -> ConvT stride 2 ``(4w, S/4)`` ->
+    ConvT 4x4 stride 2 ``(2w, S/2)`` -> ConvT 4x4 stride 2 ``(w, S)``, each followed by BN and
+    ReLU, no biases -> ConvT 1x1 to ``C`` channels -> tanh, with ``w = width`` (theirs: 64,
+    3,573,824 parameters at 32x32x3). At ``S = 32`` (CIFAR) this is exactly theirs
+    (``k0 = 4``, the second ConvT 4x4). At ``S = 28`` (MNIST, Fashion-MNIST) the second ConvT
+    is 3x3 (``4 -> 7``); in general ``k0 = ceil(S / 8)`` and the second kernel is 4 (``S % 8 == 0``)
+    or 3 (``S % 8 == 4``), so no pixel is generated and cropped away.
+
+    Output: ``tanh -> (t + 1) / 2 -> (x - mean) / std``, the classifiers' normalised input
+    space, as ``ConditionalGenerator`` (the authors fed the tanh output in [-1, 1] to
+    classifiers trained on normalised inputs: ``MOSAIC_REFERENCE.md`` A.4 item 5).
+    """
+
+    unconditional = True
+
+    def __init__(self, out_channels: int, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 *, width: int = 64, nz: int = DCGAN_NZ):
+        super().__init__()
+        _check_dcgan(out_channels, image_size, width)
+        if nz < 1:
+            raise ValueError(f"dcgan: nz must be >= 1, got {nz}")
+        self.out_channels, self.image_size = int(out_channels), int(image_size)
+        self.nz, self.width = int(nz), int(width)
+        w, k0 = self.width, (image_size + 7) // 8
+        k1 = 4 if image_size % 8 == 0 else 3
+
+        def up(c_in: int, c_out: int, k: int, stride: int, pad: int) -> list[nn.Module]:
+            return [nn.ConvTranspose2d(c_in, c_out, k, stride, pad, bias=False), nn.BatchNorm2d(c_out),
+                    nn.ReLU(True)]
+
+        self.net = nn.Sequential(
+            *up(self.nz, 8 * w, k0, 1, 0),
+            *up(8 * w, 4 * w, k1, 2, 1),
+            *up(4 * w, 2 * w, 4, 2, 1),
+            *up(2 * w, w, 4, 2, 1),
+            nn.ConvTranspose2d(w, out_channels, 1, 1, 0, bias=False),
+            nn.Tanh(),
+        )
+        dcgan_init(self)
+        _register_normalisation(self, mean, std, out_channels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        t = self.net(z.view(len(z), self.nz, 1, 1))  # in [-1, 1]
+        return ((t + 1.0) * 0.5 - self.mean) / self.std
+
+
+class DCGANDiscriminator(nn.Module):
+    """The authors' unconditional discriminator: ``D(x) -> [B]`` logits (higher = more real).
+
+    Four conv 4x4 stride 2 padding 1 ``(w, 2w, 4w, 8w)`` without biases, LeakyReLU(0.2), BN on
+    all but the first; then a conv over the remaining map (2x2 at 32x32: theirs; 1x1 at 28x28)
+    to one logit. Their sigmoid is folded into the loss (``binary_cross_entropy_with_logits``
+    is sigmoid + BCE, computed stably). It reads the classifiers' normalised inputs. Never uploaded.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, *, width: int = 64):
+        super().__init__()
+        _check_dcgan(in_channels, image_size, width)
+        w, layers, size, c_in = int(width), [], int(image_size), int(in_channels)
+        for i, c_out in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False))
+            if i:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            c_in, size = c_out, (size + 2 - 4) // 2 + 1
+        layers.append(nn.Conv2d(c_in, 1, size, 1, 0, bias=False))
+        self.net = nn.Sequential(*layers)
+        dcgan_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(1).squeeze(1)
 
 
 def default_sizes(in_channels: int, image_size: int) -> dict[str, int]:
@@ -209,10 +312,30 @@ def build_generator(
     )
 
 
-def generator_for(info) -> ConditionalGenerator:
+def generator_for(info, kind: str = "conditional", width: int = 64) -> ConditionalGenerator | DCGANGenerator:
     """The generator for a data set (``DatasetInfo``): the one construction client and server
-    share, so the server can load the weights a client uploads."""
-    return build_generator(info.in_channels, info.image_size, info.num_classes, info.mean, info.std)
+    share, so the server can load the weights a client uploads. ``kind`` is the ``generator``
+    key (``GENERATORS``); ``width`` (``dcgan-width``) is read by the DCGAN only."""
+    if kind == "conditional":
+        return build_generator(info.in_channels, info.image_size, info.num_classes, info.mean, info.std)
+    if kind == "dcgan":
+        return DCGANGenerator(info.in_channels, info.image_size, info.mean, info.std, width=width)
+    raise ValueError(f"generator: unknown kind {kind!r}; allowed: {list(GENERATORS)}")
+
+
+def discriminator_for(info, kind: str = "conditional", width: int = 64
+                      ) -> ConditionalDiscriminator | DCGANDiscriminator:
+    """The client-side discriminator matching ``generator_for(info, kind, width)``."""
+    if kind == "conditional":
+        return build_discriminator(info.in_channels, info.image_size, info.num_classes)
+    if kind == "dcgan":
+        return DCGANDiscriminator(info.in_channels, info.image_size, width=width)
+    raise ValueError(f"generator: unknown kind {kind!r}; allowed: {list(GENERATORS)}")
+
+
+def is_unconditional(generator: nn.Module) -> bool:
+    """Whether ``generator`` takes noise only (``G(z)``, the DCGAN), not a class."""
+    return bool(getattr(generator, "unconditional", False))
 
 
 def build_discriminator(
@@ -240,6 +363,9 @@ def sample(
     ``seed``; the global RNG when both are ``None``), so a seed gives the same samples on
     any device. The generator's train/eval mode is restored afterwards.
     """
+    if is_unconditional(generator):
+        raise ValueError("sample: this generator is unconditional (generator='dcgan'): it cannot be asked "
+                         "for classes; use sample_unconditional")
     if seed is not None and rng is not None:
         raise ValueError("sample: pass seed or rng, not both")
     if seed is not None:
@@ -256,6 +382,37 @@ def sample(
             generator(z[i : i + batch_size].to(device), labels[i : i + batch_size].to(device))
             for i in range(0, labels.numel(), batch_size)
         ]
+    finally:
+        generator.train(was_training)
+    if not out:
+        c, s = generator.out_channels, generator.image_size
+        return torch.empty(0, c, s, s, device=device)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_unconditional(
+    generator: DCGANGenerator,
+    n: int,
+    *,
+    seed: int | None = None,
+    rng: torch.Generator | None = None,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """``n`` images of an unconditional generator (eval mode, no grad), on its device; noise
+    from ``rng`` / ``seed`` on the CPU as in ``sample``; its train/eval mode is restored."""
+    if seed is not None and rng is not None:
+        raise ValueError("sample_unconditional: pass seed or rng, not both")
+    if n < 0:
+        raise ValueError(f"sample_unconditional: n must be >= 0, got {n}")
+    if seed is not None:
+        rng = torch.Generator().manual_seed(int(seed))
+    device = next(generator.parameters()).device
+    z = torch.randn(int(n), generator.nz, generator=rng)
+    was_training = generator.training
+    generator.eval()
+    try:
+        out = [generator(z[i: i + batch_size].to(device)) for i in range(0, int(n), batch_size)]
     finally:
         generator.train(was_training)
     if not out:

@@ -15,9 +15,10 @@ from ..data import DatasetInfo
 from ..data.augment import Augment
 from ..seeds import mix_seed
 from ..models import Classifier
-from ..models.generators import build_discriminator, generator_for, sample
+from ..models.generators import build_discriminator, discriminator_for, generator_for, sample
 from ..privacy import dp as dpm
 from ..privacy.audit import PREFIX, audit_generator, audit_prototypes
+from .dcgan import train_dcgan
 from .generator import train_generator
 from .prototypes import class_prototypes, per_class_subset
 from .training import extract_features, train_local
@@ -44,6 +45,19 @@ def coarsen_counts(counts: Tensor, floor: int) -> Tensor:
     return counts if floor <= 0 else torch.where(counts < floor, torch.zeros_like(counts), counts)
 
 
+def _dcgan_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, gen: dict, *, seed: int,
+                 device: torch.device, augment: Augment | None, metrics: dict) -> dict[str, Tensor]:
+    """``generator='dcgan'``: the authors' unconditional generator, guided by the client's
+    freshly trained ``model`` (``mosaic.dcgan``); its state to upload, statistics into ``metrics``."""
+    torch.manual_seed(seed)
+    width = int(gen.get("dcgan-width", 64))
+    g, d = generator_for(info, "dcgan", width), discriminator_for(info, "dcgan", width)
+    stats = train_dcgan(g, d, model, x, y, steps=gen["steps"], batch_size=gen["batch-size"], device=device,
+                        seed=seed, augment=augment)
+    metrics.update({"gen-seconds": stats["seconds"], "gen-coverage": stats["coverage"]})
+    return {k: v.detach().cpu() for k, v in g.state_dict().items()}
+
+
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
                         proto_k: int = 0, proto_min_records: int = 1, count_floor: int = 0,
@@ -59,7 +73,10 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     local training, from at most ``MAX_PER_CLASS`` samples of each class, each the mean of at
     least ``proto_min_records`` records (a class with fewer sends none). The generator is
     trained after local training, guided by the client's freshly trained model, on the
-    client's own classes; it is uploaded once.
+    client's own classes; it is uploaded once. ``gen["generator"]``: ``'conditional'`` (the
+    default, ``mosaic.generator``) or ``'dcgan'`` (the authors' unconditional one,
+    ``mosaic.dcgan``, ``gen["dcgan-width"]`` wide; not under DP, and its privacy audit is
+    skipped with a logged reason: the audit is per requested class).
 
     ``augment`` (CIFAR: crop + flip) applies wherever the authors' code reads its augmented
     training loader: local training batches, the generator's real batches, and the images
@@ -138,7 +155,16 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     stats = train_local(model, x, y, seed=seed, device=device, augment=augment, **train)
     metrics.update({"train-loss": stats["train-loss"], "train-seconds": stats["seconds"]})
     generator_state, sgd = None, None
-    if distill_round and gen is not None:
+    if distill_round and gen is not None and gen.get("generator", "conditional") == "dcgan":
+        if dp is not None:
+            raise ValueError("mosaic_client_round: generator='dcgan' cannot train under DP (its "
+                             "discriminator has BatchNorm)")
+        generator_state = _dcgan_round(model, x, y, info, gen, seed=seed, device=device, augment=augment,
+                                       metrics=metrics)
+        if audit_unseen is not None:
+            log(INFO, "privacy audit of the generator skipped: the dcgan generator is unconditional, and the "
+                "audit compares samples of a class with the training and unseen images of that class")
+    elif distill_round and gen is not None:
         torch.manual_seed(seed)
         g = generator_for(info)
         d = build_discriminator(info.in_channels, info.image_size, info.num_classes)

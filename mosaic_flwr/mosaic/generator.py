@@ -49,7 +49,7 @@ from mosaic_flwr.data.augment import Augment
 from mosaic_flwr.models.generators import sample
 from mosaic_flwr.seeds import mix_seed
 
-__all__ = ["DIVERSITY_MODES", "generator_fidelity", "train_generator"]
+__all__ = ["DIVERSITY_MODES", "batch_entropy_term", "generator_fidelity", "train_generator"]
 
 DIVERSITY_MODES = ("mode_seeking", "batch_entropy", "none")
 
@@ -73,6 +73,14 @@ class _ClassSampler:
         k = torch.randint(len(self.classes), (n,), generator=rng)
         offs = (torch.rand(n, generator=rng) * self.counts[k]).long().clamp_max(self.counts[k] - 1)
         return self.order[self.starts[k] + offs], self.classes[k]
+
+
+def batch_entropy_term(logits: torch.Tensor) -> torch.Tensor:
+    """The authors' diversity term ``sum_k w_k log(w_k + 1e-5)``, ``w`` the batch mean of
+    ``softmax(logits)``: minus the entropy of the batch's mean prediction (lowest when the
+    batch spreads evenly over the classes)."""
+    w = F.softmax(logits, dim=1).mean(0)
+    return (w * torch.log(w + 1e-5)).sum()
 
 
 def _freeze(model: nn.Module) -> tuple[bool, list[bool]]:
@@ -312,8 +320,7 @@ def train_generator(
                 dz = (z[:half] - z[half:]).abs().mean(1)
                 div = 1.0 / ((dx / dz).mean() + 1e-5)
             elif diversity == "batch_entropy":
-                w = F.softmax(logits, dim=1).mean(0)
-                div = (w * torch.log(w + 1e-5)).sum()
+                div = batch_entropy_term(logits)
             else:
                 div = torch.zeros((), device=device)
             g_loss = adv + ce_weight * ce + div_weight * div

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.generators import sample as generator_sample
+from ..models.generators import sample_unconditional
 from .ensemble import call_teacher
 from .experts import StackedExperts
 from .prototypes import nearest_prototype_labels
@@ -56,6 +57,35 @@ class GeneratorSampler:
                 x = out.new_empty((self.batch_size, *out.shape[1:]))
             x[mask.to(out.device)] = out
         return x, y, owners
+
+
+class UnconditionalSampler:
+    """Synthetic batches from unconditional generators (``generator='dcgan'``), as the
+    authors draw them: ``per_generator`` samples from every generator each step (theirs: 32),
+    in generator order, labelled by ``label(x)`` (the teacher's argmax: nobody asked for a
+    class). ``draw`` also gives each sample's generator index."""
+
+    def __init__(self, generators: Sequence[nn.Module], per_generator: int, *, seed: int = 0,
+                 label: Callable[[Tensor], Tensor]):
+        if not generators:
+            raise ValueError("UnconditionalSampler: no generator")
+        if per_generator < 1:
+            raise ValueError(f"UnconditionalSampler: per_generator must be >= 1, got {per_generator}")
+        self.generators = list(generators)
+        for g in self.generators:
+            g.eval()
+        self.per_generator, self.label = int(per_generator), label
+        self.batch_size = self.per_generator * len(self.generators)
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def __call__(self, step: int = 0) -> tuple[Tensor, Tensor]:
+        x, y, _ = self.draw()
+        return x, y
+
+    def draw(self) -> tuple[Tensor, Tensor, Tensor]:
+        x = torch.cat([sample_unconditional(g, self.per_generator, rng=self.rng) for g in self.generators])
+        owners = torch.arange(len(self.generators)).repeat_interleave(self.per_generator)
+        return x, self.label(x).cpu(), owners
 
 
 class ConcatExperts:

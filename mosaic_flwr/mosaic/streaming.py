@@ -21,6 +21,10 @@ so the bank is a function of what was offered, not of the order. A generator is 
 it is among the top ``size`` of some class; it is asked only for those classes (its counts
 of the others are masked to zero), so each class has at most ``size`` generators and the
 memory is at most ``classes x size`` generators, whatever the number of clients.
+Unconditional generators (``generator='dcgan'``) are kept by the same per-class ranking (a
+generator stays while its owner is among the ``size`` largest holders of some class, so every
+held class keeps a generator trained on it); the sampler then draws the same number of samples
+from each, and the masked counts are not read.
 """
 
 from __future__ import annotations

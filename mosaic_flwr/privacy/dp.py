@@ -156,6 +156,9 @@ def check_config(values: Mapping[str, Any]) -> str | None:
     if values["strategy"] != "mosaic":
         return (f"dp-epsilon/dp-noise-multiplier: differential privacy covers Mosaic's client uploads; "
                 f"strategy is {values['strategy']!r} (use strategy='mosaic' or turn DP off)")
+    if values["generator"] == "dcgan":
+        return ("generator: 'dcgan' cannot train under DP: its discriminator has BatchNorm, so the per-sample "
+                "gradients DP-SGD clips are not defined; use generator='conditional' or turn DP off")
     if values["meta-data"] == "clients":
         return ("meta-data: 'clients' sends logits of the clients' real images, which DP does not cover; "
                 "use 'auto', 'prototypes', 'generated', 'both' or 'screened' with DP")

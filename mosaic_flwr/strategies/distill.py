@@ -42,11 +42,11 @@ from torch import Tensor, nn
 
 from ..checkpoint import ARTIFACTS, save_checkpoint
 from ..config import gate_until, lr_for_round
-from ..models.generators import generator_for
+from ..models.generators import generator_for, is_unconditional
 from ..mosaic.distill import distill_many
 from ..mosaic.ensemble import ClientEnsemble, label_weights, uniform_weights
 from ..mosaic.experts import StackedExperts
-from ..mosaic.moe import GeneratorSampler, teacher_logits
+from ..mosaic.moe import GeneratorSampler, UnconditionalSampler, teacher_logits
 from ..mosaic.training import logits_metrics
 from ..records import CLIENT_SECONDS, WORK_KEYS, MosaicReply, decode_mosaic_reply, state_to_record
 from ..privacy import dp as dpm
@@ -59,6 +59,30 @@ from .bank import BankStrategy, StateDict
 
 Teacher = Callable[[Tensor], Tensor]
 Sample = Callable[[int], tuple[Tensor, Tensor]]
+
+
+class RememberingTeacher:
+    """A teacher that keeps its logits on the last KD batch: the source asks for the teacher's
+    labels of a batch (``y_requested``) and the KD loop then for its logits on the same tensor;
+    one pass serves both. Any other input is computed afresh."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+        self._last: tuple[Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def remember(self, x: Tensor) -> Tensor:
+        logits = self.teacher(x)
+        self._last = (x, logits)
+        return logits
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        return self.teacher(x)
+
+
+GEN_METRICS = ("gen-seconds", "gen-fidelity", "gen-coverage")  # a generator upload's statistics, averaged
 
 
 @dataclass
@@ -203,7 +227,8 @@ class DistillStrategy(BankStrategy):
         values = {"proto-k": self.proto_k(), "proto-min-records": c.proto_min_records,
                   "privacy-audit": dpm.audits(c.values), "gen-steps": c.gen_steps,
                   "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
-                  "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight}
+                  "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight,
+                  "generator": c.generator, "dcgan-width": c.dcgan_width}
         if c.expert_pass:  # a second pass from the received model, uploaded as the expert
             values.update({f"expert-{k}": v for k, v in self.expert_training().items()})
         return values
@@ -297,8 +322,19 @@ class DistillStrategy(BankStrategy):
         """What an uploaded generator must look like (built once, leaving the RNG alone)."""
         if self._gen_template is None:
             with torch.random.fork_rng():
-                self._gen_template = generator_for(self.info).state_dict()
+                self._gen_template = self.new_generator().state_dict()
         return self._gen_template
+
+    def new_generator(self) -> nn.Module:
+        """A generator of the kind the clients train (``generator``, ``dcgan-width``), to load
+        an upload into."""
+        return generator_for(self.info, self.cfg.generator, self.cfg.dcgan_width)
+
+    def labelling_teacher(self, teacher: Teacher) -> Teacher:
+        """``teacher``, remembering its logits on the last KD batch where the source labels its
+        batches by the teacher's argmax (the unconditional ``generator='dcgan'``), so one pass a
+        batch serves the labels and the KD loss; otherwise ``teacher`` itself."""
+        return RememberingTeacher(teacher) if self.cfg.generator == "dcgan" else teacher
 
     def aggregated(self, server_round: int, clients: list) -> None:
         """Called after a warm-up or distillation round's aggregation, before distilling
@@ -360,13 +396,13 @@ class DistillStrategy(BankStrategy):
         counts = torch.stack([r.label_counts for _, r in replies])
         generators, states = [], []
         for _, r in replies:
-            g = generator_for(self.info)
+            g = self.new_generator()
             g.load_state_dict(r.generator)
             generators.append(g.to(dev).eval())
             # Kept once: on the CPU these share the module's storage (saved in the artifacts).
             states.append({k: v.detach().cpu() for k, v in g.state_dict().items()})
             r.generator = None
-        for key in ("gen-seconds", "gen-fidelity"):
+        for key in GEN_METRICS:
             vals = [r.metrics[key] for _, r in replies if key in r.metrics]
             if vals:
                 report[f"{key}-mean"] = sum(vals) / len(vals)
@@ -386,9 +422,13 @@ class DistillStrategy(BankStrategy):
             report["dp-epsilon-max"] = entry["epsilon"]
             log(INFO, "[mosaic-flwr] %s", describe(entry))
 
-    def generator_source(self, generators: list[nn.Module], counts: Tensor) -> Source:
-        """KD batches from the clients' generators (labels uniform over the classes some
-        client holds, each made by a holder of the class); the check batch a seed of its own."""
+    def generator_source(self, generators: list[nn.Module], counts: Tensor, teacher: Teacher | None = None
+                         ) -> Source:
+        """KD batches from the clients' generators: conditional ones, labels uniform over the
+        classes some client holds, each made by a holder of the class, and a check batch with a
+        seed of its own; unconditional ones (``generator='dcgan'``), ``unconditional_source``."""
+        if generators and is_unconditional(generators[0]):
+            return self.unconditional_source(generators, counts, teacher)
         cfg = self.cfg
         check = GeneratorSampler(generators, counts, seed=mix_seed(cfg.seed, "gen-check"),
                                  batch_size=cfg.meta_samples_per_class * int((counts.sum(0) > 0).sum()))
@@ -398,6 +438,26 @@ class DistillStrategy(BankStrategy):
         save_generator_grid(self.sc.results.out_dir / "generator_samples.png", generators, counts,
                             self.info, seed=cfg.seed)
         return Source(sampler, (check_x, check_y), name="the clients' generators")
+
+    def unconditional_source(self, generators: list[nn.Module], counts: Tensor, teacher: Teacher | None
+                             ) -> Source:
+        """KD batches from unconditional generators, as the authors: the same number of
+        samples from every generator each step (``kd-batch-size // generators``, at least 1:
+        theirs is 32 each), labelled by the teacher's argmax (one teacher pass, shared with the
+        KD loss, when ``teacher`` is a ``RememberingTeacher``: ``labelling_teacher``). No check
+        batch: with no requested label there is nothing to check against."""
+        if teacher is None:
+            raise ValueError("unconditional_source: the teacher labels the batches; pass it")
+        if not isinstance(teacher, RememberingTeacher):
+            teacher = RememberingTeacher(teacher)
+        per = max(1, self.cfg.kd_batch_size // len(generators))
+        sampler = UnconditionalSampler(generators, per, seed=mix_seed(self.cfg.seed, "kd-samples"),
+                                       label=lambda x: teacher.remember(x).argmax(dim=1))
+        save_generator_grid(self.sc.results.out_dir / "generator_samples.png", generators, counts,
+                            self.info, seed=self.cfg.seed)
+        log(INFO, "[distill] unconditional generators: %d samples from each of %d generators per KD step, "
+            "labelled by the teacher's argmax", per, len(generators))
+        return Source(sampler, None, name="the clients' unconditional generators")
 
     # ------------------------------------------------------------------ evaluation helpers
     def _accuracy(self, logits: Tensor) -> float:

@@ -59,7 +59,7 @@ from ..config import Config, ConfigError, _positive
 from ..data import DATASETS, DatasetNotFoundError, dataset_info, load_dataset, normalize
 from ..seeds import mix_seed
 from ..task import validation_split
-from .distill import DistillStrategy, Source, Teacher
+from .distill import DistillStrategy, RememberingTeacher, Source, Teacher
 from .method import Method
 
 HOLDOUT = "holdout"
@@ -155,27 +155,6 @@ def prepare_feddf(cfg: Config) -> None:
         transfer_set_name(cfg.dataset, cfg.of("feddf").transfer_set), cfg.dataset)
 
 
-class RememberingTeacher:
-    """A teacher that keeps its logits on the last KD batch: the source asks for the teacher's
-    labels of a batch (``y_requested``) and the KD loop then for its logits on the same tensor;
-    one pass serves both. Any other input is computed afresh."""
-
-    def __init__(self, teacher: Teacher):
-        self.teacher = teacher
-        self._last: tuple[Tensor, Tensor] | None = None
-
-    @torch.no_grad()
-    def remember(self, x: Tensor) -> Tensor:
-        logits = self.teacher(x)
-        self._last = (x, logits)
-        return logits
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self._last is not None and self._last[0] is x:
-            return self._last[1]
-        return self.teacher(x)
-
-
 class TransferSampler:
     """KD batches of ``batch_size`` images of ``images`` (no labels): shuffled passes over the
     set, drawn with a generator of their own (the seed). ``y_requested`` is the teacher's
@@ -246,12 +225,12 @@ class FedDFGenerators(DistillStrategy):
 
     def teacher_for(self, server_round: int, clients: list, report: dict) -> Teacher:
         self._generators = self.client_generators(clients, report)[:2]
-        return self.client_ensemble(clients, "uniform")
+        return self.labelling_teacher(self.client_ensemble(clients, "uniform"))
 
     def source_for(self, server_round: int, clients: list, teacher: Teacher, students: dict, report: dict
                    ) -> Source:
         generators, self._generators = self._generators, None
-        return self.generator_source(*generators)
+        return self.generator_source(*generators, teacher)
 
 
 FEDDF = Method(FedDF, "FedDF as published (Lin et al., 2020): the client models' averaged logits distilled "

@@ -25,6 +25,12 @@ Under model heterogeneity (``client-models`` / ``client-capacities``):
   different feature spaces, so the meta model learns from labelled generator samples
   screened by the owners' prototypes (``meta-data='screened'``, the default there), and
   the teacher is distilled into every family's global model.
+
+``generator='dcgan'``: the clients upload the authors' unconditional DCGAN instead of our
+conditional generator. The bank keeps them by the same per-class ranking; the KD batches take
+the same number of samples from every kept generator, labelled by the teacher's argmax
+(``DistillStrategy.unconditional_source``); a meta model on generator samples (``meta-data``
+'generated', 'both', 'screened') is refused (``check_generator``).
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 
 from ..config import ConfigError, config_heterogeneous, meta_data_for
-from ..models.generators import generator_for
 from ..mosaic.experts import (
     ModelMixture,
     StackedExperts,
@@ -59,7 +64,7 @@ from ..seeds import mix_seed
 from ..task import Arch, build_arch
 from .base import ServerContext, Straggler, reply_limit, stream_replies
 from .bank import StateDict
-from .distill import ClientModel, DistillStrategy, Source, Teacher
+from .distill import GEN_METRICS, ClientModel, DistillStrategy, Source, Teacher
 from .method import Method
 
 TEACHERS = ("meta", "ensemble")
@@ -192,7 +197,7 @@ class MosaicStrategy(DistillStrategy):
                                       "features": r.prototypes[0], "labels": r.prototypes[1]})
                 st.uploaded.add(pid)
                 for key, value in r.metrics.items():  # generator statistics, privacy spent
-                    if key in ("gen-seconds", "gen-fidelity") or key.startswith("dp-"):
+                    if key in GEN_METRICS or key.startswith("dp-"):
                         st.metrics.setdefault(key, []).append([pid, float(value)])
                 if self.phase(server_round) != "distill":  # (the distillation round's: the core's audit)
                     entry = self.audit_entry(server_round, r)
@@ -281,7 +286,7 @@ class MosaicStrategy(DistillStrategy):
             raise RuntimeError("distillation: no client uploaded a generator")
         generators, states, owners = [], [], []
         for _, _, e in rows:
-            g = generator_for(self.info)
+            g = self.new_generator()
             g.load_state_dict(e["state"])
             generators.append(g.to(dev).eval())
             states.append({k: v.detach().cpu() for k, v in g.state_dict().items()})
@@ -418,14 +423,14 @@ class MosaicStrategy(DistillStrategy):
         self.artifacts["prototypes"] = [
             {"partition-id": p["partition-id"], "features": p["features"], "labels": p["labels"]}
             for p in self.collected_prototypes()]
-        return teacher
+        return self.labelling_teacher(teacher)
 
     def extra_judges(self) -> dict[str, Teacher]:
         return {"ensemble": ensemble_teacher(self._experts)}
 
     def source_for(self, server_round: int, clients: list, teacher: Teacher, students: dict, report: dict
                    ) -> Source:
-        return self.generator_source(*self._generators)
+        return self.generator_source(*self._generators, teacher)
 
     def meta_inputs(self, experts, gen_replies: Replies, generators, counts: torch.Tensor,
                     received: dict[int, StateDict], report: dict, server_round: int = 0
@@ -550,12 +555,27 @@ class MosaicStrategy(DistillStrategy):
         self.collected = {f: ClassSums.from_state(s) for f, s in state.get("collected", {}).items()}
 
 
+def check_generator(values: Mapping[str, Any]) -> None:
+    """``generator='dcgan'`` (unconditional: no sample is made for a class) with a meta model
+    that learns from generator samples labelled by the requested class (``meta-data``
+    'generated', 'both', 'screened', or 'auto' under model heterogeneity) is refused."""
+    if values["generator"] != "dcgan" or not values["mosaic-meta"]:
+        return
+    meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values))
+    if meta_data in ("generated", "both", "screened"):
+        shown = f"{values['meta-data']!r}" + (f" ({meta_data!r} here)" if values["meta-data"] == "auto" else "")
+        raise ConfigError(f"generator: 'dcgan' is unconditional, but meta-data={shown} trains the meta model on "
+                          "generator samples labelled by the class they were made for; use meta-data='prototypes' "
+                          "or 'clients', or generator='conditional'")
+
+
 def check_mosaic(values: Mapping[str, Any]) -> None:
     """``collect-rounds``: the collection rounds end at the distillation round, so at most
     ``warmup-rounds`` of them; more than one accumulates the class experts as running sums
     over rounds (example-weighted mean only: ``aggregation='mean'``, ``max-client-share=1``)
     and cannot screen generated samples by prototypes (it needs the model every owner
     received, in the distillation round)."""
+    check_generator(values)
     c, w = values["collect-rounds"], values["warmup-rounds"]
     if c > w:
         raise ConfigError(f"collect-rounds: {c} exceeds warmup-rounds {w} (the collection rounds end at "
