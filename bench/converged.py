@@ -92,6 +92,16 @@ VARIANTS = {
     "mosaic-expertpass-ungated": ("mosaic", {"expert-pass": True, "distill-local-steps": 10, "distill-batch-size": 64,
                                              "distill-momentum": 0.0, "distill-weight-decay": 1e-4,
                                              "distill-gate": "off"}),
+    # ... with more prototypes per class (proto-k 20): a larger real-derived set for the meta
+    # model and its guard's hold-out
+    "mosaic-expertpass-k20": ("mosaic", {"expert-pass": True, "distill-local-steps": 10, "distill-batch-size": 64,
+                                         "distill-momentum": 0.0, "distill-weight-decay": 1e-4, "proto-k": 20}),
+    # conf/mosaic-paper.toml with the authors' unconditional generator, at a CPU cut: a
+    # quarter of their width (dcgan-width 16) and 500 KD steps of 320
+    "mosaic-paper-dcgan": ("mosaic", {"meta-data": "prototypes", "meta-guard": False, "proto-k": 10,
+                                      "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
+                                      "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
+                                      "distill-gate": "off", "generator": "dcgan", "dcgan-width": 16}),
     "mosaic": ("mosaic", {}),
     # Issue 39: prototypes of any size (the default before proto-min-records=5), gated and not
     "mosaic-pmr1": ("mosaic", {"proto-min-records": 1}),
@@ -174,7 +184,7 @@ def shares_round1(variant: str) -> bool:
 
 # Settings that change round 1's client work: variants that differ in them cannot share it.
 ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", "distill-weight-decay", "proto-k",
-               "proto-min-records", "count-floor", "expert-pass")
+               "proto-min-records", "count-floor", "expert-pass", "generator", "dcgan-width")
 
 
 def pretrain_name(alpha: float, seed: int) -> str:
