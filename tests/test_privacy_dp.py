@@ -264,6 +264,8 @@ def test_noisy_class_means_have_the_configured_variance():
     ({"dp-epsilon": 1.0, "dp-noise-multiplier": 1.0}, r"^dp-epsilon/dp-noise-multiplier: both set"),
     ({"dp-epsilon": 1.0, "strategy": "fedavg"}, r"^dp-epsilon/dp-noise-multiplier: .*strategy='mosaic'"),
     ({"dp-epsilon": 1.0, "meta-data": "clients"}, r"^meta-data: 'clients' sends logits"),
+    ({"dp-epsilon": 1.0, "expert-pass": True, "distill-local-steps": 10},
+     r"^expert-pass: the expert model is a second set of classifier weights"),
     ({"dp-epsilon": 1.0, "resume": "/tmp/x", "distill-gate": "off"}, r"^resume: with DP"),
     ({"dp-epsilon": 1.0}, r"^dp-epsilon: 1 is the client's total, .* already compose to 1\.2\d\d, leaving the "
                           r"generator nothing"),

@@ -159,6 +159,9 @@ def check_config(values: Mapping[str, Any]) -> str | None:
     if values["generator"] == "dcgan":
         return ("generator: 'dcgan' cannot train under DP: its discriminator has BatchNorm, so the per-sample "
                 "gradients DP-SGD clips are not defined; use generator='conditional' or turn DP off")
+    if values["expert-pass"]:
+        return ("expert-pass: the expert model is a second set of classifier weights trained on the client's "
+                "data, which DP does not cover (as the FedAvg weights); set expert-pass=false with DP")
     if values["meta-data"] == "clients":
         return ("meta-data: 'clients' sends logits of the clients' real images, which DP does not cover; "
                 "use 'auto', 'prototypes', 'generated', 'both' or 'screened' with DP")
