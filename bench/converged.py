@@ -383,6 +383,7 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
     decoded = defaultdict(list)
     for arch, reply in copy.deepcopy(items):
         decoded[arch.model].append(reply)  # a ClientModel
+    received = copy.deepcopy(strategy.globals[strategy.primary])  # the model round 1's clients started from
     for family, group in decoded.items():
         strategy.update_experts(1, family, group)
     strategy.aggregate_states(1, {f: [(c.arch, c.state, c.weight) for c in g] for f, g in decoded.items()})
@@ -410,24 +411,29 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
         with torch.no_grad():
             out[f"oracle-meta-{prior}"] = acc(meta(inputs[:, score].permute(1, 0, 2)))
     # What the meta model learns from against what it meets: a prototype is scored by each
-    # expert's head on the GLOBAL model's features, while the teacher runs each FULL expert
-    # on an image. On the same real images: how often the two agree (argmax, per expert),
-    # the mean of the heads' logits, and a meta model fitted on the heads' logits of real
-    # images (the best prototypes could give it) but scored on the full experts.
+    # expert's head on the features of the model the client RECEIVED (it computes its
+    # prototypes before training), while the teacher runs each FULL expert on an image. On the
+    # same real images: how often the two agree (argmax, per expert), the mean of the heads'
+    # logits, and a meta model fitted on the heads' logits of real images (the best
+    # prototypes could give it) but scored on the full experts. The same on the round's
+    # AGGREGATED model's features (keys ``-aggregated``; ``meta-experts='heads'`` runs the
+    # teacher on those), which the rows before 2026-12-07 reported without the suffix.
     if hasattr(experts, "head_logits"):
-        model = copy.deepcopy(strategy.module(Arch(strategy.primary)))
-        model.load_state_dict(strategy.globals[strategy.primary])
-        model.eval()
-        with torch.no_grad():
-            feats = torch.cat([model.features(x[i:i + 512]) for i in range(0, len(x), 512)])
-            heads = experts.head_logits(feats).permute(1, 0, 2).cpu()  # [E, N, C]
-        full = z[:-1]
-        out["head-vs-full-agreement"] = float((heads.argmax(2) == full.argmax(2)).float().mean())
-        out["head-mean"] = acc(heads[:, score].mean(0))
-        meta = fit_meta(heads)
-        with torch.no_grad():
-            out["oracle-meta-heads-on-heads"] = acc(meta(heads[:, score].permute(1, 0, 2)))
-            out["oracle-meta-heads-on-full"] = acc(meta(full[:, score].permute(1, 0, 2)))
+        for suffix, backbone in (("", received), ("-aggregated", strategy.globals[strategy.primary])):
+            model = copy.deepcopy(strategy.module(Arch(strategy.primary)))
+            model.load_state_dict(backbone)
+            model.eval()
+            with torch.no_grad():
+                feats = torch.cat([model.features(x[i:i + 512]) for i in range(0, len(x), 512)])
+                heads = experts.head_logits(feats).permute(1, 0, 2).cpu()  # [E, N, C]
+            full = z[:-1]
+            out[f"head-vs-full-agreement{suffix}"] = float((heads.argmax(2) == full.argmax(2)).float().mean())
+            out[f"head-mean{suffix}"] = acc(heads[:, score].mean(0))
+            meta = fit_meta(heads)
+            with torch.no_grad():
+                out[f"oracle-meta-heads-on-heads{suffix}"] = acc(meta(heads[:, score].permute(1, 0, 2)))
+                out[f"oracle-meta-heads-on-full{suffix}"] = acc(meta(full[:, score].permute(1, 0, 2)))
+        out["backbones"] = "received (no suffix) and aggregated"
     return out
 
 

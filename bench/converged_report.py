@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -19,6 +20,17 @@ def _load(path: Path) -> dict | None:
     c = path / "config.json"
     s["config"] = json.loads(c.read_text()) if c.is_file() else {}
     return s
+
+
+def oracle_label(tag: str) -> str:
+    """An oracle file's round-1 settings (its name after the seed) in words."""
+    if not tag:
+        return "default"
+    words = {"expert-passTrue": "expert pass", "distill-local-steps10": "10 steps", "distill-batch-size64": "of 64",
+             "distill-momentum0.0": "no momentum", "distill-weight-decay0.0001": "wd 1e-4",
+             "distill-local-steps200": "200 local steps"}
+    parts = re.split(r"-(?=distill-|expert-|proto-|count-|generator|dcgan-)", tag.strip("-"))
+    return ", ".join(words.get(p, p) for p in parts)
 
 
 def client_steps(run: dict) -> tuple[int, int] | None:
@@ -206,38 +218,47 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                   "Mean ± sd over seeds, %.", "",
                   "| α | round-1 clients | student | ensemble | meta on real images | meta on real images, "
                   "global prior | best − student | own-class expert | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+        tags = sorted({f.stem.split(f"-s{f.stem.split('-s')[1].split('-')[0]}", 1)[1] for f in oracles})
         for a in alphas:
-            for tag, label in (("", "default"), ("-distill-local-steps200", "200 local steps")):
+            for tag in tags:
                 got = [json.loads(f.read_text()) for s in seeds
                        for f in [runs_dir / f"oracle-a{a:g}-s{s}{tag}.json"] if f.is_file()]
                 if not got:
                     continue
                 best = [max(g["oracle-meta-experts"], g["oracle-meta-global"]) - g["student"] for g in got]
-                lines.append(f"| {a:g} | {label} | {_ms([g['student'] for g in got])} | "
+                lines.append(f"| {a:g} | {oracle_label(tag)} | {_ms([g['student'] for g in got])} | "
                              f"{_ms([g['ensemble'] for g in got])} | {_ms([g['oracle-meta-experts'] for g in got])} | "
                              f"{_ms([g['oracle-meta-global'] for g in got])} | {100 * statistics.mean(best):+.1f} | "
                              f"{_ms([g['own-class-expert'] for g in got if g.get('own-class-expert') is not None])} | "
                              f"{len(got)} |")
         lines.append("")
-        heads = [(a, json.loads(f.read_text())) for a in alphas for s in seeds
-                 for f in [runs_dir / f"oracle-a{a:g}-s{s}.json"] if f.is_file()]
-        heads = [(a, g) for a, g in heads if "head-vs-full-agreement" in g]
-        if heads:
-            lines += ["What the meta model learns from against what it meets: a prototype is scored by each expert's "
-                      "*head* on the *global* model's features; the teacher runs each *full* expert on an image. On "
-                      "the same validation images: how often the two agree (argmax, per expert), the mean of the "
-                      "heads' logits, and a meta model fitted on the heads' logits of real images (the best "
-                      "prototypes could give it), scored on heads and on the full experts (%).", "",
-                      "| α | head vs full expert agreement | mean of full experts | mean of heads | meta fitted on "
-                      "heads, scored on heads | ... scored on full experts | seeds |", "|---|---|---|---|---|---|---|"]
-            for a in alphas:
-                got = [g for b, g in heads if b == a]
-                if got:
-                    lines.append(f"| {a:g} | {_ms([g['head-vs-full-agreement'] for g in got])} | "
-                                 f"{_ms([g['ensemble'] for g in got])} | {_ms([g['head-mean'] for g in got])} | "
-                                 f"{_ms([g['oracle-meta-heads-on-heads'] for g in got])} | "
-                                 f"{_ms([g['oracle-meta-heads-on-full'] for g in got])} | {len(got)} |")
-            lines.append("")
+        lines += ["What the meta model learns from against what it meets: a prototype is scored by each expert's "
+                  "*head* on the features of the model the client *received* (it computes its prototypes before "
+                  "training); the teacher runs each *full* expert on an image. On the same validation images: how "
+                  "often the two agree (argmax, per expert), the mean of the heads' logits, and a meta model fitted "
+                  "on the heads' logits of real images (the best prototypes could give it), scored on the full "
+                  "experts (%). The same on the round's *aggregated* model's features (the backbone "
+                  "`meta-experts='heads'` uses), which diagnostics written before 2026-12-07 measured alone.", "",
+                  "| α | round-1 clients | agreement, received | agreement, aggregated | mean of full experts | "
+                  "meta on heads, scored on full: received | ... aggregated | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for a in alphas:
+            for tag in tags:
+                got = [json.loads(f.read_text()) for s in seeds
+                       for f in [runs_dir / f"oracle-a{a:g}-s{s}{tag}.json"] if f.is_file()]
+                got = [g for g in got if "head-vs-full-agreement" in g]
+                if not got:
+                    continue
+
+                def both(key: str) -> tuple[str, str]:  # (received, aggregated); old files: aggregated only
+                    new = [g for g in got if "backbones" in g]
+                    return (_ms([g[key] for g in new]),
+                            _ms([g[f"{key}-aggregated"] if "backbones" in g else g[key] for g in got]))
+
+                agree, meta = both("head-vs-full-agreement"), both("oracle-meta-heads-on-full")
+                lines.append(f"| {a:g} | {oracle_label(tag)} | {agree[0]} | {agree[1]} | "
+                             f"{_ms([g['ensemble'] for g in got])} | {meta[0]} | {meta[1]} | {len(got)} |")
+        lines.append("")
     # ---- client compute
     lines += [f"## Client compute in the {R} continuation rounds (per client, mean over the runs)", "",
               "Classifier SGD steps (batch 32; a look-ahead round trains the model twice) and generator steps "
