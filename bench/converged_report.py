@@ -33,6 +33,33 @@ def oracle_label(tag: str) -> str:
     return ", ".join(words.get(p, p) for p in parts)
 
 
+def path_table(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
+    """Every run whose distilled model was kept at the distillation round (round 1): its
+    validation accuracy minus FedAvg's of the same seed, round by round (the fine-tune rounds
+    train the distilled model; a gated run's last round is the look-ahead's choice)."""
+    out = []
+    for v in variants:
+        for a in alphas:
+            for s in seeds:
+                run, plain = runs.get((v, a, s)), runs.get(("fedavg", a, s))
+                if v == "fedavg" or run is None or plain is None or len(run["rows"]) <= rounds \
+                        or len(plain["rows"]) <= rounds or not run["rows"][1].get("gate-kept"):
+                    continue
+                diffs = [100 * (run["rows"][r]["val-accuracy"] - plain["rows"][r]["val-accuracy"])
+                         for r in range(1, rounds + 1)]
+                final = run["rows"][rounds].get("gate-final-kept")
+                out.append(f"| {v} | {a:g} | {s} | " + " | ".join(f"{d:+.1f}" for d in diffs)
+                           + f" | {'-' if final is None else ('distilled' if final else 'plain')} |")
+    if not out:
+        return []
+    return [f"## Where a kept distillation goes: validation points over FedAvg, round by round", "",
+            "Every run whose distilled model was kept at the distillation round (round 1), minus FedAvg's model "
+            f"of the same seed at the same round. Rounds 2-{rounds} are the fine-tune rounds at the lowered rate; "
+            "`look-ahead`: which path the gate kept at the end (`-`: no gate, or it was off).", "",
+            "| method | α | seed | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " | look-ahead |",
+            "|---|---|---|" + "---|" * rounds + "---|", *out, ""]
+
+
 def client_steps(run: dict) -> tuple[int, int] | None:
     """(classifier SGD steps, generator steps) one client spent in the continuation rounds:
     local steps each round (``distill-local-steps`` at the distillation round, or on top of
@@ -206,6 +233,8 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                     cells.append(_ms([r[key] for r in reps if key in r]))
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
+    # ---- where a kept distillation goes in the fine-tune rounds
+    lines += path_table(runs, alphas, seeds, variants, R)
     # ---- the teacher's ceiling
     oracles = sorted(runs_dir.glob("oracle-*.json"))
     if oracles:
