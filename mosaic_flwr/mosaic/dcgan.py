@@ -36,7 +36,7 @@ from mosaic_flwr.data.augment import Augment
 from mosaic_flwr.models.generators import sample_unconditional
 from mosaic_flwr.seeds import mix_seed
 
-from .generator import _device_of, _freeze, _unfreeze, batch_entropy_term
+from .generator import batch_entropy_term, guided_training
 
 __all__ = ["DCGAN_BETAS", "DCGAN_DIV_WEIGHT", "DCGAN_LR", "class_coverage", "train_dcgan"]
 
@@ -115,23 +115,15 @@ def train_dcgan(
     device = torch.device(device)
     t0 = time.perf_counter()
     rng = torch.Generator().manual_seed(int(seed))
-    generator.to(device)
-    discriminator.to(device)
-    cls_device = _device_of(classifier)
-    cls_state = _freeze(classifier)
-    classifier.to(device)
-    g_mode, d_mode = generator.training, discriminator.training
-    generator.train()
-    discriminator.train()
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
-    d_params = [p for p in discriminator.parameters() if p.requires_grad]
-    opt_d = torch.optim.Adam(d_params, lr=lr, betas=betas)
-    ones = torch.ones(batch_size, device=device)
-    zeros = torch.zeros(batch_size, device=device)
-    window, every = max(1, steps // 10), log_every or max(1, steps // 5)
-    hist: dict[str, list[float]] = {k: [] for k in ("d_loss", "g_loss", "adv", "div")}
-    classes = torch.unique(labels.long().cpu())
-    try:
+    with guided_training(generator, discriminator, classifier, device):
+        opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
+        d_params = [p for p in discriminator.parameters() if p.requires_grad]
+        opt_d = torch.optim.Adam(d_params, lr=lr, betas=betas)
+        ones = torch.ones(batch_size, device=device)
+        zeros = torch.zeros(batch_size, device=device)
+        window, every = max(1, steps // 10), log_every or max(1, steps // 5)
+        hist: dict[str, list[float]] = {k: [] for k in ("d_loss", "g_loss", "adv", "div")}
+        classes = torch.unique(labels.long().cpu())
         for step in range(1, steps + 1):
             idx = torch.randint(len(data), (batch_size,), generator=rng)
             x_real = data[idx].to(device, non_blocking=True)
@@ -168,11 +160,6 @@ def train_dcgan(
                         f"div={vals['div']:.3f} ({time.perf_counter() - t0:.1f}s)")
         train_seconds = time.perf_counter() - t0
         cover = class_coverage(generator, classifier, classes, n=eval_samples, seed=mix_seed(int(seed), "coverage"))
-    finally:
-        classifier.to(cls_device)
-        _unfreeze(classifier, cls_state)
-        generator.train(g_mode)
-        discriminator.train(d_mode)
     stats = {
         "steps": int(steps),
         "seconds": time.perf_counter() - t0,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,28 @@ def _unfreeze(model: nn.Module, state: tuple[bool, list[bool]]) -> None:
     model.train(training)
     for p, f in zip(model.parameters(), flags):
         p.requires_grad_(f)
+
+
+@contextmanager
+def guided_training(generator: nn.Module, discriminator: nn.Module, classifier: nn.Module, device: torch.device):
+    """G and D on ``device`` in train mode, the guiding ``classifier`` frozen (eval mode,
+    ``requires_grad=False``) on ``device``; on exit the classifier's device, mode and flags and
+    G's and D's modes are restored (G and D stay on ``device``)."""
+    generator.to(device)
+    discriminator.to(device)
+    cls_device = _device_of(classifier)
+    cls_state = _freeze(classifier)
+    classifier.to(device)
+    g_mode, d_mode = generator.training, discriminator.training
+    generator.train()
+    discriminator.train()
+    try:
+        yield
+    finally:
+        classifier.to(cls_device)
+        _unfreeze(classifier, cls_state)
+        generator.train(g_mode)
+        discriminator.train(d_mode)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -259,23 +282,14 @@ def train_generator(
         expected_batch = dp.sample_rate * len(labels)
         clipped_max, real_seen = 0.0, 0
 
-    generator.to(device)
-    discriminator.to(device)
-    cls_device = _device_of(classifier)
-    cls_state = _freeze(classifier)
-    classifier.to(device)
-    g_mode, d_mode = generator.training, discriminator.training
-    generator.train()
-    discriminator.train()
+    with guided_training(generator, discriminator, classifier, device):
+        opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
+        d_params = [p for p in discriminator.parameters() if p.requires_grad]
+        opt_d = torch.optim.Adam(d_params, lr=d_lr if d_lr is not None else lr, betas=betas)
+        window = max(1, steps // 10)
+        hist: dict[str, list[float]] = {k: [] for k in ("d_loss", "g_loss", "adv", "ce", "div")}
+        every = log_every or max(1, steps // 5)
 
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
-    d_params = [p for p in discriminator.parameters() if p.requires_grad]
-    opt_d = torch.optim.Adam(d_params, lr=d_lr if d_lr is not None else lr, betas=betas)
-    window = max(1, steps // 10)
-    hist: dict[str, list[float]] = {k: [] for k in ("d_loss", "g_loss", "adv", "ce", "div")}
-    every = log_every or max(1, steps // 5)
-
-    try:
         for step in range(1, steps + 1):
             # One batch of label-sharing noise pairs: rows i and i + half have the same label.
             if dp is None:
@@ -345,11 +359,6 @@ def train_generator(
         train_seconds = time.perf_counter() - t0
         fid = generator_fidelity(generator, classifier, classes, per_class=eval_per_class,
                                  seed=mix_seed(int(seed), "fidelity"))
-    finally:
-        classifier.to(cls_device)
-        _unfreeze(classifier, cls_state)
-        generator.train(g_mode)
-        discriminator.train(d_mode)
 
     stats = {
         "steps": int(steps),
