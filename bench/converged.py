@@ -103,6 +103,10 @@ VARIANTS = {
                                       "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
                                       "distill-gate": "off", "generator": "dcgan", "dcgan-width": 16}),
     "mosaic": ("mosaic", {}),
+    # Distil after the fine-tune rounds: the rate drops after round 1 as for FedAvg
+    # (lr-step-round), and the distillation round is the last one, so the teacher's experts are
+    # fine-tuned models and the distilled model competes with FedAvg's fine-tuned one
+    "mosaic-late": ("mosaic", {"warmup-rounds": CONTINUE_ROUNDS, "lr-step-round": 1}),
     # Issue 39: prototypes of any size (the default before proto-min-records=5), gated and not
     "mosaic-pmr1": ("mosaic", {"proto-min-records": 1}),
     "mosaic-ungated-pmr1": ("mosaic", {"distill-gate": "off", "proto-min-records": 1}),
@@ -173,13 +177,15 @@ def refused(out: Path) -> bool:
 def shares_round1(variant: str) -> bool:
     """Whether a variant runs Mosaic's client round at the distillation round (generators,
     prototypes): those share one round 1 of client work; every other variant (FedAvg and
-    the methods whose clients only train) is one whole in-process run."""
+    the methods whose clients only train) is one whole in-process run, and so is a variant
+    that distils at a later round (its own ``warmup-rounds``)."""
     from mosaic_flwr.strategies import STRATEGIES
     from mosaic_flwr.strategies.distill import DistillStrategy
 
     method = STRATEGIES.get(VARIANTS[variant][0])
     cls = method.strategy if method else None
-    return bool(cls and issubclass(cls, DistillStrategy) and cls.mosaic_message is not DistillStrategy.mosaic_message)
+    return bool(cls and issubclass(cls, DistillStrategy) and cls.mosaic_message is not DistillStrategy.mosaic_message
+                and VARIANTS[variant][1].get("warmup-rounds", CONTINUE["warmup-rounds"]) == CONTINUE["warmup-rounds"])
 
 
 # Settings that change round 1's client work: variants that differ in them cannot share it.

@@ -229,6 +229,8 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "warmup-rounds": (int, _positive),
     "finetune-lr": (float, _positive),
     "lr-schedule": (str, _choice("auto", "constant", "step")),
+    "lr-step-round": (int, lambda v: None if v == -1 or v >= 1 else
+                      f"must be -1 (step after warmup-rounds) or a round >= 1, got {v}"),
     "mosaic-meta": (bool, None),
     "privacy-audit": (bool, None),  # clients audit their uploads at the distillation round (privacy.json)
     "dp-audit": (bool, None),  # under DP clients audit only with this, and keep the figures
@@ -524,15 +526,17 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
 
 def lr_for_round(cfg: "Config", server_round: int) -> float:
     """The clients' learning rate in ``server_round``, for every strategy (``lr-schedule``):
-    ``constant``: ``lr`` in every round; ``step``: ``lr`` up to ``warmup-rounds``, then
-    ``finetune-lr``; ``auto`` (the default): ``step`` for the distilling methods (their
+    ``constant``: ``lr`` in every round; ``step``: ``lr`` up to ``warmup-rounds`` (or up to
+    ``lr-step-round`` when that is set: the rate may drop before the distillation round, which
+    then distils from models fine-tuned at the lower rate), then ``finetune-lr``; ``auto`` (the default): ``step`` for the distilling methods (their
     fine-tune rounds follow the distillation round), ``constant`` for the others. ``step``
     gives the baselines Mosaic's schedule, so that distillation is compared with FedAvg at
     the same rates, not with a FedAvg that never lowers its rate."""
     schedule = cfg.lr_schedule
     if schedule == "auto":
         schedule = "step" if distils(cfg.strategy) else "constant"
-    if schedule == "step" and server_round > cfg.warmup_rounds:
+    step_after = cfg.lr_step_round if cfg.lr_step_round > 0 else cfg.warmup_rounds
+    if schedule == "step" and server_round > step_after:
         return cfg.finetune_lr
     return cfg.lr
 

@@ -21,7 +21,7 @@ import torch
 
 from client_app.app import round_seed, sgd_settings
 from mosaic_flwr.central import federated_sample_passes
-from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, spec, ConfigError, build_config
+from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, spec, ConfigError, build_config, lr_for_round
 from mosaic_flwr.data import dataset_info, partition, partition_without, validation_indices
 from mosaic_flwr.models.generators import generator_for
 from mosaic_flwr.mosaic.client import mosaic_client_round
@@ -222,6 +222,13 @@ def schedule(cfg: Config) -> None:
     phases = [mosaic.phase(r) for r in range(1, cfg.num_server_rounds + 1)]
     assert phases.count("distill") == 1 and set(phases) <= {"warmup", "distill", "finetune"}
     assert federated_sample_passes(cfg, [40]) > 0
+
+
+def lr_schedule(cfg: Config) -> None:
+    """Every round's rate is one of the two rates, and never rises once it has dropped."""
+    rates = [lr_for_round(cfg, r) for r in range(1, cfg.num_server_rounds + 1)]
+    assert set(rates) <= {cfg.lr, cfg.finetune_lr} and rates[0] == cfg.lr
+    assert all(b == cfg.finetune_lr for a, b in zip(rates, rates[1:]) if a == cfg.finetune_lr)
 
 
 def local_training(cfg: Config) -> None:
@@ -543,6 +550,7 @@ ROWS: dict[str, Row] = {
     "weight-decay": Row([0.0], [-0.1], local_training),
     "proximal-mu": Row([0.0, 1.0], [-0.1], local_training),
     "finetune-lr": Row([JUST_ABOVE_0], [0.0], local_training),
+    "lr-step-round": Row([-1, 1, 10**6], [-2, 0], lr_schedule, MOSAIC),
     "fedrs.alpha": Row([0.0, 1.0], [-0.1, 1.0 + 1e-9], fedrs_training, {"strategy": "fedrs"}),
     "feddf.transfer-size": Row([1, 10**9], [0, -1], feddf_transfer,
                                {"strategy": "feddf", "feddf.transfer-set": "holdout", "validation-split": 0.1}),

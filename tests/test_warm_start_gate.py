@@ -42,6 +42,20 @@ def test_every_strategy_follows_the_same_lr_schedule(strategy, schedule, expecte
     assert [lr_for_round(cfg, r) for r in range(1, 5)] == expected
 
 
+@pytest.mark.parametrize("step_round, expected", [
+    (-1, [0.1, 0.1, 0.1, 0.01]),   # after warmup-rounds (3)
+    (1, [0.1, 0.01, 0.01, 0.01]),  # before the distillation round: it distils fine-tuned models
+    (4, [0.1, 0.1, 0.1, 0.1]),     # after the last round: never
+])
+def test_lr_step_round_moves_the_step_independently_of_the_distillation_round(step_round, expected):
+    cfg = build_config({"strategy": "mosaic", "lr": 0.1, "finetune-lr": 0.01, "warmup-rounds": 3,
+                        "num-server-rounds": 4, "lr-step-round": step_round})
+    assert [lr_for_round(cfg, r) for r in range(1, 5)] == expected
+    fedavg = build_config({"strategy": "fedavg", "lr-schedule": "step", "lr": 0.1, "finetune-lr": 0.01,
+                           "warmup-rounds": 3, "num-server-rounds": 4, "lr-step-round": step_round})
+    assert [lr_for_round(fedavg, r) for r in range(1, 5)] == expected  # the baseline at the same rates
+
+
 def test_fedavg_with_the_step_schedule_sends_the_finetune_rate(tmp_path):
     out = run_inprocess(tmp_path, **{**PRETRAIN, "num-server-rounds": 3, "lr-schedule": "step", "local-steps": 2,
                                      "warmup-rounds": 1, "lr": 0.05, "finetune-lr": 0.005})
