@@ -438,21 +438,39 @@ def config_heterogeneous(values: Mapping[str, Any]) -> bool:
     return heterogeneous(split_list(values["client-models"]), split_list(values["client-capacities"]))
 
 
-def meta_data_for(meta_data: str, is_heterogeneous: bool, clients: str = "") -> str:
-    """The meta model's training data for a ``meta-data`` setting: ``'auto'`` is
-    ``'screened'`` under model heterogeneity and ``'prototypes'`` (the paper's: real-derived
-    inputs only) otherwise. Prototypes need one
-    architecture at full width, so ``'prototypes'``/``'both'`` with heterogeneity raise a
-    ``ConfigError`` (``clients`` describes the architectures, for the message)."""
+def width_scaled(capacities: Iterable[float]) -> bool:
+    """Whether some client holds a width-scaled sub-model (its features are a slice's, not
+    its family's full model's)."""
+    return any(float(c) != 1.0 for c in capacities)
+
+
+def config_width_scaled(values: Mapping[str, Any]) -> bool:
+    """``width_scaled`` for what ``client-capacities`` assigns."""
+    return width_scaled(split_list(values["client-capacities"]))
+
+
+def meta_data_for(meta_data: str, is_heterogeneous: bool, clients: str = "", widths: bool | None = None) -> str:
+    """The meta model's training data for a ``meta-data`` setting. ``'auto'`` is
+    ``'prototypes'`` (real-derived inputs only, the paper's) whenever every client's model is
+    its family's full model, one family or several (each family's prototypes pass through that
+    family's class experts' heads), and ``'screened'`` when some client holds a width-scaled
+    sub-model (``widths``; default: as ``is_heterogeneous``), whose prototypes live in a
+    slice's feature space that no expert's head reads. ``'prototypes'``/``'both'`` with
+    width-scaled sub-models, and ``'clients'`` with any heterogeneity (it sends one family's
+    experts), raise a ``ConfigError`` (``clients`` describes the architectures, for the
+    message)."""
+    widths = is_heterogeneous if widths is None else widths
     if meta_data == "auto":
-        return "screened" if is_heterogeneous else "prototypes"
-    if is_heterogeneous and meta_data in ("prototypes", "both", "clients"):
-        held = f"clients hold {clients}" if clients else "client-models/client-capacities assign several"
-        what = ("sends the class experts to every client to score its own images" if meta_data == "clients"
-                else "passes prototypes through every expert's head")
-        raise ConfigError(f"meta-data: {meta_data!r} {what}, "
-                          f"which needs one architecture at full width, but {held}; use 'auto', "
-                          "'generated' or 'screened'")
+        return "screened" if widths else "prototypes"
+    held = f"clients hold {clients}" if clients else "client-models/client-capacities assign several"
+    if is_heterogeneous and meta_data == "clients":
+        raise ConfigError(f"meta-data: 'clients' sends the class experts to every client to score its own "
+                          f"images, which needs one architecture at full width, but {held}; use 'auto', "
+                          "'prototypes', 'generated' or 'screened'")
+    if widths and meta_data in ("prototypes", "both"):
+        raise ConfigError(f"meta-data: {meta_data!r} passes prototypes through the experts' heads, which needs "
+                          f"every client at its family's full width (a width-scaled slice's features are not the full "
+                          f"model's), but {held}; use 'auto', 'generated' or 'screened'")
     return meta_data
 
 
@@ -498,7 +516,12 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
         raise ConfigError(f"warmup-rounds: {values['warmup-rounds']} exceeds num-server-rounds "
                           f"{values['num-server-rounds']} (distillation happens after the last "
                           "warm-up round)")
-    meta_data_for(values["meta-data"], config_heterogeneous(values))
+    meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values), widths=config_width_scaled(values))
+    if (meta_data in ("prototypes", "both") and values["meta-prior"] == "global" and values["mosaic-meta"]
+            and config_heterogeneous(values)):
+        raise ConfigError("meta-prior: 'global' makes the primary family's global model a token, but under model "
+                          "families each family's prototypes pass through that family's models only; use "
+                          "meta-prior='experts' or meta-data='screened'")
     if values["meta-experts"] == "heads" and (config_heterogeneous(values) or values["meta-data"] == "clients"):
         raise ConfigError("meta-experts: 'heads' reads every expert's head on the global model's features, which "
                           "needs one architecture at full width and a server-side meta model (not "

@@ -168,8 +168,15 @@ def test_one_heterogeneity_rule_and_one_meta_data_rule():
     for value in ("prototypes", "generated", "both", "screened"):
         assert meta_data_for(value, False) == value
     assert meta_data_for("generated", True) == "generated" and meta_data_for("screened", True) == "screened"
-    with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* but clients hold cnn_small, resnet8;"):
-        meta_data_for("prototypes", True, clients="cnn_small, resnet8")
+    with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* but clients hold cnn_small@0.5;"):
+        meta_data_for("prototypes", True, clients="cnn_small@0.5")
+    # model families at full width: each family's prototypes through its own experts' heads
+    assert meta_data_for("auto", True, widths=False) == "prototypes"
+    assert meta_data_for("both", True, widths=False) == "both"
+    with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* width-scaled"):
+        meta_data_for("prototypes", True, widths=True)
+    with pytest.raises(ConfigError, match=r"^meta-data: 'clients' .* but clients hold cnn_small, resnet8;"):
+        meta_data_for("clients", True, clients="cnn_small, resnet8", widths=False)
 
 
 def test_a_checkpoint_from_before_the_local_work_rule_still_resumes():

@@ -185,14 +185,14 @@ def test_mixed_families_run_mosaic_end_to_end(tmp_path):
                            "num-server-rounds": 3, "test-subset": 2000,
                            "local-steps": 40, "gen-steps": 60, "meta-epochs": 30, "kd-steps": 20,
                            "distill-gate": "off"})
-    out = res["dir"]
+    out = res["dir"]  # the meta model on each family's prototypes (meta-data 'auto' at full width)
     rounds = _rounds(out)
     families = ("cnn_small", "cnn_wide", "resnet8")
     dist = next(r for r in rounds if r.get("phase") == "distill")
     for f in families:
         assert f"acc-after-distill/{f}" in dist and f"acc/{f}" in rounds[-1]
         assert rounds[-1][f"acc/{f}"] > rounds[0][f"acc/{f}"] + 0.1, f
-    assert dist["meta-inputs"] > 0 and 0 < dist["meta-screen-kept"] <= 1
+    assert dist["meta-inputs"] == dist["meta-real-inputs"] > 0
     kinds = {m.metadata.dst_node_id: len(m.content["arrays"].to_torch_state_dict())
              for m in res["grid"].sent if m.metadata.message_type.startswith("train")}
     assert len(set(kinds.values())) >= 2  # the ResNet has more tensors than the CNNs
@@ -253,6 +253,42 @@ def test_the_clients_gate_judges_every_familys_model_on_every_client(tmp_path):
     assert small[0] < small[-1]
     report = json.loads((res["dir"] / "summary.json").read_text())["distillation"]
     assert 0 <= report["gate-before"] <= 1 and report["gate-kept"] in (0.0, 1.0)
+
+
+def test_model_families_fit_the_meta_model_on_each_familys_prototypes(tmp_path, monkeypatch):
+    """Under model families (every client at full width) the meta model learns from real-
+    derived inputs only by default: each family's prototypes pass through that family's
+    class experts' heads (the feature spaces differ: a prototype through another family's
+    head would not even fit), and no generator sample is used."""
+    calls = []
+    head_logits = StackedExperts.head_logits
+
+    def spy(self, features, **kw):
+        calls.append((self.weights["head.weight"].shape[-1], features.shape[-1]))
+        return head_logits(self, features, **kw)
+
+    monkeypatch.setattr(StackedExperts, "head_logits", spy)
+    res = run_inprocess(tmp_path, strategy="mosaic", num_nodes=4, dataset="synthetic", alpha=1.0,
+                        **{"client-models": "cnn_small,cnn_wide", "num-server-rounds": 1, "warmup-rounds": 1,
+                           "local-steps": 5, "batch-size": 16, "gen-steps": 5, "gen-batch-size": 8,
+                           "meta-epochs": 2, "kd-steps": 4, "kd-batch-size": 16, "distill-gate": "off",
+                           "meta-guard": False})
+    report = json.loads((res["dir"] / "summary.json").read_text())["distillation"]
+    assert report["meta-inputs"] == report["meta-real-inputs"] > 0 and "meta-screen-kept" not in report
+    dims = {build_arch(build_config({"dataset": "synthetic"}), Arch(f)).head.in_features
+            for f in ("cnn_small", "cnn_wide")}
+    assert len(dims) == 2 and {head for head, _ in calls} == dims  # both families' heads were read
+    assert all(head == feats for head, feats in calls)  # each on its own family's features
+
+
+def test_prototypes_need_full_width_and_the_experts_prior_under_families():
+    families = {"strategy": "mosaic", "client-models": "cnn_small,resnet8"}
+    assert build_config(families).meta_data == "auto"
+    with pytest.raises(ConfigError, match=r"^meta-prior: 'global' makes the primary family's"):
+        build_config({**families, "meta-prior": "global"})
+    with pytest.raises(ConfigError, match=r"^meta-data: 'clients' sends the class experts"):
+        build_config({**families, "meta-data": "clients"})
+    build_config({**families, "meta-prior": "global", "meta-data": "screened"})  # generator samples: any prior
 
 
 def record_width(record) -> int:

@@ -22,9 +22,12 @@ Under model heterogeneity (``client-models`` / ``client-capacities``):
 - several families: each family has its own C class experts; expert ``k`` of the mixture
   is the families' class-``k`` experts combined in output space, weighted by each family's
   share of class ``k`` (``ModelMixture``). Prototypes of different families live in
-  different feature spaces, so the meta model learns from labelled generator samples
-  screened by the owners' prototypes (``meta-data='screened'``, the default there), and
-  the teacher is distilled into every family's global model.
+  different feature spaces: each family's prototypes pass through that family's class
+  experts' heads (``meta-data='prototypes'``, the default with every client at full width);
+  with width-scaled sub-models, whose prototypes are a slice's features, the meta model
+  learns from labelled generator samples screened by the owners' prototypes
+  (``meta-data='screened'``, the default there). The teacher is distilled into every
+  family's global model.
 
 ``generator='dcgan'``: the clients upload the authors' unconditional DCGAN instead of our
 conditional generator. The bank keeps them by the same per-class ranking; the KD batches take
@@ -46,7 +49,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from ..config import ConfigError, config_heterogeneous, meta_data_for
+from ..config import ConfigError, config_heterogeneous, config_width_scaled, meta_data_for, width_scaled
 from ..mosaic.experts import (
     ModelMixture,
     StackedExperts,
@@ -102,15 +105,17 @@ class MosaicStrategy(DistillStrategy):
         self.experts: dict[str, list[StateDict]] = {}      # family -> C class experts
         self.family_counts: dict[str, torch.Tensor] = {}   # family -> [C] label counts
         self.meta_data = meta_data_for(self.cfg.meta_data, self.heterogeneous,
-                                       clients=", ".join(map(str, self.archs)))
+                                       clients=", ".join(map(str, self.archs)),
+                                       widths=width_scaled(a.capacity for a in self.archs))
         self.uses_prototypes = teacher == "meta" and self.meta_data not in ("generated", "clients")
         self._received: dict[int, StateDict] = {}
         self._experts = None  # the expert mixture, during a distillation
+        self._stacks: dict[str, StackedExperts] = {}  # family -> its C class experts, during a distillation
         self._generators = None
         # Collected from the clients' uploads (generators, prototypes) over the collection
         # rounds (``collect-rounds``: rounds W-c+1..W); the generators in a bounded bank.
         self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
-        self.protos: list[dict] = []       # {"partition-id", "node", "features", "labels"}
+        self.protos: list[dict] = []       # {"partition-id", "node", "family", "features", "labels"}
         self.uploaded: set[int] = set()    # partition ids whose generator the server received
         self.gen_metrics: dict[str, list] = {}   # "gen-seconds", "dp-epsilon", ... -> [[partition id, value], ...]
         self.audits: list[dict] = []       # privacy.json entries of the uploads before the distillation round
@@ -193,7 +198,7 @@ class MosaicStrategy(DistillStrategy):
                 st.bank.offer(pid, r.label_counts, r.generator, node=r.node_id, prototypes=r.prototypes,
                               family=arch.model, capacity=float(arch.capacity))
                 if r.prototypes is not None:
-                    st.protos.append({"partition-id": pid, "node": r.node_id,
+                    st.protos.append({"partition-id": pid, "node": r.node_id, "family": arch.model,
                                       "features": r.prototypes[0], "labels": r.prototypes[1]})
                 st.uploaded.add(pid)
                 for key, value in r.metrics.items():  # generator statistics, privacy spent
@@ -267,6 +272,7 @@ class MosaicStrategy(DistillStrategy):
             super().run_distillation(server_round, clients)
         finally:
             self._experts = self._generators = None
+            self._stacks = {}
         # The fine-tune rounds never read the class experts: not kept in memory, nor in
         # this or any later checkpoint (a run resumed after this round does not need them);
         # the same for what the collection rounds gathered.
@@ -348,6 +354,7 @@ class MosaicStrategy(DistillStrategy):
         dev = self.sc.device
         families = [f for f in self.families if f in self.family_counts]
         stacks = [StackedExperts(self.module(Arch(f)), self.experts[f], device=dev) for f in families]
+        self._stacks = dict(zip(families, stacks))
         if len(stacks) == 1:
             return stacks[0]
         counts = torch.stack([self.family_counts[f] for f in families]).double()  # [F, C]
@@ -440,6 +447,10 @@ class MosaicStrategy(DistillStrategy):
         generator samples; model selection holds out real-derived inputs only).
 
         ``prototypes`` (the authors'): the clients' prototypes through each expert's head.
+        Under model families a prototype lives in its family's feature space: it passes
+        through that family's C class experts' heads, which stand in for the mixture's experts
+        (expert k mixes the families' class-k experts; a family's class-k expert for a class
+        none of its clients holds is that family's averaged model).
         ``generated``: labelled generator samples through each expert's full forward, the
         same inputs the teacher reads during distillation. ``both``: the union.
         ``screened``: generated samples kept only where the owner's prototypes agree with
@@ -455,13 +466,15 @@ class MosaicStrategy(DistillStrategy):
             z, labels = self.client_meta_logits(server_round, states, report)
             return z, labels, torch.ones(len(labels), dtype=torch.bool)
         if self.meta_data in ("prototypes", "both"):
-            protos = ([(p["features"], p["labels"]) for p in self.collected_prototypes()]
-                      or [r.prototypes for _, r in gen_replies if r.prototypes is not None])
-            protos = [(f, l) for f, l in protos if len(l)]  # a client may send none (proto-min-records)
+            protos = ([(p.get("family", self.primary), p["features"], p["labels"]) for p in self.collected_prototypes()]
+                      or [(a.model, *r.prototypes) for a, r in gen_replies if r.prototypes is not None])
+            protos = [p for p in protos if len(p[2])]  # a client may send none (proto-min-records)
             if protos:
-                feats = torch.cat([f for f, _ in protos])
-                labels = torch.cat([l for _, l in protos])
-                parts.append((experts.head_logits(feats.to(dev)).cpu(), labels, True))
+                if len(self._stacks) > 1:  # model families: each family's prototypes through its own heads
+                    z = torch.cat([self._stacks[fam].head_logits(f.to(dev)).cpu() for fam, f, _ in protos])
+                else:
+                    z = experts.head_logits(torch.cat([f for _, f, _ in protos]).to(dev)).cpu()
+                parts.append((z, torch.cat([l for _, _, l in protos]), True))
         if self.meta_data in ("generated", "both", "screened"):
             n_classes = int((counts.sum(0) > 0).sum())
             sampler = GeneratorSampler(generators, counts, seed=mix_seed(self.cfg.seed, "meta-samples"),
@@ -558,10 +571,10 @@ class MosaicStrategy(DistillStrategy):
 def check_generator(values: Mapping[str, Any]) -> None:
     """``generator='dcgan'`` (unconditional: no sample is made for a class) with a meta model
     that learns from generator samples labelled by the requested class (``meta-data``
-    'generated', 'both', 'screened', or 'auto' under model heterogeneity) is refused."""
+    'generated', 'both', 'screened', or 'auto' with width-scaled sub-models) is refused."""
     if values["generator"] != "dcgan" or not values["mosaic-meta"]:
         return
-    meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values))
+    meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values), widths=config_width_scaled(values))
     if meta_data in ("generated", "both", "screened"):
         shown = f"{values['meta-data']!r}" + (f" ({meta_data!r} here)" if values["meta-data"] == "auto" else "")
         raise ConfigError(f"generator: 'dcgan' is unconditional, but meta-data={shown} trains the meta model on "
@@ -585,9 +598,10 @@ def check_mosaic(values: Mapping[str, Any]) -> None:
             raise ConfigError(f"collect-rounds: {c} accumulates the class experts over rounds as running "
                               "sums, which needs aggregation='mean' and max-client-share=1 (got "
                               f"aggregation={values['aggregation']!r}, max-client-share={values['max-client-share']})")
-        if meta_data_for(values["meta-data"], config_heterogeneous(values)) == "screened":
-            raise ConfigError(f"collect-rounds: {c} with meta-data='screened' (the default under model "
-                              "heterogeneity): screening needs every generator's owner in the distillation "
+        if meta_data_for(values["meta-data"], config_heterogeneous(values),
+                         widths=config_width_scaled(values)) == "screened":
+            raise ConfigError(f"collect-rounds: {c} with meta-data='screened' (the default with width-scaled "
+                              "sub-models): screening needs every generator's owner in the distillation "
                               "round; use collect-rounds=1 or meta-data='generated'")
 
 
