@@ -107,6 +107,11 @@ VARIANTS = {
     # (lr-step-round), and the distillation round is the last one, so the teacher's experts are
     # fine-tuned models and the distilled model competes with FedAvg's fine-tuned one
     "mosaic-late": ("mosaic", {"warmup-rounds": CONTINUE_ROUNDS, "lr-step-round": 1}),
+    # ... with experts from the authors' expert round as a second pass at the pre-training rate
+    # (distill-lr; at the fine-tune rate the experts would hardly leave the received model)
+    "mosaic-late-expertpass": ("mosaic", {"warmup-rounds": CONTINUE_ROUNDS, "lr-step-round": 1, "expert-pass": True,
+                                          "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
+                                          "distill-weight-decay": 1e-4, "distill-lr": 0.01}),
     # Issue 39: prototypes of any size (the default before proto-min-records=5), gated and not
     "mosaic-pmr1": ("mosaic", {"proto-min-records": 1}),
     "mosaic-ungated-pmr1": ("mosaic", {"distill-gate": "off", "proto-min-records": 1}),
@@ -190,7 +195,7 @@ def shares_round1(variant: str) -> bool:
 
 # Settings that change round 1's client work: variants that differ in them cannot share it.
 ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", "distill-weight-decay", "proto-k",
-               "proto-min-records", "count-floor", "expert-pass", "generator", "dcgan-width")
+               "proto-min-records", "count-floor", "expert-pass", "generator", "dcgan-width", "distill-lr")
 
 
 def pretrain_name(alpha: float, seed: int) -> str:

@@ -71,7 +71,7 @@ def expert_settings(c) -> dict | None:
     settings = sgd_settings(c)
     settings["steps"] = int(c["expert-local-steps"])
     for key, name, kind in (("expert-batch-size", "batch_size", int), ("expert-momentum", "momentum", float),
-                            ("expert-weight-decay", "weight_decay", float)):
+                            ("expert-weight-decay", "weight_decay", float), ("expert-lr", "lr", float)):
         if key in c:
             settings[name] = kind(c[key])
     return settings

@@ -266,6 +266,7 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "distill-batch-size": (int, _non_negative),
     "distill-momentum": (float, _or_minus_one(_closed_unit)),
     "distill-weight-decay": (float, _or_minus_one(_non_negative_finite)),
+    "distill-lr": (float, _or_minus_one(_positive)),
     "expert-pass": (bool, None),  # the distill-* training is a second pass whose model is the expert
     "distill-gate": (str, _choice("off", "clients", "validation")),
     "gate-statistic": (str, _choice("pooled", "median")),

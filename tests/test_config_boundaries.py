@@ -278,6 +278,7 @@ def distill_round_training(cfg: Config) -> None:
     assert settings["batch_size"] == (cfg.distill_batch_size or cfg.batch_size)
     assert settings["momentum"] == (cfg.momentum if cfg.distill_momentum < 0 else cfg.distill_momentum)
     assert settings["weight_decay"] == (cfg.weight_decay if cfg.distill_weight_decay < 0 else cfg.distill_weight_decay)
+    assert settings["lr"] == (lr_for_round(cfg, cfg.warmup_rounds) if cfg.distill_lr < 0 else cfg.distill_lr)
     _, plain = mosaic.round_config(1, mosaic.train_config())  # a warm-up round keeps the plain settings
     assert sgd_settings(plain)["momentum"] == cfg.momentum
     x, y = _data()
@@ -569,6 +570,7 @@ ROWS: dict[str, Row] = {
     "distill-momentum": Row([-1.0, 0.0, 1.0], [-0.5, 1.1, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
     "distill-weight-decay": Row([-1.0, 0.0, 1e-4], [-0.5, float("inf")], distill_round_training,
                                 {**MOSAIC, "local-steps": 3}),
+    "distill-lr": Row([-1.0, JUST_ABOVE_0, 1.0], [0.0, -0.5, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
     "collect-rounds": Row([1, 8], [0, 9], collection, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
     "generator-bank-size": Row([0, 1, 10**6], [-1], generator_bank, MOSAIC),
     "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),

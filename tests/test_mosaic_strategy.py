@@ -130,6 +130,10 @@ def test_expert_pass_experts_are_made_of_the_expert_models_and_the_global_model_
     from client_app.app import expert_settings
     assert expert_settings(values) == {"epochs": cfg.local_epochs, "steps": 2, "batch_size": 64, "lr": cfg.lr,
                                        "momentum": 0.0, "weight_decay": 1e-4}
+    # distill-lr: the expert pass at its own rate, the regular training at the round's
+    late = MosaicStrategy(_sc(build_config({**cfg.values, "lr-step-round": 1, "distill-lr": 0.05})))
+    _, values = late.round_config(3, late.train_config())
+    assert values["lr"] == cfg.finetune_lr and expert_settings(values)["lr"] == 0.05
     seen = []
     monkeypatch.setattr(strategy, "distillation", lambda server_round, clients: seen.append(
         [dict(e) for e in strategy.experts["cnn_small"]]))

@@ -212,11 +212,12 @@ class DistillStrategy(BankStrategy):
 
     def expert_training(self) -> dict:
         """The ``distill-*`` settings that differ from the regular training (local-steps,
-        batch-size, momentum, weight-decay keys): the training whose models become the experts."""
+        batch-size, momentum, weight-decay, lr keys): the training whose models become the experts."""
         c = self.cfg
         expert = {"local-steps": c.distill_local_steps or None, "batch-size": c.distill_batch_size or None,
                   "momentum": None if c.distill_momentum < 0 else c.distill_momentum,
-                  "weight-decay": None if c.distill_weight_decay < 0 else c.distill_weight_decay}
+                  "weight-decay": None if c.distill_weight_decay < 0 else c.distill_weight_decay,
+                  "lr": None if c.distill_lr < 0 else c.distill_lr}
         return {k: v for k, v in expert.items() if v is not None}
 
     def upload_values(self) -> dict:
