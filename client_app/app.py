@@ -255,6 +255,7 @@ def train_mosaic(msg: Message, context: Context) -> Message:
     t0, c0 = time.perf_counter(), time.process_time()
     cfg, x, y, model, c, seed = _received(msg, context)
     distill = bool(c.get("distill", False))
+    bank = bool(c.get("prototypes", False)) and not distill  # proto-rounds: prototypes only
     gen = None
     if distill:
         gen = {"steps": int(c["gen-steps"]), "batch-size": int(c["gen-batch-size"]),
@@ -278,7 +279,7 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         if releases:
             ledger.check(releases)  # refused before any work
     unseen = None
-    if distill and bool(c.get("privacy-audit", False)):
+    if (distill or bank) and bool(c.get("privacy-audit", False)):
         data_dir = str(context.node_config.get("data-dir", "") or "")  # the node's own copy, as node_data
         try:
             unseen = unseen_data(cfg.replace(data_dir=str(Path(data_dir).expanduser())) if data_dir else cfg)
@@ -286,7 +287,8 @@ def train_mosaic(msg: Message, context: Context) -> Message:
             log(WARNING, "privacy audit skipped: the test split is not readable here (%s)", exc)
     result = mosaic_client_round(
         model, x, y, info, train=sgd_settings(c),
-        seed=seed, device=resolve_device(cfg.device), distill_round=distill, proto_k=int(c.get("proto-k", 0)),
+        seed=seed, device=resolve_device(cfg.device), distill_round=distill, prototypes=bank,
+        proto_k=int(c.get("proto-k", 0)),
         proto_min_records=int(c.get("proto-min-records", 1)), count_floor=cfg.count_floor, gen=gen,
         expert_train=expert,
         augment=augmenter(cfg.augment, info), audit_unseen=unseen, **dp)

@@ -119,6 +119,13 @@ def gate_until(values: Mapping[str, Any]) -> int:
     return last if ahead < 0 else min(last, warmup + ahead)
 
 
+def proto_rounds(values: Mapping[str, Any]) -> int:
+    """How many rounds, ending at the distillation round, upload prototypes for Mosaic's meta
+    model (``proto-rounds``; -1: every warm-up round)."""
+    n = int(values["proto-rounds"])
+    return int(values["warmup-rounds"]) if n == -1 else n
+
+
 def distils(strategy: str) -> bool:
     """Whether ``strategy`` has the distillation schedule (warm-up, distillation, fine-tune)."""
     method = _methods().get(strategy)
@@ -272,6 +279,8 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "gate-statistic": (str, _choice("pooled", "median")),
     # --- many clients: Mosaic's collection rounds and the bounded generator bank
     "collect-rounds": (int, _positive),
+    "proto-rounds": (int, lambda v: None if v == -1 or v >= 1 else
+                     f"must be -1 (every warm-up round) or a number of rounds >= 1, got {v}"),
     "generator-bank-size": (int, _non_negative),
     "gate-rounds": (int, lambda v: None if v >= -1 else f"must be -1 (to the end of the run) or >= 0, got {v}"),
     # --- differential privacy of Mosaic's client uploads (mosaic_flwr/privacy/dp.py): on when

@@ -21,7 +21,7 @@ import torch
 
 from client_app.app import round_seed, sgd_settings
 from mosaic_flwr.central import federated_sample_passes
-from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, spec, ConfigError, build_config, lr_for_round
+from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, spec, ConfigError, build_config, lr_for_round, proto_rounds
 from mosaic_flwr.data import dataset_info, partition, partition_without, validation_indices
 from mosaic_flwr.models.generators import generator_for
 from mosaic_flwr.mosaic.client import mosaic_client_round
@@ -229,6 +229,17 @@ def lr_schedule(cfg: Config) -> None:
     rates = [lr_for_round(cfg, r) for r in range(1, cfg.num_server_rounds + 1)]
     assert set(rates) <= {cfg.lr, cfg.finetune_lr} and rates[0] == cfg.lr
     assert all(b == cfg.finetune_lr for a, b in zip(rates, rates[1:]) if a == cfg.finetune_lr)
+
+
+def prototype_bank(cfg: Config) -> None:
+    """The rounds whose clients are asked for prototypes: the proto-rounds ending at the
+    distillation round (none before it with one)."""
+    mosaic = _server(cfg, MosaicStrategy)
+    n = proto_rounds(cfg.values)
+    banked = [r for r in range(1, cfg.num_server_rounds + 1) if mosaic.banking(r)]
+    assert banked == (list(range(cfg.warmup_rounds - n + 1, cfg.warmup_rounds + 1)) if n > 1 else [])
+    _, values = mosaic.round_config(1, mosaic.train_config())
+    assert bool(values.get("prototypes")) == (n == cfg.warmup_rounds > 1)
 
 
 def local_training(cfg: Config) -> None:
@@ -572,6 +583,7 @@ ROWS: dict[str, Row] = {
                                 {**MOSAIC, "local-steps": 3}),
     "distill-lr": Row([-1.0, JUST_ABOVE_0, 1.0], [0.0, -0.5, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
     "collect-rounds": Row([1, 8], [0, 9], collection, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
+    "proto-rounds": Row([-1, 1, 8], [0, -2, 9], prototype_bank, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
     "generator-bank-size": Row([0, 1, 10**6], [-1], generator_bank, MOSAIC),
     "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
     "eval-batch-size": Row([1], [0], local_training),

@@ -267,6 +267,7 @@ def test_noisy_class_means_have_the_configured_variance():
     ({"dp-epsilon": 1.0, "expert-pass": True, "distill-local-steps": 10},
      r"^expert-pass: the expert model is a second set of classifier weights"),
     ({"dp-epsilon": 1.0, "resume": "/tmp/x", "distill-gate": "off"}, r"^resume: with DP"),
+    ({"dp-epsilon": 8.0, "warmup-rounds": 2, "proto-rounds": 2}, r"^proto-rounds: 2 releases prototypes in 2 rounds"),
     ({"dp-epsilon": 1.0}, r"^dp-epsilon: 1 is the client's total, .* already compose to 1\.2\d\d, leaving the "
                           r"generator nothing"),
     ({"dp-epsilon": 0.05}, r"^dp-epsilon: must be 0 \(no DP\) or >= 0.1"),

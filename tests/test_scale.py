@@ -179,6 +179,13 @@ def test_collect_rounds_and_bank_size_are_checked_before_training():
         build_config({**base, "collect-rounds": 2, "client-capacities": "1,0.5"})
     with pytest.raises(ConfigError, match="generator-bank-size"):
         build_config({**base, "generator-bank-size": -1})
+    assert build_config({**base, "proto-rounds": 4}).proto_rounds == 4
+    with pytest.raises(ConfigError, match=r"^proto-rounds: 5 exceeds warmup-rounds 4"):
+        build_config({**base, "proto-rounds": 5})
+    with pytest.raises(ConfigError, match=r"^proto-rounds: 2 keeps prototypes for the meta model, .*'generated'"):
+        build_config({**base, "proto-rounds": 2, "meta-data": "generated"})
+    with pytest.raises(ConfigError, match=r"^proto-rounds: 2 .* mosaic-meta=False"):
+        build_config({**base, "proto-rounds": 2, "mosaic-meta": False})
 
 
 # ----------------------------------------------------------------------------- in-process runs
@@ -242,6 +249,59 @@ def test_collection_rounds_resume_exactly(tmp_path):
         return sorted((e["round"], e["partition-id"]) for e in json.loads((d / "privacy.json").read_text())["clients"])
     assert audited(run_dir) == audited(full) and {r for r, _ in audited(full)} == {1, 2, 3}  # kept in the checkpoint
     sa, sb = _final_state(full), _final_state(run_dir)
+    assert all(torch.equal(sa[f][k], sb[f][k]) for f in sa for k in sa[f])
+
+
+BANK = {"dataset": "synthetic", "alpha": 0.5, "strategy": "mosaic", "num-server-rounds": 3, "warmup-rounds": 3,
+        "local-steps": 3, "batch-size": 16, "gen-steps": 3, "gen-batch-size": 8, "proto-k": 2, "meta-epochs": 2,
+        "kd-steps": 3, "kd-batch-size": 16, "distill-gate": "off", "meta-guard": False}
+
+
+def _asked_prototypes(grid) -> dict[int, int]:
+    """round -> how many train.mosaic messages asked for prototypes (the bank or an upload)."""
+    out: dict[int, int] = {}
+    for m in grid.sent:
+        cfg = m.content.config_records.get("config")
+        if cfg is not None and m.metadata.message_type == "train.mosaic" and (cfg.get("prototypes") or cfg.get("distill")):
+            out[int(cfg["server-round"])] = out.get(int(cfg["server-round"]), 0) + 1
+    return out
+
+
+@pytest.mark.slow
+def test_the_prototype_bank_keeps_every_bank_rounds_prototypes_audits_them_and_resumes(tmp_path):
+    """``proto-rounds=3``: every sampled client sends prototypes in rounds 1..3 (round 3 with
+    its generator); the meta model learns from every one of them, each upload is audited in
+    its round, and a run resumed inside the bank ends exactly as the uninterrupted one."""
+    sent: dict[str, list[int]] = {"one": [], "bank": []}
+
+    def counting(name):
+        def hook(grid, node, incoming, reply):
+            if "prototypes" in reply.content.array_records:
+                sent[name].append(len(reply.content.array_records["prototypes"]["labels"].numpy()))
+            return reply
+        return hook
+    one = run_inprocess(tmp_path / "one", num_nodes=4, grid_options={"hook": counting("one")}, **BANK)
+    bank = run_inprocess(tmp_path / "bank", num_nodes=4, grid_options={"hook": counting("bank")},
+                         **{**BANK, "proto-rounds": 3})
+    assert _asked_prototypes(one["grid"]) == {3: 4} and _asked_prototypes(bank["grid"]) == {1: 4, 2: 4, 3: 4}
+    assert len(sent["one"]) == 4 and len(sent["bank"]) == 12
+
+    def report(d):
+        return json.loads((d / "summary.json").read_text())["distillation"]
+    assert report(one["dir"])["meta-real-inputs"] == sum(sent["one"]) > 0
+    assert report(bank["dir"])["meta-real-inputs"] == sum(sent["bank"]) > 2 * sum(sent["one"])
+
+    def audited(d):
+        return sorted((e["round"], e["partition-id"]) for e in json.loads((d / "privacy.json").read_text())["clients"])
+    assert audited(bank["dir"]) == [(r, p) for r in (1, 2, 3) for p in range(4)]
+    with pytest.raises(Crash):
+        run_inprocess(tmp_path / "b", num_nodes=4, grid_options={"hook": _crash_in(3)}, **{**BANK, "proto-rounds": 3})
+    run_dir = tmp_path / "b" / "run"
+    assert sorted(p["round"] for p in load_checkpoint(run_dir)["strategy"]["protos"]) == [1] * 4 + [2] * 4  # kept
+    run_inprocess(tmp_path / "b", num_nodes=4, grid_options={"first_node_id": 700}, resume=str(run_dir),
+                  **{**BANK, "proto-rounds": 3})
+    assert _scores(_rows(run_dir)) == _scores(_rows(bank["dir"])) and audited(run_dir) == audited(bank["dir"])
+    sa, sb = _final_state(bank["dir"]), _final_state(run_dir)
     assert all(torch.equal(sa[f][k], sb[f][k]) for f in sa for k in sa[f])
 
 

@@ -60,7 +60,7 @@ def _dcgan_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, gen
 
 def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, *,
                         train: dict, seed: int, device: torch.device, distill_round: bool = False,
-                        proto_k: int = 0, proto_min_records: int = 1, count_floor: int = 0,
+                        prototypes: bool = False, proto_k: int = 0, proto_min_records: int = 1, count_floor: int = 0,
                         gen: dict | None = None, expert_train: dict | None = None,
                         augment: Augment | None = None,
                         audit_unseen: tuple[Tensor, Tensor] | None = None,
@@ -84,6 +84,10 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
 
     ``count_floor`` (``coarsen_counts``): classes held fewer times than that are declared absent,
     and send no prototype.
+
+    ``prototypes`` (``proto-rounds`` > 1): a warm-up round before the distillation round that
+    asks for prototypes only (the prototype bank), computed and audited as at the distillation
+    round; not under DP (the privacy plan covers one release).
 
     ``expert_train`` (``expert-pass``; ``train_local`` settings): at the distillation round a
     second copy of the received model trains with these settings (its own seed) and is
@@ -114,6 +118,9 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
             raise ValueError("mosaic_client_round: dp needs dp_counts (the noisy counts) and dp_rng")
         counts = dp_counts.long().cpu()
     counts = coarsen_counts(counts, count_floor)
+    if prototypes and dp is not None and not distill_round:
+        raise ValueError("mosaic_client_round: prototypes outside the distillation round are not covered by DP")
+    uploads = distill_round or prototypes  # this round's reply carries prototypes (and, distilling, more)
     if distill_round and proto_k > 0 and dp is not None:
         t0 = time.perf_counter()
         xk = x if augment is None else augment(x, dp_rng)
@@ -125,7 +132,7 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
             t0 = time.perf_counter()
             audit.update(audit_prototypes(*protos, feats, y, 1))
             audit_seconds += time.perf_counter() - t0
-    elif distill_round and proto_k > 0:
+    elif uploads and proto_k > 0:
         t0 = time.perf_counter()
         keep = per_class_subset(y, seed=seed)  # at most MAX_PER_CLASS samples of a class
         xk = x[keep]
@@ -186,7 +193,7 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
             audit.update(audit_generator(lambda labels: sample(g, labels, rng=rng), x, y, *audit_unseen,
                                          seed=mix_seed(seed, "privacy-audit")))
             audit_seconds += time.perf_counter() - t0
-    if audit_unseen is not None and distill_round:
+    if audit_unseen is not None and uploads:
         metrics.update({PREFIX + k: v for k, v in audit.items()})
         metrics[PREFIX + "seconds"] = audit_seconds
     if dp is not None and distill_round:  # everything this client released in the run

@@ -162,6 +162,10 @@ def check_config(values: Mapping[str, Any]) -> str | None:
     if values["expert-pass"]:
         return ("expert-pass: the expert model is a second set of classifier weights trained on the client's "
                 "data, which DP does not cover (as the FedAvg weights); set expert-pass=false with DP")
+    from ..config import proto_rounds
+    if proto_rounds(values) > 1:
+        return (f"proto-rounds: {values['proto-rounds']} releases prototypes in {proto_rounds(values)} rounds, and "
+                "the privacy plan covers one release (dp-proto-epsilon); set proto-rounds=1 with DP")
     if values["meta-data"] == "clients":
         return ("meta-data: 'clients' sends logits of the clients' real images, which DP does not cover; "
                 "use 'auto', 'prototypes', 'generated', 'both' or 'screened' with DP")

@@ -256,7 +256,8 @@ class DistillStrategy(BankStrategy):
             msg, self.template(arch), num_classes=self.info.num_classes,
             feature_dim=self.module(arch).feature_dim,
             generator_template=self.generator_template() if distill else None,
-            expect_prototypes=distill and self.proto_k() > 0, expect_expert=distill and self.cfg.expert_pass,
+            expect_prototypes=self.expects_prototypes(server_round, node),
+            expect_expert=distill and self.cfg.expert_pass,
             max_prototypes=self.cfg.proto_k * self.info.num_classes)
         if reply is None:
             return None, problem
@@ -292,6 +293,11 @@ class DistillStrategy(BankStrategy):
         """Whether a ``train.mosaic`` reply of this node must carry the generator (and the
         prototypes): the distillation round's (Mosaic: its collection rounds' first-time clients)."""
         return self.phase(server_round) == "distill"
+
+    def expects_prototypes(self, server_round: int, node_id: int) -> bool:
+        """Whether a ``train.mosaic`` reply of this node must carry prototypes: every upload's
+        (Mosaic: and the prototype bank's rounds, ``proto-rounds``)."""
+        return self.expects_upload(server_round, node_id) and self.proto_k() > 0
 
     def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
         phase = self.phase(server_round)

@@ -49,7 +49,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from ..config import ConfigError, config_heterogeneous, config_width_scaled, meta_data_for, width_scaled
+from ..config import ConfigError, config_heterogeneous, config_width_scaled, meta_data_for, proto_rounds, width_scaled
 from ..mosaic.experts import (
     ModelMixture,
     StackedExperts,
@@ -115,7 +115,7 @@ class MosaicStrategy(DistillStrategy):
         # Collected from the clients' uploads (generators, prototypes) over the collection
         # rounds (``collect-rounds``: rounds W-c+1..W); the generators in a bounded bank.
         self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
-        self.protos: list[dict] = []       # {"partition-id", "node", "family", "features", "labels"}
+        self.protos: list[dict] = []       # {"partition-id", "node", "family", "round", "features", "labels"}
         self.uploaded: set[int] = set()    # partition ids whose generator the server received
         self.gen_metrics: dict[str, list] = {}   # "gen-seconds", "dp-epsilon", ... -> [[partition id, value], ...]
         self.audits: list[dict] = []       # privacy.json entries of the uploads before the distillation round
@@ -154,11 +154,23 @@ class MosaicStrategy(DistillStrategy):
         upload it (with prototypes), and the class experts accumulate their models."""
         return self.collect_from() <= server_round <= self.cfg.warmup_rounds
 
+    def banking(self, server_round: int) -> bool:
+        """``proto-rounds`` > 1: the rounds ending at the distillation round whose sampled
+        clients upload prototypes (the prototype bank), with or without a generator."""
+        w, n = self.cfg.warmup_rounds, proto_rounds(self.cfg.values)
+        return n > 1 and self.proto_k() > 0 and w - n + 1 <= server_round <= w
+
     def round_config(self, server_round: int, config) -> tuple[str, dict]:
         message_type, values = super().round_config(server_round, config)
         if self.collecting(server_round) and self.phase(server_round) != "distill":
             values.update({"distill": True, **self.upload_values()})
+        if self.banking(server_round):  # prototypes from every sampled client, uploading or not
+            up = self.upload_values()
+            values.update({"prototypes": True, **{k: up[k] for k in ("proto-k", "proto-min-records", "privacy-audit")}})
         return message_type, values
+
+    def expects_prototypes(self, server_round: int, node_id: int) -> bool:
+        return super().expects_prototypes(server_round, node_id) or self.banking(server_round)
 
     def messages_for(self, server_round: int, node_ids: list[int], config=None) -> list[Message]:
         self._asked, self._asked_round = set(), server_round
@@ -193,13 +205,21 @@ class MosaicStrategy(DistillStrategy):
             if st.streamed and (new or not self.collecting(server_round)):
                 st.experts.setdefault(arch.model, ClassSums(self.info.num_classes)).add(
                     payload.expert_state, payload.label_counts, self.plan(arch, server_round), self.globals[arch.model])
+            if not new and r is not None and r.prototypes is not None and self.banking(server_round):
+                pid = self.sc.partition_of(r.node_id)  # the prototype bank: prototypes only
+                st.protos.append({"partition-id": pid, "node": r.node_id, "family": arch.model, "round": server_round,
+                                  "features": r.prototypes[0], "labels": r.prototypes[1]})
+                if self.phase(server_round) != "distill":
+                    entry = self.audit_entry(server_round, r)
+                    if entry is not None:
+                        st.audits.append(entry)
             if new:
                 pid = self.sc.partition_of(r.node_id)
                 st.bank.offer(pid, r.label_counts, r.generator, node=r.node_id, prototypes=r.prototypes,
                               family=arch.model, capacity=float(arch.capacity))
                 if r.prototypes is not None:
                     st.protos.append({"partition-id": pid, "node": r.node_id, "family": arch.model,
-                                      "features": r.prototypes[0], "labels": r.prototypes[1]})
+                                      "round": server_round, "features": r.prototypes[0], "labels": r.prototypes[1]})
                 st.uploaded.add(pid)
                 for key, value in r.metrics.items():  # generator statistics, privacy spent
                     if key in GEN_METRICS or key.startswith("dp-"):
@@ -316,8 +336,9 @@ class MosaicStrategy(DistillStrategy):
         return generators, counts, owners
 
     def collected_prototypes(self) -> list[dict]:
-        """Every collected client's prototypes, in partition order (not arrival order)."""
-        return sorted(self.protos, key=lambda p: p["partition-id"])
+        """Every collected client's prototypes (with ``proto-rounds`` > 1 every bank round's), in
+        partition then round order (not arrival order)."""
+        return sorted(self.protos, key=lambda p: (p["partition-id"], p.get("round", 0)))
 
     def update_experts(self, server_round: int, family: str, items: list[ClientModel]) -> None:
         """Family ``family``'s C class experts from this round's replies, and its label counts:
@@ -593,6 +614,15 @@ def check_mosaic(values: Mapping[str, Any]) -> None:
     if c > w:
         raise ConfigError(f"collect-rounds: {c} exceeds warmup-rounds {w} (the collection rounds end at "
                           "the distillation round, round warmup-rounds)")
+    p = proto_rounds(values)
+    if p > w:
+        raise ConfigError(f"proto-rounds: {p} exceeds warmup-rounds {w} (the prototype bank's rounds end at "
+                          "the distillation round, round warmup-rounds)")
+    meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values), widths=config_width_scaled(values))
+    if p > 1 and (not values["mosaic-meta"] or meta_data not in ("prototypes", "both")):
+        raise ConfigError(f"proto-rounds: {p} keeps prototypes for the meta model, which learns from "
+                          f"meta-data={values['meta-data']!r} ({meta_data!r}), mosaic-meta={values['mosaic-meta']}; "
+                          "use proto-rounds=1, or mosaic-meta=true with meta-data 'prototypes' or 'both'")
     if c > 1:
         if values["aggregation"] != "mean" or values["max-client-share"] < 1:
             raise ConfigError(f"collect-rounds: {c} accumulates the class experts over rounds as running "
