@@ -17,14 +17,14 @@ from mosaic_flwr.data import dataset_info
 from mosaic_flwr.data.augment import augmenter
 from mosaic_flwr.mosaic.client import coarsen_counts, label_counts, mosaic_client_round
 from mosaic_flwr.mosaic.prototypes import per_class_subset
-from mosaic_flwr.mosaic.training import predict_logits, restriction_scale, train_local
+from mosaic_flwr.mosaic.training import predict_logits, train_local
 from mosaic_flwr.privacy import dp as dpm
 from mosaic_flwr.privacy.ledger import BudgetExceeded, Ledger, ledger_name
 from mosaic_flwr.records import (ARRAYS, CLIENT_CPU_SECONDS, CLIENT_SECONDS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES,
                                  mosaic_payload, record_to_state, state_to_record)
 from mosaic_flwr.seeds import mix_seed
-from mosaic_flwr.strategies.fedbn import LOCAL_BN, keep_local_bn, restore_local_bn
-from mosaic_flwr.strategies.fedrs import ALPHA_KEY
+from mosaic_flwr.strategies import STRATEGIES
+from mosaic_flwr.strategies.method import ClientStep
 from mosaic_flwr.task import Arch, build_arch, client_arch, node_data, node_partition, unseen_data
 
 
@@ -159,22 +159,22 @@ def query(msg: Message, context: Context) -> Message:
 @_private
 def train(msg: Message, context: Context) -> Message:
     """Baseline round (FedAvg, FedProx, FedRS, FedBN, Mosaic's fine-tune rounds): train,
-    return weights. FedRS: ``fedrs-alpha`` scales the logits of the classes this client
-    lacks; FedBN (``local-bn``): this client's own BatchNorm entries replace the received
-    ones, and are kept in its node state for the next round."""
+    return weights, with the hooks the run's method declares around the local training
+    (``Method.client``: FedRS scales the logits of the classes this client lacks; FedBN keeps
+    its own BatchNorm entries in its node state)."""
     t0, c0 = time.perf_counter(), time.process_time()
     cfg, x, y, model, c, seed = _received(msg, context)
     info = dataset_info(cfg.dataset)
-    local_bn = bool(c.get(LOCAL_BN, False))
-    if local_bn:
-        restore_local_bn(model, context.state)
-    scale = (restriction_scale(label_counts(y, info.num_classes) > 0, float(c[ALPHA_KEY]))
-             if ALPHA_KEY in c else None)
+    side = STRATEGIES[cfg.strategy].client
+    step = ClientStep(model, x, y, info.num_classes, c, context.state)
+    if side.before is not None:
+        side.before(step)
+    extra = dict(side.train_options(step)) if side.train_options is not None else {}
     stats = train_local(model, x, y, **sgd_settings(c), proximal_mu=float(c.get("proximal-mu", 0.0)),
                         seed=seed, device=resolve_device(cfg.device), augment=augmenter(cfg.augment, info),
-                        logit_scale=scale)
-    if local_bn:
-        keep_local_bn(model, context.state)
+                        **extra)
+    if side.after is not None:
+        side.after(step)
     # The declared example count is the released counts' sum (the discovery's declaration).
     n = int(released_counts(cfg, context, y, info.num_classes).sum())
     metrics = MetricRecord({NUM_EXAMPLES: n, "train-loss": stats["train-loss"],

@@ -120,3 +120,43 @@ def test_fedprox_mu_reaches_the_clients_and_shortens_their_updates(tmp_path):
     assert set(prox) == set(plain) and len(prox) == 3
     for node in prox:
         assert prox[node] < 0.8 * plain[node], (node, prox[node], plain[node])
+
+
+def test_the_train_handler_runs_the_hooks_the_method_declares_and_names_no_method(monkeypatch):
+    """A method's client side is its ``Method.client`` (``ClientSide``): the ClientApp's
+    ``train`` handler runs ``before`` on the received model, passes ``train_options`` to the
+    local training and runs ``after`` on the trained model, for whichever method the run
+    config names; its source names no method."""
+    import dataclasses
+    import inspect
+
+    from flwr.app import ConfigRecord
+
+    import client_app.app as client_module
+    from mosaic_flwr.config import load_defaults
+    from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.strategies.method import ClientSide
+    from mosaic_flwr.task import initial_model
+
+    seen = []
+    side = ClientSide(before=lambda s: seen.append(("before", float(s.model.head.bias.sum()))),
+                      train_options=lambda s: {"logit_scale": torch.full((s.num_classes,), 0.5)},
+                      after=lambda s: seen.append(("after", float(s.model.head.bias.sum()))))
+    monkeypatch.setitem(STRATEGIES, "fedavg", dataclasses.replace(FEDAVG, client=side))
+    real = client_module.train_local
+    monkeypatch.setattr(client_module, "train_local", lambda *a, **kw: seen.append(("train", kw["logit_scale"]))
+                        or real(*a, **kw))
+    as_flower_server()
+    run_config = {**load_defaults(), "dataset": "synthetic", "strategy": "fedavg"}
+    grid = InProcessGrid(client_module.app, run_config, 1)
+    state = initial_model(build_config(run_config)).state_dict()
+    config = {"lr": 0.05, "local-epochs": 0, "local-steps": 2, "batch-size": 16, "momentum": 0.9,
+              "weight-decay": 0.0, "server-round": 1}
+    msg = Message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(config)}),
+                  dst_node_id=grid.node_ids[0], message_type="train")
+    (reply,) = grid.send_and_receive([msg])
+    assert reply.has_content(), reply.error
+    assert [k for k, _ in seen] == ["before", "train", "after"]
+    assert torch.equal(seen[1][1], torch.full((10,), 0.5)) and seen[0][1] != seen[2][1]  # it trained between
+    source = inspect.getsource(client_module)  # no method's module, nor its train-config keys
+    assert not any(name in source for name in ("strategies.fedrs", "strategies.fedbn", "local-bn", "fedrs-alpha"))

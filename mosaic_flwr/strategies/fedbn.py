@@ -1,8 +1,8 @@
 """FedBN (Li et al., ICLR 2021, "FedBN: Federated Learning on Non-IID Features via Local Batch
 Normalization"): FedAvg in which the BatchNorm layers stay local.
 
-Client side (``restore_local_bn`` / ``keep_local_bn``, called by the ClientApp's ``train``
-handler when the train config has ``local-bn``): a client keeps its own BatchNorm entries
+Client side (``restore_local_bn`` / ``keep_local_bn``, the method's ``ClientSide`` hooks that
+the ClientApp's ``train`` handler runs; the train config has ``local-bn``): a client keeps its own BatchNorm entries
 (weight, bias, running mean and variance, batch count: ``bn_keys``) in its node state
 (``context.state``, which Flower keeps per node and run across rounds: in simulation, on a
 SuperNode and in ``inprocess.InProcessGrid``) and writes them over the BatchNorm entries of
@@ -50,7 +50,7 @@ from ..records import record_to_state, state_to_record
 from ..task import Arch
 from .bank import BankStrategy, StateDict
 from .base import ServerContext
-from .method import Method
+from .method import ClientSide, Method
 
 LOCAL_BN = "local-bn"          # the train-config flag the ClientApp reads
 STATE_RECORD = "fedbn-bn"      # where a client keeps its BatchNorm entries in context.state
@@ -212,4 +212,6 @@ def check_fedbn(values: Mapping[str, Any]) -> None:
 
 FEDBN = Method(BankFedBN, "FedAvg with client-local BatchNorm layers (Li et al., 2021); headline: the "
                           "averaged local BatchNorm, acc-personal: each client's own",
-               settings={"personal-eval": (bool, None)}, check=check_fedbn)
+               settings={"personal-eval": (bool, None)}, check=check_fedbn,
+               client=ClientSide(before=lambda step: restore_local_bn(step.model, step.state),
+                                 after=lambda step: keep_local_bn(step.model, step.state)))

@@ -10,8 +10,9 @@ by 0.01 a step up to 0.8 (``/work/shared/MOSAIC_REFERENCE.md``, "FedRS and FedBN
 are non-standard"); we follow the paper, with a constant alpha.
 
 Server side: the bank's FedAvg (every family, every width: the restriction acts on the
-logits, which every model has), with ``fedrs-alpha`` in every train config; the ClientApp's
-``train`` handler turns it into per-class factors (``training.restriction_scale``).
+logits, which every model has), with ``fedrs-alpha`` in every train config. Client side
+(``ClientSide.train_options``, run by the ClientApp's ``train`` handler): it becomes per-class
+factors of the logits (``training.restriction_scale``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from __future__ import annotations
 from flwr.app import ConfigRecord
 
 from ..config import _closed_unit
+from ..mosaic.client import label_counts
+from ..mosaic.training import restriction_scale
 from .bank import BankStrategy
-from .method import Method
+from .method import ClientSide, ClientStep, Method
 
 ALPHA_KEY = "fedrs-alpha"  # the train-config key the ClientApp reads
 
@@ -32,6 +35,13 @@ class BankFedRS(BankStrategy):
         return self.sc.train_config(**{ALPHA_KEY: self.cfg.of("fedrs").alpha})
 
 
+def restricted_softmax(step: ClientStep) -> dict:
+    """The client's local training scales the logits of the classes it holds no example of by
+    the round's ``fedrs-alpha``."""
+    held = label_counts(step.y, step.num_classes) > 0
+    return {"logit_scale": restriction_scale(held, float(step.config[ALPHA_KEY]))}
+
+
 FEDRS = Method(BankFedRS, "FedAvg whose clients scale the logits of classes they lack by alpha "
                           "(restricted softmax; Li & Zhan, 2021; fedrs.alpha)",
-               settings={"alpha": (float, _closed_unit)})
+               settings={"alpha": (float, _closed_unit)}, client=ClientSide(train_options=restricted_softmax))
