@@ -461,17 +461,18 @@ def config_width_scaled(values: Mapping[str, Any]) -> bool:
 
 def meta_data_for(meta_data: str, is_heterogeneous: bool, clients: str = "", widths: bool | None = None) -> str:
     """The meta model's training data for a ``meta-data`` setting. ``'auto'`` is
-    ``'prototypes'`` (real-derived inputs only, the paper's) whenever every client's model is
-    its family's full model, one family or several (each family's prototypes pass through that
-    family's class experts' heads), and ``'screened'`` when some client holds a width-scaled
-    sub-model (``widths``; default: as ``is_heterogeneous``), whose prototypes live in a
-    slice's feature space that no expert's head reads. ``'prototypes'``/``'both'`` with
-    width-scaled sub-models, and ``'clients'`` with any heterogeneity (it sends one family's
-    experts), raise a ``ConfigError`` (``clients`` describes the architectures, for the
-    message)."""
+    ``'prototypes'`` (real-derived inputs only, the paper's) with one architecture at full
+    width, and ``'screened'`` under model heterogeneity: measured on the model-families cell
+    (``bench/results/mosaic-paper.md``), a meta model on each family's prototypes through that
+    family's experts' heads (``'prototypes'``, allowed when every client is at its family's full
+    width) made the teacher 7.7 validation points worse than the experts' mean. With
+    width-scaled sub-models (``widths``; default: as ``is_heterogeneous``) prototypes live in a
+    slice's feature space that no expert's head reads: ``'prototypes'``/``'both'`` raise a
+    ``ConfigError`` there, and ``'clients'`` does under any heterogeneity (it sends one family's
+    experts); ``clients`` describes the architectures, for the message."""
     widths = is_heterogeneous if widths is None else widths
     if meta_data == "auto":
-        return "screened" if widths else "prototypes"
+        return "screened" if is_heterogeneous else "prototypes"
     held = f"clients hold {clients}" if clients else "client-models/client-capacities assign several"
     if is_heterogeneous and meta_data == "clients":
         raise ConfigError(f"meta-data: 'clients' sends the class experts to every client to score its own "

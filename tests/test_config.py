@@ -170,8 +170,9 @@ def test_one_heterogeneity_rule_and_one_meta_data_rule():
     assert meta_data_for("generated", True) == "generated" and meta_data_for("screened", True) == "screened"
     with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* but clients hold cnn_small@0.5;"):
         meta_data_for("prototypes", True, clients="cnn_small@0.5")
-    # model families at full width: each family's prototypes through its own experts' heads
-    assert meta_data_for("auto", True, widths=False) == "prototypes"
+    # model families at full width: each family's prototypes through its own experts' heads, on request
+    assert meta_data_for("auto", True, widths=False) == "screened"
+    assert meta_data_for("prototypes", True, widths=False) == "prototypes"
     assert meta_data_for("both", True, widths=False) == "both"
     with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* width-scaled"):
         meta_data_for("prototypes", True, widths=True)

@@ -22,12 +22,11 @@ Under model heterogeneity (``client-models`` / ``client-capacities``):
 - several families: each family has its own C class experts; expert ``k`` of the mixture
   is the families' class-``k`` experts combined in output space, weighted by each family's
   share of class ``k`` (``ModelMixture``). Prototypes of different families live in
-  different feature spaces: each family's prototypes pass through that family's class
-  experts' heads (``meta-data='prototypes'``, the default with every client at full width);
-  with width-scaled sub-models, whose prototypes are a slice's features, the meta model
-  learns from labelled generator samples screened by the owners' prototypes
-  (``meta-data='screened'``, the default there). The teacher is distilled into every
-  family's global model.
+  different feature spaces, so by default the meta model learns from labelled generator
+  samples screened by the owners' prototypes (``meta-data='screened'``); with every client at
+  its family's full width, ``meta-data='prototypes'`` passes each family's prototypes through
+  that family's class experts' heads instead (measured worse: ``config.meta_data_for``). The
+  teacher is distilled into every family's global model.
 
 ``generator='dcgan'``: the clients upload the authors' unconditional DCGAN instead of our
 conditional generator. The bank keeps them by the same per-class ranking; the KD batches take
@@ -592,7 +591,7 @@ class MosaicStrategy(DistillStrategy):
 def check_generator(values: Mapping[str, Any]) -> None:
     """``generator='dcgan'`` (unconditional: no sample is made for a class) with a meta model
     that learns from generator samples labelled by the requested class (``meta-data``
-    'generated', 'both', 'screened', or 'auto' with width-scaled sub-models) is refused."""
+    'generated', 'both', 'screened', or 'auto' under model heterogeneity) is refused."""
     if values["generator"] != "dcgan" or not values["mosaic-meta"]:
         return
     meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values), widths=config_width_scaled(values))
@@ -630,8 +629,8 @@ def check_mosaic(values: Mapping[str, Any]) -> None:
                               f"aggregation={values['aggregation']!r}, max-client-share={values['max-client-share']})")
         if meta_data_for(values["meta-data"], config_heterogeneous(values),
                          widths=config_width_scaled(values)) == "screened":
-            raise ConfigError(f"collect-rounds: {c} with meta-data='screened' (the default with width-scaled "
-                              "sub-models): screening needs every generator's owner in the distillation "
+            raise ConfigError(f"collect-rounds: {c} with meta-data='screened' (the default under model "
+                              "heterogeneity): screening needs every generator's owner in the distillation "
                               "round; use collect-rounds=1 or meta-data='generated'")
 
 
