@@ -166,7 +166,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, x, y, model, c, seed = _received(msg, context)
     info = dataset_info(cfg.dataset)
     side = STRATEGIES[cfg.strategy].client
-    step = ClientStep(model, x, y, info.num_classes, c, context.state)
+    step = ClientStep(model, x, y, info.num_classes, c, context.state, msg.content)
     if side.before is not None:
         side.before(step)
     extra = dict(side.train_options(step)) if side.train_options is not None else {}

@@ -140,7 +140,9 @@ def test_the_train_handler_runs_the_hooks_the_method_declares_and_names_no_metho
 
     seen = []
     side = ClientSide(before=lambda s: seen.append(("before", float(s.model.head.bias.sum()))),
-                      train_options=lambda s: {"logit_scale": torch.full((s.num_classes,), 0.5)},
+                      train_options=lambda s: {"logit_scale": torch.full((s.num_classes,), 0.5),
+                                               "extra_loss": lambda m, xb, yb, logits: seen.append(
+                                                   ("extra", "arrays" in s.content)) or logits.sum() * 0},
                       after=lambda s: seen.append(("after", float(s.model.head.bias.sum()))))
     monkeypatch.setitem(STRATEGIES, "fedavg", dataclasses.replace(FEDAVG, client=side))
     real = client_module.train_local
@@ -156,7 +158,8 @@ def test_the_train_handler_runs_the_hooks_the_method_declares_and_names_no_metho
                   dst_node_id=grid.node_ids[0], message_type="train")
     (reply,) = grid.send_and_receive([msg])
     assert reply.has_content(), reply.error
-    assert [k for k, _ in seen] == ["before", "train", "after"]
-    assert torch.equal(seen[1][1], torch.full((10,), 0.5)) and seen[0][1] != seen[2][1]  # it trained between
+    assert [k for k, _ in seen] == ["before", "train", "extra", "extra", "after"]  # the regulariser each step
+    assert torch.equal(seen[1][1], torch.full((10,), 0.5)) and seen[0][1] != seen[-1][1]  # it trained between
+    assert seen[2][1] is True  # the hooks see the received message's records
     source = inspect.getsource(client_module)  # no method's module, nor its train-config keys
     assert not any(name in source for name in ("strategies.fedrs", "strategies.fedbn", "local-bn", "fedrs-alpha"))

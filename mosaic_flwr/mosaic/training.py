@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,15 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
                 steps: int = 0, batch_size: int = 32, lr: float = 0.01, momentum: float = 0.9,
                 weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0,
                 device: torch.device | str = "cpu", augment: Augment | None = None,
-                logit_scale: torch.Tensor | None = None) -> dict[str, float]:
+                logit_scale: torch.Tensor | None = None,
+                extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                ) -> dict[str, float]:
     """SGD on (x, y); with ``proximal_mu > 0`` adds FedProx's (mu/2)||w - w_global||^2,
     w_global being the weights the model holds on entry; ``augment`` transforms each batch
     (its randomness is a stream of its own, so the batch order does not change with it);
     ``logit_scale`` (one factor per class, FedRS's ``restriction_scale``) multiplies the
-    logits inside the training loss only. Returns mean loss, steps, seconds."""
+    logits inside the training loss only; ``extra_loss(model, xb, yb, logits)`` (a method's
+    regulariser, e.g. FedGen's) is added to each step's loss. Returns mean loss, steps, seconds."""
     if len(y) == 0:
         raise ValueError("train_local: no training samples")
     device = torch.device(device)
@@ -77,6 +80,8 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
         if logit_scale is not None:
             logits = logits * logit_scale.to(logits.dtype)
         loss = F.cross_entropy(logits, yb)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, xb, yb, logits)
         if anchor is not None:
             prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
             loss = loss + 0.5 * proximal_mu * prox

@@ -24,8 +24,9 @@ Setting = tuple[type, "Validator | None"]
 @dataclass(frozen=True)
 class ClientStep:
     """One plain training round on a client, as a method's client hooks see it: the received
-    model (trained in place), the client's data, the round's train config and the client's
-    node state (``context.state``: Flower keeps it per node and run across rounds)."""
+    model (trained in place), the client's data, the round's train config, the client's node
+    state (``context.state``: Flower keeps it per node and run across rounds) and the received
+    message's content (``content``: every record the server sent, e.g. a method's extra arrays)."""
 
     model: Any
     x: Any
@@ -33,6 +34,7 @@ class ClientStep:
     num_classes: int
     config: Mapping[str, Any]
     state: Any
+    content: Any = None
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,8 @@ class ClientSide:
     """What a method's clients do in a plain training round beyond FedAvg's local training
     (``training.train_local``). ``before``: on the received model (FedBN writes its own
     BatchNorm entries over it); ``train_options``: more ``train_local`` keyword arguments
-    (FedRS: ``logit_scale``); ``after``: on the trained model before it is sent (FedBN keeps
-    its BatchNorm entries)."""
+    (FedRS: ``logit_scale``; a regulariser: ``extra_loss``); ``after``: on the trained model
+    before it is sent (FedBN keeps its BatchNorm entries)."""
 
     before: Callable[[ClientStep], object] | None = None  # (a return value is ignored)
     train_options: Callable[[ClientStep], Mapping[str, Any]] | None = None
