@@ -60,6 +60,7 @@ VARIANTS = {
     "dense": ("dense", {}),
     "fedftg": ("fedftg", {}),
     "dfrd": ("dfrd", {}),
+    "fedgen": ("fedgen", {}),
     "feddf-gen": ("feddf-gen", {}),
     "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
     "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),

@@ -520,6 +520,30 @@ def dense_source(cfg: Config) -> None:
     assert all(math.isfinite(v) for v in report.values())
 
 
+def fedgen_round(cfg: Config) -> None:
+    """``fedgen.*``: the server's generator trained on three clients' heads after round 1 (its
+    rate decayed per round trained), sent in round 2's messages with the round's client
+    weights, and a client's local training with it (``train_local``'s ``extra_loss``)."""
+    from mosaic_flwr.records import record_to_state
+    from mosaic_flwr.strategies.fedgen import ALPHA, GEN_RECORD, BankFedGen, regulariser
+    from mosaic_flwr.strategies.method import ClientStep
+
+    fedgen = _server(cfg, BankFedGen)
+    torch.manual_seed(0)
+    fedgen.sc.train_metrics = {}
+    fedgen.train_generator_round(1, {n: (torch.randn(C, fedgen.feature_dim), torch.zeros(C)) for n in NODES})
+    assert all(math.isfinite(v) for v in fedgen.sc.train_metrics.values())
+    msg = fedgen.messages_for(2, NODES)[0]
+    values, s = msg.content["config"], cfg.of("fedgen")
+    assert GEN_RECORD in msg.content.array_records and values[ALPHA] == (max(1e-4, s.alpha * s.decay) if s.alpha else 0)
+    x, y = _data()
+    model = initial_model(cfg)
+    model.load_state_dict(record_to_state(msg.content["arrays"]))
+    options = regulariser(ClientStep(model, x, y, C, values, None, msg.content))
+    stats = train_local(model, x, y, **sgd_settings(values), seed=1, **options)
+    assert stats["steps"] == 2 and math.isfinite(stats["train-loss"])
+
+
 # ----------------------------------------------------------------------------- the table
 @dataclass
 class Row:
@@ -644,6 +668,20 @@ ROWS.update({
     "dfrd.tran-weight": Row([0.0], [-0.1], server_generator, DFRD),
     "dfrd.div-weight": Row([0.0], [-0.1], server_generator, DFRD),
     "dfrd.ema-decay": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], server_generator, DFRD),
+})
+FEDGEN = {"strategy": "fedgen", "fedgen.gen-steps": 2, "fedgen.gen-batch-size": 4, "fedgen.hidden-dim": 8,
+          "fedgen.noise-dim": 4}
+ROWS.update({
+    "fedgen.alpha": Row([0.0, 1e6], [-0.1], fedgen_round, FEDGEN),
+    "fedgen.beta": Row([0.0, 1e6], [-0.1], fedgen_round, FEDGEN),
+    "fedgen.decay": Row([JUST_ABOVE_0, 1.0], [0.0, 1.0 + 1e-9], fedgen_round, FEDGEN),
+    "fedgen.gen-steps": Row([1, 3], [0], fedgen_round, FEDGEN),
+    "fedgen.gen-batch-size": Row([2, 5], [1, 0], fedgen_round, FEDGEN),
+    "fedgen.gen-lr": Row([JUST_ABOVE_0, 10.0], [0.0], fedgen_round, FEDGEN),
+    "fedgen.gen-weight-decay": Row([0.0, 1e6], [-0.1], fedgen_round, FEDGEN),
+    "fedgen.div-weight": Row([0.0, 1e6], [-0.1], fedgen_round, FEDGEN),
+    "fedgen.noise-dim": Row([1, 64], [0], fedgen_round, FEDGEN),
+    "fedgen.hidden-dim": Row([1, 64], [0], fedgen_round, FEDGEN),
 })
 BASE = {"dataset": "synthetic", "partition": "iid", "local-steps": 2}
 

@@ -13,6 +13,7 @@ from .dense import DENSE
 from .dfrd import DFRD
 from .fedbn import FEDBN
 from .fedftg import FEDFTG
+from .fedgen import FEDGEN
 from .fedrs import FEDRS
 from .method import Method
 from .feddf import FEDDF, FEDDF_GEN
@@ -29,6 +30,7 @@ STRATEGIES: dict[str, Method] = {
     "fedftg": FEDFTG,
     "dfrd": DFRD,
     "dense": DENSE,
+    "fedgen": FEDGEN,
 }
 
 
