@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mosaic_flwr.config import load_defaults, spec  # noqa: E402
+from mosaic_flwr.strategies import STRATEGIES  # noqa: E402
 
 OUT = ROOT / "docs" / "configuration.md"
 COMMAND = ".venv/bin/python scripts/config_reference.py"
@@ -66,8 +67,6 @@ GROUPS: list[tuple[str, list[str]]] = [
         "dp-proto-clip", "dp-count-epsilon", "dp-gate-epsilon", "dp-accountant", "dp-audit"]),
     ("Retired", ["preset"]),
 ]
-METHOD_TITLES = {"fedrs": "FedRS", "fedbn": "FedBN", "feddf": "FedDF", "fedftg": "FedFTG", "dfrd": "DFRD",
-                 "dense": "DENSE"}
 
 
 @dataclass
@@ -239,7 +238,7 @@ def render() -> str:
     for method in methods:
         members = [k for k in src.entries if k.startswith(method + ".")]
         members += [k for k in keys if k.startswith(method + ".") and k not in members]
-        title = f"{METHOD_TITLES.get(method, method)} (`{method}.*`)"
+        title = f"{STRATEGIES[method].title or method if method in STRATEGIES else method} (`{method}.*`)"
         grouped.append((title, src.tables.get(method, ""), members))
 
     lines = [

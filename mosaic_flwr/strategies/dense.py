@@ -335,4 +335,4 @@ DENSE = Method(
         "adv-weight": (float, _non_negative),
         "pool-size": (int, _non_negative),
         "reset-generator": (bool, None),
-    })
+    }, title="DENSE")

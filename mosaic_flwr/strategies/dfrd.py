@@ -128,4 +128,4 @@ DFRD = Method(
     settings={"teacher-weighting": (str, _choice("sample", "class")),
               "gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
               "tran-weight": (float, _non_negative), "div-weight": (float, _non_negative),
-              "ema-decay": (float, _below_one)})
+              "ema-decay": (float, _below_one)}, title="DFRD")

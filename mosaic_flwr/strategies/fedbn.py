@@ -214,4 +214,4 @@ FEDBN = Method(BankFedBN, "FedAvg with client-local BatchNorm layers (Li et al.,
                           "averaged local BatchNorm, acc-personal: each client's own",
                settings={"personal-eval": (bool, None)}, check=check_fedbn,
                client=ClientSide(before=lambda step: restore_local_bn(step.model, step.state),
-                                 after=lambda step: keep_local_bn(step.model, step.state)))
+                                 after=lambda step: keep_local_bn(step.model, step.state)), title="FedBN")

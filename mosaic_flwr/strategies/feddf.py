@@ -238,5 +238,5 @@ FEDDF = Method(FedDF, "FedDF as published (Lin et al., 2020): the client models'
                distils=True,
                settings={"transfer-set": (str, _transfer_choice), "transfer-size": (int, _positive),
                          "every-round": (bool, None)},
-               check=check_feddf, prepare=prepare_feddf)
+               check=check_feddf, prepare=prepare_feddf, title="FedDF")
 FEDDF_GEN = Method(FedDFGenerators, "FedDF's client-ensemble distillation on the clients' generators", distils=True)

@@ -109,4 +109,4 @@ FEDFTG = Method(
     distils=True,
     settings={"teacher-weighting": (str, _choice("sample", "class")),
               "gen-steps": (int, _positive), "gen-interval": (int, _positive), "gen-lr": (float, _positive),
-              "hard-weight": (float, _non_negative), "div-weight": (float, _non_negative)})
+              "hard-weight": (float, _non_negative), "div-weight": (float, _non_negative)}, title="FedFTG")

@@ -74,7 +74,8 @@ from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 from torch import nn
 
-from ..config import ConfigError, _at_least, _non_negative_finite, _positive_finite, _unit_interval, split_list
+from ..config import (ConfigError, _at_least, _non_negative_finite, _positive_finite, _unit_interval,
+                      config_width_scaled, split_list)
 from ..records import record_to_state, state_to_record
 from ..seeds import mix_seed
 from ..task import Arch
@@ -340,7 +341,7 @@ def check_fedgen(values: Mapping[str, Any]) -> None:
     if len(set(models)) > 1:
         raise ConfigError(f"client-models: fedgen trains one generator for one feature space, but "
                           f"{values['client-models']!r} assigns several model families; use one model")
-    if any(float(c) != 1.0 for c in split_list(values["client-capacities"])):
+    if config_width_scaled(values):
         raise ConfigError(f"client-capacities: fedgen needs every client's features at full width (the "
                           f"generator learns one feature space), but {values['client-capacities']!r} assigns "
                           "width-scaled sub-models; use capacity 1")
@@ -354,4 +355,4 @@ FEDGEN = Method(BankFedGen, "FedAvg whose server learns a generator of features 
                           "gen-weight-decay": (float, _non_negative_finite),
                           "div-weight": (float, _non_negative_finite), "noise-dim": (int, _at_least(1)),
                           "hidden-dim": (int, _at_least(1))},
-                check=check_fedgen, client=ClientSide(train_options=regulariser))
+                check=check_fedgen, client=ClientSide(train_options=regulariser), title="FedGen")

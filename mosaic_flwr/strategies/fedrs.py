@@ -44,4 +44,5 @@ def restricted_softmax(step: ClientStep) -> dict:
 
 FEDRS = Method(BankFedRS, "FedAvg whose clients scale the logits of classes they lack by alpha "
                           "(restricted softmax; Li & Zhan, 2021; fedrs.alpha)",
-               settings={"alpha": (float, _closed_unit)}, client=ClientSide(train_options=restricted_softmax))
+               settings={"alpha": (float, _closed_unit)}, client=ClientSide(train_options=restricted_softmax),
+               title="FedRS")

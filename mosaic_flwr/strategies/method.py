@@ -65,6 +65,7 @@ class Method:
     called with the config in the ServerApp's setup, so that a missing file fails there
     (``DatasetNotFoundError``/``ConfigError``: a configuration error) before any client trains.
     ``client``: its clients' hooks around the plain local training (``ClientSide``).
+    ``title``: its name as its authors write it (docs; default: the registry name).
     """
 
     strategy: type
@@ -74,6 +75,7 @@ class Method:
     check: Callable[[Mapping[str, Any]], None] | None = None
     prepare: Callable[[Any], None] | None = None
     client: ClientSide = ClientSide()
+    title: str = ""
 
     def run(self, sc: Any) -> None:
         self.strategy(sc).run()
