@@ -440,7 +440,7 @@ def heterogeneous(models: Iterable[str], capacities: Iterable[float]) -> bool:
     """Whether a federation whose clients hold these model families and widths is
     heterogeneous: more than one family, or any width below full. The one definition, used
     on the config's lists (``build_config``) and on the clients' architectures (strategies)."""
-    return len(set(models)) > 1 or any(float(c) != 1.0 for c in capacities)
+    return len(set(models)) > 1 or width_scaled(capacities)
 
 
 def config_heterogeneous(values: Mapping[str, Any]) -> bool:

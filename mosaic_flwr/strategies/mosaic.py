@@ -204,29 +204,24 @@ class MosaicStrategy(DistillStrategy):
             if st.streamed and (new or not self.collecting(server_round)):
                 st.experts.setdefault(arch.model, ClassSums(self.info.num_classes)).add(
                     payload.expert_state, payload.label_counts, self.plan(arch, server_round), self.globals[arch.model])
-            if not new and r is not None and r.prototypes is not None and self.banking(server_round):
-                pid = self.sc.partition_of(r.node_id)  # the prototype bank: prototypes only
-                st.protos.append({"partition-id": pid, "node": r.node_id, "family": arch.model, "round": server_round,
-                                  "features": r.prototypes[0], "labels": r.prototypes[1]})
-                if self.phase(server_round) != "distill":
-                    entry = self.audit_entry(server_round, r)
-                    if entry is not None:
-                        st.audits.append(entry)
-            if new:
+            # an upload: a first-time generator (with prototypes), or prototypes alone (the bank)
+            if new or (r is not None and r.prototypes is not None and self.banking(server_round)):
                 pid = self.sc.partition_of(r.node_id)
-                st.bank.offer(pid, r.label_counts, r.generator, node=r.node_id, prototypes=r.prototypes,
-                              family=arch.model, capacity=float(arch.capacity))
+                if new:
+                    st.bank.offer(pid, r.label_counts, r.generator, node=r.node_id, prototypes=r.prototypes,
+                                  family=arch.model, capacity=float(arch.capacity))
+                    st.uploaded.add(pid)
+                    for key, value in r.metrics.items():  # generator statistics, privacy spent
+                        if key in GEN_METRICS or key.startswith("dp-"):
+                            st.metrics.setdefault(key, []).append([pid, float(value)])
                 if r.prototypes is not None:
                     st.protos.append({"partition-id": pid, "node": r.node_id, "family": arch.model,
                                       "round": server_round, "features": r.prototypes[0], "labels": r.prototypes[1]})
-                st.uploaded.add(pid)
-                for key, value in r.metrics.items():  # generator statistics, privacy spent
-                    if key in GEN_METRICS or key.startswith("dp-"):
-                        st.metrics.setdefault(key, []).append([pid, float(value)])
                 if self.phase(server_round) != "distill":  # (the distillation round's: the core's audit)
                     entry = self.audit_entry(server_round, r)
                     if entry is not None:
                         st.audits.append(entry)
+            if new:
                 r.generator = None
         return super().absorb(server_round, arch, payload)
 
