@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mosaic's teacher, ablated at the distillation round from ONE federation per (alpha, seed).
 
-For each (alpha, seed), one in-process federation (``mosaic_flwr.inprocess.InProcessGrid``
+For each (alpha, seed), one in-process federation (``mosaic_flwr.testing.inprocess.InProcessGrid``
 driving the real ClientApp handlers, 10 clients, the default schedule, a validation split
 held out of the clients' data) runs the warm-up rounds and collects the distillation round's
 client replies (models, label counts, prototypes, generators) once. Every variant then runs
@@ -60,10 +60,10 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
     from flwr.common.config import parse_config_args
 
     from client_app.app import app as client_app
-    from mosaic_flwr.checkpoint import rng_state, set_rng_state
+    from mosaic_flwr.core.checkpoint import rng_state, set_rng_state
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
-    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+    from mosaic_flwr.testing.inprocess import InProcessGrid
+    from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
     from server_app.app import finish_run, setup
 
     def run_config(variant: str) -> dict:

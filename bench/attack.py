@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import header_lines, loadavg, provenance, write_results  # noqa: E402
 from client_app.app import app as client_app  # noqa: E402
 from mosaic_flwr.config import load_defaults  # noqa: E402
-from mosaic_flwr.inprocess import InProcessGrid  # noqa: E402
+from mosaic_flwr.testing.inprocess import InProcessGrid  # noqa: E402
 from server_app.app import main as server_main  # noqa: E402
 
 POISONS = ("random", "negated")

@@ -95,7 +95,7 @@ def header_lines(title: str, prov: dict) -> list[str]:
 
 def write_results(name: str, markdown: str, data: dict) -> Path:
     """``bench/results/<name>.md`` and ``.json``; returns the markdown path."""
-    from mosaic_flwr.results import atomic_write, write_json
+    from mosaic_flwr.core.results import atomic_write, write_json
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write(RESULTS / f"{name}.md", markdown)

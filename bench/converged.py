@@ -3,7 +3,7 @@
 
 Stage 1, once per (alpha, seed): FedAvg trains to its plateau (``PRETRAIN_ROUNDS`` rounds,
 constant lr, a validation split held out of the clients' data) in an in-process federation
-(``mosaic_flwr.inprocess.InProcessGrid`` driving the real ClientApp handlers, no Ray); its
+(``mosaic_flwr.testing.inprocess.InProcessGrid`` driving the real ClientApp handlers, no Ray); its
 run directory (``pretrain-a<alpha>-s<seed>``) holds the checkpoint every method starts from.
 
 Stage 2: every method continues from that checkpoint (``init-from``) for ``CONTINUE_ROUNDS``
@@ -136,7 +136,7 @@ def client_units(rows: list[dict]) -> float | None:
     recorded, GPU clients), whose ratio a load that changes within the run distorts."""
     import statistics
 
-    from mosaic_flwr.records import CLIENT_CPU_SECONDS, CLIENT_SECONDS
+    from mosaic_flwr.core.records import CLIENT_CPU_SECONDS, CLIENT_SECONDS
 
     rounds = [r for r in rows if r["round"] > 0]
     key = CLIENT_CPU_SECONDS if rounds and all(r.get(CLIENT_CPU_SECONDS) for r in rounds) else CLIENT_SECONDS
@@ -185,8 +185,8 @@ def shares_round1(variant: str) -> bool:
     prototypes): those share one round 1 of client work; every other variant (FedAvg and
     the methods whose clients only train) is one whole in-process run, and so is a variant
     that distils at a later round (its own ``warmup-rounds``)."""
-    from mosaic_flwr.strategies import STRATEGIES
-    from mosaic_flwr.strategies.distill import DistillStrategy
+    from mosaic_flwr.registry import STRATEGIES
+    from mosaic_flwr.distill.server import DistillStrategy
 
     method = STRATEGIES.get(VARIANTS[variant][0])
     cls = method.strategy if method else None
@@ -215,8 +215,8 @@ def run_inprocess(rc: dict, num_clients: int, title: str, **bench_extra) -> dict
     import torch
 
     from client_app.app import app as client_app
-    from mosaic_flwr.inprocess import InProcessGrid
-    from mosaic_flwr.strategies import get_strategy
+    from mosaic_flwr.testing.inprocess import InProcessGrid
+    from mosaic_flwr.registry import get_strategy
     from server_app.app import finish_run, setup
 
     t0, load0 = time.perf_counter(), loadavg()
@@ -387,9 +387,9 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
 
     import torch
 
-    from mosaic_flwr.mosaic.meta import MetaModel, train_meta
-    from mosaic_flwr.mosaic.moe import ConcatExperts, expert_logits
-    from mosaic_flwr.task import Arch
+    from mosaic_flwr.methods.mosaic.meta import MetaModel, train_meta
+    from mosaic_flwr.distill.teachers import ConcatExperts, expert_logits
+    from mosaic_flwr.core.task import Arch
 
     cfg, sc = strategy.cfg, strategy.sc
     decoded = defaultdict(list)
@@ -459,10 +459,10 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     import torch
 
     from client_app.app import app as client_app
-    from mosaic_flwr.checkpoint import rng_state, set_rng_state
-    from mosaic_flwr.inprocess import InProcessGrid
-    from mosaic_flwr.strategies import STRATEGIES
-    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+    from mosaic_flwr.core.checkpoint import rng_state, set_rng_state
+    from mosaic_flwr.testing.inprocess import InProcessGrid
+    from mosaic_flwr.registry import STRATEGIES
+    from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
     from server_app.app import finish_run, setup
 
     round1 = ReplyRecorder()  # round 1's replies as the clients sent them: every variant collects its own copy

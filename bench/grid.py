@@ -122,8 +122,8 @@ def run_central(cell: Cell, runs_dir: Path, shared: str, num_clients: int) -> di
     """The centralised reference of ``cell.seed``, written like a run (summary.json, metrics.json)."""
     import torch
 
-    from mosaic_flwr.central import train_central
-    from mosaic_flwr.results import write_json
+    from mosaic_flwr.core.central import train_central
+    from mosaic_flwr.core.results import write_json
 
     from bench.common import git_commit, git_dirty
 

@@ -281,7 +281,7 @@ def park(src: Path, dst: Path, part: Part) -> list[str]:
     resumes from (after the round it holds; a checkpoint is rewritten atomically after each
     round, so this may run while the grid does). Mosaic's shared-round group (Mosaic, Mosaic
     without meta model) starts again instead: it resumes from no checkpoint. What was recorded."""
-    from mosaic_flwr.checkpoint import load_checkpoint
+    from mosaic_flwr.core.checkpoint import load_checkpoint
 
     got = archive(src, dst, part)
     for run in in_flight(src):
@@ -400,8 +400,8 @@ def preflight(parts: list[str]) -> None:
     FedDF run. ``SystemExit`` listing each problem (with where it looked and how to get it).
     A method its part's model refuses (FedBN without BatchNorm) is refused in its cell instead."""
     from mosaic_flwr.config import ConfigError, build_config
-    from mosaic_flwr.strategies import STRATEGIES
-    from mosaic_flwr.task import test_data
+    from mosaic_flwr.registry import STRATEGIES
+    from mosaic_flwr.core.task import test_data
 
     problems = []
     for name in parts:

@@ -26,7 +26,7 @@ from flwr.app import Context, RecordDict  # noqa: E402
 
 from client_app.app import app as client_app  # noqa: E402
 from mosaic_flwr.config import load_defaults  # noqa: E402
-from mosaic_flwr.inprocess import InProcessGrid  # noqa: E402
+from mosaic_flwr.testing.inprocess import InProcessGrid  # noqa: E402
 from mosaic_flwr.privacy.report import summarise  # noqa: E402
 from server_app.app import main as server_main  # noqa: E402
 

@@ -49,7 +49,7 @@ def run(level: str, extra: dict) -> dict:
 
     import client_app.app as capp
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.testing.inprocess import InProcessGrid
     from server_app.app import main as server_main
 
     torch.set_num_threads(1)
@@ -76,9 +76,9 @@ def timing(steps: int, reps: int) -> dict:
     from mosaic_flwr.config import build_config
     from mosaic_flwr.data import dataset_info
     from mosaic_flwr.models.generators import build_discriminator, generator_for
-    from mosaic_flwr.mosaic.generator import train_generator
+    from mosaic_flwr.methods.mosaic.generator import train_generator
     from mosaic_flwr.privacy import dp as dpm
-    from mosaic_flwr.task import client_data, make_model
+    from mosaic_flwr.core.task import client_data, make_model
 
     torch.set_num_threads(1)
     cfg = build_config({**BASE, **LEVELS["8"]})

@@ -24,8 +24,8 @@ from mosaic_flwr.config import build_config  # noqa: E402
 from mosaic_flwr.data import dataset_info  # noqa: E402
 from mosaic_flwr.models.generators import generator_for, sample  # noqa: E402
 from mosaic_flwr.privacy.audit import audit_generator  # noqa: E402
-from mosaic_flwr.seeds import mix_seed  # noqa: E402
-from mosaic_flwr.task import client_data, unseen_data  # noqa: E402
+from mosaic_flwr.core.seeds import mix_seed  # noqa: E402
+from mosaic_flwr.core.task import client_data, unseen_data  # noqa: E402
 
 
 def main(argv=None) -> int:

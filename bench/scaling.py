@@ -51,7 +51,7 @@ def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: s
     from mosaic_flwr.config import build_config
     from mosaic_flwr.data import dataset_info
     from mosaic_flwr.models.generators import generator_for
-    from mosaic_flwr.task import clients_per_round, make_model
+    from mosaic_flwr.core.task import clients_per_round, make_model
 
     cfg = build_config({**(parse_config_args([shared]) if shared.strip() else {}), "strategy": strategy})
     model = make_model(cfg)
@@ -113,10 +113,10 @@ def probe_child(n: int, run_config: str, code: str | None = None) -> dict:
     from flwr.app import Context, RecordDict
     from flwr.common.config import parse_config_args
 
-    import mosaic_flwr.strategies.distill as core_module
+    import mosaic_flwr.distill.server as core_module
     from client_app.app import app
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.testing.inprocess import InProcessGrid
     from server_app.app import main as server_main
 
     torch.set_num_threads(1)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                   "number of clients."]
     if probes:
         lines += ["", "In-process probe (`--probe`): the same runs with the ServerApp and the ClientApp in "
-                  "one process (mosaic_flwr.inprocess.InProcessGrid, clients one at a time, at most two "
+                  "one process (mosaic_flwr.testing.inprocess.InProcessGrid, clients one at a time, at most two "
                   "partitions cached), measured on entering the distillation and the KD loop: live "
                   "torch tensors (distinct storages), RSS, and the decoded replies the strategy "
                   "passes to the distillation.", "",
@@ -320,7 +320,7 @@ def compare(args) -> int:
         return [f"{d.get('replies', 0)} / {d.get('replies_mib', float('nan')):.0f} MiB",
                 f"{d.get('live_tensor_mib', float('nan')):.0f} MiB", f"{k.get('live_tensor_mib', float('nan')):.0f} MiB",
                 f"{max(p['peak_rss_mib'], p.get('rss_mib_polled', 0)):.0f} MiB", f"{p['wall_seconds']:.0f}"]
-    lines += [f"In-process runs (mosaic_flwr.inprocess.InProcessGrid: ServerApp and ClientApp in one process, clients "
+    lines += [f"In-process runs (mosaic_flwr.testing.inprocess.InProcessGrid: ServerApp and ClientApp in one process, clients "
               f"one at a time, at most two partitions cached), run config `{args.run_config}`; before = the code of "
               f"`{args.compare}` ({ref_commit}), after = this checkout plus `{args.after_config}`. At the "
               "distillation (Mosaic's largest round) the probe counts the replies' models and generators the "

@@ -52,7 +52,7 @@ def reestimate_bn(model, images, batch_size: int = 100):
 def score(model, x, y) -> dict:
     import torch
 
-    from mosaic_flwr.mosaic.training import logits_metrics, predict_logits
+    from mosaic_flwr.core.training import logits_metrics, predict_logits
 
     logits = predict_logits(model, x)
     top = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).max().item() / len(x)
@@ -60,11 +60,11 @@ def score(model, x, y) -> dict:
 
 
 def check(run_dir: Path, per_client: int = 500, last_rounds: int = 3) -> dict:
-    from mosaic_flwr.checkpoint import load_checkpoint
+    from mosaic_flwr.core.checkpoint import load_checkpoint
     from mosaic_flwr.config import build_config
-    from mosaic_flwr.mosaic.submodels import model_plan, slice_state
-    from mosaic_flwr.strategies.fedbn import bn_keys
-    from mosaic_flwr.task import Arch, build_arch, client_data, test_data
+    from mosaic_flwr.core.submodels import model_plan, slice_state
+    from mosaic_flwr.methods.fedbn import bn_keys
+    from mosaic_flwr.core.task import Arch, build_arch, client_data, test_data
 
     state = load_checkpoint(run_dir)
     cfg = build_config(state["config"])
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--last-rounds", type=int, default=3, help="rolling windows of this many last rounds")
     ap.add_argument("--name", default="slice-check", help="bench/results/<name>.md/.json")
     args = ap.parse_args(argv)
-    from mosaic_flwr.checkpoint import FILENAME
+    from mosaic_flwr.core.checkpoint import FILENAME
 
     if not (args.run_dir / FILENAME).is_file():
         ap.error(f"{args.run_dir}: no {FILENAME} (a run directory written with checkpoint=true)")

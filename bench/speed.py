@@ -2,7 +2,7 @@
 """Speed benchmark: prints a short table and saves it (bench/results/<name>.md and .json).
 
 1. Framework overhead: the same FedAvg work (clients, rounds, local SGD steps, server
-   evaluation every round) as a plain PyTorch loop calling mosaic_flwr.mosaic.training
+   evaluation every round) as a plain PyTorch loop calling mosaic_flwr.core.training
    and through the real Flower simulation (scripts/flwr_sim.py, clients one at a time in
    one Ray actor, like the loop); total wall time (SuperLink and Ray start included) and
    the steady-state round (median of rounds 2..R), and their ratios.
@@ -11,7 +11,7 @@
    images per second (each image through every expert), C = 10 and 100, CPU and CUDA when
    present.
 3. Per-phase time of one default Mosaic run, in-process (the ClientApp and ServerApp of
-   this project driven by mosaic_flwr.inprocess.InProcessGrid, clients one at a time, one
+   this project driven by mosaic_flwr.testing.inprocess.InProcessGrid, clients one at a time, one
    torch thread each as in simulation): client training, generator training, prototypes,
    class experts, meta model, distillation, evaluation, and communication (protobuf
    serialisation of every message both ways, what Flower does before sending); with the
@@ -59,9 +59,9 @@ def plain_fedavg(overrides: dict, num_clients: int) -> dict:
     the global model, the server averages by example counts and evaluates on the test set."""
     from client_app.app import round_seed
     from mosaic_flwr.config import build_config
-    from mosaic_flwr.mosaic.experts import weighted_average_states
-    from mosaic_flwr.mosaic.training import evaluate, train_local
-    from mosaic_flwr.task import client_data, initial_model, make_model, test_data
+    from mosaic_flwr.distill.experts import weighted_average_states
+    from mosaic_flwr.core.training import evaluate, train_local
+    from mosaic_flwr.core.task import client_data, initial_model, make_model, test_data
 
     t0 = time.perf_counter()
     cfg = build_config(overrides)
@@ -161,8 +161,8 @@ def _time_calls(fn, device: torch.device, min_seconds: float, max_calls: int = 5
 
 def teacher_row(cfg, device: torch.device, num: int, args) -> dict:
     """Images/s of ``num`` cnn_small experts with distinct weights, three ways."""
-    from mosaic_flwr.mosaic.experts import StackedExperts
-    from mosaic_flwr.task import make_model
+    from mosaic_flwr.distill.experts import StackedExperts
+    from mosaic_flwr.core.task import make_model
 
     modules = []
     for e in range(num):
@@ -297,23 +297,23 @@ def phases(args) -> dict:
     from flwr.common.config import parse_config_args
 
     import client_app.app as capp
-    import mosaic_flwr.mosaic.client as mclient
+    import mosaic_flwr.methods.mosaic.client as mclient
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
-    from mosaic_flwr.strategies.bank import BankStrategy
-    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+    from mosaic_flwr.testing.inprocess import InProcessGrid
+    from mosaic_flwr.core.fedavg import FedAvgStrategy
+    from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
     from server_app.app import main as server_main
 
     overrides = parse_config_args([args.phase_config]) if args.phase_config.strip() else {}
     timers = Timers()
     app = InstrumentedClientApp(capp.app)
     targets = [(capp, "train_local", "client-train"), (mclient, "train_local", "client-train"),
-               (BankStrategy, "collect", "server-collect"),
+               (FedAvgStrategy, "collect", "server-collect"),
                (MosaicStrategy, "apply_round", "server-apply"),
                (MosaicStrategy, "update_experts", "server-experts"),
                (MosaicStrategy, "distillation", "server-distillation"),
-               (BankStrategy, "evaluate_all", "server-evaluate"),
-               (BankStrategy, "checkpoint", "server-checkpoint")]
+               (FedAvgStrategy, "evaluate_all", "server-evaluate"),
+               (FedAvgStrategy, "checkpoint", "server-checkpoint")]
     missing = [f"{o.__name__}.{a}" for o, a, _ in targets if a not in vars(o)]
     if missing:  # the strategy code moved on: time what is still there, say what is not
         print(f"[speed] phases: not timed (no such method any more): {missing}", flush=True)

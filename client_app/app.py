@@ -15,17 +15,16 @@ from flwr.common.logger import log
 from mosaic_flwr.config import Config, build_config, resolve_device
 from mosaic_flwr.data import dataset_info
 from mosaic_flwr.data.augment import augmenter
-from mosaic_flwr.mosaic.client import coarsen_counts, label_counts, mosaic_client_round
-from mosaic_flwr.mosaic.prototypes import per_class_subset
-from mosaic_flwr.mosaic.training import predict_logits, train_local
+from mosaic_flwr.methods.mosaic.client import coarsen_counts, mosaic_client_round
+from mosaic_flwr.methods.mosaic.prototypes import per_class_subset
+from mosaic_flwr.core.training import label_counts, predict_logits, train_local
 from mosaic_flwr.privacy import dp as dpm
 from mosaic_flwr.privacy.ledger import BudgetExceeded, Ledger, ledger_name
-from mosaic_flwr.records import (ARRAYS, CLIENT_CPU_SECONDS, CLIENT_SECONDS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES,
+from mosaic_flwr.core.records import (ARRAYS, CLIENT_CPU_SECONDS, CLIENT_SECONDS, CONFIG, META_LOGITS, METRICS, NUM_EXAMPLES,
                                  mosaic_payload, record_to_state, state_to_record)
-from mosaic_flwr.seeds import mix_seed
-from mosaic_flwr.strategies import STRATEGIES
-from mosaic_flwr.strategies.method import ClientStep
-from mosaic_flwr.task import Arch, build_arch, client_arch, node_data, node_partition, unseen_data
+from mosaic_flwr.core.seeds import mix_seed
+from mosaic_flwr.registry import STRATEGIES, ClientStep
+from mosaic_flwr.core.task import Arch, build_arch, client_arch, node_data, node_partition, unseen_data
 
 
 def _work(t0: float, c0: float, device) -> dict[str, float]:
@@ -143,7 +142,7 @@ def _private(handler):
 @_private
 def query(msg: Message, context: Context) -> Message:
     """What the server learns about a client before training: its partition id, label counts
-    (never data) and the architecture it trains (see ``mosaic_flwr.task.client_arch``)."""
+    (never data) and the architecture it trains (see ``mosaic_flwr.core.task.client_arch``)."""
     cfg, pid, x, y = _local_data(context)
     arch = client_arch(cfg, context.node_config)
     counts = released_counts(cfg, context, y, dataset_info(cfg.dataset).num_classes)

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from mosaic_flwr.core.schedule import gate_until, proto_rounds  # noqa: F401 (part of this module's API)
+from mosaic_flwr.registry import methods as _methods
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -103,27 +106,8 @@ def _retired_preset(v) -> str | None:
                                  "scripts/run.sh, further --run-config values override the file)")
 
 
-def _methods():
-    from .strategies import STRATEGIES
-    return STRATEGIES
-
-
 def strategy_names() -> tuple[str, ...]:
     return tuple(_methods())
-
-
-def gate_until(values: Mapping[str, Any]) -> int:
-    """The round after which the look-ahead gate makes its final choice: ``gate-rounds``
-    fine-tune rounds after the distillation round (-1: to the end), at most the last round."""
-    last, warmup, ahead = int(values["num-server-rounds"]), int(values["warmup-rounds"]), int(values["gate-rounds"])
-    return last if ahead < 0 else min(last, warmup + ahead)
-
-
-def proto_rounds(values: Mapping[str, Any]) -> int:
-    """How many rounds, ending at the distillation round, upload prototypes for Mosaic's meta
-    model (``proto-rounds``; -1: every warm-up round)."""
-    n = int(values["proto-rounds"])
-    return int(values["warmup-rounds"]) if n == -1 else n
 
 
 def distils(strategy: str) -> bool:
@@ -141,12 +125,12 @@ def spec() -> dict[str, tuple[type, Callable[[Any], str | None] | None]]:
 
 
 def _datasets():
-    from .data import DATASETS
+    from mosaic_flwr.data import DATASETS
     return DATASETS
 
 
 def _models():
-    from .models import MODELS
+    from mosaic_flwr.models import MODELS
     return tuple(MODELS)
 
 
@@ -171,7 +155,7 @@ def split_list(value: str) -> list[str]:
 
 
 def _partitions():
-    from .data import PARTITIONS
+    from mosaic_flwr.data import PARTITIONS
     return PARTITIONS
 
 
@@ -548,7 +532,7 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     if values["expert-pass"] and values["distill-local-steps"] == 0:
         raise ConfigError("expert-pass: the expert pass trains distill-local-steps steps, which is 0; set "
                           "distill-local-steps > 0 (the authors: 10, with distill-batch-size=64)")
-    from .privacy.dp import check_config as dp_check
+    from mosaic_flwr.privacy.dp import check_config as dp_check
     problem = dp_check(values)
     if problem:
         raise ConfigError(problem)

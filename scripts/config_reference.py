@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mosaic_flwr.config import load_defaults, spec  # noqa: E402
-from mosaic_flwr.strategies import STRATEGIES  # noqa: E402
+from mosaic_flwr.registry import STRATEGIES  # noqa: E402
 
 OUT = ROOT / "docs" / "configuration.md"
 COMMAND = ".venv/bin/python scripts/config_reference.py"

@@ -14,17 +14,18 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from mosaic_flwr.checkpoint import CheckpointError, config_changes, load_checkpoint, warm_start_changes
+from mosaic_flwr.core.checkpoint import CheckpointError, config_changes, load_checkpoint, warm_start_changes
 from mosaic_flwr.config import Config, ConfigError, build_config, local_work, resolve_device
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
-from mosaic_flwr.mosaic.robust import bound_counts
+from mosaic_flwr.core.robust import bound_counts
 from mosaic_flwr.privacy import dp as dpm
-from mosaic_flwr.records import ClientInfo
-from mosaic_flwr.results import RunResults, atomic_write, rows_to_csv, save_partition, tensorboard_available
-from mosaic_flwr.strategies import STRATEGIES, ServerContext, get_strategy
-from mosaic_flwr.strategies.bank import RoundFailed
-from mosaic_flwr.strategies.base import Straggler, discover_clients, reply_limit
-from mosaic_flwr.task import Arch, clients_per_round, test_data, test_set_fingerprint, validation_data
+from mosaic_flwr.core.records import ClientInfo
+from mosaic_flwr.core.results import RunResults, atomic_write, rows_to_csv, save_partition, tensorboard_available
+from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.registry import STRATEGIES, get_strategy
+from mosaic_flwr.core.fedavg import RoundFailed
+from mosaic_flwr.core.server import Straggler, discover_clients, reply_limit
+from mosaic_flwr.core.task import Arch, clients_per_round, test_data, test_set_fingerprint, validation_data
 
 app = ServerApp()
 

@@ -9,7 +9,7 @@ import torch
 
 from mosaic_flwr.data import dataset_info
 from mosaic_flwr.data.augment import augmenter, crop_flip
-from mosaic_flwr.mosaic.training import train_local
+from mosaic_flwr.core.training import train_local
 
 
 def _reference(x, top, left, mirror, padding, fill):
@@ -95,8 +95,8 @@ def test_a_mosaic_client_augments_where_the_authors_read_their_augmented_loader(
     """Local training batches, the generator's real batches and the prototype images: each
     goes through ``augment`` (the authors' GAN and prototypes read the augmented loader)."""
     from mosaic_flwr.config import build_config
-    from mosaic_flwr.mosaic.client import mosaic_client_round
-    from mosaic_flwr.task import initial_model
+    from mosaic_flwr.methods.mosaic.client import mosaic_client_round
+    from mosaic_flwr.core.task import initial_model
 
     calls = []
 

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from bench.common import PeakMemory, classify, fmt_mean_std, mean_std, payload_bytes, wire_bytes
 from bench.grid import CENTRAL, Cell, aggregate, grid_cells, run_grid
-from mosaic_flwr.central import federated_sample_passes, samples_in_steps, train_central
+from mosaic_flwr.core.central import federated_sample_passes, samples_in_steps, train_central
 from mosaic_flwr.config import build_config
 
 

@@ -3,10 +3,10 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
 from client_app.app import app as client_app
-from mosaic_flwr.checkpoint import config_changes
+from mosaic_flwr.core.checkpoint import config_changes
 from mosaic_flwr.config import (PROJECT_ROOT, SPEC, spec, strategy_names, ConfigError, build_config, config_heterogeneous, heterogeneous,
                                 load_defaults, local_work, meta_data_for, merge_run_config, write_run_config)
-from mosaic_flwr.inprocess import InProcessGrid
+from mosaic_flwr.testing.inprocess import InProcessGrid
 from server_app.app import main as server_main
 
 

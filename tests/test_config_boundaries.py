@@ -20,28 +20,28 @@ import pytest
 import torch
 
 from client_app.app import round_seed, sgd_settings
-from mosaic_flwr.central import federated_sample_passes
+from mosaic_flwr.core.central import federated_sample_passes
 from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, spec, ConfigError, build_config, lr_for_round, proto_rounds
 from mosaic_flwr.data import dataset_info, partition, partition_without, validation_indices
 from mosaic_flwr.models.generators import generator_for
-from mosaic_flwr.mosaic.client import mosaic_client_round
-from mosaic_flwr.mosaic.distill import distill, distill_many
-from mosaic_flwr.mosaic.ensemble import ClientEnsemble, uniform_weights
-from mosaic_flwr.mosaic.meta import MetaModel, train_meta
-from mosaic_flwr.mosaic.moe import GeneratorSampler
-from mosaic_flwr.mosaic.prototypes import class_prototypes
-from mosaic_flwr.mosaic.robust import robust_average
-from mosaic_flwr.mosaic.training import evaluate, restriction_scale, train_local
-from mosaic_flwr.records import ClientInfo
-from mosaic_flwr.strategies import STRATEGIES
-from mosaic_flwr.strategies.bank import BankStrategy, RoundFailed
-from mosaic_flwr.strategies.distill import ClientModel
-from mosaic_flwr.strategies.base import ServerContext
-from mosaic_flwr.strategies.feddf import RememberingTeacher, TransferSampler, transfer_images
-from mosaic_flwr.strategies.dense import DenseStrategy
-from mosaic_flwr.strategies.fedrs import BankFedRS
-from mosaic_flwr.strategies.mosaic import MosaicStrategy
-from mosaic_flwr.task import Arch, initial_model
+from mosaic_flwr.methods.mosaic.client import mosaic_client_round
+from mosaic_flwr.distill.kd import distill, distill_many
+from mosaic_flwr.distill.teachers import ClientEnsemble, uniform_weights
+from mosaic_flwr.methods.mosaic.meta import MetaModel, train_meta
+from mosaic_flwr.distill.samplers import GeneratorSampler
+from mosaic_flwr.methods.mosaic.prototypes import class_prototypes
+from mosaic_flwr.core.robust import robust_average
+from mosaic_flwr.core.training import evaluate, restriction_scale, train_local
+from mosaic_flwr.core.records import ClientInfo
+from mosaic_flwr.registry import STRATEGIES
+from mosaic_flwr.core.fedavg import FedAvgStrategy, RoundFailed
+from mosaic_flwr.distill.server import ClientModel
+from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.methods.feddf import RememberingTeacher, TransferSampler, transfer_images
+from mosaic_flwr.methods.dense import DenseStrategy
+from mosaic_flwr.methods.fedrs import BankFedRS
+from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
+from mosaic_flwr.core.task import Arch, initial_model
 from tests.conftest import as_flower_server
 
 INFO = dataset_info("synthetic")
@@ -88,7 +88,7 @@ def validation(cfg: Config) -> None:
 
 def server_test_set(cfg: Config) -> None:
     """``test-subset``: the server's test set (synthetic: 500 images), whole at 0."""
-    from mosaic_flwr.task import test_data
+    from mosaic_flwr.core.task import test_data
 
     _, y = test_data(cfg.replace(dataset="synthetic"))
     assert len(y) == (cfg.test_subset or 500)
@@ -97,7 +97,7 @@ def server_test_set(cfg: Config) -> None:
 def report_test_set(cfg: Config) -> None:
     """``report-test-subset``: the distillation report's test images (class-balanced, fixed),
     the whole server test set at 0 or above its size."""
-    from mosaic_flwr.task import test_data
+    from mosaic_flwr.core.task import test_data
 
     x, y = test_data(cfg.replace(dataset="synthetic"))
     mosaic = _server(cfg, MosaicStrategy)
@@ -112,7 +112,7 @@ def report_test_set(cfg: Config) -> None:
 
 def straggler_deadline(cfg: Config) -> None:
     """``straggler-*``: the wait the missing replies of a call get once the quorum is in."""
-    from mosaic_flwr.strategies.base import Straggler, straggler_wait
+    from mosaic_flwr.core.server import Straggler, straggler_wait
 
     rule = Straggler.of(cfg)
     for total in (1, 2, 10, 1000):
@@ -126,8 +126,8 @@ def reply_size_limit(cfg: Config) -> None:
     """``reply-max-mb``: a reply of that size is kept, one of more is dropped as an error reply."""
     from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-    from mosaic_flwr.records import reply_bytes
-    from mosaic_flwr.strategies.base import oversized, reply_limit
+    from mosaic_flwr.core.records import reply_bytes
+    from mosaic_flwr.core.server import oversized, reply_limit
     from tests.conftest import as_flower_server
 
     as_flower_server()
@@ -145,7 +145,7 @@ def reply_size_limit(cfg: Config) -> None:
 
 def count_bound(cfg: Config) -> None:
     """``count-clip``: no client is weighted as more than that many median clients."""
-    from mosaic_flwr.mosaic.robust import bound_counts
+    from mosaic_flwr.core.robust import bound_counts
     counts = {i: torch.tensor([10 * (i + 1), i]) for i in range(5)}
     counts[9] = torch.tensor([10**12, 10**12])
     out = bound_counts(counts, cfg.count_clip)
@@ -164,7 +164,7 @@ def seeds(cfg: Config) -> None:
     _mosaic_client(cfg)
 
 
-def _server(cfg: Config, strategy=BankStrategy, grid=None) -> BankStrategy:
+def _server(cfg: Config, strategy=FedAvgStrategy, grid=None) -> FedAvgStrategy:
     as_flower_server()
     counts = torch.ones(C, dtype=torch.long) * 4
     clients = {n: ClientInfo(n, i, counts, cfg.model, 1.0) for i, n in enumerate(NODES)}
@@ -322,7 +322,7 @@ def collection(cfg: Config) -> None:
 def generator_bank(cfg: Config) -> None:
     """``generator-bank-size``: the server's bank of generators (per class; 0: all) and the
     sampler over what it kept."""
-    from mosaic_flwr.mosaic.streaming import GeneratorBank
+    from mosaic_flwr.core.streaming import GeneratorBank
 
     mosaic = _server(cfg, MosaicStrategy)
     bank = mosaic.bank
@@ -349,7 +349,7 @@ def threads(cfg: Config) -> None:
 
 
 def share_cap(cfg: Config) -> None:
-    from mosaic_flwr.mosaic.robust import cap_shares
+    from mosaic_flwr.core.robust import cap_shares
 
     for weights in ([1.0, 1.0, 1.0], [1000.0, 1.0, 0.0, 5.0], [1.0]):
         w = cap_shares(torch.tensor(weights), cfg.max_client_share)
@@ -504,7 +504,7 @@ def server_generator(cfg: Config) -> None:
 def dense_source(cfg: Config) -> None:
     """``dense.*``: DENSE's source as the strategy builds it (generator, synthesiser, pool)
     driving the KD loop, against a teacher with and without BatchNorm."""
-    from mosaic_flwr.task import Arch, build_arch
+    from mosaic_flwr.core.task import Arch, build_arch
 
     dense = _server(cfg, DenseStrategy)
     torch.manual_seed(0)
@@ -524,9 +524,9 @@ def fedgen_round(cfg: Config) -> None:
     """``fedgen.*``: the server's generator trained on three clients' heads after round 1 (its
     rate decayed per round trained), sent in round 2's messages with the round's client
     weights, and a client's local training with it (``train_local``'s ``extra_loss``)."""
-    from mosaic_flwr.records import record_to_state
-    from mosaic_flwr.strategies.fedgen import ALPHA, GEN_RECORD, BankFedGen, regulariser
-    from mosaic_flwr.strategies.method import ClientStep
+    from mosaic_flwr.core.records import record_to_state
+    from mosaic_flwr.methods.fedgen import ALPHA, GEN_RECORD, BankFedGen, regulariser
+    from mosaic_flwr.registry import ClientStep
 
     fedgen = _server(cfg, BankFedGen)
     torch.manual_seed(0)

@@ -21,7 +21,8 @@ def test_fmnist_real_files():
 
 def test_fmnist_missing_names_the_paths(tmp_path, monkeypatch):
     import mosaic_flwr.data.datasets as ds
-    monkeypatch.setattr(ds, "DEBIAN_FMNIST_DIR", tmp_path / "nowhere")
+    import mosaic_flwr.data.files as files
+    monkeypatch.setattr(files, "DEBIAN_FMNIST_DIR", tmp_path / "nowhere")
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "nowhere")):
         ds._load_fmnist(str(tmp_path), False)
 

@@ -163,7 +163,7 @@ def test_cifar10_two_stage_mosaic_with_batchnorm_models_and_augmentation(tmp_pat
     """FedAvg pre-training on CIFAR-10 (ResNet-8 and the CNN: BatchNorm and not, model
     heterogeneity, crop + flip), then Mosaic from its checkpoint: BatchNorm buffers travel
     with the models, the run distils and fine-tunes."""
-    from mosaic_flwr.checkpoint import load_checkpoint
+    from mosaic_flwr.core.checkpoint import load_checkpoint
     from tests.test_e2e_inprocess import run_inprocess
 
     common = {"dataset": "cifar10", "data-dir": str(cifar10_bin.parent), "client-models": "resnet8,cnn_small",

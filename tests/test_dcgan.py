@@ -14,10 +14,10 @@ from mosaic_flwr.config import ConfigError, build_config
 from mosaic_flwr.data import dataset_info
 from mosaic_flwr.models.generators import (DCGANDiscriminator, DCGANGenerator, discriminator_for, generator_for,
                                            is_unconditional, normalised_range, sample, sample_unconditional)
-from mosaic_flwr.mosaic.client import mosaic_client_round
-from mosaic_flwr.mosaic.dcgan import class_coverage, train_dcgan
-from mosaic_flwr.mosaic.moe import UnconditionalSampler
-from mosaic_flwr.task import initial_model
+from mosaic_flwr.methods.mosaic.client import mosaic_client_round
+from mosaic_flwr.methods.mosaic.dcgan import class_coverage, train_dcgan
+from mosaic_flwr.distill.samplers import UnconditionalSampler
+from mosaic_flwr.core.task import initial_model
 
 INFO = dataset_info("synthetic")  # 28x28x1, 10 classes
 

@@ -11,14 +11,14 @@ import math
 import pytest
 import torch
 
-import mosaic_flwr.strategies.distill as core_module
-from mosaic_flwr.checkpoint import ARTIFACTS, load_checkpoint
+import mosaic_flwr.distill.server as core_module
+from mosaic_flwr.core.checkpoint import ARTIFACTS, load_checkpoint
 from mosaic_flwr.data import dataset_info, load_dataset
 from mosaic_flwr.models.classifiers import build_model
-from mosaic_flwr.mosaic.ensemble import ClientEnsemble, uniform_weights
-from mosaic_flwr.mosaic.training import train_local
-from mosaic_flwr.strategies import STRATEGIES
-from mosaic_flwr.strategies.dense import (BNStatistics, DenseGenerator, DenseStrategy, DenseSynthesizer,
+from mosaic_flwr.distill.teachers import ClientEnsemble, uniform_weights
+from mosaic_flwr.core.training import train_local
+from mosaic_flwr.registry import STRATEGIES
+from mosaic_flwr.methods.dense import (BNStatistics, DenseGenerator, DenseStrategy, DenseSynthesizer,
                                           disagreement)
 from tests.test_e2e_inprocess import run_inprocess
 

@@ -20,7 +20,7 @@ import torch
 
 from mosaic_flwr.config import build_config
 from mosaic_flwr.data import DatasetNotFoundError
-from mosaic_flwr.task import client_data, node_data, node_partition, partition_file
+from mosaic_flwr.core.task import client_data, node_data, node_partition, partition_file
 from tests.deploy_support import (BIN, DEPLOY, NO_NGINX, Deployment, check_mosaic_results, free_port, make_material,
                                   run, submit_config)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mosaic_flwr.mosaic.distill import distill, distill_many, jsd, kd_loss, kd_loss_parts
+from mosaic_flwr.distill.kd import distill, distill_many, jsd, kd_loss, kd_loss_parts
 
 LN2 = math.log(2.0)
 

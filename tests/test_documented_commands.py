@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import mosaic_flwr.data.datasets as ds
-from mosaic_flwr.checkpoint import load_checkpoint
+import mosaic_flwr.data.files as files
+from mosaic_flwr.core.checkpoint import load_checkpoint
 from mosaic_flwr.config import build_config
 from mosaic_flwr.data import load_dataset
 from server_app.app import run_dir
@@ -51,7 +52,7 @@ def fake_fmnist(folder: Path, seed: int, n_train: int = 300, n_test: int = 60, t
 
 # ----------------------------------------------------------------------------- plain `flwr run .`
 def test_empty_data_dir_reads_the_user_data_directory(tmp_path, monkeypatch):
-    monkeypatch.setattr(ds, "DEBIAN_FMNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(files, "DEBIAN_FMNIST_DIR", tmp_path / "nowhere")
     monkeypatch.delenv(ds.DATA_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert ds.user_data_dir() == tmp_path / "cache" / "mosaic-flwr" / "data"

@@ -7,7 +7,7 @@ from flwr.app import Context, RecordDict
 
 from client_app.app import app as client_app
 from mosaic_flwr.config import load_defaults
-from mosaic_flwr.inprocess import InProcessGrid
+from mosaic_flwr.testing.inprocess import InProcessGrid
 from server_app.app import main as server_main
 from tests.conftest import requires_fmnist
 

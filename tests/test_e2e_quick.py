@@ -19,14 +19,14 @@ import math
 import pytest
 import torch
 
-import mosaic_flwr.strategies.distill as core_module
-import mosaic_flwr.strategies.mosaic as mosaic_module
-from mosaic_flwr.checkpoint import ARTIFACTS, load_checkpoint
+import mosaic_flwr.distill.server as core_module
+import mosaic_flwr.methods.mosaic.strategy as mosaic_module
+from mosaic_flwr.core.checkpoint import ARTIFACTS, load_checkpoint
 from mosaic_flwr.config import ConfigError, build_config
-from mosaic_flwr.mosaic.distill import kd_loss
-from mosaic_flwr.mosaic.meta import MetaModel
-from mosaic_flwr.records import record_to_state
-from mosaic_flwr.task import initial_model
+from mosaic_flwr.distill.kd import kd_loss
+from mosaic_flwr.methods.mosaic.meta import MetaModel
+from mosaic_flwr.core.records import record_to_state
+from mosaic_flwr.core.task import initial_model
 from tests.test_e2e_inprocess import run_inprocess
 
 C = 10
@@ -415,8 +415,8 @@ def test_the_authors_dcgan_generators_end_to_end(tmp_path, monkeypatch, strategy
     asked for); the clients' privacy audit covers their prototypes only."""
     from mosaic_flwr.data import dataset_info
     from mosaic_flwr.models.generators import generator_for
-    from mosaic_flwr.mosaic.moe import UnconditionalSampler
-    from mosaic_flwr.strategies.distill import RememberingTeacher
+    from mosaic_flwr.distill.samplers import UnconditionalSampler
+    from mosaic_flwr.distill.server import RememberingTeacher
 
     overrides = {"strategy": strategy, "generator": "dcgan", "dcgan-width": 4}
     out, rows, rec = _run(tmp_path, monkeypatch, **overrides)

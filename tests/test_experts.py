@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mosaic_flwr.models.classifiers import ResNet18, build_model
-from mosaic_flwr.mosaic.experts import (
+from mosaic_flwr.distill.experts import (
     StackedExperts,
     build_class_experts,
     class_expert_weights,
@@ -212,7 +212,7 @@ def test_stacked_experts_on_cuda_match_cpu():
 def test_head_experts_read_each_experts_head_on_one_backbones_features():
     """``meta-experts='heads'``: expert e's logits are its head on the backbone's features;
     where an expert's backbone is the backbone itself, they equal the full expert's."""
-    from mosaic_flwr.mosaic.moe import HeadExperts
+    from mosaic_flwr.distill.teachers import HeadExperts
 
     torch.manual_seed(0)
     models = _randomised_models("cnn_small", 3, 8)

@@ -15,19 +15,19 @@ import types
 import pytest
 import torch
 
-import mosaic_flwr.strategies.distill as core_module
-import mosaic_flwr.strategies.feddf as feddf_module
+import mosaic_flwr.distill.server as core_module
+import mosaic_flwr.methods.feddf as feddf_module
 from client_app.app import app as client_app
 from mosaic_flwr.config import PROJECT_ROOT, ConfigError, build_config, load_defaults, merge_run_config
 from mosaic_flwr.data import ImageData, dataset_info, load_dataset, normalize
-from mosaic_flwr.inprocess import InProcessGrid
-from mosaic_flwr.mosaic.training import train_local
-from mosaic_flwr.records import record_to_state
-from mosaic_flwr.strategies import STRATEGIES
-from mosaic_flwr.strategies.base import ServerContext
-from mosaic_flwr.strategies.distill import ClientModel
-from mosaic_flwr.strategies.feddf import FedDF, transfer_images
-from mosaic_flwr.task import Arch, build_arch, initial_model, validation_data
+from mosaic_flwr.testing.inprocess import InProcessGrid
+from mosaic_flwr.core.training import train_local
+from mosaic_flwr.core.records import record_to_state
+from mosaic_flwr.registry import STRATEGIES
+from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.distill.server import ClientModel
+from mosaic_flwr.methods.feddf import FedDF, transfer_images
+from mosaic_flwr.core.task import Arch, build_arch, initial_model, validation_data
 from tests.conftest import as_flower_server
 from tests.test_data_cifar_mnist import mnist_dir
 from tests.test_e2e_inprocess import run_inprocess

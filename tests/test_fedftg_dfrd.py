@@ -11,21 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mosaic_flwr.checkpoint import load_checkpoint
+from mosaic_flwr.core.checkpoint import load_checkpoint
 from mosaic_flwr.config import ConfigError, build_config
 from mosaic_flwr.data import dataset_info, load_dataset
-from mosaic_flwr.mosaic.server_generator import (BlockSampler, boundary_mask, diversity_loss, ema_update,
+from mosaic_flwr.distill.generators import (BlockSampler, boundary_mask, diversity_loss, ema_update,
                                                  fidelity_loss, generate, generator_steps, module_state,
                                                  new_generator, proportional_labels, sampled_labels,
                                                  transferability_loss)
-from mosaic_flwr.mosaic.training import train_local
-from mosaic_flwr.records import ClientInfo
-from mosaic_flwr.strategies import STRATEGIES
-from mosaic_flwr.strategies.base import ServerContext
-from mosaic_flwr.strategies.dfrd import DFRDStrategy
-from mosaic_flwr.strategies.distill import ClientModel
-from mosaic_flwr.strategies.fedftg import FedFTGStrategy
-from mosaic_flwr.task import Arch, initial_model
+from mosaic_flwr.core.training import train_local
+from mosaic_flwr.core.records import ClientInfo
+from mosaic_flwr.registry import STRATEGIES
+from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.methods.dfrd import DFRDStrategy
+from mosaic_flwr.distill.server import ClientModel
+from mosaic_flwr.methods.fedftg import FedFTGStrategy
+from mosaic_flwr.core.task import Arch, initial_model
 from tests.conftest import as_flower_server
 from tests.test_e2e_inprocess import run_inprocess
 from tests.test_reliability import Crash, _crash_in, _rows, _scores
@@ -155,7 +155,7 @@ def test_the_teacher_weights_a_generated_samples_whole_output_by_its_requested_c
     teacher(xg, y).sum().backward()                                         # a generator trains through it
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     # The KD loop gives the conditional teacher the requested labels.
-    from mosaic_flwr.mosaic.distill import distill_many
+    from mosaic_flwr.distill.kd import distill_many
     seen = []
 
     def spy(xb, yb=None):

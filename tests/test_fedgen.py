@@ -12,18 +12,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 import client_app.app as client_module
-from mosaic_flwr.checkpoint import load_checkpoint
+from mosaic_flwr.core.checkpoint import load_checkpoint
 from mosaic_flwr.config import ConfigError, build_config, load_defaults
 from mosaic_flwr.data import load_dataset
-from mosaic_flwr.inprocess import InProcessGrid
-from mosaic_flwr.mosaic.training import train_local
-from mosaic_flwr.records import state_to_record
-from mosaic_flwr.strategies import STRATEGIES
-from mosaic_flwr.strategies.fedgen import (ALPHA, BETA, GEN_BATCH, GEN_RECORD, HIDDEN_DIM, LABELS, NOISE_DIM, SEED,
+from mosaic_flwr.testing.inprocess import InProcessGrid
+from mosaic_flwr.core.training import train_local
+from mosaic_flwr.core.records import state_to_record
+from mosaic_flwr.registry import STRATEGIES
+from mosaic_flwr.methods.fedgen import (ALPHA, BETA, GEN_BATCH, GEN_RECORD, HIDDEN_DIM, LABELS, NOISE_DIM, SEED,
                                            FeatureGenerator, diversity_loss, label_shares, regulariser,
                                            round_weight, teacher_loss, train_generator)
-from mosaic_flwr.strategies.method import ClientStep
-from mosaic_flwr.task import initial_model
+from mosaic_flwr.registry import ClientStep
+from mosaic_flwr.core.task import initial_model
 from tests.conftest import as_flower_server
 from tests.test_e2e_inprocess import run_inprocess
 from tests.test_reliability import Crash, _crash_in, _rows, _scores

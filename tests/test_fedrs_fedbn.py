@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 import client_app.app as client_module
-from mosaic_flwr.checkpoint import load_checkpoint
+from mosaic_flwr.core.checkpoint import load_checkpoint
 from mosaic_flwr.config import ConfigError, build_config, load_defaults
 from mosaic_flwr.data import load_dataset
-from mosaic_flwr.inprocess import InProcessGrid
-from mosaic_flwr.mosaic.training import restricted_logits, restriction_scale, train_local
-from mosaic_flwr.records import record_to_state
-from mosaic_flwr.strategies import STRATEGIES
-from mosaic_flwr.strategies.base import ServerContext
-from mosaic_flwr.strategies.fedbn import (STATE_RECORD, BankFedBN, bn_keys, class_accuracy,
+from mosaic_flwr.testing.inprocess import InProcessGrid
+from mosaic_flwr.core.training import restricted_logits, restriction_scale, train_local
+from mosaic_flwr.core.records import record_to_state
+from mosaic_flwr.registry import STRATEGIES
+from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.methods.fedbn import (STATE_RECORD, BankFedBN, bn_keys, class_accuracy,
                                           personal_score)
-from mosaic_flwr.strategies.fedrs import BankFedRS
-from mosaic_flwr.task import initial_model
+from mosaic_flwr.methods.fedrs import BankFedRS
+from mosaic_flwr.core.task import initial_model
 from tests.conftest import as_flower_server
 from tests.test_e2e_inprocess import run_inprocess
 

@@ -17,7 +17,7 @@ from mosaic_flwr.models.generators import (
     normalised_range,
     sample,
 )
-from mosaic_flwr.mosaic.generator import (
+from mosaic_flwr.methods.mosaic.generator import (
     DIVERSITY_MODES,
     _ClassSampler,
     generator_fidelity,

@@ -11,8 +11,8 @@ import pytest
 from bench import converged, converged_report, headline
 from bench.converged import client_units, equal_compute_rounds
 from bench.headline import Part
-from mosaic_flwr import inprocess
-from mosaic_flwr.checkpoint import load_checkpoint
+from mosaic_flwr.testing import inprocess
+from mosaic_flwr.core.checkpoint import load_checkpoint
 from tests.test_reliability import Crash, _crash_in
 
 
@@ -423,7 +423,7 @@ def test_parked_checkpoints_of_runs_in_flight_go_to_the_ledger_come_back_and_go_
     directory) beside the finished runs; ``restore`` gives it to a runs root that lacks it; once
     the run is finished and archived the ledger keeps no checkpoint of it, except a pre-training's
     final one while its cell has runs left."""
-    from mosaic_flwr.checkpoint import save_checkpoint
+    from mosaic_flwr.core.checkpoint import save_checkpoint
 
     part = Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "feddf"), central=False)
     runs, ledger, fresh = tmp_path / "runs", tmp_path / "ledger", tmp_path / "fresh"

@@ -11,14 +11,14 @@ from torch import nn
 
 from client_app.app import app as client_app
 from mosaic_flwr.config import ConfigError, build_config, config_heterogeneous
-from mosaic_flwr.inprocess import InProcessGrid
-from mosaic_flwr.mosaic.experts import ModelMixture, StackedExperts
-from mosaic_flwr.mosaic.moe import screen_by_prototypes
+from mosaic_flwr.testing.inprocess import InProcessGrid
+from mosaic_flwr.distill.experts import ModelMixture, StackedExperts
+from mosaic_flwr.methods.mosaic.prototypes import screen_by_prototypes
 from mosaic_flwr.models import MODELS
-from mosaic_flwr.records import ClientInfo, decode_client_info, state_to_record
-from mosaic_flwr.strategies.bank import BankStrategy
-from mosaic_flwr.strategies.base import ServerContext
-from mosaic_flwr.task import Arch, build_arch, client_arch
+from mosaic_flwr.core.records import ClientInfo, decode_client_info, state_to_record
+from mosaic_flwr.core.fedavg import FedAvgStrategy
+from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.core.task import Arch, build_arch, client_arch
 from tests.conftest import as_flower_server, requires_fmnist
 from tests.test_e2e_inprocess import run_inprocess
 
@@ -58,7 +58,7 @@ def _counts(examples: int) -> torch.Tensor:
     return counts
 
 
-def _bank(archs: dict[int, Arch], examples: dict[int, int] | None = None, **cfg_over) -> BankStrategy:
+def _bank(archs: dict[int, Arch], examples: dict[int, int] | None = None, **cfg_over) -> FedAvgStrategy:
     as_flower_server()
     cfg = build_config({"strategy": "fedavg", "dataset": "synthetic", **cfg_over})
     examples = examples or {}
@@ -66,10 +66,10 @@ def _bank(archs: dict[int, Arch], examples: dict[int, int] | None = None, **cfg_
                for i, (n, a) in enumerate(archs.items())}
     sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), test_x=None,
                        test_y=None, results=None, num_nodes=len(clients), clients=clients)
-    return BankStrategy(sc)
+    return FedAvgStrategy(sc)
 
 
-def _reply(strategy: BankStrategy, node: int, arch: Arch, value: float, n: int) -> Message:
+def _reply(strategy: FedAvgStrategy, node: int, arch: Arch, value: float, n: int) -> Message:
     state = {k: torch.full_like(v, value) if v.is_floating_point() else v.clone()
              for k, v in strategy.template(arch).items()}
     content = RecordDict({"arrays": state_to_record(state),
@@ -303,7 +303,7 @@ def record_width(record) -> int:
 def test_one_node_one_partition_a_second_claim_is_refused(caplog):
     """A node claiming a partition id another node already holds is left out, logged; the
     first claim stands (it cannot replace the first one's uploads)."""
-    from mosaic_flwr.strategies.base import discover_clients
+    from mosaic_flwr.core.server import discover_clients
 
     as_flower_server()  # the discovery builds server messages (alone, no earlier test has set it)
 

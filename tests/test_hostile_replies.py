@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 from mosaic_flwr.data import dataset_info
 from mosaic_flwr.models import MODELS, build_model
 from mosaic_flwr.models.generators import generator_for
-from mosaic_flwr.mosaic.client import MosaicClientResult
-from mosaic_flwr.records import (ARCH, META_LOGITS, decode_client_info, decode_evaluate_reply,
+from mosaic_flwr.methods.mosaic.client import MosaicClientResult
+from mosaic_flwr.core.records import (ARCH, META_LOGITS, decode_client_info, decode_evaluate_reply,
                                  decode_logits_reply, decode_mosaic_reply, decode_reply, mosaic_payload,
                                  reply_bytes, state_problem, state_to_record)
-from mosaic_flwr.strategies.base import oversized
+from mosaic_flwr.core.server import oversized
 from tests.conftest import as_flower_server
 from tests.test_e2e_inprocess import run_inprocess
 from tests.test_reliability import TINY_MOSAIC, Crash, _rows, _scores

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mosaic_flwr.mosaic.meta import (MetaModel, _holdout_split, default_width, meta_beats_mean, sign_test_p,
+from mosaic_flwr.methods.mosaic.meta import (MetaModel, _holdout_split, default_width, meta_beats_mean, sign_test_p,
                                      train_meta)
 
 
@@ -199,8 +199,8 @@ def test_train_meta_on_cuda(arch):
 def test_ablation_teacher_has_the_meta_models_starting_scale(arch):
     """"Mosaic without the meta model" must distil the same targets the meta model starts
     from (the mean of the experts' logits, not their sum: C times sharper at a temperature)."""
-    from mosaic_flwr.mosaic.meta import MetaModel as Meta
-    from mosaic_flwr.mosaic.moe import ensemble_teacher, meta_teacher
+    from mosaic_flwr.methods.mosaic.meta import MetaModel as Meta
+    from mosaic_flwr.distill.teachers import ensemble_teacher, meta_teacher
 
     class Experts:  # the only method the teachers read: logits(x) -> [E, B, C]
         def logits(self, x):
@@ -228,8 +228,8 @@ def test_meta_model_with_the_global_prior_starts_at_the_last_input(arch):
 
 def test_concat_experts_appends_the_global_model_as_one_more_expert():
     from mosaic_flwr.models.classifiers import SmallCNN
-    from mosaic_flwr.mosaic.experts import StackedExperts
-    from mosaic_flwr.mosaic.moe import ConcatExperts
+    from mosaic_flwr.distill.experts import StackedExperts
+    from mosaic_flwr.distill.teachers import ConcatExperts
 
     torch.manual_seed(0)
     template = SmallCNN(in_channels=1, num_classes=10, image_size=28)

@@ -7,14 +7,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from client_app.app import app as client_app
 from mosaic_flwr.config import build_config
 from mosaic_flwr.data import dataset_info
-from mosaic_flwr.inprocess import InProcessGrid
+from mosaic_flwr.testing.inprocess import InProcessGrid
 from mosaic_flwr.models.generators import build_generator
-from mosaic_flwr.mosaic.client import MosaicClientResult
-from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
-from mosaic_flwr.strategies.base import ServerContext
-from mosaic_flwr.strategies.feddf import FedDFGenerators
-from mosaic_flwr.strategies.mosaic import MosaicStrategy
-from mosaic_flwr.task import Arch
+from mosaic_flwr.methods.mosaic.client import MosaicClientResult
+from mosaic_flwr.core.records import decode_mosaic_reply, mosaic_payload
+from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.methods.feddf import FedDFGenerators
+from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
+from mosaic_flwr.core.task import Arch
 from tests.conftest import as_flower_server
 
 C = 10
@@ -244,7 +244,7 @@ def test_arrays_are_checked_before_anything_is_decoded(strategy):
     without decoding it (issue 38)."""
     from flwr.app import Array
 
-    from mosaic_flwr.records import decode_evaluate_reply, record_problem
+    from mosaic_flwr.core.records import decode_evaluate_reply, record_problem
 
     template = _template(strategy)
     good = ArrayRecord({k: v.clone() for k, v in template.items()})
@@ -270,10 +270,10 @@ def test_the_expert_pass_trains_a_copy_of_the_received_model_and_leaves_the_regu
     received model."""
     import copy
 
-    from mosaic_flwr.mosaic.client import mosaic_client_round
-    from mosaic_flwr.mosaic.training import train_local
-    from mosaic_flwr.seeds import mix_seed
-    from mosaic_flwr.task import initial_model
+    from mosaic_flwr.methods.mosaic.client import mosaic_client_round
+    from mosaic_flwr.core.training import train_local
+    from mosaic_flwr.core.seeds import mix_seed
+    from mosaic_flwr.core.task import initial_model
 
     cfg = build_config({"strategy": "mosaic", "dataset": "synthetic"})
     info = dataset_info("synthetic")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mosaic_flwr.data import dataset_info
-from mosaic_flwr.mosaic.client import mosaic_client_round
-from mosaic_flwr.mosaic.prototypes import class_prototypes
+from mosaic_flwr.methods.mosaic.client import mosaic_client_round
+from mosaic_flwr.methods.mosaic.prototypes import class_prototypes
 from mosaic_flwr.privacy.audit import (RandomFeatures, audit_generator, audit_prototypes, flags, label_disclosure,
                                        nn_distances, roc_auc, validate_figures)
 from mosaic_flwr.privacy.report import client_entry, summarise
@@ -146,7 +146,7 @@ def test_prototypes_of_at_least_m_records_are_never_a_record():
 
 
 def test_clusters_of_at_least_m_points_partition_the_points():
-    from mosaic_flwr.mosaic.prototypes import clusters_of_at_least, kmeans
+    from mosaic_flwr.methods.mosaic.prototypes import clusters_of_at_least, kmeans
     g = torch.Generator().manual_seed(1)
     points = torch.cat([torch.randn(30, 4, generator=g), torch.randn(3, 4, generator=g) + 20])  # a tiny far cluster
     centres = kmeans(points, 5, seed=0)
@@ -225,7 +225,7 @@ def test_client_round_reports_the_audit():
     assert len(on.metrics["privacy-class-m"]) == C
     # the reply carries the per-class lists to the server, which keeps them
     from flwr.app import Message
-    from mosaic_flwr.records import decode_mosaic_reply, mosaic_payload
+    from mosaic_flwr.core.records import decode_mosaic_reply, mosaic_payload
     from mosaic_flwr.models.generators import generator_for
     as_flower_server()
     msg = Message(mosaic_payload(on), dst_node_id=1, message_type="train.mosaic")

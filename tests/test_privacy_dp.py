@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from mosaic_flwr.config import ConfigError, build_config
 from mosaic_flwr.data import dataset_info
 from mosaic_flwr.models.generators import build_discriminator, generator_for
-from mosaic_flwr.mosaic import generator as genmod
-from mosaic_flwr.mosaic.generator import train_generator
+from mosaic_flwr.methods.mosaic import generator as genmod
+from mosaic_flwr.methods.mosaic.generator import train_generator
 from mosaic_flwr.models import build_model
 from mosaic_flwr.privacy import dp as dpm
 

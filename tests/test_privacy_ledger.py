@@ -88,7 +88,7 @@ def test_noisy_scores_stay_within_the_released_total():
 def _grid(tmp_path, num_nodes=1, **overrides):
     import client_app.app as capp
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.testing.inprocess import InProcessGrid
     run_config = {**load_defaults(), "dataset": "synthetic", "strategy": "mosaic", "dp-epsilon": 4.0,
                   "output-dir": str(tmp_path), **overrides}
     return InProcessGrid(capp.app, run_config, num_nodes)
@@ -96,8 +96,8 @@ def _grid(tmp_path, num_nodes=1, **overrides):
 
 def _score(grid, server_round: int) -> Message:
     from mosaic_flwr.config import build_config
-    from mosaic_flwr.records import CONFIG, state_to_record
-    from mosaic_flwr.task import build_arch, client_arch
+    from mosaic_flwr.core.records import CONFIG, state_to_record
+    from mosaic_flwr.core.task import build_arch, client_arch
     cfg = build_config(grid.run_config)
     state = state_to_record(build_arch(cfg, client_arch(cfg, {})).state_dict())
     content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "candidates": ["before", "after"]}),
@@ -108,7 +108,7 @@ def _score(grid, server_round: int) -> Message:
 
 def test_gate_scores_under_dp_are_charged_and_one_beyond_the_plan_is_refused(tmp_path, caplog):
     from mosaic_flwr.config import build_config
-    from mosaic_flwr.task import node_data
+    from mosaic_flwr.core.task import node_data
     grid = _grid(tmp_path)  # the default schedule: the gate scores twice (distillation, end of look-ahead)
     cfg = build_config(grid.run_config)
     settings = dpm.dp_settings(cfg.values)
@@ -140,7 +140,7 @@ def test_a_gate_score_the_run_did_not_plan_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- count-floor
 def test_coarsened_counts_declare_rare_classes_absent():
-    from mosaic_flwr.mosaic.client import coarsen_counts
+    from mosaic_flwr.methods.mosaic.client import coarsen_counts
     counts = torch.tensor([0, 1, 4, 5, 300])
     assert coarsen_counts(counts, 5).tolist() == [0, 0, 0, 5, 300]
     assert coarsen_counts(counts, 0) is counts
@@ -150,8 +150,8 @@ def test_with_a_count_floor_every_reply_declares_the_same_examples(tmp_path):
     """Discovery, training and the gate's scores all declare the floored counts' sum (the server
     leaves out a reply whose count differs), and the gate scores only the declared classes."""
     from mosaic_flwr.config import build_config
-    from mosaic_flwr.records import CONFIG
-    from mosaic_flwr.task import node_data
+    from mosaic_flwr.core.records import CONFIG
+    from mosaic_flwr.core.task import node_data
     skewed = {"dp-epsilon": 0.0, "partition": "dirichlet", "alpha": 0.3}
     grid = _grid(tmp_path, 3, **skewed)
     y = node_data(build_config(grid.run_config), grid.contexts[grid.node_ids[0]].node_config)[1]

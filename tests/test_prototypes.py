@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from mosaic_flwr.mosaic.prototypes import _lloyd, class_prototypes, kmeans, per_class_subset
+from mosaic_flwr.methods.mosaic.prototypes import _lloyd, class_prototypes, kmeans, per_class_subset
 
 
 def _brute_force(x: torch.Tensor, k: int) -> tuple[float, torch.Tensor]:

@@ -22,18 +22,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import app as client_app
-from mosaic_flwr.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from mosaic_flwr.core.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from mosaic_flwr.config import ConfigError, build_config, load_defaults
 from mosaic_flwr.data import dataset_info
-from mosaic_flwr.inprocess import InProcessGrid
+from mosaic_flwr.testing.inprocess import InProcessGrid
 from mosaic_flwr.models.generators import generator_for
-from mosaic_flwr.mosaic.client import MosaicClientResult
-from mosaic_flwr.records import ClientInfo, mosaic_payload
-from mosaic_flwr.results import write_json
-from mosaic_flwr.strategies.bank import RoundFailed
-from mosaic_flwr.strategies.base import ServerContext
-from mosaic_flwr.strategies.mosaic import MosaicStrategy
-from mosaic_flwr.task import Arch, clients_per_round
+from mosaic_flwr.methods.mosaic.client import MosaicClientResult
+from mosaic_flwr.core.records import ClientInfo, mosaic_payload
+from mosaic_flwr.core.results import write_json
+from mosaic_flwr.core.fedavg import RoundFailed
+from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
+from mosaic_flwr.core.task import Arch, clients_per_round
 from server_app.app import check_min_replies, main as server_main
 from tests.conftest import as_flower_server, started_under
 from tests.test_e2e_inprocess import run_inprocess

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mosaic_flwr.results import atomic_write
+from mosaic_flwr.core.results import atomic_write
 
 
 def test_atomic_write_replaces_whole_files_with_the_usual_mode(tmp_path):
@@ -52,7 +52,7 @@ def scalars_of(directory) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_each_round_is_in_tensorboard_as_it_ends_and_a_resume_rewrites_it(tmp_path):
-    from mosaic_flwr.results import RunResults
+    from mosaic_flwr.core.results import RunResults
     results = RunResults(tmp_path, {})
     results.log_round({"round": 0, "accuracy": 0.1, "loss": 2.3, "phase": "init"})
     results.log_round({"round": 1, "accuracy": 0.5, "loss": float("nan"), "kd-loss": 0.7})

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mosaic_flwr.models.classifiers import build_model
-from mosaic_flwr.mosaic.experts import build_class_experts, robust_class_average, weighted_average_states
-from mosaic_flwr.mosaic.robust import cap_shares, robust_average
-from mosaic_flwr.mosaic.submodels import model_plan, robust_masked_average, submodel_plan
-from mosaic_flwr.strategies.bank import BankStrategy
-from mosaic_flwr.task import Arch
+from mosaic_flwr.distill.experts import build_class_experts, robust_class_average, weighted_average_states
+from mosaic_flwr.core.robust import cap_shares, robust_average
+from mosaic_flwr.core.submodels import model_plan, robust_masked_average, submodel_plan
+from mosaic_flwr.core.fedavg import FedAvgStrategy
+from mosaic_flwr.core.task import Arch
 from tests.test_hetero import _bank, _reply
 from tests.test_strategies import _Bank
 from tests.test_strategies import _reply as _full_reply
@@ -56,7 +56,7 @@ def test_cap_shares_properties_on_random_weights():
 
 
 def test_bound_counts_weights_a_client_as_at_most_factor_median_clients():
-    from mosaic_flwr.mosaic.robust import bound_counts
+    from mosaic_flwr.core.robust import bound_counts
     counts = {1: torch.tensor([50, 50, 0]), 2: torch.tensor([0, 100, 0]), 3: torch.tensor([30, 0, 90]),
               4: torch.tensor([9000, 1, 999])}  # totals 100, 100, 120, 10000: median 110
     out = bound_counts(counts, 4.0)
@@ -127,7 +127,7 @@ def test_fedavg_defaults_are_the_weighted_average_rounded_once():
     """The default aggregate (streamed, float64 running sums) is the examples-weighted mean
     computed in float64 and rounded once to float32: within a float32 unit of the plain
     float32 weighted average, and exactly the float64 one cast."""
-    strategy = _Bank(BankStrategy).strategy
+    strategy = _Bank(FedAvgStrategy).strategy
     assert strategy.cfg.aggregation == "mean" and strategy.cfg.max_client_share == 1.0
     values = [(0.1, 7), (0.7, 3), (1.3, 11)]
     arrays, _ = strategy.aggregate_train(1, [_full_reply(v, n, 101 + i) for i, (v, n) in enumerate(values)])
@@ -195,7 +195,7 @@ def test_robust_masked_average_errors():
 
 # ----------------------------------------------------------------------------- strategies
 def test_fedavg_with_max_client_share_caps_the_weight_of_inflated_example_counts():
-    strategy = _Bank(BankStrategy, **{"max-client-share": 0.4}).strategy
+    strategy = _Bank(FedAvgStrategy, **{"max-client-share": 0.4}).strategy
     replies = [_full_reply(v, n, 101 + i) for i, (v, n) in enumerate([(1.0, 10), (2.0, 10), (3.0, 10), (11.0, 10**6)])]
     arrays, _ = strategy.aggregate_train(1, replies)
     # the liar: 0.4; the others share 0.6 equally: 0.2 * (1 + 2 + 3) + 0.4 * 11 = 5.6
@@ -231,11 +231,11 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
     (On this tiny schedule the distilled model itself is at chance even in a clean run: its
     generators train for 20 steps; the teacher scores 1.0 clean.)"""
     from bench.attack import inflating_attacker
-    from mosaic_flwr.checkpoint import load_checkpoint
+    from mosaic_flwr.core.checkpoint import load_checkpoint
     from tests.test_e2e_inprocess import run_inprocess
     from tests.test_reliability import TINY_MOSAIC, _rows
 
-    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+    from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
 
     seen = {}  # the experts and counts the distillation round starts from (dropped after it)
     real = MosaicStrategy.distillation
@@ -281,10 +281,10 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
 def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_the_holders():
     from tests.conftest import as_flower_server
     from mosaic_flwr.config import build_config
-    from mosaic_flwr.records import ClientInfo, MosaicReply
-    from mosaic_flwr.strategies.base import ServerContext
-    from mosaic_flwr.strategies.distill import ClientModel
-    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+    from mosaic_flwr.core.records import ClientInfo, MosaicReply
+    from mosaic_flwr.core.server import ServerContext
+    from mosaic_flwr.distill.server import ClientModel
+    from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
 
     as_flower_server()
     cfg = build_config({"strategy": "mosaic", "dataset": "synthetic", "aggregation": "median",
@@ -322,7 +322,7 @@ def test_the_median_gate_gives_a_client_that_forges_its_scores_one_vote(tmp_path
 
     from bench.liar_client import app as liar_app
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.testing.inprocess import InProcessGrid
     from server_app.app import main as server_main
     from tests.test_e2e_quick import TINY
 

@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
-from mosaic_flwr.checkpoint import load_checkpoint
+from mosaic_flwr.core.checkpoint import load_checkpoint
 from mosaic_flwr.config import ConfigError, build_config
-from mosaic_flwr.mosaic.experts import build_class_experts, weighted_average_states
-from mosaic_flwr.mosaic.moe import GeneratorSampler
-from mosaic_flwr.mosaic.streaming import ClassSums, GeneratorBank, RunningSum
-from mosaic_flwr.mosaic.submodels import masked_average, submodel_plan
+from mosaic_flwr.distill.experts import build_class_experts, weighted_average_states
+from mosaic_flwr.distill.samplers import GeneratorSampler
+from mosaic_flwr.core.streaming import ClassSums, GeneratorBank, RunningSum
+from mosaic_flwr.core.submodels import masked_average, submodel_plan
 from tests.test_e2e_inprocess import run_inprocess
 from tests.test_reliability import Crash, _crash_in, _rows, _scores
 
@@ -306,27 +306,27 @@ def test_the_prototype_bank_keeps_every_bank_rounds_prototypes_audits_them_and_r
 
 
 def test_fedavg_streams_replies_one_at_a_time(tmp_path, monkeypatch):
-    import mosaic_flwr.strategies.bank as bank_module
+    import mosaic_flwr.core.fedavg as bank_module
 
     held = []
-    real = bank_module.BankStrategy.absorb
+    real = bank_module.FedAvgStrategy.absorb
 
     def absorb(self, server_round, arch, payload):
         out = real(self, server_round, arch, payload)
         held.append(out[0])          # the state is dropped once summed
         return out
-    monkeypatch.setattr(bank_module.BankStrategy, "absorb", absorb)
+    monkeypatch.setattr(bank_module.FedAvgStrategy, "absorb", absorb)
     out = run_inprocess(tmp_path, num_nodes=4, dataset="synthetic", strategy="fedavg", **{"local-steps": 3})
     assert held and all(s is None for s in held)
     assert len(out["grid"].sent) >= 2 * 4
 
 
 def test_robust_aggregation_keeps_the_round_buffered(tmp_path, monkeypatch):
-    import mosaic_flwr.strategies.bank as bank_module
+    import mosaic_flwr.core.fedavg as bank_module
 
     held = []
-    real = bank_module.BankStrategy.absorb
-    monkeypatch.setattr(bank_module.BankStrategy, "absorb",
+    real = bank_module.FedAvgStrategy.absorb
+    monkeypatch.setattr(bank_module.FedAvgStrategy, "absorb",
                         lambda self, r, a, p: held.append(real(self, r, a, p)[0]) or real(self, r, a, p))
     run_inprocess(tmp_path, num_nodes=3, dataset="synthetic", strategy="fedavg", aggregation="median",
                   **{"local-steps": 3})
@@ -335,12 +335,12 @@ def test_robust_aggregation_keeps_the_round_buffered(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- pulling, partition
 def test_replies_are_pulled_one_at_a_time_with_progress_lines(monkeypatch):
-    import mosaic_flwr.strategies.base as base_module
+    import mosaic_flwr.core.server as base_module
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from client_app.app import app as client_app
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
+    from mosaic_flwr.testing.inprocess import InProcessGrid
 
     handled = []
     grid = InProcessGrid(client_app, {**load_defaults(), "dataset": "synthetic"}, 4,
@@ -380,7 +380,7 @@ def test_a_pull_asks_for_at_most_chunk_replies_when_all_are_ready():
     ``chunk`` ids at a time, so the replies held at once stay bounded however many arrived."""
     from types import SimpleNamespace
 
-    import mosaic_flwr.strategies.base as base_module
+    import mosaic_flwr.core.server as base_module
 
     class AllReady:  # every reply is ready at once, as after a long aggregation step
         def __init__(self):

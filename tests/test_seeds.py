@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_flwr.seeds import mix_seed
+from mosaic_flwr.core.seeds import mix_seed
 
 
 def test_mix_seed_is_a_documented_stable_hash_of_typed_parts():
@@ -19,7 +19,7 @@ def test_mix_seed_is_a_documented_stable_hash_of_typed_parts():
 
 
 def test_mix_seed_is_the_same_in_another_process():
-    code = "from mosaic_flwr.seeds import mix_seed; print(mix_seed(7, 'distill', 5))"
+    code = "from mosaic_flwr.core.seeds import mix_seed; print(mix_seed(7, 'distill', 5))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert int(out.stdout) == mix_seed(7, "distill", 5)

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from mosaic_flwr.config import ConfigError, build_config
-from mosaic_flwr.strategies.base import Straggler, discover_clients, stream_replies, straggler_wait
+from mosaic_flwr.core.server import Straggler, discover_clients, stream_replies, straggler_wait
 from server_app.app import wait_for_nodes
 from tests.conftest import as_flower_server
 

@@ -2,11 +2,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from mosaic_flwr.strategies import STRATEGIES, get_strategy
+from mosaic_flwr.registry import STRATEGIES, get_strategy
 from mosaic_flwr.config import build_config
-from mosaic_flwr.strategies.bank import BankFedProx, BankStrategy
-from mosaic_flwr.strategies.baselines import FEDAVG, FEDPROX
-from mosaic_flwr.strategies.base import ServerContext
+from mosaic_flwr.core.fedavg import FedAvgStrategy
+from mosaic_flwr.methods.fedavg import FEDAVG
+from mosaic_flwr.methods.fedprox import FEDPROX, FedProxStrategy
+from mosaic_flwr.core.server import ServerContext
 from tests.conftest import as_flower_server
 
 TEMPLATE = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
@@ -41,7 +42,7 @@ class _Bank:
         self.strategy.globals = {f: {k: v.clone() for k, v in TEMPLATE.items()} for f in self.strategy.globals}
 
 
-@pytest.mark.parametrize("cls", [BankStrategy, BankFedProx])
+@pytest.mark.parametrize("cls", [FedAvgStrategy, FedProxStrategy])
 def test_weighted_average_and_garbage_dropped(cls):
     strategy = _Bank(cls).strategy
     good1, good2 = _reply(1.0, 10, 101), _reply(4.0, 30, 102)
@@ -58,7 +59,7 @@ def test_weighted_average_and_garbage_dropped(cls):
 
 @pytest.mark.parametrize("rule, expected", [("median", 2.5), ("trimmed-mean", 2.5)])
 def test_robust_aggregation_ignores_an_outlier(rule, expected):
-    strategy = _Bank(BankStrategy, aggregation=rule, **{"trim-fraction": 0.25}).strategy
+    strategy = _Bank(FedAvgStrategy, aggregation=rule, **{"trim-fraction": 0.25}).strategy
     replies = [_reply(v, n, 101 + i) for i, (v, n) in enumerate([(1.0, 10), (2.0, 10), (3.0, 10), (1e6, 1000)])]
     arrays, _ = strategy.aggregate_train(1, replies)
     # median of (1, 2, 3, 1e6) = (2 + 3) / 2; trimmed mean (drop 1 each end) = (2 + 3) / 2;
@@ -74,8 +75,8 @@ def _update_norm(model: torch.nn.Module, start: dict) -> float:
 def test_proximal_term_pulls_the_local_model_toward_the_received_weights():
     """Same data, seed and steps: the larger FedProx's mu, the shorter the local update."""
     from mosaic_flwr.data import load_dataset
-    from mosaic_flwr.mosaic.training import train_local
-    from mosaic_flwr.task import initial_model
+    from mosaic_flwr.core.training import train_local
+    from mosaic_flwr.core.task import initial_model
 
     train, _ = load_dataset("synthetic")
     x, y = train.normalized()[:256], train.y[:256]
@@ -134,9 +135,9 @@ def test_the_train_handler_runs_the_hooks_the_method_declares_and_names_no_metho
 
     import client_app.app as client_module
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.inprocess import InProcessGrid
-    from mosaic_flwr.strategies.method import ClientSide
-    from mosaic_flwr.task import initial_model
+    from mosaic_flwr.testing.inprocess import InProcessGrid
+    from mosaic_flwr.registry import ClientSide
+    from mosaic_flwr.core.task import initial_model
 
     seen = []
     side = ClientSide(before=lambda s: seen.append(("before", float(s.model.head.bias.sum()))),

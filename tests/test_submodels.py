@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mosaic_flwr.models.classifiers import MODELS, build_model
-from mosaic_flwr.mosaic.experts import weighted_average_states
-from mosaic_flwr.mosaic.submodels import (
+from mosaic_flwr.distill.experts import weighted_average_states
+from mosaic_flwr.core.submodels import (
     masked_average,
     model_plan,
     slice_state,

@@ -8,8 +8,8 @@ from flwr.app import Context, RecordDict
 
 from client_app.app import app as client_app
 from mosaic_flwr.config import build_config, load_defaults
-from mosaic_flwr.inprocess import InProcessGrid
-from mosaic_flwr.task import client_data, partitions_for, validation_data, validation_split
+from mosaic_flwr.testing.inprocess import InProcessGrid
+from mosaic_flwr.core.task import client_data, partitions_for, validation_data, validation_split
 from server_app.app import main as server_main
 
 TINY = {"dataset": "synthetic", "num-server-rounds": 2, "warmup-rounds": 1, "local-steps": 5,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
-from mosaic_flwr.checkpoint import WARM_START_KEYS, load_checkpoint, warm_start_changes
+from mosaic_flwr.core.checkpoint import WARM_START_KEYS, load_checkpoint, warm_start_changes
 from mosaic_flwr.config import ConfigError, build_config, lr_for_round
-from mosaic_flwr.records import METRICS, NUM_EXAMPLES, decode_evaluate_reply, record_to_state
+from mosaic_flwr.core.records import METRICS, NUM_EXAMPLES, decode_evaluate_reply, record_to_state
 from tests.test_e2e_inprocess import run_inprocess
 from tests.test_reliability import SYNTH, _round, _rows
 
@@ -167,7 +167,7 @@ def test_the_validation_gate_needs_a_validation_split():
 def _scripted_gate(monkeypatch, *winners: str) -> list[int]:
     """The gate's check answers ``winners`` in turn ('after' or 'before' better); returns the
     rounds at which it was asked."""
-    from mosaic_flwr.strategies.mosaic import MosaicStrategy
+    from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
 
     asked, answers = [], iter(winners)
 
@@ -275,7 +275,7 @@ def test_the_meta_model_can_learn_from_the_clients_own_images(tmp_path, pretrain
 
 
 def _logits_reply(logits, labels) -> Message:
-    from mosaic_flwr.records import META_LOGITS, state_to_record
+    from mosaic_flwr.core.records import META_LOGITS, state_to_record
     from tests.conftest import as_flower_server
 
     as_flower_server()
@@ -284,7 +284,7 @@ def _logits_reply(logits, labels) -> Message:
 
 
 def test_logits_replies_are_validated():
-    from mosaic_flwr.records import decode_logits_reply
+    from mosaic_flwr.core.records import decode_logits_reply
 
     counts = torch.tensor([5, 0, 2])
     kw = {"num_models": 2, "num_classes": 3, "max_per_class": 4, "counts": counts}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .datasets import DatasetInfo
+from mosaic_flwr.data.datasets import DatasetInfo
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 # ``augment='auto'``: the authors' crop + flip for the 32x32 colour data sets (their code flips

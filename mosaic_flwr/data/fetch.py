@@ -49,7 +49,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .datasets import DatasetNotFoundError, user_data_dir
+from mosaic_flwr.data.files import DatasetNotFoundError, user_data_dir
 
 CIFAR10_BIN = "cifar-10-batches-bin"
 CIFAR10_PY = "cifar-10-batches-py"
@@ -208,7 +208,7 @@ def mnist_problems(folder: Path) -> list[str]:
 def idx_problems(folder: Path, sizes: dict[str, int]) -> list[str]:
     """Fashion-MNIST's IDX files in ``folder``, read whole: each present, complete and of the
     expected number of items (a truncated file fails the IDX header's size check)."""
-    from .datasets import _find_idx, _read_idx
+    from mosaic_flwr.data.files import find_idx as _find_idx, read_idx as _read_idx
 
     problems = []
     for stem, n in sizes.items():
@@ -438,7 +438,7 @@ def fetch_fmnist(root: Path | None = None, *, torchvision: bool = True, log=prin
     """Fashion-MNIST where the loader finds it for ``data-dir=root``: an existing complete
     copy (under ``root`` or Debian's package) is used; else torchvision's download into
     ``root/FashionMNIST/raw``."""
-    from .datasets import fmnist_search_dirs
+    from mosaic_flwr.data.files import fmnist_search_dirs
 
     root = _root(root)
     tried: list[str] = []

@@ -14,7 +14,7 @@ from torch import nn
 class Classifier(nn.Module):
     """Base class: subclasses build their layers and call ``_make_head``.
 
-    ``channel_blocks`` tells width slicing (``mosaic_flwr.mosaic.submodels``) where one
+    ``channel_blocks`` tells width slicing (``mosaic_flwr.core.submodels``) where one
     channel spans several entries of a dimension: ``{"fc.weight": (1, 49)}`` means dim 1 of
     ``fc.weight`` is the flattened ``[channels, 7, 7]`` output of the last conv layer.
     """

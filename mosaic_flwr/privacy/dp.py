@@ -77,6 +77,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mosaic_flwr.core.schedule import gate_until, proto_rounds
+
 __all__ = [
     "ACCOUNTANTS", "DPSettings", "DiscriminatorDP", "check_delta", "clip_rows", "compose", "count_sigma",
     "dp_class_means", "dp_settings", "enabled", "epsilon_of", "gaussian_sigma", "noisy_counts",
@@ -139,7 +141,6 @@ def gate_releases(values: Mapping[str, Any]) -> int:
     """How many times a client scores candidate models for the clients' gate in a run: at the
     distillation round, and again when the look-ahead (``gate-rounds``) ends after it (0
     without the clients' gate)."""
-    from ..config import gate_until
     if values["distill-gate"] != "clients" or values["strategy"] != "mosaic":
         return 0
     return 1 + (gate_until(values) > int(values["warmup-rounds"]))
@@ -162,7 +163,6 @@ def check_config(values: Mapping[str, Any]) -> str | None:
     if values["expert-pass"]:
         return ("expert-pass: the expert model is a second set of classifier weights trained on the client's "
                 "data, which DP does not cover (as the FedAvg weights); set expert-pass=false with DP")
-    from ..config import proto_rounds
     if proto_rounds(values) > 1:
         return (f"proto-rounds: {values['proto-rounds']} releases prototypes in {proto_rounds(values)} rounds, and "
                 "the privacy plan covers one release (dp-proto-epsilon); set proto-rounds=1 with DP")

@@ -121,7 +121,7 @@ class Ledger:
         return counts
 
     def _save(self, spent: float) -> None:
-        from mosaic_flwr.results import atomic_write
+        from mosaic_flwr.core.results import atomic_write
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = {"version": VERSION, "delta": self.delta, "accountant": self.accountant,
                 "epsilon-spent": spent, "counts": self.counts, "releases": self.releases}

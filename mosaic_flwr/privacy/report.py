@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ..results import atomic_write  # noqa: E402
-from . import audit  # noqa: E402
+from mosaic_flwr.core.results import atomic_write  # noqa: E402
+from mosaic_flwr.privacy import audit  # noqa: E402
 
 THRESHOLDS = {"dcr-ratio-below": audit.RATIO_FLAG, "near-copy-excess-above": audit.NEAR_COPY_EXCESS,
               "mia-auc-at-least": audit.AUC_FLAG, "near-copy-percentile": audit.NEAR_COPY_PERCENTILE,

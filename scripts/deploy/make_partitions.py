@@ -32,8 +32,8 @@ import torch
 
 from mosaic_flwr.config import Config, ConfigError, build_config, merge_run_config
 from mosaic_flwr.data import DatasetNotFoundError, PartitionError, dataset_info
-from mosaic_flwr.results import atomic_write
-from mosaic_flwr.task import partition_file, read_partition_file
+from mosaic_flwr.core.results import atomic_write
+from mosaic_flwr.core.task import partition_file, read_partition_file
 
 ERRORS = (ConfigError, DatasetNotFoundError, PartitionError, ValueError, OSError)
 
