@@ -1,4 +1,3 @@
-import functools
 import os
 from pathlib import Path
 
@@ -29,49 +28,3 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(group))
 
 
-def fmnist_data():
-    """Fashion-MNIST ``(train, test)`` (cached by the loader). The setup installs it, so where
-    it is missing the calling test FAILS, with the loader's message naming where it looked;
-    no test is ever skipped for it."""
-    from mosaic_flwr.data import DatasetNotFoundError, load_dataset
-    try:
-        return load_dataset("fmnist")
-    except DatasetNotFoundError as exc:
-        problem = str(exc)
-    pytest.fail(f"Fashion-MNIST is missing: {problem}. Run `bash scripts/setup.sh`, which "
-                "installs it; tests that need it fail rather than skip.", pytrace=False)
-
-
-def requires_fmnist(test):
-    """Decorator: the test fails (in its call, not at collection) where Fashion-MNIST is missing."""
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        fmnist_data()
-        return test(*args, **kwargs)
-    return run
-
-
-def as_flower_server() -> None:
-    """Let this process build Flower messages as the server would (run 1, node 1): Flower
-    reads the sender's identity from ``TaskIdentity``, which only a running app sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 0, 1
-
-
-def started_under(root: Path) -> list[int]:
-    """PIDs of live processes whose FLWR_HOME lies under ``root``: every process this test
-    starts sets one there, and SuperExec, ServerApp and ClientApp processes inherit it (they
-    run detached, in sessions of their own)."""
-    marker = f"FLWR_HOME={root}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and any(var.startswith(marker) for var in environ):
-            pids.append(int(entry.name))
-    return pids

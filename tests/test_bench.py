@@ -205,7 +205,7 @@ def test_bn_reestimate_uses_the_images_and_leaves_the_model_alone():
 @pytest.mark.slow
 def test_slice_check_scores_the_widths_as_the_server_does(tmp_path):
     from bench.slice_check import check
-    from tests.test_e2e_inprocess import run_inprocess
+    from tests.support import run_inprocess
 
     res = run_inprocess(tmp_path, num_nodes=2, strategy="fedavg", dataset="synthetic", model="resnet8",
                         **{"client-capacities": "1,0.5", "local-steps": 40, "num-server-rounds": 2, "warmup-rounds": 1,

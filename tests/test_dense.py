@@ -20,7 +20,7 @@ from mosaic_flwr.core.training import train_local
 from mosaic_flwr.registry import STRATEGIES
 from mosaic_flwr.methods.dense import (BNStatistics, DenseGenerator, DenseStrategy, DenseSynthesizer,
                                           disagreement)
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import run_inprocess
 
 INFO = dataset_info("synthetic")
 C = INFO.num_classes

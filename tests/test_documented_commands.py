@@ -27,7 +27,7 @@ from mosaic_flwr.core.checkpoint import load_checkpoint
 from mosaic_flwr.config import build_config
 from mosaic_flwr.data import load_dataset
 from server_app.app import run_dir
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import run_inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -3,24 +3,8 @@
 import json
 
 import pytest
-from flwr.app import Context, RecordDict
 
-from client_app.app import app as client_app
-from mosaic_flwr.config import load_defaults
-from mosaic_flwr.testing.inprocess import InProcessGrid
-from server_app.app import main as server_main
-from tests.conftest import requires_fmnist
-
-
-def run_inprocess(tmp_path, num_nodes=3, grid_options=None, **overrides) -> dict:
-    """Run the ServerApp's main on an in-process grid; ``grid_options`` go to ``InProcessGrid``
-    (fault ``hook``, ``first_node_id``)."""
-    run_config = {**load_defaults(), "output-dir": str(tmp_path), "run-name": "run",
-                  "num-server-rounds": 2, "local-steps": 30, "batch-size": 32, **overrides}
-    grid = InProcessGrid(client_app, run_config, num_nodes, **(grid_options or {}))
-    server_main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
-                              run_config=run_config))
-    return {"dir": tmp_path / "run", "grid": grid}
+from tests.support import requires_fmnist, run_inprocess
 
 
 @requires_fmnist

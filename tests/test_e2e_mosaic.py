@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import requires_fmnist
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import requires_fmnist, run_inprocess
 
 
 @pytest.mark.slow

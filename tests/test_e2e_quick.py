@@ -27,7 +27,7 @@ from mosaic_flwr.distill.kd import kd_loss
 from mosaic_flwr.methods.mosaic.meta import MetaModel
 from mosaic_flwr.core.records import record_to_state
 from mosaic_flwr.core.task import initial_model
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import run_inprocess
 
 C = 10
 TINY = {"dataset": "synthetic", "alpha": 1.0, "num-server-rounds": 3, "warmup-rounds": 2,
@@ -151,7 +151,7 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
         assert r["clients"] == 3 and r["rejected"] == 0 and math.isfinite(r["train-loss"]), r
     assert all(_finite_fraction(r["accuracy"]) and math.isfinite(r["loss"]) for r in rows)
     # ... and each round's scalars in TensorBoard, the distillation's figures included
-    from tests.test_results import scalars_of
+    from tests.support import scalars_of
     board = scalars_of(out["dir"] / "tensorboard")
     assert board["accuracy"] == [(r["round"], pytest.approx(r["accuracy"])) for r in rows]
     assert board["acc-teacher"] == [(2, pytest.approx(rows[2]["acc-teacher"]))]

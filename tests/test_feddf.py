@@ -28,9 +28,7 @@ from mosaic_flwr.core.server import ServerContext
 from mosaic_flwr.distill.server import ClientModel
 from mosaic_flwr.methods.feddf import FedDF, transfer_images
 from mosaic_flwr.core.task import Arch, build_arch, initial_model, validation_data
-from tests.conftest import as_flower_server
-from tests.test_data_cifar_mnist import mnist_dir
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import mnist_dir, run_inprocess
 
 SYNTH = {"strategy": "feddf", "dataset": "synthetic", "feddf.transfer-set": "holdout", "validation-split": 0.1}
 

@@ -26,9 +26,7 @@ from mosaic_flwr.methods.dfrd import DFRDStrategy
 from mosaic_flwr.distill.server import ClientModel
 from mosaic_flwr.methods.fedftg import FedFTGStrategy
 from mosaic_flwr.core.task import Arch, initial_model
-from tests.conftest import as_flower_server
-from tests.test_e2e_inprocess import run_inprocess
-from tests.test_reliability import Crash, _crash_in, _rows, _scores
+from tests.support import as_flower_server, equal_states, metric_rows, run_inprocess
 
 INFO = dataset_info("synthetic")
 C = INFO.num_classes
@@ -63,10 +61,6 @@ def _source(strategy, server_round: int, clients, students=None):
     teacher = strategy.teacher_for(server_round, clients, report)
     students = students or {strategy.cfg.model: initial_model(strategy.cfg)}
     return strategy.source_for(server_round, clients, teacher, students, report), report
-
-
-def _equal_states(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -187,14 +181,14 @@ def test_fedftg_draws_the_rounds_labels_in_proportion_and_keeps_its_generator():
     assert {"gen-train-fidelity", "gen-train-hardness", "gen-train-diversity"} <= set(report)
     assert report["gen-train-hardness"] <= 0                            # minus a distance
     trained = module_state(strategy.generator)
-    assert not _equal_states(trained, initial)
+    assert not equal_states(trained, initial)
     # The next round trains the same generator on; the checkpoint holds it.
     generator = strategy.generator
     _source(strategy, 2, clients)
-    assert strategy.generator is generator and _equal_states(module_state(generator), trained)
+    assert strategy.generator is generator and equal_states(module_state(generator), trained)
     fresh = _strategy(FedFTGStrategy)
     fresh.load_state_dict(strategy.state_dict())
-    assert _equal_states(module_state(fresh.generator), trained)
+    assert equal_states(module_state(fresh.generator), trained)
 
 
 def test_fedftg_generator_trains_against_every_familys_student():
@@ -221,7 +215,7 @@ def test_ema_update_is_decay_times_old_plus_one_minus_decay_times_new_exactly():
         assert torch.equal(v, expected), k
     assert not torch.equal(ema.state_dict()["fc.weight"], new["fc.weight"])
     ema_update(ema, g, 0.0)
-    assert _equal_states(module_state(ema), new)
+    assert equal_states(module_state(ema), new)
 
 
 def test_dfrd_ema_generator_follows_its_generator_and_persists_across_rounds():
@@ -229,7 +223,7 @@ def test_dfrd_ema_generator_follows_its_generator_and_persists_across_rounds():
     strategy = _strategy(DFRDStrategy, **{"dfrd.ema-decay": decay, "dfrd.gen-interval": 2, "dfrd.gen-steps": 2})
     clients = _clients(strategy)
     source, report = _source(strategy, 1, clients)
-    assert _equal_states(module_state(strategy.ema), module_state(strategy.generator))   # starts as a copy
+    assert equal_states(module_state(strategy.ema), module_state(strategy.generator))   # starts as a copy
     for block in range(2):
         before = module_state(strategy.ema)
         x, y = source.sample(2 * block)
@@ -241,16 +235,16 @@ def test_dfrd_ema_generator_follows_its_generator_and_persists_across_rounds():
     assert {"gen-train-fidelity", "gen-train-transfer", "gen-train-diversity", "gen-train-boundary"} <= set(report)
     assert report["gen-train-transfer"] <= 0 and 0 <= report["gen-train-boundary"] <= 1
     ema, gen = module_state(strategy.ema), module_state(strategy.generator)
-    assert not _equal_states(ema, gen)
+    assert not equal_states(ema, gen)
     # Through the checkpoint: both generators exactly.
     fresh = _strategy(DFRDStrategy, **{"dfrd.ema-decay": decay})
     fresh.load_state_dict(strategy.state_dict())
-    assert _equal_states(module_state(fresh.generator), gen) and _equal_states(module_state(fresh.ema), ema)
+    assert equal_states(module_state(fresh.generator), gen) and equal_states(module_state(fresh.ema), ema)
     # The next round goes on from both (the EMA copy is not reset to the generator).
     source2, _ = _source(fresh, 2, clients)
-    assert _equal_states(module_state(fresh.ema), ema) and _equal_states(module_state(fresh.generator), gen)
+    assert equal_states(module_state(fresh.ema), ema) and equal_states(module_state(fresh.generator), gen)
     source2.sample(0)
-    assert not _equal_states(module_state(fresh.ema), ema)
+    assert not equal_states(module_state(fresh.ema), ema)
 
 
 def test_transferability_is_minus_the_kl_on_boundary_samples_only():
@@ -322,7 +316,7 @@ TINY = {**SYNTH, "alpha": 0.5, "num-server-rounds": 3, "warmup-rounds": 2, "loca
 @pytest.mark.parametrize("strategy, gate", [("fedftg", "clients"), ("dfrd", "off")])
 def test_runs_in_process_distilling_after_every_round_from_warmup(tmp_path, strategy, gate):
     out = run_inprocess(tmp_path, strategy=strategy, **{**TINY, "distill-gate": gate})
-    rows = _rows(out["dir"])
+    rows = metric_rows(out["dir"])
     assert [r.get("phase") for r in rows] == [None, "warmup", "distill", "distill"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     for r in rows[2:]:
@@ -341,7 +335,7 @@ def test_runs_in_process_distilling_after_every_round_from_warmup(tmp_path, stra
 def test_dfrd_under_model_heterogeneity_distils_every_family(tmp_path):
     hetero = {"client-models": "cnn_small,cnn_wide", "client-capacities": "1,0.5", "submodel": "fixed"}
     out = run_inprocess(tmp_path, strategy="dfrd", **{**TINY, **hetero})
-    rows = _rows(out["dir"])
+    rows = metric_rows(out["dir"])
     for r in rows[2:]:
         for family in ("cnn_small", "cnn_wide"):
             assert 0 <= r[f"acc-before-distill/{family}"] <= 1 and 0 <= r[f"acc-after-distill/{family}"] <= 1
@@ -350,25 +344,3 @@ def test_dfrd_under_model_heterogeneity_distils_every_family(tmp_path):
     state = load_checkpoint(out["dir"])["strategy"]
     assert set(state["globals"]) == {"cnn_small", "cnn_wide"}
 
-
-@pytest.mark.parametrize("strategy", ["dfrd", *(pytest.param(s, marks=pytest.mark.slow) for s in ("fedftg", "dense", "feddf"))])
-def test_a_distilling_rival_resumed_after_a_crash_matches_the_uninterrupted_run(tmp_path, strategy):
-    """Its state (DFRD: the generator and its EMA copy) is in the checkpoint: a run that dies in
-    round 3 (distilled in rounds 1 and 2) and resumes repeats the uninterrupted run exactly
-    (the headline grid resumes interrupted rivals this way)."""
-    run_config = {**TINY, "warmup-rounds": 1,
-                  **({"feddf.transfer-set": "holdout", "validation-split": 0.1} if strategy == "feddf" else {})}
-    full = run_inprocess(tmp_path / "a", strategy=strategy, **run_config)["dir"]
-    with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", strategy=strategy, grid_options={"hook": _crash_in(3)}, **run_config)
-    run_dir = tmp_path / "b" / "run"
-    assert load_checkpoint(run_dir)["round"] == 2
-    run_inprocess(tmp_path / "b", strategy=strategy, grid_options={"first_node_id": 500}, resume=str(run_dir),
-                  **run_config)
-    assert _scores(_rows(run_dir)) == _scores(_rows(full))
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (full, run_dir))
-    untimed = lambda d: {k: v for k, v in d.items() if "seconds" not in k}
-    assert b["resumed_after_round"] == 2 and untimed(a["distillation"]) == untimed(b["distillation"])
-    final = [load_checkpoint(d)["strategy"] for d in (full, run_dir)]
-    for key in ("dfrd-generator", "dfrd-ema") if strategy == "dfrd" else ():
-        assert _equal_states(final[0][key], final[1][key])

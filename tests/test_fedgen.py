@@ -5,7 +5,6 @@ and an exact resume, and the configurations it refuses."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -24,9 +23,7 @@ from mosaic_flwr.methods.fedgen import (ALPHA, BETA, GEN_BATCH, GEN_RECORD, HIDD
                                            round_weight, teacher_loss, train_generator)
 from mosaic_flwr.registry import ClientStep
 from mosaic_flwr.core.task import initial_model
-from tests.conftest import as_flower_server
-from tests.test_e2e_inprocess import run_inprocess
-from tests.test_reliability import Crash, _crash_in, _rows, _scores
+from tests.support import as_flower_server, metric_rows, run_inprocess
 
 C, D = 10, 16
 SYNTH = {"dataset": "synthetic"}
@@ -208,7 +205,7 @@ def test_fedgen_runs_in_process_and_checkpoints_its_generator(tmp_path):
     configs = [m.content["config"] for m in sent]
     assert configs[0][ALPHA] == 10.0 and configs[-1][ALPHA] == pytest.approx(10.0 * 0.98**2)
     assert len({c[SEED] for c in configs}) == 9                # one seed per client and round
-    rows = _rows(run_dir)
+    rows = metric_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert all(r["clients"] == 3 and r["fedgen-teacher-last"] >= 0 for r in rows[1:])
     state = load_checkpoint(run_dir)   # weights_only: the generator and its optimiser as plain tensors
@@ -218,19 +215,6 @@ def test_fedgen_runs_in_process_and_checkpoints_its_generator(tmp_path):
     assert not torch.equal(last["out.weight"], state["strategy"]["fedgen"]["generator"]["out.weight"])  # trained after
 
 
-@pytest.mark.slow
-def test_a_crash_then_resume_matches_the_uninterrupted_run(tmp_path):
-    full = run_inprocess(tmp_path / "a", **TINY)["dir"]
-    with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", grid_options={"hook": _crash_in(3)}, **TINY)
-    run_dir = tmp_path / "b" / "run"
-    assert load_checkpoint(run_dir)["strategy"]["fedgen"]["rounds"] == 2
-    run_inprocess(tmp_path / "b", grid_options={"first_node_id": 500}, resume=str(run_dir), **TINY)
-    assert _scores(_rows(run_dir)) == _scores(_rows(full))
-    a, b = (load_checkpoint(d)["strategy"]["fedgen"] for d in (full, run_dir))
-    assert all(torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
-    assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] == \
-        json.loads((full / "summary.json").read_text())["final_accuracy"]
 
 
 # ----------------------------------------------------------------------------- refusals

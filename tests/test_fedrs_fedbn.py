@@ -25,8 +25,7 @@ from mosaic_flwr.methods.fedbn import (STATE_RECORD, BankFedBN, bn_keys, class_a
                                           personal_score)
 from mosaic_flwr.methods.fedrs import BankFedRS
 from mosaic_flwr.core.task import initial_model
-from tests.conftest import as_flower_server
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import as_flower_server, run_inprocess
 
 SYNTH = {"dataset": "synthetic"}
 

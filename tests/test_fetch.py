@@ -31,7 +31,7 @@ from mosaic_flwr.data.fetch import (
     mnist_location,
     mnist_problems,
 )
-from tests.test_data_cifar_mnist import mnist_dir
+from tests.support import mnist_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import requires_fmnist
+from tests.support import requires_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from mosaic_flwr.methods.mosaic.generator import (
     generator_fidelity,
     train_generator,
 )
-from tests.conftest import fmnist_data
+from tests.support import fmnist_data
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -13,7 +13,7 @@ from bench.converged import client_units, equal_compute_rounds
 from bench.headline import Part
 from mosaic_flwr.testing import inprocess
 from mosaic_flwr.core.checkpoint import load_checkpoint
-from tests.test_reliability import Crash, _crash_in
+from tests.support import Crash, crash_in
 
 
 def rows(secs: list[float], gen_round: int | None = None, shadow: tuple[int, ...] = ()) -> list[dict]:
@@ -101,7 +101,7 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     def grid(client_app, rc, num_nodes, **kw):
         if rc["run-name"] in ("fedavg-eqc-a0.1-s1", "feddf-a0.1-s1") and rc["run-name"] not in crashed:
             crashed.append(rc["run-name"])
-            kw["hook"] = _crash_in(2)
+            kw["hook"] = crash_in(2)
         return real_grid(client_app, rc, num_nodes, **kw)
 
     monkeypatch.setattr(inprocess, "InProcessGrid", grid)

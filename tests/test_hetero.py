@@ -15,12 +15,9 @@ from mosaic_flwr.testing.inprocess import InProcessGrid
 from mosaic_flwr.distill.experts import ModelMixture, StackedExperts
 from mosaic_flwr.methods.mosaic.prototypes import screen_by_prototypes
 from mosaic_flwr.models import MODELS
-from mosaic_flwr.core.records import ClientInfo, decode_client_info, state_to_record
-from mosaic_flwr.core.fedavg import FedAvgStrategy
-from mosaic_flwr.core.server import ServerContext
+from mosaic_flwr.core.records import decode_client_info, state_to_record
 from mosaic_flwr.core.task import Arch, build_arch, client_arch
-from tests.conftest import as_flower_server, requires_fmnist
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import as_flower_server, hetero_bank, hetero_reply, requires_fmnist, run_inprocess
 
 C = 10
 
@@ -51,38 +48,14 @@ def test_bad_assignments_are_one_line_errors(override, pattern):
 
 
 # ----------------------------------------------------------------------------- bank strategy
-def _counts(examples: int) -> torch.Tensor:
-    """Declared label counts of a client with ``examples`` examples (at least C)."""
-    counts = torch.ones(C, dtype=torch.long)
-    counts[0] += examples - C
-    return counts
-
-
-def _bank(archs: dict[int, Arch], examples: dict[int, int] | None = None, **cfg_over) -> FedAvgStrategy:
-    as_flower_server()
-    cfg = build_config({"strategy": "fedavg", "dataset": "synthetic", **cfg_over})
-    examples = examples or {}
-    clients = {n: ClientInfo(n, i, _counts(examples.get(n, C)), a.model, a.capacity)
-               for i, (n, a) in enumerate(archs.items())}
-    sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), test_x=None,
-                       test_y=None, results=None, num_nodes=len(clients), clients=clients)
-    return FedAvgStrategy(sc)
-
-
-def _reply(strategy: FedAvgStrategy, node: int, arch: Arch, value: float, n: int) -> Message:
-    state = {k: torch.full_like(v, value) if v.is_floating_point() else v.clone()
-             for k, v in strategy.template(arch).items()}
-    content = RecordDict({"arrays": state_to_record(state),
-                          "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})})
-    return Message(content, reply_to=Message(RecordDict({}), dst_node_id=node, message_type="train"))
 
 
 def test_masked_fedavg_averages_each_entry_over_its_holders(caplog):
     full, half = Arch("cnn_small"), Arch("cnn_small", 0.5)
-    bank = _bank({101: full, 102: half, 103: half}, examples={102: 30}, submodel="fixed")
+    bank = hetero_bank({101: full, 102: half, 103: half}, examples={102: 30}, submodel="fixed")
     before = bank.globals["cnn_small"]["conv1.weight"].clone()
-    replies = [_reply(bank, 101, full, 1.0, 10), _reply(bank, 102, half, 5.0, 30),
-               _reply(bank, 103, full, 7.0, 10)]  # 103 should send the half-width model
+    replies = [hetero_reply(bank, 101, full, 1.0, 10), hetero_reply(bank, 102, half, 5.0, 30),
+               hetero_reply(bank, 103, full, 7.0, 10)]  # 103 should send the half-width model
     with caplog.at_level(logging.WARNING):
         arrays, _ = bank.aggregate_train(1, replies)
     assert bank.rejected == 1
@@ -91,7 +64,7 @@ def test_masked_fedavg_averages_each_entry_over_its_holders(caplog):
     assert torch.equal(w[:16], torch.full_like(w[:16], (1 * 10 + 5 * 30) / 40))  # 4.0
     assert torch.equal(w[16:], torch.ones_like(w[16:]))                          # only 101 holds them
     # Only half-width clients: entries no client holds keep the global model's values.
-    bank.aggregate_train(2, [_reply(bank, 102, half, 2.0, 30)])
+    bank.aggregate_train(2, [hetero_reply(bank, 102, half, 2.0, 30)])
     w2 = bank.globals["cnn_small"]["conv1.weight"]
     assert torch.equal(w2[:16], torch.full_like(w2[:16], 2.0)) and torch.equal(w2[16:], w[16:])
     assert not torch.equal(before, w2)
@@ -99,7 +72,7 @@ def test_masked_fedavg_averages_each_entry_over_its_holders(caplog):
 
 def test_each_client_receives_its_architecture_and_rolling_slices_move():
     archs = {100: Arch("cnn_small"), 101: Arch("cnn_small", 0.25), 102: Arch("resnet8")}  # InProcessGrid ids
-    bank = _bank(archs, submodel="rolling", **{"client-models": "cnn_small,resnet8"})
+    bank = hetero_bank(archs, submodel="rolling", **{"client-models": "cnn_small,resnet8"})
     assert bank.families == ["cnn_small", "resnet8"] and bank.primary == "cnn_small"
     grid = InProcessGrid(client_app, {}, 3)
     sent = {}

@@ -30,9 +30,8 @@ from mosaic_flwr.core.records import (ARCH, META_LOGITS, decode_client_info, dec
                                  decode_logits_reply, decode_mosaic_reply, decode_reply, mosaic_payload,
                                  reply_bytes, state_problem, state_to_record)
 from mosaic_flwr.core.server import oversized
-from tests.conftest import as_flower_server
-from tests.test_e2e_inprocess import run_inprocess
-from tests.test_reliability import TINY_MOSAIC, Crash, _rows, _scores
+from tests.support import (as_flower_server, assert_same_run, Crash, crash_then_resume, metric_rows, round_of, run_inprocess,
+                           TINY_MOSAIC)
 
 C = 10
 EXAMPLES = 400  # per reply type
@@ -242,10 +241,9 @@ def hostile_client(crash_in: int | None = None):
     (training, the gate's evaluation) with a hostile version of its honest reply, the same one
     for the same round and message type in every run; with ``crash_in`` the server dies in
     that round. Counts the hostile replies in ``hook.sent``."""
-    from tests.test_reliability import _round
 
     def hook(grid, node, incoming, reply):
-        server_round = _round(incoming)
+        server_round = round_of(incoming)
         if crash_in is not None and server_round == crash_in:
             raise Crash
         if node != HOSTILE_NODE or incoming.metadata.message_type == "query":
@@ -262,15 +260,13 @@ def hostile_client(crash_in: int | None = None):
 def test_a_mosaic_run_with_a_hostile_client_completes_and_resumes_exactly(tmp_path):
     hook = hostile_client()
     full = run_inprocess(tmp_path / "a", grid_options={"hook": hook}, **TINY_MOSAIC)["dir"]
-    rows = _rows(full)
+    rows = metric_rows(full)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and hook.sent >= 4
     assert all(r["accuracy"] == r["accuracy"] for r in rows)  # finite
     summary = json.loads((full / "summary.json").read_text())
     print(f"[hostile] a 3-round Mosaic run met {hook.sent} hostile replies; "
           f"{summary.get('rejected_replies', 0)} rejected in rounds, the rest refused at discovery or by the gate")
     # the same run, the server killed in the distillation round and resumed: the same numbers
-    with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", grid_options={"hook": hostile_client(crash_in=2)}, **TINY_MOSAIC)
-    run_inprocess(tmp_path / "b", grid_options={"hook": hostile_client()}, resume=str(tmp_path / "b" / "run"),
-                  **TINY_MOSAIC)
-    assert _scores(_rows(tmp_path / "b" / "run")) == _scores(rows)
+    # (the same node ids: the hostile client is a node)
+    resumed = crash_then_resume(tmp_path / "b", [2], hook=hostile_client(), first_node_id=None, **TINY_MOSAIC)
+    assert_same_run(full, resumed, resumed_after=1)

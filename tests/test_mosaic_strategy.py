@@ -15,7 +15,7 @@ from mosaic_flwr.core.server import ServerContext
 from mosaic_flwr.methods.feddf import FedDFGenerators
 from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
 from mosaic_flwr.core.task import Arch
-from tests.conftest import as_flower_server
+from tests.support import as_flower_server
 
 C = 10
 

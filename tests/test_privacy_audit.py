@@ -15,8 +15,7 @@ from mosaic_flwr.privacy.audit import (RandomFeatures, audit_generator, audit_pr
                                        nn_distances, roc_auc, validate_figures)
 from mosaic_flwr.privacy.report import client_entry, summarise
 from mosaic_flwr.models import build_model
-from tests.conftest import as_flower_server
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import as_flower_server, run_inprocess
 
 C = 10
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import started_under
+from tests.support import started_under
 from tests.deploy_support import BIN, RUN_DATA, SMALL, flower_env, free_port, run
 
 import flwr_sim  # noqa: E402  (scripts/ is on sys.path through tests.deploy_support)

@@ -35,77 +35,15 @@ from mosaic_flwr.core.server import ServerContext
 from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
 from mosaic_flwr.core.task import Arch, clients_per_round
 from server_app.app import check_min_replies, main as server_main
-from tests.conftest import as_flower_server, started_under
-from tests.test_e2e_inprocess import run_inprocess
+from tests.support import (as_flower_server, Crash, metric_rows, round_of, run_inprocess, started_under,
+                           SYNTH, TINY_MOSAIC, untimed_scores)
 
 ROOT = Path(__file__).resolve().parents[1]
-# The synthetic data set keeps these runs short; the mechanisms do not depend on the data.
-SYNTH = {"dataset": "synthetic", "alpha": 1.0}
-TINY_MOSAIC = {**SYNTH, "strategy": "mosaic", "num-server-rounds": 3, "warmup-rounds": 2, "local-steps": 10,
-               "gen-steps": 20, "kd-steps": 5, "meta-epochs": 5}
-
-
-def _round(incoming: Message) -> int:
-    """The server round a message belongs to (0: the discovery query)."""
-    configs = incoming.content.config_records
-    return int(configs["config"]["server-round"]) if "config" in configs else 0
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _scores(rows: list[dict]) -> list[tuple]:
-    """Everything a round reports except wall-clock times."""
-    return [tuple(sorted((k, v) for k, v in r.items() if "seconds" not in k)) for r in rows]
-
-
-class Crash(BaseException):
-    """The server dying mid-round (a BaseException: nothing on the way catches it)."""
 
 
 # ----------------------------------------------------------------------------- checkpoint
-def _crash_in(server_round: int):
-    def crash(grid, node, incoming, reply):
-        if _round(incoming) == server_round:
-            raise Crash
-        return reply
-    return crash
 
 
-@pytest.mark.slow
-def test_crashes_in_the_distillation_and_a_fine_tune_round_then_resume_match_the_uninterrupted_run(tmp_path):
-    full = run_inprocess(tmp_path / "a", **TINY_MOSAIC)["dir"]
-    # The distillation round (2): clients have trained their generators.
-    with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", grid_options={"hook": _crash_in(2)}, **TINY_MOSAIC)
-    run_dir = tmp_path / "b" / "run"
-    state = load_checkpoint(run_dir)
-    assert state["round"] == 1 and not (run_dir / "summary.json").exists()
-    assert len(state["strategy"]["experts"]["cnn_small"]) == 10  # needed by the distillation round
-    # New node ids (as after a restart of the SuperNodes): the run follows partition ids.
-    # Then a fine-tune round (3), resumed from the checkpoint after distillation: no experts.
-    with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", grid_options={"first_node_id": 500, "hook": _crash_in(3)},
-                      resume=str(run_dir), **TINY_MOSAIC)
-    state = load_checkpoint(run_dir)
-    assert state["round"] == 2 and state["strategy"]["experts"] == {} and state["strategy"]["family-counts"] == {}
-    run_inprocess(tmp_path / "b", grid_options={"first_node_id": 600}, resume=str(run_dir), **TINY_MOSAIC)
-    assert _scores(_rows(run_dir)) == _scores(_rows(full))
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (full, run_dir))
-    untimed = lambda d: {k: v for k, v in d.items() if "seconds" not in k}
-    assert a["final_accuracy"] == b["final_accuracy"]
-    assert untimed(a["distillation"]) == untimed(b["distillation"])
-    assert b["resumed_after_round"] == 2
-    state = load_checkpoint(run_dir)
-    assert state["round"] == 3 and state["strategy"]["experts"] == {}
-    artifacts = load_checkpoint(run_dir, state["strategy"]["artifacts-file"])  # written once
-    assert artifacts["round"] == 2 and {"generators", "prototypes"} <= set(artifacts)
-    assert ("meta" in artifacts) == bool(b["distillation"]["meta-used"])  # the meta model, where it taught
-    assert [g["partition-id"] for g in artifacts["generators"]] == [0, 1, 2]
-    mode = lambda name: (run_dir / name).stat().st_mode & 0o777
-    assert mode("checkpoint.pt") == mode("distillation.pt") == 0o600  # client-derived: owner only
-    assert mode("metrics.json") == mode("summary.json") == mode("generator_samples.png") != 0o600
 
 
 def test_checkpoints_and_distillation_artifacts_are_owner_only_results_are_not(tmp_path):
@@ -147,7 +85,7 @@ def test_resume_refuses_missing_corrupt_foreign_or_different_checkpoints(tmp_pat
 @pytest.mark.slow
 def test_a_client_that_raises_one_that_never_answers_and_one_that_disconnects(tmp_path, caplog):
     def faults(grid, node, incoming, reply):
-        rnd = _round(incoming)
+        rnd = round_of(incoming)
         if node == 100 and rnd == 2:
             raise RuntimeError("disk on fire")
         if node == 101 and rnd == 2:
@@ -159,7 +97,7 @@ def test_a_client_that_raises_one_that_never_answers_and_one_that_disconnects(tm
     with caplog.at_level(logging.INFO):
         out = run_inprocess(tmp_path, num_nodes=4, grid_options={"hook": faults}, strategy="fedavg",
                             **SYNTH, **{"num-server-rounds": 3, "local-steps": 5})["dir"]
-    rows = _rows(out)
+    rows = metric_rows(out)
     assert [r["clients"] for r in rows[1:]] == [4, 1, 3]
     assert (rows[2]["rejected"], rows[2]["no-reply"]) == (1, 1)
     log = caplog.text
@@ -175,23 +113,23 @@ def test_a_round_short_of_min_replies_is_sent_again_then_fails_clearly(tmp_path)
     seen = set()
 
     def flaky(grid, node, incoming, reply):  # node 101: silent the first time round 2 is sent
-        if node == 101 and _round(incoming) == 2 and 2 not in seen:
+        if node == 101 and round_of(incoming) == 2 and 2 not in seen:
             seen.add(2)
             return None
         return reply
 
     out = run_inprocess(tmp_path / "a", grid_options={"hook": flaky}, strategy="fedavg", **SYNTH,
                         **{"num-server-rounds": 2, "local-steps": 5, "min-replies": 3})["dir"]
-    assert _rows(out)[2]["clients"] == 3 and _rows(out)[2]["retries"] == 1
+    assert metric_rows(out)[2]["clients"] == 3 and metric_rows(out)[2]["retries"] == 1
 
     def dead(grid, node, incoming, reply):
-        return None if node == 101 and _round(incoming) >= 2 else reply
+        return None if node == 101 and round_of(incoming) >= 2 else reply
 
     with pytest.raises(RoundFailed, match=r"round 2: fewer than min-replies=3 valid replies after 2 attempts"):
         run_inprocess(tmp_path / "b", grid_options={"hook": dead}, strategy="fedavg", **SYNTH,
                       **{"num-server-rounds": 3, "local-steps": 5, "min-replies": 3, "round-retries": 1})
     run_dir = tmp_path / "b" / "run"
-    assert [r["round"] for r in _rows(run_dir)] == [0, 1] and load_checkpoint(run_dir)["round"] == 1
+    assert [r["round"] for r in metric_rows(run_dir)] == [0, 1] and load_checkpoint(run_dir)["round"] == 1
 
 
 # ----------------------------------------------------------------------------- start-up: nodes, min-replies
@@ -216,7 +154,7 @@ def test_the_server_waits_for_min_train_clients_nodes_that_connect_late(tmp_path
     assert "waiting for nodes: 2 of 3 connected (min-train-clients)" in caplog.text
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [row["partition-id"] for row in summary["assignment"]] == [0, 1, 2]
-    assert _rows(tmp_path / "run")[1]["clients"] == 3
+    assert metric_rows(tmp_path / "run")[1]["clients"] == 3
 
 
 def test_min_train_clients_that_never_connect_fail_after_connect_timeout_naming_the_key(tmp_path):
@@ -375,12 +313,12 @@ def test_collect_lets_go_of_each_message_once_decoded(distill_round):
 @pytest.mark.slow
 def test_tampered_clients_do_not_stop_or_poison_a_mosaic_run(tmp_path):
     def tamper(grid, node, incoming, reply):
-        if _round(incoming) == 2 and node in (100, 101):  # the distillation round
+        if round_of(incoming) == 2 and node in (100, 101):  # the distillation round
             return Message(_tamper(reply.content, "nan" if node == 100 else "proto-dim"), reply_to=incoming)
         return reply
 
     out = run_inprocess(tmp_path, num_nodes=4, grid_options={"hook": tamper}, **TINY_MOSAIC)["dir"]
-    rows = _rows(out)
+    rows = metric_rows(out)
     assert (rows[2]["clients"], rows[2]["rejected"]) == (2, 2)
     assert all(r["accuracy"] == r["accuracy"] and r["loss"] < 10 for r in rows)  # finite, sane
     assert rows[-1]["accuracy"] > 0.3
@@ -455,5 +393,5 @@ def test_serverapp_killed_by_pid_mid_round_resumes_to_the_same_metrics(tmp_path)
         for proc in (ref, locals().get("resumed")):
             if proc is not None and proc.poll() is None:
                 _kill_all(proc, None)
-    assert _scores(_rows(run_dir)) == _scores(_rows(tmp_path / "ref"))
+    assert untimed_scores(metric_rows(run_dir)) == untimed_scores(metric_rows(tmp_path / "ref"))
     assert json.loads((run_dir / "summary.json").read_text())["resumed_after_round"] == saved

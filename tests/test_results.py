@@ -5,6 +5,7 @@ import os
 import pytest
 
 from mosaic_flwr.core.results import atomic_write
+from tests.support import scalars_of
 
 
 def test_atomic_write_replaces_whole_files_with_the_usual_mode(tmp_path):
@@ -42,13 +43,6 @@ def test_a_failed_write_keeps_the_old_content(tmp_path):
 
 
 # ----------------------------------------------------------------------------- TensorBoard
-def scalars_of(directory) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TensorBoard event files under ``directory``: tag -> [(step, value)]
-    as TensorBoard shows them (purged steps hidden)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_each_round_is_in_tensorboard_as_it_ends_and_a_resume_rewrites_it(tmp_path):

@@ -12,9 +12,7 @@ from mosaic_flwr.core.robust import cap_shares, robust_average
 from mosaic_flwr.core.submodels import model_plan, robust_masked_average, submodel_plan
 from mosaic_flwr.core.fedavg import FedAvgStrategy
 from mosaic_flwr.core.task import Arch
-from tests.test_hetero import _bank, _reply
-from tests.test_strategies import _Bank
-from tests.test_strategies import _reply as _full_reply
+from tests.support import hetero_bank, hetero_reply, TwoTensorBank, two_tensor_reply
 
 D = torch.float64
 
@@ -127,10 +125,10 @@ def test_fedavg_defaults_are_the_weighted_average_rounded_once():
     """The default aggregate (streamed, float64 running sums) is the examples-weighted mean
     computed in float64 and rounded once to float32: within a float32 unit of the plain
     float32 weighted average, and exactly the float64 one cast."""
-    strategy = _Bank(FedAvgStrategy).strategy
+    strategy = TwoTensorBank(FedAvgStrategy).strategy
     assert strategy.cfg.aggregation == "mean" and strategy.cfg.max_client_share == 1.0
     values = [(0.1, 7), (0.7, 3), (1.3, 11)]
-    arrays, _ = strategy.aggregate_train(1, [_full_reply(v, n, 101 + i) for i, (v, n) in enumerate(values)])
+    arrays, _ = strategy.aggregate_train(1, [two_tensor_reply(v, n, 101 + i) for i, (v, n) in enumerate(values)])
     states = [{"w": torch.full((2, 2), v), "b": torch.full((2,), v)} for v, _ in values]
     plain = weighted_average_states(states, [n for _, n in values])
     exact = {k: (sum(n * s[k].double() for s, (_, n) in zip(states, values)) / sum(n for _, n in values)).float()
@@ -195,8 +193,8 @@ def test_robust_masked_average_errors():
 
 # ----------------------------------------------------------------------------- strategies
 def test_fedavg_with_max_client_share_caps_the_weight_of_inflated_example_counts():
-    strategy = _Bank(FedAvgStrategy, **{"max-client-share": 0.4}).strategy
-    replies = [_full_reply(v, n, 101 + i) for i, (v, n) in enumerate([(1.0, 10), (2.0, 10), (3.0, 10), (11.0, 10**6)])]
+    strategy = TwoTensorBank(FedAvgStrategy, **{"max-client-share": 0.4}).strategy
+    replies = [two_tensor_reply(v, n, 101 + i) for i, (v, n) in enumerate([(1.0, 10), (2.0, 10), (3.0, 10), (11.0, 10**6)])]
     arrays, _ = strategy.aggregate_train(1, replies)
     # the liar: 0.4; the others share 0.6 equally: 0.2 * (1 + 2 + 3) + 0.4 * 11 = 5.6
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 5.6))
@@ -204,9 +202,9 @@ def test_fedavg_with_max_client_share_caps_the_weight_of_inflated_example_counts
 
 def test_robust_rule_now_covers_width_scaled_sub_models():
     full, half = Arch("cnn_small"), Arch("cnn_small", 0.5)
-    bank = _bank({101: full, 102: half, 103: half, 104: full}, submodel="fixed", aggregation="median")
-    replies = [_reply(bank, 101, full, 1.0, 10), _reply(bank, 102, half, 2.0, 10),
-               _reply(bank, 103, half, 500.0, 10), _reply(bank, 104, full, 4.0, 10)]
+    bank = hetero_bank({101: full, 102: half, 103: half, 104: full}, submodel="fixed", aggregation="median")
+    replies = [hetero_reply(bank, 101, full, 1.0, 10), hetero_reply(bank, 102, half, 2.0, 10),
+               hetero_reply(bank, 103, half, 500.0, 10), hetero_reply(bank, 104, full, 4.0, 10)]
     arrays, _ = bank.aggregate_train(1, replies)
     w = arrays.to_torch_state_dict()["conv1.weight"]  # [32, 1, 3, 3]; half models hold rows 0..15
     assert torch.equal(w[:16], torch.full_like(w[:16], 3.0))    # median(1, 2, 500, 4)
@@ -232,8 +230,8 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
     generators train for 20 steps; the teacher scores 1.0 clean.)"""
     from bench.attack import inflating_attacker
     from mosaic_flwr.core.checkpoint import load_checkpoint
-    from tests.test_e2e_inprocess import run_inprocess
-    from tests.test_reliability import TINY_MOSAIC, _rows
+    from tests.support import run_inprocess
+    from tests.support import TINY_MOSAIC, metric_rows
 
     from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
 
@@ -251,7 +249,7 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
                         **{**TINY_MOSAIC, "num-server-rounds": 2, "gen-steps": 5, "kd-steps": 2,
                            "mosaic-meta": False, "count-clip": count_clip})["dir"]
     state = load_checkpoint(out)
-    assert state["round"] == 2 and all(r.get("rejected", 0) == 0 for r in _rows(out))  # the lie passed
+    assert state["round"] == 2 and all(r.get("rejected", 0) == 0 for r in metric_rows(out))  # the lie passed
     summary = json.loads((out / "summary.json").read_text())
     declared = torch.tensor(hook.declared, dtype=torch.float64)
     if count_clip:  # weighted as count_clip x the median declared total, logged in summary.json
@@ -279,7 +277,7 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
 
 
 def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_the_holders():
-    from tests.conftest import as_flower_server
+    from tests.support import as_flower_server
     from mosaic_flwr.config import build_config
     from mosaic_flwr.core.records import ClientInfo, MosaicReply
     from mosaic_flwr.core.server import ServerContext

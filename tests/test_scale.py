@@ -15,8 +15,7 @@ from mosaic_flwr.distill.experts import build_class_experts, weighted_average_st
 from mosaic_flwr.distill.samplers import GeneratorSampler
 from mosaic_flwr.core.streaming import ClassSums, GeneratorBank, RunningSum
 from mosaic_flwr.core.submodels import masked_average, submodel_plan
-from tests.test_e2e_inprocess import run_inprocess
-from tests.test_reliability import Crash, _crash_in, _rows, _scores
+from tests.support import assert_same_run, crash_then_resume, metric_rows, run_inprocess, untimed_scores
 
 C = 10
 
@@ -231,25 +230,22 @@ def test_partial_participation_collects_each_client_once_and_arrival_order_does_
     for other in (b, c):
         sa, so = _final_state(a["dir"]), _final_state(other["dir"])
         assert all(torch.equal(sa[f][k], so[f][k]) for f in sa for k in sa[f])
-        assert _scores(_rows(a["dir"])) == _scores(_rows(other["dir"]))
+        assert untimed_scores(metric_rows(a["dir"])) == untimed_scores(metric_rows(other["dir"]))
 
 
 @pytest.mark.slow
 def test_collection_rounds_resume_exactly(tmp_path):
     full = run_inprocess(tmp_path / "a", num_nodes=6, **SCALE)["dir"]
-    with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", num_nodes=6, grid_options={"hook": _crash_in(3)}, **SCALE)
-    run_dir = tmp_path / "b" / "run"
-    state = load_checkpoint(run_dir)
-    assert state["round"] == 2 and state["strategy"]["uploaded"] and state["strategy"]["collected"]
-    run_inprocess(tmp_path / "b", num_nodes=6, grid_options={"first_node_id": 700}, resume=str(run_dir), **SCALE)
-    assert _scores(_rows(run_dir)) == _scores(_rows(full))
+
+    def in_the_checkpoint(server_round, run_dir):
+        state = load_checkpoint(run_dir)
+        assert state["round"] == 2 and state["strategy"]["uploaded"] and state["strategy"]["collected"]
+    run_dir = crash_then_resume(tmp_path / "b", [3], on_crash=in_the_checkpoint, num_nodes=6, **SCALE)
+    assert_same_run(full, run_dir, resumed_after=2)
 
     def audited(d):
         return sorted((e["round"], e["partition-id"]) for e in json.loads((d / "privacy.json").read_text())["clients"])
     assert audited(run_dir) == audited(full) and {r for r, _ in audited(full)} == {1, 2, 3}  # kept in the checkpoint
-    sa, sb = _final_state(full), _final_state(run_dir)
-    assert all(torch.equal(sa[f][k], sb[f][k]) for f in sa for k in sa[f])
 
 
 BANK = {"dataset": "synthetic", "alpha": 0.5, "strategy": "mosaic", "num-server-rounds": 3, "warmup-rounds": 3,
@@ -294,15 +290,11 @@ def test_the_prototype_bank_keeps_every_bank_rounds_prototypes_audits_them_and_r
     def audited(d):
         return sorted((e["round"], e["partition-id"]) for e in json.loads((d / "privacy.json").read_text())["clients"])
     assert audited(bank["dir"]) == [(r, p) for r in (1, 2, 3) for p in range(4)]
-    with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", num_nodes=4, grid_options={"hook": _crash_in(3)}, **{**BANK, "proto-rounds": 3})
-    run_dir = tmp_path / "b" / "run"
-    assert sorted(p["round"] for p in load_checkpoint(run_dir)["strategy"]["protos"]) == [1] * 4 + [2] * 4  # kept
-    run_inprocess(tmp_path / "b", num_nodes=4, grid_options={"first_node_id": 700}, resume=str(run_dir),
-                  **{**BANK, "proto-rounds": 3})
-    assert _scores(_rows(run_dir)) == _scores(_rows(bank["dir"])) and audited(run_dir) == audited(bank["dir"])
-    sa, sb = _final_state(bank["dir"]), _final_state(run_dir)
-    assert all(torch.equal(sa[f][k], sb[f][k]) for f in sa for k in sa[f])
+    def kept(server_round, run_dir):
+        assert sorted(p["round"] for p in load_checkpoint(run_dir)["strategy"]["protos"]) == [1] * 4 + [2] * 4
+    run_dir = crash_then_resume(tmp_path / "b", [3], on_crash=kept, num_nodes=4, **{**BANK, "proto-rounds": 3})
+    assert_same_run(bank["dir"], run_dir, resumed_after=2)
+    assert audited(run_dir) == audited(bank["dir"])
 
 
 def test_fedavg_streams_replies_one_at_a_time(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from mosaic_flwr.config import ConfigError, build_config
 from mosaic_flwr.core.server import Straggler, discover_clients, stream_replies, straggler_wait
 from server_app.app import wait_for_nodes
-from tests.conftest import as_flower_server
+from tests.support import as_flower_server
 
 
 def test_the_rest_wait_a_multiple_of_the_median_reply_time_with_a_floor():

@@ -12,8 +12,8 @@ from flwr.app import Message, MetricRecord, RecordDict
 from mosaic_flwr.core.checkpoint import WARM_START_KEYS, load_checkpoint, warm_start_changes
 from mosaic_flwr.config import ConfigError, build_config, lr_for_round
 from mosaic_flwr.core.records import METRICS, NUM_EXAMPLES, decode_evaluate_reply, record_to_state
-from tests.test_e2e_inprocess import run_inprocess
-from tests.test_reliability import SYNTH, _round, _rows
+from tests.support import (as_flower_server, assert_same_run, crash_then_resume, metric_rows, round_of, run_inprocess,
+                           SYNTH)
 
 PRETRAIN = {**SYNTH, "strategy": "fedavg", "num-server-rounds": 2, "local-steps": 10, "validation-split": 0.2}
 # Round 1 is the distillation round (warm start), round 2 a fine-tune round.
@@ -59,7 +59,7 @@ def test_lr_step_round_moves_the_step_independently_of_the_distillation_round(st
 def test_fedavg_with_the_step_schedule_sends_the_finetune_rate(tmp_path):
     out = run_inprocess(tmp_path, **{**PRETRAIN, "num-server-rounds": 3, "lr-schedule": "step", "local-steps": 2,
                                      "warmup-rounds": 1, "lr": 0.05, "finetune-lr": 0.005})
-    lrs = {_round(m): m.content["config"]["lr"] for m in out["grid"].sent if _round(m)}
+    lrs = {round_of(m): m.content["config"]["lr"] for m in out["grid"].sent if round_of(m)}
     assert lrs == {1: 0.05, 2: 0.005, 3: 0.005}
 
 
@@ -74,16 +74,16 @@ def test_warm_start_changes_name_every_key_that_differs():
 def test_a_run_starts_from_another_runs_final_model_and_records_it(tmp_path, pretrained):
     pre = pretrained
     final = load_checkpoint(pre)["strategy"]["globals"]["cnn_small"]
-    pre_rows = _rows(pre)
+    pre_rows = metric_rows(pre)
     out = run_inprocess(tmp_path / "cont", **{**CONTINUE, "init-from": str(pre), "distill-gate": "off",
                                               "meta-prior": "global"})
-    rows = _rows(out["dir"])
+    rows = metric_rows(out["dir"])
     # The server's own check at the distillation round (held-out generator samples).
     for key in ("gen-student", "gen-ensemble", "gen-teacher", "gen-after-distill"):
         assert 0 <= rows[1][key] <= 1, key
     # Round 0 evaluates the model it started from: the pre-training's last figure.
     assert rows[0]["accuracy"] == pytest.approx(pre_rows[-1]["accuracy"], abs=1e-6)
-    first = [m for m in out["grid"].sent if _round(m) == 1]
+    first = [m for m in out["grid"].sent if round_of(m) == 1]
     assert first and all(m.metadata.message_type == "train.mosaic" and m.content["config"]["distill"]
                          for m in first)  # warmup-rounds=1: the first round distils
     for m in first:
@@ -207,27 +207,26 @@ def test_the_look_ahead_gate_undoes_a_distillation_that_fine_tunes_worse(tmp_pat
     assert _same(_final_globals(undone["dir"]), _final_globals(refused["dir"]))
     report = json.loads((undone["dir"] / "summary.json").read_text())["distillation"]
     assert report["gate-kept"] == 1.0 and report["gate-final-kept"] == 0.0 and report["gate-final-round"] == 3
-    rows, ref = _rows(undone["dir"]), _rows(refused["dir"])
+    rows, ref = metric_rows(undone["dir"]), metric_rows(refused["dir"])
     assert rows[3]["accuracy"] == ref[3]["accuracy"]
     # During the look-ahead the path without distillation is the refused run's, round by round.
     assert rows[2]["acc-undistilled"] == ref[2]["accuracy"] and rows[2]["shadow-clients"] == 3
     assert rows[2]["loss"] != ref[2]["loss"]  # the distilled path is another model
     # Every client trained both models in each fine-tune round, the same clients, in that order.
     for r in (2, 3):
-        sent = [m for m in undone["grid"].sent if _round(m) == r and m.metadata.message_type == "train"]
+        sent = [m for m in undone["grid"].sent if round_of(m) == r and m.metadata.message_type == "train"]
         assert len(sent) == 6 and sorted(m.metadata.dst_node_id for m in sent[:3]) == \
             sorted(m.metadata.dst_node_id for m in sent[3:])
     # Round 2: the clients first receive the distilled model, then the model before
     # distillation (what the refused run sent them).
-    sent = [record_to_state(m.content["arrays"]) for m in undone["grid"].sent if _round(m) == 2]
-    plain = record_to_state(next(m for m in refused["grid"].sent if _round(m) == 2).content["arrays"])
+    sent = [record_to_state(m.content["arrays"]) for m in undone["grid"].sent if round_of(m) == 2]
+    plain = record_to_state(next(m for m in refused["grid"].sent if round_of(m) == 2).content["arrays"])
     assert _same(sent[3], plain) and not _same(sent[0], plain)
 
 
 @pytest.mark.slow
 def test_the_look_ahead_gate_keeps_a_distillation_that_stays_better_and_resumes_exactly(
         tmp_path, pretrained, monkeypatch):
-    from tests.test_reliability import Crash, _crash_in, _scores
 
     start = {**LOOKAHEAD, "init-from": str(pretrained)}
     _scripted_gate(monkeypatch, "after", "after")
@@ -235,19 +234,19 @@ def test_the_look_ahead_gate_keeps_a_distillation_that_stays_better_and_resumes_
     _scripted_gate(monkeypatch, "after")
     decided_at_once = run_inprocess(tmp_path / "once", **{**start, "gate-rounds": 0})
     assert _same(_final_globals(kept["dir"]), _final_globals(decided_at_once["dir"]))
-    assert [m for m in decided_at_once["grid"].sent if _round(m) == 2 and m.metadata.message_type == "train"
+    assert [m for m in decided_at_once["grid"].sent if round_of(m) == 2 and m.metadata.message_type == "train"
             ].__len__() == 3                     # gate-rounds=0: one path only
     # Killed in round 3, with both paths in the checkpoint, resumed: the same run.
     _scripted_gate(monkeypatch, "after", "after")
-    with pytest.raises(Crash):
-        run_inprocess(tmp_path / "b", grid_options={"hook": _crash_in(3)}, **start)
-    state = load_checkpoint(tmp_path / "b" / "run")
-    assert state["round"] == 2 and state["strategy"]["shadow-until"] == 3
-    assert set(state["strategy"]["shadow"]) == {"cnn_small"}
-    _scripted_gate(monkeypatch, "after")
-    run_inprocess(tmp_path / "b", grid_options={"first_node_id": 700}, resume=str(tmp_path / "b" / "run"), **start)
-    assert _scores(_rows(tmp_path / "b" / "run")) == _scores(_rows(kept["dir"]))
-    assert load_checkpoint(tmp_path / "b" / "run")["strategy"]["shadow"] is None
+
+    def both_paths_kept(server_round, run_dir):
+        state = load_checkpoint(run_dir)
+        assert state["round"] == 2 and state["strategy"]["shadow-until"] == 3
+        assert set(state["strategy"]["shadow"]) == {"cnn_small"}
+        _scripted_gate(monkeypatch, "after")  # what the gate still has to say after the restart
+    run_dir = crash_then_resume(tmp_path / "b", [3], on_crash=both_paths_kept, **start)
+    assert_same_run(kept["dir"], run_dir, resumed_after=2)
+    assert load_checkpoint(run_dir)["strategy"]["shadow"] is None
 
 
 def test_gate_rounds_is_checked():
@@ -276,7 +275,6 @@ def test_the_meta_model_can_learn_from_the_clients_own_images(tmp_path, pretrain
 
 def _logits_reply(logits, labels) -> Message:
     from mosaic_flwr.core.records import META_LOGITS, state_to_record
-    from tests.conftest import as_flower_server
 
     as_flower_server()
     return Message(RecordDict({META_LOGITS: state_to_record({"logits": logits, "labels": labels})}),

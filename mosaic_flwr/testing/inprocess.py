@@ -1,8 +1,9 @@
 """An in-process Grid: drives a ClientApp's handlers directly, without Ray or a SuperLink.
 
-For tests and benchmarks of the strategies and apps together. Payloads are deep-copied in
-both directions so no tensor is shared between "server" and "clients", and a handler that
-raises becomes an error reply, as on a real SuperNode.
+For tests and benchmarks of the strategies and apps together. Payloads cross as Flower
+serialises them (``RecordDict`` -> protobuf bytes -> ``RecordDict``, in both directions), so
+no tensor is shared between "server" and "clients", every record must survive Flower's wire
+format, and a handler that raises becomes an error reply, as on a real SuperNode.
 
 Faults can be injected: ``hook(grid, node_id, incoming, reply)`` sees every reply and returns it,
 a replacement (a tampered payload) or ``None`` (the client never answers: the server's wait
@@ -17,16 +18,23 @@ server that pulls replies one at a time never holds more than it asked for.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Iterable
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 1
+
+
+def over_the_wire(content: RecordDict) -> RecordDict:
+    """``content`` as the other side receives it: serialised to Flower's protobuf bytes and
+    parsed back (what a SuperLink and SuperNode do between the apps)."""
+    return recorddict_from_proto(ProtoRecordDict.FromString(recorddict_to_proto(content).SerializeToString()))
 
 
 class InProcessGrid(Grid):
@@ -93,12 +101,12 @@ class InProcessGrid(Grid):
         node = msg.metadata.dst_node_id
         if node in self.offline:
             return None
-        incoming = Message(content=copy.deepcopy(msg.content), dst_node_id=node,
+        incoming = Message(content=over_the_wire(msg.content), dst_node_id=node,
                            message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
         incoming.metadata.__dict__["_message_id"] = msg.metadata.message_id or str(uuid4())
         try:
             reply = self.client_app(incoming, self.contexts[node])
-            reply = Message(content=copy.deepcopy(reply.content), reply_to=incoming)
+            reply = Message(content=over_the_wire(reply.content), reply_to=incoming)
             if self.hook is not None:
                 reply = self.hook(self, node, incoming, reply)
         except Exception as exc:  # a crashing client becomes an error reply

@@ -242,11 +242,13 @@ class MosaicStrategy(DistillStrategy):
         st, self._stage = self._stage, None
         if st is not None:  # the round's uploads join what earlier rounds collected
             self.bank = st.bank
-            self.protos += st.protos
+            # kept in a canonical order, not the replies' arrival order: a checkpoint is the same
+            # whatever order the round's replies came in
+            self.protos = sorted(self.protos + st.protos, key=lambda p: (p["partition-id"], p.get("round", 0)))
             self.uploaded |= st.uploaded
             for key, rows in st.metrics.items():
-                self.gen_metrics.setdefault(key, []).extend(rows)
-            self.audits += st.audits
+                self.gen_metrics[key] = sorted(self.gen_metrics.get(key, []) + rows)
+            self.audits = sorted(self.audits + st.audits, key=lambda e: (e["round"], e["partition-id"]))
         collecting = self.collecting(server_round)
         if collecting and server_round == self.collect_from():
             self.warm_experts, self.collected = dict(self.experts), {}
