@@ -21,7 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-RUNS = ROOT / "bench" / "runs"
+# Where the benchmarks' runs (checkpoints, logs, runs in flight) live: outside the repository, per
+# study under RUNS/<study>; MOSAIC_FLWR_RUNS moves it (bench/runs/ is gitignored, if passed explicitly).
+# What is finished is recorded as data under bench/results (bench/ledger.py).
+RUNS = Path(os.environ.get("MOSAIC_FLWR_RUNS") or Path.home() / ".cache" / "mosaic-flwr" / "bench-runs")
 
 VARIANTS = {  # name -> (strategy, extra run config)
     "mosaic-nometa": ("mosaic", "mosaic-meta=false"),           # the plain expert ensemble teaches

@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["pretrain", "continue", "central"], default="pretrain")
     ap.add_argument("--name", default="converged")
-    ap.add_argument("--runs-dir", help="default: bench/runs/NAME")
+    ap.add_argument("--runs-dir", help="default: $MOSAIC_FLWR_RUNS/NAME (~/.cache/mosaic-flwr/bench-runs/NAME)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--no-table", action="store_true", help="run, but write no table (bench/headline.py writes its own)")

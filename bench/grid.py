@@ -13,7 +13,7 @@ bound). Writes bench/results/<name>.md (mean ± std over seeds of final and best
         # FedAvg pre-trained once per (data set, alpha, seed), then every method from that
         # checkpoint (bench/converged.py's options; --run-config conf/cifar10-cpu.toml for CIFAR-10)
 
-Resumes: a cell whose run directory (bench/runs/<name>/<cell>/) holds summary.json is not
+Resumes: a cell whose run directory (RUNS/<name>/<cell>/, bench.common.RUNS: outside the repository) holds summary.json is not
 run again, so an interrupted grid continues where it stopped. Cells run in seed order, so
 the first seed's table is complete early.
 """
@@ -339,7 +339,7 @@ def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: 
     if paired:
         lines += paired_lines(results, paired, strategies, alphas, key="final_val_accuracy")
     lines += wall_table(groups, strategies, alphas)
-    lines += ["", f"Plot: `{name}.png`. Runs: `bench/runs/{name}/<cell>/` (gitignored)."]
+    lines += ["", f"Plot: `{name}.png`. Runs: `$MOSAIC_FLWR_RUNS/{name}/<cell>/` (outside the repository)."]
     plot(groups, strategies, alphas, RESULTS / f"{name}.png",
          f"{name}: Fashion-MNIST, {num_clients} clients")
     md = "\n".join(lines) + "\n"

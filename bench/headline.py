@@ -14,16 +14,16 @@ checkpoint, except Mosaic's group, which shares round 1 and starts again):
     .venv/bin/python bench/grid.py headline --table-only             # tables and plots of what is done
     .venv/bin/python bench/grid.py headline --plan                   # the cells and their measured cost
 
-What is finished travels with the repository: every finished run's small files (summary,
-config, per-round metrics, bench notes, refusals) are copied into ``bench/results/headline-runs/
-headline-<part>/`` as soon as its cell's stage ends (commit them), and copied back into the runs root
-before the grid runs, so a new machine or a clean clone goes on where the last one stopped. So is
-the checkpoint of a pre-training whose cell still has runs to do (0.35 MB for CIFAR-10's ResNet-8,
-1.7 MB for Fashion-MNIST's cnn_small), dropped once the cell is complete: a pre-training run again
-on another machine need not end at the same model. A recorded pre-training without its checkpoint
-(runs restored from an earlier table) is run again when its cell has runs to do and must
-reproduce the recorded accuracy exactly, else the cell stops with the two figures: its finished
-runs started from the recorded model, a different one would not be a fair start for the rest.
+Runs (checkpoints included) live outside the repository, under ``--runs-root`` (default
+``bench.common.RUNS``: ``$MOSAIC_FLWR_RUNS`` or ``~/.cache/mosaic-flwr/bench-runs``). What is
+finished is recorded as data: every finished run's summary, config, per-round metrics, bench notes
+and refusal go into ``bench/results/ledger/headline-<part>.json`` (``bench/ledger.py``) as soon as
+its cell's stage ends (commit it), and are written back into the runs root before the grid runs,
+so a new machine or a clean clone goes on where the last one stopped; the tables are read from the
+ledger. A recorded pre-training without its checkpoint (a new machine) is run again when its cell
+has runs to do and must reproduce the recorded accuracy exactly, else the cell stops with the two
+figures: its finished runs started from the recorded model, a different one would not be a fair
+start for the rest.
 
 Each cell (data set, alpha, seed) is ``bench/converged.py``'s two-stage protocol: FedAvg to its
 plateau (``init-from``), then every method of ``HEADLINE`` for the same further rounds with
@@ -41,11 +41,13 @@ import json
 import shutil
 import statistics
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import ledger as ledger_  # noqa: E402
 from bench.common import RESULTS, RUNS, machine_line, paired_interval, provenance  # noqa: E402
 
 # Equal rounds: every method; then the two equal-compute rows.
@@ -107,7 +109,7 @@ WIDTHS_DROPPED = ("The cell first ran with ResNet-8 at half width as its third f
                   "the slice still read only 15.1 % against the full width's 25.0 % "
                   "(`bench/results/slice-check-families.md`). A family at chance also enters the clients' gate's "
                   "score, so the cell was restarted with cnn_wide instead; the first version's runs are in "
-                  "`bench/results/headline-runs/headline-cifar10-families-widths/`.")
+                  "`bench/results/headline-cifar10-families-widths.md`.")
 
 TWO_THREADS = ("The pre-training, FedAvg, FedProx, FedRS and Mosaic ran with one torch thread, the rest of the cell "
                "(from Mosaic without meta model on) with two (`--threads 2`, the cell alone on the machine): every run "
@@ -149,154 +151,23 @@ def runs_dir(part: str, root: Path) -> Path:
     return root / f"headline-{part}"
 
 
-# ---------------------------------------------------------------- the committed ledger
+# ---------------------------------------------------------------- the ledger (bench/ledger.py)
 
-LEDGER = "headline-runs"  # under bench/results/: headline-runs/headline-<part>/<run>/, as in the runs root
-LEDGER_FILES = ("summary.json", "config.json", "metrics.json", "bench.json", "refused.json", "assignment.csv")
-
-
-def finished(run: Path) -> bool:
-    return (run / "summary.json").is_file() or (run / "refused.json").is_file()
+finished = ledger_.finished
 
 
-def _restored(run: Path) -> bool:
-    f = run / "summary.json"
-    return f.is_file() and "restored" in json.loads(f.read_text())
-
-
-def superseded(recorded: Path, run: Path) -> bool:
-    """Whether ``run`` (whole: per-round metrics) replaces the ledger's ``recorded`` copy of it,
-    one restored from an earlier table (its summary alone), e.g. a pre-training run again."""
-    return _restored(recorded) and not _restored(run) and (run / "metrics.json").is_file()
-
-
-def archive(src: Path, dst: Path, part: Part | None = None) -> list[str]:
-    """Copy every finished run of ``src`` (a part's runs directory) into ``dst`` (its ledger):
-    the ``LEDGER_FILES`` it has, and the cell-level diagnostics (``oracle-*.json``). A run the
-    ledger already holds is left as it is (runs are never rerun), unless the ledger has it as a
-    summary restored from an earlier table and ``src`` has it whole. With ``part``, also the
-    checkpoint of each pre-training whose cell has runs left (``has_start``). What was copied."""
-    copied = []
-    if not src.is_dir():
-        return copied
-    for f in sorted(src.glob("oracle-*.json")):
-        if not (dst / f.name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / f.name)
-    for run in sorted(p for p in src.iterdir() if p.is_dir() and finished(p)):
-        if run.name.startswith("round1-") or (finished(dst / run.name) and not superseded(dst / run.name, run)):
-            continue
-        (dst / run.name).mkdir(parents=True, exist_ok=True)
-        for name in LEDGER_FILES:  # summary.json last: a run is in the ledger once it is complete there
-            if name != "summary.json" and (run / name).is_file():
-                shutil.copy2(run / name, dst / run.name / name)
-        if (run / "summary.json").is_file():
-            shutil.copy2(run / "summary.json", dst / run.name / "summary.json")
-        (dst / run.name / START).unlink(missing_ok=True)  # parked while in flight; a pre-training's final one follows
-        copied.append(run.name)
-    for run in sorted(src.glob("pretrain-*")) if part is not None else ():
-        cell = _cell_of(run.name)
-        if (has_start(run) and cell and pending(part, dst, *cell) and _same_run(run, dst / run.name)
-                and not (dst / run.name / START).is_file()):
-            shutil.copy2(run / START, dst / run.name / START)
-            copied.append(f"{run.name}/{START}")
-    return copied
-
-
-def _cell_of(pretrain: str) -> tuple[float, int] | None:
-    """(alpha, seed) of a pre-training's run name, ``pretrain-a<alpha>-s<seed>``."""
-    import re
-
-    m = re.fullmatch(r"pretrain-a([0-9.e+-]+)-s(\d+)", pretrain)
-    return (float(m.group(1)), int(m.group(2))) if m else None
+def ledger_file(part: str, root: Path) -> Path:
+    """Part ``part``'s ledger (finished runs, as data) under ``root`` (default bench/results/ledger)."""
+    return root / f"headline-{part}.json"
 
 
 START = "checkpoint.pt"  # a pre-training's final state: what its cell's methods start from (init-from)
 
 
 def has_start(run: Path) -> bool:
-    """Whether a finished pre-training has its checkpoint. The ledger keeps it while the cell
-    has runs to do (``drop_start`` removes it once the cell is complete): a pre-training run
-    again on another machine need not end at the same model (measured: Fashion-MNIST alpha=1
-    seed 42 ended at 88.16 % where the recorded run ended at 88.21 %), and a cell's methods
-    must share one start."""
+    """Whether a finished pre-training has its checkpoint (in the runs root, never in the ledger:
+    a cell whose pre-training is recorded without it runs it again, ``ensure_start``)."""
     return (run / START).is_file() and (run / "summary.json").is_file()
-
-
-def _same_run(a: Path, b: Path) -> bool:
-    return (b / "summary.json").is_file() and (a / "summary.json").read_bytes() == (b / "summary.json").read_bytes()
-
-
-def drop_start(part: Part, ledger: Path, alpha: float, seed: int) -> bool:
-    """Remove the ledger's copy of cell (alpha, seed)'s pre-training checkpoint once every run
-    of the cell is finished there. Whether one was removed."""
-    from bench.converged import pretrain_name
-
-    f = ledger / pretrain_name(alpha, seed) / START
-    if f.is_file() and not pending(part, ledger, alpha, seed):
-        f.unlink()
-        return True
-    return False
-
-
-def restore(src: Path, dst: Path) -> list[str]:
-    """Copy the ledger's finished runs (``src``) that ``dst`` (the runs directory) lacks into
-    it, so the grid skips them. The run names copied."""
-    copied = []
-    if not src.is_dir():
-        return copied
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.glob("oracle-*.json")):
-        if not (dst / f.name).is_file():
-            shutil.copy2(f, dst / f.name)
-    for run in sorted(p for p in src.iterdir() if p.is_dir() and finished(p)):
-        if finished(dst / run.name):
-            if has_start(run) and _same_run(run, dst / run.name) and not (dst / run.name / START).is_file():
-                shutil.copy2(run / START, dst / run.name / START)
-                copied.append(f"{run.name}/{START}")
-            continue
-        if (dst / run.name).is_dir():
-            shutil.rmtree(dst / run.name)  # an interrupted attempt: the ledger's finished run replaces it
-        shutil.copytree(run, dst / run.name)
-        copied.append(run.name)
-    for run in in_flight(src):
-        if not finished(dst / run.name) and not (dst / run.name / START).is_file():
-            (dst / run.name).mkdir(exist_ok=True)
-            shutil.copy2(run / START, dst / run.name / START)  # parked (``park``): the run resumes from it
-            copied.append(f"{run.name}/{START} (in flight, parked)")
-    return copied
-
-
-def in_flight(runs: Path) -> list[Path]:
-    """The runs of a runs directory (or a ledger) that are not finished but have a checkpoint to
-    go on from; a shared round 1's scratch directory (``round1-*``) is not a run."""
-    return sorted(p for p in runs.iterdir() if p.is_dir() and not finished(p) and (p / START).is_file()
-                  and not p.name.startswith("round1-"))
-
-
-def park(src: Path, dst: Path, part: Part) -> list[str]:
-    """Record in the ledger ``dst`` what the runs directory ``src`` holds now, to go on from it on
-    another machine (e.g. before this one is taken away): the finished runs (``archive``) and
-    the last checkpoint of every run in flight, which ``restore`` brings back and the run
-    resumes from (after the round it holds; a checkpoint is rewritten atomically after each
-    round, so this may run while the grid does). Mosaic's shared-round group (Mosaic, Mosaic
-    without meta model) starts again instead: it resumes from no checkpoint. What was recorded."""
-    from mosaic_flwr.core.checkpoint import load_checkpoint
-
-    got = archive(src, dst, part)
-    for run in in_flight(src):
-        tmp = dst / run.name / f".{START}.part"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run / START, tmp)
-        try:
-            after = load_checkpoint(tmp.parent, tmp.name)["round"]
-        except Exception as exc:  # noqa: BLE001 - reported, the ledger keeps what it had
-            tmp.unlink()
-            got.append(f"{run.name}: its checkpoint is unreadable ({exc}); not parked")
-            continue
-        tmp.replace(dst / run.name / START)
-        got.append(f"{run.name}/{START} (in flight, after round {after})")
-    return got
 
 
 @lru_cache(maxsize=None)
@@ -423,15 +294,15 @@ def preflight(parts: list[str]) -> None:
 
 def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None, threads: int = 1) -> None:
     """Run this shard's cells under ``root``, each run with ``threads`` torch threads; with
-    ``ledger``, first take the finished runs from it and copy each stage's finished runs into it
-    as soon as the stage ends."""
+    ``ledger`` (a folder of ledger files), first take the finished runs from it and record each
+    stage's finished runs in it as soon as the stage ends."""
     from bench import converged
 
     preflight(parts)
     for name in parts if ledger is not None else ():
-        got = restore(runs_dir(name, ledger), runs_dir(name, root))
+        got = ledger_.materialize(ledger_file(name, ledger), runs_dir(name, root))
         if got:
-            print(f"[headline] {name}: {len(got)} finished runs taken from the ledger {runs_dir(name, ledger)}",
+            print(f"[headline] {name}: {len(got)} finished runs taken from the ledger {ledger_file(name, ledger)}",
                   flush=True)
 
     # A cell's continuation needs its pre-training: a shard owns both (one (part, alpha, seed)).
@@ -459,12 +330,10 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
             print(f"[headline] {name}: {stage} alpha={alpha if alpha is not None else '-'} seed={seed}", flush=True)
             converged.main(args[1])
             if ledger is not None:
-                got = archive(out, runs_dir(name, ledger), PARTS[name])
-                if stage == "continue" and drop_start(PARTS[name], runs_dir(name, ledger), alpha, seed):
-                    got.append(f"{converged.pretrain_name(alpha, seed)}/{START} removed (the cell is complete)")
+                got = ledger_.record(out, ledger_file(name, ledger))
                 if got:
-                    print(f"[headline] {name}: into the ledger {runs_dir(name, ledger)}: {', '.join(got)} "
-                          "(commit them)", flush=True)
+                    print(f"[headline] {name}: into the ledger {ledger_file(name, ledger)}: {', '.join(got)} "
+                          "(commit it)", flush=True)
 
 
 # ---------------------------------------------------------------- report
@@ -854,6 +723,23 @@ def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
     plt.close(fig)
 
 
+@contextmanager
+def recorded(ledger: Path, root: Path):
+    """A temporary runs root holding every part's ledger as run directories (``ledger.materialize``),
+    each pre-training with its checkpoint marked where ``root`` has it (the plan counts a
+    pre-training without one as left): what the tables and the plan read."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="headline-ledger-") as tmp:
+        for name in PARTS:
+            out = runs_dir(name, Path(tmp))
+            ledger_.materialize(ledger_file(name, ledger), out)
+            for pre in out.glob("pretrain-*"):
+                if has_start(runs_dir(name, root) / pre.name):
+                    (pre / START).touch()
+        yield Path(tmp)
+
+
 def report(parts: list[str], root: Path) -> str:
     from bench.converged_report import report as detail
 
@@ -1024,32 +910,24 @@ def main(argv: list[str] | None = None) -> int:
                          "run's bench.json)")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--plan", action="store_true", help="print the cells and the cost of the finished ones")
-    ap.add_argument("--park", action="store_true",
-                    help="copy the runs root's finished runs and the last checkpoint of each run in flight into the "
-                         "ledger now (safe while the grid runs), so the grid goes on from there on another machine")
     ap.add_argument("--ledger", default=None,
-                    help=f"where finished runs are recorded and the tables read from (default bench/results/{LEDGER}, "
-                         "committed with the repository)")
+                    help="the folder of the ledger files (headline-<part>.json) where finished runs are recorded "
+                         "and the tables read from (default bench/results/ledger, committed with the repository)")
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error(f"--threads must be at least 1, got {args.threads}")
     root = Path(args.runs_root).resolve()
-    ledger = Path(args.ledger).resolve() if args.ledger else RESULTS / LEDGER
+    ledger = Path(args.ledger).resolve() if args.ledger else RESULTS / "ledger"  # ledger_.LEDGERS
     if args.plan:
-        print(plan(args.parts, ledger))
-        return 0
-    if args.park:
-        for name in args.parts:
-            got = park(runs_dir(name, root), runs_dir(name, ledger), PARTS[name]) if runs_dir(name, root).is_dir() else []
-            print(f"[headline] {name}: into the ledger {runs_dir(name, ledger)}: "
-                  + (", ".join(got) + " (commit them)" if got else "nothing new"), flush=True)
+        with recorded(ledger, root) as view:
+            print(plan(args.parts, view))
         return 0
     if not args.table_only:
         k, n = (int(x) for x in args.shard.split("/"))
         run(args.parts, root, (k, n), ledger, args.threads)
-    print(report(args.parts, ledger))
+    with recorded(ledger, root) as view:
+        print(report(args.parts, view))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
