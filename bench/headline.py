@@ -96,54 +96,28 @@ class Part:
 # downloads from the internet only; the machine the grid ran on has none, so FedDF distils on
 # the unlabelled images of the validation split instead: in-distribution, which favours FedDF.
 CIFAR_TRANSFER = "feddf.transfer-set='holdout'"
-CIFAR_TRANSFER_NOTE = ("FedDF distils on the validation split's images (unlabelled, in-distribution; "
-                       "`feddf.transfer-set='holdout'`): its published transfer set for CIFAR-10, CIFAR-100, "
-                       "is not obtainable offline here. In-distribution public data favours FedDF.")
 
-# The families cell first ran with ResNet-8 at half width as its third family; measured with
-# bench/slice_check.py on that version's pre-training checkpoint, kept in the ledger.
-WIDTHS_DROPPED = ("The cell first ran with ResNet-8 at half width as its third family (HeteroFL / FedRolex "
-                  "widths, `client-capacities`): that model gave one class to every test image (10.0 %) from the "
-                  "pre-training on, whatever the method. Part of the cause is BatchNorm: its running statistics "
-                  "are averaged across widths (docs/heterogeneity.md, \"Known limitation\"); re-estimated on the clients' images "
-                  "the slice still read only 15.1 % against the full width's 25.0 % "
-                  "(`bench/results/slice-check-families.md`). A family at chance also enters the clients' gate's "
-                  "score, so the cell was restarted with cnn_wide instead; the first version's runs are in "
-                  "`bench/results/headline-cifar10-families-widths.md`.")
+# What the tables say of each part's cut and of what happened in its cells, with the figures
+# measured on the grid's machine: data, not code (bench/results/headline-notes.json).
+NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
 
-TWO_THREADS = ("The pre-training, FedAvg, FedProx, FedRS and Mosaic ran with one torch thread, the rest of the cell "
-               "(from Mosaic without meta model on) with two (`--threads 2`, the cell alone on the machine): every run "
-               "starts from the same checkpoint, but the thread count changes the order of floating-point sums, so "
-               "the shared round 1 of Mosaic without meta model ended at 25.75 % test where Mosaic's ended at 25.85 "
-               "(FedAvg's: 25.85). Its client compute (126.5 FedAvg rounds) is overstated: its round 1 ran with two "
-               "threads beside the test suite, and the CPU seconds of threads that wait for a busy core count "
-               "(1553 CPU s against Mosaic's 603 at one thread; a plain round 12.7 against 11.7). The equal-compute "
-               "rows take Mosaic's figure (53.7 rounds, one thread).")
+
+def _notes(part: str) -> dict:
+    return {"cut": NOTES["parts"][part]["cut"], "notes": NOTES["parts"][part]["notes"]}
+
 
 PARTS = {
-    "fmnist": Part("Fashion-MNIST, 10 clients, cnn_small", (), (0.01, 0.1, 1.0), (42, 43, 44), 30,
-                   cut="3 continuation rounds (the authors run more; FedAvg's plateau is reached at round 30)"),
+    "fmnist": Part("Fashion-MNIST, 10 clients, cnn_small", (), (0.01, 0.1, 1.0), (42, 43, 44), 30, **_notes("fmnist")),
     "cifar10": Part("CIFAR-10 (CPU preset), 10 clients, ResNet-8",
                     ("conf/cifar10-cpu.toml", "num-server-rounds=3", CIFAR_TRANSFER),
                     (0.01, 0.1, 1.0), (42, 43), 100,
-                    cut="the CPU preset (ResNet-8, 100 pre-training rounds, 2,000-image test subset, 200 KD steps of "
-                        "128) and 3 continuation rounds instead of the preset's 10; the three generator-based "
-                        "data-free rivals (DENSE, FedFTG, DFRD) at seed 42 only: their server-side teacher passes "
-                        "cost 17, 26 and 45 min a cell here against ~1 min for FedAvg, so their paired "
-                        "differences on CIFAR-10 are one seed's, without an interval",
-                    notes=[CIFAR_TRANSFER_NOTE], only_seeds={"dense": (42,), "fedftg": (42,), "dfrd": (42,)}),
+                    only_seeds={"dense": (42,), "fedftg": (42,), "dfrd": (42,)}, **_notes("cifar10")),
     "cifar10-families": Part("CIFAR-10 (CPU preset), model families resnet8 / cnn_small / cnn_wide",
                              ("conf/cifar10-cpu.toml", "num-server-rounds=3", CIFAR_TRANSFER,
                               "client-models='resnet8,cnn_small,cnn_wide'"),
                              (0.1,), (42,), 100,
                              variants=tuple(v for v in HEADLINE if v != "fedbn"), central=False,
-                             cut="one alpha and one seed; FedBN left out (it refuses model families); ResNet-18 "
-                                 "replaced by cnn_wide: on one CPU core ResNet-18 trains 24x slower "
-                                 "(23 vs 560 images/s) and infers 17x slower than ResNet-8 "
-                                 "(bench/results/throughput-cifar10.md), which takes its 3 clients' 100 pre-training "
-                                 "rounds to ~2.8 h and every distillation's teacher pass to ~20 min, this one cell "
-                                 "alone to ~8-10 h",
-                             notes=[CIFAR_TRANSFER_NOTE, WIDTHS_DROPPED, TWO_THREADS]),
+                             **_notes("cifar10-families")),
 }
 
 
@@ -443,7 +417,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 
     lines = [f"## {p.title}", ""]
     if p.cut:
-        lines += [f"Cut to bring the grid towards ~12 h on 2 cores (it still takes ~22 h, docs/benchmarks.md): {p.cut}.", ""]
+        lines += [f"{NOTES['cut_intro']}: {p.cut}.", ""]
     lines += [n for note in p.notes for n in (note, "")]
     lines += _main_table(p, out, runs, acc, pre, cen)
     lines += _paired_table(p, runs, acc)
