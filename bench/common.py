@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -255,6 +256,31 @@ class PeakMemory:
         return out
 
 
+# ----------------------------------------------------------------------------- run names
+CENTRAL = "central"
+
+
+def pretrain_name(alpha: float, seed: int) -> str:
+    """A cell's FedAvg pre-training run (bench/converged.py's stage 1)."""
+    return f"pretrain-a{alpha:g}-s{seed}"
+
+
+def variant_name(variant: str, alpha: float, seed: int) -> str:
+    return f"{variant}-a{alpha:g}-s{seed}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    variant: str          # a strategy, a bench.common.VARIANTS name, or "central"
+    alpha: float | None   # None: the centralised reference (the union of the partitions
+    seed: int             # is the whole training set whatever alpha is)
+
+    @property
+    def name(self) -> str:
+        return f"{CENTRAL}-s{self.seed}" if self.alpha is None else f"{self.variant}-a{self.alpha:g}-s{self.seed}"
+
+
+
 # ----------------------------------------------------------------------------- one cell
 def cell_done(out: Path) -> bool:
     return (Path(out) / "summary.json").is_file()
@@ -309,6 +335,46 @@ def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", 
     bench_file = out / "bench.json"
     if bench_file.is_file():
         summary["bench"] = json.loads(bench_file.read_text())
+    return summary
+
+
+def resolved_config(shared: str, **changes):
+    """The config a cell's ServerApp builds: pyproject defaults < shared overrides < changes
+    (checked as for Mosaic, or as for FedAvg when the schedule has no distillation round)."""
+    from flwr.common.config import parse_config_args
+
+    from mosaic_flwr.config import ConfigError, build_config
+
+    overrides = {**(parse_config_args([shared]) if shared.strip() else {}), **changes}
+    try:
+        return build_config({"strategy": "mosaic", **overrides})
+    except ConfigError:
+        return build_config({"strategy": "fedavg", **overrides})
+
+
+def run_central(cell: Cell, runs_dir: Path, shared: str, num_clients: int) -> dict:
+    """The centralised reference of ``cell.seed``, written like a run (summary.json, metrics.json)."""
+    import torch
+
+    from mosaic_flwr.core.central import train_central
+    from mosaic_flwr.core.results import write_json
+
+    out = Path(runs_dir) / cell.name
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = resolved_config(shared, seed=cell.seed)
+    print(f"[bench] running {cell.name} (in-process, no Flower)", flush=True)
+    load0, t0 = loadavg(), time.perf_counter()
+    torch.set_num_threads(cfg.client_threads)  # as a client trains
+    r = train_central(cfg, num_clients)
+    write_json(out / "metrics.json", r["rounds"])
+    write_json(out / "bench.json", {"loadavg_before": load0, "loadavg_after": loadavg(),
+                                    "commit": git_commit(), "dirty": git_dirty()})
+    summary = {"strategy": CENTRAL, "seed": cell.seed, "final_accuracy": r["final_accuracy"],
+               "best_accuracy": r["best_accuracy"], "best_round": r["best_round"],
+               "wall_seconds": round(time.perf_counter() - t0, 2), "steps": r["steps"],
+               "sample_passes": r["sample_passes"], "train_samples": r["train_samples"],
+               "config": cfg.to_dict()}
+    write_json(out / "summary.json", summary)  # last: its presence marks the cell finished
     return summary
 
 

@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RUNS, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg  # noqa: E402
+from bench.common import (RUNS, Cell, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg,  # noqa: E402
+                          pretrain_name, run_central, variant_name)
 
 ALPHAS = (0.1, 0.01, 1.0)
 SEEDS = (42, 43, 44)
@@ -199,10 +200,6 @@ ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", 
                "proto-min-records", "count-floor", "expert-pass", "generator", "dcgan-width", "distill-lr")
 
 
-def pretrain_name(alpha: float, seed: int) -> str:
-    return f"pretrain-a{alpha:g}-s{seed}"
-
-
 def context(rc: dict):
     from flwr.app import Context, RecordDict
 
@@ -261,10 +258,6 @@ def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
           + (" (resumed)" if rc.get("resume") else ""), flush=True)
     s = run_inprocess(rc, num_clients, f"FedAvg pre-training (alpha={alpha:g}, seed {seed})")
     print(f"[converged]   final {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f}", flush=True)
-
-
-def variant_name(variant: str, alpha: float, seed: int) -> str:
-    return f"{variant}-a{alpha:g}-s{seed}"
 
 
 def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, num_clients: int) -> None:
@@ -516,8 +509,6 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
 
 
 def central(seed: int, runs_dir: Path, num_clients: int) -> None:
-    from bench.grid import Cell, run_central
-
     cell = Cell("central", None, seed)
     if not cell_done(runs_dir / cell.name):
         rounds = OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS) + OVERRIDES.get(

@@ -23,34 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, RUNS, cell_done, fmt_mean_std, header_lines, loadavg,  # noqa: E402
-                          paired_interval, provenance, run_cell, write_results)
+from bench.common import (CENTRAL, RESULTS, RUNS, Cell, cell_done, fmt_mean_std, header_lines,  # noqa: E402,F401
+                          loadavg, paired_interval, provenance, resolved_config, run_cell, run_central,
+                          write_results)
 
 STRATEGIES = ("fedavg", "fedprox", "feddf-gen", "mosaic", "mosaic-nometa")
 ALPHAS = (0.01, 0.1, 1.0)
 SEEDS = (42, 43, 44)
-CENTRAL = "central"
 QUICK = {"strategies": ("fedavg", "mosaic"), "alphas": (0.1,), "seeds": (42,),
          "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 gen-steps=60 "
                        "kd-steps=30 meta-epochs=40"}
 DISTILLING = {"feddf-gen", "mosaic", "mosaic-nometa", "mosaic-generated", "mosaic-screened"}
-
-
-@dataclass(frozen=True)
-class Cell:
-    variant: str          # a strategy, a bench.common.VARIANTS name, or "central"
-    alpha: float | None   # None: the centralised reference (the union of the partitions
-    seed: int             # is the whole training set whatever alpha is)
-
-    @property
-    def name(self) -> str:
-        return f"{CENTRAL}-s{self.seed}" if self.alpha is None else f"{self.variant}-a{self.alpha:g}-s{self.seed}"
 
 
 def grid_cells(strategies: Iterable[str], alphas: Iterable[float], seeds: Iterable[int],
@@ -102,48 +89,6 @@ def aggregate(results: dict[Cell, dict]) -> dict[tuple[str, float | None], dict]
 # ----------------------------------------------------------------------------- running
 def cell_config(shared: str, cell: Cell) -> str:
     return f"{shared} alpha={cell.alpha} seed={cell.seed}"
-
-
-def resolved_config(shared: str, **changes):
-    """The config a cell's ServerApp builds: pyproject defaults < shared overrides < changes
-    (checked as for Mosaic, or as for FedAvg when the schedule has no distillation round)."""
-    from flwr.common.config import parse_config_args
-
-    from mosaic_flwr.config import ConfigError, build_config
-
-    overrides = {**(parse_config_args([shared]) if shared.strip() else {}), **changes}
-    try:
-        return build_config({"strategy": "mosaic", **overrides})
-    except ConfigError:
-        return build_config({"strategy": "fedavg", **overrides})
-
-
-def run_central(cell: Cell, runs_dir: Path, shared: str, num_clients: int) -> dict:
-    """The centralised reference of ``cell.seed``, written like a run (summary.json, metrics.json)."""
-    import torch
-
-    from mosaic_flwr.core.central import train_central
-    from mosaic_flwr.core.results import write_json
-
-    from bench.common import git_commit, git_dirty
-
-    out = Path(runs_dir) / cell.name
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = resolved_config(shared, seed=cell.seed)
-    print(f"[grid] running {cell.name} (in-process, no Flower)", flush=True)
-    load0, t0 = loadavg(), time.perf_counter()
-    torch.set_num_threads(cfg.client_threads)  # as a client trains
-    r = train_central(cfg, num_clients)
-    write_json(out / "metrics.json", r["rounds"])
-    write_json(out / "bench.json", {"loadavg_before": load0, "loadavg_after": loadavg(),
-                                    "commit": git_commit(), "dirty": git_dirty()})
-    summary = {"strategy": CENTRAL, "seed": cell.seed, "final_accuracy": r["final_accuracy"],
-               "best_accuracy": r["best_accuracy"], "best_round": r["best_round"],
-               "wall_seconds": round(time.perf_counter() - t0, 2), "steps": r["steps"],
-               "sample_passes": r["sample_passes"], "train_samples": r["train_samples"],
-               "config": cfg.to_dict()}
-    write_json(out / "summary.json", summary)  # last: its presence marks the cell finished
-    return summary
 
 
 # ----------------------------------------------------------------------------- reporting

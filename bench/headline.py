@@ -49,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import ledger as ledger_  # noqa: E402
 from bench.common import RESULTS, RUNS, machine_line, paired_interval, provenance  # noqa: E402
+from bench.report import collect, mean_sd as _mean_sd  # noqa: E402
 
 # Equal rounds: every method; then the two equal-compute rows.
 HEADLINE = ("fedavg", "fedprox", "fedbn", "fedrs", "feddf", "dense", "fedftg", "dfrd", "mosaic", "mosaic-nometa",
@@ -312,14 +313,6 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
 
 # ---------------------------------------------------------------- report
 
-def _mean_sd(xs: list[float], k: float = 100) -> str:
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0] * k:.1f} (1)"
-    return f"{statistics.mean(xs) * k:.1f} ± {statistics.stdev(xs) * k:.1f} ({len(xs)})"
-
-
 def best_validation(rows: list[dict]) -> tuple[int, float] | None:
     """The round whose global model scores best on the validation split (the earliest of ties: the least
     compute) and that model's test accuracy; None without per-round validation scores."""
@@ -404,8 +397,6 @@ def _by_model_table(p: Part, runs: dict) -> list[str]:
 def part_table(name: str, root: Path) -> tuple[str, dict]:
     """Part ``name``'s section of the table (markdown) and its figures (``headline.json``),
     from the finished runs in ``root``; writes its plot."""
-    from bench.converged_report import collect
-
     p, out = PARTS[name], runs_dir(name, root)
     d = collect(out, p.alphas, p.seeds, p.variants)
     runs, central, pre = d["runs"], d["central"], d["pre"]

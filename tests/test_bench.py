@@ -220,3 +220,37 @@ def test_slice_check_scores_the_widths_as_the_server_does(tmp_path):
     for model, got in summary["final_accuracy_by_model"].items():  # the server's own figures
         label = "full width" if model == "resnet8" else "fixed slice"
         assert rows[(model, label, "checkpoint")]["accuracy"] == pytest.approx(got, abs=1e-4), model
+
+
+def bench_imports() -> dict[str, set[str]]:
+    """bench module -> the bench modules it imports anywhere in it (functions included), from the source."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "bench"
+    mods = {p.stem for p in root.glob("*.py")}
+    graph = {}
+    for p in sorted(root.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bench.")}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "bench":
+                    deps |= {a.name for a in node.names}
+                elif node.module.startswith("bench."):
+                    deps.add(node.module.split(".")[1])
+        graph[p.stem] = (deps & mods) - {p.stem}
+    return graph
+
+
+def test_bench_modules_import_each_other_without_a_cycle():
+    from graphlib import CycleError, TopologicalSorter
+
+    graph = bench_imports()
+    assert {"common", "report", "ledger", "grid", "headline", "converged", "converged_report"} <= set(graph)
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as exc:  # pragma: no cover - the failure message names the cycle
+        pytest.fail(f"bench modules import each other in a circle: {' -> '.join(exc.args[1])}")
+    assert order.index("common") < order.index("report") < order.index("converged_report") < order.index("headline")
