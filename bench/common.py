@@ -41,6 +41,49 @@ def variant_config(variant: str) -> tuple[str, str]:
     return VARIANTS.get(variant, (variant, ""))
 
 
+# ----------------------------------------------------------------------------- methods
+# Which methods a benchmark compares comes from the library's registry (mosaic_flwr.registry),
+# never from a list kept here: a new method appears in every comparison of its peers.
+# Not compared with its peers: FedDF's server on Mosaic's client generators, an ablation of
+# Mosaic rather than a published method (bench/grid.py's default grid still runs it).
+ABLATIONS = ("feddf-gen",)
+# Display names where the registry leaves a method's title to its name, and the benchmarks' own
+# rows (a method with other settings, or given more rounds).
+NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "mosaic": "Mosaic", "mosaic-nometa": "Mosaic without meta model",
+         "fedavg-eqc": "FedAvg, equal client compute", "fedprox-eqc": "FedProx, equal client compute"}
+
+
+def registered() -> tuple[str, ...]:
+    """Every method the library registers, by run-config name (registry order; imports none)."""
+    from mosaic_flwr.registry import ENTRIES
+
+    return tuple(ENTRIES)
+
+
+def distils(variant: str) -> bool:
+    """Whether ``variant``'s method (a registered one, or a named variant of one) distils on the server."""
+    from mosaic_flwr.registry import STRATEGIES
+
+    strategy = variant_config(variant)[0]
+    return strategy in STRATEGIES and STRATEGIES[strategy].distils
+
+
+def compared() -> tuple[str, ...]:
+    """The methods a comparison runs: every registered one but the ``ABLATIONS``; those that train
+    alone first, then the distilling ones, Mosaic last (the registry's order within each)."""
+    names = [m for m in registered() if m not in ABLATIONS]
+    return tuple(sorted(names, key=lambda m: (m == "mosaic", distils(m))))
+
+
+def label(name: str) -> str:
+    """A method's (or a benchmark row's) name as its authors write it: ``NAMES``, else the registry's title."""
+    if name in NAMES:
+        return NAMES[name]
+    from mosaic_flwr.registry import STRATEGIES
+
+    return (STRATEGIES[name].title if name in STRATEGIES else "") or name
+
+
 # ----------------------------------------------------------------------------- provenance
 def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

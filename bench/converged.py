@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (RUNS, Cell, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg,  # noqa: E402
-                          pretrain_name, run_central, variant_name)
+                          pretrain_name, registered, run_central, variant_name)
 
 ALPHAS = (0.1, 0.01, 1.0)
 SEEDS = (42, 43, 44)
@@ -50,19 +50,10 @@ SHARED = {"validation-split": 0.1, "server-threads": 1}  # one thread: processes
 
 CONTINUE_ROUNDS = 3
 CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedule": "step", "checkpoint": False}
-# name -> (strategy, overrides). Order: FedAvg, FedDF, Mosaic as the authors run it (no gate),
-# each lever of the teacher on its own, then Mosaic as shipped (defaults: the look-ahead gate).
+# name -> (strategy, overrides): every registered method as it ships (the registry's order), then
+# Mosaic as the authors run it (no gate) and each lever of the teacher on its own.
 VARIANTS = {
-    "fedavg": ("fedavg", {}),
-    "fedprox": ("fedprox", {}),
-    "fedrs": ("fedrs", {}),
-    "fedbn": ("fedbn", {}),
-    "feddf": ("feddf", {}),
-    "dense": ("dense", {}),
-    "fedftg": ("fedftg", {}),
-    "dfrd": ("dfrd", {}),
-    "fedgen": ("fedgen", {}),
-    "feddf-gen": ("feddf-gen", {}),
+    **{m: (m, {}) for m in registered()},
     "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
     "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),
     "mosaic-kd500": ("mosaic", {"distill-gate": "off", "kd-steps": 500}),
@@ -104,7 +95,6 @@ VARIANTS = {
                                       "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
                                       "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
                                       "distill-gate": "off", "generator": "dcgan", "dcgan-width": 16}),
-    "mosaic": ("mosaic", {}),
     # Distil after the fine-tune rounds: the rate drops after round 1 as for FedAvg
     # (lr-step-round), and the distillation round is the last one, so the teacher's experts are
     # fine-tuned models and the distilled model competes with FedAvg's fine-tuned one

@@ -5,7 +5,8 @@ the centralised-training reference (same model, same number of sample passes: th
 bound). Writes bench/results/<name>.md (mean ± std over seeds of final and best accuracy),
 .json (every cell) and .png (accuracy vs alpha).
 
-    .venv/bin/python bench/grid.py             # the full grid: 5 strategies x 3 alphas x 3 seeds
+    .venv/bin/python bench/grid.py             # the full grid: every registered method and Mosaic
+                                               # without meta model x 3 alphas x 3 seeds
     .venv/bin/python bench/grid.py --quick     # 2 strategies x 1 alpha x 1 seed, 3 short rounds
     .venv/bin/python bench/grid.py --table-only   # rebuild the table from the finished cells
     .venv/bin/python bench/grid.py headline   # the headline table: every method, both data sets (bench/headline.py)
@@ -28,16 +29,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (CENTRAL, RESULTS, RUNS, Cell, cell_done, fmt_mean_std, header_lines,  # noqa: E402,F401
-                          loadavg, paired_interval, provenance, resolved_config, run_cell, run_central,
-                          write_results)
+                          distils, loadavg, paired_interval, provenance, registered, resolved_config, run_cell,
+                          run_central, write_results)
 
-STRATEGIES = ("fedavg", "fedprox", "feddf-gen", "mosaic", "mosaic-nometa")
+# every registered method (bench.common.registered: FedGen included) and Mosaic without its meta model
+STRATEGIES = (*registered(), "mosaic-nometa")
 ALPHAS = (0.01, 0.1, 1.0)
 SEEDS = (42, 43, 44)
 QUICK = {"strategies": ("fedavg", "mosaic"), "alphas": (0.1,), "seeds": (42,),
          "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 gen-steps=60 "
                        "kd-steps=30 meta-epochs=40"}
-DISTILLING = {"feddf-gen", "mosaic", "mosaic-nometa", "mosaic-generated", "mosaic-screened"}
 
 
 def grid_cells(strategies: Iterable[str], alphas: Iterable[float], seeds: Iterable[int],
@@ -100,7 +101,7 @@ def budget_lines(cfg, num_clients: int, strategies: Iterable[str], central: dict
     lines = [f"**Client compute (equal for every strategy):** {c.num_server_rounds} rounds x "
              f"{num_clients} clients x {work} (lr {c.lr:g}, momentum {c.momentum:g}"
              + (f"; {per_client:,} sample passes per client" if c.local_steps > 0 else "") + ")."]
-    if set(strategies) & DISTILLING:
+    if any(distils(v) for v in strategies):
         lines.append(
             f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} "
             f"at the fine-tune rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client "

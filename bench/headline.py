@@ -48,15 +48,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import ledger as ledger_  # noqa: E402
-from bench.common import RESULTS, RUNS, machine_line, paired_interval, provenance  # noqa: E402
+from bench.common import (RESULTS, RUNS, compared, distils, label, machine_line, paired_interval,  # noqa: E402
+                          provenance)
 from bench.report import collect, mean_sd as _mean_sd  # noqa: E402
 
-# Equal rounds: every method; then the two equal-compute rows.
-HEADLINE = ("fedavg", "fedprox", "fedbn", "fedrs", "feddf", "dense", "fedftg", "dfrd", "mosaic", "mosaic-nometa",
-            "fedavg-eqc", "fedprox-eqc")
-LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN", "fedrs": "FedRS", "feddf": "FedDF",
-          "dense": "DENSE", "fedftg": "FedFTG", "dfrd": "DFRD", "mosaic": "Mosaic", "mosaic-nometa": "Mosaic without meta model",
-          "fedavg-eqc": "FedAvg, equal client compute", "fedprox-eqc": "FedProx, equal client compute"}
+# Equal rounds: every method the library registers (``bench.common.compared``: FedGen included),
+# and Mosaic without its meta model; then the two equal-compute rows.
+HEADLINE = (*compared(), "mosaic-nometa", "fedavg-eqc", "fedprox-eqc")
 
 
 def thread_settings(threads: int = 1) -> tuple[str, str]:
@@ -64,11 +62,19 @@ def thread_settings(threads: int = 1) -> tuple[str, str]:
     1 while shards share the cores, more when one cell is left to a machine's cores."""
     return f"server-threads={threads}", f"client-threads={threads}"
 
-# The order a cell's methods run in (the table keeps HEADLINE's): the cheap rows and Mosaic's
-# first, so that an interrupted cell has its headline comparison; the distilling baselines,
-# whose teacher passes cost the most, last (equal compute runs after every distilling one).
-RUN_ORDER = ("fedavg", "fedprox", "fedbn", "fedrs", "mosaic", "mosaic-nometa", "fedavg-eqc", "fedprox-eqc",
-             "feddf", "dense", "fedftg", "dfrd")
+
+def run_rank(variant: str) -> int:
+    """The order a cell's methods run in (the table keeps HEADLINE's): the methods that train
+    alone first, then Mosaic's rows, so that an interrupted cell has its headline comparison,
+    then the equal-compute rows (they need Mosaic's client work); the distilling baselines,
+    whose teacher passes cost the most, last."""
+    from bench.converged import EQUAL_COMPUTE, VARIANTS
+
+    if variant in EQUAL_COMPUTE:
+        return 2
+    if VARIANTS.get(variant, (variant,))[0] == "mosaic":
+        return 1
+    return 3 if distils(VARIANTS.get(variant, (variant,))[0]) else 0
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,8 @@ class Part:
     only_seeds: dict = field(default_factory=dict)  # method -> the seeds it runs at (a cut), else all
 
     def methods(self, seed: int) -> list[str]:
-        """The methods cell (alpha, ``seed``) runs, in ``RUN_ORDER``."""
-        return sorted((v for v in self.variants if seed in self.only_seeds.get(v, self.seeds)),
-                      key=lambda v: RUN_ORDER.index(v) if v in RUN_ORDER else len(RUN_ORDER))
+        """The methods cell (alpha, ``seed``) runs, in ``run_rank``'s order."""
+        return sorted((v for v in self.variants if seed in self.only_seeds.get(v, self.seeds)), key=run_rank)
 
 
 # FedDF's public transfer set for CIFAR-10 is CIFAR-100 (the authors'), which torchvision
@@ -355,7 +360,7 @@ def _chosen_round_table(p: Part, runs: dict) -> list[str]:
                           f"{100 * statistics.mean(t for _, (_, t) in got):.1f} "
                           f"(round {', '.join(str(r) for _, (r, _) in got)})")
         if any_:
-            rows.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+            rows.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
     if not rows:
         return []
     return ["", "Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
@@ -390,7 +395,7 @@ def _by_model_table(p: Part, runs: dict) -> list[str]:
                 cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
             xs = [r["final_accuracy_clients"] for r in got[a] if r.get("final_accuracy_clients") is not None]
             cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+        lines.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
     return lines
 
 
@@ -494,9 +499,9 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
         compute = "-" if v["compute"] is None else f"{v['compute']:.0f}"
         best = "-"
         if v["best"] is not None:
-            best = f"{LABELS.get(v['best'], v['best'])} {100 * v['best_accuracy']:.2f}"
+            best = f"{label(v['best'])} {100 * v['best_accuracy']:.2f}"
             if v["tied"]:
-                best += f" (tied: {', '.join(LABELS.get(t, t) for t in v['tied'])})"
+                best += f" (tied: {', '.join(label(t) for t in v['tied'])})"
             if v["best"] != "mosaic" and "mosaic" not in v["tied"]:
                 best += f"; Mosaic {100 * v['mosaic_accuracy']:.2f}"
         return f"| {PARTS[name].title} | {v['alpha']:g} | {v['seeds']} | " + " | ".join(diffs) + f" | {compute} | {best} |"
@@ -540,12 +545,12 @@ def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[
     for v in p.variants:
         why = refused_reason(v)
         if why and not any(acc[(v, a)] for a in p.alphas):
-            lines.append(f"| {LABELS.get(v, v)} | " + " | ".join("refused" for _ in p.alphas)
+            lines.append(f"| {label(v)} | " + " | ".join("refused" for _ in p.alphas)
                          + f" | {why.splitlines()[0][:160]} |")
             continue
         units = [u for a in p.alphas for s in p.seeds for u in [unit_rounds(runs, v, a, s)] if u is not None]
         compute = f"{statistics.mean(units):.1f}" if units else "-"
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
+        lines.append(f"| {label(v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
                      + f" | {compute} |")
     if p.central:
         lines.append("| central (same sample passes) | " + " | ".join(_mean_sd(cen) for _ in p.alphas) + " | - |")
@@ -563,11 +568,11 @@ def _paired_table(p: Part, runs: dict, acc: dict) -> list[str]:
         if v == "mosaic":
             continue
         cells_ = [paired_interval(mosaic_minus(p, acc, v, a), scale=100, digits=1) for a in p.alphas]
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+        lines.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
     for v in (v for v in EQUAL_COMPUTE if v in p.variants):  # their last round can land in a trough
         cells_ = [paired_interval(chosen_differences(runs, v, a, p.seeds), scale=100, digits=1) for a in p.alphas]
         if any(c != "-" for c in cells_):
-            lines.append(f"| {LABELS.get(v, v)}, both at the round the validation split picks | "
+            lines.append(f"| {label(v)}, both at the round the validation split picks | "
                          + " | ".join(cells_) + " |")
     return lines
 
@@ -620,13 +625,13 @@ def _distillation_table(p: Part, runs: dict) -> list[str]:
                        + (f", rounds kept {kept[0]} of {kept[1]}" if kept else "")
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
-            distilled.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
+            distilled.append(f"| {label(v)} | " + " | ".join(row) + " |")
     return head + distilled if distilled else []
 
 
 def _gate_check(p: Part, runs: dict) -> list[str]:
     """A sentence: the gated distillations the validation split contradicts (``gate_disagreements``)."""
-    n, against = gate_disagreements({f"{LABELS.get(v, v)} α={a:g} seed {s}": runs[(v, a, s)].get("rows") or []
+    n, against = gate_disagreements({f"{label(v)} α={a:g} seed {s}": runs[(v, a, s)].get("rows") or []
                                      for v in p.variants for a in p.alphas for s in p.seeds if (v, a, s) in runs})
     if not n:
         return []
@@ -673,7 +678,7 @@ def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
                 xs.append(j + i * width)
                 ms.append(100 * statistics.mean(vals))
                 sds.append(100 * statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        ax.bar(xs, ms, width, yerr=sds, label=LABELS.get(v, v), capsize=2, color=colour[v],
+        ax.bar(xs, ms, width, yerr=sds, label=label(v), capsize=2, color=colour[v],
                hatch="//" if v in EQUAL_COMPUTE else None, edgecolor="white" if v in EQUAL_COMPUTE else None)
     if central:
         ax.axhline(100 * statistics.mean(central), color="k", ls="--", lw=1, label="central")

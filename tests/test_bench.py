@@ -254,3 +254,20 @@ def test_bench_modules_import_each_other_without_a_cycle():
     except CycleError as exc:  # pragma: no cover - the failure message names the cycle
         pytest.fail(f"bench modules import each other in a circle: {' -> '.join(exc.args[1])}")
     assert order.index("common") < order.index("report") < order.index("converged_report") < order.index("headline")
+
+
+def test_method_lists_come_from_the_registry():
+    """Every comparison's methods derive from mosaic_flwr.registry: a new method (FedGen) appears
+    beside its peers without a bench edit; what is left out is named with its reason."""
+    from bench import common, converged, grid, headline
+    from mosaic_flwr.registry import STRATEGIES
+
+    peers = [m for m in STRATEGIES if m not in common.ABLATIONS]
+    assert "fedgen" in peers and set(peers) == set(common.compared())
+    assert set(peers) <= set(headline.HEADLINE) and set(STRATEGIES) <= set(grid.STRATEGIES)
+    assert all(converged.VARIANTS[m] == (m, {}) for m in STRATEGIES)
+    assert [common.distils(m) for m in common.compared()] == sorted(common.distils(m) for m in common.compared())
+    assert common.label("fedgen") == "FedGen" and common.label("mosaic-nometa") == "Mosaic without meta model"
+    for name, part in headline.PARTS.items():  # a part leaves a method out only with its reason in the cut
+        for m in set(peers) - set(part.variants):
+            assert headline.label(m) in part.cut, (name, m)
