@@ -8,8 +8,8 @@ main job (``scripts/flwr_sim.py``, 10 clients, Fashion-MNIST, the default schedu
 from a git worktree of the current commit: ``honest`` as the project ships it, ``liar`` with the
 lying ClientApp copied in as ``client_app/liar.py`` and named the app's ``clientapp``.
 
-    .venv/bin/python bench/liar.py run [--alpha 0.1] [--seed 42]   # resumes: finished cells are kept
-    .venv/bin/python bench/liar.py report                              # every alpha and seed run so far
+    .venv/bin/python bench/archive/liar.py run [--alpha 0.1] [--seed 42]   # resumes: finished cells are kept
+    .venv/bin/python bench/archive/liar.py report                              # every alpha and seed run so far
 
 Cells: clean / attacked x old defaults (``count-clip=0 proto-min-records=1``) / new defaults /
 robust settings (the new defaults with ``aggregation='median' gate-statistic='median'``) / median
@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from bench.common import git_commit, header_lines, provenance, write_results  # noqa: E402
 
@@ -115,7 +115,7 @@ def report(args) -> None:
             if row is not None:
                 runs.setdefault(alpha, {}).setdefault(seed, {})[name] = row
     prov = provenance()
-    lines = header_lines("A lying client in a real flwr run (bench/liar.py)", prov)
+    lines = header_lines("A lying client in a real flwr run (bench/archive/liar.py)", prov)
     lines += [
         "Fashion-MNIST, 10 clients, Dirichlet alpha as below, the main job (`scripts/flwr_sim.py",
         "--num-supernodes 10`: a real `flwr run` simulation, Ray, 8 rounds, distillation after round 6, the",

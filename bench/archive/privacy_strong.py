@@ -3,7 +3,7 @@ draw as many samples as it likes. Re-runs the audit's generator part on a finish
 generators (``distillation.pt``) with ``--n-gen`` samples per class (the audit draws 100),
 against the same clients' training data and the test split. Writes ``bench/results/<name>.json``.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/privacy_strong.py \
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/archive/privacy_strong.py \
         /tmp/privacy-runs/privacy-a0.1 --n-gen 1000
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mosaic_flwr.config import build_config  # noqa: E402

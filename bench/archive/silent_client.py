@@ -10,7 +10,7 @@ metrics.json, for the old behaviour (``straggler-quorum=1``: every reply is wait
 ``round-timeout``) and the default rule (once half the replies are in, the rest get 3 x the
 median reply time, at least ``straggler-floor``).
 
-    .venv/bin/python bench/silent_client.py [--how throttle|freeze] [--round-timeout 180] [--floor 60]
+    .venv/bin/python bench/archive/silent_client.py [--how throttle|freeze] [--round-timeout 180] [--floor 60]
 
 Writes bench/results/silent-client-<how>.{md,json}; throttling needs root (cgroup v1 cpu).
 """
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "scripts" / "deploy"), str(ROOT / "scripts"), str(ROOT)]
 
 import flwr_deploy  # noqa: E402
@@ -168,7 +168,7 @@ def main() -> None:
                         pass
                 time.sleep(1)
                 CGROUP.rmdir()
-    lines = header_lines("A round with one silent client, deployed (bench/silent_client.py)", prov)
+    lines = header_lines("A round with one silent client, deployed (bench/archive/silent_client.py)", prov)
     lines += ["", f"3 SuperNodes on 127.0.0.1 behind the proxy, FedAvg on the synthetic data, 3 rounds, "
               f"round-timeout={args.round_timeout:g} s. In round 2 SuperNode 2's ClientApp process is "
               + ("slowed to 1 % of a CPU (cgroup): alive, heartbeating, about 100 x slower"
