@@ -271,3 +271,29 @@ def test_method_lists_come_from_the_registry():
     for name, part in headline.PARTS.items():  # a part leaves a method out only with its reason in the cut
         for m in set(peers) - set(part.variants):
             assert headline.label(m) in part.cut, (name, m)
+
+
+def test_a_study_spec_runs_its_grid_once_records_it_and_tables_it_from_the_ledger(tmp_path, monkeypatch):
+    """bench/run.py: methods x alphas x seeds from a TOML spec on the synthetic data set; a method
+    the settings refuse records why; the ledger is data, and a fresh runs root runs nothing again."""
+    import bench.common
+    from bench import ledger, run
+
+    spec = tmp_path / "tiny.toml"
+    spec.write_text('methods = ["fedavg", "fedbn", "fedgen"]\nalphas = [0.5]\nseeds = [1]\nclients = 3\n'
+                    'run-config = ["dataset=\'synthetic\' num-server-rounds=1 local-steps=2 test-subset=0"]\n')
+    assert run.load_spec(spec)["methods"] == ["fedavg", "fedbn", "fedgen"]
+    registry = tmp_path / "all.toml"
+    registry.write_text('methods = "registry"\n')
+    assert set(run.load_spec(registry)["methods"]) == set(bench.common.compared())
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    book = tmp_path / "results" / "ledger" / "tiny.json"
+    run.main([str(spec), "--runs-root", str(tmp_path / "runs"), "--ledger", str(book)])
+    recorded = ledger.read(book)["runs"]
+    assert set(recorded) == {"fedavg-a0.5-s1", "fedbn-a0.5-s1", "fedgen-a0.5-s1"}
+    assert "BatchNorm" in recorded["fedbn-a0.5-s1"]["refused"]["reason"]
+    md = (tmp_path / "results" / "tiny.md").read_text()
+    assert "| FedGen | " in md and "| FedBN | refused: " in md and "Runs finished: 2 of 3" in md
+    data = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert set(data["accuracy"]["fedgen|0.5"]) == {"1"}
+    assert run.run(run.load_spec(spec), tmp_path / "fresh", book) == []  # every run is in the ledger
