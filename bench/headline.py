@@ -431,7 +431,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                   "plain rounds, `converged.client_units`), at the same schedule (round 1 at lr, then finetune-lr)."]
     done = sum(len(x) for x in acc.values())
     total = sum(1 for a in p.alphas for s in p.seeds for v in p.methods(s)
-                if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file())
+                if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file() and not refuses(p, v))
     central_done = f", {len(cen)} of {len(p.seeds)} central" if p.central else ""
     lines += ["", f"Runs finished: {done} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} pre-trainings"
               f"{central_done}). Details: `bench/results/headline-{name}-detail.md`.", ""]
@@ -530,7 +530,9 @@ def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[
                 f = out / f"{v}-a{a:g}-s{s}" / "refused.json"
                 if f.is_file():
                     return json.loads(f.read_text())["reason"]
-        return None
+        from bench.converged import refusal
+
+        return refusal(variant_config(p, v))  # the part's settings refuse it: no cell has run it yet
 
     lines = ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
              "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
