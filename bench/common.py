@@ -16,12 +16,16 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-RUNS = ROOT / "bench" / "runs"
+# Where the benchmarks' runs (checkpoints, logs, runs in flight) live: outside the repository, per
+# study under RUNS/<study>; MOSAIC_FLWR_RUNS moves it (bench/runs/ is gitignored, if passed explicitly).
+# What is finished is recorded as data under bench/results (bench/ledger.py).
+RUNS = Path(os.environ.get("MOSAIC_FLWR_RUNS") or Path.home() / ".cache" / "mosaic-flwr" / "bench-runs")
 
 VARIANTS = {  # name -> (strategy, extra run config)
     "mosaic-nometa": ("mosaic", "mosaic-meta=false"),           # the plain expert ensemble teaches
@@ -35,6 +39,49 @@ VARIANTS = {  # name -> (strategy, extra run config)
 def variant_config(variant: str) -> tuple[str, str]:
     """A strategy name, or a named variant of one (``VARIANTS``)."""
     return VARIANTS.get(variant, (variant, ""))
+
+
+# ----------------------------------------------------------------------------- methods
+# Which methods a benchmark compares comes from the library's registry (mosaic_flwr.registry),
+# never from a list kept here: a new method appears in every comparison of its peers.
+# Not compared with its peers: FedDF's server on Mosaic's client generators, an ablation of
+# Mosaic rather than a published method (bench/grid.py's default grid still runs it).
+ABLATIONS = ("feddf-gen",)
+# Display names where the registry leaves a method's title to its name, and the benchmarks' own
+# rows (a method with other settings, or given more rounds).
+NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "mosaic": "Mosaic", "mosaic-nometa": "Mosaic without meta model",
+         "fedavg-eqc": "FedAvg, equal client compute", "fedprox-eqc": "FedProx, equal client compute"}
+
+
+def registered() -> tuple[str, ...]:
+    """Every method the library registers, by run-config name (registry order; imports none)."""
+    from mosaic_flwr.registry import ENTRIES
+
+    return tuple(ENTRIES)
+
+
+def distils(variant: str) -> bool:
+    """Whether ``variant``'s method (a registered one, or a named variant of one) distils on the server."""
+    from mosaic_flwr.registry import STRATEGIES
+
+    strategy = variant_config(variant)[0]
+    return strategy in STRATEGIES and STRATEGIES[strategy].distils
+
+
+def compared() -> tuple[str, ...]:
+    """The methods a comparison runs: every registered one but the ``ABLATIONS``; those that train
+    alone first, then the distilling ones, Mosaic last (the registry's order within each)."""
+    names = [m for m in registered() if m not in ABLATIONS]
+    return tuple(sorted(names, key=lambda m: (m == "mosaic", distils(m))))
+
+
+def label(name: str) -> str:
+    """A method's (or a benchmark row's) name as its authors write it: ``NAMES``, else the registry's title."""
+    if name in NAMES:
+        return NAMES[name]
+    from mosaic_flwr.registry import STRATEGIES
+
+    return (STRATEGIES[name].title if name in STRATEGIES else "") or name
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -252,6 +299,31 @@ class PeakMemory:
         return out
 
 
+# ----------------------------------------------------------------------------- run names
+CENTRAL = "central"
+
+
+def pretrain_name(alpha: float, seed: int) -> str:
+    """A cell's FedAvg pre-training run (bench/converged.py's stage 1)."""
+    return f"pretrain-a{alpha:g}-s{seed}"
+
+
+def variant_name(variant: str, alpha: float, seed: int) -> str:
+    return f"{variant}-a{alpha:g}-s{seed}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    variant: str          # a strategy, a bench.common.VARIANTS name, or "central"
+    alpha: float | None   # None: the centralised reference (the union of the partitions
+    seed: int             # is the whole training set whatever alpha is)
+
+    @property
+    def name(self) -> str:
+        return f"{CENTRAL}-s{self.seed}" if self.alpha is None else f"{self.variant}-a{self.alpha:g}-s{self.seed}"
+
+
+
 # ----------------------------------------------------------------------------- one cell
 def cell_done(out: Path) -> bool:
     return (Path(out) / "summary.json").is_file()
@@ -306,6 +378,46 @@ def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", 
     bench_file = out / "bench.json"
     if bench_file.is_file():
         summary["bench"] = json.loads(bench_file.read_text())
+    return summary
+
+
+def resolved_config(shared: str, **changes):
+    """The config a cell's ServerApp builds: pyproject defaults < shared overrides < changes
+    (checked as for Mosaic, or as for FedAvg when the schedule has no distillation round)."""
+    from flwr.common.config import parse_config_args
+
+    from mosaic_flwr.config import ConfigError, build_config
+
+    overrides = {**(parse_config_args([shared]) if shared.strip() else {}), **changes}
+    try:
+        return build_config({"strategy": "mosaic", **overrides})
+    except ConfigError:
+        return build_config({"strategy": "fedavg", **overrides})
+
+
+def run_central(cell: Cell, runs_dir: Path, shared: str, num_clients: int) -> dict:
+    """The centralised reference of ``cell.seed``, written like a run (summary.json, metrics.json)."""
+    import torch
+
+    from mosaic_flwr.core.central import train_central
+    from mosaic_flwr.core.results import write_json
+
+    out = Path(runs_dir) / cell.name
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = resolved_config(shared, seed=cell.seed)
+    print(f"[bench] running {cell.name} (in-process, no Flower)", flush=True)
+    load0, t0 = loadavg(), time.perf_counter()
+    torch.set_num_threads(cfg.client_threads)  # as a client trains
+    r = train_central(cfg, num_clients)
+    write_json(out / "metrics.json", r["rounds"])
+    write_json(out / "bench.json", {"loadavg_before": load0, "loadavg_after": loadavg(),
+                                    "commit": git_commit(), "dirty": git_dirty()})
+    summary = {"strategy": CENTRAL, "seed": cell.seed, "final_accuracy": r["final_accuracy"],
+               "best_accuracy": r["best_accuracy"], "best_round": r["best_round"],
+               "wall_seconds": round(time.perf_counter() - t0, 2), "steps": r["steps"],
+               "sample_passes": r["sample_passes"], "train_samples": r["train_samples"],
+               "config": cfg.to_dict()}
+    write_json(out / "summary.json", summary)  # last: its presence marks the cell finished
     return summary
 
 

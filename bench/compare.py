@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, git_commit, run_cell  # noqa: E402
+from bench.common import ROOT, git_commit, registered, run_cell  # noqa: E402
 
 DISTILL_KEYS = ("acc-before-distill", "acc-ensemble", "acc-teacher", "acc-after-distill",
                 "gen-seconds-mean", "meta-seconds", "kd-seconds", "distill-seconds")
@@ -30,7 +30,8 @@ DISTILL_KEYS = ("acc-before-distill", "acc-ensemble", "acc-teacher", "acc-after-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
-    ap.add_argument("--strategies", nargs="+", default=["fedavg", "feddf-gen", "mosaic"])
+    ap.add_argument("--strategies", nargs="+", default=list(registered()),
+                    help="default: every method the library registers")
     ap.add_argument("--run-config", action="append", default=[],
                     help="shared run-config: a TOML file (conf/*.toml) or overrides (TOML values); repeatable")
     ap.add_argument("--num-supernodes", type=int, default=10)

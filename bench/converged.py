@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RUNS, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg  # noqa: E402
+from bench.common import (RUNS, Cell, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg,  # noqa: E402
+                          pretrain_name, registered, run_central, variant_name)
 
 ALPHAS = (0.1, 0.01, 1.0)
 SEEDS = (42, 43, 44)
@@ -49,19 +50,10 @@ SHARED = {"validation-split": 0.1, "server-threads": 1}  # one thread: processes
 
 CONTINUE_ROUNDS = 3
 CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedule": "step", "checkpoint": False}
-# name -> (strategy, overrides). Order: FedAvg, FedDF, Mosaic as the authors run it (no gate),
-# each lever of the teacher on its own, then Mosaic as shipped (defaults: the look-ahead gate).
+# name -> (strategy, overrides): every registered method as it ships (the registry's order), then
+# Mosaic as the authors run it (no gate) and each lever of the teacher on its own.
 VARIANTS = {
-    "fedavg": ("fedavg", {}),
-    "fedprox": ("fedprox", {}),
-    "fedrs": ("fedrs", {}),
-    "fedbn": ("fedbn", {}),
-    "feddf": ("feddf", {}),
-    "dense": ("dense", {}),
-    "fedftg": ("fedftg", {}),
-    "dfrd": ("dfrd", {}),
-    "fedgen": ("fedgen", {}),
-    "feddf-gen": ("feddf-gen", {}),
+    **{m: (m, {}) for m in registered()},
     "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
     "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),
     "mosaic-kd500": ("mosaic", {"distill-gate": "off", "kd-steps": 500}),
@@ -103,7 +95,6 @@ VARIANTS = {
                                       "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
                                       "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
                                       "distill-gate": "off", "generator": "dcgan", "dcgan-width": 16}),
-    "mosaic": ("mosaic", {}),
     # Distil after the fine-tune rounds: the rate drops after round 1 as for FedAvg
     # (lr-step-round), and the distillation round is the last one, so the teacher's experts are
     # fine-tuned models and the distilled model competes with FedAvg's fine-tuned one
@@ -199,10 +190,6 @@ ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", 
                "proto-min-records", "count-floor", "expert-pass", "generator", "dcgan-width", "distill-lr")
 
 
-def pretrain_name(alpha: float, seed: int) -> str:
-    return f"pretrain-a{alpha:g}-s{seed}"
-
-
 def context(rc: dict):
     from flwr.app import Context, RecordDict
 
@@ -261,10 +248,6 @@ def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
           + (" (resumed)" if rc.get("resume") else ""), flush=True)
     s = run_inprocess(rc, num_clients, f"FedAvg pre-training (alpha={alpha:g}, seed {seed})")
     print(f"[converged]   final {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f}", flush=True)
-
-
-def variant_name(variant: str, alpha: float, seed: int) -> str:
-    return f"{variant}-a{alpha:g}-s{seed}"
 
 
 def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, num_clients: int) -> None:
@@ -516,8 +499,6 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
 
 
 def central(seed: int, runs_dir: Path, num_clients: int) -> None:
-    from bench.grid import Cell, run_central
-
     cell = Cell("central", None, seed)
     if not cell_done(runs_dir / cell.name):
         rounds = OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS) + OVERRIDES.get(
@@ -531,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["pretrain", "continue", "central"], default="pretrain")
     ap.add_argument("--name", default="converged")
-    ap.add_argument("--runs-dir", help="default: bench/runs/NAME")
+    ap.add_argument("--runs-dir", help="default: $MOSAIC_FLWR_RUNS/NAME (~/.cache/mosaic-flwr/bench-runs/NAME)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--no-table", action="store_true", help="run, but write no table (bench/headline.py writes its own)")

@@ -7,19 +7,8 @@ import re
 import statistics
 from pathlib import Path
 
-from bench.common import RESULTS, machine_line, paired_interval, provenance
-
-
-def _load(path: Path) -> dict | None:
-    f = path / "summary.json"
-    if not f.is_file():
-        return None
-    s = json.loads(f.read_text())
-    b = path / "bench.json"
-    s["bench"] = json.loads(b.read_text()) if b.is_file() else {}
-    c = path / "config.json"
-    s["config"] = json.loads(c.read_text()) if c.is_file() else {}
-    return s
+from bench.common import RESULTS, machine_line, paired_interval, pretrain_name, provenance
+from bench.report import collect, ms as _ms
 
 
 def oracle_label(tag: str) -> str:
@@ -77,57 +66,7 @@ def client_steps(run: dict) -> tuple[int, int] | None:
     return steps, c.get("gen-steps", 0) if generators else 0
 
 
-def _ms(values: list[float], pct: bool = True) -> str:
-    if not values:
-        return "-"
-    k = 100 if pct else 1
-    m = statistics.mean(values) * k
-    if len(values) == 1:
-        return f"{m:.1f}" if pct else f"{m:.0f}"
-    sd = statistics.stdev(values) * k
-    return f"{m:.1f} ± {sd:.1f}" if pct else f"{m:.0f} ± {sd:.0f}"
-
-
-def _last_val(rows: list[dict]) -> float | None:
-    return rows[-1].get("val-accuracy") if rows else None
-
-
-def _rows(run: Path) -> list[dict]:
-    """A run's per-round metrics; [] for a run recorded by its summary alone (one restored from
-    an earlier table, ``restored`` in its summary.json)."""
-    f = run / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else []
-
-
-def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
-    from bench.converged import pretrain_name, variant_name
-
-    data = {"pre": {}, "runs": {}, "central": {}, "assign": []}
-    for s in seeds:
-        c = _load(runs_dir / f"central-s{s}")
-        if c:
-            data["central"][s] = c
-        for a in alphas:
-            p = runs_dir / pretrain_name(a, s)
-            if (pre := _load(p)):
-                rows = _rows(p)
-                if not data["assign"] and (p / "assignment.csv").is_file():
-                    data["assign"] = (p / "assignment.csv").read_text().strip().splitlines()[1:]
-                data["pre"][(a, s)] = ({"test": rows[-1]["accuracy"], "val": _last_val(rows),
-                                        "best": max(r["accuracy"] for r in rows)} if rows else
-                                       {"test": pre["final_accuracy"], "val": pre.get("final_val_accuracy"),
-                                        "best": pre["best_accuracy"]})
-            for v in variants:
-                r = _load(runs_dir / variant_name(v, a, s))
-                if r:
-                    r["rows"] = _rows(runs_dir / variant_name(v, a, s))
-                    data["runs"][(v, a, s)] = r
-    return data
-
-
 def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> str:
-    from bench.converged import pretrain_name
-
     d = collect(runs_dir, alphas, seeds, variants)
     runs, pre, central = d["runs"], d["pre"], d["central"]
     cfgs = [r["config"] for r in runs.values() if r["config"].get("strategy") == "mosaic"]

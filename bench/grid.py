@@ -5,7 +5,8 @@ the centralised-training reference (same model, same number of sample passes: th
 bound). Writes bench/results/<name>.md (mean ± std over seeds of final and best accuracy),
 .json (every cell) and .png (accuracy vs alpha).
 
-    .venv/bin/python bench/grid.py             # the full grid: 5 strategies x 3 alphas x 3 seeds
+    .venv/bin/python bench/grid.py             # the full grid: every registered method and Mosaic
+                                               # without meta model x 3 alphas x 3 seeds
     .venv/bin/python bench/grid.py --quick     # 2 strategies x 1 alpha x 1 seed, 3 short rounds
     .venv/bin/python bench/grid.py --table-only   # rebuild the table from the finished cells
     .venv/bin/python bench/grid.py headline   # the headline table: every method, both data sets (bench/headline.py)
@@ -13,7 +14,7 @@ bound). Writes bench/results/<name>.md (mean ± std over seeds of final and best
         # FedAvg pre-trained once per (data set, alpha, seed), then every method from that
         # checkpoint (bench/converged.py's options; --run-config conf/cifar10-cpu.toml for CIFAR-10)
 
-Resumes: a cell whose run directory (bench/runs/<name>/<cell>/) holds summary.json is not
+Resumes: a cell whose run directory (RUNS/<name>/<cell>/, bench.common.RUNS: outside the repository) holds summary.json is not
 run again, so an interrupted grid continues where it stopped. Cells run in seed order, so
 the first seed's table is complete early.
 """
@@ -23,34 +24,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, RUNS, cell_done, fmt_mean_std, header_lines, loadavg,  # noqa: E402
-                          paired_interval, provenance, run_cell, write_results)
+from bench.common import (CENTRAL, RESULTS, RUNS, Cell, cell_done, fmt_mean_std, header_lines,  # noqa: E402,F401
+                          distils, loadavg, paired_interval, provenance, registered, resolved_config, run_cell,
+                          run_central, write_results)
 
-STRATEGIES = ("fedavg", "fedprox", "feddf-gen", "mosaic", "mosaic-nometa")
+# every registered method (bench.common.registered: FedGen included) and Mosaic without its meta model
+STRATEGIES = (*registered(), "mosaic-nometa")
 ALPHAS = (0.01, 0.1, 1.0)
 SEEDS = (42, 43, 44)
-CENTRAL = "central"
 QUICK = {"strategies": ("fedavg", "mosaic"), "alphas": (0.1,), "seeds": (42,),
          "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 gen-steps=60 "
                        "kd-steps=30 meta-epochs=40"}
-DISTILLING = {"feddf-gen", "mosaic", "mosaic-nometa", "mosaic-generated", "mosaic-screened"}
-
-
-@dataclass(frozen=True)
-class Cell:
-    variant: str          # a strategy, a bench.common.VARIANTS name, or "central"
-    alpha: float | None   # None: the centralised reference (the union of the partitions
-    seed: int             # is the whole training set whatever alpha is)
-
-    @property
-    def name(self) -> str:
-        return f"{CENTRAL}-s{self.seed}" if self.alpha is None else f"{self.variant}-a{self.alpha:g}-s{self.seed}"
 
 
 def grid_cells(strategies: Iterable[str], alphas: Iterable[float], seeds: Iterable[int],
@@ -104,48 +92,6 @@ def cell_config(shared: str, cell: Cell) -> str:
     return f"{shared} alpha={cell.alpha} seed={cell.seed}"
 
 
-def resolved_config(shared: str, **changes):
-    """The config a cell's ServerApp builds: pyproject defaults < shared overrides < changes
-    (checked as for Mosaic, or as for FedAvg when the schedule has no distillation round)."""
-    from flwr.common.config import parse_config_args
-
-    from mosaic_flwr.config import ConfigError, build_config
-
-    overrides = {**(parse_config_args([shared]) if shared.strip() else {}), **changes}
-    try:
-        return build_config({"strategy": "mosaic", **overrides})
-    except ConfigError:
-        return build_config({"strategy": "fedavg", **overrides})
-
-
-def run_central(cell: Cell, runs_dir: Path, shared: str, num_clients: int) -> dict:
-    """The centralised reference of ``cell.seed``, written like a run (summary.json, metrics.json)."""
-    import torch
-
-    from mosaic_flwr.core.central import train_central
-    from mosaic_flwr.core.results import write_json
-
-    from bench.common import git_commit, git_dirty
-
-    out = Path(runs_dir) / cell.name
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = resolved_config(shared, seed=cell.seed)
-    print(f"[grid] running {cell.name} (in-process, no Flower)", flush=True)
-    load0, t0 = loadavg(), time.perf_counter()
-    torch.set_num_threads(cfg.client_threads)  # as a client trains
-    r = train_central(cfg, num_clients)
-    write_json(out / "metrics.json", r["rounds"])
-    write_json(out / "bench.json", {"loadavg_before": load0, "loadavg_after": loadavg(),
-                                    "commit": git_commit(), "dirty": git_dirty()})
-    summary = {"strategy": CENTRAL, "seed": cell.seed, "final_accuracy": r["final_accuracy"],
-               "best_accuracy": r["best_accuracy"], "best_round": r["best_round"],
-               "wall_seconds": round(time.perf_counter() - t0, 2), "steps": r["steps"],
-               "sample_passes": r["sample_passes"], "train_samples": r["train_samples"],
-               "config": cfg.to_dict()}
-    write_json(out / "summary.json", summary)  # last: its presence marks the cell finished
-    return summary
-
-
 # ----------------------------------------------------------------------------- reporting
 def budget_lines(cfg, num_clients: int, strategies: Iterable[str], central: dict | None) -> list[str]:
     c = cfg
@@ -155,7 +101,7 @@ def budget_lines(cfg, num_clients: int, strategies: Iterable[str], central: dict
     lines = [f"**Client compute (equal for every strategy):** {c.num_server_rounds} rounds x "
              f"{num_clients} clients x {work} (lr {c.lr:g}, momentum {c.momentum:g}"
              + (f"; {per_client:,} sample passes per client" if c.local_steps > 0 else "") + ")."]
-    if set(strategies) & DISTILLING:
+    if any(distils(v) for v in strategies):
         lines.append(
             f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} "
             f"at the fine-tune rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client "
@@ -339,7 +285,7 @@ def report(name: str, results: dict[Cell, dict], strategies: list[str], alphas: 
     if paired:
         lines += paired_lines(results, paired, strategies, alphas, key="final_val_accuracy")
     lines += wall_table(groups, strategies, alphas)
-    lines += ["", f"Plot: `{name}.png`. Runs: `bench/runs/{name}/<cell>/` (gitignored)."]
+    lines += ["", f"Plot: `{name}.png`. Runs: `$MOSAIC_FLWR_RUNS/{name}/<cell>/` (outside the repository)."]
     plot(groups, strategies, alphas, RESULTS / f"{name}.png",
          f"{name}: Fashion-MNIST, {num_clients} clients")
     md = "\n".join(lines) + "\n"

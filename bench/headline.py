@@ -14,16 +14,16 @@ checkpoint, except Mosaic's group, which shares round 1 and starts again):
     .venv/bin/python bench/grid.py headline --table-only             # tables and plots of what is done
     .venv/bin/python bench/grid.py headline --plan                   # the cells and their measured cost
 
-What is finished travels with the repository: every finished run's small files (summary,
-config, per-round metrics, bench notes, refusals) are copied into ``bench/results/headline-runs/
-headline-<part>/`` as soon as its cell's stage ends (commit them), and copied back into the runs root
-before the grid runs, so a new machine or a clean clone goes on where the last one stopped. So is
-the checkpoint of a pre-training whose cell still has runs to do (0.35 MB for CIFAR-10's ResNet-8,
-1.7 MB for Fashion-MNIST's cnn_small), dropped once the cell is complete: a pre-training run again
-on another machine need not end at the same model. A recorded pre-training without its checkpoint
-(runs restored from an earlier table) is run again when its cell has runs to do and must
-reproduce the recorded accuracy exactly, else the cell stops with the two figures: its finished
-runs started from the recorded model, a different one would not be a fair start for the rest.
+Runs (checkpoints included) live outside the repository, under ``--runs-root`` (default
+``bench.common.RUNS``: ``$MOSAIC_FLWR_RUNS`` or ``~/.cache/mosaic-flwr/bench-runs``). What is
+finished is recorded as data: every finished run's summary, config, per-round metrics, bench notes
+and refusal go into ``bench/results/ledger/headline-<part>.json`` (``bench/ledger.py``) as soon as
+its cell's stage ends (commit it), and are written back into the runs root before the grid runs,
+so a new machine or a clean clone goes on where the last one stopped; the tables are read from the
+ledger. A recorded pre-training without its checkpoint (a new machine) is run again when its cell
+has runs to do and must reproduce the recorded accuracy exactly, else the cell stops with the two
+figures: its finished runs started from the recorded model, a different one would not be a fair
+start for the rest.
 
 Each cell (data set, alpha, seed) is ``bench/converged.py``'s two-stage protocol: FedAvg to its
 plateau (``init-from``), then every method of ``HEADLINE`` for the same further rounds with
@@ -41,19 +41,20 @@ import json
 import shutil
 import statistics
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, RUNS, machine_line, paired_interval, provenance  # noqa: E402
+from bench import ledger as ledger_  # noqa: E402
+from bench.common import (RESULTS, RUNS, compared, distils, label, machine_line, paired_interval,  # noqa: E402
+                          provenance)
+from bench.report import collect, mean_sd as _mean_sd  # noqa: E402
 
-# Equal rounds: every method; then the two equal-compute rows.
-HEADLINE = ("fedavg", "fedprox", "fedbn", "fedrs", "feddf", "dense", "fedftg", "dfrd", "mosaic", "mosaic-nometa",
-            "fedavg-eqc", "fedprox-eqc")
-LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN", "fedrs": "FedRS", "feddf": "FedDF",
-          "dense": "DENSE", "fedftg": "FedFTG", "dfrd": "DFRD", "mosaic": "Mosaic", "mosaic-nometa": "Mosaic without meta model",
-          "fedavg-eqc": "FedAvg, equal client compute", "fedprox-eqc": "FedProx, equal client compute"}
+# Equal rounds: every method the library registers (``bench.common.compared``: FedGen included),
+# and Mosaic without its meta model; then the two equal-compute rows.
+HEADLINE = (*compared(), "mosaic-nometa", "fedavg-eqc", "fedprox-eqc")
 
 
 def thread_settings(threads: int = 1) -> tuple[str, str]:
@@ -61,11 +62,19 @@ def thread_settings(threads: int = 1) -> tuple[str, str]:
     1 while shards share the cores, more when one cell is left to a machine's cores."""
     return f"server-threads={threads}", f"client-threads={threads}"
 
-# The order a cell's methods run in (the table keeps HEADLINE's): the cheap rows and Mosaic's
-# first, so that an interrupted cell has its headline comparison; the distilling baselines,
-# whose teacher passes cost the most, last (equal compute runs after every distilling one).
-RUN_ORDER = ("fedavg", "fedprox", "fedbn", "fedrs", "mosaic", "mosaic-nometa", "fedavg-eqc", "fedprox-eqc",
-             "feddf", "dense", "fedftg", "dfrd")
+
+def run_rank(variant: str) -> int:
+    """The order a cell's methods run in (the table keeps HEADLINE's): the methods that train
+    alone first, then Mosaic's rows, so that an interrupted cell has its headline comparison,
+    then the equal-compute rows (they need Mosaic's client work); the distilling baselines,
+    whose teacher passes cost the most, last."""
+    from bench.converged import EQUAL_COMPUTE, VARIANTS
+
+    if variant in EQUAL_COMPUTE:
+        return 2
+    if VARIANTS.get(variant, (variant,))[0] == "mosaic":
+        return 1
+    return 3 if distils(VARIANTS.get(variant, (variant,))[0]) else 0
 
 
 @dataclass(frozen=True)
@@ -85,63 +94,36 @@ class Part:
     only_seeds: dict = field(default_factory=dict)  # method -> the seeds it runs at (a cut), else all
 
     def methods(self, seed: int) -> list[str]:
-        """The methods cell (alpha, ``seed``) runs, in ``RUN_ORDER``."""
-        return sorted((v for v in self.variants if seed in self.only_seeds.get(v, self.seeds)),
-                      key=lambda v: RUN_ORDER.index(v) if v in RUN_ORDER else len(RUN_ORDER))
+        """The methods cell (alpha, ``seed``) runs, in ``run_rank``'s order."""
+        return sorted((v for v in self.variants if seed in self.only_seeds.get(v, self.seeds)), key=run_rank)
 
 
 # FedDF's public transfer set for CIFAR-10 is CIFAR-100 (the authors'), which torchvision
 # downloads from the internet only; the machine the grid ran on has none, so FedDF distils on
 # the unlabelled images of the validation split instead: in-distribution, which favours FedDF.
 CIFAR_TRANSFER = "feddf.transfer-set='holdout'"
-CIFAR_TRANSFER_NOTE = ("FedDF distils on the validation split's images (unlabelled, in-distribution; "
-                       "`feddf.transfer-set='holdout'`): its published transfer set for CIFAR-10, CIFAR-100, "
-                       "is not obtainable offline here. In-distribution public data favours FedDF.")
 
-# The families cell first ran with ResNet-8 at half width as its third family; measured with
-# bench/slice_check.py on that version's pre-training checkpoint, kept in the ledger.
-WIDTHS_DROPPED = ("The cell first ran with ResNet-8 at half width as its third family (HeteroFL / FedRolex "
-                  "widths, `client-capacities`): that model gave one class to every test image (10.0 %) from the "
-                  "pre-training on, whatever the method. Part of the cause is BatchNorm: its running statistics "
-                  "are averaged across widths (docs/heterogeneity.md, \"Known limitation\"); re-estimated on the clients' images "
-                  "the slice still read only 15.1 % against the full width's 25.0 % "
-                  "(`bench/results/slice-check-families.md`). A family at chance also enters the clients' gate's "
-                  "score, so the cell was restarted with cnn_wide instead; the first version's runs are in "
-                  "`bench/results/headline-runs/headline-cifar10-families-widths/`.")
+# What the tables say of each part's cut and of what happened in its cells, with the figures
+# measured on the grid's machine: data, not code (bench/results/headline-notes.json).
+NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
 
-TWO_THREADS = ("The pre-training, FedAvg, FedProx, FedRS and Mosaic ran with one torch thread, the rest of the cell "
-               "(from Mosaic without meta model on) with two (`--threads 2`, the cell alone on the machine): every run "
-               "starts from the same checkpoint, but the thread count changes the order of floating-point sums, so "
-               "the shared round 1 of Mosaic without meta model ended at 25.75 % test where Mosaic's ended at 25.85 "
-               "(FedAvg's: 25.85). Its client compute (126.5 FedAvg rounds) is overstated: its round 1 ran with two "
-               "threads beside the test suite, and the CPU seconds of threads that wait for a busy core count "
-               "(1553 CPU s against Mosaic's 603 at one thread; a plain round 12.7 against 11.7). The equal-compute "
-               "rows take Mosaic's figure (53.7 rounds, one thread).")
+
+def _notes(part: str) -> dict:
+    return {"cut": NOTES["parts"][part]["cut"], "notes": NOTES["parts"][part]["notes"]}
+
 
 PARTS = {
-    "fmnist": Part("Fashion-MNIST, 10 clients, cnn_small", (), (0.01, 0.1, 1.0), (42, 43, 44), 30,
-                   cut="3 continuation rounds (the authors run more; FedAvg's plateau is reached at round 30)"),
+    "fmnist": Part("Fashion-MNIST, 10 clients, cnn_small", (), (0.01, 0.1, 1.0), (42, 43, 44), 30, **_notes("fmnist")),
     "cifar10": Part("CIFAR-10 (CPU preset), 10 clients, ResNet-8",
                     ("conf/cifar10-cpu.toml", "num-server-rounds=3", CIFAR_TRANSFER),
                     (0.01, 0.1, 1.0), (42, 43), 100,
-                    cut="the CPU preset (ResNet-8, 100 pre-training rounds, 2,000-image test subset, 200 KD steps of "
-                        "128) and 3 continuation rounds instead of the preset's 10; the three generator-based "
-                        "data-free rivals (DENSE, FedFTG, DFRD) at seed 42 only: their server-side teacher passes "
-                        "cost 17, 26 and 45 min a cell here against ~1 min for FedAvg, so their paired "
-                        "differences on CIFAR-10 are one seed's, without an interval",
-                    notes=[CIFAR_TRANSFER_NOTE], only_seeds={"dense": (42,), "fedftg": (42,), "dfrd": (42,)}),
+                    only_seeds={"dense": (42,), "fedftg": (42,), "dfrd": (42,)}, **_notes("cifar10")),
     "cifar10-families": Part("CIFAR-10 (CPU preset), model families resnet8 / cnn_small / cnn_wide",
                              ("conf/cifar10-cpu.toml", "num-server-rounds=3", CIFAR_TRANSFER,
                               "client-models='resnet8,cnn_small,cnn_wide'"),
                              (0.1,), (42,), 100,
                              variants=tuple(v for v in HEADLINE if v != "fedbn"), central=False,
-                             cut="one alpha and one seed; FedBN left out (it refuses model families); ResNet-18 "
-                                 "replaced by cnn_wide: on one CPU core ResNet-18 trains 24x slower "
-                                 "(23 vs 560 images/s) and infers 17x slower than ResNet-8 "
-                                 "(bench/results/throughput-cifar10.md), which takes its 3 clients' 100 pre-training "
-                                 "rounds to ~2.8 h and every distillation's teacher pass to ~20 min, this one cell "
-                                 "alone to ~8-10 h",
-                             notes=[CIFAR_TRANSFER_NOTE, WIDTHS_DROPPED, TWO_THREADS]),
+                             **_notes("cifar10-families")),
 }
 
 
@@ -149,154 +131,23 @@ def runs_dir(part: str, root: Path) -> Path:
     return root / f"headline-{part}"
 
 
-# ---------------------------------------------------------------- the committed ledger
+# ---------------------------------------------------------------- the ledger (bench/ledger.py)
 
-LEDGER = "headline-runs"  # under bench/results/: headline-runs/headline-<part>/<run>/, as in the runs root
-LEDGER_FILES = ("summary.json", "config.json", "metrics.json", "bench.json", "refused.json", "assignment.csv")
-
-
-def finished(run: Path) -> bool:
-    return (run / "summary.json").is_file() or (run / "refused.json").is_file()
+finished = ledger_.finished
 
 
-def _restored(run: Path) -> bool:
-    f = run / "summary.json"
-    return f.is_file() and "restored" in json.loads(f.read_text())
-
-
-def superseded(recorded: Path, run: Path) -> bool:
-    """Whether ``run`` (whole: per-round metrics) replaces the ledger's ``recorded`` copy of it,
-    one restored from an earlier table (its summary alone), e.g. a pre-training run again."""
-    return _restored(recorded) and not _restored(run) and (run / "metrics.json").is_file()
-
-
-def archive(src: Path, dst: Path, part: Part | None = None) -> list[str]:
-    """Copy every finished run of ``src`` (a part's runs directory) into ``dst`` (its ledger):
-    the ``LEDGER_FILES`` it has, and the cell-level diagnostics (``oracle-*.json``). A run the
-    ledger already holds is left as it is (runs are never rerun), unless the ledger has it as a
-    summary restored from an earlier table and ``src`` has it whole. With ``part``, also the
-    checkpoint of each pre-training whose cell has runs left (``has_start``). What was copied."""
-    copied = []
-    if not src.is_dir():
-        return copied
-    for f in sorted(src.glob("oracle-*.json")):
-        if not (dst / f.name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / f.name)
-    for run in sorted(p for p in src.iterdir() if p.is_dir() and finished(p)):
-        if run.name.startswith("round1-") or (finished(dst / run.name) and not superseded(dst / run.name, run)):
-            continue
-        (dst / run.name).mkdir(parents=True, exist_ok=True)
-        for name in LEDGER_FILES:  # summary.json last: a run is in the ledger once it is complete there
-            if name != "summary.json" and (run / name).is_file():
-                shutil.copy2(run / name, dst / run.name / name)
-        if (run / "summary.json").is_file():
-            shutil.copy2(run / "summary.json", dst / run.name / "summary.json")
-        (dst / run.name / START).unlink(missing_ok=True)  # parked while in flight; a pre-training's final one follows
-        copied.append(run.name)
-    for run in sorted(src.glob("pretrain-*")) if part is not None else ():
-        cell = _cell_of(run.name)
-        if (has_start(run) and cell and pending(part, dst, *cell) and _same_run(run, dst / run.name)
-                and not (dst / run.name / START).is_file()):
-            shutil.copy2(run / START, dst / run.name / START)
-            copied.append(f"{run.name}/{START}")
-    return copied
-
-
-def _cell_of(pretrain: str) -> tuple[float, int] | None:
-    """(alpha, seed) of a pre-training's run name, ``pretrain-a<alpha>-s<seed>``."""
-    import re
-
-    m = re.fullmatch(r"pretrain-a([0-9.e+-]+)-s(\d+)", pretrain)
-    return (float(m.group(1)), int(m.group(2))) if m else None
+def ledger_file(part: str, root: Path) -> Path:
+    """Part ``part``'s ledger (finished runs, as data) under ``root`` (default bench/results/ledger)."""
+    return root / f"headline-{part}.json"
 
 
 START = "checkpoint.pt"  # a pre-training's final state: what its cell's methods start from (init-from)
 
 
 def has_start(run: Path) -> bool:
-    """Whether a finished pre-training has its checkpoint. The ledger keeps it while the cell
-    has runs to do (``drop_start`` removes it once the cell is complete): a pre-training run
-    again on another machine need not end at the same model (measured: Fashion-MNIST alpha=1
-    seed 42 ended at 88.16 % where the recorded run ended at 88.21 %), and a cell's methods
-    must share one start."""
+    """Whether a finished pre-training has its checkpoint (in the runs root, never in the ledger:
+    a cell whose pre-training is recorded without it runs it again, ``ensure_start``)."""
     return (run / START).is_file() and (run / "summary.json").is_file()
-
-
-def _same_run(a: Path, b: Path) -> bool:
-    return (b / "summary.json").is_file() and (a / "summary.json").read_bytes() == (b / "summary.json").read_bytes()
-
-
-def drop_start(part: Part, ledger: Path, alpha: float, seed: int) -> bool:
-    """Remove the ledger's copy of cell (alpha, seed)'s pre-training checkpoint once every run
-    of the cell is finished there. Whether one was removed."""
-    from bench.converged import pretrain_name
-
-    f = ledger / pretrain_name(alpha, seed) / START
-    if f.is_file() and not pending(part, ledger, alpha, seed):
-        f.unlink()
-        return True
-    return False
-
-
-def restore(src: Path, dst: Path) -> list[str]:
-    """Copy the ledger's finished runs (``src``) that ``dst`` (the runs directory) lacks into
-    it, so the grid skips them. The run names copied."""
-    copied = []
-    if not src.is_dir():
-        return copied
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.glob("oracle-*.json")):
-        if not (dst / f.name).is_file():
-            shutil.copy2(f, dst / f.name)
-    for run in sorted(p for p in src.iterdir() if p.is_dir() and finished(p)):
-        if finished(dst / run.name):
-            if has_start(run) and _same_run(run, dst / run.name) and not (dst / run.name / START).is_file():
-                shutil.copy2(run / START, dst / run.name / START)
-                copied.append(f"{run.name}/{START}")
-            continue
-        if (dst / run.name).is_dir():
-            shutil.rmtree(dst / run.name)  # an interrupted attempt: the ledger's finished run replaces it
-        shutil.copytree(run, dst / run.name)
-        copied.append(run.name)
-    for run in in_flight(src):
-        if not finished(dst / run.name) and not (dst / run.name / START).is_file():
-            (dst / run.name).mkdir(exist_ok=True)
-            shutil.copy2(run / START, dst / run.name / START)  # parked (``park``): the run resumes from it
-            copied.append(f"{run.name}/{START} (in flight, parked)")
-    return copied
-
-
-def in_flight(runs: Path) -> list[Path]:
-    """The runs of a runs directory (or a ledger) that are not finished but have a checkpoint to
-    go on from; a shared round 1's scratch directory (``round1-*``) is not a run."""
-    return sorted(p for p in runs.iterdir() if p.is_dir() and not finished(p) and (p / START).is_file()
-                  and not p.name.startswith("round1-"))
-
-
-def park(src: Path, dst: Path, part: Part) -> list[str]:
-    """Record in the ledger ``dst`` what the runs directory ``src`` holds now, to go on from it on
-    another machine (e.g. before this one is taken away): the finished runs (``archive``) and
-    the last checkpoint of every run in flight, which ``restore`` brings back and the run
-    resumes from (after the round it holds; a checkpoint is rewritten atomically after each
-    round, so this may run while the grid does). Mosaic's shared-round group (Mosaic, Mosaic
-    without meta model) starts again instead: it resumes from no checkpoint. What was recorded."""
-    from mosaic_flwr.core.checkpoint import load_checkpoint
-
-    got = archive(src, dst, part)
-    for run in in_flight(src):
-        tmp = dst / run.name / f".{START}.part"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run / START, tmp)
-        try:
-            after = load_checkpoint(tmp.parent, tmp.name)["round"]
-        except Exception as exc:  # noqa: BLE001 - reported, the ledger keeps what it had
-            tmp.unlink()
-            got.append(f"{run.name}: its checkpoint is unreadable ({exc}); not parked")
-            continue
-        tmp.replace(dst / run.name / START)
-        got.append(f"{run.name}/{START} (in flight, after round {after})")
-    return got
 
 
 @lru_cache(maxsize=None)
@@ -423,15 +274,15 @@ def preflight(parts: list[str]) -> None:
 
 def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None, threads: int = 1) -> None:
     """Run this shard's cells under ``root``, each run with ``threads`` torch threads; with
-    ``ledger``, first take the finished runs from it and copy each stage's finished runs into it
-    as soon as the stage ends."""
+    ``ledger`` (a folder of ledger files), first take the finished runs from it and record each
+    stage's finished runs in it as soon as the stage ends."""
     from bench import converged
 
     preflight(parts)
     for name in parts if ledger is not None else ():
-        got = restore(runs_dir(name, ledger), runs_dir(name, root))
+        got = ledger_.materialize(ledger_file(name, ledger), runs_dir(name, root))
         if got:
-            print(f"[headline] {name}: {len(got)} finished runs taken from the ledger {runs_dir(name, ledger)}",
+            print(f"[headline] {name}: {len(got)} finished runs taken from the ledger {ledger_file(name, ledger)}",
                   flush=True)
 
     # A cell's continuation needs its pre-training: a shard owns both (one (part, alpha, seed)).
@@ -459,23 +310,13 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
             print(f"[headline] {name}: {stage} alpha={alpha if alpha is not None else '-'} seed={seed}", flush=True)
             converged.main(args[1])
             if ledger is not None:
-                got = archive(out, runs_dir(name, ledger), PARTS[name])
-                if stage == "continue" and drop_start(PARTS[name], runs_dir(name, ledger), alpha, seed):
-                    got.append(f"{converged.pretrain_name(alpha, seed)}/{START} removed (the cell is complete)")
+                got = ledger_.record(out, ledger_file(name, ledger))
                 if got:
-                    print(f"[headline] {name}: into the ledger {runs_dir(name, ledger)}: {', '.join(got)} "
-                          "(commit them)", flush=True)
+                    print(f"[headline] {name}: into the ledger {ledger_file(name, ledger)}: {', '.join(got)} "
+                          "(commit it)", flush=True)
 
 
 # ---------------------------------------------------------------- report
-
-def _mean_sd(xs: list[float], k: float = 100) -> str:
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0] * k:.1f} (1)"
-    return f"{statistics.mean(xs) * k:.1f} ± {statistics.stdev(xs) * k:.1f} ({len(xs)})"
-
 
 def best_validation(rows: list[dict]) -> tuple[int, float] | None:
     """The round whose global model scores best on the validation split (the earliest of ties: the least
@@ -519,7 +360,7 @@ def _chosen_round_table(p: Part, runs: dict) -> list[str]:
                           f"{100 * statistics.mean(t for _, (_, t) in got):.1f} "
                           f"(round {', '.join(str(r) for _, (r, _) in got)})")
         if any_:
-            rows.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+            rows.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
     if not rows:
         return []
     return ["", "Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
@@ -554,15 +395,13 @@ def _by_model_table(p: Part, runs: dict) -> list[str]:
                 cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
             xs = [r["final_accuracy_clients"] for r in got[a] if r.get("final_accuracy_clients") is not None]
             cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+        lines.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
     return lines
 
 
 def part_table(name: str, root: Path) -> tuple[str, dict]:
     """Part ``name``'s section of the table (markdown) and its figures (``headline.json``),
     from the finished runs in ``root``; writes its plot."""
-    from bench.converged_report import collect
-
     p, out = PARTS[name], runs_dir(name, root)
     d = collect(out, p.alphas, p.seeds, p.variants)
     runs, central, pre = d["runs"], d["central"], d["pre"]
@@ -574,7 +413,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 
     lines = [f"## {p.title}", ""]
     if p.cut:
-        lines += [f"Cut to bring the grid towards ~12 h on 2 cores (it still takes ~22 h, docs/benchmarks.md): {p.cut}.", ""]
+        lines += [f"{NOTES['cut_intro']}: {p.cut}.", ""]
     lines += [n for note in p.notes for n in (note, "")]
     lines += _main_table(p, out, runs, acc, pre, cen)
     lines += _paired_table(p, runs, acc)
@@ -592,7 +431,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
                   "plain rounds, `converged.client_units`), at the same schedule (round 1 at lr, then finetune-lr)."]
     done = sum(len(x) for x in acc.values())
     total = sum(1 for a in p.alphas for s in p.seeds for v in p.methods(s)
-                if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file())
+                if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file() and not refuses(p, v))
     central_done = f", {len(cen)} of {len(p.seeds)} central" if p.central else ""
     lines += ["", f"Runs finished: {done} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} pre-trainings"
               f"{central_done}). Details: `bench/results/headline-{name}-detail.md`.", ""]
@@ -660,9 +499,9 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
         compute = "-" if v["compute"] is None else f"{v['compute']:.0f}"
         best = "-"
         if v["best"] is not None:
-            best = f"{LABELS.get(v['best'], v['best'])} {100 * v['best_accuracy']:.2f}"
+            best = f"{label(v['best'])} {100 * v['best_accuracy']:.2f}"
             if v["tied"]:
-                best += f" (tied: {', '.join(LABELS.get(t, t) for t in v['tied'])})"
+                best += f" (tied: {', '.join(label(t) for t in v['tied'])})"
             if v["best"] != "mosaic" and "mosaic" not in v["tied"]:
                 best += f"; Mosaic {100 * v['mosaic_accuracy']:.2f}"
         return f"| {PARTS[name].title} | {v['alpha']:g} | {v['seeds']} | " + " | ".join(diffs) + f" | {compute} | {best} |"
@@ -691,7 +530,9 @@ def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[
                 f = out / f"{v}-a{a:g}-s{s}" / "refused.json"
                 if f.is_file():
                     return json.loads(f.read_text())["reason"]
-        return None
+        from bench.converged import refusal
+
+        return refusal(variant_config(p, v))  # the part's settings refuse it: no cell has run it yet
 
     lines = ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
              "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
@@ -706,12 +547,12 @@ def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[
     for v in p.variants:
         why = refused_reason(v)
         if why and not any(acc[(v, a)] for a in p.alphas):
-            lines.append(f"| {LABELS.get(v, v)} | " + " | ".join("refused" for _ in p.alphas)
+            lines.append(f"| {label(v)} | " + " | ".join("refused" for _ in p.alphas)
                          + f" | {why.splitlines()[0][:160]} |")
             continue
         units = [u for a in p.alphas for s in p.seeds for u in [unit_rounds(runs, v, a, s)] if u is not None]
         compute = f"{statistics.mean(units):.1f}" if units else "-"
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
+        lines.append(f"| {label(v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
                      + f" | {compute} |")
     if p.central:
         lines.append("| central (same sample passes) | " + " | ".join(_mean_sd(cen) for _ in p.alphas) + " | - |")
@@ -729,11 +570,11 @@ def _paired_table(p: Part, runs: dict, acc: dict) -> list[str]:
         if v == "mosaic":
             continue
         cells_ = [paired_interval(mosaic_minus(p, acc, v, a), scale=100, digits=1) for a in p.alphas]
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells_) + " |")
+        lines.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
     for v in (v for v in EQUAL_COMPUTE if v in p.variants):  # their last round can land in a trough
         cells_ = [paired_interval(chosen_differences(runs, v, a, p.seeds), scale=100, digits=1) for a in p.alphas]
         if any(c != "-" for c in cells_):
-            lines.append(f"| {LABELS.get(v, v)}, both at the round the validation split picks | "
+            lines.append(f"| {label(v)}, both at the round the validation split picks | "
                          + " | ".join(cells_) + " |")
     return lines
 
@@ -786,13 +627,13 @@ def _distillation_table(p: Part, runs: dict) -> list[str]:
                        + (f", rounds kept {kept[0]} of {kept[1]}" if kept else "")
                        + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
         if any_:
-            distilled.append(f"| {LABELS.get(v, v)} | " + " | ".join(row) + " |")
+            distilled.append(f"| {label(v)} | " + " | ".join(row) + " |")
     return head + distilled if distilled else []
 
 
 def _gate_check(p: Part, runs: dict) -> list[str]:
     """A sentence: the gated distillations the validation split contradicts (``gate_disagreements``)."""
-    n, against = gate_disagreements({f"{LABELS.get(v, v)} α={a:g} seed {s}": runs[(v, a, s)].get("rows") or []
+    n, against = gate_disagreements({f"{label(v)} α={a:g} seed {s}": runs[(v, a, s)].get("rows") or []
                                      for v in p.variants for a in p.alphas for s in p.seeds if (v, a, s) in runs})
     if not n:
         return []
@@ -839,7 +680,7 @@ def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
                 xs.append(j + i * width)
                 ms.append(100 * statistics.mean(vals))
                 sds.append(100 * statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        ax.bar(xs, ms, width, yerr=sds, label=LABELS.get(v, v), capsize=2, color=colour[v],
+        ax.bar(xs, ms, width, yerr=sds, label=label(v), capsize=2, color=colour[v],
                hatch="//" if v in EQUAL_COMPUTE else None, edgecolor="white" if v in EQUAL_COMPUTE else None)
     if central:
         ax.axhline(100 * statistics.mean(central), color="k", ls="--", lw=1, label="central")
@@ -852,6 +693,23 @@ def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / f"headline-{name}.png", dpi=120)
     plt.close(fig)
+
+
+@contextmanager
+def recorded(ledger: Path, root: Path):
+    """A temporary runs root holding every part's ledger as run directories (``ledger.materialize``),
+    each pre-training with its checkpoint marked where ``root`` has it (the plan counts a
+    pre-training without one as left): what the tables and the plan read."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="headline-ledger-") as tmp:
+        for name in PARTS:
+            out = runs_dir(name, Path(tmp))
+            ledger_.materialize(ledger_file(name, ledger), out)
+            for pre in out.glob("pretrain-*"):
+                if has_start(runs_dir(name, root) / pre.name):
+                    (pre / START).touch()
+        yield Path(tmp)
 
 
 def report(parts: list[str], root: Path) -> str:
@@ -1024,32 +882,24 @@ def main(argv: list[str] | None = None) -> int:
                          "run's bench.json)")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--plan", action="store_true", help="print the cells and the cost of the finished ones")
-    ap.add_argument("--park", action="store_true",
-                    help="copy the runs root's finished runs and the last checkpoint of each run in flight into the "
-                         "ledger now (safe while the grid runs), so the grid goes on from there on another machine")
     ap.add_argument("--ledger", default=None,
-                    help=f"where finished runs are recorded and the tables read from (default bench/results/{LEDGER}, "
-                         "committed with the repository)")
+                    help="the folder of the ledger files (headline-<part>.json) where finished runs are recorded "
+                         "and the tables read from (default bench/results/ledger, committed with the repository)")
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error(f"--threads must be at least 1, got {args.threads}")
     root = Path(args.runs_root).resolve()
-    ledger = Path(args.ledger).resolve() if args.ledger else RESULTS / LEDGER
+    ledger = Path(args.ledger).resolve() if args.ledger else RESULTS / "ledger"  # ledger_.LEDGERS
     if args.plan:
-        print(plan(args.parts, ledger))
-        return 0
-    if args.park:
-        for name in args.parts:
-            got = park(runs_dir(name, root), runs_dir(name, ledger), PARTS[name]) if runs_dir(name, root).is_dir() else []
-            print(f"[headline] {name}: into the ledger {runs_dir(name, ledger)}: "
-                  + (", ".join(got) + " (commit them)" if got else "nothing new"), flush=True)
+        with recorded(ledger, root) as view:
+            print(plan(args.parts, view))
         return 0
     if not args.table_only:
         k, n = (int(x) for x in args.shard.split("/"))
         run(args.parts, root, (k, n), ledger, args.threads)
-    print(report(args.parts, ledger))
+    with recorded(ledger, root) as view:
+        print(report(args.parts, view))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

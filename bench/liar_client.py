@@ -1,4 +1,4 @@
-"""A lying ClientApp for ``bench/liar.py`` (issue 39): every honest handler of
+"""A lying ClientApp for ``bench/archive/liar.py`` (issue 39): every honest handler of
 ``client_app.app``, except that the node of partition 0 lies in everything it sends.
 
 - discovery and every reply: its label counts and example count times ``FACTOR`` (consistently,
@@ -8,7 +8,7 @@
 - ``evaluate`` (the clients' gate): forged scores, every candidate the server distilled right
   on all its examples and the model before distillation wrong on all of them.
 
-It is copied into the app bundle by ``bench/liar.py`` (``client_app/liar.py``) and named as the
+It is copied into the app bundle by ``bench/archive/liar.py`` (``client_app/liar.py``) and named as the
 app's ``clientapp``; it is never part of the project's own app.
 """
 

@@ -21,7 +21,7 @@ into a temporary directory), and tabulates what the server holds:
     .venv/bin/python bench/scaling.py --compare main --probe-clients 100 300 1000 \
         --run-config "partition='dirichlet-client' fraction-train=0.1 ..." --name scaling-stream
 
-Finished cells are reused (bench/runs/<name>/mosaic-n<N>/); --fresh runs them again.
+Finished cells are reused (RUNS/<name>/mosaic-n<N>/, outside the repository); --fresh runs them again.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ the run's test set, every width the clients hold as
 
 with the share of the most predicted class (1.0: one class for every image).
 
-    .venv/bin/python bench/slice_check.py bench/results/headline-runs/headline-cifar10-families-widths/pretrain-a0.1-s42
+    .venv/bin/python bench/slice_check.py ~/.cache/mosaic-flwr/bench-runs/headline-cifar10-families-widths/pretrain-a0.1-s42
 
 Writes bench/results/slice-check.md/.json (``--name`` to change).
 """

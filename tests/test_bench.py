@@ -220,3 +220,80 @@ def test_slice_check_scores_the_widths_as_the_server_does(tmp_path):
     for model, got in summary["final_accuracy_by_model"].items():  # the server's own figures
         label = "full width" if model == "resnet8" else "fixed slice"
         assert rows[(model, label, "checkpoint")]["accuracy"] == pytest.approx(got, abs=1e-4), model
+
+
+def bench_imports() -> dict[str, set[str]]:
+    """bench module -> the bench modules it imports anywhere in it (functions included), from the source."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "bench"
+    mods = {p.stem for p in root.glob("*.py")}
+    graph = {}
+    for p in sorted(root.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bench.")}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "bench":
+                    deps |= {a.name for a in node.names}
+                elif node.module.startswith("bench."):
+                    deps.add(node.module.split(".")[1])
+        graph[p.stem] = (deps & mods) - {p.stem}
+    return graph
+
+
+def test_bench_modules_import_each_other_without_a_cycle():
+    from graphlib import CycleError, TopologicalSorter
+
+    graph = bench_imports()
+    assert {"common", "report", "ledger", "grid", "headline", "converged", "converged_report"} <= set(graph)
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as exc:  # pragma: no cover - the failure message names the cycle
+        pytest.fail(f"bench modules import each other in a circle: {' -> '.join(exc.args[1])}")
+    assert order.index("common") < order.index("report") < order.index("converged_report") < order.index("headline")
+
+
+def test_method_lists_come_from_the_registry():
+    """Every comparison's methods derive from mosaic_flwr.registry: a new method (FedGen) appears
+    beside its peers without a bench edit; what is left out is named with its reason."""
+    from bench import common, converged, grid, headline
+    from mosaic_flwr.registry import STRATEGIES
+
+    peers = [m for m in STRATEGIES if m not in common.ABLATIONS]
+    assert "fedgen" in peers and set(peers) == set(common.compared())
+    assert set(peers) <= set(headline.HEADLINE) and set(STRATEGIES) <= set(grid.STRATEGIES)
+    assert all(converged.VARIANTS[m] == (m, {}) for m in STRATEGIES)
+    assert [common.distils(m) for m in common.compared()] == sorted(common.distils(m) for m in common.compared())
+    assert common.label("fedgen") == "FedGen" and common.label("mosaic-nometa") == "Mosaic without meta model"
+    for name, part in headline.PARTS.items():  # a part leaves a method out only with its reason in the cut
+        for m in set(peers) - set(part.variants):
+            assert headline.label(m) in part.cut, (name, m)
+
+
+def test_a_study_spec_runs_its_grid_once_records_it_and_tables_it_from_the_ledger(tmp_path, monkeypatch):
+    """bench/run.py: methods x alphas x seeds from a TOML spec on the synthetic data set; a method
+    the settings refuse records why; the ledger is data, and a fresh runs root runs nothing again."""
+    import bench.common
+    from bench import ledger, run
+
+    spec = tmp_path / "tiny.toml"
+    spec.write_text('methods = ["fedavg", "fedbn", "fedgen"]\nalphas = [0.5]\nseeds = [1]\nclients = 3\n'
+                    'run-config = ["dataset=\'synthetic\' num-server-rounds=1 local-steps=2 test-subset=0"]\n')
+    assert run.load_spec(spec)["methods"] == ["fedavg", "fedbn", "fedgen"]
+    registry = tmp_path / "all.toml"
+    registry.write_text('methods = "registry"\n')
+    assert set(run.load_spec(registry)["methods"]) == set(bench.common.compared())
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    book = tmp_path / "results" / "ledger" / "tiny.json"
+    run.main([str(spec), "--runs-root", str(tmp_path / "runs"), "--ledger", str(book)])
+    recorded = ledger.read(book)["runs"]
+    assert set(recorded) == {"fedavg-a0.5-s1", "fedbn-a0.5-s1", "fedgen-a0.5-s1"}
+    assert "BatchNorm" in recorded["fedbn-a0.5-s1"]["refused"]["reason"]
+    md = (tmp_path / "results" / "tiny.md").read_text()
+    assert "| FedGen | " in md and "| FedBN | refused: " in md and "Runs finished: 2 of 3" in md
+    data = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert set(data["accuracy"]["fedgen|0.5"]) == {"1"}
+    assert run.run(run.load_spec(spec), tmp_path / "fresh", book) == []  # every run is in the ledger

@@ -110,14 +110,9 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
         with pytest.raises(Crash):
             headline.main(["--parts", "tiny", "--runs-root", str(tmp_path)])
         assert load_checkpoint(out / name)["round"] == 1 and not (out / name / "summary.json").exists()
-    # the machine is then taken away: --park records in the ledger the finished runs and FedDF's
-    # round-1 checkpoint (the equal-compute run was resumed and finished by the second call); the
-    # next machine, its runs root empty, takes them back and goes on after round 1
-    ledger = results / headline.LEDGER / "headline-tiny"
-    headline.main(["--parts", "tiny", "--runs-root", str(tmp_path), "--park"])
-    assert load_checkpoint(ledger / "feddf-a0.1-s1")["round"] == 1 and (ledger / "fedavg-eqc-a0.1-s1" / "summary.json").is_file()
-    shutil.rmtree(out)
+    # the next call goes on from the checkpoints in the runs root (outside the repository)
     headline.main(["--parts", "tiny", "--runs-root", str(tmp_path)])
+    ledger = headline.ledger_file("tiny", results / "ledger")
     assert crashed == ["fedavg-eqc-a0.1-s1", "feddf-a0.1-s1"]
     for name in crashed:
         assert json.loads((out / name / "summary.json").read_text())["resumed_after_round"] == 1
@@ -140,16 +135,18 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
     headline.run(["tiny"], tmp_path, (0, 1))
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
-    # the ledger (bench/results/headline-runs) holds every finished run, without checkpoints (FedDF's
-    # parked one went when it finished, the pre-training's when the cell was complete), and
-    # the table was read from it; a new machine with an empty runs root runs nothing again
-    assert {p.name for p in ledger.iterdir() if p.is_dir()} == {p.name for p in out.iterdir()
-                                                                if p.is_dir() and headline.finished(p)}
-    assert not list(ledger.rglob("*.pt"))
+    # the ledger (bench/results/ledger/headline-tiny.json) holds every finished run as data, no
+    # checkpoint, and the table was read from it; a new machine with an empty runs root runs nothing again
+    from bench import ledger as ledger_
+
+    recorded = ledger_.read(ledger)["runs"]
+    assert set(recorded) == {p.name for p in out.iterdir() if p.is_dir() and headline.finished(p)
+                             and not p.name.startswith("round1-")}
+    assert recorded["mosaic-a0.1-s1"]["metrics"] and "output-dir" not in recorded["mosaic-a0.1-s1"]["config"]
     fresh = tmp_path / "fresh"
-    headline.run(["tiny"], fresh, (0, 1), results / headline.LEDGER)
+    headline.run(["tiny"], fresh, (0, 1), results / "ledger")
     assert {p.parent.name for p in (fresh / "headline-tiny").glob("*/summary.json")} == {
-        p.parent.name for p in ledger.glob("*/summary.json")}
+        n for n, e in recorded.items() if "summary" in e}
     assert not list(fresh.rglob("*.pt"))  # nothing trained: every run came from the ledger
 
 
@@ -161,29 +158,36 @@ def _run(path, files=("summary.json", "metrics.json", "config.json", "checkpoint
     return path
 
 
-def test_the_ledger_keeps_finished_runs_small_files_and_gives_them_back(tmp_path):
-    runs, ledger = tmp_path / "runs", tmp_path / "ledger"
+def test_the_ledger_keeps_finished_runs_as_data_and_gives_them_back(tmp_path):
+    from bench import ledger as ledger_
+
+    runs, ledger = tmp_path / "runs", tmp_path / "ledger.json"
     _run(runs / "fedavg-a0.1-s1")
+    (runs / "fedavg-a0.1-s1" / "metrics.json").write_text("[{\"round\": 0}]")
+    (runs / "fedavg-a0.1-s1" / "config.json").write_text(json.dumps({"lr": 0.1, "output-dir": "/here"}))
     _run(runs / "fedbn-a0.1-s1", files=("refused.json",))
+    (runs / "fedbn-a0.1-s1" / "refused.json").write_text(json.dumps({"reason": "no BatchNorm"}))
     _run(runs / "mosaic-a0.1-s1", files=("config.json", "checkpoint.pt"))  # interrupted: not finished
     _run(runs / "round1-a0.1-s1")  # the shared round 1's scratch directory
     (runs / "oracle-a0.1-s1.json").write_text("{}")
-    assert headline.archive(runs, ledger) == ["fedavg-a0.1-s1", "fedbn-a0.1-s1"]
-    assert sorted(p.name for p in (ledger / "fedavg-a0.1-s1").iterdir()) == ["config.json", "metrics.json",
-                                                                            "summary.json"]  # no checkpoint
-    assert (ledger / "oracle-a0.1-s1.json").is_file() and not (ledger / "mosaic-a0.1-s1").exists()
-    assert headline.archive(runs, ledger) == []  # already there: left as it is
+    assert ledger_.record(runs, ledger) == ["fedavg-a0.1-s1", "fedbn-a0.1-s1"]
+    got = ledger_.read(ledger)
+    assert got["runs"]["fedavg-a0.1-s1"] == {"summary": {"final_accuracy": 0.5, "final_val_accuracy": 0.4},
+                                             "config": {"lr": 0.1}, "metrics": [{"round": 0}]}  # no checkpoint
+    assert got["files"] == {"oracle-a0.1-s1.json": {}} and "mosaic-a0.1-s1" not in got["runs"]
+    assert ledger_.record(runs, ledger) == []  # already there: left as it is
     # a record restored from an earlier table (its summary alone) gives way to the whole run
-    (ledger / "fedavg-a0.1-s1" / "metrics.json").unlink()
-    (ledger / "fedavg-a0.1-s1" / "summary.json").write_text(json.dumps({"restored": "from a table"}))
-    assert headline.archive(runs, ledger) == ["fedavg-a0.1-s1"]
-    assert "restored" not in json.loads((ledger / "fedavg-a0.1-s1" / "summary.json").read_text())
+    got["runs"]["fedavg-a0.1-s1"] = {"summary": {"restored": "from a table"}}
+    ledger_.write(ledger, got)
+    assert ledger_.record(runs, ledger) == ["fedavg-a0.1-s1"]
+    assert "restored" not in ledger_.read(ledger)["runs"]["fedavg-a0.1-s1"]["summary"]
     # a new machine: the ledger's runs come back; an interrupted attempt there is replaced
     fresh = tmp_path / "fresh"
     _run(fresh / "fedavg-a0.1-s1", files=("config.json",))
-    assert headline.restore(ledger, fresh) == ["fedavg-a0.1-s1", "fedbn-a0.1-s1"]
+    assert ledger_.materialize(ledger, fresh) == ["fedavg-a0.1-s1", "fedbn-a0.1-s1"]
     assert headline.finished(fresh / "fedavg-a0.1-s1") and (fresh / "fedavg-a0.1-s1" / "metrics.json").is_file()
-    assert headline.restore(ledger, fresh) == [] and (fresh / "oracle-a0.1-s1.json").is_file()
+    assert json.loads((fresh / "fedbn-a0.1-s1" / "refused.json").read_text())["reason"] == "no BatchNorm"
+    assert ledger_.materialize(ledger, fresh) == [] and (fresh / "oracle-a0.1-s1.json").is_file()
 
 
 def test_a_pretraining_without_its_checkpoint_is_rerun_and_must_reproduce_the_record(tmp_path):
@@ -213,29 +217,6 @@ def test_a_pretraining_without_its_checkpoint_is_rerun_and_must_reproduce_the_re
     _run(tmp_path / "mosaic-a0.1-s1", files=("summary.json",))
     headline.ensure_start(part, tmp_path, 0.1, 1, rerun)
     assert calls == [0.5, 0.7, 0.6]
-
-
-def test_the_ledger_keeps_a_pretraining_checkpoint_while_its_cell_has_runs_to_do(tmp_path):
-    part = Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "mosaic"))
-    runs, ledger = tmp_path / "runs", tmp_path / "ledger"
-    _run(runs / "pretrain-a0.1-s1")
-    _run(runs / "fedavg-a0.1-s1")
-    assert headline.archive(runs, ledger) == ["fedavg-a0.1-s1", "pretrain-a0.1-s1"]  # no part: no checkpoint
-    assert not (ledger / "pretrain-a0.1-s1" / "checkpoint.pt").exists()
-    assert headline.archive(runs, ledger, part) == ["pretrain-a0.1-s1/checkpoint.pt"]  # mosaic is still to do
-    assert not headline.drop_start(part, ledger, 0.1, 1)
-    # another machine: the checkpoint comes back with the run, so nothing is pre-trained again
-    fresh = tmp_path / "fresh"
-    headline.restore(ledger, fresh)
-    assert (fresh / "pretrain-a0.1-s1" / "checkpoint.pt").is_file()
-    calls = []
-    headline.ensure_start(part, fresh, 0.1, 1, lambda: calls.append(1))
-    assert calls == []
-    # the cell complete: the ledger lets the checkpoint go, and does not take it again
-    _run(runs / "mosaic-a0.1-s1")
-    assert headline.archive(runs, ledger, part) == ["mosaic-a0.1-s1"]
-    assert headline.drop_start(part, ledger, 0.1, 1) and not (ledger / "pretrain-a0.1-s1" / "checkpoint.pt").exists()
-    assert headline.archive(runs, ledger, part) == []
 
 
 def test_the_grid_stops_before_any_training_when_a_data_set_is_missing(tmp_path, monkeypatch):
@@ -418,43 +399,9 @@ def test_the_plan_counts_a_pretraining_recorded_without_its_checkpoint_as_left(t
     assert lines[2] == "t alpha=0.1 seed=3: 2 of 2 done, 0.10 h: pretrain 0m, fedavg 6m"
 
 
-def test_parked_checkpoints_of_runs_in_flight_go_to_the_ledger_come_back_and_go_when_the_run_ends(tmp_path):
-    """``park``: the last checkpoint of each run in flight (not a shared round's scratch
-    directory) beside the finished runs; ``restore`` gives it to a runs root that lacks it; once
-    the run is finished and archived the ledger keeps no checkpoint of it, except a pre-training's
-    final one while its cell has runs left."""
-    from mosaic_flwr.core.checkpoint import save_checkpoint
-
-    part = Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "feddf"), central=False)
-    runs, ledger, fresh = tmp_path / "runs", tmp_path / "ledger", tmp_path / "fresh"
-    for name, rnd in (("pretrain-a0.1-s1", 7), ("feddf-a0.1-s1", 2), ("round1-a0.1-s1", 1)):
-        (runs / name).mkdir(parents=True)
-        save_checkpoint(runs / name, {"round": rnd})
-    _run(runs / "fedavg-a0.1-s1", files=("summary.json", "metrics.json"))
-    (runs / "mosaic-a0.1-s1").mkdir()  # a shared-round member in flight: no checkpoint, nothing to park
-    assert headline.park(runs, ledger, part) == [
-        "fedavg-a0.1-s1", "feddf-a0.1-s1/checkpoint.pt (in flight, after round 2)",
-        "pretrain-a0.1-s1/checkpoint.pt (in flight, after round 7)"]
-    assert not (ledger / "round1-a0.1-s1").exists() and not (ledger / "mosaic-a0.1-s1").exists()
-    assert not headline.finished(ledger / "feddf-a0.1-s1") and headline.pending(part, ledger, 0.1, 1) == ["feddf"]
-    assert headline.restore(ledger, fresh) == ["fedavg-a0.1-s1", "feddf-a0.1-s1/checkpoint.pt (in flight, parked)",
-                                               "pretrain-a0.1-s1/checkpoint.pt (in flight, parked)"]
-    assert load_checkpoint(fresh / "feddf-a0.1-s1")["round"] == 2
-    assert headline.restore(ledger, fresh) == []  # the runs root's own checkpoint is never overwritten
-    # the pre-training ends (its final checkpoint replaces the parked one), then FedDF
-    save_checkpoint(fresh / "pretrain-a0.1-s1", {"round": 10})
-    (fresh / "pretrain-a0.1-s1" / "summary.json").write_text("{}")
-    assert headline.archive(fresh, ledger, part) == ["pretrain-a0.1-s1", "pretrain-a0.1-s1/checkpoint.pt"]
-    assert load_checkpoint(ledger / "pretrain-a0.1-s1")["round"] == 10
-    (fresh / "feddf-a0.1-s1" / "summary.json").write_text("{}")
-    assert headline.archive(fresh, ledger, part) == ["feddf-a0.1-s1"]
-    assert not (ledger / "feddf-a0.1-s1" / "checkpoint.pt").exists()
-    assert headline.drop_start(part, ledger, 0.1, 1) and not list(ledger.rglob("*.pt"))
-
-
-def test_git_keeps_the_ledgers_checkpoints_and_ignores_the_others():
-    """The ledger's checkpoints (pre-trainings, parked runs) are committed with it; a run's
-    checkpoint anywhere else stays out of git (client-derived models, megabytes)."""
+def test_git_keeps_no_checkpoint_and_no_run_state():
+    """Runs (checkpoints, runs in flight) live outside the repository; a checkpoint anywhere in
+    it stays out of git, and no run directory is tracked: the ledger of finished runs is data."""
     import subprocess
     from pathlib import Path
 
@@ -465,9 +412,13 @@ def test_git_keeps_the_ledgers_checkpoints_and_ignores_the_others():
     def ignored(path: str) -> bool:
         return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=root).returncode == 0
 
-    assert not ignored("bench/results/headline-runs/headline-cifar10/pretrain-a0.1-s42/checkpoint.pt")
-    assert not ignored("bench/results/headline-runs/headline-cifar10/feddf-a0.1-s42/checkpoint.pt")
+    assert ignored("bench/results/headline-runs/headline-cifar10/pretrain-a0.1-s42/checkpoint.pt")
     assert ignored("bench/runs/headline-cifar10/feddf-a0.1-s42/checkpoint.pt") and ignored("outputs/r/checkpoint.pt")
+    tracked = subprocess.run(["git", "ls-files", "bench"], cwd=root, capture_output=True, text=True).stdout.split()
+    assert not [f for f in tracked if f.endswith((".pt", "summary.json", "metrics.json"))]
+    from bench.common import RUNS
+
+    assert root not in RUNS.resolve().parents or "MOSAIC_FLWR_RUNS" in __import__("os").environ
 
 
 def test_the_plan_estimates_a_kind_a_part_never_ran_from_a_part_on_the_same_data_set(tmp_path, monkeypatch):
