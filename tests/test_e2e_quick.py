@@ -27,13 +27,9 @@ from mosaic_flwr.distill.kd import kd_loss
 from mosaic_flwr.methods.mosaic.meta import MetaModel
 from mosaic_flwr.core.records import record_to_state
 from mosaic_flwr.core.task import initial_model
-from tests.support import run_inprocess
+from tests.support import run_inprocess, QUICK_MOSAIC as TINY
 
 C = 10
-TINY = {"dataset": "synthetic", "alpha": 1.0, "num-server-rounds": 3, "warmup-rounds": 2,
-        "local-steps": 5, "batch-size": 16, "gen-steps": 5, "gen-batch-size": 8, "proto-k": 2,
-        "meta-epochs": 3, "meta-samples-per-class": 4, "kd-steps": 8, "kd-batch-size": 16,
-        "kd-lr": 1e-3, "distill-gate": "off"}  # the gate has its own tests (test_warm_start_gate.py)
 
 
 def _round(incoming) -> int:

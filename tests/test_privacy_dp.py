@@ -321,7 +321,7 @@ def _spent(run_dir):
 
 def test_tiny_mosaic_run_with_dp_reports_epsilon_and_the_gate_hears_every_client(tmp_path, caplog):
     from tests.support import run_inprocess
-    from tests.test_e2e_quick import TINY
+    from tests.support import QUICK_MOSAIC as TINY
     counts_seen: dict[int, list] = {}
     scores_seen: dict[int, list] = {}
     audit_sent: list[str] = []
@@ -387,7 +387,7 @@ def test_the_audit_is_off_under_dp_unless_asked_for():
 @pytest.mark.slow  # ~40 s; the quick loop runs Mosaic without DP in test_e2e_quick.py
 def test_tiny_mosaic_run_without_dp_says_so(tmp_path, caplog):
     from tests.support import run_inprocess
-    from tests.test_e2e_quick import TINY
+    from tests.support import QUICK_MOSAIC as TINY
     caplog.set_level(logging.INFO)
     out = run_inprocess(tmp_path, **{**TINY, "num-server-rounds": 2, "server-threads": 1,
                                      "privacy-audit": False})["dir"]

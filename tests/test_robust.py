@@ -322,7 +322,7 @@ def test_the_median_gate_gives_a_client_that_forges_its_scores_one_vote(tmp_path
     from mosaic_flwr.config import load_defaults
     from mosaic_flwr.testing.inprocess import InProcessGrid
     from server_app.app import main as server_main
-    from tests.test_e2e_quick import TINY
+    from tests.support import QUICK_MOSAIC as TINY
 
     after = {}
     for statistic in ("pooled", "median"):
