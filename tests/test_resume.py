@@ -64,25 +64,14 @@ CASES = {
     "fedgen": ({**PLAIN, "alpha": 0.3, "fedgen.gen-steps": 5, "fedgen.gen-batch-size": 8, "fedgen.hidden-dim": 32,
                 "fedgen.noise-dim": 8}, (3,), None, None),
 }
-QUICK = {"fedavg", "fedgen"}  # the quick loop: plain FedAvg, and a server-side generator
-# FedBN's clients keep their BatchNorm entries in Flower's node state, which does not outlive a
-# Flower run: a resumed run's clients restart from the averaged BatchNorm (documented in
-# methods/fedbn.py and docs/methods.md), so its resume is not exact. Strict: the day it is, this fails.
-KNOWN = {"fedbn": "FedBN's client-local BatchNorm lives in node state, lost when a resumed run starts a new Flower run"}
-
-
-def _param(strategy):
-    marks = [] if strategy in QUICK else [pytest.mark.slow]
-    if strategy in KNOWN:
-        marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN[strategy]))
-    return pytest.param(strategy, marks=marks)
+QUICK = {"fedavg", "fedbn", "fedgen"}  # the quick loop: plain, client-local state, a server-side generator
 
 
 def test_every_registered_strategy_has_a_resume_case():
     assert set(CASES) == set(STRATEGIES)
 
 
-@pytest.mark.parametrize("strategy", [_param(s) for s in CASES])
+@pytest.mark.parametrize("strategy", [s if s in QUICK else pytest.param(s, marks=pytest.mark.slow) for s in CASES])
 def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_run(tmp_path, strategy):
     run_config, crash_rounds, checks, at_end = CASES[strategy]
     full = run_inprocess(tmp_path / "a", strategy=strategy, **run_config)["dir"]

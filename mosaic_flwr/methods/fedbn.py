@@ -27,8 +27,11 @@ Evaluation (FedBN has no single BatchNorm):
 Heterogeneity: every family must have BatchNorm (``check``); width sub-models work with
 ``submodel='fixed'`` (a client's slice, hence its BatchNorm channels, never moves), not with
 ``'rolling'`` (its kept statistics would belong to other channels after one round).
-Limitation: a resumed run starts new Flower runs' node states, so its clients restart from
-the averaged BatchNorm.
+Resume: a resumed run is a new Flower run, whose node states start empty. The server keeps
+every client's last uploaded BatchNorm entries in its checkpoint (``local-bn``), and after a
+resume it hands each client its own back (``OWN_RECORD`` in the train message) until that
+client's first valid reply, so the clients go on from their own BatchNorm and the resumed run
+ends as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from mosaic_flwr.registry import ClientSide, Method
 
 LOCAL_BN = "local-bn"          # the train-config flag the ClientApp reads
 STATE_RECORD = "fedbn-bn"      # where a client keeps its BatchNorm entries in context.state
+OWN_RECORD = "fedbn-own-bn"    # after a resume: a client's own entries, as it last uploaded them
 
 
 def bn_keys(model: nn.Module) -> list[str]:
@@ -82,6 +86,17 @@ def restore_local_bn(model: nn.Module, state: RecordDict) -> bool:
                          f"{keys[:3]}")
     model.load_state_dict(own, strict=False)  # a shape mismatch raises
     return True
+
+
+def restore_own_bn(model: nn.Module, state: RecordDict, content: RecordDict | None) -> bool:
+    """``restore_local_bn``; a client whose node state has none (a resumed run's new Flower
+    run) takes the entries the server handed back in the message (``OWN_RECORD``), if any."""
+    if restore_local_bn(model, state):
+        return True
+    if content is None or OWN_RECORD not in content.array_records:
+        return False
+    state[STATE_RECORD] = content.array_records[OWN_RECORD]
+    return restore_local_bn(model, state)
 
 
 def keep_local_bn(model: nn.Module, state: RecordDict) -> None:
@@ -116,6 +131,7 @@ class BankFedBN(FedAvgStrategy):
             if not self.bn_keys(arch):
                 raise ConfigError(no_batchnorm(arch.model, "node-config model"))
         self.local_bn: dict[int, StateDict] = {}   # partition id -> the BN entries it last uploaded
+        self.replied: set[int] = set()              # partition ids that replied in this Flower run
 
     def bn_keys(self, arch: Arch) -> list[str]:
         return bn_keys(self.module(arch))
@@ -123,14 +139,27 @@ class BankFedBN(FedAvgStrategy):
     def train_config(self) -> ConfigRecord:
         return self.sc.train_config(**{LOCAL_BN: True})
 
+    def messages_for(self, server_round: int, node_ids: list[int], config: ConfigRecord | None = None
+                     ) -> list[Message]:
+        """The bank's messages; after a resume, a client that has not replied since gets its own
+        BatchNorm entries back (its node state did not outlive the old Flower run)."""
+        messages = super().messages_for(server_round, node_ids, config)
+        if self.sc.resumed_after is not None:
+            for msg in messages:
+                pid = self.sc.partition_of(msg.metadata.dst_node_id)
+                if pid in self.local_bn and pid not in self.replied:
+                    msg.content[OWN_RECORD] = state_to_record(self.local_bn[pid])
+        return messages
+
     def decode(self, server_round: int, msg: Message, arch: Arch) -> tuple[object, str | None]:
         """The bank's decoding; a valid reply's BatchNorm entries are also kept (they are the
         client's local ones from now on), for ``acc-personal``."""
         payload, problem = super().decode(server_round, msg, arch)
         if problem is None:
             state = payload[0]
-            self.local_bn[self.sc.partition_of(msg.metadata.src_node_id)] = {
-                k: state[k] for k in self.bn_keys(arch)}
+            pid = self.sc.partition_of(msg.metadata.src_node_id)
+            self.local_bn[pid] = {k: state[k] for k in self.bn_keys(arch)}
+            self.replied.add(pid)
         return payload, problem
 
     def personal_accuracy(self) -> float | None:
@@ -213,5 +242,5 @@ def check_fedbn(values: Mapping[str, Any]) -> None:
 FEDBN = Method(BankFedBN, "FedAvg with client-local BatchNorm layers (Li et al., 2021); headline: the "
                           "averaged local BatchNorm, acc-personal: each client's own",
                settings={"personal-eval": (bool, None)}, check=check_fedbn,
-               client=ClientSide(before=lambda step: restore_local_bn(step.model, step.state),
+               client=ClientSide(before=lambda step: restore_own_bn(step.model, step.state, step.content),
                                  after=lambda step: keep_local_bn(step.model, step.state)), title="FedBN")
