@@ -413,9 +413,9 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
            "own-class-expert": float((z[y[score], score].argmax(1) == y[score]).float().mean())
            if len(z) - 1 == int(y.max()) + 1 else None, "fit": len(fit), "scored": len(score)}
     def fit_meta(inputs: torch.Tensor, prior: str = "mean") -> MetaModel:
-        meta = MetaModel(len(inputs), int(z.shape[2]), arch=cfg.meta_arch, prior=prior)
-        return train_meta(meta, inputs[:, fit].permute(1, 0, 2), y[fit], epochs=cfg.meta_epochs, lr=cfg.meta_lr,
-                          ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout, patience=cfg.meta_patience,
+        meta = MetaModel(len(inputs), int(z.shape[2]), arch=cfg.of('mosaic').meta_arch, prior=prior)
+        return train_meta(meta, inputs[:, fit].permute(1, 0, 2), y[fit], epochs=cfg.of('mosaic').meta_epochs, lr=cfg.of('mosaic').meta_lr,
+                          ema_decay=cfg.of('mosaic').meta_ema, holdout_frac=cfg.of('mosaic').meta_holdout, patience=cfg.of('mosaic').meta_patience,
                           seed=cfg.seed)[0]
 
     for prior, inputs in (("experts", z[:-1]), ("global", z)):

@@ -84,9 +84,9 @@ def timing(steps: int, reps: int) -> dict:
     cfg = build_config({**BASE, **LEVELS["8"]})
     info = dataset_info("fmnist")
     x, y = client_data(cfg, 0, 10)
-    sigma, q, _ = dpm.generator_mechanism(dpm.dp_settings(cfg.values), len(y), cfg.gen_batch_size, cfg.gen_steps,
+    sigma, q, _ = dpm.generator_mechanism(dpm.dp_settings(cfg.values), len(y), cfg.of('mosaic').gen_batch_size, cfg.of('mosaic').gen_steps,
                                           protos=True)
-    out = {"clients-samples": len(y), "steps": steps, "batch": cfg.gen_batch_size, "sigma": sigma, "plain": [], "dp": [],
+    out = {"clients-samples": len(y), "steps": steps, "batch": cfg.of('mosaic').gen_batch_size, "sigma": sigma, "plain": [], "dp": [],
            "plain-cpu": [], "dp-cpu": []}
     for rep in range(reps):
         for mode in ("plain", "dp"):
@@ -94,9 +94,9 @@ def timing(steps: int, reps: int) -> dict:
             g, d = generator_for(info), build_discriminator(info.in_channels, info.image_size, info.num_classes)
             clf = make_model(cfg)
             dp = None if mode == "plain" else dpm.DiscriminatorDP(
-                cfg.dp_max_grad_norm, sigma, q, torch.bincount(y, minlength=10).double(), dpm.secret_generator())
+                cfg.of('dp').max_grad_norm, sigma, q, torch.bincount(y, minlength=10).double(), dpm.secret_generator())
             cpu0 = time.process_time()  # CPU time: less sensitive than wall time to other jobs on the cores
-            st = train_generator(g, d, clf, x, y, steps=steps, batch_size=cfg.gen_batch_size, lr=cfg.gen_lr,
+            st = train_generator(g, d, clf, x, y, steps=steps, batch_size=cfg.of('mosaic').gen_batch_size, lr=cfg.of('mosaic').gen_lr,
                                  seed=rep, eval_per_class=1, dp=dp)
             out[f"{mode}-cpu"].append((time.process_time() - cpu0) / steps)
             out[mode].append(st["seconds_per_step"])

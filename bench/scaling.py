@@ -57,7 +57,7 @@ def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: s
     model = make_model(cfg)
     model_bytes = sum(v.nbytes for v in model.state_dict().values())
     gen_bytes = sum(v.nbytes for v in generator_for(dataset_info(cfg.dataset)).state_dict().values())
-    protos = sum(min(cfg.proto_k, c) for row in label_counts for c in row if c > 0)
+    protos = sum(min(cfg.of('mosaic').proto_k, c) for row in label_counts for c in row if c > 0)
     proto_bytes = protos * (model.feature_dim * 4 + 8)
     if strategy != "mosaic":
         gen_bytes = proto_bytes = 0

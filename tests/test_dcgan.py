@@ -200,9 +200,9 @@ def test_dcgan_with_a_meta_model_on_generator_samples_is_refused(extra):
 
 
 def test_dcgan_accepted_settings_and_dp_refused():
-    assert build_config({}).generator == "conditional" and build_config({}).dcgan_width == 64
+    assert build_config({}).of('mosaic').generator == "conditional" and build_config({}).of('mosaic').dcgan_width == 64
     for extra in ({}, {"meta-data": "clients"}, {"strategy": "feddf-gen"}):
-        assert build_config({"generator": "dcgan", **extra}).generator == "dcgan"
+        assert build_config({"generator": "dcgan", **extra}).of('mosaic').generator == "dcgan"
     with pytest.raises(ConfigError, match=r"^generator: 'dcgan' cannot train under DP"):
         build_config({"strategy": "mosaic", "generator": "dcgan", "dp-epsilon": 8.0})
     with pytest.raises(ConfigError, match=r"^generator: unknown value"):

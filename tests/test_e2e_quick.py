@@ -237,7 +237,7 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     for r in rec.replies[2].values():
         feats, labels = r["prototypes"]["features"], r["prototypes"]["labels"]
         assert feats.shape == (len(labels), feature_dim) and torch.isfinite(feats).all()
-        m = cfg.proto_min_records
+        m = cfg.of('mosaic').proto_min_records
         for n, sent in zip(r["counts"], torch.bincount(labels, minlength=C).tolist()):
             assert (sent == 0) if n < m else (1 <= sent <= min(2, n // m)), (n, sent, m)
         n_protos += len(labels)
@@ -271,7 +271,7 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     assert all(torch.equal(artifacts["meta"][k], v) for k, v in meta["trained"].items())
 
     # The teacher that was distilled is the meta model over the C class experts.
-    model = MetaModel(C, C, arch=cfg.meta_arch)
+    model = MetaModel(C, C, arch=cfg.of('mosaic').meta_arch)
     model.load_state_dict(artifacts["meta"])
     with torch.no_grad():
         expected = model.eval()(_expert_logits(cfg, experts, x))
@@ -326,7 +326,7 @@ def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_global_fe
     out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
     distill, kd = _check_schedule_and_distillation(out, rows, rec, {**TINY, **overrides})
     x = kd["x"]
-    model = MetaModel(C, C, arch=kd["cfg"].meta_arch)
+    model = MetaModel(C, C, arch=kd["cfg"].of('mosaic').meta_arch)
     model.load_state_dict(load_checkpoint(out["dir"], ARTIFACTS)["meta"])
     backbone = kd["student_before"].eval()
     heads = []

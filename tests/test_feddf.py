@@ -148,8 +148,8 @@ def test_schedule_every_round_as_published_or_once():
 def test_the_published_preset_distils_every_round_with_the_papers_kd():
     merged = merge_run_config(["conf/fmnist-dir0.1.toml", "conf/feddf-published.toml"], cwd=PROJECT_ROOT)
     cfg = build_config({**load_defaults(), **merged})
-    assert (cfg.strategy, cfg.warmup_rounds, cfg.lr_schedule, cfg.distill_gate) == ("feddf", 1, "constant", "off")
-    assert (cfg.kd_a, cfg.kd_b, cfg.kd_temperature, cfg.kd_lr) == (1.0, 0.0, 1.0, 1e-3)
+    assert (cfg.strategy, cfg.warmup_rounds, cfg.lr_schedule, cfg.of('kd').gate) == ("feddf", 1, "constant", "off")
+    assert (cfg.of('kd').a, cfg.of('kd').b, cfg.of('kd').temperature, cfg.of('kd').lr) == (1.0, 0.0, 1.0, 1e-3)
     assert cfg.of("feddf").every_round and STRATEGIES["feddf"].prepare is not None
 
 
@@ -227,7 +227,7 @@ def test_the_teacher_is_the_mean_of_the_client_models_logits(mechanism):
 def test_kd_batches_are_transfer_images_in_shuffled_passes(mechanism):
     cfg, transfer = mechanism["cfg"], mechanism["strategy"].transfer
     xs = torch.cat([b[0] for b in mechanism["batches"]])
-    assert len(mechanism["batches"]) == cfg.kd_steps and all(len(b[0]) == cfg.kd_batch_size for b in mechanism["batches"])
+    assert len(mechanism["batches"]) == cfg.of('kd').steps and all(len(b[0]) == cfg.of('kd').batch_size for b in mechanism["batches"])
     # 20 batches of 32 = 2.5 passes over the 256 images: the first 256 are each image once
     assert _rows(xs[:256]) == _rows(transfer) and len(_rows(transfer)) == 256
     ys = torch.cat([b[1] for b in mechanism["batches"]])      # the teacher's labels (no labels asked)

@@ -91,7 +91,7 @@ def test_feddf_gen_warms_up_as_fedavg_and_asks_for_generators_only_at_its_distil
     assert [feddf.round_config(r, feddf.train_config())[0] for r in (1, 2, 3, 4, 5)] == \
         ["train", "train", "train.mosaic", "train", "train"]
     _, values = feddf.round_config(3, feddf.train_config())
-    assert values["distill"] and values["proto-k"] == 0 and values["gen-steps"] == cfg.gen_steps
+    assert values["distill"] and values["proto-k"] == 0 and values["gen-steps"] == cfg.of('mosaic').gen_steps
     assert "experts" not in feddf.state_dict()  # FedDF's teacher is the client models: no class experts
 
 

@@ -121,7 +121,7 @@ def test_gate_scores_under_dp_are_charged_and_one_beyond_the_plan_is_refused(tmp
     n = len(node_data(cfg, grid.contexts[grid.node_ids[0]].node_config)[1])
     Ledger(path, budget=settings.epsilon, delta=DELTA).charge(
         {"prototypes": dpm.plan(settings, protos=True)["prototypes"],
-         "generator": dpm.generator_mechanism(settings, n, cfg.gen_batch_size, cfg.gen_steps, protos=True)})
+         "generator": dpm.generator_mechanism(settings, n, cfg.of('mosaic').gen_batch_size, cfg.of('mosaic').gen_steps, protos=True)})
     second, third = _score(grid, 8), _score(grid, 9)
     assert second.has_content()   # the plan's second score fits
     assert third.has_error() and "privacy ledger: refusing to release gate" in third.error.reason

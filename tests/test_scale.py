@@ -170,7 +170,7 @@ def test_unbounded_bank_keeps_every_generator():
 # ----------------------------------------------------------------------------- config
 def test_collect_rounds_and_bank_size_are_checked_before_training():
     base = {"strategy": "mosaic", "num-server-rounds": 6, "warmup-rounds": 4}
-    assert build_config({**base, "collect-rounds": 4, "generator-bank-size": 2}).collect_rounds == 4
+    assert build_config({**base, "collect-rounds": 4, "generator-bank-size": 2}).of('mosaic').collect_rounds == 4
     with pytest.raises(ConfigError, match="collect-rounds: 5 exceeds warmup-rounds 4"):
         build_config({**base, "collect-rounds": 5})
     with pytest.raises(ConfigError, match="collect-rounds: 2 accumulates .* aggregation='mean'"):
@@ -179,7 +179,7 @@ def test_collect_rounds_and_bank_size_are_checked_before_training():
         build_config({**base, "collect-rounds": 2, "client-capacities": "1,0.5"})
     with pytest.raises(ConfigError, match="generator-bank-size"):
         build_config({**base, "generator-bank-size": -1})
-    assert build_config({**base, "proto-rounds": 4}).proto_rounds == 4
+    assert build_config({**base, "proto-rounds": 4}).of('mosaic').proto_rounds == 4
     with pytest.raises(ConfigError, match=r"^proto-rounds: 5 exceeds warmup-rounds 4"):
         build_config({**base, "proto-rounds": 5})
     with pytest.raises(ConfigError, match=r"^proto-rounds: 2 keeps prototypes for the meta model, .*'generated'"):
