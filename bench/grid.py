@@ -37,8 +37,8 @@ ALPHAS = (0.01, 0.1, 1.0)
 SEEDS = (42, 43, 44)
 CENTRAL = "central"
 QUICK = {"strategies": ("fedavg", "mosaic"), "alphas": (0.1,), "seeds": (42,),
-         "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 gen-steps=60 "
-                       "kd-steps=30 meta-epochs=40"}
+         "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 mosaic.gen-steps=60 "
+                       "kd.steps=30 mosaic.meta-epochs=40"}
 DISTILLING = {"feddf-gen", "mosaic", "mosaic-nometa", "mosaic-generated", "mosaic-screened"}
 
 

@@ -41,7 +41,7 @@ app = ClientApp()
 
 @lru_cache(maxsize=4)
 def _config(items: tuple) -> Config:
-    return build_config(dict(items))
+    return build_config(dict(items), warn=False)  # an old key name: the ServerApp's log says so, once
 
 
 def client_setup(context: Context) -> tuple[Config, int, int]:

@@ -95,7 +95,7 @@ def server_test_set(cfg: Config) -> None:
 
 
 def report_test_set(cfg: Config) -> None:
-    """``report-test-subset``: the distillation report's test images (class-balanced, fixed),
+    """``kd.report-test-subset``: the distillation report's test images (class-balanced, fixed),
     the whole server test set at 0 or above its size."""
     from mosaic_flwr.core.task import test_data
 
@@ -232,7 +232,7 @@ def lr_schedule(cfg: Config) -> None:
 
 
 def prototype_bank(cfg: Config) -> None:
-    """The rounds whose clients are asked for prototypes: the proto-rounds ending at the
+    """The rounds whose clients are asked for prototypes: the mosaic.proto-rounds ending at the
     distillation round (none before it with one)."""
     mosaic = _server(cfg, MosaicStrategy)
     n = proto_rounds(cfg.values)
@@ -280,7 +280,7 @@ def feddf_transfer(cfg: Config) -> None:
 
 
 def distill_round_training(cfg: Config) -> None:
-    """The distillation round's train config (``distill-local-steps`` replaces local-steps
+    """The distillation round's train config (``kd.local-steps`` replaces local-steps
     there, 0 keeps them) -> the ClientApp's sgd_settings -> train_local."""
     mosaic = _server(cfg, MosaicStrategy)
     _, values = mosaic.round_config(cfg.warmup_rounds, mosaic.train_config())
@@ -298,7 +298,7 @@ def distill_round_training(cfg: Config) -> None:
 
 
 def look_ahead(cfg: Config) -> None:
-    """``gate-rounds``: the look-ahead gate decides between the distillation round and the
+    """``kd.gate-rounds``: the look-ahead gate decides between the distillation round and the
     last round (-1: the last round; 0: at the distillation round itself)."""
     until = _server(cfg, MosaicStrategy).gate_until()
     assert cfg.warmup_rounds <= until <= cfg.num_server_rounds
@@ -307,7 +307,7 @@ def look_ahead(cfg: Config) -> None:
 
 
 def collection(cfg: Config) -> None:
-    """``collect-rounds``: the rounds that end at the distillation round, in which sampled
+    """``mosaic.collect-rounds``: the rounds that end at the distillation round, in which sampled
     clients that have not uploaded a generator are asked for one (and only those)."""
     mosaic = _server(cfg, MosaicStrategy)
     rounds = [r for r in range(1, cfg.num_server_rounds + 1) if mosaic.collecting(r)]
@@ -320,7 +320,7 @@ def collection(cfg: Config) -> None:
 
 
 def generator_bank(cfg: Config) -> None:
-    """``generator-bank-size``: the server's bank of generators (per class; 0: all) and the
+    """``mosaic.generator-bank-size``: the server's bank of generators (per class; 0: all) and the
     sampler over what it kept."""
     from mosaic_flwr.core.streaming import GeneratorBank
 
@@ -376,8 +376,8 @@ def _mosaic_client(cfg: Config) -> None:
 
 
 def dcgan_client(cfg: Config) -> None:
-    """``dcgan-width``: the client's DCGAN at that width, trained and uploaded, loads into the
-    server's template (``generator='dcgan'``)."""
+    """``mosaic.dcgan-width``: the client's DCGAN at that width, trained and uploaded, loads into the
+    server's template (``mosaic.generator='dcgan'``)."""
     x, y = _data()
     gen = {"steps": 1, "batch-size": cfg.of('mosaic').gen_batch_size, "lr": cfg.of('mosaic').gen_lr, "ce-weight": cfg.of('mosaic').gen_ce_weight,
            "div-weight": cfg.of('mosaic').gen_div_weight, "generator": cfg.of('mosaic').generator, "dcgan-width": cfg.of('mosaic').dcgan_width}
@@ -397,7 +397,7 @@ def mosaic_client(cfg: Config) -> None:
 
 
 def min_records_client(cfg: Config) -> None:
-    """``proto-min-records``: every prototype the client sends is the mean of that many records."""
+    """``mosaic.proto-min-records``: every prototype the client sends is the mean of that many records."""
     x, y = _data()
     out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
                               seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
@@ -555,14 +555,14 @@ class Row:
 
 MOSAIC = {"strategy": "mosaic"}
 DP_MOSAIC = MOSAIC  # with the clients' gate: its scores are part of the DP plan
-DENSE = {"strategy": "dense", "kd-steps": 3, "kd-batch-size": 4, "dense.gen-steps": 1, "dense.gen-interval": 2,
+DENSE = {"strategy": "dense", "kd.steps": 3, "kd.batch-size": 4, "dense.gen-steps": 1, "dense.gen-interval": 2,
          "dense.gen-batch-size": 4, "dense.gen-width": 2, "dense.noise-dim": 4}
 ROWS: dict[str, Row] = {
     "alpha": Row([JUST_ABOVE_0, 1e6], [0.0, -1.0], data_partition),
     "min-partition-size": Row([1, 100], [0, -1], data_partition),
     "shards-per-client": Row([1, 3], [0], data_partition),   # 3: every class of the tiny data
     "test-subset": Row([0, 1, 500], [-1], server_test_set),
-    "report-test-subset": Row([0, 1, 500, 10**6], [-1], report_test_set),
+    "kd.report-test-subset": Row([0, 1, 500, 10**6], [-1], report_test_set),
     "validation-split": Row([0.0, 0.5], [-0.1, 0.5 + 1e-9], validation),
     "seed": Row([0, SEED_LIMIT - 1], [-1, SEED_LIMIT], seeds),
     "num-server-rounds": Row([1], [0], schedule, {**MOSAIC, "warmup-rounds": 1}),
@@ -600,61 +600,61 @@ ROWS: dict[str, Row] = {
     "dense.oh-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
     "dense.adv-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
     "dense.pool-size": Row([0, 1, 10**6], [-1], dense_source, DENSE),
-    "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
-    "distill-batch-size": Row([0, 1, 10**6], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
-    "distill-momentum": Row([-1.0, 0.0, 1.0], [-0.5, 1.1, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
-    "distill-weight-decay": Row([-1.0, 0.0, 1e-4], [-0.5, float("inf")], distill_round_training,
+    "kd.local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "kd.local-batch-size": Row([0, 1, 10**6], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "kd.local-momentum": Row([-1.0, 0.0, 1.0], [-0.5, 1.1, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "kd.local-weight-decay": Row([-1.0, 0.0, 1e-4], [-0.5, float("inf")], distill_round_training,
                                 {**MOSAIC, "local-steps": 3}),
-    "distill-lr": Row([-1.0, JUST_ABOVE_0, 1.0], [0.0, -0.5, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
-    "collect-rounds": Row([1, 8], [0, 9], collection, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
-    "proto-rounds": Row([-1, 1, 8], [0, -2, 9], prototype_bank, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
-    "generator-bank-size": Row([0, 1, 10**6], [-1], generator_bank, MOSAIC),
-    "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
+    "kd.local-lr": Row([-1.0, JUST_ABOVE_0, 1.0], [0.0, -0.5, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "mosaic.collect-rounds": Row([1, 8], [0, 9], collection, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
+    "mosaic.proto-rounds": Row([-1, 1, 8], [0, -2, 9], prototype_bank, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
+    "mosaic.generator-bank-size": Row([0, 1, 10**6], [-1], generator_bank, MOSAIC),
+    "kd.gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
     "eval-batch-size": Row([1], [0], local_training),
     "client-threads": Row([1], [0], threads),
     "server-threads": Row([0, 1], [-1], threads),
     "max-client-share": Row([JUST_ABOVE_0, 1.0], [0.0, 1.0 + 1e-9], share_cap),
     "trim-fraction": Row([0.0, 0.5 - 1e-9], [-0.1, 0.5], robust),
-    "proto-k": Row([1, 10], [0], mosaic_client),            # 10 > a class's samples: the mean
-    "proto-min-records": Row([1, 2, 10**6], [0, -1], min_records_client),
+    "mosaic.proto-k": Row([1, 10], [0], mosaic_client),            # 10 > a class's samples: the mean
+    "mosaic.proto-min-records": Row([1, 2, 10**6], [0, -1], min_records_client),
     "count-floor": Row([0, 1, 10**6], [-1], floored_client),
-    "gen-steps": Row([1], [0], mosaic_client),
-    "gen-batch-size": Row([2, 3], [1, 0], mosaic_client),
-    "gen-lr": Row([JUST_ABOVE_0], [0.0], mosaic_client),
-    "gen-ce-weight": Row([0.0], [-0.1], mosaic_client),
-    "gen-div-weight": Row([0.0], [-0.1], mosaic_client),
-    "dcgan-width": Row([1, 8], [0, -1], dcgan_client, {**MOSAIC, "generator": "dcgan"}),
-    "meta-samples-per-class": Row([1], [0], meta),
-    "meta-epochs": Row([1], [0], meta),
-    "meta-lr": Row([JUST_ABOVE_0], [0.0], meta),
-    "meta-patience": Row([1], [0], meta),
-    "meta-holdout": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
-    "meta-ema": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
-    "kd-steps": Row([1], [0, -1], distillation),
-    "kd-batch-size": Row([1], [0], distillation),
-    "kd-lr": Row([JUST_ABOVE_0], [0.0], distillation),
-    "kd-a": Row([0.0, 1.0], [-0.1, 1.1], distillation),
-    "kd-b": Row([0.0], [-0.1], distillation),
-    "kd-temperature": Row([JUST_ABOVE_0], [0.0], distillation),
+    "mosaic.gen-steps": Row([1], [0], mosaic_client),
+    "mosaic.gen-batch-size": Row([2, 3], [1, 0], mosaic_client),
+    "mosaic.gen-lr": Row([JUST_ABOVE_0], [0.0], mosaic_client),
+    "mosaic.gen-ce-weight": Row([0.0], [-0.1], mosaic_client),
+    "mosaic.gen-div-weight": Row([0.0], [-0.1], mosaic_client),
+    "mosaic.dcgan-width": Row([1, 8], [0, -1], dcgan_client, {**MOSAIC, "mosaic.generator": "dcgan"}),
+    "mosaic.meta-samples-per-class": Row([1], [0], meta),
+    "mosaic.meta-epochs": Row([1], [0], meta),
+    "mosaic.meta-lr": Row([JUST_ABOVE_0], [0.0], meta),
+    "mosaic.meta-patience": Row([1], [0], meta),
+    "mosaic.meta-holdout": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
+    "mosaic.meta-ema": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
+    "kd.steps": Row([1], [0, -1], distillation),
+    "kd.batch-size": Row([1], [0], distillation),
+    "kd.lr": Row([JUST_ABOVE_0], [0.0], distillation),
+    "kd.a": Row([0.0, 1.0], [-0.1, 1.1], distillation),
+    "kd.b": Row([0.0], [-0.1], distillation),
+    "kd.temperature": Row([JUST_ABOVE_0], [0.0], distillation),
     # differential privacy: 0 is "off"; the smallest epsilon at the smallest delta (non-finite
     # floats are refused for every key)
-    # dp-epsilon is a client's total: the counts', prototypes' and gate scores' own epsilons
+    # dp.epsilon is a client's total: the counts', prototypes' and gate scores' own epsilons
     # (at least 0.1 each) must leave the generator some of it (0.1 cannot)
-    "dp-epsilon": Row([0.0, 0.5, 1e6], [-0.1, 0.1 - 1e-9, 0.1, math.inf], dp_client,
-                      {**DP_MOSAIC, "dp-count-epsilon": 0.1, "dp-proto-epsilon": 0.1, "dp-gate-epsilon": 0.1}),
-    "dp-delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
-    "dp-max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
-    "dp-noise-multiplier": Row([0.0, JUST_ABOVE_0, 1e3], [-0.1, math.inf], dp_client, DP_MOSAIC),
-    "dp-proto-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                            {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
-    "dp-proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
-    "dp-count-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                            {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
-    "dp-gate-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                           {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
+    "dp.epsilon": Row([0.0, 0.5, 1e6], [-0.1, 0.1 - 1e-9, 0.1, math.inf], dp_client,
+                      {**DP_MOSAIC, "dp.count-epsilon": 0.1, "dp.proto-epsilon": 0.1, "dp.gate-epsilon": 0.1}),
+    "dp.delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**DP_MOSAIC, "dp.epsilon": 4.0}),
+    "dp.max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp.epsilon": 4.0}),
+    "dp.noise-multiplier": Row([0.0, JUST_ABOVE_0, 1e3], [-0.1, math.inf], dp_client, DP_MOSAIC),
+    "dp.proto-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                            {**DP_MOSAIC, "dp.epsilon": 1e4, "dp.delta": 1e-10}),
+    "dp.proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp.epsilon": 4.0}),
+    "dp.count-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                            {**DP_MOSAIC, "dp.epsilon": 1e4, "dp.delta": 1e-10}),
+    "dp.gate-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                           {**DP_MOSAIC, "dp.epsilon": 1e4, "dp.delta": 1e-10}),
 }
 # Small KD batches: the generator trains on them.
-FEDFTG = {"strategy": "fedftg", "kd-batch-size": 4, "kd-steps": 3, "meta-samples-per-class": 1}
+FEDFTG = {"strategy": "fedftg", "kd.batch-size": 4, "kd.steps": 3, "mosaic.meta-samples-per-class": 1}
 DFRD = {**FEDFTG, "strategy": "dfrd"}
 ROWS.update({
     "fedftg.gen-steps": Row([1, 3], [0], server_generator, FEDFTG),
@@ -713,12 +713,12 @@ def test_rejected_neighbour_names_the_key(key, value):
 
 
 def test_kd_steps_zero_points_to_fedavg():
-    with pytest.raises(ConfigError, match=r"^kd-steps: must be >= 1, got 0 .*strategy='fedavg'"):
-        build_config({"kd-steps": 0})
+    with pytest.raises(ConfigError, match=r"^kd.steps: must be >= 1, got 0 .*strategy='fedavg'"):
+        build_config({"kd.steps": 0})
 
 
-@pytest.mark.parametrize("key,value", [("meta-holdout", 1.0), ("meta-ema", 1.0), ("gen-batch-size", 1),
-                                       ("kd-steps", 0), ("seed", -1)])
+@pytest.mark.parametrize("key,value", [("mosaic.meta-holdout", 1.0), ("mosaic.meta-ema", 1.0), ("mosaic.gen-batch-size", 1),
+                                       ("kd.steps", 0), ("seed", -1)])
 def test_values_accepted_before_crashed_their_consumer(key, value):
     """Why the ranges moved: each of these passed validation before, then crashed."""
     cfg = build_config(BASE)

@@ -182,8 +182,8 @@ def _feddf(cfg, clients) -> FedDF:
 
 def _mnist_cfg(**kw):
     return build_config({"strategy": "feddf", "dataset": "synthetic", "feddf.transfer-set": "mnist",
-                         "data-dir": str(mnist_dir()), "feddf.transfer-size": 256, "kd-steps": 20,
-                         "kd-batch-size": 32, "kd-lr": 1e-3, "kd-a": 1.0, "kd-b": 0.0, "distill-gate": "off", **kw})
+                         "data-dir": str(mnist_dir()), "feddf.transfer-size": 256, "kd.steps": 20,
+                         "kd.batch-size": 32, "kd.lr": 1e-3, "kd.a": 1.0, "kd.b": 0.0, "kd.gate": "off", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +278,7 @@ def test_no_label_of_the_transfer_set_is_read(mechanism, monkeypatch):
 
 # ----------------------------------------------------------------------------- in-process runs
 TINY = {"alpha": 1.0, "num-server-rounds": 3, "warmup-rounds": 1, "local-steps": 10, "batch-size": 16,
-        "lr": 0.05, "kd-steps": 6, "kd-batch-size": 16, "kd-lr": 1e-3, "distill-gate": "off",
+        "lr": 0.05, "kd.steps": 6, "kd.batch-size": 16, "kd.lr": 1e-3, "kd.gate": "off",
         "feddf.transfer-size": 100}
 
 

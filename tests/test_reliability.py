@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The synthetic data set keeps these runs short; the mechanisms do not depend on the data.
 SYNTH = {"dataset": "synthetic", "alpha": 1.0}
 TINY_MOSAIC = {**SYNTH, "strategy": "mosaic", "num-server-rounds": 3, "warmup-rounds": 2, "local-steps": 10,
-               "gen-steps": 20, "kd-steps": 5, "meta-epochs": 5}
+               "mosaic.gen-steps": 20, "kd.steps": 5, "mosaic.meta-epochs": 5}
 
 
 def _round(incoming: Message) -> int:
