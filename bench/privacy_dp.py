@@ -148,6 +148,8 @@ def _f(v, fmt="{:.4f}"):
 
 
 def report() -> None:
+    from mosaic_flwr.config import renamed
+
     rows = [r for r in (_row(level) for level in LEVELS) if r is not None]
     if not rows:
         raise SystemExit(f"no finished runs under {OUT}")
@@ -167,7 +169,7 @@ def report() -> None:
              "| generator s / client | fidelity | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        o = r["overrides"]
+        o = renamed(r["overrides"], warn=False)  # (a run from before the namespaces: the old names)
         setting = ("off" if not r["dp"] else
                    f"{o.get('dp.epsilon')} / {o.get('dp.proto-epsilon')} / {o.get('dp.count-epsilon')} / "
                    f"{o.get('dp.gate-epsilon')}")

@@ -173,7 +173,7 @@ def test_client_round_trains_and_uploads_the_dcgan():
     cfg = build_config({"dataset": "synthetic"})
     x, y = _data(40)
     gen = {"steps": 2, "batch-size": 4, "lr": 5e-4, "ce-weight": 1.0, "div-weight": 0.3,
-           "mosaic.generator": "dcgan", "mosaic.dcgan-width": 4}
+           "generator": "dcgan", "dcgan-width": 4}
     unseen = _data(40, classes=10, seed=1)
     out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8}, seed=0,
                               device=torch.device("cpu"), distill_round=True, proto_k=2, gen=gen,

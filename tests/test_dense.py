@@ -160,7 +160,7 @@ def _spy(monkeypatch) -> list[dict]:
 def test_dense_is_registered_with_its_settings():
     method = STRATEGIES["dense"]
     assert method.strategy is DenseStrategy and method.distils
-    assert {"mosaic.gen-steps", "gen-interval", "adv-weight", "bn-weight", "oh-weight", "pool-size"} <= set(method.settings)
+    assert {"gen-steps", "gen-interval", "adv-weight", "bn-weight", "oh-weight", "pool-size"} <= set(method.settings)
 
 
 def test_dense_one_shot_runs_in_process(tmp_path, monkeypatch):

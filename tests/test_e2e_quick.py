@@ -250,7 +250,7 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     assert meta["z"].shape == (n_protos + 4 * held, C, C) and torch.isfinite(meta["z"]).all()
     assert distill["meta-inputs"] == len(meta["labels"]) and distill["meta-real-inputs"] == n_protos
     # model selection saw held-out prototypes only, never generated samples
-    assert 0 < meta["stats"]["n_holdout"] == distill["mosaic.meta-holdout"] <= n_protos // 2
+    assert 0 < meta["stats"]["n_holdout"] == distill["meta-holdout"] <= n_protos // 2
     assert distill["meta-used"] == 1
     assert any(not torch.equal(meta["initial"][k], v) for k, v in meta["trained"].items())
 

@@ -232,7 +232,7 @@ def test_configure_train_phases(strategy):
     fine = list(strategy.configure_train(4, arrays, base, grid))
     assert {m.metadata.message_type for m in warm} == {"train.mosaic"}
     assert all(m.content["config"]["distill"] is False for m in warm)
-    assert all(m.content["config"]["distill"] is True and m.content["config"]["proto-k"] == cfgrec.proto_k
+    assert all(m.content["config"]["distill"] is True and m.content["config"]["proto-k"] == cfgrec.of("mosaic").proto_k
                for m in dist)
     assert {m.metadata.message_type for m in fine} == {"train"}
     assert all(m.content["config"]["lr"] == cfgrec.finetune_lr for m in fine)
