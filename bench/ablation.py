@@ -79,7 +79,7 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
     grid = InProcessGrid(client_app, base_rc, num_clients, hook=replies)
     t0, load0 = time.perf_counter(), loadavg()
     sc = setup(grid, context(base_rc))
-    base = MosaicStrategy(sc, teacher="meta" if sc.cfg.mosaic_meta else "ensemble")
+    base = MosaicStrategy(sc, teacher="meta" if sc.cfg.of('mosaic').meta else "ensemble")
     w = sc.cfg.warmup_rounds
     print(f"[ablation] alpha={alpha:g} seed={seed}: warm-up rounds 1..{w - 1} and the "
           f"distillation round's client work, once", flush=True)
@@ -98,7 +98,7 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
             sv, strat = sc, base
         else:
             sv = setup(grid, context(run_config(variant)))
-            strat = MosaicStrategy(sv, teacher="meta" if sv.cfg.mosaic_meta else "ensemble")
+            strat = MosaicStrategy(sv, teacher="meta" if sv.cfg.of('mosaic').meta else "ensemble")
             strat.load_state_dict(copy.deepcopy(state))
             sv.results.restore(copy.deepcopy(rounds), copy.deepcopy(extra))
         set_rng_state(copy.deepcopy(rng))

@@ -113,7 +113,7 @@ def main() -> None:
     prov = provenance()
     base = {"strategy": "mosaic", "dataset": "fmnist", "alpha": args.alpha, "seed": args.seed,
             "num-server-rounds": args.rounds, "warmup-rounds": args.warmup_rounds,
-            "local-steps": args.local_steps, "gen-steps": args.gen_steps, "kd-steps": args.kd_steps,
+            "local-steps": args.local_steps, "mosaic.gen-steps": args.gen_steps, "kd.steps": args.kd_steps,
             "checkpoint": False, "server-threads": 1}
     cases = [  # (name, attacked, config changes)
         ("clean", False, {}),
@@ -138,7 +138,7 @@ def main() -> None:
              f"{args.poison} model (Fashion-MNIST, Dirichlet {args.alpha}, seed {args.seed})")
     lines = header_lines(title, prov)
     lines += [f"Mosaic, cnn_small, {args.rounds} rounds (distillation after round {args.warmup_rounds}), "
-              f"local-steps {args.local_steps}, gen-steps {args.gen_steps}, kd-steps {args.kd_steps}; "
+              f"local-steps {args.local_steps}, mosaic.gen-steps {args.gen_steps}, kd.steps {args.kd_steps}; "
               "in-process (bench/attack.py); the attacker is partition 0.", "",
               "| case | final accuracy | before distill | expert ensemble | meta teacher | after distill | s |",
               "|---|---|---|---|---|---|---|"]

@@ -28,11 +28,11 @@ RESULTS = ROOT / "bench" / "results"
 RUNS = Path(os.environ.get("MOSAIC_FLWR_RUNS") or Path.home() / ".cache" / "mosaic-flwr" / "bench-runs")
 
 VARIANTS = {  # name -> (strategy, extra run config)
-    "mosaic-nometa": ("mosaic", "mosaic-meta=false"),           # the plain expert ensemble teaches
-    "mosaic-generated": ("mosaic", "meta-data='generated'"),     # meta model on unscreened samples
-    "mosaic-screened": ("mosaic", "meta-data='screened'"),
-    "mosaic-prototypes": ("mosaic", "meta-data='prototypes'"),  # the authors' meta-model data
-    "mosaic-both": ("mosaic", "meta-data='both'"),
+    "mosaic-nometa": ("mosaic", "mosaic.meta=false"),           # the plain expert ensemble teaches
+    "mosaic-generated": ("mosaic", "mosaic.meta-data='generated'"),     # meta model on unscreened samples
+    "mosaic-screened": ("mosaic", "mosaic.meta-data='screened'"),
+    "mosaic-prototypes": ("mosaic", "mosaic.meta-data='prototypes'"),  # the authors' meta-model data
+    "mosaic-both": ("mosaic", "mosaic.meta-data='both'"),
 }
 
 

@@ -54,60 +54,60 @@ CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedu
 # Mosaic as the authors run it (no gate) and each lever of the teacher on its own.
 VARIANTS = {
     **{m: (m, {}) for m in registered()},
-    "mosaic-ungated": ("mosaic", {"distill-gate": "off"}),
-    "mosaic-global": ("mosaic", {"distill-gate": "off", "meta-prior": "global"}),
-    "mosaic-kd500": ("mosaic", {"distill-gate": "off", "kd-steps": 500}),
-    "mosaic-global-kd500": ("mosaic", {"distill-gate": "off", "meta-prior": "global", "kd-steps": 500}),
-    "mosaic-local200": ("mosaic", {"distill-gate": "off", "distill-local-steps": 200}),
-    "mosaic-clients": ("mosaic", {"distill-gate": "off", "meta-data": "clients"}),
-    "mosaic-clients-gated": ("mosaic", {"meta-data": "clients"}),
+    "mosaic-ungated": ("mosaic", {"kd.gate": "off"}),
+    "mosaic-global": ("mosaic", {"kd.gate": "off", "mosaic.meta-prior": "global"}),
+    "mosaic-kd500": ("mosaic", {"kd.gate": "off", "kd.steps": 500}),
+    "mosaic-global-kd500": ("mosaic", {"kd.gate": "off", "mosaic.meta-prior": "global", "kd.steps": 500}),
+    "mosaic-local200": ("mosaic", {"kd.gate": "off", "kd.local-steps": 200}),
+    "mosaic-clients": ("mosaic", {"kd.gate": "off", "mosaic.meta-data": "clients"}),
+    "mosaic-clients-gated": ("mosaic", {"mosaic.meta-data": "clients"}),
     # Issue 37: the meta model's data and its guard, each change on its own (no gate: the
     # distillation round's figures), then the former default as it shipped (gated).
-    "mosaic-old": ("mosaic", {"meta-data": "both", "meta-guard": False}),
+    "mosaic-old": ("mosaic", {"mosaic.meta-data": "both", "mosaic.meta-guard": False}),
     # the meta model fuses each expert's head on the global model's features (what it learned on)
-    "mosaic-heads": ("mosaic", {"meta-experts": "heads"}),
-    "mosaic-protos-noguard": ("mosaic", {"distill-gate": "off", "meta-guard": False}),
-    "mosaic-both-guard": ("mosaic", {"distill-gate": "off", "meta-data": "both"}),
+    "mosaic-heads": ("mosaic", {"mosaic.meta-experts": "heads"}),
+    "mosaic-protos-noguard": ("mosaic", {"kd.gate": "off", "mosaic.meta-guard": False}),
+    "mosaic-both-guard": ("mosaic", {"kd.gate": "off", "mosaic.meta-data": "both"}),
     # the authors' local training for the round whose models become experts: 10 plain SGD
     # steps of 64, weight decay 1e-4 (experts drift less from the global model whose features
     # the prototypes are computed in); its own round 1
-    "mosaic-drift": ("mosaic", {"distill-gate": "off", "distill-local-steps": 10, "distill-batch-size": 64,
-                                "distill-momentum": 0.0, "distill-weight-decay": 1e-4}),
+    "mosaic-drift": ("mosaic", {"kd.gate": "off", "kd.local-steps": 10, "kd.local-batch-size": 64,
+                                "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4}),
     # conf/mosaic-paper.toml at a CPU cut: its KD budget 500 steps of 320 (theirs 1,500-2,500)
-    "mosaic-paper": ("mosaic", {"meta-data": "prototypes", "meta-guard": False, "proto-k": 10,
-                                "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
-                                "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
-                                "distill-gate": "off"}),
-    # the authors' expert round as a second pass beside the regular training (expert-pass):
+    "mosaic-paper": ("mosaic", {"mosaic.meta-data": "prototypes", "mosaic.meta-guard": False, "mosaic.proto-k": 10,
+                                "kd.local-steps": 10, "kd.local-batch-size": 64, "kd.local-momentum": 0.0,
+                                "kd.local-weight-decay": 1e-4, "kd.steps": 500, "kd.batch-size": 320,
+                                "kd.gate": "off"}),
+    # the authors' expert round as a second pass beside the regular training (kd.expert-pass):
     # experts drift little, the averaged model trains as usual; gated (as shipped) and not
-    "mosaic-expertpass": ("mosaic", {"expert-pass": True, "distill-local-steps": 10, "distill-batch-size": 64,
-                                     "distill-momentum": 0.0, "distill-weight-decay": 1e-4}),
-    "mosaic-expertpass-ungated": ("mosaic", {"expert-pass": True, "distill-local-steps": 10, "distill-batch-size": 64,
-                                             "distill-momentum": 0.0, "distill-weight-decay": 1e-4,
-                                             "distill-gate": "off"}),
-    # ... with more prototypes per class (proto-k 20): a larger real-derived set for the meta
+    "mosaic-expertpass": ("mosaic", {"kd.expert-pass": True, "kd.local-steps": 10, "kd.local-batch-size": 64,
+                                     "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4}),
+    "mosaic-expertpass-ungated": ("mosaic", {"kd.expert-pass": True, "kd.local-steps": 10, "kd.local-batch-size": 64,
+                                             "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4,
+                                             "kd.gate": "off"}),
+    # ... with more prototypes per class (mosaic.proto-k 20): a larger real-derived set for the meta
     # model and its guard's hold-out
-    "mosaic-expertpass-k20": ("mosaic", {"expert-pass": True, "distill-local-steps": 10, "distill-batch-size": 64,
-                                         "distill-momentum": 0.0, "distill-weight-decay": 1e-4, "proto-k": 20}),
+    "mosaic-expertpass-k20": ("mosaic", {"kd.expert-pass": True, "kd.local-steps": 10, "kd.local-batch-size": 64,
+                                         "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4, "mosaic.proto-k": 20}),
     # conf/mosaic-paper.toml with the authors' unconditional generator, at a CPU cut: a
-    # quarter of their width (dcgan-width 16) and 500 KD steps of 320
-    "mosaic-paper-dcgan": ("mosaic", {"meta-data": "prototypes", "meta-guard": False, "proto-k": 10,
-                                      "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
-                                      "distill-weight-decay": 1e-4, "kd-steps": 500, "kd-batch-size": 320,
-                                      "distill-gate": "off", "generator": "dcgan", "dcgan-width": 16}),
+    # quarter of their width (mosaic.dcgan-width 16) and 500 KD steps of 320
+    "mosaic-paper-dcgan": ("mosaic", {"mosaic.meta-data": "prototypes", "mosaic.meta-guard": False, "mosaic.proto-k": 10,
+                                      "kd.local-steps": 10, "kd.local-batch-size": 64, "kd.local-momentum": 0.0,
+                                      "kd.local-weight-decay": 1e-4, "kd.steps": 500, "kd.batch-size": 320,
+                                      "kd.gate": "off", "mosaic.generator": "dcgan", "mosaic.dcgan-width": 16}),
     # Distil after the fine-tune rounds: the rate drops after round 1 as for FedAvg
     # (lr-step-round), and the distillation round is the last one, so the teacher's experts are
     # fine-tuned models and the distilled model competes with FedAvg's fine-tuned one
     "mosaic-late": ("mosaic", {"warmup-rounds": CONTINUE_ROUNDS, "lr-step-round": 1}),
     # ... with experts from the authors' expert round as a second pass at the pre-training rate
-    # (distill-lr; at the fine-tune rate the experts would hardly leave the received model)
-    "mosaic-late-expertpass": ("mosaic", {"warmup-rounds": CONTINUE_ROUNDS, "lr-step-round": 1, "expert-pass": True,
-                                          "distill-local-steps": 10, "distill-batch-size": 64, "distill-momentum": 0.0,
-                                          "distill-weight-decay": 1e-4, "distill-lr": 0.01}),
-    # Issue 39: prototypes of any size (the default before proto-min-records=5), gated and not
-    "mosaic-pmr1": ("mosaic", {"proto-min-records": 1}),
-    "mosaic-ungated-pmr1": ("mosaic", {"distill-gate": "off", "proto-min-records": 1}),
-    "mosaic-nometa": ("mosaic", {"mosaic-meta": False}),  # the experts' mixture alone is the teacher
+    # (kd.local-lr; at the fine-tune rate the experts would hardly leave the received model)
+    "mosaic-late-expertpass": ("mosaic", {"warmup-rounds": CONTINUE_ROUNDS, "lr-step-round": 1, "kd.expert-pass": True,
+                                          "kd.local-steps": 10, "kd.local-batch-size": 64, "kd.local-momentum": 0.0,
+                                          "kd.local-weight-decay": 1e-4, "kd.local-lr": 0.01}),
+    # Issue 39: prototypes of any size (the default before mosaic.proto-min-records=5), gated and not
+    "mosaic-pmr1": ("mosaic", {"mosaic.proto-min-records": 1}),
+    "mosaic-ungated-pmr1": ("mosaic", {"kd.gate": "off", "mosaic.proto-min-records": 1}),
+    "mosaic-nometa": ("mosaic", {"mosaic.meta": False}),  # the experts' mixture alone is the teacher
     # Equal client compute: FedAvg / FedProx given as many rounds as Mosaic's clients' measured
     # work buys (``equal_compute_rounds``); they run after the cell's Mosaic and base runs.
     "fedavg-eqc": ("fedavg", {}),
@@ -186,8 +186,8 @@ def shares_round1(variant: str) -> bool:
 
 
 # Settings that change round 1's client work: variants that differ in them cannot share it.
-ROUND1_KEYS = ("distill-local-steps", "distill-batch-size", "distill-momentum", "distill-weight-decay", "proto-k",
-               "proto-min-records", "count-floor", "expert-pass", "generator", "dcgan-width", "distill-lr")
+ROUND1_KEYS = ("kd.local-steps", "kd.local-batch-size", "kd.local-momentum", "kd.local-weight-decay", "mosaic.proto-k",
+               "mosaic.proto-min-records", "count-floor", "kd.expert-pass", "mosaic.generator", "mosaic.dcgan-width", "kd.local-lr")
 
 
 def context(rc: dict):
@@ -228,7 +228,7 @@ def pretrain_config(alpha: float, seed: int, runs_dir: Path) -> dict:
 
     return {**load_defaults(), **SHARED, **BASE, "strategy": "fedavg", "alpha": alpha, "seed": seed,
             "lr-schedule": "constant", "output-dir": str(runs_dir), "run-name": pretrain_name(alpha, seed),
-            **{k: v for k, v in OVERRIDES.items() if k not in ("kd-steps", "pretrain-rounds")},
+            **{k: v for k, v in OVERRIDES.items() if k not in ("kd.steps", "pretrain-rounds")},
             "num-server-rounds": OVERRIDES.get("pretrain-rounds", PRETRAIN_ROUNDS)}
 
 
@@ -355,7 +355,10 @@ def round1_key(overrides: dict) -> tuple:
 
 
 def oracle_file(runs_dir: Path, alpha: float, seed: int, key: tuple) -> Path:
-    tag = "".join(f"-{k}{v}" for k, v in key if v is not None)
+    from mosaic_flwr.config import RENAMED
+
+    old_name = {new: old for old, new in RENAMED.items()}  # the files' names keep the keys' old names
+    tag = "".join(f"-{old_name.get(k, k)}{v}" for k, v in key if v is not None)
     return runs_dir / f"oracle-a{alpha:g}-s{seed}{tag}.json"
 
 
@@ -396,9 +399,9 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
            "own-class-expert": float((z[y[score], score].argmax(1) == y[score]).float().mean())
            if len(z) - 1 == int(y.max()) + 1 else None, "fit": len(fit), "scored": len(score)}
     def fit_meta(inputs: torch.Tensor, prior: str = "mean") -> MetaModel:
-        meta = MetaModel(len(inputs), int(z.shape[2]), arch=cfg.meta_arch, prior=prior)
-        return train_meta(meta, inputs[:, fit].permute(1, 0, 2), y[fit], epochs=cfg.meta_epochs, lr=cfg.meta_lr,
-                          ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout, patience=cfg.meta_patience,
+        meta = MetaModel(len(inputs), int(z.shape[2]), arch=cfg.of('mosaic').meta_arch, prior=prior)
+        return train_meta(meta, inputs[:, fit].permute(1, 0, 2), y[fit], epochs=cfg.of('mosaic').meta_epochs, lr=cfg.of('mosaic').meta_lr,
+                          ema_decay=cfg.of('mosaic').meta_ema, holdout_frac=cfg.of('mosaic').meta_holdout, patience=cfg.of('mosaic').meta_patience,
                           seed=cfg.seed)[0]
 
     for prior, inputs in (("experts", z[:-1]), ("global", z)):
@@ -411,7 +414,7 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
     # same real images: how often the two agree (argmax, per expert), the mean of the heads'
     # logits, and a meta model fitted on the heads' logits of real images (the best
     # prototypes could give it) but scored on the full experts. The same on the round's
-    # AGGREGATED model's features (keys ``-aggregated``; ``meta-experts='heads'`` runs the
+    # AGGREGATED model's features (keys ``-aggregated``; ``mosaic.meta-experts='heads'`` runs the
     # teacher on those), which the rows before 2026-12-07 reported without the suffix.
     if hasattr(experts, "head_logits"):
         for suffix, backbone in (("", received), ("-aggregated", strategy.globals[strategy.primary])):
@@ -453,9 +456,9 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     t0, load0 = time.perf_counter(), loadavg()
     # Round 1 as every variant of the group needs it: prototypes included (a variant whose
     # meta model reads none ignores them).
-    meta_data = base_rc.get("meta-data", "auto")
+    meta_data = base_rc.get("mosaic.meta-data", "auto")
     sc = setup(grid, context({**base_rc, "strategy": "mosaic",
-                              "meta-data": "auto" if meta_data in ("generated", "clients") else meta_data}))
+                              "mosaic.meta-data": "auto" if meta_data in ("generated", "clients") else meta_data}))
     base = MosaicStrategy(sc)
     print(f"[converged] alpha={alpha:g} seed={seed}: round 1's client work (training, generators, "
           f"prototypes), once for {', '.join(distilling) or 'the oracle teacher'}", flush=True)

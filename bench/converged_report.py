@@ -51,8 +51,8 @@ def path_table(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
 
 def client_steps(run: dict) -> tuple[int, int] | None:
     """(classifier SGD steps, generator steps) one client spent in the continuation rounds:
-    local steps each round (``distill-local-steps`` at the distillation round, or on top of
-    them with ``expert-pass``), one more local training per look-ahead round (the path without
+    local steps each round (``kd.local-steps`` at the distillation round, or on top of
+    them with ``kd.expert-pass``), one more local training per look-ahead round (the path without
     distillation), the generator at the distillation round (Mosaic and FedDF)."""
     c, rows = run["config"], run["rows"]
     if [r["round"] for r in rows] != list(range(c.get("num-server-rounds", 0) + 1)):
@@ -60,17 +60,17 @@ def client_steps(run: dict) -> tuple[int, int] | None:
     local = c.get("local-steps", 0)
     steps = sum(local for r in rows if r["round"] > 0)
     generators = c.get("strategy") in ("mosaic", "feddf-gen")  # Mosaic's client round at the distillation round
-    if generators and c.get("distill-local-steps"):
-        steps += c["distill-local-steps"] - (0 if c.get("expert-pass") else local)
+    if generators and c.get("kd.local-steps"):
+        steps += c["kd.local-steps"] - (0 if c.get("kd.expert-pass") else local)
     steps += local * sum(1 for r in rows if r.get("shadow-clients"))
-    return steps, c.get("gen-steps", 0) if generators else 0
+    return steps, c.get("mosaic.gen-steps", 0) if generators else 0
 
 
 def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> str:
     d = collect(runs_dir, alphas, seeds, variants)
     runs, pre, central = d["runs"], d["pre"], d["central"]
     cfgs = [r["config"] for r in runs.values() if r["config"].get("strategy") == "mosaic"]
-    gen = f"{cfgs[0]['gen-steps']} steps of batch {cfgs[0]['gen-batch-size']}" if cfgs else "see config.json"
+    gen = f"{cfgs[0]['mosaic.gen-steps']} steps of batch {cfgs[0]['mosaic.gen-batch-size']}" if cfgs else "see config.json"
     p = next((json.loads(f.read_text()) for (a, s) in pre
               if (f := runs_dir / pretrain_name(a, s) / "config.json").is_file()), {})
     c = cfgs[0] if cfgs else next((r["config"] for r in runs.values()), {})
@@ -137,7 +137,7 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
               "Student = the round-1 aggregate about to be distilled into. Teacher − student is the teacher's "
               "margin on validation data (the issue's goal: ≥ +3 points at α ≤ 0.1). Gate: how many seeds kept "
               "the distilled model (ungated rows always keep it); look-ahead: of those kept, how many the gate "
-              "still kept after the fine-tune rounds, against the path without distillation (`gate-rounds=-1`).",
+              "still kept after the fine-tune rounds, against the path without distillation (`kd.gate-rounds=-1`).",
               ""]
     keys = [("val-before-distill", "student"), ("val-ensemble", "ensemble"), ("val-teacher", "teacher"),
             ("Δval-ensemble", "ensemble − student"), ("Δval-teacher", "teacher − student"),
@@ -206,7 +206,7 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
                   "often the two agree (argmax, per expert), the mean of the heads' logits, and a meta model fitted "
                   "on the heads' logits of real images (the best prototypes could give it), scored on the full "
                   "experts (%). The same on the round's *aggregated* model's features (the backbone "
-                  "`meta-experts='heads'` uses), which diagnostics written before 2026-12-07 measured alone.", "",
+                  "`mosaic.meta-experts='heads'` uses), which diagnostics written before 2026-12-07 measured alone.", "",
                   "| α | round-1 clients | agreement, received | agreement, aggregated | mean of full experts | "
                   "meta on heads, scored on full: received | ... aggregated | seeds |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -37,8 +37,8 @@ STRATEGIES = (*registered(), "mosaic-nometa")
 ALPHAS = (0.01, 0.1, 1.0)
 SEEDS = (42, 43, 44)
 QUICK = {"strategies": ("fedavg", "mosaic"), "alphas": (0.1,), "seeds": (42,),
-         "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 gen-steps=60 "
-                       "kd-steps=30 meta-epochs=40"}
+         "run_config": "num-server-rounds=3 warmup-rounds=2 local-steps=20 mosaic.gen-steps=60 "
+                       "kd.steps=30 mosaic.meta-epochs=40"}
 
 
 def grid_cells(strategies: Iterable[str], alphas: Iterable[float], seeds: Iterable[int],
@@ -105,11 +105,11 @@ def budget_lines(cfg, num_clients: int, strategies: Iterable[str], central: dict
         lines.append(
             f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} "
             f"at the fine-tune rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client "
-            f"also trains its generator once: {c.gen_steps} steps of {c.gen_batch_size} samples "
+            f"also trains its generator once: {c.of('mosaic').gen_steps} steps of {c.of('mosaic').gen_batch_size} samples "
             "(generator, discriminator and the client's classifier forward/backward): **extra "
             "client compute** the baselines do not spend. Their server distils for "
-            f"{c.kd_steps} steps of {c.kd_batch_size} generated samples (Mosaic also trains the "
-            f"meta model, at most {c.meta_epochs} epochs).")
+            f"{c.of('kd').steps} steps of {c.of('kd').batch_size} generated samples (Mosaic also trains the "
+            f"meta model, at most {c.of('mosaic').meta_epochs} epochs).")
     if central:
         lines.append(f"**Centralised reference:** the same model and SGD on the union of the "
                      f"clients' data ({central['train_samples']:,} samples) for the same number "

@@ -1,7 +1,7 @@
 """The privacy / accuracy trade-off of Mosaic's differential privacy (docs/privacy.md, "Differential privacy").
 
 Mosaic on Fashion-MNIST, 10 clients, Dirichlet alpha = 0.1, the default schedule with the
-clients' gate, at a total per-client epsilon (``dp-epsilon``) of inf (no DP), 8 and 1 (delta
+clients' gate, at a total per-client epsilon (``dp.epsilon``) of inf (no DP), 8 and 1 (delta
 1e-5): final accuracy, the accuracy before and after distillation, what the gate decided on
 the clients' noisy scores, the epsilon each client spent (composed by the accountant, and
 as its privacy ledger wrote it), and the clients' generator time with and without DP.
@@ -30,14 +30,14 @@ if str(ROOT) not in sys.path:
 from bench.common import RESULTS, RUNS, git_commit, git_dirty, loadavg, machine  # noqa: E402
 
 OUT = RUNS / "privacy-dp-total"
-# level -> the dp-* settings: dp-epsilon is each client's total; the prototypes', counts' and
+# level -> the dp-* settings: dp.epsilon is each client's total; the prototypes', counts' and
 # gate scores' own epsilons are carved out of it and the generator gets the rest. Every level
 # runs the clients' gate (under DP on noisy scores, in the plan). The audit is off under DP
 # (its figures are not covered), so it is off at inf too: the levels compare alike.
 LEVELS = {
     "inf": {},
-    "8": {"dp-epsilon": 8.0, "dp-proto-epsilon": 1.0, "dp-count-epsilon": 0.5, "dp-gate-epsilon": 0.5},
-    "1": {"dp-epsilon": 1.0, "dp-proto-epsilon": 0.5, "dp-count-epsilon": 0.25, "dp-gate-epsilon": 0.25},
+    "8": {"dp.epsilon": 8.0, "dp.proto-epsilon": 1.0, "dp.count-epsilon": 0.5, "dp.gate-epsilon": 0.5},
+    "1": {"dp.epsilon": 1.0, "dp.proto-epsilon": 0.5, "dp.count-epsilon": 0.25, "dp.gate-epsilon": 0.25},
 }
 BASE = {"dataset": "fmnist", "alpha": 0.1, "strategy": "mosaic", "seed": 42, "privacy-audit": False,
         "client-threads": 1, "server-threads": 1, "checkpoint": False}
@@ -84,9 +84,9 @@ def timing(steps: int, reps: int) -> dict:
     cfg = build_config({**BASE, **LEVELS["8"]})
     info = dataset_info("fmnist")
     x, y = client_data(cfg, 0, 10)
-    sigma, q, _ = dpm.generator_mechanism(dpm.dp_settings(cfg.values), len(y), cfg.gen_batch_size, cfg.gen_steps,
+    sigma, q, _ = dpm.generator_mechanism(dpm.dp_settings(cfg.values), len(y), cfg.of('mosaic').gen_batch_size, cfg.of('mosaic').gen_steps,
                                           protos=True)
-    out = {"clients-samples": len(y), "steps": steps, "batch": cfg.gen_batch_size, "sigma": sigma, "plain": [], "dp": [],
+    out = {"clients-samples": len(y), "steps": steps, "batch": cfg.of('mosaic').gen_batch_size, "sigma": sigma, "plain": [], "dp": [],
            "plain-cpu": [], "dp-cpu": []}
     for rep in range(reps):
         for mode in ("plain", "dp"):
@@ -94,9 +94,9 @@ def timing(steps: int, reps: int) -> dict:
             g, d = generator_for(info), build_discriminator(info.in_channels, info.image_size, info.num_classes)
             clf = make_model(cfg)
             dp = None if mode == "plain" else dpm.DiscriminatorDP(
-                cfg.dp_max_grad_norm, sigma, q, torch.bincount(y, minlength=10).double(), dpm.secret_generator())
+                cfg.of('dp').max_grad_norm, sigma, q, torch.bincount(y, minlength=10).double(), dpm.secret_generator())
             cpu0 = time.process_time()  # CPU time: less sensitive than wall time to other jobs on the cores
-            st = train_generator(g, d, clf, x, y, steps=steps, batch_size=cfg.gen_batch_size, lr=cfg.gen_lr,
+            st = train_generator(g, d, clf, x, y, steps=steps, batch_size=cfg.of('mosaic').gen_batch_size, lr=cfg.of('mosaic').gen_lr,
                                  seed=rep, eval_per_class=1, dp=dp)
             out[f"{mode}-cpu"].append((time.process_time() - cpu0) / steps)
             out[mode].append(st["seconds_per_step"])
@@ -148,6 +148,8 @@ def _f(v, fmt="{:.4f}"):
 
 
 def report() -> None:
+    from mosaic_flwr.config import renamed
+
     rows = [r for r in (_row(level) for level in LEVELS) if r is not None]
     if not rows:
         raise SystemExit(f"no finished runs under {OUT}")
@@ -156,21 +158,21 @@ def report() -> None:
              "Fashion-MNIST, cnn_small, 10 clients, Dirichlet alpha = 0.1, seed 42, the default schedule "
              "(6 warm-up rounds, distillation, 2 fine-tune rounds) with the clients' gate and its look-ahead, "
              "delta = 1e-5, RDP accountant (Opacus), the privacy audit off at every level (under DP its figures "
-             "are not covered). `dp-epsilon` is each client's total: the counts', prototypes' and gate scores' "
+             "are not covered). `dp.epsilon` is each client's total: the counts', prototypes' and gate scores' "
              "own epsilons are carved out of it and the generator's DP-SGD gets the rest; every release is "
              "written in the client's privacy ledger first. In-process grid (`bench/privacy_dp.py`), clients "
              "one at a time, one torch thread, on the 2-core VM shared with other jobs (load averages below). "
              "One seed: differences of a point or two are within run-to-run noise.", "",
-             "| level | dp-epsilon (total) / prototypes / counts / gate scores | epsilon per client, planned "
+             "| level | dp.epsilon (total) / prototypes / counts / gate scores | epsilon per client, planned "
              "(max; min) | in the ledger after distillation (max) | generator sigma | final acc. "
              "| before -> after distillation | gate: noisy clients' scores before / after | gate kept (final) "
              "| generator s / client | fidelity | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        o = r["overrides"]
+        o = renamed(r["overrides"], warn=False)  # (a run from before the namespaces: the old names)
         setting = ("off" if not r["dp"] else
-                   f"{o.get('dp-epsilon')} / {o.get('dp-proto-epsilon')} / {o.get('dp-count-epsilon')} / "
-                   f"{o.get('dp-gate-epsilon')}")
+                   f"{o.get('dp.epsilon')} / {o.get('dp.proto-epsilon')} / {o.get('dp.count-epsilon')} / "
+                   f"{o.get('dp.gate-epsilon')}")
         sig = r["sigma-generator-range"]
         lines.append(
             f"| {r['level']} | {setting} | {_f(r['epsilon-max'], '{:.2f}')}; {_f(r['epsilon-min'], '{:.2f}')} "
@@ -193,7 +195,7 @@ def report() -> None:
                   f"{', '.join(f'{v * 1000:.0f}' for v in t['plain'])}, DP {', '.join(f'{v * 1000:.0f}' for v in t['dp'])} ms)."]
     lines += ["", "Runs: " + "; ".join(f"{r['level']}: commit {r['commit']}{' (dirty)' if r['dirty'] else ''}, "
                                         f"load {r['load'][0][0]} -> {r['load'][1][0]}" for r in rows), ""]
-    lines += [("Before the privacy ledger (commit ccf5fbe and earlier) `dp-epsilon` was the generator's alone, "
+    lines += [("Before the privacy ledger (commit ccf5fbe and earlier) `dp.epsilon` was the generator's alone, "
                "the clients' gate was refused under DP (its exact scores were not covered) and the audit's figures "
                "were sent under DP; that table, with the audit figures at every level, is "
                "`bench/results/privacy-dp.md` at ccf5fbe."), ""]

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from bench.common import pretrain_name, variant_name
+from mosaic_flwr.config import renamed
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -43,7 +44,7 @@ def _load(path: Path) -> dict | None:
     b = path / "bench.json"
     s["bench"] = json.loads(b.read_text()) if b.is_file() else {}
     c = path / "config.json"
-    s["config"] = json.loads(c.read_text()) if c.is_file() else {}
+    s["config"] = renamed(json.loads(c.read_text()), warn=False) if c.is_file() else {}  # (old runs: old names)
     return s
 
 

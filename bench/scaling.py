@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (RUNS, git_commit, git_dirty, header_lines, loadavg,  # noqa: E402
                           provenance, run_cell, write_results)
 
-SHORT = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 gen-steps=20 kd-steps=20 "
-         "meta-epochs=20")
+SHORT = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 mosaic.gen-steps=20 kd.steps=20 "
+         "mosaic.meta-epochs=20")
 
 
 def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: str = "mosaic") -> dict:
     """Bytes of what the server decodes from the clients' replies in its largest round: each
     client's model state and, for Mosaic (the distillation round), its generator state and
-    prototypes (``proto-k`` centres per class held, fewer when the class has fewer samples)."""
+    prototypes (``mosaic.proto-k`` centres per class held, fewer when the class has fewer samples)."""
     from flwr.common.config import parse_config_args
 
     from mosaic_flwr.config import build_config
@@ -57,7 +57,7 @@ def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: s
     model = make_model(cfg)
     model_bytes = sum(v.nbytes for v in model.state_dict().values())
     gen_bytes = sum(v.nbytes for v in generator_for(dataset_info(cfg.dataset)).state_dict().values())
-    protos = sum(min(cfg.proto_k, c) for row in label_counts for c in row if c > 0)
+    protos = sum(min(cfg.of('mosaic').proto_k, c) for row in label_counts for c in row if c > 0)
     proto_bytes = protos * (model.feature_dim * 4 + 8)
     if strategy != "mosaic":
         gen_bytes = proto_bytes = 0
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-code", help=argparse.SUPPRESS)
     ap.add_argument("--compare", metavar="REF",
                     help="probe --probe-clients with this checkout and with git ref REF (before/after)")
-    ap.add_argument("--after-config", default="generator-bank-size=2",
+    ap.add_argument("--after-config", default="mosaic.generator-bank-size=2",
                     help="run-config added for this checkout's probes in --compare (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.probe_child:

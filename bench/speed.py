@@ -474,13 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-previous", action="store_true",
                     help="phases: show the replaced phases result (same config) in a 'before' column")
     ap.add_argument("--memory-config", default="num-server-rounds=2 warmup-rounds=1 local-steps=10 "
-                    "gen-steps=20 kd-steps=20 meta-epochs=20", help="memory: run-config overrides")
+                    "mosaic.gen-steps=20 kd.steps=20 mosaic.meta-epochs=20", help="memory: run-config overrides")
     args = ap.parse_args(argv)
     SERVER_THREADS = args.threads
     if args.quick:
         args.rounds, args.steps, args.teacher_seconds = 3, 20, 1.0
         args.phase_config = args.phase_config or ("num-server-rounds=3 warmup-rounds=2 local-steps=20 "
-                                                  "gen-steps=60 kd-steps=30 meta-epochs=40")
+                                                  "mosaic.gen-steps=60 kd.steps=30 mosaic.meta-epochs=40")
     # Sections may be (re)run one at a time: the others are kept from the last results.
     path = RESULTS / f"{args.name}.json"
     sections = json.loads(path.read_text()).get("sections", {}) if path.is_file() else {}

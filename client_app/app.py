@@ -41,7 +41,7 @@ app = ClientApp()
 
 @lru_cache(maxsize=4)
 def _config(items: tuple) -> Config:
-    return build_config(dict(items))
+    return build_config(dict(items), warn=False)  # an old key name: the ServerApp's log says so, once
 
 
 def client_setup(context: Context) -> tuple[Config, int, int]:
@@ -63,7 +63,7 @@ def sgd_settings(c) -> dict:
 
 
 def expert_settings(c) -> dict | None:
-    """``expert-pass``: the SGD settings of the client's expert model (the round's settings,
+    """``kd.expert-pass``: the SGD settings of the client's expert model (the round's settings,
     with the ``expert-*`` keys the server sent in place of theirs), or None when none were sent."""
     if "expert-local-steps" not in c:
         return None
@@ -112,7 +112,7 @@ def client_ledger(cfg: Config, context: Context, y: torch.Tensor) -> Ledger | No
 
 def released_counts(cfg: Config, context: Context, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """The label counts this client sends: the true ones without DP; with DP, noisy ones
-    drawn once (secret noise, ``dp-count-epsilon``) and kept in the client's privacy ledger,
+    drawn once (secret noise, ``dp.count-epsilon``) and kept in the client's privacy ledger,
     so every message repeats the same release instead of spending more privacy, across
     restarts too. With ``count-floor``, classes below it are declared absent. Their sum is
     the example count every reply of this client declares."""
@@ -191,7 +191,7 @@ def evaluate_candidates(msg: Message, context: Context) -> Message:
     this client's data: how many examples each classifies correctly (with ``count-floor``, of
     the classes it declares; the example count is its declared one).
 
-    Under DP the counts are one Gaussian release (``dp.noisy_scores``, ``dp-gate-epsilon``
+    Under DP the counts are one Gaussian release (``dp.noisy_scores``, ``dp.gate-epsilon``
     shared by the run's planned gate scores), written in the ledger before it is sent, and the
     example count is the released noisy total; a score the run did not plan is refused."""
     cfg, _, x, y = _local_data(context)
@@ -200,7 +200,7 @@ def evaluate_candidates(msg: Message, context: Context) -> Message:
     settings = dpm.dp_settings(cfg.values)
     if settings is not None and not settings.gate_releases:
         raise BudgetExceeded("privacy ledger: refusing to score candidate models: this run plans no gate "
-                             f"scores (distill-gate={cfg.distill_gate!r}), so dp-epsilon reserves nothing for them")
+                             f"scores (kd.gate={cfg.of('kd').gate!r}), so dp.epsilon reserves nothing for them")
     released = released_counts(cfg, context, y, dataset_info(cfg.dataset).num_classes)
     ledger = client_ledger(cfg, context, y)
     declared = released[y] > 0
@@ -228,7 +228,7 @@ def evaluate_candidates(msg: Message, context: Context) -> Message:
 
 @app.query("logits")
 def meta_logits(msg: Message, context: Context) -> Message:
-    """``meta-data='clients'``: the logits of every model the server sends (``model-<j>``:
+    """``mosaic.meta-data='clients'``: the logits of every model the server sends (``model-<j>``:
     the class experts, this client's architecture) on at most ``samples-per-class`` of this
     client's own images of each class, with their labels. Images never leave the client."""
     cfg, pid, x, y = _local_data(context)
@@ -250,7 +250,7 @@ def meta_logits(msg: Message, context: Context) -> Message:
 @_private
 def train_mosaic(msg: Message, context: Context) -> Message:
     """Mosaic warm-up round (weights + label counts); at the distillation round also the
-    prototypes and the once-trained generator (the server's ``generator``: conditional or dcgan)."""
+    prototypes and the once-trained generator (the server's ``mosaic.generator``: conditional or dcgan)."""
     t0, c0 = time.perf_counter(), time.process_time()
     cfg, x, y, model, c, seed = _received(msg, context)
     distill = bool(c.get("distill", False))
@@ -296,9 +296,9 @@ def train_mosaic(msg: Message, context: Context) -> Message:
         result.metrics["dp-ledger-epsilon"] = ledger.charge(releases, run=int(context.run_id),
                                                             round=int(c.get("server-round", 0)))
     if settings is not None and any(k.startswith("privacy-") for k in result.metrics):
-        # dp-audit: the figures describe the private data and dp-epsilon does not cover them
+        # dp.audit: the figures describe the private data and dp.epsilon does not cover them
         figures = {k: v for k, v in result.metrics.items() if k.startswith("privacy-")}
-        log(INFO, "[privacy] audit under DP, kept on this node (not sent: dp-epsilon does not cover it): %s",
+        log(INFO, "[privacy] audit under DP, kept on this node (not sent: dp.epsilon does not cover it): %s",
             {k: v for k, v in figures.items() if not isinstance(v, list)})
         result.metrics = {k: v for k, v in result.metrics.items() if k not in figures}
     return Message(content=mosaic_payload(result), reply_to=msg)

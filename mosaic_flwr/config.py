@@ -8,6 +8,13 @@ see them. Named settings (the files in ``conf/``) are Flower run-config TOML fil
 ``--run-config`` takes files and ``key=value`` strings merged in order (later wins), so an
 explicit value always beats the file's, even one equal to the default.
 
+Keys are namespaced by their owner: a method's own settings are ``<method>.<key>``
+(``Method.settings``; Mosaic's ``mosaic.*``, which feddf-gen and the distillation core read too),
+the distillation core's ``kd.*`` (``KD``) and differential privacy's ``dp.*`` (``DP``); the rest
+is top-level (``SPEC``). A nested table ``[kd]`` in a file is Flower's ``kd.<key>``; the code reads
+``cfg.of('kd').steps``. The names from before the namespaces (``RENAMED``, e.g. ``kd-steps``)
+still work for one release, each with one warning (``renamed``).
+
 Every value the validators accept runs: each range is the one the consuming code needs
 (``tests/test_config_boundaries.py`` runs every numeric key's boundary values through it).
 """
@@ -18,6 +25,7 @@ import json
 import math
 import tomllib
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -96,11 +104,11 @@ def _seed(v) -> str | None:
 
 
 def _kd_steps(v) -> str | None:
-    return None if v >= 1 else (f"must be >= 1, got {v} (Mosaic and FedDF distil for kd-steps steps; "
+    return None if v >= 1 else (f"must be >= 1, got {v} (Mosaic and FedDF distil for kd.steps steps; "
                                 "a run without distillation is strategy='fedavg')")
 
 
-def _retired_preset(v) -> str | None:
+def _retired_preset(v) -> str | None:  # (preset is no key: ``renamed`` reads it)
     return None if v == "" else (f"presets are run-config files now: instead of preset={v!r} pass "
                                  f"--run-config conf/{v}.toml (with scripts/flwr_sim.py or "
                                  "scripts/run.sh, further --run-config values override the file)")
@@ -117,8 +125,11 @@ def distils(strategy: str) -> bool:
 
 
 def spec() -> dict[str, tuple[type, Callable[[Any], str | None] | None]]:
-    """Every key: ``SPEC`` and each registered method's own settings as ``<method>.<key>``."""
+    """Every key: ``SPEC``, the namespaced tables (``NAMESPACES``) as ``<namespace>.<key>``, and
+    each registered method's own settings as ``<method>.<key>``."""
     out = dict(SPEC)
+    for name, table in NAMESPACES.items():
+        out.update({f"{name}.{key}": setting for key, setting in table.items()})
     for name, method in _methods().items():
         out.update({f"{name}.{key}": setting for key, setting in method.settings.items()})
     return out
@@ -161,7 +172,6 @@ def _partitions():
 
 # key -> (python type, validator or None). Defaults come from pyproject.toml.
 SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
-    "preset": (str, _retired_preset),  # retired: a non-empty value says how to use conf/*.toml
     "strategy": (str, _lazy_choice(strategy_names)),
     "dataset": (str, _lazy_choice(_datasets)),
     "data-dir": (str, None),
@@ -171,7 +181,6 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "min-partition-size": (int, _positive),
     "partition-cap": (bool, None),
     "test-subset": (int, _non_negative),
-    "report-test-subset": (int, _non_negative),
     "validation-split": (float, lambda v: None if 0 <= v <= 0.5 else f"must be in [0, 0.5], got {v}"),
     "shards-per-client": (int, _positive),
     "model": (str, _lazy_choice(_models)),
@@ -215,71 +224,139 @@ SPEC: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
     "max-client-share": (float, _unit_interval),
     "count-clip": (float, lambda v: None if v == 0 or 1 <= v < math.inf else
                    f"must be 0 (no bound) or a finite number >= 1, got {v}"),
-    # --- Mosaic / FedDF (schedule: warm-up rounds, distillation at the end of the last
-    # warm-up round, then fine-tune rounds up to num-server-rounds)
+    # --- the distillation schedule (Mosaic, FedDF, ...: warm-up rounds, distillation at the end
+    # of the last warm-up round, then fine-tune rounds up to num-server-rounds); the
+    # distillation itself is the kd.* keys (KD)
     "warmup-rounds": (int, _positive),
     "finetune-lr": (float, _positive),
     "lr-schedule": (str, _choice("auto", "constant", "step")),
     "lr-step-round": (int, lambda v: None if v == -1 or v >= 1 else
                       f"must be -1 (step after warmup-rounds) or a round >= 1, got {v}"),
-    "mosaic-meta": (bool, None),
     "privacy-audit": (bool, None),  # clients audit their uploads at the distillation round (privacy.json)
-    "dp-audit": (bool, None),  # under DP clients audit only with this, and keep the figures
-    "proto-k": (int, _positive),
-    "proto-min-records": (int, _positive),
     "count-floor": (int, _non_negative),
-    "gen-steps": (int, _positive),
-    "gen-batch-size": (int, _at_least(2)),  # label-sharing noise pairs
-    "gen-lr": (float, _positive),
-    "gen-ce-weight": (float, _non_negative),
-    "gen-div-weight": (float, _non_negative),
-    "generator": (str, _choice("conditional", "dcgan")),  # the clients' generators (Mosaic, feddf-gen)
-    "dcgan-width": (int, _positive),  # generator='dcgan': channels of its last layer (the authors': 64)
-    "meta-arch": (str, _choice("transformer", "gating")),
-    "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened", "clients")),
-    "meta-guard": (bool, None),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs
-    "meta-experts": (str, _choice("full", "heads")),
-    "meta-samples-per-class": (int, _positive),
-    "meta-epochs": (int, _positive),
-    "meta-lr": (float, _positive),
-    "meta-patience": (int, _positive),
-    "meta-holdout": (float, _below_one),
-    "meta-ema": (float, _below_one),
-    "kd-steps": (int, _kd_steps),
-    "kd-batch-size": (int, _positive),
-    "kd-lr": (float, _positive),
-    "kd-a": (float, _closed_unit),
-    "kd-b": (float, _non_negative),
-    "kd-temperature": (float, _positive),
-    "kd-student-bn": (str, _choice("eval", "train")),
-    "meta-prior": (str, _choice("experts", "global")),
-    "distill-local-steps": (int, _non_negative),
-    "distill-batch-size": (int, _non_negative),
-    "distill-momentum": (float, _or_minus_one(_closed_unit)),
-    "distill-weight-decay": (float, _or_minus_one(_non_negative_finite)),
-    "distill-lr": (float, _or_minus_one(_positive)),
-    "expert-pass": (bool, None),  # the distill-* training is a second pass whose model is the expert
-    "distill-gate": (str, _choice("off", "clients", "validation")),
-    "gate-statistic": (str, _choice("pooled", "median")),
-    # --- many clients: Mosaic's collection rounds and the bounded generator bank
-    "collect-rounds": (int, _positive),
-    "proto-rounds": (int, lambda v: None if v == -1 or v >= 1 else
-                     f"must be -1 (every warm-up round) or a number of rounds >= 1, got {v}"),
-    "generator-bank-size": (int, _non_negative),
-    "gate-rounds": (int, lambda v: None if v >= -1 else f"must be -1 (to the end of the run) or >= 0, got {v}"),
-    # --- differential privacy of Mosaic's client uploads (mosaic_flwr/privacy/dp.py): on when
-    # dp-epsilon > 0 or dp-noise-multiplier > 0; both 0 (the default): off
-    "dp-epsilon": (float, lambda v: None if v == 0 or v >= DP_MIN_EPSILON else
-                   f"must be 0 (no DP) or >= {DP_MIN_EPSILON}, got {v}"),
-    "dp-delta": (float, lambda v: None if DP_MIN_DELTA <= v < 0.1 else f"must be in [{DP_MIN_DELTA}, 0.1), got {v}"),
-    "dp-max-grad-norm": (float, _positive_finite),
-    "dp-noise-multiplier": (float, _non_negative_finite),
-    "dp-proto-epsilon": (float, _dp_epsilon),
-    "dp-proto-clip": (float, _positive_finite),
-    "dp-count-epsilon": (float, _dp_epsilon),
-    "dp-gate-epsilon": (float, _dp_epsilon),
-    "dp-accountant": (str, _choice("rdp", "prv")),
 }
+
+# The shared server-side distillation core's settings (mosaic_flwr/distill/server.py), run-config
+# keys kd.<key>: the KD steps, the distillation round's client training (local-*, expert-pass),
+# the gate, the teachers' report. Read as cfg.of('kd').steps.
+KD: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
+    "steps": (int, _kd_steps),
+    "batch-size": (int, _positive),
+    "lr": (float, _positive),
+    "a": (float, _closed_unit),
+    "b": (float, _non_negative),
+    "temperature": (float, _positive),
+    "student-bn": (str, _choice("eval", "train")),
+    "gate": (str, _choice("off", "clients", "validation")),
+    "gate-statistic": (str, _choice("pooled", "median")),
+    "gate-rounds": (int, lambda v: None if v >= -1 else f"must be -1 (to the end of the run) or >= 0, got {v}"),
+    "local-steps": (int, _non_negative),
+    "local-batch-size": (int, _non_negative),
+    "local-momentum": (float, _or_minus_one(_closed_unit)),
+    "local-weight-decay": (float, _or_minus_one(_non_negative_finite)),
+    "local-lr": (float, _or_minus_one(_positive)),
+    "expert-pass": (bool, None),  # the kd.local-* training is a second pass whose model is the expert
+    "report-test-subset": (int, _non_negative),
+}
+
+# Differential privacy of Mosaic's client uploads (mosaic_flwr/privacy/dp.py), run-config keys
+# dp.<key>: on when dp.epsilon > 0 or dp.noise-multiplier > 0; both 0 (the default): off.
+# Read as cfg.of('dp').epsilon.
+DP: dict[str, tuple[type, Callable[[Any], str | None] | None]] = {
+    "epsilon": (float, lambda v: None if v == 0 or v >= DP_MIN_EPSILON else
+                f"must be 0 (no DP) or >= {DP_MIN_EPSILON}, got {v}"),
+    "delta": (float, lambda v: None if DP_MIN_DELTA <= v < 0.1 else f"must be in [{DP_MIN_DELTA}, 0.1), got {v}"),
+    "max-grad-norm": (float, _positive_finite),
+    "noise-multiplier": (float, _non_negative_finite),
+    "proto-epsilon": (float, _dp_epsilon),
+    "proto-clip": (float, _positive_finite),
+    "count-epsilon": (float, _dp_epsilon),
+    "gate-epsilon": (float, _dp_epsilon),
+    "accountant": (str, _choice("rdp", "prv")),
+    "audit": (bool, None),  # under DP clients audit only with this, and keep the figures
+}
+
+# Settings namespaced by their owner that belong to no method: <namespace>.<key>. Mosaic's own
+# (mosaic.*, which feddf-gen and the distillation core read too) are its Method.settings.
+NAMESPACES: dict[str, dict[str, tuple[type, Callable[[Any], str | None] | None]]] = {"kd": KD, "dp": DP}
+
+# The names these keys had before issue 40 (old -> new). An old name still works for one
+# release: ``renamed`` translates it, with one warning per old name.
+RENAMED: dict[str, str] = {
+    "dp-epsilon": "dp.epsilon", "dp-delta": "dp.delta", "dp-max-grad-norm": "dp.max-grad-norm",
+    "dp-noise-multiplier": "dp.noise-multiplier", "dp-proto-epsilon": "dp.proto-epsilon",
+    "dp-proto-clip": "dp.proto-clip", "dp-count-epsilon": "dp.count-epsilon",
+    "dp-gate-epsilon": "dp.gate-epsilon", "dp-accountant": "dp.accountant", "dp-audit": "dp.audit",
+    "kd-steps": "kd.steps", "kd-batch-size": "kd.batch-size", "kd-lr": "kd.lr", "kd-a": "kd.a", "kd-b": "kd.b",
+    "kd-temperature": "kd.temperature", "kd-student-bn": "kd.student-bn", "distill-gate": "kd.gate",
+    "gate-statistic": "kd.gate-statistic", "gate-rounds": "kd.gate-rounds",
+    "distill-local-steps": "kd.local-steps", "distill-batch-size": "kd.local-batch-size",
+    "distill-momentum": "kd.local-momentum", "distill-weight-decay": "kd.local-weight-decay",
+    "distill-lr": "kd.local-lr", "expert-pass": "kd.expert-pass", "report-test-subset": "kd.report-test-subset",
+    "mosaic-meta": "mosaic.meta", "meta-arch": "mosaic.meta-arch", "meta-data": "mosaic.meta-data",
+    "meta-guard": "mosaic.meta-guard", "meta-experts": "mosaic.meta-experts",
+    "meta-samples-per-class": "mosaic.meta-samples-per-class", "meta-epochs": "mosaic.meta-epochs",
+    "meta-lr": "mosaic.meta-lr", "meta-patience": "mosaic.meta-patience", "meta-holdout": "mosaic.meta-holdout",
+    "meta-ema": "mosaic.meta-ema", "meta-prior": "mosaic.meta-prior", "proto-k": "mosaic.proto-k",
+    "proto-min-records": "mosaic.proto-min-records", "proto-rounds": "mosaic.proto-rounds",
+    "collect-rounds": "mosaic.collect-rounds", "generator-bank-size": "mosaic.generator-bank-size",
+    "gen-steps": "mosaic.gen-steps", "gen-batch-size": "mosaic.gen-batch-size", "gen-lr": "mosaic.gen-lr",
+    "gen-ce-weight": "mosaic.gen-ce-weight", "gen-div-weight": "mosaic.gen-div-weight",
+    "generator": "mosaic.generator", "dcgan-width": "mosaic.dcgan-width",
+}
+RETIRED = "preset"  # presets are run-config files (conf/NAME.toml); only "" is accepted
+
+_warned: set[str] = set()  # the old names this process has warned about
+
+
+def _deprecated(old: str, new: str) -> None:
+    """One warning line per old name and process, on Flower's logger (what ``flwr run``,
+    ``scripts/flwr_sim.py`` and the ServerApp's log show)."""
+    if old in _warned:
+        return
+    _warned.add(old)
+    from flwr.common.logger import log
+    log(WARNING, "%s is deprecated: use %s (the old name stops working in the next release)", old, new)
+
+
+def _same(key: str, a: Any, b: Any, keys: Mapping) -> bool:
+    try:
+        return _cast(key, a, keys) == _cast(key, b, keys)
+    except ConfigError:
+        return a == b
+
+
+def renamed(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
+            warn: bool = True) -> dict[str, Any]:
+    """``run_config`` with every old name (``RENAMED``) as its new name, warning once per old
+    name (``warn``). An old name whose value is ``""`` is the placeholder ``pyproject.toml``
+    declares it with (so that Flower accepts the old name for one release): not given, dropped.
+    ``preset`` is dropped when ``""`` and a ``ConfigError`` otherwise. The old and the new name
+    both given with different values is a ``ConfigError``; in a run config Flower has merged
+    with ``defaults`` (it holds every default's key) the new name at its default counts as not
+    given, since Flower wrote it there."""
+    out = dict(run_config)
+    if RETIRED in out:
+        problem = _retired_preset(out.pop(RETIRED))
+        if problem:
+            raise ConfigError(f"{RETIRED}: {problem}")
+    old_names = [k for k in out if k in RENAMED]
+    if not old_names:
+        return out
+    keys = spec()
+    fused = defaults is not None and bool(defaults) and set(defaults) <= set(run_config)
+    for old in old_names:
+        value, new = out.pop(old), RENAMED[old]
+        if isinstance(value, str) and value == "":
+            continue
+        if new in out and not _same(new, out[new], value, keys) and not (
+                fused and new in defaults and _same(new, out[new], defaults[new], keys)):
+            raise ConfigError(f"{old}: the old name of {new}, given beside it with a different value "
+                              f"({old}={value!r}, {new}={out[new]!r}); give only {new}")
+        out[new] = value
+        if warn:
+            _deprecated(old, new)
+    return out
 
 
 @dataclass(frozen=True)
@@ -296,8 +373,9 @@ class Config:
             raise AttributeError(name) from None
 
     def of(self, method: str) -> "Settings":
-        """Method ``method``'s own settings (keys ``<method>.<key>``), read as attributes:
-        ``cfg.of('dense').gen_steps`` is ``dense.gen-steps``."""
+        """The settings namespaced by ``method`` (keys ``<method>.<key>``: a method's own, or
+        ``kd``, ``dp``), read as attributes: ``cfg.of('dense').gen_steps`` is ``dense.gen-steps``,
+        ``cfg.of('kd').steps`` is ``kd.steps``."""
         prefix = f"{method}."
         return Settings(method, {k[len(prefix):]: v for k, v in self.values.items() if k.startswith(prefix)})
 
@@ -311,8 +389,8 @@ class Config:
         return isinstance(other, Config) and dict(self.values) == dict(other.values)
 
     def replace(self, **changes: Any) -> "Config":
-        merged = dict(self.values)
-        merged.update({k.replace("_", "-"): v for k, v in changes.items()})
+        merged = dict(self.values)  # (an old name in ``changes`` replaces its new one's value)
+        merged.update(renamed({k.replace("_", "-"): v for k, v in changes.items()}))
         return build_config(merged, defaults={})
 
     def dumps(self) -> str:
@@ -321,7 +399,7 @@ class Config:
 
 @dataclass(frozen=True)
 class Settings:
-    """One method's settings (see ``Config.of``)."""
+    """One namespace's settings (see ``Config.of``)."""
 
     method: str
     values: Mapping[str, Any]
@@ -356,6 +434,10 @@ def merge_run_config(args: Sequence[str], cwd: Path | None = None) -> dict[str, 
     TOML file (a path ending in ``.toml``, e.g. ``conf/fmnist-dir0.1.toml``; relative to
     ``cwd``) or a ``key=value ...`` string as for ``flwr run`` (read by Flower's own parser).
 
+    An old key name (``RENAMED``) is read as its new one, with a warning (``renamed``; within one
+    argument the old and the new name with different values is a ``ConfigError``, across
+    arguments the later wins as for any key), so the merged keys are the new names.
+
     ``flwr run`` itself takes a file only alone; the launchers (``scripts/flwr_sim.py``, the
     deploy scripts) merge here and hand Flower one file (``write_run_config``).
     """
@@ -372,12 +454,13 @@ def merge_run_config(args: Sequence[str], cwd: Path | None = None) -> dict[str, 
                 raise ConfigError(f"--run-config: cannot read {path} ({exc.strerror or exc})") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"--run-config: {path} is not valid TOML ({exc})") from None
-            merged.update(flatten(data))  # [dense] gen-steps = 1 -> dense.gen-steps
+            merged.update(renamed(flatten(data)))  # [dense] gen-steps = 1 -> dense.gen-steps
         elif str(arg).strip():
             try:
-                merged.update(parse_config_args([str(arg)]))
+                parsed = parse_config_args([str(arg)])
             except Exception as exc:  # noqa: BLE001  (click's exception for a malformed string)
                 raise ConfigError(f"--run-config {arg!r}: {getattr(exc, 'message', exc)}") from None
+            merged.update(renamed(parsed))
     return merged
 
 
@@ -444,7 +527,7 @@ def config_width_scaled(values: Mapping[str, Any]) -> bool:
 
 
 def meta_data_for(meta_data: str, is_heterogeneous: bool, clients: str = "", widths: bool | None = None) -> str:
-    """The meta model's training data for a ``meta-data`` setting. ``'auto'`` is
+    """The meta model's training data for a ``mosaic.meta-data`` setting. ``'auto'`` is
     ``'prototypes'`` (real-derived inputs only, the paper's) with one architecture at full
     width, and ``'screened'`` under model heterogeneity: measured on the model-families cell
     (``bench/results/mosaic-paper.md``), a meta model on each family's prototypes through that
@@ -459,11 +542,11 @@ def meta_data_for(meta_data: str, is_heterogeneous: bool, clients: str = "", wid
         return "screened" if is_heterogeneous else "prototypes"
     held = f"clients hold {clients}" if clients else "client-models/client-capacities assign several"
     if is_heterogeneous and meta_data == "clients":
-        raise ConfigError(f"meta-data: 'clients' sends the class experts to every client to score its own "
+        raise ConfigError(f"mosaic.meta-data: 'clients' sends the class experts to every client to score its own "
                           f"images, which needs one architecture at full width, but {held}; use 'auto', "
                           "'prototypes', 'generated' or 'screened'")
     if widths and meta_data in ("prototypes", "both"):
-        raise ConfigError(f"meta-data: {meta_data!r} passes prototypes through the experts' heads, which needs "
+        raise ConfigError(f"mosaic.meta-data: {meta_data!r} passes prototypes through the experts' heads, which needs "
                           f"every client at its family's full width (a width-scaled slice's features are not the full "
                           f"model's), but {held}; use 'auto', 'generated' or 'screened'")
     return meta_data
@@ -489,10 +572,48 @@ def local_work(cfg: "Config") -> str:
     return f"{cfg.local_epochs} local epoch(s) over the client's data in batches of {cfg.batch_size}"
 
 
-def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Config:
-    """Merge defaults < run-config values (every run-config value wins); cast and validate."""
+def check_kd(values: Mapping[str, Any]) -> None:
+    """Cross-key problems of the distillation core's keys (``kd.*``)."""
+    if values["kd.gate"] == "validation" and values["validation-split"] == 0:
+        raise ConfigError("kd.gate: 'validation' reads the validation split, but validation-split is 0; "
+                          "set validation-split > 0 (benchmarks) or use kd.gate='clients'")
+    if values["kd.local-steps"] > 0 and values["local-steps"] == 0:
+        raise ConfigError("kd.local-steps: replaces local-steps at the distillation round, but local "
+                          f"work is local-epochs={values['local-epochs']}; set local-steps instead")
+    if values["kd.expert-pass"] and values["kd.local-steps"] == 0:
+        raise ConfigError("kd.expert-pass: the expert pass trains kd.local-steps steps, which is 0; set "
+                          "kd.local-steps > 0 (the authors: 10, with kd.local-batch-size=64)")
+
+
+def check_mosaic_meta(values: Mapping[str, Any]) -> None:
+    """Cross-key problems of Mosaic's meta model (``mosaic.meta-*``) with the federation's
+    architectures; checked for every strategy, as before the keys were namespaced (Mosaic's
+    other checks are its ``Method.check``)."""
+    meta_data = meta_data_for(values["mosaic.meta-data"], config_heterogeneous(values),
+                              widths=config_width_scaled(values))
+    if (meta_data in ("prototypes", "both") and values["mosaic.meta-prior"] == "global" and values["mosaic.meta"]
+            and config_heterogeneous(values)):
+        raise ConfigError("mosaic.meta-prior: 'global' makes the primary family's global model a token, but under "
+                          "model families each family's prototypes pass through that family's models only; use "
+                          "mosaic.meta-prior='experts' or mosaic.meta-data='screened'")
+    if values["mosaic.meta-experts"] == "heads" and (config_heterogeneous(values)
+                                                     or values["mosaic.meta-data"] == "clients"):
+        raise ConfigError("mosaic.meta-experts: 'heads' reads every expert's head on the global model's features, "
+                          "which needs one architecture at full width and a server-side meta model (not "
+                          f"mosaic.meta-data='clients'); got mosaic.meta-data={values['mosaic.meta-data']!r}, "
+                          f"client-models={values['client-models']!r}, client-capacities="
+                          f"{values['client-capacities']!r}; use mosaic.meta-experts='full'")
+
+
+def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
+                 warn: bool = True) -> Config:
+    """Merge defaults < run-config values (every run-config value wins); cast and validate.
+    An old key name (``RENAMED``) is read as its new one, with a warning unless ``warn`` is
+    false (``renamed``)."""
     defaults = load_defaults() if defaults is None else dict(defaults)
     keys = spec()
+    run_config = renamed(run_config, defaults, warn=warn)
+    defaults = renamed(defaults, warn=False)
     unknown = sorted(set(run_config) - set(keys))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key; known keys: {sorted(keys)}")
@@ -511,27 +632,8 @@ def build_config(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
         raise ConfigError(f"warmup-rounds: {values['warmup-rounds']} exceeds num-server-rounds "
                           f"{values['num-server-rounds']} (distillation happens after the last "
                           "warm-up round)")
-    meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values), widths=config_width_scaled(values))
-    if (meta_data in ("prototypes", "both") and values["meta-prior"] == "global" and values["mosaic-meta"]
-            and config_heterogeneous(values)):
-        raise ConfigError("meta-prior: 'global' makes the primary family's global model a token, but under model "
-                          "families each family's prototypes pass through that family's models only; use "
-                          "meta-prior='experts' or meta-data='screened'")
-    if values["meta-experts"] == "heads" and (config_heterogeneous(values) or values["meta-data"] == "clients"):
-        raise ConfigError("meta-experts: 'heads' reads every expert's head on the global model's features, which "
-                          "needs one architecture at full width and a server-side meta model (not "
-                          f"meta-data='clients'); got meta-data={values['meta-data']!r}, client-models="
-                          f"{values['client-models']!r}, client-capacities={values['client-capacities']!r}; "
-                          "use meta-experts='full'")
-    if values["distill-gate"] == "validation" and values["validation-split"] == 0:
-        raise ConfigError("distill-gate: 'validation' reads the validation split, but validation-split is 0; "
-                          "set validation-split > 0 (benchmarks) or use distill-gate='clients'")
-    if values["distill-local-steps"] > 0 and values["local-steps"] == 0:
-        raise ConfigError("distill-local-steps: replaces local-steps at the distillation round, but local "
-                          f"work is local-epochs={values['local-epochs']}; set local-steps instead")
-    if values["expert-pass"] and values["distill-local-steps"] == 0:
-        raise ConfigError("expert-pass: the expert pass trains distill-local-steps steps, which is 0; set "
-                          "distill-local-steps > 0 (the authors: 10, with distill-batch-size=64)")
+    check_mosaic_meta(values)
+    check_kd(values)
     from mosaic_flwr.privacy.dp import check_config as dp_check
     problem = dp_check(values)
     if problem:

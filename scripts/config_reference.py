@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mosaic_flwr.config import load_defaults, spec  # noqa: E402
+from mosaic_flwr.config import RENAMED, load_defaults, spec  # noqa: E402
 from mosaic_flwr.registry import STRATEGIES  # noqa: E402
 
 OUT = ROOT / "docs" / "configuration.md"
@@ -37,8 +37,7 @@ TABLE = "tool.flwr.app.config"
 # "Other settings", so a new key never breaks the page; place it here.
 GROUPS: list[tuple[str, list[str]]] = [
     ("Method, data and evaluation", [
-        "strategy", "dataset", "data-dir", "download", "validation-split", "test-subset",
-        "report-test-subset", "augment"]),
+        "strategy", "dataset", "data-dir", "download", "validation-split", "test-subset", "augment"]),
     ("Partition: how the data is split among the clients", [
         "partition", "alpha", "min-partition-size", "partition-cap", "shards-per-client"]),
     ("Models and model heterogeneity", ["model", "client-models", "client-capacities", "submodel"]),
@@ -51,22 +50,15 @@ GROUPS: list[tuple[str, list[str]]] = [
     ("Reliability: waits, faults, robust aggregation", [
         "round-timeout", "connect-timeout", "straggler-quorum", "straggler-factor", "straggler-floor",
         "reply-max-mb", "min-replies", "round-retries", "aggregation", "trim-fraction",
-        "max-client-share", "count-clip", "gate-statistic"]),
-    ("The distillation schedule and the gate (every distilling method)", [
-        "warmup-rounds", "finetune-lr", "kd-steps", "kd-batch-size", "kd-lr", "kd-a", "kd-b",
-        "kd-temperature", "kd-student-bn", "distill-gate", "gate-rounds"]),
-    ("Mosaic", [
-        "mosaic-meta", "collect-rounds", "generator-bank-size", "proto-k", "gen-steps",
-        "gen-batch-size", "gen-lr", "gen-ce-weight", "gen-div-weight", "generator", "dcgan-width", "meta-arch", "meta-data",
-        "meta-guard", "meta-experts", "meta-samples-per-class", "meta-epochs", "meta-lr",
-        "meta-patience", "meta-holdout", "meta-ema", "meta-prior", "distill-local-steps",
-        "distill-batch-size", "distill-momentum", "distill-weight-decay"]),
-    ("Privacy of Mosaic's uploads", ["privacy-audit", "proto-min-records", "count-floor"]),
-    ("Differential privacy (Mosaic)", [
-        "dp-epsilon", "dp-noise-multiplier", "dp-delta", "dp-max-grad-norm", "dp-proto-epsilon",
-        "dp-proto-clip", "dp-count-epsilon", "dp-gate-epsilon", "dp-accountant", "dp-audit"]),
-    ("Retired", ["preset"]),
+        "max-client-share", "count-clip"]),
+    ("The distillation schedule (every distilling method)", ["warmup-rounds", "finetune-lr"]),
+    ("Privacy of Mosaic's uploads", ["privacy-audit", "count-floor"]),
 ]
+
+OLD_TITLE = "Old names (deprecated)"
+
+# The namespaces' titles (else a method's title, else its name).
+NAMESPACE_TITLES = {"kd": "The distillation core", "dp": "Differential privacy of Mosaic's uploads", "mosaic": "Mosaic"}
 
 
 @dataclass
@@ -217,7 +209,8 @@ def render() -> str:
     missing = sorted(set(keys) - set(src.entries))
     if missing:
         raise SystemExit(f"config_reference: no default in pyproject.toml for {missing}")
-    unknown = sorted(set(src.entries) - set(keys))
+    old = {k for k in src.entries if k in RENAMED}  # placeholders of the old names: their own table
+    unknown = sorted(set(src.entries) - set(keys) - old)
     if unknown:
         raise SystemExit(f"config_reference: pyproject.toml keys the schema does not know: {unknown}")
     assert set(defaults) == set(src.entries), "load_defaults and the pyproject parser disagree"
@@ -233,12 +226,13 @@ def render() -> str:
     other = [k for k in keys if "." not in k and k not in placed]
     if other:
         grouped.append(("Other settings", "", other))
-    methods = list(dict.fromkeys(k.split(".", 1)[0] for k in src.entries if "." in k))
+    methods = list(dict.fromkeys(k.split(".", 1)[0] for k in src.entries if "." in k))  # (and kd, dp)
     methods += [m for m in dict.fromkeys(k.split(".", 1)[0] for k in keys if "." in k) if m not in methods]
     for method in methods:
         members = [k for k in src.entries if k.startswith(method + ".")]
         members += [k for k in keys if k.startswith(method + ".") and k not in members]
-        title = f"{STRATEGIES[method].title or method if method in STRATEGIES else method} (`{method}.*`)"
+        name = NAMESPACE_TITLES.get(method) or (STRATEGIES[method].title or method if method in STRATEGIES else method)
+        title = f"{name} (`{method}.*`)"
         grouped.append((title, src.tables.get(method, ""), members))
 
     lines = [
@@ -256,6 +250,7 @@ def render() -> str:
     ]
     for title, intro, _ in grouped:
         lines.append(f"- [{title}](#{slug(title)})")
+    lines.append(f"- [{OLD_TITLE}](#{slug(OLD_TITLE)})")
     lines.append("")
     method_intro_done = False
     for title, intro, members in grouped:
@@ -275,16 +270,18 @@ def render() -> str:
         for key in members:
             typ, check = keys[key]
             entry = src.entries[key]
-            retired = getattr(check, "__name__", "").startswith("_retired")
-            comment = entry.comment
-            if retired:
-                comment = "**retired**" + (f": {comment.removeprefix('retired:').strip()}" if comment else "")
-                allowed = "`\"\"` only (any other value stops the run, naming the file to pass instead)"
-            else:
-                allowed = accepted(key, typ, check)
-            lines.append(f"| `{key}` | {typ.__name__} | `{cell(entry.raw_default)}` | {cell(allowed)} | "
-                         f"{cell(comment)} | {where.get(key, '')} |")
+            lines.append(f"| `{key}` | {typ.__name__} | `{cell(entry.raw_default)}` | {cell(accepted(key, typ, check))} | "
+                         f"{cell(entry.comment)} | {where.get(key, '')} |")
         lines.append("")
+    lines += [f"## {OLD_TITLE}", "",
+              "The names these keys had before they were namespaced by their owner (CHANGELOG.md, 2026-12-07). "
+              "Each still works for one release: it is read as its new name, with one warning line "
+              "(`kd-steps is deprecated: use kd.steps (the old name stops working in the next release)`); "
+              "`pyproject.toml` declares it as `\"\"` (not given) so that Flower accepts it. Given beside its new "
+              "name with a different value, it stops the run. `preset` is gone: pass `--run-config conf/NAME.toml`.",
+              "", "| old name | new name |", "|---|---|"]
+    lines += [f"| `{old}` | `{new}` |" for old, new in RENAMED.items()]
+    lines.append("")
     return "\n".join(lines)
 
 

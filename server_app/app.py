@@ -114,7 +114,7 @@ def setup(grid: Grid, context: Context) -> ServerContext:
     check_min_replies(cfg, len(clients))
     bounded = bound_declared_counts(cfg, clients, results)
     if dpm.enabled(cfg.values):
-        problem = dpm.check_delta(cfg.dp_delta, [c.num_examples for c in clients.values()])
+        problem = dpm.check_delta(cfg.of('dp').delta, [c.num_examples for c in clients.values()])
         if problem:
             raise ConfigError(problem)
     results.extra["dp"] = dpm.run_entry(cfg.values)

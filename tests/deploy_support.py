@@ -27,8 +27,8 @@ from flwr_sim import BIN, flower_env, free_port, stop_group  # noqa: E402
 # The synthetic data set keeps the server's evaluations short on 2 CPU cores; the deployment
 # path is the same for any data set (MOSAIC_DEPLOY_TEST_DATASET=fmnist runs it on Fashion-MNIST).
 RUN_DATA = f"dataset='{os.environ.get('MOSAIC_DEPLOY_TEST_DATASET', 'synthetic')}'"
-SMALL = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 gen-steps=20 meta-epochs=5 "
-         "meta-samples-per-class=8 proto-k=2 kd-steps=5 kd-batch-size=32")
+SMALL = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 mosaic.gen-steps=20 mosaic.meta-epochs=5 "
+         "mosaic.meta-samples-per-class=8 mosaic.proto-k=2 kd.steps=5 kd.batch-size=32")
 IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "ip"
 NO_NGINX = (None if shutil.which("nginx") or Path("/usr/sbin/nginx").exists() else
             "nginx is not installed: the SuperLink's operator-only proxy needs it "

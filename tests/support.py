@@ -93,14 +93,14 @@ SYNTH = {"dataset": "synthetic", "alpha": 1.0}
 
 
 TINY_MOSAIC = {**SYNTH, "strategy": "mosaic", "num-server-rounds": 3, "warmup-rounds": 2, "local-steps": 10,
-               "gen-steps": 20, "kd-steps": 5, "meta-epochs": 5}
+               "mosaic.gen-steps": 20, "kd.steps": 5, "mosaic.meta-epochs": 5}
 
 
 # A Mosaic run of three rounds on synthetic data, without the gate (it has its own tests)
 QUICK_MOSAIC = {"dataset": "synthetic", "alpha": 1.0, "num-server-rounds": 3, "warmup-rounds": 2,
-                "local-steps": 5, "batch-size": 16, "gen-steps": 5, "gen-batch-size": 8, "proto-k": 2,
-                "meta-epochs": 3, "meta-samples-per-class": 4, "kd-steps": 8, "kd-batch-size": 16,
-                "kd-lr": 1e-3, "distill-gate": "off"}  # the gate has its own tests (test_warm_start_gate.py)
+                "local-steps": 5, "batch-size": 16, "mosaic.gen-steps": 5, "mosaic.gen-batch-size": 8, "mosaic.proto-k": 2,
+                "mosaic.meta-epochs": 3, "mosaic.meta-samples-per-class": 4, "kd.steps": 8, "kd.batch-size": 16,
+                "kd.lr": 1e-3, "kd.gate": "off"}  # the gate has its own tests (test_warm_start_gate.py)
 
 
 def round_of(incoming: Message) -> int:

@@ -150,19 +150,19 @@ def test_paired_differences_and_their_95_percent_interval():
 
 def test_converged_report_counts_each_clients_steps():
     """Classifier steps per client in the continuation rounds: local steps per round,
-    ``distill-local-steps`` at the distillation round, one more training per look-ahead
+    ``kd.local-steps`` at the distillation round, one more training per look-ahead
     round; generator steps for the distilling strategies only."""
     from bench.common import paired_interval
     from bench.converged_report import client_steps
 
     rows = [{"round": 0}, {"round": 1}, {"round": 2, "shadow-clients": 10}, {"round": 3, "shadow-clients": 10}]
-    base = {"local-steps": 50, "gen-steps": 200, "distill-local-steps": 0, "num-server-rounds": 3}
+    base = {"local-steps": 50, "mosaic.gen-steps": 200, "kd.local-steps": 0, "num-server-rounds": 3}
     assert client_steps({"config": {**base, "strategy": "fedavg"}, "rows": rows[:1] + [{"round": r} for r in (1, 2, 3)]}
                         ) == (150, 0)
     assert client_steps({"config": {**base, "strategy": "mosaic"}, "rows": rows}) == (250, 200)
-    assert client_steps({"config": {**base, "strategy": "mosaic", "distill-local-steps": 200},
+    assert client_steps({"config": {**base, "strategy": "mosaic", "kd.local-steps": 200},
                          "rows": rows[:2] + [{"round": 2}, {"round": 3}]}) == (300, 200)
-    assert client_steps({"config": {**base, "strategy": "mosaic", "distill-local-steps": 10, "expert-pass": True},
+    assert client_steps({"config": {**base, "strategy": "mosaic", "kd.local-steps": 10, "kd.expert-pass": True},
                          "rows": rows[:2] + [{"round": 2}, {"round": 3}]}) == (160, 200)
     assert client_steps({"config": {**base, "strategy": "mosaic"}, "rows": rows[:1]}) is None  # incomplete log
     assert paired_interval([0.01, 0.03], scale=100, digits=1) == "+2.0 [-10.7, +14.7] (+1.0, +3.0)"

@@ -4,14 +4,16 @@ from flwr.common.config import parse_config_args
 
 from client_app.app import app as client_app
 from mosaic_flwr.core.checkpoint import config_changes
-from mosaic_flwr.config import (PROJECT_ROOT, SPEC, spec, strategy_names, ConfigError, build_config, config_heterogeneous, heterogeneous,
+from mosaic_flwr.config import (PROJECT_ROOT, RENAMED, SPEC, spec, strategy_names, ConfigError, build_config, config_heterogeneous, heterogeneous,
                                 load_defaults, local_work, meta_data_for, merge_run_config, write_run_config)
 from mosaic_flwr.testing.inprocess import InProcessGrid
 from server_app.app import main as server_main
 
 
 def test_defaults_cover_spec_exactly():
-    assert set(load_defaults()) == set(spec())
+    defaults = load_defaults()  # and the old names' placeholders, "" (not given), so that Flower accepts them
+    assert set(defaults) == set(spec()) | set(RENAMED) and all(defaults[old] == "" for old in RENAMED)
+    assert set(RENAMED.values()) <= set(spec()) and not set(RENAMED) & set(spec())
     cfg = build_config({})
     assert cfg.strategy in strategy_names() and cfg.alpha > 0
 
@@ -108,7 +110,7 @@ def test_local_work_is_stated():
     ({"trim-fraction": 0.5}, r"^trim-fraction: must be in \[0, 0.5\)"),
     ({"max-client-share": 0.0}, r"^max-client-share: must be in \(0, 1\], got 0.0"),
     ({"max-client-share": 1.5}, r"^max-client-share: must be in \(0, 1\], got 1.5"),
-    ({"expert-pass": True}, r"^expert-pass: the expert pass trains distill-local-steps steps, which is 0"),
+    ({"kd.expert-pass": True}, r"^kd.expert-pass: the expert pass trains kd.local-steps steps, which is 0"),
 ])
 def test_bad_values_are_one_line_naming_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
@@ -168,15 +170,15 @@ def test_one_heterogeneity_rule_and_one_meta_data_rule():
     for value in ("prototypes", "generated", "both", "screened"):
         assert meta_data_for(value, False) == value
     assert meta_data_for("generated", True) == "generated" and meta_data_for("screened", True) == "screened"
-    with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* but clients hold cnn_small@0.5;"):
+    with pytest.raises(ConfigError, match=r"^mosaic.meta-data: 'prototypes' .* but clients hold cnn_small@0.5;"):
         meta_data_for("prototypes", True, clients="cnn_small@0.5")
     # model families at full width: each family's prototypes through its own experts' heads, on request
     assert meta_data_for("auto", True, widths=False) == "screened"
     assert meta_data_for("prototypes", True, widths=False) == "prototypes"
     assert meta_data_for("both", True, widths=False) == "both"
-    with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' .* width-scaled"):
+    with pytest.raises(ConfigError, match=r"^mosaic.meta-data: 'prototypes' .* width-scaled"):
         meta_data_for("prototypes", True, widths=True)
-    with pytest.raises(ConfigError, match=r"^meta-data: 'clients' .* but clients hold cnn_small, resnet8;"):
+    with pytest.raises(ConfigError, match=r"^mosaic.meta-data: 'clients' .* but clients hold cnn_small, resnet8;"):
         meta_data_for("clients", True, clients="cnn_small, resnet8", widths=False)
 
 
@@ -190,13 +192,13 @@ def test_a_checkpoint_from_before_the_local_work_rule_still_resumes():
 
 
 def test_a_checkpoint_from_before_the_generator_key_resumes_as_conditional_and_dcgan_does_not():
-    """``generator`` may not change on resume; a checkpoint without it ran the conditional one."""
+    """``mosaic.generator`` may not change on resume; a checkpoint without it ran the conditional one."""
     current = build_config({}).to_dict()
-    older = {k: v for k, v in current.items() if k not in ("generator", "dcgan-width")}
+    older = {k: v for k, v in current.items() if k not in ("mosaic.generator", "mosaic.dcgan-width")}
     assert config_changes(older, current) == []
-    dcgan = build_config({"generator": "dcgan"}).to_dict()
-    assert config_changes(older, dcgan) == ["generator: 'conditional' -> 'dcgan'"]
-    assert config_changes(dcgan, {**dcgan, "dcgan-width": 16}) == ["dcgan-width: 64 -> 16"]
+    dcgan = build_config({"mosaic.generator": "dcgan"}).to_dict()
+    assert config_changes(older, dcgan) == ["mosaic.generator: 'conditional' -> 'dcgan'"]
+    assert config_changes(dcgan, {**dcgan, "mosaic.dcgan-width": 16}) == ["mosaic.dcgan-width: 64 -> 16"]
 
 
 def test_only_the_runs_own_method_settings_must_match_on_resume():

@@ -95,7 +95,7 @@ def server_test_set(cfg: Config) -> None:
 
 
 def report_test_set(cfg: Config) -> None:
-    """``report-test-subset``: the distillation report's test images (class-balanced, fixed),
+    """``kd.report-test-subset``: the distillation report's test images (class-balanced, fixed),
     the whole server test set at 0 or above its size."""
     from mosaic_flwr.core.task import test_data
 
@@ -103,7 +103,7 @@ def report_test_set(cfg: Config) -> None:
     mosaic = _server(cfg, MosaicStrategy)
     mosaic.sc.test_x, mosaic.sc.test_y = x, y
     rx, ry = mosaic.report_test()
-    n = cfg.report_test_subset
+    n = cfg.of('kd').report_test_subset
     assert len(ry) == (n if 0 < n < len(y) else len(y)) and len(rx) == len(ry)
     if 0 < n < len(y):
         assert torch.bincount(ry, minlength=C).max() - torch.bincount(ry, minlength=C).min() <= 1 or n < C
@@ -232,7 +232,7 @@ def lr_schedule(cfg: Config) -> None:
 
 
 def prototype_bank(cfg: Config) -> None:
-    """The rounds whose clients are asked for prototypes: the proto-rounds ending at the
+    """The rounds whose clients are asked for prototypes: the mosaic.proto-rounds ending at the
     distillation round (none before it with one)."""
     mosaic = _server(cfg, MosaicStrategy)
     n = proto_rounds(cfg.values)
@@ -274,22 +274,22 @@ def feddf_transfer(cfg: Config) -> None:
     x = transfer_images(cfg)
     assert len(x) == min(cfg.of("feddf").transfer_size, 200) and torch.isfinite(x).all()
     teacher = initial_model(cfg).eval()
-    sampler = TransferSampler(x, cfg.kd_batch_size, cfg.seed, RememberingTeacher(teacher))
+    sampler = TransferSampler(x, cfg.of('kd').batch_size, cfg.seed, RememberingTeacher(teacher))
     batch, labels = sampler(0)
-    assert batch.shape == (cfg.kd_batch_size, 1, 28, 28) and labels.shape == (cfg.kd_batch_size,)
+    assert batch.shape == (cfg.of('kd').batch_size, 1, 28, 28) and labels.shape == (cfg.of('kd').batch_size,)
 
 
 def distill_round_training(cfg: Config) -> None:
-    """The distillation round's train config (``distill-local-steps`` replaces local-steps
+    """The distillation round's train config (``kd.local-steps`` replaces local-steps
     there, 0 keeps them) -> the ClientApp's sgd_settings -> train_local."""
     mosaic = _server(cfg, MosaicStrategy)
     _, values = mosaic.round_config(cfg.warmup_rounds, mosaic.train_config())
     settings = sgd_settings(values)
-    assert settings["steps"] == (cfg.distill_local_steps or cfg.local_steps)
-    assert settings["batch_size"] == (cfg.distill_batch_size or cfg.batch_size)
-    assert settings["momentum"] == (cfg.momentum if cfg.distill_momentum < 0 else cfg.distill_momentum)
-    assert settings["weight_decay"] == (cfg.weight_decay if cfg.distill_weight_decay < 0 else cfg.distill_weight_decay)
-    assert settings["lr"] == (lr_for_round(cfg, cfg.warmup_rounds) if cfg.distill_lr < 0 else cfg.distill_lr)
+    assert settings["steps"] == (cfg.of('kd').local_steps or cfg.local_steps)
+    assert settings["batch_size"] == (cfg.of('kd').local_batch_size or cfg.batch_size)
+    assert settings["momentum"] == (cfg.momentum if cfg.of('kd').local_momentum < 0 else cfg.of('kd').local_momentum)
+    assert settings["weight_decay"] == (cfg.weight_decay if cfg.of('kd').local_weight_decay < 0 else cfg.of('kd').local_weight_decay)
+    assert settings["lr"] == (lr_for_round(cfg, cfg.warmup_rounds) if cfg.of('kd').local_lr < 0 else cfg.of('kd').local_lr)
     _, plain = mosaic.round_config(1, mosaic.train_config())  # a warm-up round keeps the plain settings
     assert sgd_settings(plain)["momentum"] == cfg.momentum
     x, y = _data()
@@ -298,40 +298,40 @@ def distill_round_training(cfg: Config) -> None:
 
 
 def look_ahead(cfg: Config) -> None:
-    """``gate-rounds``: the look-ahead gate decides between the distillation round and the
+    """``kd.gate-rounds``: the look-ahead gate decides between the distillation round and the
     last round (-1: the last round; 0: at the distillation round itself)."""
     until = _server(cfg, MosaicStrategy).gate_until()
     assert cfg.warmup_rounds <= until <= cfg.num_server_rounds
-    assert until == (cfg.num_server_rounds if cfg.gate_rounds == -1
-                     else min(cfg.num_server_rounds, cfg.warmup_rounds + cfg.gate_rounds))
+    assert until == (cfg.num_server_rounds if cfg.of('kd').gate_rounds == -1
+                     else min(cfg.num_server_rounds, cfg.warmup_rounds + cfg.of('kd').gate_rounds))
 
 
 def collection(cfg: Config) -> None:
-    """``collect-rounds``: the rounds that end at the distillation round, in which sampled
+    """``mosaic.collect-rounds``: the rounds that end at the distillation round, in which sampled
     clients that have not uploaded a generator are asked for one (and only those)."""
     mosaic = _server(cfg, MosaicStrategy)
     rounds = [r for r in range(1, cfg.num_server_rounds + 1) if mosaic.collecting(r)]
-    assert len(rounds) == cfg.collect_rounds and rounds[-1] == cfg.warmup_rounds
+    assert len(rounds) == cfg.of('mosaic').collect_rounds and rounds[-1] == cfg.warmup_rounds
     _, values = mosaic.round_config(rounds[0], mosaic.train_config())
-    assert values["distill"] and values["gen-steps"] == cfg.gen_steps
+    assert values["distill"] and values["gen-steps"] == cfg.of('mosaic').gen_steps
     mosaic.uploaded = {0}   # partition 0 (node 100) uploaded already
     assert not mosaic.values_for(rounds[0], NODES[0], values)["distill"]
     assert mosaic.values_for(rounds[0], NODES[1], values)["distill"]
 
 
 def generator_bank(cfg: Config) -> None:
-    """``generator-bank-size``: the server's bank of generators (per class; 0: all) and the
+    """``mosaic.generator-bank-size``: the server's bank of generators (per class; 0: all) and the
     sampler over what it kept."""
     from mosaic_flwr.core.streaming import GeneratorBank
 
     mosaic = _server(cfg, MosaicStrategy)
     bank = mosaic.bank
-    assert isinstance(bank, GeneratorBank) and bank.size == cfg.generator_bank_size
+    assert isinstance(bank, GeneratorBank) and bank.size == cfg.of('mosaic').generator_bank_size
     for pid in range(5):
         counts = torch.zeros(C, dtype=torch.long)
         counts[pid % 2] = 10 + pid
         bank.offer(pid, counts, generator_for(INFO).state_dict())
-    assert len(bank) == (5 if cfg.generator_bank_size == 0 else min(5, 2 * cfg.generator_bank_size))
+    assert len(bank) == (5 if cfg.of('mosaic').generator_bank_size == 0 else min(5, 2 * cfg.of('mosaic').generator_bank_size))
     rows = bank.rows()
     gens = []
     for _, _, e in rows:
@@ -366,21 +366,21 @@ def robust(cfg: Config) -> None:
 def _mosaic_client(cfg: Config) -> None:
     """A client's distillation round: prototypes and the generator (the ClientApp's gen dict)."""
     x, y = _data()
-    gen = {"steps": cfg.gen_steps if cfg.gen_steps < 3 else 2, "batch-size": cfg.gen_batch_size,
-           "lr": cfg.gen_lr, "ce-weight": cfg.gen_ce_weight, "div-weight": cfg.gen_div_weight}
+    gen = {"steps": cfg.of('mosaic').gen_steps if cfg.of('mosaic').gen_steps < 3 else 2, "batch-size": cfg.of('mosaic').gen_batch_size,
+           "lr": cfg.of('mosaic').gen_lr, "ce-weight": cfg.of('mosaic').gen_ce_weight, "div-weight": cfg.of('mosaic').gen_div_weight}
     out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
                               seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
-                              proto_k=cfg.proto_k, gen=gen)
-    assert out.prototypes[0].shape[0] == 4 * cfg.proto_k and out.generator is not None
+                              proto_k=cfg.of('mosaic').proto_k, gen=gen)
+    assert out.prototypes[0].shape[0] == 4 * cfg.of('mosaic').proto_k and out.generator is not None
     assert math.isfinite(out.metrics["gen-fidelity"])
 
 
 def dcgan_client(cfg: Config) -> None:
-    """``dcgan-width``: the client's DCGAN at that width, trained and uploaded, loads into the
-    server's template (``generator='dcgan'``)."""
+    """``mosaic.dcgan-width``: the client's DCGAN at that width, trained and uploaded, loads into the
+    server's template (``mosaic.generator='dcgan'``)."""
     x, y = _data()
-    gen = {"steps": 1, "batch-size": cfg.gen_batch_size, "lr": cfg.gen_lr, "ce-weight": cfg.gen_ce_weight,
-           "div-weight": cfg.gen_div_weight, "generator": cfg.generator, "dcgan-width": cfg.dcgan_width}
+    gen = {"steps": 1, "batch-size": cfg.of('mosaic').gen_batch_size, "lr": cfg.of('mosaic').gen_lr, "ce-weight": cfg.of('mosaic').gen_ce_weight,
+           "div-weight": cfg.of('mosaic').gen_div_weight, "generator": cfg.of('mosaic').generator, "dcgan-width": cfg.of('mosaic').dcgan_width}
     out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
                               seed=cfg.seed, device=torch.device("cpu"), distill_round=True, proto_k=1, gen=gen)
     template = _server(cfg, MosaicStrategy).generator_template()
@@ -392,20 +392,20 @@ def dcgan_client(cfg: Config) -> None:
 def mosaic_client(cfg: Config) -> None:
     _mosaic_client(cfg)
     feats, labels = torch.randn(7, 5), torch.tensor([0, 0, 0, 1, 1, 2, 3])
-    protos, plabels = class_prototypes(feats, labels, cfg.proto_k)
+    protos, plabels = class_prototypes(feats, labels, cfg.of('mosaic').proto_k)
     assert set(plabels.tolist()) == {0, 1, 2, 3}
 
 
 def min_records_client(cfg: Config) -> None:
-    """``proto-min-records``: every prototype the client sends is the mean of that many records."""
+    """``mosaic.proto-min-records``: every prototype the client sends is the mean of that many records."""
     x, y = _data()
     out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
                               seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
-                              proto_k=cfg.proto_k, proto_min_records=cfg.proto_min_records)
+                              proto_k=cfg.of('mosaic').proto_k, proto_min_records=cfg.of('mosaic').proto_min_records)
     counts = torch.bincount(y, minlength=C)
     sent = out.prototypes[1]
-    assert all(counts[c] >= cfg.proto_min_records for c in sent.tolist())
-    assert len(sent) <= sum(min(cfg.proto_k, int(n) // cfg.proto_min_records) for n in counts)
+    assert all(counts[c] >= cfg.of('mosaic').proto_min_records for c in sent.tolist())
+    assert len(sent) <= sum(min(cfg.of('mosaic').proto_k, int(n) // cfg.of('mosaic').proto_min_records) for n in counts)
 
 
 def floored_client(cfg: Config) -> None:
@@ -414,7 +414,7 @@ def floored_client(cfg: Config) -> None:
     x, y = _data()
     out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
                               seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
-                              proto_k=cfg.proto_k, count_floor=cfg.count_floor)
+                              proto_k=cfg.of('mosaic').proto_k, count_floor=cfg.count_floor)
     sent = out.label_counts
     assert not ((sent > 0) & (sent < cfg.count_floor)).any()
     assert all(sent[c] > 0 for c in out.prototypes[1].tolist())
@@ -425,8 +425,8 @@ def dp_client(cfg: Config) -> None:
     from mosaic_flwr.privacy import dp as dpm
     settings = dpm.dp_settings(cfg.values)
     x, y = _data()
-    gen = {"steps": 2, "batch-size": cfg.gen_batch_size, "lr": cfg.gen_lr, "ce-weight": cfg.gen_ce_weight,
-           "div-weight": cfg.gen_div_weight}
+    gen = {"steps": 2, "batch-size": cfg.of('mosaic').gen_batch_size, "lr": cfg.of('mosaic').gen_lr, "ce-weight": cfg.of('mosaic').gen_ce_weight,
+           "div-weight": cfg.of('mosaic').gen_div_weight}
     kw = {}
     if settings is not None:
         rng = torch.Generator().manual_seed(0)
@@ -436,7 +436,7 @@ def dp_client(cfg: Config) -> None:
         kw = {"dp": settings, "dp_counts": counts, "dp_rng": rng}
     out = mosaic_client_round(initial_model(cfg), x, y, INFO, train={"steps": 1, "batch_size": 8},
                               seed=cfg.seed, device=torch.device("cpu"), distill_round=True,
-                              proto_k=cfg.proto_k, gen=gen, **kw)
+                              proto_k=cfg.of('mosaic').proto_k, gen=gen, **kw)
     assert out.generator is not None and torch.isfinite(out.prototypes[0]).all()
     if settings is not None:
         assert 0 < out.metrics["dp-epsilon"] < math.inf
@@ -454,10 +454,10 @@ def _meta(cfg: Config) -> None:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(24) % 4
     logits = torch.randn(24, 3, 4, generator=g) + 2 * torch.nn.functional.one_hot(labels, 4)[:, None]
-    meta = MetaModel(3, 4, arch=cfg.meta_arch)
-    ema, stats = train_meta(meta, logits, labels, epochs=min(cfg.meta_epochs, 3), lr=cfg.meta_lr,
-                            ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout,
-                            patience=cfg.meta_patience, seed=cfg.seed)
+    meta = MetaModel(3, 4, arch=cfg.of('mosaic').meta_arch)
+    ema, stats = train_meta(meta, logits, labels, epochs=min(cfg.of('mosaic').meta_epochs, 3), lr=cfg.of('mosaic').meta_lr,
+                            ema_decay=cfg.of('mosaic').meta_ema, holdout_frac=cfg.of('mosaic').meta_holdout,
+                            patience=cfg.of('mosaic').meta_patience, seed=cfg.seed)
     assert stats["n_train"] >= 4 and math.isfinite(stats["train_loss"])
 
 
@@ -466,19 +466,19 @@ def meta(cfg: Config) -> None:
     gens, counts = _generators()
     n_classes = int((counts.sum(0) > 0).sum())
     sampler = GeneratorSampler(gens, counts, seed=cfg.seed + 1,
-                               batch_size=cfg.meta_samples_per_class * n_classes)
+                               batch_size=cfg.of('mosaic').meta_samples_per_class * n_classes)
     x, y, owners = sampler.draw()
-    assert len(y) == cfg.meta_samples_per_class * n_classes
+    assert len(y) == cfg.of('mosaic').meta_samples_per_class * n_classes
 
 
 def distillation(cfg: Config) -> None:
     gens, counts = _generators()
-    sampler = GeneratorSampler(gens, counts, batch_size=cfg.kd_batch_size, seed=cfg.seed)
+    sampler = GeneratorSampler(gens, counts, batch_size=cfg.of('kd').batch_size, seed=cfg.seed)
     torch.manual_seed(1)
     teacher_model = initial_model(cfg).eval()
     stats = distill(initial_model(cfg), lambda x: teacher_model(x), sampler,
-                    steps=min(cfg.kd_steps, 3), lr=cfg.kd_lr, a=cfg.kd_a, b=cfg.kd_b,
-                    T=cfg.kd_temperature, student_bn=cfg.kd_student_bn)
+                    steps=min(cfg.of('kd').steps, 3), lr=cfg.of('kd').lr, a=cfg.of('kd').a, b=cfg.of('kd').b,
+                    T=cfg.of('kd').temperature, student_bn=cfg.of('kd').student_bn)
     assert math.isfinite(stats["final_loss"])
 
 
@@ -495,7 +495,7 @@ def server_generator(cfg: Config) -> None:
     teacher = strategy.teacher_for(1, clients, report)
     student = initial_model(cfg)
     source = strategy.source_for(1, clients, teacher, {cfg.model: student}, report)
-    for step in range(min(cfg.kd_steps, 3)):
+    for step in range(min(cfg.of('kd').steps, 3)):
         x, y = source.sample(step)
         assert torch.isfinite(x).all() and len(x) == len(y) and set(y.tolist()) <= set(range(C))
     assert all(math.isfinite(v) for v in report.values()) and "gen-train-fidelity" in report
@@ -512,10 +512,10 @@ def dense_source(cfg: Config) -> None:
     students = {cfg.model: initial_model(cfg)}
     report: dict = {}
     source = dense.source_for(1, [], teacher, students, report)
-    stats = distill_many(students, teacher, source.sample, steps=cfg.kd_steps, lr=cfg.kd_lr)
+    stats = distill_many(students, teacher, source.sample, steps=cfg.of('kd').steps, lr=cfg.of('kd').lr)
     d = cfg.of("dense")
     assert math.isfinite(stats[cfg.model]["final_loss"]) and source.check is None
-    assert report["dense-phases"] == math.ceil(cfg.kd_steps / d.gen_interval)
+    assert report["dense-phases"] == math.ceil(cfg.of('kd').steps / d.gen_interval)
     assert report["dense-pool"] == min(report["dense-phases"] * d.gen_batch_size, d.pool_size or 10**9)
     assert all(math.isfinite(v) for v in report.values())
 
@@ -555,14 +555,14 @@ class Row:
 
 MOSAIC = {"strategy": "mosaic"}
 DP_MOSAIC = MOSAIC  # with the clients' gate: its scores are part of the DP plan
-DENSE = {"strategy": "dense", "kd-steps": 3, "kd-batch-size": 4, "dense.gen-steps": 1, "dense.gen-interval": 2,
+DENSE = {"strategy": "dense", "kd.steps": 3, "kd.batch-size": 4, "dense.gen-steps": 1, "dense.gen-interval": 2,
          "dense.gen-batch-size": 4, "dense.gen-width": 2, "dense.noise-dim": 4}
 ROWS: dict[str, Row] = {
     "alpha": Row([JUST_ABOVE_0, 1e6], [0.0, -1.0], data_partition),
     "min-partition-size": Row([1, 100], [0, -1], data_partition),
     "shards-per-client": Row([1, 3], [0], data_partition),   # 3: every class of the tiny data
     "test-subset": Row([0, 1, 500], [-1], server_test_set),
-    "report-test-subset": Row([0, 1, 500, 10**6], [-1], report_test_set),
+    "kd.report-test-subset": Row([0, 1, 500, 10**6], [-1], report_test_set),
     "validation-split": Row([0.0, 0.5], [-0.1, 0.5 + 1e-9], validation),
     "seed": Row([0, SEED_LIMIT - 1], [-1, SEED_LIMIT], seeds),
     "num-server-rounds": Row([1], [0], schedule, {**MOSAIC, "warmup-rounds": 1}),
@@ -600,61 +600,61 @@ ROWS: dict[str, Row] = {
     "dense.oh-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
     "dense.adv-weight": Row([0.0, 1e6], [-0.1], dense_source, DENSE),
     "dense.pool-size": Row([0, 1, 10**6], [-1], dense_source, DENSE),
-    "distill-local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
-    "distill-batch-size": Row([0, 1, 10**6], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
-    "distill-momentum": Row([-1.0, 0.0, 1.0], [-0.5, 1.1, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
-    "distill-weight-decay": Row([-1.0, 0.0, 1e-4], [-0.5, float("inf")], distill_round_training,
+    "kd.local-steps": Row([0, 7], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "kd.local-batch-size": Row([0, 1, 10**6], [-1], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "kd.local-momentum": Row([-1.0, 0.0, 1.0], [-0.5, 1.1, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "kd.local-weight-decay": Row([-1.0, 0.0, 1e-4], [-0.5, float("inf")], distill_round_training,
                                 {**MOSAIC, "local-steps": 3}),
-    "distill-lr": Row([-1.0, JUST_ABOVE_0, 1.0], [0.0, -0.5, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
-    "collect-rounds": Row([1, 8], [0, 9], collection, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
-    "proto-rounds": Row([-1, 1, 8], [0, -2, 9], prototype_bank, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
-    "generator-bank-size": Row([0, 1, 10**6], [-1], generator_bank, MOSAIC),
-    "gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
+    "kd.local-lr": Row([-1.0, JUST_ABOVE_0, 1.0], [0.0, -0.5, -2.0], distill_round_training, {**MOSAIC, "local-steps": 3}),
+    "mosaic.collect-rounds": Row([1, 8], [0, 9], collection, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
+    "mosaic.proto-rounds": Row([-1, 1, 8], [0, -2, 9], prototype_bank, {**MOSAIC, "num-server-rounds": 8, "warmup-rounds": 8}),
+    "mosaic.generator-bank-size": Row([0, 1, 10**6], [-1], generator_bank, MOSAIC),
+    "kd.gate-rounds": Row([-1, 0, 10**6], [-2], look_ahead, MOSAIC),
     "eval-batch-size": Row([1], [0], local_training),
     "client-threads": Row([1], [0], threads),
     "server-threads": Row([0, 1], [-1], threads),
     "max-client-share": Row([JUST_ABOVE_0, 1.0], [0.0, 1.0 + 1e-9], share_cap),
     "trim-fraction": Row([0.0, 0.5 - 1e-9], [-0.1, 0.5], robust),
-    "proto-k": Row([1, 10], [0], mosaic_client),            # 10 > a class's samples: the mean
-    "proto-min-records": Row([1, 2, 10**6], [0, -1], min_records_client),
+    "mosaic.proto-k": Row([1, 10], [0], mosaic_client),            # 10 > a class's samples: the mean
+    "mosaic.proto-min-records": Row([1, 2, 10**6], [0, -1], min_records_client),
     "count-floor": Row([0, 1, 10**6], [-1], floored_client),
-    "gen-steps": Row([1], [0], mosaic_client),
-    "gen-batch-size": Row([2, 3], [1, 0], mosaic_client),
-    "gen-lr": Row([JUST_ABOVE_0], [0.0], mosaic_client),
-    "gen-ce-weight": Row([0.0], [-0.1], mosaic_client),
-    "gen-div-weight": Row([0.0], [-0.1], mosaic_client),
-    "dcgan-width": Row([1, 8], [0, -1], dcgan_client, {**MOSAIC, "generator": "dcgan"}),
-    "meta-samples-per-class": Row([1], [0], meta),
-    "meta-epochs": Row([1], [0], meta),
-    "meta-lr": Row([JUST_ABOVE_0], [0.0], meta),
-    "meta-patience": Row([1], [0], meta),
-    "meta-holdout": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
-    "meta-ema": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
-    "kd-steps": Row([1], [0, -1], distillation),
-    "kd-batch-size": Row([1], [0], distillation),
-    "kd-lr": Row([JUST_ABOVE_0], [0.0], distillation),
-    "kd-a": Row([0.0, 1.0], [-0.1, 1.1], distillation),
-    "kd-b": Row([0.0], [-0.1], distillation),
-    "kd-temperature": Row([JUST_ABOVE_0], [0.0], distillation),
+    "mosaic.gen-steps": Row([1], [0], mosaic_client),
+    "mosaic.gen-batch-size": Row([2, 3], [1, 0], mosaic_client),
+    "mosaic.gen-lr": Row([JUST_ABOVE_0], [0.0], mosaic_client),
+    "mosaic.gen-ce-weight": Row([0.0], [-0.1], mosaic_client),
+    "mosaic.gen-div-weight": Row([0.0], [-0.1], mosaic_client),
+    "mosaic.dcgan-width": Row([1, 8], [0, -1], dcgan_client, {**MOSAIC, "mosaic.generator": "dcgan"}),
+    "mosaic.meta-samples-per-class": Row([1], [0], meta),
+    "mosaic.meta-epochs": Row([1], [0], meta),
+    "mosaic.meta-lr": Row([JUST_ABOVE_0], [0.0], meta),
+    "mosaic.meta-patience": Row([1], [0], meta),
+    "mosaic.meta-holdout": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
+    "mosaic.meta-ema": Row([0.0, JUST_BELOW_1], [-0.1, 1.0], meta),
+    "kd.steps": Row([1], [0, -1], distillation),
+    "kd.batch-size": Row([1], [0], distillation),
+    "kd.lr": Row([JUST_ABOVE_0], [0.0], distillation),
+    "kd.a": Row([0.0, 1.0], [-0.1, 1.1], distillation),
+    "kd.b": Row([0.0], [-0.1], distillation),
+    "kd.temperature": Row([JUST_ABOVE_0], [0.0], distillation),
     # differential privacy: 0 is "off"; the smallest epsilon at the smallest delta (non-finite
     # floats are refused for every key)
-    # dp-epsilon is a client's total: the counts', prototypes' and gate scores' own epsilons
+    # dp.epsilon is a client's total: the counts', prototypes' and gate scores' own epsilons
     # (at least 0.1 each) must leave the generator some of it (0.1 cannot)
-    "dp-epsilon": Row([0.0, 0.5, 1e6], [-0.1, 0.1 - 1e-9, 0.1, math.inf], dp_client,
-                      {**DP_MOSAIC, "dp-count-epsilon": 0.1, "dp-proto-epsilon": 0.1, "dp-gate-epsilon": 0.1}),
-    "dp-delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
-    "dp-max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
-    "dp-noise-multiplier": Row([0.0, JUST_ABOVE_0, 1e3], [-0.1, math.inf], dp_client, DP_MOSAIC),
-    "dp-proto-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                            {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
-    "dp-proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp-epsilon": 4.0}),
-    "dp-count-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                            {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
-    "dp-gate-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
-                           {**DP_MOSAIC, "dp-epsilon": 1e4, "dp-delta": 1e-10}),
+    "dp.epsilon": Row([0.0, 0.5, 1e6], [-0.1, 0.1 - 1e-9, 0.1, math.inf], dp_client,
+                      {**DP_MOSAIC, "dp.count-epsilon": 0.1, "dp.proto-epsilon": 0.1, "dp.gate-epsilon": 0.1}),
+    "dp.delta": Row([1e-10, 0.1 - 1e-9], [1e-10 * (1 - 1e-9), 0.1], dp_client, {**DP_MOSAIC, "dp.epsilon": 4.0}),
+    "dp.max-grad-norm": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp.epsilon": 4.0}),
+    "dp.noise-multiplier": Row([0.0, JUST_ABOVE_0, 1e3], [-0.1, math.inf], dp_client, DP_MOSAIC),
+    "dp.proto-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                            {**DP_MOSAIC, "dp.epsilon": 1e4, "dp.delta": 1e-10}),
+    "dp.proto-clip": Row([JUST_ABOVE_0, 1e6], [0.0, math.inf], dp_client, {**DP_MOSAIC, "dp.epsilon": 4.0}),
+    "dp.count-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                            {**DP_MOSAIC, "dp.epsilon": 1e4, "dp.delta": 1e-10}),
+    "dp.gate-epsilon": Row([0.1, 1e3], [0.1 - 1e-9, math.inf], dp_client,
+                           {**DP_MOSAIC, "dp.epsilon": 1e4, "dp.delta": 1e-10}),
 }
 # Small KD batches: the generator trains on them.
-FEDFTG = {"strategy": "fedftg", "kd-batch-size": 4, "kd-steps": 3, "meta-samples-per-class": 1}
+FEDFTG = {"strategy": "fedftg", "kd.batch-size": 4, "kd.steps": 3, "mosaic.meta-samples-per-class": 1}
 DFRD = {**FEDFTG, "strategy": "dfrd"}
 ROWS.update({
     "fedftg.gen-steps": Row([1, 3], [0], server_generator, FEDFTG),
@@ -713,12 +713,12 @@ def test_rejected_neighbour_names_the_key(key, value):
 
 
 def test_kd_steps_zero_points_to_fedavg():
-    with pytest.raises(ConfigError, match=r"^kd-steps: must be >= 1, got 0 .*strategy='fedavg'"):
-        build_config({"kd-steps": 0})
+    with pytest.raises(ConfigError, match=r"^kd.steps: must be >= 1, got 0 .*strategy='fedavg'"):
+        build_config({"kd.steps": 0})
 
 
-@pytest.mark.parametrize("key,value", [("meta-holdout", 1.0), ("meta-ema", 1.0), ("gen-batch-size", 1),
-                                       ("kd-steps", 0), ("seed", -1)])
+@pytest.mark.parametrize("key,value", [("mosaic.meta-holdout", 1.0), ("mosaic.meta-ema", 1.0), ("mosaic.gen-batch-size", 1),
+                                       ("kd.steps", 0), ("seed", -1)])
 def test_values_accepted_before_crashed_their_consumer(key, value):
     """Why the ranges moved: each of these passed validation before, then crashed."""
     cfg = build_config(BASE)

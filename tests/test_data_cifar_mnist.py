@@ -163,8 +163,8 @@ def test_cifar10_two_stage_mosaic_with_batchnorm_models_and_augmentation(tmp_pat
     assert {"resnet8", "cnn_small"} <= set(start)
     assert not torch.equal(start["resnet8"]["bn1.running_mean"], torch.zeros_like(start["resnet8"]["bn1.running_mean"]))
     out = run_inprocess(tmp_path / "mosaic", num_nodes=4, **common, strategy="mosaic", **{
-        "init-from": str(pre["dir"]), "num-server-rounds": 2, "warmup-rounds": 1, "gen-steps": 6,
-        "gen-batch-size": 8, "kd-steps": 4, "kd-batch-size": 16, "meta-epochs": 3, "distill-gate": "off"})
+        "init-from": str(pre["dir"]), "num-server-rounds": 2, "warmup-rounds": 1, "mosaic.gen-steps": 6,
+        "mosaic.gen-batch-size": 8, "kd.steps": 4, "kd.batch-size": 16, "mosaic.meta-epochs": 3, "kd.gate": "off"})
     # round 1's clients received the pre-trained models, BatchNorm buffers included
     first = [m for m in out["grid"].sent if m.metadata.message_type == "train.mosaic"]
     shapes = {len(m.content["arrays"]) for m in first}

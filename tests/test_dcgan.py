@@ -1,4 +1,4 @@
-"""``generator='dcgan'``: the authors' unconditional DCGAN (models), its client-side training,
+"""``mosaic.generator='dcgan'``: the authors' unconditional DCGAN (models), its client-side training,
 the server's sampler over such generators, the client round, and the configurations refused
 with it. The run end to end is in ``test_e2e_quick.py``."""
 
@@ -189,21 +189,21 @@ def test_client_round_trains_and_uploads_the_dcgan():
 
 
 # ----------------------------------------------------------------------------- configuration
-@pytest.mark.parametrize("extra", [{"meta-data": "generated"}, {"meta-data": "both"}, {"meta-data": "screened"},
+@pytest.mark.parametrize("extra", [{"mosaic.meta-data": "generated"}, {"mosaic.meta-data": "both"}, {"mosaic.meta-data": "screened"},
                                    {"client-capacities": "1.0,0.5"}])  # 'auto' is 'screened' there
 def test_dcgan_with_a_meta_model_on_generator_samples_is_refused(extra):
-    with pytest.raises(ConfigError, match=r"^generator: 'dcgan' is unconditional") as info:
-        build_config({"strategy": "mosaic", "generator": "dcgan", **extra})
+    with pytest.raises(ConfigError, match=r"^mosaic.generator: 'dcgan' is unconditional") as info:
+        build_config({"strategy": "mosaic", "mosaic.generator": "dcgan", **extra})
     assert "\n" not in str(info.value)
-    build_config({"strategy": "mosaic", "generator": "dcgan", "mosaic-meta": False, **extra})  # no meta model
+    build_config({"strategy": "mosaic", "mosaic.generator": "dcgan", "mosaic.meta": False, **extra})  # no meta model
     build_config({"strategy": "mosaic", **extra})  # the conditional generator
 
 
 def test_dcgan_accepted_settings_and_dp_refused():
-    assert build_config({}).generator == "conditional" and build_config({}).dcgan_width == 64
-    for extra in ({}, {"meta-data": "clients"}, {"strategy": "feddf-gen"}):
-        assert build_config({"generator": "dcgan", **extra}).generator == "dcgan"
-    with pytest.raises(ConfigError, match=r"^generator: 'dcgan' cannot train under DP"):
-        build_config({"strategy": "mosaic", "generator": "dcgan", "dp-epsilon": 8.0})
-    with pytest.raises(ConfigError, match=r"^generator: unknown value"):
-        build_config({"generator": "unconditional"})
+    assert build_config({}).of('mosaic').generator == "conditional" and build_config({}).of('mosaic').dcgan_width == 64
+    for extra in ({}, {"mosaic.meta-data": "clients"}, {"strategy": "feddf-gen"}):
+        assert build_config({"mosaic.generator": "dcgan", **extra}).of('mosaic').generator == "dcgan"
+    with pytest.raises(ConfigError, match=r"^mosaic.generator: 'dcgan' cannot train under DP"):
+        build_config({"strategy": "mosaic", "mosaic.generator": "dcgan", "dp.epsilon": 8.0})
+    with pytest.raises(ConfigError, match=r"^mosaic.generator: unknown value"):
+        build_config({"mosaic.generator": "unconditional"})

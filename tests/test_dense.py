@@ -140,8 +140,8 @@ def test_the_pool_keeps_the_newest_samples_and_sample_trains_every_interval():
 
 
 # ----------------------------------------------------------------------------- the strategy
-TINY = {"dataset": "synthetic", "alpha": 1.0, "local-steps": 5, "batch-size": 16, "kd-steps": 6,
-        "kd-batch-size": 16, "kd-lr": 1e-3, "distill-gate": "off", "test-subset": 100, "dense.gen-steps": 2,
+TINY = {"dataset": "synthetic", "alpha": 1.0, "local-steps": 5, "batch-size": 16, "kd.steps": 6,
+        "kd.batch-size": 16, "kd.lr": 1e-3, "kd.gate": "off", "test-subset": 100, "dense.gen-steps": 2,
         "dense.gen-interval": 3, "dense.gen-batch-size": 8, "dense.gen-width": 4, "dense.noise-dim": 8}
 
 

@@ -259,7 +259,17 @@ def run_config_values(args: list[str]) -> list[str]:
 
 
 def check_run_config(values: list[str]) -> None:
-    from mosaic_flwr.config import merge_run_config
+    from flwr.common.config import parse_config_args
+
+    from mosaic_flwr.config import RENAMED, flatten, merge_run_config
+    for value in values:  # the docs show the current names (an old one works, with a warning)
+        if value.strip().endswith(".toml"):
+            import tomllib
+            keys = flatten(tomllib.loads((ROOT / value.strip()).read_text())) if (ROOT / value.strip()).is_file() else {}
+        else:
+            keys = parse_config_args([value]) if value.strip() else {}
+        old = sorted(set(keys) & set(RENAMED))
+        assert not old, f"old key names {old}: use {[RENAMED[k] for k in old]}"
     build_config(merge_run_config(values, cwd=ROOT))
 
 
@@ -400,10 +410,11 @@ def test_the_configuration_reference_is_current():
         f"settings tables: regenerate it with `{reference.COMMAND}`")
 
 
-def test_the_configuration_reference_lists_every_key_and_marks_the_retired_one():
-    from mosaic_flwr.config import spec
+def test_the_configuration_reference_lists_every_key_and_every_old_name():
+    from mosaic_flwr.config import RENAMED, spec
     text = (ROOT / "docs" / "configuration.md").read_text()
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9.-]+)` \|.*$", text, flags=re.M)}
-    assert set(rows) == set(spec())
-    assert "**retired**" in rows["preset"]
-    assert all("**retired**" not in row for key, row in rows.items() if key != "preset")
+    keys, old = text.split("## Old names (deprecated)")
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9.-]+)` \|.*$", keys, flags=re.M)}
+    assert set(rows) == set(spec()) and "preset" not in rows
+    renames = dict(re.findall(r"^\| `([a-z0-9-]+)` \| `([a-z0-9.-]+)` \|$", old, flags=re.M))
+    assert renames == RENAMED

@@ -14,7 +14,7 @@ from tests.support import requires_fmnist, run_inprocess
 def test_mosaic_distillation_improves_its_own_pre_distillation_model(tmp_path):
     out = run_inprocess(tmp_path, num_nodes=5, strategy="mosaic", alpha=0.1,
                         **{"num-server-rounds": 7, "warmup-rounds": 6, "local-steps": 30,
-                           "gen-steps": 200, "kd-steps": 60, "test-subset": 2000})["dir"]
+                           "mosaic.gen-steps": 200, "kd.steps": 60, "test-subset": 2000})["dir"]
     rounds = json.loads((out / "metrics.json").read_text())
     distill = next(r for r in rounds if r.get("phase") == "distill")
     assert distill["round"] == 6 and rounds[-1]["phase"] == "finetune"
@@ -25,7 +25,7 @@ def test_mosaic_distillation_improves_its_own_pre_distillation_model(tmp_path):
     assert distill["accuracy"] == pytest.approx(distill["acc-after-distill"], abs=1e-4)
     assert distill["acc-after-distill"] > distill["acc-before-distill"] + 0.02
     # the teacher is the meta model only where it beats the plain expert ensemble it starts
-    # from significantly on held-out prototypes (meta-guard: a one-sided sign test at 5 %);
+    # from significantly on held-out prototypes (mosaic.meta-guard: a one-sided sign test at 5 %);
     # otherwise the mean of the experts teaches
     assert distill["meta-real-inputs"] == distill["meta-inputs"] > 0  # prototypes only (the default)
     significant = (distill["meta-holdout-accuracy"] > distill["meta-holdout-mean-accuracy"]

@@ -135,7 +135,7 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
     assert {m.metadata.message_type for m in sent[1]} == {warm}
     assert {m.metadata.message_type for m in sent[2]} == {"train.mosaic"}
     assert all(m.content["config"]["distill"] is False for m in sent[1] if warm == "train.mosaic")
-    assert all(m.content["config"]["distill"] is True and m.content["config"]["gen-steps"] == TINY["gen-steps"]
+    assert all(m.content["config"]["distill"] is True and m.content["config"]["gen-steps"] == TINY["mosaic.gen-steps"]
                for m in sent[2])
     assert {m.metadata.message_type for m in sent[3]} == {"train"}
     assert all(m.content["config"]["lr"] == cfg.finetune_lr for m in sent[3])
@@ -190,13 +190,13 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
         assert all(torch.equal(got[k], v) for k, v in kd["after"].items())
 
     # The generator sampler: labels of classes some client holds, finite images in the
-    # classifiers' input space, one batch of kd-batch-size.
+    # classifiers' input space, one batch of kd.batch-size.
     held = {c for r in replies for c, n in enumerate(r["counts"]) if n > 0}
     probe = kd["probe"]
     probe.rng.manual_seed(12345)
     x, y = zip(*(probe(i) for i in range(4)))
     x, y = torch.cat(x), torch.cat(y)
-    assert x.shape == (4 * TINY["kd-batch-size"], 1, 28, 28) and torch.isfinite(x).all()
+    assert x.shape == (4 * TINY["kd.batch-size"], 1, 28, 28) and torch.isfinite(x).all()
     assert set(y.tolist()) <= held
     # ... and the student moved toward the teacher on fresh generated samples: a lower KD
     # loss, an argmax agreement at least as high (it can be 1.0 from the start).
@@ -213,7 +213,7 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
 def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     # The widest meta-model path: prototypes and generated samples, the fitted meta model
     # used whatever its hold-out says (the default's guard is tested below).
-    both = {"meta-data": "both", "meta-guard": False}
+    both = {"mosaic.meta-data": "both", "mosaic.meta-guard": False}
     run_config = {**TINY, "strategy": "mosaic", **both}
     out, rows, rec = _run(tmp_path, monkeypatch, strategy="mosaic", **both)
     distill, kd = _check_schedule_and_distillation(out, rows, rec, run_config)
@@ -225,15 +225,15 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     assert distill["meta-epochs-run"] >= 1
 
     # Prototypes from every client, at the distillation round only: k-means centres in the
-    # model's feature space, each the mean of at least proto-min-records (m) records: at most
-    # min(proto-k, n_c // m) of each class the client holds, none of a class of fewer than m.
+    # model's feature space, each the mean of at least mosaic.proto-min-records (m) records: at most
+    # min(mosaic.proto-k, n_c // m) of each class the client holds, none of a class of fewer than m.
     assert all(r["prototypes"] is None for r in rec.replies[1].values())
     feature_dim = initial_model(cfg).feature_dim
     n_protos = 0
     for r in rec.replies[2].values():
         feats, labels = r["prototypes"]["features"], r["prototypes"]["labels"]
         assert feats.shape == (len(labels), feature_dim) and torch.isfinite(feats).all()
-        m = cfg.proto_min_records
+        m = cfg.of('mosaic').proto_min_records
         for n, sent in zip(r["counts"], torch.bincount(labels, minlength=C).tolist()):
             assert (sent == 0) if n < m else (1 <= sent <= min(2, n // m)), (n, sent, m)
         n_protos += len(labels)
@@ -267,7 +267,7 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     assert all(torch.equal(artifacts["meta"][k], v) for k, v in meta["trained"].items())
 
     # The teacher that was distilled is the meta model over the C class experts.
-    model = MetaModel(C, C, arch=cfg.meta_arch)
+    model = MetaModel(C, C, arch=cfg.of('mosaic').meta_arch)
     model.load_state_dict(artifacts["meta"])
     with torch.no_grad():
         expected = model.eval()(_expert_logits(cfg, experts, x))
@@ -276,12 +276,12 @@ def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
 
 def test_mosaic_default_meta_model_learns_from_prototypes_and_is_dropped_when_it_does_not_beat_the_mean(
         tmp_path, monkeypatch):
-    """The default (``meta-data='auto'``: prototypes with one model family; ``meta-guard``):
+    """The default (``mosaic.meta-data='auto'``: prototypes with one model family; ``mosaic.meta-guard``):
     the meta model sees prototypes only, and a meta model that does not beat the plain mean
     of its experts on the held-out prototypes is not the teacher: the mean is. A learning
     rate that wrecks every step forces the fitted model back to its prior, which ties with
     the mean and so does not beat it."""
-    overrides = {"strategy": "mosaic", "meta-lr": 50.0, "meta-patience": 1}
+    overrides = {"strategy": "mosaic", "mosaic.meta-lr": 50.0, "mosaic.meta-patience": 1}
     out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
     distill, kd = _check_schedule_and_distillation(out, rows, rec, {**TINY, **overrides})
     cfg, x = kd["cfg"], kd["x"]
@@ -300,11 +300,11 @@ def test_mosaic_default_meta_model_learns_from_prototypes_and_is_dropped_when_it
 @pytest.mark.parametrize("meta_data", ["prototypes", "screened"])
 def test_without_prototypes_the_meta_model_gets_nothing_unvouched_and_the_mean_teaches(
         tmp_path, monkeypatch, meta_data):
-    """Every class below ``proto-min-records``: no client sends a prototype, so the meta model
+    """Every class below ``mosaic.proto-min-records``: no client sends a prototype, so the meta model
     has no prototype to learn from ('prototypes') and no generator sample is screened as
     clean ('screened': unscreened samples are dropped, not used); the run goes on, with the
     plain mean of the experts as the teacher."""
-    overrides = {"strategy": "mosaic", "proto-min-records": 10**6, "meta-data": meta_data}
+    overrides = {"strategy": "mosaic", "mosaic.proto-min-records": 10**6, "mosaic.meta-data": meta_data}
     out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
     assert all(len(r["prototypes"]["labels"]) == 0 for r in rec.replies[2].values())
     distill = next(r for r in rows if r.get("phase") == "distill")
@@ -315,14 +315,14 @@ def test_without_prototypes_the_meta_model_gets_nothing_unvouched_and_the_mean_t
 
 
 def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_global_features(tmp_path, monkeypatch):
-    """``meta-experts='heads'``: the meta model learns on prototypes through the experts'
+    """``mosaic.meta-experts='heads'``: the meta model learns on prototypes through the experts'
     heads and, as the teacher, reads the same kind of input: each class expert's head on the
     global model's (the student's, before KD) features of the image."""
-    overrides = {"strategy": "mosaic", "meta-experts": "heads", "meta-guard": False}
+    overrides = {"strategy": "mosaic", "mosaic.meta-experts": "heads", "mosaic.meta-guard": False}
     out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
     distill, kd = _check_schedule_and_distillation(out, rows, rec, {**TINY, **overrides})
     x = kd["x"]
-    model = MetaModel(C, C, arch=kd["cfg"].meta_arch)
+    model = MetaModel(C, C, arch=kd["cfg"].of('mosaic').meta_arch)
     model.load_state_dict(load_checkpoint(out["dir"], ARTIFACTS)["meta"])
     backbone = kd["student_before"].eval()
     heads = []
@@ -341,12 +341,12 @@ def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_global_fe
 
 
 def test_mosaic_with_an_expert_pass_builds_its_class_experts_from_the_expert_models(tmp_path, monkeypatch):
-    """``expert-pass``: at the distillation round every client also sends an expert model
+    """``kd.expert-pass``: at the distillation round every client also sends an expert model
     (the ``distill-*`` settings, a second pass from the received model); the class experts
     the distillation starts from are the label-count weighted means of those, while the
     regular training's settings and the averaged model are the plain path's."""
-    overrides = {"strategy": "mosaic", "expert-pass": True, "distill-local-steps": 2, "distill-batch-size": 8,
-                 "distill-momentum": 0.0, "distill-weight-decay": 1e-4}
+    overrides = {"strategy": "mosaic", "kd.expert-pass": True, "kd.local-steps": 2, "kd.local-batch-size": 8,
+                 "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4}
     out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
     _check_schedule_and_distillation(out, rows, rec, {**TINY, **overrides})
     sent = [m for m in out["grid"].sent if _round(m) == 2]
@@ -368,16 +368,16 @@ def test_mosaic_with_an_expert_pass_builds_its_class_experts_from_the_expert_mod
 
 
 def test_meta_experts_heads_needs_one_architecture():
-    with pytest.raises(ConfigError, match=r"^meta-experts: 'heads' .* one architecture at full width"):
-        build_config({"strategy": "mosaic", "meta-experts": "heads", "client-capacities": "1,0.5"})
-    with pytest.raises(ConfigError, match=r"^meta-experts: 'heads' .*meta-data='clients'"):
-        build_config({"strategy": "mosaic", "meta-experts": "heads", "meta-data": "clients"})
+    with pytest.raises(ConfigError, match=r"^mosaic.meta-experts: 'heads' .* one architecture at full width"):
+        build_config({"strategy": "mosaic", "mosaic.meta-experts": "heads", "client-capacities": "1,0.5"})
+    with pytest.raises(ConfigError, match=r"^mosaic.meta-experts: 'heads' .*mosaic.meta-data='clients'"):
+        build_config({"strategy": "mosaic", "mosaic.meta-experts": "heads", "mosaic.meta-data": "clients"})
 
 
 @pytest.mark.parametrize("overrides", [
     pytest.param({"strategy": "feddf-gen"}, id="feddf-gen"),
     # the same pipeline as Mosaic's but for its teacher: slow, to keep the quick loop short
-    pytest.param({"strategy": "mosaic", "mosaic-meta": False}, id="mosaic-no-meta", marks=pytest.mark.slow),
+    pytest.param({"strategy": "mosaic", "mosaic.meta": False}, id="mosaic-no-meta", marks=pytest.mark.slow),
 ])
 def test_feddf_and_no_meta_ablation_distill_their_own_teacher(tmp_path, monkeypatch, overrides):
     run_config = {**TINY, **overrides}
@@ -404,9 +404,9 @@ def test_feddf_and_no_meta_ablation_distill_their_own_teacher(tmp_path, monkeypa
 
 @pytest.mark.parametrize("strategy", ["mosaic", "feddf-gen"])
 def test_the_authors_dcgan_generators_end_to_end(tmp_path, monkeypatch, strategy):
-    """``generator='dcgan'``: every client uploads the authors' unconditional DCGAN at the
-    distillation round (the server's dcgan template, ``dcgan-width`` wide); the server keeps
-    every one, draws ``kd-batch-size // 3`` samples of each per KD step, labelled by the
+    """``mosaic.generator='dcgan'``: every client uploads the authors' unconditional DCGAN at the
+    distillation round (the server's dcgan template, ``mosaic.dcgan-width`` wide); the server keeps
+    every one, draws ``kd.batch-size // 3`` samples of each per KD step, labelled by the
     teacher's argmax (one teacher pass a batch), and distils; no check batch (no label was
     asked for); the clients' privacy audit covers their prototypes only."""
     from mosaic_flwr.data import dataset_info
@@ -414,7 +414,7 @@ def test_the_authors_dcgan_generators_end_to_end(tmp_path, monkeypatch, strategy
     from mosaic_flwr.distill.samplers import UnconditionalSampler
     from mosaic_flwr.distill.server import RememberingTeacher
 
-    overrides = {"strategy": strategy, "generator": "dcgan", "dcgan-width": 4}
+    overrides = {"strategy": strategy, "mosaic.generator": "dcgan", "mosaic.dcgan-width": 4}
     out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["rejected"] == 0 for r in rows[1:])
     template = generator_for(dataset_info("synthetic"), "dcgan", 4).state_dict()
@@ -429,7 +429,7 @@ def test_the_authors_dcgan_generators_end_to_end(tmp_path, monkeypatch, strategy
     kd = rec.kd[0]
     assert isinstance(kd["teacher"], RememberingTeacher) and isinstance(kd["sampler"], UnconditionalSampler)
     x, y = kd["probe"](0)
-    assert x.shape == (3 * (TINY["kd-batch-size"] // 3), 1, 28, 28) and torch.isfinite(x).all()
+    assert x.shape == (3 * (TINY["kd.batch-size"] // 3), 1, 28, 28) and torch.isfinite(x).all()
     assert torch.equal(y, kd["teacher"].teacher(x).argmax(1).cpu())
     assert any(not torch.equal(kd["before"][k], v) for k, v in _floats(kd["after"]).items())
     assert (out["dir"] / "generator_samples.png").stat().st_size > 1000

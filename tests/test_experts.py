@@ -210,7 +210,7 @@ def test_stacked_experts_on_cuda_match_cpu():
 
 
 def test_head_experts_read_each_experts_head_on_one_backbones_features():
-    """``meta-experts='heads'``: expert e's logits are its head on the backbone's features;
+    """``mosaic.meta-experts='heads'``: expert e's logits are its head on the backbone's features;
     where an expert's backbone is the backbone itself, they equal the full expert's."""
     from mosaic_flwr.distill.teachers import HeadExperts
 

@@ -146,8 +146,8 @@ def test_schedule_every_round_as_published_or_once():
 def test_the_published_preset_distils_every_round_with_the_papers_kd():
     merged = merge_run_config(["conf/fmnist-dir0.1.toml", "conf/feddf-published.toml"], cwd=PROJECT_ROOT)
     cfg = build_config({**load_defaults(), **merged})
-    assert (cfg.strategy, cfg.warmup_rounds, cfg.lr_schedule, cfg.distill_gate) == ("feddf", 1, "constant", "off")
-    assert (cfg.kd_a, cfg.kd_b, cfg.kd_temperature, cfg.kd_lr) == (1.0, 0.0, 1.0, 1e-3)
+    assert (cfg.strategy, cfg.warmup_rounds, cfg.lr_schedule, cfg.of('kd').gate) == ("feddf", 1, "constant", "off")
+    assert (cfg.of('kd').a, cfg.of('kd').b, cfg.of('kd').temperature, cfg.of('kd').lr) == (1.0, 0.0, 1.0, 1e-3)
     assert cfg.of("feddf").every_round and STRATEGIES["feddf"].prepare is not None
 
 
@@ -180,8 +180,8 @@ def _feddf(cfg, clients) -> FedDF:
 
 def _mnist_cfg(**kw):
     return build_config({"strategy": "feddf", "dataset": "synthetic", "feddf.transfer-set": "mnist",
-                         "data-dir": str(mnist_dir()), "feddf.transfer-size": 256, "kd-steps": 20,
-                         "kd-batch-size": 32, "kd-lr": 1e-3, "kd-a": 1.0, "kd-b": 0.0, "distill-gate": "off", **kw})
+                         "data-dir": str(mnist_dir()), "feddf.transfer-size": 256, "kd.steps": 20,
+                         "kd.batch-size": 32, "kd.lr": 1e-3, "kd.a": 1.0, "kd.b": 0.0, "kd.gate": "off", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_the_teacher_is_the_mean_of_the_client_models_logits(mechanism):
 def test_kd_batches_are_transfer_images_in_shuffled_passes(mechanism):
     cfg, transfer = mechanism["cfg"], mechanism["strategy"].transfer
     xs = torch.cat([b[0] for b in mechanism["batches"]])
-    assert len(mechanism["batches"]) == cfg.kd_steps and all(len(b[0]) == cfg.kd_batch_size for b in mechanism["batches"])
+    assert len(mechanism["batches"]) == cfg.of('kd').steps and all(len(b[0]) == cfg.of('kd').batch_size for b in mechanism["batches"])
     # 20 batches of 32 = 2.5 passes over the 256 images: the first 256 are each image once
     assert _rows(xs[:256]) == _rows(transfer) and len(_rows(transfer)) == 256
     ys = torch.cat([b[1] for b in mechanism["batches"]])      # the teacher's labels (no labels asked)
@@ -276,7 +276,7 @@ def test_no_label_of_the_transfer_set_is_read(mechanism, monkeypatch):
 
 # ----------------------------------------------------------------------------- in-process runs
 TINY = {"alpha": 1.0, "num-server-rounds": 3, "warmup-rounds": 1, "local-steps": 10, "batch-size": 16,
-        "lr": 0.05, "kd-steps": 6, "kd-batch-size": 16, "kd-lr": 1e-3, "distill-gate": "off",
+        "lr": 0.05, "kd.steps": 6, "kd.batch-size": 16, "kd.lr": 1e-3, "kd.gate": "off",
         "feddf.transfer-size": 100}
 
 

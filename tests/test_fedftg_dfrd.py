@@ -41,8 +41,8 @@ COUNTS[1, 0], COUNTS[1, 2], COUNTS[1, 3] = 1, 2, 2
 def _strategy(cls, **overrides):
     as_flower_server()
     name = {FedFTGStrategy: "fedftg", DFRDStrategy: "dfrd"}[cls]
-    cfg = build_config({**SYNTH, "strategy": name, "kd-batch-size": 8, "kd-steps": 4,
-                        "meta-samples-per-class": 2, **overrides})
+    cfg = build_config({**SYNTH, "strategy": name, "kd.batch-size": 8, "kd.steps": 4,
+                        "mosaic.meta-samples-per-class": 2, **overrides})
     clients = {n: ClientInfo(n, i, COUNTS[i], cfg.model, 1.0) for i, n in enumerate(NODES)}
     sc = ServerContext(cfg=cfg, grid=None, device=torch.device("cpu"), test_x=None, test_y=None,
                        results=None, num_nodes=len(NODES), clients=clients)
@@ -169,7 +169,7 @@ def test_the_teacher_weights_a_generated_samples_whole_output_by_its_requested_c
 
 
 def test_fedftg_draws_the_rounds_labels_in_proportion_and_keeps_its_generator():
-    strategy = _strategy(FedFTGStrategy, **{"kd-steps": 6, "kd-batch-size": 10, "fedftg.gen-interval": 2,
+    strategy = _strategy(FedFTGStrategy, **{"kd.steps": 6, "kd.batch-size": 10, "fedftg.gen-interval": 2,
                                             "fedftg.gen-steps": 2})
     clients = _clients(strategy)
     source, report = _source(strategy, 1, clients)
@@ -309,13 +309,13 @@ def test_both_methods_are_registered_with_the_distillation_schedule_after_every_
 
 # ----------------------------------------------------------------------------- in-process runs
 TINY = {**SYNTH, "alpha": 0.5, "num-server-rounds": 3, "warmup-rounds": 2, "local-steps": 10, "batch-size": 16,
-        "lr": 0.05, "kd-steps": 6, "kd-batch-size": 16, "kd-lr": 1e-3, "meta-samples-per-class": 4,
-        "fedftg.gen-interval": 2, "dfrd.gen-interval": 2, "distill-gate": "off"}
+        "lr": 0.05, "kd.steps": 6, "kd.batch-size": 16, "kd.lr": 1e-3, "mosaic.meta-samples-per-class": 4,
+        "fedftg.gen-interval": 2, "dfrd.gen-interval": 2, "kd.gate": "off"}
 
 
 @pytest.mark.parametrize("strategy, gate", [("fedftg", "clients"), ("dfrd", "off")])
 def test_runs_in_process_distilling_after_every_round_from_warmup(tmp_path, strategy, gate):
-    out = run_inprocess(tmp_path, strategy=strategy, **{**TINY, "distill-gate": gate})
+    out = run_inprocess(tmp_path, strategy=strategy, **{**TINY, "kd.gate": gate})
     rows = metric_rows(out["dir"])
     assert [r.get("phase") for r in rows] == [None, "warmup", "distill", "distill"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)

@@ -83,8 +83,8 @@ def test_every_part_names_known_variants_and_valid_run_configs():
         build_config({**load_defaults(), **rc})  # raises ConfigError on a bad part
 
 
-TINY = ('dataset="synthetic" local-steps=3 gen-steps=3 gen-batch-size=4 kd-steps=3 kd-batch-size=8 meta-epochs=2 '
-        'meta-samples-per-class=4 proto-k=2 feddf.transfer-size=64 test-subset=0',)
+TINY = ('dataset="synthetic" local-steps=3 mosaic.gen-steps=3 mosaic.gen-batch-size=4 kd.steps=3 kd.batch-size=8 mosaic.meta-epochs=2 '
+        'mosaic.meta-samples-per-class=4 mosaic.proto-k=2 feddf.transfer-size=64 test-subset=0',)
 
 
 @pytest.mark.slow

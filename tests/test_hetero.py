@@ -40,7 +40,7 @@ def test_assignment_is_round_robin_by_partition_id_and_node_config_overrides():
     ({"client-models": "cnn_small,vgg"}, r"^client-models: unknown model 'vgg'"),
     ({"client-capacities": "1,0"}, r"^client-capacities: capacity 0 not in \(0, 1\]"),
     ({"client-capacities": "1,half"}, r"^client-capacities: expected comma-separated numbers"),
-    ({"client-capacities": "1,0.5", "meta-data": "both"}, r"^meta-data: 'both' passes prototypes"),
+    ({"client-capacities": "1,0.5", "mosaic.meta-data": "both"}, r"^mosaic.meta-data: 'both' passes prototypes"),
 ])
 def test_bad_assignments_are_one_line_errors(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -156,8 +156,8 @@ def test_mixed_families_run_mosaic_end_to_end(tmp_path):
     res = run_inprocess(tmp_path, strategy="mosaic", num_nodes=3,
                         **{"client-models": "cnn_small,cnn_wide,resnet8", "warmup-rounds": 1,
                            "num-server-rounds": 3, "test-subset": 2000,
-                           "local-steps": 40, "gen-steps": 60, "meta-epochs": 30, "kd-steps": 20,
-                           "distill-gate": "off"})
+                           "local-steps": 40, "mosaic.gen-steps": 60, "mosaic.meta-epochs": 30, "kd.steps": 20,
+                           "kd.gate": "off"})
     out = res["dir"]
     rounds = _rounds(out)
     families = ("cnn_small", "cnn_wide", "resnet8")
@@ -209,8 +209,8 @@ def test_the_clients_gate_judges_every_familys_model_on_every_client(tmp_path):
     res = run_inprocess(tmp_path, strategy="mosaic", num_nodes=4, dataset="synthetic", alpha=1.0,
                         **{"client-models": "cnn_small,cnn_wide", "client-capacities": "1,1,0.5,1",
                            "num-server-rounds": 2, "warmup-rounds": 1, "local-steps": 5, "batch-size": 16,
-                           "gen-steps": 5, "gen-batch-size": 8, "meta-epochs": 2, "meta-samples-per-class": 4,
-                           "kd-steps": 4, "kd-batch-size": 16, "distill-gate": "clients", "gate-rounds": 0})
+                           "mosaic.gen-steps": 5, "mosaic.gen-batch-size": 8, "mosaic.meta-epochs": 2, "mosaic.meta-samples-per-class": 4,
+                           "kd.steps": 4, "kd.batch-size": 16, "kd.gate": "clients", "kd.gate-rounds": 0})
     families = ["cnn_small", "cnn_wide"]
     evaluate = [m for m in res["grid"].sent if m.metadata.message_type == "evaluate"]
     assert sorted(m.metadata.dst_node_id for m in evaluate) == res["grid"].node_ids
@@ -229,7 +229,7 @@ def test_the_clients_gate_judges_every_familys_model_on_every_client(tmp_path):
 
 
 def test_model_families_fit_the_meta_model_on_each_familys_prototypes(tmp_path, monkeypatch):
-    """Under model families (every client at full width) ``meta-data='prototypes'`` keeps
+    """Under model families (every client at full width) ``mosaic.meta-data='prototypes'`` keeps
     the meta model on real-derived inputs: each family's prototypes pass through that family's
     class experts' heads (the feature spaces differ: a prototype through another family's
     head would not even fit), and no generator sample is used."""
@@ -244,10 +244,10 @@ def test_model_families_fit_the_meta_model_on_each_familys_prototypes(tmp_path, 
     # alpha 0.1: few classes per client, so classes share experts (cheap teacher passes)
     res = run_inprocess(tmp_path, strategy="mosaic", num_nodes=4, dataset="synthetic", alpha=0.1,
                         **{"client-models": "cnn_small,cnn_wide", "num-server-rounds": 1, "warmup-rounds": 1,
-                           "local-steps": 5, "batch-size": 16, "gen-steps": 5, "gen-batch-size": 8,
-                           "meta-epochs": 2, "kd-steps": 4, "kd-batch-size": 16, "distill-gate": "off",
-                           "meta-guard": False, "meta-data": "prototypes", "privacy-audit": False,
-                           "test-subset": 100, "report-test-subset": 100})
+                           "local-steps": 5, "batch-size": 16, "mosaic.gen-steps": 5, "mosaic.gen-batch-size": 8,
+                           "mosaic.meta-epochs": 2, "kd.steps": 4, "kd.batch-size": 16, "kd.gate": "off",
+                           "mosaic.meta-guard": False, "mosaic.meta-data": "prototypes", "privacy-audit": False,
+                           "test-subset": 100, "kd.report-test-subset": 100})
     report = json.loads((res["dir"] / "summary.json").read_text())["distillation"]
     assert report["meta-inputs"] == report["meta-real-inputs"] > 0 and "meta-screen-kept" not in report
     dims = {build_arch(build_config({"dataset": "synthetic"}), Arch(f)).head.in_features
@@ -257,15 +257,15 @@ def test_model_families_fit_the_meta_model_on_each_familys_prototypes(tmp_path, 
 
 
 def test_prototypes_need_full_width_and_the_experts_prior_under_families():
-    families = {"strategy": "mosaic", "client-models": "cnn_small,resnet8", "meta-data": "prototypes"}
+    families = {"strategy": "mosaic", "client-models": "cnn_small,resnet8", "mosaic.meta-data": "prototypes"}
     build_config(families)
-    with pytest.raises(ConfigError, match=r"^meta-data: 'prototypes' passes prototypes .* width-scaled"):
+    with pytest.raises(ConfigError, match=r"^mosaic.meta-data: 'prototypes' passes prototypes .* width-scaled"):
         build_config({**families, "client-capacities": "1,0.5"})
-    with pytest.raises(ConfigError, match=r"^meta-prior: 'global' makes the primary family's"):
-        build_config({**families, "meta-prior": "global"})
-    with pytest.raises(ConfigError, match=r"^meta-data: 'clients' sends the class experts"):
-        build_config({**families, "meta-data": "clients"})
-    build_config({**families, "meta-prior": "global", "meta-data": "screened"})  # generator samples: any prior
+    with pytest.raises(ConfigError, match=r"^mosaic.meta-prior: 'global' makes the primary family's"):
+        build_config({**families, "mosaic.meta-prior": "global"})
+    with pytest.raises(ConfigError, match=r"^mosaic.meta-data: 'clients' sends the class experts"):
+        build_config({**families, "mosaic.meta-data": "clients"})
+    build_config({**families, "mosaic.meta-prior": "global", "mosaic.meta-data": "screened"})  # generator samples: any prior
 
 
 def record_width(record) -> int:

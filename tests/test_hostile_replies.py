@@ -64,7 +64,7 @@ def honest(kind: str) -> RecordDict:
         feats = torch.randn(4, MODEL.feature_dim)
         return mosaic_payload(MosaicClientResult(
             TEMPLATE, torch.tensor(COUNTS), {"train-loss": 0.4, "client-seconds": 2.0},
-            (feats, torch.tensor([0, 0, 2, 5])), GENERATOR, expert_state=TEMPLATE))  # expert-pass: all of it
+            (feats, torch.tensor([0, 0, 2, 5])), GENERATOR, expert_state=TEMPLATE))  # kd.expert-pass: all of it
     if kind == "evaluate":
         return RecordDict({"metrics": MetricRecord({"num-examples": N, "correct-before": 20, "correct-after": 31})})
     if kind == "query.logits":

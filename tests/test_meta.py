@@ -213,7 +213,7 @@ def test_ablation_teacher_has_the_meta_models_starting_scale(arch):
 
 @pytest.mark.parametrize("arch", ["transformer", "gating"])
 def test_meta_model_with_the_global_prior_starts_at_the_last_input(arch):
-    """meta-prior='global': the student's logits are the last token; the untrained teacher
+    """mosaic.meta-prior='global': the student's logits are the last token; the untrained teacher
     is the student (to float precision), whatever the experts say."""
     torch.manual_seed(0)
     z = torch.randn(16, 5, 10) * 3

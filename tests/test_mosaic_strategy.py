@@ -91,7 +91,7 @@ def test_feddf_gen_warms_up_as_fedavg_and_asks_for_generators_only_at_its_distil
     assert [feddf.round_config(r, feddf.train_config())[0] for r in (1, 2, 3, 4, 5)] == \
         ["train", "train", "train.mosaic", "train", "train"]
     _, values = feddf.round_config(3, feddf.train_config())
-    assert values["distill"] and values["proto-k"] == 0 and values["gen-steps"] == cfg.gen_steps
+    assert values["distill"] and values["proto-k"] == 0 and values["gen-steps"] == cfg.of('mosaic').gen_steps
     assert "experts" not in feddf.state_dict()  # FedDF's teacher is the client models: no class experts
 
 
@@ -113,14 +113,14 @@ def test_class_experts_are_kept_through_warm_up_and_dropped_after_the_distillati
 
 
 def test_expert_pass_experts_are_made_of_the_expert_models_and_the_global_model_of_the_trained_ones(monkeypatch):
-    """``expert-pass``: at the distillation round each client trains a second model from the
+    """``kd.expert-pass``: at the distillation round each client trains a second model from the
     received one with the ``distill-*`` settings and uploads it beside its trained model; the
     class experts are the count-weighted means of those, the global model the mean of the
     trained ones, and a reply without its expert model is rejected."""
     as_flower_server()
     cfg = build_config({"strategy": "mosaic", "dataset": "synthetic", "warmup-rounds": 3, "num-server-rounds": 5,
-                        "local-steps": 7, "expert-pass": True, "distill-local-steps": 2, "distill-batch-size": 64,
-                        "distill-momentum": 0.0, "distill-weight-decay": 1e-4})
+                        "local-steps": 7, "kd.expert-pass": True, "kd.local-steps": 2, "kd.local-batch-size": 64,
+                        "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4})
     strategy = MosaicStrategy(_sc(cfg))
     _, values = strategy.round_config(3, strategy.train_config())
     assert values["local-steps"] == 7 and values["momentum"] == cfg.momentum  # the regular training, unchanged
@@ -130,8 +130,8 @@ def test_expert_pass_experts_are_made_of_the_expert_models_and_the_global_model_
     from client_app.app import expert_settings
     assert expert_settings(values) == {"epochs": cfg.local_epochs, "steps": 2, "batch_size": 64, "lr": cfg.lr,
                                        "momentum": 0.0, "weight_decay": 1e-4}
-    # distill-lr: the expert pass at its own rate, the regular training at the round's
-    late = MosaicStrategy(_sc(build_config({**cfg.values, "lr-step-round": 1, "distill-lr": 0.05})))
+    # kd.local-lr: the expert pass at its own rate, the regular training at the round's
+    late = MosaicStrategy(_sc(build_config({**cfg.values, "lr-step-round": 1, "kd.local-lr": 0.05})))
     _, values = late.round_config(3, late.train_config())
     assert values["lr"] == cfg.finetune_lr and expert_settings(values)["lr"] == 0.05
     seen = []
@@ -232,7 +232,7 @@ def test_configure_train_phases(strategy):
     fine = list(strategy.configure_train(4, arrays, base, grid))
     assert {m.metadata.message_type for m in warm} == {"train.mosaic"}
     assert all(m.content["config"]["distill"] is False for m in warm)
-    assert all(m.content["config"]["distill"] is True and m.content["config"]["proto-k"] == cfgrec.proto_k
+    assert all(m.content["config"]["distill"] is True and m.content["config"]["proto-k"] == cfgrec.of("mosaic").proto_k
                for m in dist)
     assert {m.metadata.message_type for m in fine} == {"train"}
     assert all(m.content["config"]["lr"] == cfgrec.finetune_lr for m in fine)

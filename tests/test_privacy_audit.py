@@ -129,7 +129,7 @@ def test_one_sample_class_prototype_is_flagged():
 
 
 def test_prototypes_of_at_least_m_records_are_never_a_record():
-    """``proto-min-records``: the 1-record class sends nothing, every prototype of the others is
+    """``mosaic.proto-min-records``: the 1-record class sends nothing, every prototype of the others is
     the mean of at least m records, and the audit flags none of them."""
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(61, 16, generator=g)
@@ -242,7 +242,7 @@ def test_client_round_reports_the_audit():
 def test_inprocess_mosaic_writes_privacy(tmp_path):
     out = run_inprocess(tmp_path, dataset="synthetic", num_nodes=3, **{
         "strategy": "mosaic", "num-server-rounds": 2, "warmup-rounds": 1, "local-steps": 5,
-        "gen-steps": 5, "kd-steps": 3, "meta-epochs": 2, "meta-data": "prototypes", "distill-gate": "off",
+        "mosaic.gen-steps": 5, "kd.steps": 3, "mosaic.meta-epochs": 2, "mosaic.meta-data": "prototypes", "kd.gate": "off",
         "privacy-audit": True})["dir"]
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["round"] == 1 and len(privacy["clients"]) == 3
@@ -258,7 +258,7 @@ def test_inprocess_mosaic_writes_privacy(tmp_path):
 def test_inprocess_audit_off_writes_nothing(tmp_path):
     out = run_inprocess(tmp_path, dataset="synthetic", num_nodes=2, **{
         "strategy": "mosaic", "num-server-rounds": 1, "warmup-rounds": 1, "local-steps": 3,
-        "gen-steps": 3, "kd-steps": 2, "meta-epochs": 1, "meta-data": "prototypes", "distill-gate": "off",
+        "mosaic.gen-steps": 3, "kd.steps": 2, "mosaic.meta-epochs": 1, "mosaic.meta-data": "prototypes", "kd.gate": "off",
         "privacy-audit": False})["dir"]
     assert not (out / "privacy.json").exists()
     assert "privacy" not in json.loads((out / "summary.json").read_text())
@@ -269,7 +269,7 @@ def test_inprocess_feddf_gen_audits_its_generators(tmp_path):
     """FedDF on the clients' generators uploads generators too: audited, no prototype figures."""
     out = run_inprocess(tmp_path, dataset="synthetic", num_nodes=2, **{
         "strategy": "feddf-gen", "num-server-rounds": 1, "warmup-rounds": 1, "local-steps": 3,
-        "gen-steps": 3, "kd-steps": 2, "distill-gate": "off"})["dir"]
+        "mosaic.gen-steps": 3, "kd.steps": 2, "kd.gate": "off"})["dir"]
     privacy = json.loads((out / "privacy.json").read_text())
     assert len(privacy["clients"]) == 2
     assert all("mia-auc-pixel" in c and "proto-count" not in c for c in privacy["clients"])
@@ -286,7 +286,7 @@ def test_node_without_test_split_skips_the_audit(tmp_path, monkeypatch):
     monkeypatch.setattr(capp, "unseen_data", missing)
     out = run_inprocess(tmp_path, dataset="synthetic", num_nodes=2, **{
         "strategy": "mosaic", "num-server-rounds": 1, "warmup-rounds": 1, "local-steps": 3,
-        "gen-steps": 3, "kd-steps": 2, "meta-epochs": 1, "meta-data": "prototypes", "distill-gate": "off"})["dir"]
+        "mosaic.gen-steps": 3, "kd.steps": 2, "mosaic.meta-epochs": 1, "mosaic.meta-data": "prototypes", "kd.gate": "off"})["dir"]
     summary = json.loads((out / "summary.json").read_text())
     assert not (out / "privacy.json").exists() and "privacy" not in summary
     assert summary["distillation"]["acc-after-distill"] >= 0  # the distillation ran on the uploads

@@ -261,19 +261,19 @@ def test_noisy_class_means_have_the_configured_variance():
 
 # ----------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize("overrides,match", [
-    ({"dp-epsilon": 1.0, "dp-noise-multiplier": 1.0}, r"^dp-epsilon/dp-noise-multiplier: both set"),
-    ({"dp-epsilon": 1.0, "strategy": "fedavg"}, r"^dp-epsilon/dp-noise-multiplier: .*strategy='mosaic'"),
-    ({"dp-epsilon": 1.0, "meta-data": "clients"}, r"^meta-data: 'clients' sends logits"),
-    ({"dp-epsilon": 1.0, "expert-pass": True, "distill-local-steps": 10},
-     r"^expert-pass: the expert model is a second set of classifier weights"),
-    ({"dp-epsilon": 1.0, "resume": "/tmp/x", "distill-gate": "off"}, r"^resume: with DP"),
-    ({"dp-epsilon": 8.0, "warmup-rounds": 2, "proto-rounds": 2}, r"^proto-rounds: 2 releases prototypes in 2 rounds"),
-    ({"dp-epsilon": 1.0}, r"^dp-epsilon: 1 is the client's total, .* already compose to 1\.2\d\d, leaving the "
+    ({"dp.epsilon": 1.0, "dp.noise-multiplier": 1.0}, r"^dp.epsilon/dp.noise-multiplier: both set"),
+    ({"dp.epsilon": 1.0, "strategy": "fedavg"}, r"^dp.epsilon/dp.noise-multiplier: .*strategy='mosaic'"),
+    ({"dp.epsilon": 1.0, "mosaic.meta-data": "clients"}, r"^mosaic.meta-data: 'clients' sends logits"),
+    ({"dp.epsilon": 1.0, "kd.expert-pass": True, "kd.local-steps": 10},
+     r"^kd.expert-pass: the expert model is a second set of classifier weights"),
+    ({"dp.epsilon": 1.0, "resume": "/tmp/x", "kd.gate": "off"}, r"^resume: with DP"),
+    ({"dp.epsilon": 8.0, "warmup-rounds": 2, "mosaic.proto-rounds": 2}, r"^mosaic.proto-rounds: 2 releases prototypes in 2 rounds"),
+    ({"dp.epsilon": 1.0}, r"^dp.epsilon: 1 is the client's total, .* already compose to 1\.2\d\d, leaving the "
                           r"generator nothing"),
-    ({"dp-epsilon": 0.05}, r"^dp-epsilon: must be 0 \(no DP\) or >= 0.1"),
-    ({"dp-epsilon": 1.0, "dp-delta": 0.5}, r"^dp-delta: must be in"),
-    ({"dp-epsilon": 1.0, "dp-accountant": "gdp"}, r"^dp-accountant: unknown value"),
-    ({"dp-max-grad-norm": 0.0}, r"^dp-max-grad-norm: must be > 0"),
+    ({"dp.epsilon": 0.05}, r"^dp.epsilon: must be 0 \(no DP\) or >= 0.1"),
+    ({"dp.epsilon": 1.0, "dp.delta": 0.5}, r"^dp.delta: must be in"),
+    ({"dp.epsilon": 1.0, "dp.accountant": "gdp"}, r"^dp.accountant: unknown value"),
+    ({"dp.max-grad-norm": 0.0}, r"^dp.max-grad-norm: must be > 0"),
 ])
 def test_bad_dp_settings_are_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -282,22 +282,22 @@ def test_bad_dp_settings_are_config_errors(overrides, match):
 
 def test_dp_is_off_by_default_and_on_with_either_key():
     assert dpm.dp_settings(build_config({}).values) is None
-    on = dpm.dp_settings(build_config({"dp-epsilon": 2.0, "distill-gate": "off"}).values)
+    on = dpm.dp_settings(build_config({"dp.epsilon": 2.0, "kd.gate": "off"}).values)
     assert on is not None and on.epsilon == 2.0 and on.noise_multiplier == 0.0
-    nm = dpm.dp_settings(build_config({"dp-noise-multiplier": 1.5, "distill-gate": "off"}).values)
+    nm = dpm.dp_settings(build_config({"dp.noise-multiplier": 1.5, "kd.gate": "off"}).values)
     assert nm is not None and nm.noise_multiplier == 1.5
 
 
 def test_delta_must_be_below_one_over_n():
     assert dpm.check_delta(1e-5, [500, 6000]) is None
     problem = dpm.check_delta(0.05, [50, 6000])
-    assert problem.startswith("dp-delta: 0.05 is not below 1/N") and "N = 50" in problem
+    assert problem.startswith("dp.delta: 0.05 is not below 1/N") and "N = 50" in problem
 
 
 def test_noisy_counts_are_drawn_once_per_client_and_not_from_the_seed(tmp_path):
     from flwr.app import Context, RecordDict
     from client_app.app import released_counts
-    cfg = build_config({"dp-epsilon": 2.0, "dataset": "synthetic"})
+    cfg = build_config({"dp.epsilon": 2.0, "dataset": "synthetic"})
     y = torch.arange(500) % 4
 
     def ctx(ledger_dir):
@@ -336,21 +336,21 @@ def test_tiny_mosaic_run_with_dp_reports_epsilon_and_the_gate_hears_every_client
         return reply
 
     caplog.set_level(logging.INFO)
-    # the clients' gate (its scores noisy, in the plan) and dp-audit: the clients audit their
-    # uploads, and keep the figures (dp-epsilon does not cover them)
+    # the clients' gate (its scores noisy, in the plan) and dp.audit: the clients audit their
+    # uploads, and keep the figures (dp.epsilon does not cover them)
     out = run_inprocess(tmp_path, grid_options={"hook": hook},
-                        **{**TINY, "distill-gate": "clients", "dp-epsilon": 3.0, "server-threads": 1,
-                           "dp-audit": True})["dir"]
+                        **{**TINY, "kd.gate": "clients", "dp.epsilon": 3.0, "server-threads": 1,
+                           "dp.audit": True})["dir"]
     assert audit_sent == [] and not (out / "privacy.json").exists()
     assert caplog.text.count("[privacy] audit under DP, kept on this node") == 3
     summary = _spent(out)
     dp = summary["dp"]
     assert dp["enabled"] and dp["delta"] == 1e-5 and set(dp["clients"]) == {"0", "1", "2"}
-    for c in dp["clients"].values():  # dp-epsilon is the total; the generator gets what is left
+    for c in dp["clients"].values():  # dp.epsilon is the total; the generator gets what is left
         assert c["epsilon"] == pytest.approx(3.0, rel=2e-3) and c["epsilon"] <= 3.0 * (1 + 1e-6)
         assert max(c["epsilon-generator"], c["epsilon-prototypes"], c["epsilon-gate"]) < c["epsilon"] < (
             c["epsilon-generator"] + c["epsilon-prototypes"] + c["epsilon-counts"] + c["epsilon-gate"])
-        assert c["steps"] == TINY["gen-steps"] and 0 < c["sample-rate"] < 1
+        assert c["steps"] == TINY["mosaic.gen-steps"] and 0 < c["sample-rate"] < 1
         assert c["ledger-epsilon"] < c["epsilon"]  # the gate's scores come after the distillation round
     assert dp["epsilon"] == max(c["epsilon"] for c in dp["clients"].values())
     # every message of a client carries the same noisy counts (drawn once)
@@ -363,7 +363,7 @@ def test_tiny_mosaic_run_with_dp_reports_epsilon_and_the_gate_hears_every_client
         for r in replies:
             assert r["num-examples"] == sum(counts_seen[node][0])
             assert all(0 <= r[k] <= r["num-examples"] for k in r if k.startswith("correct-"))
-    # each client's ledger holds every release, composed within dp-epsilon
+    # each client's ledger holds every release, composed within dp.epsilon
     ledgers = sorted((tmp_path / "privacy-ledger" / "run-1-run").glob("*.json"))
     assert len(ledgers) == 3
     gates = 1 + (report["gate-kept"] == 1.0)  # the look-ahead scores again after the last round
@@ -378,10 +378,10 @@ def test_tiny_mosaic_run_with_dp_reports_epsilon_and_the_gate_hears_every_client
 
 def test_the_audit_is_off_under_dp_unless_asked_for():
     audits = dpm.audits
-    dp = {"dp-epsilon": 4.0}
+    dp = {"dp.epsilon": 4.0}
     assert audits(build_config({}).values) and not audits(build_config({"privacy-audit": False}).values)
     assert not audits(build_config(dp).values)
-    assert audits(build_config({**dp, "dp-audit": True}).values)
+    assert audits(build_config({**dp, "dp.audit": True}).values)
 
 
 @pytest.mark.slow  # ~40 s; the quick loop runs Mosaic without DP in test_e2e_quick.py

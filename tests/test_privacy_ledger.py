@@ -1,5 +1,5 @@
 """A client's privacy ledger (``mosaic_flwr/privacy/ledger.py``): every release composed on
-disk, across restarts, and refused past ``dp-epsilon``; the ClientApp's gate scores under DP
+disk, across restarts, and refused past ``dp.epsilon``; the ClientApp's gate scores under DP
 are noisy, counted, and refused beyond what the run planned."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_releases_compose_and_one_past_the_budget_is_refused_and_not_written(tmp
     second = book.charge({"gate": (_sigma(1.0), 1.0, 1)}, run=1)
     assert 1.0 < second < 1.7                      # composed: well below the sum of the two
     with pytest.raises(BudgetExceeded, match=r"refusing to release prototypes: this client has spent epsilon "
-                                             r"1\.\d+ in 2 release\(s\) .* past dp-epsilon=1\.7"):
+                                             r"1\.\d+ in 2 release\(s\) .* past dp.epsilon=1\.7"):
         book.charge({"prototypes": (_sigma(1.0), 1.0, 1)}, run=1)
     saved = json.loads(path.read_text())
     assert [e["what"] for e in saved["releases"]] == ["counts", "gate"]
@@ -89,7 +89,7 @@ def _grid(tmp_path, num_nodes=1, **overrides):
     import client_app.app as capp
     from mosaic_flwr.config import load_defaults
     from mosaic_flwr.testing.inprocess import InProcessGrid
-    run_config = {**load_defaults(), "dataset": "synthetic", "strategy": "mosaic", "dp-epsilon": 4.0,
+    run_config = {**load_defaults(), "dataset": "synthetic", "strategy": "mosaic", "dp.epsilon": 4.0,
                   "output-dir": str(tmp_path), **overrides}
     return InProcessGrid(capp.app, run_config, num_nodes)
 
@@ -121,7 +121,7 @@ def test_gate_scores_under_dp_are_charged_and_one_beyond_the_plan_is_refused(tmp
     n = len(node_data(cfg, grid.contexts[grid.node_ids[0]].node_config)[1])
     Ledger(path, budget=settings.epsilon, delta=DELTA).charge(
         {"prototypes": dpm.plan(settings, protos=True)["prototypes"],
-         "generator": dpm.generator_mechanism(settings, n, cfg.gen_batch_size, cfg.gen_steps, protos=True)})
+         "generator": dpm.generator_mechanism(settings, n, cfg.of('mosaic').gen_batch_size, cfg.of('mosaic').gen_steps, protos=True)})
     second, third = _score(grid, 8), _score(grid, 9)
     assert second.has_content()   # the plan's second score fits
     assert third.has_error() and "privacy ledger: refusing to release gate" in third.error.reason
@@ -134,7 +134,7 @@ def test_gate_scores_under_dp_are_charged_and_one_beyond_the_plan_is_refused(tmp
 
 
 def test_a_gate_score_the_run_did_not_plan_is_refused(tmp_path):
-    reply = _score(_grid(tmp_path, **{"distill-gate": "off"}), 6)
+    reply = _score(_grid(tmp_path, **{"kd.gate": "off"}), 6)
     assert reply.has_error() and "this run plans no gate scores" in reply.error.reason
 
 
@@ -152,7 +152,7 @@ def test_with_a_count_floor_every_reply_declares_the_same_examples(tmp_path):
     from mosaic_flwr.config import build_config
     from mosaic_flwr.core.records import CONFIG
     from mosaic_flwr.core.task import node_data
-    skewed = {"dp-epsilon": 0.0, "partition": "dirichlet", "alpha": 0.3}
+    skewed = {"dp.epsilon": 0.0, "partition": "dirichlet", "alpha": 0.3}
     grid = _grid(tmp_path, 3, **skewed)
     y = node_data(build_config(grid.run_config), grid.contexts[grid.node_ids[0]].node_config)[1]
     held = torch.bincount(y, minlength=INFO_CLASSES)

@@ -17,8 +17,8 @@ from tests.support import SYNTH, TINY_MOSAIC, assert_same_run, crash_then_resume
 
 PLAIN = {**SYNTH, "alpha": 0.3, "num-server-rounds": 3, "local-steps": 4, "batch-size": 16, "lr": 0.05}
 RIVALS = {**SYNTH, "alpha": 0.5, "num-server-rounds": 3, "warmup-rounds": 1, "local-steps": 10, "batch-size": 16,
-          "lr": 0.05, "kd-steps": 6, "kd-batch-size": 16, "kd-lr": 1e-3, "meta-samples-per-class": 4,
-          "fedftg.gen-interval": 2, "dfrd.gen-interval": 2, "distill-gate": "off"}
+          "lr": 0.05, "kd.steps": 6, "kd.batch-size": 16, "kd.lr": 1e-3, "mosaic.meta-samples-per-class": 4,
+          "fedftg.gen-interval": 2, "dfrd.gen-interval": 2, "kd.gate": "off"}
 FEDDF = {**RIVALS, "feddf.transfer-set": "holdout", "validation-split": 0.1}
 
 
@@ -56,7 +56,7 @@ CASES = {
     "fedbn": ({**PLAIN, "model": "resnet8", "local-steps": 2}, (3,), None, None),
     "mosaic": ({k: v for k, v in TINY_MOSAIC.items() if k != "strategy"}, (2, 3), _mosaic_checks, _mosaic_artifacts),
     "feddf": (FEDDF, (3,), None, None),
-    "feddf-gen": ({**RIVALS, "warmup-rounds": 2, "gen-steps": 5, "gen-batch-size": 8}, (3,), None, None),
+    "feddf-gen": ({**RIVALS, "warmup-rounds": 2, "mosaic.gen-steps": 5, "mosaic.gen-batch-size": 8}, (3,), None, None),
     "fedftg": (RIVALS, (3,), None, None),
     "dfrd": (RIVALS, (3,), None, None),
     "dense": ({**RIVALS, "dense.gen-steps": 2, "dense.gen-interval": 3, "dense.gen-batch-size": 8,

@@ -246,8 +246,8 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
     hook = inflating_attacker(partition=0, factor=1000, poison="random")
     # The teacher is the plain expert ensemble (no meta model): what the experts are worth.
     out = run_inprocess(tmp_path, num_nodes=4, grid_options={"hook": hook}, aggregation=aggregation,
-                        **{**TINY_MOSAIC, "num-server-rounds": 2, "gen-steps": 5, "kd-steps": 2,
-                           "mosaic-meta": False, "count-clip": count_clip})["dir"]
+                        **{**TINY_MOSAIC, "num-server-rounds": 2, "mosaic.gen-steps": 5, "kd.steps": 2,
+                           "mosaic.meta": False, "count-clip": count_clip})["dir"]
     state = load_checkpoint(out)
     assert state["round"] == 2 and all(r.get("rejected", 0) == 0 for r in metric_rows(out))  # the lie passed
     summary = json.loads((out / "summary.json").read_text())
@@ -326,8 +326,8 @@ def test_the_median_gate_gives_a_client_that_forges_its_scores_one_vote(tmp_path
 
     after = {}
     for statistic in ("pooled", "median"):
-        rc = {**load_defaults(), **TINY, "strategy": "mosaic", "distill-gate": "clients", "gate-rounds": 0,
-              "gate-statistic": statistic, "output-dir": str(tmp_path / statistic), "run-name": "r"}
+        rc = {**load_defaults(), **TINY, "strategy": "mosaic", "kd.gate": "clients", "kd.gate-rounds": 0,
+              "kd.gate-statistic": statistic, "output-dir": str(tmp_path / statistic), "run-name": "r"}
         server_main(InProcessGrid(liar_app, rc, 5),
                     Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc))
         report = json.loads((tmp_path / statistic / "r" / "summary.json").read_text())["distillation"]

@@ -169,30 +169,30 @@ def test_unbounded_bank_keeps_every_generator():
 # ----------------------------------------------------------------------------- config
 def test_collect_rounds_and_bank_size_are_checked_before_training():
     base = {"strategy": "mosaic", "num-server-rounds": 6, "warmup-rounds": 4}
-    assert build_config({**base, "collect-rounds": 4, "generator-bank-size": 2}).collect_rounds == 4
-    with pytest.raises(ConfigError, match="collect-rounds: 5 exceeds warmup-rounds 4"):
-        build_config({**base, "collect-rounds": 5})
-    with pytest.raises(ConfigError, match="collect-rounds: 2 accumulates .* aggregation='mean'"):
-        build_config({**base, "collect-rounds": 2, "aggregation": "median"})
-    with pytest.raises(ConfigError, match="meta-data='screened'"):
-        build_config({**base, "collect-rounds": 2, "client-capacities": "1,0.5"})
-    with pytest.raises(ConfigError, match="generator-bank-size"):
-        build_config({**base, "generator-bank-size": -1})
-    assert build_config({**base, "proto-rounds": 4}).proto_rounds == 4
-    with pytest.raises(ConfigError, match=r"^proto-rounds: 5 exceeds warmup-rounds 4"):
-        build_config({**base, "proto-rounds": 5})
-    with pytest.raises(ConfigError, match=r"^proto-rounds: 2 keeps prototypes for the meta model, .*'generated'"):
-        build_config({**base, "proto-rounds": 2, "meta-data": "generated"})
-    with pytest.raises(ConfigError, match=r"^proto-rounds: 2 .* mosaic-meta=False"):
-        build_config({**base, "proto-rounds": 2, "mosaic-meta": False})
+    assert build_config({**base, "mosaic.collect-rounds": 4, "mosaic.generator-bank-size": 2}).of('mosaic').collect_rounds == 4
+    with pytest.raises(ConfigError, match="mosaic.collect-rounds: 5 exceeds warmup-rounds 4"):
+        build_config({**base, "mosaic.collect-rounds": 5})
+    with pytest.raises(ConfigError, match="mosaic.collect-rounds: 2 accumulates .* aggregation='mean'"):
+        build_config({**base, "mosaic.collect-rounds": 2, "aggregation": "median"})
+    with pytest.raises(ConfigError, match="mosaic.meta-data='screened'"):
+        build_config({**base, "mosaic.collect-rounds": 2, "client-capacities": "1,0.5"})
+    with pytest.raises(ConfigError, match="mosaic.generator-bank-size"):
+        build_config({**base, "mosaic.generator-bank-size": -1})
+    assert build_config({**base, "mosaic.proto-rounds": 4}).of('mosaic').proto_rounds == 4
+    with pytest.raises(ConfigError, match=r"^mosaic.proto-rounds: 5 exceeds warmup-rounds 4"):
+        build_config({**base, "mosaic.proto-rounds": 5})
+    with pytest.raises(ConfigError, match=r"^mosaic.proto-rounds: 2 keeps prototypes for the meta model, .*'generated'"):
+        build_config({**base, "mosaic.proto-rounds": 2, "mosaic.meta-data": "generated"})
+    with pytest.raises(ConfigError, match=r"^mosaic.proto-rounds: 2 .* mosaic.meta=False"):
+        build_config({**base, "mosaic.proto-rounds": 2, "mosaic.meta": False})
 
 
 # ----------------------------------------------------------------------------- in-process runs
 SCALE = {"dataset": "synthetic", "alpha": 0.5, "strategy": "mosaic", "num-server-rounds": 4, "warmup-rounds": 3,
-         "local-steps": 4, "batch-size": 16, "gen-steps": 4, "gen-batch-size": 8, "proto-k": 2,
-         "meta-epochs": 3, "meta-samples-per-class": 4, "kd-steps": 4, "kd-batch-size": 16,
-         "distill-gate": "off", "fraction-train": 0.34, "min-train-clients": 1,
-         "collect-rounds": 3, "generator-bank-size": 1}
+         "local-steps": 4, "batch-size": 16, "mosaic.gen-steps": 4, "mosaic.gen-batch-size": 8, "mosaic.proto-k": 2,
+         "mosaic.meta-epochs": 3, "mosaic.meta-samples-per-class": 4, "kd.steps": 4, "kd.batch-size": 16,
+         "kd.gate": "off", "fraction-train": 0.34, "min-train-clients": 1,
+         "mosaic.collect-rounds": 3, "mosaic.generator-bank-size": 1}
 
 
 def _final_state(run_dir):
@@ -216,7 +216,7 @@ def test_partial_participation_collects_each_client_once_and_arrival_order_does_
                       **SCALE)
     c = run_inprocess(tmp_path / "c", num_nodes=6, grid_options={"pull_batch": 100}, **SCALE)  # all at once
     asked = _uploads(a["grid"])
-    assert sorted(asked) == [1, 2, 3]                   # collection rounds 1..3 (collect-rounds=3)
+    assert sorted(asked) == [1, 2, 3]                   # collection rounds 1..3 (mosaic.collect-rounds=3)
     everyone = [n for nodes in asked.values() for n in nodes]
     assert len(everyone) == len(set(everyone))          # each client uploads once
     summary = json.loads((a["dir"] / "summary.json").read_text())
@@ -249,8 +249,8 @@ def test_collection_rounds_resume_exactly(tmp_path):
 
 
 BANK = {"dataset": "synthetic", "alpha": 0.5, "strategy": "mosaic", "num-server-rounds": 3, "warmup-rounds": 3,
-        "local-steps": 3, "batch-size": 16, "gen-steps": 3, "gen-batch-size": 8, "proto-k": 2, "meta-epochs": 2,
-        "kd-steps": 3, "kd-batch-size": 16, "distill-gate": "off", "meta-guard": False}
+        "local-steps": 3, "batch-size": 16, "mosaic.gen-steps": 3, "mosaic.gen-batch-size": 8, "mosaic.proto-k": 2, "mosaic.meta-epochs": 2,
+        "kd.steps": 3, "kd.batch-size": 16, "kd.gate": "off", "mosaic.meta-guard": False}
 
 
 def _asked_prototypes(grid) -> dict[int, int]:
@@ -265,7 +265,7 @@ def _asked_prototypes(grid) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_the_prototype_bank_keeps_every_bank_rounds_prototypes_audits_them_and_resumes(tmp_path):
-    """``proto-rounds=3``: every sampled client sends prototypes in rounds 1..3 (round 3 with
+    """``mosaic.proto-rounds=3``: every sampled client sends prototypes in rounds 1..3 (round 3 with
     its generator); the meta model learns from every one of them, each upload is audited in
     its round, and a run resumed inside the bank ends exactly as the uninterrupted one."""
     sent: dict[str, list[int]] = {"one": [], "bank": []}
@@ -278,7 +278,7 @@ def test_the_prototype_bank_keeps_every_bank_rounds_prototypes_audits_them_and_r
         return hook
     one = run_inprocess(tmp_path / "one", num_nodes=4, grid_options={"hook": counting("one")}, **BANK)
     bank = run_inprocess(tmp_path / "bank", num_nodes=4, grid_options={"hook": counting("bank")},
-                         **{**BANK, "proto-rounds": 3})
+                         **{**BANK, "mosaic.proto-rounds": 3})
     assert _asked_prototypes(one["grid"]) == {3: 4} and _asked_prototypes(bank["grid"]) == {1: 4, 2: 4, 3: 4}
     assert len(sent["one"]) == 4 and len(sent["bank"]) == 12
 
@@ -292,7 +292,7 @@ def test_the_prototype_bank_keeps_every_bank_rounds_prototypes_audits_them_and_r
     assert audited(bank["dir"]) == [(r, p) for r in (1, 2, 3) for p in range(4)]
     def kept(server_round, run_dir):
         assert sorted(p["round"] for p in load_checkpoint(run_dir)["strategy"]["protos"]) == [1] * 4 + [2] * 4
-    run_dir = crash_then_resume(tmp_path / "b", [3], on_crash=kept, num_nodes=4, **{**BANK, "proto-rounds": 3})
+    run_dir = crash_then_resume(tmp_path / "b", [3], on_crash=kept, num_nodes=4, **{**BANK, "mosaic.proto-rounds": 3})
     assert_same_run(bank["dir"], run_dir, resumed_after=2)
     assert audited(run_dir) == audited(bank["dir"])
 

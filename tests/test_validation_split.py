@@ -13,8 +13,8 @@ from mosaic_flwr.core.task import client_data, partitions_for, validation_data, 
 from server_app.app import main as server_main
 
 TINY = {"dataset": "synthetic", "num-server-rounds": 2, "warmup-rounds": 1, "local-steps": 5,
-        "gen-steps": 5, "kd-steps": 3, "meta-epochs": 3, "meta-samples-per-class": 8,
-        "proto-k": 2, "eval-batch-size": 128, "checkpoint": False}
+        "mosaic.gen-steps": 5, "kd.steps": 3, "mosaic.meta-epochs": 3, "mosaic.meta-samples-per-class": 8,
+        "mosaic.proto-k": 2, "eval-batch-size": 128, "checkpoint": False}
 
 
 def test_no_client_holds_a_validation_image():

@@ -18,7 +18,7 @@ from tests.support import (as_flower_server, assert_same_run, crash_then_resume,
 PRETRAIN = {**SYNTH, "strategy": "fedavg", "num-server-rounds": 2, "local-steps": 10, "validation-split": 0.2}
 # Round 1 is the distillation round (warm start), round 2 a fine-tune round.
 CONTINUE = {**SYNTH, "strategy": "mosaic", "num-server-rounds": 2, "warmup-rounds": 1, "local-steps": 10,
-            "gen-steps": 10, "kd-steps": 5, "meta-epochs": 3, "validation-split": 0.2}
+            "mosaic.gen-steps": 10, "kd.steps": 5, "mosaic.meta-epochs": 3, "validation-split": 0.2}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_a_run_starts_from_another_runs_final_model_and_records_it(tmp_path, pre
     pre = pretrained
     final = load_checkpoint(pre)["strategy"]["globals"]["cnn_small"]
     pre_rows = metric_rows(pre)
-    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, "init-from": str(pre), "distill-gate": "off",
-                                              "meta-prior": "global"})
+    out = run_inprocess(tmp_path / "cont", **{**CONTINUE, "init-from": str(pre), "kd.gate": "off",
+                                              "mosaic.meta-prior": "global"})
     rows = metric_rows(out["dir"])
     # The server's own check at the distillation round (held-out generator samples).
     for key in ("gen-student", "gen-ensemble", "gen-teacher", "gen-after-distill"):
@@ -127,13 +127,13 @@ def test_evaluate_replies_are_validated():
 
 
 # A distillation that must hurt: Adam at lr 5 for 20 steps wrecks the student.
-HARMFUL = {"kd-lr": 5.0, "kd-steps": 20}
+HARMFUL = {"kd.lr": 5.0, "kd.steps": 20}
 
 
 @pytest.mark.parametrize("gate", ["clients", "validation"])
 def test_the_gate_keeps_the_model_before_a_distillation_that_hurts(tmp_path, pretrained, gate):
     out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1,
-                                              "init-from": str(pretrained), "distill-gate": gate})
+                                              "init-from": str(pretrained), "kd.gate": gate})
     report = json.loads((out["dir"] / "summary.json").read_text())["distillation"]
     assert report["gate-kept"] == 0.0 and report["gate-after"] < report["gate-before"]
     assert report["val-after-distill"] < report["val-before-distill"]  # it really hurt
@@ -152,15 +152,15 @@ def test_the_gate_keeps_the_model_before_a_distillation_that_hurts(tmp_path, pre
 
 def test_without_the_gate_a_harmful_distillation_is_kept(tmp_path, pretrained):
     out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1,
-                                              "init-from": str(pretrained), "distill-gate": "off"})
+                                              "init-from": str(pretrained), "kd.gate": "off"})
     report = json.loads((out["dir"] / "summary.json").read_text())["distillation"]
     assert report["gate-kept"] == 1.0 and "gate-before" not in report
     assert report["acc-after-distill"] < report["acc-before-distill"]
 
 
 def test_the_validation_gate_needs_a_validation_split():
-    with pytest.raises(ConfigError, match="distill-gate: 'validation' reads the validation split"):
-        build_config({"distill-gate": "validation"})
+    with pytest.raises(ConfigError, match="kd.gate: 'validation' reads the validation split"):
+        build_config({"kd.gate": "validation"})
 
 
 # ----------------------------------------------------------------------------- look-ahead gate
@@ -232,10 +232,10 @@ def test_the_look_ahead_gate_keeps_a_distillation_that_stays_better_and_resumes_
     _scripted_gate(monkeypatch, "after", "after")
     kept = run_inprocess(tmp_path / "kept", **start)
     _scripted_gate(monkeypatch, "after")
-    decided_at_once = run_inprocess(tmp_path / "once", **{**start, "gate-rounds": 0})
+    decided_at_once = run_inprocess(tmp_path / "once", **{**start, "kd.gate-rounds": 0})
     assert _same(_final_globals(kept["dir"]), _final_globals(decided_at_once["dir"]))
     assert [m for m in decided_at_once["grid"].sent if round_of(m) == 2 and m.metadata.message_type == "train"
-            ].__len__() == 3                     # gate-rounds=0: one path only
+            ].__len__() == 3                     # kd.gate-rounds=0: one path only
     # Killed in round 3, with both paths in the checkpoint, resumed: the same run.
     _scripted_gate(monkeypatch, "after", "after")
 
@@ -250,18 +250,18 @@ def test_the_look_ahead_gate_keeps_a_distillation_that_stays_better_and_resumes_
 
 
 def test_gate_rounds_is_checked():
-    with pytest.raises(ConfigError, match="gate-rounds: must be -1"):
-        build_config({"gate-rounds": -2})
+    with pytest.raises(ConfigError, match="kd.gate-rounds: must be -1"):
+        build_config({"kd.gate-rounds": -2})
 
 
-# ----------------------------------------------------------------------------- meta-data='clients'
+# ----------------------------------------------------------------------------- mosaic.meta-data='clients'
 def test_the_meta_model_can_learn_from_the_clients_own_images(tmp_path, pretrained):
-    """``meta-data='clients'``: at the distillation round every client receives the distinct
-    class experts and returns their logits on at most meta-samples-per-class of its images
+    """``mosaic.meta-data='clients'``: at the distillation round every client receives the distinct
+    class experts and returns their logits on at most mosaic.meta-samples-per-class of its images
     per class; the meta model trains on those (no prototypes are asked for)."""
     out = run_inprocess(tmp_path / "cont", **{**CONTINUE, "num-server-rounds": 1, "init-from": str(pretrained),
-                                              "distill-gate": "off", "meta-data": "clients",
-                                              "meta-samples-per-class": 7})
+                                              "kd.gate": "off", "mosaic.meta-data": "clients",
+                                              "mosaic.meta-samples-per-class": 7})
     sent = [m for m in out["grid"].sent if m.metadata.message_type == "query.logits"]
     assert sorted(m.metadata.dst_node_id for m in sent) == out["grid"].node_ids
     c = sent[0].content["config"]
@@ -303,5 +303,5 @@ def test_logits_replies_are_validated():
 
 
 def test_meta_data_clients_needs_one_architecture():
-    with pytest.raises(ConfigError, match="meta-data: 'clients' sends the class experts"):
-        build_config({"meta-data": "clients", "client-models": "cnn_small,resnet8"})
+    with pytest.raises(ConfigError, match="mosaic.meta-data: 'clients' sends the class experts"):
+        build_config({"mosaic.meta-data": "clients", "client-models": "cnn_small,resnet8"})

@@ -11,9 +11,9 @@ lying ClientApp copied in as ``client_app/liar.py`` and named the app's ``client
     .venv/bin/python bench/archive/liar.py run [--alpha 0.1] [--seed 42]   # resumes: finished cells are kept
     .venv/bin/python bench/archive/liar.py report                              # every alpha and seed run so far
 
-Cells: clean / attacked x old defaults (``count-clip=0 proto-min-records=1``) / new defaults /
-robust settings (the new defaults with ``aggregation='median' gate-statistic='median'``) / median
-gate (the new defaults with ``gate-statistic='median'`` alone).
+Cells: clean / attacked x old defaults (``count-clip=0 mosaic.proto-min-records=1``) / new defaults /
+robust settings (the new defaults with ``aggregation='median' kd.gate-statistic='median'``) / median
+gate (the new defaults with ``kd.gate-statistic='median'`` alone).
 Runs under /work/bench-runs/liar (outside git); ``report`` writes every finished cell, by alpha
 and seed, to bench/results/liar.{md,json}.
 """
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import git_commit, header_lines, provenance, write_results  # noqa: E402
 
 RUNS = Path("/work/bench-runs/liar")
-OLD = "count-clip=0.0 proto-min-records=1"
-ROBUST = "aggregation='median' gate-statistic='median'"
+OLD = "count-clip=0.0 mosaic.proto-min-records=1"
+ROBUST = "aggregation='median' kd.gate-statistic='median'"
 CELLS = {  # name -> (app, extra run config)
     "clean, old defaults": ("honest", OLD),
     "attacked, old defaults": ("liar", OLD),
@@ -41,8 +41,8 @@ CELLS = {  # name -> (app, extra run config)
     "clean, new defaults": ("honest", ""),
     "attacked, robust settings": ("liar", ROBUST),
     "clean, robust settings": ("honest", ROBUST),
-    "attacked, median gate": ("liar", "gate-statistic='median'"),
-    "clean, median gate": ("honest", "gate-statistic='median'"),
+    "attacked, median gate": ("liar", "kd.gate-statistic='median'"),
+    "clean, median gate": ("honest", "kd.gate-statistic='median'"),
 }
 CORE = list(CELLS)[:4]
 
@@ -122,9 +122,9 @@ def report(args) -> None:
         "clients' gate with its look-ahead). The liar is partition 0 (`bench/liar_client.py`): it declares",
         "1000 x its counts, sends random weights of its model's scale, a random generator and noise",
         "prototypes, and scores every distilled candidate right and every model before distillation wrong",
-        "on all its declared examples. Old defaults: `count-clip=0 proto-min-records=1`; robust settings:",
-        "the new defaults with `aggregation='median' gate-statistic='median'`; median gate: the new",
-        "defaults with `gate-statistic='median'` alone. Each cell runs from a git",
+        "on all its declared examples. Old defaults: `count-clip=0 mosaic.proto-min-records=1`; robust settings:",
+        "the new defaults with `aggregation='median' kd.gate-statistic='median'`; median gate: the new",
+        "defaults with `kd.gate-statistic='median'` alone. Each cell runs from a git",
         "worktree of the commit named; one cell at a time on the 2-core VM, other jobs beside it.", ""]
     for alpha in sorted(runs):
         seeds = sorted(runs[alpha])

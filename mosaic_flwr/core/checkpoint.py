@@ -44,6 +44,11 @@ WARM_START_KEYS = ("dataset", "partition", "alpha", "min-partition-size", "parti
                    "validation-split", "seed", "model", "client-models", "client-capacities")
 
 
+# The namespaces whose keys act whatever the strategy (``kd.*``, ``dp.*``, and ``mosaic.*``, which
+# feddf-gen and the distillation core read too); a method's own ``<method>.*`` act for it only.
+SHARED = ("kd", "dp", "mosaic")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says why."""
 
@@ -106,15 +111,22 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 
 def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` as it acted: checkpoints from before ``local-epochs`` defaulted to 0 hold
-    ``local-epochs=1`` beside ``local-steps > 0``, where it did nothing (steps took precedence);
-    another method's own settings (``<method>.<key>``) do nothing either (and a checkpoint
-    written before that method existed lacks them); a checkpoint from before ``generator``
-    ran the conditional generator."""
+    """``config`` as it acted: a checkpoint's config from before the settings were namespaced
+    holds the old names (``kd-steps``, and ``preset``, which did nothing), read as the new ones
+    (``config.renamed``, without a warning: a run folder is not the user's run config);
+    checkpoints from before ``local-epochs`` defaulted to 0 hold ``local-epochs=1`` beside
+    ``local-steps > 0``, where it did nothing (steps took precedence); another method's own
+    settings (``<method>.<key>``) do nothing either (and a checkpoint written before that method
+    existed lacks them), while the shared namespaces (``SHARED``) act whatever the strategy, as
+    they did as top-level keys; a checkpoint from before ``mosaic.generator`` ran the
+    conditional generator."""
+    from mosaic_flwr.config import renamed
+
+    config = renamed({k: v for k, v in config.items() if k != "preset"}, warn=False)
     own = f"{config.get('strategy')}."
-    out = {k: v for k, v in config.items() if "." not in k or k.startswith(own)}
-    out.setdefault("generator", "conditional")
-    out.setdefault("dcgan-width", 64)
+    out = {k: v for k, v in config.items() if "." not in k or k.startswith(own) or k.split(".", 1)[0] in SHARED}
+    out.setdefault("mosaic.generator", "conditional")
+    out.setdefault("mosaic.dcgan-width", 64)
     if int(out.get("local-steps", 0) or 0) > 0:
         out["local-epochs"] = 0
     return out
@@ -122,6 +134,9 @@ def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def warm_start_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The ``WARM_START_KEYS`` whose values differ between the run ``init-from`` names and
-    this run, as ``key: theirs -> ours`` lines."""
+    this run, as ``key: theirs -> ours`` lines (``saved`` may hold old names: ``_effective``)."""
+    from mosaic_flwr.config import renamed
+
+    saved = renamed({k: v for k, v in saved.items() if k != "preset"}, warn=False)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in WARM_START_KEYS
             if saved.get(k) != current.get(k)]

@@ -374,7 +374,7 @@ class FedAvgStrategy(FedAvg):
         """Federated evaluation of candidate global models on the clients' own data (message
         ``evaluate``; only counts of correct predictions leave a client). Returns
         ``family -> name -> accuracy`` over the clients that scored the family's candidates
-        validly (families nobody scored are absent): ``gate-statistic='pooled'`` their pooled
+        validly (families nobody scored are absent): ``kd.gate-statistic='pooled'`` their pooled
         accuracy, each client weighted by its examples (bounded by ``count-clip``);
         ``'median'`` the median of the clients' own accuracies, one vote each, so a minority
         cannot move it with forged counts or scores.
@@ -435,7 +435,7 @@ class FedAvgStrategy(FedAvg):
                     right = counts[f"{name}.{f}" if across else name]
                     correct[f][name] += right * scale
                     per_client[f][name].append(right / n)
-        if self.cfg.gate_statistic == "median":  # each client one vote, whatever it declares or forges
+        if self.cfg.of('kd').gate_statistic == "median":  # each client one vote, whatever it declares or forges
             return {f: {name: statistics.median(per_client[f][name]) for name in names} for f in per_client}
         return {f: {name: correct[f][name] / n for name in names} for f, n in examples.items() if n > 0}
 

@@ -166,7 +166,7 @@ def decode_reply(msg: Message, template: Mapping[str, torch.Tensor],
 LABEL_COUNTS = "label-counts"
 PROTOTYPES = "prototypes"
 GENERATOR = "generator"
-EXPERT = "expert-arrays"  # expert-pass: the model the client's class experts are made of
+EXPERT = "expert-arrays"  # kd.expert-pass: the model the client's class experts are made of
 
 
 @dataclass
@@ -179,7 +179,7 @@ class MosaicReply:
     prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
     generator: dict[str, torch.Tensor] | None = None
     declared_counts: torch.Tensor | None = None  # as sent, where ``label_counts`` is bounded (count-clip)
-    expert_state: dict[str, torch.Tensor] | None = None  # expert-pass: the expert model, beside ``state``
+    expert_state: dict[str, torch.Tensor] | None = None  # kd.expert-pass: the expert model, beside ``state``
 
 
 def decode_evaluate_reply(msg: Message, names: Collection[str]) -> tuple[dict[str, int] | None, str | None]:
@@ -210,7 +210,7 @@ META_LOGITS = "meta-logits"
 
 def decode_logits_reply(msg: Message, *, num_models: int, num_classes: int, max_per_class: int,
                         counts: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str | None]:
-    """A ``query.logits`` reply (``meta-data='clients'``): ``((logits [n, K, C], labels [n]),
+    """A ``query.logits`` reply (``mosaic.meta-data='clients'``): ``((logits [n, K, C], labels [n]),
     None)`` or ``(None, problem)``. Logits are finite floats from the K models sent; labels
     are classes the client declared, at most ``max_per_class`` and at most its declared
     count of each."""
@@ -301,7 +301,7 @@ def decode_mosaic_reply(msg: Message, template: Mapping[str, torch.Tensor], *, n
     integers summing to ``num-examples``), and where expected the prototypes (finite,
     ``[M, feature_dim]`` with labels of classes the client declares) and the generator
     (the declared architecture, finite), and with ``expect_expert`` the expert model
-    (``expert-pass``: the classifier's template, like the arrays).
+    (``kd.expert-pass``: the classifier's template, like the arrays).
     """
     state, problem = decode_reply(msg, template, other_records=(LABEL_COUNTS, PROTOTYPES, GENERATOR, EXPERT))
     if problem:

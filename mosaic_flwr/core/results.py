@@ -239,7 +239,7 @@ def save_generator_grid(path: Path, generators, label_counts, info, *, per_class
                         seed: int = 0) -> None:
     """A PNG grid of generator samples in pixel space: one row per class, pooled over the
     generators that hold that class (chosen by label count; empty rows: no client holds it);
-    for unconditional generators (``generator='dcgan'``) one row per generator (at most 20)."""
+    for unconditional generators (``mosaic.generator='dcgan'``) one row per generator (at most 20)."""
     import torch
 
     from mosaic_flwr.models.generators import is_unconditional, sample, sample_unconditional

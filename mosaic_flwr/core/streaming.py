@@ -15,13 +15,13 @@ whatever the order unless the float64 sum falls within that distance of a float3
 boundary (the test reorders replies and compares bit for bit). Exact resume does not depend
 on it: a resumed run adds the same replies in the same way.
 
-``GeneratorBank``: at most ``size`` generators per class (``generator-bank-size``; 0: every
+``GeneratorBank``: at most ``size`` generators per class (``mosaic.generator-bank-size``; 0: every
 generator): those of the largest holders of the class, ties by partition id (lower first),
 so the bank is a function of what was offered, not of the order. A generator is kept while
 it is among the top ``size`` of some class; it is asked only for those classes (its counts
 of the others are masked to zero), so each class has at most ``size`` generators and the
 memory is at most ``classes x size`` generators, whatever the number of clients.
-Unconditional generators (``generator='dcgan'``) are kept by the same per-class ranking (a
+Unconditional generators (``mosaic.generator='dcgan'``) are kept by the same per-class ranking (a
 generator stays while its owner is among the ``size`` largest holders of some class, so every
 held class keeps a generator trained on it); the sampler then draws the same number of samples
 from each, and the masked counts are not read.

@@ -57,7 +57,7 @@ class GeneratorSampler:
 
 
 class UnconditionalSampler:
-    """Synthetic batches from unconditional generators (``generator='dcgan'``), as the
+    """Synthetic batches from unconditional generators (``mosaic.generator='dcgan'``), as the
     authors draw them: ``per_generator`` samples from every generator each step (theirs: 32),
     in generator order, labelled by ``label(x)`` (the teacher's argmax: nobody asked for a
     class). ``draw`` also gives each sample's generator index."""

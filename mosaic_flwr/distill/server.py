@@ -19,9 +19,9 @@ the server trains). Everything else is here, the same for every method:
   held-out labelled synthetic samples (``gen-*``, what a server may measure), on the
   validation split (``val-*``, benchmarks only) and on the test set (``acc-*``, reporting
   only: nothing selects on it);
-- the distillation gate (``distill-gate``): the distilled model replaces the global one only
+- the distillation gate (``kd.gate``): the distilled model replaces the global one only
   if the clients' data (or the validation split) says it is more accurate; for a one-shot
-  method the look-ahead (``gate-rounds``) then trains the model before distillation beside
+  method the look-ahead (``kd.gate-rounds``) then trains the model before distillation beside
   the distilled one and chooses again after the fine-tune rounds;
 - the report (``summary.json``'s ``distillation``, the round's metrics) and the checkpoint of
   the gate's state.
@@ -100,7 +100,7 @@ class ClientModel:
     @property
     def expert_state(self) -> StateDict:
         """What this client adds to the class experts: the model of its expert pass where it
-        uploaded one (``expert-pass``), else the model it trained (and the global model averages)."""
+        uploaded one (``kd.expert-pass``), else the model it trained (and the global model averages)."""
         r = self.reply
         return r.expert_state if r is not None and r.expert_state is not None else self.state
 
@@ -172,11 +172,11 @@ class DistillStrategy(FedAvgStrategy):
         when = (f"distillation after every round from {c.warmup_rounds}" if self.every_round
                 else f"distillation after round {c.warmup_rounds}, {c.num_server_rounds - c.warmup_rounds} "
                      "fine-tune rounds")
-        look = ("" if c.distill_gate == "off" or not self.one_shot() or self.gate_until() == c.warmup_rounds
+        look = ("" if c.of('kd').gate == "off" or not self.one_shot() or self.gate_until() == c.warmup_rounds
                 else f" (decides again after round {self.gate_until()})")
         log(INFO, "\t├── %s schedule: %d warm-up rounds, %s (lr %g); %sgate: %s%s; models: %s",
             type(self).__name__, c.warmup_rounds, when, lr_for_round(c, c.num_server_rounds),
-            f"{self.describe()}; " if self.describe() else "", c.distill_gate, look,
+            f"{self.describe()}; " if self.describe() else "", c.of('kd').gate, look,
             ", ".join(map(str, self.archs)))
 
     def gate_until(self) -> int:
@@ -204,33 +204,33 @@ class DistillStrategy(FedAvgStrategy):
         if phase == "distill":
             # The local training whose models become the experts: its own settings where given
             # (longer, so they specialise; or the authors' short plain SGD, so they drift little).
-            # With expert-pass they train a second model instead (upload_values).
-            if not c.expert_pass:
+            # With kd.expert-pass they train a second model instead (upload_values).
+            if not c.of('kd').expert_pass:
                 values.update(self.expert_training())
             values.update(self.upload_values())
         return "train.mosaic", values
 
     def expert_training(self) -> dict:
-        """The ``distill-*`` settings that differ from the regular training (local-steps,
+        """The ``kd.local-*`` settings that differ from the regular training (local-steps,
         batch-size, momentum, weight-decay, lr keys): the training whose models become the experts."""
         c = self.cfg
-        expert = {"local-steps": c.distill_local_steps or None, "batch-size": c.distill_batch_size or None,
-                  "momentum": None if c.distill_momentum < 0 else c.distill_momentum,
-                  "weight-decay": None if c.distill_weight_decay < 0 else c.distill_weight_decay,
-                  "lr": None if c.distill_lr < 0 else c.distill_lr}
+        expert = {"local-steps": c.of('kd').local_steps or None, "batch-size": c.of('kd').local_batch_size or None,
+                  "momentum": None if c.of('kd').local_momentum < 0 else c.of('kd').local_momentum,
+                  "weight-decay": None if c.of('kd').local_weight_decay < 0 else c.of('kd').local_weight_decay,
+                  "lr": None if c.of('kd').local_lr < 0 else c.of('kd').local_lr}
         return {k: v for k, v in expert.items() if v is not None}
 
     def upload_values(self) -> dict:
         """What a client uploading its generator and prototypes is told: their settings,
-        whether to audit them (``privacy-audit``) and, with ``expert-pass``, the training of its
+        whether to audit them (``privacy-audit``) and, with ``kd.expert-pass``, the training of its
         expert model (``expert-local-steps``, ...)."""
         c = self.cfg
-        values = {"proto-k": self.proto_k(), "proto-min-records": c.proto_min_records,
-                  "privacy-audit": dpm.audits(c.values), "gen-steps": c.gen_steps,
-                  "gen-batch-size": c.gen_batch_size, "gen-lr": c.gen_lr,
-                  "gen-ce-weight": c.gen_ce_weight, "gen-div-weight": c.gen_div_weight,
-                  "generator": c.generator, "dcgan-width": c.dcgan_width}
-        if c.expert_pass:  # a second pass from the received model, uploaded as the expert
+        values = {"proto-k": self.proto_k(), "proto-min-records": c.of('mosaic').proto_min_records,
+                  "privacy-audit": dpm.audits(c.values), "gen-steps": c.of('mosaic').gen_steps,
+                  "gen-batch-size": c.of('mosaic').gen_batch_size, "gen-lr": c.of('mosaic').gen_lr,
+                  "gen-ce-weight": c.of('mosaic').gen_ce_weight, "gen-div-weight": c.of('mosaic').gen_div_weight,
+                  "generator": c.of('mosaic').generator, "dcgan-width": c.of('mosaic').dcgan_width}
+        if c.of('kd').expert_pass:  # a second pass from the received model, uploaded as the expert
             values.update({f"expert-{k}": v for k, v in self.expert_training().items()})
         return values
 
@@ -257,8 +257,8 @@ class DistillStrategy(FedAvgStrategy):
             feature_dim=self.module(arch).feature_dim,
             generator_template=self.generator_template() if distill else None,
             expect_prototypes=self.expects_prototypes(server_round, node),
-            expect_expert=distill and self.cfg.expert_pass,
-            max_prototypes=self.cfg.proto_k * self.info.num_classes)
+            expect_expert=distill and self.cfg.of('kd').expert_pass,
+            max_prototypes=self.cfg.of('mosaic').proto_k * self.info.num_classes)
         if reply is None:
             return None, problem
         problem = self.sc.declared_problem(reply.node_id, reply.num_examples, reply.label_counts)
@@ -296,7 +296,7 @@ class DistillStrategy(FedAvgStrategy):
 
     def expects_prototypes(self, server_round: int, node_id: int) -> bool:
         """Whether a ``train.mosaic`` reply of this node must carry prototypes: every upload's
-        (Mosaic: and the prototype bank's rounds, ``proto-rounds``)."""
+        (Mosaic: and the prototype bank's rounds, ``mosaic.proto-rounds``)."""
         return self.expects_upload(server_round, node_id) and self.proto_k() > 0
 
     def apply_round(self, server_round: int, items: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -333,15 +333,15 @@ class DistillStrategy(FedAvgStrategy):
         return self._gen_template
 
     def new_generator(self) -> nn.Module:
-        """A generator of the kind the clients train (``generator``, ``dcgan-width``), to load
+        """A generator of the kind the clients train (``mosaic.generator``, ``mosaic.dcgan-width``), to load
         an upload into."""
-        return generator_for(self.info, self.cfg.generator, self.cfg.dcgan_width)
+        return generator_for(self.info, self.cfg.of('mosaic').generator, self.cfg.of('mosaic').dcgan_width)
 
     def labelling_teacher(self, teacher: Teacher) -> Teacher:
         """``teacher``, remembering its logits on the last KD batch where the source labels its
-        batches by the teacher's argmax (the unconditional ``generator='dcgan'``), so one pass a
+        batches by the teacher's argmax (the unconditional ``mosaic.generator='dcgan'``), so one pass a
         batch serves the labels and the KD loss; otherwise ``teacher`` itself."""
-        return RememberingTeacher(teacher) if self.cfg.generator == "dcgan" else teacher
+        return RememberingTeacher(teacher) if self.cfg.of('mosaic').generator == "dcgan" else teacher
 
     def aggregated(self, server_round: int, clients: list) -> None:
         """Called after a warm-up or distillation round's aggregation, before distilling
@@ -433,14 +433,14 @@ class DistillStrategy(FedAvgStrategy):
                          ) -> Source:
         """KD batches from the clients' generators: conditional ones, labels uniform over the
         classes some client holds, each made by a holder of the class, and a check batch with a
-        seed of its own; unconditional ones (``generator='dcgan'``), ``unconditional_source``."""
+        seed of its own; unconditional ones (``mosaic.generator='dcgan'``), ``unconditional_source``."""
         if generators and is_unconditional(generators[0]):
             return self.unconditional_source(generators, counts, teacher)
         cfg = self.cfg
         check = GeneratorSampler(generators, counts, seed=mix_seed(cfg.seed, "gen-check"),
-                                 batch_size=cfg.meta_samples_per_class * int((counts.sum(0) > 0).sum()))
+                                 batch_size=cfg.of('mosaic').meta_samples_per_class * int((counts.sum(0) > 0).sum()))
         check_x, check_y, _ = check.draw()
-        sampler = GeneratorSampler(generators, counts, batch_size=cfg.kd_batch_size,
+        sampler = GeneratorSampler(generators, counts, batch_size=cfg.of('kd').batch_size,
                                    seed=mix_seed(cfg.seed, "kd-samples"))
         save_generator_grid(self.sc.results.out_dir / "generator_samples.png", generators, counts,
                             self.info, seed=cfg.seed)
@@ -449,7 +449,7 @@ class DistillStrategy(FedAvgStrategy):
     def unconditional_source(self, generators: list[nn.Module], counts: Tensor, teacher: Teacher | None
                              ) -> Source:
         """KD batches from unconditional generators, as the authors: the same number of
-        samples from every generator each step (``kd-batch-size // generators``, at least 1:
+        samples from every generator each step (``kd.batch-size // generators``, at least 1:
         theirs is 32 each), labelled by the teacher's argmax (one teacher pass, shared with the
         KD loss, when ``teacher`` is a ``RememberingTeacher``: ``labelling_teacher``). No check
         batch: with no requested label there is nothing to check against."""
@@ -457,7 +457,7 @@ class DistillStrategy(FedAvgStrategy):
             raise ValueError("unconditional_source: the teacher labels the batches; pass it")
         if not isinstance(teacher, RememberingTeacher):
             teacher = RememberingTeacher(teacher)
-        per = max(1, self.cfg.kd_batch_size // len(generators))
+        per = max(1, self.cfg.of('kd').batch_size // len(generators))
         sampler = UnconditionalSampler(generators, per, seed=mix_seed(self.cfg.seed, "kd-samples"),
                                        label=lambda x: teacher.remember(x).argmax(dim=1))
         save_generator_grid(self.sc.results.out_dir / "generator_samples.png", generators, counts,
@@ -473,10 +473,10 @@ class DistillStrategy(FedAvgStrategy):
 
     def report_test(self) -> tuple[Tensor, Tensor]:
         """The test images the teachers are scored on for the distillation report (reporting
-        only: nothing selects on them): ``report-test-subset`` images of the server's test
+        only: nothing selects on them): ``kd.report-test-subset`` images of the server's test
         set, class-balanced and the same for every run seed, or all of it (``0``). Scoring
         every expert on the whole test set cost more than the distillation itself."""
-        sc, n = self.sc, self.cfg.report_test_subset
+        sc, n = self.sc, self.cfg.of('kd').report_test_subset
         if not n or n >= len(sc.test_y):
             return sc.test_x, sc.test_y
         if getattr(self, "_report_test", None) is None:
@@ -532,9 +532,9 @@ class DistillStrategy(FedAvgStrategy):
                 report["val-teacher-asked"] = logits_metrics(teacher_logits(
                     teacher, sc.val_x, labels=sc.val_y, device=dev), sc.val_y)["accuracy"]
         # One teacher pass per batch, shared by every family's student, one batch at a time.
-        kd = distill_many(students, teacher, source.sample, steps=cfg.kd_steps, lr=cfg.kd_lr, a=cfg.kd_a,
-                          b=cfg.kd_b, T=cfg.kd_temperature, student_bn=cfg.kd_student_bn, device=dev,
-                          log_every=max(1, cfg.kd_steps // 5),
+        kd = distill_many(students, teacher, source.sample, steps=cfg.of('kd').steps, lr=cfg.of('kd').lr, a=cfg.of('kd').a,
+                          b=cfg.of('kd').b, T=cfg.of('kd').temperature, student_bn=cfg.of('kd').student_bn, device=dev,
+                          log_every=max(1, cfg.of('kd').steps // 5),
                           log=lambda f, line: log(INFO, "[distill %s] %s", f, line))
         before_states = {f: self.globals[f] for f in families}
         distilled = {f: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
@@ -551,7 +551,7 @@ class DistillStrategy(FedAvgStrategy):
             # A refused distillation leaves the model ``before`` scored: not scored again.
             after[f] = self.evaluate_arch(Arch(f), self.globals[f])["accuracy"] if keep[f] else before[f]
         self.shadow_until = self.gate_until()
-        if (self.one_shot() and cfg.distill_gate != "off" and any(keep.values())
+        if (self.one_shot() and cfg.of('kd').gate != "off" and any(keep.values())
                 and self.shadow_until > server_round):
             # Look-ahead: the path without distillation goes on beside the distilled one.
             self.shadow = {f: before_states[f] if keep.get(f) else self.globals[f] for f in self.globals}
@@ -636,7 +636,7 @@ class DistillStrategy(FedAvgStrategy):
     # ------------------------------------------------------------------ the gate
     def distill_gate(self, server_round: int, before: dict[str, StateDict], distilled: dict[str, StateDict],
                      report: dict) -> dict[str, bool]:
-        """Whether each family keeps its distilled model (``distill-gate``): only when the
+        """Whether each family keeps its distilled model (``kd.gate``): only when the
         check says it is more accurate than the model before distillation.
 
         ``clients``: every connected client scores both on its own data (message
@@ -644,7 +644,7 @@ class DistillStrategy(FedAvgStrategy):
         the model before distillation on that very data, so the check leans towards keeping
         it: a conservative gate. ``validation``: the validation split (benchmarks only; a
         deployed server has none). ``off``: the distilled model is always kept."""
-        if self.cfg.distill_gate == "off":
+        if self.cfg.of('kd').gate == "off":
             report["gate-kept"] = 1.0
             return {f: True for f in distilled}
         return self.gate_choice(server_round, before, distilled, report, "gate",
@@ -653,9 +653,9 @@ class DistillStrategy(FedAvgStrategy):
 
     def gate_scores(self, server_round: int, before: dict[str, StateDict], after: dict[str, StateDict]
                     ) -> dict[str, dict[str, float]]:
-        """``family -> {'before', 'after'} -> accuracy`` by ``distill-gate``'s check (families
+        """``family -> {'before', 'after'} -> accuracy`` by ``kd.gate``'s check (families
         nobody could score are absent)."""
-        if self.cfg.distill_gate == "validation":
+        if self.cfg.of('kd').gate == "validation":
             data = (self.sc.val_x, self.sc.val_y)
             return {f: {"before": self.evaluate_arch(Arch(f), before[f], data)["accuracy"],
                         "after": self.evaluate_arch(Arch(f), after[f], data)["accuracy"]} for f in after}
@@ -677,7 +677,7 @@ class DistillStrategy(FedAvgStrategy):
                     "distillation", f)
             else:
                 log(INFO, "[gate] round %d, %s: %s accuracy %s %.4f, %s %.4f -> %s", server_round, f,
-                    self.cfg.distill_gate, names[0], s["before"], names[1], s["after"], outcomes[not keep[f]])
+                    self.cfg.of('kd').gate, names[0], s["before"], names[1], s["after"], outcomes[not keep[f]])
         main = scores.get(self.primary)
         report.update({f"{prefix}-kept": float(keep[self.primary]),
                        **({f"{prefix}-before": main["before"], f"{prefix}-after": main["after"]} if main else {})})

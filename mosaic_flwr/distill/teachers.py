@@ -99,7 +99,7 @@ def call_teacher(teacher, x: Tensor, y: Tensor | None = None) -> Tensor:
 
 class ConcatExperts:
     """Several expert stacks as one: ``logits(x)`` is ``[sum E_i, B, C]``, in order, and
-    ``head_logits(features)`` ``[M, sum E_i, C]``. ``meta-prior='global'`` appends the
+    ``head_logits(features)`` ``[M, sum E_i, C]``. ``mosaic.meta-prior='global'`` appends the
     aggregated global model (a one-model ``StackedExperts``) to the class experts, so the
     meta model sees the student's opinion as one more token and starts from it."""
 
@@ -122,7 +122,7 @@ class ConcatExperts:
 
 
 class HeadExperts:
-    """The class experts' linear heads on ONE backbone's features (``meta-experts='heads'``):
+    """The class experts' linear heads on ONE backbone's features (``mosaic.meta-experts='heads'``):
     ``logits(x)`` is ``[E, B, C]``, each expert's head applied to ``backbone.features(x)``.
 
     Prototypes are penultimate features of the global model, so the meta model learns from

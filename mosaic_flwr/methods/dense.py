@@ -29,7 +29,7 @@ lets an unconditional generator meet a per-sample target). The loss, on ``x = au
 ``L = dense.bn-weight * bn + dense.oh-weight * oh + dense.adv-weight * adv``. As in their code
 the batch of the phase with the lowest loss goes into the pool with its targets (the oldest
 samples leave the pool beyond ``dense.pool-size`` samples; 0 keeps all, as theirs), and every
-KD step draws ``kd-batch-size`` pool samples uniformly (with replacement), augmented by
+KD step draws ``kd.batch-size`` pool samples uniformly (with replacement), augmented by
 ``augment`` (CIFAR/SVHN: crop + flip, as their KD loader), with their targets as the
 requested labels (``kd-teacher-label-agreement`` is then how often the ensemble gives a
 sample its target). ``Source.check`` is None: the targets are requests, not labels.
@@ -37,9 +37,9 @@ sample its target). ``Source.check`` is None: the targets are requests, not labe
 Where this differs from their code (``zj-jayzhang/DENSE``, ``helpers/synthesizers.py``,
 ``loop_df_fl.py``; docs/methods.md lists them too):
 
-- KD uses the shared ``kd-*`` loss and Adam; theirs is ``T^2 * KL(p_t/T || p_s/T)`` with
+- KD uses the shared ``kd.*`` loss and Adam; theirs is ``T^2 * KL(p_t/T || p_s/T)`` with
   ``T=20`` and SGD (lr 0.005, momentum 0.9), one pass over the whole pool per synthesis:
-  ``kd-a=1 kd-b=0 kd-temperature=20`` gives their loss.
+  ``kd.a=1 kd.b=0 kd.temperature=20`` gives their loss.
 - Their generator is reset (DCGAN init) before every synthesis; ours by default continues
   from the last phase (the paper's Algorithm 1 trains one generator throughout), which makes
   the small CPU-sized ``gen-steps`` useful; ``dense.reset-generator=true`` is theirs.
@@ -292,13 +292,13 @@ class DenseStrategy(DistillStrategy):
         synth = DenseSynthesizer(
             teacher, generator, list(students.values()), num_classes=info.num_classes, steps=d.gen_steps,
             lr=d.gen_lr, batch_size=d.gen_batch_size, interval=d.gen_interval, bn=d.bn_weight,
-            oh=d.oh_weight, adv=d.adv_weight, pool_size=d.pool_size, kd_batch_size=cfg.kd_batch_size,
+            oh=d.oh_weight, adv=d.adv_weight, pool_size=d.pool_size, kd_batch_size=cfg.of('kd').batch_size,
             reset=d.reset_generator, augment=augmenter(cfg.augment, info),
             seed=mix_seed(cfg.seed, "dense", server_round), device=self.sc.device)
 
         def sample(step: int) -> tuple[Tensor, Tensor]:
             out = synth.sample(step)
-            if step == cfg.kd_steps - 1:  # the last KD step: the report and the artifacts
+            if step == cfg.of('kd').steps - 1:  # the last KD step: the report and the artifacts
                 self.dense_report(synth, report)
             return out
 

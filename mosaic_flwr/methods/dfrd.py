@@ -18,7 +18,7 @@ average (EMA) copy, both kept across rounds:
   the teacher classifies as requested and the student does not) ``+ div-weight *
   diversity(z, x)`` (FedGen's diversity with the squared output distance);
 - the EMA generator: after each block of generator steps ``G_ema <- ema-decay * G_ema +
-  (1 - ema-decay) * G``; every KD batch holds ``kd-batch-size`` samples of G and as many of
+  (1 - ema-decay) * G``; every KD batch holds ``kd.batch-size`` samples of G and as many of
   G_ema (equal weight in the KD loss), so the global model keeps learning on what earlier
   generators produced;
 - alternation (``BlockSampler``): every ``gen-interval`` KD steps a fresh batch of noise
@@ -75,10 +75,10 @@ class DFRDStrategy(DistillStrategy):
         if self.generator is None:
             self.generator = new_generator(self.info, generator_seed(cfg.seed, NAME), dev)
             self.ema = copy.deepcopy(self.generator)
-        g, ema, nets, B = self.generator, self.ema, list(students.values()), cfg.kd_batch_size
+        g, ema, nets, B = self.generator, self.ema, list(students.values()), cfg.of('kd').batch_size
         counts = self.class_counts(clients)
         # Held-out check: the EMA generator as the earlier rounds left it.
-        check = check_batch(ema, counts, cfg.meta_samples_per_class, mix_seed(cfg.seed, "gen-check", server_round))
+        check = check_batch(ema, counts, cfg.of('mosaic').meta_samples_per_class, mix_seed(cfg.seed, "gen-check", server_round))
         rng = torch.Generator().manual_seed(mix_seed(cfg.seed, NAME, server_round))
         optimizer = torch.optim.Adam(g.parameters(), lr=s.gen_lr, betas=GEN_BETAS)
         tally = Tally()
@@ -91,7 +91,7 @@ class DFRDStrategy(DistillStrategy):
                 t = teacher(x, y)
                 outs = [net(x) for net in nets]
                 parts = {"fidelity": fidelity_loss(t, y),
-                         "transfer": sum(transferability_loss(t, o, y, cfg.kd_temperature) for o in outs) / len(outs),
+                         "transfer": sum(transferability_loss(t, o, y, cfg.of('kd').temperature) for o in outs) / len(outs),
                          "diversity": diversity_loss(z, x, "l2"),
                          "boundary": sum(boundary_mask(t, o, y).float().mean() for o in outs) / len(outs)}
                 return (parts["fidelity"] + s.tran_weight * parts["transfer"]

@@ -14,7 +14,7 @@ global model of every family, on an unlabelled public *transfer set* (``feddf.tr
 - ``holdout``: the validation split's images (``validation-split`` > 0; the training images
   no client holds), without their labels. The fallback where nothing public fits (CIFAR-10
   offline): it is *in-distribution*, an easier setting than the paper's, and the ``val-*``
-  figures and ``distill-gate='validation'`` then score on images the student was distilled on.
+  figures and ``kd.gate='validation'`` then score on images the student was distilled on.
 
 The transfer images enter the federation's input space: uint8 images normalised with the
 federation's mean and std. Channels and size must match (MNIST and Fashion-MNIST are both
@@ -25,16 +25,16 @@ naming where it looked and how to obtain it, before any client trains.
 Schedule: ``feddf.every-round = true`` (the default, as published) distils after every round
 from ``warmup-rounds`` on; ``false`` distils once, after round ``warmup-rounds``, as Mosaic.
 
-Differences from the paper (the shared core's KD, ``kd-*`` settings):
+Differences from the paper (the shared core's KD, ``kd.*`` settings):
 - the paper distils with Adam at 1e-3, cosine-annealed over up to 10^4 batches of 128,
   validating every 100 batches on a held-out set and stopping after 2000 batches without
-  improvement (keeping the best model on it); here Adam at a constant ``kd-lr`` for
-  ``kd-steps`` batches of ``kd-batch-size``, with the shared gate (``distill-gate``) deciding
+  improvement (keeping the best model on it); here Adam at a constant ``kd.lr`` for
+  ``kd.steps`` batches of ``kd.batch-size``, with the shared gate (``kd.gate``) deciding
   whether the distilled model replaces the average;
-- the paper's loss is the KL divergence at temperature 1: ``kd-a=1 kd-b=0 kd-temperature=1``
+- the paper's loss is the KL divergence at temperature 1: ``kd.a=1 kd.b=0 kd.temperature=1``
   (the shared default mixes in cross-entropy and JSD);
 - the paper distils from the first round at a constant client rate: ``warmup-rounds=1
-  lr-schedule='constant'``, and has no gate: ``distill-gate='off'``. ``conf/feddf-published.toml``
+  lr-schedule='constant'``, and has no gate: ``kd.gate='off'``. ``conf/feddf-published.toml``
   holds these settings (an overlay on a data set's file);
 - the paper's transfer sets for CIFAR-10 are CIFAR-100 and STL-10 (STL-10 is 96x96: not offered).
 
@@ -209,7 +209,7 @@ class FedDF(DistillStrategy):
         if not isinstance(teacher, RememberingTeacher):  # a subclass's teacher: one more pass a batch
             teacher = RememberingTeacher(teacher)
         report["transfer-images"] = float(len(self.transfer))
-        sampler = TransferSampler(self.transfer, self.cfg.kd_batch_size,
+        sampler = TransferSampler(self.transfer, self.cfg.of('kd').batch_size,
                                   mix_seed(self.cfg.seed, "feddf-kd", server_round), teacher, self.sc.device)
         return Source(sampler, None, name=f"the transfer set ({self.transfer_name})")
 

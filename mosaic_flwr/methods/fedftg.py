@@ -20,7 +20,7 @@ itself, which persists across rounds (as in the authors' code):
   the student's KD steps on that batch (the authors: one generator step per client, then
   five student steps on the same batch, ten times a round).
 
-The KD loop, its loss and optimiser (``kd-*``), the checks and the gate are the core's.
+The KD loop, its loss and optimiser (``kd.*``), the checks and the gate are the core's.
 What differs from the authors' code is listed in docs/methods.md (FedFTG and DFRD).
 """
 
@@ -66,11 +66,11 @@ class FedFTGStrategy(DistillStrategy):
         cfg, s, dev = self.cfg, self.cfg.of(NAME), self.sc.device
         if self.generator is None:
             self.generator = new_generator(self.info, generator_seed(cfg.seed, NAME), dev)
-        g, nets, B = self.generator, list(students.values()), cfg.kd_batch_size
+        g, nets, B = self.generator, list(students.values()), cfg.of('kd').batch_size
         counts = self.class_counts(clients)
-        check = check_batch(g, counts, cfg.meta_samples_per_class, mix_seed(cfg.seed, "gen-check", server_round))
+        check = check_batch(g, counts, cfg.of('mosaic').meta_samples_per_class, mix_seed(cfg.seed, "gen-check", server_round))
         rng = torch.Generator().manual_seed(mix_seed(cfg.seed, NAME, server_round))
-        labels = proportional_labels(counts, math.ceil(cfg.kd_steps / s.gen_interval) * B, rng)
+        labels = proportional_labels(counts, math.ceil(cfg.of('kd').steps / s.gen_interval) * B, rng)
         optimizer = torch.optim.Adam(g.parameters(), lr=s.gen_lr)
         tally = Tally()
 

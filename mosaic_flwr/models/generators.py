@@ -1,6 +1,6 @@
 """Mosaic's one-shot client generators: our class-conditional generator and discriminator
-(the default, ``generator='conditional'``), and the authors' unconditional DCGAN
-(``generator='dcgan'``, ``DCGANGenerator`` / ``DCGANDiscriminator``, see their docstrings).
+(the default, ``mosaic.generator='conditional'``), and the authors' unconditional DCGAN
+(``mosaic.generator='dcgan'``, ``DCGANGenerator`` / ``DCGANDiscriminator``, see their docstrings).
 
 The generator's output lives in the classifiers' *normalised* input space:
 ``tanh -> (t + 1) / 2`` gives pixels in [0, 1], then ``(x01 - mean) / std`` per channel.
@@ -44,7 +44,7 @@ __all__ = [
     "sample_unconditional",
 ]
 
-GENERATORS = ("conditional", "dcgan")  # the ``generator`` run-config key
+GENERATORS = ("conditional", "dcgan")  # the ``mosaic.generator`` run-config key
 DCGAN_NZ = 100  # the authors' noise size (utils/dcgan_model.py)
 
 
@@ -314,8 +314,8 @@ def build_generator(
 
 def generator_for(info, kind: str = "conditional", width: int = 64) -> ConditionalGenerator | DCGANGenerator:
     """The generator for a data set (``DatasetInfo``): the one construction client and server
-    share, so the server can load the weights a client uploads. ``kind`` is the ``generator``
-    key (``GENERATORS``); ``width`` (``dcgan-width``) is read by the DCGAN only."""
+    share, so the server can load the weights a client uploads. ``kind`` is the ``mosaic.generator``
+    key (``GENERATORS``); ``width`` (``mosaic.dcgan-width``) is read by the DCGAN only."""
     if kind == "conditional":
         return build_generator(info.in_channels, info.image_size, info.num_classes, info.mean, info.std)
     if kind == "dcgan":
@@ -364,7 +364,7 @@ def sample(
     any device. The generator's train/eval mode is restored afterwards.
     """
     if is_unconditional(generator):
-        raise ValueError("sample: this generator is unconditional (generator='dcgan'): it cannot be asked "
+        raise ValueError("sample: this generator is unconditional (mosaic.generator='dcgan'): it cannot be asked "
                          "for classes; use sample_unconditional")
     if seed is not None and rng is not None:
         raise ValueError("sample: pass seed or rng, not both")

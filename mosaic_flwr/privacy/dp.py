@@ -4,24 +4,24 @@ A Mosaic client uploads, besides the classifier weights every FedAvg client send
 things computed from its private data: its **label counts** (discovery and every warm-up
 round; their sum is the example count every reply declares), its **prototypes** and its
 **generator** (once, at the distillation round), and its **gate scores** (the clients' gate:
-how many examples each candidate model classifies right). With DP on (``dp-epsilon`` > 0,
-or ``dp-noise-multiplier`` > 0; both 0, the default: off), each is released through a
-Gaussian mechanism, and one accountant composes them. ``dp-epsilon`` is each client's
+how many examples each candidate model classifies right). With DP on (``dp.epsilon`` > 0,
+or ``dp.noise-multiplier`` > 0; both 0, the default: off), each is released through a
+Gaussian mechanism, and one accountant composes them. ``dp.epsilon`` is each client's
 **total**: the counts, prototypes and gate scores have their own epsilons
-(``dp-count-epsilon``, ``dp-proto-epsilon``, ``dp-gate-epsilon``), and the generator's
+(``dp.count-epsilon``, ``dp.proto-epsilon``, ``dp.gate-epsilon``), and the generator's
 noise is calibrated so that everything the client releases in the run composes to
-``dp-epsilon`` (``plan``, ``generator_sigma``). Each client writes every release in its
+``dp.epsilon`` (``plan``, ``generator_sigma``). Each client writes every release in its
 privacy ledger (``mosaic_flwr.privacy.ledger``, on disk) before sending it, and refuses one
-that would take its total past ``dp-epsilon``.
+that would take its total past ``dp.epsilon``.
 
 * **Label counts**: ``counts + N(0, s_c^2)`` per class (add/remove-one L2 sensitivity 1),
   rounded and clipped at 0, drawn **once** per client and run and reused by every message
   (a repeated release of the same noisy vector costs nothing more). ``s_c`` is calibrated
-  to ``dp-count-epsilon`` at ``dp-delta``.
+  to ``dp.count-epsilon`` at ``dp.delta``.
 * **Prototypes**: k-means centres have no bounded sensitivity (one point can move a centre
   arbitrarily far through the assignment), so under DP a client releases **one noisy mean
-  per class** (``proto-k`` is ignored): every feature vector is clipped to L2 norm
-  ``dp-proto-clip`` = C, the per-class sums get ``N(0, (s_p C)^2)`` per coordinate (one
+  per class** (``mosaic.proto-k`` is ignored): every feature vector is clipped to L2 norm
+  ``dp.proto-clip`` = C, the per-class sums get ``N(0, (s_p C)^2)`` per coordinate (one
   sample changes one class's sum by at most C: sensitivity C), and each noisy sum is
   divided by the class's *noisy* count (already released: post-processing), then projected
   back on the ball of radius C (a true mean lies in it). Classes whose noisy count is 0
@@ -31,9 +31,9 @@ that would take its total past ``dp-epsilon``.
   here (Dirichlet 0.1), so one mean per class is the better use of the budget.
 * **Generator**: only the discriminator D reads private images. D trains under DP-SGD:
   real batches are **Poisson-sampled** (each image independently with rate
-  ``q = gen-batch-size / N``, as the accountant assumes; the non-private class-balanced
+  ``q = mosaic.gen-batch-size / N``, as the accountant assumes; the non-private class-balanced
   sampler is not used), each real image's gradient of D's hinge loss is computed alone
-  (``torch.func``), clipped to L2 norm ``dp-max-grad-norm``, summed, and
+  (``torch.func``), clipped to L2 norm ``dp.max-grad-norm``, summed, and
   ``N(0, (sigma C)^2)`` added, divided by the expected batch size. The fake half of D's
   loss reads no private data (G's samples are a function of earlier, already private, D
   states and of the classifier), so its gradient is added unclipped: the update's
@@ -42,23 +42,23 @@ that would take its total past ``dp-epsilon``.
   D and the client's classifier: post-processing of D and of the classifier, whose weights
   the client uploads anyway. Label mixes come from the noisy counts (fake labels in
   proportion to them, as the real labels under Poisson sampling), never from the true ones.
-  ``sigma`` is calibrated for the planned ``gen-steps`` and ``q`` with Opacus's accountant so
-  that the run's releases compose to ``dp-epsilon``, or given as ``dp-noise-multiplier``.
+  ``sigma`` is calibrated for the planned ``mosaic.gen-steps`` and ``q`` with Opacus's accountant so
+  that the run's releases compose to ``dp.epsilon``, or given as ``dp.noise-multiplier``.
 * **Gate scores**: each client scores the candidate models (before and after distillation)
   once at the distillation round and once more when the look-ahead ends (``gate_releases``).
   Each score is a vector of K counts of correct predictions; adding or removing one example
   changes each by at most 1, so its L2 sensitivity is sqrt(K): ``N(0, (s_g sqrt(K))^2)`` is
   added to each, the result rounded and kept in [0, the noisy example count]
-  (``noisy_scores``), with ``s_g`` such that the planned scores compose to ``dp-gate-epsilon``.
+  (``noisy_scores``), with ``s_g`` such that the planned scores compose to ``dp.gate-epsilon``.
   The example count the reply declares is the noisy counts' sum. Pooled over clients the
   noise is small against thousands of examples.
 
 The guarantee: add/remove-one-example (ε, δ)-DP of the Mosaic uploads, *given* the
 classifier weights, which are uploaded in FedAvg anyway and are not private (neither is
 FedAvg's training loss). The privacy audit (``privacy-audit``) is off under DP unless
-``dp-audit`` asks for it, and then its figures stay in the client's log. ``compose``
+``dp.audit`` asks for it, and then its figures stay in the client's log. ``compose``
 composes the mechanisms in one RDP (or PRV) accountant (Opacus's): the total is below the
-sum of their epsilons. With ``dp-noise-multiplier`` instead of ``dp-epsilon`` the run has no
+sum of their epsilons. With ``dp.noise-multiplier`` instead of ``dp.epsilon`` the run has no
 total: the ledger records and composes, and refuses nothing.
 
 The DP noise and Poisson sampling draw from a secret generator (``secret_generator``: OS
@@ -94,7 +94,7 @@ ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(rang
 
 @dataclass(frozen=True)
 class DPSettings:
-    """The run's DP keys (``dp-*``), resolved; see the module docstring."""
+    """The run's DP keys (``dp.*``), resolved; see the module docstring."""
 
     epsilon: float            # the client's total budget (0: sigma given as noise_multiplier, no budget)
     delta: float
@@ -112,75 +112,75 @@ class DPSettings:
 
 
 def enabled(values: Mapping[str, Any]) -> bool:
-    """DP is on when ``dp-epsilon`` > 0 or ``dp-noise-multiplier`` > 0 (both 0, the default: off;
+    """DP is on when ``dp.epsilon`` > 0 or ``dp.noise-multiplier`` > 0 (both 0, the default: off;
     an infinite epsilon, "no privacy", is also off)."""
-    eps = float(values["dp-epsilon"])
-    return (0 < eps < math.inf) or float(values["dp-noise-multiplier"]) > 0
+    eps = float(values["dp.epsilon"])
+    return (0 < eps < math.inf) or float(values["dp.noise-multiplier"]) > 0
 
 
 def audits(values: Mapping[str, Any]) -> bool:
-    """Whether clients audit their uploads (``privacy-audit``): under DP only with ``dp-audit``,
-    and then the figures stay in the client's log (they are not covered by ``dp-epsilon``)."""
-    return bool(values["privacy-audit"]) and (not enabled(values) or bool(values["dp-audit"]))
+    """Whether clients audit their uploads (``privacy-audit``): under DP only with ``dp.audit``,
+    and then the figures stay in the client's log (they are not covered by ``dp.epsilon``)."""
+    return bool(values["privacy-audit"]) and (not enabled(values) or bool(values["dp.audit"]))
 
 
 def dp_settings(values: Mapping[str, Any]) -> DPSettings | None:
     """The run's ``DPSettings`` from config values (keys as in the run config), or None when off."""
     if not enabled(values):
         return None
-    eps = float(values["dp-epsilon"])
-    return DPSettings(epsilon=eps if math.isfinite(eps) else 0.0, delta=float(values["dp-delta"]),
-                      max_grad_norm=float(values["dp-max-grad-norm"]),
-                      noise_multiplier=float(values["dp-noise-multiplier"]),
-                      proto_epsilon=float(values["dp-proto-epsilon"]), proto_clip=float(values["dp-proto-clip"]),
-                      count_epsilon=float(values["dp-count-epsilon"]), accountant=str(values["dp-accountant"]),
-                      gate_epsilon=float(values["dp-gate-epsilon"]), gate_releases=gate_releases(values))
+    eps = float(values["dp.epsilon"])
+    return DPSettings(epsilon=eps if math.isfinite(eps) else 0.0, delta=float(values["dp.delta"]),
+                      max_grad_norm=float(values["dp.max-grad-norm"]),
+                      noise_multiplier=float(values["dp.noise-multiplier"]),
+                      proto_epsilon=float(values["dp.proto-epsilon"]), proto_clip=float(values["dp.proto-clip"]),
+                      count_epsilon=float(values["dp.count-epsilon"]), accountant=str(values["dp.accountant"]),
+                      gate_epsilon=float(values["dp.gate-epsilon"]), gate_releases=gate_releases(values))
 
 
 def gate_releases(values: Mapping[str, Any]) -> int:
     """How many times a client scores candidate models for the clients' gate in a run: at the
-    distillation round, and again when the look-ahead (``gate-rounds``) ends after it (0
+    distillation round, and again when the look-ahead (``kd.gate-rounds``) ends after it (0
     without the clients' gate)."""
-    if values["distill-gate"] != "clients" or values["strategy"] != "mosaic":
+    if values["kd.gate"] != "clients" or values["strategy"] != "mosaic":
         return 0
     return 1 + (gate_until(values) > int(values["warmup-rounds"]))
 
 
 def check_config(values: Mapping[str, Any]) -> str | None:
     """Cross-key problems of the DP keys (one line naming the key), or None."""
-    eps, nm = float(values["dp-epsilon"]), float(values["dp-noise-multiplier"])
+    eps, nm = float(values["dp.epsilon"]), float(values["dp.noise-multiplier"])
     if 0 < eps < math.inf and nm > 0:
-        return (f"dp-epsilon/dp-noise-multiplier: both set (dp-epsilon={eps:g}, dp-noise-multiplier={nm:g}); "
+        return (f"dp.epsilon/dp.noise-multiplier: both set (dp.epsilon={eps:g}, dp.noise-multiplier={nm:g}); "
                 "give the generator's target epsilon or its noise multiplier, not both")
     if not enabled(values):
         return None
     if values["strategy"] != "mosaic":
-        return (f"dp-epsilon/dp-noise-multiplier: differential privacy covers Mosaic's client uploads; "
+        return (f"dp.epsilon/dp.noise-multiplier: differential privacy covers Mosaic's client uploads; "
                 f"strategy is {values['strategy']!r} (use strategy='mosaic' or turn DP off)")
-    if values["generator"] == "dcgan":
-        return ("generator: 'dcgan' cannot train under DP: its discriminator has BatchNorm, so the per-sample "
-                "gradients DP-SGD clips are not defined; use generator='conditional' or turn DP off")
-    if values["expert-pass"]:
-        return ("expert-pass: the expert model is a second set of classifier weights trained on the client's "
-                "data, which DP does not cover (as the FedAvg weights); set expert-pass=false with DP")
+    if values["mosaic.generator"] == "dcgan":
+        return ("mosaic.generator: 'dcgan' cannot train under DP: its discriminator has BatchNorm, so the per-sample "
+                "gradients DP-SGD clips are not defined; use mosaic.generator='conditional' or turn DP off")
+    if values["kd.expert-pass"]:
+        return ("kd.expert-pass: the expert model is a second set of classifier weights trained on the client's "
+                "data, which DP does not cover (as the FedAvg weights); set kd.expert-pass=false with DP")
     if proto_rounds(values) > 1:
-        return (f"proto-rounds: {values['proto-rounds']} releases prototypes in {proto_rounds(values)} rounds, and "
-                "the privacy plan covers one release (dp-proto-epsilon); set proto-rounds=1 with DP")
-    if values["meta-data"] == "clients":
-        return ("meta-data: 'clients' sends logits of the clients' real images, which DP does not cover; "
+        return (f"mosaic.proto-rounds: {values['mosaic.proto-rounds']} releases prototypes in {proto_rounds(values)} rounds, and "
+                "the privacy plan covers one release (dp.proto-epsilon); set mosaic.proto-rounds=1 with DP")
+    if values["mosaic.meta-data"] == "clients":
+        return ("mosaic.meta-data: 'clients' sends logits of the clients' real images, which DP does not cover; "
                 "use 'auto', 'prototypes', 'generated', 'both' or 'screened' with DP")
     if values["resume"]:
         return ("resume: with DP the clients' noisy label counts live in their node state for one Flower "
                 "run; a resumed run would draw and upload fresh ones (more privacy spent); start a new run")
     settings = dp_settings(values)
     if settings.epsilon > 0:
-        fixed = plan(settings, protos=int(values["proto-k"]) > 0)
+        fixed = plan(settings, protos=int(values["mosaic.proto-k"]) > 0)
         spent = epsilon_of(list(fixed.values()), settings.delta, settings.accountant)
         if spent >= 0.9 * settings.epsilon:
-            return (f"dp-epsilon: {settings.epsilon:g} is the client's total, and the label counts "
-                    f"(dp-count-epsilon={settings.count_epsilon:g}), prototypes (dp-proto-epsilon="
-                    f"{settings.proto_epsilon:g}) and gate scores (dp-gate-epsilon={settings.gate_epsilon:g}) "
-                    f"already compose to {spent:.3f}, leaving the generator nothing; lower those or raise dp-epsilon")
+            return (f"dp.epsilon: {settings.epsilon:g} is the client's total, and the label counts "
+                    f"(dp.count-epsilon={settings.count_epsilon:g}), prototypes (dp.proto-epsilon="
+                    f"{settings.proto_epsilon:g}) and gate scores (dp.gate-epsilon={settings.gate_epsilon:g}) "
+                    f"already compose to {spent:.3f}, leaving the generator nothing; lower those or raise dp.epsilon")
     return None
 
 
@@ -191,7 +191,7 @@ def check_delta(delta: float, sizes: Sequence[int]) -> str | None:
         return None
     n = min(int(s) for s in sizes)
     if delta >= 1.0 / max(n, 1):
-        return (f"dp-delta: {delta:g} is not below 1/N = {1.0 / max(n, 1):.3g} for the smallest client "
+        return (f"dp.delta: {delta:g} is not below 1/N = {1.0 / max(n, 1):.3g} for the smallest client "
                 f"(N = {n}); use a delta well below 1/N (e.g. 1e-5)")
     return None
 
@@ -291,13 +291,13 @@ def _calibrated(fixed: tuple, target: float, delta: float, rate: float, steps: i
         return epsilon_of(list(fixed) + [(sigma, rate, steps)], delta, accountant)
 
     if epsilon_of(list(fixed), delta, accountant) >= target:
-        raise ValueError(f"dp-epsilon: the counts, prototypes and gate scores already spend the total "
+        raise ValueError(f"dp.epsilon: the counts, prototypes and gate scores already spend the total "
                          f"{target:g}; nothing is left for the generator")
     lo, hi = 0.1, 1.0
     while eps(hi) > target:
         lo, hi = hi, hi * 2
         if hi > 1e5:
-            raise ValueError(f"dp-epsilon: no noise multiplier up to 1e5 leaves the generator within {target:g}")
+            raise ValueError(f"dp.epsilon: no noise multiplier up to 1e5 leaves the generator within {target:g}")
     if eps(lo) <= target:
         return lo
     while hi / lo > 1.001:

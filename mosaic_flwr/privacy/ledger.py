@@ -5,7 +5,7 @@ sends it (its label counts, its prototypes, its generator's DP-SGD, each gate sc
 mechanism the accountant needs, ``(noise multiplier, sample rate, steps)``. Before a new
 release the ledger composes it with everything already written (Opacus's accountant, at the
 run's delta) and **refuses** it, with a :class:`BudgetExceeded` that names what was spent,
-when the total would pass the budget (``dp-epsilon``). The file survives the client's
+when the total would pass the budget (``dp.epsilon``). The file survives the client's
 restarts, so a release asked for again (a retried round, a restarted SuperNode, a second
 run on the same data) is paid again, or refused.
 
@@ -91,7 +91,7 @@ class Ledger:
             raise BudgetExceeded(
                 f"privacy ledger: refusing to release {', '.join(releases)}: this client has spent epsilon "
                 f"{spent:.3f} in {len(self.releases)} release(s) on this data, and this one would take it to "
-                f"{total:.3f}, past dp-epsilon={self.budget:g} (delta {self.delta:g}); ledger {self.path}")
+                f"{total:.3f}, past dp.epsilon={self.budget:g} (delta {self.delta:g}); ledger {self.path}")
         return total
 
     def charge(self, releases: dict[str, tuple[float, float, int]], **about: Any) -> float:

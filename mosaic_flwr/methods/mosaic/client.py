@@ -31,7 +31,7 @@ class MosaicClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
     prototypes: tuple[Tensor, Tensor] | None = None
     generator: dict[str, Tensor] | None = None
-    expert_state: dict[str, Tensor] | None = None  # expert-pass: a second model, trained from the received one
+    expert_state: dict[str, Tensor] | None = None  # kd.expert-pass: a second model, trained from the received one
 
 
 def coarsen_counts(counts: Tensor, floor: int) -> Tensor:
@@ -43,7 +43,7 @@ def coarsen_counts(counts: Tensor, floor: int) -> Tensor:
 
 def _dcgan_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetInfo, gen: dict, *, seed: int,
                  device: torch.device, augment: Augment | None, metrics: dict) -> dict[str, Tensor]:
-    """``generator='dcgan'``: the authors' unconditional generator, guided by the client's
+    """``mosaic.generator='dcgan'``: the authors' unconditional generator, guided by the client's
     freshly trained ``model`` (``mosaic.dcgan``); its state to upload, statistics into ``metrics``."""
     torch.manual_seed(seed)
     width = int(gen.get("dcgan-width", 64))
@@ -81,11 +81,11 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     ``count_floor`` (``coarsen_counts``): classes held fewer times than that are declared absent,
     and send no prototype.
 
-    ``prototypes`` (``proto-rounds`` > 1): a warm-up round before the distillation round that
+    ``prototypes`` (``mosaic.proto-rounds`` > 1): a warm-up round before the distillation round that
     asks for prototypes only (the prototype bank), computed and audited as at the distillation
     round; not under DP (the privacy plan covers one release).
 
-    ``expert_train`` (``expert-pass``; ``train_local`` settings): at the distillation round a
+    ``expert_train`` (``kd.expert-pass``; ``train_local`` settings): at the distillation round a
     second copy of the received model trains with these settings (its own seed) and is
     uploaded beside the trained model as this client's contribution to the class experts, so
     the experts can drift little from the model the prototypes' features come from while the
@@ -94,7 +94,7 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     With ``dp`` (``mosaic_flwr.privacy.dp``): ``dp_counts`` (the client's noisy label counts,
     drawn once per run) replace the true ones in the reply; the prototypes are one noisy mean
     per class; D trains under DP-SGD; the noise and sampling come from ``dp_rng`` (secret).
-    At the distillation round the metrics carry the privacy spent (``dp-epsilon`` in total,
+    At the distillation round the metrics carry the privacy spent (``dp.epsilon`` in total,
     and per mechanism).
 
     ``audit_unseen`` (``privacy-audit``: unseen images and labels, the data set's test split):
@@ -160,7 +160,7 @@ def mosaic_client_round(model: Classifier, x: Tensor, y: Tensor, info: DatasetIn
     generator_state, sgd = None, None
     if distill_round and gen is not None and gen.get("generator", "conditional") == "dcgan":
         if dp is not None:
-            raise ValueError("mosaic_client_round: generator='dcgan' cannot train under DP (its "
+            raise ValueError("mosaic_client_round: mosaic.generator='dcgan' cannot train under DP (its "
                              "discriminator has BatchNorm)")
         generator_state = _dcgan_round(model, x, y, info, gen, seed=seed, device=device, augment=augment,
                                        metrics=metrics)

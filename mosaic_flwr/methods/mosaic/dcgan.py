@@ -1,4 +1,4 @@
-"""Client-side training of the authors' unconditional generator (``generator='dcgan'``).
+"""Client-side training of the authors' unconditional generator (``mosaic.generator='dcgan'``).
 
 The authors' DeGAN-style loop (``utils/degan.py``), on the client's own data:
 
@@ -13,7 +13,7 @@ The guiding classifier ``f``: the paper says the client's local model guides its
 the authors' code instead trains a separate ResNet-18 from scratch for 50 epochs for it
 (``trainer_init.py``). We follow the paper: the client's freshly trained model (the one it
 uploads in the same round) guides it, frozen. Their 200 epochs over the local loader become
-``steps`` batches of ``batch_size`` (``gen-steps`` / ``gen-batch-size``): a CPU run trains far
+``steps`` batches of ``batch_size`` (``mosaic.gen-steps`` / ``mosaic.gen-batch-size``): a CPU run trains far
 less. Real batches are drawn uniformly (with replacement) from the client's images, as their
 shuffled loader reads every image equally often; every class is used (their ``inc_classes``
 bug dropped class 0).

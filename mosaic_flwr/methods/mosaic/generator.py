@@ -24,8 +24,8 @@ a class uniformly, then one of its images), so D sees the same label mix for rea
 
 This function's defaults (400 steps of 32, Adam 5e-4 with betas (0.5, 0.999) for G and D)
 were chosen on FMNIST subsets with ``cnn_small`` guidance on one CPU thread: ~0.04 s/step,
-~16 s per client. The app passes its run config instead (``gen-steps`` 200 of
-``gen-batch-size`` 16 by default, the other ``gen-*`` keys as above; D's learning rate is
+~16 s per client. The app passes its run config instead (``mosaic.gen-steps`` 200 of
+``mosaic.gen-batch-size`` 16 by default, the other ``mosaic.gen-*`` keys as above; D's learning rate is
 G's): a third of the compute of the 300 steps of 32 it used before (issue 14: the client's
 extra work at the distillation round should not exceed its local training over the run),
 and more updates at that budget than 100 steps of 32, which lost validation accuracy after

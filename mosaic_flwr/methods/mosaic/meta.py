@@ -1,7 +1,7 @@
 """The meta model: fuses the E experts' logits into one prediction.
 
 It is trained with cross-entropy on labelled expert logits and its EMA copy becomes the
-distillation teacher. Which inputs (``meta-data``, see ``MosaicStrategy.meta_inputs``): the
+distillation teacher. Which inputs (``mosaic.meta-data``, see ``MosaicStrategy.meta_inputs``): the
 clients' prototypes (penultimate features) scored by each expert's head, labelled generator
 samples through each expert's full forward (optionally screened by the owners' prototypes),
 or both. Two architectures:
@@ -50,7 +50,7 @@ class MetaModel(nn.Module):
         nhead: attention heads; must divide D (4 divides every default D).
         dropout: dropout inside the encoder layer.
         prior: ``"mean"``: the model starts at the experts' mean logits; ``"last"``: at the
-            last input's logits (``meta-prior='global'`` puts the aggregated global model
+            last input's logits (``mosaic.meta-prior='global'`` puts the aggregated global model
             there, so the teacher starts exactly at the student it will teach).
     """
 

@@ -2,7 +2,7 @@
 
 A client summarises each of its classes by ``k`` k-means centres of the features its
 (global) backbone computes, or by the class mean when it holds fewer than ``k`` samples of
-that class; with ``min_records`` (the ``proto-min-records`` setting) every prototype is the
+that class; with ``min_records`` (the ``mosaic.proto-min-records`` setting) every prototype is the
 mean of at least that many records, and a class with fewer records sends none. Unlike the
 authors' code (which kept only the first 10 centres whatever ``k`` was), every one of the
 ``k`` centres is returned.

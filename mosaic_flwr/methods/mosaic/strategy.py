@@ -4,9 +4,9 @@ Rounds 1..W (``warmup-rounds``) run Mosaic's client round (message ``train.mosai
 weights and label counts, from which the server keeps one expert per class (the clients'
 models averaged with weights equal to their counts of that class). Round W's clients also
 send prototypes and their generator; after aggregating round W the server trains the meta
-model (on the expert logits ``meta-data`` names; with ``meta-prior='global'`` the
+model (on the expert logits ``mosaic.meta-data`` names; with ``mosaic.meta-prior='global'`` the
 aggregated global model is one more token and the meta model's prior) and the core distils
-the teacher (the EMA meta model over the experts, or with ``mosaic-meta=false`` their plain
+the teacher (the EMA meta model over the experts, or with ``mosaic.meta=false`` their plain
 mean) into the global model on the clients' generators, checks it, gates it and reports.
 
 Counts are declared by the clients: ``max-client-share`` caps any one client's weight in
@@ -23,15 +23,15 @@ Under model heterogeneity (``client-models`` / ``client-capacities``):
   is the families' class-``k`` experts combined in output space, weighted by each family's
   share of class ``k`` (``ModelMixture``). Prototypes of different families live in
   different feature spaces, so by default the meta model learns from labelled generator
-  samples screened by the owners' prototypes (``meta-data='screened'``); with every client at
-  its family's full width, ``meta-data='prototypes'`` passes each family's prototypes through
+  samples screened by the owners' prototypes (``mosaic.meta-data='screened'``); with every client at
+  its family's full width, ``mosaic.meta-data='prototypes'`` passes each family's prototypes through
   that family's class experts' heads instead (measured worse: ``config.meta_data_for``). The
   teacher is distilled into every family's global model.
 
-``generator='dcgan'``: the clients upload the authors' unconditional DCGAN instead of our
+``mosaic.generator='dcgan'``: the clients upload the authors' unconditional DCGAN instead of our
 conditional generator. The bank keeps them by the same per-class ranking; the KD batches take
 the same number of samples from every kept generator, labelled by the teacher's argmax
-(``DistillStrategy.unconditional_source``); a meta model on generator samples (``meta-data``
+(``DistillStrategy.unconditional_source``); a meta model on generator samples (``mosaic.meta-data``
 'generated', 'both', 'screened') is refused (``check_generator``).
 """
 
@@ -48,7 +48,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from mosaic_flwr.config import ConfigError, config_heterogeneous, config_width_scaled, meta_data_for, proto_rounds, width_scaled
+from mosaic_flwr.config import (ConfigError, _at_least, _below_one, _choice, _non_negative, _positive, config_heterogeneous,
+                                config_width_scaled, meta_data_for, proto_rounds, width_scaled)
 from mosaic_flwr.distill.experts import (
     ModelMixture,
     StackedExperts,
@@ -97,14 +98,14 @@ class _Stage:
 
 class MosaicStrategy(DistillStrategy):
     def __init__(self, sc: ServerContext, teacher: str | None = None):
-        teacher = teacher or ("meta" if sc.cfg.mosaic_meta else "ensemble")
+        teacher = teacher or ("meta" if sc.cfg.of('mosaic').meta else "ensemble")
         if teacher not in TEACHERS:
             raise ValueError(f"teacher: unknown value {teacher!r}; allowed: {list(TEACHERS)}")
         super().__init__(sc)
         self.teacher = teacher
         self.experts: dict[str, list[StateDict]] = {}      # family -> C class experts
         self.family_counts: dict[str, torch.Tensor] = {}   # family -> [C] label counts
-        self.meta_data = meta_data_for(self.cfg.meta_data, self.heterogeneous,
+        self.meta_data = meta_data_for(self.cfg.of('mosaic').meta_data, self.heterogeneous,
                                        clients=", ".join(map(str, self.archs)),
                                        widths=width_scaled(a.capacity for a in self.archs))
         self.uses_prototypes = teacher == "meta" and self.meta_data not in ("generated", "clients")
@@ -113,8 +114,8 @@ class MosaicStrategy(DistillStrategy):
         self._stacks: dict[str, StackedExperts] = {}  # family -> its C class experts, during a distillation
         self._generators = None
         # Collected from the clients' uploads (generators, prototypes) over the collection
-        # rounds (``collect-rounds``: rounds W-c+1..W); the generators in a bounded bank.
-        self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
+        # rounds (``mosaic.collect-rounds``: rounds W-c+1..W); the generators in a bounded bank.
+        self.bank = GeneratorBank(self.info.num_classes, self.cfg.of('mosaic').generator_bank_size)
         self.protos: list[dict] = []       # {"partition-id", "node", "family", "round", "features", "labels"}
         self.uploaded: set[int] = set()    # partition ids whose generator the server received
         self.gen_metrics: dict[str, list] = {}   # "gen-seconds", "dp-epsilon", ... -> [[partition id, value], ...]
@@ -134,10 +135,10 @@ class MosaicStrategy(DistillStrategy):
         return True  # every warm-up round reports label counts (the class experts)
 
     def proto_k(self) -> int:
-        return self.cfg.proto_k if self.uses_prototypes else 0
+        return self.cfg.of('mosaic').proto_k if self.uses_prototypes else 0
 
     def describe(self) -> str:
-        return f"teacher: {self.teacher}; meta-data: {self.meta_data}; meta-prior: {self.cfg.meta_prior}"
+        return f"teacher: {self.teacher}; mosaic.meta-data: {self.meta_data}; mosaic.meta-prior: {self.cfg.of('mosaic').meta_prior}"
 
     def distils_family(self, family: str) -> bool:
         return family in self.family_counts  # sampled in some round
@@ -146,8 +147,8 @@ class MosaicStrategy(DistillStrategy):
     streams_teacher_rounds = True  # the class experts are running sums too
 
     def collect_from(self) -> int:
-        """The first collection round: ``collect-rounds`` rounds end at the distillation round."""
-        return self.cfg.warmup_rounds - self.cfg.collect_rounds + 1
+        """The first collection round: ``mosaic.collect-rounds`` rounds end at the distillation round."""
+        return self.cfg.warmup_rounds - self.cfg.of('mosaic').collect_rounds + 1
 
     def collecting(self, server_round: int) -> bool:
         """Rounds in which sampled clients that have not uploaded a generator yet train and
@@ -155,7 +156,7 @@ class MosaicStrategy(DistillStrategy):
         return self.collect_from() <= server_round <= self.cfg.warmup_rounds
 
     def banking(self, server_round: int) -> bool:
-        """``proto-rounds`` > 1: the rounds ending at the distillation round whose sampled
+        """``mosaic.proto-rounds`` > 1: the rounds ending at the distillation round whose sampled
         clients upload prototypes (the prototype bank), with or without a generator."""
         w, n = self.cfg.warmup_rounds, proto_rounds(self.cfg.values)
         return n > 1 and self.proto_k() > 0 and w - n + 1 <= server_round <= w
@@ -294,12 +295,12 @@ class MosaicStrategy(DistillStrategy):
         # this or any later checkpoint (a run resumed after this round does not need them);
         # the same for what the collection rounds gathered.
         self.experts, self.family_counts = {}, {}
-        self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
+        self.bank = GeneratorBank(self.info.num_classes, self.cfg.of('mosaic').generator_bank_size)
         self.protos, self.uploaded, self.gen_metrics = [], set(), {}
         self.collected, self.warm_experts = {}, {}
 
     def client_generators(self, clients: list, report: dict) -> tuple[list, torch.Tensor, list]:
-        """The generators in the bank (``generator-bank-size`` per class, from the
+        """The generators in the bank (``mosaic.generator-bank-size`` per class, from the
         collection rounds' first-time clients), loaded on the server's device, with their
         label counts masked to the classes each is kept for, and their owners (architecture,
         node id, prototypes); saved in the artifacts. The bank is emptied (the modules hold them)."""
@@ -325,15 +326,15 @@ class MosaicStrategy(DistillStrategy):
         self.record_dp(dict(sorted(spent.items())), report)
         report["generators-uploaded"] = len(self.uploaded)
         report["generators-kept"] = len(rows)
-        log(INFO, "[mosaic] distillation on %d generators (%d uploaded; generator-bank-size %s)",
-            len(rows), len(self.uploaded), self.cfg.generator_bank_size or "unbounded")
+        log(INFO, "[mosaic] distillation on %d generators (%d uploaded; mosaic.generator-bank-size %s)",
+            len(rows), len(self.uploaded), self.cfg.of('mosaic').generator_bank_size or "unbounded")
         self.artifacts["generators"] = [{"partition-id": pid, "state": state}
                                         for (pid, _, _), state in zip(rows, states)]
-        self.bank = GeneratorBank(self.info.num_classes, self.cfg.generator_bank_size)
+        self.bank = GeneratorBank(self.info.num_classes, self.cfg.of('mosaic').generator_bank_size)
         return generators, counts, owners
 
     def collected_prototypes(self) -> list[dict]:
-        """Every collected client's prototypes (with ``proto-rounds`` > 1 every bank round's), in
+        """Every collected client's prototypes (with ``mosaic.proto-rounds`` > 1 every bank round's), in
         partition then round order (not arrival order)."""
         return sorted(self.protos, key=lambda p: (p["partition-id"], p.get("round", 0)))
 
@@ -383,19 +384,19 @@ class MosaicStrategy(DistillStrategy):
     # ------------------------------------------------------------------ the teacher
     def teacher_for(self, server_round: int, clients: list, report: dict) -> Teacher:
         """The class experts' mixture and, with the meta model, the EMA meta model over them
-        trained on ``meta-data`` (``meta_inputs``); test-set scores for the report only."""
+        trained on ``mosaic.meta-data`` (``meta_inputs``); test-set scores for the report only."""
         cfg, dev, sc = self.cfg, self.sc.device, self.sc
         generators, counts, gen_replies = self.client_generators(clients, report)
         self._generators = (generators, counts)
         experts = self._experts = self.expert_mixture()
-        # What the meta model fuses: the full experts, or (meta-experts='heads') each expert's
+        # What the meta model fuses: the full experts, or (mosaic.meta-experts='heads') each expert's
         # head on the global model's features, the space its prototypes live in.
         fused = experts
-        if self.teacher == "meta" and cfg.meta_experts == "heads":
+        if self.teacher == "meta" and cfg.of('mosaic').meta_experts == "heads":
             fused = HeadExperts(experts, self.client_module(Arch(self.primary), self.globals[self.primary]))
-        # meta-prior='global': the student is one more token and the meta model's prior.
+        # mosaic.meta-prior='global': the student is one more token and the meta model's prior.
         inputs = (ConcatExperts([fused, self.frozen(self.primary)])
-                  if self.teacher == "meta" and cfg.meta_prior == "global" else fused)
+                  if self.teacher == "meta" and cfg.of('mosaic').meta_prior == "global" else fused)
         # Reporting only: the experts' test logits, computed once for every teacher's score.
         test_x = self.report_test()[0]
         test_z = expert_logits(inputs, test_x)  # [E(+1), N, C]
@@ -412,15 +413,15 @@ class MosaicStrategy(DistillStrategy):
                 "the experts' mean teaches")
             report.update({"meta-inputs": 0, "meta-used": 0})
         elif self.teacher == "meta":
-            meta = MetaModel(len(inputs), self.info.num_classes, arch=cfg.meta_arch,
+            meta = MetaModel(len(inputs), self.info.num_classes, arch=cfg.of('mosaic').meta_arch,
                              prior="last" if inputs is not fused else "mean")
             # Model selection (early stopping and the guard) on held-out real-derived inputs
             # (prototypes, clients' images) whenever there are any, never on generator samples.
-            meta, mstats = train_meta(meta, z, labels, epochs=cfg.meta_epochs, lr=cfg.meta_lr,
-                                      ema_decay=cfg.meta_ema, holdout_frac=cfg.meta_holdout,
-                                      patience=cfg.meta_patience, seed=cfg.seed, device=dev,
+            meta, mstats = train_meta(meta, z, labels, epochs=cfg.of('mosaic').meta_epochs, lr=cfg.of('mosaic').meta_lr,
+                                      ema_decay=cfg.of('mosaic').meta_ema, holdout_frac=cfg.of('mosaic').meta_holdout,
+                                      patience=cfg.of('mosaic').meta_patience, seed=cfg.seed, device=dev,
                                       holdout_pool=real if bool(real.any()) else None)
-            used = meta_beats_mean(mstats) or not cfg.meta_guard
+            used = meta_beats_mean(mstats) or not cfg.of('mosaic').meta_guard
             report.update({"meta-seconds": time.perf_counter() - t0, "meta-inputs": len(labels),
                            "meta-real-inputs": int(real.sum()),
                            "meta-holdout": mstats["n_holdout"],
@@ -440,7 +441,7 @@ class MosaicStrategy(DistillStrategy):
                 held = mstats["holdout_accuracy"]
                 log(INFO, "[mosaic] meta model not used: on %d held-out %s inputs it reads %s against the "
                     "experts' mean %s (right where the mean is wrong: %d, the reverse: %d; not significantly "
-                    "better); the teacher is the mean of the experts (meta-guard)", mstats["n_holdout"],
+                    "better); the teacher is the mean of the experts (mosaic.meta-guard)", mstats["n_holdout"],
                     "real-derived" if real.any() else "generated",
                     "-" if held is None else f"{100 * held:.1f} %",
                     "-" if mstats["holdout_mean_accuracy"] is None else f"{100 * mstats['holdout_mean_accuracy']:.1f} %",
@@ -479,14 +480,14 @@ class MosaicStrategy(DistillStrategy):
         dev, parts = self.sc.device, []
         if self.meta_data == "clients":
             states = list(self.experts[self.primary])
-            if len(experts) > len(states):  # meta-prior='global': the student is the last token
+            if len(experts) > len(states):  # mosaic.meta-prior='global': the student is the last token
                 states.append(self.globals[self.primary])
             z, labels = self.client_meta_logits(server_round, states, report)
             return z, labels, torch.ones(len(labels), dtype=torch.bool)
         if self.meta_data in ("prototypes", "both"):
             protos = ([(p.get("family", self.primary), p["features"], p["labels"]) for p in self.collected_prototypes()]
                       or [(a.model, *r.prototypes) for a, r in gen_replies if r.prototypes is not None])
-            protos = [p for p in protos if len(p[2])]  # a client may send none (proto-min-records)
+            protos = [p for p in protos if len(p[2])]  # a client may send none (mosaic.proto-min-records)
             if protos:
                 if len(self._stacks) > 1:  # model families: each family's prototypes through its own heads
                     z = torch.cat([self._stacks[fam].head_logits(f.to(dev)).cpu() for fam, f, _ in protos])
@@ -496,7 +497,7 @@ class MosaicStrategy(DistillStrategy):
         if self.meta_data in ("generated", "both", "screened"):
             n_classes = int((counts.sum(0) > 0).sum())
             sampler = GeneratorSampler(generators, counts, seed=mix_seed(self.cfg.seed, "meta-samples"),
-                                       batch_size=self.cfg.meta_samples_per_class * n_classes)
+                                       batch_size=self.cfg.of('mosaic').meta_samples_per_class * n_classes)
             x, y, owners = sampler.draw()
             if self.meta_data == "screened":
                 models = []
@@ -520,9 +521,9 @@ class MosaicStrategy(DistillStrategy):
 
     def client_meta_logits(self, server_round: int, states: list[StateDict], report: dict
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``meta-data='clients'``: every connected client receives the models ``states``
+        """``mosaic.meta-data='clients'``: every connected client receives the models ``states``
         (each distinct one once) and replies with their logits on at most
-        ``meta-samples-per-class`` of its own images of each class, with the labels (message
+        ``mosaic.meta-samples-per-class`` of its own images of each class, with the labels (message
         ``query.logits``; validated by ``records.decode_logits_reply``). Returns the meta
         model's inputs ``[M, E, C]`` and labels ``[M]``, in partition order."""
         sc, cfg, C = self.sc, self.cfg, self.info.num_classes
@@ -538,7 +539,7 @@ class MosaicStrategy(DistillStrategy):
         messages = []
         for nid in self.connected_clients():
             content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "num-models": len(records),
-                                                        "samples-per-class": cfg.meta_samples_per_class})})
+                                                        "samples-per-class": cfg.of('mosaic').meta_samples_per_class})})
             for j, record in enumerate(records):
                 content[f"model-{j}"] = record
             messages.append(Message(content, dst_node_id=nid, message_type="query.logits"))
@@ -550,7 +551,7 @@ class MosaicStrategy(DistillStrategy):
             node = msg.metadata.src_node_id
             info = sc.clients.get(node)
             reply, problem = (None, "unknown node") if info is None else decode_logits_reply(
-                msg, num_models=len(records), num_classes=C, max_per_class=cfg.meta_samples_per_class,
+                msg, num_models=len(records), num_classes=C, max_per_class=cfg.of('mosaic').meta_samples_per_class,
                 counts=info.label_counts)
             if problem or node in got:
                 log(WARNING, "Meta-logits reply from %s left out: %s", sc.describe([node]),
@@ -559,7 +560,7 @@ class MosaicStrategy(DistillStrategy):
             got[node] = reply
         report["meta-client-replies"] = len(got)
         if not got:
-            raise RuntimeError("meta-data='clients': no client returned valid logits; the meta model has no data")
+            raise RuntimeError("mosaic.meta-data='clients': no client returned valid logits; the meta model has no data")
         order = sorted(got, key=sc.partition_of)
         z = torch.cat([got[n][0][:, index] for n in order])  # [M, E, C]
         return z, torch.cat([got[n][1] for n in order])
@@ -587,50 +588,86 @@ class MosaicStrategy(DistillStrategy):
 
 
 def check_generator(values: Mapping[str, Any]) -> None:
-    """``generator='dcgan'`` (unconditional: no sample is made for a class) with a meta model
-    that learns from generator samples labelled by the requested class (``meta-data``
-    'generated', 'both', 'screened', or 'auto' under model heterogeneity) is refused."""
-    if values["generator"] != "dcgan" or not values["mosaic-meta"]:
+    """``mosaic.generator='dcgan'`` (unconditional: no sample is made for a class) with a meta
+    model that learns from generator samples labelled by the requested class
+    (``mosaic.meta-data`` 'generated', 'both', 'screened', or 'auto' under model heterogeneity)
+    is refused."""
+    if values["mosaic.generator"] != "dcgan" or not values["mosaic.meta"]:
         return
-    meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values), widths=config_width_scaled(values))
+    meta_data = meta_data_for(values["mosaic.meta-data"], config_heterogeneous(values),
+                              widths=config_width_scaled(values))
     if meta_data in ("generated", "both", "screened"):
-        shown = f"{values['meta-data']!r}" + (f" ({meta_data!r} here)" if values["meta-data"] == "auto" else "")
-        raise ConfigError(f"generator: 'dcgan' is unconditional, but meta-data={shown} trains the meta model on "
-                          "generator samples labelled by the class they were made for; use meta-data='prototypes' "
-                          "or 'clients', or generator='conditional'")
+        shown = f"{values['mosaic.meta-data']!r}" + (f" ({meta_data!r} here)" if values["mosaic.meta-data"] == "auto"
+                                                     else "")
+        raise ConfigError(f"mosaic.generator: 'dcgan' is unconditional, but mosaic.meta-data={shown} trains the meta "
+                          "model on generator samples labelled by the class they were made for; use "
+                          "mosaic.meta-data='prototypes' or 'clients', or mosaic.generator='conditional'")
 
 
 def check_mosaic(values: Mapping[str, Any]) -> None:
-    """``collect-rounds``: the collection rounds end at the distillation round, so at most
+    """``mosaic.collect-rounds``: the collection rounds end at the distillation round, so at most
     ``warmup-rounds`` of them; more than one accumulates the class experts as running sums
     over rounds (example-weighted mean only: ``aggregation='mean'``, ``max-client-share=1``)
     and cannot screen generated samples by prototypes (it needs the model every owner
     received, in the distillation round)."""
     check_generator(values)
-    c, w = values["collect-rounds"], values["warmup-rounds"]
+    c, w = values["mosaic.collect-rounds"], values["warmup-rounds"]
     if c > w:
-        raise ConfigError(f"collect-rounds: {c} exceeds warmup-rounds {w} (the collection rounds end at "
+        raise ConfigError(f"mosaic.collect-rounds: {c} exceeds warmup-rounds {w} (the collection rounds end at "
                           "the distillation round, round warmup-rounds)")
     p = proto_rounds(values)
     if p > w:
-        raise ConfigError(f"proto-rounds: {p} exceeds warmup-rounds {w} (the prototype bank's rounds end at "
+        raise ConfigError(f"mosaic.proto-rounds: {p} exceeds warmup-rounds {w} (the prototype bank's rounds end at "
                           "the distillation round, round warmup-rounds)")
-    meta_data = meta_data_for(values["meta-data"], config_heterogeneous(values), widths=config_width_scaled(values))
-    if p > 1 and (not values["mosaic-meta"] or meta_data not in ("prototypes", "both")):
-        raise ConfigError(f"proto-rounds: {p} keeps prototypes for the meta model, which learns from "
-                          f"meta-data={values['meta-data']!r} ({meta_data!r}), mosaic-meta={values['mosaic-meta']}; "
-                          "use proto-rounds=1, or mosaic-meta=true with meta-data 'prototypes' or 'both'")
+    meta_data = meta_data_for(values["mosaic.meta-data"], config_heterogeneous(values),
+                              widths=config_width_scaled(values))
+    if p > 1 and (not values["mosaic.meta"] or meta_data not in ("prototypes", "both")):
+        raise ConfigError(f"mosaic.proto-rounds: {p} keeps prototypes for the meta model, which learns from "
+                          f"mosaic.meta-data={values['mosaic.meta-data']!r} ({meta_data!r}), "
+                          f"mosaic.meta={values['mosaic.meta']}; use mosaic.proto-rounds=1, or mosaic.meta=true "
+                          "with mosaic.meta-data 'prototypes' or 'both'")
     if c > 1:
         if values["aggregation"] != "mean" or values["max-client-share"] < 1:
-            raise ConfigError(f"collect-rounds: {c} accumulates the class experts over rounds as running "
+            raise ConfigError(f"mosaic.collect-rounds: {c} accumulates the class experts over rounds as running "
                               "sums, which needs aggregation='mean' and max-client-share=1 (got "
                               f"aggregation={values['aggregation']!r}, max-client-share={values['max-client-share']})")
-        if meta_data_for(values["meta-data"], config_heterogeneous(values),
+        if meta_data_for(values["mosaic.meta-data"], config_heterogeneous(values),
                          widths=config_width_scaled(values)) == "screened":
-            raise ConfigError(f"collect-rounds: {c} with meta-data='screened' (the default under model "
-                              "heterogeneity): screening needs every generator's owner in the distillation "
-                              "round; use collect-rounds=1 or meta-data='generated'")
+            raise ConfigError(f"mosaic.collect-rounds: {c} with mosaic.meta-data='screened' (the default under "
+                              "model heterogeneity): screening needs every generator's owner in the distillation "
+                              "round; use mosaic.collect-rounds=1 or mosaic.meta-data='generated'")
 
+
+# Mosaic's own settings, run-config keys mosaic.<key> (defaults: [tool.flwr.app.config.mosaic]). The
+# clients' generator (gen-*, generator, dcgan-width) is feddf-gen's too, and the distillation core
+# (distill/server.py) reads it for both: cfg.of('mosaic').gen_steps.
+SETTINGS = {
+    "meta": (bool, None),
+    "collect-rounds": (int, _positive),
+    "proto-rounds": (int, lambda v: None if v == -1 or v >= 1 else
+                     f"must be -1 (every warm-up round) or a number of rounds >= 1, got {v}"),
+    "generator-bank-size": (int, _non_negative),
+    "proto-k": (int, _positive),
+    "proto-min-records": (int, _positive),
+    "gen-steps": (int, _positive),
+    "gen-batch-size": (int, _at_least(2)),  # label-sharing noise pairs
+    "gen-lr": (float, _positive),
+    "gen-ce-weight": (float, _non_negative),
+    "gen-div-weight": (float, _non_negative),
+    "generator": (str, _choice("conditional", "dcgan")),  # the clients' generators (Mosaic, feddf-gen)
+    "dcgan-width": (int, _positive),  # mosaic.generator='dcgan': channels of its last layer (the authors': 64)
+    "meta-arch": (str, _choice("transformer", "gating")),
+    "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened", "clients")),
+    "meta-guard": (bool, None),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs
+    "meta-experts": (str, _choice("full", "heads")),
+    "meta-samples-per-class": (int, _positive),
+    "meta-epochs": (int, _positive),
+    "meta-lr": (float, _positive),
+    "meta-patience": (int, _positive),
+    "meta-holdout": (float, _below_one),
+    "meta-ema": (float, _below_one),
+    "meta-prior": (str, _choice("experts", "global")),
+}
 
 MOSAIC = Method(MosaicStrategy, "Mosaic: class experts fused by a meta model, distilled on the clients' generators",
-                distils=True, check=check_mosaic)
+                distils=True, settings=SETTINGS, check=check_mosaic)
