@@ -29,7 +29,6 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from mosaic_flwr.core.schedule import gate_until, proto_rounds  # noqa: F401 (part of this module's API)
 from mosaic_flwr.registry import methods as _methods
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ VENV="${MOSAIC_VENV:-$ROOT/.venv}"
 fmnist() {  # print the directory the app reads Fashion-MNIST from (exit 1: not there)
   "$VENV/bin/python" -c '
 import sys
-from mosaic_flwr.data.datasets import DatasetNotFoundError, fmnist_location, load_dataset, user_data_dir
+from mosaic_flwr.data.datasets import load_dataset
+from mosaic_flwr.data.files import DatasetNotFoundError, fmnist_location, user_data_dir
 try:
     load_dataset("fmnist", None)
 except DatasetNotFoundError as exc:

@@ -21,7 +21,7 @@ from mosaic_flwr.core.fedavg import FedAvgStrategy
 from mosaic_flwr.core.records import ClientInfo, state_to_record
 from mosaic_flwr.core.server import ServerContext
 from mosaic_flwr.core.task import Arch
-from mosaic_flwr.data.datasets import user_data_dir
+from mosaic_flwr.data.files import user_data_dir
 from mosaic_flwr.data.fetch import mnist_location
 from mosaic_flwr.testing.inprocess import InProcessGrid
 from server_app.app import main as server_main

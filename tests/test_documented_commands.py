@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mosaic_flwr.data.datasets as ds
 import mosaic_flwr.data.files as files
 from mosaic_flwr.core.checkpoint import load_checkpoint
 from mosaic_flwr.config import build_config
@@ -53,16 +52,16 @@ def fake_fmnist(folder: Path, seed: int, n_train: int = 300, n_test: int = 60, t
 # ----------------------------------------------------------------------------- plain `flwr run .`
 def test_empty_data_dir_reads_the_user_data_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "DEBIAN_FMNIST_DIR", tmp_path / "nowhere")
-    monkeypatch.delenv(ds.DATA_ENV, raising=False)
+    monkeypatch.delenv(files.DATA_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert ds.user_data_dir() == tmp_path / "cache" / "mosaic-flwr" / "data"
-    monkeypatch.setenv(ds.DATA_ENV, str(tmp_path / "my data"))
-    assert ds.user_data_dir() == tmp_path / "my data"
-    assert ds.fmnist_location() is None
+    assert files.user_data_dir() == tmp_path / "cache" / "mosaic-flwr" / "data"
+    monkeypatch.setenv(files.DATA_ENV, str(tmp_path / "my data"))
+    assert files.user_data_dir() == tmp_path / "my data"
+    assert files.fmnist_location() is None
     fake_fmnist(tmp_path / "my data" / "fashion-mnist", seed=0)
     train, test = load_dataset("fmnist")          # data-dir empty, as with plain `flwr run .`
     assert (len(train), len(test)) == (300, 60)
-    assert ds.fmnist_location() == tmp_path / "my data" / "fashion-mnist"
+    assert files.fmnist_location() == tmp_path / "my data" / "fashion-mnist"
 
 
 def test_default_output_dir_is_under_home_not_the_working_directory(tmp_path, monkeypatch):
@@ -103,7 +102,7 @@ def test_setup_data_works_from_a_path_with_spaces_and_quotes(tmp_path):
     shutil.copy(ROOT / "scripts" / "setup_data.sh", project / "scripts")
     data = tmp_path / "data 'here' \"too\""
     fake_fmnist(data / "fashion-mnist", seed=0)
-    env = {**os.environ, "MOSAIC_VENV": sys.prefix, ds.DATA_ENV: str(data), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MOSAIC_VENV": sys.prefix, files.DATA_ENV: str(data), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(["bash", str(project / "scripts" / "setup_data.sh")], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

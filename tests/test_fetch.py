@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mosaic_flwr.data import DatasetNotFoundError, load_dataset
-from mosaic_flwr.data.datasets import user_data_dir
+from mosaic_flwr.data.files import user_data_dir
 from mosaic_flwr.data.fetch import (
     CIFAR10_BIN,
     MNIST_FILES,
@@ -156,7 +156,7 @@ def test_setup_stops_before_pytest_naming_the_data_set_it_could_not_obtain(tmp_p
     data = tmp_path / "data"
     data.mkdir()
     fmnist = load_dataset("fmnist")  # the setup's Fashion-MNIST, linked in so that step passes
-    from mosaic_flwr.data.datasets import fmnist_location
+    from mosaic_flwr.data.files import fmnist_location
 
     os.symlink(fmnist_location(), data / "fashion-mnist")
     assert fmnist[0].x.shape[0] == 60_000

@@ -4,7 +4,6 @@ whole tiny grid on synthetic data (slow)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

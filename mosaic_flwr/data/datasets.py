@@ -16,8 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mosaic_flwr.data.files import (DATA_ENV, DEBIAN_FMNIST_DIR, DatasetNotFoundError,  # noqa: F401 (re-exported)
-                                    find_idx as _find_idx, fmnist_location, fmnist_search_dirs, mnist_search_dirs,
+from mosaic_flwr.data.files import (DatasetNotFoundError, find_idx as _find_idx, fmnist_search_dirs, mnist_search_dirs,
                                     read_idx as _read_idx, user_data_dir)
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ from flwr.common.logger import log
 from torch import Tensor, nn
 
 from mosaic_flwr.core.checkpoint import ARTIFACTS, save_checkpoint
-from mosaic_flwr.config import gate_until, lr_for_round
+from mosaic_flwr.config import lr_for_round
+from mosaic_flwr.core.schedule import gate_until
 from mosaic_flwr.models.generators import generator_for, is_unconditional
 from mosaic_flwr.distill.kd import distill_many
 from mosaic_flwr.distill.teachers import ClientEnsemble, label_weights, teacher_logits, uniform_weights
@@ -180,7 +181,7 @@ class DistillStrategy(FedAvgStrategy):
             ", ".join(map(str, self.archs)))
 
     def gate_until(self) -> int:
-        """The round after which the look-ahead gate makes its final choice (``config.gate_until``)."""
+        """The round after which the look-ahead gate makes its final choice (``core.schedule.gate_until``)."""
         return gate_until(self.cfg.values)
 
     # ------------------------------------------------------------------ rounds

@@ -49,7 +49,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 
 from mosaic_flwr.config import (ConfigError, _at_least, _below_one, _choice, _non_negative, _positive, config_heterogeneous,
-                                config_width_scaled, meta_data_for, proto_rounds, width_scaled)
+                                config_width_scaled, meta_data_for, width_scaled)
+from mosaic_flwr.core.schedule import proto_rounds
 from mosaic_flwr.distill.experts import (
     ModelMixture,
     StackedExperts,
