@@ -29,14 +29,13 @@ so ``bench/grid.py``'s tables read them. Resumes: a group whose variants all hav
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RUNS, VARIANTS, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg, provenance  # noqa: E402
+from bench.common import RUNS, VARIANTS, cell_done, git_commit, git_dirty, loadavg, provenance  # noqa: E402
 from bench.grid import Cell, report  # noqa: E402
 
 ALPHAS = (0.1, 0.01, 1.0)
@@ -54,66 +53,39 @@ def variant_overrides(variant: str) -> dict:
 
 def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shared: str,
               num_clients: int) -> None:
-    """One federation up to the distillation round's replies, then every variant from there."""
+    """One federation up to the distillation round's replies, then every variant from there
+    (``mosaic_flwr.testing.replay.Fork``)."""
     import torch
     from flwr.app import Context, RecordDict
     from flwr.common.config import parse_config_args
 
     from client_app.app import app as client_app
-    from mosaic_flwr.core.checkpoint import rng_state, set_rng_state
     from mosaic_flwr.config import load_defaults
-    from mosaic_flwr.testing.inprocess import InProcessGrid
     from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
+    from mosaic_flwr.testing.inprocess import InProcessGrid
+    from mosaic_flwr.testing.replay import Fork
     from server_app.app import finish_run, setup
 
-    def run_config(variant: str) -> dict:
-        return {**load_defaults(), **(parse_config_args([shared]) if shared.strip() else {}),
-                "alpha": alpha, "seed": seed, "checkpoint": False, "output-dir": str(runs_dir),
-                "run-name": Cell(variant, alpha, seed).name, **variant_overrides(variant)}
-
-    def context(rc: dict) -> Context:
+    def context(variant: str) -> Context:
+        rc = {**load_defaults(), **(parse_config_args([shared]) if shared.strip() else {}),
+              "alpha": alpha, "seed": seed, "checkpoint": False, "output-dir": str(runs_dir),
+              "run-name": Cell(variant, alpha, seed).name, **variant_overrides(variant)}
         return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
 
-    base_rc = run_config(variants[0])
-    replies = ReplyRecorder()  # the distillation round's replies: every other variant collects its own copy
-    grid = InProcessGrid(client_app, base_rc, num_clients, hook=replies)
     t0, load0 = time.perf_counter(), loadavg()
-    sc = setup(grid, context(base_rc))
-    base = MosaicStrategy(sc, teacher="meta" if sc.cfg.of('mosaic').meta else "ensemble")
-    w = sc.cfg.warmup_rounds
-    print(f"[ablation] alpha={alpha:g} seed={seed}: warm-up rounds 1..{w - 1} and the "
+    grid = InProcessGrid(client_app, context(variants[0]).run_config, num_clients)
+    sc = setup(grid, context(variants[0]))
+    print(f"[ablation] alpha={alpha:g} seed={seed}: warm-up rounds 1..{sc.cfg.warmup_rounds - 1} and the "
           f"distillation round's client work, once", flush=True)
-    base.evaluate_round(0)
-    for r in range(1, w):
-        base.apply_round(r, base.train_round(r))
-        base.evaluate_round(r)
-    with replies.recording():
-        items = base.train_round(w)
+    fork = Fork.at(MosaicStrategy(sc), sc.cfg.warmup_rounds)
     shared_seconds = time.perf_counter() - t0
-    state = copy.deepcopy(base.state_dict())
-    rounds, extra, rng = copy.deepcopy(sc.results.rounds), copy.deepcopy(sc.results.extra), rng_state()
     for variant in variants:
         t1 = time.perf_counter()
-        if variant == variants[0]:
-            sv, strat = sc, base
-        else:
-            sv = setup(grid, context(run_config(variant)))
-            strat = MosaicStrategy(sv, teacher="meta" if sv.cfg.of('mosaic').meta else "ensemble")
-            strat.load_state_dict(copy.deepcopy(state))
-            sv.results.restore(copy.deepcopy(rounds), copy.deepcopy(extra))
-        set_rng_state(copy.deepcopy(rng))
         print(f"[ablation]   {variant}: distillation round and fine-tune rounds", flush=True)
-        # The base collected round w itself (its running sums, its generator bank); every
-        # other variant collects the same replies through its own strategy.
-        strat.apply_round(w, copy.deepcopy(items) if strat is base else strat.collect(w, replies.copies()))
-        strat.evaluate_round(w)
-        for r in range(w + 1, sv.cfg.num_server_rounds + 1):
-            strat.apply_round(r, strat.train_round(r))
-            strat.evaluate_round(r)
-        strat.finish()
+        sv = setup(grid, context(variant))
+        fork.run(sv)
         cfg = sv.cfg
-        out = sv.results.out_dir
-        (out / "bench.json").write_text(json.dumps(
+        (sv.results.out_dir / "bench.json").write_text(json.dumps(
             {"loadavg_before": load0, "loadavg_after": loadavg(), "commit": git_commit(),
              "dirty": git_dirty(), "shared_seconds": round(shared_seconds, 2),
              "variant_seconds": round(time.perf_counter() - t1, 2),

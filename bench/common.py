@@ -5,7 +5,6 @@ machine, load average) every recorded figure carries."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
@@ -419,29 +417,3 @@ def run_central(cell: Cell, runs_dir: Path, shared: str, num_clients: int) -> di
                "config": cfg.to_dict()}
     write_json(out / "summary.json", summary)  # last: its presence marks the cell finished
     return summary
-
-
-class ReplyRecorder:
-    """An ``InProcessGrid`` hook keeping a copy of every reply sent while ``recording()`` is on:
-    one shared round replayed into several variants, each collecting ``copies()`` through
-    its own strategy (its running sums, its generator bank)."""
-
-    def __init__(self) -> None:
-        self.replies: list = []
-        self.on = False
-
-    def __call__(self, grid, node, incoming, reply):
-        if self.on:
-            self.replies.append(copy.deepcopy(reply))
-        return reply
-
-    @contextmanager
-    def recording(self):
-        self.on = True
-        try:
-            yield
-        finally:
-            self.on = False
-
-    def copies(self) -> list:
-        return [copy.deepcopy(m) for m in self.replies]

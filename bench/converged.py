@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RUNS, Cell, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg,  # noqa: E402
+from bench.common import (RUNS, Cell, cell_done, git_commit, git_dirty, loadavg,  # noqa: E402
                           pretrain_name, registered, run_central, variant_name)
 
 ALPHAS = (0.1, 0.01, 1.0)
@@ -438,61 +438,39 @@ def oracle_teacher(strategy, items: list, seed: int) -> dict:
 def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, run_config, note,
                  num_clients: int, oracle: Path | None = None) -> None:
     """Round 1 (the distillation round's client work) once, then each variant's server side
-    and fine-tune rounds from a copy of that state; with ``oracle``, also write there what a
-    teacher trained on real images would score (``oracle_teacher``)."""
-    import copy
-
+    and fine-tune rounds from it (``mosaic_flwr.testing.replay.Fork``); with ``oracle``, also
+    write there what a teacher trained on real images would score (``oracle_teacher``)."""
     import torch
 
     from client_app.app import app as client_app
-    from mosaic_flwr.core.checkpoint import rng_state, set_rng_state
-    from mosaic_flwr.testing.inprocess import InProcessGrid
-    from mosaic_flwr.registry import STRATEGIES
     from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
+    from mosaic_flwr.testing.inprocess import InProcessGrid
+    from mosaic_flwr.testing.replay import Fork
     from server_app.app import finish_run, setup
 
-    round1 = ReplyRecorder()  # round 1's replies as the clients sent them: every variant collects its own copy
-    grid = InProcessGrid(client_app, base_rc, num_clients, hook=round1)
+    grid = InProcessGrid(client_app, base_rc, num_clients)
     t0, load0 = time.perf_counter(), loadavg()
     # Round 1 as every variant of the group needs it: prototypes included (a variant whose
     # meta model reads none ignores them).
     meta_data = base_rc.get("mosaic.meta-data", "auto")
     sc = setup(grid, context({**base_rc, "strategy": "mosaic",
                               "mosaic.meta-data": "auto" if meta_data in ("generated", "clients") else meta_data}))
-    base = MosaicStrategy(sc)
     print(f"[converged] alpha={alpha:g} seed={seed}: round 1's client work (training, generators, "
           f"prototypes), once for {', '.join(distilling) or 'the oracle teacher'}", flush=True)
-    base.evaluate_round(0)
-    # The base keeps every client's model (no streaming into running sums) for the oracle;
-    # each variant replays the captured replies through its own collection (its bank, its sums).
-    base.streams = lambda server_round: False
-    with round1.recording():
-        items = base.train_round(1)
+    # Every client model of round 1 kept (not streamed into running sums) for the oracle; each
+    # variant collects its own copy of the replies (its bank, its sums).
+    fork = Fork.at(MosaicStrategy(sc), 1, keep_models=True)
     shared_seconds = time.perf_counter() - t0
-    round1_metrics = dict(sc.train_metrics)  # every variant's round 1 (its client seconds included)
-    state = copy.deepcopy(base.state_dict())
-    rounds, extra, rng = copy.deepcopy(sc.results.rounds), copy.deepcopy(sc.results.extra), rng_state()
     if oracle is not None and not oracle.is_file():
         with torch.random.fork_rng():
-            got = oracle_teacher(base, items, seed)
+            got = oracle_teacher(fork.strategy, fork.items, seed)
         oracle.write_text(json.dumps(got, indent=1) + "\n")
         print(f"[converged]   teacher trained on real images (diagnostic): {got}", flush=True)
     for variant in distilling:
         t1 = time.perf_counter()
-        sv = setup(grid, context(run_config(variant)))
-        strat = STRATEGIES[sv.cfg.strategy].strategy(sv)
-        strat.load_state_dict(copy.deepcopy(state))
-        sv.results.restore(copy.deepcopy(rounds), copy.deepcopy(extra))
-        set_rng_state(copy.deepcopy(rng))
         print(f"[converged]   {variant}: distillation after round 1, fine-tune rounds", flush=True)
-        replayed = strat.collect(1, round1.copies())
-        sv.train_metrics = dict(round1_metrics)
-        strat.apply_round(1, replayed)
-        strat.evaluate_round(1)
-        for r in range(2, sv.cfg.num_server_rounds + 1):
-            strat.apply_round(r, strat.train_round(r))
-            strat.evaluate_round(r)
-        strat.finish()
+        sv = setup(grid, context(run_config(variant)))
+        fork.run(sv)
         note(sv.results.out_dir, loadavg_before=load0, shared_seconds=round(shared_seconds, 2),
              variant_seconds=round(time.perf_counter() - t1, 2))
         s = finish_run(sv, shared_seconds + time.perf_counter() - t1, variant=variant,

@@ -19,6 +19,7 @@ term switched on in the clients' train config. ``MosaicStrategy`` builds on this
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import statistics
@@ -95,6 +96,10 @@ class FedAvgStrategy(FedAvg):
         # Streaming aggregation (``streams``): family -> running sums of the round's replies.
         self._round_sums: dict[str, RunningSum] | None = None
         self._replied: set[int] = set()
+        # For a round replayed into other server variants (``mosaic_flwr.testing.replay``): keep
+        # every client's model (no streaming) and a copy of every reply collected.
+        self.keep_models = False
+        self.recorded: list[Message] | None = None
 
     # ------------------------------------------------------------------ models
     def _initial_state(self, family: str) -> StateDict:
@@ -250,7 +255,7 @@ class FedAvgStrategy(FedAvg):
         Only the example-weighted mean streams; a robust ``aggregation`` (median, trimmed
         mean: every client's value of an entry at once) and ``max-client-share`` (every
         weight before any is used) keep the round's models."""
-        return self.cfg.aggregation == "mean" and self.cfg.max_client_share >= 1
+        return self.cfg.aggregation == "mean" and self.cfg.max_client_share >= 1 and not self.keep_models
 
     def absorb(self, server_round: int, arch: Arch, payload):
         """A valid reply's payload as it arrives: streaming, its state goes into the round's
@@ -279,6 +284,8 @@ class FedAvgStrategy(FedAvg):
             replies.reverse()
             replies = _drain(replies)
         for msg in replies:
+            if self.recorded is not None:
+                self.recorded.append(copy.deepcopy(msg))
             node = msg.metadata.src_node_id
             self._replied.add(node)
             arch = self.sc.arch_of(node)
@@ -496,13 +503,17 @@ class FedAvgStrategy(FedAvg):
             start = 0
             self.evaluate_round(0)
             self.checkpoint(0)
-        for server_round in range(start + 1, cfg.num_server_rounds + 1):
+        self.play(start + 1, cfg.num_server_rounds)
+        self.finish()
+
+    def play(self, first: int, last: int) -> None:
+        """Rounds ``first``..``last`` as a run plays them: train, aggregate, evaluate, checkpoint."""
+        for server_round in range(first, last + 1):
             log(INFO, "")
-            log(INFO, "[ROUND %d/%d]", server_round, cfg.num_server_rounds)
+            log(INFO, "[ROUND %d/%d]", server_round, self.cfg.num_server_rounds)
             self.apply_round(server_round, self.train_round(server_round))
             self.evaluate_round(server_round)
             self.checkpoint(server_round)
-        self.finish()
 
     def finish(self) -> None:
         sc = self.sc
