@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RUNS, VARIANTS, cell_done, git_commit, git_dirty, loadavg, provenance  # noqa: E402
+from bench.common import RUNS, cell_done, git_commit, git_dirty, loadavg, provenance, variant_config  # noqa: E402
 from bench.grid import Cell, report  # noqa: E402
 
 ALPHAS = (0.1, 0.01, 1.0)
@@ -45,10 +45,8 @@ SHARED = "validation-split=0.1"
 
 
 def variant_overrides(variant: str) -> dict:
-    from flwr.common.config import parse_config_args
-
-    strategy, extra = VARIANTS.get(variant, (variant, ""))
-    return {"strategy": strategy, **(parse_config_args([extra]) if extra else {})}
+    strategy, over = variant_config(variant)
+    return {"strategy": strategy, **over}
 
 
 def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shared: str,

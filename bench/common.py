@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,18 +26,27 @@ RESULTS = ROOT / "bench" / "results"
 # What is finished is recorded as data under bench/results (bench/ledger.py).
 RUNS = Path(os.environ.get("MOSAIC_FLWR_RUNS") or Path.home() / ".cache" / "mosaic-flwr" / "bench-runs")
 
-VARIANTS = {  # name -> (strategy, extra run config)
-    "mosaic-nometa": ("mosaic", "mosaic.meta=false"),           # the plain expert ensemble teaches
-    "mosaic-generated": ("mosaic", "mosaic.meta-data='generated'"),     # meta model on unscreened samples
-    "mosaic-screened": ("mosaic", "mosaic.meta-data='screened'"),
-    "mosaic-prototypes": ("mosaic", "mosaic.meta-data='prototypes'"),  # the authors' meta-model data
-    "mosaic-both": ("mosaic", "mosaic.meta-data='both'"),
-}
 
 
-def variant_config(variant: str) -> tuple[str, str]:
-    """A strategy name, or a named variant of one (``VARIANTS``)."""
-    return VARIANTS.get(variant, (variant, ""))
+def _variants() -> dict[str, tuple[str, dict]]:
+    table = tomllib.loads((ROOT / "bench" / "studies" / "variants.toml").read_text())
+    return {name: (values.pop("strategy"), values) for name, values in table.items()}
+
+
+# Named variants of the registered methods (a method with other settings, e.g. ``mosaic-nometa``):
+# data, in bench/studies/variants.toml. name -> (strategy, run-config values)
+VARIANTS: dict[str, tuple[str, dict]] = _variants()
+
+
+def variant_config(variant: str) -> tuple[str, dict]:
+    """A registered method (``(name, {})``) or a named variant of one (``VARIANTS``): its strategy
+    and the run-config values it runs with."""
+    return VARIANTS.get(variant, (variant, {}))
+
+
+def toml_values(values: dict) -> str:
+    """Run-config values as Flower's ``--run-config`` string (``key=value`` pairs, TOML values)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
 # ----------------------------------------------------------------------------- methods
@@ -345,7 +355,7 @@ def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", 
     out = runs_dir / run_name
     if not cell_done(out):
         strategy, extra = variant_config(variant)
-        rc = f"strategy='{strategy}' output-dir='{runs_dir}' run-name='{run_name}' {extra} {run_config}"
+        rc = f"strategy='{strategy}' output-dir='{runs_dir}' run-name='{run_name}' {toml_values(extra)} {run_config}"
         log = runs_dir / f"{run_name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(ROOT / "scripts" / "flwr_sim.py"), "--num-supernodes",

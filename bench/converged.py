@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import VARIANTS as NAMED  # noqa: E402
 from bench.common import (RUNS, Cell, cell_done, git_commit, git_dirty, loadavg,  # noqa: E402
                           pretrain_name, registered, run_central, variant_name)
 
@@ -51,68 +52,9 @@ SHARED = {"validation-split": 0.1, "server-threads": 1}  # one thread: processes
 CONTINUE_ROUNDS = 3
 CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedule": "step", "checkpoint": False}
 # name -> (strategy, overrides): every registered method as it ships (the registry's order), then
-# Mosaic as the authors run it (no gate) and each lever of the teacher on its own.
-VARIANTS = {
-    **{m: (m, {}) for m in registered()},
-    "mosaic-ungated": ("mosaic", {"kd.gate": "off"}),
-    "mosaic-global": ("mosaic", {"kd.gate": "off", "mosaic.meta-prior": "global"}),
-    "mosaic-kd500": ("mosaic", {"kd.gate": "off", "kd.steps": 500}),
-    "mosaic-global-kd500": ("mosaic", {"kd.gate": "off", "mosaic.meta-prior": "global", "kd.steps": 500}),
-    "mosaic-local200": ("mosaic", {"kd.gate": "off", "kd.local-steps": 200}),
-    "mosaic-clients": ("mosaic", {"kd.gate": "off", "mosaic.meta-data": "clients"}),
-    "mosaic-clients-gated": ("mosaic", {"mosaic.meta-data": "clients"}),
-    # Issue 37: the meta model's data and its guard, each change on its own (no gate: the
-    # distillation round's figures), then the former default as it shipped (gated).
-    "mosaic-old": ("mosaic", {"mosaic.meta-data": "both", "mosaic.meta-guard": False}),
-    # the meta model fuses each expert's head on the global model's features (what it learned on)
-    "mosaic-heads": ("mosaic", {"mosaic.meta-experts": "heads"}),
-    "mosaic-protos-noguard": ("mosaic", {"kd.gate": "off", "mosaic.meta-guard": False}),
-    "mosaic-both-guard": ("mosaic", {"kd.gate": "off", "mosaic.meta-data": "both"}),
-    # the authors' local training for the round whose models become experts: 10 plain SGD
-    # steps of 64, weight decay 1e-4 (experts drift less from the global model whose features
-    # the prototypes are computed in); its own round 1
-    "mosaic-drift": ("mosaic", {"kd.gate": "off", "kd.local-steps": 10, "kd.local-batch-size": 64,
-                                "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4}),
-    # conf/mosaic-paper.toml at a CPU cut: its KD budget 500 steps of 320 (theirs 1,500-2,500)
-    "mosaic-paper": ("mosaic", {"mosaic.meta-data": "prototypes", "mosaic.meta-guard": False, "mosaic.proto-k": 10,
-                                "kd.local-steps": 10, "kd.local-batch-size": 64, "kd.local-momentum": 0.0,
-                                "kd.local-weight-decay": 1e-4, "kd.steps": 500, "kd.batch-size": 320,
-                                "kd.gate": "off"}),
-    # the authors' expert round as a second pass beside the regular training (kd.expert-pass):
-    # experts drift little, the averaged model trains as usual; gated (as shipped) and not
-    "mosaic-expertpass": ("mosaic", {"kd.expert-pass": True, "kd.local-steps": 10, "kd.local-batch-size": 64,
-                                     "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4}),
-    "mosaic-expertpass-ungated": ("mosaic", {"kd.expert-pass": True, "kd.local-steps": 10, "kd.local-batch-size": 64,
-                                             "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4,
-                                             "kd.gate": "off"}),
-    # ... with more prototypes per class (mosaic.proto-k 20): a larger real-derived set for the meta
-    # model and its guard's hold-out
-    "mosaic-expertpass-k20": ("mosaic", {"kd.expert-pass": True, "kd.local-steps": 10, "kd.local-batch-size": 64,
-                                         "kd.local-momentum": 0.0, "kd.local-weight-decay": 1e-4, "mosaic.proto-k": 20}),
-    # conf/mosaic-paper.toml with the authors' unconditional generator, at a CPU cut: a
-    # quarter of their width (mosaic.dcgan-width 16) and 500 KD steps of 320
-    "mosaic-paper-dcgan": ("mosaic", {"mosaic.meta-data": "prototypes", "mosaic.meta-guard": False, "mosaic.proto-k": 10,
-                                      "kd.local-steps": 10, "kd.local-batch-size": 64, "kd.local-momentum": 0.0,
-                                      "kd.local-weight-decay": 1e-4, "kd.steps": 500, "kd.batch-size": 320,
-                                      "kd.gate": "off", "mosaic.generator": "dcgan", "mosaic.dcgan-width": 16}),
-    # Distil after the fine-tune rounds: the rate drops after round 1 as for FedAvg
-    # (lr-step-round), and the distillation round is the last one, so the teacher's experts are
-    # fine-tuned models and the distilled model competes with FedAvg's fine-tuned one
-    "mosaic-late": ("mosaic", {"warmup-rounds": CONTINUE_ROUNDS, "lr-step-round": 1}),
-    # ... with experts from the authors' expert round as a second pass at the pre-training rate
-    # (kd.local-lr; at the fine-tune rate the experts would hardly leave the received model)
-    "mosaic-late-expertpass": ("mosaic", {"warmup-rounds": CONTINUE_ROUNDS, "lr-step-round": 1, "kd.expert-pass": True,
-                                          "kd.local-steps": 10, "kd.local-batch-size": 64, "kd.local-momentum": 0.0,
-                                          "kd.local-weight-decay": 1e-4, "kd.local-lr": 0.01}),
-    # Issue 39: prototypes of any size (the default before mosaic.proto-min-records=5), gated and not
-    "mosaic-pmr1": ("mosaic", {"mosaic.proto-min-records": 1}),
-    "mosaic-ungated-pmr1": ("mosaic", {"kd.gate": "off", "mosaic.proto-min-records": 1}),
-    "mosaic-nometa": ("mosaic", {"mosaic.meta": False}),  # the experts' mixture alone is the teacher
-    # Equal client compute: FedAvg / FedProx given as many rounds as Mosaic's clients' measured
-    # work buys (``equal_compute_rounds``); they run after the cell's Mosaic and base runs.
-    "fedavg-eqc": ("fedavg", {}),
-    "fedprox-eqc": ("fedprox", {}),
-}
+# the named variants (bench/studies/variants.toml: Mosaic as the authors run it, each lever of
+# the teacher on its own, the equal-compute rows).
+VARIANTS = {**{m: (m, {}) for m in registered()}, **NAMED}
 # equal-compute variant -> (its method at equal rounds, the variant whose client work it matches)
 EQUAL_COMPUTE = {"fedavg-eqc": ("fedavg", "mosaic"), "fedprox-eqc": ("fedprox", "mosaic")}
 

@@ -297,3 +297,22 @@ def test_a_study_spec_runs_its_grid_once_records_it_and_tables_it_from_the_ledge
     data = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert set(data["accuracy"]["fedgen|0.5"]) == {"1"}
     assert run.run(run.load_spec(spec), tmp_path / "fresh", book) == []  # every run is in the ledger
+
+
+def test_named_variants_are_data_with_valid_settings():
+    """bench/studies/variants.toml: one table of named variants for every study; each names a
+    registered method and settings the config accepts; the late-distillation rows distil at the
+    converged protocol's last round."""
+    from bench import common, converged
+    from mosaic_flwr.config import build_config, load_defaults
+    from mosaic_flwr.registry import STRATEGIES
+
+    assert common.VARIANTS and not set(common.VARIANTS) & set(STRATEGIES)
+    for name, (strategy, settings) in common.VARIANTS.items():
+        assert strategy in STRATEGIES, name
+        build_config({**load_defaults(), "strategy": strategy, **settings})  # an unknown key or value raises
+        assert converged.VARIANTS[name] == (strategy, settings)
+    assert common.variant_config("fedavg") == ("fedavg", {})
+    assert common.variant_config("mosaic-nometa") == ("mosaic", {"mosaic.meta": False})
+    assert common.VARIANTS["mosaic-late"][1]["warmup-rounds"] == converged.CONTINUE_ROUNDS
+    assert common.toml_values({"a": 1e-4, "b": True, "c": "x"}) == 'a=0.0001 b=true c="x"'
