@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RUNS, cell_done, git_commit, git_dirty, loadavg, provenance, variant_config  # noqa: E402
+from bench.common import RUNS, cell_done, git_commit, git_dirty, flower_context, loadavg, provenance, variant_config  # noqa: E402
 from bench.grid import Cell, report  # noqa: E402
 
 ALPHAS = (0.1, 0.01, 1.0)
@@ -54,7 +54,6 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
     """One federation up to the distillation round's replies, then every variant from there
     (``mosaic_flwr.testing.replay.Fork``)."""
     import torch
-    from flwr.app import Context, RecordDict
     from flwr.common.config import parse_config_args
 
     from client_app.app import app as client_app
@@ -64,11 +63,10 @@ def run_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, shar
     from mosaic_flwr.testing.replay import Fork
     from server_app.app import finish_run, setup
 
-    def context(variant: str) -> Context:
-        rc = {**load_defaults(), **(parse_config_args([shared]) if shared.strip() else {}),
+    def context(variant: str):
+        return flower_context({**load_defaults(), **(parse_config_args([shared]) if shared.strip() else {}),
               "alpha": alpha, "seed": seed, "checkpoint": False, "output-dir": str(runs_dir),
-              "run-name": Cell(variant, alpha, seed).name, **variant_overrides(variant)}
-        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
+              "run-name": Cell(variant, alpha, seed).name, **variant_overrides(variant)})
 
     t0, load0 = time.perf_counter(), loadavg()
     grid = InProcessGrid(client_app, context(variants[0]).run_config, num_clients)

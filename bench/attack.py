@@ -26,15 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import header_lines, loadavg, provenance, write_results  # noqa: E402
-from client_app.app import app as client_app  # noqa: E402
+from bench.common import header_lines, loadavg, provenance, run_inprocess, write_results  # noqa: E402
 from mosaic_flwr.config import load_defaults  # noqa: E402
 from mosaic_flwr.testing.inprocess import InProcessGrid  # noqa: E402
-from server_app.app import main as server_main  # noqa: E402
 
 POISONS = ("random", "negated")
 
@@ -86,10 +84,7 @@ def inflating_attacker(partition: int = 0, factor: int = 1000, poison: str = "ra
 
 
 def run(out: Path, run_config: dict, num_nodes: int, hook=None) -> dict:
-    config = {**load_defaults(), "output-dir": str(out), "run-name": "run", **run_config}
-    grid = InProcessGrid(client_app, config, num_nodes, hook=hook)
-    server_main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))
-    return json.loads((out / "run" / "summary.json").read_text())
+    return run_inprocess({**load_defaults(), "output-dir": str(out), "run-name": "run", **run_config}, num_nodes, hook=hook)
 
 
 REPORT = ("acc-before-distill", "acc-ensemble", "acc-teacher", "acc-after-distill")

@@ -389,6 +389,34 @@ def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", 
     return summary
 
 
+def flower_context(rc: dict):
+    """The ``Context`` a ServerApp receives for run config ``rc``."""
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
+
+
+def run_inprocess(rc: dict, num_clients: int, title: str | None = None, *, hook=None, **bench_extra) -> dict:
+    """One whole run of ``rc`` (a full run config) in an in-process federation: the real
+    ClientApp and ServerApp handlers on ``InProcessGrid`` (``hook``: its fault hook), no Ray.
+    Its bench.json (load, commit, threads, ``bench_extra``) is written before its summary.json,
+    so a finished run is complete. The summary."""
+    import torch
+
+    from client_app.app import app as client_app
+    from mosaic_flwr.registry import get_strategy
+    from mosaic_flwr.testing.inprocess import InProcessGrid
+    from server_app.app import finish_run, setup
+
+    t0, load0 = time.perf_counter(), loadavg()
+    sc = setup(InProcessGrid(client_app, rc, num_clients, hook=hook), flower_context(rc))
+    get_strategy(sc.cfg.strategy)(sc)
+    (sc.results.out_dir / "bench.json").write_text(json.dumps(
+        {"loadavg_before": load0, "loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
+         "torch_threads": torch.get_num_threads(), "driver": "in-process", **bench_extra}, indent=2) + "\n")
+    return finish_run(sc, time.perf_counter() - t0, title=title)
+
+
 def resolved_config(shared: str, **changes):
     """The config a cell's ServerApp builds: pyproject defaults < shared overrides < changes
     (checked as for Mosaic, or as for FedAvg when the schedule has no distillation round)."""

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import VARIANTS as NAMED  # noqa: E402
-from bench.common import (RUNS, Cell, cell_done, git_commit, git_dirty, loadavg,  # noqa: E402
+from bench.common import (RUNS, Cell, cell_done, flower_context, run_inprocess, git_commit, git_dirty, loadavg,  # noqa: E402
                           pretrain_name, registered, run_central, variant_name)
 
 ALPHAS = (0.1, 0.01, 1.0)
@@ -130,33 +130,6 @@ def shares_round1(variant: str) -> bool:
 # Settings that change round 1's client work: variants that differ in them cannot share it.
 ROUND1_KEYS = ("kd.local-steps", "kd.local-batch-size", "kd.local-momentum", "kd.local-weight-decay", "mosaic.proto-k",
                "mosaic.proto-min-records", "count-floor", "kd.expert-pass", "mosaic.generator", "mosaic.dcgan-width", "kd.local-lr")
-
-
-def context(rc: dict):
-    from flwr.app import Context, RecordDict
-
-    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
-
-
-def run_inprocess(rc: dict, num_clients: int, title: str, **bench_extra) -> dict:
-    """One whole run of ``rc`` (a full run config) in an in-process federation; ``bench_extra``
-    goes into its bench.json, written before its summary.json (a finished run is complete)."""
-    import torch
-
-    from client_app.app import app as client_app
-    from mosaic_flwr.testing.inprocess import InProcessGrid
-    from mosaic_flwr.registry import get_strategy
-    from server_app.app import finish_run, setup
-
-    t0, load0 = time.perf_counter(), loadavg()
-    grid = InProcessGrid(client_app, rc, num_clients)
-    sc = setup(grid, context(rc))
-    get_strategy(sc.cfg.strategy)(sc)
-    (sc.results.out_dir / "bench.json").write_text(json.dumps(
-        {"loadavg_before": load0, "loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
-         "torch_threads": torch.get_num_threads(), "driver": "bench/converged.py (in-process)", **bench_extra},
-        indent=2) + "\n")
-    return finish_run(sc, time.perf_counter() - t0, title=title)
 
 
 OVERRIDES: dict = {}  # --set key=value: applied to every run last (smoke tests on tiny settings)
@@ -395,7 +368,7 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     # Round 1 as every variant of the group needs it: prototypes included (a variant whose
     # meta model reads none ignores them).
     meta_data = base_rc.get("mosaic.meta-data", "auto")
-    sc = setup(grid, context({**base_rc, "strategy": "mosaic",
+    sc = setup(grid, flower_context({**base_rc, "strategy": "mosaic",
                               "mosaic.meta-data": "auto" if meta_data in ("generated", "clients") else meta_data}))
     print(f"[converged] alpha={alpha:g} seed={seed}: round 1's client work (training, generators, "
           f"prototypes), once for {', '.join(distilling) or 'the oracle teacher'}", flush=True)
@@ -411,7 +384,7 @@ def replay_group(alpha: float, seed: int, distilling: list[str], base_rc: dict, 
     for variant in distilling:
         t1 = time.perf_counter()
         print(f"[converged]   {variant}: distillation after round 1, fine-tune rounds", flush=True)
-        sv = setup(grid, context(run_config(variant)))
+        sv = setup(grid, flower_context(run_config(variant)))
         fork.run(sv)
         note(sv.results.out_dir, loadavg_before=load0, shared_seconds=round(shared_seconds, 2),
              variant_seconds=round(time.perf_counter() - t1, 2))

@@ -16,29 +16,22 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flwr.app import Context, RecordDict  # noqa: E402
-
-from client_app.app import app as client_app  # noqa: E402
+from bench.common import run_inprocess  # noqa: E402
 from mosaic_flwr.config import load_defaults  # noqa: E402
-from mosaic_flwr.testing.inprocess import InProcessGrid  # noqa: E402
 from mosaic_flwr.privacy.report import summarise  # noqa: E402
-from server_app.app import main as server_main  # noqa: E402
 
 
 def run(alpha: float, out_root: Path, rounds: int | None, extra: dict, nodes: int) -> Path:
     cfg = {**load_defaults(), "alpha": alpha, "server-threads": 1, "client-threads": 1,
            "output-dir": str(out_root), "run-name": f"privacy-a{alpha:g}", **extra}
     cfg["num-server-rounds"] = rounds or cfg["warmup-rounds"]
-    grid = InProcessGrid(client_app, cfg, nodes)
-    t0 = time.perf_counter()
-    server_main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg))
-    print(f"alpha {alpha:g}: {time.perf_counter() - t0:.0f} s", flush=True)
+    summary = run_inprocess(cfg, nodes)
+    print(f"alpha {alpha:g}: {summary['wall_seconds']:.0f} s", flush=True)
     return out_root / cfg["run-name"]
 
 
