@@ -42,7 +42,7 @@ def main() -> int:
     runs_dir = ROOT / "bench" / "runs" / args.name
     results = {}
     for variant in args.strategies:
-        summary = run_cell(runs_dir, variant, variant, shared, files=files,
+        summary = run_cell(runs_dir, variant, variant, shared, base=files,
                            num_supernodes=args.num_supernodes, tag="compare")
         if summary is not None:
             summary.pop("bench", None)
