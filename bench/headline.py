@@ -6,13 +6,13 @@ One command runs the whole grid, cell by cell, and resumes where it was interrup
 finished run directory is never rerun; an interrupted run goes on from its last round's
 checkpoint, except Mosaic's group, which shares round 1 and starts again):
 
-    .venv/bin/python bench/grid.py headline                          # every part, in order
-    .venv/bin/python bench/grid.py headline --parts fmnist           # one part
-    .venv/bin/python bench/grid.py headline --shard 0/2 &            # two processes, one per core
-    .venv/bin/python bench/grid.py headline --shard 1/2
-    .venv/bin/python bench/grid.py headline --parts cifar10-families --threads 2  # one cell, both cores
-    .venv/bin/python bench/grid.py headline --table-only             # tables and plots of what is done
-    .venv/bin/python bench/grid.py headline --plan                   # the cells and their measured cost
+    .venv/bin/python bench/headline.py                          # every part, in order
+    .venv/bin/python bench/headline.py --parts fmnist           # one part
+    .venv/bin/python bench/headline.py --shard 0/2 &            # two processes, one per core
+    .venv/bin/python bench/headline.py --shard 1/2
+    .venv/bin/python bench/headline.py --parts cifar10-families --threads 2  # one cell, both cores
+    .venv/bin/python bench/headline.py --table-only             # tables and plots of what is done
+    .venv/bin/python bench/headline.py --plan                   # the cells and their measured cost
 
 Runs (checkpoints included) live outside the repository, under ``--runs-root`` (default
 ``bench.common.RUNS``: ``$MOSAIC_FLWR_RUNS`` or ``~/.cache/mosaic-flwr/bench-runs``). What is
@@ -716,7 +716,7 @@ def report(parts: list[str], root: Path) -> str:
     from bench.converged_report import report as detail
 
     prov = provenance()
-    lines = ["# The headline comparison (bench/grid.py headline)", "",
+    lines = ["# The headline comparison (bench/headline.py)", "",
              f"Machine: {machine_line()}. Every method continues from the same FedAvg checkpoint per (data set, α, "
              "seed) for the same rounds with the same schedule; the distilling methods with the clients' gate. "
              "Equal client compute rows: FedAvg / FedProx with the rounds Mosaic's clients' measured work buys. "

@@ -1,4 +1,4 @@
-"""bench/grid.py headline (bench/headline.py): the cells, the equal-compute accounting, and one
+"""bench/headline.py: the cells, the equal-compute accounting, and one
 whole tiny grid on synthetic data (slow)."""
 
 from __future__ import annotations
