@@ -18,7 +18,7 @@ followed by its own fine-tune rounds:
 So the variants differ in the teacher alone (same experts, prototypes and generators): the
 comparison is paired by construction, and costs one federation instead of one per variant.
 Each variant's directory holds the files of a run (``summary.json``, ``metrics.json``, ...),
-so ``bench/grid.py``'s tables read them. Resumes: a group whose variants all have a
+so ``bench/report.py``'s tables read them. Resumes: a group whose variants all have a
 ``summary.json`` is skipped.
 
     .venv/bin/python bench/ablation.py                          # 3 alphas x 3 seeds x 4 variants
@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RUNS, VARIANTS, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg, provenance  # noqa: E402
-from bench.grid import Cell, report  # noqa: E402
+from bench.common import RUNS, VARIANTS, Cell, ReplyRecorder, cell_done, git_commit, git_dirty, loadavg, provenance  # noqa: E402
+from bench.report import report  # noqa: E402
 
 ALPHAS = (0.1, 0.01, 1.0)
 SEEDS = (42, 43, 44)

@@ -45,7 +45,7 @@ def variant_config(variant: str) -> tuple[str, str]:
 # Which methods a benchmark compares comes from the library's registry (mosaic_flwr.registry),
 # never from a list kept here: a new method appears in every comparison of its peers.
 # Not compared with its peers: FedDF's server on Mosaic's client generators, an ablation of
-# Mosaic rather than a published method (bench/grid.py's default grid still runs it).
+# Mosaic rather than a published method (bench/studies/grid.toml still runs it).
 ABLATIONS = ("feddf-gen",)
 # Display names where the registry leaves a method's title to its name, and the benchmarks' own
 # rows (a method with other settings, or given more rounds).
