@@ -29,12 +29,12 @@ RUNS = Path(os.environ.get("MOSAIC_FLWR_RUNS") or Path.home() / ".cache" / "mosa
 
 
 def _variants() -> dict[str, tuple[str, dict]]:
-    table = tomllib.loads((ROOT / "bench" / "studies" / "variants.toml").read_text())
+    table = tomllib.loads((ROOT / "bench" / "variants.toml").read_text())
     return {name: (values.pop("strategy"), values) for name, values in table.items()}
 
 
 # Named variants of the registered methods (a method with other settings, e.g. ``mosaic-nometa``):
-# data, in bench/studies/variants.toml. name -> (strategy, run-config values)
+# data, in bench/variants.toml. name -> (strategy, run-config values)
 VARIANTS: dict[str, tuple[str, dict]] = _variants()
 
 
@@ -42,6 +42,12 @@ def variant_config(variant: str) -> tuple[str, dict]:
     """A registered method (``(name, {})``) or a named variant of one (``VARIANTS``): its strategy
     and the run-config values it runs with."""
     return VARIANTS.get(variant, (variant, {}))
+
+
+def runnable() -> dict[str, tuple[str, dict]]:
+    """Every name a study may run: the registered methods as they ship (the registry's order),
+    then the named ``VARIANTS``; name -> (strategy, run-config values)."""
+    return {**{m: (m, {}) for m in registered()}, **VARIANTS}
 
 
 def toml_values(values: dict) -> str:
@@ -53,7 +59,7 @@ def toml_values(values: dict) -> str:
 # Which methods a benchmark compares comes from the library's registry (mosaic_flwr.registry),
 # never from a list kept here: a new method appears in every comparison of its peers.
 # Not compared with its peers: FedDF's server on Mosaic's client generators, an ablation of
-# Mosaic rather than a published method (bench/grid.py's default grid still runs it).
+# Mosaic rather than a published method (bench/studies/grid.toml still runs it).
 ABLATIONS = ("feddf-gen",)
 # Display names where the registry leaves a method's title to its name, and the benchmarks' own
 # rows (a method with other settings, or given more rounds).
@@ -337,13 +343,28 @@ def cell_done(out: Path) -> bool:
     return (Path(out) / "summary.json").is_file()
 
 
+def sim_command(runs_dir: Path, run_name: str, variant: str, run_config: str = "", *, num_supernodes: int = 10,
+                cpus_per_client: int = 1, base: Sequence[str | Path] = ()) -> list[str]:
+    """scripts/flwr_sim.py's command for one run of ``variant`` (a strategy or a ``VARIANTS`` name)
+    into ``runs_dir/run_name``: ``base`` first, in order (run-config TOML files, e.g.
+    ``conf/fmnist-families.toml``, relative to the working directory, and ``key=value`` strings),
+    then the run's own: its strategy and place, the variant's settings, ``run_config`` (flwr_sim.py
+    merges them in order, a later value winning)."""
+    strategy, extra = variant_config(variant)
+    cmd = [sys.executable, str(ROOT / "scripts" / "flwr_sim.py"), "--num-supernodes", str(num_supernodes),
+           "--cpus-per-client", str(cpus_per_client)]
+    for arg in base:
+        cmd += ["--run-config", str(Path(arg).resolve()) if str(arg).strip().endswith(".toml") else str(arg)]
+    return cmd + ["--run-config", f"strategy='{strategy}' output-dir='{Path(runs_dir).resolve()}' "
+                                  f"run-name='{run_name}' {toml_values(extra)} {run_config}"]
+
+
 def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", *,
              num_supernodes: int = 10, cpus_per_client: int = 1, monitor: bool = False,
-             tag: str = "bench", files: Sequence[str | Path] = ()) -> dict | None:
+             tag: str = "bench", base: Sequence[str | Path] = ()) -> dict | None:
     """One run of ``variant`` (a strategy or a ``VARIANTS`` name) through the real Flower
-    simulation into ``runs_dir/run_name``; the log goes to ``runs_dir/run_name.log``.
-    ``files`` (run-config TOML files, e.g. ``conf/fmnist-families.toml``) come first; the
-    variant's settings and ``run_config`` override them.
+    simulation into ``runs_dir/run_name`` (``sim_command``: ``base``, then the variant's settings and
+    ``run_config``); the log goes to ``runs_dir/run_name.log``.
 
     A finished run (its ``summary.json`` exists) is not run again: its summary is returned.
     Otherwise returns the new summary, or ``None`` when the run failed. Beside the summary,
@@ -354,15 +375,10 @@ def run_cell(runs_dir: Path, run_name: str, variant: str, run_config: str = "", 
     runs_dir = Path(runs_dir).resolve()
     out = runs_dir / run_name
     if not cell_done(out):
-        strategy, extra = variant_config(variant)
-        rc = f"strategy='{strategy}' output-dir='{runs_dir}' run-name='{run_name}' {toml_values(extra)} {run_config}"
         log = runs_dir / f"{run_name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / "scripts" / "flwr_sim.py"), "--num-supernodes",
-               str(num_supernodes), "--cpus-per-client", str(cpus_per_client)]
-        for f in files:
-            cmd += ["--run-config", str(Path(f).resolve())]
-        cmd += ["--run-config", rc]
+        cmd = sim_command(runs_dir, run_name, variant, run_config, num_supernodes=num_supernodes,
+                          cpus_per_client=cpus_per_client, base=base)
         print(f"[{tag}] running {run_name} (log: {log})", flush=True)
         load0, t0 = loadavg(), time.perf_counter()
         with open(log, "w") as f:
@@ -417,22 +433,23 @@ def run_inprocess(rc: dict, num_clients: int, title: str | None = None, *, hook=
     return finish_run(sc, time.perf_counter() - t0, title=title)
 
 
-def resolved_config(shared: str, **changes):
-    """The config a cell's ServerApp builds: pyproject defaults < shared overrides < changes
-    (checked as for Mosaic, or as for FedAvg when the schedule has no distillation round)."""
-    from flwr.common.config import parse_config_args
+def resolved_config(shared: str | Sequence[str], **changes):
+    """The config a cell's ServerApp builds: pyproject defaults < shared overrides (a run-config
+    string, or run-config arguments in order: TOML files relative to the repository and
+    ``key=value`` strings) < changes (checked as for Mosaic, or as for FedAvg when the schedule
+    has no distillation round)."""
+    from mosaic_flwr.config import ConfigError, build_config, merge_run_config
 
-    from mosaic_flwr.config import ConfigError, build_config
-
-    overrides = {**(parse_config_args([shared]) if shared.strip() else {}), **changes}
+    overrides = {**merge_run_config([shared] if isinstance(shared, str) else shared, cwd=ROOT), **changes}
     try:
         return build_config({"strategy": "mosaic", **overrides})
     except ConfigError:
         return build_config({"strategy": "fedavg", **overrides})
 
 
-def run_central(cell: Cell, runs_dir: Path, shared: str, num_clients: int) -> dict:
-    """The centralised reference of ``cell.seed``, written like a run (summary.json, metrics.json)."""
+def run_central(cell: Cell, runs_dir: Path, shared: str | Sequence[str], num_clients: int) -> dict:
+    """The centralised reference of ``cell.seed`` under the run config ``shared`` (as for
+    ``resolved_config``), written like a run (summary.json, metrics.json)."""
     import torch
 
     from mosaic_flwr.core.central import train_central

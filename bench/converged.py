@@ -11,7 +11,7 @@ rounds with the same client budget and the same learning-rate schedule (round 1 
 then ``finetune-lr``; ``lr-schedule='step'`` with ``warmup-rounds=1``): FedAvg trains; FedDF
 and the Mosaic variants distil after round 1 (whose clients also train their generator and
 compute prototypes) and fine-tune after it. The distilling variants share round 1's client
-replies (one federation per (alpha, seed), as in ``bench/ablation.py``), so they differ in
+replies (one federation per (alpha, seed): ``mosaic_flwr.testing.replay.Fork``), so they differ in
 the server side alone. Stage 3: the centralised reference per seed (the same model and SGD
 on the union of the clients' data, as many sample passes as the whole federated run).
 
@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import VARIANTS as NAMED  # noqa: E402
-from bench.common import (RUNS, Cell, cell_done, flower_context, run_inprocess, git_commit, git_dirty, loadavg,  # noqa: E402
-                          pretrain_name, registered, run_central, variant_name)
+from bench.common import (RUNS, Cell, cell_done, flower_context, run_inprocess, runnable, git_commit, git_dirty, loadavg,  # noqa: E402
+                          pretrain_name, run_central, variant_name)
 
 ALPHAS = (0.1, 0.01, 1.0)
 SEEDS = (42, 43, 44)
@@ -52,9 +51,9 @@ SHARED = {"validation-split": 0.1, "server-threads": 1}  # one thread: processes
 CONTINUE_ROUNDS = 3
 CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedule": "step", "checkpoint": False}
 # name -> (strategy, overrides): every registered method as it ships (the registry's order), then
-# the named variants (bench/studies/variants.toml: Mosaic as the authors run it, each lever of
+# the named variants (bench/variants.toml: Mosaic as the authors run it, each lever of
 # the teacher on its own, the equal-compute rows).
-VARIANTS = {**{m: (m, {}) for m in registered()}, **NAMED}
+VARIANTS = runnable()
 # equal-compute variant -> (its method at equal rounds, the variant whose client work it matches)
 EQUAL_COMPUTE = {"fedavg-eqc": ("fedavg", "mosaic"), "fedprox-eqc": ("fedprox", "mosaic")}
 

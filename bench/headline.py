@@ -6,13 +6,13 @@ One command runs the whole grid, cell by cell, and resumes where it was interrup
 finished run directory is never rerun; an interrupted run goes on from its last round's
 checkpoint, except Mosaic's group, which shares round 1 and starts again):
 
-    .venv/bin/python bench/grid.py headline                          # every part, in order
-    .venv/bin/python bench/grid.py headline --parts fmnist           # one part
-    .venv/bin/python bench/grid.py headline --shard 0/2 &            # two processes, one per core
-    .venv/bin/python bench/grid.py headline --shard 1/2
-    .venv/bin/python bench/grid.py headline --parts cifar10-families --threads 2  # one cell, both cores
-    .venv/bin/python bench/grid.py headline --table-only             # tables and plots of what is done
-    .venv/bin/python bench/grid.py headline --plan                   # the cells and their measured cost
+    .venv/bin/python bench/headline.py                          # every part, in order
+    .venv/bin/python bench/headline.py --parts fmnist           # one part
+    .venv/bin/python bench/headline.py --shard 0/2 &            # two processes, one per core
+    .venv/bin/python bench/headline.py --shard 1/2
+    .venv/bin/python bench/headline.py --parts cifar10-families --threads 2  # one cell, both cores
+    .venv/bin/python bench/headline.py --table-only             # tables and plots of what is done
+    .venv/bin/python bench/headline.py --plan                   # the cells and their measured cost
 
 Runs (checkpoints included) live outside the repository, under ``--runs-root`` (default
 ``bench.common.RUNS``: ``$MOSAIC_FLWR_RUNS`` or ``~/.cache/mosaic-flwr/bench-runs``). What is
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import ledger as ledger_  # noqa: E402
 from bench.common import (RESULTS, RUNS, compared, distils, label, machine_line, paired_interval,  # noqa: E402
                           provenance)
-from bench.report import collect, mean_sd as _mean_sd  # noqa: E402
+from bench.report import by_model_table, collect, mean_sd as _mean_sd  # noqa: E402
 
 # Equal rounds: every method the library registers (``bench.common.compared``: FedGen included),
 # and Mosaic without its meta model; then the two equal-compute rows.
@@ -372,33 +372,6 @@ def _chosen_round_table(p: Part, runs: dict) -> list[str]:
             "|---|" + "---|" * len(p.alphas)] + rows
 
 
-def _by_model_table(p: Part, runs: dict) -> list[str]:
-    """Model heterogeneity: each method's final test accuracy of every family / width the clients
-    hold, and of the model each client holds (mean over clients), mean over seeds. The main table's
-    figure is the first family's model."""
-    archs = list(dict.fromkeys(m for r in runs.values() for m in (r.get("final_accuracy_by_model") or {})))
-    if len(archs) < 2:
-        return []
-    lines = ["", "Model heterogeneity: final test accuracy % of every model the clients hold (the main table "
-             f"reports {archs[0]}), and `clients`: the mean over clients of the accuracy of the model each "
-             "holds; mean over seeds.", "",
-             "| method | " + " | ".join(f"α={a:g} {m}" for a in p.alphas for m in (*archs, "clients")) + " |",
-             "|---|" + "---|" * (len(p.alphas) * (len(archs) + 1))]
-    for v in p.variants:
-        got = {a: [runs[(v, a, s)] for s in p.seeds if (v, a, s) in runs] for a in p.alphas}
-        if not any(got.values()):
-            continue
-        cells_ = []
-        for a in p.alphas:
-            for m in archs:
-                xs = [r["final_accuracy_by_model"][m] for r in got[a] if m in (r.get("final_accuracy_by_model") or {})]
-                cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
-            xs = [r["final_accuracy_clients"] for r in got[a] if r.get("final_accuracy_clients") is not None]
-            cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
-        lines.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
-    return lines
-
-
 def part_table(name: str, root: Path) -> tuple[str, dict]:
     """Part ``name``'s section of the table (markdown) and its figures (``headline.json``),
     from the finished runs in ``root``; writes its plot."""
@@ -424,7 +397,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     lines += _distillation_table(p, runs)
     lines += _gate_check(p, runs)
     lines += _chosen_round_table(p, runs)
-    lines += _by_model_table(p, runs)
+    lines += by_model_table(runs, p.variants, p.alphas, p.seeds)
     if eq:
         lines += ["", "Equal client compute: FedAvg and FedProx ran "
                   + ", ".join(str(e["rounds"]) for e in eq) + " rounds in the cells (Mosaic's client work in its own "
@@ -716,7 +689,7 @@ def report(parts: list[str], root: Path) -> str:
     from bench.converged_report import report as detail
 
     prov = provenance()
-    lines = ["# The headline comparison (bench/grid.py headline)", "",
+    lines = ["# The headline comparison (bench/headline.py)", "",
              f"Machine: {machine_line()}. Every method continues from the same FedAvg checkpoint per (data set, α, "
              "seed) for the same rounds with the same schedule; the distilling methods with the clients' gate. "
              "Equal client compute rows: FedAvg / FedProx with the rounds Mosaic's clients' measured work buys. "

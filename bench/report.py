@@ -1,15 +1,18 @@
 """What the benchmarks' tables share: reading a study's run folders (``collect``: summaries,
-configs, bench notes, per-round metrics, pre-trainings, central references) and formatting
-figures over seeds. Paired t-intervals: ``bench.common.paired_interval``. Run names:
-``bench.common.pretrain_name`` / ``variant_name``."""
+configs, bench notes, per-round metrics, pre-trainings, central references), formatting
+figures over seeds, and a grid's report (methods x alphas x seeds: ``grid_lines``, the tables
+of ``bench/run.py``). Paired t-intervals:
+``bench.common.paired_interval``. Run names: ``bench.common.pretrain_name`` / ``variant_name``."""
 
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
-from bench.common import pretrain_name, variant_name
+from bench.common import (CENTRAL, Cell, distils, fmt_mean_std, label, mean_std, paired_interval, pretrain_name,
+                          variant_name)
 from mosaic_flwr.config import renamed
 
 
@@ -85,3 +88,254 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
                     r["rows"] = _rows(runs_dir / variant_name(v, a, s))
                     data["runs"][(v, a, s)] = r
     return data
+
+
+# ----------------------------------------------------------------------------- a grid's tables
+# ``runs``: (variant, alpha, seed) -> summary, as ``collect`` reads them, the centralised
+# reference of a seed under (CENTRAL, None, seed).
+def with_central(data: dict) -> dict:
+    """``collect``'s runs and its central references in one mapping (the tables' ``runs``)."""
+    return {**data["runs"], **{(CENTRAL, None, s): c for s, c in data["central"].items()}}
+
+
+def aggregate(runs: dict) -> dict[tuple[str, float | None], dict]:
+    """Per (variant, alpha): the seeds, final/best accuracies, wall seconds and, where the runs
+    have them, the validation accuracy and the distillation round's figures, in seed order."""
+    groups: dict[tuple[str, float | None], dict] = {}
+    for (variant, alpha, seed), s in sorted(runs.items(), key=lambda kv: kv[0][2]):
+        g = groups.setdefault((variant, alpha), {"seeds": [], "final": [], "best": [], "wall": []})
+        g["seeds"].append(seed)
+        g["final"].append(float(s["final_accuracy"]))
+        g["best"].append(float(s["best_accuracy"]))
+        g["wall"].append(float(s.get("wall_seconds", 0.0)))
+        if s.get("final_val_accuracy") is not None:
+            g.setdefault("final_val", []).append(float(s["final_val_accuracy"]))
+        for key in ("acc-before-distill", "acc-teacher", "acc-after-distill", "val-before-distill",
+                    "val-ensemble", "val-teacher", "val-after-distill"):
+            if key in (s.get("distillation") or {}):
+                g.setdefault(key, []).append(float(s["distillation"][key]))
+    return groups
+
+
+def setting_of(cfg, num_clients: int, how: str = "") -> str:
+    """A grid's data set, model and clients, and ``how`` its runs ran."""
+    from mosaic_flwr.data.fetch import LABELS
+
+    return f"{LABELS.get(cfg.dataset, cfg.dataset)}, {cfg.model}, {num_clients} clients" + (f" ({how})" if how else "")
+
+
+def budget_lines(cfg, num_clients: int, variants: Iterable[str], central: dict | None) -> list[str]:
+    """The client compute of every method, the distilling ones' extra, and the centralised reference's."""
+    c = cfg
+    per_client = c.num_server_rounds * c.local_steps * c.batch_size
+    work = (f"{c.local_steps} local SGD steps of {c.batch_size} samples" if c.local_steps > 0
+            else f"{c.local_epochs} local epoch(s)")
+    lines = [f"**Client compute (equal for every strategy):** {c.num_server_rounds} rounds x "
+             f"{num_clients} clients x {work} (lr {c.lr:g}, momentum {c.momentum:g}"
+             + (f"; {per_client:,} sample passes per client" if c.local_steps > 0 else "") + ")."]
+    if any(distils(v) for v in variants):
+        lines.append(
+            f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} "
+            f"at the fine-tune rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client "
+            f"also trains its generator once: {c.of('mosaic').gen_steps} steps of {c.of('mosaic').gen_batch_size} samples "
+            "(generator, discriminator and the client's classifier forward/backward): **extra "
+            "client compute** the baselines do not spend. Their server distils for "
+            f"{c.of('kd').steps} steps of {c.of('kd').batch_size} generated samples (Mosaic also trains the "
+            f"meta model, at most {c.of('mosaic').meta_epochs} epochs).")
+    if central:
+        lines.append(f"**Centralised reference:** the same model and SGD on the union of the "
+                     f"clients' data ({central['train_samples']:,} samples) for the same number "
+                     f"of sample passes ({central['sample_passes']:,.0f}: {central['steps']} steps "
+                     f"of {c.batch_size}), at lr {c.lr:g} throughout; evaluated "
+                     f"{c.num_server_rounds} times (best = best of those). One value per seed, the "
+                     "same for every alpha.")
+    return lines
+
+
+def _per_alpha(caption: str, alphas: list[float], rows: list[str], head: str = "strategy") -> list[str]:
+    """A table with one column per alpha under ``caption``; none without rows."""
+    if not rows:
+        return []
+    return (["", caption, "", f"| {head} | " + " | ".join(f"α={a:g}" for a in alphas) + " |",
+             "|---|" + "---|" * len(alphas)] + rows)
+
+
+def accuracy_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
+    """Final and best test accuracy per alpha, mean ± sd over seeds; the centralised reference last."""
+    lines = ["| strategy | " + " | ".join(f"α={a:g} final | α={a:g} best" for a in alphas) + " | seeds |",
+             "|---|" + "---|---|" * len(alphas) + "---|"]
+    for variant in [*variants, CENTRAL]:
+        cells, seeds = [], set()
+        for a in alphas:
+            g = groups.get((variant, None if variant == CENTRAL else a))
+            cells += [fmt_mean_std(g["final"]), fmt_mean_std(g["best"])] if g else ["-", "-"]
+            seeds.update(g["seeds"] if g else [])
+        if any(c != "-" for c in cells):
+            name = f"{variant} (upper bound)" if variant == CENTRAL else label(variant)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    return lines
+
+
+def distill_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
+    """The distillation round's test accuracy: the global model before → after, and the teacher."""
+    rows = []
+    for variant in variants:
+        cells = []
+        for a in alphas:
+            g = groups.get((variant, a)) or {}
+            cells.append(f"{fmt_mean_std(g['acc-before-distill'], 3)} → {fmt_mean_std(g['acc-after-distill'], 3)} "
+                         f"(teacher {fmt_mean_std(g['acc-teacher'], 3)})" if "acc-after-distill" in g else "-")
+        if any(c != "-" for c in cells):
+            rows.append(f"| {label(variant)} | " + " | ".join(cells) + " |")
+    return _per_alpha("Distillation round (test accuracy of the global model before → after "
+                      "distillation, and of the teacher; mean ± std over seeds):", alphas, rows)
+
+
+def val_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
+    """Final accuracy on the validation split (training data no client holds), and the
+    distillation round on it: what settings are chosen on."""
+    rows = []
+    for variant in variants:
+        cells = []
+        for a in alphas:
+            g = groups.get((variant, a)) or {}
+            if "final_val" not in g:
+                cells.append("-")
+                continue
+            cell = fmt_mean_std(g["final_val"])
+            if "val-after-distill" in g:
+                cell += (f" (KD round: {fmt_mean_std(g['val-before-distill'], 3)} → "
+                         f"{fmt_mean_std(g['val-after-distill'], 3)}, teacher "
+                         f"{fmt_mean_std(g['val-teacher'], 3)}"
+                         + (f", ensemble {fmt_mean_std(g['val-ensemble'], 3)}" if "val-ensemble" in g else "")
+                         + ")")
+            cells.append(cell)
+        if any(c != "-" for c in cells):
+            rows.append(f"| {label(variant)} | " + " | ".join(cells) + " |")
+    return _per_alpha("**Validation split** (held out of the training data before partitioning; no client "
+                      "holds it; settings are chosen on these figures, never on the test set): final "
+                      "accuracy, and at the distillation round the global model before → after and the "
+                      "teachers, mean ± std over seeds:", alphas, rows)
+
+
+def paired_lines(runs: dict, pairs: Iterable[tuple[str, str]], alphas: list[float],
+                 key: str = "final_accuracy") -> list[str]:
+    """Each pair's first variant minus its second, paired by seed: mean [95 % t interval]
+    (each seed's difference); seeds only one of them has are left out."""
+    rows = []
+    for first, second in pairs:
+        cells = []
+        for a in alphas:
+            x = {s: r.get(key) for (v, al, s), r in runs.items() if v == first and al == a}
+            y = {s: r.get(key) for (v, al, s), r in runs.items() if v == second and al == a}
+            cells.append(paired_interval([x[s] - y[s] for s in sorted(x.keys() & y.keys())
+                                          if x[s] is not None and y[s] is not None]))
+        if any(c != "-" for c in cells):
+            rows.append(f"| {label(first)} − {label(second)} | " + " | ".join(cells) + " |")
+    which = "test" if key == "final_accuracy" else "validation"
+    return _per_alpha(f"Paired by seed, final {which} accuracy, each difference: mean [95 % t interval] "
+                      "(per-seed differences):", alphas, rows, head="difference")
+
+
+def wall_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
+    rows = []
+    for variant in variants:
+        vals = [groups.get((variant, a)) for a in alphas]
+        if any(vals):
+            rows.append(f"| {label(variant)} | " + " | ".join(
+                f"{statistics.mean(g['wall']):.0f}" if g else "-" for g in vals) + " |")
+    return _per_alpha("Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
+                      "see the load averages in the JSON):", alphas, rows)
+
+
+def by_model_table(runs: dict, variants, alphas, seeds) -> list[str]:
+    """Model heterogeneity: each method's final test accuracy of every family / width the clients
+    hold, and of the model each client holds (mean over clients), mean over seeds. The main table's
+    figure is the first family's model."""
+    archs = list(dict.fromkeys(m for r in runs.values() for m in (r.get("final_accuracy_by_model") or {})))
+    if len(archs) < 2:
+        return []
+    lines = ["", "Model heterogeneity: final test accuracy % of every model the clients hold (the main table "
+             f"reports {archs[0]}), and `clients`: the mean over clients of the accuracy of the model each "
+             "holds; mean over seeds.", "",
+             "| method | " + " | ".join(f"α={a:g} {m}" for a in alphas for m in (*archs, "clients")) + " |",
+             "|---|" + "---|" * (len(alphas) * (len(archs) + 1))]
+    for v in variants:
+        got = {a: [runs[(v, a, s)] for s in seeds if (v, a, s) in runs] for a in alphas}
+        if not any(got.values()):
+            continue
+        cells_ = []
+        for a in alphas:
+            for m in archs:
+                xs = [r["final_accuracy_by_model"][m] for r in got[a] if m in (r.get("final_accuracy_by_model") or {})]
+                cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
+            xs = [r["final_accuracy_clients"] for r in got[a] if r.get("final_accuracy_clients") is not None]
+            cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
+        lines.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
+    return lines
+
+
+def plot(runs: dict, variants: list[str], alphas: list[float], path: Path, title: str) -> None:
+    """Final and best test accuracy against alpha (log scale), mean ± sd over seeds, the
+    centralised reference as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = aggregate(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110, sharey=True)
+    for ax, key in zip(axes, ("final", "best")):
+        for variant in variants:
+            pts = [(a, *mean_std(groups[(variant, a)][key])) for a in alphas if (variant, a) in groups]
+            if pts:
+                xs, means, sds = zip(*pts)
+                ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=label(variant))
+        if (CENTRAL, None) in groups:
+            m, s = mean_std(groups[(CENTRAL, None)][key])
+            ax.axhline(m, color="black", ls="--", lw=1, label="central (upper bound)")
+            ax.axhspan(m - s, m + s, color="black", alpha=0.08)
+        ax.set_xscale("log")
+        ax.set_xlabel("Dirichlet α (small = more label skew)")
+        ax.set_title(f"{key} accuracy", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def grid_lines(runs: dict, variants: list[str], alphas: list[float], seeds, cfg, num_clients: int, where: str,
+               shared: str, pairs: list[tuple[str, str]]) -> list[str]:
+    """A grid's report below its header: the setting (``where``: data set, model, clients and how
+    they ran; ``shared``: the run config every run shares), the compute budget, and the tables:
+    accuracy, distillation round, ``pairs``' paired differences (test, then validation), validation
+    accuracy, wall seconds, and per model where the clients hold several."""
+    groups = aggregate(runs)
+    central = next((s for (v, _, _), s in runs.items() if v == CENTRAL), None)
+    commits = sorted({(s.get("bench") or {}).get("commit", "?") for s in runs.values()})
+    loads = [s["bench"]["loadavg_before"][0] for s in runs.values() if "loadavg_before" in (s.get("bench") or {})]
+    lines = [f"{where}, Dirichlet label skew; shared run config: `{shared or '(defaults)'}`; cells finished at "
+             f"commit(s) {', '.join(commits)}"
+             + (f"; 1-min load average when cells started: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
+             + ".", ""]
+    lines += budget_lines(cfg, num_clients, variants, central) + [""]
+    lines += ["Test accuracy, mean ± std over seeds (final: after the last round; best: best "
+              "round; the test set is used for reporting only):", ""]
+    lines += accuracy_table(groups, variants, alphas)
+    lines += distill_table(groups, variants, alphas)
+    lines += paired_lines(runs, pairs, alphas)
+    lines += val_table(groups, variants, alphas)
+    lines += paired_lines(runs, pairs, alphas, key="final_val_accuracy")
+    lines += wall_table(groups, variants, alphas)
+    return lines + by_model_table(runs, variants, alphas, seeds)
+
+
+def grid_data(runs: dict) -> dict:
+    """A grid's figures for its JSON: per (variant, alpha) over seeds, and every run's summary."""
+    return {"groups": {f"{v}|{a}": g for (v, a), g in aggregate(runs).items()},
+            "cells": {Cell(*k).name: {x: y for x, y in s.items()
+                                      if x not in ("partition_label_counts", "config", "rows")} for k, s in runs.items()}}

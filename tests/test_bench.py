@@ -1,5 +1,6 @@
-"""The pure parts of the benchmarks (bench/): seed statistics, resuming the grid, payload
-sizes, peak-memory polling, and the centralised reference on the synthetic data set."""
+"""The pure parts of the benchmarks (bench/): seed statistics, a study's runs and resuming them,
+its tables, payload sizes, peak-memory polling, and the centralised reference on the synthetic
+data set."""
 
 import json
 import math
@@ -10,8 +11,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from bench.common import PeakMemory, classify, fmt_mean_std, mean_std, payload_bytes, wire_bytes
-from bench.grid import CENTRAL, Cell, aggregate, grid_cells, run_grid
+from bench.common import CENTRAL, PeakMemory, classify, fmt_mean_std, mean_std, payload_bytes, wire_bytes
+from bench.report import aggregate
 from mosaic_flwr.core.central import federated_sample_passes, samples_in_steps, train_central
 from mosaic_flwr.config import build_config
 
@@ -26,46 +27,130 @@ def test_mean_std_is_sample_std():
         mean_std([])
 
 
-def test_cells_are_ordered_by_seed_with_central_once_per_seed():
-    cells = grid_cells(["fedavg", "mosaic"], [0.1, 1.0], [1, 2])
+def test_a_study_runs_seed_by_seed_with_central_once_per_seed():
+    from bench.run import plan
+
+    spec = {"methods": ["fedavg", "mosaic"], "alphas": [0.1, 1.0], "seeds": [1, 2], "central": True}
+    cells = plan(spec)
     assert [c.name for c in cells[:5]] == ["central-s1", "fedavg-a0.1-s1", "mosaic-a0.1-s1",
                                            "fedavg-a1-s1", "mosaic-a1-s1"]
     assert len(cells) == 2 * (1 + 4) and len({c.name for c in cells}) == len(cells)
-    assert [c.name for c in grid_cells(["fedavg"], [0.01], [3], central=False)] == ["fedavg-a0.01-s3"]
+    one = {**spec, "methods": ["fedavg"], "alphas": [0.01], "seeds": [3], "central": False}
+    assert [c.name for c in plan(one)] == ["fedavg-a0.01-s3"]
 
 
 def test_aggregate_groups_seeds_per_strategy_and_alpha():
-    results = {
-        Cell("fedavg", 0.1, 1): {"final_accuracy": 0.6, "best_accuracy": 0.7, "wall_seconds": 10},
-        Cell("fedavg", 0.1, 2): {"final_accuracy": 0.8, "best_accuracy": 0.9, "wall_seconds": 20},
-        Cell("mosaic", 0.1, 1): {"final_accuracy": 0.75, "best_accuracy": 0.75,
-                                 "distillation": {"acc-before-distill": 0.6, "acc-teacher": 0.7,
-                                                  "acc-after-distill": 0.72}},
-        Cell(CENTRAL, None, 1): {"final_accuracy": 0.9, "best_accuracy": 0.91},
+    runs = {
+        ("fedavg", 0.1, 2): {"final_accuracy": 0.8, "best_accuracy": 0.9, "wall_seconds": 20},
+        ("fedavg", 0.1, 1): {"final_accuracy": 0.6, "best_accuracy": 0.7, "wall_seconds": 10},
+        ("mosaic", 0.1, 1): {"final_accuracy": 0.75, "best_accuracy": 0.75,
+                             "distillation": {"acc-before-distill": 0.6, "acc-teacher": 0.7,
+                                              "acc-after-distill": 0.72}},
+        (CENTRAL, None, 1): {"final_accuracy": 0.9, "best_accuracy": 0.91},
     }
-    groups = aggregate(results)
+    groups = aggregate(runs)
     g = groups[("fedavg", 0.1)]
-    assert g["seeds"] == [1, 2] and g["final"] == [0.6, 0.8] and g["best"] == [0.7, 0.9]
+    assert g["seeds"] == [1, 2] and g["final"] == [0.6, 0.8] and g["best"] == [0.7, 0.9]  # in seed order
     assert mean_std(g["final"]) == (pytest.approx(0.7), pytest.approx(math.sqrt(0.02)))
     assert groups[("mosaic", 0.1)]["acc-after-distill"] == [0.72]
     assert groups[(CENTRAL, None)]["final"] == [0.9]
 
 
-def test_run_grid_skips_finished_cells(tmp_path):
-    cells = grid_cells(["fedavg", "mosaic"], [0.1], [7])
-    done = tmp_path / cells[1].name
-    done.mkdir()
+def test_a_study_skips_finished_runs_goes_on_after_a_failed_one_and_exits_1(tmp_path, monkeypatch):
+    """bench/run.py: a run finished in the runs root is not rerun (but recorded and tabulated); the
+    centralised reference runs once per seed, before the methods; a failed simulation is reported,
+    the runs after it go on, and the command exits 1."""
+    import bench.common
+    from bench import ledger, run
+
+    spec = tmp_path / "g.toml"
+    spec.write_text('driver = "simulation"\nmethods = ["fedavg", "mosaic", "fedprox"]\nalphas = [0.1]\n'
+                    'seeds = [7]\ncentral = true\n')
+    done = tmp_path / "runs" / "g" / "fedavg-a0.1-s7"
+    done.mkdir(parents=True)
     (done / "summary.json").write_text(json.dumps({"final_accuracy": 0.5, "best_accuracy": 0.6}))
     ran = []
 
-    def runner(cell):
+    def run_one(spec, cell, out):
         ran.append(cell.name)
-        return None if cell.variant == "mosaic" else {"final_accuracy": 0.9, "best_accuracy": 0.9}
+        if cell.variant == "mosaic":
+            return "failed"
+        (out / cell.name).mkdir()
+        summary = {"final_accuracy": 0.9, "best_accuracy": 0.9}
+        if cell.variant == CENTRAL:
+            summary.update(train_samples=600, sample_passes=1000, steps=10)
+        (out / cell.name / "summary.json").write_text(json.dumps(summary))
+        return "finished"
 
-    results = run_grid(cells, tmp_path, runner)
-    assert ran == ["central-s7", "mosaic-a0.1-s7"]          # the finished cell was not rerun
-    assert results[cells[1]]["final_accuracy"] == 0.5       # ... but its summary is used
-    assert cells[2] not in results                          # a failed cell is left out
+    monkeypatch.setattr(run, "run_one", run_one)
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    book = tmp_path / "ledger.json"
+    assert run.main([str(spec), "--runs-root", str(tmp_path / "runs"), "--ledger", str(book)]) == 1
+    assert ran == ["central-s7", "mosaic-a0.1-s7", "fedprox-a0.1-s7"]  # the finished run was not rerun
+    assert set(ledger.read(book)["runs"]) == {"central-s7", "fedavg-a0.1-s7", "fedprox-a0.1-s7"}
+    md = (tmp_path / "results" / "g.md").read_text()
+    assert "| FedAvg | 0.5000 ± 0.0000 | 0.6000 ± 0.0000 | 1 |" in md and "| central (upper bound) | 0.9000" in md
+    assert "| FedProx − FedAvg | +0.4000 (1 seed) |" in md and "Runs finished: 3 of 4" in md
+    assert "**Centralised reference:**" in md and (tmp_path / "results" / "g.png").is_file()
+    ran.clear()
+    assert run.main([str(spec), "--runs-root", str(tmp_path / "fresh"), "--ledger", str(book),
+                     "--methods", "fedavg", "fedprox"]) == 0
+    assert ran == []  # every run of the narrowed study is in the ledger
+
+
+def test_a_bad_spec_is_one_line_and_exit_2_before_any_run(tmp_path, capsys):
+    from bench import run
+
+    for text, error in (('methods = ["fedavg", "fedsgd"]\n', "unknown method 'fedsgd'"),
+                        ('method = "registry"\n', "unknown key(s) method"),
+                        ('driver = "ray"\n', "unknown driver 'ray'"),
+                        ('run-config = ["num-rounds=3"]\n', "num-rounds"),
+                        ('methods = ["mosaic"]\nreference = "fedavg"\n', "reference 'fedavg' is not one of"),
+                        ('methods = ["mosaic"]\ndriver = "simulation"\nfork = true\n', "fork = true needs the in-process")):
+        (tmp_path / "s.toml").write_text(text)
+        assert run.main([str(tmp_path / "s.toml"), "--runs-root", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert error in err and err.count("\n") == 1, err
+    for driver in ("inprocess", "simulation"):  # a named variant (bench/variants.toml) runs under either
+        (tmp_path / "s.toml").write_text(f'methods = ["mosaic-kd500"]\ndriver = "{driver}"\n')
+        assert run.load_spec(tmp_path / "s.toml")["methods"] == ["mosaic-kd500"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_study_spec_of_the_repository_loads():
+    from bench import run
+    from bench.common import ROOT
+
+    specs = {p.stem: run.load_spec(p) for p in (ROOT / "bench" / "studies").glob("*.toml")}
+    assert {"smoke", "grid", "grid-quick", "families"} <= set(specs)
+    assert [c.name for c in run.plan(specs["grid-quick"])] == ["central-s42", "fedavg-a0.1-s42", "mosaic-a0.1-s42"]
+
+
+def test_a_simulation_study_hands_flwr_sim_the_run_config_the_in_process_driver_resolves(tmp_path):
+    """driver = "simulation": scripts/flwr_sim.py gets the spec's run config in order (its files from
+    the repository), then the run's own (method, variant, alpha, seed, place); merged as flwr_sim.py
+    merges them, that is the config the in-process driver builds for the same run."""
+    from bench import run
+    from bench.common import ROOT, sim_command
+    from mosaic_flwr.config import merge_run_config
+
+    spec = tmp_path / "fam.toml"
+    spec.write_text('driver = "simulation"\nmethods = ["fedavg", "mosaic-nometa"]\nclients = 4\n'
+                    'run-config = ["conf/fmnist-families.toml", "num-server-rounds=2 alpha=0.5"]\n')
+    s = run.load_spec(spec, seeds=[43], overrides=["local-steps=3"])
+    cell, out = run.plan(s)[1], tmp_path / "runs"
+    assert cell.name == "mosaic-nometa-a0.1-s43"
+    cmd = sim_command(**run.simulation(s, cell, out))
+    assert cmd[1] == str(ROOT / "scripts" / "flwr_sim.py") and cmd[cmd.index("--num-supernodes") + 1] == "4"
+    values = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--run-config"]
+    assert values[:3] == [str(ROOT / "conf" / "fmnist-families.toml"), "num-server-rounds=2 alpha=0.5", "local-steps=3"]
+    merged = merge_run_config(values)
+    assert {k: merged[k] for k in ("strategy", "mosaic.meta", "alpha", "seed", "local-steps", "num-server-rounds",
+                                   "client-models", "run-name")} == {
+        "strategy": "mosaic", "mosaic.meta": False, "alpha": 0.1, "seed": 43, "local-steps": 3,
+        "num-server-rounds": 2, "client-models": "cnn_small,cnn_wide,resnet8", "run-name": cell.name}
+    rc = run.run_config(s, cell, out.resolve())
+    assert {k: rc[k] for k in merged} == merged  # both drivers run the same config
 
 
 def test_payload_bytes_counts_tensor_nbytes_per_record():
@@ -131,21 +216,23 @@ def test_train_central_on_synthetic_data(one_thread):
 
 
 def test_paired_differences_and_their_95_percent_interval():
-    from bench.grid import paired_lines, val_table
+    from bench.report import paired_lines, val_table
 
-    res = {Cell("mosaic", 0.1, s): {"final_accuracy": 0.70 + d, "final_val_accuracy": 0.71}
-           for s, d in ((42, 0.01), (43, 0.02), (44, 0.03))}
-    res.update({Cell("mosaic-nometa", 0.1, s): {"final_accuracy": 0.70, "final_val_accuracy": 0.69}
-                for s in (42, 43, 44)})
-    res[Cell("mosaic-nometa", 0.1, 45)] = {"final_accuracy": 0.1}  # unpaired seed: left out
-    row = [l for l in paired_lines(res, "mosaic", ["mosaic", "mosaic-nometa"], [0.1]) if "−" in l][0]
+    runs = {("mosaic", 0.1, s): {"final_accuracy": 0.70 + d, "final_val_accuracy": 0.71}
+            for s, d in ((42, 0.01), (43, 0.02), (44, 0.03))}
+    runs.update({("mosaic-nometa", 0.1, s): {"final_accuracy": 0.70, "final_val_accuracy": 0.69}
+                 for s in (42, 43, 44)})
+    runs[("mosaic-nometa", 0.1, 45)] = {"final_accuracy": 0.1}  # unpaired seed: left out
+    pairs = [("mosaic", "mosaic-nometa")]
+    row = [line for line in paired_lines(runs, pairs, [0.1]) if "−" in line][0]
     # mean 0.02, sd 0.01, t(0.975, 2) = 4.303: half-width 4.303 * 0.01 / sqrt(3) = 0.0248
-    assert "+0.0200 [-0.0048, +0.0448] (+0.010, +0.020, +0.030)" in row
-    val = paired_lines(res, "mosaic", ["mosaic", "mosaic-nometa"], [0.1], key="final_val_accuracy")
-    assert any("+0.0200 [+0.0200, +0.0200]" in l for l in val)
-    groups = aggregate({c: {**s, "best_accuracy": s["final_accuracy"]} for c, s in res.items()
+    assert row == "| Mosaic − Mosaic without meta model | +0.0200 [-0.0048, +0.0448] (+0.010, +0.020, +0.030) |"
+    val = paired_lines(runs, pairs, [0.1], key="final_val_accuracy")
+    assert any("+0.0200 [+0.0200, +0.0200]" in line for line in val)
+    assert paired_lines(runs, [("mosaic", "fedavg")], [0.1]) == []  # no runs of one side: no table
+    groups = aggregate({k: {**s, "best_accuracy": s["final_accuracy"]} for k, s in runs.items()
                         if "final_val_accuracy" in s})
-    assert any(l.startswith("| mosaic | 0.7100") for l in val_table(groups, ["mosaic"], [0.1]))
+    assert any(line.startswith("| Mosaic | 0.7100") for line in val_table(groups, ["mosaic"], [0.1]))
 
 
 def test_converged_report_counts_each_clients_steps():
@@ -248,7 +335,7 @@ def test_bench_modules_import_each_other_without_a_cycle():
     from graphlib import CycleError, TopologicalSorter
 
     graph = bench_imports()
-    assert {"common", "report", "ledger", "grid", "headline", "converged", "converged_report"} <= set(graph)
+    assert {"common", "report", "ledger", "run", "headline", "converged", "converged_report"} <= set(graph)
     try:
         order = list(TopologicalSorter(graph).static_order())
     except CycleError as exc:  # pragma: no cover - the failure message names the cycle
@@ -259,12 +346,14 @@ def test_bench_modules_import_each_other_without_a_cycle():
 def test_method_lists_come_from_the_registry():
     """Every comparison's methods derive from mosaic_flwr.registry: a new method (FedGen) appears
     beside its peers without a bench edit; what is left out is named with its reason."""
-    from bench import common, converged, grid, headline
+    from bench import common, converged, headline, run
     from mosaic_flwr.registry import STRATEGIES
 
     peers = [m for m in STRATEGIES if m not in common.ABLATIONS]
     assert "fedgen" in peers and set(peers) == set(common.compared())
-    assert set(peers) <= set(headline.HEADLINE) and set(STRATEGIES) <= set(grid.STRATEGIES)
+    assert set(peers) <= set(headline.HEADLINE)
+    grid = run.load_spec(common.ROOT / "bench" / "studies" / "grid.toml")
+    assert set(grid["methods"]) == {*STRATEGIES, "mosaic-nometa"} and grid["central"] and grid["driver"] == "simulation"
     assert all(converged.VARIANTS[m] == (m, {}) for m in STRATEGIES)
     assert [common.distils(m) for m in common.compared()] == sorted(common.distils(m) for m in common.compared())
     assert common.label("fedgen") == "FedGen" and common.label("mosaic-nometa") == "Mosaic without meta model"
@@ -274,13 +363,15 @@ def test_method_lists_come_from_the_registry():
 
 
 def test_a_study_spec_runs_its_grid_once_records_it_and_tables_it_from_the_ledger(tmp_path, monkeypatch):
-    """bench/run.py: methods x alphas x seeds from a TOML spec on the synthetic data set; a method
-    the settings refuse records why; the ledger is data, and a fresh runs root runs nothing again."""
+    """bench/run.py: methods x alphas x seeds and the centralised reference from a TOML spec on the
+    synthetic data set, in-process; a method the settings refuse records why; the ledger is data,
+    and a fresh runs root runs nothing again."""
     import bench.common
     from bench import ledger, run
 
     spec = tmp_path / "tiny.toml"
     spec.write_text('methods = ["fedavg", "fedbn", "fedgen"]\nalphas = [0.5]\nseeds = [1]\nclients = 3\n'
+                    'central = true\n'
                     'run-config = ["dataset=\'synthetic\' num-server-rounds=1 local-steps=2 test-subset=0"]\n')
     assert run.load_spec(spec)["methods"] == ["fedavg", "fedbn", "fedgen"]
     registry = tmp_path / "all.toml"
@@ -288,19 +379,20 @@ def test_a_study_spec_runs_its_grid_once_records_it_and_tables_it_from_the_ledge
     assert set(run.load_spec(registry)["methods"]) == set(bench.common.compared())
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
     book = tmp_path / "results" / "ledger" / "tiny.json"
-    run.main([str(spec), "--runs-root", str(tmp_path / "runs"), "--ledger", str(book)])
+    assert run.main([str(spec), "--runs-root", str(tmp_path / "runs"), "--ledger", str(book)]) == 0
     recorded = ledger.read(book)["runs"]
-    assert set(recorded) == {"fedavg-a0.5-s1", "fedbn-a0.5-s1", "fedgen-a0.5-s1"}
+    assert set(recorded) == {"central-s1", "fedavg-a0.5-s1", "fedbn-a0.5-s1", "fedgen-a0.5-s1"}
     assert "BatchNorm" in recorded["fedbn-a0.5-s1"]["refused"]["reason"]
     md = (tmp_path / "results" / "tiny.md").read_text()
-    assert "| FedGen | " in md and "| FedBN | refused: " in md and "Runs finished: 2 of 3" in md
+    assert "| FedGen | " in md and "| central (upper bound) | " in md and "| FedGen − FedAvg | " in md
+    assert "Refused by their settings (before any training): FedBN: " in md and "Runs finished: 3 of 4" in md
     data = json.loads((tmp_path / "results" / "tiny.json").read_text())
-    assert set(data["accuracy"]["fedgen|0.5"]) == {"1"}
-    assert run.run(run.load_spec(spec), tmp_path / "fresh", book) == []  # every run is in the ledger
+    assert data["groups"]["fedgen|0.5"]["seeds"] == [1] and data["refused"].keys() == {"fedbn"}
+    assert run.run(run.load_spec(spec), tmp_path / "fresh", book) == {}  # every run is in the ledger
 
 
 def test_named_variants_are_data_with_valid_settings():
-    """bench/studies/variants.toml: one table of named variants for every study; each names a
+    """bench/variants.toml: one table of named variants for every study; each names a
     registered method and settings the config accepts; the late-distillation rows distil at the
     converged protocol's last round."""
     from bench import common, converged
@@ -316,3 +408,33 @@ def test_named_variants_are_data_with_valid_settings():
     assert common.variant_config("mosaic-nometa") == ("mosaic", {"mosaic.meta": False})
     assert common.VARIANTS["mosaic-late"][1]["warmup-rounds"] == converged.CONTINUE_ROUNDS
     assert common.toml_values({"a": 1e-4, "b": True, "c": "x"}) == 'a=0.0001 b=true c="x"'
+
+
+def test_a_forked_study_shares_one_federation_per_cell_and_records_every_method(tmp_path, monkeypatch):
+    """fork = true (bench/studies/ablation.toml): per (alpha, seed) one federation to the
+    distillation round's replies, then each method's server; the methods share the rounds before
+    the fork to the bit and differ after it, and a finished study runs nothing again."""
+    import bench.common
+    from bench import ledger, run
+
+    spec = tmp_path / "forked.toml"
+    spec.write_text('methods = ["mosaic", "mosaic-nometa"]\nalphas = [1.0]\nseeds = [1]\nclients = 3\nfork = true\n'
+                    'reference = "mosaic"\n'
+                    'run-config = ["dataset=\'synthetic\' num-server-rounds=3 warmup-rounds=2 local-steps=5 '
+                    'batch-size=16 mosaic.gen-steps=5 mosaic.gen-batch-size=8 mosaic.proto-k=2 mosaic.meta-epochs=3 '
+                    'mosaic.meta-samples-per-class=4 kd.steps=8 kd.batch-size=16 kd.gate=\'off\' test-subset=0"]\n')
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    book = tmp_path / "ledger.json"
+    assert run.main([str(spec), "--runs-root", str(tmp_path / "runs"), "--ledger", str(book)]) == 0
+    recorded = ledger.read(book)["runs"]
+    assert set(recorded) == {"mosaic-a1-s1", "mosaic-nometa-a1-s1"}
+    rows = {name: json.loads((tmp_path / "runs" / "forked" / name / "metrics.json").read_text()) for name in recorded}
+    meta, plain = rows["mosaic-a1-s1"], rows["mosaic-nometa-a1-s1"]
+    drop = lambda r: {k: v for k, v in r.items() if "seconds" not in k}
+    assert [drop(r) for r in meta[:2]] == [drop(r) for r in plain[:2]]  # rounds 0-1: one federation
+    assert meta[2]["acc-before-distill"] == plain[2]["acc-before-distill"]  # the same replies at the fork
+    assert "meta-inputs" in meta[2] and "meta-inputs" not in plain[2]  # each its own teacher
+    assert all(json.loads((tmp_path / "runs" / "forked" / n / "bench.json").read_text())["shared_seconds"] > 0
+               for n in recorded)
+    assert "Mosaic without meta model − Mosaic" in (tmp_path / "results" / "forked.md").read_text()
+    assert run.run(run.load_spec(spec), tmp_path / "fresh", book) == {}

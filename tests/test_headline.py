@@ -1,4 +1,4 @@
-"""bench/grid.py headline (bench/headline.py): the cells, the equal-compute accounting, and one
+"""bench/headline.py: the cells, the equal-compute accounting, and one
 whole tiny grid on synthetic data (slow)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 from bench import converged, converged_report, headline
 from bench.converged import client_units, equal_compute_rounds
 from bench.headline import Part
+from bench.report import by_model_table
 from mosaic_flwr.testing import inprocess
 from mosaic_flwr.core.checkpoint import load_checkpoint
 from tests.support import Crash, crash_in
@@ -320,11 +321,11 @@ def test_a_families_cell_reports_every_model_the_clients_hold():
     part = Part("t", (), (0.1,), (1, 2), 2, variants=("fedavg", "mosaic"))
     runs = {("fedavg", 0.1, s): {"final_accuracy_by_model": {"resnet8": 0.30 + d, "cnn_small": 0.40},
                                  "final_accuracy_clients": 0.35} for s, d in ((1, 0.0), (2, 0.02))}
-    lines = headline._by_model_table(part, runs)
+    lines = by_model_table(runs, part.variants, part.alphas, part.seeds)
     assert "| α=0.1 resnet8 | α=0.1 cnn_small | α=0.1 clients |" in lines[3]
     assert lines[-1] == "| FedAvg | 31.0 | 40.0 | 35.0 |"  # mean over the seeds; Mosaic has no runs: no row
     one_model = {k: {"final_accuracy_by_model": {"cnn_small": 0.4}} for k in runs}
-    assert headline._by_model_table(part, one_model) == []  # a homogeneous cell: no such table
+    assert by_model_table(one_model, part.variants, part.alphas, part.seeds) == []  # a homogeneous cell: no such table
 
 
 def test_a_part_without_a_central_reference_reports_none(tmp_path, monkeypatch):
