@@ -13,14 +13,6 @@ server holds at the distillation round: every client's model, generator and prot
     .venv/bin/python bench/scaling.py                      # 10, 50, 100 clients, short schedule
     .venv/bin/python bench/scaling.py --clients 10 50 --run-config "num-server-rounds=8"
 
-Before / after streaming (issue 19): ``--compare REF`` probes each size of ``--probe-clients``
-in-process twice, with this checkout's code (``--run-config`` plus ``--after-config``: the
-bounded bank) and with the code of git ref ``REF`` (``--run-config`` alone; ``git archive``
-into a temporary directory), and tabulates what the server holds:
-
-    .venv/bin/python bench/scaling.py --compare main --probe-clients 100 300 1000 \
-        --run-config "partition='dirichlet-client' fraction-train=0.1 ..." --name scaling-stream
-
 Finished cells are reused (RUNS/<name>/mosaic-n<N>/, outside the repository); --fresh runs them again.
 """
 
@@ -204,16 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-clients", nargs="+", type=int, help="sizes to probe (default: --clients)")
     ap.add_argument("--probe-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--probe-code", help=argparse.SUPPRESS)
-    ap.add_argument("--compare", metavar="REF",
-                    help="probe --probe-clients with this checkout and with git ref REF (before/after)")
-    ap.add_argument("--after-config", default="mosaic.generator-bank-size=2",
-                    help="run-config added for this checkout's probes in --compare (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.probe_child:
         print(json.dumps(probe_child(args.probe_child, args.run_config, args.probe_code)), flush=True)
         return 0
-    if args.compare:
-        return compare(args)
     args.name = args.name or ("scaling" if args.strategy == "mosaic" else f"scaling-{args.strategy}")
     prov = provenance()
     runs_dir = RUNS / args.name
@@ -288,55 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     write_results(args.name, md, {**prov, "run_config": args.run_config, "rows": rows, "probes": probes})
     return 0 if len(rows) == len(args.clients) else 1
-
-
-def compare(args) -> int:
-    """``--compare REF``: before (REF's code) / after (this checkout) in-process probes."""
-    import tempfile
-
-    prov = provenance()
-    name = args.name or "scaling-stream"
-    runs_dir = RUNS / name
-    root = Path(__file__).resolve().parents[1]
-    ref_commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", args.compare],
-                                capture_output=True, text=True, check=True).stdout.strip()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(root), "archive", args.compare], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        for n in args.probe_clients or args.clients:
-            after_rc = f"{args.run_config} {args.after_config}"
-            before = probe(n, args.run_config, runs_dir / f"before-n{n}.json", args.fresh, code=tmp)
-            after = probe(n, after_rc, runs_dir / f"after-n{n}.json", args.fresh)
-            rows.append({"clients": n, "before": before, "after": after})
-    prov["loadavg_end"] = loadavg()
-    lines = header_lines(f"Server memory, before / after streaming: {', '.join(str(r['clients']) for r in rows)} clients",
-                         prov)
-
-    def cells(p):
-        if not p:
-            return ["failed"] * 5
-        d, k = p["probes"].get("distillation", {}), p["probes"].get("kd", {})
-        return [f"{d.get('replies', 0)} / {d.get('replies_mib', float('nan')):.0f} MiB",
-                f"{d.get('live_tensor_mib', float('nan')):.0f} MiB", f"{k.get('live_tensor_mib', float('nan')):.0f} MiB",
-                f"{max(p['peak_rss_mib'], p.get('rss_mib_polled', 0)):.0f} MiB", f"{p['wall_seconds']:.0f}"]
-    lines += [f"In-process runs (mosaic_flwr.testing.inprocess.InProcessGrid: ServerApp and ClientApp in one process, clients "
-              f"one at a time, at most two partitions cached), run config `{args.run_config}`; before = the code of "
-              f"`{args.compare}` ({ref_commit}), after = this checkout plus `{args.after_config}`. At the "
-              "distillation (Mosaic's largest round) the probe counts the replies' models and generators the "
-              "strategy holds, and the live torch tensors of the process (distinct storages: what the server "
-              "holds, plus the test set and at most two cached partitions); peak RSS is the whole process.", "",
-              "| clients | before: replies held at distillation | before: live tensors at distillation | "
-              "before: in KD loop | before: peak RSS | before: wall s | after: replies held | after: live tensors "
-              "at distillation | after: in KD loop | after: peak RSS | after: wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['clients']} | " + " | ".join(cells(r["before"]) + cells(r["after"])) + " |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    write_results(name, md, {**prov, "run_config": args.run_config, "after_config": args.after_config,
-                             "ref": args.compare, "ref_commit": ref_commit, "rows": rows})
-    return 0 if all(r["before"] and r["after"] for r in rows) else 1
 
 
 if __name__ == "__main__":
