@@ -51,7 +51,7 @@ from bench import ledger as ledger_  # noqa: E402
 from bench import protocol_report as protocol  # noqa: E402
 from bench.common import (EQUAL_COMPUTE, RESULTS, RUNS, compared, distils, label, machine_line,  # noqa: E402
                           paired_interval, pretrain_name, provenance, variant_name)
-from bench.report import by_model_table, collect  # noqa: E402
+from bench.report import by_model_table, collect, row, table  # noqa: E402
 
 # Equal rounds: every method the library registers (``bench.common.compared``: FedGen included),
 # and Mosaic without its meta model; then the two equal-compute rows.
@@ -399,7 +399,7 @@ def verdict(p: Part, runs: dict) -> list[dict]:
 
 def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[str]:
     """The summary at the top of headline.md: one row per (part, α) with Mosaic's verdict."""
-    def row(name: str, v: dict) -> str:
+    def verdict_row(name: str, v: dict) -> str:
         diffs = [paired_interval(v[k], scale=100, digits=1)
                  for k in ("equal_rounds", "equal_compute", "equal_compute_chosen")]
         compute = "-" if v["compute"] is None else f"{v['compute']:.0f}"
@@ -410,9 +410,9 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
                 best += f" (tied: {', '.join(label(t) for t in v['tied'])})"
             if v["best"] != "mosaic" and "mosaic" not in v["tied"]:
                 best += f"; Mosaic {100 * v['mosaic_accuracy']:.2f}"
-        return f"| {PARTS[name].title} | {v['alpha']:g} | {v['seeds']} | " + " | ".join(diffs) + f" | {compute} | {best} |"
+        return row(PARTS[name].title, [f"{v['alpha']:g}", str(v["seeds"]), *diffs, compute, best])
 
-    rows = [row(name, v) for name in parts for v in verdicts.get(name, [])]
+    rows = [verdict_row(name, v) for name in parts for v in verdicts.get(name, [])]
     if not rows:
         return []
     return ["## In short", "",
@@ -422,9 +422,9 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
             "rounds (its generators included). The best method at equal rounds by mean final test accuracy over "
             "Mosaic's seeds (of the methods run at all of them), with the methods tied with it (a tie is listed under the first baseline, not Mosaic). "
             "Details per data set below.", "",
-            "| data set | α | seeds | equal rounds | equal client compute | equal compute, validation-chosen rounds "
-            "| Mosaic's compute | best at equal rounds |",
-            "|---|---|---|---|---|---|---|---|", *rows, ""]
+            *table("data set", ["α", "seeds", "equal rounds", "equal client compute",
+                                "equal compute, validation-chosen rounds", "Mosaic's compute", "best at equal rounds"],
+                   rows), ""]
 
 
 def _equal_compute_notes(p: Part, out: Path) -> list[dict]:

@@ -9,36 +9,14 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bench.common import EQUAL_COMPUTE, RESULTS, label, machine_line, paired_interval, pretrain_name, provenance
-from bench.report import collect, mean_sd, ms
-
-
-# ----------------------------------------------------------------------------- markdown
-def table(first: str, columns: Iterable[str], rows: Iterable[str]) -> list[str]:
-    """A markdown table: the header (``first``, then ``columns``), its rule, the ``rows``."""
-    columns = list(columns)
-    return [row(first, columns), "|---|" + "---|" * len(columns), *rows]
-
-
-def row(name: str, cells: Iterable[str]) -> str:
-    """A markdown table row: ``name``, then the ``cells``."""
-    return f"| {name} | " + " | ".join(cells) + " |"
-
-
-def per_alpha(alphas, variants, cells: Callable[[str, float], list[str]], name=str) -> list[str]:
-    """One row per method (``name(v)``): ``cells(v, a)`` for each alpha in turn."""
-    return [row(name(v), [c for a in alphas for c in cells(v, a)]) for v in variants]
+from bench.report import (alpha_columns, captioned, collect, finished, mean_sd, method_rows, ms, per_alpha, row,
+                          table)
 
 
 # ----------------------------------------------------------------------------- figures of the runs
-def finished(runs: dict, v: str, a: float, seeds) -> list[dict]:
-    """Method ``v``'s finished runs at α ``a``, in the order of ``seeds``."""
-    return [runs[(v, a, s)] for s in seeds if (v, a, s) in runs]
-
-
 def differences(runs: dict, v: str, w: str, a: float, seeds, key: str = "final_accuracy") -> list[float]:
     """``v``'s ``key`` minus ``w``'s at α ``a``, per seed both finished (paired by seed)."""
     return [runs[(v, a, s)][key] - runs[(w, a, s)][key] for s in seeds if (v, a, s) in runs and (w, a, s) in runs]
@@ -171,7 +149,7 @@ def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: 
     """Final accuracy per method and α (a method ``refused`` before training, none of whose runs
     finished: its reason), with each method's client compute in FedAvg rounds; the FedAvg start and,
     where ``central`` is not None, the central reference."""
-    def cells(v: str) -> str:
+    def method_row(v: str) -> str:
         if v in refused and not any((v, a, s) in runs for a in alphas for s in seeds):
             return row(label(v), ["refused" for _ in alphas] + [refused[v].splitlines()[0][:160]])
         units = [u for a in alphas for s in seeds for u in [unit_rounds(runs, v, a, s)] if u is not None]
@@ -179,7 +157,7 @@ def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: 
         return row(label(v), accs + [f"{statistics.mean(units):.1f}" if units else "-"])
 
     start = [mean_sd([pre[(a, s)]["test"] for s in seeds if (a, s) in pre]) for a in alphas]
-    rows = [row(f"FedAvg start (round {pretrain_rounds})", start + ["-"]), *map(cells, variants)]
+    rows = [row(f"FedAvg start (round {pretrain_rounds})", start + ["-"]), *map(method_row, variants)]
     if central is not None:
         rows.append(row("central (same sample passes)", [mean_sd(central) for _ in alphas] + ["-"]))
     return ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
@@ -188,20 +166,23 @@ def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: 
             "clients; generators, prototypes and look-ahead training included; the gate's evaluation queries not) "
             "over the seconds of one plain training round of the same run, i.e. in FedAvg rounds (FedAvg: the "
             "round count), mean over the runs.", "",
-            *table("method", [f"α={a:g}" for a in alphas] + ["client compute (FedAvg rounds)"], rows)]
+            *table("method", alpha_columns(alphas) + ["client compute (FedAvg rounds)"], rows)]
 
 
 def paired_table(runs: dict, alphas, seeds, variants) -> list[str]:
     """Mosaic minus each method, paired by seed, with a 95 % t interval; the equal-compute rows
     also with both runs at the round the validation split picks."""
-    rows = [row(label(v), [paired_interval(differences(runs, "mosaic", v, a, seeds), scale=100, digits=1)
-                           for a in alphas]) for v in variants if v != "mosaic"]
-    for v in (v for v in EQUAL_COMPUTE if v in variants):  # their last round can land in a trough
-        cells = [paired_interval(chosen_differences(runs, v, a, seeds), scale=100, digits=1) for a in alphas]
-        if any(c != "-" for c in cells):
-            rows.append(row(f"{label(v)}, both at the round the validation split picks", cells))
+    def minus(v: str, a: float) -> str:
+        return paired_interval(differences(runs, "mosaic", v, a, seeds), scale=100, digits=1)
+
+    def minus_chosen(v: str, a: float) -> str:  # their last round can land in a trough
+        return paired_interval(chosen_differences(runs, v, a, seeds), scale=100, digits=1)
+
+    rows = [row(label(v), [minus(v, a) for a in alphas]) for v in variants if v != "mosaic"]
+    rows += method_rows([v for v in EQUAL_COMPUTE if v in variants], alphas, minus_chosen,
+                        name=lambda v: f"{label(v)}, both at the round the validation split picks")
     return ["", "Mosaic minus each method, test points, paired by seed: mean [95 % t interval] (each seed).", "",
-            *table("Mosaic −", [f"α={a:g}" for a in alphas], rows)]
+            *table("Mosaic −", alpha_columns(alphas), rows)]
 
 
 def gap_line(runs: dict, alphas, seeds, central: list[float]) -> list[str]:
@@ -234,19 +215,15 @@ def distillation_summary(runs: dict, alphas, seeds, variants) -> list[str]:
                 + (f", rounds kept {rounds[0]} of {rounds[1]}" if rounds else "")
                 + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
 
-    rows = [(v, [cell(v, a) for a in alphas]) for v in variants]
-    rows = [row(label(v), cells) for v, cells in rows if any(c != "-" for c in cells)]
-    if not rows:
-        return []
-    return ["", "At the distillation round (validation split, %; mean over seeds): the student about to be "
-            "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
-            "kept it after the look-ahead's fine-tune rounds), and the clients' "
-            "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-            "last distillation round, and how many of all their rounds' distillations the gates kept. "
-            "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real "
-            "images it is scored class by class, and (asked) with each image's own "
-            "class as the asked one.", "",
-            *table("method", [f"α={a:g} student / teacher / kept" for a in alphas], rows)]
+    return captioned("At the distillation round (validation split, %; mean over seeds): the student about to be "
+                     "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
+                     "kept it after the look-ahead's fine-tune rounds), and the clients' "
+                     "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
+                     "last distillation round, and how many of all their rounds' distillations the gates kept. "
+                     "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real "
+                     "images it is scored class by class, and (asked) with each image's own "
+                     "class as the asked one.", "method", alpha_columns(alphas, "student / teacher / kept"),
+                     method_rows(variants, alphas, cell))
 
 
 def gate_check(runs: dict, alphas, seeds, variants) -> list[str]:
@@ -278,16 +255,12 @@ def chosen_round_table(runs: dict, alphas, seeds, variants) -> list[str]:
                 f"{100 * statistics.mean(t for _, (_, t) in got):.1f} "
                 f"(round {', '.join(str(r) for _, (r, _) in got)})")
 
-    rows = [(v, [cell(v, a) for a in alphas]) for v in CHOSEN_ROWS if v in variants]
-    rows = [row(label(v), cells) for v, cells in rows if any(c != "-" for c in cells)]
-    if not rows:
-        return []
-    return ["", "Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
-            "per-round scores, restored runs did not: final / at the round of best validation accuracy, and that "
-            "round per seed). The equal-compute rows run many more "
-            "rounds, and at small α their accuracy swings from round to round: their last round alone can flatter "
-            "or sink them.", "",
-            *table("method", [f"α={a:g} final / chosen" for a in alphas], rows)]
+    return captioned("Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
+                     "per-round scores, restored runs did not: final / at the round of best validation accuracy, and that "
+                     "round per seed). The equal-compute rows run many more "
+                     "rounds, and at small α their accuracy swings from round to round: their last round alone can flatter "
+                     "or sink them.", "method", alpha_columns(alphas, "final / chosen"),
+                     method_rows([v for v in CHOSEN_ROWS if v in variants], alphas, cell))
 
 
 def plot(path: Path, title: str, runs: dict, alphas, seeds, variants, central: list[float]) -> None:
@@ -318,7 +291,7 @@ def plot(path: Path, title: str, runs: dict, alphas, seeds, variants, central: l
                edgecolor="white" if v in EQUAL_COMPUTE else None)
     if central:
         ax.axhline(100 * statistics.mean(central), color="k", ls="--", lw=1, label="central")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(alphas))], [f"α={a:g}" for a in alphas])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(alphas))], alpha_columns(alphas))
     every = [x for vals in acc.values() for x in vals]
     ax.set_ylim(max(min(100 * min(every) - 5, 100), 0), 100 * max([*central, *every]) + 3)
     ax.set_ylabel("final test accuracy (%), mean ± sd over seeds")
@@ -356,7 +329,7 @@ def protocol_lines(d: dict, p: dict, c: dict, rounds: int) -> list[str]:
     gen = (f"{c['mosaic.gen-steps']} steps of batch {c['mosaic.gen-batch-size']}"
            if c.get("strategy") == "mosaic" else "see config.json")
     P = p.get("num-server-rounds", "?")
-    return [f"# Mosaic from a converged FedAvg (bench/converged.py)", "",
+    return ["# Mosaic from a converged FedAvg (bench/converged.py)", "",
             f"Machine: {machine_line()}. In-process federations (the real ClientApp handlers, no Ray), "
             f"{len(d['assign'])} clients, {p.get('dataset', '?')}, {p.get('client-models') or p.get('model', '?')}, "
             f"Dirichlet partition, a {p.get('validation-split', 0):.0%} validation split held out of "
@@ -395,17 +368,17 @@ def final_table(d: dict, alphas, seeds, variants, rounds: int, pretrain_rounds) 
                         + ["/".join(str(len(finished(runs, v, a, seeds))) for a in alphas)]))
     lines = [f"## Final accuracy (test set, after the {rounds} continuation rounds), mean ± sd over seeds", "",
              "Δ: the method minus FedAvg in test points, paired by seed: mean [95 % t interval] (each seed).", "",
-             *table("method", [f"α={a:g} {x}" for a in alphas for x in ("test", "validation", "Δ test vs FedAvg")]
+             *table("method", alpha_columns(alphas, "test", "validation", "Δ test vs FedAvg")
                     + ["seeds"], rows)]
     if not central:
         return lines
     c = [central[s]["final_accuracy"] for s in seeds if s in central]
     lines.append(row("central (same sample passes; one value per seed, any α)",
                      [x for _ in alphas for x in (ms(c), "", "")] + [str(len(c))]))
-    gaps = per_alpha(alphas, [v for v in variants if v != "fedavg"],
+    gaps = per_alpha([v for v in variants if v != "fedavg"], alphas,
                      lambda v, a: [f"{g[0]:+.2f}" if (g := gap_closure(runs, v, a, seeds, c)) else "-"])
     return lines + ["", "Gap closure (method − FedAvg) / (central − FedAvg), from the mean test accuracies:", "",
-                    *table("method", [f"α={a:g}" for a in alphas], gaps)]
+                    *table("method", alpha_columns(alphas), gaps)]
 
 
 DISTILLATION_KEYS = (("val-before-distill", "student"), ("val-ensemble", "ensemble"), ("val-teacher", "teacher"),
@@ -466,7 +439,7 @@ def path_table(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
                                + ["-" if final is None else ("distilled" if final else "plain")]))
     if not out:
         return []
-    return [f"## Where a kept distillation goes: validation points over FedAvg, round by round", "",
+    return ["## Where a kept distillation goes: validation points over FedAvg, round by round", "",
             "Every run whose distilled model was kept at the distillation round (round 1), minus FedAvg's model "
             f"of the same seed at the same round. Rounds 2-{rounds} are the fine-tune rounds at the lowered rate; "
             "`look-ahead`: which path the gate kept at the end (`-`: no gate, or it was off).", "",
@@ -552,16 +525,16 @@ def compute_tables(runs: dict, alphas, seeds, variants, rounds: int) -> list[str
     lines = [f"## Client compute in the {rounds} continuation rounds (per client, mean over the runs)", "",
              "Classifier SGD steps (batch 32; a look-ahead round trains the model twice) and generator steps "
              "(the distillation round).", "",
-             *table("method", [f"α={a:g} {x}" for a in alphas for x in ("classifier steps", "generator steps")],
-                    per_alpha(alphas, variants, steps)), "",
+             *table("method", alpha_columns(alphas, "classifier steps", "generator steps"),
+                    per_alpha(variants, alphas, steps)), "",
              f"## Measured time in the {rounds} continuation rounds (s, mean over the runs)", "",
              "Client: the clients' own wall time for their training replies (`client-seconds`, all clients "
              "together; generators and prototypes included, the gate's evaluation queries not). Server: the "
              "distillation (teacher, synthetic data, KD, checks, gate), over every distillation round.", "",
-             *table("method", [f"α={a:g} {x}" for a in alphas for x in ("client", "server")],
-                    per_alpha(alphas, variants, seconds)), "",
+             *table("method", alpha_columns(alphas, "client", "server"),
+                    per_alpha(variants, alphas, seconds)), "",
              "## Wall time (s, in-process, one process per shard on the 2 shared cores)", "",
-             *table("method", [f"α={a:g}" for a in alphas], per_alpha(alphas, variants, wall))]
+             *table("method", alpha_columns(alphas), per_alpha(variants, alphas, wall))]
     shared = [g["bench"]["shared_seconds"] for g in runs.values() if "shared_seconds" in g["bench"]]
     if shared:
         lines.append(f"\nShared round-1 client work of the distilling rows (once per α, seed): {ms(shared, pct=False)} s; "
