@@ -321,7 +321,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     p, out = PARTS[name], runs_dir(name, root)
     d = collect(out, p.alphas, p.seeds, p.variants)
     runs, central, pre = d["runs"], d["central"], d["pre"]
-    cell = (runs, p.alphas, p.seeds, p.variants)
+    study = (runs, p.alphas, p.seeds, p.variants)
     cen = [central[s]["final_accuracy"] for s in p.seeds if s in central]
     gap = {a: g for a in p.alphas if (g := protocol.gap_closure(runs, "mosaic", a, p.seeds, cen))}
     eq = _equal_compute_notes(p, out)
@@ -331,12 +331,12 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     if p.cut:
         lines += [f"{NOTES['cut_intro']}: {p.cut}.", ""]
     lines += [n for note in p.notes for n in (note, "")]
-    lines += protocol.main_table(*cell, pre, p.pretrain_rounds, cen if p.central else None, refused)
-    lines += protocol.paired_table(*cell)
-    lines += protocol.gap_line(runs, p.alphas, p.seeds, cen)
-    lines += protocol.distillation_summary(*cell)
-    lines += protocol.gate_check(*cell)
-    lines += protocol.chosen_round_table(*cell)
+    lines += protocol.main_table(*study, pre, p.pretrain_rounds, cen if p.central else None, refused)
+    lines += protocol.paired_table(*study)
+    lines += protocol.gap_line(gap, p.alphas)
+    lines += protocol.distillation_summary(*study)
+    lines += protocol.gate_check(*study)
+    lines += protocol.chosen_round_table(*study)
     lines += by_model_table(runs, p.variants, p.alphas, p.seeds)
     if eq:
         lines += ["", "Equal client compute: FedAvg and FedProx ran "
@@ -347,7 +347,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     central_done = f", {len(cen)} of {len(p.seeds)} central" if p.central else ""
     lines += ["", f"Runs finished: {len(runs)} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} "
               f"pre-trainings{central_done}). Details: `bench/results/headline-{name}-detail.md`.", ""]
-    protocol.plot(RESULTS / f"headline-{name}.png", p.title, *cell, cen)
+    protocol.plot(RESULTS / f"headline-{name}.png", p.title, *study, cen)
     data = {"accuracy": {f"{v}|{a:g}": {str(s): runs[(v, a, s)]["final_accuracy"] for s in p.seeds if (v, a, s) in runs}
                          for v in p.variants for a in p.alphas},
             "central": {str(s): central[s]["final_accuracy"] for s in central},
@@ -452,7 +452,8 @@ def recorded(ledger: Path, root: Path):
 
 
 def report(parts: list[str], root: Path) -> str:
-
+    """``headline.md`` and ``.json`` from the runs in ``root``: the verdict, then each part's section
+    (``part_table``); each part's every table in ``headline-<part>-detail.md`` (``protocol_report.report``)."""
     prov = provenance()
     lines = ["# The headline comparison (bench/headline.py)", "",
              f"Machine: {machine_line()}. Every method continues from the same FedAvg checkpoint per (data set, α, "

@@ -185,9 +185,8 @@ def paired_table(runs: dict, alphas, seeds, variants) -> list[str]:
             *table("Mosaic −", alpha_columns(alphas), rows)]
 
 
-def gap_line(runs: dict, alphas, seeds, central: list[float]) -> list[str]:
-    """Mosaic's gap closure per α in a sentence; nothing where there is none."""
-    gap = {a: g for a in alphas if (g := gap_closure(runs, "mosaic", a, seeds, central))}
+def gap_line(gap: dict[float, tuple[float, int]], alphas) -> list[str]:
+    """Mosaic's gap closure (α -> ``gap_closure``) in a sentence; nothing where there is none."""
     if not gap:
         return []
     return ["", "Gap closure (Mosaic − FedAvg) / (central − FedAvg), means over the seeds: "
