@@ -315,6 +315,8 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------- run names
 CENTRAL = "central"
+# equal-compute variant -> (its method at equal rounds, the variant whose client work it matches)
+EQUAL_COMPUTE = {"fedavg-eqc": ("fedavg", "mosaic"), "fedprox-eqc": ("fedprox", "mosaic")}
 
 
 def pretrain_name(alpha: float, seed: int) -> str:

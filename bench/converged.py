@@ -39,8 +39,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RUNS, Cell, cell_done, flower_context, run_inprocess, runnable, git_commit, git_dirty, loadavg,  # noqa: E402
-                          pretrain_name, run_central, variant_name)
+from bench.common import (EQUAL_COMPUTE, RUNS, Cell, cell_done, flower_context, run_inprocess, runnable,  # noqa: E402
+                          git_commit, git_dirty, loadavg, pretrain_name, run_central, variant_name)
+from bench.protocol_report import client_units, report  # noqa: E402
 
 ALPHAS = (0.1, 0.01, 1.0)
 SEEDS = (42, 43, 44)
@@ -54,30 +55,6 @@ CONTINUE = {"warmup-rounds": 1, "num-server-rounds": CONTINUE_ROUNDS, "lr-schedu
 # the named variants (bench/variants.toml: Mosaic as the authors run it, each lever of
 # the teacher on its own, the equal-compute rows).
 VARIANTS = runnable()
-# equal-compute variant -> (its method at equal rounds, the variant whose client work it matches)
-EQUAL_COMPUTE = {"fedavg-eqc": ("fedavg", "mosaic"), "fedprox-eqc": ("fedprox", "mosaic")}
-
-
-def client_units(rows: list[dict]) -> float | None:
-    """A run's client work in plain training rounds of the same run: its clients' measured
-    seconds (every round: generators, prototypes and look-ahead training included) over the
-    median seconds of one plain training round of that run (a round whose look-ahead trained
-    the clients twice counts half). FedAvg's R rounds are R units. CPU seconds
-    (``client-cpu-seconds``) where every round has them: the load of other processes on the
-    same cores does not enter; else wall seconds (``client-seconds``: runs before they were
-    recorded, GPU clients), whose ratio a load that changes within the run distorts."""
-    import statistics
-
-    from mosaic_flwr.core.records import CLIENT_CPU_SECONDS, CLIENT_SECONDS
-
-    rounds = [r for r in rows if r["round"] > 0]
-    key = CLIENT_CPU_SECONDS if rounds and all(r.get(CLIENT_CPU_SECONDS) for r in rounds) else CLIENT_SECONDS
-    secs = [r.get(key) for r in rounds]
-    plain = [r[key] / (2 if r.get("shadow-clients") else 1) for r in rows
-             if r["round"] > 1 and r.get(key) and not r.get("gen-seconds-mean")]
-    if not secs or None in secs or not plain:
-        return None
-    return sum(secs) / statistics.median(plain)
 
 
 def equal_compute_rounds(runs_dir: Path, variant: str, alpha: float, seed: int, rounds: int) -> dict | None:
@@ -450,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
             elif args.stage == "continue":
                 continue_group(a, s, args.variants, runs_dir, args.num_clients)
     if args.table_only or (args.stage == "continue" and not args.no_table):
-        from bench.converged_report import report
         print(report(runs_dir, args.alphas, args.seeds, args.variants, name=args.name))
     return 0
 

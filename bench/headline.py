@@ -48,9 +48,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import ledger as ledger_  # noqa: E402
-from bench.common import (RESULTS, RUNS, compared, distils, label, machine_line, paired_interval,  # noqa: E402
-                          provenance)
-from bench.report import by_model_table, collect, mean_sd as _mean_sd  # noqa: E402
+from bench import protocol_report as protocol  # noqa: E402
+from bench.common import (EQUAL_COMPUTE, RESULTS, RUNS, compared, distils, label, machine_line,  # noqa: E402
+                          paired_interval, pretrain_name, provenance, variant_name)
+from bench.report import by_model_table, collect, row, table  # noqa: E402
 
 # Equal rounds: every method the library registers (``bench.common.compared``: FedGen included),
 # and Mosaic without its meta model; then the two equal-compute rows.
@@ -68,7 +69,7 @@ def run_rank(variant: str) -> int:
     alone first, then Mosaic's rows, so that an interrupted cell has its headline comparison,
     then the equal-compute rows (they need Mosaic's client work); the distilling baselines,
     whose teacher passes cost the most, last."""
-    from bench.converged import EQUAL_COMPUTE, VARIANTS
+    from bench.converged import VARIANTS
 
     if variant in EQUAL_COMPUTE:
         return 2
@@ -180,8 +181,6 @@ def refuses(part: Part, variant: str) -> bool:
 def pending(part: Part, out: Path, alpha: float, seed: int) -> list[str]:
     """The variants of cell (alpha, seed) not yet finished in ``out`` (nor refused there or by
     the part's settings)."""
-    from bench.converged import variant_name
-
     return [v for v in part.methods(seed) if not finished(out / variant_name(v, alpha, seed)) and not refuses(part, v)]
 
 
@@ -193,8 +192,6 @@ def ensure_start(part: Part, out: Path, alpha: float, seed: int, rerun) -> None:
     """Before a cell's continuation: if its pre-training is recorded (restored from the ledger)
     but its checkpoint is gone and runs remain, run it again (``rerun()``) and check that the
     new run ends at the recorded accuracies, test and validation, to the last digit."""
-    from bench.converged import pretrain_name, variant_name
-
     pre = out / pretrain_name(alpha, seed)
     if not (pre / "summary.json").is_file() or (pre / "checkpoint.pt").is_file() or not pending(part, out, alpha, seed):
         return
@@ -318,155 +315,91 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
 
 # ---------------------------------------------------------------- report
 
-def best_validation(rows: list[dict]) -> tuple[int, float] | None:
-    """The round whose global model scores best on the validation split (the earliest of ties: the least
-    compute) and that model's test accuracy; None without per-round validation scores."""
-    scored = [r for r in rows if "val-accuracy" in r and "accuracy" in r]
-    if not scored:
-        return None
-    best = max(scored, key=lambda r: (r["val-accuracy"], -r["round"]))
-    return best["round"], best["accuracy"]
-
-
-CHOSEN_ROWS = ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc")
-
-
-def chosen_differences(runs: dict, v: str, alpha: float, seeds) -> list[float]:
-    """Mosaic minus ``v`` per seed, each run taken at the round its validation split picks (the seeds
-    where both runs kept per-round scores)."""
-    out = []
-    for s in seeds:
-        m, o = (best_validation((runs.get((w, alpha, s)) or {}).get("rows") or []) for w in ("mosaic", v))
-        if m and o:
-            out.append(m[1] - o[1])
-    return out
-
-
-def _chosen_round_table(p: Part, runs: dict) -> list[str]:
-    """Final round vs the round the validation split picks, for the rows whose length differs (equal rounds
-    vs equal compute): the long runs' accuracy swings from round to round, so their last round alone can
-    flatter or sink them."""
-    rows = []
-    for v in (v for v in CHOSEN_ROWS if v in p.variants):
-        cells_, any_ = [], False
-        for a in p.alphas:
-            got = [(runs[(v, a, s)]["final_accuracy"], bv) for s in p.seeds if (v, a, s) in runs
-                   for bv in [best_validation(runs[(v, a, s)]["rows"] or [])] if bv]
-            if not got:
-                cells_.append("-")
-                continue
-            any_ = True
-            cells_.append(f"{100 * statistics.mean(f for f, _ in got):.1f} / "
-                          f"{100 * statistics.mean(t for _, (_, t) in got):.1f} "
-                          f"(round {', '.join(str(r) for _, (r, _) in got)})")
-        if any_:
-            rows.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
-    if not rows:
-        return []
-    return ["", "Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
-            "per-round scores, restored runs did not: final / at the round of best validation accuracy, and that "
-            "round per seed). The equal-compute rows run many more "
-            "rounds, and at small α their accuracy swings from round to round: their last round alone can flatter "
-            "or sink them.", "",
-            "| method | " + " | ".join(f"α={a:g} final / chosen" for a in p.alphas) + " |",
-            "|---|" + "---|" * len(p.alphas)] + rows
-
-
 def part_table(name: str, root: Path) -> tuple[str, dict]:
     """Part ``name``'s section of the table (markdown) and its figures (``headline.json``),
     from the finished runs in ``root``; writes its plot."""
     p, out = PARTS[name], runs_dir(name, root)
     d = collect(out, p.alphas, p.seeds, p.variants)
     runs, central, pre = d["runs"], d["central"], d["pre"]
-    acc = {(v, a): {s: runs[(v, a, s)]["final_accuracy"] for s in p.seeds if (v, a, s) in runs}
-           for v in p.variants for a in p.alphas}
+    study = (runs, p.alphas, p.seeds, p.variants)
     cen = [central[s]["final_accuracy"] for s in p.seeds if s in central]
-    gap = gap_closure(p, acc, cen)
+    gap = {a: g for a in p.alphas if (g := protocol.gap_closure(runs, "mosaic", a, p.seeds, cen))}
     eq = _equal_compute_notes(p, out)
+    refused = {v: why for v in p.variants if (why := refused_reason(p, out, v))}
 
     lines = [f"## {p.title}", ""]
     if p.cut:
         lines += [f"{NOTES['cut_intro']}: {p.cut}.", ""]
     lines += [n for note in p.notes for n in (note, "")]
-    lines += _main_table(p, out, runs, acc, pre, cen)
-    lines += _paired_table(p, runs, acc)
-    if gap:
-        lines += ["", "Gap closure (Mosaic − FedAvg) / (central − FedAvg), means over the seeds: "
-                  + ", ".join(f"α={a:g}: " + (f"{gap[a][0]:+.2f} ({gap[a][1]} seed{'' if gap[a][1] == 1 else 's'})"
-                                              if a in gap else "-") for a in p.alphas) + "."]
-    lines += _distillation_table(p, runs)
-    lines += _gate_check(p, runs)
-    lines += _chosen_round_table(p, runs)
+    lines += protocol.main_table(*study, pre, p.pretrain_rounds, cen if p.central else None, refused)
+    lines += protocol.paired_table(*study)
+    lines += protocol.gap_line(gap, p.alphas)
+    lines += protocol.distillation_summary(*study)
+    lines += protocol.gate_check(*study)
+    lines += protocol.chosen_round_table(*study)
     lines += by_model_table(runs, p.variants, p.alphas, p.seeds)
     if eq:
         lines += ["", "Equal client compute: FedAvg and FedProx ran "
                   + ", ".join(str(e["rounds"]) for e in eq) + " rounds in the cells (Mosaic's client work in its own "
                   "plain rounds, `converged.client_units`), at the same schedule (round 1 at lr, then finetune-lr)."]
-    done = sum(len(x) for x in acc.values())
     total = sum(1 for a in p.alphas for s in p.seeds for v in p.methods(s)
-                if not (out / f"{v}-a{a:g}-s{s}" / "refused.json").is_file() and not refuses(p, v))
+                if not (out / variant_name(v, a, s) / "refused.json").is_file() and not refuses(p, v))
     central_done = f", {len(cen)} of {len(p.seeds)} central" if p.central else ""
-    lines += ["", f"Runs finished: {done} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} pre-trainings"
-              f"{central_done}). Details: `bench/results/headline-{name}-detail.md`.", ""]
-    plot(name, p, acc, cen)
-    data = {"accuracy": {f"{v}|{a:g}": {str(s): x for s, x in acc[(v, a)].items()} for v in p.variants for a in p.alphas},
+    lines += ["", f"Runs finished: {len(runs)} of {total} (+ {len(pre)} of {len(p.alphas) * len(p.seeds)} "
+              f"pre-trainings{central_done}). Details: `bench/results/headline-{name}-detail.md`.", ""]
+    protocol.plot(RESULTS / f"headline-{name}.png", p.title, *study, cen)
+    data = {"accuracy": {f"{v}|{a:g}": {str(s): runs[(v, a, s)]["final_accuracy"] for s in p.seeds if (v, a, s) in runs}
+                         for v in p.variants for a in p.alphas},
             "central": {str(s): central[s]["final_accuracy"] for s in central},
             "pretrain": {f"a{a:g}-s{s}": v for (a, s), v in pre.items()},
             "gap_closure": {f"{a:g}": g for a, (g, _) in gap.items()}, "equal_compute": eq,
-            "verdict": verdict(p, runs, acc)}
+            "verdict": verdict(p, runs)}
     return "\n".join(lines), data
 
 
-def unit_rounds(runs: dict, v: str, a: float, s: int) -> float | None:
-    """Run (v, a, s)'s client compute in FedAvg rounds (``converged.client_units``); a run
-    restored from an earlier table without its per-round rows: as recorded; None if missing."""
-    from bench.converged import client_units
+def refused_reason(p: Part, out: Path, v: str) -> str | None:
+    """Why ``v`` was refused before training in a cell of ``out``, or why the part's settings refuse
+    it (no cell has run it yet); None where it runs."""
+    from bench.converged import refusal
 
-    r = runs.get((v, a, s))
-    if not r:
-        return None
-    return client_units(r["rows"]) if r["rows"] else r.get("client_units")
-
-
-def mosaic_minus(p: Part, acc: dict, v: str, a: float) -> list[float]:
-    """Mosaic's final accuracy minus ``v``'s at α ``a``, per seed both finished (paired by seed)."""
-    return [acc[("mosaic", a)][s] - acc[(v, a)][s] for s in p.seeds if s in acc[("mosaic", a)] and s in acc[(v, a)]]
+    for a in p.alphas:
+        for s in p.seeds:
+            f = out / variant_name(v, a, s) / "refused.json"
+            if f.is_file():
+                return json.loads(f.read_text())["reason"]
+    return refusal(variant_config(p, v))
 
 
-def verdict(p: Part, runs: dict, acc: dict) -> list[dict]:
+def verdict(p: Part, runs: dict) -> list[dict]:
     """Per α, what the part says about Mosaic in numbers: Mosaic minus FedAvg per seed at equal
     rounds, and minus FedAvg at equal client compute (final rounds, and each run at the round
     its validation split picks); Mosaic's client compute in FedAvg rounds; the best method at
     equal rounds by mean final accuracy over the seeds Mosaic finished (Mosaic included; of
     methods tied, the first in the table's order, so a tie is never Mosaic's win) and the
     methods tied with it."""
-    from bench.converged import EQUAL_COMPUTE
-
     out = []
     for a in p.alphas:
-        mos = acc[("mosaic", a)]
-        if not mos:
+        seeds = [s for s in p.seeds if ("mosaic", a, s) in runs]
+        if not seeds:
             continue
-
-        seeds = [s for s in p.seeds if s in mos]
-        rivals = {v: statistics.mean(acc[(v, a)][s] for s in seeds) for v in p.variants
-                  if v not in EQUAL_COMPUTE and all(s in acc[(v, a)] for s in seeds)}
+        rivals = {v: statistics.mean(runs[(v, a, s)]["final_accuracy"] for s in seeds) for v in p.variants
+                  if v not in EQUAL_COMPUTE and all((v, a, s) in runs for s in seeds)}
         top = max(rivals.values(), default=None)
         tied = [v for v in rivals if rivals[v] == top]  # in the table's order: a baseline before Mosaic
-        best = tied[0] if tied else None
-        units = [u for s in seeds for u in [unit_rounds(runs, "mosaic", a, s)] if u is not None]
-        out.append({"alpha": a, "seeds": len(seeds), "equal_rounds": mosaic_minus(p, acc, "fedavg", a),
-                    "equal_compute": mosaic_minus(p, acc, "fedavg-eqc", a) if "fedavg-eqc" in p.variants else [],
-                    "equal_compute_chosen": (chosen_differences(runs, "fedavg-eqc", a, p.seeds)
-                                             if "fedavg-eqc" in p.variants else []),
-                    "compute": statistics.mean(units) if units else None,
-                    "best": best, "best_accuracy": top, "tied": tied[1:], "mosaic_accuracy": rivals.get("mosaic")})
+        units = [u for s in seeds for u in [protocol.unit_rounds(runs, "mosaic", a, s)] if u is not None]
+        eqc = "fedavg-eqc" in p.variants
+        out.append({"alpha": a, "seeds": len(seeds),
+                    "equal_rounds": protocol.differences(runs, "mosaic", "fedavg", a, p.seeds),
+                    "equal_compute": protocol.differences(runs, "mosaic", "fedavg-eqc", a, p.seeds) if eqc else [],
+                    "equal_compute_chosen": protocol.chosen_differences(runs, "fedavg-eqc", a, p.seeds) if eqc else [],
+                    "compute": statistics.mean(units) if units else None, "best": tied[0] if tied else None,
+                    "best_accuracy": top, "tied": tied[1:], "mosaic_accuracy": rivals.get("mosaic")})
     return out
 
 
 def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[str]:
     """The summary at the top of headline.md: one row per (part, α) with Mosaic's verdict."""
-    def row(name: str, v: dict) -> str:
+    def verdict_row(name: str, v: dict) -> str:
         diffs = [paired_interval(v[k], scale=100, digits=1)
                  for k in ("equal_rounds", "equal_compute", "equal_compute_chosen")]
         compute = "-" if v["compute"] is None else f"{v['compute']:.0f}"
@@ -477,9 +410,9 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
                 best += f" (tied: {', '.join(label(t) for t in v['tied'])})"
             if v["best"] != "mosaic" and "mosaic" not in v["tied"]:
                 best += f"; Mosaic {100 * v['mosaic_accuracy']:.2f}"
-        return f"| {PARTS[name].title} | {v['alpha']:g} | {v['seeds']} | " + " | ".join(diffs) + f" | {compute} | {best} |"
+        return row(PARTS[name].title, [f"{v['alpha']:g}", str(v["seeds"]), *diffs, compute, best])
 
-    rows = [row(name, v) for name in parts for v in verdicts.get(name, [])]
+    rows = [verdict_row(name, v) for name in parts for v in verdicts.get(name, [])]
     if not rows:
         return []
     return ["## In short", "",
@@ -489,132 +422,9 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
             "rounds (its generators included). The best method at equal rounds by mean final test accuracy over "
             "Mosaic's seeds (of the methods run at all of them), with the methods tied with it (a tie is listed under the first baseline, not Mosaic). "
             "Details per data set below.", "",
-            "| data set | α | seeds | equal rounds | equal client compute | equal compute, validation-chosen rounds "
-            "| Mosaic's compute | best at equal rounds |",
-            "|---|---|---|---|---|---|---|---|", *rows, ""]
-
-
-def _main_table(p: Part, out: Path, runs: dict, acc: dict, pre: dict, cen: list[float]) -> list[str]:
-    """Final accuracy per method and α (a method refused before training: its reason), with
-    each method's client compute in FedAvg rounds; the FedAvg start and the central reference."""
-    def refused_reason(v: str) -> str | None:
-        for a in p.alphas:
-            for s in p.seeds:
-                f = out / f"{v}-a{a:g}-s{s}" / "refused.json"
-                if f.is_file():
-                    return json.loads(f.read_text())["reason"]
-        from bench.converged import refusal
-
-        return refusal(variant_config(p, v))  # the part's settings refuse it: no cell has run it yet
-
-    lines = ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
-             "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
-             "all "
-             "clients; generators, prototypes and look-ahead training included; the gate's evaluation queries not) "
-             "over the seconds of one plain training round of the same run, i.e. in FedAvg rounds (FedAvg: the "
-             "round count), mean over the runs.", "",
-             "| method | " + " | ".join(f"α={a:g}" for a in p.alphas) + " | client compute (FedAvg rounds) |",
-             "|---|" + "---|" * len(p.alphas) + "---|"]
-    pre_row = [_mean_sd([pre[(a, s)]["test"] for s in p.seeds if (a, s) in pre]) for a in p.alphas]
-    lines.append(f"| FedAvg start (round {p.pretrain_rounds}) | " + " | ".join(pre_row) + " | - |")
-    for v in p.variants:
-        why = refused_reason(v)
-        if why and not any(acc[(v, a)] for a in p.alphas):
-            lines.append(f"| {label(v)} | " + " | ".join("refused" for _ in p.alphas)
-                         + f" | {why.splitlines()[0][:160]} |")
-            continue
-        units = [u for a in p.alphas for s in p.seeds for u in [unit_rounds(runs, v, a, s)] if u is not None]
-        compute = f"{statistics.mean(units):.1f}" if units else "-"
-        lines.append(f"| {label(v)} | " + " | ".join(_mean_sd(list(acc[(v, a)].values())) for a in p.alphas)
-                     + f" | {compute} |")
-    if p.central:
-        lines.append("| central (same sample passes) | " + " | ".join(_mean_sd(cen) for _ in p.alphas) + " | - |")
-    return lines
-
-
-def _paired_table(p: Part, runs: dict, acc: dict) -> list[str]:
-    """Mosaic minus each method, paired by seed, with a 95 % t interval; the equal-compute rows
-    also with both runs at the round the validation split picks."""
-    from bench.converged import EQUAL_COMPUTE
-
-    lines = ["", "Mosaic minus each method, test points, paired by seed: mean [95 % t interval] (each seed).", "",
-             "| Mosaic − | " + " | ".join(f"α={a:g}" for a in p.alphas) + " |", "|---|" + "---|" * len(p.alphas)]
-    for v in p.variants:
-        if v == "mosaic":
-            continue
-        cells_ = [paired_interval(mosaic_minus(p, acc, v, a), scale=100, digits=1) for a in p.alphas]
-        lines.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
-    for v in (v for v in EQUAL_COMPUTE if v in p.variants):  # their last round can land in a trough
-        cells_ = [paired_interval(chosen_differences(runs, v, a, p.seeds), scale=100, digits=1) for a in p.alphas]
-        if any(c != "-" for c in cells_):
-            lines.append(f"| {label(v)}, both at the round the validation split picks | "
-                         + " | ".join(cells_) + " |")
-    return lines
-
-
-def gap_closure(p: Part, acc: dict, cen: list[float]) -> dict[float, tuple[float, int]]:
-    """α -> ((Mosaic − FedAvg) / (central − FedAvg), seeds): means over the seeds both methods
-    finished; nothing without a central reference."""
-    gap = {}
-    for a in p.alphas if cen else ():
-        common = [s for s in p.seeds if s in acc[("mosaic", a)] and s in acc[("fedavg", a)]]
-        if common:
-            m = statistics.mean(acc[("mosaic", a)][s] for s in common)
-            f = statistics.mean(acc[("fedavg", a)][s] for s in common)
-            gap[a] = ((m - f) / (statistics.mean(cen) - f), len(common))
-    return gap
-
-
-def _distillation_table(p: Part, runs: dict) -> list[str]:
-    """Why a distilling method won or lost: at its distillation round, the student's and the
-    teacher's validation accuracy, what the gates kept and the generators' fidelity; nothing
-    while no distilling run has finished."""
-    head = ["", "At the distillation round (validation split, %; mean over seeds): the student about to be "
-            "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
-            "kept it after the look-ahead's fine-tune rounds), and the clients' "
-            "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-            "last distillation round, and how many of all their rounds' distillations the gates kept. "
-            "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real images it is scored class by class, and (asked) with each image's own "
-            "class as the asked one.", "",
-            "| method | " + " | ".join(f"α={a:g} student / teacher / kept" for a in p.alphas) + " |",
-            "|---|" + "---|" * len(p.alphas)]
-    distilled = []
-    for v in p.variants:
-        row, any_ = [], False
-        for a in p.alphas:
-            reps = [runs[(v, a, s)].get("distillation") or {} for s in p.seeds if (v, a, s) in runs]
-            reps = [r for r in reps if "val-teacher" in r]
-            if not reps:
-                row.append("-")
-                continue
-            any_ = True
-            fid = [r["gen-fidelity-mean"] for r in reps if "gen-fidelity-mean" in r]
-            kept = kept_rounds([runs[(v, a, s)].get("rows") or [] for s in p.seeds if (v, a, s) in runs])
-            row.append(f"{100 * statistics.mean(r['val-before-distill'] for r in reps):.1f} / "
-                       f"{100 * statistics.mean(r['val-teacher'] for r in reps):.1f}"
-                       + (f" (asked {100 * statistics.mean(r['val-teacher-asked'] for r in asked):.1f})"
-                          if (asked := [r for r in reps if "val-teacher-asked" in r]) else "") + " / "
-                       f"{int(sum(r.get('gate-kept', 1.0) for r in reps))} of {len(reps)}"
-                       + (f", {int(sum(r['gate-final-kept'] for r in look))} after the look-ahead"
-                          if (look := [r for r in reps if "gate-final-kept" in r]) else "")
-                       + (f", rounds kept {kept[0]} of {kept[1]}" if kept else "")
-                       + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
-        if any_:
-            distilled.append(f"| {label(v)} | " + " | ".join(row) + " |")
-    return head + distilled if distilled else []
-
-
-def _gate_check(p: Part, runs: dict) -> list[str]:
-    """A sentence: the gated distillations the validation split contradicts (``gate_disagreements``)."""
-    n, against = gate_disagreements({f"{label(v)} α={a:g} seed {s}": runs[(v, a, s)].get("rows") or []
-                                     for v in p.variants for a in p.alphas for s in p.seeds if (v, a, s) in runs})
-    if not n:
-        return []
-    return ["", f"The clients' gate against the validation split: of the {n} gated distillation"
-            f"{'' if n == 1 else 's'} in the runs that kept their per-round metrics (at the distillation "
-            "round; every round of the every-round methods), the validation split contradicts the gate's "
-            f"decision by 0.5 points or more in {len(against) or 'none'}"
-            + (": " + "; ".join(against) if against else "") + "."]
+            *table("data set", ["α", "seeds", "equal rounds", "equal client compute",
+                                "equal compute, validation-chosen rounds", "Mosaic's compute", "best at equal rounds"],
+                   rows), ""]
 
 
 def _equal_compute_notes(p: Part, out: Path) -> list[dict]:
@@ -622,50 +432,6 @@ def _equal_compute_notes(p: Part, out: Path) -> list[dict]:
     eq = [json.loads((out / f"fedavg-eqc-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
           for a in p.alphas for s in p.seeds if (out / f"fedavg-eqc-a{a:g}-s{s}" / "bench.json").is_file()]
     return [e for e in eq if e]
-
-
-def plot(name: str, p: Part, acc: dict, central: list[float]) -> None:
-    """``headline-<name>.png``: final accuracy per method and α; none (an older one removed)
-    while no run is finished."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = [v for v in p.variants if any(acc[(v, a)] for a in p.alphas)]
-    if not variants:
-        (RESULTS / f"headline-{name}.png").unlink(missing_ok=True)
-        return
-    from bench.converged import EQUAL_COMPUTE
-
-    fig, ax = plt.subplots(figsize=(min(13.0, 4.5 + 3.0 * len(p.alphas)), 4.5))
-    width = 0.8 / len(variants)
-    palette = plt.get_cmap("tab20").colors
-    base = [v for v in variants if v not in EQUAL_COMPUTE]
-    # an equal-compute bar: its method's colour, hatched
-    colour = {v: palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i, v in enumerate(base)}
-    colour |= {v: colour.get(EQUAL_COMPUTE[v][0], palette[-1]) for v in variants if v in EQUAL_COMPUTE}
-    for i, v in enumerate(variants):
-        xs, ms, sds = [], [], []
-        for j, a in enumerate(p.alphas):
-            vals = list(acc[(v, a)].values())
-            if vals:
-                xs.append(j + i * width)
-                ms.append(100 * statistics.mean(vals))
-                sds.append(100 * statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        ax.bar(xs, ms, width, yerr=sds, label=label(v), capsize=2, color=colour[v],
-               hatch="//" if v in EQUAL_COMPUTE else None, edgecolor="white" if v in EQUAL_COMPUTE else None)
-    if central:
-        ax.axhline(100 * statistics.mean(central), color="k", ls="--", lw=1, label="central")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(p.alphas))], [f"α={a:g}" for a in p.alphas])
-    lo = min(100 * min(v for x in acc.values() for v in x.values()) - 5, 100)
-    ax.set_ylim(max(lo, 0), 100 * max([*central, *(v for x in acc.values() for v in x.values())]) + 3)
-    ax.set_ylabel("final test accuracy (%), mean ± sd over seeds")
-    ax.set_title(f"headline: {p.title}")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"headline-{name}.png", dpi=120)
-    plt.close(fig)
 
 
 @contextmanager
@@ -686,8 +452,8 @@ def recorded(ledger: Path, root: Path):
 
 
 def report(parts: list[str], root: Path) -> str:
-    from bench.converged_report import report as detail
-
+    """``headline.md`` and ``.json`` from the runs in ``root``: the verdict, then each part's section
+    (``part_table``); each part's every table in ``headline-<part>-detail.md`` (``protocol_report.report``)."""
     prov = provenance()
     lines = ["# The headline comparison (bench/headline.py)", "",
              f"Machine: {machine_line()}. Every method continues from the same FedAvg checkpoint per (data set, α, "
@@ -701,7 +467,7 @@ def report(parts: list[str], root: Path) -> str:
         if (RESULTS / f"headline-{name}.png").is_file():
             sections.append(f"Plot: `headline-{name}.png`.\n")
         p = PARTS[name]
-        detail(runs_dir(name, root), p.alphas, p.seeds, p.variants, name=f"headline-{name}-detail")
+        protocol.report(runs_dir(name, root), p.alphas, p.seeds, p.variants, name=f"headline-{name}-detail")
     lines += _verdict_table(parts, {name: d["verdict"] for name, d in data.items()}) + sections
     md = "\n".join(lines) + "\n"
     (RESULTS / "headline.md").write_text(md)
@@ -727,8 +493,6 @@ def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
     group's shared round 1 is in each member's wall time (bench.json ``shared_seconds``): counted
     once. A pre-training recorded without its checkpoint in a cell
     with runs left is left: the grid runs it again (``ensure_start``)."""
-    from bench.converged import pretrain_name, variant_name
-
     p, out = PARTS[name], runs_dir(name, root)
 
     def run_dir(kind: str, a: float, s: int) -> Path:
@@ -761,36 +525,6 @@ def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
             if v:
                 walls.setdefault(k, []).append(v)
     return per_cell, {k: statistics.mean(v) for k, v in walls.items()}
-
-
-def kept_rounds(runs_rows: list[list[dict]]) -> tuple[int, int] | None:
-    """For methods that distil every round: how many of the runs' (per-round metrics rows) gated
-    distillations were kept, and of how many; None where no run distilled in more than one round."""
-    gates = [[r["gate-kept"] for r in rows if "gate-kept" in r] for rows in runs_rows]
-    if not any(len(g) > 1 for g in gates):
-        return None
-    return int(sum(sum(g) for g in gates)), sum(len(g) for g in gates)
-
-
-def gate_disagreements(named_rows: dict[str, list[dict]], margin: float = 0.005) -> tuple[int, list[str]]:
-    """The clients' gate checked against the validation split: every gated distillation in the
-    runs' per-round metrics rows (``name -> rows``; the clients' data: ``gate-before`` /
-    ``gate-after``, the validation split: ``val-before-distill`` / ``val-after-distill``).
-    Returns how many decisions there were and, for each the validation split contradicts by at
-    least ``margin`` (a refused distillation it finds that much better, a kept one that much
-    worse), a line with the run, the round and both checks."""
-    n, lines = 0, []
-    for name, rows in named_rows.items():
-        for r in rows:
-            if not {"gate-kept", "gate-before", "gate-after", "val-before-distill", "val-after-distill"} <= set(r):
-                continue
-            n += 1
-            gain = r["val-after-distill"] - r["val-before-distill"]
-            if (gain >= margin and not r["gate-kept"]) or (gain <= -margin and r["gate-kept"]):
-                lines.append(f"{name} round {r['round']}: {'kept' if r['gate-kept'] else 'refused'} "
-                             f"(clients' data {100 * r['gate-before']:.1f} → {100 * r['gate-after']:.1f} %), "
-                             f"validation {100 * r['val-before-distill']:.1f} → {100 * r['val-after-distill']:.1f} %")
-    return n, lines
 
 
 def plan(parts: list[str], root: Path) -> str:

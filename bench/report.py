@@ -1,14 +1,16 @@
 """What the benchmarks' tables share: reading a study's run folders (``collect``: summaries,
 configs, bench notes, per-round metrics, pre-trainings, central references), formatting
-figures over seeds, and a grid's report (methods x alphas x seeds: ``grid_lines``, the tables
-of ``bench/run.py``). Paired t-intervals:
-``bench.common.paired_interval``. Run names: ``bench.common.pretrain_name`` / ``variant_name``."""
+figures over seeds, markdown tables (``table``, rows per method and alpha: ``method_rows``,
+``per_alpha``), and a grid's report (methods x alphas x seeds: ``grid_lines``, the tables
+of ``bench/run.py``). The converged protocol's tables: ``bench.protocol_report``. Paired
+t-intervals: ``bench.common.paired_interval``. Run names: ``bench.common.pretrain_name`` /
+``variant_name``."""
 
 from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bench.common import (CENTRAL, Cell, distils, fmt_mean_std, label, mean_std, paired_interval, pretrain_name,
@@ -17,15 +19,6 @@ from mosaic_flwr.config import renamed
 
 
 # ----------------------------------------------------------------------------- formatting
-def mean_sd(xs: list[float], k: float = 100) -> str:
-    """``mean ± sd (n)`` of ``xs`` times ``k`` (one value: ``x (1)``; none: ``-``)."""
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0] * k:.1f} (1)"
-    return f"{statistics.mean(xs) * k:.1f} ± {statistics.stdev(xs) * k:.1f} ({len(xs)})"
-
-
 def ms(values: list[float], pct: bool = True) -> str:
     """``mean ± sd`` of accuracies in % (``pct``) or of counts and seconds; one value alone."""
     if not values:
@@ -36,6 +29,47 @@ def ms(values: list[float], pct: bool = True) -> str:
         return f"{m:.1f}" if pct else f"{m:.0f}"
     sd = statistics.stdev(values) * k
     return f"{m:.1f} ± {sd:.1f}" if pct else f"{m:.0f} ± {sd:.0f}"
+
+
+def mean_sd(xs: list[float]) -> str:
+    """``ms`` of accuracies with their count: ``mean ± sd (n)``, one value ``x (1)``, none ``-``."""
+    return f"{ms(xs)} ({len(xs)})" if xs else "-"
+
+
+def row(name: str, cells: Iterable[str]) -> str:
+    """A markdown table row: ``name``, then the ``cells``."""
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def table(first: str, columns: Iterable[str], rows: Iterable[str]) -> list[str]:
+    """A markdown table: the header (``first``, then ``columns``), its rule, the ``rows``."""
+    columns = list(columns)
+    return [row(first, columns), "|---|" + "---|" * len(columns), *rows]
+
+
+def captioned(caption: str, first: str, columns: Iterable[str], rows: list[str]) -> list[str]:
+    """``caption`` and its table below a blank line each; nothing without rows."""
+    return ["", caption, "", *table(first, columns, rows)] if rows else []
+
+
+def alpha_columns(alphas, *each: str) -> list[str]:
+    """The columns of a table per α: ``α=<a>``, or ``α=<a> <e>`` for each of ``each``."""
+    return [f"α={a:g} {e}" for a in alphas for e in each] if each else [f"α={a:g}" for a in alphas]
+
+
+def method_rows(variants, alphas, cell: Callable[[str, float], str], name=label) -> list[str]:
+    """A row per method (``name(v)``) with a figure at some α: ``cell(v, a)`` for each α ("-": none)."""
+    rows = []
+    for v in variants:
+        cells = [cell(v, a) for a in alphas]
+        if any(c != "-" for c in cells):
+            rows.append(row(name(v), cells))
+    return rows
+
+
+def per_alpha(variants, alphas, cells: Callable[[str, float], list[str]], name=str) -> list[str]:
+    """A row per method (``name(v)``), figures or not: ``cells(v, a)`` for each α in turn."""
+    return [row(name(v), [c for a in alphas for c in cells(v, a)]) for v in variants]
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -88,6 +122,11 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
                     r["rows"] = _rows(runs_dir / variant_name(v, a, s))
                     data["runs"][(v, a, s)] = r
     return data
+
+
+def finished(runs: dict, v: str, a: float, seeds) -> list[dict]:
+    """Method ``v``'s finished runs at α ``a``, in the order of ``seeds``."""
+    return [runs[(v, a, s)] for s in seeds if (v, a, s) in runs]
 
 
 # ----------------------------------------------------------------------------- a grid's tables
@@ -152,18 +191,9 @@ def budget_lines(cfg, num_clients: int, variants: Iterable[str], central: dict |
     return lines
 
 
-def _per_alpha(caption: str, alphas: list[float], rows: list[str], head: str = "strategy") -> list[str]:
-    """A table with one column per alpha under ``caption``; none without rows."""
-    if not rows:
-        return []
-    return (["", caption, "", f"| {head} | " + " | ".join(f"α={a:g}" for a in alphas) + " |",
-             "|---|" + "---|" * len(alphas)] + rows)
-
-
 def accuracy_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """Final and best test accuracy per alpha, mean ± sd over seeds; the centralised reference last."""
-    lines = ["| strategy | " + " | ".join(f"α={a:g} final | α={a:g} best" for a in alphas) + " | seeds |",
-             "|---|" + "---|---|" * len(alphas) + "---|"]
+    rows = []
     for variant in [*variants, CENTRAL]:
         cells, seeds = [], set()
         for a in alphas:
@@ -171,81 +201,69 @@ def accuracy_table(groups: dict, variants: list[str], alphas: list[float]) -> li
             cells += [fmt_mean_std(g["final"]), fmt_mean_std(g["best"])] if g else ["-", "-"]
             seeds.update(g["seeds"] if g else [])
         if any(c != "-" for c in cells):
-            name = f"{variant} (upper bound)" if variant == CENTRAL else label(variant)
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(seeds)} |")
-    return lines
+            rows.append(row(f"{variant} (upper bound)" if variant == CENTRAL else label(variant),
+                            cells + [str(len(seeds))]))
+    return table("strategy", alpha_columns(alphas, "final", "best") + ["seeds"], rows)
 
 
 def distill_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """The distillation round's test accuracy: the global model before → after, and the teacher."""
-    rows = []
-    for variant in variants:
-        cells = []
-        for a in alphas:
-            g = groups.get((variant, a)) or {}
-            cells.append(f"{fmt_mean_std(g['acc-before-distill'], 3)} → {fmt_mean_std(g['acc-after-distill'], 3)} "
-                         f"(teacher {fmt_mean_std(g['acc-teacher'], 3)})" if "acc-after-distill" in g else "-")
-        if any(c != "-" for c in cells):
-            rows.append(f"| {label(variant)} | " + " | ".join(cells) + " |")
-    return _per_alpha("Distillation round (test accuracy of the global model before → after "
-                      "distillation, and of the teacher; mean ± std over seeds):", alphas, rows)
+    def cell(v: str, a: float) -> str:
+        g = groups.get((v, a)) or {}
+        if "acc-after-distill" not in g:
+            return "-"
+        return (f"{fmt_mean_std(g['acc-before-distill'], 3)} → {fmt_mean_std(g['acc-after-distill'], 3)} "
+                f"(teacher {fmt_mean_std(g['acc-teacher'], 3)})")
+
+    return captioned("Distillation round (test accuracy of the global model before → after "
+                     "distillation, and of the teacher; mean ± std over seeds):", "strategy", alpha_columns(alphas),
+                     method_rows(variants, alphas, cell))
 
 
 def val_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """Final accuracy on the validation split (training data no client holds), and the
     distillation round on it: what settings are chosen on."""
-    rows = []
-    for variant in variants:
-        cells = []
-        for a in alphas:
-            g = groups.get((variant, a)) or {}
-            if "final_val" not in g:
-                cells.append("-")
-                continue
-            cell = fmt_mean_std(g["final_val"])
-            if "val-after-distill" in g:
-                cell += (f" (KD round: {fmt_mean_std(g['val-before-distill'], 3)} → "
-                         f"{fmt_mean_std(g['val-after-distill'], 3)}, teacher "
-                         f"{fmt_mean_std(g['val-teacher'], 3)}"
-                         + (f", ensemble {fmt_mean_std(g['val-ensemble'], 3)}" if "val-ensemble" in g else "")
-                         + ")")
-            cells.append(cell)
-        if any(c != "-" for c in cells):
-            rows.append(f"| {label(variant)} | " + " | ".join(cells) + " |")
-    return _per_alpha("**Validation split** (held out of the training data before partitioning; no client "
-                      "holds it; settings are chosen on these figures, never on the test set): final "
-                      "accuracy, and at the distillation round the global model before → after and the "
-                      "teachers, mean ± std over seeds:", alphas, rows)
+    def cell(v: str, a: float) -> str:
+        g = groups.get((v, a)) or {}
+        if "final_val" not in g:
+            return "-"
+        if "val-after-distill" not in g:
+            return fmt_mean_std(g["final_val"])
+        return (f"{fmt_mean_std(g['final_val'])} (KD round: {fmt_mean_std(g['val-before-distill'], 3)} → "
+                f"{fmt_mean_std(g['val-after-distill'], 3)}, teacher {fmt_mean_std(g['val-teacher'], 3)}"
+                + (f", ensemble {fmt_mean_std(g['val-ensemble'], 3)}" if "val-ensemble" in g else "") + ")")
+
+    return captioned("**Validation split** (held out of the training data before partitioning; no client "
+                     "holds it; settings are chosen on these figures, never on the test set): final "
+                     "accuracy, and at the distillation round the global model before → after and the "
+                     "teachers, mean ± std over seeds:", "strategy", alpha_columns(alphas),
+                     method_rows(variants, alphas, cell))
 
 
 def paired_lines(runs: dict, pairs: Iterable[tuple[str, str]], alphas: list[float],
                  key: str = "final_accuracy") -> list[str]:
     """Each pair's first variant minus its second, paired by seed: mean [95 % t interval]
     (each seed's difference); seeds only one of them has are left out."""
-    rows = []
-    for first, second in pairs:
-        cells = []
-        for a in alphas:
-            x = {s: r.get(key) for (v, al, s), r in runs.items() if v == first and al == a}
-            y = {s: r.get(key) for (v, al, s), r in runs.items() if v == second and al == a}
-            cells.append(paired_interval([x[s] - y[s] for s in sorted(x.keys() & y.keys())
-                                          if x[s] is not None and y[s] is not None]))
-        if any(c != "-" for c in cells):
-            rows.append(f"| {label(first)} − {label(second)} | " + " | ".join(cells) + " |")
+    def cell(pair: tuple[str, str], a: float) -> str:
+        x, y = ({s: r.get(key) for (v, al, s), r in runs.items() if v == w and al == a} for w in pair)
+        return paired_interval([x[s] - y[s] for s in sorted(x.keys() & y.keys())
+                                if x[s] is not None and y[s] is not None])
+
     which = "test" if key == "final_accuracy" else "validation"
-    return _per_alpha(f"Paired by seed, final {which} accuracy, each difference: mean [95 % t interval] "
-                      "(per-seed differences):", alphas, rows, head="difference")
+    return captioned(f"Paired by seed, final {which} accuracy, each difference: mean [95 % t interval] "
+                     "(per-seed differences):", "difference", alpha_columns(alphas),
+                     method_rows(pairs, alphas, cell, name=lambda p: f"{label(p[0])} − {label(p[1])}"))
 
 
 def wall_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
-    rows = []
-    for variant in variants:
-        vals = [groups.get((variant, a)) for a in alphas]
-        if any(vals):
-            rows.append(f"| {label(variant)} | " + " | ".join(
-                f"{statistics.mean(g['wall']):.0f}" if g else "-" for g in vals) + " |")
-    return _per_alpha("Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
-                      "see the load averages in the JSON):", alphas, rows)
+    """The ServerApp's wall seconds per run, mean over seeds."""
+    def cell(v: str, a: float) -> str:
+        g = groups.get((v, a))
+        return f"{statistics.mean(g['wall']):.0f}" if g else "-"
+
+    return captioned("Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
+                     "see the load averages in the JSON):", "strategy", alpha_columns(alphas),
+                     method_rows(variants, alphas, cell))
 
 
 def by_model_table(runs: dict, variants, alphas, seeds) -> list[str]:
@@ -255,24 +273,19 @@ def by_model_table(runs: dict, variants, alphas, seeds) -> list[str]:
     archs = list(dict.fromkeys(m for r in runs.values() for m in (r.get("final_accuracy_by_model") or {})))
     if len(archs) < 2:
         return []
-    lines = ["", "Model heterogeneity: final test accuracy % of every model the clients hold (the main table "
-             f"reports {archs[0]}), and `clients`: the mean over clients of the accuracy of the model each "
-             "holds; mean over seeds.", "",
-             "| method | " + " | ".join(f"α={a:g} {m}" for a in alphas for m in (*archs, "clients")) + " |",
-             "|---|" + "---|" * (len(alphas) * (len(archs) + 1))]
-    for v in variants:
-        got = {a: [runs[(v, a, s)] for s in seeds if (v, a, s) in runs] for a in alphas}
-        if not any(got.values()):
-            continue
-        cells_ = []
-        for a in alphas:
-            for m in archs:
-                xs = [r["final_accuracy_by_model"][m] for r in got[a] if m in (r.get("final_accuracy_by_model") or {})]
-                cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
-            xs = [r["final_accuracy_clients"] for r in got[a] if r.get("final_accuracy_clients") is not None]
-            cells_.append(f"{100 * statistics.mean(xs):.1f}" if xs else "-")
-        lines.append(f"| {label(v)} | " + " | ".join(cells_) + " |")
-    return lines
+
+    def cells(v: str, a: float) -> list[str]:
+        got = finished(runs, v, a, seeds)
+        by_model = [[r["final_accuracy_by_model"][m] for r in got if m in (r.get("final_accuracy_by_model") or {})]
+                    for m in archs]
+        clients = [r["final_accuracy_clients"] for r in got if r.get("final_accuracy_clients") is not None]
+        return [f"{100 * statistics.mean(xs):.1f}" if xs else "-" for xs in (*by_model, clients)]
+
+    ran = [v for v in variants if any(finished(runs, v, a, seeds) for a in alphas)]
+    return ["", "Model heterogeneity: final test accuracy % of every model the clients hold (the main table "
+            f"reports {archs[0]}), and `clients`: the mean over clients of the accuracy of the model each "
+            "holds; mean over seeds.", "",
+            *table("method", alpha_columns(alphas, *archs, "clients"), per_alpha(ran, alphas, cells, name=label))]
 
 
 def plot(runs: dict, variants: list[str], alphas: list[float], path: Path, title: str) -> None:

@@ -235,12 +235,12 @@ def test_paired_differences_and_their_95_percent_interval():
     assert any(line.startswith("| Mosaic | 0.7100") for line in val_table(groups, ["mosaic"], [0.1]))
 
 
-def test_converged_report_counts_each_clients_steps():
+def test_the_protocol_report_counts_each_clients_steps():
     """Classifier steps per client in the continuation rounds: local steps per round,
     ``kd.local-steps`` at the distillation round, one more training per look-ahead
     round; generator steps for the distilling strategies only."""
     from bench.common import paired_interval
-    from bench.converged_report import client_steps
+    from bench.protocol_report import client_steps
 
     rows = [{"round": 0}, {"round": 1}, {"round": 2, "shadow-clients": 10}, {"round": 3, "shadow-clients": 10}]
     base = {"local-steps": 50, "mosaic.gen-steps": 200, "kd.local-steps": 0, "num-server-rounds": 3}
@@ -335,12 +335,13 @@ def test_bench_modules_import_each_other_without_a_cycle():
     from graphlib import CycleError, TopologicalSorter
 
     graph = bench_imports()
-    assert {"common", "report", "ledger", "run", "headline", "converged", "converged_report"} <= set(graph)
+    assert {"common", "report", "ledger", "run", "headline", "converged", "protocol_report"} <= set(graph)
     try:
         order = list(TopologicalSorter(graph).static_order())
     except CycleError as exc:  # pragma: no cover - the failure message names the cycle
         pytest.fail(f"bench modules import each other in a circle: {' -> '.join(exc.args[1])}")
-    assert order.index("common") < order.index("report") < order.index("converged_report") < order.index("headline")
+    assert order.index("common") < order.index("report") < order.index("protocol_report") < order.index("converged")
+    assert order.index("protocol_report") < order.index("headline")
 
 
 def test_method_lists_come_from_the_registry():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import converged, converged_report, headline
+from bench import converged, headline, protocol_report
 from bench.converged import client_units, equal_compute_rounds
 from bench.headline import Part
 from bench.report import by_model_table
@@ -92,7 +92,7 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
     monkeypatch.setattr(headline, "RESULTS", results)
-    monkeypatch.setattr(converged_report, "RESULTS", results)
+    monkeypatch.setattr(protocol_report, "RESULTS", results)
     monkeypatch.setitem(headline.PARTS, "tiny", Part(
         "tiny", TINY, (0.1,), (1,), 2, variants=("fedavg", "fedbn", "feddf", "mosaic", "mosaic-nometa", "fedavg-eqc")))
     # the equal-compute run (tens of rounds on CIFAR-10) and a distilling rival die in their round
@@ -298,9 +298,9 @@ def test_the_validation_split_picks_the_round_not_the_test_set():
             {"round": 2, "accuracy": 0.38, "val-accuracy": 0.40},
             {"round": 3, "accuracy": 0.36, "val-accuracy": 0.40},   # a tie: the earlier round costs less
             {"round": 4, "accuracy": 0.41}]                         # no validation score: not a candidate
-    assert headline.best_validation(rows) == (2, 0.38)
-    assert headline.best_validation([{"round": 0, "accuracy": 0.2}]) is None
-    assert headline.best_validation([]) is None
+    assert protocol_report.best_validation(rows) == (2, 0.38)
+    assert protocol_report.best_validation([{"round": 0, "accuracy": 0.2}]) is None
+    assert protocol_report.best_validation([]) is None
 
 
 def test_equal_compute_is_also_compared_at_the_rounds_the_validation_split_picks():
@@ -313,8 +313,8 @@ def test_equal_compute_is_also_compared_at_the_rounds_the_validation_split_picks
             ("fedavg-eqc", 0.1, 1): run((0.30, 0.30), (0.40, 0.41), (0.33, 0.32)),  # final 0.33, chosen 0.40
             ("mosaic", 0.1, 2): run((0.30, 0.30), (0.36, 0.35)),
             ("fedavg-eqc", 0.1, 2): {"rows": None}}  # restored without per-round scores: left out
-    assert headline.chosen_differences(runs, "fedavg-eqc", 0.1, (1, 2)) == pytest.approx([-0.05])
-    assert headline.chosen_differences(runs, "fedprox-eqc", 0.1, (1, 2)) == []
+    assert protocol_report.chosen_differences(runs, "fedavg-eqc", 0.1, (1, 2)) == pytest.approx([-0.05])
+    assert protocol_report.chosen_differences(runs, "fedprox-eqc", 0.1, (1, 2)) == []
 
 
 def test_a_families_cell_reports_every_model_the_clients_hold():
@@ -443,9 +443,9 @@ def test_kept_rounds_counts_an_every_round_methods_gated_distillations():
     last round alone ("0 of 1") hid it. A method that distils once has no such count."""
     dfrd = [{"round": 0}, {"round": 1, "gate-kept": 1.0}, {"round": 2, "gate-kept": 0.0}, {"round": 3, "gate-kept": 0.0}]
     feddf = [{"round": 1, "gate-kept": 0.0}, {"round": 2, "gate-kept": 0.0}, {"round": 3, "gate-kept": 1.0}]
-    assert headline.kept_rounds([dfrd]) == (1, 3)
-    assert headline.kept_rounds([dfrd, feddf, []]) == (2, 6)  # summed over seeds; a restored run has no rows
-    assert headline.kept_rounds([[{"round": 1, "gate-kept": 1.0}, {"round": 2}]]) is None  # Mosaic: once
+    assert protocol_report.kept_rounds([dfrd]) == (1, 3)
+    assert protocol_report.kept_rounds([dfrd, feddf, []]) == (2, 6)  # summed over seeds; a restored run has no rows
+    assert protocol_report.kept_rounds([[{"round": 1, "gate-kept": 1.0}, {"round": 2}]]) is None  # Mosaic: once
 
 
 def test_gate_disagreements_lists_the_decisions_the_validation_split_contradicts():
@@ -453,7 +453,7 @@ def test_gate_disagreements_lists_the_decisions_the_validation_split_contradicts
         return {"round": rnd, "gate-kept": kept, "gate-before": before, "gate-after": after,
                 "val-before-distill": vb, "val-after-distill": va}
 
-    n, lines = headline.gate_disagreements({
+    n, lines = protocol_report.gate_disagreements({
         "Mosaic": [{"round": 0}, row(1, 0.0, 0.303, 0.275, 0.171, 0.272)],   # refused, validation +10.1
         "FedDF": [row(1, 1.0, 0.50, 0.52, 0.50, 0.40),                       # kept, validation -10
                   row(2, 0.0, 0.50, 0.49, 0.500, 0.503),                     # refused, a tie on validation
@@ -461,7 +461,7 @@ def test_gate_disagreements_lists_the_decisions_the_validation_split_contradicts
     assert n == 4
     assert lines == ["Mosaic round 1: refused (clients' data 30.3 → 27.5 %), validation 17.1 → 27.2 %",
                      "FedDF round 1: kept (clients' data 50.0 → 52.0 %), validation 50.0 → 40.0 %"]
-    assert headline.gate_disagreements({"FedAvg": [{"round": 1, "accuracy": 0.5}]}) == (0, [])
+    assert protocol_report.gate_disagreements({"FedAvg": [{"round": 1, "accuracy": 0.5}]}) == (0, [])
 
 
 def test_threads_below_one_is_refused_before_anything_runs(tmp_path, capsys):
@@ -472,13 +472,13 @@ def test_threads_below_one_is_refused_before_anything_runs(tmp_path, capsys):
 
 
 def test_gap_closure_uses_the_seeds_both_methods_finished():
-    part = Part("t", (), (0.1, 1.0), (1, 2), 2, variants=("fedavg", "mosaic"))
-    acc = {("mosaic", 0.1): {1: 0.80, 2: 0.70}, ("fedavg", 0.1): {1: 0.70},  # seed 2: no FedAvg run
-           ("mosaic", 1.0): {}, ("fedavg", 1.0): {1: 0.85}}
-    gap = headline.gap_closure(part, acc, [0.90, 0.90])
-    assert gap.keys() == {0.1} and gap[0.1][1] == 1
-    assert gap[0.1][0] == pytest.approx((0.80 - 0.70) / (0.90 - 0.70))
-    assert headline.gap_closure(part, acc, []) == {}  # no central reference: no gap closure
+    runs = {("mosaic", 0.1, 1): 0.80, ("mosaic", 0.1, 2): 0.70, ("fedavg", 0.1, 1): 0.70,  # seed 2: no FedAvg run
+            ("fedavg", 1.0, 1): 0.85}
+    runs = {k: {"final_accuracy": x} for k, x in runs.items()}
+    gap = protocol_report.gap_closure(runs, "mosaic", 0.1, (1, 2), [0.90, 0.90])
+    assert gap[1] == 1 and gap[0] == pytest.approx((0.80 - 0.70) / (0.90 - 0.70))
+    assert protocol_report.gap_closure(runs, "mosaic", 1.0, (1, 2), [0.90, 0.90]) is None  # no Mosaic run
+    assert protocol_report.gap_closure(runs, "mosaic", 0.1, (1, 2), []) is None  # no central reference: no gap closure
 
 
 def test_the_verdict_pairs_by_seed_and_never_gives_mosaic_a_tie(monkeypatch):
@@ -494,9 +494,7 @@ def test_the_verdict_pairs_by_seed_and_never_gives_mosaic_a_tie(monkeypatch):
             ("mosaic", 0.1, 1): {"final_accuracy": 0.52, "rows": rows([(0.3, 0.51), (0.4, 0.52)])},
             ("mosaic", 0.1, 2): {"final_accuracy": 0.60, "rows": rows([(0.3, 0.59), (0.4, 0.60)])},
             ("fedavg-eqc", 0.1, 1): {"final_accuracy": 0.50, "rows": rows([(0.5, 0.56), (0.4, 0.50)])}}
-    acc = {(v, a): {s: r["final_accuracy"] for (w, b, s), r in runs.items() if (w, b) == (v, a)}
-           for v in part.variants for a in part.alphas}
-    (v,) = headline.verdict(part, runs, acc)
+    (v,) = headline.verdict(part, runs)
     assert v["seeds"] == 2 and v["equal_rounds"] == pytest.approx([0.02, 0.0])
     assert v["equal_compute"] == pytest.approx([0.02])  # seed 1 only has an equal-compute run
     assert v["equal_compute_chosen"] == pytest.approx([0.52 - 0.56])  # FedAvg's best validation round: its first
