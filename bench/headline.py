@@ -341,7 +341,7 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     if eq:
         lines += ["", "Equal client compute: FedAvg and FedProx ran "
                   + ", ".join(str(e["rounds"]) for e in eq) + " rounds in the cells (Mosaic's client work in its own "
-                  "plain rounds, `converged.client_units`), at the same schedule (round 1 at lr, then finetune-lr)."]
+                  "plain rounds, `protocol_report.client_units`), at the same schedule (round 1 at lr, then finetune-lr)."]
     total = sum(1 for a in p.alphas for s in p.seeds for v in p.methods(s)
                 if not (out / variant_name(v, a, s) / "refused.json").is_file() and not refuses(p, v))
     central_done = f", {len(cen)} of {len(p.seeds)} central" if p.central else ""
