@@ -98,6 +98,30 @@ def label(name: str) -> str:
     return (STRATEGIES[name].title if name in STRATEGIES else "") or name
 
 
+# Named groups of methods a spec may list beside method names (bench/run.py's studies, the
+# headline's parts in bench/studies/headline.toml): computed from the registry, so a new method
+# joins every spec that names its group.
+GROUPS = {"registry": lambda: list(compared()), "distilling": lambda: [m for m in compared() if distils(m)],
+          "ablations": lambda: list(ABLATIONS)}
+
+
+class SpecError(ValueError):
+    """A spec (a study's, the headline's parts, or a narrowing of one) that cannot run: said in
+    one line, before any run."""
+
+
+def method_names(entries: str | Sequence[str]) -> list[str]:
+    """A spec's ``methods`` as names, each group (``GROUPS``) expanded in place, each name checked
+    against ``runnable()``; a name listed twice runs once."""
+    known, names = runnable(), []
+    for e in [entries] if isinstance(entries, str) else entries:
+        if e not in GROUPS and e not in known:
+            raise SpecError(f"unknown method {e!r}: a spec names the groups {', '.join(GROUPS)} "
+                            f"and the methods {', '.join(known)}")
+        names += GROUPS[e]() if e in GROUPS else [e]
+    return list(dict.fromkeys(names))
+
+
 # ----------------------------------------------------------------------------- provenance
 def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -25,13 +25,16 @@ has runs to do and must reproduce the recorded accuracy exactly, else the cell s
 figures: its finished runs started from the recorded model, a different one would not be a fair
 start for the rest.
 
-Each cell (data set, alpha, seed) is ``bench/converged.py``'s two-stage protocol: FedAvg to its
-plateau (``init-from``), then every method of ``HEADLINE`` for the same further rounds with
-the same learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and the clients'
-distillation gate on for every distilling method; then FedAvg and FedProx again with as many
-rounds as Mosaic's clients' measured work buys (``converged.equal_compute_rounds``). Per seed,
-the centralised reference with the same sample passes. Settings are the defaults (chosen on
-the validation split: docs/methods.md, "How the defaults were chosen") and, for CIFAR-10, the CPU preset.
+The parts (each a data set's run configs, cells, pre-training length and methods, with their
+cuts) are data: ``bench/studies/headline.toml``, one table per part (``read_spec``). Each cell
+(part, alpha, seed) is ``bench/converged.py``'s two-stage protocol: FedAvg to its plateau
+(``init-from``), then every method of the part (``HEADLINE`` unless it says otherwise) for the
+same further rounds with the same learning-rate schedule (round 1 at ``lr``, then
+``finetune-lr``) and the clients' distillation gate on for every distilling method; then FedAvg
+and FedProx again with as many rounds as Mosaic's clients' measured work buys
+(``converged.equal_compute_rounds``). Per seed, the centralised reference with the same sample
+passes. Settings are the defaults (chosen on the validation split: docs/methods.md, "How the
+defaults were chosen") and, for CIFAR-10, the CPU preset.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import json
 import shutil
 import statistics
 import sys
+import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -49,13 +53,96 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import ledger as ledger_  # noqa: E402
 from bench import protocol_report as protocol  # noqa: E402
-from bench.common import (EQUAL_COMPUTE, RESULTS, RUNS, compared, distils, label, machine_line,  # noqa: E402
-                          paired_interval, pretrain_name, provenance, variant_name)
+from bench.common import (EQUAL_COMPUTE, RESULTS, ROOT, RUNS, SpecError, distils, label,  # noqa: E402
+                          machine_line, method_names, paired_interval, pretrain_name, provenance, variant_name)
 from bench.report import by_model_table, collect, row, table  # noqa: E402
 
-# Equal rounds: every method the library registers (``bench.common.compared``: FedGen included),
-# and Mosaic without its meta model; then the two equal-compute rows.
-HEADLINE = (*compared(), "mosaic-nometa", "fedavg-eqc", "fedprox-eqc")
+# The parts (title, run configs, cells, pre-training, methods and their cuts) are data: one table
+# each in bench/studies/headline.toml, read once at import (``read_spec``).
+SPEC = ROOT / "bench" / "studies" / "headline.toml"
+PART_KEYS = ("title", "run-config", "alphas", "seeds", "pretrain-rounds", "methods", "leave-out", "central",
+             "only-seeds")
+REQUIRED = ("title", "alphas", "seeds", "pretrain-rounds")
+
+# What the tables say of each part's cut and of what happened in its cells, with the figures
+# measured on the grid's machine: data, not code (bench/results/headline-notes.json).
+NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
+
+
+def _listed(got: object, what: str, kind: type | tuple[type, ...], noun: str) -> list:
+    """``got`` (a part's ``what``) if it is a list of ``kind`` values (``noun``), else a ``SpecError``."""
+    if not isinstance(got, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in got):
+        raise SpecError(f"{what} must be a list of {noun}")
+    return got
+
+
+def _part_fields(table: object, default: tuple[str, ...], notes: dict) -> dict:
+    """A part's ``Part`` fields from its spec table (``PART_KEYS``): its methods are the spec's
+    ``default`` unless it names its own (groups expanded, ``bench.common.method_names``), less its
+    ``leave-out``; its cut and notes are ``notes``' (its entry of headline-notes.json)."""
+    if not isinstance(table, dict):
+        raise SpecError(f"not a table of {', '.join(PART_KEYS)}")
+    if unknown := sorted(set(table) - set(PART_KEYS)):
+        raise SpecError(f"unknown key(s) {', '.join(unknown)} (a part knows {', '.join(PART_KEYS)})")
+    if missing := [k for k in REQUIRED if k not in table]:
+        raise SpecError(f"missing {', '.join(missing)}")
+    methods = tuple(method_names(table["methods"])) if "methods" in table else default
+    leave_out = method_names(_listed(table.get("leave-out", []), "leave-out", str, "method names"))
+    if stray := [m for m in leave_out if m not in methods]:
+        raise SpecError(f"leave-out names {', '.join(stray)}, which the part does not run")
+    variants = tuple(m for m in methods if m not in leave_out)
+    alphas = tuple(float(a) for a in _listed(table["alphas"], "alphas", (int, float), "numbers"))
+    seeds = tuple(_listed(table["seeds"], "seeds", int, "integers"))
+    if not alphas or not seeds:
+        raise SpecError("alphas and seeds must name at least one cell")
+    only = table.get("only-seeds", {})
+    if not isinstance(only, dict):
+        raise SpecError("only-seeds must be a table, method = [seeds]")
+    only_seeds = {m: tuple(_listed(got, f"only-seeds.{m}", int, "integers")) for m, got in only.items()}
+    method_names(list(only_seeds))  # an unknown name stops here; a group's name below (the part runs no such method)
+    if stray := [m for m in only_seeds if m not in variants]:
+        raise SpecError(f"only-seeds names {', '.join(stray)}, which the part does not run")
+    if stray := [m for m, got in only_seeds.items() if not set(got) <= set(seeds)]:
+        raise SpecError(f"only-seeds of {', '.join(stray)} names seeds the part does not run")
+    rounds, central = table["pretrain-rounds"], table.get("central", True)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1 or not isinstance(central, bool):
+        raise SpecError("pretrain-rounds must be a positive integer, central true or false")
+    return {"title": str(table["title"]), "variants": variants, "alphas": alphas, "seeds": seeds,
+            "run_config": tuple(_listed(table.get("run-config", []), "run-config", str, "strings")),
+            "pretrain_rounds": rounds, "central": central, "only_seeds": only_seeds,
+            "cut": notes.get("cut", ""), "notes": notes.get("notes", [])}
+
+
+def read_spec(path: Path) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """The headline spec at ``path``: its default methods (top-level ``methods``, default the
+    "registry" group, resolved to names) and each part's ``Part`` fields, in the file's order.
+    A ``SpecError`` (one line, naming the file and the part) for what cannot run."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+        if unknown := sorted(set(raw) - {"methods", "parts"}):
+            raise SpecError(f"unknown key(s) {', '.join(unknown)} (the spec knows methods and parts)")
+        if not isinstance(raw.get("parts"), dict) or not raw["parts"]:
+            raise SpecError("no parts: a [parts.<name>] table each")
+        default, parts = tuple(method_names(raw.get("methods", "registry"))), {}
+        for name, entry in raw["parts"].items():
+            try:
+                parts[name] = _part_fields(entry, default, NOTES["parts"].get(name, {}))
+            except SpecError as exc:
+                raise SpecError(f"part {name}: {exc}") from None
+        return default, parts
+    except (OSError, tomllib.TOMLDecodeError, SpecError, TypeError) as exc:  # TypeError: methods not a list
+        raise SpecError(f"{path}: {exc}") from None
+
+
+try:
+    # HEADLINE: the methods of every part that names none (the spec's: every method the library
+    # registers, Mosaic without its meta model, the two equal-compute rows).
+    HEADLINE, _PART_FIELDS = read_spec(SPEC)
+except SpecError as exc:  # the command says what is wrong in one line; an importer gets the error
+    if __name__ != "__main__":
+        raise
+    print(f"bench/headline.py: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 def thread_settings(threads: int = 1) -> tuple[str, str]:
@@ -81,7 +168,8 @@ def run_rank(variant: str) -> int:
 @dataclass(frozen=True)
 class Part:
     """One data set's grid: run configs (files / strings) over the defaults, the cells, the
-    pre-training length, and the methods (``HEADLINE`` unless a part says otherwise)."""
+    pre-training length, and the methods (``HEADLINE`` unless a part says otherwise); a table of
+    bench/studies/headline.toml."""
 
     title: str
     run_config: tuple[str, ...]
@@ -99,33 +187,7 @@ class Part:
         return sorted((v for v in self.variants if seed in self.only_seeds.get(v, self.seeds)), key=run_rank)
 
 
-# FedDF's public transfer set for CIFAR-10 is CIFAR-100 (the authors'), which torchvision
-# downloads from the internet only; the machine the grid ran on has none, so FedDF distils on
-# the unlabelled images of the validation split instead: in-distribution, which favours FedDF.
-CIFAR_TRANSFER = "feddf.transfer-set='holdout'"
-
-# What the tables say of each part's cut and of what happened in its cells, with the figures
-# measured on the grid's machine: data, not code (bench/results/headline-notes.json).
-NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
-
-
-def _notes(part: str) -> dict:
-    return {"cut": NOTES["parts"][part]["cut"], "notes": NOTES["parts"][part]["notes"]}
-
-
-PARTS = {
-    "fmnist": Part("Fashion-MNIST, 10 clients, cnn_small", (), (0.01, 0.1, 1.0), (42, 43, 44), 30, **_notes("fmnist")),
-    "cifar10": Part("CIFAR-10 (CPU preset), 10 clients, ResNet-8",
-                    ("conf/cifar10-cpu.toml", "num-server-rounds=3", CIFAR_TRANSFER),
-                    (0.01, 0.1, 1.0), (42, 43), 100,
-                    only_seeds={"dense": (42,), "fedftg": (42,), "dfrd": (42,)}, **_notes("cifar10")),
-    "cifar10-families": Part("CIFAR-10 (CPU preset), model families resnet8 / cnn_small / cnn_wide",
-                             ("conf/cifar10-cpu.toml", "num-server-rounds=3", CIFAR_TRANSFER,
-                              "client-models='resnet8,cnn_small,cnn_wide'"),
-                             (0.1,), (42,), 100,
-                             variants=tuple(v for v in HEADLINE if v != "fedbn"), central=False,
-                             **_notes("cifar10-families")),
-}
+PARTS = {name: Part(**fields) for name, fields in _PART_FIELDS.items()}
 
 
 def runs_dir(part: str, root: Path) -> Path:

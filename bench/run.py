@@ -59,8 +59,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common, ledger  # noqa: E402
-from bench.common import (ABLATIONS, CENTRAL, RESULTS, ROOT, RUNS, Cell, compared, distils, header_lines,  # noqa: E402
-                          label, loadavg, provenance, resolved_config, run_cell, run_central, run_inprocess, runnable,
+from bench.common import (CENTRAL, RESULTS, ROOT, RUNS, Cell, SpecError, header_lines, label, loadavg,  # noqa: E402
+                          method_names, provenance, resolved_config, run_cell, run_central, run_inprocess, runnable,
                           write_results)
 from bench.report import collect, grid_data, grid_lines, plot, setting_of, with_central  # noqa: E402
 
@@ -68,23 +68,6 @@ KEYS = ("name", "title", "driver", "methods", "alphas", "seeds", "clients", "cen
         "run-config")
 DRIVERS = {"inprocess": "in-process federation: the real ClientApp handlers, no Ray",
            "simulation": "real Flower simulation, scripts/flwr_sim.py"}
-GROUPS = {"registry": lambda: list(compared()), "distilling": lambda: [m for m in compared() if distils(m)],
-          "ablations": lambda: list(ABLATIONS)}
-
-
-class SpecError(ValueError):
-    """A study spec (or a narrowing of it) that cannot run: said in one line, before any run."""
-
-
-def method_names(entries: str | Sequence[str]) -> list[str]:
-    """A spec's ``methods`` as names, each group expanded in place, each name checked."""
-    known, names = runnable(), []
-    for e in [entries] if isinstance(entries, str) else entries:
-        if e not in GROUPS and e not in known:
-            raise SpecError(f"unknown method {e!r}: a study runs the groups {', '.join(GROUPS)} "
-                            f"and {', '.join(known)}")
-        names += GROUPS[e]() if e in GROUPS else [e]
-    return list(dict.fromkeys(names))
 
 
 def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
@@ -99,6 +82,8 @@ def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SpecError(f"{path}: {exc}") from None
+    if "parts" in raw:
+        raise SpecError(f"{path}: the headline comparison's parts: run them with bench/headline.py")
     if unknown := sorted(set(raw) - set(KEYS)):
         raise SpecError(f"{path}: unknown key(s) {', '.join(unknown)} (a spec knows {', '.join(KEYS)})")
     driver = raw.get("driver", "inprocess")

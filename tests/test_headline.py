@@ -83,6 +83,81 @@ def test_every_part_names_known_variants_and_valid_run_configs():
         build_config({**load_defaults(), **rc})  # raises ConfigError on a bad part
 
 
+def test_the_parts_read_from_their_spec_file_are_those_the_code_held():
+    """bench/studies/headline.toml gives every part the values bench/headline.py kept as Python
+    before it (at bda338e), field by field, in the same order: the default methods computed from
+    the registry, FedDF's CIFAR-10 transfer set on the validation split, the data-free rivals'
+    seed cut, FedBN left out of the families, their cut and notes from headline-notes.json."""
+    from bench.common import compared
+
+    default = (*compared(), "mosaic-nometa", "fedavg-eqc", "fedprox-eqc")
+    cifar = ("conf/cifar10-cpu.toml", "num-server-rounds=3", "feddf.transfer-set='holdout'")
+    before = {
+        "fmnist": {"title": "Fashion-MNIST, 10 clients, cnn_small", "run_config": (), "alphas": (0.01, 0.1, 1.0),
+                   "seeds": (42, 43, 44), "pretrain_rounds": 30, "variants": default, "central": True,
+                   "only_seeds": {}},
+        "cifar10": {"title": "CIFAR-10 (CPU preset), 10 clients, ResNet-8", "run_config": cifar,
+                    "alphas": (0.01, 0.1, 1.0), "seeds": (42, 43), "pretrain_rounds": 100, "variants": default,
+                    "central": True, "only_seeds": {"dense": (42,), "fedftg": (42,), "dfrd": (42,)}},
+        "cifar10-families": {"title": "CIFAR-10 (CPU preset), model families resnet8 / cnn_small / cnn_wide",
+                             "run_config": (*cifar, "client-models='resnet8,cnn_small,cnn_wide'"), "alphas": (0.1,),
+                             "seeds": (42,), "pretrain_rounds": 100,
+                             "variants": tuple(v for v in default if v != "fedbn"), "central": False,
+                             "only_seeds": {}},
+    }
+    notes = json.loads((Path(headline.__file__).parent / "results" / "headline-notes.json").read_text())["parts"]
+    assert headline.HEADLINE == default
+    assert list(headline.PARTS) == list(before)  # the order the grid runs them in
+    for name, fields in before.items():
+        part = headline.PARTS[name]
+        for key, value in {**fields, "cut": notes[name]["cut"], "notes": notes[name]["notes"]}.items():
+            assert getattr(part, key) == value and type(getattr(part, key)) is type(value), (name, key)
+        assert part == Part(**fields, cut=notes[name]["cut"], notes=notes[name]["notes"])
+
+
+PART = '[parts.t]\ntitle = "t"\nalphas = [0.1]\nseeds = [1, 2]\npretrain-rounds = 2\n'
+
+
+def test_a_part_names_its_methods_by_group_and_leaves_some_out(tmp_path):
+    from bench.common import compared, distils
+
+    spec = tmp_path / "headline.toml"
+    spec.write_text('methods = ["fedavg"]\n' + PART + 'methods = ["distilling", "fedavg"]\nleave-out = ["dense"]\n'
+                    'only-seeds = { mosaic = [1] }\ncentral = false\n'
+                    '[parts.u]\ntitle = "u"\nalphas = [1]\nseeds = [3]\npretrain-rounds = 4\n')
+    default, parts = headline.read_spec(spec)
+    assert default == ("fedavg",) and list(parts) == ["t", "u"]
+    t = Part(**parts["t"])
+    assert t.variants == (*(m for m in compared() if distils(m) and m != "dense"), "fedavg")
+    assert t.methods(2) == [m for m in t.methods(1) if m != "mosaic"] and not t.central
+    assert Part(**parts["u"]) == Part("u", (), (1.0,), (3,), 4, variants=("fedavg",))
+
+
+def test_a_bad_headline_spec_is_one_line_naming_the_file_and_the_part(tmp_path):
+    from bench.common import SpecError
+
+    spec = tmp_path / "headline.toml"
+    for text, error in (("", "no parts"),
+                        ('metods = ["registry"]\n' + PART, "unknown key(s) metods"),
+                        (PART + "centrl = false\n", "part t: unknown key(s) centrl"),
+                        ('[parts.t]\ntitle = "t"\nalphas = [0.1]\nseeds = [1]\n', "part t: missing pretrain-rounds"),
+                        ('methods = ["fedavg", "fedsgd"]\n' + PART, "unknown method 'fedsgd'"),
+                        (PART + 'methods = ["fedavg"]\nleave-out = ["fedbn"]\n',
+                         "part t: leave-out names fedbn, which the part does not run"),
+                        (PART + "only-seeds = { fedsgd = [1] }\n", "part t: unknown method 'fedsgd'"),
+                        (PART + "only-seeds = { dense = [3] }\n", "part t: only-seeds of dense names seeds"),
+                        (PART + 'methods = ["fedavg"]\nonly-seeds = { dense = [1] }\n',
+                         "part t: only-seeds names dense, which the part does not run"),
+                        (PART.replace("seeds = [1, 2]", 'seeds = "42"'), "part t: seeds must be a list of integers"),
+                        (PART.replace("alphas = [0.1]", "alphas = []"), "part t: alphas and seeds must name"),
+                        (PART + 'central = "no"\n', "central true or false"),
+                        (PART.replace("= 2\n", "= 0\n"), "pretrain-rounds must be a positive integer")):
+        spec.write_text(text)
+        with pytest.raises(SpecError) as got:
+            headline.read_spec(spec)
+        assert error in str(got.value) and str(spec) in str(got.value) and "\n" not in str(got.value), text
+
+
 TINY = ('dataset="synthetic" local-steps=3 mosaic.gen-steps=3 mosaic.gen-batch-size=4 kd.steps=3 kd.batch-size=8 mosaic.meta-epochs=2 '
         'mosaic.meta-samples-per-class=4 mosaic.proto-k=2 feddf.transfer-size=64 test-subset=0',)
 
