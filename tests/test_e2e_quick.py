@@ -25,7 +25,7 @@ from mosaic_flwr.core.checkpoint import ARTIFACTS, load_checkpoint
 from mosaic_flwr.config import ConfigError, build_config
 from mosaic_flwr.distill.kd import kd_loss
 from mosaic_flwr.methods.mosaic.meta import MetaModel
-from mosaic_flwr.core.records import record_to_state
+from mosaic_flwr.core.records import ARRAYS, record_to_state
 from mosaic_flwr.core.task import initial_model
 from tests.support import run_inprocess, QUICK_MOSAIC as TINY
 
@@ -314,17 +314,21 @@ def test_without_prototypes_the_meta_model_gets_nothing_unvouched_and_the_mean_t
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
 
 
-def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_global_features(tmp_path, monkeypatch):
+def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_received_models_features(tmp_path, monkeypatch):
     """``mosaic.meta-experts='heads'``: the meta model learns on prototypes through the experts'
     heads and, as the teacher, reads the same kind of input: each class expert's head on the
-    global model's (the student's, before KD) features of the image."""
+    features of the model the distillation round's clients received (where they computed their
+    prototypes), not on the round's aggregate."""
     overrides = {"strategy": "mosaic", "mosaic.meta-experts": "heads", "mosaic.meta-guard": False}
     out, rows, rec = _run(tmp_path, monkeypatch, **overrides)
     distill, kd = _check_schedule_and_distillation(out, rows, rec, {**TINY, **overrides})
     x = kd["x"]
     model = MetaModel(C, C, arch=kd["cfg"].of('mosaic').meta_arch)
     model.load_state_dict(load_checkpoint(out["dir"], ARTIFACTS)["meta"])
-    backbone = kd["student_before"].eval()
+    sent = [m for m in out["grid"].sent if m.metadata.message_type == "train.mosaic" and m.content["config"]["distill"]]
+    backbone = initial_model(kd["cfg"])
+    backbone.load_state_dict(record_to_state(sent[0].content.array_records[ARRAYS]))
+    backbone.eval()
     heads = []
     for state in rec.experts[0]["cnn_small"]:
         head = torch.nn.Linear(state["head.weight"].shape[1], C)
@@ -337,6 +341,8 @@ def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_global_fe
         assert torch.allclose(got, expected, atol=1e-4)
         full = model(_expert_logits(kd["cfg"], rec.experts[0]["cnn_small"], x))
         assert not torch.allclose(kd["teacher"](x), full, atol=1e-3)  # not the full experts' teacher
+        aggregate = kd["student_before"].eval().features(x)
+        assert not torch.allclose(got, model(torch.stack([h(aggregate) for h in heads], dim=1)), atol=1e-3)
     assert distill["meta-used"] == 1
 
 

@@ -111,6 +111,7 @@ class MosaicStrategy(DistillStrategy):
                                        widths=width_scaled(a.capacity for a in self.archs))
         self.uses_prototypes = teacher == "meta" and self.meta_data not in ("generated", "clients")
         self._received: dict[int, StateDict] = {}
+        self._round_start: StateDict | None = None  # the distillation round's received model ('heads')
         self._experts = None  # the expert mixture, during a distillation
         self._stacks: dict[str, StackedExperts] = {}  # family -> its C class experts, during a distillation
         self._generators = None
@@ -235,10 +236,15 @@ class MosaicStrategy(DistillStrategy):
         screening = (self.phase(server_round) == "distill" and self.teacher == "meta"
                      and self.meta_data == "screened")
         self._received = {c.node_id: self.state_for(a, server_round) for a, c in items} if screening else {}
+        # The model this round's clients received, in whose features their prototypes live: what
+        # the experts' heads read with mosaic.meta-experts='heads' (the round's aggregate is another space).
+        heads = (self.phase(server_round) == "distill" and self.teacher == "meta"
+                 and self.cfg.of('mosaic').meta_experts == "heads")
+        self._round_start = {k: v.clone() for k, v in self.globals[self.primary].items()} if heads else None
         try:
             return super().apply_round(server_round, items)
         finally:
-            self._received = {}
+            self._received, self._round_start = {}, None
 
     def aggregated(self, server_round: int, clients: list[ClientModel]) -> None:
         st, self._stage = self._stage, None
@@ -391,10 +397,10 @@ class MosaicStrategy(DistillStrategy):
         self._generators = (generators, counts)
         experts = self._experts = self.expert_mixture()
         # What the meta model fuses: the full experts, or (mosaic.meta-experts='heads') each expert's
-        # head on the global model's features, the space its prototypes live in.
+        # head on the features of the model the round's clients received, the space their prototypes live in.
         fused = experts
         if self.teacher == "meta" and cfg.of('mosaic').meta_experts == "heads":
-            fused = HeadExperts(experts, self.client_module(Arch(self.primary), self.globals[self.primary]))
+            fused = HeadExperts(experts, self.client_module(Arch(self.primary), self._round_start))
         # mosaic.meta-prior='global': the student is one more token and the meta model's prior.
         inputs = (ConcatExperts([fused, self.frozen(self.primary)])
                   if self.teacher == "meta" and cfg.of('mosaic').meta_prior == "global" else fused)
