@@ -493,8 +493,9 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
             "training); the teacher runs each *full* expert on an image. On the same validation images: how "
             "often the two agree (argmax, per expert), the mean of the heads' logits, and a meta model fitted "
             "on the heads' logits of real images (the best prototypes could give it), scored on the full "
-            "experts (%). The same on the round's *aggregated* model's features (the backbone "
-            "`mosaic.meta-experts='heads'` uses), which diagnostics written before 2026-12-07 measured alone.", "",
+            "experts (%). The same on the round's *aggregated* model's features, which diagnostics written "
+            "before 2026-12-07 measured alone (and `mosaic.meta-experts='heads'` read before 2026-12-08; it now "
+            "reads the received model's).", "",
             *table("α", ["round-1 clients", "agreement, received", "agreement, aggregated", "mean of full experts",
                          "meta on heads, scored on full: received", "... aggregated", "seeds"], heads), ""]
 
