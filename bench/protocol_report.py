@@ -494,7 +494,7 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
             "often the two agree (argmax, per expert), the mean of the heads' logits, and a meta model fitted "
             "on the heads' logits of real images (the best prototypes could give it), scored on the full "
             "experts (%). The same on the round's *aggregated* model's features, which diagnostics written "
-            "before 2026-12-07 measured alone (and `mosaic.meta-experts='heads'` read before 2026-12-08; it now "
+            "before 2026-12-07 measured alone (and `mosaic.meta-experts='heads'` read before 53d323e; it now "
             "reads the received model's).", "",
             *table("α", ["round-1 clients", "agreement, received", "agreement, aggregated", "mean of full experts",
                          "meta on heads, scored on full: received", "... aggregated", "seeds"], heads), ""]
