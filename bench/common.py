@@ -438,13 +438,27 @@ def flower_context(rc: dict):
     return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
 
 
+def write_bench_note(run_dir: Path, **extra) -> None:
+    """A run's bench.json: the load after it, the commit (and whether the tree was dirty), torch's
+    thread count, and ``extra`` (the load before, the driver, shared seconds, ...)."""
+    import torch
+
+    (Path(run_dir) / "bench.json").write_text(json.dumps(
+        {"loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
+         "torch_threads": torch.get_num_threads(), **extra}, indent=2) + "\n")
+
+
+def write_refusal(run_dir: Path, variant: str, reason: str) -> None:
+    """A run its settings refuse before any training: its refused.json (the ledger records it)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "refused.json").write_text(json.dumps({"variant": variant, "reason": reason}, indent=1) + "\n")
+
+
 def run_inprocess(rc: dict, num_clients: int, title: str | None = None, *, hook=None, **bench_extra) -> dict:
     """One whole run of ``rc`` (a full run config) in an in-process federation: the real
     ClientApp and ServerApp handlers on ``InProcessGrid`` (``hook``: its fault hook), no Ray.
-    Its bench.json (load, commit, threads, ``bench_extra``) is written before its summary.json,
-    so a finished run is complete. The summary."""
-    import torch
-
+    Its bench.json (``write_bench_note``: load, commit, threads, ``bench_extra``) is written before
+    its summary.json, so a finished run is complete. The summary."""
     from client_app.app import app as client_app
     from mosaic_flwr.registry import get_strategy
     from mosaic_flwr.testing.inprocess import InProcessGrid
@@ -453,9 +467,7 @@ def run_inprocess(rc: dict, num_clients: int, title: str | None = None, *, hook=
     t0, load0 = time.perf_counter(), loadavg()
     sc = setup(InProcessGrid(client_app, rc, num_clients, hook=hook), flower_context(rc))
     get_strategy(sc.cfg.strategy)(sc)
-    (sc.results.out_dir / "bench.json").write_text(json.dumps(
-        {"loadavg_before": load0, "loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
-         "torch_threads": torch.get_num_threads(), "driver": "in-process", **bench_extra}, indent=2) + "\n")
+    write_bench_note(sc.results.out_dir, loadavg_before=load0, driver="in-process", **bench_extra)
     return finish_run(sc, time.perf_counter() - t0, title=title)
 
 

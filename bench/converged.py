@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (EQUAL_COMPUTE, RUNS, Cell, cell_done, flower_context, run_inprocess, runnable,  # noqa: E402
-                          git_commit, git_dirty, loadavg, pretrain_name, run_central, variant_name)
+                          loadavg, pretrain_name, run_central, variant_name, write_bench_note, write_refusal)
 from bench.protocol_report import client_units, report  # noqa: E402
 
 ALPHAS = (0.1, 0.01, 1.0)
@@ -144,7 +144,6 @@ def pretrain(alpha: float, seed: int, runs_dir: Path, num_clients: int) -> None:
 def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path, num_clients: int) -> None:
     """Every variant from the pre-trained checkpoint of (alpha, seed); the distilling ones
     from one shared round 1 of client work per setting of ``ROUND1_KEYS``."""
-    import torch
 
     from mosaic_flwr.config import load_defaults
 
@@ -169,9 +168,7 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
     for v in list(todo):  # refused before any training (e.g. FedBN without BatchNorm): say why, once
         why = refusal(run_config(v))
         if why:
-            out = runs_dir / variant_name(v, alpha, seed)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "refused.json").write_text(json.dumps({"variant": v, "reason": why}, indent=1) + "\n")
+            write_refusal(runs_dir / variant_name(v, alpha, seed), v, why)
             print(f"[converged] alpha={alpha:g} seed={seed}: {v} refused: {why}", flush=True)
             todo.remove(v)
     if missing and not todo and not (pre / "checkpoint.pt").is_file():
@@ -180,10 +177,7 @@ def continue_group(alpha: float, seed: int, variants: list[str], runs_dir: Path,
         return
 
     def note(out: Path, **extra) -> None:
-        (out / "bench.json").write_text(json.dumps(
-            {"loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
-             "torch_threads": torch.get_num_threads(), "driver": "bench/converged.py (in-process)", **extra},
-            indent=2) + "\n")
+        write_bench_note(out, driver="bench/converged.py (in-process)", **extra)
 
     def plain(variant: str) -> None:
         rc = resumable(run_config(variant), runs_dir / variant_name(variant, alpha, seed))

@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common, ledger  # noqa: E402
 from bench.common import (CENTRAL, RESULTS, ROOT, RUNS, Cell, SpecError, header_lines, label, loadavg,  # noqa: E402
                           method_names, provenance, resolved_config, run_cell, run_central, run_inprocess, runnable,
-                          write_results)
+                          write_refusal, write_results)
 from bench.report import collect, grid_data, grid_lines, plot, setting_of, with_central  # noqa: E402
 
 KEYS = ("name", "title", "driver", "methods", "alphas", "seeds", "clients", "central", "fork", "reference",
@@ -148,8 +148,7 @@ def run_one(spec: dict, cell: Cell, out: Path) -> str:
         return "finished"
     rc = run_config(spec, cell, out)
     if (why := refusal(rc)) is not None:
-        (out / cell.name).mkdir(parents=True, exist_ok=True)
-        (out / cell.name / "refused.json").write_text(json.dumps({"variant": cell.variant, "reason": why}) + "\n")
+        write_refusal(out / cell.name, cell.variant, why)
         return "refused"
     if spec["driver"] == "simulation":
         return "finished" if run_cell(**simulation(spec, cell, out), tag=spec["name"]) is not None else "failed"
@@ -186,9 +185,7 @@ def run_forked(spec: dict, cells: list[Cell], out: Path) -> dict[str, str]:
     from there (``Fork.run``)."""
     import time
 
-    import torch
-
-    from bench.common import flower_context, git_commit, git_dirty
+    from bench.common import flower_context, write_bench_note
     from bench.converged import refusal
     from client_app.app import app as client_app
     from mosaic_flwr.registry import STRATEGIES
@@ -201,8 +198,7 @@ def run_forked(spec: dict, cells: list[Cell], out: Path) -> dict[str, str]:
     done = {}
     for c, rc in configs.items():
         if (why := refusal(rc)) is not None:
-            (out / c.name).mkdir(parents=True, exist_ok=True)
-            (out / c.name / "refused.json").write_text(json.dumps({"variant": c.variant, "reason": why}) + "\n")
+            write_refusal(out / c.name, c.variant, why)
             done[c.name] = "refused"
     todo = [c for c in cells if c.name not in done]
     if not todo:
@@ -220,10 +216,8 @@ def run_forked(spec: dict, cells: list[Cell], out: Path) -> dict[str, str]:
         print(f"[{spec['name']}]   {c.name}: its server from the distillation round on", flush=True)
         sv = setup(grid, flower_context(configs[c]))
         fork.run(sv)
-        (sv.results.out_dir / "bench.json").write_text(json.dumps(
-            {"loadavg_before": load0, "loadavg_after": loadavg(), "commit": git_commit(), "dirty": git_dirty(),
-             "shared_seconds": round(shared, 2), "variant_seconds": round(time.perf_counter() - t1, 2),
-             "torch_threads": torch.get_num_threads(), "driver": "in-process, forked"}, indent=2) + "\n")
+        write_bench_note(sv.results.out_dir, loadavg_before=load0, shared_seconds=round(shared, 2),
+                         variant_seconds=round(time.perf_counter() - t1, 2), driver="in-process, forked")
         finish_run(sv, shared + time.perf_counter() - t1, variant=c.variant,
                    title=f"{label(c.variant)} (alpha={a:g}, seed {s}), forked at the distillation round")
         done[c.name] = "finished"
