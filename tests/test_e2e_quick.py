@@ -211,9 +211,10 @@ def _check_schedule_and_distillation(out, rows, rec, run_config) -> tuple[dict, 
 
 
 def test_mosaic_pipeline_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
-    # The widest meta-model path: prototypes and generated samples, the fitted meta model
-    # used whatever its hold-out says (the default's guard is tested below).
-    both = {"mosaic.meta-data": "both", "mosaic.meta-guard": False}
+    # The widest meta-model path: prototypes and generated samples through the full experts
+    # (the heads, 'auto' here, are tested below), the fitted meta model used whatever its
+    # hold-out says (the default's guard is tested below).
+    both = {"mosaic.meta-data": "both", "mosaic.meta-guard": False, "mosaic.meta-experts": "full"}
     run_config = {**TINY, "strategy": "mosaic", **both}
     out, rows, rec = _run(tmp_path, monkeypatch, strategy="mosaic", **both)
     distill, kd = _check_schedule_and_distillation(out, rows, rec, run_config)
@@ -344,6 +345,7 @@ def test_mosaic_with_meta_experts_heads_fuses_each_experts_head_on_the_received_
         aggregate = kd["student_before"].eval().features(x)
         assert not torch.allclose(got, model(torch.stack([h(aggregate) for h in heads], dim=1)), atol=1e-3)
     assert distill["meta-used"] == 1
+    assert 0 <= distill["acc-heads-mean"] <= 1  # the prior the heads' meta model starts from
 
 
 def test_mosaic_with_an_expert_pass_builds_its_class_experts_from_the_expert_models(tmp_path, monkeypatch):
@@ -371,6 +373,24 @@ def test_mosaic_with_an_expert_pass_builds_its_class_experts_from_the_expert_mod
             if value.is_floating_point():
                 expected = sum(wi * r["expert"][key].double() for wi, r in zip(w, uploads))
                 assert torch.allclose(value.double(), expected, atol=1e-5), (c, key)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, "heads"),
+    ({"mosaic.meta-data": "both"}, "heads"),
+    ({"mosaic.proto-rounds": -1}, "full"),  # a bank of earlier rounds' feature spaces
+    ({"mosaic.meta-data": "generated"}, "full"),
+    ({"mosaic.meta-data": "clients"}, "full"),
+    ({"client-capacities": "1,0.5"}, "full"),
+    ({"client-models": "cnn_small,cnn_wide"}, "full"),
+    ({"mosaic.meta-experts": "full"}, "full"),
+])
+def test_meta_experts_auto_reads_the_heads_where_prototypes_and_teacher_share_one_space(overrides, expected):
+    """The default, ``mosaic.meta-experts='auto'``: heads where the meta model learns from one
+    round's prototypes on the server with one architecture at full width; the full experts elsewhere."""
+    from mosaic_flwr.config import meta_experts_for
+    assert build_config({"strategy": "mosaic"}).of("mosaic").meta_experts == "auto"
+    assert meta_experts_for(build_config({"strategy": "mosaic", **overrides}).values) == expected
 
 
 def test_meta_experts_heads_needs_one_architecture():

@@ -49,7 +49,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 
 from mosaic_flwr.config import (ConfigError, _at_least, _below_one, _choice, _non_negative, _positive, config_heterogeneous,
-                                config_width_scaled, meta_data_for, width_scaled)
+                                config_width_scaled, meta_data_for, meta_experts_for, width_scaled)
 from mosaic_flwr.core.schedule import proto_rounds
 from mosaic_flwr.distill.experts import (
     ModelMixture,
@@ -110,6 +110,7 @@ class MosaicStrategy(DistillStrategy):
                                        clients=", ".join(map(str, self.archs)),
                                        widths=width_scaled(a.capacity for a in self.archs))
         self.uses_prototypes = teacher == "meta" and self.meta_data not in ("generated", "clients")
+        self.meta_experts = meta_experts_for(self.cfg.values)
         self._received: dict[int, StateDict] = {}
         self._round_start: StateDict | None = None  # the distillation round's received model ('heads')
         self._experts = None  # the expert mixture, during a distillation
@@ -239,7 +240,7 @@ class MosaicStrategy(DistillStrategy):
         # The model this round's clients received, in whose features their prototypes live: what
         # the experts' heads read with mosaic.meta-experts='heads' (the round's aggregate is another space).
         heads = (self.phase(server_round) == "distill" and self.teacher == "meta"
-                 and self.cfg.of('mosaic').meta_experts == "heads")
+                 and self.meta_experts == "heads")
         self._round_start = {k: v.clone() for k, v in self.globals[self.primary].items()} if heads else None
         try:
             return super().apply_round(server_round, items)
@@ -399,7 +400,7 @@ class MosaicStrategy(DistillStrategy):
         # What the meta model fuses: the full experts, or (mosaic.meta-experts='heads') each expert's
         # head on the features of the model the round's clients received, the space their prototypes live in.
         fused = experts
-        if self.teacher == "meta" and cfg.of('mosaic').meta_experts == "heads":
+        if self.teacher == "meta" and self.meta_experts == "heads":
             fused = HeadExperts(experts, self.client_module(Arch(self.primary), self._round_start))
         # mosaic.meta-prior='global': the student is one more token and the meta model's prior.
         inputs = (ConcatExperts([fused, self.frozen(self.primary)])
@@ -411,6 +412,8 @@ class MosaicStrategy(DistillStrategy):
         full_z = test_z[:len(experts)] if fused is experts else expert_logits(experts, test_x)
         report["acc-ensemble"] = self._accuracy(full_z.mean(0))
         report["acc-teacher"] = report["acc-ensemble"]
+        if fused is not experts:  # the heads' mean: the prior the meta model starts from (and its guard's)
+            report["acc-heads-mean"] = self._accuracy(test_z[:len(fused)].mean(0))
         if self.teacher == "meta":
             t0 = time.perf_counter()
             z, labels, real = self.meta_inputs(inputs, gen_replies, generators, counts, self._received, report,
@@ -666,7 +669,7 @@ SETTINGS = {
     "meta-arch": (str, _choice("transformer", "gating")),
     "meta-data": (str, _choice("auto", "prototypes", "generated", "both", "screened", "clients")),
     "meta-guard": (bool, None),  # the meta model is the teacher only if it beats the experts' mean on held-out inputs
-    "meta-experts": (str, _choice("full", "heads")),
+    "meta-experts": (str, _choice("auto", "full", "heads")),
     "meta-samples-per-class": (int, _positive),
     "meta-epochs": (int, _positive),
     "meta-lr": (float, _positive),
