@@ -69,13 +69,6 @@ REQUIRED = ("title", "alphas", "seeds", "pretrain-rounds")
 NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
 
 
-def _listed(got: object, what: str, kind: type | tuple[type, ...], noun: str) -> list:
-    """``got`` (a part's ``what``) if it is a list of ``kind`` values (``noun``), else a ``SpecError``."""
-    if not isinstance(got, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in got):
-        raise SpecError(f"{what} must be a list of {noun}")
-    return got
-
-
 def _part_fields(table: object, default: tuple[str, ...], notes: dict) -> dict:
     """A part's ``Part`` fields from its spec table (``PART_KEYS``): its methods are the spec's
     ``default`` unless it names its own (groups expanded, ``bench.common.method_names``), less its
@@ -87,18 +80,18 @@ def _part_fields(table: object, default: tuple[str, ...], notes: dict) -> dict:
     if missing := [k for k in REQUIRED if k not in table]:
         raise SpecError(f"missing {', '.join(missing)}")
     methods = tuple(method_names(table["methods"])) if "methods" in table else default
-    leave_out = method_names(_listed(table.get("leave-out", []), "leave-out", str, "method names"))
+    leave_out = method_names(runner.listed(table.get("leave-out", []), "leave-out", str, "method names"))
     if stray := [m for m in leave_out if m not in methods]:
         raise SpecError(f"leave-out names {', '.join(stray)}, which the part does not run")
     variants = tuple(m for m in methods if m not in leave_out)
-    alphas = tuple(float(a) for a in _listed(table["alphas"], "alphas", (int, float), "numbers"))
-    seeds = tuple(_listed(table["seeds"], "seeds", int, "integers"))
+    alphas = tuple(float(a) for a in runner.listed(table["alphas"], "alphas", (int, float), "numbers"))
+    seeds = tuple(runner.listed(table["seeds"], "seeds", int, "integers"))
     if not alphas or not seeds:
         raise SpecError("alphas and seeds must name at least one cell")
     only = table.get("only-seeds", {})
     if not isinstance(only, dict):
         raise SpecError("only-seeds must be a table, method = [seeds]")
-    only_seeds = {m: tuple(_listed(got, f"only-seeds.{m}", int, "integers")) for m, got in only.items()}
+    only_seeds = {m: tuple(runner.listed(got, f"only-seeds.{m}", int, "integers")) for m, got in only.items()}
     method_names(list(only_seeds))  # an unknown name stops here; a group's name below (the part runs no such method)
     if stray := [m for m in only_seeds if m not in variants]:
         raise SpecError(f"only-seeds names {', '.join(stray)}, which the part does not run")
@@ -108,7 +101,7 @@ def _part_fields(table: object, default: tuple[str, ...], notes: dict) -> dict:
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1 or not isinstance(central, bool):
         raise SpecError("pretrain-rounds must be a positive integer, central true or false")
     return {"title": str(table["title"]), "variants": variants, "alphas": alphas, "seeds": seeds,
-            "run_config": tuple(_listed(table.get("run-config", []), "run-config", str, "strings")),
+            "run_config": tuple(runner.listed(table.get("run-config", []), "run-config", str, "strings")),
             "pretrain_rounds": rounds, "central": central, "only_seeds": only_seeds,
             "cut": notes.get("cut", ""), "notes": notes.get("notes", [])}
 

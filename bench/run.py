@@ -88,6 +88,14 @@ DRIVERS = {"inprocess": "in-process federation: the real ClientApp handlers, no 
            "simulation": "real Flower simulation, scripts/flwr_sim.py"}
 
 
+def listed(got: object, what: str, kind: type | tuple[type, ...], noun: str) -> list:
+    """``got`` (a spec's or a headline part's ``what``) if it is a list of ``kind`` values (``noun``), else a
+    ``SpecError``."""
+    if not isinstance(got, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in got):
+        raise SpecError(f"{what} must be a list of {noun}")
+    return got
+
+
 def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
               seeds: Sequence[int] | None = None, overrides: Sequence[str] = ()) -> dict:
     """The study spec with its defaults and its methods resolved to names; ``methods``, ``alphas``,
@@ -112,9 +120,8 @@ def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence
         reference = raw.get("reference", "fedavg" if "fedavg" in own else None)
         if reference is not None and reference not in own:
             raise SpecError(f"the reference {reference!r} is not one of the study's methods")
-        if not isinstance(raw.get("run-config", []), list) or not all(
-                isinstance(raw.get(k, False), bool) for k in ("central", "fork")):
-            raise SpecError("run-config must be a list of strings, central and fork true or false")
+        if not all(isinstance(raw.get(k, False), bool) for k in ("central", "fork")):
+            raise SpecError("central and fork must be true or false")
         if raw.get("fork") and driver != "inprocess":
             raise SpecError("fork = true needs the in-process driver (the replies are replayed in this process)")
         pretrain = raw.get("pretrain-rounds", 0)
@@ -124,11 +131,13 @@ def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence
             raise SpecError("pretrain-rounds needs the in-process driver and forks by itself (no fork = true)")
         spec = {"name": str(raw.get("name", path.stem)), "title": str(raw.get("title", path.stem)),
                 "driver": driver, "methods": method_names(methods) if methods else own,
-                "alphas": [float(a) for a in alphas or raw.get("alphas", [0.1])],
-                "seeds": [int(s) for s in seeds or raw.get("seeds", [42])], "clients": int(raw.get("clients", 10)),
+                "alphas": [float(a) for a in listed(alphas or raw.get("alphas", [0.1]), "alphas", (int, float),
+                                                    "numbers")],
+                "seeds": listed(seeds or raw.get("seeds", [42]), "seeds", int, "integers"),
+                "clients": int(raw.get("clients", 10)),
                 "central": raw.get("central", False), "fork": raw.get("fork", False), "pretrain_rounds": pretrain,
                 "reference": reference,
-                "run_config": [str(c) for c in (*raw.get("run-config", []), *overrides)]}
+                "run_config": [*listed(raw.get("run-config", []), "run-config", str, "strings"), *overrides]}
         resolved_config(spec["run_config"])  # a bad file or key stops here, before any run
     except (SpecError, ConfigError, TypeError, ValueError) as exc:
         raise SpecError(f"{path}: {exc}") from None

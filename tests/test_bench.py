@@ -108,6 +108,8 @@ def test_a_bad_spec_is_one_line_and_exit_2_before_any_run(tmp_path, capsys):
                         ('methods = ["mosaic"]\nreference = "fedavg"\n', "reference 'fedavg' is not one of"),
                         ('methods = ["mosaic"]\ndriver = "simulation"\nfork = true\n', "fork = true needs the in-process"),
                         ("pretrain-rounds = -1\n", "pretrain-rounds must be a whole number"),
+                        ('seeds = ["42"]\n', "seeds must be a list of integers"),
+                        ('run-config = "num-server-rounds=3"\n', "run-config must be a list of strings"),
                         ("pretrain-rounds = 2\nfork = true\n", "pretrain-rounds needs the in-process driver"),
                         ('pretrain-rounds = 2\ndriver = "simulation"\n', "pretrain-rounds needs the in-process driver")):
         (tmp_path / "s.toml").write_text(text)
