@@ -18,7 +18,7 @@ Runs (checkpoints included) live outside the repository, under ``--runs-root`` (
 ``bench.common.RUNS``: ``$MOSAIC_FLWR_RUNS`` or ``~/.cache/mosaic-flwr/bench-runs``). What is
 finished is recorded as data: every finished run's summary, config, per-round metrics, bench notes
 and refusal go into ``bench/results/ledger/headline-<part>.json`` (``bench/ledger.py``) as soon as
-its cell's stage ends (commit it), and are written back into the runs root before the grid runs,
+its cell ends (commit it), and are written back into the runs root before the grid runs,
 so a new machine or a clean clone goes on where the last one stopped; the tables are read from the
 ledger. A recorded pre-training without its checkpoint (a new machine) is run again when its cell
 has runs to do and must reproduce the recorded accuracy exactly, else the cell stops with the two
@@ -265,7 +265,7 @@ def preflight(parts: list[str]) -> None:
 def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None, threads: int = 1) -> None:
     """Run this shard's cells under ``root``, each run with ``threads`` torch threads; with
     ``ledger`` (a folder of ledger files), first take the finished runs from it and record each
-    stage's finished runs in it as soon as the stage ends."""
+    cell's finished runs in it as soon as the cell ends."""
     preflight(parts)
     for name in parts if ledger is not None else ():
         got = ledger_.materialize(ledger_file(name, ledger), runs_dir(name, root))

@@ -9,6 +9,7 @@ differences to the reference, validation accuracy, wall seconds, accuracy per mo
     .venv/bin/python bench/run.py bench/studies/smoke.toml --table-only # the table from the ledger alone
     .venv/bin/python bench/run.py bench/studies/grid.toml               # the accuracy grid (real simulation)
     .venv/bin/python bench/run.py bench/studies/grid.toml --methods fedavg mosaic --seeds 42   # part of it
+    .venv/bin/python bench/run.py bench/studies/converged.toml --shard 0/2   # the converged protocol; and 1/2
 
 A study spec (TOML; every key has a default, an unknown key is an error):
 
