@@ -344,7 +344,7 @@ EQUAL_COMPUTE = {"fedavg-eqc": ("fedavg", "mosaic"), "fedprox-eqc": ("fedprox", 
 
 
 def pretrain_name(alpha: float, seed: int) -> str:
-    """A cell's FedAvg pre-training run (bench/converged.py's stage 1)."""
+    """A cell's FedAvg pre-training run (the converged protocol's start, ``bench.run.pretrain``)."""
     return f"pretrain-a{alpha:g}-s{seed}"
 
 

@@ -18,7 +18,7 @@ Runs (checkpoints included) live outside the repository, under ``--runs-root`` (
 ``bench.common.RUNS``: ``$MOSAIC_FLWR_RUNS`` or ``~/.cache/mosaic-flwr/bench-runs``). What is
 finished is recorded as data: every finished run's summary, config, per-round metrics, bench notes
 and refusal go into ``bench/results/ledger/headline-<part>.json`` (``bench/ledger.py``) as soon as
-its cell's stage ends (commit it), and are written back into the runs root before the grid runs,
+its cell ends (commit it), and are written back into the runs root before the grid runs,
 so a new machine or a clean clone goes on where the last one stopped; the tables are read from the
 ledger. A recorded pre-training without its checkpoint (a new machine) is run again when its cell
 has runs to do and must reproduce the recorded accuracy exactly, else the cell stops with the two
@@ -26,13 +26,13 @@ figures: its finished runs started from the recorded model, a different one woul
 start for the rest.
 
 The parts (each a data set's run configs, cells, pre-training length and methods, with their
-cuts) are data: ``bench/studies/headline.toml``, one table per part (``read_spec``). Each cell
-(part, alpha, seed) is ``bench/converged.py``'s two-stage protocol: FedAvg to its plateau
-(``init-from``), then every method of the part (``HEADLINE`` unless it says otherwise) for the
-same further rounds with the same learning-rate schedule (round 1 at ``lr``, then
-``finetune-lr``) and the clients' distillation gate on for every distilling method; then FedAvg
-and FedProx again with as many rounds as Mosaic's clients' measured work buys
-(``converged.equal_compute_rounds``). Per seed, the centralised reference with the same sample
+cuts) are data: ``bench/studies/headline.toml``, one table per part (``read_spec``). Each part is
+run by ``bench/run.py``'s converged protocol (``study``; ``bench.run.converged`` per cell (part,
+alpha, seed)): FedAvg to its plateau (``init-from``), then every method of the part (``HEADLINE``
+unless it says otherwise) for the same further rounds with the same learning-rate schedule (round
+1 at ``lr``, then ``finetune-lr``) and the clients' distillation gate on for every distilling
+method; then FedAvg and FedProx again with as many rounds as Mosaic's clients' measured work buys
+(``bench.run.equal_compute_rounds``). Per seed, the centralised reference with the same sample
 passes. Settings are the defaults (chosen on the validation split: docs/methods.md, "How the
 defaults were chosen") and, for CIFAR-10, the CPU preset.
 """
@@ -41,20 +41,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import ledger as ledger_  # noqa: E402
 from bench import protocol_report as protocol  # noqa: E402
-from bench.common import (EQUAL_COMPUTE, RESULTS, ROOT, RUNS, SpecError, distils, label,  # noqa: E402
-                          machine_line, method_names, paired_interval, pretrain_name, provenance, variant_name)
+from bench import run as runner  # noqa: E402
+from bench.common import (CENTRAL, EQUAL_COMPUTE, RESULTS, ROOT, RUNS, Cell, SpecError, distils, label,  # noqa: E402
+                          machine_line, method_names, paired_interval, pretrain_name, provenance, runnable,
+                          variant_name)
 from bench.report import by_model_table, collect, row, table  # noqa: E402
 
 # The parts (title, run configs, cells, pre-training, methods and their cuts) are data: one table
@@ -69,13 +69,6 @@ REQUIRED = ("title", "alphas", "seeds", "pretrain-rounds")
 NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
 
 
-def _listed(got: object, what: str, kind: type | tuple[type, ...], noun: str) -> list:
-    """``got`` (a part's ``what``) if it is a list of ``kind`` values (``noun``), else a ``SpecError``."""
-    if not isinstance(got, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in got):
-        raise SpecError(f"{what} must be a list of {noun}")
-    return got
-
-
 def _part_fields(table: object, default: tuple[str, ...], notes: dict) -> dict:
     """A part's ``Part`` fields from its spec table (``PART_KEYS``): its methods are the spec's
     ``default`` unless it names its own (groups expanded, ``bench.common.method_names``), less its
@@ -87,18 +80,18 @@ def _part_fields(table: object, default: tuple[str, ...], notes: dict) -> dict:
     if missing := [k for k in REQUIRED if k not in table]:
         raise SpecError(f"missing {', '.join(missing)}")
     methods = tuple(method_names(table["methods"])) if "methods" in table else default
-    leave_out = method_names(_listed(table.get("leave-out", []), "leave-out", str, "method names"))
+    leave_out = method_names(runner.listed(table.get("leave-out", []), "leave-out", str, "method names"))
     if stray := [m for m in leave_out if m not in methods]:
         raise SpecError(f"leave-out names {', '.join(stray)}, which the part does not run")
     variants = tuple(m for m in methods if m not in leave_out)
-    alphas = tuple(float(a) for a in _listed(table["alphas"], "alphas", (int, float), "numbers"))
-    seeds = tuple(_listed(table["seeds"], "seeds", int, "integers"))
+    alphas = tuple(float(a) for a in runner.listed(table["alphas"], "alphas", (int, float), "numbers"))
+    seeds = tuple(runner.listed(table["seeds"], "seeds", int, "integers"))
     if not alphas or not seeds:
         raise SpecError("alphas and seeds must name at least one cell")
     only = table.get("only-seeds", {})
     if not isinstance(only, dict):
         raise SpecError("only-seeds must be a table, method = [seeds]")
-    only_seeds = {m: tuple(_listed(got, f"only-seeds.{m}", int, "integers")) for m, got in only.items()}
+    only_seeds = {m: tuple(runner.listed(got, f"only-seeds.{m}", int, "integers")) for m, got in only.items()}
     method_names(list(only_seeds))  # an unknown name stops here; a group's name below (the part runs no such method)
     if stray := [m for m in only_seeds if m not in variants]:
         raise SpecError(f"only-seeds names {', '.join(stray)}, which the part does not run")
@@ -108,7 +101,7 @@ def _part_fields(table: object, default: tuple[str, ...], notes: dict) -> dict:
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1 or not isinstance(central, bool):
         raise SpecError("pretrain-rounds must be a positive integer, central true or false")
     return {"title": str(table["title"]), "variants": variants, "alphas": alphas, "seeds": seeds,
-            "run_config": tuple(_listed(table.get("run-config", []), "run-config", str, "strings")),
+            "run_config": tuple(runner.listed(table.get("run-config", []), "run-config", str, "strings")),
             "pretrain_rounds": rounds, "central": central, "only_seeds": only_seeds,
             "cut": notes.get("cut", ""), "notes": notes.get("notes", [])}
 
@@ -156,13 +149,11 @@ def run_rank(variant: str) -> int:
     alone first, then Mosaic's rows, so that an interrupted cell has its headline comparison,
     then the equal-compute rows (they need Mosaic's client work); the distilling baselines,
     whose teacher passes cost the most, last."""
-    from bench.converged import VARIANTS
-
     if variant in EQUAL_COMPUTE:
         return 2
-    if VARIANTS.get(variant, (variant,))[0] == "mosaic":
+    if runnable()[variant][0] == "mosaic":
         return 1
-    return 3 if distils(VARIANTS.get(variant, (variant,))[0]) else 0
+    return 3 if distils(variant) else 0
 
 
 @dataclass(frozen=True)
@@ -194,9 +185,11 @@ def runs_dir(part: str, root: Path) -> Path:
     return root / f"headline-{part}"
 
 
-# ---------------------------------------------------------------- the ledger (bench/ledger.py)
-
-finished = ledger_.finished
+def study(part: Part, name: str, threads: int = 1) -> dict:
+    """Part ``name`` as a ``bench/run.py`` study of the converged protocol (10 clients, in-process),
+    its runs in ``RUNS_ROOT/headline-<name>``, each with ``threads`` torch threads."""
+    return {"name": f"headline-{name}", "run_config": [*part.run_config, *thread_settings(threads)], "clients": 10,
+            "pretrain_rounds": part.pretrain_rounds, "driver": "inprocess"}
 
 
 def ledger_file(part: str, root: Path) -> Path:
@@ -209,99 +202,37 @@ START = "checkpoint.pt"  # a pre-training's final state: what its cell's methods
 
 def has_start(run: Path) -> bool:
     """Whether a finished pre-training has its checkpoint (in the runs root, never in the ledger:
-    a cell whose pre-training is recorded without it runs it again, ``ensure_start``)."""
+    a cell whose pre-training is recorded without it runs it again, ``bench.run.ensure_start``)."""
     return (run / START).is_file() and (run / "summary.json").is_file()
-
-
-@lru_cache(maxsize=None)
-def _part_config(run_config: tuple[str, ...]) -> tuple[dict, dict]:
-    """The defaults and a part's run configs (files and strings) merged, read once per process."""
-    from mosaic_flwr.config import PROJECT_ROOT, load_defaults, merge_run_config
-
-    return load_defaults(), (merge_run_config(list(run_config), cwd=PROJECT_ROOT) if run_config else {})
 
 
 def variant_config(part: Part, variant: str) -> dict:
     """``variant``'s run config over the part's settings as a cell's continuation runs it
-    (``converged``'s shared and continuation settings included: FedDF's 'holdout' transfer set
-    needs the validation split), without the cell (alpha and seed are the defaults')."""
-    from bench.converged import CONTINUE, SHARED, VARIANTS
-
-    strategy, over = VARIANTS[variant]
-    defaults, base = _part_config(part.run_config)
-    return {**defaults, **SHARED, **CONTINUE, **base, "strategy": strategy, **over}
+    (``bench.run.method_config``: FedDF's 'holdout' transfer set needs the validation split),
+    without the cell (alpha and seed are the defaults')."""
+    return runner.method_config({"run_config": list(part.run_config), "pretrain_rounds": part.pretrain_rounds},
+                                variant)
 
 
 def refuses(part: Part, variant: str) -> bool:
     """Whether the part's settings refuse ``variant`` before any training (FedBN on a model
     without BatchNorm): its cells record the reason instead of a run."""
-    from bench.converged import refusal
-
-    return refusal(variant_config(part, variant)) is not None
+    return runner.refusal(variant_config(part, variant)) is not None
 
 
 def pending(part: Part, out: Path, alpha: float, seed: int) -> list[str]:
     """The variants of cell (alpha, seed) not yet finished in ``out`` (nor refused there or by
     the part's settings)."""
-    return [v for v in part.methods(seed) if not finished(out / variant_name(v, alpha, seed)) and not refuses(part, v)]
+    return [v for v in part.methods(seed)
+            if not ledger_.finished(out / variant_name(v, alpha, seed)) and not refuses(part, v)]
 
 
-class NotReproduced(RuntimeError):
-    """A rerun pre-training did not reproduce the ledger's model."""
-
-
-def ensure_start(part: Part, out: Path, alpha: float, seed: int, rerun) -> None:
-    """Before a cell's continuation: if its pre-training is recorded (restored from the ledger)
-    but its checkpoint is gone and runs remain, run it again (``rerun()``) and check that the
-    new run ends at the recorded accuracies, test and validation, to the last digit."""
-    pre = out / pretrain_name(alpha, seed)
-    if not (pre / "summary.json").is_file() or (pre / "checkpoint.pt").is_file() or not pending(part, out, alpha, seed):
-        return
-    recorded = json.loads((pre / "summary.json").read_text())
-    print(f"[headline] {pre.name}: recorded (ledger) without its checkpoint; pre-training again to reproduce "
-          f"it (recorded final accuracy {recorded['final_accuracy']:.4f})", flush=True)
-    shutil.rmtree(pre)
-    rerun()
-    got = json.loads((pre / "summary.json").read_text())
-    keys = ("final_accuracy", "final_val_accuracy")
-    diff = {k: (recorded.get(k), got.get(k)) for k in keys if recorded.get(k) != got.get(k)}
-    started = [v for v in part.variants if (out / variant_name(v, alpha, seed) / "summary.json").is_file()]
-    if diff and not started:  # no method ran from the recorded start: the new one is the cell's start
-        print(f"[headline] {pre.name}: ended at {got['final_accuracy']:.4f} (recorded {recorded['final_accuracy']:.4f}); "
-              "no method of the cell ran from the recorded one, so this is the cell's start", flush=True)
-        return
-    if diff:
-        raise NotReproduced(f"{pre.name}: the rerun pre-training ended elsewhere than the recorded one "
-                            f"({'; '.join(f'{k}: recorded {a}, now {b}' for k, (a, b) in diff.items())}); the "
-                            "cell's finished runs started from the recorded model, so its remaining runs are "
-                            "not run from another (a different machine, thread count or library version "
-                            "changes the arithmetic). Rerun the whole cell: move its runs out of the ledger.")
-    print(f"[headline] {pre.name}: reproduced exactly (final accuracy {got['final_accuracy']:.4f})", flush=True)
-
-
-def converged_args(part: Part, out: Path, stage: str, alpha: float | None, seed: int, threads: int = 1) -> list[str]:
-    args = ["--stage", stage, "--runs-dir", str(out), "--name", f"headline-{out.name.removeprefix('headline-')}-detail",
-            "--seeds", str(seed), "--pretrain-rounds", str(part.pretrain_rounds), "--set", *thread_settings(threads),
-            "--variants", *part.methods(seed)]
-    if alpha is not None:
-        args += ["--alphas", f"{alpha:g}"]
-    for rc in part.run_config:
-        args += ["--run-config", rc]
-    return args
-
-
-def cells(parts: list[str]) -> list[tuple[str, str, float | None, int]]:
-    """(part, stage, alpha, seed) in the order they run: per seed, each alpha's pre-training
-    and continuation, then that seed's central reference; Fashion-MNIST first."""
-    out = []
-    for name in parts:
-        p = PARTS[name]
-        for s in p.seeds:
-            for a in p.alphas:
-                out += [(name, "pretrain", a, s), (name, "continue", a, s)]
-            if p.central:
-                out.append((name, "central", None, s))
-    return out
+def cells(parts: list[str]) -> list[tuple[str, float | None, int]]:
+    """(part, alpha, seed) in the order they run, alpha None for a seed's central reference: per
+    seed, each alpha's cell (its pre-training and continuation), then that seed's central
+    reference; Fashion-MNIST first."""
+    return [(name, a, s) for name in parts for s in PARTS[name].seeds
+            for a in [*PARTS[name].alphas, *([None] if PARTS[name].central else [])]]
 
 
 def preflight(parts: list[str]) -> None:
@@ -334,45 +265,31 @@ def preflight(parts: list[str]) -> None:
 def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None, threads: int = 1) -> None:
     """Run this shard's cells under ``root``, each run with ``threads`` torch threads; with
     ``ledger`` (a folder of ledger files), first take the finished runs from it and record each
-    stage's finished runs in it as soon as the stage ends."""
-    from bench import converged
-
+    cell's finished runs in it as soon as the cell ends."""
     preflight(parts)
     for name in parts if ledger is not None else ():
         got = ledger_.materialize(ledger_file(name, ledger), runs_dir(name, root))
         if got:
             print(f"[headline] {name}: {len(got)} finished runs taken from the ledger {ledger_file(name, ledger)}",
                   flush=True)
-
-    # A cell's continuation needs its pre-training: a shard owns both (one (part, alpha, seed)).
-    units: list[list] = []
-    for c in cells(parts):
-        if c[1] == "continue":
-            units[-1].append(c)
-        else:
-            units.append([c])
     k, n = shard
-    for i, unit in enumerate(units):
-        if i % n != k:
-            continue
-        for name, stage, alpha, seed in unit:
-            out = runs_dir(name, root)
-            out.mkdir(parents=True, exist_ok=True)
-            args = [converged_args(PARTS[name], out, s, alpha, seed, threads) + ["--no-table"]
-                    for s in ("pretrain", stage)]
-            if stage == "continue":
-                try:
-                    ensure_start(PARTS[name], out, alpha, seed, lambda: converged.main(args[0]))
-                except NotReproduced as exc:
-                    print(f"[headline] {name}: cell alpha={alpha:g} seed={seed} left: {exc}", flush=True)
-                    continue
-            print(f"[headline] {name}: {stage} alpha={alpha if alpha is not None else '-'} seed={seed}", flush=True)
-            converged.main(args[1])
-            if ledger is not None:
-                got = ledger_.record(out, ledger_file(name, ledger))
-                if got:
-                    print(f"[headline] {name}: into the ledger {ledger_file(name, ledger)}: {', '.join(got)} "
-                          "(commit it)", flush=True)
+    for name, alpha, seed in cells(parts)[k::n]:
+        out, spec = runs_dir(name, root), study(PARTS[name], name, threads)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"[headline] {name}: alpha={alpha if alpha is not None else '-'} seed={seed}", flush=True)
+        if alpha is None:
+            if not ledger_.finished(out / Cell(CENTRAL, None, seed).name):
+                runner.run_one(spec, Cell(CENTRAL, None, seed), out)
+        else:
+            try:
+                runner.converged(spec, alpha, seed, out, PARTS[name].methods(seed))
+            except runner.NotReproduced as exc:
+                print(f"[headline] {name}: cell alpha={alpha:g} seed={seed} left: {exc}", flush=True)
+        if ledger is not None:
+            got = ledger_.record(out, ledger_file(name, ledger))
+            if got:
+                print(f"[headline] {name}: into the ledger {ledger_file(name, ledger)}: {', '.join(got)} "
+                      "(commit it)", flush=True)
 
 
 # ---------------------------------------------------------------- report
@@ -422,14 +339,12 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 def refused_reason(p: Part, out: Path, v: str) -> str | None:
     """Why ``v`` was refused before training in a cell of ``out``, or why the part's settings refuse
     it (no cell has run it yet); None where it runs."""
-    from bench.converged import refusal
-
     for a in p.alphas:
         for s in p.seeds:
             f = out / variant_name(v, a, s) / "refused.json"
             if f.is_file():
                 return json.loads(f.read_text())["reason"]
-    return refusal(variant_config(p, v))
+    return runner.refusal(variant_config(p, v))
 
 
 def verdict(p: Part, runs: dict) -> list[dict]:
@@ -554,7 +469,7 @@ def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
     to do; and the mean core-seconds of each run kind over the part's cells. A distilling
     group's shared round 1 is in each member's wall time (bench.json ``shared_seconds``): counted
     once. A pre-training recorded without its checkpoint in a cell
-    with runs left is left: the grid runs it again (``ensure_start``)."""
+    with runs left is left: the grid runs it again (``bench.run.ensure_start``)."""
     p, out = PARTS[name], runs_dir(name, root)
 
     def run_dir(kind: str, a: float, s: int) -> Path:

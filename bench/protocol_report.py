@@ -1,8 +1,8 @@
-"""The report of the converged protocol (``bench/converged.py``'s two stages: every method from
-the same converged FedAvg checkpoint), for both of its drivers: the figures read from a study's
+"""The report of the converged protocol (a ``bench/run.py`` study with ``pretrain-rounds``: every
+method from the same converged FedAvg checkpoint), for both of its users: the figures read from a study's
 runs (``collect``'s ``runs``: (variant, alpha, seed) -> summary with its ``rows``), the tables
 ``bench/headline.py`` puts in a part's section, and ``report``: every table of one study
-(``bench/converged.py --table-only``, and each headline part's details)."""
+(``bench/run.py STUDY --table-only``, and each headline part's details)."""
 
 from __future__ import annotations
 
@@ -328,7 +328,7 @@ def protocol_lines(d: dict, p: dict, c: dict, rounds: int) -> list[str]:
     gen = (f"{c['mosaic.gen-steps']} steps of batch {c['mosaic.gen-batch-size']}"
            if c.get("strategy") == "mosaic" else "see config.json")
     P = p.get("num-server-rounds", "?")
-    return ["# Mosaic from a converged FedAvg (bench/converged.py)", "",
+    return ["# Mosaic from a converged FedAvg (bench/run.py)", "",
             f"Machine: {machine_line()}. In-process federations (the real ClientApp handlers, no Ray), "
             f"{len(d['assign'])} clients, {p.get('dataset', '?')}, {p.get('client-models') or p.get('model', '?')}, "
             f"Dirichlet partition, a {p.get('validation-split', 0):.0%} validation split held out of "
@@ -447,7 +447,7 @@ def path_table(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
 
 
 def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
-    """The teacher's ceiling (``oracle-*.json``, ``bench/converged.py``'s diagnostic of round 1),
+    """The teacher's ceiling (``oracle-*.json``, ``bench.oracle``'s diagnostic of round 1),
     per α and round-1 setting: meta models fitted on real images, and heads against full experts."""
     oracles = sorted(runs_dir.glob("oracle-*.json"))
     if not oracles:
@@ -559,7 +559,7 @@ def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> 
     loads = [g["bench"].get("loadavg_after", [0])[0] for g in runs.values()]
     lines += ["", f"_Runs at commit(s) {', '.join(commits)}; load average (1 min) after the runs "
               f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}; table written at {provenance()['commit']} by "
-              f"`bench/converged.py --table-only`._"]
+              f"`bench/run.py STUDY --table-only`._"]
     md = "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(md)
     keep = ("final_accuracy", "final_val_accuracy", "best_accuracy", "distillation", "init_from", "wall_seconds",

@@ -106,7 +106,12 @@ def test_a_bad_spec_is_one_line_and_exit_2_before_any_run(tmp_path, capsys):
                         ('driver = "ray"\n', "unknown driver 'ray'"),
                         ('run-config = ["num-rounds=3"]\n', "num-rounds"),
                         ('methods = ["mosaic"]\nreference = "fedavg"\n', "reference 'fedavg' is not one of"),
-                        ('methods = ["mosaic"]\ndriver = "simulation"\nfork = true\n', "fork = true needs the in-process")):
+                        ('methods = ["mosaic"]\ndriver = "simulation"\nfork = true\n', "fork = true needs the in-process"),
+                        ("pretrain-rounds = -1\n", "pretrain-rounds must be a whole number"),
+                        ('seeds = ["42"]\n', "seeds must be a list of integers"),
+                        ('run-config = "num-server-rounds=3"\n', "run-config must be a list of strings"),
+                        ("pretrain-rounds = 2\nfork = true\n", "pretrain-rounds needs the in-process driver"),
+                        ('pretrain-rounds = 2\ndriver = "simulation"\n', "pretrain-rounds needs the in-process driver")):
         (tmp_path / "s.toml").write_text(text)
         assert run.main([str(tmp_path / "s.toml"), "--runs-root", str(tmp_path / "runs")]) == 2
         err = capsys.readouterr().err
@@ -338,19 +343,19 @@ def test_bench_modules_import_each_other_without_a_cycle():
     from graphlib import CycleError, TopologicalSorter
 
     graph = bench_imports()
-    assert {"common", "report", "ledger", "run", "headline", "converged", "protocol_report"} <= set(graph)
+    assert {"common", "report", "ledger", "run", "headline", "oracle", "protocol_report"} <= set(graph)
     try:
         order = list(TopologicalSorter(graph).static_order())
     except CycleError as exc:  # pragma: no cover - the failure message names the cycle
         pytest.fail(f"bench modules import each other in a circle: {' -> '.join(exc.args[1])}")
-    assert order.index("common") < order.index("report") < order.index("protocol_report") < order.index("converged")
-    assert order.index("protocol_report") < order.index("headline")
+    assert order.index("common") < order.index("report") < order.index("protocol_report") < order.index("run")
+    assert order.index("oracle") < order.index("run") < order.index("headline")
 
 
 def test_method_lists_come_from_the_registry():
     """Every comparison's methods derive from mosaic_flwr.registry: a new method (FedGen) appears
     beside its peers without a bench edit; what is left out is named with its reason."""
-    from bench import common, converged, headline, run
+    from bench import common, headline, run
     from mosaic_flwr.registry import STRATEGIES
 
     peers = [m for m in STRATEGIES if m not in common.ABLATIONS]
@@ -358,7 +363,7 @@ def test_method_lists_come_from_the_registry():
     assert set(peers) <= set(headline.HEADLINE)
     grid = run.load_spec(common.ROOT / "bench" / "studies" / "grid.toml")
     assert set(grid["methods"]) == {*STRATEGIES, "mosaic-nometa"} and grid["central"] and grid["driver"] == "simulation"
-    assert all(converged.VARIANTS[m] == (m, {}) for m in STRATEGIES)
+    assert all(common.runnable()[m] == (m, {}) for m in STRATEGIES)
     assert [common.distils(m) for m in common.compared()] == sorted(common.distils(m) for m in common.compared())
     assert common.label("fedgen") == "FedGen" and common.label("mosaic-nometa") == "Mosaic without meta model"
     for name, part in headline.PARTS.items():  # a part leaves a method out only with its reason in the cut
@@ -399,7 +404,7 @@ def test_named_variants_are_data_with_valid_settings():
     """bench/variants.toml: one table of named variants for every study; each names a
     registered method and settings the config accepts; the late-distillation rows distil at the
     converged protocol's last round."""
-    from bench import common, converged
+    from bench import common, run
     from mosaic_flwr.config import build_config, load_defaults
     from mosaic_flwr.registry import STRATEGIES
 
@@ -407,10 +412,10 @@ def test_named_variants_are_data_with_valid_settings():
     for name, (strategy, settings) in common.VARIANTS.items():
         assert strategy in STRATEGIES, name
         build_config({**load_defaults(), "strategy": strategy, **settings})  # an unknown key or value raises
-        assert converged.VARIANTS[name] == (strategy, settings)
+        assert common.runnable()[name] == (strategy, settings)
     assert common.variant_config("fedavg") == ("fedavg", {})
     assert common.variant_config("mosaic-nometa") == ("mosaic", {"mosaic.meta": False})
-    assert common.VARIANTS["mosaic-late"][1]["warmup-rounds"] == converged.CONTINUE_ROUNDS
+    assert common.VARIANTS["mosaic-late"][1]["warmup-rounds"] == run.CONTINUE_ROUNDS
     assert common.toml_values({"a": 1e-4, "b": True, "c": "x"}) == 'a=0.0001 b=true c="x"'
 
 
@@ -442,3 +447,43 @@ def test_a_forked_study_shares_one_federation_per_cell_and_records_every_method(
                for n in recorded)
     assert "Mosaic without meta model − Mosaic" in (tmp_path / "results" / "forked.md").read_text()
     assert run.run(run.load_spec(spec), tmp_path / "fresh", book) == {}
+
+
+@pytest.mark.slow
+def test_a_converged_study_starts_every_method_from_one_pretraining_and_forks_the_distilling_ones(tmp_path, monkeypatch):
+    """pretrain-rounds (the converged protocol, as each headline part runs it): per (alpha, seed) FedAvg
+    pre-trains once; every method continues from its checkpoint, Mosaic's rows from ONE round 1 of
+    client work with the teacher-ceiling diagnostic, FedBN refused on cnn_small (equal compute: the
+    tiny headline grid, tests/test_headline.py); the central reference has the sample passes of both stages; protocol_report's tables;
+    a fresh runs root with the ledger runs nothing."""
+    import bench.common
+    from bench import ledger, protocol_report, run
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(protocol_report, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    spec = tmp_path / "conv.toml"
+    spec.write_text('methods = ["fedavg", "fedbn", "mosaic", "mosaic-nometa"]\nalphas = [0.5]\n'
+                    'seeds = [1]\nclients = 2\ncentral = true\npretrain-rounds = 1\nrun-config = ["dataset=\'synthetic\' '
+                    'local-steps=2 mosaic.gen-steps=2 mosaic.gen-batch-size=4 kd.steps=2 kd.batch-size=8 '
+                    'mosaic.meta-epochs=2 mosaic.meta-samples-per-class=4 mosaic.proto-k=2 test-subset=0"]\n')
+    book = tmp_path / "ledger.json"
+    assert run.main([str(spec), "--runs-root", str(tmp_path / "runs"), "--ledger", str(book)]) == 0
+    got = ledger.read(book)
+    assert set(got["runs"]) == {"pretrain-a0.5-s1", "central-s1", *(f"{m}-a0.5-s1" for m in (
+        "fedavg", "fedbn", "mosaic", "mosaic-nometa"))}
+    assert "BatchNorm" in got["runs"]["fedbn-a0.5-s1"]["refused"]["reason"] and list(got["files"]) == ["oracle-a0.5-s1.json"]
+    runs = got["runs"]
+    for m in ("fedavg", "mosaic", "mosaic-nometa"):
+        assert runs[f"{m}-a0.5-s1"]["config"]["init-from"].endswith("pretrain-a0.5-s1"), m
+        assert runs[f"{m}-a0.5-s1"]["config"]["lr-schedule"] == "step"
+    assert runs["pretrain-a0.5-s1"]["config"]["num-server-rounds"] == 1
+    assert runs["pretrain-a0.5-s1"]["config"]["lr-schedule"] == "constant"
+    shared = {runs[f"{m}-a0.5-s1"]["bench"]["shared_seconds"] for m in ("mosaic", "mosaic-nometa")}
+    assert len(shared) == 1 and shared.pop() > 0  # one round 1 for both
+    meta, plain = (runs[f"{m}-a0.5-s1"]["metrics"] for m in ("mosaic", "mosaic-nometa"))
+    assert meta[1]["acc-before-distill"] == plain[1]["acc-before-distill"]
+    assert runs["central-s1"]["summary"]["config"]["num-server-rounds"] == 1 + run.CONTINUE_ROUNDS
+    assert "# Mosaic from a converged FedAvg" in (tmp_path / "results" / "conv.md").read_text()
+    assert run.run(run.load_spec(spec), tmp_path / "fresh", book) == {}
+    assert not list((tmp_path / "fresh").rglob("*.pt"))

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import converged, headline, protocol_report
-from bench.converged import client_units, equal_compute_rounds
+from bench import headline, protocol_report, run as runner
+from bench.common import pretrain_name, runnable, variant_name
+from bench.ledger import finished as ledger_finished
+from bench.protocol_report import client_units
+from bench.run import equal_compute_rounds
 from bench.headline import Part
 from bench.report import by_model_table
 from mosaic_flwr.testing import inprocess
@@ -55,7 +58,7 @@ def test_client_units_use_cpu_seconds_where_every_round_has_them():
 
 def test_equal_compute_rounds_wait_for_the_target_and_match_its_work(tmp_path):
     assert equal_compute_rounds(tmp_path, "fedavg-eqc", 0.1, 1, 3) is None
-    run = tmp_path / converged.variant_name("mosaic", 0.1, 1)
+    run = tmp_path / variant_name("mosaic", 0.1, 1)
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(rows([140.0, 15.0, 15.0], gen_round=1)))
     assert equal_compute_rounds(tmp_path, "fedavg-eqc", 0.1, 1, 3) is None  # not finished yet
@@ -66,19 +69,20 @@ def test_equal_compute_rounds_wait_for_the_target_and_match_its_work(tmp_path):
     assert equal_compute_rounds(tmp_path, "fedprox-eqc", 0.1, 1, 3)["rounds"] == 3  # never fewer rounds
 
 
-def test_cells_run_each_pre_training_before_its_continuation_and_central_per_seed(monkeypatch):
+def test_cells_run_each_pre_training_with_its_continuation_and_central_per_seed(monkeypatch):
+    """A cell (part, alpha, seed) is its pre-training and its continuation (bench.run.converged), a
+    seed's central reference (alpha None) comes after its alphas: the units --shard deals out."""
     monkeypatch.setitem(headline.PARTS, "t", Part("t", (), (0.1, 1.0), (1, 2), 2))
     got = headline.cells(["t"])
-    assert got[:5] == [("t", "pretrain", 0.1, 1), ("t", "continue", 0.1, 1), ("t", "pretrain", 1.0, 1),
-                       ("t", "continue", 1.0, 1), ("t", "central", None, 1)]
-    assert len(got) == 10
+    assert got[:3] == [("t", 0.1, 1), ("t", 1.0, 1), ("t", None, 1)]
+    assert len(got) == 6
 
 
 def test_every_part_names_known_variants_and_valid_run_configs():
     from mosaic_flwr.config import PROJECT_ROOT, build_config, load_defaults, merge_run_config
 
     for name, part in headline.PARTS.items():
-        assert set(part.variants) <= set(converged.VARIANTS), name
+        assert set(part.variants) <= set(runnable()), name
         rc = merge_run_config(list(part.run_config), cwd=PROJECT_ROOT) if part.run_config else {}
         build_config({**load_defaults(), **rc})  # raises ConfigError on a bad part
 
@@ -216,7 +220,7 @@ def test_a_tiny_headline_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     from bench import ledger as ledger_
 
     recorded = ledger_.read(ledger)["runs"]
-    assert set(recorded) == {p.name for p in out.iterdir() if p.is_dir() and headline.finished(p)
+    assert set(recorded) == {p.name for p in out.iterdir() if p.is_dir() and ledger_finished(p)
                              and not p.name.startswith("round1-")}
     assert recorded["mosaic-a0.1-s1"]["metrics"] and "output-dir" not in recorded["mosaic-a0.1-s1"]["config"]
     fresh = tmp_path / "fresh"
@@ -261,7 +265,7 @@ def test_the_ledger_keeps_finished_runs_as_data_and_gives_them_back(tmp_path):
     fresh = tmp_path / "fresh"
     _run(fresh / "fedavg-a0.1-s1", files=("config.json",))
     assert ledger_.materialize(ledger, fresh) == ["fedavg-a0.1-s1", "fedbn-a0.1-s1"]
-    assert headline.finished(fresh / "fedavg-a0.1-s1") and (fresh / "fedavg-a0.1-s1" / "metrics.json").is_file()
+    assert ledger_finished(fresh / "fedavg-a0.1-s1") and (fresh / "fedavg-a0.1-s1" / "metrics.json").is_file()
     assert json.loads((fresh / "fedbn-a0.1-s1" / "refused.json").read_text())["reason"] == "no BatchNorm"
     assert ledger_.materialize(ledger, fresh) == [] and (fresh / "oracle-a0.1-s1.json").is_file()
 
@@ -271,27 +275,31 @@ def test_a_pretraining_without_its_checkpoint_is_rerun_and_must_reproduce_the_re
     pre = _run(tmp_path / "pretrain-a0.1-s1", files=("summary.json",))
     calls = []
 
+    def ensure_start(rerun):  # as bench.run.converged calls it for the part's cell
+        started = [v for v in part.variants if (tmp_path / variant_name(v, 0.1, 1) / "summary.json").is_file()]
+        runner.ensure_start(pre, headline.pending(part, tmp_path, 0.1, 1), started, rerun)
+
     def rerun(final=0.5):
         calls.append(final)
         _run(pre, files=("checkpoint.pt",))
         (pre / "summary.json").write_text(json.dumps({"final_accuracy": final, "final_val_accuracy": 0.4}))
 
-    headline.ensure_start(part, tmp_path, 0.1, 1, rerun)
+    ensure_start(rerun)
     assert calls == [0.5] and (pre / "checkpoint.pt").is_file()
-    headline.ensure_start(part, tmp_path, 0.1, 1, rerun)  # the checkpoint is there now: nothing to do
+    ensure_start(rerun)  # the checkpoint is there now: nothing to do
     assert calls == [0.5]
     (pre / "checkpoint.pt").unlink()
-    headline.ensure_start(part, tmp_path, 0.1, 1, lambda: rerun(0.7))  # no method ran from it: the new start
+    ensure_start(lambda: rerun(0.7))  # no method ran from it: the new start
     assert calls == [0.5, 0.7]
     (pre / "summary.json").write_text(json.dumps({"final_accuracy": 0.5, "final_val_accuracy": 0.4}))
     (pre / "checkpoint.pt").unlink()
     _run(tmp_path / "fedavg-a0.1-s1", files=("summary.json",))  # ran from the recorded start
-    with pytest.raises(headline.NotReproduced, match="final_accuracy: recorded 0.5, now 0.6"):
-        headline.ensure_start(part, tmp_path, 0.1, 1, lambda: rerun(0.6))
+    with pytest.raises(runner.NotReproduced, match="final_accuracy: recorded 0.5, now 0.6"):
+        ensure_start(lambda: rerun(0.6))
     # every run of the cell finished: a lost checkpoint is not needed, nothing is rerun
     (pre / "checkpoint.pt").unlink()
     _run(tmp_path / "mosaic-a0.1-s1", files=("summary.json",))
-    headline.ensure_start(part, tmp_path, 0.1, 1, rerun)
+    ensure_start(rerun)
     assert calls == [0.5, 0.7, 0.6]
 
 
@@ -329,12 +337,10 @@ def test_a_cell_runs_mosaic_before_the_costly_rivals_and_a_cut_method_only_at_it
     assert part.methods(1) == ["fedavg", "mosaic", "fedavg-eqc", "feddf", "dfrd"]
     assert part.methods(2) == ["fedavg", "mosaic", "fedavg-eqc", "feddf"]
     assert headline.pending(part, tmp_path, 0.1, 2) == ["fedavg", "mosaic", "fedavg-eqc", "feddf"]
-    args = headline.converged_args(part, tmp_path / "headline-t", "continue", 0.1, 2)
-    assert args[args.index("--variants") + 1:][:4] == ["fedavg", "mosaic", "fedavg-eqc", "feddf"]
-    assert {"server-threads=1", "client-threads=1"} <= set(args)  # one process per core
-    assert {"server-threads=2", "client-threads=2"} <= set(
-        headline.converged_args(part, tmp_path / "headline-t", "continue", 0.1, 2, threads=2))
-    assert "dfrd" not in args
+    spec = headline.study(part, "t")
+    assert spec["name"] == "headline-t" and spec["pretrain_rounds"] == 2
+    assert {"server-threads=1", "client-threads=1"} <= set(spec["run_config"])  # one process per core
+    assert {"server-threads=2", "client-threads=2"} <= set(headline.study(part, "t", threads=2)["run_config"])
     for name, p in headline.PARTS.items():  # a cut names the part's own methods and seeds
         assert set(p.only_seeds) <= set(p.variants) and all(set(s) <= set(p.seeds) for s in p.only_seeds.values()), name
 
@@ -342,7 +348,7 @@ def test_a_cell_runs_mosaic_before_the_costly_rivals_and_a_cut_method_only_at_it
 def test_a_cell_runs_its_variants_in_the_order_asked(tmp_path, monkeypatch):
     """A distilling group at its first member's place, equal compute once its target is done."""
     pre = tmp_path / "pretrain-a0.1-s1"
-    _run(pre, files=("summary.json",))
+    _run(pre, files=("summary.json", "checkpoint.pt"))
     order = []
 
     def finished(name: str) -> None:
@@ -355,15 +361,16 @@ def test_a_cell_runs_its_variants_in_the_order_asked(tmp_path, monkeypatch):
         finished(rc["run-name"])
         return {"final_accuracy": 0.5}
 
-    def replay_group(alpha, seed, distilling, base_rc, run_config, note, num_clients, oracle=None):
-        order.append(f"round1+{'+'.join(distilling)}")
-        for v in distilling:
-            finished(converged.variant_name(v, alpha, seed))
+    def forked(spec, base, members, driver, title, at=None, oracle=None):
+        order.append(f"round1+{'+'.join(c.variant for c in members)}")
+        for c in members:
+            finished(c.name)
         oracle.write_text("{}")
 
-    monkeypatch.setattr(converged, "run_inprocess", run_inprocess)
-    monkeypatch.setattr(converged, "replay_group", replay_group)
-    converged.continue_group(0.1, 1, ["fedavg-eqc", "fedavg", "mosaic", "feddf", "mosaic-nometa"], tmp_path, 2)
+    monkeypatch.setattr(runner, "run_inprocess", run_inprocess)
+    monkeypatch.setattr(runner, "forked", forked)
+    spec = headline.study(Part("t", (), (0.1,), (1,), 2), "t")
+    runner.converged({**spec, "clients": 2}, 0.1, 1, tmp_path, ["fedavg-eqc", "fedavg", "mosaic", "feddf", "mosaic-nometa"])
     assert order == ["fedavg-a0.1-s1", "round1+mosaic+mosaic-nometa", "fedavg-eqc-a0.1-s1", "feddf-a0.1-s1"]
 
 
@@ -435,13 +442,13 @@ def test_the_plan_counts_a_shared_round_once_and_estimates_what_is_left(tmp_path
             (out / run / "bench.json").write_text(json.dumps(bench))
 
     # resumed after its round 2: 900 s before the interruption (its checkpointed rounds' seconds)
-    finished(converged.pretrain_name(0.1, 1), 2700.0, resumed_after_round=2)
-    (out / converged.pretrain_name(0.1, 1) / "metrics.json").write_text(json.dumps(
+    finished(pretrain_name(0.1, 1), 2700.0, resumed_after_round=2)
+    (out / pretrain_name(0.1, 1) / "metrics.json").write_text(json.dumps(
         [{"round": 0, "seconds": 10.0}, {"round": 1, "seconds": 400.0}, {"round": 2, "seconds": 490.0},
          {"round": 3, "seconds": 2000.0}]))
-    finished(converged.variant_name("fedavg", 0.1, 1), 180.0, threads=2)  # 360 core-seconds
-    finished(converged.variant_name("mosaic", 0.1, 1), 1800.0, shared=900.0)
-    finished(converged.variant_name("mosaic-nometa", 0.1, 1), 1440.0, shared=900.0)
+    finished(variant_name("fedavg", 0.1, 1), 180.0, threads=2)  # 360 core-seconds
+    finished(variant_name("mosaic", 0.1, 1), 1800.0, shared=900.0)
+    finished(variant_name("mosaic-nometa", 0.1, 1), 1440.0, shared=900.0)
     lines = headline.plan(["t"], tmp_path).splitlines()
     # seed 1: 3600 + 360 + 1800 + (1440 - 900) s = 1.75 h; its central never ran
     assert lines[0].startswith("t alpha=0.1 seed=1: 4 of 5 done, 1.75 h")
@@ -464,10 +471,10 @@ def test_the_plan_counts_a_pretraining_recorded_without_its_checkpoint_as_left(t
         (out / run / "summary.json").write_text(json.dumps(summary))
         return out / run
 
-    (finished(converged.pretrain_name(0.1, 1), wall_seconds=3600.0) / headline.START).write_bytes(b"model")
-    finished(converged.pretrain_name(0.1, 2), restored=True)  # runs left: pre-trained again
-    finished(converged.pretrain_name(0.1, 3), restored=True)
-    finished(converged.variant_name("fedavg", 0.1, 3), wall_seconds=360.0)  # cell 3 complete
+    (finished(pretrain_name(0.1, 1), wall_seconds=3600.0) / headline.START).write_bytes(b"model")
+    finished(pretrain_name(0.1, 2), restored=True)  # runs left: pre-trained again
+    finished(pretrain_name(0.1, 3), restored=True)
+    finished(variant_name("fedavg", 0.1, 3), wall_seconds=360.0)  # cell 3 complete
     lines = headline.plan(["t"], tmp_path).splitlines()
     # no central reference in this part: a cell is its pre-training and its one method
     assert lines[0] == "t alpha=0.1 seed=1: 1 of 2 done, 1.00 h: pretrain 60m; left: 1, ~0.1 h"
@@ -503,7 +510,7 @@ def test_the_plan_estimates_a_kind_a_part_never_ran_from_a_part_on_the_same_data
     ran stays unmeasured."""
     monkeypatch.setitem(headline.PARTS, "t", Part("t", (), (0.1,), (1,), 2, variants=("fedavg", "feddf"), central=False))
     monkeypatch.setitem(headline.PARTS, "u", Part("u", (), (0.1,), (1,), 2, variants=("feddf",), central=False))
-    run = headline.runs_dir("u", tmp_path) / converged.variant_name("feddf", 0.1, 1)
+    run = headline.runs_dir("u", tmp_path) / variant_name("feddf", 0.1, 1)
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"wall_seconds": 1800.0}))
     lines = headline.plan(["t"], tmp_path).splitlines()
