@@ -618,8 +618,8 @@ def check_mosaic_meta(values: Mapping[str, Any]) -> None:
                           "mosaic.meta-prior='experts' or mosaic.meta-data='screened'")
     if values["mosaic.meta-experts"] == "heads" and (config_heterogeneous(values)
                                                      or values["mosaic.meta-data"] == "clients"):
-        raise ConfigError("mosaic.meta-experts: 'heads' reads every expert's head on the global model's features, "
-                          "which needs one architecture at full width and a server-side meta model (not "
+        raise ConfigError("mosaic.meta-experts: 'heads' reads every expert's head on the features of the model the "
+                          "clients received, which needs one architecture at full width and a server-side meta model (not "
                           f"mosaic.meta-data='clients'); got mosaic.meta-data={values['mosaic.meta-data']!r}, "
                           f"client-models={values['client-models']!r}, client-capacities="
                           f"{values['client-capacities']!r}; use mosaic.meta-experts='full'")

@@ -125,13 +125,15 @@ class HeadExperts:
     """The class experts' linear heads on ONE backbone's features (``mosaic.meta-experts='heads'``):
     ``logits(x)`` is ``[E, B, C]``, each expert's head applied to ``backbone.features(x)``.
 
-    Prototypes are penultimate features of the global model, so the meta model learns from
-    the experts' heads on the global model's features. Run as the teacher on an image, the
-    full experts (each its own backbone) give other inputs: the further the experts drifted
-    from the global model in their last local training, the less the meta model's training
-    inputs describe them (measured in ``bench/results/mosaic-paper.md``). With this object
-    as the experts, the teacher meets exactly the kind of inputs the meta model learned on:
-    the global model's features of the image, read by each expert's head."""
+    Prototypes are penultimate features of the model the distillation round's clients
+    received, so the meta model learns from the experts' heads on that model's features. Run
+    as the teacher on an image, the full experts (each its own backbone) give other inputs: the
+    further the experts drifted from that model in their last local training, the less the meta
+    model's training inputs describe them (measured in ``bench/results/mosaic-paper.md``). With
+    this object as the experts (``backbone``: the received model), the teacher meets exactly the
+    kind of inputs the meta model learned on: the received model's features of the image, read
+    by each expert's head. The default where one architecture learns from one round's
+    prototypes (``config.meta_experts_for``)."""
 
     def __init__(self, experts: StackedExperts, backbone: nn.Module):
         self.experts, self.backbone = experts, backbone.eval()
