@@ -141,7 +141,9 @@ class MosaicStrategy(DistillStrategy):
         return self.cfg.of('mosaic').proto_k if self.uses_prototypes else 0
 
     def describe(self) -> str:
-        return f"teacher: {self.teacher}; mosaic.meta-data: {self.meta_data}; mosaic.meta-prior: {self.cfg.of('mosaic').meta_prior}"
+        meta = (f"; mosaic.meta-data: {self.meta_data}; mosaic.meta-experts: {self.meta_experts}; "
+                f"mosaic.meta-prior: {self.cfg.of('mosaic').meta_prior}") if self.teacher == "meta" else ""
+        return f"teacher: {self.teacher}{meta}"
 
     def distils_family(self, family: str) -> bool:
         return family in self.family_counts  # sampled in some round
