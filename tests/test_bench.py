@@ -260,7 +260,7 @@ def test_the_protocol_report_counts_each_clients_steps():
 
 def test_scaling_curve_finds_the_first_round_at_the_target_and_the_work_to_it(tmp_path, monkeypatch):
     import bench.common
-    from bench.scaling_curve import curve_table, main
+    from bench.archive.scaling_curve import curve_table, main
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
     rows = [{"round": 0, "accuracy": 0.1}, {"round": 1, "accuracy": 0.5, "client-seconds": 2.0},
             {"round": 2, "accuracy": 0.7, "client-seconds": 3.0}, {"round": 3, "accuracy": 0.65, "client-seconds": 4.0}]
@@ -281,7 +281,7 @@ def test_scaling_curve_finds_the_first_round_at_the_target_and_the_work_to_it(tm
 
 
 def test_bn_reestimate_uses_the_images_and_leaves_the_model_alone():
-    from bench.slice_check import reestimate_bn
+    from bench.archive.slice_check import reestimate_bn
 
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(2)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -294,7 +294,7 @@ def test_bn_reestimate_uses_the_images_and_leaves_the_model_alone():
 
 @pytest.mark.slow
 def test_slice_check_scores_the_widths_as_the_server_does(tmp_path):
-    from bench.slice_check import check
+    from bench.archive.slice_check import check
     from tests.support import run_inprocess
 
     res = run_inprocess(tmp_path, num_nodes=2, strategy="fedavg", dataset="synthetic", model="resnet8",

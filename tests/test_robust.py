@@ -228,7 +228,7 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
     that another client also holds does it reach 99 %. With the median it owns none.
     (On this tiny schedule the distilled model itself is at chance even in a clean run: its
     generators train for 20 steps; the teacher scores 1.0 clean.)"""
-    from bench.attack import inflating_attacker
+    from bench.measures import inflating_attacker
     from mosaic_flwr.core.checkpoint import load_checkpoint
     from tests.support import run_inprocess
     from tests.support import TINY_MOSAIC, metric_rows
@@ -312,13 +312,13 @@ def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_
 
 @pytest.mark.slow
 def test_the_median_gate_gives_a_client_that_forges_its_scores_one_vote(tmp_path):
-    """``bench/liar_client.py`` (partition 0: 1000x counts, random weights, and gate scores that
+    """``bench/archive/liar_client.py`` (partition 0: 1000x counts, random weights, and gate scores that
     say the distilled model is right everywhere and the old one nowhere) among 5 clients. The
     pooled gate reads the forged 100 % with the liar's (count-clip bounded) weight; the median
     of the clients' own accuracies hears it as one client of five."""
     from flwr.app import Context, RecordDict
 
-    from bench.liar_client import app as liar_app
+    from bench.archive.liar_client import app as liar_app
     from mosaic_flwr.config import load_defaults
     from mosaic_flwr.testing.inprocess import InProcessGrid
     from server_app.app import main as server_main
