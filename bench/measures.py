@@ -1,35 +1,18 @@
 #!/usr/bin/env python3
-"""The measurement studies of ``bench/run.py``: a spec whose ``driver`` is one of ``STUDIES``
-(speed, scaling, privacy-dp, privacy-audit, attack) is run here, its parameters from the spec
-(every key has the default below; an unknown key or a value of the wrong type is a one-line
-error, exit 2, before any run), its results written to ``bench/results/<name>.md`` and ``.json``
-(the name: the spec's ``name``, else the file's stem).
+"""The measurement studies of ``bench/run.py``: a spec whose ``driver`` is one of ``STUDIES`` is
+run here, its parameters the spec's keys (each study's defaults below; an unknown key or a wrong
+type is one line, exit 2, before any run), its results ``bench/results/<name>.md`` and ``.json``
+(name: the spec's ``name``, else its file's stem). Runs live under ``<runs-root>/<name>/``.
 
-    .venv/bin/python bench/run.py bench/studies/speed.toml                        # every section
-    .venv/bin/python bench/run.py bench/studies/speed.toml --set sections=teacher   # one section
-    .venv/bin/python bench/run.py bench/studies/scaling.toml --set clients=10,50 probe=true
-    .venv/bin/python bench/run.py bench/studies/privacy-dp.toml --table-only        # the table of the runs so far
+    .venv/bin/python bench/run.py bench/studies/speed.toml --set sections=teacher   # KEY=VALUE: TOML, else text;
+    .venv/bin/python bench/run.py bench/studies/scaling.toml --set clients=10,50    # a list key takes a,b,c
+    .venv/bin/python bench/run.py bench/studies/privacy-dp.toml --table-only        # the table of the runs kept
     .venv/bin/python bench/run.py bench/studies/attack.toml --results-dir /tmp/r    # results elsewhere
 
-``--set KEY=VALUE`` replaces a spec value (a TOML value, else the text as a string; a list key
-takes ``a,b,c``). Runs live under ``<runs-root>/<name>/`` (outside the repository).
-
-- ``speed``: (1) framework overhead: the same FedAvg work as a plain PyTorch loop
-  (mosaic_flwr.core.training) and through the real simulation (clients one at a time); total wall
-  time and the steady-state round. (2) the distillation teacher: C experts as C modules in a loop,
-  as ``StackedExperts``' loop and batched (vmap), images/s, CPU and CUDA when present. (3) per-phase
-  time of one Mosaic run in-process (clients one at a time, one torch thread), with the bytes
-  each client sends and receives. (4) peak memory of the server and a client process of a real
-  simulation. A section run alone replaces only its own results; the table keeps the others.
-- ``scaling``: a method with each number of clients through the real simulation on the same data:
-  wall time, peak RSS of the server and a client process, and what the server holds in its
-  largest round; ``probe``: each size again in-process, the tensors live at the distillation.
-- ``privacy-dp``: Mosaic at each ``dp.epsilon`` level in-process: accuracy, the gate's decisions,
-  the epsilon each client spent; ``timing``: the generator's step time with and without DP-SGD.
-- ``privacy-audit``: the privacy audit of what Mosaic clients upload, one run per alpha, up to the
-  distillation round.
-- ``attack``: one client declaring ``factor`` x its label counts with a poisoned model, against
-  ``mean``, ``median`` and ``max-client-share``.
+Studies (what each measures: its spec in bench/studies/): ``speed`` (framework overhead, the
+distillation teacher, per-phase time and bytes of a Mosaic run, peak memory), ``scaling`` (time and
+memory with the number of clients), ``privacy-dp`` (accuracy at each DP level), ``privacy-audit``
+(the audit of what clients upload), ``attack`` (a client that lies about its counts).
 """
 
 from __future__ import annotations
@@ -49,8 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
-from bench.common import (RUNS, SpecError, git_commit, git_dirty, header_lines, loadavg, machine,  # noqa: E402
-                          machine_line, payload_bytes, provenance, run_cell, run_inprocess)
+from bench.report import row, table  # noqa: E402
+from bench.common import (RUNS, SpecError, flower_context, git_commit, git_dirty, header_lines,  # noqa: E402
+                          loadavg, machine, machine_line, payload_bytes, provenance, run_cell, run_inprocess)
 
 STUDIES: dict[str, tuple[dict, object]] = {}  # driver -> (its spec keys with their defaults, its function)
 
@@ -73,11 +57,26 @@ def driver_of(path: str | Path) -> str | None:
     return driver if driver in STUDIES else None
 
 
-def _value(text: str):
+def _set_value(default, text: str):
+    """A ``--set`` value: TOML (a bare word as text), the text itself for a text key, and for a list
+    key its comma-separated items (``clients=10,50``, ``sections=teacher``)."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        value = text
+    if isinstance(default, list) and not isinstance(value, list):
+        return [_set_value(default[0] if default else None, item) for item in text.split(",")]
+    return text if isinstance(default, str) and not isinstance(value, str) else value
+
+
+def _typed(value, default):
+    """``value`` as of ``default``'s type (an int for a float, each item of a list), else ``None``."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, list) and isinstance(value, list) and default:
+        value = [_typed(v, default[0]) for v in value]
+        return None if None in value else value
+    return value if type(value) is type(default) else None
 
 
 def load_spec(path: str | Path, sets: list[str] = ()) -> dict:
@@ -91,19 +90,16 @@ def load_spec(path: str | Path, sets: list[str] = ()) -> dict:
     defaults = STUDIES[raw["driver"]][0]
     for item in sets:
         key, _, text = item.partition("=")
-        value = _value(text)
-        if isinstance(defaults.get(key), list) and not isinstance(value, list):
-            value = [_value(v) for v in text.split(",")] if isinstance(value, str) else [value]
-        raw[key] = value
+        raw[key] = _set_value(defaults.get(key, ""), text)
     if unknown := sorted(set(raw) - {"driver", "name", *defaults}):
         raise SpecError(f"{path}: unknown key(s) {', '.join(unknown)} "
                         f"(a {raw['driver']} spec knows name, {', '.join(defaults)})")
     spec = {**defaults, "name": path.stem, **raw}
     for key, default in defaults.items():
-        if isinstance(default, float) and isinstance(spec[key], int) and not isinstance(spec[key], bool):
-            spec[key] = float(spec[key])
-        if type(spec[key]) is not type(default):
-            raise SpecError(f"{path}: {key} = {spec[key]!r}: expected {type(default).__name__} (default {default!r})")
+        if (value := _typed(spec[key], default)) is None:
+            raise SpecError(f"{path}: {key} = {spec[key]!r}: expected {type(default).__name__} like its default "
+                            f"{default!r}")
+        spec[key] = value
     return spec
 
 
@@ -144,14 +140,11 @@ def _parse(run_config: str) -> dict:
 
 def _run_server(app, rc: dict, clients: int) -> float:
     """``rc`` (a whole run config) with the real ServerApp on an in-process grid of ``app``; wall seconds."""
-    from flwr.app import Context, RecordDict
-
     from mosaic_flwr.testing.inprocess import InProcessGrid
     from server_app.app import main as server_main
 
     t0 = time.perf_counter()
-    server_main(InProcessGrid(app, rc, clients), Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
-                                                         run_config=rc))
+    server_main(InProcessGrid(app, rc, clients), flower_context(rc))
     return time.perf_counter() - t0
 
 
@@ -228,24 +221,23 @@ def overhead(s: dict, runs_dir: Path) -> dict:
 
 
 def overhead_lines(o: dict) -> list[str]:
-    p, load = o["plain"], o["loadavg"]
-    return [f"## 1. Framework overhead (FedAvg, {o['clients']} clients, {o['rounds']} rounds x "
-            f"{o['local_steps']} local steps, evaluation every round)", "",
-            f"Flower: real simulation, `--cpus-per-client {o['cpus_per_client']}` (clients one "
-            "at a time, as in the loop); the loop trains at the ClientApp's thread count and "
-            "evaluates at the ServerApp's. Load average before/after Flower, after the loop: "
-            f"{load['before_flower']} / {load['after_flower']} / {load['after_plain']}.", "",
-            "| | plain PyTorch loop | Flower simulation | Flower / plain |", "|---|---|---|---|",
-            f"| total wall, s (Flower: SuperLink + Ray start/stop included) | {p['total_seconds']:.1f} | "
-            f"{o['flower_launcher_seconds']:.1f} | {o['ratio_total']:.2f} |",
-            f"| ServerApp wall, s (Flower: Ray/SuperLink start excluded) | {p['total_seconds']:.1f} | "
-            f"{o['flower_serverapp_seconds']:.1f} | {o['ratio_serverapp']:.2f} |",
-            f"| steady-state round, s (median of rounds 2..R) | {o['steady_plain']:.2f} | "
-            f"{o['steady_flower']:.2f} | {o['ratio_steady']:.2f} |",
-            f"| fixed cost, s (total wall - R x steady round: start-up, discovery, data loading) | "
-            f"{p['total_seconds'] - o['rounds'] * o['steady_plain']:.1f} | "
-            f"{o['flower_launcher_seconds'] - o['rounds'] * o['steady_flower']:.1f} | |",
-            f"| final accuracy | {p['final_accuracy']:.4f} | {o['flower_final_accuracy']:.4f} | |", ""]
+    p, load, r = o["plain"], o["loadavg"], o["rounds"]
+    return [f"## 1. Framework overhead (FedAvg, {o['clients']} clients, {r} rounds x {o['local_steps']} local "
+            "steps, evaluation every round)", "", f"Flower: real simulation, `--cpus-per-client {o['cpus_per_client']}` "
+            "(clients one at a time, as in the loop); the loop trains at the ClientApp's thread count and evaluates "
+            f"at the ServerApp's. Load average before/after Flower, after the loop: {load['before_flower']} / "
+            f"{load['after_flower']} / {load['after_plain']}.", "",
+            *table("", ["plain PyTorch loop", "Flower simulation", "Flower / plain"], [
+                row("total wall, s (Flower: SuperLink + Ray start/stop included)", [
+                    f"{p['total_seconds']:.1f}", f"{o['flower_launcher_seconds']:.1f}", f"{o['ratio_total']:.2f}"]),
+                row("ServerApp wall, s (Flower: Ray/SuperLink start excluded)", [
+                    f"{p['total_seconds']:.1f}", f"{o['flower_serverapp_seconds']:.1f}", f"{o['ratio_serverapp']:.2f}"]),
+                row("steady-state round, s (median of rounds 2..R)", [
+                    f"{o['steady_plain']:.2f}", f"{o['steady_flower']:.2f}", f"{o['ratio_steady']:.2f}"]),
+                row("fixed cost, s (total wall - R x steady round: start-up, discovery, data loading)", [
+                    f"{p['total_seconds'] - r * o['steady_plain']:.1f}",
+                    f"{o['flower_launcher_seconds'] - r * o['steady_flower']:.1f}", ""]),
+                row("final accuracy", [f"{p['final_accuracy']:.4f}", f"{o['flower_final_accuracy']:.4f}", ""])]), ""]
 
 
 def _time_calls(fn, device, min_seconds: float, max_calls: int = 50) -> float:
@@ -308,19 +300,17 @@ def teacher(s: dict, runs_dir: Path) -> dict:
 
 def teacher_lines(t: dict) -> list[str]:
     rows = t["rows"]
-    lines = ["## 2. Distillation teacher: every expert's logits for a batch", "",
-             "Images per second (an image counts once however many experts it goes through); "
-             "cnn_small experts with distinct weights, batch "
-             f"{rows[0]['batch'] if rows else '?'}, eval mode, no gradients. `stacked-loop` is "
-             "what `StackedExperts.logits` does by default on CPU, `stacked-vmap` its default on CUDA.",
-             "", "| device | experts C | modules loop | stacked loop | stacked vmap | vmap / modules | load avg |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['device']} | {r['experts']} | {r['modules-loop']['images_per_s']:.0f} | "
-              f"{r['stacked-loop']['images_per_s']:.0f} | {r['stacked-vmap']['images_per_s']:.0f} | "
-              f"{r['vmap_vs_modules']:.2f} | {r['loadavg']} |" for r in rows]
-    if not any(r["device"] == "cuda" for r in rows):
-        lines.append("\nNo CUDA device on this machine: GPU rows not measured.")
-    return lines + [""]
+    return ["## 2. Distillation teacher: every expert's logits for a batch", "",
+            "Images per second (an image counts once however many experts it goes through); cnn_small experts "
+            f"with distinct weights, batch {rows[0]['batch'] if rows else '?'}, eval mode, no gradients. "
+            "`stacked-loop` is what `StackedExperts.logits` does by default on CPU, `stacked-vmap` its default on "
+            "CUDA.", "", *table("device", ["experts C", "modules loop", "stacked loop", "stacked vmap",
+                                           "vmap / modules", "load avg"],
+                                [row(r["device"], [str(r["experts"]), *(f"{r[k]['images_per_s']:.0f}" for k in (
+                                    "modules-loop", "stacked-loop", "stacked-vmap")), f"{r['vmap_vs_modules']:.2f}",
+                                    str(r["loadavg"])]) for r in rows]),
+            *([] if any(r["device"] == "cuda" for r in rows) else
+              ["", "No CUDA device on this machine: GPU rows not measured."]), ""]
 
 
 @contextmanager
@@ -467,12 +457,10 @@ def phases_lines(p: dict) -> list[str]:
     """Section 3; with ``p["previous"]`` (the phases result this run replaced, same config)
     a column with the previous run's seconds beside this run's."""
     prev, wall = p.get("previous"), p["wall_seconds"]
-    lines = [f"## 3. Per-phase time of one Mosaic run ({p['clients']} clients, config "
-             f"`{p['config']}`, in-process)", "",
-             f"Wall {wall:.1f} s, {_accuracy_line(p)}; load average "
-             f"before/after {p['loadavg']['before']} / {p['loadavg']['after']}. Clients ran one at a "
-             "time (one torch thread each, as in simulation), so client seconds are the sum over "
-             "clients; in simulation two run at once on 2 cores.", ""]
+    lines = [f"## 3. Per-phase time of one Mosaic run ({p['clients']} clients, config `{p['config']}`, in-process)",
+             "", f"Wall {wall:.1f} s, {_accuracy_line(p)}; load average before/after {p['loadavg']['before']} / "
+             f"{p['loadavg']['after']}. Clients ran one at a time (one torch thread each, as in simulation), so "
+             "client seconds are the sum over clients; in simulation two run at once on 2 cores.", ""]
     before = {r["phase"]: f"{r['seconds']:.1f}" for r in prev["rows"]} if prev else {}
     if prev:
         pp = prev["provenance"]
@@ -480,19 +468,17 @@ def phases_lines(p: dict) -> list[str]:
                   + (" (uncommitted changes)" if pp["dirty"] else "") + f", measured {pp['date']}, "
                   f"wall {prev['wall_seconds']:.1f} s, {_accuracy_line(prev)}; load average "
                   f"{prev['loadavg']['before']} / {prev['loadavg']['after']}; command: `{pp['command']}`.", ""]
-    lines += ["| phase | before, s | seconds | share |" if prev else "| phase | seconds | share |",
-              "|---|---|---|---|" if prev else "|---|---|---|"]
-    lines += [f"| {r['phase']} | " + (f"{before.get(r['phase'], '-')} | " if prev else "")
-              + f"{r['seconds']:.1f} | {100 * r['seconds'] / wall:.1f}% |" for r in p["rows"]]
-    lines += ["", "Bytes per client per round (tensors' nbytes per record; `wire`: the serialised "
-              "protobuf Flower sends):", "",
-              "| round kind (rounds) | upload: records | upload total | upload wire | download wire |",
-              "|---|---|---|---|---|"]
-    for phase, b in p["bytes"].items():
-        recs = ", ".join(f"{k} {mib(v)}" for k, v in b["records"].items() if k != "total")
-        lines.append(f"| {phase} ({', '.join(map(str, b['rounds']))}) | {recs} | {mib(b['records']['total'])} | "
-                     f"{mib(b['wire'])} | {mib(b['down_wire'])} |")
-    return lines + [""]
+    lines += table("phase", ["before, s"] * bool(prev) + ["seconds", "share"], [
+        row(r["phase"], [before.get(r["phase"], "-")] * bool(prev) + [f"{r['seconds']:.1f}",
+                                                                    f"{100 * r['seconds'] / wall:.1f}%"])
+        for r in p["rows"]])
+    return lines + ["", "Bytes per client per round (tensors' nbytes per record; `wire`: the serialised protobuf "
+                    "Flower sends):", "",
+                    *table("round kind (rounds)", ["upload: records", "upload total", "upload wire", "download wire"], [
+                        row(f"{phase} ({', '.join(map(str, b['rounds']))})", [
+                            ", ".join(f"{k} {mib(v)}" for k, v in b["records"].items() if k != "total"),
+                            mib(b["records"]["total"]), mib(b["wire"]), mib(b["down_wire"])])
+                        for phase, b in p["bytes"].items()]), ""]
 
 
 def memory(s: dict, runs_dir: Path) -> dict:
@@ -506,17 +492,16 @@ def memory(s: dict, runs_dir: Path) -> dict:
 
 
 def memory_lines(m: dict) -> list[str]:
-    def peak(role):
-        return f"{m['memory'][role]['peak_mib']:.0f} MiB" if role in m["memory"] else "-"
-
+    peak = {role: f"{m['memory'][role]['peak_mib']:.0f} MiB" if role in m["memory"] else "-"
+            for role in ("server", "client", "superlink", "ray")}
     return ["## 4. Peak memory (real simulation, Mosaic, 10 clients)", "",
             f"Run config `{m['config']}` (a short schedule: the server holds the same objects as "
             f"in a default run); load average before/after {m['loadavg'][0]} / {m['loadavg'][1]}.", "",
-            "| process | peak RSS (VmHWM) |", "|---|---|",
-            f"| server: flwr-simulation (ServerApp, and Ray's driver) | {peak('server')} |",
-            f"| one client: a Ray ClientAppActor (runs clients one after another) | {peak('client')} |",
-            f"| SuperLink (+ SuperExec) | {peak('superlink')} |",
-            f"| Ray's own processes (largest) | {peak('ray')} |", ""]
+            *table("process", ["peak RSS (VmHWM)"], [
+                row("server: flwr-simulation (ServerApp, and Ray's driver)", [peak["server"]]),
+                row("one client: a Ray ClientAppActor (runs clients one after another)", [peak["client"]]),
+                row("SuperLink (+ SuperExec)", [peak["superlink"]]),
+                row("Ray's own processes (largest)", [peak["ray"]])]), ""]
 
 
 SECTIONS = {"overhead": (overhead, overhead_lines), "teacher": (teacher, teacher_lines),

@@ -36,6 +36,8 @@ def test_set_replaces_spec_values_as_toml_or_text_and_lists_from_commas():
     assert spec["name"] == "scaling-x"
     assert measures.load_spec(STUDIES / "speed.toml", ["sections=teacher", "teacher-seconds=1"])["teacher-seconds"] == 1.0
     assert measures.load_spec(STUDIES / "speed.toml", ["sections=teacher"])["sections"] == ["teacher"]
+    assert measures.load_spec(STUDIES / "privacy-dp.toml", ["levels=inf,8"])["levels"] == ["inf", "8"]  # text items
+    assert measures.load_spec(STUDIES / "privacy-audit.toml", ["alphas=1"])["alphas"] == [1.0]
 
 
 def test_a_bad_measurement_spec_is_one_line_and_exit_2_before_any_run(tmp_path, capsys):
@@ -43,7 +45,8 @@ def test_a_bad_measurement_spec_is_one_line_and_exit_2_before_any_run(tmp_path, 
                               ('driver = "attack"\nclients = "five"\n', [], "clients = 'five': expected int"),
                               ('driver = "scaling"\nclients = 10\n', [], "clients = 10: expected list"),
                               ('driver = "privacy-dp"\n', ["--set", "level=8"], "unknown key(s) level"),
-                              ('driver = "privacy-audit"\n', ["--set", "rounds=x"], "rounds = 'x': expected int")):
+                              ('driver = "privacy-audit"\n', ["--set", "rounds=x"], "rounds = 'x': expected int"),
+                              ('driver = "privacy-dp"\nlevels = [8]\n', [], "levels = [8]: expected list")):
         (tmp_path / "s.toml").write_text(text)
         code = run.main([str(tmp_path / "s.toml"), "--runs-root", str(tmp_path / "runs"),
                          "--results-dir", str(tmp_path / "results"), *sets])
