@@ -706,18 +706,18 @@ def scaling(s: dict, runs_dir: Path, table_only: bool, prov: dict):
               f"Fashion-MNIST split among the clients (Dirichlet α = 0.1, same 60,000 images), run "
               f"config `{s['run-config']}`; runs at commit(s) "
               f"{', '.join(sorted({r['commit'] for r in rows}))}. Peak RSS = VmHWM of each process, "
-              "polled every 0.5 s.", "",
-              "| clients | wall s (launcher) | ServerApp s | server peak RSS | client actor peak RSS | "
-              "the largest round's replies, held at once without streaming (sampled clients x "
-              "(model + Mosaic's generator) + prototypes) | final acc | load avg before / after |",
-              "|---|---|---|---|---|---|---|---|"]
+              "polled every 0.5 s.", ""]
 
     def peak(r, role):
         return r["memory"].get(role, {}).get("peak_mib", nan)
 
-    lines += [f"| {r['clients']} | {r['launcher_seconds']:.0f} | {r['serverapp_seconds']:.0f} | "
-              f"{peak(r, 'server'):.0f} MiB | {peak(r, 'client'):.0f} MiB | {r['held']['total_bytes'] / 2**20:.0f} MiB"
-              f" | {r['final_accuracy']:.4f} | {r['loadavg'][0]} / {r['loadavg'][1]} |" for r in rows]
+    lines += table("clients", [
+        "wall s (launcher)", "ServerApp s", "server peak RSS", "client actor peak RSS", "the largest round's replies, "
+        "held at once without streaming (sampled clients x (model + Mosaic's generator) + prototypes)", "final acc",
+        "load avg before / after"], [row(str(r["clients"]), [
+            f"{r['launcher_seconds']:.0f}", f"{r['serverapp_seconds']:.0f}", f"{peak(r, 'server'):.0f} MiB",
+            f"{peak(r, 'client'):.0f} MiB", f"{r['held']['total_bytes'] / 2**20:.0f} MiB", f"{r['final_accuracy']:.4f}",
+            f"{r['loadavg'][0]} / {r['loadavg'][1]}"]) for r in rows])
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         slope = (peak(b, "server") - peak(a, "server")) / (b["clients"] - a["clients"])
@@ -732,16 +732,14 @@ def scaling(s: dict, runs_dir: Path, table_only: bool, prov: dict):
                   "one process (mosaic_flwr.testing.inprocess.InProcessGrid, clients one at a time, at most two "
                   "partitions cached), measured on entering the distillation and the KD loop: live "
                   "torch tensors (distinct storages), RSS, and the decoded replies the strategy "
-                  "passes to the distillation.", "",
-                  "| clients | decoded replies at distillation | live tensors at distillation | "
-                  "live tensors in KD loop | RSS in KD loop | peak RSS | wall s | load avg after |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for p in probes:
-            d, k = p["probes"].get("distillation", {}), p["probes"].get("kd", {})
-            lines.append(f"| {p['clients']} | {d.get('replies_mib', nan):.0f} MiB | "
-                         f"{d.get('live_tensor_mib', nan):.0f} MiB | {k.get('live_tensor_mib', nan):.0f} MiB | "
-                         f"{k.get('rss_mib', nan):.0f} MiB | {p['peak_rss_mib']:.0f} MiB | {p['wall_seconds']:.0f} | "
-                         f"{p['loadavg']} |")
+                  "passes to the distillation.", "", *table("clients", [
+                      "decoded replies at distillation", "live tensors at distillation", "live tensors in KD loop",
+                      "RSS in KD loop", "peak RSS", "wall s", "load avg after"], [
+                      row(str(p["clients"]), [
+                          *(f"{d.get(k, nan):.0f} MiB" for d, k in ((at, "replies_mib"), (at, "live_tensor_mib"),
+                                                                    (kd, "live_tensor_mib"), (kd, "rss_mib"))),
+                          f"{p['peak_rss_mib']:.0f} MiB", f"{p['wall_seconds']:.0f}", str(p["loadavg"])])
+                      for p in probes for at, kd in [(p["probes"].get("distillation", {}), p["probes"].get("kd", {}))]])]
     data = {**prov, "run_config": s["run-config"], "rows": rows, "probes": probes}
     return "\n".join(lines) + "\n", data, 0 if len(rows) == len(s["clients"]) else 1
 
