@@ -18,6 +18,7 @@ memory with the number of clients), ``privacy-dp`` (accuracy at each DP level), 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -315,24 +316,42 @@ def teacher_lines(t: dict) -> list[str]:
 
 @contextmanager
 def timed(targets: list[tuple[object, str, str]], seconds: dict[str, float]):
-    """Temporarily wrap ``getattr(owner, attr)``, adding its seconds to ``seconds[name]``."""
-    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
+    """Temporarily wrap ``owner.attr`` (a function of a module, or a method a class defines itself),
+    adding its seconds to ``seconds[name]``, *exclusive* of the time spent in nested calls of the
+    other targets (a timed call within a timed call counts once, for the inner one), so the names'
+    seconds add up to the time they cover. A target the owner does not define is an error (its code
+    moved: the phase would silently read zero)."""
+    missing = [f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in targets if a not in vars(o)]
+    if missing:
+        raise LookupError(f"timed: no such function or method (moved or renamed? update the targets): "
+                          f"{', '.join(missing)}")
+    saved = [(owner, attr, vars(owner)[attr]) for owner, attr, _ in targets]
+    stack: list[float] = []  # per open timed call: the seconds of its nested timed calls
 
     def wrap(fn, name):
+        @functools.wraps(fn)
         def timed_call(*a, **kw):
+            stack.append(0.0)
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                seconds[name] += time.perf_counter() - t0
+                total = time.perf_counter() - t0
+                seconds[name] += total - stack.pop()
+                if stack:
+                    stack[-1] += total
         return timed_call
 
     try:
         for owner, attr, name in targets:
-            setattr(owner, attr, wrap(getattr(owner, attr), name))
+            fn = vars(owner)[attr]
+            if isinstance(fn, (staticmethod, classmethod)):
+                setattr(owner, attr, type(fn)(wrap(fn.__func__, name)))
+            else:
+                setattr(owner, attr, wrap(fn, name))
         yield
     finally:
-        for owner, attr, fn in saved:
+        for owner, attr, fn in reversed(saved):
             setattr(owner, attr, fn)
 
 
@@ -382,22 +401,31 @@ def phases(s: dict, runs_dir: Path) -> dict:
     import torch
 
     import client_app.app as capp
+    import mosaic_flwr.distill.server as dserver
     import mosaic_flwr.methods.mosaic.client as mclient
+    import mosaic_flwr.methods.mosaic.strategy as mstrategy
     from mosaic_flwr.config import load_defaults
     from mosaic_flwr.core.fedavg import FedAvgStrategy
-    from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
+    from mosaic_flwr.core.streaming import ClassSums
 
     seconds, app = defaultdict(float), InstrumentedClientApp(capp.app)
-    targets = [(capp, "train_local", "client-train"), (mclient, "train_local", "client-train"),
-               (FedAvgStrategy, "collect", "server-collect"), (MosaicStrategy, "apply_round", "server-apply"),
-               (MosaicStrategy, "update_experts", "server-experts"),
-               (MosaicStrategy, "distillation", "server-distillation"),
+    DistillStrategy, MosaicStrategy = dserver.DistillStrategy, mstrategy.MosaicStrategy
+    # Exclusive times (``timed``): a client's handling inside the server's reply loop counts for
+    # the client, the KD loop inside the distillation for the KD row, and so on.
+    targets = [(InstrumentedClientApp, "__call__", "client-app"),
+               (capp, "train_local", "client-train"), (mclient, "train_local", "client-train"),
+               (FedAvgStrategy, "collect", "server-collect"),
+               (FedAvgStrategy, "add_to_sums", "server-aggregate"),      # streaming: the models' running sums
+               (MosaicStrategy, "apply_round", "server-aggregate"),
+               (MosaicStrategy, "update_experts", "server-experts"),     # the class experts (a kept round)
+               (ClassSums, "add", "server-experts"),                     # ... (a streamed round)
+               (ClassSums, "merge", "server-experts"), (ClassSums, "experts", "server-experts"),
+               (MosaicStrategy, "meta_inputs", "server-meta"), (mstrategy, "train_meta", "server-meta"),
+               (dserver, "distill_many", "server-kd"),
+               (DistillStrategy, "distillation", "server-distillation"),
                (FedAvgStrategy, "evaluate_all", "server-evaluate"),
-               (FedAvgStrategy, "checkpoint", "server-checkpoint")]
-    if missing := [f"{o.__name__}.{a}" for o, a, _ in targets if a not in vars(o)]:
-        # the strategy code moved on: time what is still there, say what is not
-        print(f"[speed] phases: not timed (no such method any more): {missing}", flush=True)
-        targets = [t for t in targets if t[1] in vars(t[0])]
+               (FedAvgStrategy, "checkpoint", "server-checkpoint"),
+               (DistillStrategy, "checkpoint", "server-checkpoint")]
     torch.set_num_threads(THREADS)
     load0 = loadavg()
     with tempfile.TemporaryDirectory() as out, timed(targets, seconds):
@@ -407,31 +435,33 @@ def phases(s: dict, runs_dir: Path) -> dict:
         summary = json.loads((Path(out) / "phases" / "summary.json").read_text())
     calls, d = app.calls, summary.get("distillation", {})
     train_calls = [c for c in calls if c["type"] != "query"]
-    handler, client_train = sum(c["seconds"] for c in train_calls), seconds["client-train"]
+    query = sum(c["seconds"] for c in calls if c["type"] == "query")
+    serde = sum(c["serde_seconds"] for c in calls)
     proto = sum(c["metrics"].get("proto-seconds", 0.0) for c in calls)
     gen = sum(c["metrics"].get("gen-seconds", 0.0) for c in calls)
-    distill, experts = seconds["server-distillation"], seconds["server-experts"]
-    meta, kd = d.get("meta-seconds", 0.0), d.get("kd-seconds", 0.0)
-    rows = [("client: local training (train_local)", "clients", client_train),
+    rows = [("client: local training (train_local)", "clients", seconds["client-train"]),
             ("client: generator training (once)", "clients", gen),
             ("client: prototypes (once)", "clients", proto),
-            ("client: other (data, model build, encoding)", "clients", handler - client_train - gen - proto),
+            ("client: discovery (query replies: data, label counts)", "clients", query),
+            ("client: other (data, model build, encoding, gate evaluation)", "clients",
+             seconds["client-app"] - gen - proto - query - serde),
             ("server: reply validation and decoding", "server", seconds["server-collect"]),
-            ("server: aggregation (averaging)", "server", seconds["server-apply"] - distill - experts),
-            ("server: class experts", "server", experts),
-            ("server: meta model", "server", meta),
-            ("server: distillation (KD steps)", "server", kd),
+            ("server: aggregation (averaging: running sums as replies arrive, the round's result)", "server",
+             seconds["server-aggregate"]),
+            ("server: class experts", "server", seconds["server-experts"]),
+            ("server: meta model (its inputs and training)", "server", seconds["server-meta"]),
+            ("server: distillation (KD steps)", "server", seconds["server-kd"]),
             ("server: distillation, rest (test-set scoring of experts/teacher/student for the "
-             "report, generators, sample grid)", "server", distill - meta - kd),
+             "report, generators, sample grid, gate)", "server", seconds["server-distillation"]),
             ("server: evaluation (test set, every round)", "server", seconds["server-evaluate"]),
             ("server: checkpoints (every round)", "server", seconds["server-checkpoint"]),
-            ("communication: protobuf serialise + parse, both directions", "both",
-             sum(c["serde_seconds"] for c in calls))]
+            ("communication: protobuf serialise + parse, both directions", "both", serde)]
     rows.append(("rest (discovery, results files, in-process copies)", "", wall - sum(r[2] for r in rows)))
     uploads = defaultdict(list)
     for c in train_calls:
         uploads["distill" if c["metrics"].get("gen-seconds") is not None else
-                "warm-up" if c["type"] == "train.mosaic" else "fine-tune"].append(c)
+                "warm-up" if c["type"] == "train.mosaic" else "fine-tune" if c["type"] == "train" else
+                "gate evaluation" if c["type"] == "evaluate" else c["type"]].append(c)
     return {"clients": s["clients"], "config": s["phase-config"] or "(defaults)", "wall_seconds": wall,
             "rows": [{"phase": p, "where": w, "seconds": t} for p, w, t in rows],
             "bytes": {phase: {"records": cs[0]["up"], "wire": cs[0]["up_wire"], "down": cs[0]["down"],

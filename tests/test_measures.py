@@ -69,3 +69,44 @@ def test_the_teacher_section_runs_through_the_runner_and_a_later_section_keeps_i
     md = (tmp_path / "results" / "speed.md").read_text()
     assert "## 2. Distillation teacher" in md and "| cpu | 2 |" in md
     assert json.loads((tmp_path / "results" / "speed.json").read_text())["sections"] == data["sections"]
+
+
+def test_timed_refuses_a_target_that_does_not_exist_and_times_nested_calls_once():
+    """The speed study's phase timers patch functions by name: a name its owner no longer
+    defines (the code moved) is an error before anything runs, not a phase silently timed as
+    0 s; an inherited method is not its subclass's own. Nested timed calls count for the inner
+    name only, so the names' seconds add up to the wall time they cover."""
+    import time
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from mosaic_flwr.distill.server import DistillStrategy
+    from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy
+
+    seconds = defaultdict(float)
+    with pytest.raises(LookupError, match=r"MosaicStrategy\.distillation"):  # DistillStrategy's, inherited
+        with measures.timed([(DistillStrategy, "distillation", "d"), (MosaicStrategy, "distillation", "d")], seconds):
+            pass
+    assert "distillation" not in vars(MosaicStrategy)  # nothing was patched
+    with pytest.raises(LookupError, match="no_such_function"):
+        with measures.timed([(measures, "no_such_function", "x")], seconds):
+            pass
+
+    mod = SimpleNamespace()
+
+    def inner():
+        time.sleep(0.05)
+
+    def outer():
+        time.sleep(0.05)
+        mod.inner()
+        return "done"
+    mod.inner, mod.outer = inner, outer
+    with measures.timed([(mod, "outer", "outer"), (mod, "inner", "inner")], seconds):
+        t0 = time.perf_counter()
+        assert mod.outer() == "done"
+        wall = time.perf_counter() - t0
+    assert mod.inner is inner and mod.outer is outer  # restored
+    assert seconds["inner"] >= 0.05 and seconds["outer"] >= 0.05
+    assert seconds["outer"] <= wall - seconds["inner"] + 1e-6  # the inner call is not counted twice
+    assert abs(seconds["inner"] + seconds["outer"] - wall) < 0.02
