@@ -624,6 +624,31 @@ def live_tensor_mib() -> float:
     return sum(seen.values()) / 2**20
 
 
+def held_from_clients(strategy, clients: list) -> dict:
+    """What a distillation strategy holds from the clients' uploads on entering ``distillation``,
+    in MiB: ``replies_mib``, the models and generators still in the round's replies (``clients``,
+    ``ClientModel``); ``experts_mib``, Mosaic's class experts (every family's C models);
+    ``bank_mib``, the generators in Mosaic's bank; ``prototypes_mib``; ``held_mib``, their sum.
+    A streaming round (Mosaic since its streaming aggregation) sums the replies' models into the
+    class experts and moves their generators into the bank as they arrive, so its replies hold
+    nothing by then: ``replies_mib`` 0 and the rest is what the replies left."""
+    def nbytes(state) -> int:
+        return sum(v.nbytes for v in (state or {}).values())
+
+    replies = sum(nbytes(c.state) + (nbytes(c.reply.generator) + nbytes(c.reply.expert_state)
+                                     if c.reply is not None else 0) for c in clients)
+    experts = sum(nbytes(e) for family in getattr(strategy, "experts", {}).values() for e in family)
+    bank = getattr(strategy, "bank", None)
+    generators = sum(nbytes(e["state"]) for _, _, e in bank.rows()) if bank is not None else 0
+    protos = sum(p["features"].nbytes + p["labels"].nbytes for p in getattr(strategy, "protos", []))
+    out = {"replies": len(clients), "replies_mib": replies / 2**20, "experts_mib": experts / 2**20,
+           "bank_mib": generators / 2**20, "prototypes_mib": protos / 2**20,
+           "held_mib": (replies + experts + generators + protos) / 2**20}
+    if bank is not None:
+        out["bank_generators"] = len(bank)
+    return out
+
+
 def probe_child(n: int, run_config: str, code: str | None = None) -> dict:
     """One Mosaic run in this process (ServerApp + ClientApp over the in-process grid), with
     the live tensors and RSS measured where the server holds the most: on entering the
@@ -653,14 +678,7 @@ def probe_child(n: int, run_config: str, code: str | None = None) -> dict:
         def wrapper(*a, **kw):
             probes[where] = {"live_tensor_mib": live_tensor_mib(), "rss_mib": rss_mib()}
             if where == "distillation":  # (self, server_round, clients): the round's ClientModels
-                clients = a[2]
-                probes[where]["replies"] = len(clients)
-                probes[where]["replies_mib"] = sum(
-                    sum(v.nbytes for v in c.state.values())
-                    + (sum(v.nbytes for v in (c.reply.generator or {}).values()) if c.reply else 0)
-                    for c in clients) / 2**20
-                if (bank := getattr(a[0], "bank", None)) is not None:
-                    probes[where]["bank_generators"] = len(bank)
+                probes[where].update(held_from_clients(a[0], a[2]))
             return fn(*a, **kw)
         return wrapper
 
@@ -761,11 +779,18 @@ def scaling(s: dict, runs_dir: Path, table_only: bool, prov: dict):
         lines += ["", "In-process probe (`probe = true`): the same runs with the ServerApp and the ClientApp in "
                   "one process (mosaic_flwr.testing.inprocess.InProcessGrid, clients one at a time, at most two "
                   "partitions cached), measured on entering the distillation and the KD loop: live "
-                  "torch tensors (distinct storages), RSS, and the decoded replies the strategy "
-                  "passes to the distillation.", "", *table("clients", [
-                      "decoded replies at distillation", "live tensors at distillation", "live tensors in KD loop",
+                  "torch tensors (distinct storages), RSS, and what the strategy holds from the clients' "
+                  "uploads (`held_from_clients`): the replies' own models and generators, which a streaming "
+                  "round has already summed into the class experts and moved into the generator bank as "
+                  "they arrived (so 0), and the class experts, the bank's generators and the prototypes.",
+                  "", *table("clients", [
+                      "held from the uploads at distillation (class experts + bank generators + prototypes)",
+                      "of which still in the replies", "live tensors at distillation", "live tensors in KD loop",
                       "RSS in KD loop", "peak RSS", "wall s", "load avg after"], [
                       row(str(p["clients"]), [
+                          f"{at.get('held_mib', nan):.0f} MiB ({at.get('experts_mib', nan):.0f} + "
+                          f"{at.get('bank_mib', nan):.0f} + {at.get('prototypes_mib', nan):.1f})"
+                          if "held_mib" in at else "-",
                           *(f"{d.get(k, nan):.0f} MiB" for d, k in ((at, "replies_mib"), (at, "live_tensor_mib"),
                                                                     (kd, "live_tensor_mib"), (kd, "rss_mib"))),
                           f"{p['peak_rss_mib']:.0f} MiB", f"{p['wall_seconds']:.0f}", str(p["loadavg"])])
