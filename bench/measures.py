@@ -1060,34 +1060,61 @@ def poison_state(state: dict, poison: str, gen) -> dict:
     return out
 
 
-def inflating_attacker(partition: int = 0, factor: int = 1000, poison: str = "random", seed: int = 0):
-    """An ``InProcessGrid`` hook: the node of ``partition`` declares ``factor`` x its label
-    counts and example count at discovery and in every reply, and sends a poisoned model.
-    ``hook.declared`` records the counts it declared, ``hook.sent`` the poisoned states by
-    server round."""
-    import torch
+def inflate_reply(content, message_type: str, factor: int, poison: str, gen) -> dict | None:
+    """The lie, in place, in the reply ``content`` (a ``RecordDict``) of a ``message_type``
+    message: every count it declares multiplied by ``factor``, consistently, so the server's
+    checks pass: the example count (``metrics``' ``num-examples``, every reply that has one),
+    the label counts (discovery's ``counts``; a training round's ``label-counts`` record), the
+    correct predictions of a gate/evaluation reply (``correct-*``: the same accuracy on
+    ``factor`` x the examples, so its vote weighs ``factor`` x); and a training reply's model
+    (``arrays``) replaced by the poisoned one (``poison_state``), returned. A reply without a
+    model (discovery, evaluation) returns ``None``; one with nothing to lie about (the meta
+    model's logits, ``query.logits``) is left as it is."""
     from flwr.app import ArrayRecord
+
+    metrics = content.metric_records.get("metrics")
+    if metrics is not None:
+        if "num-examples" in metrics:
+            metrics["num-examples"] = int(metrics["num-examples"]) * factor
+        if message_type == "query" and "counts" in metrics:
+            metrics["counts"] = [int(c) * factor for c in metrics["counts"]]
+        if message_type == "evaluate":
+            for key in [k for k in metrics if k.startswith("correct-")]:
+                metrics[key] = int(metrics[key]) * factor
+    if "label-counts" in content.metric_records:
+        record = content.metric_records["label-counts"]
+        record["counts"] = [int(c) * factor for c in record["counts"]]
+    if "arrays" not in content.array_records:
+        return None
+    state = poison_state(content.array_records["arrays"].to_torch_state_dict(), poison, gen)
+    content["arrays"] = ArrayRecord(state)
+    return state
+
+
+def inflating_attacker(partition: int = 0, factor: int = 1000, poison: str = "random", seed: int = 0):
+    """An ``InProcessGrid`` hook: the node of ``partition`` lies in every reply
+    (``inflate_reply``): ``factor`` x its label counts and example count at discovery, in every
+    training reply (with a poisoned model) and in every gate/evaluation reply (its correct
+    predictions too). ``hook.declared`` records the label counts it declared at discovery,
+    ``hook.sent`` the poisoned states by server round, ``hook.replies`` how many of its replies
+    of each message type went through it."""
+    import torch
 
     gen = torch.Generator().manual_seed(seed)
 
     def hook(grid, node: int, incoming, reply):
         if grid.contexts[node].node_config.get("partition-id") != partition or reply.has_error():
             return reply
-        content = reply.content
-        metrics = content.metric_records["metrics"]
-        metrics["num-examples"] = int(metrics["num-examples"]) * factor
-        if incoming.metadata.message_type == "query":
-            metrics["counts"] = hook.declared = [int(c) * factor for c in metrics["counts"]]
-            return reply
-        if "label-counts" in content.metric_records:
-            record = content.metric_records["label-counts"]
-            record["counts"] = [int(c) * factor for c in record["counts"]]
-        state = poison_state(content.array_records["arrays"].to_torch_state_dict(), poison, gen)
-        hook.sent[int(incoming.content.config_records["config"]["server-round"])] = state
-        content["arrays"] = ArrayRecord(state)
+        kind = incoming.metadata.message_type
+        state = inflate_reply(reply.content, kind, factor, poison, gen)
+        hook.replies[kind] = hook.replies.get(kind, 0) + 1
+        if kind == "query":
+            hook.declared = list(reply.content.metric_records["metrics"]["counts"])
+        if state is not None:
+            hook.sent[int(incoming.content.config_records["config"]["server-round"])] = state
         return reply
 
-    hook.declared, hook.sent = None, {}
+    hook.declared, hook.sent, hook.replies = None, {}, {}
     return hook
 
 
@@ -1115,6 +1142,8 @@ def attack(s: dict, runs_dir: Path, table_only: bool, prov: dict):
             d = summary.get("distillation", {})
             rows.append({"case": name, "attacked": attacked, "config": changes,
                          "final_accuracy": summary["final_accuracy"], **{k: d.get(k) for k in REPORT + TIMES},
+                         "attacker_replies": hook.replies if hook else None,
+                         "gate": {k: d.get(k) for k in ("gate-before", "gate-after", "gate-kept")},
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
     prov["loadavg_end"] = loadavg()
@@ -1122,11 +1151,15 @@ def attack(s: dict, runs_dir: Path, table_only: bool, prov: dict):
                          f"a {s['poison']} model (Fashion-MNIST, Dirichlet {s['alpha']}, seed {s['seed']})", prov)
     lines += [f"Mosaic, cnn_small, {s['rounds']} rounds (distillation after round {s['warmup-rounds']}), "
               f"local-steps {s['local-steps']}, mosaic.gen-steps {s['gen-steps']}, kd.steps {s['kd-steps']}; "
-              "in-process (bench/run.py bench/studies/attack.toml); the attacker is partition 0.", "",
-              "| case | final accuracy | before distill | expert ensemble | meta teacher | after distill | s |",
-              "|---|---|---|---|---|---|---|"]
+              "in-process (bench/run.py bench/studies/attack.toml); the attacker is partition 0 and lies in "
+              "every reply (`inflate_reply`): discovery, training rounds (its model poisoned) and the "
+              "distillation gate's evaluation replies (its correct predictions scaled with its example count).", "",
+              "| case | final accuracy | before distill | expert ensemble | meta teacher | after distill "
+              "| gate: clients' score before / after (kept) | s |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {_fmt(r['final_accuracy'])} | " + " | ".join(_fmt(r[k]) for k in REPORT)
-              + f" | {r['seconds']:.0f} |" for r in rows]
+              + f" | {_fmt(r['gate']['gate-before'])} / {_fmt(r['gate']['gate-after'])} "
+              f"({_fmt(r['gate']['gate-kept'], '{:.0f}')}) | {r['seconds']:.0f} |" for r in rows]
     args = {**{k.replace("-", "_"): s[k] for k in STUDIES["attack"][0]}, "name": s["name"]}
     return "\n".join(lines) + "\n", {"provenance": prov, "args": args, "rows": rows}, 0
 
