@@ -76,7 +76,7 @@ from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common, ledger  # noqa: E402
+from bench import common, ledger, measures  # noqa: E402
 from bench.common import (CENTRAL, EQUAL_COMPUTE, RESULTS, ROOT, RUNS, Cell, SpecError, cell_done,  # noqa: E402
                           flower_context, header_lines, label, loadavg, method_names, pretrain_name, provenance,
                           resolved_config, run_cell, run_central, run_inprocess, runnable, toml_values, variant_name,
@@ -109,6 +109,8 @@ def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SpecError(f"{path}: {exc}") from None
+    if raw.get("driver") in measures.STUDIES:  # a measurement study (bench/measures.py)
+        return measures.load_spec(path)
     if "parts" in raw:
         raise SpecError(f"{path}: the headline comparison's parts: run them with bench/headline.py")
     if unknown := sorted(set(raw) - set(KEYS)):
@@ -557,6 +559,11 @@ def table(spec: dict, ledger_file: Path) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # ---- a measurement study (speed, scaling, privacy, attack): bench/measures.py, its own options
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and measures.driver_of(argv[0]):
+        return measures.main(argv)
+    # ----
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", help="the study spec (TOML), e.g. bench/studies/smoke.toml")
     ap.add_argument("--runs-root", default=str(RUNS), help="runs go to RUNS_ROOT/<study>/ (outside the repository)")

@@ -265,7 +265,7 @@ def test_the_protocol_report_counts_each_clients_steps():
 
 def test_scaling_curve_finds_the_first_round_at_the_target_and_the_work_to_it(tmp_path, monkeypatch):
     import bench.common
-    from bench.scaling_curve import curve_table, main
+    from bench.archive.scaling_curve import curve_table, main
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
     rows = [{"round": 0, "accuracy": 0.1}, {"round": 1, "accuracy": 0.5, "client-seconds": 2.0},
             {"round": 2, "accuracy": 0.7, "client-seconds": 3.0}, {"round": 3, "accuracy": 0.65, "client-seconds": 4.0}]
@@ -286,7 +286,7 @@ def test_scaling_curve_finds_the_first_round_at_the_target_and_the_work_to_it(tm
 
 
 def test_bn_reestimate_uses_the_images_and_leaves_the_model_alone():
-    from bench.slice_check import reestimate_bn
+    from bench.archive.slice_check import reestimate_bn
 
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(2)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -299,7 +299,7 @@ def test_bn_reestimate_uses_the_images_and_leaves_the_model_alone():
 
 @pytest.mark.slow
 def test_slice_check_scores_the_widths_as_the_server_does(tmp_path):
-    from bench.slice_check import check
+    from bench.archive.slice_check import check
     from tests.support import run_inprocess
 
     res = run_inprocess(tmp_path, num_nodes=2, strategy="fedavg", dataset="synthetic", model="resnet8",
@@ -343,13 +343,14 @@ def test_bench_modules_import_each_other_without_a_cycle():
     from graphlib import CycleError, TopologicalSorter
 
     graph = bench_imports()
-    assert {"common", "report", "ledger", "run", "headline", "oracle", "protocol_report"} <= set(graph)
+    assert {"common", "report", "ledger", "run", "headline", "oracle", "protocol_report", "measures"} <= set(graph)
     try:
         order = list(TopologicalSorter(graph).static_order())
     except CycleError as exc:  # pragma: no cover - the failure message names the cycle
         pytest.fail(f"bench modules import each other in a circle: {' -> '.join(exc.args[1])}")
     assert order.index("common") < order.index("report") < order.index("protocol_report") < order.index("run")
     assert order.index("oracle") < order.index("run") < order.index("headline")
+    assert order.index("measures") < order.index("run")
 
 
 def test_method_lists_come_from_the_registry():

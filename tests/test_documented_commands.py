@@ -178,8 +178,7 @@ SKIPPED = {  # first word(s) -> why the command is not checked here
 }
 # Importing these takes seconds (torch at import or before argparse): their options are checked
 # in their source instead of their --help.
-HELP_TOO_SLOW = {"bench/attack.py", "bench/speed.py", "bench/throughput.py", "bench/privacy_strong.py",
-                 "bench/privacy_audit.py", "scripts/deploy/make_partitions.py"}
+HELP_TOO_SLOW = {"bench/archive/throughput.py", "bench/privacy_strong.py", "scripts/deploy/make_partitions.py"}
 WITH_RUN_CONFIG = {"scripts/flwr_sim.py", "scripts/run.sh", "scripts/deploy/flwr_deploy.py",
                    "scripts/deploy/make_partitions.py"}
 
@@ -283,6 +282,12 @@ def script_help(script: str, subcommand: str | None) -> str:
 
 def check_python_script(script: str, args: list[str]) -> None:
     assert (ROOT / script).is_file(), f"{script}: no such script"
+    if script == "bench/run.py" and args and (ROOT / args[0]).is_file():
+        from bench.measures import driver_of, load_spec
+        if driver_of(ROOT / args[0]):  # a measurement study: bench/measures.py's options, its spec values
+            sets = args[args.index("--set") + 1:] if "--set" in args else []
+            load_spec(ROOT / args[0], [s for s in sets if "=" in s and not s.startswith("-")])
+            script = "bench/measures.py"
     options = option_names(args)
     if script in HELP_TOO_SLOW:
         source = (ROOT / script).read_text()

@@ -228,7 +228,7 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
     that another client also holds does it reach 99 %. With the median it owns none.
     (On this tiny schedule the distilled model itself is at chance even in a clean run: its
     generators train for 20 steps; the teacher scores 1.0 clean.)"""
-    from bench.attack import inflating_attacker
+    from bench.measures import inflating_attacker
     from mosaic_flwr.core.checkpoint import load_checkpoint
     from tests.support import run_inprocess
     from tests.support import TINY_MOSAIC, metric_rows
@@ -312,13 +312,13 @@ def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_
 
 @pytest.mark.slow
 def test_the_median_gate_gives_a_client_that_forges_its_scores_one_vote(tmp_path):
-    """``bench/liar_client.py`` (partition 0: 1000x counts, random weights, and gate scores that
+    """``bench/archive/liar_client.py`` (partition 0: 1000x counts, random weights, and gate scores that
     say the distilled model is right everywhere and the old one nowhere) among 5 clients. The
     pooled gate reads the forged 100 % with the liar's (count-clip bounded) weight; the median
     of the clients' own accuracies hears it as one client of five."""
     from flwr.app import Context, RecordDict
 
-    from bench.liar_client import app as liar_app
+    from bench.archive.liar_client import app as liar_app
     from mosaic_flwr.config import load_defaults
     from mosaic_flwr.testing.inprocess import InProcessGrid
     from server_app.app import main as server_main
@@ -334,3 +334,39 @@ def test_the_median_gate_gives_a_client_that_forges_its_scores_one_vote(tmp_path
         after[statistic] = report["gate-after"]
     # the liar's forged 1.0 pulls the pooled score up by at least a third of its bounded share
     assert after["pooled"] > after["median"] + 0.2, after
+
+
+def test_the_attackers_lie_covers_every_reply_kind_and_replies_without_a_model():
+    """``bench.measures.inflate_reply``: discovery (counts and example count x factor, no
+    model), a training round (counts, label-counts record, poisoned model returned), the
+    gate's evaluation reply (example count and correct predictions x factor: the same accuracy,
+    factor x the weight; no model, no KeyError) and the meta model's logits (nothing to lie
+    about: unchanged)."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from bench.measures import inflate_reply
+
+    gen = torch.Generator().manual_seed(0)
+    query = RecordDict({"metrics": MetricRecord({"partition-id": 0, "num-examples": 6, "counts": [1, 0, 5]})})
+    assert inflate_reply(query, "query", 10, "random", gen) is None
+    assert query.metric_records["metrics"]["counts"] == [10, 0, 50]
+    assert query.metric_records["metrics"]["num-examples"] == 60
+
+    model = {"w": torch.ones(3, 2), "bn.running_mean": torch.zeros(2)}
+    train = RecordDict({"arrays": ArrayRecord(model), "metrics": MetricRecord({"num-examples": 6, "train-loss": 0.5}),
+                        "label-counts": MetricRecord({"counts": [1, 0, 5]})})
+    sent = inflate_reply(train, "train.mosaic", 10, "negated", gen)
+    assert torch.equal(sent["w"], -10 * torch.ones(3, 2)) and torch.equal(sent["bn.running_mean"], torch.zeros(2))
+    assert torch.equal(train.array_records["arrays"].to_torch_state_dict()["w"], sent["w"])
+    assert train.metric_records["label-counts"]["counts"] == [10, 0, 50]
+    assert train.metric_records["metrics"]["num-examples"] == 60
+    assert train.metric_records["metrics"]["train-loss"] == 0.5
+
+    evaluate = RecordDict({"metrics": MetricRecord({"num-examples": 6, "correct-before": 3, "correct-after": 5})})
+    assert inflate_reply(evaluate, "evaluate", 10, "random", gen) is None
+    assert dict(evaluate.metric_records["metrics"]) == {"num-examples": 60, "correct-before": 30, "correct-after": 50}
+    assert list(evaluate.keys()) == ["metrics"]  # still what decode_evaluate_reply accepts
+
+    logits = RecordDict({"meta-logits": ArrayRecord({"logits": torch.zeros(2, 1, 3), "labels": torch.zeros(2)})})
+    assert inflate_reply(logits, "query.logits", 10, "random", gen) is None
+    assert torch.equal(logits.array_records["meta-logits"].to_torch_state_dict()["logits"], torch.zeros(2, 1, 3))

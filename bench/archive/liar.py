@@ -2,7 +2,7 @@
 """A lying client joined to a real ``flwr run`` simulation (issue 39): the old defaults against
 the new ones, clean and attacked.
 
-The liar is ``bench/liar_client.py`` (partition 0: counts x 1000 everywhere, random weights, a
+The liar is ``bench/archive/liar_client.py`` (partition 0: counts x 1000 everywhere, random weights, a
 generator of random weights, prototypes of noise, forged gate scores). Each cell runs the
 main job (``scripts/flwr_sim.py``, 10 clients, Fashion-MNIST, the default schedule)
 from a git worktree of the current commit: ``honest`` as the project ships it, ``liar`` with the
@@ -55,7 +55,7 @@ def tree(kind: str, commit: str) -> Path:
     subprocess.run(["git", "worktree", "add", "--detach", "-f", str(path), commit], cwd=ROOT, check=True,
                    capture_output=True)
     if kind == "liar":
-        shutil.copy(ROOT / "bench" / "liar_client.py", path / "client_app" / "liar.py")
+        shutil.copy(ROOT / "bench" / "archive" / "liar_client.py", path / "client_app" / "liar.py")
         pyproject = path / "pyproject.toml"
         text = pyproject.read_text()
         assert 'clientapp = "client_app.app:app"' in text
@@ -119,7 +119,7 @@ def report(args) -> None:
     lines += [
         "Fashion-MNIST, 10 clients, Dirichlet alpha as below, the main job (`scripts/flwr_sim.py",
         "--num-supernodes 10`: a real `flwr run` simulation, Ray, 8 rounds, distillation after round 6, the",
-        "clients' gate with its look-ahead). The liar is partition 0 (`bench/liar_client.py`): it declares",
+        "clients' gate with its look-ahead). The liar is partition 0 (`bench/archive/liar_client.py`): it declares",
         "1000 x its counts, sends random weights of its model's scale, a random generator and noise",
         "prototypes, and scores every distilled candidate right and every model before distillation wrong",
         "on all its declared examples. Old defaults: `count-clip=0 mosaic.proto-min-records=1`; robust settings:",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Server memory before / after streaming (issue 19), run once for bench/results/scaling-stream.md.
 
-Probes each size of ``--probe-clients`` in-process twice (``bench.scaling.probe``): with this
+Probes each size of ``--probe-clients`` in-process twice (``bench.measures.probe``): with this
 checkout's code (``--run-config`` plus ``--after-config``: the bounded bank) and with the code of
 git ref ``--compare REF`` (``--run-config`` alone; ``git archive`` into a temporary directory),
 and tabulates what the server holds:
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import RUNS, header_lines, loadavg, provenance, write_results  # noqa: E402
-from bench.scaling import SHORT, probe  # noqa: E402
+from bench.measures import SHORT, probe  # noqa: E402
 
 
 def compare(args) -> int:

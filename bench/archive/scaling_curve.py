@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""A plain FedAvg accuracy curve with many clients, in-process (no Ray): how many rounds of
+"""Kept for the record: the one-off diagnostic behind bench/results/scaling-1000-fedavg-curve.md
+(run at commit 5e1177b; still runnable, tests/test_bench.py runs it on tiny data).
+
+A plain FedAvg accuracy curve with many clients, in-process (no Ray): how many rounds of
 FedAvg reach the accuracy another run reached (Mosaic's at 1,000 clients), and at what client
-work. ``bench/scaling.py`` measures time and memory through the real simulation; on the same
+work. The scaling study (``bench/studies/scaling.toml``) measures time and memory through the real simulation; on the same
 run config both draw the same partition and sample the same clients each round (the round-4
 accuracies of the two agree to the digit), so the curve continues that run.
 
-    .venv/bin/python bench/scaling_curve.py --clients 1000 --rounds 100 --target 0.626 \\
+    .venv/bin/python bench/archive/scaling_curve.py --clients 1000 --rounds 100 --target 0.626 \\
         --run-config "partition='dirichlet-client' alpha=0.1 fraction-train=0.1 min-train-clients=2 \\
                       server-threads=1 client-threads=1 test-subset=2000 local-steps=5" \\
         --name scaling-1000-fedavg-curve
@@ -21,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import RUNS, header_lines, loadavg, provenance, write_results  # noqa: E402
 
 MILESTONES = (10, 25, 50, 100, 150, 200)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "run"
     prov = provenance()
     if not args.table_only:
-        from bench.converged import run_inprocess
+        from bench.common import run_inprocess
 
         rc = {**load_defaults(), "strategy": "fedavg",
               **(parse_config_args([args.run_config]) if args.run_config.strip() else {}),

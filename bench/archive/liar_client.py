@@ -1,10 +1,11 @@
-"""A lying ClientApp for ``bench/archive/liar.py`` (issue 39): every honest handler of
+"""A lying ClientApp for ``bench/archive/liar.py`` (issue 39; bench/results/liar.md, run at commit
+bcb052d; tests/test_robust.py runs it): every honest handler of
 ``client_app.app``, except that the node of partition 0 lies in everything it sends.
 
 - discovery and every reply: its label counts and example count times ``FACTOR`` (consistently,
   so every check that counts can get without the data passes);
 - ``train`` / ``train.mosaic``: random weights of its model's own scale instead of its model
-  (``bench.attack.poison_state``), a generator of random weights, prototypes of noise;
+  (as ``bench.measures.poison_state``), a generator of random weights, prototypes of noise;
 - ``evaluate`` (the clients' gate): forged scores, every candidate the server distilled right
   on all its examples and the model before distillation wrong on all of them.
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Images per second of each classifier on one data set's input shape, training (SGD steps
+"""Kept for the record: the one-off measurement behind bench/results/throughput-cifar10.md (run at
+commit 56c374d; still runnable).
+
+Images per second of each classifier on one data set's input shape, training (SGD steps
 with momentum, the clients' loop: forward, backward, step) and inference (eval mode, no
 grad), at 1 and 2 threads, on this machine's CPU (and CUDA when present).
 
-    .venv/bin/python bench/throughput.py                       # cifar10, every model
-    .venv/bin/python bench/throughput.py --dataset fmnist --models cnn_small resnet8
+    .venv/bin/python bench/archive/throughput.py                       # cifar10, every model
+    .venv/bin/python bench/archive/throughput.py --dataset fmnist --models cnn_small resnet8
 
 Writes bench/results/throughput-<dataset>.md/.json with the commit, machine and load average
 (other processes on the machine lower the figures: the load is in the table's header).
@@ -17,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import header_lines, loadavg, provenance, write_results  # noqa: E402
 
 
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--seconds", type=float, default=4.0)
     args = ap.parse_args(argv)
-    prov = provenance("bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    prov = provenance("bench/archive/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     rows = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

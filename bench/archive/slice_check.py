@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""How good is each width's slice of a run's global model? A diagnostic for width-scaled
+"""Kept for the record: the one-off diagnostic behind bench/results/slice-check-families.md (run at
+commit d6310ad; still runnable, tests/test_bench.py runs it).
+
+How good is each width's slice of a run's global model? A diagnostic for width-scaled
 sub-models (HeteroFL / FedRolex, ``client-capacities``).
 
 The server reports a width's accuracy as the *fixed* slice of its family's global model (the
@@ -14,7 +17,7 @@ the run's test set, every width the clients hold as
 
 with the share of the most predicted class (1.0: one class for every image).
 
-    .venv/bin/python bench/slice_check.py ~/.cache/mosaic-flwr/bench-runs/headline-cifar10-families-widths/pretrain-a0.1-s42
+    .venv/bin/python bench/archive/slice_check.py ~/.cache/mosaic-flwr/bench-runs/headline-cifar10-families-widths/pretrain-a0.1-s42
 
 Writes bench/results/slice-check.md/.json (``--name`` to change).
 """
@@ -26,7 +29,7 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import header_lines, provenance, write_results  # noqa: E402
 
 
@@ -91,7 +94,7 @@ def check(run_dir: Path, per_client: int = 500, last_rounds: int = 3) -> dict:
 
 
 def markdown(data: dict, prov: dict) -> str:
-    lines = header_lines("Width slices of a global model (bench/slice_check.py)", prov) + [
+    lines = header_lines("Width slices of a global model (bench/archive/slice_check.py)", prov) + [
         f"Run `{data['run']}` at round {data['round']}, `submodel='{data['submodel']}'`. Test accuracy of each "
         "width the clients hold; `bn re-estimated`: BatchNorm statistics recomputed on "
         f"{data['images-per-client']} training images of every client; `top class`: the share of test images "
