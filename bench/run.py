@@ -60,6 +60,14 @@ checkpoint, ``resumable``); runs go seed by seed, so the first seed's table is c
 process per core. A run whose simulation fails is reported and left out, the others go on, and the
 command exits 1. One setting compared across methods is a spec like any other:
 ``bench/studies/families.toml`` runs every method on ``conf/fmnist-families.toml``.
+
+A measurement study names a measurement as its ``driver`` (``speed``, ``scaling``, ``privacy-dp``,
+``privacy-audit``, ``attack``: ``bench.measures.STUDIES``, each with its own keys and their
+defaults) and is run by ``bench/measures.py`` with the options ``--set KEY=VALUE``,
+``--runs-root``, ``--results-dir`` and ``--table-only`` (``bench/run.py SPEC --help`` lists them):
+
+    .venv/bin/python bench/run.py bench/studies/speed.toml --set sections=teacher
+    .venv/bin/python bench/run.py bench/studies/privacy-dp.toml --table-only
 """
 
 from __future__ import annotations
