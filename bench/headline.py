@@ -138,7 +138,7 @@ def study(part: Part, name: str, threads: int = 1) -> dict:
     """Part ``name`` as a ``bench/run.py`` study of the converged protocol (10 clients, in-process),
     its runs in ``RUNS_ROOT/headline-<name>``, each with ``threads`` torch threads."""
     return {"name": f"headline-{name}", "run_config": [*part.run_config, *thread_settings(threads)], "clients": 10,
-            "pretrain_rounds": part.pretrain_rounds, "driver": "inprocess"}
+            "pretrain_rounds": part.pretrain_rounds, "driver": "inprocess", "fork": False}
 
 
 def ledger_file(part: str, root: Path) -> Path:
@@ -226,14 +226,8 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
         out, spec = runs_dir(name, root), study(PARTS[name], name, threads)
         out.mkdir(parents=True, exist_ok=True)
         print(f"[headline] {name}: alpha={alpha if alpha is not None else '-'} seed={seed}", flush=True)
-        if alpha is None:
-            if not ledger_.finished(out / Cell(CENTRAL, None, seed).name):
-                runner.run_one(spec, Cell(CENTRAL, None, seed), out)
-        else:
-            try:
-                runner.converged(spec, alpha, seed, out, PARTS[name].methods(seed))
-            except runner.NotReproduced as exc:
-                print(f"[headline] {name}: cell alpha={alpha:g} seed={seed} left: {exc}", flush=True)
+        runner.run_unit(spec, [Cell(CENTRAL, None, seed)] if alpha is None else
+                        [Cell(m, alpha, seed) for m in PARTS[name].methods(seed)], out)
         if ledger is not None:
             got = ledger_.record(out, ledger_file(name, ledger))
             if got:

@@ -317,21 +317,31 @@ def run(spec: dict, root: Path, ledger_file: Path, shard: tuple[int, int] = (0, 
     print(f"[{spec['name']}] {len(cells)} runs, {done} finished; runs in {out}", flush=True)
     started = {}
     for i, unit in enumerate(units(spec)):
-        if i % shard[1] != shard[0]:
-            continue
-        todo = [c for c in unit if not ledger.finished(out / c.name)]
-        if spec["pretrain_rounds"] and unit[0].variant != CENTRAL:  # its start, its oracle: even when all is done
-            try:
-                started |= converged(spec, unit[0].alpha, unit[0].seed, out, [c.variant for c in unit])
-            except NotReproduced as exc:
-                print(f"[{spec['name']}] cell alpha={unit[0].alpha:g} seed={unit[0].seed} left: {exc}", flush=True)
-        elif spec["fork"] and todo and unit[0].variant != CENTRAL:
-            started |= run_forked(spec, todo, out)
-        else:
-            for cell in todo:
-                started[cell.name] = run_one(spec, cell, out)
-                ledger.record(out, ledger_file)
-        ledger.record(out, ledger_file)
+        if i % shard[1] == shard[0]:
+            started |= run_unit(spec, unit, out, ledger_file)
+            ledger.record(out, ledger_file)
+    return started
+
+
+def run_unit(spec: dict, unit: list[Cell], out: Path, ledger_file: Path | None = None) -> dict[str, str]:
+    """One cell of the study (a unit of ``units``) into ``out``: a converged cell (``converged``:
+    its start and its oracle, even when all is done; one whose start is not reproduced is left,
+    said so), a forked one, or its runs one by one, each recorded into ``ledger_file`` at once.
+    What became of each run started, by name."""
+    todo = [c for c in unit if not ledger.finished(out / c.name)]
+    if spec["pretrain_rounds"] and unit[0].variant != CENTRAL:
+        try:
+            return converged(spec, unit[0].alpha, unit[0].seed, out, [c.variant for c in unit])
+        except NotReproduced as exc:
+            print(f"[{spec['name']}] cell alpha={unit[0].alpha:g} seed={unit[0].seed} left: {exc}", flush=True)
+            return {}
+    if spec["fork"] and todo and unit[0].variant != CENTRAL:
+        return run_forked(spec, todo, out)
+    started = {}
+    for cell in todo:
+        started[cell.name] = run_one(spec, cell, out)
+        if ledger_file is not None:
+            ledger.record(out, ledger_file)
     return started
 
 
