@@ -99,14 +99,14 @@ def label(name: str) -> str:
 
 
 # Named groups of methods a spec may list beside method names (bench/run.py's studies, the
-# headline's parts in bench/studies/headline.toml): computed from the registry, so a new method
+# headline's parts among them): computed from the registry, so a new method
 # joins every spec that names its group.
 GROUPS = {"registry": lambda: list(compared()), "distilling": lambda: [m for m in compared() if distils(m)],
           "ablations": lambda: list(ABLATIONS)}
 
 
 class SpecError(ValueError):
-    """A spec (a study's, the headline's parts, or a narrowing of one) that cannot run: said in
+    """A spec (a study's, a headline part's, or a narrowing of one) that cannot run: said in
     one line, before any run."""
 
 

@@ -26,12 +26,12 @@ figures: its finished runs started from the recorded model, a different one woul
 start for the rest.
 
 The parts (each a data set's run configs, cells, pre-training length and methods, with their
-cuts) are data: ``bench/studies/headline.toml``, one table per part (``read_spec``). Each part is
-run by ``bench/run.py``'s converged protocol (``study``; ``bench.run.converged`` per cell (part,
-alpha, seed)): FedAvg to its plateau (``init-from``), then every method of the part (``HEADLINE``
-unless it says otherwise) for the same further rounds with the same learning-rate schedule (round
-1 at ``lr``, then ``finetune-lr``) and the clients' distillation gate on for every distilling
-method; then FedAvg and FedProx again with as many rounds as Mosaic's clients' measured work buys
+cuts) are ordinary ``bench/run.py`` study specs, ``bench/studies/headline-<part>.toml`` (read by
+``bench.run.load_spec``; ``bench/run.py`` runs one alone). Each part is run by ``bench/run.py``'s
+converged protocol (``study``; ``bench.run.converged`` per cell (part, alpha, seed)): FedAvg to
+its plateau (``init-from``), then every method of the part for the same further rounds with the
+same learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and the clients'
+distillation gate on for every distilling method; then FedAvg and FedProx again with as many rounds as Mosaic's clients' measured work buys
 (``bench.run.equal_compute_rounds``). Per seed, the centralised reference with the same sample
 passes. Settings are the defaults (chosen on the validation split: docs/methods.md, "How the
 defaults were chosen") and, for CIFAR-10, the CPU preset.
@@ -43,7 +43,6 @@ import argparse
 import json
 import statistics
 import sys
-import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,90 +51,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import ledger as ledger_  # noqa: E402
 from bench import protocol_report as protocol  # noqa: E402
 from bench import run as runner  # noqa: E402
-from bench.common import (CENTRAL, EQUAL_COMPUTE, RESULTS, ROOT, RUNS, Cell, SpecError, distils, label,  # noqa: E402
-                          machine_line, method_names, paired_interval, pretrain_name, provenance, runnable,
-                          variant_name)
+from bench.common import (CENTRAL, EQUAL_COMPUTE, RESULTS, ROOT, RUNS, Cell, SpecError, label,  # noqa: E402
+                          machine_line, paired_interval, pretrain_name, provenance, variant_name)
 from bench.report import by_model_table, collect, row, table  # noqa: E402
 
-# The parts (title, run configs, cells, pre-training, methods and their cuts) are data: one table
-# each in bench/studies/headline.toml, read once at import (``read_spec``).
-SPEC = ROOT / "bench" / "studies" / "headline.toml"
-PART_KEYS = ("title", "run-config", "alphas", "seeds", "pretrain-rounds", "methods", "leave-out", "central",
-             "only-seeds")
-REQUIRED = ("title", "alphas", "seeds", "pretrain-rounds")
+# The parts, in the order the grid runs them: each an ordinary bench/run.py study spec,
+# bench/studies/headline-<part>.toml (read by ``bench.run.load_spec``), whose runs and ledger are
+# named headline-<part> (``runs_dir``, ``ledger_file``).
+PART_NAMES = ("fmnist", "cifar10", "cifar10-families")
+STUDIES = ROOT / "bench" / "studies"
 
 # What the tables say of each part's cut and of what happened in its cells, with the figures
 # measured on the grid's machine: data, not code (bench/results/headline-notes.json).
 NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
 
 
-def _part_fields(table: object, default: tuple[str, ...], notes: dict) -> dict:
-    """A part's ``Part`` fields from its spec table (``PART_KEYS``): its methods are the spec's
-    ``default`` unless it names its own (groups expanded, ``bench.common.method_names``), less its
-    ``leave-out``; its cut and notes are ``notes``' (its entry of headline-notes.json)."""
-    if not isinstance(table, dict):
-        raise SpecError(f"not a table of {', '.join(PART_KEYS)}")
-    if unknown := sorted(set(table) - set(PART_KEYS)):
-        raise SpecError(f"unknown key(s) {', '.join(unknown)} (a part knows {', '.join(PART_KEYS)})")
-    if missing := [k for k in REQUIRED if k not in table]:
-        raise SpecError(f"missing {', '.join(missing)}")
-    methods = tuple(method_names(table["methods"])) if "methods" in table else default
-    leave_out = method_names(runner.listed(table.get("leave-out", []), "leave-out", str, "method names"))
-    if stray := [m for m in leave_out if m not in methods]:
-        raise SpecError(f"leave-out names {', '.join(stray)}, which the part does not run")
-    variants = tuple(m for m in methods if m not in leave_out)
-    alphas = tuple(float(a) for a in runner.listed(table["alphas"], "alphas", (int, float), "numbers"))
-    seeds = tuple(runner.listed(table["seeds"], "seeds", int, "integers"))
-    if not alphas or not seeds:
-        raise SpecError("alphas and seeds must name at least one cell")
-    only = table.get("only-seeds", {})
-    if not isinstance(only, dict):
-        raise SpecError("only-seeds must be a table, method = [seeds]")
-    only_seeds = {m: tuple(runner.listed(got, f"only-seeds.{m}", int, "integers")) for m, got in only.items()}
-    method_names(list(only_seeds))  # an unknown name stops here; a group's name below (the part runs no such method)
-    if stray := [m for m in only_seeds if m not in variants]:
-        raise SpecError(f"only-seeds names {', '.join(stray)}, which the part does not run")
-    if stray := [m for m, got in only_seeds.items() if not set(got) <= set(seeds)]:
-        raise SpecError(f"only-seeds of {', '.join(stray)} names seeds the part does not run")
-    rounds, central = table["pretrain-rounds"], table.get("central", True)
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1 or not isinstance(central, bool):
-        raise SpecError("pretrain-rounds must be a positive integer, central true or false")
-    return {"title": str(table["title"]), "variants": variants, "alphas": alphas, "seeds": seeds,
-            "run_config": tuple(runner.listed(table.get("run-config", []), "run-config", str, "strings")),
-            "pretrain_rounds": rounds, "central": central, "only_seeds": only_seeds,
+def spec_file(name: str) -> Path:
+    """Part ``name``'s study spec."""
+    return STUDIES / f"headline-{name}.toml"
+
+
+def load_part(path: Path) -> dict:
+    """The ``Part`` fields of the study spec at ``path`` (``bench.run.load_spec``, which names the
+    file in a one-line ``SpecError``), a study of the converged protocol; its cut and notes are its
+    entry of headline-notes.json (by the part's name, the file's stem without ``headline-``)."""
+    spec = runner.load_spec(path)
+    if not spec["pretrain_rounds"]:
+        raise SpecError(f"{path}: a headline part is a converged study: pretrain-rounds must be a positive integer")
+    notes = NOTES["parts"].get(spec["name"].removeprefix("headline-"), {})
+    return {"title": spec["title"], "run_config": tuple(spec["run_config"]), "alphas": tuple(spec["alphas"]),
+            "seeds": tuple(spec["seeds"]), "pretrain_rounds": spec["pretrain_rounds"],
+            "variants": tuple(spec["methods"]), "central": spec["central"],
+            "only_seeds": {m: tuple(s) for m, s in spec["only_seeds"].items()},
             "cut": notes.get("cut", ""), "notes": notes.get("notes", [])}
 
 
-def read_spec(path: Path) -> tuple[tuple[str, ...], dict[str, dict]]:
-    """The headline spec at ``path``: its default methods (top-level ``methods``, default the
-    "registry" group, resolved to names) and each part's ``Part`` fields, in the file's order.
-    A ``SpecError`` (one line, naming the file and the part) for what cannot run."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-        if unknown := sorted(set(raw) - {"methods", "parts"}):
-            raise SpecError(f"unknown key(s) {', '.join(unknown)} (the spec knows methods and parts)")
-        if not isinstance(raw.get("parts"), dict) or not raw["parts"]:
-            raise SpecError("no parts: a [parts.<name>] table each")
-        default, parts = tuple(method_names(raw.get("methods", "registry"))), {}
-        for name, entry in raw["parts"].items():
-            try:
-                parts[name] = _part_fields(entry, default, NOTES["parts"].get(name, {}))
-            except SpecError as exc:
-                raise SpecError(f"part {name}: {exc}") from None
-        return default, parts
-    except (OSError, tomllib.TOMLDecodeError, SpecError, TypeError) as exc:  # TypeError: methods not a list
-        raise SpecError(f"{path}: {exc}") from None
-
-
 try:
-    # HEADLINE: the methods of every part that names none (the spec's: every method the library
-    # registers, Mosaic without its meta model, the two equal-compute rows).
-    HEADLINE, _PART_FIELDS = read_spec(SPEC)
+    _PART_FIELDS = {name: load_part(spec_file(name)) for name in PART_NAMES}
 except SpecError as exc:  # the command says what is wrong in one line; an importer gets the error
     if __name__ != "__main__":
         raise
     print(f"bench/headline.py: {exc}", file=sys.stderr)
     sys.exit(2)
+# HEADLINE: every method some part runs, in the parts' order (every method the library registers,
+# Mosaic without its meta model, the two equal-compute rows).
+HEADLINE = tuple(dict.fromkeys(m for fields in _PART_FIELDS.values() for m in fields["variants"]))
 
 
 def thread_settings(threads: int = 1) -> tuple[str, str]:
@@ -144,23 +104,11 @@ def thread_settings(threads: int = 1) -> tuple[str, str]:
     return f"server-threads={threads}", f"client-threads={threads}"
 
 
-def run_rank(variant: str) -> int:
-    """The order a cell's methods run in (the table keeps HEADLINE's): the methods that train
-    alone first, then Mosaic's rows, so that an interrupted cell has its headline comparison,
-    then the equal-compute rows (they need Mosaic's client work); the distilling baselines,
-    whose teacher passes cost the most, last."""
-    if variant in EQUAL_COMPUTE:
-        return 2
-    if runnable()[variant][0] == "mosaic":
-        return 1
-    return 3 if distils(variant) else 0
-
-
 @dataclass(frozen=True)
 class Part:
-    """One data set's grid: run configs (files / strings) over the defaults, the cells, the
-    pre-training length, and the methods (``HEADLINE`` unless a part says otherwise); a table of
-    bench/studies/headline.toml."""
+    """One data set's grid, as the cross-part tables read it: run configs (files / strings) over
+    the defaults, the cells, the pre-training length, and the methods; its study spec
+    bench/studies/headline-<part>.toml (``load_part``), its cut and notes headline-notes.json's."""
 
     title: str
     run_config: tuple[str, ...]
@@ -174,8 +122,9 @@ class Part:
     only_seeds: dict = field(default_factory=dict)  # method -> the seeds it runs at (a cut), else all
 
     def methods(self, seed: int) -> list[str]:
-        """The methods cell (alpha, ``seed``) runs, in ``run_rank``'s order."""
-        return sorted((v for v in self.variants if seed in self.only_seeds.get(v, self.seeds)), key=run_rank)
+        """The methods cell (alpha, ``seed``) runs, in ``bench.run.run_rank``'s order (``cell_methods``)."""
+        return runner.cell_methods({"methods": self.variants, "only_seeds": self.only_seeds,
+                                    "pretrain_rounds": self.pretrain_rounds}, seed)
 
 
 PARTS = {name: Part(**fields) for name, fields in _PART_FIELDS.items()}
@@ -189,7 +138,7 @@ def study(part: Part, name: str, threads: int = 1) -> dict:
     """Part ``name`` as a ``bench/run.py`` study of the converged protocol (10 clients, in-process),
     its runs in ``RUNS_ROOT/headline-<name>``, each with ``threads`` torch threads."""
     return {"name": f"headline-{name}", "run_config": [*part.run_config, *thread_settings(threads)], "clients": 10,
-            "pretrain_rounds": part.pretrain_rounds, "driver": "inprocess"}
+            "pretrain_rounds": part.pretrain_rounds, "driver": "inprocess", "fork": False}
 
 
 def ledger_file(part: str, root: Path) -> Path:
@@ -277,14 +226,8 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
         out, spec = runs_dir(name, root), study(PARTS[name], name, threads)
         out.mkdir(parents=True, exist_ok=True)
         print(f"[headline] {name}: alpha={alpha if alpha is not None else '-'} seed={seed}", flush=True)
-        if alpha is None:
-            if not ledger_.finished(out / Cell(CENTRAL, None, seed).name):
-                runner.run_one(spec, Cell(CENTRAL, None, seed), out)
-        else:
-            try:
-                runner.converged(spec, alpha, seed, out, PARTS[name].methods(seed))
-            except runner.NotReproduced as exc:
-                print(f"[headline] {name}: cell alpha={alpha:g} seed={seed} left: {exc}", flush=True)
+        runner.run_unit(spec, [Cell(CENTRAL, None, seed)] if alpha is None else
+                        [Cell(m, alpha, seed) for m in PARTS[name].methods(seed)], out)
         if ledger is not None:
             got = ledger_.record(out, ledger_file(name, ledger))
             if got:

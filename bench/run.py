@@ -23,8 +23,10 @@ A study spec (TOML; every key has a default, an unknown key is an error):
                                    # or a list of names and of these groups and "ablations"
                                    # (bench.common.ABLATIONS); a name is a registered method or a
                                    # named variant of one (bench/variants.toml, e.g. "mosaic-nometa")
+    leave-out = ["fedbn"]          # methods of ``methods`` the study does not run (a group's member)
     alphas = [0.1, 1.0]
     seeds = [42, 43]
+    only-seeds = { dense = [42] }  # method = [seeds]: a method run at these of the seeds only (a cut)
     clients = 10
     central = false                # true: the centralised reference per seed (bench.common.run_central:
                                    # the same model on the union of the clients' data for as many
@@ -59,7 +61,9 @@ checkpoint, ``resumable``); runs go seed by seed, so the first seed's table is c
 ``--shard K/N`` runs every N-th (alpha, seed) cell (and central reference) from the K-th, one
 process per core. A run whose simulation fails is reported and left out, the others go on, and the
 command exits 1. One setting compared across methods is a spec like any other:
-``bench/studies/families.toml`` runs every method on ``conf/fmnist-families.toml``.
+``bench/studies/families.toml`` runs every method on ``conf/fmnist-families.toml``. The headline
+comparison's parts are studies too (``bench/studies/headline-<part>.toml``): this runs one alone,
+``bench/headline.py`` runs them all and writes the verdict across them.
 
 A measurement study names a measurement as its ``driver`` (``speed``, ``scaling``, ``privacy-dp``,
 ``privacy-audit``, ``attack``: ``bench.measures.STUDIES``, each with its own keys and their
@@ -86,19 +90,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common, ledger, measures  # noqa: E402
 from bench.common import (CENTRAL, EQUAL_COMPUTE, RESULTS, ROOT, RUNS, Cell, SpecError, cell_done,  # noqa: E402
-                          flower_context, header_lines, label, loadavg, method_names, pretrain_name, provenance,
-                          resolved_config, run_cell, run_central, run_inprocess, runnable, toml_values, variant_name,
-                          write_bench_note, write_refusal, write_results)
+                          distils, flower_context, header_lines, label, loadavg, method_names, pretrain_name,
+                          provenance, resolved_config, run_cell, run_central, run_inprocess, runnable, toml_values,
+                          variant_name, write_bench_note, write_refusal, write_results)
 from bench.report import collect, grid_data, grid_lines, plot, setting_of, with_central  # noqa: E402
 
-KEYS = ("name", "title", "driver", "methods", "alphas", "seeds", "clients", "central", "fork", "pretrain-rounds",
-        "reference", "run-config")
+KEYS = ("name", "title", "driver", "methods", "leave-out", "alphas", "seeds", "only-seeds", "clients", "central",
+        "fork", "pretrain-rounds", "reference", "run-config")
 DRIVERS = {"inprocess": "in-process federation: the real ClientApp handlers, no Ray",
            "simulation": "real Flower simulation, scripts/flwr_sim.py"}
 
 
 def listed(got: object, what: str, kind: type | tuple[type, ...], noun: str) -> list:
-    """``got`` (a spec's or a headline part's ``what``) if it is a list of ``kind`` values (``noun``), else a
+    """``got`` (a spec's ``what``) if it is a list of ``kind`` values (``noun``), else a
     ``SpecError``."""
     if not isinstance(got, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in got):
         raise SpecError(f"{what} must be a list of {noun}")
@@ -119,8 +123,6 @@ def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence
         raise SpecError(f"{path}: {exc}") from None
     if raw.get("driver") in measures.STUDIES:  # a measurement study (bench/measures.py)
         return measures.load_spec(path)
-    if "parts" in raw:
-        raise SpecError(f"{path}: the headline comparison's parts: run them with bench/headline.py")
     if unknown := sorted(set(raw) - set(KEYS)):
         raise SpecError(f"{path}: unknown key(s) {', '.join(unknown)} (a spec knows {', '.join(KEYS)})")
     driver = raw.get("driver", "inprocess")
@@ -128,6 +130,12 @@ def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence
         raise SpecError(f"{path}: unknown driver {driver!r} (one of {', '.join(DRIVERS)})")
     try:
         own = method_names(raw.get("methods", "registry"))
+        leave_out = method_names(listed(raw.get("leave-out", []), "leave-out", str, "method names"))
+        if stray := [m for m in leave_out if m not in own]:
+            raise SpecError(f"leave-out names {', '.join(stray)}, which the study does not run")
+        own = [m for m in own if m not in leave_out]
+        own_seeds = listed(raw.get("seeds", [42]), "seeds", int, "integers")
+        only_seeds = only(raw.get("only-seeds", {}), own, own_seeds)
         reference = raw.get("reference", "fedavg" if "fedavg" in own else None)
         if reference is not None and reference not in own:
             raise SpecError(f"the reference {reference!r} is not one of the study's methods")
@@ -144,23 +152,58 @@ def load_spec(path: Path, methods: Sequence[str] | None = None, alphas: Sequence
                 "driver": driver, "methods": method_names(methods) if methods else own,
                 "alphas": [float(a) for a in listed(alphas or raw.get("alphas", [0.1]), "alphas", (int, float),
                                                     "numbers")],
-                "seeds": listed(seeds or raw.get("seeds", [42]), "seeds", int, "integers"),
+                "seeds": listed(seeds or own_seeds, "seeds", int, "integers"), "only_seeds": only_seeds,
                 "clients": int(raw.get("clients", 10)),
                 "central": raw.get("central", False), "fork": raw.get("fork", False), "pretrain_rounds": pretrain,
                 "reference": reference,
                 "run_config": [*listed(raw.get("run-config", []), "run-config", str, "strings"), *overrides]}
+        if not spec["alphas"] or not spec["seeds"]:
+            raise SpecError("alphas and seeds must name at least one cell")
         resolved_config(spec["run_config"])  # a bad file or key stops here, before any run
     except (SpecError, ConfigError, TypeError, ValueError) as exc:
         raise SpecError(f"{path}: {exc}") from None
     return spec
 
 
+def only(table: object, methods: list[str], seeds: list[int]) -> dict[str, list[int]]:
+    """A spec's ``only-seeds`` (method = [seeds]: a method run at these of the study's seeds only,
+    a cut), checked against the study's own ``methods`` and ``seeds``."""
+    if not isinstance(table, dict):
+        raise SpecError("only-seeds must be a table, method = [seeds]")
+    got = {m: listed(s, f"only-seeds.{m}", int, "integers") for m, s in table.items()}
+    method_names(list(got))  # an unknown name stops here; a group's name below (the study runs no such method)
+    if stray := [m for m in got if m not in methods]:
+        raise SpecError(f"only-seeds names {', '.join(stray)}, which the study does not run")
+    if stray := [m for m, s in got.items() if not set(s) <= set(seeds)]:
+        raise SpecError(f"only-seeds of {', '.join(stray)} names seeds the study does not run")
+    return got
+
+
+def run_rank(variant: str) -> int:
+    """The order a converged cell's methods run in (the tables keep the spec's): the methods that
+    train alone first, then Mosaic's rows, so that an interrupted cell has its headline comparison,
+    then the equal-compute rows (they need Mosaic's client work); the distilling baselines,
+    whose teacher passes cost the most, last."""
+    if variant in EQUAL_COMPUTE:
+        return 2
+    if runnable()[variant][0] == "mosaic":
+        return 1
+    return 3 if distils(variant) else 0
+
+
+def cell_methods(spec: dict, seed: int) -> list[str]:
+    """The methods a cell at ``seed`` runs: the spec's, less those its ``only-seeds`` keep to other
+    seeds; under the converged protocol in ``run_rank``'s order."""
+    got = [m for m in spec["methods"] if seed in spec.get("only_seeds", {}).get(m, [seed])]
+    return sorted(got, key=run_rank) if spec.get("pretrain_rounds") else got
+
+
 def plan(spec: dict) -> list[Cell]:
     """Every run of the study, seed by seed (its centralised reference first, where asked), then
-    alpha, then method."""
+    alpha, then method (``cell_methods``)."""
     return [cell for s in spec["seeds"]
             for cell in [*([Cell(CENTRAL, None, s)] if spec["central"] else []),
-                         *(Cell(m, a, s) for a in spec["alphas"] for m in spec["methods"])]]
+                         *(Cell(m, a, s) for a in spec["alphas"] for m in cell_methods(spec, s))]]
 
 
 # The converged protocol (``pretrain-rounds``): the settings of every run, under the spec's run config.
@@ -284,21 +327,31 @@ def run(spec: dict, root: Path, ledger_file: Path, shard: tuple[int, int] = (0, 
     print(f"[{spec['name']}] {len(cells)} runs, {done} finished; runs in {out}", flush=True)
     started = {}
     for i, unit in enumerate(units(spec)):
-        if i % shard[1] != shard[0]:
-            continue
-        todo = [c for c in unit if not ledger.finished(out / c.name)]
-        if spec["pretrain_rounds"] and unit[0].variant != CENTRAL:  # its start, its oracle: even when all is done
-            try:
-                started |= converged(spec, unit[0].alpha, unit[0].seed, out, [c.variant for c in unit])
-            except NotReproduced as exc:
-                print(f"[{spec['name']}] cell alpha={unit[0].alpha:g} seed={unit[0].seed} left: {exc}", flush=True)
-        elif spec["fork"] and todo and unit[0].variant != CENTRAL:
-            started |= run_forked(spec, todo, out)
-        else:
-            for cell in todo:
-                started[cell.name] = run_one(spec, cell, out)
-                ledger.record(out, ledger_file)
-        ledger.record(out, ledger_file)
+        if i % shard[1] == shard[0]:
+            started |= run_unit(spec, unit, out, ledger_file)
+            ledger.record(out, ledger_file)
+    return started
+
+
+def run_unit(spec: dict, unit: list[Cell], out: Path, ledger_file: Path | None = None) -> dict[str, str]:
+    """One cell of the study (a unit of ``units``) into ``out``: a converged cell (``converged``:
+    its start and its oracle, even when all is done; one whose start is not reproduced is left,
+    said so), a forked one, or its runs one by one, each recorded into ``ledger_file`` at once.
+    What became of each run started, by name."""
+    todo = [c for c in unit if not ledger.finished(out / c.name)]
+    if spec["pretrain_rounds"] and unit[0].variant != CENTRAL:
+        try:
+            return converged(spec, unit[0].alpha, unit[0].seed, out, [c.variant for c in unit])
+        except NotReproduced as exc:
+            print(f"[{spec['name']}] cell alpha={unit[0].alpha:g} seed={unit[0].seed} left: {exc}", flush=True)
+            return {}
+    if spec["fork"] and todo and unit[0].variant != CENTRAL:
+        return run_forked(spec, todo, out)
+    started = {}
+    for cell in todo:
+        started[cell.name] = run_one(spec, cell, out)
+        if ledger_file is not None:
+            ledger.record(out, ledger_file)
     return started
 
 

@@ -127,10 +127,16 @@ def test_every_study_spec_of_the_repository_loads():
     from bench.common import ROOT
 
     studies = ROOT / "bench" / "studies"
-    specs = {p.stem: run.load_spec(p) for p in studies.glob("*.toml") if p.stem != "headline"}
+    specs = {p.stem: run.load_spec(p) for p in studies.glob("*.toml")}
     assert {"smoke", "grid", "grid-quick", "families"} <= set(specs)
-    with pytest.raises(run.SpecError, match="headline comparison's parts: run them with bench/headline.py"):
-        run.load_spec(studies / "headline.toml")  # bench/headline.py's parts, not a study
+    # the headline comparison's parts are studies like any other, of the converged protocol
+    parts = {"headline-fmnist", "headline-cifar10", "headline-cifar10-families"}
+    assert parts <= set(specs) and all(specs[p]["pretrain_rounds"] > 0 for p in parts)
+    assert "fedbn" not in specs["headline-cifar10-families"]["methods"]  # its leave-out
+    cifar = specs["headline-cifar10"]  # its only-seeds: the data-free rivals at seed 42 alone
+    assert [c.variant for c in run.plan(cifar) if c.alpha == 0.1 and c.seed == 43] == sorted(
+        (m for m in cifar["methods"] if m not in ("dense", "fedftg", "dfrd")), key=run.run_rank)
+    assert {"dense", "fedftg", "dfrd"} <= {c.variant for c in run.plan(cifar) if c.seed == 42}
     assert [c.name for c in run.plan(specs["grid-quick"])] == ["central-s42", "fedavg-a0.1-s42", "mosaic-a0.1-s42"]
 
 

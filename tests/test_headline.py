@@ -88,8 +88,8 @@ def test_every_part_names_known_variants_and_valid_run_configs():
 
 
 def test_the_parts_read_from_their_spec_file_are_those_the_code_held():
-    """bench/studies/headline.toml gives every part the values bench/headline.py kept as Python
-    before it (at bda338e), field by field, in the same order: the default methods computed from
+    """bench/studies/headline-<part>.toml give every part the values bench/headline.py kept as
+    Python before them (at bda338e), field by field, in the same order: the default methods computed from
     the registry, FedDF's CIFAR-10 transfer set on the validation split, the data-free rivals'
     seed cut, FedBN left out of the families, their cut and notes from headline-notes.json."""
     from bench.common import compared
@@ -119,46 +119,49 @@ def test_the_parts_read_from_their_spec_file_are_those_the_code_held():
         assert part == Part(**fields, cut=notes[name]["cut"], notes=notes[name]["notes"])
 
 
-PART = '[parts.t]\ntitle = "t"\nalphas = [0.1]\nseeds = [1, 2]\npretrain-rounds = 2\n'
+PART = 'title = "t"\nalphas = [0.1]\nseeds = [1, 2]\npretrain-rounds = 2\n'
 
 
 def test_a_part_names_its_methods_by_group_and_leaves_some_out(tmp_path):
+    """A part is a bench/run.py study spec: its methods by group, less its leave-out, a cut
+    method at some of its seeds only (only-seeds); bench/run.py runs it as the headline does."""
     from bench.common import compared, distils
 
-    spec = tmp_path / "headline.toml"
-    spec.write_text('methods = ["fedavg"]\n' + PART + 'methods = ["distilling", "fedavg"]\nleave-out = ["dense"]\n'
-                    'only-seeds = { mosaic = [1] }\ncentral = false\n'
-                    '[parts.u]\ntitle = "u"\nalphas = [1]\nseeds = [3]\npretrain-rounds = 4\n')
-    default, parts = headline.read_spec(spec)
-    assert default == ("fedavg",) and list(parts) == ["t", "u"]
-    t = Part(**parts["t"])
+    spec = tmp_path / "headline-t.toml"
+    spec.write_text(PART + 'methods = ["distilling", "fedavg"]\nleave-out = ["dense"]\n'
+                    'only-seeds = { mosaic = [1] }\ncentral = false\n')
+    t = Part(**headline.load_part(spec))
     assert t.variants == (*(m for m in compared() if distils(m) and m != "dense"), "fedavg")
     assert t.methods(2) == [m for m in t.methods(1) if m != "mosaic"] and not t.central
-    assert Part(**parts["u"]) == Part("u", (), (1.0,), (3,), 4, variants=("fedavg",))
+    study = runner.load_spec(spec)
+    assert [c.variant for c in runner.plan(study) if c.seed == 2] == t.methods(2)  # bench/run.py's cells: the same
+    spec.write_text('title = "u"\nmethods = ["fedavg"]\nalphas = [1]\nseeds = [3]\npretrain-rounds = 4\n')
+    assert Part(**headline.load_part(spec)) == Part("u", (), (1.0,), (3,), 4, variants=("fedavg",), central=False)
 
 
-def test_a_bad_headline_spec_is_one_line_naming_the_file_and_the_part(tmp_path):
+def test_a_bad_headline_part_is_one_line_naming_its_file(tmp_path):
+    """A part's spec is read by bench.run.load_spec: its errors name the file (the part), in one
+    line; a headline part must run the converged protocol (pretrain-rounds)."""
     from bench.common import SpecError
 
-    spec = tmp_path / "headline.toml"
-    for text, error in (("", "no parts"),
-                        ('metods = ["registry"]\n' + PART, "unknown key(s) metods"),
-                        (PART + "centrl = false\n", "part t: unknown key(s) centrl"),
-                        ('[parts.t]\ntitle = "t"\nalphas = [0.1]\nseeds = [1]\n', "part t: missing pretrain-rounds"),
+    spec = tmp_path / "headline-t.toml"
+    for text, error in (('metods = ["registry"]\n' + PART, "unknown key(s) metods"),
+                        (PART + "centrl = false\n", "unknown key(s) centrl"),
+                        ('title = "t"\nalphas = [0.1]\nseeds = [1]\n', "pretrain-rounds must be a positive integer"),
                         ('methods = ["fedavg", "fedsgd"]\n' + PART, "unknown method 'fedsgd'"),
                         (PART + 'methods = ["fedavg"]\nleave-out = ["fedbn"]\n',
-                         "part t: leave-out names fedbn, which the part does not run"),
-                        (PART + "only-seeds = { fedsgd = [1] }\n", "part t: unknown method 'fedsgd'"),
-                        (PART + "only-seeds = { dense = [3] }\n", "part t: only-seeds of dense names seeds"),
+                         "leave-out names fedbn, which the study does not run"),
+                        (PART + "only-seeds = { fedsgd = [1] }\n", "unknown method 'fedsgd'"),
+                        (PART + "only-seeds = { dense = [3] }\n", "only-seeds of dense names seeds"),
                         (PART + 'methods = ["fedavg"]\nonly-seeds = { dense = [1] }\n',
-                         "part t: only-seeds names dense, which the part does not run"),
-                        (PART.replace("seeds = [1, 2]", 'seeds = "42"'), "part t: seeds must be a list of integers"),
-                        (PART.replace("alphas = [0.1]", "alphas = []"), "part t: alphas and seeds must name"),
-                        (PART + 'central = "no"\n', "central true or false"),
+                         "only-seeds names dense, which the study does not run"),
+                        (PART.replace("seeds = [1, 2]", 'seeds = "42"'), "seeds must be a list of integers"),
+                        (PART.replace("alphas = [0.1]", "alphas = []"), "alphas and seeds must name"),
+                        (PART + 'central = "no"\n', "central and fork must be true or false"),
                         (PART.replace("= 2\n", "= 0\n"), "pretrain-rounds must be a positive integer")):
         spec.write_text(text)
         with pytest.raises(SpecError) as got:
-            headline.read_spec(spec)
+            headline.load_part(spec)
         assert error in str(got.value) and str(spec) in str(got.value) and "\n" not in str(got.value), text
 
 
