@@ -29,7 +29,6 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from mosaic_flwr.core.schedule import proto_rounds
 from mosaic_flwr.registry import methods as _methods
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -585,23 +584,21 @@ def check_kd(values: Mapping[str, Any]) -> None:
                           "kd.local-steps > 0 (the authors: 10, with kd.local-batch-size=64)")
 
 
-def meta_experts_for(values: Mapping[str, Any]) -> str:
-    """What Mosaic's meta model fuses for a ``mosaic.meta-experts`` setting. ``'auto'`` is
-    ``'heads'`` (each class expert's head on the features of the model the distillation round's
-    clients received) where the meta model learns from that round's prototypes on the server
-    (one architecture at full width, ``mosaic.meta-data`` 'prototypes' or 'both', one prototype
-    round): the teacher then feeds it the kind of inputs it learned on, so its guard, scored on
-    held-out prototypes, judges the teacher that distils. Elsewhere ``'full'`` (each full expert
-    on the image, the paper's). Measured in ``bench/results/mosaic-paper.md``: on CIFAR-10 the
-    full experts' meta teacher passed its guard and fell below the mean of the experts; on
-    Fashion-MNIST both are the same (the guard keeps the mean)."""
-    chosen = values["mosaic.meta-experts"]
+def meta_experts_for(chosen: str, meta_data: str, is_heterogeneous: bool, bank_rounds: int) -> str:
+    """What Mosaic's meta model fuses for a ``mosaic.meta-experts`` setting (``chosen``), given
+    its resolved ``meta_data`` (``meta_data_for``), the federation's heterogeneity and its
+    prototype rounds (``proto_rounds``). ``'auto'`` is ``'heads'`` (each class expert's head on
+    the features of the model the distillation round's clients received) where the meta model
+    learns from that round's prototypes on the server (one architecture at full width,
+    ``meta_data`` 'prototypes' or 'both', one prototype round): the teacher then feeds it the
+    kind of inputs it learned on, so its guard, scored on held-out prototypes, judges the teacher
+    that distils. Elsewhere ``'full'`` (each full expert on the image, the paper's). Measured in
+    ``bench/results/mosaic-paper.md``: on CIFAR-10 the full experts' meta teacher passed its guard
+    and fell below the mean of the experts; on Fashion-MNIST both are the same (the guard keeps
+    the mean)."""
     if chosen != "auto":
         return chosen
-    meta_data = meta_data_for(values["mosaic.meta-data"], config_heterogeneous(values),
-                              widths=config_width_scaled(values))
-    one_space = (not config_heterogeneous(values) and meta_data in ("prototypes", "both")
-                 and proto_rounds(values) == 1)
+    one_space = not is_heterogeneous and meta_data in ("prototypes", "both") and bank_rounds == 1
     return "heads" if one_space else "full"
 
 

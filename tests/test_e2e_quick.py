@@ -388,9 +388,12 @@ def test_mosaic_with_an_expert_pass_builds_its_class_experts_from_the_expert_mod
 def test_meta_experts_auto_reads_the_heads_where_prototypes_and_teacher_share_one_space(overrides, expected):
     """The default, ``mosaic.meta-experts='auto'``: heads where the meta model learns from one
     round's prototypes on the server with one architecture at full width; the full experts elsewhere."""
-    from mosaic_flwr.config import meta_experts_for
+    from mosaic_flwr.config import config_heterogeneous, config_width_scaled, meta_data_for, meta_experts_for
+    from mosaic_flwr.core.schedule import proto_rounds
     assert build_config({"strategy": "mosaic"}).of("mosaic").meta_experts == "auto"
-    assert meta_experts_for(build_config({"strategy": "mosaic", **overrides}).values) == expected
+    v = build_config({"strategy": "mosaic", **overrides}).values
+    meta_data = meta_data_for(v["mosaic.meta-data"], config_heterogeneous(v), widths=config_width_scaled(v))
+    assert meta_experts_for(v["mosaic.meta-experts"], meta_data, config_heterogeneous(v), proto_rounds(v)) == expected
 
 
 def test_meta_experts_heads_needs_one_architecture():

@@ -110,7 +110,9 @@ class MosaicStrategy(DistillStrategy):
                                        clients=", ".join(map(str, self.archs)),
                                        widths=width_scaled(a.capacity for a in self.archs))
         self.uses_prototypes = teacher == "meta" and self.meta_data not in ("generated", "clients")
-        self.meta_experts = meta_experts_for(self.cfg.values)
+        # what the meta model fuses, from the meta data and the architectures resolved above
+        self.meta_experts = meta_experts_for(self.cfg.of('mosaic').meta_experts, self.meta_data, self.heterogeneous,
+                                             proto_rounds(self.cfg.values))
         self._received: dict[int, StateDict] = {}
         self._round_start: StateDict | None = None  # the distillation round's received model ('heads')
         self._experts = None  # the expert mixture, during a distillation
