@@ -4,7 +4,7 @@ from flwr.common.config import parse_config_args
 
 from client_app.app import app as client_app
 from mosaic_flwr.core.checkpoint import config_changes
-from mosaic_flwr.config import (PROJECT_ROOT, RENAMED, SPEC, spec, strategy_names, ConfigError, build_config, config_heterogeneous, heterogeneous,
+from mosaic_flwr.config import (PROJECT_ROOT, RENAMED, spec, strategy_names, ConfigError, build_config, config_heterogeneous, heterogeneous,
                                 load_defaults, local_work, meta_data_for, merge_run_config, write_run_config)
 from mosaic_flwr.testing.inprocess import InProcessGrid
 from server_app.app import main as server_main

@@ -21,7 +21,7 @@ import torch
 
 from client_app.app import round_seed, sgd_settings
 from mosaic_flwr.core.central import federated_sample_passes
-from mosaic_flwr.config import SEED_LIMIT, SPEC, Config, spec, ConfigError, build_config, lr_for_round
+from mosaic_flwr.config import SEED_LIMIT, Config, spec, ConfigError, build_config, lr_for_round
 from mosaic_flwr.core.schedule import proto_rounds
 from mosaic_flwr.data import dataset_info, partition, partition_without, validation_indices
 from mosaic_flwr.models.generators import generator_for

@@ -279,7 +279,7 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
 def test_mosaic_robust_experts_of_width_scaled_sub_models_are_masked_medians_of_the_holders():
     from tests.support import as_flower_server
     from mosaic_flwr.config import build_config
-    from mosaic_flwr.core.records import ClientInfo, MosaicReply
+    from mosaic_flwr.core.records import ClientInfo
     from mosaic_flwr.core.server import ServerContext
     from mosaic_flwr.distill.server import ClientModel
     from mosaic_flwr.methods.mosaic.strategy import MosaicStrategy

@@ -41,6 +41,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,9 @@ from torch import nn
 from mosaic_flwr.data.augment import Augment
 from mosaic_flwr.models.generators import sample
 from mosaic_flwr.core.seeds import mix_seed
+
+if TYPE_CHECKING:
+    from mosaic_flwr.privacy.dp import DiscriminatorDP
 
 __all__ = ["DIVERSITY_MODES", "batch_entropy_term", "generator_fidelity", "train_generator"]
 

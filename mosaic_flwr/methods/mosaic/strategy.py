@@ -316,7 +316,7 @@ class MosaicStrategy(DistillStrategy):
         collection rounds' first-time clients), loaded on the server's device, with their
         label counts masked to the classes each is kept for, and their owners (architecture,
         node id, prototypes); saved in the artifacts. The bank is emptied (the modules hold them)."""
-        sc, dev = self.sc, self.sc.device
+        dev = self.sc.device
         rows = self.bank.rows()
         if not rows:
             raise RuntimeError("distillation: no client uploaded a generator")
@@ -397,7 +397,7 @@ class MosaicStrategy(DistillStrategy):
     def teacher_for(self, server_round: int, clients: list, report: dict) -> Teacher:
         """The class experts' mixture and, with the meta model, the EMA meta model over them
         trained on ``mosaic.meta-data`` (``meta_inputs``); test-set scores for the report only."""
-        cfg, dev, sc = self.cfg, self.sc.device, self.sc
+        cfg, dev = self.cfg, self.sc.device
         generators, counts, gen_replies = self.client_generators(clients, report)
         self._generators = (generators, counts)
         experts = self._experts = self.expert_mixture()
