@@ -1,27 +1,21 @@
-"""The report of the converged protocol (a ``bench/run.py`` study with ``pretrain-rounds``: every
-method from the same converged FedAvg checkpoint), for both of its users: the figures read from a study's
-runs (``collect``'s ``runs``: (variant, alpha, seed) -> summary with its ``rows``), the tables
-``bench/headline.py`` puts in a part's section, and ``report``: every table of one study
-(``bench/run.py STUDY --table-only``, and each headline part's details)."""
+"""The converged protocol's report (a ``bench/run.py`` study with ``pretrain-rounds``: every method from
+the same converged FedAvg checkpoint): figures of a study's runs (``collect``'s ``runs``), the tables
+``bench/headline.py`` puts in a part's section, and ``report``: every table of one study."""
 
 from __future__ import annotations
 
 import json
 import re
 import statistics
+from itertools import product
 from pathlib import Path
 
-from bench.common import EQUAL_COMPUTE, RESULTS, label, machine_line, paired_interval, pretrain_name, provenance
-from bench.report import (alpha_columns, captioned, collect, finished, mean_sd, method_rows, ms, per_alpha, row,
-                          table)
+from bench.common import EQUAL_COMPUTE, RESULTS, label, machine_line, pretrain_name, provenance
+from bench.report import (alpha_columns, captioned, collect, differences, finished, mean_sd, method_rows, ms,
+                          per_alpha, pct, points, row, table)
 
 
 # ----------------------------------------------------------------------------- figures of the runs
-def differences(runs: dict, v: str, w: str, a: float, seeds, key: str = "final_accuracy") -> list[float]:
-    """``v``'s ``key`` minus ``w``'s at α ``a``, per seed both finished (paired by seed)."""
-    return [runs[(v, a, s)][key] - runs[(w, a, s)][key] for s in seeds if (v, a, s) in runs and (w, a, s) in runs]
-
-
 def gap_closure(runs: dict, v: str, a: float, seeds, central: list[float]) -> tuple[float, int] | None:
     """((``v`` − FedAvg) / (central − FedAvg), seeds) from the mean final test accuracies over the
     seeds both methods finished; None without such seeds, a central reference, or a gap."""
@@ -45,7 +39,7 @@ def best_validation(rows: list[dict]) -> tuple[int, float] | None:
 
 
 def chosen_differences(runs: dict, v: str, alpha: float, seeds) -> list[float]:
-    """Mosaic minus ``v`` per seed, each run taken at the round its validation split picks (the seeds
+    """Mosaic minus ``v`` per seed, each run at the round its validation split picks (the seeds
     where both runs kept per-round scores)."""
     out = []
     for s in seeds:
@@ -56,13 +50,12 @@ def chosen_differences(runs: dict, v: str, alpha: float, seeds) -> list[float]:
 
 
 def client_units(rows: list[dict]) -> float | None:
-    """A run's client work in plain training rounds of the same run: its clients' measured
-    seconds (every round: generators, prototypes and look-ahead training included) over the
-    median seconds of one plain training round of that run (a round whose look-ahead trained
-    the clients twice counts half). FedAvg's R rounds are R units. CPU seconds
-    (``client-cpu-seconds``) where every round has them: the load of other processes on the
-    same cores does not enter; else wall seconds (``client-seconds``: runs before they were
-    recorded, GPU clients), whose ratio a load that changes within the run distorts."""
+    """A run's client work in plain training rounds of the same run (FedAvg's R rounds are R units):
+    its clients' measured seconds (generators, prototypes and look-ahead training included) over the
+    median seconds of one plain training round (a round whose look-ahead trained the clients twice
+    counts half). CPU seconds (``client-cpu-seconds``) where every round has them, so that the load
+    of other processes on the same cores does not enter; else wall seconds (``client-seconds``: older
+    runs, GPU clients), whose ratio a load that changes within the run distorts."""
     from mosaic_flwr.core.records import CLIENT_CPU_SECONDS, CLIENT_SECONDS
 
     rounds = [r for r in rows if r["round"] > 0]
@@ -76,8 +69,8 @@ def client_units(rows: list[dict]) -> float | None:
 
 
 def unit_rounds(runs: dict, v: str, a: float, s: int) -> float | None:
-    """Run (v, a, s)'s client compute in FedAvg rounds (``client_units``); a run restored from
-    an earlier table without its per-round rows: as recorded; None if missing."""
+    """Run (v, a, s)'s client compute in FedAvg rounds (``client_units``; a run restored without its
+    per-round rows: as recorded); None if missing."""
     r = runs.get((v, a, s))
     if not r:
         return None
@@ -107,15 +100,15 @@ def distillations(runs: dict, v: str, a: float, seeds) -> list[dict]:
 
 
 def kept(reports: list[dict], key: str, default: float | None = None) -> tuple[int, int]:
-    """How many of the ``reports`` a gate kept (``key``; a report without it: ``default``,
-    or not counted), and of how many."""
+    """How many of the ``reports`` a gate kept (``key``; a report without it: ``default``, or not
+    counted), of how many."""
     vals = [r.get(key, default) for r in reports if key in r or default is not None]
     return int(sum(vals)), len(vals)
 
 
 def kept_rounds(runs_rows: list[list[dict]]) -> tuple[int, int] | None:
-    """For methods that distil every round: how many of the runs' (per-round metrics rows) gated
-    distillations were kept, and of how many; None where no run distilled in more than one round."""
+    """Methods that distil every round: how many of the runs' gated distillations were kept, of how
+    many; None where no run distilled in more than one round."""
     gates = [[r["gate-kept"] for r in rows if "gate-kept" in r] for rows in runs_rows]
     if not any(len(g) > 1 for g in gates):
         return None
@@ -123,12 +116,11 @@ def kept_rounds(runs_rows: list[list[dict]]) -> tuple[int, int] | None:
 
 
 def gate_disagreements(named_rows: dict[str, list[dict]], margin: float = 0.005) -> tuple[int, list[str]]:
-    """The clients' gate checked against the validation split: every gated distillation in the
-    runs' per-round metrics rows (``name -> rows``; the clients' data: ``gate-before`` /
-    ``gate-after``, the validation split: ``val-before-distill`` / ``val-after-distill``).
-    Returns how many decisions there were and, for each the validation split contradicts by at
-    least ``margin`` (a refused distillation it finds that much better, a kept one that much
-    worse), a line with the run, the round and both checks."""
+    """The clients' gate (``gate-before`` / ``gate-after``) checked against the validation split
+    (``val-before-distill`` / ``val-after-distill``) in every gated distillation of the runs'
+    per-round rows (``name -> rows``): how many decisions there were, and a line for each the
+    validation split contradicts by at least ``margin`` (a refused distillation it finds that much
+    better, a kept one that much worse)."""
     n, lines = 0, []
     for name, rows in named_rows.items():
         for r in rows:
@@ -172,14 +164,11 @@ def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: 
 def paired_table(runs: dict, alphas, seeds, variants) -> list[str]:
     """Mosaic minus each method, paired by seed, with a 95 % t interval; the equal-compute rows
     also with both runs at the round the validation split picks."""
-    def minus(v: str, a: float) -> str:
-        return paired_interval(differences(runs, "mosaic", v, a, seeds), scale=100, digits=1)
-
-    def minus_chosen(v: str, a: float) -> str:  # their last round can land in a trough
-        return paired_interval(chosen_differences(runs, v, a, seeds), scale=100, digits=1)
-
-    rows = [row(label(v), [minus(v, a) for a in alphas]) for v in variants if v != "mosaic"]
-    rows += method_rows([v for v in EQUAL_COMPUTE if v in variants], alphas, minus_chosen,
+    rows = [row(label(v), [points(differences(runs, "mosaic", v, a, seeds)) for a in alphas])
+            for v in variants if v != "mosaic"]
+    # the equal-compute rows' last round can land in a trough
+    rows += method_rows([v for v in EQUAL_COMPUTE if v in variants], alphas,
+                        lambda v, a: points(chosen_differences(runs, v, a, seeds)),
                         name=lambda v: f"{label(v)}, both at the round the validation split picks")
     return ["", "Mosaic minus each method, test points, paired by seed: mean [95 % t interval] (each seed).", "",
             *table("Mosaic −", alpha_columns(alphas), rows)]
@@ -206,13 +195,12 @@ def distillation_summary(runs: dict, alphas, seeds, variants) -> list[str]:
         asked = [r["val-teacher-asked"] for r in reps if "val-teacher-asked" in r]
         rounds = kept_rounds([r.get("rows") or [] for r in finished(runs, v, a, seeds)])
         gate, look = kept(reps, "gate-kept", 1.0), kept(reps, "gate-final-kept")
-        return (f"{100 * statistics.mean(r['val-before-distill'] for r in reps):.1f} / "
-                f"{100 * statistics.mean(r['val-teacher'] for r in reps):.1f}"
-                + (f" (asked {100 * statistics.mean(asked):.1f})" if asked else "")
+        return (f"{pct(r['val-before-distill'] for r in reps):.1f} / {pct(r['val-teacher'] for r in reps):.1f}"
+                + (f" (asked {pct(asked):.1f})" if asked else "")
                 + f" / {gate[0]} of {gate[1]}"
                 + (f", {look[0]} after the look-ahead" if look[1] else "")
                 + (f", rounds kept {rounds[0]} of {rounds[1]}" if rounds else "")
-                + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
+                + (f" (fidelity {pct(fid):.0f})" if fid else ""))
 
     return captioned("At the distillation round (validation split, %; mean over seeds): the student about to be "
                      "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
@@ -250,8 +238,7 @@ def chosen_round_table(runs: dict, alphas, seeds, variants) -> list[str]:
                for bv in [best_validation(r["rows"] or [])] if bv]
         if not got:
             return "-"
-        return (f"{100 * statistics.mean(f for f, _ in got):.1f} / "
-                f"{100 * statistics.mean(t for _, (_, t) in got):.1f} "
+        return (f"{pct(f for f, _ in got):.1f} / {pct(t for _, (_, t) in got):.1f} "
                 f"(round {', '.join(str(r) for _, (r, _) in got)})")
 
     return captioned("Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
@@ -284,12 +271,12 @@ def plot(path: Path, title: str, runs: dict, alphas, seeds, variants, central: l
     colour |= {v: colour.get(EQUAL_COMPUTE[v][0], palette[-1]) for v in variants if v in EQUAL_COMPUTE}
     for i, v in enumerate(variants):
         done = [(j, vals) for j, a in enumerate(alphas) if (vals := acc[(v, a)])]
-        ax.bar([j + i * width for j, _ in done], [100 * statistics.mean(x) for _, x in done], width,
+        ax.bar([j + i * width for j, _ in done], [pct(x) for _, x in done], width,
                yerr=[100 * statistics.stdev(x) if len(x) > 1 else 0.0 for _, x in done], label=label(v),
                capsize=2, color=colour[v], hatch="//" if v in EQUAL_COMPUTE else None,
                edgecolor="white" if v in EQUAL_COMPUTE else None)
     if central:
-        ax.axhline(100 * statistics.mean(central), color="k", ls="--", lw=1, label="central")
+        ax.axhline(pct(central), color="k", ls="--", lw=1, label="central")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(alphas))], alpha_columns(alphas))
     every = [x for vals in acc.values() for x in vals]
     ax.set_ylim(max(min(100 * min(every) - 5, 100), 0), 100 * max([*central, *every]) + 3)
@@ -354,7 +341,7 @@ def final_table(d: dict, alphas, seeds, variants, rounds: int, pretrain_rounds) 
         got = finished(runs, v, a, seeds)
         return [ms([g["final_accuracy"] for g in got]),
                 ms([g["final_val_accuracy"] for g in got if g.get("final_val_accuracy") is not None]),
-                "" if v == "fedavg" else paired_interval(differences(runs, v, "fedavg", a, seeds), scale=100, digits=1)]
+                "" if v == "fedavg" else points(differences(runs, v, "fedavg", a, seeds))]
 
     def start(a: float) -> list[str]:
         got = [pre[(a, s)] for s in seeds if (a, s) in pre]
@@ -395,8 +382,8 @@ def distillation_cell(reps: list[dict], key: str) -> str:
     if key.startswith("Δ"):
         vals = [r[key[1:]] - r["val-before-distill"] for r in reps if key[1:] in r]
         if len(vals) > 1:
-            return paired_interval(vals, scale=100, digits=1)
-        return f"{100 * statistics.mean(vals):+.1f}" if vals else "-"
+            return points(vals)
+        return f"{pct(vals):+.1f}" if vals else "-"
     if key in ("meta-used", "gate-kept", "gate-final-kept"):
         k, n = kept(reps, key, 1.0 if key == "gate-kept" else None)
         return f"{k}/{n}" if n else "-"
@@ -424,18 +411,15 @@ def path_table(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
     validation accuracy minus FedAvg's of the same seed, round by round (the fine-tune rounds
     train the distilled model; a gated run's last round is the look-ahead's choice)."""
     out = []
-    for v in variants:
-        for a in alphas:
-            for s in seeds:
-                run, plain = runs.get((v, a, s)), runs.get(("fedavg", a, s))
-                if v == "fedavg" or run is None or plain is None or len(run["rows"]) <= rounds \
-                        or len(plain["rows"]) <= rounds or not run["rows"][1].get("gate-kept"):
-                    continue
-                diffs = [100 * (run["rows"][r]["val-accuracy"] - plain["rows"][r]["val-accuracy"])
-                         for r in range(1, rounds + 1)]
-                final = run["rows"][rounds].get("gate-final-kept")
-                out.append(row(f"{v} | {a:g} | {s}", [f"{d:+.1f}" for d in diffs]
-                               + ["-" if final is None else ("distilled" if final else "plain")]))
+    for v, a, s in product(variants, alphas, seeds):
+        run, plain = runs.get((v, a, s)), runs.get(("fedavg", a, s))
+        if v == "fedavg" or run is None or plain is None or len(run["rows"]) <= rounds \
+                or len(plain["rows"]) <= rounds or not run["rows"][1].get("gate-kept"):
+            continue
+        diffs = [100 * (run["rows"][r]["val-accuracy"] - plain["rows"][r]["val-accuracy"]) for r in range(1, rounds + 1)]
+        final = run["rows"][rounds].get("gate-final-kept")
+        out.append(row(f"{v} | {a:g} | {s}", [f"{d:+.1f}" for d in diffs]
+                       + ["-" if final is None else ("distilled" if final else "plain")]))
     if not out:
         return []
     return ["## Where a kept distillation goes: validation points over FedAvg, round by round", "",
@@ -458,11 +442,12 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
                          for f in [runs_dir / f"oracle-a{a:g}-s{s}{tag}.json"] if f.is_file()])]
     ceiling = []
     for a, tag, got in cells:
+        def col(key: str) -> str:
+            return ms([g[key] for g in got if g.get(key) is not None])
+
         best = [max(g["oracle-meta-experts"], g["oracle-meta-global"]) - g["student"] for g in got]
-        ceiling.append(row(f"{a:g}", [oracle_label(tag), ms([g["student"] for g in got]),
-                                      ms([g["ensemble"] for g in got]), ms([g["oracle-meta-experts"] for g in got]),
-                                      ms([g["oracle-meta-global"] for g in got]), f"{100 * statistics.mean(best):+.1f}",
-                                      ms([g["own-class-expert"] for g in got if g.get("own-class-expert") is not None]),
+        ceiling.append(row(f"{a:g}", [oracle_label(tag), col("student"), col("ensemble"), col("oracle-meta-experts"),
+                                      col("oracle-meta-global"), f"{pct(best):+.1f}", col("own-class-expert"),
                                       str(len(got))]))
     heads = []
     for a, tag, got in cells:

@@ -1,10 +1,7 @@
-"""What the benchmarks' tables share: reading a study's run folders (``collect``: summaries,
-configs, bench notes, per-round metrics, pre-trainings, central references), formatting
-figures over seeds, markdown tables (``table``, rows per method and alpha: ``method_rows``,
-``per_alpha``), and a grid's report (methods x alphas x seeds: ``grid_lines``, the tables
-of ``bench/run.py``). The converged protocol's tables: ``bench.protocol_report``. Paired
-t-intervals: ``bench.common.paired_interval``. Run names: ``bench.common.pretrain_name`` /
-``variant_name``."""
+"""What the benchmarks' tables share: a study's finished runs (``collect``), figures over seeds
+and paired by seed, markdown tables (``table``; rows per method and alpha: ``method_rows``,
+``per_alpha``), and a grid's report (``grid_lines``, the tables of ``bench/run.py``). The
+converged protocol's tables: ``bench.protocol_report``."""
 
 from __future__ import annotations
 
@@ -34,6 +31,22 @@ def ms(values: list[float], pct: bool = True) -> str:
 def mean_sd(xs: list[float]) -> str:
     """``ms`` of accuracies with their count: ``mean ± sd (n)``, one value ``x (1)``, none ``-``."""
     return f"{ms(xs)} ({len(xs)})" if xs else "-"
+
+
+def pct(xs: Iterable[float]) -> float:
+    """The mean of accuracies in %."""
+    return 100 * statistics.mean(xs)
+
+
+def differences(runs: dict, v: str, w: str, a: float, seeds, key: str = "final_accuracy") -> list[float]:
+    """``v``'s ``key`` minus ``w``'s at α ``a``, per seed of ``seeds`` both have it (paired by seed)."""
+    return [runs[(v, a, s)][key] - runs[(w, a, s)][key] for s in seeds
+            if runs.get((v, a, s), {}).get(key) is not None and runs.get((w, a, s), {}).get(key) is not None]
+
+
+def points(diffs: list[float]) -> str:
+    """Paired differences of accuracies in test points: mean [95 % t interval] (each seed)."""
+    return paired_interval(diffs, scale=100, digits=1)
 
 
 def row(name: str, cells: Iterable[str]) -> str:
@@ -85,10 +98,6 @@ def _load(path: Path) -> dict | None:
     return s
 
 
-def _last_val(rows: list[dict]) -> float | None:
-    return rows[-1].get("val-accuracy") if rows else None
-
-
 def _rows(run: Path) -> list[dict]:
     """A run's per-round metrics; [] for a run recorded by its summary alone (one restored from
     an earlier table, ``restored`` in its summary.json)."""
@@ -112,7 +121,7 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
                 rows = _rows(p)
                 if not data["assign"] and (p / "assignment.csv").is_file():
                     data["assign"] = (p / "assignment.csv").read_text().strip().splitlines()[1:]
-                data["pre"][(a, s)] = ({"test": rows[-1]["accuracy"], "val": _last_val(rows),
+                data["pre"][(a, s)] = ({"test": rows[-1]["accuracy"], "val": rows[-1].get("val-accuracy"),
                                         "best": max(r["accuracy"] for r in rows)} if rows else
                                        {"test": pre["final_accuracy"], "val": pre.get("final_val_accuracy"),
                                         "best": pre["best_accuracy"]})
@@ -206,48 +215,54 @@ def accuracy_table(groups: dict, variants: list[str], alphas: list[float]) -> li
     return table("strategy", alpha_columns(alphas, "final", "best") + ["seeds"], rows)
 
 
+def group_table(caption: str, groups: dict, variants, alphas, cell: Callable[[dict], str]) -> list[str]:
+    """``caption`` and a row per method with a figure of its (variant, alpha) group: ``cell(group)``
+    ({} where it has none; "-": no figure)."""
+    return captioned(caption, "strategy", alpha_columns(alphas),
+                     method_rows(variants, alphas, lambda v, a: cell(groups.get((v, a)) or {})))
+
+
+def _kd(g: dict, key: str) -> str:
+    return fmt_mean_std(g[key], 3)
+
+
 def distill_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """The distillation round's test accuracy: the global model before → after, and the teacher."""
-    def cell(v: str, a: float) -> str:
-        g = groups.get((v, a)) or {}
+    def cell(g: dict) -> str:
         if "acc-after-distill" not in g:
             return "-"
-        return (f"{fmt_mean_std(g['acc-before-distill'], 3)} → {fmt_mean_std(g['acc-after-distill'], 3)} "
-                f"(teacher {fmt_mean_std(g['acc-teacher'], 3)})")
+        return f"{_kd(g, 'acc-before-distill')} → {_kd(g, 'acc-after-distill')} (teacher {_kd(g, 'acc-teacher')})"
 
-    return captioned("Distillation round (test accuracy of the global model before → after "
-                     "distillation, and of the teacher; mean ± std over seeds):", "strategy", alpha_columns(alphas),
-                     method_rows(variants, alphas, cell))
+    return group_table("Distillation round (test accuracy of the global model before → after "
+                       "distillation, and of the teacher; mean ± std over seeds):", groups, variants, alphas, cell)
 
 
 def val_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """Final accuracy on the validation split (training data no client holds), and the
     distillation round on it: what settings are chosen on."""
-    def cell(v: str, a: float) -> str:
-        g = groups.get((v, a)) or {}
+    def cell(g: dict) -> str:
         if "final_val" not in g:
             return "-"
         if "val-after-distill" not in g:
             return fmt_mean_std(g["final_val"])
-        return (f"{fmt_mean_std(g['final_val'])} (KD round: {fmt_mean_std(g['val-before-distill'], 3)} → "
-                f"{fmt_mean_std(g['val-after-distill'], 3)}, teacher {fmt_mean_std(g['val-teacher'], 3)}"
-                + (f", ensemble {fmt_mean_std(g['val-ensemble'], 3)}" if "val-ensemble" in g else "") + ")")
+        return (f"{fmt_mean_std(g['final_val'])} (KD round: {_kd(g, 'val-before-distill')} → "
+                f"{_kd(g, 'val-after-distill')}, teacher {_kd(g, 'val-teacher')}"
+                + (f", ensemble {_kd(g, 'val-ensemble')}" if "val-ensemble" in g else "") + ")")
 
-    return captioned("**Validation split** (held out of the training data before partitioning; no client "
-                     "holds it; settings are chosen on these figures, never on the test set): final "
-                     "accuracy, and at the distillation round the global model before → after and the "
-                     "teachers, mean ± std over seeds:", "strategy", alpha_columns(alphas),
-                     method_rows(variants, alphas, cell))
+    return group_table("**Validation split** (held out of the training data before partitioning; no client "
+                       "holds it; settings are chosen on these figures, never on the test set): final "
+                       "accuracy, and at the distillation round the global model before → after and the "
+                       "teachers, mean ± std over seeds:", groups, variants, alphas, cell)
 
 
 def paired_lines(runs: dict, pairs: Iterable[tuple[str, str]], alphas: list[float],
                  key: str = "final_accuracy") -> list[str]:
     """Each pair's first variant minus its second, paired by seed: mean [95 % t interval]
     (each seed's difference); seeds only one of them has are left out."""
+    seeds = sorted({s for _, _, s in runs})
+
     def cell(pair: tuple[str, str], a: float) -> str:
-        x, y = ({s: r.get(key) for (v, al, s), r in runs.items() if v == w and al == a} for w in pair)
-        return paired_interval([x[s] - y[s] for s in sorted(x.keys() & y.keys())
-                                if x[s] is not None and y[s] is not None])
+        return paired_interval(differences(runs, *pair, a, seeds, key))
 
     which = "test" if key == "final_accuracy" else "validation"
     return captioned(f"Paired by seed, final {which} accuracy, each difference: mean [95 % t interval] "
@@ -257,13 +272,9 @@ def paired_lines(runs: dict, pairs: Iterable[tuple[str, str]], alphas: list[floa
 
 def wall_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """The ServerApp's wall seconds per run, mean over seeds."""
-    def cell(v: str, a: float) -> str:
-        g = groups.get((v, a))
-        return f"{statistics.mean(g['wall']):.0f}" if g else "-"
-
-    return captioned("Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
-                     "see the load averages in the JSON):", "strategy", alpha_columns(alphas),
-                     method_rows(variants, alphas, cell))
+    return group_table("Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
+                       "see the load averages in the JSON):", groups, variants, alphas,
+                       lambda g: f"{statistics.mean(g['wall']):.0f}" if g else "-")
 
 
 def by_model_table(runs: dict, variants, alphas, seeds) -> list[str]:
@@ -279,7 +290,7 @@ def by_model_table(runs: dict, variants, alphas, seeds) -> list[str]:
         by_model = [[r["final_accuracy_by_model"][m] for r in got if m in (r.get("final_accuracy_by_model") or {})]
                     for m in archs]
         clients = [r["final_accuracy_clients"] for r in got if r.get("final_accuracy_clients") is not None]
-        return [f"{100 * statistics.mean(xs):.1f}" if xs else "-" for xs in (*by_model, clients)]
+        return [f"{pct(xs):.1f}" if xs else "-" for xs in (*by_model, clients)]
 
     ran = [v for v in variants if any(finished(runs, v, a, seeds) for a in alphas)]
     return ["", "Model heterogeneity: final test accuracy % of every model the clients hold (the main table "
