@@ -16,25 +16,22 @@ checkpoint, except Mosaic's group, which shares round 1 and starts again):
 
 Runs (checkpoints included) live outside the repository, under ``--runs-root`` (default
 ``bench.common.RUNS``: ``$MOSAIC_FLWR_RUNS`` or ``~/.cache/mosaic-flwr/bench-runs``). What is
-finished is recorded as data: every finished run's summary, config, per-round metrics, bench notes
-and refusal go into ``bench/results/ledger/headline-<part>.json`` (``bench/ledger.py``) as soon as
-its cell ends (commit it), and are written back into the runs root before the grid runs,
-so a new machine or a clean clone goes on where the last one stopped; the tables are read from the
-ledger. A recorded pre-training without its checkpoint (a new machine) is run again when its cell
-has runs to do and must reproduce the recorded accuracy exactly, else the cell stops with the two
-figures: its finished runs started from the recorded model, a different one would not be a fair
-start for the rest.
+finished is recorded as data: each cell's finished runs go into
+``bench/results/ledger/headline-<part>.json`` (``bench/ledger.py``; commit it) as soon as the cell
+ends, and are written back into the runs root before the grid runs, so a new machine or a clean
+clone goes on where the last one stopped; the tables are read from the ledger. A recorded
+pre-training without its checkpoint is run again when its cell has runs to do and must reproduce
+the recorded accuracy exactly, else the cell stops with the two figures: its finished runs started
+from the recorded model, a different one would not be a fair start for the rest.
 
-The parts (each a data set's run configs, cells, pre-training length and methods, with their
-cuts) are ordinary ``bench/run.py`` study specs, ``bench/studies/headline-<part>.toml`` (read by
-``bench.run.load_spec``; ``bench/run.py`` runs one alone). Each part is run by ``bench/run.py``'s
-converged protocol (``study``; ``bench.run.converged`` per cell (part, alpha, seed)): FedAvg to
-its plateau (``init-from``), then every method of the part for the same further rounds with the
-same learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and the clients'
-distillation gate on for every distilling method; then FedAvg and FedProx again with as many rounds as Mosaic's clients' measured work buys
-(``bench.run.equal_compute_rounds``). Per seed, the centralised reference with the same sample
-passes. Settings are the defaults (chosen on the validation split: docs/methods.md, "How the
-defaults were chosen") and, for CIFAR-10, the CPU preset.
+Each part is an ordinary ``bench/run.py`` study spec, ``bench/studies/headline-<part>.toml``, run
+by its converged protocol (``bench.run.converged`` per cell (part, alpha, seed)): FedAvg to its
+plateau (``init-from``), then every method of the part for the same further rounds with the same
+learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and the clients' distillation gate
+on for every distilling method; then FedAvg and FedProx again with as many rounds as Mosaic's
+clients' measured work buys (``bench.run.equal_compute_rounds``). Per seed, the centralised
+reference with the same sample passes. Settings are the defaults (chosen on the validation split:
+docs/methods.md, "How the defaults were chosen") and, for CIFAR-10, the CPU preset.
 """
 
 from __future__ import annotations
@@ -45,6 +42,7 @@ import statistics
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,8 +50,8 @@ from bench import ledger as ledger_  # noqa: E402
 from bench import protocol_report as protocol  # noqa: E402
 from bench import run as runner  # noqa: E402
 from bench.common import (CENTRAL, EQUAL_COMPUTE, RESULTS, ROOT, RUNS, Cell, SpecError, label,  # noqa: E402
-                          machine_line, paired_interval, pretrain_name, provenance, variant_name)
-from bench.report import by_model_table, collect, row, table  # noqa: E402
+                          machine_line, pretrain_name, provenance, variant_name)
+from bench.report import by_model_table, collect, differences, points, read_json, row, table  # noqa: E402
 
 # The parts, in the order the grid runs them: each an ordinary bench/run.py study spec,
 # bench/studies/headline-<part>.toml (read by ``bench.run.load_spec``), whose runs and ledger are
@@ -64,11 +62,6 @@ STUDIES = ROOT / "bench" / "studies"
 # What the tables say of each part's cut and of what happened in its cells, with the figures
 # measured on the grid's machine: data, not code (bench/results/headline-notes.json).
 NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
-
-
-def spec_file(name: str) -> Path:
-    """Part ``name``'s study spec."""
-    return STUDIES / f"headline-{name}.toml"
 
 
 def load_part(path: Path) -> dict:
@@ -87,7 +80,7 @@ def load_part(path: Path) -> dict:
 
 
 try:
-    _PART_FIELDS = {name: load_part(spec_file(name)) for name in PART_NAMES}
+    _PART_FIELDS = {name: load_part(STUDIES / f"headline-{name}.toml") for name in PART_NAMES}
 except SpecError as exc:  # the command says what is wrong in one line; an importer gets the error
     if __name__ != "__main__":
         raise
@@ -98,17 +91,9 @@ except SpecError as exc:  # the command says what is wrong in one line; an impor
 HEADLINE = tuple(dict.fromkeys(m for fields in _PART_FIELDS.values() for m in fields["variants"]))
 
 
-def thread_settings(threads: int = 1) -> tuple[str, str]:
-    """The run-config overrides giving every run ``threads`` torch threads (server and clients):
-    1 while shards share the cores, more when one cell is left to a machine's cores."""
-    return f"server-threads={threads}", f"client-threads={threads}"
-
-
 @dataclass(frozen=True)
 class Part:
-    """One data set's grid, as the cross-part tables read it: run configs (files / strings) over
-    the defaults, the cells, the pre-training length, and the methods; its study spec
-    bench/studies/headline-<part>.toml (``load_part``), its cut and notes headline-notes.json's."""
+    """One data set's grid (``load_part``: its study spec's fields, its cut and notes headline-notes.json's)."""
 
     title: str
     run_config: tuple[str, ...]
@@ -136,8 +121,10 @@ def runs_dir(part: str, root: Path) -> Path:
 
 def study(part: Part, name: str, threads: int = 1) -> dict:
     """Part ``name`` as a ``bench/run.py`` study of the converged protocol (10 clients, in-process),
-    its runs in ``RUNS_ROOT/headline-<name>``, each with ``threads`` torch threads."""
-    return {"name": f"headline-{name}", "run_config": [*part.run_config, *thread_settings(threads)], "clients": 10,
+    its runs in ``RUNS_ROOT/headline-<name>``, each with ``threads`` torch threads (server and
+    clients: 1 while shards share the cores, more when one cell is left to a machine's cores)."""
+    threads_config = [f"server-threads={threads}", f"client-threads={threads}"]
+    return {"name": f"headline-{name}", "run_config": [*part.run_config, *threads_config], "clients": 10,
             "pretrain_rounds": part.pretrain_rounds, "driver": "inprocess", "fork": False}
 
 
@@ -282,11 +269,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 def refused_reason(p: Part, out: Path, v: str) -> str | None:
     """Why ``v`` was refused before training in a cell of ``out``, or why the part's settings refuse
     it (no cell has run it yet); None where it runs."""
-    for a in p.alphas:
-        for s in p.seeds:
-            f = out / variant_name(v, a, s) / "refused.json"
-            if f.is_file():
-                return json.loads(f.read_text())["reason"]
+    for a, s in product(p.alphas, p.seeds):
+        if (refusal := read_json(out / variant_name(v, a, s) / "refused.json")) is not None:
+            return refusal["reason"]
     return runner.refusal(variant_config(p, v))
 
 
@@ -309,8 +294,8 @@ def verdict(p: Part, runs: dict) -> list[dict]:
         units = [u for s in seeds for u in [protocol.unit_rounds(runs, "mosaic", a, s)] if u is not None]
         eqc = "fedavg-eqc" in p.variants
         out.append({"alpha": a, "seeds": len(seeds),
-                    "equal_rounds": protocol.differences(runs, "mosaic", "fedavg", a, p.seeds),
-                    "equal_compute": protocol.differences(runs, "mosaic", "fedavg-eqc", a, p.seeds) if eqc else [],
+                    "equal_rounds": differences(runs, "mosaic", "fedavg", a, p.seeds),
+                    "equal_compute": differences(runs, "mosaic", "fedavg-eqc", a, p.seeds) if eqc else [],
                     "equal_compute_chosen": protocol.chosen_differences(runs, "fedavg-eqc", a, p.seeds) if eqc else [],
                     "compute": statistics.mean(units) if units else None, "best": tied[0] if tied else None,
                     "best_accuracy": top, "tied": tied[1:], "mosaic_accuracy": rivals.get("mosaic")})
@@ -320,8 +305,7 @@ def verdict(p: Part, runs: dict) -> list[dict]:
 def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[str]:
     """The summary at the top of headline.md: one row per (part, α) with Mosaic's verdict."""
     def verdict_row(name: str, v: dict) -> str:
-        diffs = [paired_interval(v[k], scale=100, digits=1)
-                 for k in ("equal_rounds", "equal_compute", "equal_compute_chosen")]
+        diffs = [points(v[k]) for k in ("equal_rounds", "equal_compute", "equal_compute_chosen")]
         compute = "-" if v["compute"] is None else f"{v['compute']:.0f}"
         best = "-"
         if v["best"] is not None:
@@ -349,8 +333,8 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
 
 def _equal_compute_notes(p: Part, out: Path) -> list[dict]:
     """The equal-compute FedAvg runs' notes (bench.json ``equal_compute``: rounds, target), per cell."""
-    eq = [json.loads((out / f"fedavg-eqc-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
-          for a in p.alphas for s in p.seeds if (out / f"fedavg-eqc-a{a:g}-s{s}" / "bench.json").is_file()]
+    eq = [read_json(out / variant_name("fedavg-eqc", a, s) / "bench.json", {}).get("equal_compute")
+          for a in p.alphas for s in p.seeds]
     return [e for e in eq if e]
 
 
@@ -398,38 +382,31 @@ def report(parts: list[str], root: Path) -> str:
 def run_seconds(run: Path) -> float:
     """A finished run's wall seconds; for a resumed one, its rounds before the interruption
     (their per-round seconds, kept in the checkpoint) added to the resumed process's."""
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_json(run / "summary.json")
     wall, after = summary.get("wall_seconds") or 0.0, summary.get("resumed_after_round")
-    if after is not None and wall and (run / "metrics.json").is_file():
-        wall += sum(r.get("seconds", 0.0) for r in json.loads((run / "metrics.json").read_text())
-                    if r["round"] <= after)
+    if after is not None and wall:
+        wall += sum(r.get("seconds", 0.0) for r in read_json(run / "metrics.json", []) if r["round"] <= after)
     return wall
 
 
 def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
     """Part ``name``'s cells in ``root``: per (alpha, seed) the core-seconds of its finished runs
-    (wall seconds times the run's torch threads, bench.json ``torch_threads``) and the runs left
-    to do; and the mean core-seconds of each run kind over the part's cells. A distilling
-    group's shared round 1 is in each member's wall time (bench.json ``shared_seconds``): counted
-    once. A pre-training recorded without its checkpoint in a cell
-    with runs left is left: the grid runs it again (``bench.run.ensure_start``)."""
+    (wall seconds times bench.json ``torch_threads``) and the runs left to do; and each run kind's
+    mean core-seconds over the part's cells. A distilling group's shared round 1 is in each member's
+    wall time (bench.json ``shared_seconds``): counted once. A pre-training recorded without its
+    checkpoint in a cell with runs left is left: the grid runs it again (``bench.run.ensure_start``)."""
     p, out = PARTS[name], runs_dir(name, root)
-
-    def run_dir(kind: str, a: float, s: int) -> Path:
-        return out / (f"central-s{s}" if kind == "central" else
-                      pretrain_name(a, s) if kind == "pretrain" else variant_name(kind, a, s))
 
     def cell(a: float, s: int) -> tuple[dict[str, float], list[str]]:
         secs, left, shared = {}, [], set()
-        for k in ["pretrain", *p.methods(s)] + (["central"] if p.central else []):
-            if k == "central" and a != p.alphas[0]:
-                continue  # one central reference per seed
-            d = run_dir(k, a, s)
+        central = ["central"] if p.central and a == p.alphas[0] else []  # one central reference per seed
+        for k in ["pretrain", *p.methods(s), *central]:
+            d = out / {"central": f"central-s{s}", "pretrain": pretrain_name(a, s)}.get(k, variant_name(k, a, s))
             if k == "pretrain" and (d / "summary.json").is_file() and not has_start(d) and pending(p, out, a, s):
                 left.append(k)
             elif (d / "summary.json").is_file():
                 secs[k] = run_seconds(d)
-                b = json.loads((d / "bench.json").read_text()) if (d / "bench.json").is_file() else {}
+                b = read_json(d / "bench.json", {})
                 if (sh := b.get("shared_seconds")) and secs[k]:
                     secs[k] -= sh if sh in shared else 0.0
                     shared.add(sh)
@@ -439,12 +416,8 @@ def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
         return secs, left
 
     per_cell = {(a, s): cell(a, s) for s in p.seeds for a in p.alphas}
-    walls: dict[str, list[float]] = {}
-    for secs, _ in per_cell.values():
-        for k, v in secs.items():
-            if v:
-                walls.setdefault(k, []).append(v)
-    return per_cell, {k: statistics.mean(v) for k, v in walls.items()}
+    walls = [(k, v) for secs, _ in per_cell.values() for k, v in secs.items() if v]
+    return per_cell, {k: statistics.mean(v for kind, v in walls if kind == k) for k, _ in walls}
 
 
 def plan(parts: list[str], root: Path) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.common import EQUAL_COMPUTE, RESULTS, label, machine_line, pretrain_name, provenance
 from bench.report import (alpha_columns, captioned, collect, differences, finished, mean_sd, method_rows, ms,
-                          per_alpha, pct, points, row, table)
+                          per_alpha, pct, points, read_json, row, table)
 
 
 # ----------------------------------------------------------------------------- figures of the runs
@@ -303,8 +303,8 @@ def oracle_label(tag: str) -> str:
 def settings(d: dict, runs_dir: Path) -> tuple[dict, dict]:
     """A study's pre-training config and its continuation's (a Mosaic run's where there is one)."""
     runs = d["runs"]
-    pre = next((json.loads(f.read_text()) for (a, s) in d["pre"]
-                if (f := runs_dir / pretrain_name(a, s) / "config.json").is_file()), {})
+    pre = next((c for (a, s) in d["pre"]
+                if (c := read_json(runs_dir / pretrain_name(a, s) / "config.json")) is not None), {})
     mosaic = [r["config"] for r in runs.values() if r["config"].get("strategy") == "mosaic"]
     return pre, (mosaic or [r["config"] for r in runs.values()] or [{}])[0]
 
@@ -438,8 +438,7 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
         return []
     tags = sorted({f.stem.split(f"-s{f.stem.split('-s')[1].split('-')[0]}", 1)[1] for f in oracles})
     cells = [(a, tag, got) for a in alphas for tag in tags
-             if (got := [json.loads(f.read_text()) for s in seeds
-                         for f in [runs_dir / f"oracle-a{a:g}-s{s}{tag}.json"] if f.is_file()])]
+             if (got := [g for s in seeds if (g := read_json(runs_dir / f"oracle-a{a:g}-s{s}{tag}.json"))])]
     ceiling = []
     for a, tag, got in cells:
         def col(key: str) -> str:

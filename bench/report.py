@@ -86,23 +86,25 @@ def per_alpha(variants, alphas, cells: Callable[[str, float], list[str]], name=s
 
 
 # ----------------------------------------------------------------------------- run folders
+def read_json(path: Path, default=None):
+    """The JSON file at ``path``; ``default`` where there is none."""
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
 def _load(path: Path) -> dict | None:
-    f = path / "summary.json"
-    if not f.is_file():
+    s = read_json(path / "summary.json")
+    if s is None:
         return None
-    s = json.loads(f.read_text())
-    b = path / "bench.json"
-    s["bench"] = json.loads(b.read_text()) if b.is_file() else {}
-    c = path / "config.json"
-    s["config"] = renamed(json.loads(c.read_text()), warn=False) if c.is_file() else {}  # (old runs: old names)
+    s["bench"] = read_json(path / "bench.json", {})
+    c = read_json(path / "config.json")
+    s["config"] = renamed(c, warn=False) if c is not None else {}  # (old runs: old names)
     return s
 
 
 def _rows(run: Path) -> list[dict]:
     """A run's per-round metrics; [] for a run recorded by its summary alone (one restored from
     an earlier table, ``restored`` in its summary.json)."""
-    f = run / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else []
+    return read_json(run / "metrics.json", [])
 
 
 def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
