@@ -137,15 +137,14 @@ START = "checkpoint.pt"  # a pre-training's final state: what its cell's methods
 
 
 def has_start(run: Path) -> bool:
-    """Whether a finished pre-training has its checkpoint (in the runs root, never in the ledger:
-    a cell whose pre-training is recorded without it runs it again, ``bench.run.ensure_start``)."""
+    """Whether a finished pre-training has its checkpoint (in the runs root, never in the ledger: a
+    cell whose pre-training is recorded without it runs it again, ``bench.run.ensure_start``)."""
     return (run / START).is_file() and (run / "summary.json").is_file()
 
 
 def variant_config(part: Part, variant: str) -> dict:
     """``variant``'s run config over the part's settings as a cell's continuation runs it
-    (``bench.run.method_config``: FedDF's 'holdout' transfer set needs the validation split),
-    without the cell (alpha and seed are the defaults')."""
+    (``bench.run.method_config``), alpha and seed the defaults'."""
     return runner.method_config({"run_config": list(part.run_config), "pretrain_rounds": part.pretrain_rounds},
                                 variant)
 
@@ -157,25 +156,23 @@ def refuses(part: Part, variant: str) -> bool:
 
 
 def pending(part: Part, out: Path, alpha: float, seed: int) -> list[str]:
-    """The variants of cell (alpha, seed) not yet finished in ``out`` (nor refused there or by
-    the part's settings)."""
+    """The variants of cell (alpha, seed) not yet finished in ``out`` nor refused."""
     return [v for v in part.methods(seed)
             if not ledger_.finished(out / variant_name(v, alpha, seed)) and not refuses(part, v)]
 
 
 def cells(parts: list[str]) -> list[tuple[str, float | None, int]]:
-    """(part, alpha, seed) in the order they run, alpha None for a seed's central reference: per
-    seed, each alpha's cell (its pre-training and continuation), then that seed's central
-    reference; Fashion-MNIST first."""
+    """(part, alpha, seed) in the order they run: per seed, each alpha's cell (its pre-training and
+    continuation), then that seed's central reference (alpha None)."""
     return [(name, a, s) for name in parts for s in PARTS[name].seeds
             for a in [*PARTS[name].alphas, *([None] if PARTS[name].central else [])]]
 
 
 def preflight(parts: list[str]) -> None:
-    """Before any training: every part's data set and what each method reads from disk of its
-    own (FedDF's transfer set) can be read, so that a grid does not stop hours in at its first
-    FedDF run. ``SystemExit`` listing each problem (with where it looked and how to get it).
-    A method its part's model refuses (FedBN without BatchNorm) is refused in its cell instead."""
+    """Before any training: every part's data set and what each method reads from disk of its own
+    (FedDF's transfer set) can be read, so that a grid does not stop hours in at its first FedDF
+    run; else ``SystemExit`` listing each problem. A method its part's model refuses (FedBN without
+    BatchNorm) is refused in its cell instead."""
     from mosaic_flwr.config import ConfigError, build_config
     from mosaic_flwr.registry import STRATEGIES
     from mosaic_flwr.core.task import test_data
@@ -199,9 +196,8 @@ def preflight(parts: list[str]) -> None:
 
 
 def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None, threads: int = 1) -> None:
-    """Run this shard's cells under ``root``, each run with ``threads`` torch threads; with
-    ``ledger`` (a folder of ledger files), first take the finished runs from it and record each
-    cell's finished runs in it as soon as the cell ends."""
+    """Run this shard's cells under ``root``; with ``ledger`` (a folder of ledger files), first take the
+    finished runs from it and record each cell's finished runs in it as soon as the cell ends."""
     preflight(parts)
     for name in parts if ledger is not None else ():
         got = ledger_.materialize(ledger_file(name, ledger), runs_dir(name, root))
@@ -225,8 +221,7 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
 # ---------------------------------------------------------------- report
 
 def part_table(name: str, root: Path) -> tuple[str, dict]:
-    """Part ``name``'s section of the table (markdown) and its figures (``headline.json``),
-    from the finished runs in ``root``; writes its plot."""
+    """Part ``name``'s section of headline.md and its figures, from the runs in ``root``; writes its plot."""
     p, out = PARTS[name], runs_dir(name, root)
     d = collect(out, p.alphas, p.seeds, p.variants)
     runs, central, pre = d["runs"], d["central"], d["pre"]
@@ -267,8 +262,8 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 
 
 def refused_reason(p: Part, out: Path, v: str) -> str | None:
-    """Why ``v`` was refused before training in a cell of ``out``, or why the part's settings refuse
-    it (no cell has run it yet); None where it runs."""
+    """Why ``v`` was refused before training in a cell of ``out``, or why the part's settings refuse it;
+    None where it runs."""
     for a, s in product(p.alphas, p.seeds):
         if (refusal := read_json(out / variant_name(v, a, s) / "refused.json")) is not None:
             return refusal["reason"]
@@ -276,12 +271,11 @@ def refused_reason(p: Part, out: Path, v: str) -> str | None:
 
 
 def verdict(p: Part, runs: dict) -> list[dict]:
-    """Per α, what the part says about Mosaic in numbers: Mosaic minus FedAvg per seed at equal
-    rounds, and minus FedAvg at equal client compute (final rounds, and each run at the round
-    its validation split picks); Mosaic's client compute in FedAvg rounds; the best method at
-    equal rounds by mean final accuracy over the seeds Mosaic finished (Mosaic included; of
-    methods tied, the first in the table's order, so a tie is never Mosaic's win) and the
-    methods tied with it."""
+    """Per α, the part's numbers on Mosaic: minus FedAvg per seed at equal rounds and at equal client
+    compute (final rounds, and each run at the round its validation split picks); its client compute
+    in FedAvg rounds; the best method at equal rounds by mean final accuracy over the seeds Mosaic
+    finished (of methods tied, the first in the table's order, so a tie is never Mosaic's win) and
+    the methods tied with it."""
     out = []
     for a in p.alphas:
         seeds = [s for s in p.seeds if ("mosaic", a, s) in runs]
@@ -340,9 +334,9 @@ def _equal_compute_notes(p: Part, out: Path) -> list[dict]:
 
 @contextmanager
 def recorded(ledger: Path, root: Path):
-    """A temporary runs root holding every part's ledger as run directories (``ledger.materialize``),
-    each pre-training with its checkpoint marked where ``root`` has it (the plan counts a
-    pre-training without one as left): what the tables and the plan read."""
+    """What the tables and the plan read: a temporary runs root holding every part's ledger as run
+    directories, each pre-training's checkpoint marked where ``root`` has it (the plan counts a
+    pre-training without one as left)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="headline-ledger-") as tmp:
@@ -356,8 +350,8 @@ def recorded(ledger: Path, root: Path):
 
 
 def report(parts: list[str], root: Path) -> str:
-    """``headline.md`` and ``.json`` from the runs in ``root``: the verdict, then each part's section
-    (``part_table``); each part's every table in ``headline-<part>-detail.md`` (``protocol_report.report``)."""
+    """``headline.md`` and ``.json`` from the runs in ``root``: the verdict, then each part's section;
+    each part's every table in ``headline-<part>-detail.md`` (``protocol_report.report``)."""
     prov = provenance()
     lines = ["# The headline comparison (bench/headline.py)", "",
              f"Machine: {machine_line()}. Every method continues from the same FedAvg checkpoint per (data set, α, "
@@ -421,12 +415,10 @@ def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
 
 
 def plan(parts: list[str], root: Path) -> str:
-    """The cells, what the finished runs cost (core-seconds: wall seconds times torch threads) and what the
-    missing ones will, to size the grid: estimated by the mean of the same run kind in the same
-    part, else (a kind none of whose runs there has finished) in the other parts on the same data
-    set (named; e.g. the model-families cell from CIFAR-10's ResNet-8 cells), else named as
-    unmeasured. A pre-training recorded without its checkpoint in a cell with runs left counts
-    as left (``_cell_costs``)."""
+    """The cells, what the finished runs cost (core-seconds) and what the missing ones will, to size the
+    grid: the mean of the same run kind in the same part, else (a kind none of whose runs there has
+    finished) in the other parts on the same data set (named; e.g. the model-families cell from
+    CIFAR-10's ResNet-8 cells), else named as unmeasured."""
     def dataset(name: str) -> str:
         return str(variant_config(PARTS[name], "fedavg").get("dataset"))
 
@@ -436,29 +428,28 @@ def plan(parts: list[str], root: Path) -> str:
         p, (per_cell, mean) = PARTS[name], costs[name]
         others = [o for o in PARTS if o != name and dataset(o) == dataset(name)]
         done_h = left_h = 0.0
-        for s in p.seeds:
-            for a in p.alphas:
-                secs, left = per_cell[(a, s)]
-                est, new, lent, lenders = 0.0, [], [], set()
-                for k in left:
-                    if k in mean:
-                        est += mean[k]
-                    elif got := {o: costs[o][1][k] for o in others if k in costs[o][1]}:
-                        est += statistics.mean(got.values())
-                        lent.append(k)
-                        lenders |= set(got)
-                    else:
-                        new.append(k)
-                unmeasured |= {f"{name}:{k}" for k in new}
-                borrowed |= {f"{name}:{k}" for k in lent}
-                done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600
-                runs = (sum(not refuses(p, k) for k in p.methods(s))  # FedBN without BatchNorm: no run
-                        + 1 + (p.central and a == p.alphas[0]))  # + the pre-training and the central reference
-                lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {runs} done, {sum(secs.values()) / 3600:.2f} h"
-                             + (": " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items()) if secs else "")
-                             + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else "")
-                             + (f" ({len(lent)} of them at {' and '.join(sorted(lenders))}'s times)" if lent else "")
-                             + (f" + {len(new)} not yet measured" if new else ""))
+        for s, a in product(p.seeds, p.alphas):
+            secs, left = per_cell[(a, s)]
+            est, new, lent, lenders = 0.0, [], [], set()
+            for k in left:
+                if k in mean:
+                    est += mean[k]
+                elif got := {o: costs[o][1][k] for o in others if k in costs[o][1]}:
+                    est += statistics.mean(got.values())
+                    lent.append(k)
+                    lenders |= set(got)
+                else:
+                    new.append(k)
+            unmeasured |= {f"{name}:{k}" for k in new}
+            borrowed |= {f"{name}:{k}" for k in lent}
+            done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600
+            runs = (sum(not refuses(p, k) for k in p.methods(s))  # FedBN without BatchNorm: no run
+                    + 1 + (p.central and a == p.alphas[0]))  # + the pre-training and the central reference
+            lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {runs} done, {sum(secs.values()) / 3600:.2f} h"
+                         + (": " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items()) if secs else "")
+                         + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else "")
+                         + (f" ({len(lent)} of them at {' and '.join(sorted(lenders))}'s times)" if lent else "")
+                         + (f" + {len(new)} not yet measured" if new else ""))
         lines.append(f"{name}: {done_h:.1f} core-hours done (runs restored from an earlier table count 0 when "
                      f"they lack their time), ~{left_h:.1f} core-hours left")
         total_left += left_h

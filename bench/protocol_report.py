@@ -153,8 +153,7 @@ def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: 
     if central is not None:
         rows.append(row("central (same sample passes)", [mean_sd(central) for _ in alphas] + ["-"]))
     return ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
-            "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
-            "all "
+            "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; all "
             "clients; generators, prototypes and look-ahead training included; the gate's evaluation queries not) "
             "over the seconds of one plain training round of the same run, i.e. in FedAvg rounds (FedAvg: the "
             "round count), mean over the runs.", "",
@@ -204,12 +203,12 @@ def distillation_summary(runs: dict, alphas, seeds, variants) -> list[str]:
 
     return captioned("At the distillation round (validation split, %; mean over seeds): the student about to be "
                      "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
-                     "kept it after the look-ahead's fine-tune rounds), and the clients' "
-                     "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-                     "last distillation round, and how many of all their rounds' distillations the gates kept. "
-                     "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real "
-                     "images it is scored class by class, and (asked) with each image's own "
-                     "class as the asked one.", "method", alpha_columns(alphas, "student / teacher / kept"),
+                     "kept it after the look-ahead's fine-tune rounds), and the clients' generators' fidelity (their "
+                     "own classifier's accuracy on their samples). Every-round methods: the last distillation round, "
+                     "and how many of all their rounds' distillations the gates kept. FedFTG's and DFRD's teacher "
+                     "weights each generated sample by the class it was asked for: on real images it is scored class "
+                     "by class, and (asked) with each image's own class as the asked one.", "method",
+                     alpha_columns(alphas, "student / teacher / kept"),
                      method_rows(variants, alphas, cell))
 
 
@@ -242,10 +241,10 @@ def chosen_round_table(runs: dict, alphas, seeds, variants) -> list[str]:
                 f"(round {', '.join(str(r) for _, (r, _) in got)})")
 
     return captioned("Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
-                     "per-round scores, restored runs did not: final / at the round of best validation accuracy, and that "
-                     "round per seed). The equal-compute rows run many more "
-                     "rounds, and at small α their accuracy swings from round to round: their last round alone can flatter "
-                     "or sink them.", "method", alpha_columns(alphas, "final / chosen"),
+                     "per-round scores, restored runs did not: final / at the round of best validation accuracy, and "
+                     "that round per seed). The equal-compute rows run many more rounds, and at small α their accuracy "
+                     "swings from round to round: their last round alone can flatter or sink them.", "method",
+                     alpha_columns(alphas, "final / chosen"),
                      method_rows([v for v in CHOSEN_ROWS if v in variants], alphas, cell))
 
 
@@ -325,9 +324,9 @@ def protocol_lines(d: dict, p: dict, c: dict, rounds: int) -> list[str]:
             f"constant rate: the start every method continues from (`init-from`). Stage 2: {rounds} more rounds "
             "with the same client budget and the same rate schedule for every method (`lr-schedule='step'`: round "
             f"1 at lr {c.get('lr')}, rounds 2-{rounds} at {c.get('finetune-lr')}). FedAvg trains; FedDF and Mosaic "
-            "distil after round 1 (whose clients "
-            f"also train a generator, {gen}, and compute prototypes: extra client compute FedAvg does not "
-            f"spend) and fine-tune in rounds 2-{rounds}. The distilling rows share round 1's client replies, so "
+            f"distil after round 1 (whose clients also train a generator, {gen}, and compute prototypes: extra client "
+            f"compute FedAvg does not spend) and fine-tune in rounds 2-{rounds}. The distilling rows share round 1's "
+            "client replies, so "
             "they differ in the server alone. Central: the same model and SGD on the union of the clients' data "
             f"for the sample passes of all {P + rounds if isinstance(P, int) else '?'} rounds.", ""]
 

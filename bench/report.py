@@ -20,12 +20,9 @@ def ms(values: list[float], pct: bool = True) -> str:
     """``mean ± sd`` of accuracies in % (``pct``) or of counts and seconds; one value alone."""
     if not values:
         return "-"
-    k = 100 if pct else 1
+    k, f = (100, ".1f") if pct else (1, ".0f")
     m = statistics.mean(values) * k
-    if len(values) == 1:
-        return f"{m:.1f}" if pct else f"{m:.0f}"
-    sd = statistics.stdev(values) * k
-    return f"{m:.1f} ± {sd:.1f}" if pct else f"{m:.0f} ± {sd:.0f}"
+    return f"{m:{f}}" if len(values) == 1 else f"{m:{f}} ± {statistics.stdev(values) * k:{f}}"
 
 
 def mean_sd(xs: list[float]) -> str:
@@ -72,12 +69,8 @@ def alpha_columns(alphas, *each: str) -> list[str]:
 
 def method_rows(variants, alphas, cell: Callable[[str, float], str], name=label) -> list[str]:
     """A row per method (``name(v)``) with a figure at some α: ``cell(v, a)`` for each α ("-": none)."""
-    rows = []
-    for v in variants:
-        cells = [cell(v, a) for a in alphas]
-        if any(c != "-" for c in cells):
-            rows.append(row(name(v), cells))
-    return rows
+    rows = [(v, [cell(v, a) for a in alphas]) for v in variants]
+    return [row(name(v), cells) for v, cells in rows if any(c != "-" for c in cells)]
 
 
 def per_alpha(variants, alphas, cells: Callable[[str, float], list[str]], name=str) -> list[str]:
@@ -101,26 +94,19 @@ def _load(path: Path) -> dict | None:
     return s
 
 
-def _rows(run: Path) -> list[dict]:
-    """A run's per-round metrics; [] for a run recorded by its summary alone (one restored from
-    an earlier table, ``restored`` in its summary.json)."""
-    return read_json(run / "metrics.json", [])
-
-
 def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
     """A study's finished runs in ``runs_dir``: ``runs`` (variant, alpha, seed) -> summary with its
-    ``bench``, ``config`` and per-round ``rows``; ``pre`` (alpha, seed) -> the pre-training's test,
-    validation and best accuracy; ``central`` seed -> summary; ``assign``: one pre-training's
-    client assignment rows."""
+    ``bench``, ``config`` and per-round ``rows`` ([] for a run recorded by its summary alone, one
+    restored from an earlier table); ``pre`` (alpha, seed) -> the pre-training's test, validation
+    and best accuracy; ``central`` seed -> summary; ``assign``: one pre-training's client assignment rows."""
     data = {"pre": {}, "runs": {}, "central": {}, "assign": []}
     for s in seeds:
-        c = _load(runs_dir / f"central-s{s}")
-        if c:
+        if c := _load(runs_dir / f"central-s{s}"):
             data["central"][s] = c
         for a in alphas:
             p = runs_dir / pretrain_name(a, s)
             if (pre := _load(p)):
-                rows = _rows(p)
+                rows = read_json(p / "metrics.json", [])
                 if not data["assign"] and (p / "assignment.csv").is_file():
                     data["assign"] = (p / "assignment.csv").read_text().strip().splitlines()[1:]
                 data["pre"][(a, s)] = ({"test": rows[-1]["accuracy"], "val": rows[-1].get("val-accuracy"),
@@ -128,10 +114,8 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
                                        {"test": pre["final_accuracy"], "val": pre.get("final_val_accuracy"),
                                         "best": pre["best_accuracy"]})
             for v in variants:
-                r = _load(runs_dir / variant_name(v, a, s))
-                if r:
-                    r["rows"] = _rows(runs_dir / variant_name(v, a, s))
-                    data["runs"][(v, a, s)] = r
+                if r := _load(run := runs_dir / variant_name(v, a, s)):
+                    data["runs"][(v, a, s)] = {**r, "rows": read_json(run / "metrics.json", [])}
     return data
 
 
