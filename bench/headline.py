@@ -228,7 +228,9 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
     study = (runs, p.alphas, p.seeds, p.variants)
     cen = [central[s]["final_accuracy"] for s in p.seeds if s in central]
     gap = {a: g for a in p.alphas if (g := protocol.gap_closure(runs, "mosaic", a, p.seeds, cen))}
-    eq = _equal_compute_notes(p, out)
+    # the equal-compute FedAvg runs' notes (bench.json: rounds, target), per cell
+    eq = [e for a, s in product(p.alphas, p.seeds)
+          if (e := read_json(out / variant_name("fedavg-eqc", a, s) / "bench.json", {}).get("equal_compute"))]
     refused = {v: why for v in p.variants if (why := refused_reason(p, out, v))}
 
     lines = [f"## {p.title}", ""]
@@ -318,18 +320,11 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
             "against FedAvg given Mosaic's client compute (final rounds), and the same with each run at the round its "
             "validation split picks (the seeds whose runs kept per-round scores). Mosaic's client compute in FedAvg "
             "rounds (its generators included). The best method at equal rounds by mean final test accuracy over "
-            "Mosaic's seeds (of the methods run at all of them), with the methods tied with it (a tie is listed under the first baseline, not Mosaic). "
-            "Details per data set below.", "",
+            "Mosaic's seeds (of the methods run at all of them), with the methods tied with it (a tie is listed under "
+            "the first baseline, not Mosaic). Details per data set below.", "",
             *table("data set", ["α", "seeds", "equal rounds", "equal client compute",
                                 "equal compute, validation-chosen rounds", "Mosaic's compute", "best at equal rounds"],
                    rows), ""]
-
-
-def _equal_compute_notes(p: Part, out: Path) -> list[dict]:
-    """The equal-compute FedAvg runs' notes (bench.json ``equal_compute``: rounds, target), per cell."""
-    eq = [read_json(out / variant_name("fedavg-eqc", a, s) / "bench.json", {}).get("equal_compute")
-          for a in p.alphas for s in p.seeds]
-    return [e for e in eq if e]
 
 
 @contextmanager

@@ -138,9 +138,8 @@ def gate_disagreements(named_rows: dict[str, list[dict]], margin: float = 0.005)
 # ----------------------------------------------------------------------------- a headline part's tables
 def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: int, central: list[float] | None,
                refused: dict[str, str]) -> list[str]:
-    """Final accuracy per method and α (a method ``refused`` before training, none of whose runs
-    finished: its reason), with each method's client compute in FedAvg rounds; the FedAvg start and,
-    where ``central`` is not None, the central reference."""
+    """Final accuracy per method and α (a method ``refused`` before training: its reason) with its client
+    compute in FedAvg rounds; the FedAvg start and, where ``central`` is not None, the central reference."""
     def method_row(v: str) -> str:
         if v in refused and not any((v, a, s) in runs for a in alphas for s in seeds):
             return row(label(v), ["refused" for _ in alphas] + [refused[v].splitlines()[0][:160]])
@@ -161,8 +160,7 @@ def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: 
 
 
 def paired_table(runs: dict, alphas, seeds, variants) -> list[str]:
-    """Mosaic minus each method, paired by seed, with a 95 % t interval; the equal-compute rows
-    also with both runs at the round the validation split picks."""
+    """Mosaic minus each method, paired by seed; the equal-compute rows also at the validation-chosen round."""
     rows = [row(label(v), [points(differences(runs, "mosaic", v, a, seeds)) for a in alphas])
             for v in variants if v != "mosaic"]
     # the equal-compute rows' last round can land in a trough
@@ -183,9 +181,7 @@ def gap_line(gap: dict[float, tuple[float, int]], alphas) -> list[str]:
 
 
 def distillation_summary(runs: dict, alphas, seeds, variants) -> list[str]:
-    """Why a distilling method won or lost: at its distillation round, the student's and the
-    teacher's validation accuracy, what the gates kept and the generators' fidelity; nothing
-    while no distilling run has finished."""
+    """Why a distilling method won or lost (its caption says what); nothing while no distilling run finished."""
     def cell(v: str, a: float) -> str:
         reps = [r for r in distillations(runs, v, a, seeds) if "val-teacher" in r]
         if not reps:
@@ -225,13 +221,8 @@ def gate_check(runs: dict, alphas, seeds, variants) -> list[str]:
             + (": " + "; ".join(against) if against else "") + "."]
 
 
-CHOSEN_ROWS = ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc")
-
-
 def chosen_round_table(runs: dict, alphas, seeds, variants) -> list[str]:
-    """Final round vs the round the validation split picks, for the rows whose length differs (equal rounds
-    vs equal compute): the long runs' accuracy swings from round to round, so their last round alone can
-    flatter or sink them."""
+    """Final round vs the round the validation split picks, for the rows whose length differs (its caption: why)."""
     def cell(v: str, a: float) -> str:
         got = [(r["final_accuracy"], bv) for r in finished(runs, v, a, seeds)
                for bv in [best_validation(r["rows"] or [])] if bv]
@@ -245,7 +236,8 @@ def chosen_round_table(runs: dict, alphas, seeds, variants) -> list[str]:
                      "that round per seed). The equal-compute rows run many more rounds, and at small α their accuracy "
                      "swings from round to round: their last round alone can flatter or sink them.", "method",
                      alpha_columns(alphas, "final / chosen"),
-                     method_rows([v for v in CHOSEN_ROWS if v in variants], alphas, cell))
+                     method_rows([v for v in ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc") if v in variants], alphas,
+                                 cell))
 
 
 def plot(path: Path, title: str, runs: dict, alphas, seeds, variants, central: list[float]) -> None:
@@ -326,14 +318,12 @@ def protocol_lines(d: dict, p: dict, c: dict, rounds: int) -> list[str]:
             f"1 at lr {c.get('lr')}, rounds 2-{rounds} at {c.get('finetune-lr')}). FedAvg trains; FedDF and Mosaic "
             f"distil after round 1 (whose clients also train a generator, {gen}, and compute prototypes: extra client "
             f"compute FedAvg does not spend) and fine-tune in rounds 2-{rounds}. The distilling rows share round 1's "
-            "client replies, so "
-            "they differ in the server alone. Central: the same model and SGD on the union of the clients' data "
-            f"for the sample passes of all {P + rounds if isinstance(P, int) else '?'} rounds.", ""]
+            "client replies, so they differ in the server alone. Central: the same model and SGD on the union of the "
+            f"clients' data for the sample passes of all {P + rounds if isinstance(P, int) else '?'} rounds.", ""]
 
 
 def final_table(d: dict, alphas, seeds, variants, rounds: int, pretrain_rounds) -> list[str]:
-    """Final accuracy (test and validation) with the paired Δ against FedAvg, the FedAvg start and
-    the central reference; then every method's gap closure."""
+    """Final accuracy (test, validation, paired Δ against FedAvg), the start, the central reference; gap closures."""
     runs, pre, central = d["runs"], d["pre"], d["central"]
 
     def cells(v: str, a: float) -> list[str]:
@@ -347,10 +337,9 @@ def final_table(d: dict, alphas, seeds, variants, rounds: int, pretrain_rounds) 
         return [ms([x["test"] for x in got]), ms([x["val"] for x in got if x["val"] is not None]), ""]
 
     rows = [row(f"FedAvg start (round {pretrain_rounds})", [c for a in alphas for c in start(a)]
-                + ["/".join(str(sum((a, s) in pre for s in seeds)) for a in alphas)])]
-    for v in variants:
-        rows.append(row(v, [c for a in alphas for c in cells(v, a)]
-                        + ["/".join(str(len(finished(runs, v, a, seeds))) for a in alphas)]))
+                + ["/".join(str(sum((a, s) in pre for s in seeds)) for a in alphas)]),
+            *(row(v, [c for a in alphas for c in cells(v, a)]
+                  + ["/".join(str(len(finished(runs, v, a, seeds))) for a in alphas)]) for v in variants)]
     lines = [f"## Final accuracy (test set, after the {rounds} continuation rounds), mean ± sd over seeds", "",
              "Δ: the method minus FedAvg in test points, paired by seed: mean [95 % t interval] (each seed).", "",
              *table("method", alpha_columns(alphas, "test", "validation", "Δ test vs FedAvg")
@@ -406,9 +395,8 @@ def distillation_table(runs: dict, alphas, seeds, variants) -> list[str]:
 
 
 def path_table(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
-    """Every run whose distilled model was kept at the distillation round (round 1): its
-    validation accuracy minus FedAvg's of the same seed, round by round (the fine-tune rounds
-    train the distilled model; a gated run's last round is the look-ahead's choice)."""
+    """Every run whose distilled model was kept at round 1: its validation accuracy minus FedAvg's, round
+    by round (a gated run's last round is the look-ahead's choice)."""
     out = []
     for v, a, s in product(variants, alphas, seeds):
         run, plain = runs.get((v, a, s)), runs.get(("fedavg", a, s))
@@ -486,9 +474,12 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
 def compute_tables(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
     """What the continuation rounds cost per method: the clients' SGD and generator steps, the
     measured client and server seconds, and the wall time."""
+    def n(values: list[float]) -> str:  # counts and seconds
+        return ms(values, pct=False)
+
     def steps(v: str, a: float) -> list[str]:
         got = [g for r in finished(runs, v, a, seeds) if (g := client_steps(r)) is not None]
-        return [ms([g[0] for g in got], pct=False), ms([g[1] for g in got], pct=False)]
+        return [n([g[0] for g in got]), n([g[1] for g in got])]
 
     def seconds(v: str, a: float) -> list[str]:
         got = finished(runs, v, a, seeds)
@@ -498,12 +489,10 @@ def compute_tables(runs: dict, alphas, seeds, variants, rounds: int) -> list[str
                                          if not g["rows"][1].get("client-seconds") else 0.0)
                   for g in got if g.get("client_seconds") is not None and len(g["rows"]) > 1]
         dist = [g.get("distillation") or {} for g in got]
-        return [ms(client, pct=False),
-                ms([d.get("distill-seconds-total", d.get("distill-seconds", 0.0)) for d in dist], pct=False)]
+        return [n(client), n([d.get("distill-seconds-total", d.get("distill-seconds", 0.0)) for d in dist])]
 
     def wall(v: str, a: float) -> list[str]:
-        return [ms([g["bench"].get("variant_seconds", g.get("wall_seconds")) for g in finished(runs, v, a, seeds)],
-                   pct=False)]
+        return [n([g["bench"].get("variant_seconds", g.get("wall_seconds")) for g in finished(runs, v, a, seeds)])]
 
     lines = [f"## Client compute in the {rounds} continuation rounds (per client, mean over the runs)", "",
              "Classifier SGD steps (batch 32; a look-ahead round trains the model twice) and generator steps "
@@ -520,14 +509,14 @@ def compute_tables(runs: dict, alphas, seeds, variants, rounds: int) -> list[str
              *table("method", alpha_columns(alphas), per_alpha(variants, alphas, wall))]
     shared = [g["bench"]["shared_seconds"] for g in runs.values() if "shared_seconds" in g["bench"]]
     if shared:
-        lines.append(f"\nShared round-1 client work of the distilling rows (once per α, seed): {ms(shared, pct=False)} s; "
+        lines.append(f"\nShared round-1 client work of the distilling rows (once per α, seed): {n(shared)} s; "
                      "a distilling row's own run costs that plus its row.")
     return lines
 
 
 def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> str:
-    """Every table of the study in ``runs_dir``, written to ``bench/results/<name>.md`` (and its
-    figures to ``<name>.json``); returns the markdown."""
+    """Every table of the study in ``runs_dir``, written to ``bench/results/<name>.md`` (its figures
+    to ``<name>.json``); returns the markdown."""
     d = collect(runs_dir, alphas, seeds, variants)
     runs, pre, central = d["runs"], d["pre"], d["central"]
     p, c = settings(d, runs_dir)

@@ -169,20 +169,18 @@ def budget_lines(cfg, num_clients: int, variants: Iterable[str], central: dict |
              + (f"; {per_client:,} sample passes per client" if c.local_steps > 0 else "") + ")."]
     if any(distils(v) for v in variants):
         lines.append(
-            f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} "
-            f"at the fine-tune rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client "
-            f"also trains its generator once: {c.of('mosaic').gen_steps} steps of {c.of('mosaic').gen_batch_size} samples "
-            "(generator, discriminator and the client's classifier forward/backward): **extra "
-            "client compute** the baselines do not spend. Their server distils for "
-            f"{c.of('kd').steps} steps of {c.of('kd').batch_size} generated samples (Mosaic also trains the "
-            f"meta model, at most {c.of('mosaic').meta_epochs} epochs).")
+            f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} at the fine-tune "
+            f"rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client also trains its generator once: "
+            f"{c.of('mosaic').gen_steps} steps of {c.of('mosaic').gen_batch_size} samples (generator, discriminator "
+            "and the client's classifier forward/backward): **extra client compute** the baselines do not spend. "
+            f"Their server distils for {c.of('kd').steps} steps of {c.of('kd').batch_size} generated samples (Mosaic "
+            f"also trains the meta model, at most {c.of('mosaic').meta_epochs} epochs).")
     if central:
-        lines.append(f"**Centralised reference:** the same model and SGD on the union of the "
-                     f"clients' data ({central['train_samples']:,} samples) for the same number "
-                     f"of sample passes ({central['sample_passes']:,.0f}: {central['steps']} steps "
-                     f"of {c.batch_size}), at lr {c.lr:g} throughout; evaluated "
-                     f"{c.num_server_rounds} times (best = best of those). One value per seed, the "
-                     "same for every alpha.")
+        lines.append(f"**Centralised reference:** the same model and SGD on the union of the clients' data "
+                     f"({central['train_samples']:,} samples) for the same number of sample passes "
+                     f"({central['sample_passes']:,.0f}: {central['steps']} steps of {c.batch_size}), at lr {c.lr:g} "
+                     f"throughout; evaluated {c.num_server_rounds} times (best = best of those). One value per seed, "
+                     "the same for every alpha.")
     return lines
 
 
@@ -243,8 +241,7 @@ def val_table(groups: dict, variants: list[str], alphas: list[float]) -> list[st
 
 def paired_lines(runs: dict, pairs: Iterable[tuple[str, str]], alphas: list[float],
                  key: str = "final_accuracy") -> list[str]:
-    """Each pair's first variant minus its second, paired by seed: mean [95 % t interval]
-    (each seed's difference); seeds only one of them has are left out."""
+    """Each pair's first variant minus its second, paired by seed (seeds only one of them has are left out)."""
     seeds = sorted({s for _, _, s in runs})
 
     def cell(pair: tuple[str, str], a: float) -> str:
@@ -320,10 +317,9 @@ def plot(runs: dict, variants: list[str], alphas: list[float], path: Path, title
 
 def grid_lines(runs: dict, variants: list[str], alphas: list[float], seeds, cfg, num_clients: int, where: str,
                shared: str, pairs: list[tuple[str, str]]) -> list[str]:
-    """A grid's report below its header: the setting (``where``: data set, model, clients and how
-    they ran; ``shared``: the run config every run shares), the compute budget, and the tables:
-    accuracy, distillation round, ``pairs``' paired differences (test, then validation), validation
-    accuracy, wall seconds, and per model where the clients hold several."""
+    """A grid's report below its header: the setting (``where``: data set, model, clients and how they
+    ran; ``shared``: the run config every run shares), the compute budget, and the tables (``pairs``'
+    paired differences in test, then validation accuracy)."""
     groups = aggregate(runs)
     central = next((s for (v, _, _), s in runs.items() if v == CENTRAL), None)
     commits = sorted({(s.get("bench") or {}).get("commit", "?") for s in runs.values()})
