@@ -233,17 +233,12 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
           if (e := read_json(out / variant_name("fedavg-eqc", a, s) / "bench.json", {}).get("equal_compute"))]
     refused = {v: why for v in p.variants if (why := refused_reason(p, out, v))}
 
-    lines = [f"## {p.title}", ""]
-    if p.cut:
-        lines += [f"{NOTES['cut_intro']}: {p.cut}.", ""]
-    lines += [n for note in p.notes for n in (note, "")]
-    lines += protocol.main_table(*study, pre, p.pretrain_rounds, cen if p.central else None, refused)
-    lines += protocol.paired_table(*study)
-    lines += protocol.gap_line(gap, p.alphas)
-    lines += protocol.distillation_summary(*study)
-    lines += protocol.gate_check(*study)
-    lines += protocol.chosen_round_table(*study)
-    lines += by_model_table(runs, p.variants, p.alphas, p.seeds)
+    lines = [f"## {p.title}", "", *([f"{NOTES['cut_intro']}: {p.cut}.", ""] if p.cut else []),
+             *[n for note in p.notes for n in (note, "")],
+             *protocol.main_table(*study, pre, p.pretrain_rounds, cen if p.central else None, refused),
+             *protocol.paired_table(*study), *protocol.gap_line(gap, p.alphas), *protocol.distillation_summary(*study),
+             *protocol.gate_check(*study), *protocol.chosen_round_table(*study),
+             *by_model_table(runs, p.variants, p.alphas, p.seeds)]
     if eq:
         lines += ["", "Equal client compute: FedAvg and FedProx ran "
                   + ", ".join(str(e["rounds"]) for e in eq) + " rounds in the cells (Mosaic's client work in its own "

@@ -324,20 +324,16 @@ def grid_lines(runs: dict, variants: list[str], alphas: list[float], seeds, cfg,
     central = next((s for (v, _, _), s in runs.items() if v == CENTRAL), None)
     commits = sorted({(s.get("bench") or {}).get("commit", "?") for s in runs.values()})
     loads = [s["bench"]["loadavg_before"][0] for s in runs.values() if "loadavg_before" in (s.get("bench") or {})]
-    lines = [f"{where}, Dirichlet label skew; shared run config: `{shared or '(defaults)'}`; cells finished at "
-             f"commit(s) {', '.join(commits)}"
-             + (f"; 1-min load average when cells started: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
-             + ".", ""]
-    lines += budget_lines(cfg, num_clients, variants, central) + [""]
-    lines += ["Test accuracy, mean ± std over seeds (final: after the last round; best: best "
-              "round; the test set is used for reporting only):", ""]
-    lines += accuracy_table(groups, variants, alphas)
-    lines += distill_table(groups, variants, alphas)
-    lines += paired_lines(runs, pairs, alphas)
-    lines += val_table(groups, variants, alphas)
-    lines += paired_lines(runs, pairs, alphas, key="final_val_accuracy")
-    lines += wall_table(groups, variants, alphas)
-    return lines + by_model_table(runs, variants, alphas, seeds)
+    return [f"{where}, Dirichlet label skew; shared run config: `{shared or '(defaults)'}`; cells finished at "
+            f"commit(s) {', '.join(commits)}"
+            + (f"; 1-min load average when cells started: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
+            + ".", "", *budget_lines(cfg, num_clients, variants, central), "",
+            "Test accuracy, mean ± std over seeds (final: after the last round; best: best round; the test set is "
+            "used for reporting only):", "",
+            *accuracy_table(groups, variants, alphas), *distill_table(groups, variants, alphas),
+            *paired_lines(runs, pairs, alphas), *val_table(groups, variants, alphas),
+            *paired_lines(runs, pairs, alphas, key="final_val_accuracy"), *wall_table(groups, variants, alphas),
+            *by_model_table(runs, variants, alphas, seeds)]
 
 
 def grid_data(runs: dict) -> dict:
