@@ -382,11 +382,10 @@ def distillation_table(runs: dict, alphas, seeds, variants) -> list[str]:
     """The distillation round per α: every figure of ``DISTILLATION_KEYS`` per distilling method."""
     lines = ["", "## The distillation round (validation split; `gen-*`: held-out generator samples, what a "
              "server can check without data)", "",
-             "Student = the round-1 aggregate about to be distilled into. Teacher − student is the teacher's "
-             "margin on validation data (the issue's goal: ≥ +3 points at α ≤ 0.1). Gate: how many seeds kept "
-             "the distilled model (ungated rows always keep it); look-ahead: of those kept, how many the gate "
-             "still kept after the fine-tune rounds, against the path without distillation (`kd.gate-rounds=-1`).",
-             ""]
+             "Student = the round-1 aggregate about to be distilled into. Teacher − student is the teacher's margin on "
+             "validation data (the issue's goal: ≥ +3 points at α ≤ 0.1). Gate: how many seeds kept the distilled "
+             "model (ungated rows always keep it); look-ahead: of those kept, how many the gate still kept after the "
+             "fine-tune rounds, against the path without distillation (`kd.gate-rounds=-1`).", ""]
     for a in alphas:
         rows = [row(v, [distillation_cell(reps, k) for k, _ in DISTILLATION_KEYS])
                 for v in variants if (reps := distillations(runs, v, a, seeds))]
@@ -450,23 +449,21 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
         heads.append(row(f"{a:g}", [oracle_label(tag), *agree, ms([g["ensemble"] for g in got]), *meta,
                                     str(len(got))]))
     return ["## The teacher's ceiling: a meta model trained on real images (diagnostic)", "",
-            "Round 1's class experts and student, and a meta model (the same architecture and training) "
-            "fitted on real labelled images, half of the validation split, all scored on the other half. "
-            "No deployed server has such data: this bounds what better meta-model data (generator samples, "
-            "prototypes) could give the teacher. `own-class expert` scores each image with the expert of "
-            "its true class (routing by the label: the experts' best case, not a teacher). "
-            "Mean ± sd over seeds, %.", "",
+            "Round 1's class experts and student, and a meta model (the same architecture and training) fitted on "
+            "real labelled images, half of the validation split, all scored on the other half. No deployed server "
+            "has such data: this bounds what better meta-model data (generator samples, prototypes) could give the "
+            "teacher. `own-class expert` scores each image with the expert of its true class (routing by the label: "
+            "the experts' best case, not a teacher). Mean ± sd over seeds, %.", "",
             *table("α", ["round-1 clients", "student", "ensemble", "meta on real images",
                          "meta on real images, global prior", "best − student", "own-class expert", "seeds"], ceiling),
             "",
-            "What the meta model learns from against what it meets: a prototype is scored by each expert's "
-            "*head* on the features of the model the client *received* (it computes its prototypes before "
-            "training); the teacher runs each *full* expert on an image. On the same validation images: how "
-            "often the two agree (argmax, per expert), the mean of the heads' logits, and a meta model fitted "
-            "on the heads' logits of real images (the best prototypes could give it), scored on the full "
-            "experts (%). The same on the round's *aggregated* model's features, which diagnostics written "
-            "before 2026-12-07 measured alone (and `mosaic.meta-experts='heads'` read before 53d323e; it now "
-            "reads the received model's).", "",
+            "What the meta model learns from against what it meets: a prototype is scored by each expert's *head* "
+            "on the features of the model the client *received* (it computes its prototypes before training); the "
+            "teacher runs each *full* expert on an image. On the same validation images: how often the two agree "
+            "(argmax, per expert), the mean of the heads' logits, and a meta model fitted on the heads' logits of "
+            "real images (the best prototypes could give it), scored on the full experts (%). The same on the "
+            "round's *aggregated* model's features, which diagnostics written before 2026-12-07 measured alone (and "
+            "`mosaic.meta-experts='heads'` read before 53d323e; it now reads the received model's).", "",
             *table("α", ["round-1 clients", "agreement, received", "agreement, aggregated", "mean of full experts",
                          "meta on heads, scored on full: received", "... aggregated", "seeds"], heads), ""]
 
