@@ -11,8 +11,8 @@ from itertools import product
 from pathlib import Path
 
 from bench.common import EQUAL_COMPUTE, RESULTS, label, machine_line, pretrain_name, provenance
-from bench.report import (alpha_columns, captioned, collect, differences, finished, mean_sd, method_rows, ms,
-                          per_alpha, pct, points, read_json, row, table)
+from bench.report import (alpha_columns, captioned, collect, differences, finished, mean_pct, mean_sd, method_rows,
+                          ms, per_alpha, points, read_json, row, table)
 
 
 # ----------------------------------------------------------------------------- figures of the runs
@@ -190,12 +190,13 @@ def distillation_summary(runs: dict, alphas, seeds, variants) -> list[str]:
         asked = [r["val-teacher-asked"] for r in reps if "val-teacher-asked" in r]
         rounds = kept_rounds([r.get("rows") or [] for r in finished(runs, v, a, seeds)])
         gate, look = kept(reps, "gate-kept", 1.0), kept(reps, "gate-final-kept")
-        return (f"{pct(r['val-before-distill'] for r in reps):.1f} / {pct(r['val-teacher'] for r in reps):.1f}"
-                + (f" (asked {pct(asked):.1f})" if asked else "")
+        return (f"{mean_pct(r['val-before-distill'] for r in reps):.1f} / "
+                f"{mean_pct(r['val-teacher'] for r in reps):.1f}"
+                + (f" (asked {mean_pct(asked):.1f})" if asked else "")
                 + f" / {gate[0]} of {gate[1]}"
                 + (f", {look[0]} after the look-ahead" if look[1] else "")
                 + (f", rounds kept {rounds[0]} of {rounds[1]}" if rounds else "")
-                + (f" (fidelity {pct(fid):.0f})" if fid else ""))
+                + (f" (fidelity {mean_pct(fid):.0f})" if fid else ""))
 
     return captioned("At the distillation round (validation split, %; mean over seeds): the student about to be "
                      "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
@@ -228,7 +229,7 @@ def chosen_round_table(runs: dict, alphas, seeds, variants) -> list[str]:
                for bv in [best_validation(r["rows"] or [])] if bv]
         if not got:
             return "-"
-        return (f"{pct(f for f, _ in got):.1f} / {pct(t for _, (_, t) in got):.1f} "
+        return (f"{mean_pct(f for f, _ in got):.1f} / {mean_pct(t for _, (_, t) in got):.1f} "
                 f"(round {', '.join(str(r) for _, (r, _) in got)})")
 
     return captioned("Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
@@ -236,8 +237,8 @@ def chosen_round_table(runs: dict, alphas, seeds, variants) -> list[str]:
                      "that round per seed). The equal-compute rows run many more rounds, and at small α their accuracy "
                      "swings from round to round: their last round alone can flatter or sink them.", "method",
                      alpha_columns(alphas, "final / chosen"),
-                     method_rows([v for v in ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc") if v in variants], alphas,
-                                 cell))
+                     method_rows([v for v in ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc") if v in variants],
+                                 alphas, cell))
 
 
 def plot(path: Path, title: str, runs: dict, alphas, seeds, variants, central: list[float]) -> None:
@@ -262,12 +263,12 @@ def plot(path: Path, title: str, runs: dict, alphas, seeds, variants, central: l
     colour |= {v: colour.get(EQUAL_COMPUTE[v][0], palette[-1]) for v in variants if v in EQUAL_COMPUTE}
     for i, v in enumerate(variants):
         done = [(j, vals) for j, a in enumerate(alphas) if (vals := acc[(v, a)])]
-        ax.bar([j + i * width for j, _ in done], [pct(x) for _, x in done], width,
+        ax.bar([j + i * width for j, _ in done], [mean_pct(x) for _, x in done], width,
                yerr=[100 * statistics.stdev(x) if len(x) > 1 else 0.0 for _, x in done], label=label(v),
                capsize=2, color=colour[v], hatch="//" if v in EQUAL_COMPUTE else None,
                edgecolor="white" if v in EQUAL_COMPUTE else None)
     if central:
-        ax.axhline(pct(central), color="k", ls="--", lw=1, label="central")
+        ax.axhline(mean_pct(central), color="k", ls="--", lw=1, label="central")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(alphas))], alpha_columns(alphas))
     every = [x for vals in acc.values() for x in vals]
     ax.set_ylim(max(min(100 * min(every) - 5, 100), 0), 100 * max([*central, *every]) + 3)
@@ -371,7 +372,7 @@ def distillation_cell(reps: list[dict], key: str) -> str:
         vals = [r[key[1:]] - r["val-before-distill"] for r in reps if key[1:] in r]
         if len(vals) > 1:
             return points(vals)
-        return f"{pct(vals):+.1f}" if vals else "-"
+        return f"{mean_pct(vals):+.1f}" if vals else "-"
     if key in ("meta-used", "gate-kept", "gate-final-kept"):
         k, n = kept(reps, key, 1.0 if key == "gate-kept" else None)
         return f"{k}/{n}" if n else "-"
@@ -402,7 +403,8 @@ def path_table(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
         if v == "fedavg" or run is None or plain is None or len(run["rows"]) <= rounds \
                 or len(plain["rows"]) <= rounds or not run["rows"][1].get("gate-kept"):
             continue
-        diffs = [100 * (run["rows"][r]["val-accuracy"] - plain["rows"][r]["val-accuracy"]) for r in range(1, rounds + 1)]
+        diffs = [100 * (run["rows"][r]["val-accuracy"] - plain["rows"][r]["val-accuracy"])
+                 for r in range(1, rounds + 1)]
         final = run["rows"][rounds].get("gate-final-kept")
         out.append(row(f"{v} | {a:g} | {s}", [f"{d:+.1f}" for d in diffs]
                        + ["-" if final is None else ("distilled" if final else "plain")]))
@@ -432,7 +434,7 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
 
         best = [max(g["oracle-meta-experts"], g["oracle-meta-global"]) - g["student"] for g in got]
         ceiling.append(row(f"{a:g}", [oracle_label(tag), col("student"), col("ensemble"), col("oracle-meta-experts"),
-                                      col("oracle-meta-global"), f"{pct(best):+.1f}", col("own-class-expert"),
+                                      col("oracle-meta-global"), f"{mean_pct(best):+.1f}", col("own-class-expert"),
                                       str(len(got))]))
     heads = []
     for a, tag, got in cells:

@@ -30,7 +30,7 @@ def mean_sd(xs: list[float]) -> str:
     return f"{ms(xs)} ({len(xs)})" if xs else "-"
 
 
-def pct(xs: Iterable[float]) -> float:
+def mean_pct(xs: Iterable[float]) -> float:
     """The mean of accuracies in %."""
     return 100 * statistics.mean(xs)
 
@@ -114,7 +114,8 @@ def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
                                        {"test": pre["final_accuracy"], "val": pre.get("final_val_accuracy"),
                                         "best": pre["best_accuracy"]})
             for v in variants:
-                if r := _load(run := runs_dir / variant_name(v, a, s)):
+                run = runs_dir / variant_name(v, a, s)
+                if r := _load(run):
                     data["runs"][(v, a, s)] = {**r, "rows": read_json(run / "metrics.json", [])}
     return data
 
@@ -273,7 +274,7 @@ def by_model_table(runs: dict, variants, alphas, seeds) -> list[str]:
         by_model = [[r["final_accuracy_by_model"][m] for r in got if m in (r.get("final_accuracy_by_model") or {})]
                     for m in archs]
         clients = [r["final_accuracy_clients"] for r in got if r.get("final_accuracy_clients") is not None]
-        return [f"{pct(xs):.1f}" if xs else "-" for xs in (*by_model, clients)]
+        return [f"{mean_pct(xs):.1f}" if xs else "-" for xs in (*by_model, clients)]
 
     ran = [v for v in variants if any(finished(runs, v, a, seeds) for a in alphas)]
     return ["", "Model heterogeneity: final test accuracy % of every model the clients hold (the main table "
