@@ -16,25 +16,22 @@ checkpoint, except Mosaic's group, which shares round 1 and starts again):
 
 Runs (checkpoints included) live outside the repository, under ``--runs-root`` (default
 ``bench.common.RUNS``: ``$MOSAIC_FLWR_RUNS`` or ``~/.cache/mosaic-flwr/bench-runs``). What is
-finished is recorded as data: every finished run's summary, config, per-round metrics, bench notes
-and refusal go into ``bench/results/ledger/headline-<part>.json`` (``bench/ledger.py``) as soon as
-its cell ends (commit it), and are written back into the runs root before the grid runs,
-so a new machine or a clean clone goes on where the last one stopped; the tables are read from the
-ledger. A recorded pre-training without its checkpoint (a new machine) is run again when its cell
-has runs to do and must reproduce the recorded accuracy exactly, else the cell stops with the two
-figures: its finished runs started from the recorded model, a different one would not be a fair
-start for the rest.
+finished is recorded as data: each cell's finished runs go into
+``bench/results/ledger/headline-<part>.json`` (``bench/ledger.py``; commit it) as soon as the cell
+ends, and are written back into the runs root before the grid runs, so a new machine or a clean
+clone goes on where the last one stopped; the tables are read from the ledger. A recorded
+pre-training without its checkpoint is run again when its cell has runs to do and must reproduce
+the recorded accuracy exactly, else the cell stops with the two figures: its finished runs started
+from the recorded model, a different one would not be a fair start for the rest.
 
-The parts (each a data set's run configs, cells, pre-training length and methods, with their
-cuts) are ordinary ``bench/run.py`` study specs, ``bench/studies/headline-<part>.toml`` (read by
-``bench.run.load_spec``; ``bench/run.py`` runs one alone). Each part is run by ``bench/run.py``'s
-converged protocol (``study``; ``bench.run.converged`` per cell (part, alpha, seed)): FedAvg to
-its plateau (``init-from``), then every method of the part for the same further rounds with the
-same learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and the clients'
-distillation gate on for every distilling method; then FedAvg and FedProx again with as many rounds as Mosaic's clients' measured work buys
-(``bench.run.equal_compute_rounds``). Per seed, the centralised reference with the same sample
-passes. Settings are the defaults (chosen on the validation split: docs/methods.md, "How the
-defaults were chosen") and, for CIFAR-10, the CPU preset.
+Each part is an ordinary ``bench/run.py`` study spec, ``bench/studies/headline-<part>.toml``, run
+by its converged protocol (``bench.run.converged`` per cell (part, alpha, seed)): FedAvg to its
+plateau (``init-from``), then every method of the part for the same further rounds with the same
+learning-rate schedule (round 1 at ``lr``, then ``finetune-lr``) and the clients' distillation gate
+on for every distilling method; then FedAvg and FedProx again with as many rounds as Mosaic's
+clients' measured work buys (``bench.run.equal_compute_rounds``). Per seed, the centralised
+reference with the same sample passes. Settings are the defaults (chosen on the validation split:
+docs/methods.md, "How the defaults were chosen") and, for CIFAR-10, the CPU preset.
 """
 
 from __future__ import annotations
@@ -45,6 +42,7 @@ import statistics
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,8 +50,8 @@ from bench import ledger as ledger_  # noqa: E402
 from bench import protocol_report as protocol  # noqa: E402
 from bench import run as runner  # noqa: E402
 from bench.common import (CENTRAL, EQUAL_COMPUTE, RESULTS, ROOT, RUNS, Cell, SpecError, label,  # noqa: E402
-                          machine_line, paired_interval, pretrain_name, provenance, variant_name)
-from bench.report import by_model_table, collect, row, table  # noqa: E402
+                          machine_line, pretrain_name, provenance, variant_name)
+from bench.report import by_model_table, collect, differences, points, read_json, row, table  # noqa: E402
 
 # The parts, in the order the grid runs them: each an ordinary bench/run.py study spec,
 # bench/studies/headline-<part>.toml (read by ``bench.run.load_spec``), whose runs and ledger are
@@ -64,11 +62,6 @@ STUDIES = ROOT / "bench" / "studies"
 # What the tables say of each part's cut and of what happened in its cells, with the figures
 # measured on the grid's machine: data, not code (bench/results/headline-notes.json).
 NOTES = json.loads((RESULTS / "headline-notes.json").read_text())
-
-
-def spec_file(name: str) -> Path:
-    """Part ``name``'s study spec."""
-    return STUDIES / f"headline-{name}.toml"
 
 
 def load_part(path: Path) -> dict:
@@ -87,7 +80,7 @@ def load_part(path: Path) -> dict:
 
 
 try:
-    _PART_FIELDS = {name: load_part(spec_file(name)) for name in PART_NAMES}
+    _PART_FIELDS = {name: load_part(STUDIES / f"headline-{name}.toml") for name in PART_NAMES}
 except SpecError as exc:  # the command says what is wrong in one line; an importer gets the error
     if __name__ != "__main__":
         raise
@@ -98,17 +91,9 @@ except SpecError as exc:  # the command says what is wrong in one line; an impor
 HEADLINE = tuple(dict.fromkeys(m for fields in _PART_FIELDS.values() for m in fields["variants"]))
 
 
-def thread_settings(threads: int = 1) -> tuple[str, str]:
-    """The run-config overrides giving every run ``threads`` torch threads (server and clients):
-    1 while shards share the cores, more when one cell is left to a machine's cores."""
-    return f"server-threads={threads}", f"client-threads={threads}"
-
-
 @dataclass(frozen=True)
 class Part:
-    """One data set's grid, as the cross-part tables read it: run configs (files / strings) over
-    the defaults, the cells, the pre-training length, and the methods; its study spec
-    bench/studies/headline-<part>.toml (``load_part``), its cut and notes headline-notes.json's."""
+    """One data set's grid (``load_part``: its study spec's fields, its cut and notes headline-notes.json's)."""
 
     title: str
     run_config: tuple[str, ...]
@@ -136,8 +121,10 @@ def runs_dir(part: str, root: Path) -> Path:
 
 def study(part: Part, name: str, threads: int = 1) -> dict:
     """Part ``name`` as a ``bench/run.py`` study of the converged protocol (10 clients, in-process),
-    its runs in ``RUNS_ROOT/headline-<name>``, each with ``threads`` torch threads."""
-    return {"name": f"headline-{name}", "run_config": [*part.run_config, *thread_settings(threads)], "clients": 10,
+    its runs in ``RUNS_ROOT/headline-<name>``, each with ``threads`` torch threads (server and
+    clients: 1 while shards share the cores, more when one cell is left to a machine's cores)."""
+    threads_config = [f"server-threads={threads}", f"client-threads={threads}"]
+    return {"name": f"headline-{name}", "run_config": [*part.run_config, *threads_config], "clients": 10,
             "pretrain_rounds": part.pretrain_rounds, "driver": "inprocess", "fork": False}
 
 
@@ -150,15 +137,14 @@ START = "checkpoint.pt"  # a pre-training's final state: what its cell's methods
 
 
 def has_start(run: Path) -> bool:
-    """Whether a finished pre-training has its checkpoint (in the runs root, never in the ledger:
-    a cell whose pre-training is recorded without it runs it again, ``bench.run.ensure_start``)."""
+    """Whether a finished pre-training has its checkpoint (in the runs root, never in the ledger: a
+    cell whose pre-training is recorded without it runs it again, ``bench.run.ensure_start``)."""
     return (run / START).is_file() and (run / "summary.json").is_file()
 
 
 def variant_config(part: Part, variant: str) -> dict:
     """``variant``'s run config over the part's settings as a cell's continuation runs it
-    (``bench.run.method_config``: FedDF's 'holdout' transfer set needs the validation split),
-    without the cell (alpha and seed are the defaults')."""
+    (``bench.run.method_config``), alpha and seed the defaults'."""
     return runner.method_config({"run_config": list(part.run_config), "pretrain_rounds": part.pretrain_rounds},
                                 variant)
 
@@ -170,25 +156,23 @@ def refuses(part: Part, variant: str) -> bool:
 
 
 def pending(part: Part, out: Path, alpha: float, seed: int) -> list[str]:
-    """The variants of cell (alpha, seed) not yet finished in ``out`` (nor refused there or by
-    the part's settings)."""
+    """The variants of cell (alpha, seed) not yet finished in ``out`` nor refused."""
     return [v for v in part.methods(seed)
             if not ledger_.finished(out / variant_name(v, alpha, seed)) and not refuses(part, v)]
 
 
 def cells(parts: list[str]) -> list[tuple[str, float | None, int]]:
-    """(part, alpha, seed) in the order they run, alpha None for a seed's central reference: per
-    seed, each alpha's cell (its pre-training and continuation), then that seed's central
-    reference; Fashion-MNIST first."""
+    """(part, alpha, seed) in the order they run: per seed, each alpha's cell (its pre-training and
+    continuation), then that seed's central reference (alpha None)."""
     return [(name, a, s) for name in parts for s in PARTS[name].seeds
             for a in [*PARTS[name].alphas, *([None] if PARTS[name].central else [])]]
 
 
 def preflight(parts: list[str]) -> None:
-    """Before any training: every part's data set and what each method reads from disk of its
-    own (FedDF's transfer set) can be read, so that a grid does not stop hours in at its first
-    FedDF run. ``SystemExit`` listing each problem (with where it looked and how to get it).
-    A method its part's model refuses (FedBN without BatchNorm) is refused in its cell instead."""
+    """Before any training: every part's data set and what each method reads from disk of its own
+    (FedDF's transfer set) can be read, so that a grid does not stop hours in at its first FedDF
+    run; else ``SystemExit`` listing each problem. A method its part's model refuses (FedBN without
+    BatchNorm) is refused in its cell instead."""
     from mosaic_flwr.config import ConfigError, build_config
     from mosaic_flwr.registry import STRATEGIES
     from mosaic_flwr.core.task import test_data
@@ -212,9 +196,8 @@ def preflight(parts: list[str]) -> None:
 
 
 def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | None = None, threads: int = 1) -> None:
-    """Run this shard's cells under ``root``, each run with ``threads`` torch threads; with
-    ``ledger`` (a folder of ledger files), first take the finished runs from it and record each
-    cell's finished runs in it as soon as the cell ends."""
+    """Run this shard's cells under ``root``; with ``ledger`` (a folder of ledger files), first take the
+    finished runs from it and record each cell's finished runs in it as soon as the cell ends."""
     preflight(parts)
     for name in parts if ledger is not None else ():
         got = ledger_.materialize(ledger_file(name, ledger), runs_dir(name, root))
@@ -238,28 +221,24 @@ def run(parts: list[str], root: Path, shard: tuple[int, int], ledger: Path | Non
 # ---------------------------------------------------------------- report
 
 def part_table(name: str, root: Path) -> tuple[str, dict]:
-    """Part ``name``'s section of the table (markdown) and its figures (``headline.json``),
-    from the finished runs in ``root``; writes its plot."""
+    """Part ``name``'s section of headline.md and its figures, from the runs in ``root``; writes its plot."""
     p, out = PARTS[name], runs_dir(name, root)
     d = collect(out, p.alphas, p.seeds, p.variants)
     runs, central, pre = d["runs"], d["central"], d["pre"]
     study = (runs, p.alphas, p.seeds, p.variants)
     cen = [central[s]["final_accuracy"] for s in p.seeds if s in central]
     gap = {a: g for a in p.alphas if (g := protocol.gap_closure(runs, "mosaic", a, p.seeds, cen))}
-    eq = _equal_compute_notes(p, out)
+    # the equal-compute FedAvg runs' notes (bench.json: rounds, target), per cell
+    eq = [e for a, s in product(p.alphas, p.seeds)
+          if (e := read_json(out / variant_name("fedavg-eqc", a, s) / "bench.json", {}).get("equal_compute"))]
     refused = {v: why for v in p.variants if (why := refused_reason(p, out, v))}
 
-    lines = [f"## {p.title}", ""]
-    if p.cut:
-        lines += [f"{NOTES['cut_intro']}: {p.cut}.", ""]
-    lines += [n for note in p.notes for n in (note, "")]
-    lines += protocol.main_table(*study, pre, p.pretrain_rounds, cen if p.central else None, refused)
-    lines += protocol.paired_table(*study)
-    lines += protocol.gap_line(gap, p.alphas)
-    lines += protocol.distillation_summary(*study)
-    lines += protocol.gate_check(*study)
-    lines += protocol.chosen_round_table(*study)
-    lines += by_model_table(runs, p.variants, p.alphas, p.seeds)
+    lines = [f"## {p.title}", "", *([f"{NOTES['cut_intro']}: {p.cut}.", ""] if p.cut else []),
+             *[n for note in p.notes for n in (note, "")],
+             *protocol.main_table(*study, pre, p.pretrain_rounds, cen if p.central else None, refused),
+             *protocol.paired_table(*study), *protocol.gap_line(gap, p.alphas), *protocol.distillation_summary(*study),
+             *protocol.gate_check(*study), *protocol.chosen_round_table(*study),
+             *by_model_table(runs, p.variants, p.alphas, p.seeds)]
     if eq:
         lines += ["", "Equal client compute: FedAvg and FedProx ran "
                   + ", ".join(str(e["rounds"]) for e in eq) + " rounds in the cells (Mosaic's client work in its own "
@@ -280,23 +259,20 @@ def part_table(name: str, root: Path) -> tuple[str, dict]:
 
 
 def refused_reason(p: Part, out: Path, v: str) -> str | None:
-    """Why ``v`` was refused before training in a cell of ``out``, or why the part's settings refuse
-    it (no cell has run it yet); None where it runs."""
-    for a in p.alphas:
-        for s in p.seeds:
-            f = out / variant_name(v, a, s) / "refused.json"
-            if f.is_file():
-                return json.loads(f.read_text())["reason"]
+    """Why ``v`` was refused before training in a cell of ``out``, or why the part's settings refuse it;
+    None where it runs."""
+    for a, s in product(p.alphas, p.seeds):
+        if (refusal := read_json(out / variant_name(v, a, s) / "refused.json")) is not None:
+            return refusal["reason"]
     return runner.refusal(variant_config(p, v))
 
 
 def verdict(p: Part, runs: dict) -> list[dict]:
-    """Per α, what the part says about Mosaic in numbers: Mosaic minus FedAvg per seed at equal
-    rounds, and minus FedAvg at equal client compute (final rounds, and each run at the round
-    its validation split picks); Mosaic's client compute in FedAvg rounds; the best method at
-    equal rounds by mean final accuracy over the seeds Mosaic finished (Mosaic included; of
-    methods tied, the first in the table's order, so a tie is never Mosaic's win) and the
-    methods tied with it."""
+    """Per α, the part's numbers on Mosaic: minus FedAvg per seed at equal rounds and at equal client
+    compute (final rounds, and each run at the round its validation split picks); its client compute
+    in FedAvg rounds; the best method at equal rounds by mean final accuracy over the seeds Mosaic
+    finished (of methods tied, the first in the table's order, so a tie is never Mosaic's win) and
+    the methods tied with it."""
     out = []
     for a in p.alphas:
         seeds = [s for s in p.seeds if ("mosaic", a, s) in runs]
@@ -309,8 +285,8 @@ def verdict(p: Part, runs: dict) -> list[dict]:
         units = [u for s in seeds for u in [protocol.unit_rounds(runs, "mosaic", a, s)] if u is not None]
         eqc = "fedavg-eqc" in p.variants
         out.append({"alpha": a, "seeds": len(seeds),
-                    "equal_rounds": protocol.differences(runs, "mosaic", "fedavg", a, p.seeds),
-                    "equal_compute": protocol.differences(runs, "mosaic", "fedavg-eqc", a, p.seeds) if eqc else [],
+                    "equal_rounds": differences(runs, "mosaic", "fedavg", a, p.seeds),
+                    "equal_compute": differences(runs, "mosaic", "fedavg-eqc", a, p.seeds) if eqc else [],
                     "equal_compute_chosen": protocol.chosen_differences(runs, "fedavg-eqc", a, p.seeds) if eqc else [],
                     "compute": statistics.mean(units) if units else None, "best": tied[0] if tied else None,
                     "best_accuracy": top, "tied": tied[1:], "mosaic_accuracy": rivals.get("mosaic")})
@@ -320,8 +296,7 @@ def verdict(p: Part, runs: dict) -> list[dict]:
 def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[str]:
     """The summary at the top of headline.md: one row per (part, α) with Mosaic's verdict."""
     def verdict_row(name: str, v: dict) -> str:
-        diffs = [paired_interval(v[k], scale=100, digits=1)
-                 for k in ("equal_rounds", "equal_compute", "equal_compute_chosen")]
+        diffs = [points(v[k]) for k in ("equal_rounds", "equal_compute", "equal_compute_chosen")]
         compute = "-" if v["compute"] is None else f"{v['compute']:.0f}"
         best = "-"
         if v["best"] is not None:
@@ -340,25 +315,18 @@ def _verdict_table(parts: list[str], verdicts: dict[str, list[dict]]) -> list[st
             "against FedAvg given Mosaic's client compute (final rounds), and the same with each run at the round its "
             "validation split picks (the seeds whose runs kept per-round scores). Mosaic's client compute in FedAvg "
             "rounds (its generators included). The best method at equal rounds by mean final test accuracy over "
-            "Mosaic's seeds (of the methods run at all of them), with the methods tied with it (a tie is listed under the first baseline, not Mosaic). "
-            "Details per data set below.", "",
+            "Mosaic's seeds (of the methods run at all of them), with the methods tied with it (a tie is listed under "
+            "the first baseline, not Mosaic). Details per data set below.", "",
             *table("data set", ["α", "seeds", "equal rounds", "equal client compute",
                                 "equal compute, validation-chosen rounds", "Mosaic's compute", "best at equal rounds"],
                    rows), ""]
 
 
-def _equal_compute_notes(p: Part, out: Path) -> list[dict]:
-    """The equal-compute FedAvg runs' notes (bench.json ``equal_compute``: rounds, target), per cell."""
-    eq = [json.loads((out / f"fedavg-eqc-a{a:g}-s{s}" / "bench.json").read_text()).get("equal_compute")
-          for a in p.alphas for s in p.seeds if (out / f"fedavg-eqc-a{a:g}-s{s}" / "bench.json").is_file()]
-    return [e for e in eq if e]
-
-
 @contextmanager
 def recorded(ledger: Path, root: Path):
-    """A temporary runs root holding every part's ledger as run directories (``ledger.materialize``),
-    each pre-training with its checkpoint marked where ``root`` has it (the plan counts a
-    pre-training without one as left): what the tables and the plan read."""
+    """What the tables and the plan read: a temporary runs root holding every part's ledger as run
+    directories, each pre-training's checkpoint marked where ``root`` has it (the plan counts a
+    pre-training without one as left)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="headline-ledger-") as tmp:
@@ -372,8 +340,8 @@ def recorded(ledger: Path, root: Path):
 
 
 def report(parts: list[str], root: Path) -> str:
-    """``headline.md`` and ``.json`` from the runs in ``root``: the verdict, then each part's section
-    (``part_table``); each part's every table in ``headline-<part>-detail.md`` (``protocol_report.report``)."""
+    """``headline.md`` and ``.json`` from the runs in ``root``: the verdict, then each part's section;
+    each part's every table in ``headline-<part>-detail.md`` (``protocol_report.report``)."""
     prov = provenance()
     lines = ["# The headline comparison (bench/headline.py)", "",
              f"Machine: {machine_line()}. Every method continues from the same FedAvg checkpoint per (data set, α, "
@@ -398,38 +366,31 @@ def report(parts: list[str], root: Path) -> str:
 def run_seconds(run: Path) -> float:
     """A finished run's wall seconds; for a resumed one, its rounds before the interruption
     (their per-round seconds, kept in the checkpoint) added to the resumed process's."""
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_json(run / "summary.json")
     wall, after = summary.get("wall_seconds") or 0.0, summary.get("resumed_after_round")
-    if after is not None and wall and (run / "metrics.json").is_file():
-        wall += sum(r.get("seconds", 0.0) for r in json.loads((run / "metrics.json").read_text())
-                    if r["round"] <= after)
+    if after is not None and wall:
+        wall += sum(r.get("seconds", 0.0) for r in read_json(run / "metrics.json", []) if r["round"] <= after)
     return wall
 
 
 def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
     """Part ``name``'s cells in ``root``: per (alpha, seed) the core-seconds of its finished runs
-    (wall seconds times the run's torch threads, bench.json ``torch_threads``) and the runs left
-    to do; and the mean core-seconds of each run kind over the part's cells. A distilling
-    group's shared round 1 is in each member's wall time (bench.json ``shared_seconds``): counted
-    once. A pre-training recorded without its checkpoint in a cell
-    with runs left is left: the grid runs it again (``bench.run.ensure_start``)."""
+    (wall seconds times bench.json ``torch_threads``) and the runs left to do; and each run kind's
+    mean core-seconds over the part's cells. A distilling group's shared round 1 is in each member's
+    wall time (bench.json ``shared_seconds``): counted once. A pre-training recorded without its
+    checkpoint in a cell with runs left is left: the grid runs it again (``bench.run.ensure_start``)."""
     p, out = PARTS[name], runs_dir(name, root)
-
-    def run_dir(kind: str, a: float, s: int) -> Path:
-        return out / (f"central-s{s}" if kind == "central" else
-                      pretrain_name(a, s) if kind == "pretrain" else variant_name(kind, a, s))
 
     def cell(a: float, s: int) -> tuple[dict[str, float], list[str]]:
         secs, left, shared = {}, [], set()
-        for k in ["pretrain", *p.methods(s)] + (["central"] if p.central else []):
-            if k == "central" and a != p.alphas[0]:
-                continue  # one central reference per seed
-            d = run_dir(k, a, s)
+        central = ["central"] if p.central and a == p.alphas[0] else []  # one central reference per seed
+        for k in ["pretrain", *p.methods(s), *central]:
+            d = out / {"central": f"central-s{s}", "pretrain": pretrain_name(a, s)}.get(k, variant_name(k, a, s))
             if k == "pretrain" and (d / "summary.json").is_file() and not has_start(d) and pending(p, out, a, s):
                 left.append(k)
             elif (d / "summary.json").is_file():
                 secs[k] = run_seconds(d)
-                b = json.loads((d / "bench.json").read_text()) if (d / "bench.json").is_file() else {}
+                b = read_json(d / "bench.json", {})
                 if (sh := b.get("shared_seconds")) and secs[k]:
                     secs[k] -= sh if sh in shared else 0.0
                     shared.add(sh)
@@ -439,21 +400,15 @@ def _cell_costs(name: str, root: Path) -> tuple[dict, dict[str, float]]:
         return secs, left
 
     per_cell = {(a, s): cell(a, s) for s in p.seeds for a in p.alphas}
-    walls: dict[str, list[float]] = {}
-    for secs, _ in per_cell.values():
-        for k, v in secs.items():
-            if v:
-                walls.setdefault(k, []).append(v)
-    return per_cell, {k: statistics.mean(v) for k, v in walls.items()}
+    walls = [(k, v) for secs, _ in per_cell.values() for k, v in secs.items() if v]
+    return per_cell, {k: statistics.mean(v for kind, v in walls if kind == k) for k, _ in walls}
 
 
 def plan(parts: list[str], root: Path) -> str:
-    """The cells, what the finished runs cost (core-seconds: wall seconds times torch threads) and what the
-    missing ones will, to size the grid: estimated by the mean of the same run kind in the same
-    part, else (a kind none of whose runs there has finished) in the other parts on the same data
-    set (named; e.g. the model-families cell from CIFAR-10's ResNet-8 cells), else named as
-    unmeasured. A pre-training recorded without its checkpoint in a cell with runs left counts
-    as left (``_cell_costs``)."""
+    """The cells, what the finished runs cost (core-seconds) and what the missing ones will, to size the
+    grid: the mean of the same run kind in the same part, else (a kind none of whose runs there has
+    finished) in the other parts on the same data set (named; e.g. the model-families cell from
+    CIFAR-10's ResNet-8 cells), else named as unmeasured."""
     def dataset(name: str) -> str:
         return str(variant_config(PARTS[name], "fedavg").get("dataset"))
 
@@ -463,29 +418,28 @@ def plan(parts: list[str], root: Path) -> str:
         p, (per_cell, mean) = PARTS[name], costs[name]
         others = [o for o in PARTS if o != name and dataset(o) == dataset(name)]
         done_h = left_h = 0.0
-        for s in p.seeds:
-            for a in p.alphas:
-                secs, left = per_cell[(a, s)]
-                est, new, lent, lenders = 0.0, [], [], set()
-                for k in left:
-                    if k in mean:
-                        est += mean[k]
-                    elif got := {o: costs[o][1][k] for o in others if k in costs[o][1]}:
-                        est += statistics.mean(got.values())
-                        lent.append(k)
-                        lenders |= set(got)
-                    else:
-                        new.append(k)
-                unmeasured |= {f"{name}:{k}" for k in new}
-                borrowed |= {f"{name}:{k}" for k in lent}
-                done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600
-                runs = (sum(not refuses(p, k) for k in p.methods(s))  # FedBN without BatchNorm: no run
-                        + 1 + (p.central and a == p.alphas[0]))  # + the pre-training and the central reference
-                lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {runs} done, {sum(secs.values()) / 3600:.2f} h"
-                             + (": " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items()) if secs else "")
-                             + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else "")
-                             + (f" ({len(lent)} of them at {' and '.join(sorted(lenders))}'s times)" if lent else "")
-                             + (f" + {len(new)} not yet measured" if new else ""))
+        for s, a in product(p.seeds, p.alphas):
+            secs, left = per_cell[(a, s)]
+            est, new, lent, lenders = 0.0, [], [], set()
+            for k in left:
+                if k in mean:
+                    est += mean[k]
+                elif got := {o: costs[o][1][k] for o in others if k in costs[o][1]}:
+                    est += statistics.mean(got.values())
+                    lent.append(k)
+                    lenders |= set(got)
+                else:
+                    new.append(k)
+            unmeasured |= {f"{name}:{k}" for k in new}
+            borrowed |= {f"{name}:{k}" for k in lent}
+            done_h, left_h = done_h + sum(secs.values()) / 3600, left_h + est / 3600
+            runs = (sum(not refuses(p, k) for k in p.methods(s))  # FedBN without BatchNorm: no run
+                    + 1 + (p.central and a == p.alphas[0]))  # + the pre-training and the central reference
+            lines.append(f"{name} alpha={a:g} seed={s}: {len(secs)} of {runs} done, {sum(secs.values()) / 3600:.2f} h"
+                         + (": " + ", ".join(f"{k} {v / 60:.0f}m" for k, v in secs.items()) if secs else "")
+                         + (f"; left: {len(left)}, ~{est / 3600:.1f} h" if left else "")
+                         + (f" ({len(lent)} of them at {' and '.join(sorted(lenders))}'s times)" if lent else "")
+                         + (f" + {len(new)} not yet measured" if new else ""))
         lines.append(f"{name}: {done_h:.1f} core-hours done (runs restored from an earlier table count 0 when "
                      f"they lack their time), ~{left_h:.1f} core-hours left")
         total_left += left_h

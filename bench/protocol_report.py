@@ -1,27 +1,21 @@
-"""The report of the converged protocol (a ``bench/run.py`` study with ``pretrain-rounds``: every
-method from the same converged FedAvg checkpoint), for both of its users: the figures read from a study's
-runs (``collect``'s ``runs``: (variant, alpha, seed) -> summary with its ``rows``), the tables
-``bench/headline.py`` puts in a part's section, and ``report``: every table of one study
-(``bench/run.py STUDY --table-only``, and each headline part's details)."""
+"""The converged protocol's report (a ``bench/run.py`` study with ``pretrain-rounds``: every method from
+the same converged FedAvg checkpoint): figures of a study's runs (``collect``'s ``runs``), the tables
+``bench/headline.py`` puts in a part's section, and ``report``: every table of one study."""
 
 from __future__ import annotations
 
 import json
 import re
 import statistics
+from itertools import product
 from pathlib import Path
 
-from bench.common import EQUAL_COMPUTE, RESULTS, label, machine_line, paired_interval, pretrain_name, provenance
-from bench.report import (alpha_columns, captioned, collect, finished, mean_sd, method_rows, ms, per_alpha, row,
-                          table)
+from bench.common import EQUAL_COMPUTE, RESULTS, label, machine_line, pretrain_name, provenance
+from bench.report import (alpha_columns, captioned, collect, differences, finished, mean_pct, mean_sd, method_rows,
+                          ms, per_alpha, points, read_json, row, table)
 
 
 # ----------------------------------------------------------------------------- figures of the runs
-def differences(runs: dict, v: str, w: str, a: float, seeds, key: str = "final_accuracy") -> list[float]:
-    """``v``'s ``key`` minus ``w``'s at α ``a``, per seed both finished (paired by seed)."""
-    return [runs[(v, a, s)][key] - runs[(w, a, s)][key] for s in seeds if (v, a, s) in runs and (w, a, s) in runs]
-
-
 def gap_closure(runs: dict, v: str, a: float, seeds, central: list[float]) -> tuple[float, int] | None:
     """((``v`` − FedAvg) / (central − FedAvg), seeds) from the mean final test accuracies over the
     seeds both methods finished; None without such seeds, a central reference, or a gap."""
@@ -45,7 +39,7 @@ def best_validation(rows: list[dict]) -> tuple[int, float] | None:
 
 
 def chosen_differences(runs: dict, v: str, alpha: float, seeds) -> list[float]:
-    """Mosaic minus ``v`` per seed, each run taken at the round its validation split picks (the seeds
+    """Mosaic minus ``v`` per seed, each run at the round its validation split picks (the seeds
     where both runs kept per-round scores)."""
     out = []
     for s in seeds:
@@ -56,13 +50,12 @@ def chosen_differences(runs: dict, v: str, alpha: float, seeds) -> list[float]:
 
 
 def client_units(rows: list[dict]) -> float | None:
-    """A run's client work in plain training rounds of the same run: its clients' measured
-    seconds (every round: generators, prototypes and look-ahead training included) over the
-    median seconds of one plain training round of that run (a round whose look-ahead trained
-    the clients twice counts half). FedAvg's R rounds are R units. CPU seconds
-    (``client-cpu-seconds``) where every round has them: the load of other processes on the
-    same cores does not enter; else wall seconds (``client-seconds``: runs before they were
-    recorded, GPU clients), whose ratio a load that changes within the run distorts."""
+    """A run's client work in plain training rounds of the same run (FedAvg's R rounds are R units):
+    its clients' measured seconds (generators, prototypes and look-ahead training included) over the
+    median seconds of one plain training round (a round whose look-ahead trained the clients twice
+    counts half). CPU seconds (``client-cpu-seconds``) where every round has them, so that the load
+    of other processes on the same cores does not enter; else wall seconds (``client-seconds``: older
+    runs, GPU clients), whose ratio a load that changes within the run distorts."""
     from mosaic_flwr.core.records import CLIENT_CPU_SECONDS, CLIENT_SECONDS
 
     rounds = [r for r in rows if r["round"] > 0]
@@ -76,8 +69,8 @@ def client_units(rows: list[dict]) -> float | None:
 
 
 def unit_rounds(runs: dict, v: str, a: float, s: int) -> float | None:
-    """Run (v, a, s)'s client compute in FedAvg rounds (``client_units``); a run restored from
-    an earlier table without its per-round rows: as recorded; None if missing."""
+    """Run (v, a, s)'s client compute in FedAvg rounds (``client_units``; a run restored without its
+    per-round rows: as recorded); None if missing."""
     r = runs.get((v, a, s))
     if not r:
         return None
@@ -107,15 +100,15 @@ def distillations(runs: dict, v: str, a: float, seeds) -> list[dict]:
 
 
 def kept(reports: list[dict], key: str, default: float | None = None) -> tuple[int, int]:
-    """How many of the ``reports`` a gate kept (``key``; a report without it: ``default``,
-    or not counted), and of how many."""
+    """How many of the ``reports`` a gate kept (``key``; a report without it: ``default``, or not
+    counted), of how many."""
     vals = [r.get(key, default) for r in reports if key in r or default is not None]
     return int(sum(vals)), len(vals)
 
 
 def kept_rounds(runs_rows: list[list[dict]]) -> tuple[int, int] | None:
-    """For methods that distil every round: how many of the runs' (per-round metrics rows) gated
-    distillations were kept, and of how many; None where no run distilled in more than one round."""
+    """Methods that distil every round: how many of the runs' gated distillations were kept, of how
+    many; None where no run distilled in more than one round."""
     gates = [[r["gate-kept"] for r in rows if "gate-kept" in r] for rows in runs_rows]
     if not any(len(g) > 1 for g in gates):
         return None
@@ -123,12 +116,11 @@ def kept_rounds(runs_rows: list[list[dict]]) -> tuple[int, int] | None:
 
 
 def gate_disagreements(named_rows: dict[str, list[dict]], margin: float = 0.005) -> tuple[int, list[str]]:
-    """The clients' gate checked against the validation split: every gated distillation in the
-    runs' per-round metrics rows (``name -> rows``; the clients' data: ``gate-before`` /
-    ``gate-after``, the validation split: ``val-before-distill`` / ``val-after-distill``).
-    Returns how many decisions there were and, for each the validation split contradicts by at
-    least ``margin`` (a refused distillation it finds that much better, a kept one that much
-    worse), a line with the run, the round and both checks."""
+    """The clients' gate (``gate-before`` / ``gate-after``) checked against the validation split
+    (``val-before-distill`` / ``val-after-distill``) in every gated distillation of the runs'
+    per-round rows (``name -> rows``): how many decisions there were, and a line for each the
+    validation split contradicts by at least ``margin`` (a refused distillation it finds that much
+    better, a kept one that much worse)."""
     n, lines = 0, []
     for name, rows in named_rows.items():
         for r in rows:
@@ -146,9 +138,8 @@ def gate_disagreements(named_rows: dict[str, list[dict]], margin: float = 0.005)
 # ----------------------------------------------------------------------------- a headline part's tables
 def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: int, central: list[float] | None,
                refused: dict[str, str]) -> list[str]:
-    """Final accuracy per method and α (a method ``refused`` before training, none of whose runs
-    finished: its reason), with each method's client compute in FedAvg rounds; the FedAvg start and,
-    where ``central`` is not None, the central reference."""
+    """Final accuracy per method and α (a method ``refused`` before training: its reason) with its client
+    compute in FedAvg rounds; the FedAvg start and, where ``central`` is not None, the central reference."""
     def method_row(v: str) -> str:
         if v in refused and not any((v, a, s) in runs for a in alphas for s in seeds):
             return row(label(v), ["refused" for _ in alphas] + [refused[v].splitlines()[0][:160]])
@@ -161,8 +152,7 @@ def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: 
     if central is not None:
         rows.append(row("central (same sample passes)", [mean_sd(central) for _ in alphas] + ["-"]))
     return ["Final test accuracy %, mean ± sd (seeds). Client compute: the clients' measured CPU seconds (wall "
-            "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; "
-            "all "
+            "seconds in runs made before CPU seconds were recorded, under a steady load of one process per core; all "
             "clients; generators, prototypes and look-ahead training included; the gate's evaluation queries not) "
             "over the seconds of one plain training round of the same run, i.e. in FedAvg rounds (FedAvg: the "
             "round count), mean over the runs.", "",
@@ -170,16 +160,12 @@ def main_table(runs: dict, alphas, seeds, variants, pre: dict, pretrain_rounds: 
 
 
 def paired_table(runs: dict, alphas, seeds, variants) -> list[str]:
-    """Mosaic minus each method, paired by seed, with a 95 % t interval; the equal-compute rows
-    also with both runs at the round the validation split picks."""
-    def minus(v: str, a: float) -> str:
-        return paired_interval(differences(runs, "mosaic", v, a, seeds), scale=100, digits=1)
-
-    def minus_chosen(v: str, a: float) -> str:  # their last round can land in a trough
-        return paired_interval(chosen_differences(runs, v, a, seeds), scale=100, digits=1)
-
-    rows = [row(label(v), [minus(v, a) for a in alphas]) for v in variants if v != "mosaic"]
-    rows += method_rows([v for v in EQUAL_COMPUTE if v in variants], alphas, minus_chosen,
+    """Mosaic minus each method, paired by seed; the equal-compute rows also at the validation-chosen round."""
+    rows = [row(label(v), [points(differences(runs, "mosaic", v, a, seeds)) for a in alphas])
+            for v in variants if v != "mosaic"]
+    # the equal-compute rows' last round can land in a trough
+    rows += method_rows([v for v in EQUAL_COMPUTE if v in variants], alphas,
+                        lambda v, a: points(chosen_differences(runs, v, a, seeds)),
                         name=lambda v: f"{label(v)}, both at the round the validation split picks")
     return ["", "Mosaic minus each method, test points, paired by seed: mean [95 % t interval] (each seed).", "",
             *table("Mosaic −", alpha_columns(alphas), rows)]
@@ -195,9 +181,7 @@ def gap_line(gap: dict[float, tuple[float, int]], alphas) -> list[str]:
 
 
 def distillation_summary(runs: dict, alphas, seeds, variants) -> list[str]:
-    """Why a distilling method won or lost: at its distillation round, the student's and the
-    teacher's validation accuracy, what the gates kept and the generators' fidelity; nothing
-    while no distilling run has finished."""
+    """Why a distilling method won or lost (its caption says what); nothing while no distilling run finished."""
     def cell(v: str, a: float) -> str:
         reps = [r for r in distillations(runs, v, a, seeds) if "val-teacher" in r]
         if not reps:
@@ -206,22 +190,22 @@ def distillation_summary(runs: dict, alphas, seeds, variants) -> list[str]:
         asked = [r["val-teacher-asked"] for r in reps if "val-teacher-asked" in r]
         rounds = kept_rounds([r.get("rows") or [] for r in finished(runs, v, a, seeds)])
         gate, look = kept(reps, "gate-kept", 1.0), kept(reps, "gate-final-kept")
-        return (f"{100 * statistics.mean(r['val-before-distill'] for r in reps):.1f} / "
-                f"{100 * statistics.mean(r['val-teacher'] for r in reps):.1f}"
-                + (f" (asked {100 * statistics.mean(asked):.1f})" if asked else "")
+        return (f"{mean_pct(r['val-before-distill'] for r in reps):.1f} / "
+                f"{mean_pct(r['val-teacher'] for r in reps):.1f}"
+                + (f" (asked {mean_pct(asked):.1f})" if asked else "")
                 + f" / {gate[0]} of {gate[1]}"
                 + (f", {look[0]} after the look-ahead" if look[1] else "")
                 + (f", rounds kept {rounds[0]} of {rounds[1]}" if rounds else "")
-                + (f" (fidelity {100 * statistics.mean(fid):.0f})" if fid else ""))
+                + (f" (fidelity {mean_pct(fid):.0f})" if fid else ""))
 
     return captioned("At the distillation round (validation split, %; mean over seeds): the student about to be "
                      "distilled into, the teacher, how many seeds' gates kept the distilled model (and how many still "
-                     "kept it after the look-ahead's fine-tune rounds), and the clients' "
-                     "generators' fidelity (their own classifier's accuracy on their samples). Every-round methods: the "
-                     "last distillation round, and how many of all their rounds' distillations the gates kept. "
-                     "FedFTG's and DFRD's teacher weights each generated sample by the class it was asked for: on real "
-                     "images it is scored class by class, and (asked) with each image's own "
-                     "class as the asked one.", "method", alpha_columns(alphas, "student / teacher / kept"),
+                     "kept it after the look-ahead's fine-tune rounds), and the clients' generators' fidelity (their "
+                     "own classifier's accuracy on their samples). Every-round methods: the last distillation round, "
+                     "and how many of all their rounds' distillations the gates kept. FedFTG's and DFRD's teacher "
+                     "weights each generated sample by the class it was asked for: on real images it is scored class "
+                     "by class, and (asked) with each image's own class as the asked one.", "method",
+                     alpha_columns(alphas, "student / teacher / kept"),
                      method_rows(variants, alphas, cell))
 
 
@@ -238,28 +222,23 @@ def gate_check(runs: dict, alphas, seeds, variants) -> list[str]:
             + (": " + "; ".join(against) if against else "") + "."]
 
 
-CHOSEN_ROWS = ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc")
-
-
 def chosen_round_table(runs: dict, alphas, seeds, variants) -> list[str]:
-    """Final round vs the round the validation split picks, for the rows whose length differs (equal rounds
-    vs equal compute): the long runs' accuracy swings from round to round, so their last round alone can
-    flatter or sink them."""
+    """Final round vs the round the validation split picks, for the rows whose length differs (its caption: why)."""
     def cell(v: str, a: float) -> str:
         got = [(r["final_accuracy"], bv) for r in finished(runs, v, a, seeds)
                for bv in [best_validation(r["rows"] or [])] if bv]
         if not got:
             return "-"
-        return (f"{100 * statistics.mean(f for f, _ in got):.1f} / "
-                f"{100 * statistics.mean(t for _, (_, t) in got):.1f} "
+        return (f"{mean_pct(f for f, _ in got):.1f} / {mean_pct(t for _, (_, t) in got):.1f} "
                 f"(round {', '.join(str(r) for _, (r, _) in got)})")
 
     return captioned("Final round or the round the validation split picks (test %, mean over the seeds whose runs kept "
-                     "per-round scores, restored runs did not: final / at the round of best validation accuracy, and that "
-                     "round per seed). The equal-compute rows run many more "
-                     "rounds, and at small α their accuracy swings from round to round: their last round alone can flatter "
-                     "or sink them.", "method", alpha_columns(alphas, "final / chosen"),
-                     method_rows([v for v in CHOSEN_ROWS if v in variants], alphas, cell))
+                     "per-round scores, restored runs did not: final / at the round of best validation accuracy, and "
+                     "that round per seed). The equal-compute rows run many more rounds, and at small α their accuracy "
+                     "swings from round to round: their last round alone can flatter or sink them.", "method",
+                     alpha_columns(alphas, "final / chosen"),
+                     method_rows([v for v in ("fedavg", "mosaic", "fedavg-eqc", "fedprox-eqc") if v in variants],
+                                 alphas, cell))
 
 
 def plot(path: Path, title: str, runs: dict, alphas, seeds, variants, central: list[float]) -> None:
@@ -284,12 +263,12 @@ def plot(path: Path, title: str, runs: dict, alphas, seeds, variants, central: l
     colour |= {v: colour.get(EQUAL_COMPUTE[v][0], palette[-1]) for v in variants if v in EQUAL_COMPUTE}
     for i, v in enumerate(variants):
         done = [(j, vals) for j, a in enumerate(alphas) if (vals := acc[(v, a)])]
-        ax.bar([j + i * width for j, _ in done], [100 * statistics.mean(x) for _, x in done], width,
+        ax.bar([j + i * width for j, _ in done], [mean_pct(x) for _, x in done], width,
                yerr=[100 * statistics.stdev(x) if len(x) > 1 else 0.0 for _, x in done], label=label(v),
                capsize=2, color=colour[v], hatch="//" if v in EQUAL_COMPUTE else None,
                edgecolor="white" if v in EQUAL_COMPUTE else None)
     if central:
-        ax.axhline(100 * statistics.mean(central), color="k", ls="--", lw=1, label="central")
+        ax.axhline(mean_pct(central), color="k", ls="--", lw=1, label="central")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(alphas))], alpha_columns(alphas))
     every = [x for vals in acc.values() for x in vals]
     ax.set_ylim(max(min(100 * min(every) - 5, 100), 0), 100 * max([*central, *every]) + 3)
@@ -316,8 +295,8 @@ def oracle_label(tag: str) -> str:
 def settings(d: dict, runs_dir: Path) -> tuple[dict, dict]:
     """A study's pre-training config and its continuation's (a Mosaic run's where there is one)."""
     runs = d["runs"]
-    pre = next((json.loads(f.read_text()) for (a, s) in d["pre"]
-                if (f := runs_dir / pretrain_name(a, s) / "config.json").is_file()), {})
+    pre = next((c for (a, s) in d["pre"]
+                if (c := read_json(runs_dir / pretrain_name(a, s) / "config.json")) is not None), {})
     mosaic = [r["config"] for r in runs.values() if r["config"].get("strategy") == "mosaic"]
     return pre, (mosaic or [r["config"] for r in runs.values()] or [{}])[0]
 
@@ -338,33 +317,30 @@ def protocol_lines(d: dict, p: dict, c: dict, rounds: int) -> list[str]:
             f"constant rate: the start every method continues from (`init-from`). Stage 2: {rounds} more rounds "
             "with the same client budget and the same rate schedule for every method (`lr-schedule='step'`: round "
             f"1 at lr {c.get('lr')}, rounds 2-{rounds} at {c.get('finetune-lr')}). FedAvg trains; FedDF and Mosaic "
-            "distil after round 1 (whose clients "
-            f"also train a generator, {gen}, and compute prototypes: extra client compute FedAvg does not "
-            f"spend) and fine-tune in rounds 2-{rounds}. The distilling rows share round 1's client replies, so "
-            "they differ in the server alone. Central: the same model and SGD on the union of the clients' data "
-            f"for the sample passes of all {P + rounds if isinstance(P, int) else '?'} rounds.", ""]
+            f"distil after round 1 (whose clients also train a generator, {gen}, and compute prototypes: extra client "
+            f"compute FedAvg does not spend) and fine-tune in rounds 2-{rounds}. The distilling rows share round 1's "
+            "client replies, so they differ in the server alone. Central: the same model and SGD on the union of the "
+            f"clients' data for the sample passes of all {P + rounds if isinstance(P, int) else '?'} rounds.", ""]
 
 
 def final_table(d: dict, alphas, seeds, variants, rounds: int, pretrain_rounds) -> list[str]:
-    """Final accuracy (test and validation) with the paired Δ against FedAvg, the FedAvg start and
-    the central reference; then every method's gap closure."""
+    """Final accuracy (test, validation, paired Δ against FedAvg), the start, the central reference; gap closures."""
     runs, pre, central = d["runs"], d["pre"], d["central"]
 
     def cells(v: str, a: float) -> list[str]:
         got = finished(runs, v, a, seeds)
         return [ms([g["final_accuracy"] for g in got]),
                 ms([g["final_val_accuracy"] for g in got if g.get("final_val_accuracy") is not None]),
-                "" if v == "fedavg" else paired_interval(differences(runs, v, "fedavg", a, seeds), scale=100, digits=1)]
+                "" if v == "fedavg" else points(differences(runs, v, "fedavg", a, seeds))]
 
     def start(a: float) -> list[str]:
         got = [pre[(a, s)] for s in seeds if (a, s) in pre]
         return [ms([x["test"] for x in got]), ms([x["val"] for x in got if x["val"] is not None]), ""]
 
     rows = [row(f"FedAvg start (round {pretrain_rounds})", [c for a in alphas for c in start(a)]
-                + ["/".join(str(sum((a, s) in pre for s in seeds)) for a in alphas)])]
-    for v in variants:
-        rows.append(row(v, [c for a in alphas for c in cells(v, a)]
-                        + ["/".join(str(len(finished(runs, v, a, seeds))) for a in alphas)]))
+                + ["/".join(str(sum((a, s) in pre for s in seeds)) for a in alphas)]),
+            *(row(v, [c for a in alphas for c in cells(v, a)]
+                  + ["/".join(str(len(finished(runs, v, a, seeds))) for a in alphas)]) for v in variants)]
     lines = [f"## Final accuracy (test set, after the {rounds} continuation rounds), mean ± sd over seeds", "",
              "Δ: the method minus FedAvg in test points, paired by seed: mean [95 % t interval] (each seed).", "",
              *table("method", alpha_columns(alphas, "test", "validation", "Δ test vs FedAvg")
@@ -395,8 +371,8 @@ def distillation_cell(reps: list[dict], key: str) -> str:
     if key.startswith("Δ"):
         vals = [r[key[1:]] - r["val-before-distill"] for r in reps if key[1:] in r]
         if len(vals) > 1:
-            return paired_interval(vals, scale=100, digits=1)
-        return f"{100 * statistics.mean(vals):+.1f}" if vals else "-"
+            return points(vals)
+        return f"{mean_pct(vals):+.1f}" if vals else "-"
     if key in ("meta-used", "gate-kept", "gate-final-kept"):
         k, n = kept(reps, key, 1.0 if key == "gate-kept" else None)
         return f"{k}/{n}" if n else "-"
@@ -407,11 +383,10 @@ def distillation_table(runs: dict, alphas, seeds, variants) -> list[str]:
     """The distillation round per α: every figure of ``DISTILLATION_KEYS`` per distilling method."""
     lines = ["", "## The distillation round (validation split; `gen-*`: held-out generator samples, what a "
              "server can check without data)", "",
-             "Student = the round-1 aggregate about to be distilled into. Teacher − student is the teacher's "
-             "margin on validation data (the issue's goal: ≥ +3 points at α ≤ 0.1). Gate: how many seeds kept "
-             "the distilled model (ungated rows always keep it); look-ahead: of those kept, how many the gate "
-             "still kept after the fine-tune rounds, against the path without distillation (`kd.gate-rounds=-1`).",
-             ""]
+             "Student = the round-1 aggregate about to be distilled into. Teacher − student is the teacher's margin on "
+             "validation data (the issue's goal: ≥ +3 points at α ≤ 0.1). Gate: how many seeds kept the distilled "
+             "model (ungated rows always keep it); look-ahead: of those kept, how many the gate still kept after the "
+             "fine-tune rounds, against the path without distillation (`kd.gate-rounds=-1`).", ""]
     for a in alphas:
         rows = [row(v, [distillation_cell(reps, k) for k, _ in DISTILLATION_KEYS])
                 for v in variants if (reps := distillations(runs, v, a, seeds))]
@@ -420,22 +395,19 @@ def distillation_table(runs: dict, alphas, seeds, variants) -> list[str]:
 
 
 def path_table(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
-    """Every run whose distilled model was kept at the distillation round (round 1): its
-    validation accuracy minus FedAvg's of the same seed, round by round (the fine-tune rounds
-    train the distilled model; a gated run's last round is the look-ahead's choice)."""
+    """Every run whose distilled model was kept at round 1: its validation accuracy minus FedAvg's, round
+    by round (a gated run's last round is the look-ahead's choice)."""
     out = []
-    for v in variants:
-        for a in alphas:
-            for s in seeds:
-                run, plain = runs.get((v, a, s)), runs.get(("fedavg", a, s))
-                if v == "fedavg" or run is None or plain is None or len(run["rows"]) <= rounds \
-                        or len(plain["rows"]) <= rounds or not run["rows"][1].get("gate-kept"):
-                    continue
-                diffs = [100 * (run["rows"][r]["val-accuracy"] - plain["rows"][r]["val-accuracy"])
-                         for r in range(1, rounds + 1)]
-                final = run["rows"][rounds].get("gate-final-kept")
-                out.append(row(f"{v} | {a:g} | {s}", [f"{d:+.1f}" for d in diffs]
-                               + ["-" if final is None else ("distilled" if final else "plain")]))
+    for v, a, s in product(variants, alphas, seeds):
+        run, plain = runs.get((v, a, s)), runs.get(("fedavg", a, s))
+        if v == "fedavg" or run is None or plain is None or len(run["rows"]) <= rounds \
+                or len(plain["rows"]) <= rounds or not run["rows"][1].get("gate-kept"):
+            continue
+        diffs = [100 * (run["rows"][r]["val-accuracy"] - plain["rows"][r]["val-accuracy"])
+                 for r in range(1, rounds + 1)]
+        final = run["rows"][rounds].get("gate-final-kept")
+        out.append(row(f"{v} | {a:g} | {s}", [f"{d:+.1f}" for d in diffs]
+                       + ["-" if final is None else ("distilled" if final else "plain")]))
     if not out:
         return []
     return ["## Where a kept distillation goes: validation points over FedAvg, round by round", "",
@@ -454,15 +426,15 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
         return []
     tags = sorted({f.stem.split(f"-s{f.stem.split('-s')[1].split('-')[0]}", 1)[1] for f in oracles})
     cells = [(a, tag, got) for a in alphas for tag in tags
-             if (got := [json.loads(f.read_text()) for s in seeds
-                         for f in [runs_dir / f"oracle-a{a:g}-s{s}{tag}.json"] if f.is_file()])]
+             if (got := [g for s in seeds if (g := read_json(runs_dir / f"oracle-a{a:g}-s{s}{tag}.json"))])]
     ceiling = []
     for a, tag, got in cells:
+        def col(key: str) -> str:
+            return ms([g[key] for g in got if g.get(key) is not None])
+
         best = [max(g["oracle-meta-experts"], g["oracle-meta-global"]) - g["student"] for g in got]
-        ceiling.append(row(f"{a:g}", [oracle_label(tag), ms([g["student"] for g in got]),
-                                      ms([g["ensemble"] for g in got]), ms([g["oracle-meta-experts"] for g in got]),
-                                      ms([g["oracle-meta-global"] for g in got]), f"{100 * statistics.mean(best):+.1f}",
-                                      ms([g["own-class-expert"] for g in got if g.get("own-class-expert") is not None]),
+        ceiling.append(row(f"{a:g}", [oracle_label(tag), col("student"), col("ensemble"), col("oracle-meta-experts"),
+                                      col("oracle-meta-global"), f"{mean_pct(best):+.1f}", col("own-class-expert"),
                                       str(len(got))]))
     heads = []
     for a, tag, got in cells:
@@ -479,23 +451,21 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
         heads.append(row(f"{a:g}", [oracle_label(tag), *agree, ms([g["ensemble"] for g in got]), *meta,
                                     str(len(got))]))
     return ["## The teacher's ceiling: a meta model trained on real images (diagnostic)", "",
-            "Round 1's class experts and student, and a meta model (the same architecture and training) "
-            "fitted on real labelled images, half of the validation split, all scored on the other half. "
-            "No deployed server has such data: this bounds what better meta-model data (generator samples, "
-            "prototypes) could give the teacher. `own-class expert` scores each image with the expert of "
-            "its true class (routing by the label: the experts' best case, not a teacher). "
-            "Mean ± sd over seeds, %.", "",
+            "Round 1's class experts and student, and a meta model (the same architecture and training) fitted on "
+            "real labelled images, half of the validation split, all scored on the other half. No deployed server "
+            "has such data: this bounds what better meta-model data (generator samples, prototypes) could give the "
+            "teacher. `own-class expert` scores each image with the expert of its true class (routing by the label: "
+            "the experts' best case, not a teacher). Mean ± sd over seeds, %.", "",
             *table("α", ["round-1 clients", "student", "ensemble", "meta on real images",
                          "meta on real images, global prior", "best − student", "own-class expert", "seeds"], ceiling),
             "",
-            "What the meta model learns from against what it meets: a prototype is scored by each expert's "
-            "*head* on the features of the model the client *received* (it computes its prototypes before "
-            "training); the teacher runs each *full* expert on an image. On the same validation images: how "
-            "often the two agree (argmax, per expert), the mean of the heads' logits, and a meta model fitted "
-            "on the heads' logits of real images (the best prototypes could give it), scored on the full "
-            "experts (%). The same on the round's *aggregated* model's features, which diagnostics written "
-            "before 2026-12-07 measured alone (and `mosaic.meta-experts='heads'` read before 53d323e; it now "
-            "reads the received model's).", "",
+            "What the meta model learns from against what it meets: a prototype is scored by each expert's *head* "
+            "on the features of the model the client *received* (it computes its prototypes before training); the "
+            "teacher runs each *full* expert on an image. On the same validation images: how often the two agree "
+            "(argmax, per expert), the mean of the heads' logits, and a meta model fitted on the heads' logits of "
+            "real images (the best prototypes could give it), scored on the full experts (%). The same on the "
+            "round's *aggregated* model's features, which diagnostics written before 2026-12-07 measured alone (and "
+            "`mosaic.meta-experts='heads'` read before 53d323e; it now reads the received model's).", "",
             *table("α", ["round-1 clients", "agreement, received", "agreement, aggregated", "mean of full experts",
                          "meta on heads, scored on full: received", "... aggregated", "seeds"], heads), ""]
 
@@ -503,9 +473,12 @@ def oracle_tables(runs_dir: Path, alphas, seeds) -> list[str]:
 def compute_tables(runs: dict, alphas, seeds, variants, rounds: int) -> list[str]:
     """What the continuation rounds cost per method: the clients' SGD and generator steps, the
     measured client and server seconds, and the wall time."""
+    def n(values: list[float]) -> str:  # counts and seconds
+        return ms(values, pct=False)
+
     def steps(v: str, a: float) -> list[str]:
         got = [g for r in finished(runs, v, a, seeds) if (g := client_steps(r)) is not None]
-        return [ms([g[0] for g in got], pct=False), ms([g[1] for g in got], pct=False)]
+        return [n([g[0] for g in got]), n([g[1] for g in got])]
 
     def seconds(v: str, a: float) -> list[str]:
         got = finished(runs, v, a, seeds)
@@ -515,12 +488,10 @@ def compute_tables(runs: dict, alphas, seeds, variants, rounds: int) -> list[str
                                          if not g["rows"][1].get("client-seconds") else 0.0)
                   for g in got if g.get("client_seconds") is not None and len(g["rows"]) > 1]
         dist = [g.get("distillation") or {} for g in got]
-        return [ms(client, pct=False),
-                ms([d.get("distill-seconds-total", d.get("distill-seconds", 0.0)) for d in dist], pct=False)]
+        return [n(client), n([d.get("distill-seconds-total", d.get("distill-seconds", 0.0)) for d in dist])]
 
     def wall(v: str, a: float) -> list[str]:
-        return [ms([g["bench"].get("variant_seconds", g.get("wall_seconds")) for g in finished(runs, v, a, seeds)],
-                   pct=False)]
+        return [n([g["bench"].get("variant_seconds", g.get("wall_seconds")) for g in finished(runs, v, a, seeds)])]
 
     lines = [f"## Client compute in the {rounds} continuation rounds (per client, mean over the runs)", "",
              "Classifier SGD steps (batch 32; a look-ahead round trains the model twice) and generator steps "
@@ -537,14 +508,14 @@ def compute_tables(runs: dict, alphas, seeds, variants, rounds: int) -> list[str
              *table("method", alpha_columns(alphas), per_alpha(variants, alphas, wall))]
     shared = [g["bench"]["shared_seconds"] for g in runs.values() if "shared_seconds" in g["bench"]]
     if shared:
-        lines.append(f"\nShared round-1 client work of the distilling rows (once per α, seed): {ms(shared, pct=False)} s; "
+        lines.append(f"\nShared round-1 client work of the distilling rows (once per α, seed): {n(shared)} s; "
                      "a distilling row's own run costs that plus its row.")
     return lines
 
 
 def report(runs_dir: Path, alphas, seeds, variants, name: str = "converged") -> str:
-    """Every table of the study in ``runs_dir``, written to ``bench/results/<name>.md`` (and its
-    figures to ``<name>.json``); returns the markdown."""
+    """Every table of the study in ``runs_dir``, written to ``bench/results/<name>.md`` (its figures
+    to ``<name>.json``); returns the markdown."""
     d = collect(runs_dir, alphas, seeds, variants)
     runs, pre, central = d["runs"], d["pre"], d["central"]
     p, c = settings(d, runs_dir)

@@ -1,10 +1,7 @@
-"""What the benchmarks' tables share: reading a study's run folders (``collect``: summaries,
-configs, bench notes, per-round metrics, pre-trainings, central references), formatting
-figures over seeds, markdown tables (``table``, rows per method and alpha: ``method_rows``,
-``per_alpha``), and a grid's report (methods x alphas x seeds: ``grid_lines``, the tables
-of ``bench/run.py``). The converged protocol's tables: ``bench.protocol_report``. Paired
-t-intervals: ``bench.common.paired_interval``. Run names: ``bench.common.pretrain_name`` /
-``variant_name``."""
+"""What the benchmarks' tables share: a study's finished runs (``collect``), figures over seeds
+and paired by seed, markdown tables (``table``; rows per method and alpha: ``method_rows``,
+``per_alpha``), and a grid's report (``grid_lines``, the tables of ``bench/run.py``). The
+converged protocol's tables: ``bench.protocol_report``."""
 
 from __future__ import annotations
 
@@ -23,17 +20,30 @@ def ms(values: list[float], pct: bool = True) -> str:
     """``mean ± sd`` of accuracies in % (``pct``) or of counts and seconds; one value alone."""
     if not values:
         return "-"
-    k = 100 if pct else 1
+    k, f = (100, ".1f") if pct else (1, ".0f")
     m = statistics.mean(values) * k
-    if len(values) == 1:
-        return f"{m:.1f}" if pct else f"{m:.0f}"
-    sd = statistics.stdev(values) * k
-    return f"{m:.1f} ± {sd:.1f}" if pct else f"{m:.0f} ± {sd:.0f}"
+    return f"{m:{f}}" if len(values) == 1 else f"{m:{f}} ± {statistics.stdev(values) * k:{f}}"
 
 
 def mean_sd(xs: list[float]) -> str:
     """``ms`` of accuracies with their count: ``mean ± sd (n)``, one value ``x (1)``, none ``-``."""
     return f"{ms(xs)} ({len(xs)})" if xs else "-"
+
+
+def mean_pct(xs: Iterable[float]) -> float:
+    """The mean of accuracies in %."""
+    return 100 * statistics.mean(xs)
+
+
+def differences(runs: dict, v: str, w: str, a: float, seeds, key: str = "final_accuracy") -> list[float]:
+    """``v``'s ``key`` minus ``w``'s at α ``a``, per seed of ``seeds`` both have it (paired by seed)."""
+    return [runs[(v, a, s)][key] - runs[(w, a, s)][key] for s in seeds
+            if runs.get((v, a, s), {}).get(key) is not None and runs.get((w, a, s), {}).get(key) is not None]
+
+
+def points(diffs: list[float]) -> str:
+    """Paired differences of accuracies in test points: mean [95 % t interval] (each seed)."""
+    return paired_interval(diffs, scale=100, digits=1)
 
 
 def row(name: str, cells: Iterable[str]) -> str:
@@ -59,12 +69,8 @@ def alpha_columns(alphas, *each: str) -> list[str]:
 
 def method_rows(variants, alphas, cell: Callable[[str, float], str], name=label) -> list[str]:
     """A row per method (``name(v)``) with a figure at some α: ``cell(v, a)`` for each α ("-": none)."""
-    rows = []
-    for v in variants:
-        cells = [cell(v, a) for a in alphas]
-        if any(c != "-" for c in cells):
-            rows.append(row(name(v), cells))
-    return rows
+    rows = [(v, [cell(v, a) for a in alphas]) for v in variants]
+    return [row(name(v), cells) for v, cells in rows if any(c != "-" for c in cells)]
 
 
 def per_alpha(variants, alphas, cells: Callable[[str, float], list[str]], name=str) -> list[str]:
@@ -73,54 +79,44 @@ def per_alpha(variants, alphas, cells: Callable[[str, float], list[str]], name=s
 
 
 # ----------------------------------------------------------------------------- run folders
+def read_json(path: Path, default=None):
+    """The JSON file at ``path``; ``default`` where there is none."""
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
 def _load(path: Path) -> dict | None:
-    f = path / "summary.json"
-    if not f.is_file():
+    s = read_json(path / "summary.json")
+    if s is None:
         return None
-    s = json.loads(f.read_text())
-    b = path / "bench.json"
-    s["bench"] = json.loads(b.read_text()) if b.is_file() else {}
-    c = path / "config.json"
-    s["config"] = renamed(json.loads(c.read_text()), warn=False) if c.is_file() else {}  # (old runs: old names)
+    s["bench"] = read_json(path / "bench.json", {})
+    c = read_json(path / "config.json")
+    s["config"] = renamed(c, warn=False) if c is not None else {}  # (old runs: old names)
     return s
-
-
-def _last_val(rows: list[dict]) -> float | None:
-    return rows[-1].get("val-accuracy") if rows else None
-
-
-def _rows(run: Path) -> list[dict]:
-    """A run's per-round metrics; [] for a run recorded by its summary alone (one restored from
-    an earlier table, ``restored`` in its summary.json)."""
-    f = run / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else []
 
 
 def collect(runs_dir: Path, alphas, seeds, variants) -> dict:
     """A study's finished runs in ``runs_dir``: ``runs`` (variant, alpha, seed) -> summary with its
-    ``bench``, ``config`` and per-round ``rows``; ``pre`` (alpha, seed) -> the pre-training's test,
-    validation and best accuracy; ``central`` seed -> summary; ``assign``: one pre-training's
-    client assignment rows."""
+    ``bench``, ``config`` and per-round ``rows`` ([] for a run recorded by its summary alone, one
+    restored from an earlier table); ``pre`` (alpha, seed) -> the pre-training's test, validation
+    and best accuracy; ``central`` seed -> summary; ``assign``: one pre-training's client assignment rows."""
     data = {"pre": {}, "runs": {}, "central": {}, "assign": []}
     for s in seeds:
-        c = _load(runs_dir / f"central-s{s}")
-        if c:
+        if c := _load(runs_dir / f"central-s{s}"):
             data["central"][s] = c
         for a in alphas:
             p = runs_dir / pretrain_name(a, s)
             if (pre := _load(p)):
-                rows = _rows(p)
+                rows = read_json(p / "metrics.json", [])
                 if not data["assign"] and (p / "assignment.csv").is_file():
                     data["assign"] = (p / "assignment.csv").read_text().strip().splitlines()[1:]
-                data["pre"][(a, s)] = ({"test": rows[-1]["accuracy"], "val": _last_val(rows),
+                data["pre"][(a, s)] = ({"test": rows[-1]["accuracy"], "val": rows[-1].get("val-accuracy"),
                                         "best": max(r["accuracy"] for r in rows)} if rows else
                                        {"test": pre["final_accuracy"], "val": pre.get("final_val_accuracy"),
                                         "best": pre["best_accuracy"]})
             for v in variants:
-                r = _load(runs_dir / variant_name(v, a, s))
-                if r:
-                    r["rows"] = _rows(runs_dir / variant_name(v, a, s))
-                    data["runs"][(v, a, s)] = r
+                run = runs_dir / variant_name(v, a, s)
+                if r := _load(run):
+                    data["runs"][(v, a, s)] = {**r, "rows": read_json(run / "metrics.json", [])}
     return data
 
 
@@ -174,20 +170,18 @@ def budget_lines(cfg, num_clients: int, variants: Iterable[str], central: dict |
              + (f"; {per_client:,} sample passes per client" if c.local_steps > 0 else "") + ")."]
     if any(distils(v) for v in variants):
         lines.append(
-            f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} "
-            f"at the fine-tune rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client "
-            f"also trains its generator once: {c.of('mosaic').gen_steps} steps of {c.of('mosaic').gen_batch_size} samples "
-            "(generator, discriminator and the client's classifier forward/backward): **extra "
-            "client compute** the baselines do not spend. Their server distils for "
-            f"{c.of('kd').steps} steps of {c.of('kd').batch_size} generated samples (Mosaic also trains the "
-            f"meta model, at most {c.of('mosaic').meta_epochs} epochs).")
+            f"FedDF and the Mosaic variants run rounds {c.warmup_rounds + 1}..{c.num_server_rounds} at the fine-tune "
+            f"rate {c.finetune_lr:g}, and at round {c.warmup_rounds} every client also trains its generator once: "
+            f"{c.of('mosaic').gen_steps} steps of {c.of('mosaic').gen_batch_size} samples (generator, discriminator "
+            "and the client's classifier forward/backward): **extra client compute** the baselines do not spend. "
+            f"Their server distils for {c.of('kd').steps} steps of {c.of('kd').batch_size} generated samples (Mosaic "
+            f"also trains the meta model, at most {c.of('mosaic').meta_epochs} epochs).")
     if central:
-        lines.append(f"**Centralised reference:** the same model and SGD on the union of the "
-                     f"clients' data ({central['train_samples']:,} samples) for the same number "
-                     f"of sample passes ({central['sample_passes']:,.0f}: {central['steps']} steps "
-                     f"of {c.batch_size}), at lr {c.lr:g} throughout; evaluated "
-                     f"{c.num_server_rounds} times (best = best of those). One value per seed, the "
-                     "same for every alpha.")
+        lines.append(f"**Centralised reference:** the same model and SGD on the union of the clients' data "
+                     f"({central['train_samples']:,} samples) for the same number of sample passes "
+                     f"({central['sample_passes']:,.0f}: {central['steps']} steps of {c.batch_size}), at lr {c.lr:g} "
+                     f"throughout; evaluated {c.num_server_rounds} times (best = best of those). One value per seed, "
+                     "the same for every alpha.")
     return lines
 
 
@@ -206,48 +200,53 @@ def accuracy_table(groups: dict, variants: list[str], alphas: list[float]) -> li
     return table("strategy", alpha_columns(alphas, "final", "best") + ["seeds"], rows)
 
 
+def group_table(caption: str, groups: dict, variants, alphas, cell: Callable[[dict], str]) -> list[str]:
+    """``caption`` and a row per method with a figure of its (variant, alpha) group: ``cell(group)``
+    ({} where it has none; "-": no figure)."""
+    return captioned(caption, "strategy", alpha_columns(alphas),
+                     method_rows(variants, alphas, lambda v, a: cell(groups.get((v, a)) or {})))
+
+
+def _kd(g: dict, key: str) -> str:
+    return fmt_mean_std(g[key], 3)
+
+
 def distill_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """The distillation round's test accuracy: the global model before → after, and the teacher."""
-    def cell(v: str, a: float) -> str:
-        g = groups.get((v, a)) or {}
+    def cell(g: dict) -> str:
         if "acc-after-distill" not in g:
             return "-"
-        return (f"{fmt_mean_std(g['acc-before-distill'], 3)} → {fmt_mean_std(g['acc-after-distill'], 3)} "
-                f"(teacher {fmt_mean_std(g['acc-teacher'], 3)})")
+        return f"{_kd(g, 'acc-before-distill')} → {_kd(g, 'acc-after-distill')} (teacher {_kd(g, 'acc-teacher')})"
 
-    return captioned("Distillation round (test accuracy of the global model before → after "
-                     "distillation, and of the teacher; mean ± std over seeds):", "strategy", alpha_columns(alphas),
-                     method_rows(variants, alphas, cell))
+    return group_table("Distillation round (test accuracy of the global model before → after "
+                       "distillation, and of the teacher; mean ± std over seeds):", groups, variants, alphas, cell)
 
 
 def val_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """Final accuracy on the validation split (training data no client holds), and the
     distillation round on it: what settings are chosen on."""
-    def cell(v: str, a: float) -> str:
-        g = groups.get((v, a)) or {}
+    def cell(g: dict) -> str:
         if "final_val" not in g:
             return "-"
         if "val-after-distill" not in g:
             return fmt_mean_std(g["final_val"])
-        return (f"{fmt_mean_std(g['final_val'])} (KD round: {fmt_mean_std(g['val-before-distill'], 3)} → "
-                f"{fmt_mean_std(g['val-after-distill'], 3)}, teacher {fmt_mean_std(g['val-teacher'], 3)}"
-                + (f", ensemble {fmt_mean_std(g['val-ensemble'], 3)}" if "val-ensemble" in g else "") + ")")
+        return (f"{fmt_mean_std(g['final_val'])} (KD round: {_kd(g, 'val-before-distill')} → "
+                f"{_kd(g, 'val-after-distill')}, teacher {_kd(g, 'val-teacher')}"
+                + (f", ensemble {_kd(g, 'val-ensemble')}" if "val-ensemble" in g else "") + ")")
 
-    return captioned("**Validation split** (held out of the training data before partitioning; no client "
-                     "holds it; settings are chosen on these figures, never on the test set): final "
-                     "accuracy, and at the distillation round the global model before → after and the "
-                     "teachers, mean ± std over seeds:", "strategy", alpha_columns(alphas),
-                     method_rows(variants, alphas, cell))
+    return group_table("**Validation split** (held out of the training data before partitioning; no client "
+                       "holds it; settings are chosen on these figures, never on the test set): final "
+                       "accuracy, and at the distillation round the global model before → after and the "
+                       "teachers, mean ± std over seeds:", groups, variants, alphas, cell)
 
 
 def paired_lines(runs: dict, pairs: Iterable[tuple[str, str]], alphas: list[float],
                  key: str = "final_accuracy") -> list[str]:
-    """Each pair's first variant minus its second, paired by seed: mean [95 % t interval]
-    (each seed's difference); seeds only one of them has are left out."""
+    """Each pair's first variant minus its second, paired by seed (seeds only one of them has are left out)."""
+    seeds = sorted({s for _, _, s in runs})
+
     def cell(pair: tuple[str, str], a: float) -> str:
-        x, y = ({s: r.get(key) for (v, al, s), r in runs.items() if v == w and al == a} for w in pair)
-        return paired_interval([x[s] - y[s] for s in sorted(x.keys() & y.keys())
-                                if x[s] is not None and y[s] is not None])
+        return paired_interval(differences(runs, *pair, a, seeds, key))
 
     which = "test" if key == "final_accuracy" else "validation"
     return captioned(f"Paired by seed, final {which} accuracy, each difference: mean [95 % t interval] "
@@ -257,13 +256,9 @@ def paired_lines(runs: dict, pairs: Iterable[tuple[str, str]], alphas: list[floa
 
 def wall_table(groups: dict, variants: list[str], alphas: list[float]) -> list[str]:
     """The ServerApp's wall seconds per run, mean over seeds."""
-    def cell(v: str, a: float) -> str:
-        g = groups.get((v, a))
-        return f"{statistics.mean(g['wall']):.0f}" if g else "-"
-
-    return captioned("Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
-                     "see the load averages in the JSON):", "strategy", alpha_columns(alphas),
-                     method_rows(variants, alphas, cell))
+    return group_table("Wall seconds of the ServerApp per run (mean over seeds; the machine was shared, "
+                       "see the load averages in the JSON):", groups, variants, alphas,
+                       lambda g: f"{statistics.mean(g['wall']):.0f}" if g else "-")
 
 
 def by_model_table(runs: dict, variants, alphas, seeds) -> list[str]:
@@ -279,7 +274,7 @@ def by_model_table(runs: dict, variants, alphas, seeds) -> list[str]:
         by_model = [[r["final_accuracy_by_model"][m] for r in got if m in (r.get("final_accuracy_by_model") or {})]
                     for m in archs]
         clients = [r["final_accuracy_clients"] for r in got if r.get("final_accuracy_clients") is not None]
-        return [f"{100 * statistics.mean(xs):.1f}" if xs else "-" for xs in (*by_model, clients)]
+        return [f"{mean_pct(xs):.1f}" if xs else "-" for xs in (*by_model, clients)]
 
     ran = [v for v in variants if any(finished(runs, v, a, seeds) for a in alphas)]
     return ["", "Model heterogeneity: final test accuracy % of every model the clients hold (the main table "
@@ -323,28 +318,23 @@ def plot(runs: dict, variants: list[str], alphas: list[float], path: Path, title
 
 def grid_lines(runs: dict, variants: list[str], alphas: list[float], seeds, cfg, num_clients: int, where: str,
                shared: str, pairs: list[tuple[str, str]]) -> list[str]:
-    """A grid's report below its header: the setting (``where``: data set, model, clients and how
-    they ran; ``shared``: the run config every run shares), the compute budget, and the tables:
-    accuracy, distillation round, ``pairs``' paired differences (test, then validation), validation
-    accuracy, wall seconds, and per model where the clients hold several."""
+    """A grid's report below its header: the setting (``where``: data set, model, clients and how they
+    ran; ``shared``: the run config every run shares), the compute budget, and the tables (``pairs``'
+    paired differences in test, then validation accuracy)."""
     groups = aggregate(runs)
     central = next((s for (v, _, _), s in runs.items() if v == CENTRAL), None)
     commits = sorted({(s.get("bench") or {}).get("commit", "?") for s in runs.values()})
     loads = [s["bench"]["loadavg_before"][0] for s in runs.values() if "loadavg_before" in (s.get("bench") or {})]
-    lines = [f"{where}, Dirichlet label skew; shared run config: `{shared or '(defaults)'}`; cells finished at "
-             f"commit(s) {', '.join(commits)}"
-             + (f"; 1-min load average when cells started: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
-             + ".", ""]
-    lines += budget_lines(cfg, num_clients, variants, central) + [""]
-    lines += ["Test accuracy, mean ± std over seeds (final: after the last round; best: best "
-              "round; the test set is used for reporting only):", ""]
-    lines += accuracy_table(groups, variants, alphas)
-    lines += distill_table(groups, variants, alphas)
-    lines += paired_lines(runs, pairs, alphas)
-    lines += val_table(groups, variants, alphas)
-    lines += paired_lines(runs, pairs, alphas, key="final_val_accuracy")
-    lines += wall_table(groups, variants, alphas)
-    return lines + by_model_table(runs, variants, alphas, seeds)
+    return [f"{where}, Dirichlet label skew; shared run config: `{shared or '(defaults)'}`; cells finished at "
+            f"commit(s) {', '.join(commits)}"
+            + (f"; 1-min load average when cells started: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
+            + ".", "", *budget_lines(cfg, num_clients, variants, central), "",
+            "Test accuracy, mean ± std over seeds (final: after the last round; best: best round; the test set is "
+            "used for reporting only):", "",
+            *accuracy_table(groups, variants, alphas), *distill_table(groups, variants, alphas),
+            *paired_lines(runs, pairs, alphas), *val_table(groups, variants, alphas),
+            *paired_lines(runs, pairs, alphas, key="final_val_accuracy"), *wall_table(groups, variants, alphas),
+            *by_model_table(runs, variants, alphas, seeds)]
 
 
 def grid_data(runs: dict) -> dict:
