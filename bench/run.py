@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("study", help="the study spec (TOML), e.g. bench/studies/smoke.toml")
     ap.add_argument("--runs-root", default=str(RUNS), help="runs go to RUNS_ROOT/<study>/ (outside the repository)")
     ap.add_argument("--ledger", default=None, help="the study's ledger (default bench/results/ledger/<study>.json)")
-    ap.add_argument("--table-only", action="store_true", help="run nothing; the table from the ledger")
+    ap.add_argument("--table-only", action="store_true", help="run nothing; the table from the ledger (none: exit 2, the committed tables left)")
     ap.add_argument("--methods", nargs="+", help="these methods (names or groups, as in a spec) instead of the spec's")
     ap.add_argument("--alphas", nargs="+", type=float, help="these alphas instead of the spec's")
     ap.add_argument("--seeds", nargs="+", type=int, help="these seeds instead of the spec's")
@@ -646,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/run.py: {exc}", file=sys.stderr)
         return 2
     ledger_file = Path(args.ledger) if args.ledger else RESULTS / "ledger" / f"{spec['name']}.json"
+    if args.table_only and not ledger_file.is_file():  # an empty table must not replace the committed one
+        print(f"bench/run.py: --table-only: {shown(ledger_file)} does not exist (no run of {spec['name']} is "
+              "recorded); the study's tables are left as they are", file=sys.stderr)
+        return 2
     prov, shard = provenance(), tuple(int(v) for v in args.shard.split("/"))
     started = {} if args.table_only else run(spec, Path(args.runs_root).resolve(), ledger_file, shard)
     prov["loadavg_end"] = loadavg()

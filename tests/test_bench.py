@@ -116,6 +116,12 @@ def test_a_bad_spec_is_one_line_and_exit_2_before_any_run(tmp_path, capsys):
         assert run.main([str(tmp_path / "s.toml"), "--runs-root", str(tmp_path / "runs")]) == 2
         err = capsys.readouterr().err
         assert error in err and err.count("\n") == 1, err
+    # --table-only without a ledger: no empty table over the committed one
+    (tmp_path / "s.toml").write_text('methods = ["fedavg"]\n')
+    assert run.main([str(tmp_path / "s.toml"), "--table-only", "--ledger", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert "none.json does not exist" in err and err.count("\n") == 1, err
+    assert not (run.RESULTS / "s.md").exists()
     for driver in ("inprocess", "simulation"):  # a named variant (bench/variants.toml) runs under either
         (tmp_path / "s.toml").write_text(f'methods = ["mosaic-kd500"]\ndriver = "{driver}"\n')
         assert run.load_spec(tmp_path / "s.toml")["methods"] == ["mosaic-kd500"]
