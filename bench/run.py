@@ -629,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("study", help="the study spec (TOML), e.g. bench/studies/smoke.toml")
     ap.add_argument("--runs-root", default=str(RUNS), help="runs go to RUNS_ROOT/<study>/ (outside the repository)")
     ap.add_argument("--ledger", default=None, help="the study's ledger (default bench/results/ledger/<study>.json)")
-    ap.add_argument("--table-only", action="store_true", help="run nothing; the table from the ledger (none: exit 2, the committed tables left)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing; the table from the ledger (none: exit 2, the committed tables left)")
     ap.add_argument("--methods", nargs="+", help="these methods (names or groups, as in a spec) instead of the spec's")
     ap.add_argument("--alphas", nargs="+", type=float, help="these alphas instead of the spec's")
     ap.add_argument("--seeds", nargs="+", type=int, help="these seeds instead of the spec's")
