@@ -655,7 +655,6 @@ def probe_child(n: int, run_config: str, code: str | None = None) -> dict:
     distillation and the KD loop. Clients run one at a time and keep at most two partitions
     cached, so what grows with ``n`` is what the server keeps."""
     import resource
-    import threading
 
     if code:  # another version of the app (bench/archive/scaling_compare.py): its packages come first
         sys.path.insert(0, code)
@@ -684,16 +683,9 @@ def probe_child(n: int, run_config: str, code: str | None = None) -> dict:
 
     core_module.DistillStrategy.distillation = probed(core_module.DistillStrategy.distillation, "distillation")
     core_module.distill_many = probed(core_module.distill_many, "kd")
-    peak, stop = {"rss_mib": 0.0}, threading.Event()
-
-    def poll():  # the process's RSS over the run (server and clients share it here)
-        while not stop.wait(0.2):
-            peak["rss_mib"] = max(peak["rss_mib"], rss_mib())
-    threading.Thread(target=poll, daemon=True).start()
     with tempfile.TemporaryDirectory() as out:
         wall = _run_server(app, {**load_defaults(), "strategy": "mosaic", **_parse(run_config), "output-dir": out,
                                  "run-name": "probe"}, n)
-    stop.set()
     return {"clients": n, "wall_seconds": wall, "probes": probes,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
