@@ -150,6 +150,9 @@ def _run_server(app, rc: dict, clients: int) -> float:
 
 
 # ============================================================================= speed
+# The short schedule of the memory section and of scaling: the server holds what a default run's does.
+SHORT = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 mosaic.gen-steps=20 kd.steps=20 "
+         "mosaic.meta-epochs=20")
 THREADS = 0  # torch threads of the server-side work (speed: the spec's threads, else torch's default)
 
 
@@ -539,9 +542,7 @@ SECTIONS = {"overhead": (overhead, overhead_lines), "teacher": (teacher, teacher
 
 
 @study("speed", sections=list(SECTIONS), clients=10, rounds=5, steps=50, cpus_per_client=2, experts=[10, 100],
-       teacher_batch=256, teacher_seconds=3.0, phase_config="", threads=0, keep_previous=False,
-       memory_config="num-server-rounds=2 warmup-rounds=1 local-steps=10 mosaic.gen-steps=20 kd.steps=20 "
-                     "mosaic.meta-epochs=20")
+       teacher_batch=256, teacher_seconds=3.0, phase_config="", threads=0, keep_previous=False, memory_config=SHORT)
 def speed(s: dict, runs_dir: Path, table_only: bool, prov: dict):
     global THREADS
     import torch
@@ -575,10 +576,6 @@ def speed(s: dict, runs_dir: Path, table_only: bool, prov: dict):
 
 
 # ============================================================================= scaling
-SHORT = ("num-server-rounds=2 warmup-rounds=1 local-steps=10 mosaic.gen-steps=20 kd.steps=20 "
-         "mosaic.meta-epochs=20")
-
-
 def held_at_distillation(shared: str, label_counts: list[list[int]], strategy: str = "mosaic") -> dict:
     """Bytes of what the server decodes from the clients' replies in its largest round: each
     client's model state and, for Mosaic (the distillation round), its generator state and
@@ -625,13 +622,10 @@ def live_tensor_mib() -> float:
 
 
 def held_from_clients(strategy, clients: list) -> dict:
-    """What a distillation strategy holds from the clients' uploads on entering ``distillation``,
-    in MiB: ``replies_mib``, the models and generators still in the round's replies (``clients``,
-    ``ClientModel``); ``experts_mib``, Mosaic's class experts (every family's C models);
-    ``bank_mib``, the generators in Mosaic's bank; ``prototypes_mib``; ``held_mib``, their sum.
-    A streaming round (Mosaic since its streaming aggregation) sums the replies' models into the
-    class experts and moves their generators into the bank as they arrive, so its replies hold
-    nothing by then: ``replies_mib`` 0 and the rest is what the replies left."""
+    """What a distillation strategy holds from the clients' uploads on entering ``distillation``, in
+    MiB: the models and generators still in the round's replies (``clients``), Mosaic's class experts,
+    its bank's generators, the prototypes, and their sum. A streaming round sums the replies into the
+    experts and the bank as they arrive, so its replies hold nothing by then."""
     def nbytes(state) -> int:
         return sum(v.nbytes for v in (state or {}).values())
 
@@ -655,7 +649,6 @@ def probe_child(n: int, run_config: str, code: str | None = None) -> dict:
     distillation and the KD loop. Clients run one at a time and keep at most two partitions
     cached, so what grows with ``n`` is what the server keeps."""
     import resource
-    import threading
 
     if code:  # another version of the app (bench/archive/scaling_compare.py): its packages come first
         sys.path.insert(0, code)
@@ -684,16 +677,9 @@ def probe_child(n: int, run_config: str, code: str | None = None) -> dict:
 
     core_module.DistillStrategy.distillation = probed(core_module.DistillStrategy.distillation, "distillation")
     core_module.distill_many = probed(core_module.distill_many, "kd")
-    peak, stop = {"rss_mib": 0.0}, threading.Event()
-
-    def poll():  # the process's RSS over the run (server and clients share it here)
-        while not stop.wait(0.2):
-            peak["rss_mib"] = max(peak["rss_mib"], rss_mib())
-    threading.Thread(target=poll, daemon=True).start()
     with tempfile.TemporaryDirectory() as out:
         wall = _run_server(app, {**load_defaults(), "strategy": "mosaic", **_parse(run_config), "output-dir": out,
                                  "run-name": "probe"}, n)
-    stop.set()
     return {"clients": n, "wall_seconds": wall, "probes": probes,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -1061,15 +1047,11 @@ def poison_state(state: dict, poison: str, gen) -> dict:
 
 
 def inflate_reply(content, message_type: str, factor: int, poison: str, gen) -> dict | None:
-    """The lie, in place, in the reply ``content`` (a ``RecordDict``) of a ``message_type``
-    message: every count it declares multiplied by ``factor``, consistently, so the server's
-    checks pass: the example count (``metrics``' ``num-examples``, every reply that has one),
-    the label counts (discovery's ``counts``; a training round's ``label-counts`` record), the
-    correct predictions of a gate/evaluation reply (``correct-*``: the same accuracy on
-    ``factor`` x the examples, so its vote weighs ``factor`` x); and a training reply's model
-    (``arrays``) replaced by the poisoned one (``poison_state``), returned. A reply without a
-    model (discovery, evaluation) returns ``None``; one with nothing to lie about (the meta
-    model's logits, ``query.logits``) is left as it is."""
+    """The lie, in place, in the reply ``content`` of a ``message_type`` message: every count it
+    declares times ``factor``, consistently, so the server's checks pass (the example count, the
+    label counts, a gate/evaluation reply's ``correct-*``: the same accuracy on ``factor`` x the
+    examples, so its vote weighs ``factor`` x); a training reply's model replaced by the poisoned
+    one, returned (``None``: a reply without a model)."""
     from flwr.app import ArrayRecord
 
     metrics = content.metric_records.get("metrics")
@@ -1092,12 +1074,9 @@ def inflate_reply(content, message_type: str, factor: int, poison: str, gen) -> 
 
 
 def inflating_attacker(partition: int = 0, factor: int = 1000, poison: str = "random", seed: int = 0):
-    """An ``InProcessGrid`` hook: the node of ``partition`` lies in every reply
-    (``inflate_reply``): ``factor`` x its label counts and example count at discovery, in every
-    training reply (with a poisoned model) and in every gate/evaluation reply (its correct
-    predictions too). ``hook.declared`` records the label counts it declared at discovery,
-    ``hook.sent`` the poisoned states by server round, ``hook.replies`` how many of its replies
-    of each message type went through it."""
+    """An ``InProcessGrid`` hook: the node of ``partition`` lies in every reply (``inflate_reply``).
+    ``hook.declared``: the label counts it declared at discovery; ``hook.sent``: the poisoned states
+    by server round; ``hook.replies``: how many of its replies of each message type went through it."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
