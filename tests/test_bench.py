@@ -432,6 +432,7 @@ def test_named_variants_are_data_with_valid_settings():
     assert common.toml_values({"a": 1e-4, "b": True, "c": "x"}) == 'a=0.0001 b=true c="x"'
 
 
+@pytest.mark.slow  # ~30 s; the quick loop forks through tests/test_replay.py
 def test_a_forked_study_shares_one_federation_per_cell_and_records_every_method(tmp_path, monkeypatch):
     """fork = true (bench/studies/ablation.toml): per (alpha, seed) one federation to the
     distillation round's replies, then each method's server; the methods share the rounds before

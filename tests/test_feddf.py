@@ -345,6 +345,7 @@ def test_feddf_runs_in_process_distilling_after_every_round(tmp_path, monkeypatc
     assert rows[-1]["accuracy"] == pytest.approx(rows[-1]["acc-after-distill"], abs=1e-4)
 
 
+@pytest.mark.slow  # ~20 s; the quick loop runs FedDF on one family (test_feddf_runs_in_process_distilling_after_every_round)
 def test_feddf_distils_every_family_under_model_heterogeneity_on_mnist_images(tmp_path, monkeypatch):
     overrides = {"client-models": "cnn_small,cnn_wide", "num-server-rounds": 2, "feddf.transfer-set": "mnist",
                  "data-dir": str(mnist_dir())}

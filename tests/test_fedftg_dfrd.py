@@ -332,6 +332,7 @@ def test_runs_in_process_distilling_after_every_round_from_warmup(tmp_path, stra
         assert set(state[key]) == set(new_generator(INFO, 0).state_dict())
 
 
+@pytest.mark.slow  # ~20 s; the quick loop runs DFRD on one family (above)
 def test_dfrd_under_model_heterogeneity_distils_every_family(tmp_path):
     hetero = {"client-models": "cnn_small,cnn_wide", "client-capacities": "1,0.5", "submodel": "fixed"}
     out = run_inprocess(tmp_path, strategy="dfrd", **{**TINY, **hetero})

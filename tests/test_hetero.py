@@ -228,6 +228,7 @@ def test_the_clients_gate_judges_every_familys_model_on_every_client(tmp_path):
     assert 0 <= report["gate-before"] <= 1 and report["gate-kept"] in (0.0, 1.0)
 
 
+@pytest.mark.slow  # ~20 s of Mosaic under model families; the quick loop checks the families' settings
 def test_model_families_fit_the_meta_model_on_each_familys_prototypes(tmp_path, monkeypatch):
     """Under model families (every client at full width) ``mosaic.meta-data='prototypes'`` keeps
     the meta model on real-derived inputs: each family's prototypes pass through that family's

@@ -51,7 +51,7 @@ def test_a_branch_with_the_forks_settings_is_the_run_itself(tmp_path, straight):
     assert train_rounds(grid).count(w) == NODES  # the forked round was replayed, not sent again
 
 
-@pytest.mark.slow  # the quick loop has bench's forked study (tests/test_bench.py)
+@pytest.mark.slow  # the quick loop forks in test_a_branch_with_the_forks_settings_is_the_run_itself (above)
 def test_variants_branch_from_the_same_replies_and_differ_after_the_fork(tmp_path, straight):
     ctx = context(tmp_path, "fork")
     grid = InProcessGrid(client_app, ctx.run_config, NODES)

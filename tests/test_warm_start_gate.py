@@ -130,7 +130,7 @@ def test_evaluate_replies_are_validated():
 HARMFUL = {"kd.lr": 5.0, "kd.steps": 20}
 
 
-@pytest.mark.parametrize("gate", ["clients", "validation"])
+@pytest.mark.parametrize("gate", ["clients", pytest.param("validation", marks=pytest.mark.slow)])  # the default quick
 def test_the_gate_keeps_the_model_before_a_distillation_that_hurts(tmp_path, pretrained, gate):
     out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1,
                                               "init-from": str(pretrained), "kd.gate": gate})
@@ -150,6 +150,7 @@ def test_the_gate_keeps_the_model_before_a_distillation_that_hurts(tmp_path, pre
         assert evaluate == []
 
 
+@pytest.mark.slow  # ~25 s; the quick loop has the gate refusing the same distillation (above)
 def test_without_the_gate_a_harmful_distillation_is_kept(tmp_path, pretrained):
     out = run_inprocess(tmp_path / "cont", **{**CONTINUE, **HARMFUL, "num-server-rounds": 1,
                                               "init-from": str(pretrained), "kd.gate": "off"})
