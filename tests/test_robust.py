@@ -228,7 +228,7 @@ def test_a_client_with_inflated_counts_owns_the_mean_experts_unless_bounded(tmp_
     that another client also holds does it reach 99 %. With the median it owns none.
     (On this tiny schedule the distilled model itself is at chance even in a clean run: its
     generators train for 20 steps; the teacher scores 1.0 clean.)"""
-    from bench.measures import inflating_attacker
+    from mosaic_flwr.testing.faults import inflating_attacker
     from mosaic_flwr.core.checkpoint import load_checkpoint
     from tests.support import run_inprocess
     from tests.support import TINY_MOSAIC, metric_rows
@@ -337,14 +337,14 @@ def test_the_median_gate_gives_a_client_that_forges_its_scores_one_vote(tmp_path
 
 
 def test_the_attackers_lie_covers_every_reply_kind_and_replies_without_a_model():
-    """``bench.measures.inflate_reply``: discovery (counts and example count x factor, no
+    """``mosaic_flwr.testing.faults.inflate_reply``: discovery (counts and example count x factor, no
     model), a training round (counts, label-counts record, poisoned model returned), the
     gate's evaluation reply (example count and correct predictions x factor: the same accuracy,
     factor x the weight; no model, no KeyError) and the meta model's logits (nothing to lie
     about: unchanged)."""
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-    from bench.measures import inflate_reply
+    from mosaic_flwr.testing.faults import inflate_reply
 
     gen = torch.Generator().manual_seed(0)
     query = RecordDict({"metrics": MetricRecord({"partition-id": 0, "num-examples": 6, "counts": [1, 0, 5]})})

@@ -5,7 +5,7 @@ bcb052d; tests/test_robust.py runs it): every honest handler of
 - discovery and every reply: its label counts and example count times ``FACTOR`` (consistently,
   so every check that counts can get without the data passes);
 - ``train`` / ``train.mosaic``: random weights of its model's own scale instead of its model
-  (as ``bench.measures.poison_state``), a generator of random weights, prototypes of noise;
+  (``mosaic_flwr.testing.faults.poison_state``), a generator of random weights, prototypes of noise;
 - ``evaluate`` (the clients' gate): forged scores, every candidate the server distilled right
   on all its examples and the model before distillation wrong on all of them.
 
@@ -20,21 +20,11 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from client_app import app as honest
+from mosaic_flwr.testing.faults import poison_state
 
 LIAR, FACTOR = 0, 1000
 app = ClientApp()
 _gen = torch.Generator().manual_seed(12345)
-
-
-def _poison(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        if not value.is_floating_point() or "running_" in key:
-            out[key] = value
-        else:
-            scale = value.std() if value.numel() > 1 else value.abs()
-            out[key] = torch.randn(value.shape, generator=_gen, dtype=value.dtype) * scale
-    return out
 
 
 def _is_liar(context: Context) -> bool:
@@ -55,7 +45,8 @@ def _lie(reply: Message) -> Message:
             _inflate(content.metric_records[name])
     for name in ("arrays", "generator"):
         if name in content.array_records:
-            content[name] = ArrayRecord(_poison(content.array_records[name].to_torch_state_dict()))
+            state = content.array_records[name].to_torch_state_dict()
+            content[name] = ArrayRecord(poison_state(state, "random", _gen))
     if "prototypes" in content.array_records:
         protos = content.array_records["prototypes"].to_torch_state_dict()
         protos["features"] = torch.randn(protos["features"].shape, generator=_gen) * 10
